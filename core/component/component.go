@@ -1,0 +1,109 @@
+// Package component defines the three kinds of pipeline component (source, enricher, sink),
+// the factories that build them from their pipeline.yaml options, and the registry that maps a
+// `type:` name to its factory.
+//
+// The interfaces are the same whether a component runs inside the flowpipe process or behind a
+// plugin process: the plugin host implements them over gRPC. Everything that crosses them is a
+// batch (flow.Batch), and acknowledgement is part of the batch, not bolted on: a source learns
+// that the sinks made its batch durable through the ack function it gave flow.NewBatch.
+package component
+
+import (
+	"context"
+	"log/slog"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/flowpipe/flowpipe/core/flow"
+)
+
+// Kind is the role of a component in a pipeline.
+type Kind string
+
+const (
+	KindSource   Kind = "source"
+	KindEnricher Kind = "enricher"
+	KindSink     Kind = "sink"
+)
+
+// Source produces batches of events.
+type Source interface {
+	// Run emits batches with out.Emit until ctx is cancelled (return nil or ctx.Err()) or the
+	// source is exhausted (return nil). Emit blocks while the pipeline applies backpressure.
+	// The ack function of each batch tells the source what became of it.
+	Run(ctx context.Context, out Emitter) error
+}
+
+// Emitter accepts batches into a pipeline.
+type Emitter interface {
+	// Emit hands a batch, and the caller's reference to it, to the pipeline. The batch's ack
+	// function runs once every sink has accepted it, or with an error when it was dropped or
+	// could not be delivered. Emit returns an error only when ctx is done or the pipeline is
+	// stopping; the batch is acknowledged in every case.
+	Emit(ctx context.Context, b *flow.Batch) error
+}
+
+// Enricher changes events in place and may filter them out. One enricher instance serves
+// every source of a pipeline, so Enrich must be safe for concurrent use.
+type Enricher interface {
+	// Enrich modifies b.Events; to filter, it shortens b.Events (keeping order is customary)
+	// and counts what it removed with Env.Metrics.Filtered. An error fails the whole batch:
+	// it is counted and acknowledged to its source with that error.
+	Enrich(ctx context.Context, b *flow.Batch) error
+}
+
+// Holder is an enricher that keeps events across calls, such as a windowed aggregation. The
+// runtime attaches the emitter that feeds the stages after it. A Holder that removes events
+// from a batch to emit them later calls b.Retain and releases the batch once what it emitted
+// in their place is acknowledged, so acknowledgement stays end to end. It emits everything it
+// holds when it is closed.
+type Holder interface {
+	Enricher
+	Attach(next Emitter)
+}
+
+// Sink writes batches somewhere.
+type Sink interface {
+	// Write returns nil only when the batch is durable where the sink writes (fsynced, ACKed
+	// by a collector). An error makes the runtime retry the same batch with backoff. The sink
+	// must not modify or keep b.Events after Write returns.
+	Write(ctx context.Context, b *flow.Batch) error
+}
+
+// Closer is implemented by components that hold resources or buffered state. The runtime
+// calls Close once, after the component's work is done (sources stopped, enrichers flushed,
+// sink queues drained); ctx bounds how long it may take.
+type Closer interface {
+	Close(ctx context.Context) error
+}
+
+// Env is what the runtime gives a component when it builds it.
+type Env struct {
+	Name      string // the component's name in pipeline.yaml
+	Kind      Kind
+	Type      string
+	ConfigDir string // directory of pipeline.yaml; relative paths in options are relative to it
+	Logger    *slog.Logger
+	Metrics   Metrics
+	// Registerer registers component-specific Prometheus metrics; the labels component and
+	// kind are added to each.
+	Registerer prometheus.Registerer
+}
+
+// Metrics counts what a component does with events beyond what the runtime sees.
+type Metrics interface {
+	// Filtered counts events an enricher removed on purpose (a filter), by reason.
+	Filtered(reason string, n int)
+	// Dropped counts events lost, by reason (a source that could not keep up, a malformed
+	// input). Every drop must be counted here or by the runtime.
+	Dropped(reason string, n int)
+	// Errors counts failed operations that did not lose events (a retried read, a reconnect).
+	Errors(reason string, n int)
+}
+
+// NopMetrics counts nothing; for tests and tools that build components outside a pipeline.
+type NopMetrics struct{}
+
+func (NopMetrics) Filtered(string, int) {}
+func (NopMetrics) Dropped(string, int)  {}
+func (NopMetrics) Errors(string, int)   {}

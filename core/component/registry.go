@@ -1,0 +1,98 @@
+package component
+
+import (
+	"fmt"
+	"sort"
+	"sync"
+)
+
+// Factory builds one type of component from its options.
+type Factory struct {
+	Kind Kind
+	Type string
+	// Summary is a one-line description shown by `flowpipe plugins list`.
+	Summary string
+	// NewConfig returns a pointer to the options struct filled with defaults. The options are
+	// decoded into it with core/config (yaml struct tags, unknown keys rejected); if it has a
+	// Validate() error method, that runs next and may return config.FieldErrors.
+	NewConfig func() any
+	// New builds the component from a validated config (the value NewConfig returned).
+	New func(env Env, cfg any) (any, error)
+}
+
+// NewSourceFactory is a typed helper for a source factory.
+func NewSourceFactory[C any](typ, summary string, defaults func() *C, build func(Env, *C) (Source, error)) Factory {
+	return newFactory(KindSource, typ, summary, defaults, func(env Env, c *C) (any, error) { return build(env, c) })
+}
+
+// NewEnricherFactory is a typed helper for an enricher factory.
+func NewEnricherFactory[C any](typ, summary string, defaults func() *C, build func(Env, *C) (Enricher, error)) Factory {
+	return newFactory(KindEnricher, typ, summary, defaults, func(env Env, c *C) (any, error) { return build(env, c) })
+}
+
+// NewSinkFactory is a typed helper for a sink factory.
+func NewSinkFactory[C any](typ, summary string, defaults func() *C, build func(Env, *C) (Sink, error)) Factory {
+	return newFactory(KindSink, typ, summary, defaults, func(env Env, c *C) (any, error) { return build(env, c) })
+}
+
+func newFactory[C any](kind Kind, typ, summary string, defaults func() *C, build func(Env, *C) (any, error)) Factory {
+	return Factory{
+		Kind:      kind,
+		Type:      typ,
+		Summary:   summary,
+		NewConfig: func() any { return defaults() },
+		New: func(env Env, cfg any) (any, error) {
+			c, ok := cfg.(*C)
+			if !ok {
+				return nil, fmt.Errorf("%s %q: config is %T, want %T", kind, typ, cfg, c)
+			}
+			return build(env, c)
+		},
+	}
+}
+
+// Registry maps (kind, type) to factories. It is safe for concurrent use.
+type Registry struct {
+	mu        sync.RWMutex
+	factories map[Kind]map[string]Factory
+}
+
+// NewRegistry returns an empty registry.
+func NewRegistry() *Registry {
+	return &Registry{factories: map[Kind]map[string]Factory{}}
+}
+
+// Register adds f; registering the same kind and type twice is a programming error.
+func (r *Registry) Register(f Factory) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	m := r.factories[f.Kind]
+	if m == nil {
+		m = map[string]Factory{}
+		r.factories[f.Kind] = m
+	}
+	if _, dup := m[f.Type]; dup {
+		panic(fmt.Sprintf("component: %s type %q registered twice", f.Kind, f.Type))
+	}
+	m[f.Type] = f
+}
+
+// Lookup returns the factory for a kind and type.
+func (r *Registry) Lookup(kind Kind, typ string) (Factory, bool) {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	f, ok := r.factories[kind][typ]
+	return f, ok
+}
+
+// Types lists the registered types of a kind, sorted.
+func (r *Registry) Types(kind Kind) []string {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	var out []string
+	for t := range r.factories[kind] {
+		out = append(out, t)
+	}
+	sort.Strings(out)
+	return out
+}

@@ -1,0 +1,96 @@
+package flow
+
+import (
+	"errors"
+	"sync/atomic"
+)
+
+// Batch is a group of events that moves through a pipeline as one unit, with the
+// acknowledgement that reports to its producer when the pipeline is done with it.
+//
+// The producer (a source) creates a batch with NewBatch and gives up its reference by handing
+// it to the pipeline. Every stage that keeps the batch beyond a call (a sink queue, an
+// aggregating enricher) takes a reference with Retain and gives it back with Release. When the
+// last reference is released the ack function runs exactly once, with nil when every stage
+// released without error, else the first error reported.
+//
+// Sinks must treat Events as read-only: one batch is shared by every sink of a pipeline.
+type Batch struct {
+	Events []Event
+
+	refs   atomic.Int32
+	err    atomic.Pointer[error]
+	ack    func(error)
+	acked  atomic.Bool
+	Source string // name of the source component that produced the batch
+}
+
+// NewBatch makes a batch holding one reference, which belongs to the caller and is given up
+// by Release (the pipeline's Emit does that for sources). ack may be nil.
+func NewBatch(events []Event, ack func(err error)) *Batch {
+	b := &Batch{Events: events, ack: ack}
+	b.refs.Store(1)
+	return b
+}
+
+// Len is the number of events in the batch.
+func (b *Batch) Len() int { return len(b.Events) }
+
+// Retain takes a reference: the batch will not be acknowledged before a matching Release.
+func (b *Batch) Retain() {
+	if b.refs.Add(1) <= 1 {
+		panic("flow: Retain on a batch that was already acknowledged")
+	}
+}
+
+// Release gives back one reference; err, if not nil, is what this holder reports (a failed
+// delivery, a drop). The last Release runs the ack function.
+func (b *Batch) Release(err error) {
+	if err != nil {
+		b.err.CompareAndSwap(nil, &err)
+	}
+	n := b.refs.Add(-1)
+	if n > 0 {
+		return
+	}
+	if n < 0 || !b.acked.CompareAndSwap(false, true) {
+		panic("flow: batch released more often than retained")
+	}
+	if b.ack != nil {
+		b.ack(b.Err())
+	}
+}
+
+// Err is the first error any holder released the batch with so far.
+func (b *Batch) Err() error {
+	if p := b.err.Load(); p != nil {
+		return *p
+	}
+	return nil
+}
+
+// Acked reports whether the batch has been acknowledged.
+func (b *Batch) Acked() bool { return b.acked.Load() }
+
+// ErrShutdown is the acknowledgement of a batch the pipeline stopped before it was delivered
+// to every sink. A source that can redeliver (an upstream that resends) must not treat it as
+// delivered.
+var ErrShutdown = errors.New("pipeline stopped before the batch was delivered")
+
+// DropError is the acknowledgement of a batch that a sink's queue policy or retry limit
+// dropped. The drop is counted in metrics with the same reason; a source may treat it as
+// final (the user chose to drop rather than block).
+type DropError struct {
+	Component string // the sink that dropped
+	Reason    string // e.g. "queue_full", "retries_exhausted"
+}
+
+func (e *DropError) Error() string {
+	return "dropped by sink " + e.Component + ": " + e.Reason
+}
+
+// IsDrop reports whether err (an acknowledgement) is a counted drop.
+func IsDrop(err error) bool {
+	var d *DropError
+	return errors.As(err, &d)
+}

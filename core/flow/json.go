@@ -1,0 +1,356 @@
+package flow
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"net/netip"
+	"strconv"
+	"time"
+	"unicode/utf8"
+
+	"github.com/google/uuid"
+)
+
+// AppendJSON appends the JSON form of e (docs/schema.md) to dst, without a trailing newline.
+// It is written by hand, without reflection, because the file sink encodes every event.
+func AppendJSON(dst []byte, e *Event) []byte {
+	dst = append(dst, `{"event_id":"`...)
+	dst = appendUUID(dst, e.EventID)
+	dst = append(dst, `","flow_id":"`...)
+	dst = appendUUID(dst, e.FlowID)
+	dst = append(dst, `","type":"`...)
+	dst = append(dst, e.Type.String()...)
+	dst = append(dst, `","timestamp":"`...)
+	dst = AppendTime(dst, e.Timestamp)
+	dst = append(dst, '"')
+	if e.Start != 0 {
+		dst = append(dst, `,"start":"`...)
+		dst = AppendTime(dst, e.Start)
+		dst = append(dst, '"')
+	}
+	if e.End != 0 {
+		dst = append(dst, `,"end":"`...)
+		dst = AppendTime(dst, e.End)
+		dst = append(dst, '"')
+	}
+	dst = append(dst, `,"direction":"`...)
+	dst = append(dst, e.Direction.String()...)
+	dst = append(dst, `","protocol":`...)
+	dst = strconv.AppendUint(dst, uint64(e.Protocol), 10)
+	dst = append(dst, `,"src_ip":`...)
+	dst = appendAddr(dst, e.SrcAddr)
+	dst = append(dst, `,"dst_ip":`...)
+	dst = appendAddr(dst, e.DstAddr)
+	if IsICMP(e.Protocol) {
+		dst = append(dst, `,"icmp_type":`...)
+		dst = strconv.AppendUint(dst, uint64(e.ICMPType), 10)
+		dst = append(dst, `,"icmp_code":`...)
+		dst = strconv.AppendUint(dst, uint64(e.ICMPCode), 10)
+	} else {
+		dst = append(dst, `,"src_port":`...)
+		dst = strconv.AppendUint(dst, uint64(e.SrcPort), 10)
+		dst = append(dst, `,"dst_port":`...)
+		dst = strconv.AppendUint(dst, uint64(e.DstPort), 10)
+	}
+	dst = append(dst, `,"rx_packets":`...)
+	dst = strconv.AppendUint(dst, e.RxPackets, 10)
+	dst = append(dst, `,"rx_bytes":`...)
+	dst = strconv.AppendUint(dst, e.RxBytes, 10)
+	dst = append(dst, `,"tx_packets":`...)
+	dst = strconv.AppendUint(dst, e.TxPackets, 10)
+	dst = append(dst, `,"tx_bytes":`...)
+	dst = strconv.AppendUint(dst, e.TxBytes, 10)
+	dst = append(dst, `,"rule_id":`...)
+	dst = appendString(dst, e.RuleID)
+	dst = append(dst, `,"src_resource_id":`...)
+	dst = appendString(dst, e.SrcResourceID)
+	dst = append(dst, `,"dst_resource_id":`...)
+	dst = appendString(dst, e.DstResourceID)
+	if e.CommunityID != "" {
+		dst = append(dst, `,"community_id":`...)
+		dst = appendString(dst, e.CommunityID)
+	}
+	dst = append(dst, `,"source":`...)
+	dst = appendString(dst, e.Source)
+	if e.Type == TypeAggregate {
+		dst = append(dst, `,"window_start":"`...)
+		dst = AppendTime(dst, e.WindowStart)
+		dst = append(dst, `","window_end":"`...)
+		dst = AppendTime(dst, e.WindowEnd)
+		dst = append(dst, `","num_starts":`...)
+		dst = strconv.AppendUint(dst, e.NumStarts, 10)
+		dst = append(dst, `,"num_ends":`...)
+		dst = strconv.AppendUint(dst, e.NumEnds, 10)
+		dst = append(dst, `,"num_drops":`...)
+		dst = strconv.AppendUint(dst, e.NumDrops, 10)
+	}
+	return append(dst, '}')
+}
+
+const hexDigits = "0123456789abcdef"
+
+func appendUUID(dst []byte, u uuid.UUID) []byte {
+	for i, c := range u {
+		if i == 4 || i == 6 || i == 8 || i == 10 {
+			dst = append(dst, '-')
+		}
+		dst = append(dst, hexDigits[c>>4], hexDigits[c&0x0f])
+	}
+	return dst
+}
+
+func appendAddr(dst []byte, a netip.Addr) []byte {
+	if !a.IsValid() {
+		return append(dst, `""`...)
+	}
+	dst = append(dst, '"')
+	dst = a.AppendTo(dst)
+	return append(dst, '"')
+}
+
+// appendString appends s as a JSON string, escaping what JSON requires.
+func appendString(dst []byte, s string) []byte {
+	dst = append(dst, '"')
+	start := 0
+	for i := 0; i < len(s); {
+		c := s[i]
+		if c >= 0x20 && c != '"' && c != '\\' && c < utf8.RuneSelf {
+			i++
+			continue
+		}
+		if c >= utf8.RuneSelf {
+			r, size := utf8.DecodeRuneInString(s[i:])
+			if r == utf8.RuneError && size == 1 {
+				dst = append(dst, s[start:i]...)
+				dst = append(dst, `\ufffd`...)
+				i++
+				start = i
+				continue
+			}
+			i += size
+			continue
+		}
+		dst = append(dst, s[start:i]...)
+		switch c {
+		case '"', '\\':
+			dst = append(dst, '\\', c)
+		case '\n':
+			dst = append(dst, '\\', 'n')
+		case '\r':
+			dst = append(dst, '\\', 'r')
+		case '\t':
+			dst = append(dst, '\\', 't')
+		default:
+			dst = append(dst, '\\', 'u', '0', '0', hexDigits[c>>4], hexDigits[c&0xf])
+		}
+		i++
+		start = i
+	}
+	dst = append(dst, s[start:]...)
+	return append(dst, '"')
+}
+
+// AppendTime appends t in RFC 3339 form, UTC, with exactly nine fractional digits
+// (2006-01-02T15:04:05.000000000Z). The zero (unknown) Time is the Unix epoch.
+func AppendTime(dst []byte, t Time) []byte {
+	ns := int64(t)
+	sec := ns / 1e9
+	frac := ns % 1e9
+	if frac < 0 {
+		frac += 1e9
+		sec--
+	}
+	days := sec / 86400
+	rem := sec % 86400
+	if rem < 0 {
+		rem += 86400
+		days--
+	}
+	y, m, d := civil(days)
+	if y < 0 || y > 9999 {
+		return time.Unix(sec, frac).UTC().AppendFormat(dst, "2006-01-02T15:04:05.000000000Z07:00")
+	}
+	dst = append4(dst, int(y))
+	dst = append(dst, '-')
+	dst = append2(dst, int(m))
+	dst = append(dst, '-')
+	dst = append2(dst, int(d))
+	dst = append(dst, 'T')
+	dst = append2(dst, int(rem/3600))
+	dst = append(dst, ':')
+	dst = append2(dst, int(rem%3600/60))
+	dst = append(dst, ':')
+	dst = append2(dst, int(rem%60))
+	dst = append(dst, '.')
+	var buf [9]byte
+	for i := 8; i >= 0; i-- {
+		buf[i] = byte('0' + frac%10)
+		frac /= 10
+	}
+	dst = append(dst, buf[:]...)
+	return append(dst, 'Z')
+}
+
+// civil converts days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's
+// days_from_civil inverse).
+func civil(days int64) (y, m, d int64) {
+	z := days + 719468
+	era := z / 146097
+	if z < 0 && z%146097 != 0 {
+		era--
+	}
+	doe := z - era*146097
+	yoe := (doe - doe/1460 + doe/36524 - doe/146096) / 365
+	y = yoe + era*400
+	doy := doe - (365*yoe + yoe/4 - yoe/100)
+	mp := (5*doy + 2) / 153
+	d = doy - (153*mp+2)/5 + 1
+	if mp < 10 {
+		m = mp + 3
+	} else {
+		m = mp - 9
+	}
+	if m <= 2 {
+		y++
+	}
+	return y, m, d
+}
+
+func append2(dst []byte, v int) []byte {
+	return append(dst, byte('0'+v/10), byte('0'+v%10))
+}
+
+func append4(dst []byte, v int) []byte {
+	return append(dst, byte('0'+v/1000), byte('0'+v/100%10), byte('0'+v/10%10), byte('0'+v%10))
+}
+
+// jsonEvent is the decoding form of an event line; pointers tell absent keys from zeros.
+type jsonEvent struct {
+	EventID       *string `json:"event_id"`
+	FlowID        *string `json:"flow_id"`
+	Type          *string `json:"type"`
+	Timestamp     *string `json:"timestamp"`
+	Start         string  `json:"start"`
+	End           string  `json:"end"`
+	Direction     string  `json:"direction"`
+	Protocol      *uint8  `json:"protocol"`
+	SrcIP         string  `json:"src_ip"`
+	DstIP         string  `json:"dst_ip"`
+	SrcPort       uint16  `json:"src_port"`
+	DstPort       uint16  `json:"dst_port"`
+	ICMPType      uint8   `json:"icmp_type"`
+	ICMPCode      uint8   `json:"icmp_code"`
+	RxPackets     uint64  `json:"rx_packets"`
+	RxBytes       uint64  `json:"rx_bytes"`
+	TxPackets     uint64  `json:"tx_packets"`
+	TxBytes       uint64  `json:"tx_bytes"`
+	RuleID        string  `json:"rule_id"`
+	SrcResourceID string  `json:"src_resource_id"`
+	DstResourceID string  `json:"dst_resource_id"`
+	CommunityID   string  `json:"community_id"`
+	Source        string  `json:"source"`
+	WindowStart   string  `json:"window_start"`
+	WindowEnd     string  `json:"window_end"`
+	NumStarts     uint64  `json:"num_starts"`
+	NumEnds       uint64  `json:"num_ends"`
+	NumDrops      uint64  `json:"num_drops"`
+}
+
+// ParseJSON decodes one line in the form AppendJSON writes. Unknown keys, missing required
+// keys (event_id, flow_id, type, timestamp, protocol) and malformed values are errors that
+// name the key.
+func ParseJSON(line []byte, e *Event) error {
+	var j jsonEvent
+	dec := json.NewDecoder(bytes.NewReader(line))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&j); err != nil {
+		return err
+	}
+	if dec.More() {
+		return fmt.Errorf("trailing data after the JSON object")
+	}
+	*e = Event{}
+	var err error
+	for _, req := range []struct {
+		name string
+		v    any
+	}{{"event_id", j.EventID}, {"flow_id", j.FlowID}, {"type", j.Type}, {"timestamp", j.Timestamp}, {"protocol", j.Protocol}} {
+		switch p := req.v.(type) {
+		case *string:
+			if p == nil {
+				return fmt.Errorf("missing key %q", req.name)
+			}
+		case *uint8:
+			if p == nil {
+				return fmt.Errorf("missing key %q", req.name)
+			}
+		}
+	}
+	if e.EventID, err = uuid.Parse(*j.EventID); err != nil {
+		return fmt.Errorf("event_id: %w", err)
+	}
+	if e.FlowID, err = uuid.Parse(*j.FlowID); err != nil {
+		return fmt.Errorf("flow_id: %w", err)
+	}
+	var ok bool
+	if e.Type, ok = ParseType(*j.Type); !ok {
+		return fmt.Errorf("type: unknown type %q (want start, end, drop or aggregate)", *j.Type)
+	}
+	if e.Timestamp, err = parseTime("timestamp", *j.Timestamp); err != nil {
+		return err
+	}
+	if e.Start, err = parseTime("start", j.Start); err != nil {
+		return err
+	}
+	if e.End, err = parseTime("end", j.End); err != nil {
+		return err
+	}
+	if j.Direction != "" {
+		if e.Direction, ok = ParseDirection(j.Direction); !ok {
+			return fmt.Errorf("direction: unknown direction %q (want ingress, egress or unknown)", j.Direction)
+		}
+	}
+	e.Protocol = *j.Protocol
+	if e.SrcAddr, err = parseAddr("src_ip", j.SrcIP); err != nil {
+		return err
+	}
+	if e.DstAddr, err = parseAddr("dst_ip", j.DstIP); err != nil {
+		return err
+	}
+	e.SrcPort, e.DstPort = j.SrcPort, j.DstPort
+	e.ICMPType, e.ICMPCode = j.ICMPType, j.ICMPCode
+	e.RxPackets, e.RxBytes, e.TxPackets, e.TxBytes = j.RxPackets, j.RxBytes, j.TxPackets, j.TxBytes
+	e.RuleID, e.SrcResourceID, e.DstResourceID = j.RuleID, j.SrcResourceID, j.DstResourceID
+	e.CommunityID, e.Source = j.CommunityID, j.Source
+	if e.WindowStart, err = parseTime("window_start", j.WindowStart); err != nil {
+		return err
+	}
+	if e.WindowEnd, err = parseTime("window_end", j.WindowEnd); err != nil {
+		return err
+	}
+	e.NumStarts, e.NumEnds, e.NumDrops = j.NumStarts, j.NumEnds, j.NumDrops
+	return nil
+}
+
+func parseTime(key, s string) (Time, error) {
+	if s == "" {
+		return 0, nil
+	}
+	t, err := time.Parse(time.RFC3339Nano, s)
+	if err != nil {
+		return 0, fmt.Errorf("%s: %q is not an RFC 3339 time", key, s)
+	}
+	return TimeOf(t), nil
+}
+
+func parseAddr(key, s string) (netip.Addr, error) {
+	if s == "" {
+		return netip.Addr{}, nil
+	}
+	a, err := netip.ParseAddr(s)
+	if err != nil {
+		return netip.Addr{}, fmt.Errorf("%s: %q is not an IP address", key, s)
+	}
+	return a, nil
+}
