@@ -107,3 +107,18 @@ type NopMetrics struct{}
 func (NopMetrics) Filtered(string, int) {}
 func (NopMetrics) Dropped(string, int)  {}
 func (NopMetrics) Errors(string, int)   {}
+
+// Starter is implemented by components that open resources (files, sockets, processes)
+// before they work. Building a component must not start work, so that `flowpipe validate`
+// can build a pipeline without side effects; the runtime calls Start when the pipeline runs,
+// sinks first, then enrichers, then sources. An error stops the pipeline before any source
+// runs.
+type Starter interface {
+	Start(ctx context.Context) error
+}
+
+// HealthChecker is implemented by components that can tell they are unhealthy (a plugin
+// that keeps crashing, a collector that cannot be reached); /readyz reports the error.
+type HealthChecker interface {
+	Health() error
+}

@@ -33,6 +33,18 @@ func NewBatch(events []Event, ack func(err error)) *Batch {
 	return b
 }
 
+// Observe chains fn before the batch's ack function: fn sees the result first. The runtime
+// uses it to measure acknowledgement latency; call it before handing the batch on.
+func (b *Batch) Observe(fn func(err error)) {
+	next := b.ack
+	b.ack = func(err error) {
+		fn(err)
+		if next != nil {
+			next(err)
+		}
+	}
+}
+
 // Len is the number of events in the batch.
 func (b *Batch) Len() int { return len(b.Events) }
 

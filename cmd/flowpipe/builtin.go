@@ -1,0 +1,31 @@
+package main
+
+import (
+	"github.com/flowpipe/flowpipe/core/component"
+	"github.com/flowpipe/flowpipe/sinks/discard"
+	"github.com/flowpipe/flowpipe/sinks/file"
+	"github.com/flowpipe/flowpipe/sources/generate"
+	"github.com/flowpipe/flowpipe/sources/replay"
+)
+
+// builtins lists every component compiled into the flowpipe binary. A new built-in adds its
+// factory here; core never imports a component.
+func builtins() []component.Factory {
+	return []component.Factory{
+		// sources
+		generate.Factory(),
+		replay.Factory(),
+		// enrichers
+		// sinks
+		file.Factory(),
+		discard.Factory(),
+	}
+}
+
+func newRegistry() *component.Registry {
+	reg := component.NewRegistry()
+	for _, f := range builtins() {
+		reg.Register(f)
+	}
+	return reg
+}

@@ -1,0 +1,113 @@
+// Command flowpipe runs flow-log pipelines: sources of flow events (kernel conntrack, a
+// userspace tracker, a gRPC receiver, ...), enrichers, and sinks, wired by pipeline.yaml.
+package main
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"strings"
+
+	"github.com/spf13/cobra"
+
+	"github.com/flowpipe/flowpipe/core/config"
+)
+
+// version is set at build time with -ldflags "-X main.version=...".
+var version = "dev"
+
+type globalFlags struct {
+	logLevel  string
+	logFormat string
+	config    string
+}
+
+func main() {
+	os.Exit(execute(os.Args[1:]))
+}
+
+// exitError carries a process exit code through cobra.
+type exitError struct{ code int }
+
+func (e exitError) Error() string { return fmt.Sprintf("exit %d", e.code) }
+
+func execute(args []string) int {
+	root := newRootCmd()
+	root.SetArgs(args)
+	if err := root.Execute(); err != nil {
+		var ee exitError
+		if errors.As(err, &ee) {
+			return ee.code
+		}
+		fmt.Fprintln(os.Stderr, "flowpipe:", err)
+		return 1
+	}
+	return 0
+}
+
+func newRootCmd() *cobra.Command {
+	g := &globalFlags{}
+	root := &cobra.Command{
+		Use:   "flowpipe",
+		Short: "Turn connection tracking into flow logs that nobody loses",
+		Long: `flowpipe reads flows where they happen (kernel conntrack, a userspace tracker, a gRPC
+receiver), enriches them, and delivers them to sinks with end-to-end acknowledgements.
+A pipeline is declared in pipeline.yaml.`,
+		Example:       "  flowpipe run\n  flowpipe validate -c /etc/flowpipe/pipeline.yaml\n  flowpipe graph --format mermaid",
+		SilenceUsage:  true,
+		SilenceErrors: true,
+	}
+	root.PersistentFlags().StringVar(&g.logLevel, "log-level", "info", "log level: debug, info, warn or error")
+	root.PersistentFlags().StringVar(&g.logFormat, "log-format", "text", "log format: text or json")
+	root.AddCommand(newRunCmd(g), newValidateCmd(g), newGraphCmd(g), newVersionCmd())
+	for _, add := range extraCommands {
+		root.AddCommand(add(g))
+	}
+	return root
+}
+
+// extraCommands lets other files of this command add subcommands (plugins, ...).
+var extraCommands []func(*globalFlags) *cobra.Command
+
+// addConfigFlag adds -c/--config with its default from FLOWPIPE_CONFIG or ./pipeline.yaml.
+func addConfigFlag(cmd *cobra.Command, g *globalFlags) {
+	def := os.Getenv("FLOWPIPE_CONFIG")
+	if def == "" {
+		def = "pipeline.yaml"
+	}
+	cmd.Flags().StringVarP(&g.config, "config", "c", def, "pipeline file (default $FLOWPIPE_CONFIG or ./pipeline.yaml)")
+}
+
+func (g *globalFlags) logger() (*slog.Logger, error) {
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(g.logLevel)); err != nil {
+		return nil, fmt.Errorf("--log-level %q: want debug, info, warn or error", g.logLevel)
+	}
+	opts := &slog.HandlerOptions{Level: level}
+	switch strings.ToLower(g.logFormat) {
+	case "text":
+		return slog.New(slog.NewTextHandler(os.Stderr, opts)), nil
+	case "json":
+		return slog.New(slog.NewJSONHandler(os.Stderr, opts)), nil
+	}
+	return nil, fmt.Errorf("--log-format %q: want text or json", g.logFormat)
+}
+
+// loadConfig loads the pipeline file; problems are printed one per line.
+func (g *globalFlags) loadConfig() (*config.Document, error) {
+	return config.LoadFile(g.config, os.Environ())
+}
+
+// printProblems writes every configuration problem to stderr and returns the exit error.
+func printProblems(err error) error {
+	var ps config.Problems
+	if errors.As(err, &ps) {
+		for _, p := range ps {
+			fmt.Fprintln(os.Stderr, p.String())
+		}
+		fmt.Fprintf(os.Stderr, "%d problem(s) found\n", len(ps))
+		return exitError{1}
+	}
+	return err
+}

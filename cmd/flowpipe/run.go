@@ -1,0 +1,57 @@
+package main
+
+import (
+	"context"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/flowpipe/flowpipe/core/admin"
+	"github.com/flowpipe/flowpipe/core/pipeline"
+)
+
+func newRunCmd(g *globalFlags) *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "run",
+		Short: "Run the pipeline until SIGINT/SIGTERM (or until its sources are exhausted)",
+		Long: `run builds every component of the pipeline file, starts it, and runs until it receives
+SIGINT or SIGTERM, or until every source is exhausted. On shutdown, sources stop, what is in
+flight drains to the sinks within runtime.shutdown_timeout, and anything that could not be
+delivered is reported with counts.`,
+		Example: "  flowpipe run\n  flowpipe run -c examples/generate-to-file.yaml --log-format json\n  FLOWPIPE_SINKS__OUT__PATH=/tmp/flows.jsonl flowpipe run",
+		Args:    cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			log, err := g.logger()
+			if err != nil {
+				return err
+			}
+			doc, err := g.loadConfig()
+			if err != nil {
+				return printProblems(err)
+			}
+			ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+			defer stop()
+			p, err := pipeline.New(ctx, doc, pipelineOptions(log))
+			if err != nil {
+				return printProblems(err)
+			}
+			if doc.Admin.Listen != "" {
+				srv, err := admin.Start(doc.Admin.Listen, p.Metrics().Registry, p.Ready, log)
+				if err != nil {
+					return err
+				}
+				defer func() {
+					c, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+					defer cancel()
+					_ = srv.Shutdown(c)
+				}()
+			}
+			return p.Run(ctx)
+		},
+	}
+	addConfigFlag(cmd, g)
+	return cmd
+}

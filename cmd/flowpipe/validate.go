@@ -1,0 +1,44 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/flowpipe/flowpipe/core/pipeline"
+)
+
+func newValidateCmd(g *globalFlags) *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "validate",
+		Short: "Check the pipeline file and every component's options without running anything",
+		Long: `validate loads the pipeline file, applies environment overrides, and checks every
+component's options. It prints every problem with its file, line and key path, and exits 1
+when there is any, 0 when the pipeline is valid.`,
+		Example: "  flowpipe validate\n  flowpipe validate -c /etc/flowpipe/pipeline.yaml",
+		Args:    cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			log, err := g.logger()
+			if err != nil {
+				return err
+			}
+			doc, err := g.loadConfig()
+			if err != nil {
+				return printProblems(err)
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			defer cancel()
+			p, err := pipeline.New(ctx, doc, pipelineOptions(log))
+			if err != nil {
+				return printProblems(err)
+			}
+			p.Close(ctx)
+			fmt.Fprintf(cmd.OutOrStdout(), "%s: valid (%d sources, %d enrichers, %d sinks)\n", doc.File, len(doc.Sources), len(doc.Enrichers), len(doc.Sinks))
+			return nil
+		},
+	}
+	addConfigFlag(cmd, g)
+	return cmd
+}

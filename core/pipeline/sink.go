@@ -1,0 +1,258 @@
+package pipeline
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/flowpipe/flowpipe/core/component"
+	"github.com/flowpipe/flowpipe/core/config"
+	"github.com/flowpipe/flowpipe/core/flow"
+	"github.com/flowpipe/flowpipe/core/metrics"
+)
+
+// SinkSettings are the runtime's options for every sink, written beside the sink's own
+// options in pipeline.yaml.
+type SinkSettings struct {
+	Queue QueueSettings `yaml:"queue"`
+	Retry RetrySettings `yaml:"retry"`
+	// InFlight is how many batches the sink may be writing at once (default 1, which keeps
+	// order). Sinks that wait on a remote acknowledgement go faster with more.
+	InFlight int `yaml:"in_flight"`
+}
+
+// QueueSettings bound a sink's queue.
+type QueueSettings struct {
+	MaxEvents  int    `yaml:"max_events"`
+	MaxBatches int    `yaml:"max_batches"`
+	WhenFull   string `yaml:"when_full"` // block, drop_newest or drop_oldest
+}
+
+// RetrySettings shape the exponential backoff of failed writes.
+type RetrySettings struct {
+	InitialInterval time.Duration `yaml:"initial_interval"`
+	MaxInterval     time.Duration `yaml:"max_interval"`
+	// MaxAttempts gives up on a batch after this many failed writes (counted as dropped,
+	// reason retries_exhausted); 0 retries until the pipeline stops.
+	MaxAttempts int `yaml:"max_attempts"`
+}
+
+// Policies for a full queue.
+const (
+	WhenFullBlock      = "block"
+	WhenFullDropNewest = "drop_newest"
+	WhenFullDropOldest = "drop_oldest"
+)
+
+// sinkSettingKeys are the keys of SinkSettings; they are taken out of a sink's options
+// before the rest goes to the sink's own config.
+var sinkSettingKeys = []string{"queue", "retry", "in_flight"}
+
+func defaultSinkSettings() SinkSettings {
+	return SinkSettings{
+		Queue:    QueueSettings{MaxEvents: 100_000, MaxBatches: 1024, WhenFull: WhenFullBlock},
+		Retry:    RetrySettings{InitialInterval: 100 * time.Millisecond, MaxInterval: 30 * time.Second},
+		InFlight: 1,
+	}
+}
+
+// Validate checks the settings; paths are relative to the sink.
+func (s *SinkSettings) Validate() error {
+	var errs config.FieldErrors
+	if s.Queue.MaxEvents < 1 {
+		errs.Add("queue.max_events", "must be at least 1, got %d", s.Queue.MaxEvents)
+	}
+	if s.Queue.MaxBatches < 1 {
+		errs.Add("queue.max_batches", "must be at least 1, got %d", s.Queue.MaxBatches)
+	}
+	switch s.Queue.WhenFull {
+	case WhenFullBlock, WhenFullDropNewest, WhenFullDropOldest:
+	default:
+		errs.Add("queue.when_full", "unknown policy %q (want block, drop_newest or drop_oldest)", s.Queue.WhenFull)
+	}
+	if s.Retry.InitialInterval <= 0 {
+		errs.Add("retry.initial_interval", "must be positive")
+	}
+	if s.Retry.MaxInterval < s.Retry.InitialInterval {
+		errs.Add("retry.max_interval", "must be at least retry.initial_interval (%s)", s.Retry.InitialInterval)
+	}
+	if s.Retry.MaxAttempts < 0 {
+		errs.Add("retry.max_attempts", "must not be negative")
+	}
+	if s.InFlight < 1 {
+		errs.Add("in_flight", "must be at least 1, got %d", s.InFlight)
+	}
+	return errs.Err()
+}
+
+// failingAfter is how many consecutive failed writes make a sink "not ready".
+const failingAfter = 3
+
+// sinkNode runs one sink: its queue, its writers and their retries.
+type sinkNode struct {
+	name     string
+	sink     component.Sink
+	settings SinkSettings
+	queue    *queue
+	m        *metrics.Component
+	log      *slog.Logger
+
+	wg          sync.WaitGroup
+	consecFails atomic.Int64
+	lastErr     atomic.Pointer[error]
+	undelivered atomic.Int64 // events given up at shutdown
+}
+
+func newSinkNode(name string, s component.Sink, st SinkSettings, m *metrics.Component, log *slog.Logger) *sinkNode {
+	return &sinkNode{
+		name: name, sink: s, settings: st,
+		queue: newQueue(st.Queue.MaxBatches, st.Queue.MaxEvents),
+		m:     m, log: log,
+	}
+}
+
+// enqueue hands b to this sink under its queue policy. It takes a reference to b when the
+// batch is queued; a dropped batch is counted and not retained.
+func (n *sinkNode) enqueue(ctx context.Context, b *flow.Batch) error {
+	b.Retain()
+	switch n.settings.Queue.WhenFull {
+	case WhenFullBlock:
+		if !n.queue.pushWait(ctx, b) {
+			n.giveUp(b)
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			return errStopping
+		}
+	case WhenFullDropNewest:
+		ok, closed := n.queue.tryPush(b)
+		if closed {
+			n.giveUp(b)
+			return errStopping
+		}
+		if !ok {
+			n.drop(b, "queue_full")
+			return nil
+		}
+	case WhenFullDropOldest:
+		evicted, closed := n.queue.pushEvict(b)
+		if closed {
+			n.giveUp(b)
+			return errStopping
+		}
+		for _, old := range evicted {
+			n.drop(old, "queue_full")
+		}
+	}
+	n.m.In.Add(float64(len(b.Events)))
+	n.updateDepth()
+	return nil
+}
+
+var errStopping = errors.New("pipeline is stopping")
+
+func (n *sinkNode) drop(b *flow.Batch, reason string) {
+	n.m.Dropped(reason, len(b.Events))
+	b.Release(&flow.DropError{Component: n.name, Reason: reason})
+}
+
+func (n *sinkNode) updateDepth() {
+	batches, events := n.queue.depth()
+	n.m.QueueBat.Set(float64(batches))
+	n.m.QueueEv.Set(float64(events))
+}
+
+// start runs the writers. They stop when the queue is closed and drained, or when
+// writeCtx is cancelled (the drain deadline), giving up on what is left.
+func (n *sinkNode) start(writeCtx context.Context) {
+	for range n.settings.InFlight {
+		n.wg.Add(1)
+		go func() {
+			defer n.wg.Done()
+			for {
+				b := n.queue.pop(writeCtx)
+				if b == nil {
+					return
+				}
+				n.updateDepth()
+				n.write(writeCtx, b)
+			}
+		}()
+	}
+}
+
+// write delivers b, retrying with exponential backoff and jitter.
+func (n *sinkNode) write(ctx context.Context, b *flow.Batch) {
+	backoff := n.settings.Retry.InitialInterval
+	for attempt := 1; ; attempt++ {
+		err := n.sink.Write(ctx, b)
+		if err == nil {
+			if n.consecFails.Swap(0) >= failingAfter {
+				n.log.Info("sink recovered", "sink", n.name)
+			}
+			n.m.Out.Add(float64(len(b.Events)))
+			b.Release(nil)
+			return
+		}
+		if ctx.Err() != nil {
+			n.giveUp(b)
+			return
+		}
+		fails := n.consecFails.Add(1)
+		n.lastErr.Store(&err)
+		n.m.Errors("write", 1)
+		if fails == failingAfter {
+			n.log.Warn("sink keeps failing; retrying", "sink", n.name, "attempts", attempt, "error", err)
+		} else {
+			n.log.Debug("sink write failed; retrying", "sink", n.name, "attempt", attempt, "error", err)
+		}
+		if max := n.settings.Retry.MaxAttempts; max > 0 && attempt >= max {
+			n.log.Error("sink gave up on a batch", "sink", n.name, "events", len(b.Events), "attempts", attempt, "error", err)
+			n.drop(b, "retries_exhausted")
+			return
+		}
+		n.m.Retries.Inc()
+		wait := jitter(backoff)
+		backoff = min(backoff*2, n.settings.Retry.MaxInterval)
+		t := time.NewTimer(wait)
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			t.Stop()
+			n.giveUp(b)
+			return
+		}
+	}
+}
+
+// giveUp releases a batch the sink could not deliver before the pipeline stopped.
+func (n *sinkNode) giveUp(b *flow.Batch) {
+	n.undelivered.Add(int64(len(b.Events)))
+	n.m.Dropped("shutdown", len(b.Events))
+	b.Release(flow.ErrShutdown)
+}
+
+// jitter spreads d by ±20% so that many agents retrying do not retry in step.
+func jitter(d time.Duration) time.Duration {
+	return time.Duration(float64(d) * (0.8 + 0.4*rand.Float64()))
+}
+
+// health reports the sink as failing after several consecutive failed writes.
+func (n *sinkNode) health() error {
+	if n.consecFails.Load() >= failingAfter {
+		if p := n.lastErr.Load(); p != nil {
+			return fmt.Errorf("sink %s: %d consecutive failed writes, last: %w", n.name, n.consecFails.Load(), *p)
+		}
+	}
+	if hc, ok := n.sink.(component.HealthChecker); ok {
+		if err := hc.Health(); err != nil {
+			return fmt.Errorf("sink %s: %w", n.name, err)
+		}
+	}
+	return nil
+}

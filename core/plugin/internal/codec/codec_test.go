@@ -1,0 +1,219 @@
+package codec
+
+import (
+	"math/rand/v2"
+	"net/netip"
+	"reflect"
+	"strings"
+	"testing"
+
+	"github.com/google/uuid"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/flowpipe/flowpipe/core/flow"
+	"github.com/flowpipe/flowpipe/core/plugin/internal/codec/pbevent"
+)
+
+// sample returns n events covering every field and address form.
+func sample(n int, r *rand.Rand) []flow.Event {
+	addrs := []netip.Addr{
+		{},
+		netip.MustParseAddr("10.1.2.3"),
+		netip.MustParseAddr("fd00::1"),
+		netip.MustParseAddr("::ffff:192.0.2.1"),
+		netip.MustParseAddr("fe80::1%eth0"),
+	}
+	rules := []string{"", "rule-allow-web", "rule-deny-all"}
+	evs := make([]flow.Event, n)
+	for i := range evs {
+		e := &evs[i]
+		e.EventID = uuid.New()
+		e.FlowID = uuid.New()
+		e.Timestamp = flow.Time(r.Int64())
+		e.Start = flow.Time(-r.Int64N(1 << 40))
+		e.End = flow.Time(r.Int64N(1 << 50))
+		e.SrcAddr = addrs[r.IntN(len(addrs))]
+		e.DstAddr = addrs[r.IntN(len(addrs))]
+		e.SrcPort = uint16(r.Uint32())
+		e.DstPort = uint16(r.Uint32())
+		e.Type = flow.Type(r.IntN(5))
+		e.Direction = flow.Direction(r.IntN(3))
+		e.Protocol = uint8(r.Uint32())
+		e.ICMPType = uint8(r.Uint32())
+		e.ICMPCode = uint8(r.Uint32())
+		e.RxPackets, e.RxBytes, e.TxPackets, e.TxBytes = r.Uint64(), r.Uint64N(1<<20), r.Uint64N(100), 0
+		e.RuleID = rules[r.IntN(len(rules))]
+		e.SrcResourceID = "res-" + strings.Repeat("x", r.IntN(4))
+		e.CommunityID = "1:abc="
+		e.Source = "conntrack"
+		e.WindowStart, e.WindowEnd = flow.Time(r.Int64()), flow.Time(-1)
+		e.NumStarts, e.NumEnds, e.NumDrops = r.Uint64(), 1, 0
+	}
+	return evs
+}
+
+func TestRoundTrip(t *testing.T) {
+	r := rand.New(rand.NewPCG(1, 2))
+	for _, n := range []int{0, 1, 7, 1000} {
+		in := sample(n, r)
+		data := Append(nil, in)
+		if len(data) > Size(in) {
+			t.Fatalf("n=%d: encoded %d bytes, Size said at most %d", n, len(data), Size(in))
+		}
+		prefix := []flow.Event{{Source: "already there"}}
+		out, err := Decode(prefix, data, n)
+		if err != nil {
+			t.Fatalf("n=%d: %v", n, err)
+		}
+		if len(out) != n+1 || out[0].Source != "already there" {
+			t.Fatalf("n=%d: Decode did not append to dst", n)
+		}
+		if n > 0 && !reflect.DeepEqual(out[1:], in) {
+			for i := range in {
+				if !reflect.DeepEqual(out[i+1], in[i]) {
+					t.Fatalf("n=%d: event %d differs:\n got %+v\nwant %+v", n, i, out[i+1], in[i])
+				}
+			}
+		}
+	}
+}
+
+func TestDecodeRejects(t *testing.T) {
+	good := Append(nil, sample(3, rand.New(rand.NewPCG(3, 4))))
+	cases := map[string]struct {
+		data  []byte
+		count int
+		want  string
+	}{
+		"empty":        {nil, 0, "empty"},
+		"version":      {append([]byte{9}, good[1:]...), 3, "unknown batch encoding version 9"},
+		"too many":     {good, 4, "cannot fit"},
+		"too few":      {good, 2, "bytes after the last"},
+		"truncated":    {good[:len(good)-3], 3, "event 2"},
+		"huge count":   {good, 1 << 30, "cannot fit"},
+		"negative":     {good, -1, "cannot fit"},
+		"bad addr tag": {badTag(good), 3, "bad address tag"},
+	}
+	for name, c := range cases {
+		_, err := Decode(nil, c.data, c.count)
+		if err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%s: got %v, want an error containing %q", name, err, c.want)
+		}
+	}
+}
+
+// badTag corrupts the first event's source address tag (after version, IDs, 5 bytes and
+// three varints).
+func badTag(good []byte) []byte {
+	b := append([]byte(nil), good...)
+	off := 1 + 32 + 5
+	for range 3 {
+		for b[off]&0x80 != 0 {
+			off++
+		}
+		off++
+	}
+	b[off] = 99
+	return b
+}
+
+func FuzzDecode(f *testing.F) {
+	r := rand.New(rand.NewPCG(5, 6))
+	for _, n := range []int{0, 1, 2} {
+		f.Add(Append(nil, sample(n, r)), n)
+	}
+	f.Add([]byte{1}, 1)
+	f.Fuzz(func(t *testing.T, data []byte, count int) {
+		evs, err := Decode(nil, data, count)
+		if err != nil {
+			return
+		}
+		// Whatever decodes must survive a round trip unchanged.
+		again, err := Decode(nil, Append(nil, evs), len(evs))
+		if err != nil {
+			t.Fatalf("re-decode: %v", err)
+		}
+		if len(evs) > 0 && !reflect.DeepEqual(again, evs) {
+			t.Fatalf("round trip changed events")
+		}
+	})
+}
+
+// BenchmarkEncoding compares the packed encoding with one protobuf message per event, both
+// ways (encode on one side, decode on the other), for a batch of 1000 typical events.
+func BenchmarkEncoding(b *testing.B) {
+	evs := sample(1000, rand.New(rand.NewPCG(7, 8)))
+	b.Run("packed", func(b *testing.B) {
+		var buf []byte
+		out := make([]flow.Event, 0, len(evs))
+		b.ReportAllocs()
+		for b.Loop() {
+			buf = Append(buf[:0], evs)
+			var err error
+			if out, err = Decode(out[:0], buf, len(evs)); err != nil {
+				b.Fatal(err)
+			}
+		}
+		b.ReportMetric(float64(len(buf))/float64(len(evs)), "bytes/event")
+		b.ReportMetric(float64(b.N*len(evs))/b.Elapsed().Seconds(), "events/s")
+	})
+	b.Run("protobuf-per-event", func(b *testing.B) {
+		var buf []byte
+		out := make([]flow.Event, 0, len(evs))
+		b.ReportAllocs()
+		for b.Loop() {
+			msg := &pbevent.Events{Events: make([]*pbevent.Event, len(evs))}
+			for i := range evs {
+				msg.Events[i] = toPB(&evs[i])
+			}
+			var err error
+			if buf, err = (proto.MarshalOptions{}).MarshalAppend(buf[:0], msg); err != nil {
+				b.Fatal(err)
+			}
+			var back pbevent.Events
+			if err := proto.Unmarshal(buf, &back); err != nil {
+				b.Fatal(err)
+			}
+			out = out[:0]
+			for _, p := range back.Events {
+				out = append(out, fromPB(p))
+			}
+		}
+		b.ReportMetric(float64(len(buf))/float64(len(evs)), "bytes/event")
+		b.ReportMetric(float64(b.N*len(evs))/b.Elapsed().Seconds(), "events/s")
+	})
+}
+
+func toPB(e *flow.Event) *pbevent.Event {
+	src, _ := e.SrcAddr.MarshalBinary()
+	dst, _ := e.DstAddr.MarshalBinary()
+	return &pbevent.Event{
+		EventId: e.EventID[:], FlowId: e.FlowID[:],
+		Timestamp: int64(e.Timestamp), Start: int64(e.Start), End: int64(e.End),
+		SrcAddr: src, DstAddr: dst, SrcPort: uint32(e.SrcPort), DstPort: uint32(e.DstPort),
+		Type: uint32(e.Type), Direction: uint32(e.Direction), Protocol: uint32(e.Protocol),
+		IcmpType: uint32(e.ICMPType), IcmpCode: uint32(e.ICMPCode),
+		RxPackets: e.RxPackets, RxBytes: e.RxBytes, TxPackets: e.TxPackets, TxBytes: e.TxBytes,
+		RuleId: e.RuleID, SrcResourceId: e.SrcResourceID, DstResourceId: e.DstResourceID,
+		CommunityId: e.CommunityID, Source: e.Source,
+		WindowStart: int64(e.WindowStart), WindowEnd: int64(e.WindowEnd),
+		NumStarts: e.NumStarts, NumEnds: e.NumEnds, NumDrops: e.NumDrops,
+	}
+}
+
+func fromPB(p *pbevent.Event) flow.Event {
+	var e flow.Event
+	e.EventID = uuid.UUID(p.EventId)
+	e.FlowID = uuid.UUID(p.FlowId)
+	e.Timestamp, e.Start, e.End = flow.Time(p.Timestamp), flow.Time(p.Start), flow.Time(p.End)
+	_ = e.SrcAddr.UnmarshalBinary(p.SrcAddr)
+	_ = e.DstAddr.UnmarshalBinary(p.DstAddr)
+	e.SrcPort, e.DstPort = uint16(p.SrcPort), uint16(p.DstPort)
+	e.Type, e.Direction, e.Protocol = flow.Type(p.Type), flow.Direction(p.Direction), uint8(p.Protocol)
+	e.ICMPType, e.ICMPCode = uint8(p.IcmpType), uint8(p.IcmpCode)
+	e.RxPackets, e.RxBytes, e.TxPackets, e.TxBytes = p.RxPackets, p.RxBytes, p.TxPackets, p.TxBytes
+	e.RuleID, e.SrcResourceID, e.DstResourceID, e.CommunityID, e.Source = p.RuleId, p.SrcResourceId, p.DstResourceId, p.CommunityId, p.Source
+	e.WindowStart, e.WindowEnd = flow.Time(p.WindowStart), flow.Time(p.WindowEnd)
+	e.NumStarts, e.NumEnds, e.NumDrops = p.NumStarts, p.NumEnds, p.NumDrops
+	return e
+}

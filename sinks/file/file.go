@@ -1,0 +1,213 @@
+// Package file is the JSON-lines file sink (`type: file`): one event per line in the schema
+// of docs/schema.md, rotation by size and age, and an fsync before a batch is acknowledged.
+package file
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/flowpipe/flowpipe/core/component"
+	"github.com/flowpipe/flowpipe/core/config"
+	"github.com/flowpipe/flowpipe/core/flow"
+)
+
+// Config is the file sink's options.
+type Config struct {
+	// Path of the file; "-" writes to standard output (no rotation). Relative paths are
+	// relative to the directory of pipeline.yaml.
+	Path string `yaml:"path" required:"true"`
+	// MaxSize rotates the file when a write would take it past this size; 0 never rotates
+	// by size.
+	MaxSize config.ByteSize `yaml:"max_size"`
+	// MaxAge rotates the file when it is older than this; 0 never rotates by age.
+	MaxAge time.Duration `yaml:"max_age"`
+	// MaxFiles is how many rotated files to keep besides the current one; 0 keeps all.
+	MaxFiles int `yaml:"max_files"`
+	// Sync is "batch" (fsync before acknowledging each batch) or "none".
+	Sync string `yaml:"sync"`
+}
+
+func defaults() *Config {
+	return &Config{MaxSize: 100 << 20, MaxFiles: 10, Sync: "batch"}
+}
+
+// Validate checks the options.
+func (c *Config) Validate() error {
+	var errs config.FieldErrors
+	if strings.TrimSpace(c.Path) == "" {
+		errs.Add("path", "must not be empty (use - for standard output)")
+	}
+	if c.MaxSize < 0 {
+		errs.Add("max_size", "must not be negative")
+	}
+	if c.MaxAge < 0 {
+		errs.Add("max_age", "must not be negative")
+	}
+	if c.MaxFiles < 0 {
+		errs.Add("max_files", "must not be negative")
+	}
+	if c.Sync != "batch" && c.Sync != "none" {
+		errs.Add("sync", "unknown mode %q (want batch or none)", c.Sync)
+	}
+	return errs.Err()
+}
+
+// Factory returns the file sink's factory.
+func Factory() component.Factory {
+	return component.NewSinkFactory("file", "JSON lines in a file or on stdout, with rotation and fsync per batch",
+		defaults, func(env component.Env, c *Config) (component.Sink, error) { return New(env, c), nil })
+}
+
+// Sink writes JSON lines.
+type Sink struct {
+	cfg  Config
+	path string
+	env  component.Env
+
+	mu      sync.Mutex
+	f       *os.File
+	w       io.Writer
+	size    int64
+	opened  time.Time
+	regular bool
+	buf     []byte
+}
+
+// New makes a file sink; the file is opened by Start.
+func New(env component.Env, c *Config) *Sink {
+	path := c.Path
+	if path != "-" && !filepath.IsAbs(path) && env.ConfigDir != "" {
+		path = filepath.Join(env.ConfigDir, path)
+	}
+	return &Sink{cfg: *c, path: path, env: env}
+}
+
+// Start creates missing directories and opens the file for appending.
+func (s *Sink) Start(context.Context) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.open()
+}
+
+func (s *Sink) open() error {
+	if s.path == "-" {
+		s.f, s.w = nil, os.Stdout
+		return nil
+	}
+	if err := os.MkdirAll(filepath.Dir(s.path), 0o750); err != nil {
+		return fmt.Errorf("create directory for %s: %w", s.path, err)
+	}
+	f, err := os.OpenFile(s.path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o640)
+	if err != nil {
+		return fmt.Errorf("open %s: %w", s.path, err)
+	}
+	st, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return fmt.Errorf("stat %s: %w", s.path, err)
+	}
+	s.f, s.w, s.size, s.opened = f, f, st.Size(), time.Now()
+	s.regular = st.Mode().IsRegular()
+	return nil
+}
+
+// Write appends the batch and, with sync: batch, fsyncs before returning. A failed write
+// is cut back off the file, so that a retry does not leave a partial line.
+func (s *Sink) Write(_ context.Context, b *flow.Batch) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.w == nil {
+		if err := s.open(); err != nil {
+			return err
+		}
+	}
+	buf := s.buf[:0]
+	for i := range b.Events {
+		buf = flow.AppendJSON(buf, &b.Events[i])
+		buf = append(buf, '\n')
+	}
+	s.buf = buf
+	if s.f != nil && s.regular && s.needRotate(int64(len(buf))) {
+		if err := s.rotate(); err != nil {
+			return err
+		}
+	}
+	n, err := s.w.Write(buf)
+	if err != nil {
+		if s.f != nil && s.regular && n > 0 {
+			_ = s.f.Truncate(s.size)
+		}
+		return fmt.Errorf("write %s: %w", s.path, err)
+	}
+	s.size += int64(n)
+	if s.cfg.Sync == "batch" && s.f != nil && s.regular {
+		if err := s.f.Sync(); err != nil {
+			return fmt.Errorf("fsync %s: %w", s.path, err)
+		}
+	}
+	return nil
+}
+
+func (s *Sink) needRotate(next int64) bool {
+	if s.size == 0 {
+		return false
+	}
+	if s.cfg.MaxSize > 0 && s.size+next > int64(s.cfg.MaxSize) {
+		return true
+	}
+	return s.cfg.MaxAge > 0 && time.Since(s.opened) >= s.cfg.MaxAge
+}
+
+// rotate renames the current file to PATH.<UTC time> and opens a fresh one, then removes
+// the oldest rotated files beyond max_files.
+func (s *Sink) rotate() error {
+	if err := s.f.Close(); err != nil {
+		return fmt.Errorf("close %s: %w", s.path, err)
+	}
+	s.f, s.w = nil, nil
+	rotated := s.path + "." + time.Now().UTC().Format("20060102T150405.000000000Z")
+	if err := os.Rename(s.path, rotated); err != nil {
+		return fmt.Errorf("rotate %s: %w", s.path, err)
+	}
+	if err := s.open(); err != nil {
+		return err
+	}
+	if s.cfg.MaxFiles > 0 {
+		old, err := filepath.Glob(s.path + ".*")
+		if err == nil && len(old) > s.cfg.MaxFiles {
+			sort.Strings(old) // the UTC timestamp suffix sorts by age
+			for _, f := range old[:len(old)-s.cfg.MaxFiles] {
+				if err := os.Remove(f); err != nil && !errors.Is(err, os.ErrNotExist) {
+					s.env.Logger.Warn("cannot remove old rotated file", "file", f, "error", err)
+				}
+			}
+		}
+	}
+	return nil
+}
+
+// Close syncs and closes the file.
+func (s *Sink) Close(context.Context) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.f == nil {
+		return nil
+	}
+	err := s.f.Sync()
+	if cerr := s.f.Close(); err == nil {
+		err = cerr
+	}
+	s.f, s.w = nil, nil
+	if err != nil && s.regular {
+		return fmt.Errorf("close %s: %w", s.path, err)
+	}
+	return nil
+}
