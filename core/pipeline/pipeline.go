@@ -24,8 +24,8 @@ import (
 // Options configure how a pipeline is built.
 type Options struct {
 	Registry *component.Registry
-	Logger   *slog.Logger   // nil: slog.Default()
-	Metrics  *metrics.Set   // nil: a fresh set
+	Logger   *slog.Logger // nil: slog.Default()
+	Metrics  *metrics.Set // nil: a fresh set
 	// Instantiate builds a component out of process (the plugin host sets it). It is called
 	// for every component that names a plugin or asks for isolation: process; the others are
 	// built in process from the registry. Nil builds everything in process and refuses
