@@ -1,0 +1,513 @@
+// Package conntrack is the `type: conntrack` source: it turns the Linux kernel's connection
+// tracking events into flow events, a start when the kernel creates an entry (NEW) and an end
+// with packet and byte counters and kernel timestamps when it destroys one (DESTROY).
+//
+// It is built so that a burst of tens of thousands of connections loses nothing. One
+// goroutine does nothing but drain the netlink socket (a large buffer, forced as root) into
+// an in-memory queue; another turns the queue into batches and waits on the pipeline. The
+// socket asks the kernel for reliable delivery (NETLINK_BROADCAST_ERROR), so a DESTROY the
+// socket had no room for is kept by the kernel and sent again. When the kernel still reports
+// an overrun (ENOBUFS, a NEW that could not be delivered), the source counts it and dumps the
+// table: entries it did not know become starts, entries it knew that are gone become ends,
+// both counted as reconstructed.
+package conntrack
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/mdlayher/netlink"
+	"github.com/prometheus/client_golang/prometheus"
+	ct "github.com/ti-mo/conntrack"
+	"golang.org/x/sys/unix"
+
+	"github.com/flowpipe/flowpipe/core/component"
+	"github.com/flowpipe/flowpipe/core/flow"
+)
+
+// Factory is the `type: conntrack` source factory.
+func Factory() component.Factory {
+	return component.NewSourceFactory("conntrack",
+		"Linux kernel conntrack: a start and an end event for every tracked connection",
+		defaultConfig, New)
+}
+
+// New builds the source; nothing is opened until Start (or Run).
+func New(env component.Env, cfg *Config) (component.Source, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	if env.Logger == nil {
+		env.Logger = slog.New(slog.DiscardHandler)
+	}
+	if env.Metrics == nil {
+		env.Metrics = component.NopMetrics{}
+	}
+	s := &Source{cfg: cfg, env: env, log: env.Logger, q: newQueue(cfg.BatchSize, cfg.MaxPending)}
+	s.tr = newTracker(cfg, s.push)
+	if env.Registerer != nil {
+		if err := s.stats.register(env.Registerer, s); err != nil {
+			return nil, fmt.Errorf("conntrack source %s: register metrics: %w", env.Name, err)
+		}
+	}
+	return s, nil
+}
+
+// Source reads one network namespace's conntrack events.
+type Source struct {
+	cfg *Config
+	env component.Env
+	log *slog.Logger
+	q   *queue
+	tr  *tracker
+
+	mu       sync.Mutex // guards the fields below against Close racing Start and Run
+	started  bool
+	closed   bool
+	ns       *netNS
+	sysctls  []*sysctlChange
+	act      *activation
+	events   *eventConn
+	dump     *ct.Conn
+	running  chan struct{} // closed when the reader goroutine has stopped
+	lastDump time.Time
+
+	stats stats
+}
+
+// stats are the source's own counters, exported as Prometheus metrics.
+type stats struct {
+	newEvents, destroyEvents   atomic.Uint64
+	overruns                   atomic.Uint64
+	resyncs                    atomic.Uint64
+	reconstructedStarts        atomic.Uint64
+	reconstructedEnds          atomic.Uint64
+	queueFull                  atomic.Uint64
+	reconnects                 atomic.Uint64
+	tracked                    atomic.Int64
+	decodeErrors               atomic.Uint64
+	reportedDrops, reportedBad uint64 // what was passed on to Env.Metrics so far (reader only)
+}
+
+func (st *stats) register(r prometheus.Registerer, s *Source) error {
+	counter := func(name, help string, v *atomic.Uint64, labels prometheus.Labels) prometheus.Collector {
+		return prometheus.NewCounterFunc(prometheus.CounterOpts{Name: name, Help: help, ConstLabels: labels},
+			func() float64 { return float64(v.Load()) })
+	}
+	cs := []prometheus.Collector{
+		counter("flowpipe_conntrack_kernel_events_total", "Conntrack events read from the kernel.", &st.newEvents, prometheus.Labels{"type": "new"}),
+		counter("flowpipe_conntrack_kernel_events_total", "Conntrack events read from the kernel.", &st.destroyEvents, prometheus.Labels{"type": "destroy"}),
+		counter("flowpipe_conntrack_overruns_total", "Times the kernel reported that events did not fit the socket buffer (ENOBUFS); each is followed by a resync.", &st.overruns, nil),
+		counter("flowpipe_conntrack_resyncs_total", "Conntrack table dumps compared with the known connections.", &st.resyncs, nil),
+		counter("flowpipe_conntrack_reconstructed_total", "Events derived from a table dump instead of a kernel event.", &st.reconstructedStarts, prometheus.Labels{"type": "start"}),
+		counter("flowpipe_conntrack_reconstructed_total", "Events derived from a table dump instead of a kernel event.", &st.reconstructedEnds, prometheus.Labels{"type": "end"}),
+		counter("flowpipe_conntrack_reconnects_total", "Netlink event sockets reopened after an error.", &st.reconnects, nil),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "flowpipe_conntrack_tracked_connections", Help: "Connections the source knows to be open."},
+			func() float64 { return float64(st.tracked.Load()) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "flowpipe_conntrack_pending_events", Help: "Events read from the kernel, waiting to be emitted."},
+			func() float64 { return float64(s.q.len()) }),
+	}
+	for _, c := range cs {
+		if err := r.Register(c); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// push queues an event from the tracker; it never waits.
+func (s *Source) push(e *flow.Event, reconstructed bool) {
+	e.Source = s.env.Name
+	if reconstructed {
+		// flow.Event has no field to mark a reconstructed event yet; it is counted.
+		if e.Type == flow.TypeStart {
+			s.stats.reconstructedStarts.Add(1)
+		} else {
+			s.stats.reconstructedEnds.Add(1)
+		}
+	}
+	if !s.q.push(e) {
+		s.stats.queueFull.Add(1)
+	}
+}
+
+// Start opens everything the source needs, in the order that loses nothing: the sysctls and
+// the nftables table first (they affect the entries the kernel creates), then the event
+// socket, then a dump of the table, so that every entry is either in the dump or has its
+// event waiting in the socket.
+func (s *Source) Start(ctx context.Context) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.started {
+		return nil
+	}
+	if s.closed {
+		return errors.New("conntrack source: started after Close")
+	}
+	s.started = true
+	if err := s.open(); err != nil {
+		s.closeLocked()
+		return fmt.Errorf("conntrack source %s: %w", s.env.Name, err)
+	}
+	return nil
+}
+
+func (s *Source) open() error {
+	var err error
+	if s.ns, err = openNetNS(s.cfg.NetNS); err != nil {
+		return err
+	}
+	for _, sc := range []struct {
+		on   bool
+		path string
+	}{{s.cfg.Counters, sysctlAcct}, {s.cfg.Timestamps, sysctlTimestamp}} {
+		if !sc.on {
+			continue
+		}
+		ch, err := setSysctl(s.ns, sc.path, "1")
+		if err != nil {
+			return err
+		}
+		if ch != nil {
+			s.sysctls = append(s.sysctls, ch)
+		}
+	}
+	if s.cfg.Activate {
+		if s.act, err = activate(s.ns, activationTable(s.env.Name)); err != nil {
+			return err
+		}
+	}
+	s.refreshLocal()
+	if s.events, err = openEvents(s.ns, int(s.cfg.ReadBuffer), s.log); err != nil {
+		return err
+	}
+	if err := s.resync(s.cfg.ExistingFlows); err != nil {
+		return err
+	}
+	s.log.Info("reading conntrack events", "netns", s.ns.String(), "known_connections", len(s.tr.known),
+		"read_buffer", s.events.rcvbuf, "activated", s.act != nil)
+	return nil
+}
+
+// activationTable is the nftables table name of a source: one per source, so that two
+// sources reading the same namespace do not remove each other's.
+func activationTable(name string) string {
+	if name == "" {
+		name = "conntrack"
+	}
+	const max = 200
+	if len(name) > max {
+		name = name[:max]
+	}
+	return "flowpipe_" + name
+}
+
+// Run reads events until ctx is done. The reader goroutine only drains the socket; this
+// goroutine emits batches and is the one that waits on the pipeline.
+func (s *Source) Run(ctx context.Context, out component.Emitter) error {
+	if err := s.Start(ctx); err != nil {
+		return err
+	}
+	s.mu.Lock()
+	if s.closed || s.running != nil {
+		s.mu.Unlock()
+		return errors.New("conntrack source: Run called twice or after Close")
+	}
+	s.running = make(chan struct{})
+	s.mu.Unlock()
+
+	rctx, stop := context.WithCancel(ctx)
+	readErr := make(chan error, 1)
+	go func() {
+		defer close(s.running)
+		readErr <- s.read(rctx)
+	}()
+	err := s.emitLoop(ctx, out, readErr)
+	stop()
+	s.mu.Lock()
+	if s.events != nil {
+		s.events.close() // unblocks the reader
+	}
+	s.mu.Unlock()
+	<-s.running
+	// Emit what the reader queued before it stopped; the pipeline may still accept it while
+	// it drains.
+	fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+	defer cancel()
+	for {
+		evs, _ := s.q.pop(0, true)
+		if evs == nil {
+			break
+		}
+		if out.Emit(fctx, flow.NewBatch(evs, nil)) != nil {
+			s.env.Metrics.Dropped("shutdown", s.q.len())
+			break
+		}
+	}
+	s.flushCounts()
+	if err != nil && ctx.Err() != nil {
+		return nil
+	}
+	return err
+}
+
+func (s *Source) emitLoop(ctx context.Context, out component.Emitter, readErr <-chan error) error {
+	timer := time.NewTimer(time.Hour)
+	defer timer.Stop()
+	for {
+		evs, wait := s.q.pop(s.cfg.FlushInterval, false)
+		if evs != nil {
+			if err := out.Emit(ctx, flow.NewBatch(evs, nil)); err != nil {
+				return err
+			}
+			continue
+		}
+		if wait == 0 {
+			wait = time.Hour
+		}
+		timer.Reset(wait)
+		select {
+		case <-ctx.Done():
+			return nil
+		case err := <-readErr:
+			return err
+		case <-s.q.ready:
+		case <-timer.C:
+		}
+	}
+}
+
+// read drains the event socket until ctx is done. Between messages it looks after the
+// tracker: resyncs after an overrun, sweeps for entries the kernel may not report, and
+// reconnects after a socket error.
+func (s *Source) read(ctx context.Context) error {
+	buf := make([]byte, 1<<16)
+	const housekeepEvery = time.Second
+	nextHousekeep := time.Now().Add(housekeepEvery)
+	nextLocal := time.Now().Add(30 * time.Second)
+	needResync := false
+	backoff := 100 * time.Millisecond
+	ev := s.currentEvents()
+	_ = ev.setDeadline(nextHousekeep)
+	for {
+		n, err := ev.recv(buf, !needResync)
+		now := time.Now()
+		switch {
+		case err == nil:
+			s.tr.onMessages(buf[:n], flow.TimeOf(now), &s.stats)
+		case errors.Is(err, errIdle):
+			// The socket is drained after an overrun: compare with the table now.
+			if err := s.resyncCounted(); err != nil {
+				s.log.Warn("conntrack resync failed; retrying", "error", err)
+				s.env.Metrics.Errors("resync", 1)
+			} else {
+				needResync = false
+			}
+		case errors.Is(err, unix.ENOBUFS):
+			s.stats.overruns.Add(1)
+			s.env.Metrics.Errors("kernel_overrun", 1)
+			if !needResync {
+				s.log.Warn("conntrack events overran the socket buffer; will resync from a table dump",
+					"read_buffer", ev.rcvbuf, "hint", "raise read_buffer")
+			}
+			needResync = true
+		case errors.Is(err, os.ErrDeadlineExceeded):
+		case ctx.Err() != nil:
+			return nil
+		default:
+			s.log.Warn("conntrack event socket failed; reconnecting", "error", err, "backoff", backoff)
+			s.env.Metrics.Errors("netlink_read", 1)
+			ev.close()
+			select {
+			case <-ctx.Done():
+				return nil
+			case <-time.After(backoff):
+			}
+			backoff = min(backoff*2, 10*time.Second)
+			nev, oerr := openEvents(s.ns, int(s.cfg.ReadBuffer), s.log)
+			if oerr != nil {
+				s.log.Warn("reopen conntrack event socket", "error", oerr)
+				continue
+			}
+			s.mu.Lock()
+			if s.closed {
+				s.mu.Unlock()
+				nev.close()
+				return nil
+			}
+			s.events, ev = nev, nev
+			s.mu.Unlock()
+			s.stats.reconnects.Add(1)
+			_ = ev.setDeadline(nextHousekeep)
+			// Events between the two sockets went to nobody.
+			needResync = true
+			continue
+		}
+		backoff = 100 * time.Millisecond
+		if now.After(nextHousekeep) {
+			nextHousekeep = now.Add(housekeepEvery)
+			_ = ev.setDeadline(nextHousekeep)
+			if now.After(nextLocal) {
+				nextLocal = now.Add(30 * time.Second)
+				s.refreshLocal()
+			}
+			if !needResync && s.tr.fromDump > 0 && now.Sub(s.lastDump) >= s.cfg.SweepInterval {
+				if err := s.resyncCounted(); err != nil {
+					s.log.Warn("conntrack sweep failed", "error", err)
+					s.env.Metrics.Errors("resync", 1)
+				}
+			}
+			s.tr.expire(flow.TimeOf(now))
+			s.flushCounts()
+		}
+	}
+}
+
+func (s *Source) currentEvents() *eventConn {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.events
+}
+
+func (s *Source) resyncCounted() error {
+	s.stats.resyncs.Add(1)
+	return s.resync(true)
+}
+
+// resync dumps the table and reconciles it with what the tracker knows.
+func (s *Source) resync(announce bool) error {
+	if s.dump == nil {
+		c, err := ct.Dial(&netlink.Config{NetNS: s.ns.fd()})
+		if err != nil {
+			return fmt.Errorf("open conntrack netlink socket in %s: %w", s.ns, err)
+		}
+		s.dump = c
+	}
+	flows, err := s.dump.Dump(nil)
+	if err != nil {
+		s.dump.Close()
+		s.dump = nil
+		return fmt.Errorf("dump the conntrack table in %s: %w", s.ns, err)
+	}
+	now := time.Now()
+	s.lastDump = now
+	starts, missing := s.tr.onDump(flows, flow.TimeOf(now), announce)
+	s.stats.tracked.Store(int64(len(s.tr.known)))
+	if starts > 0 || missing > 0 {
+		s.log.Info("conntrack table dump reconciled", "entries", len(flows), "reconstructed_starts", starts,
+			"missing_awaiting_destroy", missing)
+	}
+	return nil
+}
+
+// flushCounts passes the reader's own counts on to the shared metrics.
+func (s *Source) flushCounts() {
+	for i, n := range s.tr.filtered {
+		if n > 0 {
+			s.env.Metrics.Filtered(filterReasonNames[i], n)
+			s.tr.filtered[i] = 0
+		}
+	}
+	if d := s.stats.queueFull.Load(); d > s.stats.reportedDrops {
+		s.env.Metrics.Dropped("queue_full", int(d-s.stats.reportedDrops))
+		s.log.Warn("conntrack events dropped: the pipeline did not keep up and max_pending was reached",
+			"dropped", d-s.stats.reportedDrops, "max_pending", s.cfg.MaxPending)
+		s.stats.reportedDrops = d
+	}
+	if d := s.stats.decodeErrors.Load(); d > s.stats.reportedBad {
+		s.env.Metrics.Errors("decode", int(d-s.stats.reportedBad))
+		s.stats.reportedBad = d
+	}
+	s.stats.tracked.Store(int64(len(s.tr.known)))
+}
+
+// refreshLocal reloads the namespace's own addresses when local_prefixes is not set.
+func (s *Source) refreshLocal() {
+	if len(s.cfg.LocalPrefixes) > 0 {
+		s.tr.local = s.cfg.LocalPrefixes
+		return
+	}
+	var local []netip.Prefix
+	err := s.ns.do(func() error {
+		addrs, err := net.InterfaceAddrs()
+		if err != nil {
+			return err
+		}
+		for _, a := range addrs {
+			if ipn, ok := a.(*net.IPNet); ok {
+				if ip, ok := netip.AddrFromSlice(ipn.IP); ok {
+					ip = ip.Unmap()
+					local = append(local, netip.PrefixFrom(ip, ip.BitLen()))
+				}
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		s.log.Warn("list local addresses for direction", "netns", s.ns.String(), "error", err)
+		s.env.Metrics.Errors("local_addresses", 1)
+		return
+	}
+	s.tr.local = local
+}
+
+// Close stops reading and undoes what Start changed: the nftables table and the sysctls.
+func (s *Source) Close(ctx context.Context) error {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return nil
+	}
+	if s.events != nil {
+		s.events.close()
+	}
+	running := s.running
+	s.mu.Unlock()
+	if running != nil {
+		select {
+		case <-running:
+		case <-ctx.Done():
+			return fmt.Errorf("conntrack source %s: reader did not stop: %w", s.env.Name, ctx.Err())
+		}
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.closeLocked()
+}
+
+func (s *Source) closeLocked() error {
+	s.closed = true
+	var errs []error
+	if s.events != nil {
+		s.events.close()
+	}
+	if s.dump != nil {
+		s.dump.Close()
+		s.dump = nil
+	}
+	if s.act != nil {
+		if err := s.act.remove(); err != nil {
+			errs = append(errs, err)
+		}
+		s.act = nil
+	}
+	for i := len(s.sysctls) - 1; i >= 0; i-- {
+		if err := s.sysctls[i].restore(s.ns); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	s.sysctls = nil
+	if s.ns != nil {
+		s.ns.Close()
+		s.ns = nil
+	}
+	return errors.Join(errs...)
+}

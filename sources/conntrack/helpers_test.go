@@ -1,0 +1,209 @@
+package conntrack
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/flowpipe/flowpipe/core/component"
+	"github.com/flowpipe/flowpipe/core/config"
+	"github.com/flowpipe/flowpipe/core/flow"
+	"github.com/flowpipe/flowpipe/internal/testenv"
+)
+
+// collector is an Emitter that keeps every event and acknowledges at once.
+type collector struct {
+	mu      sync.Mutex
+	events  []flow.Event
+	batches int
+}
+
+func (c *collector) Emit(_ context.Context, b *flow.Batch) error {
+	c.mu.Lock()
+	c.events = append(c.events, b.Events...)
+	c.batches++
+	c.mu.Unlock()
+	b.Release(nil)
+	return nil
+}
+
+func (c *collector) snapshot() []flow.Event {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return append([]flow.Event(nil), c.events...)
+}
+
+// countingMetrics records what the source counts.
+type countingMetrics struct {
+	mu                        sync.Mutex
+	filtered, dropped, errors map[string]int
+}
+
+func newCountingMetrics() *countingMetrics {
+	return &countingMetrics{filtered: map[string]int{}, dropped: map[string]int{}, errors: map[string]int{}}
+}
+
+func (m *countingMetrics) Filtered(r string, n int) { m.add(m.filtered, r, n) }
+func (m *countingMetrics) Dropped(r string, n int)  { m.add(m.dropped, r, n) }
+func (m *countingMetrics) Errors(r string, n int)   { m.add(m.errors, r, n) }
+func (m *countingMetrics) add(mm map[string]int, r string, n int) {
+	m.mu.Lock()
+	mm[r] += n
+	m.mu.Unlock()
+}
+func (m *countingMetrics) get(mm map[string]int, r string) int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return mm[r]
+}
+
+type running struct {
+	src  *Source
+	out  *collector
+	met  *countingMetrics
+	stop func()
+}
+
+// startSource builds the source from YAML-like options, as a pipeline would, and runs it.
+func startSource(t *testing.T, opts map[string]any) *running {
+	t.Helper()
+	cfg := defaultConfig()
+	if errs := config.Decode(opts, cfg, ""); len(errs) > 0 {
+		t.Fatalf("decode options: %v", errs)
+	}
+	if err := cfg.Validate(); err != nil {
+		t.Fatalf("validate: %v", err)
+	}
+	met := newCountingMetrics()
+	env := component.Env{Name: "ct-" + t.Name(), Kind: component.KindSource, Type: "conntrack",
+		Logger: slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug})), Metrics: met}
+	src, err := New(env, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := src.(*Source)
+	if err := s.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	out := &collector{}
+	done := make(chan error, 1)
+	go func() { done <- s.Run(ctx, out) }()
+	var once sync.Once
+	r := &running{src: s, out: out, met: met}
+	r.stop = func() {
+		once.Do(func() {
+			cancel()
+			if err := <-done; err != nil {
+				t.Errorf("Run: %v", err)
+			}
+			cctx, ccancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer ccancel()
+			if err := s.Close(cctx); err != nil {
+				t.Errorf("Close: %v", err)
+			}
+		})
+	}
+	t.Cleanup(r.stop)
+	return r
+}
+
+type testWriter struct{ t *testing.T }
+
+func (w testWriter) Write(p []byte) (int, error) {
+	w.t.Logf("%s", p)
+	return len(p), nil
+}
+
+// waitFor polls cond until it holds; poke runs between polls (e.g. a table dump, which makes
+// the kernel reap expired entries at once instead of on its garbage collector's schedule).
+// The timeout only bounds a failing test; it is no assertion about speed.
+func waitFor(t *testing.T, what string, cond func() bool, poke func()) {
+	t.Helper()
+	deadline := time.Now().Add(60 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		if poke != nil {
+			poke()
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// inNS runs fn inside the named namespace (sockets it opens stay there).
+func inNS(t *testing.T, name string, fn func() error) {
+	t.Helper()
+	ns, err := openNetNS(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ns.Close()
+	if err := ns.do(fn); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// sysctlNS sets a sysctl inside a namespace with the sysctl tool (test setup only).
+func sysctlNS(t *testing.T, p *testenv.Pair, ns, kv string) {
+	t.Helper()
+	p.Exec(t, ns, "sysctl", "-q", "-w", kv)
+}
+
+// dumpNS runs `conntrack -L` in the namespace: it makes the kernel reap expired entries.
+func dumpNS(p *testenv.Pair, ns string) func() {
+	return func() { _ = p.Command(ns, "conntrack", "-L").Run() }
+}
+
+func byFlow(evs []flow.Event, match func(*flow.Event) bool) (starts, ends []flow.Event) {
+	for _, e := range evs {
+		if !match(&e) {
+			continue
+		}
+		switch e.Type {
+		case flow.TypeStart:
+			starts = append(starts, e)
+		case flow.TypeEnd:
+			ends = append(ends, e)
+		}
+	}
+	return
+}
+
+func udpEcho(t *testing.T, p *testenv.Pair, serverNS, listen string) (addr *net.UDPAddr, stop func()) {
+	t.Helper()
+	var pc net.PacketConn
+	inNS(t, serverNS, func() (err error) {
+		pc, err = net.ListenPacket("udp", listen)
+		return err
+	})
+	go func() {
+		buf := make([]byte, 65536)
+		for {
+			n, from, err := pc.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			_, _ = pc.WriteTo(buf[:n/2], from) // answer with half as many bytes
+		}
+	}()
+	return pc.LocalAddr().(*net.UDPAddr), func() { pc.Close() }
+}
+
+func must(t *testing.T, err error) {
+	t.Helper()
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+func init() {
+	_ = fmt.Sprintf
+	_ = os.Getenv
+}

@@ -1,0 +1,318 @@
+package conntrack
+
+import (
+	"net/netip"
+
+	"github.com/google/uuid"
+	ct "github.com/ti-mo/conntrack"
+
+	"github.com/flowpipe/flowpipe/core/flow"
+)
+
+// tracker turns conntrack messages and table dumps into start and end events. It remembers
+// every connection it reported a start for, which gives the end the start's flow ID and lets
+// a dump find what the event stream missed. It is owned by the reader goroutine.
+type tracker struct {
+	cfg   *Config
+	local []netip.Prefix // local_prefixes, or the namespace's own addresses
+	ids   *flow.IDGen
+
+	known    map[ctKey]entry
+	missing  int // known entries a dump did not find, waiting for their DESTROY
+	fromDump int // known entries learned from a dump, which may never get a DESTROY
+
+	// emit receives each event; reconstructed marks a start or end that was derived from a
+	// dump (or from a DESTROY without a start) instead of the kernel's own event.
+	emit func(e *flow.Event, reconstructed bool)
+
+	filtered    [numFilterReasons]int
+	duplicates  int
+	unknownMsgs int
+}
+
+// ctKey identifies a conntrack entry for its lifetime: the kernel's ID (a hash of the entry's
+// address and tuple) plus the original tuple and zone, so a reused ID cannot be confused.
+type ctKey struct {
+	src, dst     netip.Addr
+	id           uint32
+	sport, dport uint16 // ICMP: identifier, type<<8|code
+	zone         uint16
+	proto        uint8
+}
+
+type entry struct {
+	flowID   uuid.UUID
+	start    flow.Time
+	orig     ct.Counter
+	reply    ct.Counter
+	mark     uint32
+	fromDump bool      // the kernel may never send this entry's DESTROY
+	missing  flow.Time // when a dump did not find it; 0 while it is in the table
+}
+
+func newTracker(cfg *Config, emit func(*flow.Event, bool)) *tracker {
+	return &tracker{cfg: cfg, ids: flow.NewIDGen(), known: map[ctKey]entry{}, emit: emit}
+}
+
+func keyOf(f *ct.Flow) ctKey {
+	t := &f.TupleOrig
+	k := ctKey{src: t.IP.SourceAddress, dst: t.IP.DestinationAddress, id: f.ID, zone: f.Zone, proto: t.Proto.Protocol}
+	if flow.IsICMP(t.Proto.Protocol) {
+		k.sport, k.dport = t.Proto.ICMPID, uint16(t.Proto.ICMPType)<<8|uint16(t.Proto.ICMPCode)
+	} else {
+		k.sport, k.dport = t.Proto.SourcePort, t.Proto.DestinationPort
+	}
+	return k
+}
+
+// onNew handles a NEW event observed at now.
+func (t *tracker) onNew(f *ct.Flow, now flow.Time) {
+	if !t.count(t.filter(f)) {
+		return
+	}
+	k := keyOf(f)
+	if e, ok := t.known[k]; ok {
+		// Already reported by a dump that ran while this event waited in the socket.
+		if e.fromDump {
+			e.fromDump = false
+			t.fromDump--
+			t.known[k] = e
+		}
+		t.duplicates++
+		return
+	}
+	e := entry{flowID: t.ids.New(), start: flow.TimeOf(f.Timestamp.Start), mark: f.Mark}
+	if e.start == 0 {
+		e.start = now
+	}
+	t.known[k] = e
+	ev := t.event(f, flow.TypeStart, &e, now)
+	t.emit(&ev, false)
+}
+
+// onDestroy handles a DESTROY event observed at now.
+func (t *tracker) onDestroy(f *ct.Flow, now flow.Time) {
+	k := keyOf(f)
+	e, ok := t.known[k]
+	if ok {
+		t.forget(k, e)
+	}
+	if !t.count(t.filter(f)) {
+		return
+	}
+	if !ok {
+		// The start was lost (an overrun, a reconnect) or filtered by a mark set later:
+		// report one so that every end has its start.
+		e = entry{flowID: t.ids.New(), start: flow.TimeOf(f.Timestamp.Start), mark: f.Mark}
+		if e.start == 0 {
+			e.start = now
+		}
+		start := t.event(f, flow.TypeStart, &e, now)
+		t.emit(&start, true)
+	}
+	ev := t.event(f, flow.TypeEnd, &e, now)
+	t.emit(&ev, false)
+}
+
+func (t *tracker) forget(k ctKey, e entry) {
+	delete(t.known, k)
+	if e.missing != 0 {
+		t.missing--
+	}
+	if e.fromDump {
+		t.fromDump--
+	}
+}
+
+// onDump reconciles the known entries with a full table dump taken at now: entries it did not
+// know become reconstructed starts (or silent ones when announce is false, for existing_flows:
+// false), and known entries absent from the dump are marked missing; expire ends them once
+// resync_grace has passed without their DESTROY.
+func (t *tracker) onDump(flows []ct.Flow, now flow.Time, announce bool) (starts, missing int) {
+	seen := make(map[ctKey]struct{}, len(flows))
+	for i := range flows {
+		f := &flows[i]
+		if t.filter(f) >= 0 {
+			continue
+		}
+		k := keyOf(f)
+		seen[k] = struct{}{}
+		e, ok := t.known[k]
+		if ok {
+			e.orig, e.reply, e.mark = f.CountersOrig, f.CountersReply, f.Mark
+			if e.missing != 0 {
+				e.missing = 0
+				t.missing--
+			}
+			t.known[k] = e
+			continue
+		}
+		e = entry{flowID: t.ids.New(), start: flow.TimeOf(f.Timestamp.Start), orig: f.CountersOrig,
+			reply: f.CountersReply, mark: f.Mark, fromDump: true}
+		if e.start == 0 {
+			e.start = now
+		}
+		t.known[k] = e
+		t.fromDump++
+		if announce {
+			ev := t.event(f, flow.TypeStart, &e, now)
+			t.emit(&ev, true)
+			starts++
+		}
+	}
+	for k, e := range t.known {
+		if _, ok := seen[k]; ok || e.missing != 0 {
+			continue
+		}
+		e.missing = now
+		t.known[k] = e
+		t.missing++
+		missing++
+	}
+	return starts, missing
+}
+
+// expire ends the entries that have been missing from the table for longer than the grace,
+// with the counters of the last dump that saw them.
+func (t *tracker) expire(now flow.Time) (ended int) {
+	if t.missing == 0 {
+		return 0
+	}
+	grace := flow.Time(t.cfg.ResyncGrace)
+	for k, e := range t.known {
+		if e.missing == 0 || now-e.missing < grace {
+			continue
+		}
+		t.forget(k, e)
+		ev := t.eventFromKey(k, &e, now)
+		t.emit(&ev, true)
+		ended++
+	}
+	return ended
+}
+
+// event builds a start or end event for f.
+func (t *tracker) event(f *ct.Flow, typ flow.Type, e *entry, now flow.Time) flow.Event {
+	ev := flow.Event{
+		EventID:   t.ids.New(),
+		FlowID:    e.flowID,
+		Timestamp: now,
+		Start:     e.start,
+		Type:      typ,
+		SrcAddr:   f.TupleOrig.IP.SourceAddress,
+		DstAddr:   f.TupleOrig.IP.DestinationAddress,
+		Protocol:  f.TupleOrig.Proto.Protocol,
+	}
+	if flow.IsICMP(ev.Protocol) {
+		ev.ICMPType, ev.ICMPCode = f.TupleOrig.Proto.ICMPType, f.TupleOrig.Proto.ICMPCode
+	} else {
+		ev.SrcPort, ev.DstPort = f.TupleOrig.Proto.SourcePort, f.TupleOrig.Proto.DestinationPort
+	}
+	ev.Direction = t.direction(f.Mark, ev.SrcAddr, ev.DstAddr)
+	if typ == flow.TypeEnd {
+		ev.End = flow.TimeOf(f.Timestamp.Stop)
+		if ev.End == 0 {
+			ev.End = now
+		}
+		t.counters(&ev, f.CountersOrig, f.CountersReply)
+	}
+	return ev
+}
+
+// eventFromKey builds the reconstructed end of an entry that left the table unseen.
+func (t *tracker) eventFromKey(k ctKey, e *entry, now flow.Time) flow.Event {
+	ev := flow.Event{
+		EventID: t.ids.New(), FlowID: e.flowID, Timestamp: now, Start: e.start, End: now,
+		Type: flow.TypeEnd, SrcAddr: k.src, DstAddr: k.dst, Protocol: k.proto,
+	}
+	if flow.IsICMP(k.proto) {
+		ev.ICMPType, ev.ICMPCode = uint8(k.dport>>8), uint8(k.dport)
+	} else {
+		ev.SrcPort, ev.DstPort = k.sport, k.dport
+	}
+	ev.Direction = t.direction(e.mark, k.src, k.dst)
+	t.counters(&ev, e.orig, e.reply)
+	return ev
+}
+
+// counters maps the original and reply directions to the host's received and sent: the
+// original direction is what the initiator sent, so the host sent it on egress flows and
+// received it on ingress flows. Flows neither end of which is local (forwarded) are seen
+// from the initiator, like egress.
+func (t *tracker) counters(ev *flow.Event, orig, reply ct.Counter) {
+	if ev.Direction == flow.Ingress {
+		ev.RxPackets, ev.RxBytes, ev.TxPackets, ev.TxBytes = orig.Packets, orig.Bytes, reply.Packets, reply.Bytes
+		return
+	}
+	ev.TxPackets, ev.TxBytes, ev.RxPackets, ev.RxBytes = orig.Packets, orig.Bytes, reply.Packets, reply.Bytes
+}
+
+// direction decides by mark first, then by which end is local.
+func (t *tracker) direction(mark uint32, src, dst netip.Addr) flow.Direction {
+	if m := mark & t.cfg.DirectionMarkMask; m != 0 || t.cfg.IngressMark != 0 || t.cfg.EgressMark != 0 {
+		switch {
+		case t.cfg.IngressMark != 0 && m == t.cfg.IngressMark:
+			return flow.Ingress
+		case t.cfg.EgressMark != 0 && m == t.cfg.EgressMark:
+			return flow.Egress
+		}
+	}
+	switch {
+	case inAny(t.local, src):
+		return flow.Egress
+	case inAny(t.local, dst):
+		return flow.Ingress
+	}
+	return flow.DirectionUnknown
+}
+
+func inAny(ps []netip.Prefix, a netip.Addr) bool {
+	a = a.Unmap()
+	for _, p := range ps {
+		if p.Contains(a) {
+			return true
+		}
+	}
+	return false
+}
+
+// Filter reasons, counted with Metrics.Filtered.
+const (
+	filterProtocol = iota
+	filterZone
+	filterMark
+	filterExclude
+	filterInclude
+	numFilterReasons
+)
+
+var filterReasonNames = [numFilterReasons]string{"protocol", "zone", "mark", "exclude_prefixes", "include_prefixes"}
+
+// count counts a rejection and reports whether the event is kept.
+func (t *tracker) count(reason int) bool {
+	if reason < 0 {
+		return true
+	}
+	t.filtered[reason]++
+	return false
+}
+
+// filter applies the filters: -1 keeps f, else the reason it is filtered out.
+func (t *tracker) filter(f *ct.Flow) int {
+	c := t.cfg
+	reason := -1
+	src, dst := f.TupleOrig.IP.SourceAddress, f.TupleOrig.IP.DestinationAddress
+	switch {
+	case c.protoSet != nil && !c.protoSet[f.TupleOrig.Proto.Protocol]:
+		reason = filterProtocol
+	case c.Zone != nil && f.Zone != *c.Zone:
+		reason = filterZone
+	case c.Mark != nil && f.Mark&c.MarkMask != *c.Mark:
+		reason = filterMark
+	case len(c.ExcludePrefixes) > 0 && (inAny(c.ExcludePrefixes, src) || inAny(c.ExcludePrefixes, dst)):
+		reason = filterExclude
+	case len(c.IncludePrefixes) > 0 && !inAny(c.IncludePrefixes, src) && !inAny(c.IncludePrefixes, dst):
+		reason = filterInclude
+	}
+	return reason
+}
