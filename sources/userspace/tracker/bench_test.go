@@ -1,0 +1,202 @@
+package tracker
+
+import (
+	"encoding/binary"
+	"syscall"
+	"testing"
+
+	"github.com/flowpipe/flowpipe/core/flow"
+)
+
+// cpuNanos is the CPU time the process has used. The benchmarks report it per operation as
+// cpu-ns/op beside Go's wall-clock ns/op, because the machine they run on is shared and a
+// wall clock there measures the neighbours as much as the code.
+func cpuNanos() int64 {
+	var ru syscall.Rusage
+	_ = syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+	return ru.Utime.Nano() + ru.Stime.Nano()
+}
+
+// reportCPU starts counting CPU time; call the returned function when the timed loop ends.
+func reportCPU(b *testing.B) func() {
+	start := cpuNanos()
+	return func() {
+		b.ReportMetric(float64(cpuNanos()-start)/float64(b.N), "cpu-ns/op")
+	}
+}
+
+// The tracker benchmarks measure ProcessAt on already-decoded packets (the decoder has its
+// own benchmark), events drained every 1024 packets into a reused buffer.
+
+func BenchmarkEstablishedTCP(b *testing.B) {
+	tr := New(Config{LocalPrefixes: localA})
+	out := tcpPkt(addrA, addrB, 40000, 443, syn, 1000, 0, 0)
+	tr.ProcessAt(out, sec)
+	tr.ProcessAt(tcpPkt(addrB, addrA, 443, 40000, synack, 5000, 1001, 0), sec)
+	out = tcpPkt(addrA, addrB, 40000, 443, ack, 1001, 5001, 100)
+	in := tcpPkt(addrB, addrA, 443, 40000, ack, 5001, 1101, 1400)
+	tr.ProcessAt(out, sec)
+	b.ReportAllocs()
+	b.ResetTimer()
+	defer reportCPU(b)()
+	for i := 0; b.Loop(); i++ {
+		if i&1 == 0 {
+			tr.ProcessAt(in, sec+flow.Time(i))
+		} else {
+			tr.ProcessAt(out, sec+flow.Time(i))
+		}
+	}
+}
+
+// BenchmarkEstablishedTCPManyFlows spreads packets over 10,000 established connections, so
+// that lookups miss the CPU cache as they would on a busy host.
+func BenchmarkEstablishedTCPManyFlows(b *testing.B) {
+	const n = 10000
+	tr := New(Config{LocalPrefixes: localA})
+	pkts := make([]*Packet, n)
+	for i := range pkts {
+		pkts[i] = tcpPkt(addrA, addrB, uint16(10000+i), 443, ack, 1, 1, 100)
+		tr.ProcessAt(pkts[i], sec)
+	}
+	tr.DrainEvents(nil)
+	b.ReportAllocs()
+	b.ResetTimer()
+	defer reportCPU(b)()
+	for i := 0; b.Loop(); i++ {
+		tr.ProcessAt(pkts[(i*7919)%n], sec+flow.Time(i))
+	}
+}
+
+// newFlows measures opening connections: every packet has a new source address and port;
+// the table is cleared every 1<<16 connections (outside the timer) so it never fills, and
+// one round runs before the timer starts so that the table's memory is in place, as it is in
+// a tracker that has been running for a while.
+func newFlows(b *testing.B, mk func(i int) *Packet) {
+	tr := New(Config{LocalPrefixes: localA, MaxEntries: 1 << 20})
+	const span = 1 << 16
+	pkts := make([]*Packet, span)
+	for i := range pkts {
+		pkts[i] = mk(i)
+	}
+	buf := make([]flow.Event, 0, 1024)
+	for _, p := range pkts {
+		tr.ProcessAt(p, sec)
+		if tr.Pending() >= 1024 {
+			buf = tr.DrainEvents(buf)
+		}
+	}
+	tr.Flush(0, -1)
+	tr.DrainEvents(nil)
+	b.ReportAllocs()
+	b.ResetTimer()
+	defer reportCPU(b)()
+	for i := 0; b.Loop(); i++ {
+		j := i % span
+		if j == 0 && i > 0 {
+			b.StopTimer()
+			tr.Flush(0, -1)
+			tr.DrainEvents(nil)
+			b.StartTimer()
+		}
+		tr.ProcessAt(pkts[j], sec+flow.Time(i))
+		if tr.Pending() >= 1024 {
+			buf = tr.DrainEvents(buf)
+		}
+	}
+}
+
+func srcAddr(i int) *Packet {
+	p := &Packet{}
+	p.SetAddrs(addrA, addrB)
+	binary.BigEndian.PutUint16(p.Src[14:], uint16(i>>8))
+	return p
+}
+
+func BenchmarkNewTCP(b *testing.B) {
+	newFlows(b, func(i int) *Packet {
+		p := tcpPkt(addrA, addrB, uint16(i), 443, syn, 1000, 0, 0)
+		binary.BigEndian.PutUint16(p.Src[13:15], uint16(i>>16))
+		return p
+	})
+}
+
+func BenchmarkNewUDP(b *testing.B) {
+	newFlows(b, func(i int) *Packet {
+		p := udpPkt(addrA, addrB, uint16(i), 53, 40)
+		binary.BigEndian.PutUint16(p.Src[13:15], uint16(i>>16))
+		return p
+	})
+}
+
+// BenchmarkMixed replays a mix of 1,000 TCP connections going through handshake, data and
+// close, UDP request/response pairs and pings, cycling over and over: mostly established
+// packets, with connections opening and closing.
+func BenchmarkMixed(b *testing.B) {
+	var pkts []*Packet
+	for c := range 1000 {
+		port := uint16(20000 + c)
+		switch c % 10 {
+		case 0, 1, 2, 3, 4, 5:
+			pkts = append(pkts,
+				tcpPkt(addrA, addrB, port, 443, syn, 1000, 0, 0),
+				tcpPkt(addrB, addrA, 443, port, synack, 5000, 1001, 0),
+				tcpPkt(addrA, addrB, port, 443, ack, 1001, 5001, 0))
+			for k := range 10 {
+				pkts = append(pkts,
+					tcpPkt(addrA, addrB, port, 443, ack, 1001+uint32(k)*100, 5001, 100),
+					tcpPkt(addrB, addrA, 443, port, ack, 5001, 1101+uint32(k)*100, 1400))
+			}
+			pkts = append(pkts,
+				tcpPkt(addrA, addrB, port, 443, finack, 2001, 5001, 0),
+				tcpPkt(addrB, addrA, 443, port, finack, 5001, 2002, 0),
+				tcpPkt(addrA, addrB, port, 443, ack, 2002, 5002, 0))
+		case 6, 7, 8:
+			pkts = append(pkts, udpPkt(addrA, addrB, port, 53, 40), udpPkt(addrB, addrA, 53, port, 120))
+		default:
+			pkts = append(pkts, icmpPkt(addrA, addrB, 8, 0, port), icmpPkt(addrB, addrA, 0, 0, port))
+		}
+	}
+	// Interleave the connections as a busy host would.
+	inter := make([]*Packet, 0, len(pkts))
+	for stride, i := 0, 0; len(inter) < len(pkts); i++ {
+		_ = stride
+		inter = append(inter, pkts[(i*7919)%len(pkts)])
+	}
+	tr := New(Config{LocalPrefixes: localA})
+	buf := make([]flow.Event, 0, 1024)
+	b.ReportAllocs()
+	b.ResetTimer()
+	defer reportCPU(b)()
+	for i := 0; b.Loop(); i++ {
+		tr.ProcessAt(inter[i%len(inter)], sec+flow.Time(i))
+		if tr.Pending() >= 1024 {
+			buf = tr.DrainEvents(buf)
+		}
+	}
+}
+
+func BenchmarkDecodeIPv4TCP(b *testing.B) {
+	raw := buildTCP4(b)
+	var p Packet
+	b.ReportAllocs()
+	b.SetBytes(int64(len(raw)))
+	for b.Loop() {
+		if err := DecodeIP(raw, &p); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+func buildTCP4(tb testing.TB) []byte {
+	raw := make([]byte, 40)
+	raw[0] = 0x45
+	binary.BigEndian.PutUint16(raw[2:], 40)
+	raw[8], raw[9] = 64, 6
+	copy(raw[12:], addrA.AsSlice())
+	copy(raw[16:], addrB.AsSlice())
+	binary.BigEndian.PutUint16(raw[20:], 40000)
+	binary.BigEndian.PutUint16(raw[22:], 443)
+	raw[32] = 5 << 4
+	raw[33] = ack
+	return raw
+}
