@@ -1,0 +1,73 @@
+package flowwire
+
+import (
+	"fmt"
+
+	"google.golang.org/grpc/encoding"
+	protoenc "google.golang.org/grpc/encoding/proto"
+	"google.golang.org/grpc/mem"
+)
+
+// Raw is a message that is already encoded (a FlowEvent from AppendEvent, a FlowEventAck from
+// AppendAck): the codec sends its bytes as they are, so that encoding happens where the
+// caller chooses (once per event, in the goroutine that has the batch) and a resend costs no
+// encoding at all. The codec does not keep or modify the bytes after Marshal returns.
+type Raw []byte
+
+// AckMsg receives a decoded FlowEventAck.
+type AckMsg struct {
+	ID        [16]byte
+	Initiator bool
+}
+
+// Codec is the gRPC codec of both ends. It is named "proto", so the content type on the wire
+// stays application/grpc+proto and a NetBird peer sees nothing unusual; messages of other
+// types (the generated structs) go through the standard protobuf codec.
+type Codec struct{}
+
+var protoCodec = encoding.GetCodecV2(protoenc.Name)
+
+func (Codec) Name() string { return protoenc.Name }
+
+func (Codec) Marshal(v any) (mem.BufferSlice, error) {
+	switch m := v.(type) {
+	case Raw:
+		// gRPC frees the buffer after writing it; a SliceBuffer's Free is a no-op, so the
+		// caller's bytes are neither recycled nor copied.
+		return mem.BufferSlice{mem.SliceBuffer(m)}, nil
+	case *Raw:
+		return mem.BufferSlice{mem.SliceBuffer(*m)}, nil
+	}
+	return protoCodec.Marshal(v)
+}
+
+func (Codec) Unmarshal(data mem.BufferSlice, v any) error {
+	switch m := v.(type) {
+	case *Message:
+		return DecodeEvent(contiguous(data), m)
+	case *AckMsg:
+		id, init, err := DecodeAck(contiguous(data))
+		if err != nil {
+			return err
+		}
+		m.ID, m.Initiator = id, init
+		return nil
+	case *Raw:
+		*m = append((*m)[:0], contiguous(data)...)
+		return nil
+	}
+	if protoCodec == nil {
+		return fmt.Errorf("flowwire: no protobuf codec registered for %T", v)
+	}
+	return protoCodec.Unmarshal(data, v)
+}
+
+// contiguous returns the message bytes without copying when they are in one buffer, as they
+// are for messages smaller than a transport frame. The result is valid until gRPC frees data,
+// which is after Unmarshal returns: decoders copy what they keep.
+func contiguous(data mem.BufferSlice) []byte {
+	if len(data) == 1 {
+		return data[0].ReadOnlyData()
+	}
+	return data.Materialize()
+}
