@@ -352,3 +352,7 @@ func TestValidate(t *testing.T) {
 		})
 	}
 }
+
+func testEnv() component.Env {
+	return component.Env{Name: "res", Kind: component.KindEnricher, Type: "resources", Metrics: component.NopMetrics{}}
+}

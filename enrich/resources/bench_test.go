@@ -1,0 +1,119 @@
+package resources
+
+import (
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"net/netip"
+	"testing"
+
+	"github.com/flowpipe/flowpipe/core/flow"
+)
+
+// benchTables is n distinct resource prefixes (90% IPv4, mostly /24 as in real address
+// plans, 10% IPv6 /48-/64), an overlay, a default route and 50 rules, plus addresses to look
+// up: half inside a resource, half random.
+func benchTables(b *testing.B, n int) (*Tables, []netip.Addr) {
+	rng := rand.New(rand.NewPCG(1, 2))
+	tb := &Tables{
+		Overlay: []string{"100.64.0.0/10"},
+		Routes:  []Route{{Prefix: "0.0.0.0/0"}, {Prefix: "::/0"}},
+	}
+	seen := map[netip.Prefix]bool{}
+	var inside []netip.Addr
+	for len(seen) < n {
+		var p netip.Prefix
+		if rng.IntN(10) == 0 {
+			var a16 [16]byte
+			a16[0], a16[1] = 0x20, 0x01
+			for i := 2; i < 8; i++ {
+				a16[i] = byte(rng.UintN(256))
+			}
+			p = netip.PrefixFrom(netip.AddrFrom16(a16), 48+rng.IntN(17)).Masked()
+		} else {
+			bits := []int{16, 20, 22, 24, 24, 24, 24, 28, 32}[rng.IntN(9)]
+			a4 := [4]byte{byte(1 + rng.UintN(99)), byte(rng.UintN(256)), byte(rng.UintN(256)), byte(rng.UintN(256))}
+			p = netip.PrefixFrom(netip.AddrFrom4(a4), bits).Masked()
+		}
+		if seen[p] {
+			continue
+		}
+		seen[p] = true
+		tb.Resources = append(tb.Resources, Resource{ID: fmt.Sprintf("res-%d", len(seen)), Prefixes: []string{p.String()}})
+		inside = append(inside, p.Addr())
+	}
+	for i := 0; i < 50; i++ {
+		tb.Rules = append(tb.Rules, Rule{
+			ID:        fmt.Sprintf("rule-%d", i),
+			Protocols: []string{"tcp"},
+			Dst:       []string{tb.Resources[i*7].ID},
+			Ports:     []string{fmt.Sprint(1000 + i), "8000-8100"},
+		})
+	}
+	tb.Rules = append(tb.Rules, Rule{ID: "catch-all"})
+	addrs := make([]netip.Addr, 1<<16)
+	for i := range addrs {
+		if i%2 == 0 {
+			addrs[i] = inside[rng.IntN(len(inside))]
+		} else if i%10 == 1 {
+			var a16 [16]byte
+			a16[0], a16[1] = 0x20, 0x01
+			for k := 2; k < 16; k++ {
+				a16[k] = byte(rng.UintN(256))
+			}
+			addrs[i] = netip.AddrFrom16(a16)
+		} else {
+			addrs[i] = netip.AddrFrom4([4]byte{byte(rng.UintN(256)), byte(rng.UintN(256)), byte(rng.UintN(256)), byte(rng.UintN(256))})
+		}
+	}
+	return tb, addrs
+}
+
+// BenchmarkLookup100k is one address resolved against 100,000 prefixes (overlay check,
+// longest prefix match, resource ID): ns/op is the time of one lookup.
+func BenchmarkLookup100k(b *testing.B) {
+	tb, addrs := benchTables(b, 100_000)
+	c, errs := compile(tb, "")
+	if len(errs) > 0 {
+		b.Fatal(errs)
+	}
+	b.ReportAllocs()
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		_, _ = c.lookup(addrs[i&(len(addrs)-1)])
+	}
+	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds()/1e6, "Mlookups/s")
+}
+
+// BenchmarkEnrichPerEvent is the whole enricher (two lookups, the rule scan, the filters)
+// over batches of 1,000 events with the 100,000-prefix tables: ns/op is per event.
+func BenchmarkEnrichPerEvent(b *testing.B) {
+	tb, addrs := benchTables(b, 100_000)
+	cfg := DefaultConfig()
+	cfg.Tables = *tb
+	cfg.DNSCollection = false
+	cfg.ExitNodeCollection = true
+	enr, err := New(testEnv(), cfg)
+	if err != nil {
+		b.Fatal(err)
+	}
+	e := enr.(*Enricher)
+	rng := rand.New(rand.NewPCG(3, 4))
+	src := make([]flow.Event, 1000)
+	for i := range src {
+		src[i] = flow.Event{
+			Type: flow.TypeEnd, Protocol: flow.ProtoTCP, Direction: flow.Egress,
+			SrcAddr: netip.MustParseAddr("100.64.3.4"), DstAddr: addrs[rng.IntN(len(addrs))],
+			SrcPort: uint16(30000 + i), DstPort: uint16(1000 + rng.IntN(100)),
+		}
+	}
+	evs := make([]flow.Event, len(src))
+	b.ReportAllocs()
+	b.ResetTimer()
+	for range b.N {
+		copy(evs, src)
+		batch := flow.NewBatch(evs, nil)
+		_ = e.Enrich(context.Background(), batch)
+	}
+	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*len(src)), "ns/event")
+}
