@@ -65,6 +65,9 @@ func newFileEnricher(t *testing.T, dir string, opts map[string]any, m component.
 	}
 	e := c.(*Enricher)
 	t.Cleanup(func() { _ = e.Close(context.Background()) })
+	if err := e.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
 	return e, nil
 }
 

@@ -79,9 +79,10 @@ type Enricher struct {
 	dropDNS  bool
 	dropExit bool
 
-	file    *tableFile // nil without tables_file
-	reloads *prometheus.CounterVec
-	loaded  prometheus.Gauge
+	file     *tableFile // nil without tables_file
+	interval time.Duration
+	reloads  *prometheus.CounterVec
+	loaded   prometheus.Gauge
 
 	stop chan struct{}
 	done sync.WaitGroup
@@ -89,7 +90,7 @@ type Enricher struct {
 }
 
 // New builds the enricher; with tables_file it reads the file now (an unreadable or invalid
-// file is an error) and watches it until Close.
+// file is an error), and Start watches it until Close.
 func New(env component.Env, c *Config) (component.Enricher, error) {
 	if env.Logger == nil {
 		env.Logger = slog.New(slog.DiscardHandler)
@@ -130,10 +131,20 @@ func New(env component.Env, c *Config) (component.Enricher, error) {
 	}
 	e.tables.Store(t)
 	e.markLoaded()
+	e.interval = c.ReloadInterval
 	e.log.Info("resource tables loaded", "file", path, "prefixes", t.prefixes, "resources", len(t.resourceIDs), "rules", len(t.rules))
-	e.done.Add(1)
-	go e.watch(c.ReloadInterval)
 	return e, nil
+}
+
+// Start watches tables_file (building the enricher only reads it, so that `flowpipe
+// validate` checks the file without starting anything).
+func (e *Enricher) Start(context.Context) error {
+	if e.file == nil {
+		return nil
+	}
+	e.done.Add(1)
+	go e.watch(e.interval)
+	return nil
 }
 
 func (e *Enricher) registerMetrics() error {
@@ -261,7 +272,10 @@ func (e *Enricher) Close(context.Context) error {
 	return nil
 }
 
-var _ component.Closer = (*Enricher)(nil)
+var (
+	_ component.Starter = (*Enricher)(nil)
+	_ component.Closer  = (*Enricher)(nil)
+)
 
 // FieldErrors of a tables file carry the file name, so the message says where to look.
 func fileErrors(path string, errs config.FieldErrors) error {
