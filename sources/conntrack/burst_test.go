@@ -1,0 +1,107 @@
+package conntrack
+
+import (
+	"net"
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/google/uuid"
+
+	"github.com/flowpipe/flowpipe/core/flow"
+	"github.com/flowpipe/flowpipe/sources/conntrack/internal/flood"
+)
+
+// TestBurstNoLoss opens 5,000 short UDP flows as fast as one thread can, lets them expire and
+// makes the kernel reap them all at once with a table dump: every flow must have exactly one
+// start and one end, with the same flow ID.
+func TestBurstNoLoss(t *testing.T) {
+	burst(t, map[string]any{})
+}
+
+// TestBurstTinyBuffer runs the same burst through a socket buffer far too small for it, so
+// that the kernel overruns it: reliable DESTROY delivery and the resync by table dump must
+// still give every flow its start and its end.
+func TestBurstTinyBuffer(t *testing.T) {
+	burst(t, map[string]any{"read_buffer": "64KiB"})
+}
+
+func burst(t *testing.T, opts map[string]any) {
+	p := newPair(t)
+	opts["netns"], opts["activate"] = p.A, true
+	r := startSource(t, opts)
+	srv, stop := udpSink(t, p.B, p.B4+":0")
+	defer stop()
+
+	const n, first = 5000, 20000
+	begin := time.Now()
+	inNS(t, p.A, func() error {
+		return flood.UDP(netip.Addr{}, srv.AddrPort(), first, n, 16)
+	})
+	t.Logf("opened %d flows in %v", n, time.Since(begin))
+	inFlood := func(e *flow.Event) bool {
+		return e.Protocol == flow.ProtoUDP && e.DstPort == srv.AddrPort().Port() && e.SrcPort >= first && e.SrcPort < first+n
+	}
+	count := func() (int, int) {
+		s, e := byFlow(r.out.snapshot(), inFlood)
+		return len(s), len(e)
+	}
+	waitFor(t, "5,000 starts", func() bool { s, _ := count(); return s >= n }, nil)
+	time.Sleep(1500 * time.Millisecond) // past nf_conntrack_udp_timeout=1 set by newPair
+	// One dump: the kernel destroys every expired entry in it, the worst burst of DESTROYs.
+	dumpNS(p, p.A)()
+	waitFor(t, "5,000 ends", func() bool { _, e := count(); return e >= n }, dumpNS(p, p.A))
+	r.stop()
+
+	starts, ends := byFlow(r.out.snapshot(), inFlood)
+	startOf := map[uint16]uuid.UUID{}
+	for _, s := range starts {
+		if _, dup := startOf[s.SrcPort]; dup {
+			t.Errorf("two starts for source port %d", s.SrcPort)
+		}
+		startOf[s.SrcPort] = s.FlowID
+	}
+	endOf := map[uint16]bool{}
+	for _, e := range ends {
+		if endOf[e.SrcPort] {
+			t.Errorf("two ends for source port %d", e.SrcPort)
+		}
+		endOf[e.SrcPort] = true
+		if id, ok := startOf[e.SrcPort]; !ok || id != e.FlowID {
+			t.Errorf("end of port %d has flow ID %v, its start %v", e.SrcPort, e.FlowID, id)
+		}
+		if e.TxPackets != 1 || e.TxBytes != 16+28 {
+			t.Errorf("end of port %d: tx %d packets %d bytes, want 1 and 44", e.SrcPort, e.TxPackets, e.TxBytes)
+		}
+	}
+	if len(startOf) != n || len(endOf) != n {
+		t.Fatalf("recorded %d of %d starts and %d of %d ends", len(startOf), n, len(endOf), n)
+	}
+	st := &r.src.stats
+	t.Logf("kernel events: %d NEW, %d DESTROY; overruns %d, resyncs %d, reconstructed %d starts %d ends; batches %d",
+		st.newEvents.Load(), st.destroyEvents.Load(), st.overruns.Load(), st.resyncs.Load(),
+		st.reconstructedStarts.Load(), st.reconstructedEnds.Load(), r.out.batches)
+	if d := st.queueFull.Load(); d != 0 {
+		t.Errorf("%d events dropped by the source's queue", d)
+	}
+}
+
+// udpSink listens for UDP in a namespace and discards what it reads, so the flood gets no
+// ICMP port-unreachable answers.
+func udpSink(t *testing.T, ns, listen string) (*net.UDPAddr, func()) {
+	t.Helper()
+	var pc net.PacketConn
+	inNS(t, ns, func() (err error) {
+		pc, err = net.ListenPacket("udp", listen)
+		return err
+	})
+	go func() {
+		buf := make([]byte, 2048)
+		for {
+			if _, _, err := pc.ReadFrom(buf); err != nil {
+				return
+			}
+		}
+	}()
+	return pc.LocalAddr().(*net.UDPAddr), func() { pc.Close() }
+}

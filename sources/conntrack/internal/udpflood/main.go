@@ -1,0 +1,33 @@
+// Command udpflood opens many short UDP flows as fast as it can, one datagram from each of n
+// consecutive source ports; scripts/bench-conntrack.sh runs it inside a network namespace.
+package main
+
+import (
+	"flag"
+	"fmt"
+	"net/netip"
+	"os"
+	"time"
+
+	"github.com/flowpipe/flowpipe/sources/conntrack/internal/flood"
+)
+
+func main() {
+	dst := flag.String("dst", "", "destination address:port")
+	n := flag.Int("n", 20000, "number of flows")
+	first := flag.Int("first-port", 20000, "first source port")
+	size := flag.Int("size", 16, "payload bytes per datagram")
+	flag.Parse()
+	ap, err := netip.ParseAddrPort(*dst)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "udpflood: -dst: %v\n", err)
+		os.Exit(2)
+	}
+	start := time.Now()
+	if err := flood.UDP(netip.Addr{}, ap, *first, *n, *size); err != nil {
+		fmt.Fprintf(os.Stderr, "udpflood: %v\n", err)
+		os.Exit(1)
+	}
+	d := time.Since(start)
+	fmt.Printf("opened %d UDP flows in %.3fs (%.0f flows/s)\n", *n, d.Seconds(), float64(*n)/d.Seconds())
+}
