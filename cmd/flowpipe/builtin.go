@@ -4,6 +4,7 @@ import (
 	"github.com/flowpipe/flowpipe/core/component"
 	"github.com/flowpipe/flowpipe/sinks/discard"
 	"github.com/flowpipe/flowpipe/sinks/file"
+	"github.com/flowpipe/flowpipe/sources/conntrack"
 	"github.com/flowpipe/flowpipe/sources/generate"
 	"github.com/flowpipe/flowpipe/sources/replay"
 )
@@ -13,6 +14,7 @@ import (
 func builtins() []component.Factory {
 	return []component.Factory{
 		// sources
+		conntrack.Factory(),
 		generate.Factory(),
 		replay.Factory(),
 		// enrichers
