@@ -153,9 +153,9 @@ func TestICMP(t *testing.T) {
 	mustMatch(t, tr.ProcessAt(icmpPkt(addrA, addrB, 8, 0, 77), sec), MatchNew)
 	mustMatch(t, tr.ProcessAt(icmpPkt(addrB, addrA, 0, 0, 77), sec), MatchReply)
 	mustMatch(t, tr.ProcessAt(icmpPkt(addrA, addrB, 8, 0, 77), sec), MatchOriginal)
-	mustMatch(t, tr.ProcessAt(icmpPkt(addrA, addrB, 8, 0, 78), sec), MatchNew)     // another identifier
-	mustMatch(t, tr.ProcessAt(icmpPkt(addrB, addrA, 0, 0, 99), sec), MatchNone)    // a reply nobody asked for
-	mustMatch(t, tr.ProcessAt(icmpPkt(addrA6, addrB6, 128, 0, 5), sec), MatchNew)  // ICMPv6 echo
+	mustMatch(t, tr.ProcessAt(icmpPkt(addrA, addrB, 8, 0, 78), sec), MatchNew)    // another identifier
+	mustMatch(t, tr.ProcessAt(icmpPkt(addrB, addrA, 0, 0, 99), sec), MatchNone)   // a reply nobody asked for
+	mustMatch(t, tr.ProcessAt(icmpPkt(addrA6, addrB6, 128, 0, 5), sec), MatchNew) // ICMPv6 echo
 	mustMatch(t, tr.ProcessAt(icmpPkt(addrB6, addrA6, 129, 0, 5), sec), MatchReply)
 	mustMatch(t, tr.ProcessAt(icmpPkt(addrA6, addrB6, 135, 0, 0), sec), MatchNone) // neighbour solicitation
 	tr.Flush(2*sec, -1)

@@ -1,0 +1,186 @@
+package userspace
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"sync/atomic"
+	"time"
+
+	"github.com/gopacket/gopacket/afpacket"
+	"github.com/gopacket/gopacket/layers"
+	"golang.org/x/net/bpf"
+
+	"github.com/flowpipe/flowpipe/core/component"
+	"github.com/flowpipe/flowpipe/core/flow"
+	"github.com/flowpipe/flowpipe/sources/userspace/tracker"
+)
+
+// Capture ring timing: a block is handed to userspace when full or after blockTimeout, and a
+// read gives up after pollTimeout so that the reader notices a stop.
+const (
+	blockTimeout = 20 * time.Millisecond
+	pollTimeout  = 200 * time.Millisecond
+	frameSize    = 1 << 16
+)
+
+// openLive opens the AF_PACKET ring on the interface, inside the configured namespace, and
+// returns it with the interface's link type and addresses.
+func (s *Source) openLive() (*afpacket.TPacket, layers.LinkType, []netip.Prefix, error) {
+	var tp *afpacket.TPacket
+	var local []netip.Prefix
+	link := layers.LinkTypeEthernet
+	err := inNetns(s.cfg.Netns, func() error {
+		ifc, err := net.InterfaceByName(s.cfg.Interface)
+		if err != nil {
+			return fmt.Errorf("interface %q: %w", s.cfg.Interface, err)
+		}
+		// Devices without a MAC address (tun, WireGuard) deliver bare IP packets.
+		if len(ifc.HardwareAddr) == 0 {
+			link = layers.LinkTypeRaw
+		}
+		addrs, err := ifc.Addrs()
+		if err != nil {
+			return fmt.Errorf("addresses of %s: %w", s.cfg.Interface, err)
+		}
+		for _, a := range addrs {
+			if ipn, ok := a.(*net.IPNet); ok {
+				if ip, ok := netip.AddrFromSlice(ipn.IP); ok {
+					ip = ip.Unmap()
+					local = append(local, netip.PrefixFrom(ip, ip.BitLen()))
+				}
+			}
+		}
+		tp, err = afpacket.NewTPacket(
+			afpacket.OptInterface(s.cfg.Interface),
+			afpacket.OptTPacketVersion(afpacket.TPacketVersion3),
+			afpacket.OptFrameSize(frameSize),
+			afpacket.OptBlockSize(ringBlock),
+			afpacket.OptNumBlocks(int(s.cfg.RingSize)/ringBlock),
+			afpacket.OptBlockTimeout(blockTimeout),
+			afpacket.OptPollTimeout(pollTimeout),
+		)
+		if err != nil {
+			return fmt.Errorf("open AF_PACKET capture on %s: %w (live capture needs CAP_NET_RAW)", s.cfg.Interface, err)
+		}
+		// The snap length is a filter that keeps the first snaplen bytes of every packet.
+		prog, err := bpf.Assemble([]bpf.Instruction{bpf.RetConstant{Val: uint32(s.cfg.Snaplen)}})
+		if err == nil {
+			err = tp.SetBPF(prog)
+		}
+		if err == nil && s.cfg.Promiscuous {
+			err = tp.SetPromiscuous(true)
+		}
+		if err != nil {
+			tp.Close()
+			return fmt.Errorf("configure capture on %s: %w", s.cfg.Interface, err)
+		}
+		return nil
+	})
+	return tp, link, local, err
+}
+
+// runLive captures until ctx ends, then ends the connections still open.
+func (s *Source) runLive(ctx context.Context, out component.Emitter) error {
+	tp, link, ifAddrs, err := s.openLive()
+	if err != nil {
+		return err
+	}
+	local := s.cfg.LocalPrefixes
+	if len(local) == 0 {
+		local = ifAddrs
+	}
+	tr := s.newTracker(local, s.cfg.MaxPending)
+	em := newEmitter(out, s.cfg.BatchSize)
+	s.env.Logger.Info("capturing", "interface", s.cfg.Interface, "netns", s.cfg.Netns, "local", local)
+	if s.started != nil {
+		close(s.started)
+	}
+
+	var stop atomic.Bool
+	readErr := make(chan error, 1)
+	go func() { readErr <- s.read(tp, link, tr, &stop) }()
+
+	ticker := time.NewTicker(s.cfg.FlushInterval)
+	defer ticker.Stop()
+	var capErr error
+	var dropsSeen uint
+loop:
+	for {
+		select {
+		case <-ctx.Done():
+			break loop
+		case capErr = <-readErr:
+			readErr = nil
+			break loop
+		case <-tr.Ready():
+		case <-ticker.C:
+			tr.Expire(flow.Now())
+			if _, st, err := tp.SocketStats(); err == nil && st.Drops() > dropsSeen {
+				s.capDrops.Add(float64(st.Drops() - dropsSeen))
+				dropsSeen = st.Drops()
+			}
+		}
+		if err := em.emit(ctx, tr.DrainEvents(em.buffer())); err != nil {
+			break loop
+		}
+	}
+	stop.Store(true)
+	if readErr != nil {
+		<-readErr // the reader notices within pollTimeout
+	}
+	tp.Close()
+	// The connections still open end with the capture, so that their counters are not lost.
+	sctx, cancel := context.WithTimeout(context.Background(), shutdownEmit)
+	defer cancel()
+	if err := em.emit(sctx, tr.DrainEvents(em.buffer())); err == nil {
+		if err := s.flushAll(sctx, tr, em, flow.Now()); err != nil {
+			s.env.Logger.Warn("could not hand over the end events of open connections", "error", err)
+		}
+	}
+	st := tr.Stats()
+	s.env.Logger.Info("capture stopped", "interface", s.cfg.Interface, "connections", st.Started, "evicted", st.Evicted)
+	return capErr
+}
+
+// read is the capture loop: decode, track, count. It owns its counters and publishes them
+// about once a second.
+func (s *Source) read(tp *afpacket.TPacket, link layers.LinkType, tr *tracker.Tracker, stop *atomic.Bool) error {
+	var (
+		c    counters
+		last tracker.Stats
+		p    tracker.Packet
+		n    uint64
+	)
+	published := time.Now()
+	defer func() { s.publish(&c, tr, &last) }()
+	for !stop.Load() {
+		data, ci, err := tp.ZeroCopyReadPacketData()
+		switch {
+		case err == nil:
+		case errors.Is(err, afpacket.ErrTimeout):
+			if time.Since(published) >= time.Second {
+				s.publish(&c, tr, &last)
+				published = time.Now()
+			}
+			continue
+		default:
+			if stop.Load() {
+				return nil
+			}
+			return fmt.Errorf("capture on %s: %w", s.cfg.Interface, err)
+		}
+		if err := decodeFrame(link, data, &p); err != nil {
+			c.fail(err)
+		} else {
+			c.count(tr.ProcessAt(&p, flow.TimeOf(ci.Timestamp)))
+		}
+		if n++; n&1023 == 0 && time.Since(published) >= time.Second {
+			s.publish(&c, tr, &last)
+			published = time.Now()
+		}
+	}
+	return nil
+}
