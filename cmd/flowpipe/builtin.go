@@ -2,6 +2,9 @@ package main
 
 import (
 	"github.com/flowpipe/flowpipe/core/component"
+	"github.com/flowpipe/flowpipe/enrich/aggregate"
+	"github.com/flowpipe/flowpipe/enrich/communityid"
+	"github.com/flowpipe/flowpipe/enrich/resources"
 	"github.com/flowpipe/flowpipe/sinks/discard"
 	"github.com/flowpipe/flowpipe/sinks/file"
 	"github.com/flowpipe/flowpipe/sources/conntrack"
@@ -18,6 +21,9 @@ func builtins() []component.Factory {
 		generate.Factory(),
 		replay.Factory(),
 		// enrichers
+		resources.Factory(),
+		aggregate.Factory(),
+		communityid.Factory(),
 		// sinks
 		file.Factory(),
 		discard.Factory(),
