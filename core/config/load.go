@@ -39,6 +39,7 @@ type Document struct {
 	Sinks     []Component // sorted by name
 
 	where map[string]string // key path -> "file:line" or "env NAME"
+	nodes int               // values expanded so far
 }
 
 // Admin is the local admin listener: metrics and health.
@@ -202,8 +203,19 @@ func yamlProblem(file string, err error) Problem {
 // recording the line of every key path.
 func (d *Document) nodeValue(n *yaml.Node, path string, env map[string]string) (any, Problems) {
 	var probs Problems
+	d.nodes++
+	if d.nodes > maxNodes {
+		if d.nodes == maxNodes+1 {
+			return nil, Problems{{Where: fmt.Sprintf("%s:%d", d.File, n.Line), Path: path, Msg: fmt.Sprintf("the document expands to more than %d values (aliases?)", maxNodes)}}
+		}
+		return nil, nil
+	}
 	switch n.Kind {
 	case yaml.AliasNode:
+		// An alias may refer to a node that contains it; cap the expansion.
+		if strings.Count(path, ".")+strings.Count(path, "[") > maxDepth {
+			return nil, Problems{{Where: fmt.Sprintf("%s:%d", d.File, n.Line), Path: path, Msg: "aliases nest too deep (a recursive alias?)"}}
+		}
 		return d.nodeValue(n.Alias, path, env)
 	case yaml.MappingNode:
 		m := map[string]any{}
@@ -272,6 +284,13 @@ func (d *Document) nodeValue(n *yaml.Node, path string, env map[string]string) (
 	}
 	return nil, nil
 }
+
+// maxDepth bounds how deep a document may nest, aliases expanded.
+const maxDepth = 64
+
+// maxNodes bounds how many values a document may expand to, so that nested aliases cannot
+// blow up memory.
+const maxNodes = 1_000_000
 
 var varRE = regexp.MustCompile(`\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(:-([^}]*))?\}`)
 

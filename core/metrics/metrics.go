@@ -135,3 +135,13 @@ func (c *Component) Errors(reason string, n int) {
 func (c *Component) Registerer() prometheus.Registerer {
 	return prometheus.WrapRegistererWith(prometheus.Labels{"component": c.name, "kind": c.kind}, c.set.Registry)
 }
+
+// DropCounter is the counter of events dropped for reason.
+func (c *Component) DropCounter(reason string) prometheus.Counter {
+	return c.counter(c.dropped, c.set.dropped, reason)
+}
+
+// FilterCounter is the counter of events filtered for reason.
+func (c *Component) FilterCounter(reason string) prometheus.Counter {
+	return c.counter(c.filtered, c.set.filtered, reason)
+}

@@ -1,0 +1,230 @@
+package config
+
+import (
+	"errors"
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+)
+
+func load(t *testing.T, yaml string, env ...string) (*Document, Problems) {
+	t.Helper()
+	d, err := Load("pipeline.yaml", []byte(yaml), env)
+	if err == nil {
+		return d, nil
+	}
+	var ps Problems
+	if !errors.As(err, &ps) {
+		t.Fatalf("want Problems, got %T: %v", err, err)
+	}
+	return d, ps
+}
+
+func wantProblem(t *testing.T, ps Problems, where, path, msgPart string) {
+	t.Helper()
+	for _, p := range ps {
+		if p.Where == where && p.Path == path && strings.Contains(p.Msg, msgPart) {
+			return
+		}
+	}
+	t.Errorf("no problem %s: %s: ...%s...; got:\n%v", where, path, msgPart, ps)
+}
+
+const valid = `
+admin:
+  listen: 127.0.0.1:0
+sources:
+  gen:
+    type: generate
+    rate: 10
+enrichers:
+  - type: resources
+  - type: aggregate
+    name: agg1
+    window: 1m
+sinks:
+  local:
+    type: file
+    path: /tmp/x.jsonl
+    queue:
+      when_full: drop_oldest
+`
+
+func TestLoadValid(t *testing.T) {
+	d, ps := load(t, valid)
+	if ps != nil {
+		t.Fatal(ps)
+	}
+	if d.Admin.Listen != "127.0.0.1:0" || d.Runtime.ShutdownTimeout != DefaultShutdownTimeout {
+		t.Errorf("admin/runtime = %+v %+v", d.Admin, d.Runtime)
+	}
+	if len(d.Sources) != 1 || d.Sources[0].Name != "gen" || d.Sources[0].Type != "generate" || d.Sources[0].Options["rate"] != 10 {
+		t.Errorf("sources = %+v", d.Sources)
+	}
+	if len(d.Enrichers) != 2 || d.Enrichers[0].Name != "resources" || d.Enrichers[1].Name != "agg1" || d.Enrichers[1].Path != "enrichers[1]" {
+		t.Errorf("enrichers = %+v", d.Enrichers)
+	}
+	if _, ok := d.Enrichers[1].Options["name"]; ok {
+		t.Error("enricher name leaked into its options")
+	}
+	if got := d.Where("sinks.local.queue.when_full"); got != "pipeline.yaml:18" {
+		t.Errorf("Where(when_full) = %q", got)
+	}
+	if got := d.Where("sinks.local.not_there"); got != "pipeline.yaml:14" {
+		t.Errorf("Where(missing key) falls back to %q, want the sink's line", got)
+	}
+}
+
+func TestLoadStructuralProblemsAllReported(t *testing.T) {
+	_, ps := load(t, `
+sourcez: {}
+sources:
+  "bad name":
+    type: generate
+  nontype:
+    rate: 5
+enrichers:
+  type: resources
+sinks:
+  out:
+    type: file
+    isolation: sandbox
+    sha256: abc
+`)
+	wantProblem(t, ps, "pipeline.yaml:2", "sourcez", "unknown top-level key")
+	wantProblem(t, ps, "pipeline.yaml:4", `sources.bad name`, "invalid name")
+	wantProblem(t, ps, "pipeline.yaml:6", "sources.nontype", "missing type")
+	wantProblem(t, ps, "pipeline.yaml:8", "enrichers", "want a list")
+	wantProblem(t, ps, "pipeline.yaml:13", "sinks.out.isolation", "unknown isolation")
+	wantProblem(t, ps, "pipeline.yaml:14", "sinks.out.sha256", "set plugin")
+	// Problems come sorted by line.
+	for i := 1; i < len(ps); i++ {
+		_, a := splitWhere(ps[i-1].Where)
+		_, b := splitWhere(ps[i].Where)
+		if a > b {
+			t.Errorf("problems not in line order: %v", ps)
+		}
+	}
+}
+
+func TestLoadYAMLSyntaxErrorHasLine(t *testing.T) {
+	_, ps := load(t, "sources:\n  a:\n    type: generate\n   bad: [\n")
+	if len(ps) != 1 || !strings.HasPrefix(ps[0].Where, "pipeline.yaml:") || !strings.Contains(ps[0].Msg, "invalid YAML") {
+		t.Fatalf("got %v", ps)
+	}
+}
+
+func TestInterpolationAndEnvOverrides(t *testing.T) {
+	doc := `
+sources:
+  gen:
+    type: generate
+    rate: ${RATE}
+    count: ${COUNT:-7}
+sinks:
+  out:
+    type: file
+    path: "${DIR}/flows.jsonl"
+    note: "cost $$5"
+`
+	d, ps := load(t, doc, "RATE=250", "DIR=/var/log/fp", "FLOWPIPE_SINKS__OUT__MAX_FILES=3", "FLOWPIPE_CONFIG=ignored.yaml")
+	if ps != nil {
+		t.Fatal(ps)
+	}
+	src := d.Sources[0].Options
+	if src["rate"] != 250 || src["count"] != 7 {
+		t.Errorf("interpolated options = %v (want typed 250 and default 7)", src)
+	}
+	sink := d.Sinks[0].Options
+	if sink["path"] != "/var/log/fp/flows.jsonl" || sink["note"] != "cost $5" || sink["max_files"] != 3 {
+		t.Errorf("sink options = %v", sink)
+	}
+	if w := d.Where("sinks.out.max_files"); w != "env FLOWPIPE_SINKS__OUT__MAX_FILES" {
+		t.Errorf("Where(env override) = %q", w)
+	}
+
+	_, ps = load(t, doc, "DIR=/x")
+	wantProblem(t, ps, "pipeline.yaml:5", "sources.gen.rate", "RATE is not set")
+}
+
+type sub struct {
+	Size    ByteSize `yaml:"size"`
+	Enabled bool     `yaml:"enabled"`
+}
+
+type opts struct {
+	Path     string         `yaml:"path" required:"true"`
+	Count    int            `yaml:"count"`
+	Port     uint16         `yaml:"port"`
+	Timeout  time.Duration  `yaml:"timeout"`
+	Prefixes []netip.Prefix `yaml:"prefixes"`
+	Sub      sub            `yaml:"sub"`
+	Labels   map[string]int `yaml:"labels"`
+	Ratio    float64        `yaml:"ratio"`
+}
+
+func TestDecodeCollectsEveryProblem(t *testing.T) {
+	raw := map[string]any{
+		"count":    "many",
+		"port":     70000,
+		"timeout":  "soon",
+		"prefixes": []any{"10.0.0.0/8", "10.0.0.0/33", "fd00::/8"},
+		"sub":      map[string]any{"size": "-5MiB", "enabled": "yes", "colour": 1},
+		"labels":   map[string]any{"a": 1, "b": "two"},
+		"pathh":    "/tmp",
+	}
+	o := &opts{Count: 3}
+	errs := Decode(raw, o, "")
+	want := map[string]string{
+		"count":       "want an integer, got string \"many\"",
+		"port":        "out of range",
+		"timeout":     "want a duration",
+		"prefixes[1]": "invalid prefix",
+		"sub.size":    "must not be negative",
+		"sub.enabled": "want true or false",
+		"sub.colour":  "unknown key",
+		"labels.b":    "want an integer",
+		"pathh":       `did you mean "path"`,
+		"path":        "required",
+	}
+	got := map[string]string{}
+	for _, e := range errs {
+		got[e.Path] = e.Msg
+	}
+	for path, part := range want {
+		if !strings.Contains(got[path], part) {
+			t.Errorf("%s: got %q, want it to contain %q", path, got[path], part)
+		}
+	}
+	if len(errs) != len(want) {
+		t.Errorf("got %d problems, want %d: %v", len(errs), len(want), errs)
+	}
+}
+
+func TestDecodeValuesAndDefaults(t *testing.T) {
+	o := &opts{Count: 3, Ratio: 0.5}
+	errs := Decode(map[string]any{
+		"path": "/x", "port": 443, "timeout": "1m30s", "prefixes": []any{"fd00::/8"},
+		"sub": map[string]any{"size": "64MiB", "enabled": true}, "labels": map[string]any{"a": 1},
+	}, o, "")
+	if len(errs) > 0 {
+		t.Fatal(errs)
+	}
+	if o.Count != 3 || o.Ratio != 0.5 || o.Port != 443 || o.Timeout != 90*time.Second ||
+		o.Prefixes[0] != netip.MustParsePrefix("fd00::/8") || o.Sub.Size != 64<<20 || !o.Sub.Enabled || o.Labels["a"] != 1 {
+		t.Errorf("decoded %+v", o)
+	}
+}
+
+func FuzzLoad(f *testing.F) {
+	f.Add([]byte(valid))
+	f.Add([]byte("sources: [1, 2]\n"))
+	f.Add([]byte("a: &x {b: *x}\n"))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		d, err := Load("f.yaml", data, nil)
+		if err == nil && (len(d.Sources) == 0 || len(d.Sinks) == 0) {
+			t.Fatal("a pipeline without sources or sinks was accepted")
+		}
+	})
+}

@@ -1,0 +1,73 @@
+package flow
+
+import (
+	"errors"
+	"sync"
+	"testing"
+)
+
+func TestBatchAckAfterLastRelease(t *testing.T) {
+	var got []error
+	b := NewBatch(make([]Event, 3), func(err error) { got = append(got, err) })
+	b.Retain()
+	b.Retain()
+	b.Release(nil) // the producer's reference
+	if len(got) != 0 {
+		t.Fatal("acknowledged while two holders remain")
+	}
+	b.Release(nil)
+	if len(got) != 0 {
+		t.Fatal("acknowledged while one holder remains")
+	}
+	b.Release(nil)
+	if len(got) != 1 || got[0] != nil {
+		t.Fatalf("want one nil ack, got %v", got)
+	}
+}
+
+func TestBatchFirstErrorWins(t *testing.T) {
+	var got error
+	b := NewBatch(nil, func(err error) { got = err })
+	b.Retain()
+	b.Retain()
+	drop := &DropError{Component: "s", Reason: "queue_full"}
+	b.Release(drop)
+	b.Release(ErrShutdown)
+	b.Release(nil)
+	if !errors.Is(got, drop) || !IsDrop(got) {
+		t.Fatalf("ack = %v, want the first error %v", got, drop)
+	}
+}
+
+func TestBatchConcurrentReleases(t *testing.T) {
+	acks := 0
+	b := NewBatch(nil, func(error) { acks++ })
+	const n = 1000
+	var wg sync.WaitGroup
+	for range n {
+		b.Retain()
+	}
+	for range n {
+		wg.Add(1)
+		go func() { defer wg.Done(); b.Release(nil) }()
+	}
+	wg.Wait()
+	if acks != 0 {
+		t.Fatal("acknowledged before the producer released")
+	}
+	b.Release(nil)
+	if acks != 1 || !b.Acked() {
+		t.Fatalf("acks = %d, want 1", acks)
+	}
+}
+
+func TestBatchOverReleasePanics(t *testing.T) {
+	b := NewBatch(nil, nil)
+	b.Release(nil)
+	defer func() {
+		if recover() == nil {
+			t.Fatal("a second Release did not panic")
+		}
+	}()
+	b.Release(nil)
+}

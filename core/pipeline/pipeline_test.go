@@ -1,0 +1,468 @@
+package pipeline
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/flowpipe/flowpipe/core/component"
+	"github.com/flowpipe/flowpipe/core/config"
+	"github.com/flowpipe/flowpipe/core/flow"
+)
+
+// The runtime is real in these tests; the components are small test components whose
+// behaviour (fail, stall, record) is what each test is about.
+
+// testSource emits `batches` batches of `size` events and records every ack.
+type testSource struct {
+	batches, size int
+	emitted       atomic.Int64 // batches handed to Emit (returned)
+	mu            sync.Mutex
+	acks          []error
+	ackedAt       []time.Time
+	done          chan struct{} // closed when Run returns
+	holdOpen      bool          // keep running after emitting until cancelled
+}
+
+func (s *testSource) Run(ctx context.Context, out component.Emitter) error {
+	defer close(s.done)
+	seq := 0
+	for i := 0; i < s.batches; i++ {
+		evs := make([]flow.Event, s.size)
+		for j := range evs {
+			evs[j].TxPackets = uint64(seq)
+			seq++
+		}
+		b := flow.NewBatch(evs, func(err error) {
+			s.mu.Lock()
+			s.acks = append(s.acks, err)
+			s.ackedAt = append(s.ackedAt, time.Now())
+			s.mu.Unlock()
+		})
+		if err := out.Emit(ctx, b); err != nil {
+			return nil
+		}
+		s.emitted.Add(1)
+	}
+	if s.holdOpen {
+		<-ctx.Done()
+	}
+	return nil
+}
+
+func (s *testSource) ackCount() (ok, drop, other int) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, e := range s.acks {
+		switch {
+		case e == nil:
+			ok++
+		case flow.IsDrop(e):
+			drop++
+		default:
+			other++
+		}
+	}
+	return
+}
+
+// testSink records what it accepted; gate (if set) must be received from before each write
+// returns; failFirst fails that many writes first; failAlways never succeeds.
+type testSink struct {
+	mu         sync.Mutex
+	got        []uint64 // TxPackets of accepted events, in order
+	writes     atomic.Int64
+	gate       chan struct{}
+	failFirst  atomic.Int64
+	failAlways bool
+}
+
+func (s *testSink) Write(ctx context.Context, b *flow.Batch) error {
+	s.writes.Add(1)
+	if s.gate != nil {
+		select {
+		case <-s.gate:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	if s.failAlways {
+		return errors.New("collector unreachable")
+	}
+	if s.failFirst.Add(-1) >= 0 {
+		return errors.New("transient failure")
+	}
+	s.mu.Lock()
+	for _, e := range b.Events {
+		s.got = append(s.got, e.TxPackets)
+	}
+	s.mu.Unlock()
+	return nil
+}
+
+func (s *testSink) count() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.got)
+}
+
+// oddFilter removes events with odd TxPackets.
+type oddFilter struct{ env component.Env }
+
+func (f *oddFilter) Enrich(_ context.Context, b *flow.Batch) error {
+	kept := b.Events[:0]
+	for _, e := range b.Events {
+		if e.TxPackets%2 == 0 {
+			kept = append(kept, e)
+		}
+	}
+	f.env.Metrics.Filtered("odd", len(b.Events)-len(kept))
+	b.Events = kept
+	return nil
+}
+
+type empty struct{}
+
+type harness struct {
+	reg     *component.Registry
+	sources map[string]*testSource
+	sinks   map[string]*testSink
+}
+
+func newHarness() *harness {
+	h := &harness{reg: component.NewRegistry(), sources: map[string]*testSource{}, sinks: map[string]*testSink{}}
+	h.reg.Register(component.NewSourceFactory("test", "", func() *empty { return &empty{} },
+		func(env component.Env, _ *empty) (component.Source, error) { return h.sources[env.Name], nil }))
+	h.reg.Register(component.NewSinkFactory("test", "", func() *empty { return &empty{} },
+		func(env component.Env, _ *empty) (component.Sink, error) { return h.sinks[env.Name], nil }))
+	h.reg.Register(component.NewEnricherFactory("odd", "", func() *empty { return &empty{} },
+		func(env component.Env, _ *empty) (component.Enricher, error) { return &oddFilter{env: env}, nil }))
+	return h
+}
+
+func (h *harness) build(t *testing.T, yaml string) *Pipeline {
+	t.Helper()
+	doc, err := config.Load("pipeline.yaml", []byte(yaml), nil)
+	if err != nil {
+		t.Fatalf("config: %v", err)
+	}
+	p, err := New(context.Background(), doc, Options{Registry: h.reg})
+	if err != nil {
+		t.Fatalf("build: %v", err)
+	}
+	return p
+}
+
+func runAsync(p *Pipeline, ctx context.Context) chan error {
+	done := make(chan error, 1)
+	go func() { done <- p.Run(ctx) }()
+	return done
+}
+
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+}
+
+func TestAckOnlyAfterEverySinkAccepted(t *testing.T) {
+	h := newHarness()
+	h.sources["src"] = &testSource{batches: 5, size: 10, done: make(chan struct{})}
+	h.sinks["fast"] = &testSink{}
+	h.sinks["slow"] = &testSink{gate: make(chan struct{})}
+	p := h.build(t, `
+sources: {src: {type: test}}
+sinks:
+  fast: {type: test}
+  slow: {type: test}
+`)
+	done := runAsync(p, context.Background())
+	<-h.sources["src"].done
+	waitFor(t, "the fast sink to take every event", func() bool { return h.sinks["fast"].count() == 50 })
+	if ok, drop, other := h.sources["src"].ackCount(); ok+drop+other != 0 {
+		t.Fatalf("batches were acknowledged before the slow sink accepted them: %d", ok+drop+other)
+	}
+	for i := 0; i < 5; i++ {
+		h.sinks["slow"].gate <- struct{}{}
+		want := i + 1
+		waitFor(t, "an ack after the slow sink accepted a batch", func() bool { ok, _, _ := h.sources["src"].ackCount(); return ok == want })
+	}
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if ok, drop, other := h.sources["src"].ackCount(); ok != 5 || drop+other != 0 {
+		t.Fatalf("acks ok=%d drop=%d other=%d, want 5 ok", ok, drop, other)
+	}
+}
+
+func TestBlockPolicyAppliesBackpressure(t *testing.T) {
+	h := newHarness()
+	src := &testSource{batches: 20, size: 10, done: make(chan struct{})}
+	h.sources["src"] = src
+	h.sinks["slow"] = &testSink{gate: make(chan struct{})}
+	p := h.build(t, `
+sources: {src: {type: test}}
+sinks:
+  slow:
+    type: test
+    queue: {max_batches: 3, when_full: block}
+`)
+	done := runAsync(p, context.Background())
+	// One batch in the writer, three queued: the fifth Emit blocks.
+	waitFor(t, "the queue to fill", func() bool { return src.emitted.Load() == 4 })
+	time.Sleep(50 * time.Millisecond)
+	if n := src.emitted.Load(); n != 4 {
+		t.Fatalf("source emitted %d batches past a full queue under block", n)
+	}
+	go func() {
+		for range 20 {
+			h.sinks["slow"].gate <- struct{}{}
+		}
+	}()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if got := h.sinks["slow"].count(); got != 200 {
+		t.Fatalf("sink got %d events, want 200", got)
+	}
+	for i, v := range h.sinks["slow"].got {
+		if v != uint64(i) {
+			t.Fatalf("event %d out of order: %d", i, v)
+		}
+	}
+	if ok, _, _ := src.ackCount(); ok != 20 {
+		t.Fatalf("%d batches acked ok, want 20", ok)
+	}
+}
+
+// A failing sink under a drop policy must not stall the healthy sink, and every event it
+// could not take must be counted with a reason.
+func TestDropPoliciesIsolateAFailingSink(t *testing.T) {
+	for _, policy := range []string{WhenFullDropNewest, WhenFullDropOldest} {
+		t.Run(policy, func(t *testing.T) {
+			h := newHarness()
+			src := &testSource{batches: 200, size: 10, done: make(chan struct{})}
+			h.sources["src"] = src
+			h.sinks["good"] = &testSink{}
+			h.sinks["bad"] = &testSink{failAlways: true}
+			p := h.build(t, fmt.Sprintf(`
+runtime: {shutdown_timeout: 200ms}
+sources: {src: {type: test}}
+sinks:
+  good: {type: test}
+  bad:
+    type: test
+    queue: {max_batches: 4, when_full: %s}
+    retry: {initial_interval: 1ms, max_interval: 2ms}
+`, policy))
+			ctx, cancel := context.WithCancel(context.Background())
+			done := runAsync(p, ctx)
+			<-src.done
+			waitFor(t, "the good sink to get everything", func() bool { return h.sinks["good"].count() == 2000 })
+			cancel()
+			if err := <-done; err != nil {
+				t.Fatal(err)
+			}
+			m := p.Metrics()
+			dropped := testutil.ToFloat64(m.Component("bad", "sink").DropCounter("queue_full"))
+			shutdown := testutil.ToFloat64(m.Component("bad", "sink").DropCounter("shutdown"))
+			if dropped == 0 {
+				t.Error("no queue_full drops counted for the failing sink")
+			}
+			if dropped+shutdown != 2000 {
+				t.Errorf("failing sink: %v dropped (queue_full) + %v dropped (shutdown) = %v, want every one of 2000 events counted", dropped, shutdown, dropped+shutdown)
+			}
+			ok, drop, other := src.ackCount()
+			if ok != 0 || drop+other != 200 {
+				t.Errorf("acks ok=%d drop=%d other=%d; every batch must be acked, none as delivered", ok, drop, other)
+			}
+			if testutil.ToFloat64(m.Component("bad", "sink").Retries) == 0 {
+				t.Error("no retries counted")
+			}
+		})
+	}
+}
+
+func TestRetriesThenDelivers(t *testing.T) {
+	h := newHarness()
+	h.sources["src"] = &testSource{batches: 3, size: 5, done: make(chan struct{})}
+	s := &testSink{}
+	s.failFirst.Store(4)
+	h.sinks["flaky"] = s
+	p := h.build(t, `
+sources: {src: {type: test}}
+sinks:
+  flaky:
+    type: test
+    retry: {initial_interval: 1ms, max_interval: 4ms}
+`)
+	if err := p.Run(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if s.count() != 15 {
+		t.Fatalf("delivered %d events, want 15 exactly once", s.count())
+	}
+	if r := testutil.ToFloat64(p.Metrics().Component("flaky", "sink").Retries); r != 4 {
+		t.Errorf("retries = %v, want 4", r)
+	}
+	if ok, _, _ := h.sources["src"].ackCount(); ok != 3 {
+		t.Errorf("acked %d, want 3", ok)
+	}
+}
+
+func TestRetryLimitDropsWithReason(t *testing.T) {
+	h := newHarness()
+	h.sources["src"] = &testSource{batches: 2, size: 5, done: make(chan struct{})}
+	h.sinks["dead"] = &testSink{failAlways: true}
+	p := h.build(t, `
+sources: {src: {type: test}}
+sinks:
+  dead:
+    type: test
+    retry: {initial_interval: 1ms, max_interval: 1ms, max_attempts: 3}
+`)
+	if err := p.Run(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if n := testutil.ToFloat64(p.Metrics().Component("dead", "sink").DropCounter("retries_exhausted")); n != 10 {
+		t.Errorf("retries_exhausted drops = %v, want 10", n)
+	}
+	if _, drop, _ := h.sources["src"].ackCount(); drop != 2 {
+		t.Errorf("%d batches acked as drops, want 2", drop)
+	}
+}
+
+func TestShutdownDrainsInFlight(t *testing.T) {
+	h := newHarness()
+	src := &testSource{batches: 30, size: 100, done: make(chan struct{}), holdOpen: true}
+	h.sources["src"] = src
+	gate := make(chan struct{})
+	h.sinks["slow"] = &testSink{gate: gate}
+	p := h.build(t, `
+runtime: {shutdown_timeout: 1m}
+sources: {src: {type: test}}
+sinks:
+  slow: {type: test, queue: {max_batches: 100}}
+`)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := runAsync(p, ctx)
+	waitFor(t, "all batches emitted", func() bool { return src.emitted.Load() == 30 })
+	cancel() // SIGINT: sources stop, the 30 batches still have to reach the sink
+	go func() {
+		for range 30 {
+			gate <- struct{}{}
+		}
+	}()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if got := h.sinks["slow"].count(); got != 3000 {
+		t.Fatalf("after shutdown the sink has %d events, want all 3000", got)
+	}
+	if ok, _, _ := src.ackCount(); ok != 30 {
+		t.Fatalf("%d batches acked ok, want 30", ok)
+	}
+}
+
+func TestShutdownTimeoutGivesUpAndCounts(t *testing.T) {
+	h := newHarness()
+	src := &testSource{batches: 10, size: 10, done: make(chan struct{}), holdOpen: true}
+	h.sources["src"] = src
+	h.sinks["stuck"] = &testSink{gate: make(chan struct{})} // never opened
+	p := h.build(t, `
+runtime: {shutdown_timeout: 100ms}
+sources: {src: {type: test}}
+sinks:
+  stuck: {type: test}
+`)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := runAsync(p, ctx)
+	waitFor(t, "all batches emitted", func() bool { return src.emitted.Load() == 10 })
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	_, _, other := src.ackCount()
+	if other != 10 {
+		t.Fatalf("%d batches acked with an error, want all 10", other)
+	}
+	src.mu.Lock()
+	for _, e := range src.acks {
+		if !errors.Is(e, flow.ErrShutdown) {
+			t.Errorf("ack %v, want ErrShutdown", e)
+		}
+	}
+	src.mu.Unlock()
+	if n := testutil.ToFloat64(p.Metrics().Component("stuck", "sink").DropCounter("shutdown")); n != 100 {
+		t.Errorf("shutdown drops = %v, want 100", n)
+	}
+}
+
+func TestEnricherFiltersAndCounts(t *testing.T) {
+	h := newHarness()
+	h.sources["src"] = &testSource{batches: 4, size: 25, done: make(chan struct{})}
+	h.sinks["out"] = &testSink{}
+	p := h.build(t, `
+sources: {src: {type: test}}
+enrichers: [{type: odd}]
+sinks: {out: {type: test}}
+`)
+	if err := p.Run(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if got := h.sinks["out"].count(); got != 50 {
+		t.Fatalf("sink got %d events, want the 50 even ones", got)
+	}
+	if n := testutil.ToFloat64(p.Metrics().Component("odd", "enricher").FilterCounter("odd")); n != 50 {
+		t.Errorf("filtered = %v, want 50", n)
+	}
+	if ok, _, _ := h.sources["src"].ackCount(); ok != 4 {
+		t.Errorf("acked %d, want 4 (filtered events are done, not lost)", ok)
+	}
+}
+
+func TestBuildReportsComponentProblemsWithLines(t *testing.T) {
+	h := newHarness()
+	doc, err := config.Load("pipeline.yaml", []byte(`
+sources:
+  src: {type: nosuch}
+sinks:
+  out:
+    type: test
+    surplus: 1
+    queue:
+      max_events: -1
+      when_full: explode
+`), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = New(context.Background(), doc, Options{Registry: h.reg})
+	var ps config.Problems
+	if !errors.As(err, &ps) {
+		t.Fatalf("want Problems, got %v", err)
+	}
+	text := ps.Error()
+	for _, want := range []string{
+		"pipeline.yaml:3: sources.src.type: unknown source type \"nosuch\"",
+		"pipeline.yaml:7: sinks.out.surplus: unknown key",
+		"pipeline.yaml:9: sinks.out.queue.max_events: must be at least 1",
+		"pipeline.yaml:10: sinks.out.queue.when_full: unknown policy \"explode\"",
+	} {
+		if !strings.Contains(text, want) {
+			t.Errorf("missing %q in:\n%s", want, text)
+		}
+	}
+}
