@@ -210,6 +210,10 @@ func (t *tracker) event(f *ct.Flow, typ flow.Type, e *entry, now flow.Time) flow
 	}
 	ev.Direction = t.direction(f.Mark, ev.SrcAddr, ev.DstAddr)
 	if typ == flow.TypeEnd {
+		// The kernel's own start time is more exact than when the NEW event was read.
+		if ks := flow.TimeOf(f.Timestamp.Start); ks != 0 {
+			ev.Start = ks
+		}
 		ev.End = flow.TimeOf(f.Timestamp.Stop)
 		if ev.End == 0 {
 			ev.End = now
