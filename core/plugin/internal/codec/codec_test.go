@@ -87,7 +87,7 @@ func TestDecodeRejects(t *testing.T) {
 	}{
 		"empty":        {nil, 0, "empty"},
 		"version":      {append([]byte{9}, good[1:]...), 3, "unknown batch encoding version 9"},
-		"too many":     {good, 4, "cannot fit"},
+		"too many":     {good, 4, "event 3: truncated"},
 		"too few":      {good, 2, "bytes after the last"},
 		"truncated":    {good[:len(good)-3], 3, "event 2"},
 		"huge count":   {good, 1 << 30, "cannot fit"},

@@ -1084,7 +1084,9 @@ func (x *SourceEnd) GetError() string {
 	return ""
 }
 
-// SourceAck acknowledges a batch by ID with what the pipeline did with it.
+// SourceAck acknowledges a batch by ID with what the pipeline did with it, or, with stop set,
+// asks the source to stop running; the stream stays open for the acknowledgements of the
+// batches still in the pipeline.
 type SourceAck struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Id            uint64                 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
@@ -1092,6 +1094,7 @@ type SourceAck struct {
 	Component     string                 `protobuf:"bytes,3,opt,name=component,proto3" json:"component,omitempty"` // for DROPPED: the sink that dropped
 	Reason        string                 `protobuf:"bytes,4,opt,name=reason,proto3" json:"reason,omitempty"`       // for DROPPED: the drop reason
 	Message       string                 `protobuf:"bytes,5,opt,name=message,proto3" json:"message,omitempty"`     // for FAILED
+	Stop          bool                   `protobuf:"varint,6,opt,name=stop,proto3" json:"stop,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1161,6 +1164,13 @@ func (x *SourceAck) GetMessage() string {
 	return ""
 }
 
+func (x *SourceAck) GetStop() bool {
+	if x != nil {
+		return x.Stop
+	}
+	return false
+}
+
 var File_plugin_proto protoreflect.FileDescriptor
 
 const file_plugin_proto_rawDesc = "" +
@@ -1225,13 +1235,14 @@ const file_plugin_proto_rawDesc = "" +
 	"\x05batch\x18\x02 \x01(\v2\x19.flowpipe.plugin.v1.BatchR\x05batch\x12\x12\n" +
 	"\x04more\x18\x03 \x01(\bR\x04more\"!\n" +
 	"\tSourceEnd\x12\x14\n" +
-	"\x05error\x18\x01 \x01(\tR\x05error\"\x85\x02\n" +
+	"\x05error\x18\x01 \x01(\tR\x05error\"\x99\x02\n" +
 	"\tSourceAck\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x12<\n" +
 	"\x06status\x18\x02 \x01(\x0e2$.flowpipe.plugin.v1.SourceAck.StatusR\x06status\x12\x1c\n" +
 	"\tcomponent\x18\x03 \x01(\tR\tcomponent\x12\x16\n" +
 	"\x06reason\x18\x04 \x01(\tR\x06reason\x12\x18\n" +
-	"\amessage\x18\x05 \x01(\tR\amessage\"Z\n" +
+	"\amessage\x18\x05 \x01(\tR\amessage\x12\x12\n" +
+	"\x04stop\x18\x06 \x01(\bR\x04stop\"Z\n" +
 	"\x06Status\x12\x14\n" +
 	"\x10STATUS_DELIVERED\x10\x00\x12\x12\n" +
 	"\x0eSTATUS_DROPPED\x10\x01\x12\x13\n" +

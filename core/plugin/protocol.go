@@ -1,0 +1,120 @@
+package plugin
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	goplugin "github.com/hashicorp/go-plugin"
+	"google.golang.org/grpc"
+
+	"github.com/flowpipe/flowpipe/core/component"
+	"github.com/flowpipe/flowpipe/core/flow"
+	pb "github.com/flowpipe/flowpipe/core/plugin/proto/v1"
+)
+
+// ProtocolVersion is the major version of the plugin protocol this package speaks. A plugin
+// and a host agree on it during the go-plugin handshake; a plugin that speaks only another
+// version is refused with an error that names both.
+const ProtocolVersion = 1
+
+// Handshake is the go-plugin handshake. The cookie is not a secret: it only makes a plugin
+// binary run by hand say what it is instead of waiting for a host.
+var Handshake = goplugin.HandshakeConfig{
+	ProtocolVersion:  ProtocolVersion,
+	MagicCookieKey:   "FLOWPIPE_PLUGIN_MAGIC_COOKIE",
+	MagicCookieValue: "8e2e3a2c-flowpipe-plugin-6f1d0b4e",
+}
+
+// MaxMessageSize is the largest gRPC message either side accepts. Batches whose encoding
+// would exceed splitSize are sent in several parts.
+const MaxMessageSize = 256 << 20
+
+// splitSize bounds the encoded events of one message, leaving room for the envelope.
+var splitSize = 64 << 20
+
+// parentPIDEnv tells a plugin process the PID of the flowpipe that started it, so that it
+// can exit at once if that parent died before the parent-death signal was armed.
+const parentPIDEnv = "FLOWPIPE_PLUGIN_PARENT_PID"
+
+// pluginName is the single plugin name in each go-plugin plugin set.
+const pluginName = "component"
+
+func grpcServerOptions() []grpc.ServerOption {
+	return []grpc.ServerOption{grpc.MaxRecvMsgSize(MaxMessageSize), grpc.MaxSendMsgSize(MaxMessageSize)}
+}
+
+func grpcDialOptions() []grpc.DialOption {
+	return []grpc.DialOption{grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(MaxMessageSize), grpc.MaxCallSendMsgSize(MaxMessageSize))}
+}
+
+// grpcPlugin is the go-plugin glue: the plugin side registers its servers, the host side
+// gets the client connection.
+type grpcPlugin struct {
+	goplugin.NetRPCUnsupportedPlugin
+	srv *server // plugin side only
+}
+
+func (p *grpcPlugin) GRPCServer(_ *goplugin.GRPCBroker, s *grpc.Server) error {
+	p.srv.register(s)
+	return nil
+}
+
+func (p *grpcPlugin) GRPCClient(_ context.Context, _ *goplugin.GRPCBroker, c *grpc.ClientConn) (any, error) {
+	return c, nil
+}
+
+func pluginSets(srv *server) map[int]goplugin.PluginSet {
+	return map[int]goplugin.PluginSet{ProtocolVersion: {pluginName: &grpcPlugin{srv: srv}}}
+}
+
+// ackToProto and ackFromProto carry a source batch's acknowledgement across the boundary.
+func ackToProto(id uint64, err error) *pb.SourceAck {
+	a := &pb.SourceAck{Id: id}
+	var drop *flow.DropError
+	switch {
+	case err == nil:
+	case errors.As(err, &drop):
+		a.Status, a.Component, a.Reason = pb.SourceAck_STATUS_DROPPED, drop.Component, drop.Reason
+	case errors.Is(err, flow.ErrShutdown):
+		a.Status = pb.SourceAck_STATUS_SHUTDOWN
+	default:
+		a.Status, a.Message = pb.SourceAck_STATUS_FAILED, err.Error()
+	}
+	return a
+}
+
+func ackFromProto(a *pb.SourceAck) error {
+	switch a.Status {
+	case pb.SourceAck_STATUS_DELIVERED:
+		return nil
+	case pb.SourceAck_STATUS_DROPPED:
+		return &flow.DropError{Component: a.Component, Reason: a.Reason}
+	case pb.SourceAck_STATUS_SHUTDOWN:
+		return flow.ErrShutdown
+	}
+	return errors.New(a.Message)
+}
+
+func kindOf(s string) (component.Kind, error) {
+	switch k := component.Kind(s); k {
+	case component.KindSource, component.KindEnricher, component.KindSink:
+		return k, nil
+	}
+	return "", fmt.Errorf("unknown component kind %q", s)
+}
+
+// applyCounts adds what the plugin counted to the host's metrics for the component.
+func applyCounts(m component.Metrics, counts []*pb.Count) {
+	for _, c := range counts {
+		n := int(c.N)
+		switch c.Kind {
+		case pb.Count_KIND_FILTERED:
+			m.Filtered(c.Reason, n)
+		case pb.Count_KIND_DROPPED:
+			m.Dropped(c.Reason, n)
+		case pb.Count_KIND_ERRORS:
+			m.Errors(c.Reason, n)
+		}
+	}
+}

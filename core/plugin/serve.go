@@ -1,0 +1,112 @@
+package plugin
+
+import (
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"strconv"
+
+	"github.com/hashicorp/go-hclog"
+	goplugin "github.com/hashicorp/go-plugin"
+	"google.golang.org/grpc"
+
+	"github.com/flowpipe/flowpipe/core/component"
+)
+
+// Info describes a plugin to `flowpipe plugins list` and in the host's log.
+type Info struct {
+	Type    string // the component type it implements, e.g. "webhook"
+	Version string // the plugin's own version, e.g. "1.2.0"
+	Summary string // one line
+}
+
+// ServeSink is the whole main of a sink plugin: it decodes the options from pipeline.yaml
+// into a *C that defaults returned (yaml tags, unknown keys rejected, C's Validate run if it
+// has one), builds the sink with build, and serves it to flowpipe until flowpipe stops it.
+func ServeSink[C any](info Info, defaults func() *C, build func(component.Env, *C) (component.Sink, error)) {
+	Serve(component.NewSinkFactory(info.Type, info.Summary, defaults, build), info.Version)
+}
+
+// ServeSource is ServeSink for a source.
+func ServeSource[C any](info Info, defaults func() *C, build func(component.Env, *C) (component.Source, error)) {
+	Serve(component.NewSourceFactory(info.Type, info.Summary, defaults, build), info.Version)
+}
+
+// ServeEnricher is ServeSink for an enricher. An enricher that keeps events across batches
+// (component.Holder) cannot run out of process.
+func ServeEnricher[C any](info Info, defaults func() *C, build func(component.Env, *C) (component.Enricher, error)) {
+	Serve(component.NewEnricherFactory(info.Type, info.Summary, defaults, build), info.Version)
+}
+
+// Serve serves the component that f builds as a plugin process and exits when the host is
+// done with it. Run by hand, outside flowpipe, it explains that it is a plugin and exits 1.
+func Serve(f component.Factory, version string) {
+	os.Exit(serve(f, version))
+}
+
+func serve(f component.Factory, version string) int {
+	if os.Getenv(Handshake.MagicCookieKey) != Handshake.MagicCookieValue {
+		fmt.Fprintf(os.Stderr, "This is a flowpipe %s plugin (type %q, version %s); flowpipe starts it.\n"+
+			"Configure it in pipeline.yaml under %ss with plugin: <path or name>, then run flowpipe.\n", f.Kind, f.Type, version, f.Kind)
+		return 1
+	}
+	// The parent-death signal was armed in this process between fork and exec; if the
+	// parent was already gone by then, nobody will signal us: check once.
+	if want, err := strconv.Atoi(os.Getenv(parentPIDEnv)); err == nil && want != os.Getppid() {
+		fmt.Fprintln(os.Stderr, "flowpipe plugin: the flowpipe process that started this plugin is gone; exiting")
+		return 1
+	}
+	// go-plugin swaps os.Stderr for a pipe once serving; logs go to the real stderr, where
+	// the host reads them line by line as hclog JSON.
+	stderr := os.Stderr
+	log := slog.New(newHCLogJSONHandler(stderr, slog.LevelDebug))
+	srv := newServer(f, version, log)
+	srv.hostGone = func() { os.Exit(3) }
+	goplugin.Serve(&goplugin.ServeConfig{
+		HandshakeConfig:  Handshake,
+		VersionedPlugins: pluginSets(srv),
+		GRPCServer: func(opts []grpc.ServerOption) *grpc.Server {
+			return grpc.NewServer(append(opts, grpcServerOptions()...)...)
+		},
+		Logger: hclog.New(&hclog.LoggerOptions{Output: stderr, JSONFormat: true, Level: hclog.Info, Name: f.Type}),
+	})
+	return 0
+}
+
+// newHCLogJSONHandler writes slog records as the JSON lines go-plugin's host parses as hclog
+// output (@level, @message, @timestamp), so that a plugin's log lines land in flowpipe's log
+// at their level, with their attributes.
+func newHCLogJSONHandler(w io.Writer, level slog.Level) slog.Handler {
+	return slog.NewJSONHandler(w, &slog.HandlerOptions{
+		Level: level,
+		ReplaceAttr: func(groups []string, a slog.Attr) slog.Attr {
+			if len(groups) > 0 {
+				return a
+			}
+			switch a.Key {
+			case slog.TimeKey:
+				return slog.String("@timestamp", a.Value.Time().Format("2006-01-02T15:04:05.000000Z07:00"))
+			case slog.LevelKey:
+				lv, _ := a.Value.Any().(slog.Level)
+				return slog.String("@level", hclogLevel(lv))
+			case slog.MessageKey:
+				return slog.Attr{Key: "@message", Value: a.Value}
+			}
+			return a
+		},
+	})
+}
+
+func hclogLevel(l slog.Level) string {
+	switch {
+	case l < slog.LevelInfo:
+		return "debug"
+	case l < slog.LevelWarn:
+		return "info"
+	case l < slog.LevelError:
+		return "warn"
+	}
+	return "error"
+}
+
