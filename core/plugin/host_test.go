@@ -397,7 +397,7 @@ func TestPluginStartErrors(t *testing.T) {
 	bad := strings.Repeat("ab", 32)
 	cases := []struct {
 		name, plugin, sha string
-		want               string
+		want              string
 	}{
 		{"checksum mismatch", "jsonl", bad, "but pipeline.yaml pins " + bad},
 		{"missing binary", "nosuch", "", "plugin \"nosuch\" not found: looked for"},
@@ -542,4 +542,3 @@ func hostProcess() int {
 	fmt.Printf("plugin %d\n", p.pid())
 	select {}
 }
-

@@ -109,4 +109,3 @@ func hclogLevel(l slog.Level) string {
 	}
 	return "error"
 }
-

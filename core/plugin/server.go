@@ -442,4 +442,3 @@ func (c *counter) drain() []*pb.Count {
 	clear(c.m)
 	return out
 }
-

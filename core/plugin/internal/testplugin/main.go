@@ -57,7 +57,9 @@ func main() {
 	}
 }
 
-type futurePlugin struct{ goplugin.NetRPCUnsupportedPlugin }
+type futurePlugin struct {
+	goplugin.NetRPCUnsupportedPlugin
+}
 
 func (futurePlugin) GRPCServer(*goplugin.GRPCBroker, *grpc.Server) error { return nil }
 func (futurePlugin) GRPCClient(context.Context, *goplugin.GRPCBroker, *grpc.ClientConn) (any, error) {
