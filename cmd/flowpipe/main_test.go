@@ -1,0 +1,232 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/flowpipe/flowpipe/core/flow"
+)
+
+// These tests run the real flowpipe binary, as a user would.
+
+var binary string
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "flowpipe-bin-")
+	if err != nil {
+		panic(err)
+	}
+	binary = filepath.Join(dir, "flowpipe")
+	out, err := exec.Command("go", "build", "-o", binary, ".").CombinedOutput()
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "build flowpipe: %v\n%s", err, out)
+		os.Exit(1)
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+func writeFile(t *testing.T, path, content string) {
+	t.Helper()
+	if err := os.WriteFile(path, []byte(content), 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func flowpipe(t *testing.T, dir string, args ...string) (stdout, stderr string, code int) {
+	t.Helper()
+	cmd := exec.Command(binary, args...)
+	cmd.Dir = dir
+	var o, e bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &o, &e
+	err := cmd.Run()
+	if ee, ok := err.(*exec.ExitError); ok {
+		code = ee.ExitCode()
+	} else if err != nil {
+		t.Fatal(err)
+	}
+	return o.String(), e.String(), code
+}
+
+func readEvents(t *testing.T, path string) []flow.Event {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	var out []flow.Event
+	sc := bufio.NewScanner(f)
+	sc.Buffer(nil, 1<<20)
+	for sc.Scan() {
+		var e flow.Event
+		if err := flow.ParseJSON(sc.Bytes(), &e); err != nil {
+			t.Fatalf("%s: %v", path, err)
+		}
+		out = append(out, e)
+	}
+	return out
+}
+
+func TestRunGenerateToFileThenReplayRoundTrip(t *testing.T) {
+	dir := t.TempDir()
+	writeFile(t, filepath.Join(dir, "record.yaml"), `
+admin: {listen: ""}
+sources:
+  gen: {type: generate, count: 20000, flows: 500, seed: 7}
+sinks:
+  out: {type: file, path: out/flows.jsonl}
+`)
+	if _, stderr, code := flowpipe(t, dir, "run", "-c", "record.yaml"); code != 0 {
+		t.Fatalf("run exited %d:\n%s", code, stderr)
+	}
+	recorded := readEvents(t, filepath.Join(dir, "out/flows.jsonl"))
+	if len(recorded) < 20000 {
+		t.Fatalf("recorded %d events, want at least 20000", len(recorded))
+	}
+	// Every start has its end: the source closes open flows when it stops.
+	open := map[[16]byte]int{}
+	for _, e := range recorded {
+		switch e.Type {
+		case flow.TypeStart:
+			open[e.FlowID]++
+		case flow.TypeEnd:
+			open[e.FlowID]--
+		}
+	}
+	for id, n := range open {
+		if n != 0 {
+			t.Fatalf("flow %x has %d unmatched starts", id, n)
+		}
+	}
+	st, err := os.Stat(filepath.Join(dir, "out/flows.jsonl"))
+	if err != nil || st.Mode().Perm() != 0o640 {
+		t.Errorf("file mode %v, want 0640 (%v)", st.Mode().Perm(), err)
+	}
+
+	writeFile(t, filepath.Join(dir, "replay.yaml"), `
+admin: {listen: ""}
+sources:
+  again: {type: replay, path: out/flows.jsonl, batch_size: 333}
+sinks:
+  copy: {type: file, path: copy.jsonl}
+`)
+	if _, stderr, code := flowpipe(t, dir, "run", "-c", "replay.yaml"); code != 0 {
+		t.Fatalf("replay exited %d:\n%s", code, stderr)
+	}
+	a, _ := os.ReadFile(filepath.Join(dir, "out/flows.jsonl"))
+	b, _ := os.ReadFile(filepath.Join(dir, "copy.jsonl"))
+	if !bytes.Equal(a, b) {
+		t.Fatalf("replayed file differs from the recording (%d vs %d bytes)", len(a), len(b))
+	}
+}
+
+func TestValidateReportsEveryProblemWithItsLine(t *testing.T) {
+	dir := t.TempDir()
+	writeFile(t, filepath.Join(dir, "pipeline.yaml"), `sources:
+  gen:
+    type: generate
+    rate: fast
+  other:
+    type: nosuch
+sinks:
+  local:
+    type: file
+    max_size: -5
+    max_filez: 3
+    queue:
+      when_full: sometimes
+`)
+	_, stderr, code := flowpipe(t, dir, "validate")
+	if code != 1 {
+		t.Fatalf("validate exited %d, want 1:\n%s", code, stderr)
+	}
+	for _, want := range []string{
+		`pipeline.yaml:4: sources.gen.rate: want an integer, got string "fast"`,
+		`pipeline.yaml:6: sources.other.type: unknown source type "nosuch"`,
+		`pipeline.yaml:8: sinks.local.path: required, but not set`,
+		`pipeline.yaml:10: sinks.local.max_size: invalid size`,
+		`pipeline.yaml:11: sinks.local.max_filez: unknown key (did you mean "max_files"?)`,
+		`pipeline.yaml:13: sinks.local.queue.when_full: unknown policy "sometimes"`,
+	} {
+		if !strings.Contains(stderr, want) {
+			t.Errorf("validate output lacks %q:\n%s", want, stderr)
+		}
+	}
+
+	writeFile(t, filepath.Join(dir, "good.yaml"), "sources: {g: {type: generate}}\nsinks: {o: {type: file, path: x.jsonl}}\n")
+	out, stderr, code := flowpipe(t, dir, "validate", "-c", "good.yaml")
+	if code != 0 || !strings.Contains(out, "valid") {
+		t.Fatalf("valid file: exit %d, %s %s", code, out, stderr)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "x.jsonl")); err == nil {
+		t.Error("validate created the sink's file; it must have no side effects")
+	}
+}
+
+func TestRunStopsCleanlyOnSIGTERMAndServesAdmin(t *testing.T) {
+	dir := t.TempDir()
+	writeFile(t, filepath.Join(dir, "pipeline.yaml"), `
+admin: {listen: "127.0.0.1:0"}
+sources:
+  gen: {type: generate, rate: 5000}
+sinks:
+  out: {type: file, path: flows.jsonl}
+`)
+	cmd := exec.Command(binary, "run", "--log-format", "json")
+	cmd.Dir = dir
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer cmd.Process.Kill()
+	deadline := time.Now().Add(20 * time.Second)
+	for !strings.Contains(stderr.String(), "pipeline running") {
+		if time.Now().After(deadline) {
+			t.Fatalf("not running: %s", stderr.String())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	time.Sleep(300 * time.Millisecond)
+	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Wait(); err != nil {
+		t.Fatalf("flowpipe exited with %v:\n%s", err, stderr.String())
+	}
+	if !strings.Contains(stderr.String(), "every accepted batch was delivered") {
+		t.Errorf("shutdown did not report a full drain:\n%s", stderr.String())
+	}
+	for _, line := range strings.Split(strings.TrimSpace(stderr.String()), "\n") {
+		if !json.Valid([]byte(line)) {
+			t.Errorf("--log-format json wrote a non-JSON line: %s", line)
+		}
+	}
+	if n := len(readEvents(t, filepath.Join(dir, "flows.jsonl"))); n == 0 {
+		t.Error("no events written before SIGTERM")
+	}
+}
+
+func TestGraphFormats(t *testing.T) {
+	dir := t.TempDir()
+	writeFile(t, filepath.Join(dir, "pipeline.yaml"), "sources: {g: {type: generate}}\nsinks: {a: {type: file, path: a}, b: {type: discard}}\n")
+	out, _, code := flowpipe(t, dir, "graph")
+	if code != 0 || !strings.Contains(out, "source_g -> sink_a") || !strings.Contains(out, "source_g -> sink_b") {
+		t.Errorf("dot graph (exit %d):\n%s", code, out)
+	}
+	out, _, code = flowpipe(t, dir, "graph", "--format", "mermaid")
+	if code != 0 || !strings.HasPrefix(out, "flowchart LR") || !strings.Contains(out, "source_g --> sink_a") {
+		t.Errorf("mermaid graph (exit %d):\n%s", code, out)
+	}
+}
