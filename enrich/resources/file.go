@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"fmt"
 	"os"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -81,24 +82,79 @@ func (f *tableFile) load(force bool) (t *compiled, changed bool, err error) {
 }
 
 // parseTables decodes a tables file (YAML, or JSON, which is YAML) with the same strict rules
-// as pipeline.yaml: unknown keys and wrong types are errors, each at its key path.
+// as pipeline.yaml: unknown keys and wrong types are errors. Problems are config.Problems
+// positioned in the tables file ("tables.yaml:12: rules[2].ports[0]: ..."), so that `flowpipe
+// validate` points into that file rather than at the tables_file option.
 func parseTables(path string, data []byte) (*compiled, error) {
 	if len(bytes.TrimSpace(data)) == 0 {
 		// An empty file is almost always a writer caught mid-write, not a wish to forget
 		// every resource; refuse it so the previous tables stay.
-		return nil, fmt.Errorf("tables file %s is empty; write {} to clear the tables on purpose", path)
+		return nil, config.Problems{{Where: path, Msg: "the tables file is empty; write {} to clear the tables on purpose"}}
+	}
+	var doc yaml.Node
+	if err := yaml.Unmarshal(data, &doc); err != nil {
+		return nil, config.Problems{{Where: path, Msg: strings.TrimPrefix(err.Error(), "yaml: ")}}
 	}
 	var raw map[string]any
-	if err := yaml.Unmarshal(data, &raw); err != nil {
-		return nil, fmt.Errorf("tables file %s: %w", path, err)
+	if err := doc.Decode(&raw); err != nil {
+		return nil, config.Problems{{Where: path, Msg: "want a map with the keys overlay, resources, routes and rules: " + strings.TrimPrefix(err.Error(), "yaml: ")}}
 	}
 	var tbl Tables
-	if errs := config.Decode(raw, &tbl, ""); len(errs) > 0 {
-		return nil, fileErrors(path, errs)
+	errs := config.Decode(raw, &tbl, "")
+	var t *compiled
+	if len(errs) == 0 {
+		t, errs = compile(&tbl, "")
 	}
-	t, errs := compile(&tbl, "")
 	if len(errs) > 0 {
-		return nil, fileErrors(path, errs)
+		lines := map[string]int{}
+		nodeLines(&doc, "", lines)
+		ps := make(config.Problems, len(errs))
+		for i, e := range errs {
+			ps[i] = config.Problem{Where: path, Path: e.Path, Msg: e.Msg}
+			for p := e.Path; ; p = parentPath(p) {
+				if n, ok := lines[p]; ok {
+					ps[i].Where = fmt.Sprintf("%s:%d", path, n)
+					break
+				}
+				if p == "" {
+					break
+				}
+			}
+		}
+		return nil, ps
 	}
 	return t, nil
+}
+
+// nodeLines records the line of every key path in a YAML document.
+func nodeLines(n *yaml.Node, path string, out map[string]int) {
+	switch n.Kind {
+	case yaml.DocumentNode:
+		for _, c := range n.Content {
+			nodeLines(c, path, out)
+		}
+	case yaml.MappingNode:
+		out[path] = n.Line
+		for i := 0; i+1 < len(n.Content); i += 2 {
+			p := config.Join(path, n.Content[i].Value)
+			out[p] = n.Content[i].Line
+			nodeLines(n.Content[i+1], p, out)
+		}
+	case yaml.SequenceNode:
+		out[path] = n.Line
+		for i, c := range n.Content {
+			p := fmt.Sprintf("%s[%d]", path, i)
+			out[p] = c.Line
+			nodeLines(c, p, out)
+		}
+	}
+}
+
+// parentPath is "rules[2]" for "rules[2].ports", "rules" for "rules[2]", "" at the top.
+func parentPath(p string) string {
+	i := strings.LastIndexAny(p, ".[")
+	if i < 0 {
+		return ""
+	}
+	return p[:i]
 }

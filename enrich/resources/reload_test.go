@@ -95,9 +95,9 @@ func TestReload(t *testing.T) {
 	}
 
 	for _, bad := range []struct{ name, data, want string }{
-		{"invalid rule", strings.Replace(tablesV1, "{id: r-v1, protocols: [tcp]}", "{id: r-v1, ports: [\"90-80\"]}", 1), "rules[0].ports[0]: empty port range"},
+		{"invalid rule", strings.Replace(tablesV1, "{id: r-v1, protocols: [tcp]}", "{id: r-v1, ports: [\"90-80\"]}", 1), path + ":6: rules[0].ports[0]: empty port range"},
 		{"unknown key", "resourcez: []", `resourcez: unknown key (did you mean "resources"?)`},
-		{"not YAML", "resources: [", "tables file " + path},
+		{"not YAML", "resources: [", path + ": line 1: did not find expected node content"},
 		{"empty (a writer caught mid-write)", "", "is empty"},
 		{"unknown resource", `{"rules": [{"id": "x", "dst": ["nope"]}]}`, `rules[0].dst[0]: unknown resource "nope"`},
 	} {
@@ -152,7 +152,8 @@ func TestBadFileAtStartIsAnError(t *testing.T) {
 		t.Fatalf("New = %v, want the file name and the problem", err)
 	}
 	_, err = newFileEnricher(t, dir, map[string]any{"tables_file": "missing.yaml"}, component.NopMetrics{}, nil)
-	if !errors.Is(err, os.ErrNotExist) {
+	var fe config.FieldErrors
+	if !errors.As(err, &fe) || fe[0].Path != "tables_file" || !strings.Contains(fe[0].Msg, "no such file") {
 		t.Fatalf("New with a missing file = %v", err)
 	}
 }

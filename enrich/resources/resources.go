@@ -10,6 +10,7 @@ package resources
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"path/filepath"
@@ -127,12 +128,15 @@ func New(env component.Env, c *Config) (component.Enricher, error) {
 	e.file = &tableFile{path: path}
 	t, _, err := e.file.load(true)
 	if err != nil {
-		return nil, err
+		var ps config.Problems
+		if errors.As(err, &ps) {
+			return nil, ps // positioned in the tables file
+		}
+		return nil, config.FieldErrors{{Path: "tables_file", Msg: err.Error()}}
 	}
 	e.tables.Store(t)
 	e.markLoaded()
 	e.interval = c.ReloadInterval
-	e.log.Info("resource tables loaded", "file", path, "prefixes", t.prefixes, "resources", len(t.resourceIDs), "rules", len(t.rules))
 	return e, nil
 }
 
@@ -142,6 +146,8 @@ func (e *Enricher) Start(context.Context) error {
 	if e.file == nil {
 		return nil
 	}
+	t := e.tables.Load()
+	e.log.Info("resource tables loaded; watching for changes", "file", e.file.path, "prefixes", t.prefixes, "resources", len(t.resourceIDs), "rules", len(t.rules))
 	e.done.Add(1)
 	go e.watch(e.interval)
 	return nil
@@ -276,8 +282,3 @@ var (
 	_ component.Starter = (*Enricher)(nil)
 	_ component.Closer  = (*Enricher)(nil)
 )
-
-// FieldErrors of a tables file carry the file name, so the message says where to look.
-func fileErrors(path string, errs config.FieldErrors) error {
-	return fmt.Errorf("tables file %s: %w", path, errs)
-}
