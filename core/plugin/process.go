@@ -119,6 +119,9 @@ func startProc(ctx context.Context, l *launcher, spec config.Component, env comp
 		return nil, false, fmt.Errorf("%s: describe: %w", l.describe, err)
 	}
 	p.desc = desc
+	if spec.Kind == "" {
+		return p, false, nil // Inspect: describe only
+	}
 	if desc.ProtocolVersion != ProtocolVersion {
 		p.kill()
 		return nil, false, fmt.Errorf("%s speaks flowpipe plugin protocol %d, this flowpipe speaks %d", l.describe, desc.ProtocolVersion, ProtocolVersion)

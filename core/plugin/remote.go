@@ -68,6 +68,7 @@ type remoteSink struct {
 func (s *remoteSink) Write(ctx context.Context, b *flow.Batch) error {
 	if s.retry.again(b) {
 		s.in.redelivered.Add(float64(len(b.Events)))
+		s.in.env.Logger.Warn("plugin redelivery: writing again a batch the failed plugin had not acknowledged; the output may hold it twice", "events", len(b.Events))
 	}
 	source := b.Source
 	for _, part := range split(b.Events) {
