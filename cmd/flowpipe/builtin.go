@@ -10,6 +10,7 @@ import (
 	"github.com/flowpipe/flowpipe/sources/conntrack"
 	"github.com/flowpipe/flowpipe/sources/generate"
 	"github.com/flowpipe/flowpipe/sources/replay"
+	"github.com/flowpipe/flowpipe/sources/userspace"
 )
 
 // builtins lists every component compiled into the flowpipe binary. A new built-in adds its
@@ -20,6 +21,7 @@ func builtins() []component.Factory {
 		conntrack.Factory(),
 		generate.Factory(),
 		replay.Factory(),
+		userspace.Factory(),
 		// enrichers
 		resources.Factory(),
 		aggregate.Factory(),

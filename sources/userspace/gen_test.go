@@ -15,6 +15,12 @@ import (
 // 10.2.0.0/16 servers, interleaved: TCP connections with a handshake, data both ways and a
 // close; UDP request/response pairs; pings. It returns the number of packets written.
 func synthetic(tb testing.TB, path string, conns int) int {
+	return syntheticSnap(tb, path, conns, 0)
+}
+
+// syntheticSnap is synthetic with frames cut to snap bytes in the file (0: whole frames), as
+// `tcpdump -s` does; the original length stays in each record.
+func syntheticSnap(tb testing.TB, path string, conns, snap int) int {
 	tb.Helper()
 	f, err := os.Create(path)
 	if err != nil {
@@ -40,6 +46,10 @@ func synthetic(tb testing.TB, path string, conns int) int {
 		}
 		data := append(append(frame[:0], eth...), buf.Bytes()...)
 		ci := gopacket.CaptureInfo{Timestamp: t0.Add(at), CaptureLength: len(data), Length: len(data)}
+		if snap > 0 && len(data) > snap {
+			data = data[:snap]
+			ci.CaptureLength = snap
+		}
 		if err := w.WritePacket(ci, data); err != nil {
 			tb.Fatal(err)
 		}
