@@ -90,4 +90,3 @@ func TestConfigValidate(t *testing.T) {
 		}
 	}
 }
-
