@@ -103,6 +103,18 @@ func TestJSONKeys(t *testing.T) {
 	}
 }
 
+func TestEncoderReusesSecondsCorrectly(t *testing.T) {
+	var enc Encoder
+	base := TimeOf(time.Date(2026, 11, 26, 23, 59, 59, 0, time.UTC))
+	for _, d := range []Time{0, 1, 999_999_999, 1_000_000_000, 1_000_000_001, -1, 86400e9} {
+		got := string(enc.appendTime(nil, base+d))
+		want := (base + d).Time().Format("2006-01-02T15:04:05.000000000Z")
+		if got != want {
+			t.Errorf("%d: got %s want %s", d, got, want)
+		}
+	}
+}
+
 func TestAppendTimeMatchesTimeFormat(t *testing.T) {
 	for _, tm := range []time.Time{
 		time.Date(1970, 1, 1, 0, 0, 0, 0, time.UTC),
@@ -178,9 +190,10 @@ func FuzzParseJSON(f *testing.F) {
 func BenchmarkAppendJSON(b *testing.B) {
 	evs := sampleEvents()
 	buf := make([]byte, 0, 1024)
+	var enc Encoder
 	b.ReportAllocs()
 	for i := 0; b.Loop(); i++ {
-		buf = AppendJSON(buf[:0], &evs[i%2])
+		buf = enc.AppendJSON(buf[:0], &evs[i%2])
 	}
 	b.SetBytes(int64(len(buf)))
 }

@@ -12,6 +12,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/flowpipe/flowpipe/core/component"
@@ -66,19 +67,27 @@ func Factory() component.Factory {
 		defaults, func(env component.Env, c *Config) (component.Sink, error) { return New(env, c), nil })
 }
 
-// Sink writes JSON lines.
+// Sink writes JSON lines. Several Writes may run at once (the sink's in_flight setting):
+// each encodes its batch in parallel, writes it under the file lock, and then waits for an
+// fsync that covers it; one fsync covers every batch written before it started (group
+// commit), so a second batch in flight overlaps its encoding with the first one's fsync.
 type Sink struct {
 	cfg  Config
 	path string
 	env  component.Env
+	bufs sync.Pool // *[]byte encode buffers
 
-	mu      sync.Mutex
+	mu      sync.Mutex // the file, its size and rotation
 	f       *os.File
 	w       io.Writer
 	size    int64
 	opened  time.Time
 	regular bool
-	buf     []byte
+
+	syncMu  sync.Mutex   // one fsync at a time; rotation holds it too
+	written atomic.Int64 // bytes written since start, over every file
+	synced  atomic.Int64 // of those, bytes known to be on disk
+	cur     atomic.Pointer[os.File]
 }
 
 // New makes a file sink; the file is opened by Start.
@@ -116,28 +125,49 @@ func (s *Sink) open() error {
 	}
 	s.f, s.w, s.size, s.opened = f, f, st.Size(), time.Now()
 	s.regular = st.Mode().IsRegular()
+	s.cur.Store(f)
 	return nil
 }
 
-// Write appends the batch and, with sync: batch, fsyncs before returning. A failed write
-// is cut back off the file, so that a retry does not leave a partial line.
+// Write appends the batch and, with sync: batch, returns only after an fsync that covers
+// it. A failed write is cut back off the file, so that a retry does not leave a partial line.
 func (s *Sink) Write(_ context.Context, b *flow.Batch) error {
+	bp, _ := s.bufs.Get().(*[]byte)
+	if bp == nil {
+		bp = new([]byte)
+	}
+	defer s.bufs.Put(bp)
+	var enc flow.Encoder
+	buf := (*bp)[:0]
+	for i := range b.Events {
+		buf = enc.AppendJSON(buf, &b.Events[i])
+		buf = append(buf, '\n')
+	}
+	*bp = buf
+
+	end, err := s.append(buf)
+	if err != nil {
+		return err
+	}
+	if s.cfg.Sync == "batch" {
+		return s.syncTo(end)
+	}
+	return nil
+}
+
+// append writes buf under the file lock, rotating first if needed, and returns the logical
+// offset where it ends.
+func (s *Sink) append(buf []byte) (int64, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.w == nil {
 		if err := s.open(); err != nil {
-			return err
+			return 0, err
 		}
 	}
-	buf := s.buf[:0]
-	for i := range b.Events {
-		buf = flow.AppendJSON(buf, &b.Events[i])
-		buf = append(buf, '\n')
-	}
-	s.buf = buf
 	if s.f != nil && s.regular && s.needRotate(int64(len(buf))) {
 		if err := s.rotate(); err != nil {
-			return err
+			return 0, err
 		}
 	}
 	n, err := s.w.Write(buf)
@@ -145,14 +175,30 @@ func (s *Sink) Write(_ context.Context, b *flow.Batch) error {
 		if s.f != nil && s.regular && n > 0 {
 			_ = s.f.Truncate(s.size)
 		}
-		return fmt.Errorf("write %s: %w", s.path, err)
+		return 0, fmt.Errorf("write %s: %w", s.path, err)
 	}
 	s.size += int64(n)
-	if s.cfg.Sync == "batch" && s.f != nil && s.regular {
-		if err := s.f.Sync(); err != nil {
-			return fmt.Errorf("fsync %s: %w", s.path, err)
-		}
+	return s.written.Add(int64(n)), nil
+}
+
+// syncTo returns once every byte up to end is on disk, running an fsync unless one that
+// started after those bytes were written already covered them.
+func (s *Sink) syncTo(end int64) error {
+	s.syncMu.Lock()
+	defer s.syncMu.Unlock()
+	if s.synced.Load() >= end {
+		return nil
 	}
+	target := s.written.Load()
+	f := s.cur.Load()
+	if f == nil || !s.regular {
+		s.synced.Store(target)
+		return nil
+	}
+	if err := f.Sync(); err != nil {
+		return fmt.Errorf("fsync %s: %w", s.path, err)
+	}
+	s.synced.Store(target)
 	return nil
 }
 
@@ -169,6 +215,14 @@ func (s *Sink) needRotate(next int64) bool {
 // rotate renames the current file to PATH.<UTC time> and opens a fresh one, then removes
 // the oldest rotated files beyond max_files.
 func (s *Sink) rotate() error {
+	// Make what was written durable first: writers waiting in syncTo count on it.
+	s.syncMu.Lock()
+	defer s.syncMu.Unlock()
+	if err := s.f.Sync(); err != nil {
+		return fmt.Errorf("fsync %s: %w", s.path, err)
+	}
+	s.synced.Store(s.written.Load())
+	s.cur.Store(nil)
 	if err := s.f.Close(); err != nil {
 		return fmt.Errorf("close %s: %w", s.path, err)
 	}
@@ -198,6 +252,8 @@ func (s *Sink) rotate() error {
 func (s *Sink) Close(context.Context) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	s.syncMu.Lock()
+	defer s.syncMu.Unlock()
 	if s.f == nil {
 		return nil
 	}
@@ -206,6 +262,7 @@ func (s *Sink) Close(context.Context) error {
 		err = cerr
 	}
 	s.f, s.w = nil, nil
+	s.cur.Store(nil)
 	if err != nil && s.regular {
 		return fmt.Errorf("close %s: %w", s.path, err)
 	}

@@ -1,0 +1,52 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"path/filepath"
+	"testing"
+
+	"github.com/flowpipe/flowpipe/core/config"
+	"github.com/flowpipe/flowpipe/core/pipeline"
+)
+
+// benchPipeline runs a whole in-process pipeline of b.N generated events through the real
+// runtime and reports events/s. The whole-binary version is scripts/bench-pipeline.sh.
+func benchPipeline(b *testing.B, sinkYAML string) {
+	doc, err := config.Load(filepath.Join(b.TempDir(), "pipeline.yaml"), []byte(fmt.Sprintf(`
+admin: {listen: ""}
+sources:
+  gen: {type: generate, count: %d, batch_size: 1024, seed: 1}
+sinks:
+  out: %s
+`, b.N, sinkYAML)), nil)
+	if err != nil {
+		b.Fatal(err)
+	}
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	p, err := pipeline.New(context.Background(), doc, pipeline.Options{Registry: newRegistry(), Logger: log})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.ReportAllocs()
+	b.ResetTimer()
+	if err := p.Run(context.Background()); err != nil {
+		b.Fatal(err)
+	}
+	b.StopTimer()
+	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "events/s")
+}
+
+func BenchmarkPipelineGenerateToDiscard(b *testing.B) {
+	benchPipeline(b, "{type: discard, isolation: inproc}")
+}
+
+func BenchmarkPipelineGenerateToFile(b *testing.B) {
+	benchPipeline(b, "{type: file, isolation: inproc, path: flows.jsonl, max_size: 0}")
+}
+
+func BenchmarkPipelineGenerateToFileNoSync(b *testing.B) {
+	benchPipeline(b, "{type: file, isolation: inproc, path: flows.jsonl, max_size: 0, sync: none}")
+}

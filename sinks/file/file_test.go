@@ -1,0 +1,207 @@
+package file
+
+import (
+	"bufio"
+	"context"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/flowpipe/flowpipe/core/component"
+	"github.com/flowpipe/flowpipe/core/config"
+	"github.com/flowpipe/flowpipe/core/flow"
+)
+
+func env(dir string) component.Env {
+	return component.Env{Name: "t", ConfigDir: dir, Logger: slog.Default(), Metrics: component.NopMetrics{}}
+}
+
+func batch(ids *flow.IDGen, n int, seq *uint64) *flow.Batch {
+	evs := make([]flow.Event, n)
+	for i := range evs {
+		*seq++
+		evs[i] = flow.Event{EventID: ids.New(), FlowID: ids.New(), Type: flow.TypeStart, Timestamp: flow.Now(), Protocol: flow.ProtoTCP, TxPackets: *seq}
+	}
+	return flow.NewBatch(evs, nil)
+}
+
+func lines(t *testing.T, path string) []flow.Event {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	var out []flow.Event
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		var e flow.Event
+		if err := flow.ParseJSON(sc.Bytes(), &e); err != nil {
+			t.Fatalf("%s: bad line %q: %v", path, sc.Text(), err)
+		}
+		out = append(out, e)
+	}
+	return out
+}
+
+func TestWriteCreatesDirectoriesAndMode(t *testing.T) {
+	dir := t.TempDir()
+	s := New(env(dir), &Config{Path: "a/b/flows.jsonl", Sync: "batch"})
+	if err := s.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	ids, seq := flow.NewIDGen(), uint64(0)
+	for range 3 {
+		if err := s.Write(context.Background(), batch(ids, 10, &seq)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := s.Close(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	p := filepath.Join(dir, "a/b/flows.jsonl")
+	st, err := os.Stat(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Mode().Perm() != 0o640 {
+		t.Errorf("mode %v, want 0640", st.Mode().Perm())
+	}
+	got := lines(t, p)
+	if len(got) != 30 {
+		t.Fatalf("%d lines, want 30", len(got))
+	}
+	for i, e := range got {
+		if e.TxPackets != uint64(i+1) {
+			t.Fatalf("line %d has event %d", i, e.TxPackets)
+		}
+	}
+}
+
+func TestRotationBySizeKeepsMaxFiles(t *testing.T) {
+	dir := t.TempDir()
+	s := New(env(dir), &Config{Path: "flows.jsonl", MaxSize: 4096, MaxFiles: 3, Sync: "none"})
+	if err := s.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	ids, seq := flow.NewIDGen(), uint64(0)
+	for range 40 {
+		if err := s.Write(context.Background(), batch(ids, 5, &seq)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s.Close(context.Background())
+	rotated, _ := filepath.Glob(filepath.Join(dir, "flows.jsonl.*"))
+	if len(rotated) != 3 {
+		t.Fatalf("%d rotated files, want max_files=3: %v", len(rotated), rotated)
+	}
+	sort.Strings(rotated)
+	var all []flow.Event
+	for _, f := range append(rotated, filepath.Join(dir, "flows.jsonl")) {
+		st, _ := os.Stat(f)
+		if st.Size() > 4096 {
+			t.Errorf("%s is %d bytes, over max_size", f, st.Size())
+		}
+		all = append(all, lines(t, f)...)
+	}
+	// The kept files hold the newest events, in order, ending with the last one.
+	for i := 1; i < len(all); i++ {
+		if all[i].TxPackets != all[i-1].TxPackets+1 {
+			t.Fatalf("events out of order across rotated files at %d: %d after %d", i, all[i].TxPackets, all[i-1].TxPackets)
+		}
+	}
+	if all[len(all)-1].TxPackets != 200 {
+		t.Fatalf("last event %d, want 200", all[len(all)-1].TxPackets)
+	}
+}
+
+func TestRotationByAge(t *testing.T) {
+	dir := t.TempDir()
+	s := New(env(dir), &Config{Path: "flows.jsonl", MaxAge: time.Millisecond, Sync: "batch"})
+	if err := s.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	ids, seq := flow.NewIDGen(), uint64(0)
+	for range 3 {
+		if err := s.Write(context.Background(), batch(ids, 2, &seq)); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	s.Close(context.Background())
+	rotated, _ := filepath.Glob(filepath.Join(dir, "flows.jsonl.*"))
+	if len(rotated) != 2 {
+		t.Fatalf("%d rotated files, want 2", len(rotated))
+	}
+}
+
+// Concurrent writers (in_flight > 1) share fsyncs; every line must be intact and present.
+func TestConcurrentWritesGroupCommit(t *testing.T) {
+	dir := t.TempDir()
+	s := New(env(dir), &Config{Path: "flows.jsonl", MaxSize: 64 << 10, MaxFiles: 0, Sync: "batch"})
+	if err := s.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	seq := uint64(0)
+	for w := range 4 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			ids := flow.NewIDGen()
+			for range 50 {
+				mu.Lock()
+				b := batch(ids, 20, &seq)
+				mu.Unlock()
+				if err := s.Write(context.Background(), b); err != nil {
+					t.Errorf("writer %d: %v", w, err)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	s.Close(context.Background())
+	files, _ := filepath.Glob(filepath.Join(dir, "flows.jsonl*"))
+	seen := map[uint64]bool{}
+	for _, f := range files {
+		for _, e := range lines(t, f) {
+			if seen[e.TxPackets] {
+				t.Fatalf("event %d written twice", e.TxPackets)
+			}
+			seen[e.TxPackets] = true
+		}
+	}
+	if len(seen) != 4000 {
+		t.Fatalf("%d events on disk, want 4000", len(seen))
+	}
+}
+
+func TestValidate(t *testing.T) {
+	c := &Config{Path: " ", MaxSize: -1, MaxAge: -time.Second, MaxFiles: -2, Sync: "always"}
+	err := c.Validate()
+	fe, ok := err.(config.FieldErrors)
+	if !ok || len(fe) != 5 {
+		t.Fatalf("want 5 field errors, got %v", err)
+	}
+}
+
+func TestWriteFailsClearlyOnUnwritablePath(t *testing.T) {
+	dir := t.TempDir()
+	blocker := filepath.Join(dir, "file-not-dir")
+	os.WriteFile(blocker, nil, 0o644)
+	s := New(env(dir), &Config{Path: "file-not-dir/flows.jsonl", Sync: "batch"})
+	err := s.Start(context.Background())
+	if err == nil {
+		t.Fatal("Start succeeded under a regular file")
+	}
+	if want := blocker; !strings.Contains(err.Error(), want) {
+		t.Errorf("error %q does not name the path", err)
+	}
+}
