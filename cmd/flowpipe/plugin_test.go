@@ -1,0 +1,320 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/flowpipe/flowpipe/core/flow"
+)
+
+// These tests run components as real plugin processes through the flowpipe binary.
+
+// writeEvents writes n deterministic events as JSON lines, the input of a replay source.
+func writeEvents(t *testing.T, path string, n int) {
+	t.Helper()
+	var buf []byte
+	for i := range n {
+		var e flow.Event
+		e.EventID[6], e.EventID[8] = 0x40, 0x80
+		e.EventID[12], e.EventID[13], e.EventID[14], e.EventID[15] = byte(i>>24), byte(i>>16), byte(i>>8), byte(i)
+		e.FlowID = e.EventID
+		e.Type, e.Direction, e.Protocol = flow.TypeStart, flow.Egress, flow.ProtoTCP
+		if i%7 == 0 {
+			e.Protocol, e.ICMPType = flow.ProtoICMP, 8
+		}
+		e.Timestamp = flow.Time(1_700_000_000_000_000_000 + int64(i)*1000)
+		e.SrcAddr = netip.AddrFrom4([4]byte{10, byte(i >> 16), byte(i >> 8), byte(i)})
+		e.DstAddr = netip.MustParseAddr("192.0.2.1")
+		if i%5 == 0 {
+			e.SrcAddr, e.DstAddr = netip.MustParseAddr("fd00::1"), netip.MustParseAddr("2001:db8::1")
+		}
+		e.SrcPort, e.DstPort = uint16(1024+i%60000), 443
+		e.TxBytes, e.TxPackets = uint64(i)*10, uint64(i%100)
+		buf = flow.AppendJSON(buf, &e)
+		buf = append(buf, '\n')
+	}
+	writeFile(t, path, string(buf))
+}
+
+// pluginChildren lists the PIDs of processes whose parent is pid and whose command line
+// contains "plugin serve".
+func pluginChildren(t *testing.T, pid int) []int {
+	t.Helper()
+	entries, err := os.ReadDir("/proc")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []int
+	for _, e := range entries {
+		child, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		stat, err := os.ReadFile(filepath.Join("/proc", e.Name(), "stat"))
+		if err != nil {
+			continue
+		}
+		// pid (comm) state ppid ...; comm may hold spaces, so split after the last ')'.
+		f := strings.Fields(string(stat[bytes.LastIndexByte(stat, ')')+1:]))
+		if len(f) < 2 || f[0] == "Z" || f[1] != strconv.Itoa(pid) {
+			continue
+		}
+		cmdline, _ := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
+		if bytes.Contains(cmdline, []byte("plugin\x00serve")) {
+			out = append(out, child)
+		}
+	}
+	return out
+}
+
+func alive(pid int) bool {
+	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return false
+	}
+	f := strings.Fields(string(stat[bytes.LastIndexByte(stat, ')')+1:]))
+	return len(f) > 0 && f[0] != "Z"
+}
+
+// eventually polls cond until it holds; the deadline only stops a broken test from hanging.
+func eventually(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(60 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("gave up waiting: %s", what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func TestPluginsSameOutputInAndOutOfProcess(t *testing.T) {
+	dir := t.TempDir()
+	writeEvents(t, filepath.Join(dir, "in.jsonl"), 20_000)
+	outputs := map[string][]byte{}
+	for _, iso := range []string{"inproc", "process"} {
+		writeFile(t, filepath.Join(dir, iso+".yaml"), fmt.Sprintf(`
+admin: {listen: ""}
+sources:
+  in:
+    type: replay
+    isolation: %[1]s
+    path: in.jsonl
+    batch_size: 777
+enrichers:
+  - type: community_id
+    isolation: %[1]s
+sinks:
+  out:
+    type: file
+    isolation: %[1]s
+    path: out-%[1]s.jsonl
+`, iso))
+		_, stderr, code := flowpipe(t, dir, "run", "-c", iso+".yaml", "--log-level", "debug")
+		if code != 0 {
+			t.Fatalf("%s: exit %d\n%s", iso, code, stderr)
+		}
+		if started := strings.Count(stderr, "plugin process running"); iso == "process" && started != 3 {
+			t.Fatalf("%d plugin processes started, want 3:\n%s", started, stderr)
+		} else if iso == "inproc" && started != 0 {
+			t.Fatalf("plugin processes started for isolation: inproc:\n%s", stderr)
+		}
+		data, err := os.ReadFile(filepath.Join(dir, "out-"+iso+".jsonl"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		outputs[iso] = data
+	}
+	if n := bytes.Count(outputs["process"], []byte("\n")); n != 20_000 {
+		t.Fatalf("out of process: %d events, want 20000", n)
+	}
+	if !bytes.Contains(outputs["process"], []byte(`"community_id":"1:`)) {
+		t.Fatal("the enricher did not run out of process")
+	}
+	if !bytes.Equal(outputs["inproc"], outputs["process"]) {
+		t.Fatal("output differs between isolation: inproc and isolation: process")
+	}
+}
+
+// TestPluginSinkKilledMidStream kills -9 the file sink's plugin process while 100,000
+// events stream through it: after the restart every event is in the output, and every
+// duplicate belongs to a batch the host logged as redelivered.
+func TestPluginSinkKilledMidStream(t *testing.T) {
+	dir := t.TempDir()
+	const total = 100_000
+	writeEvents(t, filepath.Join(dir, "in.jsonl"), total)
+	writeFile(t, filepath.Join(dir, "p.yaml"), `
+admin: {listen: ""}
+sources:
+  in:
+    type: replay
+    isolation: inproc
+    path: in.jsonl
+    batch_size: 500
+    rate: 25000
+sinks:
+  out:
+    type: file
+    path: out.jsonl
+    retry: {initial_interval: 50ms, max_interval: 1s}
+`)
+	cmd := exec.Command(binary, "run", "-c", "p.yaml", "--log-format", "json")
+	cmd.Dir = dir
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	var sinkPID int
+	eventually(t, "the sink plugin to start", func() bool {
+		kids := pluginChildren(t, cmd.Process.Pid)
+		if len(kids) == 1 {
+			sinkPID = kids[0]
+		}
+		return sinkPID != 0
+	})
+	out := filepath.Join(dir, "out.jsonl")
+	eventually(t, "a quarter of the events to be written", func() bool {
+		st, err := os.Stat(out)
+		return err == nil && st.Size() > 100*total/4
+	})
+	if err := syscall.Kill(sinkPID, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Wait(); err != nil {
+		t.Fatalf("flowpipe run: %v\n%s", err, stderr.String())
+	}
+	data, err := os.ReadFile(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	seen := map[string]int{}
+	lines := 0
+	sc := bufio.NewScanner(bytes.NewReader(data))
+	for sc.Scan() {
+		var e flow.Event
+		if err := flow.ParseJSON(sc.Bytes(), &e); err != nil {
+			t.Fatalf("line %d: %v", lines+1, err)
+		}
+		seen[e.EventID.String()]++
+		lines++
+	}
+	if len(seen) != total {
+		t.Fatalf("%d distinct events in the output, want %d", len(seen), total)
+	}
+	redelivered, restarted := 0, false
+	for _, l := range strings.Split(stderr.String(), "\n") {
+		var rec struct {
+			Msg    string `json:"msg"`
+			Events int    `json:"events"`
+		}
+		if json.Unmarshal([]byte(l), &rec) != nil {
+			continue
+		}
+		if strings.HasPrefix(rec.Msg, "plugin redelivery") {
+			redelivered += rec.Events
+		}
+		restarted = restarted || rec.Msg == "plugin restarted"
+	}
+	if !restarted {
+		t.Fatalf("no restart logged:\n%s", stderr.String())
+	}
+	if dups := lines - total; dups > redelivered {
+		t.Fatalf("%d duplicate events, but only %d logged as redelivered", dups, redelivered)
+	}
+	t.Logf("%d duplicates, %d events redelivered", lines-total, redelivered)
+}
+
+func TestNoPluginProcessesRemain(t *testing.T) {
+	for _, sig := range []syscall.Signal{syscall.SIGTERM, syscall.SIGKILL} {
+		t.Run(sig.String(), func(t *testing.T) {
+			dir := t.TempDir()
+			writeFile(t, filepath.Join(dir, "p.yaml"), `
+admin: {listen: ""}
+sources:
+  gen: {type: generate, rate: 1000}
+enrichers:
+  - type: community_id
+sinks:
+  out: {type: file, path: out.jsonl}
+`)
+			cmd := exec.Command(binary, "run", "-c", "p.yaml")
+			cmd.Dir = dir
+			var stderr bytes.Buffer
+			cmd.Stderr = &stderr
+			if err := cmd.Start(); err != nil {
+				t.Fatal(err)
+			}
+			var kids []int
+			eventually(t, "three plugin processes", func() bool {
+				kids = pluginChildren(t, cmd.Process.Pid)
+				return len(kids) == 3
+			})
+			eventually(t, "events in the output", func() bool {
+				st, err := os.Stat(filepath.Join(dir, "out.jsonl"))
+				return err == nil && st.Size() > 0
+			})
+			if err := cmd.Process.Signal(sig); err != nil {
+				t.Fatal(err)
+			}
+			err := cmd.Wait()
+			if sig == syscall.SIGTERM && err != nil {
+				t.Fatalf("flowpipe run after SIGTERM: %v\n%s", err, stderr.String())
+			}
+			for _, pid := range kids {
+				eventually(t, fmt.Sprintf("plugin process %d to exit", pid), func() bool { return !alive(pid) })
+			}
+		})
+	}
+}
+
+func TestValidateShowsPluginErrorsAtTheirLine(t *testing.T) {
+	dir := t.TempDir()
+	writeFile(t, filepath.Join(dir, "p.yaml"), `admin: {listen: ""}
+sources:
+  gen: {type: generate}
+sinks:
+  out:
+    type: file
+    path: out.jsonl
+    sync: sometimes
+  ext:
+    plugin: ./plugins/flowpipe-sink-nosuch
+`)
+	_, stderr, code := flowpipe(t, dir, "validate", "-c", "p.yaml")
+	if code == 0 {
+		t.Fatal("validate accepted a bad pipeline")
+	}
+	for _, want := range []string{
+		"p.yaml:8: sinks.out.sync: unknown mode \"sometimes\"",
+		"p.yaml:10: sinks.ext.plugin: plugin binary",
+	} {
+		if !strings.Contains(stderr, want) {
+			t.Errorf("missing %q in:\n%s", want, stderr)
+		}
+	}
+}
+
+func TestPluginsList(t *testing.T) {
+	dir := t.TempDir()
+	stdout, stderr, code := flowpipe(t, dir, "plugins", "list")
+	if code != 0 {
+		t.Fatalf("exit %d: %s", code, stderr)
+	}
+	for _, want := range []string{"sink      file", "built-in", "source    generate"} {
+		if !strings.Contains(stdout, want) {
+			t.Errorf("missing %q in:\n%s", want, stdout)
+		}
+	}
+}
