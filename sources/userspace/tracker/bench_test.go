@@ -67,38 +67,29 @@ func BenchmarkEstablishedTCPManyFlows(b *testing.B) {
 	}
 }
 
-// newFlows measures opening connections: every packet has a new source address and port;
-// the table is cleared every 1<<16 connections (outside the timer) so it never fills, and
-// one round runs before the timer starts so that the table's memory is in place, as it is in
-// a tracker that has been running for a while.
+// newFlows measures opening connections: every packet has a new 5-tuple, and the table is
+// full (65,536 connections, filled before the timer starts), so that each new connection
+// also evicts the least recently active one and produces its end event: the steady state of a
+// busy tracker, where every connection is opened once and removed once.
 func newFlows(b *testing.B, mk func(i int) *Packet) {
-	tr := New(Config{LocalPrefixes: localA, MaxEntries: 1 << 20})
 	const span = 1 << 16
-	pkts := make([]*Packet, span)
+	tr := New(Config{LocalPrefixes: localA, MaxEntries: span})
+	pkts := make([]*Packet, 4*span)
 	for i := range pkts {
 		pkts[i] = mk(i)
 	}
 	buf := make([]flow.Event, 0, 1024)
-	for _, p := range pkts {
+	for _, p := range pkts[:span] {
 		tr.ProcessAt(p, sec)
 		if tr.Pending() >= 1024 {
 			buf = tr.DrainEvents(buf)
 		}
 	}
-	tr.Flush(0, -1)
-	tr.DrainEvents(nil)
 	b.ReportAllocs()
 	b.ResetTimer()
 	defer reportCPU(b)()
 	for i := 0; b.Loop(); i++ {
-		j := i % span
-		if j == 0 && i > 0 {
-			b.StopTimer()
-			tr.Flush(0, -1)
-			tr.DrainEvents(nil)
-			b.StartTimer()
-		}
-		tr.ProcessAt(pkts[j], sec+flow.Time(i))
+		tr.ProcessAt(pkts[(span+i)%len(pkts)], sec+flow.Time(i))
 		if tr.Pending() >= 1024 {
 			buf = tr.DrainEvents(buf)
 		}

@@ -70,7 +70,7 @@ type Stats struct {
 // Tracker is a connection table. Its methods are safe for concurrent use.
 type Tracker struct {
 	mu       sync.Mutex
-	table    map[key]int32
+	ix       index
 	pages    [][]entry // the entries, in fixed pages so that growing never copies them
 	nEntries int32     // entries ever allocated; table values index them
 	free     []int32
@@ -125,7 +125,7 @@ func New(c Config) *Tracker {
 		}
 	}
 	initial := min(t.max, 4096)
-	t.table = make(map[key]int32, initial)
+	t.ix = newIndex(initial)
 	for i := range t.lists {
 		t.lists[i] = list{head: -1, tail: -1}
 	}
@@ -180,6 +180,7 @@ func (k *key) side(a bool) (netip.Addr, uint16) {
 // entry is one connection.
 type entry struct {
 	key        key
+	hash       uint32
 	flowID     uuid.UUID
 	start      flow.Time
 	last       flow.Time
@@ -272,7 +273,8 @@ func (t *Tracker) ProcessAt(p *Packet, now flow.Time) Match {
 	if int64(now-t.swept) >= t.sweepGap {
 		t.sweepLocked(now, sweepBudget)
 	}
-	i, ok := t.table[k]
+	h := t.ix.hash(&k)
+	i, ok := t.find(&k, h)
 	if ok {
 		e := t.ent(i)
 		if int64(now-e.last) >= t.timeout[e.class] {
@@ -284,7 +286,7 @@ func (t *Tracker) ProcessAt(p *Packet, now flow.Time) Match {
 			return m
 		}
 	}
-	m := t.openLocked(k, fromA, p, now, v6)
+	m := t.openLocked(k, h, fromA, p, now, v6)
 	t.mu.Unlock()
 	return m
 }
@@ -300,9 +302,9 @@ func (t *Tracker) updateLocked(i int32, e *entry, p *Packet, orig bool, now flow
 		if tcpReopens(e.state, p.TCPFlags) {
 			// A new connection on the same ports: the finished one ends here.
 			t.stats.Reopened++
-			k, fromA := e.key, orig == e.origIsA // copied before the slot is freed and reused
+			k, h, fromA := e.key, e.hash, orig == e.origIsA // copied before the slot is freed and reused
 			t.removeLocked(i, now)
-			return t.openLocked(k, fromA, p, now, v6)
+			return t.openLocked(k, h, fromA, p, now, v6)
 		}
 		e.state = e.tcp.next(e.state, p, dir)
 	default:
@@ -326,7 +328,7 @@ func (t *Tracker) updateLocked(i int32, e *entry, p *Packet, orig bool, now flow
 }
 
 // openLocked opens a connection for p, whose key is k, if p can open one.
-func (t *Tracker) openLocked(k key, fromA bool, p *Packet, now flow.Time, v6 bool) Match {
+func (t *Tracker) openLocked(k key, h uint32, fromA bool, p *Packet, now flow.Time, v6 bool) Match {
 	var st State
 	switch p.Proto {
 	case 6:
@@ -345,7 +347,7 @@ func (t *Tracker) openLocked(k key, fromA bool, p *Packet, now flow.Time, v6 boo
 		}
 		st = StateUnreplied
 	}
-	if len(t.table) >= t.max {
+	if t.ix.n >= t.max {
 		t.evictLocked(now)
 	}
 	var i int32
@@ -362,6 +364,7 @@ func (t *Tracker) openLocked(k key, fromA bool, p *Packet, now flow.Time, v6 boo
 	e := t.ent(i)
 	*e = entry{
 		key:       k,
+		hash:      h,
 		flowID:    t.ids.New(),
 		start:     now,
 		last:      now,
@@ -375,7 +378,7 @@ func (t *Tracker) openLocked(k key, fromA bool, p *Packet, now flow.Time, v6 boo
 		e.icmpType, e.icmpCode = p.ICMPType, p.ICMPCode
 	}
 	e.dir = t.direction(p)
-	t.table[k] = i
+	t.insert(i, h)
 	t.pushBack(i, classOf(p.Proto, st))
 	t.stats.Started++
 	t.eventLocked(e, flow.TypeStart, now)
@@ -411,7 +414,7 @@ func (t *Tracker) related(p *Packet, now flow.Time, v6 bool) Match {
 		return MatchNone
 	}
 	k, quotedFromA := makeKey(&q.Src, &q.Dst, q.SrcPort, q.DstPort, q.Proto, p.IPv6)
-	i, ok := t.table[k]
+	i, ok := t.find(&k, t.ix.hash(&k))
 	if !ok {
 		t.stats.Invalid++
 		return MatchNone
@@ -454,7 +457,7 @@ func (t *Tracker) PeekAt(p *Packet, now flow.Time) Match {
 	k, fromA := makeKey(src, dst, sp, dp, proto, p.IPv6)
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	i, ok := t.table[k]
+	i, ok := t.find(&k, t.ix.hash(&k))
 	if ok {
 		e := t.ent(i)
 		if int64(now-e.last) < t.timeout[e.class] {
@@ -491,7 +494,7 @@ func (t *Tracker) StateOf(p *Packet) (State, bool) {
 	k, _ := makeKey(&p.Src, &p.Dst, p.SrcPort, p.DstPort, p.Proto, p.IPv6)
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	if i, ok := t.table[k]; ok {
+	if i, ok := t.find(&k, t.ix.hash(&k)); ok {
 		return t.ent(i).state, true
 	}
 	return StateNone, false
@@ -514,7 +517,7 @@ func (t *Tracker) ReportDropAt(p *Packet, ruleID string, now flow.Time) {
 	if ev == nil {
 		return
 	}
-	if i, ok := t.table[k]; ok {
+	if i, ok := t.find(&k, t.ix.hash(&k)); ok {
 		ev.FlowID = t.ent(i).flowID
 	} else {
 		ev.FlowID = t.ids.New()
@@ -545,7 +548,7 @@ func (t *Tracker) removeLocked(i int32, now flow.Time) {
 	t.eventLocked(e, flow.TypeEnd, now)
 	t.stats.Ended++
 	t.unlink(i)
-	delete(t.table, e.key)
+	t.delete(i, e.hash)
 	e.inUse = false
 	t.free = append(t.free, i)
 }
@@ -613,14 +616,14 @@ func (t *Tracker) Flush(now flow.Time, max int) int {
 			n++
 		}
 	}
-	return len(t.table)
+	return t.ix.n
 }
 
 // Len is the number of connections in the table.
 func (t *Tracker) Len() int {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	return len(t.table)
+	return t.ix.n
 }
 
 // Stats returns the tracker's counters.
@@ -628,7 +631,7 @@ func (t *Tracker) Stats() Stats {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	s := t.stats
-	s.Entries = len(t.table)
+	s.Entries = t.ix.n
 	return s
 }
 
