@@ -11,7 +11,8 @@ import (
 // Raw is a message that is already encoded (a FlowEvent from AppendEvent, a FlowEventAck from
 // AppendAck): the codec sends its bytes as they are, so that encoding happens where the
 // caller chooses (once per event, in the goroutine that has the batch) and a resend costs no
-// encoding at all. The codec does not keep or modify the bytes after Marshal returns.
+// encoding at all. gRPC writes the bytes to the connection after SendMsg returns: they must
+// not change afterwards (give every message bytes of its own).
 type Raw []byte
 
 // AckMsg receives a decoded FlowEventAck.
@@ -44,7 +45,12 @@ func (Codec) Marshal(v any) (mem.BufferSlice, error) {
 func (Codec) Unmarshal(data mem.BufferSlice, v any) error {
 	switch m := v.(type) {
 	case *Message:
-		return DecodeEvent(contiguous(data), m)
+		// A malformed event is reported in the message, not as an error: gRPC would turn an
+		// error into an opaque Internal status, and the receiver wants to count it as what it is.
+		if err := DecodeEvent(contiguous(data), m); err != nil {
+			m.Invalid = err
+		}
+		return nil
 	case *AckMsg:
 		id, init, err := DecodeAck(contiguous(data))
 		if err != nil {

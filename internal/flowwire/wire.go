@@ -261,6 +261,7 @@ type Message struct {
 	Initiator bool
 	PublicKey []byte // aliases the decoded buffer; copy to keep
 	Event     flow.Event
+	Invalid   error // set by Codec instead of failing Unmarshal; see Codec.Unmarshal
 }
 
 // ErrMalformed wraps every decoding error.

@@ -1,0 +1,133 @@
+package grpc
+
+import (
+	"encoding/base64"
+	"net"
+	"net/url"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/flowpipe/flowpipe/core/config"
+)
+
+// Config is the options of a `type: grpc` sink.
+type Config struct {
+	// URL of the collector: http://host:port (plain text) or https://host:port (TLS).
+	URL        string `yaml:"url" required:"true"`
+	CAFile     string `yaml:"ca_file"`     // PEM roots to trust instead of the system's
+	CertFile   string `yaml:"cert_file"`   // client certificate for mTLS
+	KeyFile    string `yaml:"key_file"`    // its key
+	ServerName string `yaml:"server_name"` // TLS name to verify, when not the URL's host
+
+	// Token is a credential given by a management server, sent as is.
+	Token *TokenConfig `yaml:"token"`
+	// HMACSecret makes the sink mint its own tokens, valid for TokenTTL and renewed before
+	// they expire; the collector must list the same secret.
+	HMACSecret string        `yaml:"hmac_secret"`
+	TokenTTL   time.Duration `yaml:"token_ttl"`
+
+	// PublicKey identifies this peer in every event (the public_key field).
+	PublicKey string `yaml:"public_key"`
+
+	MaxInFlight      int             `yaml:"max_in_flight"`  // unacknowledged events at most
+	AckTimeout       time.Duration   `yaml:"ack_timeout"`    // resend an event not ACKed within this
+	KeepaliveTime    time.Duration   `yaml:"keepalive_time"` // ping an idle connection this often
+	KeepaliveTimeout time.Duration   `yaml:"keepalive_timeout"`
+	ReconnectMin     time.Duration   `yaml:"reconnect_min"`    // first reconnect delay, doubled per failure
+	ReconnectMax     time.Duration   `yaml:"reconnect_max"`    // with jitter, up to this
+	MaxMessageSize   config.ByteSize `yaml:"max_message_size"` // largest ACK accepted
+}
+
+// TokenConfig is a token as a NetBird management server hands it out.
+type TokenConfig struct {
+	Payload   string `yaml:"payload" required:"true"`
+	Signature string `yaml:"signature" required:"true"`
+}
+
+func defaultConfig() *Config {
+	return &Config{
+		TokenTTL:         time.Hour,
+		MaxInFlight:      20000,
+		AckTimeout:       30 * time.Second,
+		KeepaliveTime:    30 * time.Second,
+		KeepaliveTimeout: 10 * time.Second,
+		ReconnectMin:     200 * time.Millisecond,
+		ReconnectMax:     30 * time.Second,
+		MaxMessageSize:   1 << 20,
+	}
+}
+
+// Validate checks the options together; decoding has checked each alone.
+func (c *Config) Validate() error {
+	var errs config.FieldErrors
+	if u, err := url.Parse(c.URL); err != nil {
+		errs.Add("url", "not a URL: %v", err)
+	} else if u.Scheme != "http" && u.Scheme != "https" {
+		errs.Add("url", "scheme %q: want http:// (plain text) or https:// (TLS)", u.Scheme)
+	} else if u.Host == "" {
+		errs.Add("url", "no host in %q (want http://host:port or https://host:port)", c.URL)
+	} else if u.Scheme == "http" && (c.CAFile != "" || c.CertFile != "" || c.ServerName != "") {
+		errs.Add("url", "ca_file, cert_file and server_name need an https:// URL")
+	}
+	if (c.CertFile == "") != (c.KeyFile == "") {
+		errs.Add("cert_file", "cert_file and key_file go together")
+	}
+	if c.Token != nil && c.HMACSecret != "" {
+		errs.Add("token", "set either token or hmac_secret, not both")
+	}
+	if c.HMACSecret != "" && c.TokenTTL < 10*time.Second {
+		errs.Add("token_ttl", "%s is too short to renew in time (at least 10s)", c.TokenTTL)
+	}
+	if c.MaxInFlight < 1 {
+		errs.Add("max_in_flight", "must be at least 1")
+	}
+	for path, d := range map[string]time.Duration{"ack_timeout": c.AckTimeout, "keepalive_time": c.KeepaliveTime,
+		"keepalive_timeout": c.KeepaliveTimeout, "reconnect_min": c.ReconnectMin, "reconnect_max": c.ReconnectMax} {
+		if d <= 0 {
+			errs.Add(path, "must be positive")
+		}
+	}
+	if c.ReconnectMax < c.ReconnectMin {
+		errs.Add("reconnect_max", "%s is below reconnect_min %s", c.ReconnectMax, c.ReconnectMin)
+	}
+	if c.MaxMessageSize < 64 {
+		errs.Add("max_message_size", "must be at least 64 bytes")
+	}
+	return errs.Err()
+}
+
+// target is the host:port to dial, with the default port of the scheme when none is given.
+func (c *Config) target() (addr string, tls bool) {
+	u, _ := url.Parse(c.URL)
+	tls = u.Scheme == "https"
+	port := u.Port()
+	if port == "" {
+		port = "80"
+		if tls {
+			port = "443"
+		}
+	}
+	return net.JoinHostPort(u.Hostname(), port), tls
+}
+
+func resolve(dir, p string) string {
+	if p == "" || filepath.IsAbs(p) || dir == "" {
+		return p
+	}
+	return filepath.Join(dir, p)
+}
+
+func readFile(dir, p string) ([]byte, error) { return os.ReadFile(resolve(dir, p)) }
+
+// publicKey is the public_key option as bytes: a WireGuard key is given in base64 and sent
+// decoded; anything else is sent as its text.
+func (c *Config) publicKey() []byte {
+	if c.PublicKey == "" {
+		return nil
+	}
+	if b, err := base64.StdEncoding.DecodeString(c.PublicKey); err == nil && len(b) == 32 {
+		return b
+	}
+	return []byte(c.PublicKey)
+}

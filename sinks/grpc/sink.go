@@ -1,0 +1,524 @@
+// Package grpc is the `type: grpc` sink: it streams events to a collector over NetBird's flow
+// protocol (flow.FlowService/Events, proto/flow) and reports a batch written only when the
+// collector has ACKed every one of its events.
+//
+// One stream carries the events of every Write in flight. Each event waits in a table of
+// unacknowledged events, keyed by event ID, until its ACK arrives; the table is bounded by
+// max_in_flight, which is the sink's window. When the stream breaks, the sink reconnects with
+// jittered exponential backoff and sends every unacknowledged event again; an event not ACKed
+// within ack_timeout is sent again on the same stream. The collector de-duplicates by event
+// ID, so resending is safe.
+package grpc
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"sync"
+	"time"
+
+	"github.com/google/uuid"
+	"github.com/prometheus/client_golang/prometheus"
+	grpclib "google.golang.org/grpc"
+	"google.golang.org/grpc/backoff"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/keepalive"
+	"google.golang.org/grpc/status"
+
+	"github.com/flowpipe/flowpipe/core/component"
+	"github.com/flowpipe/flowpipe/core/flow"
+	"github.com/flowpipe/flowpipe/internal/flowwire"
+	pb "github.com/flowpipe/flowpipe/proto/flow"
+)
+
+// Factory builds `type: grpc` sinks.
+func Factory() component.Factory {
+	return component.NewSinkFactory("grpc", "stream events to a flow collector (NetBird's FlowService), ACKed per event",
+		defaultConfig, func(env component.Env, c *Config) (component.Sink, error) { return New(env, c) })
+}
+
+// Sink is the gRPC sink. Write may be called concurrently.
+type Sink struct {
+	cfg    *Config
+	log    *slog.Logger
+	env    component.Env
+	conn   *grpclib.ClientConn
+	key    []byte
+	cancel context.CancelFunc
+	done   chan struct{}
+
+	mu      sync.Mutex
+	pending map[uuid.UUID]*pending // sent or waiting to be sent, not yet ACKed
+	queue   []*pending             // to send on the current stream, in order
+	wake    chan struct{}          // the sender has something to do (capacity 1)
+	space   chan struct{}          // closed and replaced when the window gains room
+	stream  uint64                 // generation of the current stream, 0 while there is none
+
+	sent, resent, acked, unknownAcks prometheus.Counter
+	inFlight                         prometheus.GaugeFunc
+}
+
+// pending is one unacknowledged event.
+type pending struct {
+	id     uuid.UUID
+	msg    []byte  // the encoded FlowEvent
+	w      *waiter // the Write it belongs to
+	same   *pending
+	stream uint64    // generation of the stream it was last sent on; 0 = not sent there
+	sentAt time.Time // when it was last sent
+}
+
+// waiter is one Write waiting for the ACKs of its events.
+type waiter struct {
+	left int // events not yet ACKed, under Sink.mu
+	done chan struct{}
+}
+
+// New builds a sink from validated options and starts connecting in the background.
+func New(env component.Env, c *Config) (*Sink, error) {
+	if env.Logger == nil {
+		env.Logger = slog.New(slog.DiscardHandler)
+	}
+	if env.Metrics == nil {
+		env.Metrics = component.NopMetrics{}
+	}
+	addr, useTLS := c.target()
+	var tc credentials.TransportCredentials
+	if useTLS {
+		cfg, err := clientTLS(env.ConfigDir, c)
+		if err != nil {
+			return nil, err
+		}
+		tc = credentials.NewTLS(cfg)
+	} else {
+		tc = insecure.NewCredentials()
+	}
+	tok, err := newTokenSource(c)
+	if err != nil {
+		return nil, err
+	}
+	opts := []grpclib.DialOption{
+		grpclib.WithTransportCredentials(tc),
+		grpclib.WithKeepaliveParams(keepalive.ClientParameters{Time: c.KeepaliveTime, Timeout: c.KeepaliveTimeout, PermitWithoutStream: true}),
+		grpclib.WithConnectParams(grpclib.ConnectParams{
+			Backoff:           backoff.Config{BaseDelay: c.ReconnectMin, Multiplier: 1.6, Jitter: 0.2, MaxDelay: c.ReconnectMax},
+			MinConnectTimeout: 5 * time.Second,
+		}),
+		grpclib.WithDefaultCallOptions(grpclib.ForceCodecV2(flowwire.Codec{}), grpclib.MaxCallRecvMsgSize(int(c.MaxMessageSize))),
+		// Larger HTTP/2 windows than the 64 KiB default keep a stream of small messages moving
+		// while ACKs come back.
+		grpclib.WithInitialWindowSize(4 << 20),
+		grpclib.WithInitialConnWindowSize(8 << 20),
+	}
+	if tok != nil {
+		opts = append(opts, grpclib.WithPerRPCCredentials(tok))
+	}
+	conn, err := grpclib.NewClient(addr, opts...)
+	if err != nil {
+		return nil, fmt.Errorf("grpc sink %s: %w", c.URL, err)
+	}
+	s := &Sink{
+		cfg: c, log: env.Logger, env: env, conn: conn, key: c.publicKey(),
+		pending: map[uuid.UUID]*pending{},
+		wake:    make(chan struct{}, 1),
+		space:   make(chan struct{}),
+		done:    make(chan struct{}),
+	}
+	s.metrics(env.Registerer)
+	ctx, cancel := context.WithCancel(context.Background())
+	s.cancel = cancel
+	go s.run(ctx)
+	return s, nil
+}
+
+func (s *Sink) metrics(reg prometheus.Registerer) {
+	counter := func(name, help string) prometheus.Counter {
+		return prometheus.NewCounter(prometheus.CounterOpts{Name: "flowpipe_grpc_sink_" + name, Help: help})
+	}
+	s.sent = counter("events_sent_total", "Events sent for the first time on a stream.")
+	s.resent = counter("events_resent_total", "Events sent again after a reconnect or an ACK timeout.")
+	s.acked = counter("events_acked_total", "Events ACKed by the collector.")
+	s.unknownAcks = counter("unknown_acks_total", "ACKs for events not waiting (already ACKed, or given up).")
+	s.inFlight = prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "flowpipe_grpc_sink_unacked_events", Help: "Events waiting for their ACK."},
+		func() float64 { s.mu.Lock(); defer s.mu.Unlock(); return float64(len(s.pending)) })
+	if reg != nil {
+		for _, c := range []prometheus.Collector{s.sent, s.resent, s.acked, s.unknownAcks, s.inFlight} {
+			if err := reg.Register(c); err != nil {
+				s.log.Warn("register metric", "err", err)
+			}
+		}
+	}
+}
+
+func clientTLS(dir string, c *Config) (*tls.Config, error) {
+	cfg := &tls.Config{ServerName: c.ServerName, MinVersion: tls.VersionTLS12}
+	if c.CAFile != "" {
+		pem, err := readFile(dir, c.CAFile)
+		if err != nil {
+			return nil, fmt.Errorf("ca_file: %w", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("ca_file %s: no PEM certificate in it", c.CAFile)
+		}
+		cfg.RootCAs = pool
+	}
+	if c.CertFile != "" {
+		cert, err := tls.LoadX509KeyPair(resolve(dir, c.CertFile), resolve(dir, c.KeyFile))
+		if err != nil {
+			return nil, fmt.Errorf("cert_file/key_file: %w", err)
+		}
+		cfg.Certificates = []tls.Certificate{cert}
+	}
+	return cfg, nil
+}
+
+// Write sends the batch's events and returns nil once the collector has ACKed all of them.
+// When ctx ends first, the events not yet ACKed are forgotten and ctx's error is returned; the
+// runtime retries the batch, and the collector drops what it already has by event ID.
+func (s *Sink) Write(ctx context.Context, b *flow.Batch) error {
+	n := len(b.Events)
+	if n == 0 {
+		return nil
+	}
+	// One buffer and one table of entries per batch, not per event.
+	buf := make([]byte, 0, n*160)
+	ps := make([]pending, n)
+	w := &waiter{left: n, done: make(chan struct{})}
+	for i := range b.Events {
+		start := len(buf)
+		buf = flowwire.AppendEvent(buf, &b.Events[i], s.key)
+		ps[i] = pending{id: b.Events[i].EventID, w: w}
+		ps[i].msg = buf[start:len(buf):len(buf)]
+	}
+	// The buffer may have moved while it grew: point every entry at the final one.
+	off := 0
+	for i := range ps {
+		l := len(ps[i].msg)
+		ps[i].msg = buf[off : off+l : off+l]
+		off += l
+	}
+
+	next := 0
+	for next < n {
+		s.mu.Lock()
+		room := s.cfg.MaxInFlight - len(s.pending)
+		added := false
+		for ; room > 0 && next < n; next++ {
+			p := &ps[next]
+			if first, dup := s.pending[p.id]; dup {
+				// The same event is already waiting (a duplicate in the input): it is ACKed
+				// with the first one and sent once.
+				p.same, first.same = first.same, p
+				continue
+			}
+			s.pending[p.id] = p
+			s.queue = append(s.queue, p)
+			room--
+			added = true
+		}
+		space := s.space
+		s.mu.Unlock()
+		if added {
+			s.poke()
+		}
+		if next < n {
+			select {
+			case <-space:
+			case <-ctx.Done():
+				s.forget(ps[:next])
+				return fmt.Errorf("grpc sink: %d of %d events not sent: %w", n-next, n, ctx.Err())
+			case <-s.done:
+				s.forget(ps[:next])
+				return errors.New("grpc sink closed")
+			}
+		}
+	}
+	select {
+	case <-w.done:
+		return nil
+	case <-ctx.Done():
+	case <-s.done:
+	}
+	s.mu.Lock()
+	left := w.left
+	s.mu.Unlock()
+	if left == 0 {
+		return nil
+	}
+	s.forget(ps)
+	if ctx.Err() != nil {
+		return fmt.Errorf("grpc sink: %d of %d events not ACKed: %w", left, n, ctx.Err())
+	}
+	return fmt.Errorf("grpc sink closed with %d of %d events not ACKed", left, n)
+}
+
+// forget removes a failed Write's entries from the table.
+func (s *Sink) forget(ps []pending) {
+	requeued := false
+	defer func() {
+		if requeued {
+			s.poke()
+		}
+	}()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for i := range ps {
+		p := &ps[i]
+		first, ok := s.pending[p.id]
+		if !ok {
+			continue
+		}
+		if first == p {
+			if p.same != nil {
+				// A duplicate from another Write takes over the slot.
+				q := p.same
+				s.pending[p.id] = q
+				q.stream, q.sentAt = p.stream, p.sentAt
+				s.queue = append(s.queue, q) // sent unless it already went out on this stream
+				requeued = true
+			} else {
+				delete(s.pending, p.id)
+			}
+			continue
+		}
+		for q := first; q.same != nil; q = q.same {
+			if q.same == p {
+				q.same = p.same
+				break
+			}
+		}
+	}
+	s.roomMade()
+}
+
+func (s *Sink) poke() {
+	select {
+	case s.wake <- struct{}{}:
+	default:
+	}
+}
+
+// roomMade wakes Writes waiting for the window; called with s.mu held.
+func (s *Sink) roomMade() {
+	close(s.space)
+	s.space = make(chan struct{})
+}
+
+// ack completes the event id; called for every ACK received.
+func (s *Sink) ack(id uuid.UUID) {
+	s.mu.Lock()
+	p, ok := s.pending[id]
+	if !ok {
+		s.mu.Unlock()
+		s.unknownAcks.Inc()
+		return
+	}
+	delete(s.pending, id)
+	for q := p; q != nil; q = q.same {
+		q.w.left--
+		if q.w.left == 0 {
+			close(q.w.done)
+		}
+	}
+	// Waiting Writes are woken when a quarter of the window is free, not for every ACK.
+	if len(s.pending) == s.cfg.MaxInFlight-max(s.cfg.MaxInFlight/4, 1) || len(s.pending) == 0 {
+		s.roomMade()
+	}
+	s.mu.Unlock()
+	s.acked.Inc()
+}
+
+// run keeps a stream open and feeds it until the sink is closed.
+func (s *Sink) run(ctx context.Context) {
+	defer close(s.done)
+	var gen uint64
+	failures := 0
+	for ctx.Err() == nil {
+		gen++
+		start := time.Now()
+		err := s.serve(ctx, gen)
+		if ctx.Err() != nil {
+			return
+		}
+		if time.Since(start) > s.cfg.ReconnectMax {
+			failures = 0 // the stream worked for a while: start the backoff over
+		}
+		failures++
+		delay := s.backoff(failures)
+		s.env.Metrics.Errors("stream", 1)
+		s.log.Warn("stream to collector failed; reconnecting", "url", s.cfg.URL, "err", err, "retry_in", delay.Round(time.Millisecond))
+		select {
+		case <-time.After(delay):
+		case <-ctx.Done():
+			return
+		}
+	}
+}
+
+// backoff is the delay before reconnect attempt n (from 1): exponential from reconnect_min
+// to reconnect_max, with full jitter over its upper half so that many agents cut off at once
+// do not come back at once.
+func (s *Sink) backoff(n int) time.Duration {
+	d := s.cfg.ReconnectMin
+	for i := 1; i < n && d < s.cfg.ReconnectMax; i++ {
+		d *= 2
+	}
+	d = min(d, s.cfg.ReconnectMax)
+	return d/2 + rand.N(d/2+1)
+}
+
+// handshakeTimeout bounds the wait for the receiver's response headers.
+const handshakeTimeout = 15 * time.Second
+
+// serve opens stream number gen, sends everything pending on it, and returns when it fails.
+func (s *Sink) serve(ctx context.Context, gen uint64) error {
+	sctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	stream, err := s.conn.NewStream(sctx, &pb.FlowService_ServiceDesc.Streams[0], pb.FlowService_Events_FullMethodName, grpclib.WaitForReady(true))
+	if err != nil {
+		return fmt.Errorf("open stream: %w", err)
+	}
+	if err := stream.SendMsg(flowwire.Raw(flowwire.AppendInitiator(nil))); err != nil {
+		return fmt.Errorf("send initiator: %w", closeErr(stream, err))
+	}
+	// A receiver answers with headers as soon as the stream opens; a stream without them is
+	// not a flow receiver (or it refused us: then Header returns the status).
+	handshake := time.AfterFunc(handshakeTimeout, cancel)
+	md, err := stream.Header()
+	handshake.Stop()
+	if err != nil {
+		return fmt.Errorf("wait for headers: %w", err)
+	}
+	if len(md) == 0 {
+		return errors.New("receiver sent no response headers")
+	}
+
+	s.mu.Lock()
+	s.stream = gen
+	// Everything unacknowledged goes out again on the new stream.
+	s.queue = s.queue[:0]
+	for _, p := range s.pending {
+		s.queue = append(s.queue, p)
+	}
+	s.mu.Unlock()
+	s.poke()
+	s.log.Info("stream to collector open", "url", s.cfg.URL)
+
+	recvErr := make(chan error, 1)
+	go func() {
+		var m flowwire.AckMsg
+		for {
+			if err := stream.RecvMsg(&m); err != nil {
+				recvErr <- err
+				cancel()
+				return
+			}
+			if !m.Initiator {
+				s.ack(m.ID)
+			}
+		}
+	}()
+	err = s.send(sctx, stream, gen)
+	cancel()
+	s.mu.Lock()
+	s.stream = 0
+	s.mu.Unlock()
+	if rerr := <-recvErr; err == nil || errors.Is(err, context.Canceled) {
+		err = rerr
+	}
+	return err
+}
+
+func closeErr(stream grpclib.ClientStream, err error) error {
+	// A failed SendMsg hides the status; RecvMsg reveals it.
+	var m flowwire.AckMsg
+	if rerr := stream.RecvMsg(&m); rerr != nil {
+		if _, ok := status.FromError(rerr); ok {
+			return rerr
+		}
+	}
+	return err
+}
+
+// send writes queued events to the stream until it fails or ctx ends.
+func (s *Sink) send(ctx context.Context, stream grpclib.ClientStream, gen uint64) error {
+	tick := time.NewTicker(max(s.cfg.AckTimeout/4, 10*time.Millisecond))
+	defer tick.Stop()
+	var batch []*pending
+	var msgs [][]byte
+	for {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-s.wake:
+		case <-tick.C:
+			s.requeueLate(gen)
+		}
+		for {
+			s.mu.Lock()
+			batch, s.queue = s.queue, batch[:0]
+			now := time.Now()
+			msgs = msgs[:0]
+			first, again := 0, 0
+			for _, p := range batch {
+				if s.pending[p.id] != p || p.stream == gen && now.Sub(p.sentAt) < s.cfg.AckTimeout {
+					continue // ACKed, given up, or already sent on this stream
+				}
+				if p.stream == 0 && p.sentAt.IsZero() {
+					first++
+				} else {
+					again++
+				}
+				p.stream, p.sentAt = gen, now
+				msgs = append(msgs, p.msg)
+			}
+			s.mu.Unlock()
+			clear(batch)
+			if len(msgs) == 0 {
+				break
+			}
+			for _, m := range msgs {
+				if err := stream.SendMsg(flowwire.Raw(m)); err != nil {
+					return fmt.Errorf("send: %w", closeErr(stream, err))
+				}
+			}
+			s.sent.Add(float64(first))
+			s.resent.Add(float64(again))
+		}
+	}
+}
+
+// requeueLate queues again the events sent on this stream longer than ack_timeout ago.
+func (s *Sink) requeueLate(gen uint64) {
+	deadline := time.Now().Add(-s.cfg.AckTimeout)
+	s.mu.Lock()
+	n := 0
+	for _, p := range s.pending {
+		if p.stream == gen && p.sentAt.Before(deadline) {
+			s.queue = append(s.queue, p)
+			n++
+		}
+	}
+	s.mu.Unlock()
+	if n > 0 {
+		s.log.Warn("events not ACKed in time; sending them again", "events", n, "ack_timeout", s.cfg.AckTimeout)
+		s.poke()
+	}
+}
+
+// Close stops the stream. The runtime calls it after the sink's queue is drained, so nothing
+// is waiting; a Write still waiting fails.
+func (s *Sink) Close(ctx context.Context) error {
+	s.cancel()
+	select {
+	case <-s.done:
+	case <-ctx.Done():
+	}
+	return s.conn.Close()
+}

@@ -1,0 +1,295 @@
+package grpc
+
+import (
+	"context"
+	"sync"
+	"time"
+
+	"github.com/google/uuid"
+
+	"github.com/flowpipe/flowpipe/core/component"
+	"github.com/flowpipe/flowpipe/core/flow"
+)
+
+// collector gathers the events of every stream into batches and remembers event IDs for
+// de-duplication. One mutex covers both, so an event is checked and queued in one step.
+//
+// An ID is in ids from the moment its event is accepted: in flight until its batch is
+// acknowledged, then delivered until it leaves the window. A duplicate of a delivered event
+// is ACKed at once; a duplicate of an event in flight waits and is ACKed with the original
+// (a client that resent after a lost ACK or a reconnect gets its ACK on the stream it is on
+// now). When a batch fails (the pipeline stopped), its IDs are forgotten, so that the
+// client's resend is accepted again.
+type collector struct {
+	r *Receiver
+
+	mu      sync.Mutex
+	ids     map[uuid.UUID]idState
+	done    []doneRec // delivered, oldest first, from head
+	head    int
+	events  []flow.Event
+	origins []origin
+	first   time.Time // arrival of the batch's first event
+	stopped bool
+	journal *journal
+
+	ready chan *pendingBatch // full batches for the emitter
+	free  chan []flow.Event  // recycled event slices
+	wg    sync.WaitGroup     // emitted batches not yet acknowledged
+}
+
+type idState struct {
+	delivered bool
+	waiting   []*stream // streams with a duplicate of this in-flight event
+}
+
+type origin struct {
+	st *stream
+	id uuid.UUID
+}
+
+type pendingBatch struct {
+	events  []flow.Event
+	origins []origin
+}
+
+func newCollector(r *Receiver) *collector {
+	return &collector{
+		r:     r,
+		ids:   map[uuid.UUID]idState{},
+		ready: make(chan *pendingBatch, 1),
+		free:  make(chan []flow.Event, 8),
+	}
+}
+
+func (c *collector) dedupOn() bool { return c.r.cfg.Dedup.Window > 0 && c.r.cfg.Dedup.MaxEvents > 0 }
+
+// add takes an event received on st, which has already counted it as unacknowledged.
+// It blocks while the emitter is busy with the previous full batch (backpressure).
+func (c *collector) add(st *stream, e *flow.Event) {
+	id := e.EventID
+	c.mu.Lock()
+	if c.stopped {
+		c.mu.Unlock()
+		st.release(1)
+		return
+	}
+	if c.dedupOn() {
+		if s, ok := c.ids[id]; ok {
+			c.r.duplicates.Inc()
+			if s.delivered {
+				c.mu.Unlock()
+				st.ack([]uuid.UUID{id})
+				return
+			}
+			s.waiting = append(s.waiting, st)
+			c.ids[id] = s
+			c.mu.Unlock()
+			return
+		}
+		c.ids[id] = idState{}
+	}
+	if len(c.events) == 0 {
+		c.first = time.Now()
+		if c.events == nil {
+			c.events = c.newEvents()
+		}
+	}
+	c.events = append(c.events, *e)
+	c.origins = append(c.origins, origin{st, id})
+	var full *pendingBatch
+	if len(c.events) >= c.r.cfg.BatchSize {
+		full = c.take()
+	}
+	c.mu.Unlock()
+	if full != nil {
+		select {
+		case c.ready <- full:
+		case <-c.r.stopping:
+			c.finish(full, flow.ErrShutdown)
+		}
+	}
+}
+
+func (c *collector) newEvents() []flow.Event {
+	select {
+	case ev := <-c.free:
+		return ev[:0]
+	default:
+		return make([]flow.Event, 0, c.r.cfg.BatchSize)
+	}
+}
+
+// take removes the batch being built; called with c.mu held.
+func (c *collector) take() *pendingBatch {
+	b := &pendingBatch{events: c.events, origins: c.origins}
+	c.events, c.origins = nil, make([]origin, 0, c.r.cfg.BatchSize)
+	c.wg.Add(1)
+	return b
+}
+
+// run emits batches until ctx ends: full ones as they come, partial ones batch_delay after
+// their first event.
+func (c *collector) run(ctx context.Context, out component.Emitter) {
+	tick := time.NewTicker(max(c.r.cfg.BatchDelay/2, time.Millisecond))
+	defer tick.Stop()
+	for {
+		select {
+		case b := <-c.ready:
+			c.emit(ctx, out, b)
+		case <-tick.C:
+			c.mu.Lock()
+			var b *pendingBatch
+			if len(c.events) > 0 && time.Since(c.first) >= c.r.cfg.BatchDelay {
+				b = c.take()
+			}
+			c.mu.Unlock()
+			if b != nil {
+				c.emit(ctx, out, b)
+			}
+		case <-ctx.Done():
+			c.stop()
+			return
+		}
+	}
+}
+
+func (c *collector) emit(ctx context.Context, out component.Emitter, pb *pendingBatch) {
+	b := flow.NewBatch(pb.events, func(err error) { c.finish(pb, err) })
+	b.Source = c.r.env.Name
+	// Emit acknowledges the batch in every case (ErrShutdown when it could not take it).
+	_ = out.Emit(ctx, b)
+}
+
+// stop refuses further events and fails the batch being built and any full one not emitted.
+func (c *collector) stop() {
+	c.mu.Lock()
+	c.stopped = true
+	var b *pendingBatch
+	if len(c.events) > 0 {
+		b = c.take()
+	}
+	c.mu.Unlock()
+	if b != nil {
+		c.finish(b, flow.ErrShutdown)
+	}
+	for {
+		select {
+		case b := <-c.ready:
+			c.finish(b, flow.ErrShutdown)
+		default:
+			return
+		}
+	}
+}
+
+// finish is a batch's acknowledgement: ACK its events to their clients when the sinks made
+// them durable or the user's policy dropped them, else forget them so a resend is accepted.
+func (c *collector) finish(pb *pendingBatch, err error) {
+	defer c.wg.Done()
+	ok := err == nil || flow.IsDrop(err)
+	if flow.IsDrop(err) {
+		c.r.ackedDropped.Add(float64(len(pb.origins)))
+	}
+	var extra []origin // duplicates that waited for these events
+	if c.dedupOn() {
+		now := time.Now()
+		c.mu.Lock()
+		for _, o := range pb.origins {
+			s := c.ids[o.id]
+			for _, st := range s.waiting {
+				extra = append(extra, origin{st, o.id})
+			}
+			if ok {
+				c.ids[o.id] = idState{delivered: true}
+				c.done = append(c.done, doneRec{id: o.id, at: now.UnixNano()})
+			} else {
+				delete(c.ids, o.id)
+			}
+		}
+		if ok && c.journal != nil {
+			ids := make([]uuid.UUID, len(pb.origins))
+			for i, o := range pb.origins {
+				ids[i] = o.id
+			}
+			if jerr := c.journal.append(ids, now); jerr != nil {
+				c.r.env.Metrics.Errors("dedup_state", 1)
+				c.r.log.Error("dedup state not saved; a resend after a restart may be delivered twice", "err", jerr)
+			}
+		}
+		c.expire(now)
+		c.mu.Unlock()
+	}
+	// ACK per stream in runs, one lock per run.
+	ackRuns(pb.origins, ok)
+	ackRuns(extra, ok)
+	if !ok {
+		c.r.notAcked.Add(float64(len(pb.origins)))
+	}
+	events := pb.events
+	clear(events)
+	select {
+	case c.free <- events:
+	default:
+	}
+}
+
+func ackRuns(os []origin, ok bool) {
+	for i := 0; i < len(os); {
+		j := i + 1
+		for j < len(os) && os[j].st == os[i].st {
+			j++
+		}
+		st := os[i].st
+		if ok {
+			ids := make([]uuid.UUID, j-i)
+			for k := i; k < j; k++ {
+				ids[k-i] = os[k].id
+			}
+			st.ack(ids)
+		} else {
+			st.release(j - i)
+		}
+		i = j
+	}
+}
+
+// expire forgets delivered IDs that left the window; called with c.mu held.
+func (c *collector) expire(now time.Time) {
+	cutoff := now.Add(-c.r.cfg.Dedup.Window).UnixNano()
+	maxN := c.r.cfg.Dedup.MaxEvents
+	for c.head < len(c.done) && (len(c.done)-c.head > maxN || c.done[c.head].at < cutoff) {
+		id := c.done[c.head].id
+		if s, ok := c.ids[id]; ok && s.delivered {
+			delete(c.ids, id)
+		}
+		c.head++
+	}
+	// Compact the FIFO when its dead prefix is as large as its live part.
+	if c.head > 1024 && c.head >= len(c.done)-c.head {
+		n := copy(c.done, c.done[c.head:])
+		c.done = c.done[:n]
+		c.head = 0
+	}
+	if c.journal != nil && c.journal.records > 2*maxN+1024 {
+		if err := c.journal.rewrite(c.done[c.head:]); err != nil {
+			c.r.env.Metrics.Errors("dedup_state", 1)
+			c.r.log.Error("dedup state file not compacted", "err", err)
+		}
+	}
+}
+
+// load restores delivered IDs from the state file; called before serving.
+func (c *collector) load(path string) error {
+	cutoff := time.Now().Add(-c.r.cfg.Dedup.Window).UnixNano()
+	j, recs, err := openJournal(path, cutoff, c.r.cfg.Dedup.MaxEvents)
+	if err != nil {
+		return err
+	}
+	c.journal = j
+	c.done = recs
+	for _, r := range recs {
+		c.ids[r.id] = idState{delivered: true}
+	}
+	return nil
+}

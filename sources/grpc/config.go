@@ -1,0 +1,132 @@
+package grpc
+
+import (
+	"net"
+	"path/filepath"
+	"time"
+
+	"github.com/flowpipe/flowpipe/core/config"
+)
+
+// Config is the options of a `type: grpc` source, the collector side of the flow protocol.
+type Config struct {
+	Listen string `yaml:"listen" required:"true"` // host:port
+
+	CertFile     string `yaml:"cert_file"`      // serve TLS with this certificate
+	KeyFile      string `yaml:"key_file"`       // and key
+	ClientCAFile string `yaml:"client_ca_file"` // require client certificates signed by these (mTLS)
+
+	// Auth is "hmac" (tokens signed with one of Secrets) or "none"; there is no default, so
+	// that an open collector is a decision, not an accident.
+	Auth    string   `yaml:"auth" required:"true"`
+	Secrets []string `yaml:"secrets"`
+
+	MaxStreams        int             `yaml:"max_streams"`            // concurrent client streams
+	MaxMessageSize    config.ByteSize `yaml:"max_message_size"`       // one FlowEvent
+	MaxUnackedPerStrm int             `yaml:"max_unacked_per_stream"` // stop reading a stream beyond this
+
+	BatchSize  int           `yaml:"batch_size"`  // events per emitted batch, at most
+	BatchDelay time.Duration `yaml:"batch_delay"` // emit a partial batch after this
+
+	Dedup DedupConfig `yaml:"dedup"`
+
+	KeepaliveTime    time.Duration `yaml:"keepalive_time"`     // ping idle clients this often
+	KeepaliveTimeout time.Duration `yaml:"keepalive_timeout"`  // and drop them after this
+	KeepaliveMinTime time.Duration `yaml:"keepalive_min_time"` // refuse client pings more frequent
+}
+
+// DedupConfig is the event-ID de-duplication window.
+type DedupConfig struct {
+	Window    time.Duration `yaml:"window"`     // remember delivered IDs this long
+	MaxEvents int           `yaml:"max_events"` // and at most this many
+	// StateFile keeps delivered IDs across restarts, so a client's resend after a collector
+	// crash is still recognised. Empty: in memory only.
+	StateFile string `yaml:"state_file"`
+}
+
+func defaultConfig() *Config {
+	return &Config{
+		MaxStreams:        10000,
+		MaxMessageSize:    64 << 10,
+		MaxUnackedPerStrm: 20000,
+		BatchSize:         2000,
+		BatchDelay:        5 * time.Millisecond,
+		Dedup:             DedupConfig{Window: 10 * time.Minute, MaxEvents: 1_000_000},
+		KeepaliveTime:     30 * time.Second,
+		KeepaliveTimeout:  10 * time.Second,
+		KeepaliveMinTime:  5 * time.Second,
+	}
+}
+
+// Validate checks the options together.
+func (c *Config) Validate() error {
+	var errs config.FieldErrors
+	if _, _, err := net.SplitHostPort(c.Listen); err != nil {
+		errs.Add("listen", "%q: want host:port (\":7000\" for every address): %v", c.Listen, err)
+	}
+	switch c.Auth {
+	case "hmac":
+		if len(c.Secrets) == 0 {
+			errs.Add("secrets", "auth: hmac needs at least one secret")
+		}
+		for i, s := range c.Secrets {
+			if len(s) < 16 {
+				errs.Add(config.Join("secrets", "["+itoa(i)+"]"), "secret is %d bytes; use at least 16", len(s))
+			}
+		}
+	case "none":
+		if len(c.Secrets) > 0 {
+			errs.Add("secrets", "secrets are only used with auth: hmac")
+		}
+	default:
+		errs.Add("auth", "%q: want hmac (tokens signed with secrets) or none (explicitly open)", c.Auth)
+	}
+	if (c.CertFile == "") != (c.KeyFile == "") {
+		errs.Add("cert_file", "cert_file and key_file go together")
+	}
+	if c.ClientCAFile != "" && c.CertFile == "" {
+		errs.Add("client_ca_file", "mTLS needs TLS: set cert_file and key_file too")
+	}
+	if c.MaxStreams < 1 {
+		errs.Add("max_streams", "must be at least 1")
+	}
+	if c.MaxMessageSize < 256 {
+		errs.Add("max_message_size", "must be at least 256 bytes")
+	}
+	if c.MaxUnackedPerStrm < 1 {
+		errs.Add("max_unacked_per_stream", "must be at least 1")
+	}
+	if c.BatchSize < 1 {
+		errs.Add("batch_size", "must be at least 1")
+	}
+	if c.BatchDelay <= 0 {
+		errs.Add("batch_delay", "must be positive")
+	}
+	if c.Dedup.Window < 0 {
+		errs.Add("dedup.window", "must not be negative (0 turns de-duplication off)")
+	}
+	if c.Dedup.MaxEvents < 0 {
+		errs.Add("dedup.max_events", "must not be negative")
+	}
+	for path, d := range map[string]time.Duration{"keepalive_time": c.KeepaliveTime, "keepalive_timeout": c.KeepaliveTimeout, "keepalive_min_time": c.KeepaliveMinTime} {
+		if d <= 0 {
+			errs.Add(path, "must be positive")
+		}
+	}
+	return errs.Err()
+}
+
+func itoa(i int) string {
+	const digits = "0123456789"
+	if i < 10 {
+		return digits[i : i+1]
+	}
+	return itoa(i/10) + digits[i%10:i%10+1]
+}
+
+func resolve(dir, p string) string {
+	if p == "" || filepath.IsAbs(p) || dir == "" {
+		return p
+	}
+	return filepath.Join(dir, p)
+}

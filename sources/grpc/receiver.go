@@ -1,0 +1,422 @@
+// Package grpc is the `type: grpc` source: the collector side of NetBird's flow protocol
+// (flow.FlowService/Events, proto/flow). Agents — flowpipe's grpc sink or NetBird clients —
+// stream events to it; it batches the events of all streams, hands the batches to the
+// pipeline, and ACKs each event to its client only when the pipeline's sinks made its batch
+// durable (or the user's drop policy dropped it, which is counted). Events are de-duplicated
+// by ID over a window, so a client's resend after a lost ACK reaches the sinks once.
+package grpc
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/google/uuid"
+	"github.com/prometheus/client_golang/prometheus"
+	grpclib "google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/keepalive"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+
+	"github.com/flowpipe/flowpipe/core/component"
+	"github.com/flowpipe/flowpipe/internal/flowwire"
+	pb "github.com/flowpipe/flowpipe/proto/flow"
+)
+
+// Factory builds `type: grpc` sources.
+func Factory() component.Factory {
+	return component.NewSourceFactory("grpc", "receive events from agents over NetBird's flow protocol, ACKed end to end",
+		defaultConfig, func(env component.Env, c *Config) (component.Source, error) { return New(env, c) })
+}
+
+// Receiver is the gRPC source.
+type Receiver struct {
+	pb.UnimplementedFlowServiceServer
+
+	cfg     *Config
+	env     component.Env
+	log     *slog.Logger
+	secrets [][]byte
+	creds   credentials.TransportCredentials
+
+	startOnce sync.Once
+	startErr  error
+	lis       net.Listener
+	srv       *grpclib.Server
+	served    chan struct{}
+	coll      *collector
+
+	streams  atomic.Int64
+	stopping chan struct{} // closed when Run's ctx ends: no new events are taken
+	closing  chan struct{} // closed by Close: streams end
+	stopOnce sync.Once
+
+	received, duplicates, ackedDropped, notAcked prometheus.Counter
+	refused                                      *prometheus.CounterVec
+	open                                         prometheus.GaugeFunc
+}
+
+// New builds a receiver; the listener opens in Start (or Run).
+func New(env component.Env, c *Config) (*Receiver, error) {
+	if env.Logger == nil {
+		env.Logger = slog.New(slog.DiscardHandler)
+	}
+	if env.Metrics == nil {
+		env.Metrics = component.NopMetrics{}
+	}
+	r := &Receiver{cfg: c, env: env, log: env.Logger, stopping: make(chan struct{}), closing: make(chan struct{}), served: make(chan struct{})}
+	for _, s := range c.Secrets {
+		r.secrets = append(r.secrets, []byte(s))
+	}
+	if c.CertFile != "" {
+		tc, err := serverTLS(env.ConfigDir, c)
+		if err != nil {
+			return nil, err
+		}
+		r.creds = credentials.NewTLS(tc)
+	}
+	r.coll = newCollector(r)
+	if c.Dedup.StateFile != "" && r.coll.dedupOn() {
+		if err := r.coll.load(resolve(env.ConfigDir, c.Dedup.StateFile)); err != nil {
+			return nil, err
+		}
+	}
+	r.metrics(env.Registerer)
+	return r, nil
+}
+
+func (r *Receiver) metrics(reg prometheus.Registerer) {
+	counter := func(name, help string) prometheus.Counter {
+		return prometheus.NewCounter(prometheus.CounterOpts{Name: "flowpipe_grpc_source_" + name, Help: help})
+	}
+	r.received = counter("events_received_total", "Events received from clients, duplicates included.")
+	r.duplicates = counter("duplicates_total", "Events received again within the de-duplication window (not passed on; ACKed).")
+	r.ackedDropped = counter("acked_dropped_total", "Events ACKed to their client although a sink dropped them by policy.")
+	r.notAcked = counter("not_acked_total", "Events not ACKed because the pipeline could not deliver them (the client resends).")
+	r.refused = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "flowpipe_grpc_source_streams_refused_total",
+		Help: "Streams refused or ended by the receiver, by reason."}, []string{"reason"})
+	r.open = prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "flowpipe_grpc_source_streams", Help: "Open client streams."},
+		func() float64 { return float64(r.streams.Load()) })
+	if reg != nil {
+		for _, c := range []prometheus.Collector{r.received, r.duplicates, r.ackedDropped, r.notAcked, r.refused, r.open} {
+			if err := reg.Register(c); err != nil {
+				r.log.Warn("register metric", "err", err)
+			}
+		}
+	}
+}
+
+// refuse counts a refused or failed stream and returns the status its client sees.
+func (r *Receiver) refuse(reason string, code codes.Code, format string, args ...any) error {
+	r.refused.WithLabelValues(reason).Inc()
+	r.env.Metrics.Errors(reason, 1)
+	msg := fmt.Sprintf(format, args...)
+	r.log.Warn("stream refused", "reason", reason, "detail", msg)
+	return status.Error(code, msg)
+}
+
+func serverTLS(dir string, c *Config) (*tls.Config, error) {
+	cert, err := tls.LoadX509KeyPair(resolve(dir, c.CertFile), resolve(dir, c.KeyFile))
+	if err != nil {
+		return nil, fmt.Errorf("cert_file/key_file: %w", err)
+	}
+	tc := &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+	if c.ClientCAFile != "" {
+		pem, err := os.ReadFile(resolve(dir, c.ClientCAFile))
+		if err != nil {
+			return nil, fmt.Errorf("client_ca_file: %w", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("client_ca_file %s: no PEM certificate in it", c.ClientCAFile)
+		}
+		tc.ClientCAs = pool
+		tc.ClientAuth = tls.RequireAndVerifyClientCert
+	}
+	return tc, nil
+}
+
+// Start opens the listener, so that a port in use fails the pipeline's start.
+func (r *Receiver) Start(context.Context) error {
+	r.startOnce.Do(func() {
+		lis, err := net.Listen("tcp", r.cfg.Listen)
+		if err != nil {
+			r.startErr = fmt.Errorf("listen %s: %w", r.cfg.Listen, err)
+			return
+		}
+		r.lis = lis
+		opts := []grpclib.ServerOption{
+			grpclib.ForceServerCodecV2(flowwire.Codec{}),
+			grpclib.MaxRecvMsgSize(int(r.cfg.MaxMessageSize)),
+			grpclib.KeepaliveParams(keepalive.ServerParameters{Time: r.cfg.KeepaliveTime, Timeout: r.cfg.KeepaliveTimeout}),
+			grpclib.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: r.cfg.KeepaliveMinTime, PermitWithoutStream: true}),
+			grpclib.InitialWindowSize(4 << 20),
+			grpclib.InitialConnWindowSize(8 << 20),
+		}
+		if r.creds != nil {
+			opts = append(opts, grpclib.Creds(r.creds))
+		}
+		r.srv = grpclib.NewServer(opts...)
+		pb.RegisterFlowServiceServer(r.srv, r)
+		go func() {
+			defer close(r.served)
+			if err := r.srv.Serve(lis); err != nil {
+				r.log.Error("grpc server stopped", "err", err)
+			}
+		}()
+		r.log.Info("flow receiver listening", "addr", lis.Addr().String(), "tls", r.creds != nil, "auth", r.cfg.Auth)
+	})
+	return r.startErr
+}
+
+// Addr is the listening address (useful with port 0).
+func (r *Receiver) Addr() net.Addr { return r.lis.Addr() }
+
+// Run emits batches until ctx ends. Streams stay open after it returns, so that the ACKs of
+// batches still in the pipeline reach their clients; Close ends them.
+func (r *Receiver) Run(ctx context.Context, out component.Emitter) error {
+	if err := r.Start(ctx); err != nil {
+		return err
+	}
+	r.coll.run(ctx, out)
+	r.stopOnce.Do(func() { close(r.stopping) })
+	return nil
+}
+
+// Close waits (within ctx) for the acknowledgement of every batch emitted, sends the last
+// ACKs, and stops the server.
+func (r *Receiver) Close(ctx context.Context) error {
+	r.stopOnce.Do(func() { close(r.stopping) })
+	r.coll.stop()
+	waited := make(chan struct{})
+	go func() { r.coll.wg.Wait(); close(waited) }()
+	select {
+	case <-waited:
+	case <-ctx.Done():
+		r.log.Warn("closing with batches not yet acknowledged; their clients will resend")
+	}
+	close(r.closing)
+	if r.srv != nil {
+		stopped := make(chan struct{})
+		go func() { r.srv.GracefulStop(); close(stopped) }()
+		select {
+		case <-stopped:
+		case <-ctx.Done():
+			r.srv.Stop()
+		}
+		<-r.served
+	}
+	if j := r.coll.journal; j != nil {
+		r.coll.mu.Lock()
+		defer r.coll.mu.Unlock()
+		return j.close()
+	}
+	return nil
+}
+
+// stream is one client stream: the ACKs waiting to be sent and the events not yet ACKed.
+type stream struct {
+	unacked atomic.Int64  // received and not yet ACKed or given up on
+	wake    chan struct{} // for the handler: ACKs to send, or unacked changed
+	room    chan struct{} // for the reader: unacked went down
+
+	mu   sync.Mutex
+	acks []uuid.UUID
+	dead bool
+}
+
+func (st *stream) signal() {
+	select {
+	case st.wake <- struct{}{}:
+	default:
+	}
+	select {
+	case st.room <- struct{}{}:
+	default:
+	}
+}
+
+// ack queues ACKs for events of this stream.
+func (st *stream) ack(ids []uuid.UUID) {
+	st.mu.Lock()
+	if !st.dead {
+		st.acks = append(st.acks, ids...)
+	}
+	st.mu.Unlock()
+	st.unacked.Add(-int64(len(ids)))
+	st.signal()
+}
+
+// release forgets n events that will not be ACKed.
+func (st *stream) release(n int) {
+	st.unacked.Add(-int64(n))
+	st.signal()
+}
+
+// Events serves one client stream.
+func (r *Receiver) Events(ss pb.FlowService_EventsServer) error {
+	ctx := ss.Context()
+	if r.cfg.Auth == "hmac" {
+		var value string
+		if md, ok := metadata.FromIncomingContext(ctx); ok {
+			if v := md.Get("authorization"); len(v) > 0 {
+				value = v[0]
+			}
+		}
+		if err := flowwire.VerifyAuthorization(value, r.secrets, time.Now()); err != nil {
+			reason := "token_invalid"
+			switch {
+			case errors.Is(err, flowwire.ErrTokenMissing):
+				reason = "token_missing"
+			case errors.Is(err, flowwire.ErrTokenExpired):
+				reason = "token_expired"
+			}
+			return r.refuse(reason, codes.Unauthenticated, "%v", err)
+		}
+	}
+	if n := r.streams.Add(1); n > int64(r.cfg.MaxStreams) {
+		r.streams.Add(-1)
+		return r.refuse("too_many_streams", codes.ResourceExhausted, "receiver has its maximum of %d streams", r.cfg.MaxStreams)
+	}
+	defer r.streams.Add(-1)
+	select {
+	case <-r.stopping:
+		return status.Error(codes.Unavailable, "collector is shutting down")
+	default:
+	}
+
+	// The handshake: headers at once (a client treats a stream without them as failed), then
+	// the initiator ACK.
+	if err := ss.SendHeader(metadata.Pairs("flowpipe-receiver", "1")); err != nil {
+		return err
+	}
+	if err := ss.SendMsg(flowwire.Raw(flowwire.AppendInitiatorAck(nil))); err != nil {
+		return err
+	}
+
+	st := &stream{wake: make(chan struct{}, 1), room: make(chan struct{}, 1)}
+	defer func() {
+		st.mu.Lock()
+		st.dead = true
+		st.mu.Unlock()
+	}()
+	recvDone := make(chan error, 1)
+	go func() { recvDone <- r.receive(ss, st) }()
+
+	var recvErr error
+	received := false
+	var acks []uuid.UUID
+	for {
+		select {
+		case <-st.wake:
+		case err := <-recvDone:
+			recvErr, received = err, true
+			recvDone = nil
+		case <-r.closing:
+			r.flush(ss, st, &acks)
+			return status.Error(codes.Unavailable, "collector is shutting down")
+		case <-ctx.Done():
+			return status.FromContextError(ctx.Err()).Err()
+		}
+		if err := r.flush(ss, st, &acks); err != nil {
+			return err
+		}
+		if received {
+			if recvErr != nil {
+				return recvErr
+			}
+			// The client has sent everything: end the stream once all of it is ACKed (or
+			// given up on, when the pipeline stops).
+			st.mu.Lock()
+			left := st.unacked.Load() + int64(len(st.acks))
+			st.mu.Unlock()
+			if left == 0 {
+				return nil
+			}
+		}
+	}
+}
+
+// flush sends the queued ACKs.
+// ackSize is the encoded size of a FlowEventAck with an event ID.
+const ackSize = 18
+
+func (r *Receiver) flush(ss pb.FlowService_EventsServer, st *stream, acks *[]uuid.UUID) error {
+	st.mu.Lock()
+	*acks, st.acks = st.acks, (*acks)[:0]
+	st.mu.Unlock()
+	if len(*acks) == 0 {
+		return nil
+	}
+	// gRPC writes a message's bytes after SendMsg returns, so every ACK needs bytes of its
+	// own: one allocation per flush, sliced.
+	all := make([]byte, 0, len(*acks)*ackSize)
+	for _, id := range *acks {
+		start := len(all)
+		all = flowwire.AppendAck(all, id)
+		if err := ss.SendMsg(flowwire.Raw(all[start:len(all):len(all)])); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// receive reads the stream's events until it ends; the result is the stream's status.
+func (r *Receiver) receive(ss pb.FlowService_EventsServer, st *stream) error {
+	var m flowwire.Message
+	if err := ss.RecvMsg(&m); err != nil {
+		return r.recvError(err)
+	}
+	if m.Invalid != nil {
+		return r.refuse("malformed", codes.InvalidArgument, "%v", m.Invalid)
+	}
+	if !m.Initiator {
+		return r.refuse("missing_initiator", codes.InvalidArgument, "the first message must be FlowEvent{isInitiator: true}")
+	}
+	limit := int64(r.cfg.MaxUnackedPerStrm)
+	for {
+		// Stop reading while the stream has its maximum of events waiting for ACKs: gRPC's
+		// flow control then holds the client back.
+		for st.unacked.Load() >= limit {
+			select {
+			case <-st.room:
+			case <-ss.Context().Done():
+				return ss.Context().Err()
+			}
+		}
+		if err := ss.RecvMsg(&m); err != nil {
+			return r.recvError(err)
+		}
+		if m.Invalid != nil {
+			return r.refuse("malformed", codes.InvalidArgument, "%v", m.Invalid)
+		}
+		if m.Initiator {
+			continue
+		}
+		r.received.Inc()
+		m.Event.Source = r.env.Name
+		st.unacked.Add(1)
+		r.coll.add(st, &m.Event)
+	}
+}
+
+func (r *Receiver) recvError(err error) error {
+	if errors.Is(err, io.EOF) {
+		return nil
+	}
+	if s, ok := status.FromError(err); ok && s.Code() == codes.ResourceExhausted {
+		return r.refuse("oversized", codes.ResourceExhausted, "%s", s.Message())
+	}
+	return err
+}
