@@ -179,6 +179,7 @@ type launcher struct {
 	cmd      func() (*exec.Cmd, error)
 	checksum []byte // SHA-256 the binary must have; nil: not pinned
 	path     string
+	inMemory bool // served inside this process (ServeInMemory): nothing to restart
 }
 
 func (h *Host) launcher(spec config.Component, configDir string) (*launcher, error) {

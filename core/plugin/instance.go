@@ -172,6 +172,9 @@ func (in *instance) get(ctx context.Context) (*proc, error) {
 		}
 		ch, last := in.avail, in.lastErr
 		in.mu.Unlock()
+		if in.launcher.inMemory {
+			return nil, fmt.Errorf("in-memory plugin failed: %v", last)
+		}
 		select {
 		case <-ch:
 		case <-ctx.Done():
@@ -200,6 +203,10 @@ func (in *instance) fail(p *proc, err error) {
 	in.mu.Unlock()
 	in.up.Set(0)
 	p.kill()
+	if in.launcher.inMemory {
+		in.env.Logger.Error("in-memory plugin failed", "error", err)
+		return
+	}
 	in.schedule(n, err)
 }
 

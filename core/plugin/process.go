@@ -15,6 +15,7 @@ import (
 	"strings"
 	"sync"
 	"syscall"
+	"time"
 
 	goplugin "github.com/hashicorp/go-plugin"
 	"google.golang.org/grpc"
@@ -38,6 +39,7 @@ type proc struct {
 	doneOnce sync.Once
 	release  chan struct{} // lets the OS thread that started the process go
 	watch    context.CancelFunc
+	onStop   func() // in memory: stops the server and the connection
 }
 
 // startProc starts the process, checks what it is and configures the component. The
@@ -111,47 +113,51 @@ func startProc(ctx context.Context, l *launcher, spec config.Component, env comp
 	p.comp = pb.NewComponentClient(conn)
 	p.sink, p.enr, p.src = pb.NewSinkClient(conn), pb.NewEnricherClient(conn), pb.NewSourceClient(conn)
 
-	cctx, cancel := context.WithTimeout(ctx, s.StartTimeout)
+	holder, err := p.configure(ctx, l.describe, spec, env, s.StartTimeout, options)
+	if err != nil {
+		p.kill()
+		return nil, false, err
+	}
+	return p, holder, nil
+}
+
+// configure describes the plugin, checks that it is what spec asks for and configures the
+// component; a spec without a kind only describes (plugins list).
+func (p *proc) configure(ctx context.Context, describe string, spec config.Component, env component.Env, timeout time.Duration, options []byte) (bool, error) {
+	cctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	desc, err := p.comp.Describe(cctx, &pb.DescribeRequest{})
 	if err != nil {
-		p.kill()
-		return nil, false, fmt.Errorf("%s: describe: %w", l.describe, err)
+		return false, fmt.Errorf("%s: describe: %w", describe, err)
 	}
 	p.desc = desc
 	if spec.Kind == "" {
-		return p, false, nil // Inspect: describe only
+		return false, nil // Inspect: describe only
 	}
 	if desc.ProtocolVersion != ProtocolVersion {
-		p.kill()
-		return nil, false, fmt.Errorf("%s speaks flowpipe plugin protocol %d, this flowpipe speaks %d", l.describe, desc.ProtocolVersion, ProtocolVersion)
+		return false, fmt.Errorf("%s speaks flowpipe plugin protocol %d, this flowpipe speaks %d", describe, desc.ProtocolVersion, ProtocolVersion)
 	}
 	if desc.Kind != string(spec.Kind) {
-		p.kill()
-		return nil, false, fmt.Errorf("%s is a %s plugin (type %q), but it is configured as a %s", l.describe, desc.Kind, desc.Type, spec.Kind)
+		return false, fmt.Errorf("%s is a %s plugin (type %q), but it is configured as a %s", describe, desc.Kind, desc.Type, spec.Kind)
 	}
 	if spec.Plugin == "" && desc.Type != spec.Type {
-		p.kill()
-		return nil, false, fmt.Errorf("%s served type %q instead", l.describe, desc.Type)
+		return false, fmt.Errorf("%s served type %q instead", describe, desc.Type)
 	}
 	resp, err := p.comp.Configure(cctx, &pb.ConfigureRequest{Name: spec.Name, ConfigDir: env.ConfigDir, OptionsYaml: options})
 	if err != nil {
-		p.kill()
-		return nil, false, fmt.Errorf("%s: configure: %w", l.describe, err)
+		return false, fmt.Errorf("%s: configure: %w", describe, err)
 	}
 	if len(resp.FieldErrors) > 0 {
-		p.kill()
 		var errs config.FieldErrors
 		for _, fe := range resp.FieldErrors {
 			errs = append(errs, config.FieldError{Path: fe.Path, Msg: fe.Message})
 		}
-		return nil, false, errs
+		return false, errs
 	}
 	if resp.Error != "" {
-		p.kill()
-		return nil, false, fmt.Errorf("%s: %s", l.describe, resp.Error)
+		return false, fmt.Errorf("%s: %s", describe, resp.Error)
 	}
-	return p, resp.Holder, nil
+	return resp.Holder, nil
 }
 
 func explainStart(l *launcher, err error) error {
@@ -187,10 +193,19 @@ func (p *proc) kill() {
 	if !p.stop() {
 		return
 	}
-	if p.cmd.Process != nil {
+	if p.cmd != nil && p.cmd.Process != nil {
 		_ = p.cmd.Process.Kill()
 	}
-	p.client.Kill()
+	p.end()
+}
+
+func (p *proc) end() {
+	if p.client != nil {
+		p.client.Kill()
+	}
+	if p.onStop != nil {
+		p.onStop()
+	}
 	close(p.release)
 }
 
@@ -201,8 +216,7 @@ func (p *proc) close(ctx context.Context) error {
 	if !p.stop() {
 		return err
 	}
-	p.client.Kill()
-	close(p.release)
+	p.end()
 	switch {
 	case err != nil:
 		return fmt.Errorf("close: %w", err)
@@ -213,7 +227,7 @@ func (p *proc) close(ctx context.Context) error {
 }
 
 func (p *proc) pid() int {
-	if p.cmd.Process != nil {
+	if p.cmd != nil && p.cmd.Process != nil {
 		return p.cmd.Process.Pid
 	}
 	return 0
