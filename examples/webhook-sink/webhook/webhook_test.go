@@ -1,0 +1,112 @@
+package webhook
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/google/uuid"
+
+	"github.com/flowpipe/flowpipe/core/component"
+	"github.com/flowpipe/flowpipe/core/config"
+	"github.com/flowpipe/flowpipe/core/flow"
+	"github.com/flowpipe/flowpipe/core/plugin/plugintest"
+)
+
+// receiver is a webhook endpoint that fails the first `fail` requests with 503.
+type receiver struct {
+	mu       sync.Mutex
+	fail     int
+	requests int
+	events   []flow.Event
+	headers  http.Header
+}
+
+func (r *receiver) ServeHTTP(w http.ResponseWriter, req *http.Request) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.requests++
+	r.headers = req.Header.Clone()
+	if r.fail > 0 {
+		r.fail--
+		http.Error(w, "busy", http.StatusServiceUnavailable)
+		return
+	}
+	sc := bufio.NewScanner(req.Body)
+	for sc.Scan() {
+		var e flow.Event
+		if err := flow.ParseJSON(sc.Bytes(), &e); err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		r.events = append(r.events, e)
+	}
+}
+
+func events(n int) []flow.Event {
+	evs := make([]flow.Event, n)
+	for i := range evs {
+		evs[i] = flow.Event{EventID: uuid.New(), Type: flow.TypeStart, Protocol: flow.ProtoTCP, SrcPort: uint16(i), Timestamp: flow.Now()}
+	}
+	return evs
+}
+
+func TestPostsBatchAsNDJSON(t *testing.T) {
+	rcv := &receiver{}
+	srv := httptest.NewServer(rcv)
+	defer srv.Close()
+	sink := plugintest.Sink(t, Info, Defaults, New, map[string]any{"url": srv.URL, "headers": map[string]any{"Authorization": "Bearer t"}})
+	evs := events(500)
+	if err := sink.Write(context.Background(), flow.NewBatch(evs, nil)); err != nil {
+		t.Fatal(err)
+	}
+	if len(rcv.events) != 500 || rcv.events[499].EventID != evs[499].EventID {
+		t.Fatalf("receiver got %d events", len(rcv.events))
+	}
+	if rcv.headers.Get("Content-Type") != "application/x-ndjson" || rcv.headers.Get("Authorization") != "Bearer t" {
+		t.Fatalf("headers: %v", rcv.headers)
+	}
+	if rcv.headers.Get("X-Flowpipe-Batch") != evs[0].EventID.String() {
+		t.Fatalf("batch header %q", rcv.headers.Get("X-Flowpipe-Batch"))
+	}
+}
+
+func TestRetriesUntil2xx(t *testing.T) {
+	rcv := &receiver{fail: 2}
+	srv := httptest.NewServer(rcv)
+	defer srv.Close()
+	sink := plugintest.Sink(t, Info, Defaults, New, map[string]any{"url": srv.URL, "backoff": "1ms"})
+	if err := sink.Write(context.Background(), flow.NewBatch(events(10), nil)); err != nil {
+		t.Fatal(err)
+	}
+	if rcv.requests != 3 || len(rcv.events) != 10 {
+		t.Fatalf("%d requests, %d events", rcv.requests, len(rcv.events))
+	}
+}
+
+func TestFailsWhenAttemptsRunOut(t *testing.T) {
+	rcv := &receiver{fail: 100}
+	srv := httptest.NewServer(rcv)
+	defer srv.Close()
+	sink := plugintest.Sink(t, Info, Defaults, New, map[string]any{"url": srv.URL, "backoff": "1ms", "attempts": 2})
+	err := sink.Write(context.Background(), flow.NewBatch(events(10), nil))
+	if err == nil || !strings.Contains(err.Error(), "503") {
+		t.Fatalf("got %v, want a 503 error", err)
+	}
+	if rcv.requests != 2 {
+		t.Fatalf("%d requests, want 2", rcv.requests)
+	}
+}
+
+func TestValidation(t *testing.T) {
+	_, err := plugintest.Start(t, component.NewSinkFactory(Info.Type, "", Defaults, New), map[string]any{"url": "ftp://x", "attempts": 0}, nil)
+	var fe config.FieldErrors
+	if !errors.As(err, &fe) || len(fe) != 2 || fe[0].Path != "url" || fe[1].Path != "attempts" {
+		t.Fatalf("got %v", err)
+	}
+}
