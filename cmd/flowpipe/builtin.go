@@ -7,8 +7,10 @@ import (
 	"github.com/flowpipe/flowpipe/enrich/resources"
 	"github.com/flowpipe/flowpipe/sinks/discard"
 	"github.com/flowpipe/flowpipe/sinks/file"
+	grpcsink "github.com/flowpipe/flowpipe/sinks/grpc"
 	"github.com/flowpipe/flowpipe/sources/conntrack"
 	"github.com/flowpipe/flowpipe/sources/generate"
+	grpcsource "github.com/flowpipe/flowpipe/sources/grpc"
 	"github.com/flowpipe/flowpipe/sources/replay"
 	"github.com/flowpipe/flowpipe/sources/userspace"
 )
@@ -20,6 +22,7 @@ func builtins() []component.Factory {
 		// sources
 		conntrack.Factory(),
 		generate.Factory(),
+		grpcsource.Factory(),
 		replay.Factory(),
 		userspace.Factory(),
 		// enrichers
@@ -29,6 +32,7 @@ func builtins() []component.Factory {
 		// sinks
 		file.Factory(),
 		discard.Factory(),
+		grpcsink.Factory(),
 	}
 }
 

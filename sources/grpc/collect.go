@@ -24,8 +24,9 @@ type collector struct {
 	r *Receiver
 
 	mu      sync.Mutex
-	ids     map[uuid.UUID]idState
-	done    []doneRec // delivered, oldest first, from head
+	ids     map[uuid.UUID]bool      // true: delivered; false: in flight
+	waiting map[uuid.UUID][]*stream // streams with a duplicate of an in-flight event
+	done    []doneRec               // delivered, oldest first, from head
 	head    int
 	events  []flow.Event
 	origins []origin
@@ -36,11 +37,6 @@ type collector struct {
 	ready chan *pendingBatch // full batches for the emitter
 	free  chan []flow.Event  // recycled event slices
 	wg    sync.WaitGroup     // emitted batches not yet acknowledged
-}
-
-type idState struct {
-	delivered bool
-	waiting   []*stream // streams with a duplicate of this in-flight event
 }
 
 type origin struct {
@@ -55,10 +51,11 @@ type pendingBatch struct {
 
 func newCollector(r *Receiver) *collector {
 	return &collector{
-		r:     r,
-		ids:   map[uuid.UUID]idState{},
-		ready: make(chan *pendingBatch, 1),
-		free:  make(chan []flow.Event, 8),
+		r:       r,
+		ids:     map[uuid.UUID]bool{},
+		waiting: map[uuid.UUID][]*stream{},
+		ready:   make(chan *pendingBatch, 1),
+		free:    make(chan []flow.Event, 8),
 	}
 }
 
@@ -75,19 +72,18 @@ func (c *collector) add(st *stream, e *flow.Event) {
 		return
 	}
 	if c.dedupOn() {
-		if s, ok := c.ids[id]; ok {
+		if delivered, ok := c.ids[id]; ok {
 			c.r.duplicates.Inc()
-			if s.delivered {
+			if delivered {
 				c.mu.Unlock()
 				st.ack([]uuid.UUID{id})
 				return
 			}
-			s.waiting = append(s.waiting, st)
-			c.ids[id] = s
+			c.waiting[id] = append(c.waiting[id], st)
 			c.mu.Unlock()
 			return
 		}
-		c.ids[id] = idState{}
+		c.ids[id] = false
 	}
 	if len(c.events) == 0 {
 		c.first = time.Now()
@@ -196,12 +192,16 @@ func (c *collector) finish(pb *pendingBatch, err error) {
 		now := time.Now()
 		c.mu.Lock()
 		for _, o := range pb.origins {
-			s := c.ids[o.id]
-			for _, st := range s.waiting {
-				extra = append(extra, origin{st, o.id})
+			if len(c.waiting) > 0 {
+				if ws, dup := c.waiting[o.id]; dup {
+					for _, st := range ws {
+						extra = append(extra, origin{st, o.id})
+					}
+					delete(c.waiting, o.id)
+				}
 			}
 			if ok {
-				c.ids[o.id] = idState{delivered: true}
+				c.ids[o.id] = true
 				c.done = append(c.done, doneRec{id: o.id, at: now.UnixNano()})
 			} else {
 				delete(c.ids, o.id)
@@ -260,7 +260,7 @@ func (c *collector) expire(now time.Time) {
 	maxN := c.r.cfg.Dedup.MaxEvents
 	for c.head < len(c.done) && (len(c.done)-c.head > maxN || c.done[c.head].at < cutoff) {
 		id := c.done[c.head].id
-		if s, ok := c.ids[id]; ok && s.delivered {
+		if c.ids[id] {
 			delete(c.ids, id)
 		}
 		c.head++
@@ -289,7 +289,7 @@ func (c *collector) load(path string) error {
 	c.journal = j
 	c.done = recs
 	for _, r := range recs {
-		c.ids[r.id] = idState{delivered: true}
+		c.ids[r.id] = true
 	}
 	return nil
 }
