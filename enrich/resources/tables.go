@@ -69,7 +69,10 @@ type target struct {
 // compiled is the form of Tables that Enrich reads. It is immutable once built, so that many
 // goroutines can read it while a reload builds its successor.
 type compiled struct {
-	overlay     *bart.Lite
+	// The overlay is usually one or two prefixes, which a loop checks faster than a trie;
+	// overlaySet serves larger overlays.
+	overlay     []netip.Prefix
+	overlaySet  *bart.Lite
 	lpm         *bart.Table[target]
 	resourceIDs []string
 	rules       []rule
@@ -229,7 +232,6 @@ func compile(t *Tables, base string) (*compiled, config.FieldErrors) {
 	path := func(format string, args ...any) string { return config.Join(base, fmt.Sprintf(format, args...)) }
 
 	if len(t.Overlay) > 0 {
-		c.overlay = new(bart.Lite)
 		seen := map[netip.Prefix]int{}
 		for i, s := range t.Overlay {
 			p, err := parsePrefix(s)
@@ -242,7 +244,13 @@ func compile(t *Tables, base string) (*compiled, config.FieldErrors) {
 				continue
 			}
 			seen[p] = i
-			c.overlay.Insert(p)
+			c.overlay = append(c.overlay, p)
+		}
+		if len(c.overlay) > 4 {
+			c.overlaySet = new(bart.Lite)
+			for _, p := range c.overlay {
+				c.overlaySet.Insert(p)
+			}
 		}
 	}
 
@@ -397,8 +405,16 @@ func (c *compiled) lookup(a netip.Addr) (resource string, exit bool) {
 		return "", false
 	}
 	a = a.Unmap()
-	if c.overlay != nil && c.overlay.Contains(a) {
-		return "", false
+	if c.overlaySet != nil {
+		if c.overlaySet.Contains(a) {
+			return "", false
+		}
+	} else {
+		for _, p := range c.overlay {
+			if p.Contains(a) {
+				return "", false
+			}
+		}
 	}
 	tg, ok := c.lpm.Lookup(a)
 	if !ok {
