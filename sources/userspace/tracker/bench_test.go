@@ -2,6 +2,7 @@ package tracker
 
 import (
 	"encoding/binary"
+	"net/netip"
 	"syscall"
 	"testing"
 
@@ -212,4 +213,55 @@ func buildTCP4(tb testing.TB) []byte {
 	raw[32] = 5 << 4
 	raw[33] = ack
 	return raw
+}
+
+// BenchmarkNetBirdShape repeats the shape of NetBird's own conntrack benchmarks
+// (client/firewall/uspfilter/conntrack: BenchmarkTCPTracker/TrackOutbound and IsValidInbound,
+// BenchmarkUDPTracker/TrackOutbound) on this tracker, so that both can be run side by side on
+// the same machine: outbound SYNs and UDP datagrams whose source port cycles over 65,535
+// values (new connections for the first round, then packets of known ones), and inbound
+// SYN-ACKs for 1,000 connections opened beforehand.
+func BenchmarkNetBirdShape(b *testing.B) {
+	src, dst := netip.MustParseAddr("192.168.1.1"), netip.MustParseAddr("192.168.1.2")
+	local := []netip.Prefix{netip.MustParsePrefix("192.168.1.1/32")}
+	run := func(b *testing.B, tr *Tracker, mk func(i int) *Packet) {
+		buf := make([]flow.Event, 0, 1024)
+		b.ReportAllocs()
+		b.ResetTimer()
+		defer reportCPU(b)()
+		for i := 0; b.Loop(); i++ {
+			tr.ProcessAt(mk(i), sec+flow.Time(i))
+			if tr.Pending() >= 1024 {
+				buf = tr.DrainEvents(buf)
+			}
+		}
+	}
+	b.Run("TCPTrackOutboundSYN", func(b *testing.B) {
+		tr := New(Config{LocalPrefixes: local})
+		pk := make([]*Packet, 65535)
+		for i := range pk {
+			pk[i] = tcpPkt(src, dst, uint16(i), 80, syn, 0, 0, 0)
+		}
+		run(b, tr, func(i int) *Packet { return pk[i%65535] })
+	})
+	b.Run("TCPInboundEstablished", func(b *testing.B) {
+		tr := New(Config{LocalPrefixes: local})
+		for i := range 1000 {
+			tr.ProcessAt(tcpPkt(src, dst, uint16(i), 80, syn, 0, 0, 0), sec)
+		}
+		tr.DrainEvents(nil)
+		pk := make([]*Packet, 1000)
+		for i := range pk {
+			pk[i] = tcpPkt(dst, src, 80, uint16(i), synack, 0, 1, 0)
+		}
+		run(b, tr, func(i int) *Packet { return pk[i%1000] })
+	})
+	b.Run("UDPTrackOutbound", func(b *testing.B) {
+		tr := New(Config{LocalPrefixes: local})
+		pk := make([]*Packet, 65535)
+		for i := range pk {
+			pk[i] = udpPkt(src, dst, uint16(i), 80, 0)
+		}
+		run(b, tr, func(i int) *Packet { return pk[i%65535] })
+	})
 }

@@ -142,8 +142,9 @@ type key struct {
 
 // makeKey returns the key of the tuple and whether src is the key's side A.
 func makeKey(src, dst *[16]byte, sport, dport uint16, proto uint8, v6 bool) (key, bool) {
-	s0, s1 := binary.BigEndian.Uint64(src[:8]), binary.BigEndian.Uint64(src[8:])
-	d0, d1 := binary.BigEndian.Uint64(dst[:8]), binary.BigEndian.Uint64(dst[8:])
+	// Native byte order: the order of keys only has to be consistent, not numeric.
+	s0, s1 := binary.LittleEndian.Uint64(src[:8]), binary.LittleEndian.Uint64(src[8:])
+	d0, d1 := binary.LittleEndian.Uint64(dst[:8]), binary.LittleEndian.Uint64(dst[8:])
 	fromA := s0 < d0 || s0 == d0 && (s1 < d1 || s1 == d1 && sport <= dport)
 	var k key
 	var pa, pb uint16
@@ -166,12 +167,12 @@ func (k *key) side(a bool) (netip.Addr, uint16) {
 	var b [16]byte
 	var port uint16
 	if a {
-		binary.BigEndian.PutUint64(b[:8], k.a0)
-		binary.BigEndian.PutUint64(b[8:], k.a1)
+		binary.LittleEndian.PutUint64(b[:8], k.a0)
+		binary.LittleEndian.PutUint64(b[8:], k.a1)
 		port = uint16(k.rest >> 48)
 	} else {
-		binary.BigEndian.PutUint64(b[:8], k.b0)
-		binary.BigEndian.PutUint64(b[8:], k.b1)
+		binary.LittleEndian.PutUint64(b[:8], k.b0)
+		binary.LittleEndian.PutUint64(b[8:], k.b1)
 		port = uint16(k.rest >> 32)
 	}
 	return addrOf(b, k.v6()), port
