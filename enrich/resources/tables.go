@@ -76,7 +76,8 @@ type compiled struct {
 	lpm         *bart.Table[target]
 	resourceIDs []string
 	rules       []rule
-	prefixes    int // for logs
+	ruleIndex   *ruleIndex // nil: scan every rule
+	prefixes    int        // for logs
 }
 
 type action uint8
@@ -359,6 +360,7 @@ func compile(t *Tables, base string) (*compiled, config.FieldErrors) {
 	if len(errs) > 0 {
 		return nil, errs
 	}
+	c.ruleIndex = buildRuleIndex(c.rules)
 	return c, nil
 }
 
@@ -428,6 +430,19 @@ func (c *compiled) lookup(a netip.Addr) (resource string, exit bool) {
 
 // ruleFor is the ID of the first rule that matches ev, or "".
 func (c *compiled) ruleFor(ev *flow.Event) string {
+	if c.ruleIndex != nil {
+		for _, i := range c.ruleIndex.candidates(ev) {
+			if c.rules[i].matches(ev) {
+				return c.rules[i].id
+			}
+		}
+		return ""
+	}
+	return c.ruleForScan(ev)
+}
+
+// ruleForScan checks every rule in order: the definition that the index must agree with.
+func (c *compiled) ruleForScan(ev *flow.Event) string {
 	for i := range c.rules {
 		if c.rules[i].matches(ev) {
 			return c.rules[i].id
