@@ -15,7 +15,9 @@ import (
 func TestRuleIndexAgreesWithScan(t *testing.T) {
 	rng := rand.New(rand.NewPCG(7, 11))
 	protos := []string{"tcp", "udp", "icmp", "sctp", "47"}
-	port := func() uint16 { return uint16([]int{1, 22, 53, 80, 443, 1000, 8000, 8080, 65535, 0}[rng.IntN(10)] + rng.IntN(3)) }
+	port := func() uint16 {
+		return uint16([]int{1, 22, 53, 80, 443, 1000, 8000, 8080, 65535, 0}[rng.IntN(10)] + rng.IntN(3))
+	}
 	for round := 0; round < 200; round++ {
 		var tb Tables
 		for i := 0; i < 1+rng.IntN(30); i++ {
