@@ -10,6 +10,7 @@
 #   sudo scripts/bench-conntrack.sh                 # flowpipe run: conntrack -> file sink
 #   sudo scripts/bench-conntrack.sh conntrack-e     # the peer reference: conntrack -E
 #   N=5000 RUNS=1 sudo -E scripts/bench-conntrack.sh
+#   READ_BUFFER=256KiB sudo -E scripts/bench-conntrack.sh   # force overruns: resync path
 #
 # Needs root, iproute2, nftables, conntrack, socat and Go. Touches only its own namespaces.
 set -euo pipefail
@@ -21,6 +22,8 @@ RUNS=${RUNS:-3}
 PORT=9000
 FIRST=20000
 UDP_TIMEOUT=2
+READ_BUFFER=${READ_BUFFER:-32MiB}
+ISOLATION=${ISOLATION:-}   # inproc or process; empty: flowpipe's default
 
 [ "$(id -u)" = 0 ] || { echo "run as root (network namespaces, netlink)"; exit 1; }
 case $MODE in flowpipe|conntrack-e) ;; *) echo "mode: flowpipe or conntrack-e"; exit 2;; esac
@@ -59,8 +62,15 @@ teardown() {
   ip netns del "$A"; ip netns del "$B"
 }
 
-# cpu PID: user+system CPU seconds of a process so far.
-cpu() { awk -v t="$(getconf CLK_TCK)" '{printf "%.2f", ($14+$15)/t}' "/proc/$1/stat"; }
+# cpu PID: user+system CPU seconds so far of a process and its children (flowpipe runs its
+# built-in components as plugin processes by default).
+cpu() {
+  local p total=0
+  for p in $1 $(pgrep -P "$1"); do
+    total=$(awk -v t="$(getconf CLK_TCK)" -v s="$total" '{printf "%.2f", s + ($14+$15)/t}' "/proc/$p/stat" 2>/dev/null || echo "$total")
+  done
+  echo "$total"
+}
 
 # settle FILE PATTERN: wait until the count of lines matching PATTERN stops changing.
 settle() {
@@ -91,6 +101,8 @@ sources:
     netns: $A
     activate: true
     protocols: [udp]
+    read_buffer: $READ_BUFFER
+${ISOLATION:+    isolation: $ISOLATION}
 sinks:
   out:
     type: file
@@ -107,12 +119,15 @@ YAML
   settle "$out" '"type":"end"'
   cpu1=$(cpu $fp)
   kill -INT $fp; wait $fp || true
+  # From the source's log (its own metrics stay in the plugin process when it runs isolated).
+  overruns=$(grep -c "overran the socket buffer" "$work/flowpipe.log" || true)
+  rstarts=$( { grep -o 'reconstructed_starts=[0-9]*' "$work/flowpipe.log" || true; } | awk -F= '{s += $2} END {print s+0}')
+  rends=$( { grep -o 'reconstructed_ends=[0-9]*' "$work/flowpipe.log" || true; } | awk -F= '{s += $2} END {print s+0}')
   starts=$(grep '"type":"start"' "$out" | grep -c "\"dst_port\":$PORT" || true)
   ends=$(grep '"type":"end"' "$out" | grep -c "\"dst_port\":$PORT" || true)
-  overruns=$(grep -c "overran the socket buffer" "$work/flowpipe.log" || true)
-  printf 'flowpipe:    starts %d/%d (%.1f%%)  ends %d/%d (%.1f%%)  cpu %.2fs  overrun warnings %d\n' \
+  printf 'flowpipe:    starts %d/%d (%.1f%%)  ends %d/%d (%.1f%%)  cpu %.2fs  overrun episodes %d  reconstructed starts %d ends %d\n' \
     "$starts" "$N" "$(echo "100*$starts/$N" | bc -l)" "$ends" "$N" "$(echo "100*$ends/$N" | bc -l)" \
-    "$(echo "$cpu1-$cpu0" | bc -l)" "$overruns"
+    "$(echo "$cpu1-$cpu0" | bc -l)" "$overruns" "$rstarts" "$rends"
 }
 
 run_conntrack_e() {

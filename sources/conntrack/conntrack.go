@@ -285,6 +285,9 @@ func (s *Source) emitLoop(ctx context.Context, out component.Emitter, readErr <-
 	}
 }
 
+// pollPause is how long the reader waits after draining the socket before it blocks.
+const pollPause = time.Millisecond
+
 // read drains the event socket until ctx is done. Between messages it looks after the
 // tracker: resyncs after an overrun, sweeps for entries the kernel may not report, and
 // reconnects after a socket error.
@@ -297,12 +300,22 @@ func (s *Source) read(ctx context.Context) error {
 	backoff := 100 * time.Millisecond
 	ev := s.currentEvents()
 	_ = ev.setDeadline(nextHousekeep)
+	// idle is set when the last non-blocking read found the socket empty. The reader then
+	// pauses for pollPause before it blocks in the poller: under a steady stream of events
+	// this wakes the goroutine about a thousand times a second instead of once per event
+	// (each wake-up costs more than decoding an event), while the socket buffer, sized for
+	// tens of thousands of events, holds the millisecond's worth.
+	idle := false
 	for {
-		n, err := ev.recv(buf, !needResync)
+		n, err := ev.recv(buf, idle && !needResync)
 		now := time.Now()
 		switch {
 		case err == nil:
+			idle = false
 			s.tr.onMessages(buf[:n], flow.TimeOf(now), &s.stats)
+		case errors.Is(err, errIdle) && !needResync:
+			idle = true
+			time.Sleep(pollPause)
 		case errors.Is(err, errIdle):
 			// The socket is drained after an overrun: compare with the table now.
 			if err := s.resyncCounted(); err != nil {
@@ -365,7 +378,10 @@ func (s *Source) read(ctx context.Context) error {
 					s.env.Metrics.Errors("resync", 1)
 				}
 			}
-			s.tr.expire(flow.TimeOf(now))
+			if n := s.tr.expire(flow.TimeOf(now)); n > 0 {
+				s.log.Info("conntrack connections left the table without a DESTROY; reconstructed their ends",
+					"reconstructed_ends", n)
+			}
 			s.flushCounts()
 		}
 	}
