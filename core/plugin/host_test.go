@@ -6,6 +6,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"os/exec"
@@ -541,4 +542,10 @@ func hostProcess() int {
 	p, _ := c.(*remoteSink).in.get(context.Background())
 	fmt.Printf("plugin %d\n", p.pid())
 	select {}
+}
+
+func discardLogger() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
+
+func configComponent(kind component.Kind, name, plugin string, opts map[string]any) config.Component {
+	return config.Component{Kind: kind, Name: name, Plugin: plugin, Options: opts}
 }

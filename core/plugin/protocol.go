@@ -7,6 +7,7 @@ import (
 
 	goplugin "github.com/hashicorp/go-plugin"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/experimental"
 
 	"github.com/flowpipe/flowpipe/core/component"
 	"github.com/flowpipe/flowpipe/core/flow"
@@ -41,11 +42,14 @@ const parentPIDEnv = "FLOWPIPE_PLUGIN_PARENT_PID"
 const pluginName = "component"
 
 func grpcServerOptions() []grpc.ServerOption {
-	return []grpc.ServerOption{grpc.MaxRecvMsgSize(MaxMessageSize), grpc.MaxSendMsgSize(MaxMessageSize)}
+	return []grpc.ServerOption{grpc.MaxRecvMsgSize(MaxMessageSize), grpc.MaxSendMsgSize(MaxMessageSize), experimental.BufferPool(bufferPool), grpc.ForceServerCodecV2(protoCodec{})}
 }
 
 func grpcDialOptions() []grpc.DialOption {
-	return []grpc.DialOption{grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(MaxMessageSize), grpc.MaxCallSendMsgSize(MaxMessageSize))}
+	return []grpc.DialOption{
+		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(MaxMessageSize), grpc.MaxCallSendMsgSize(MaxMessageSize), grpc.ForceCodecV2(protoCodec{})),
+		experimental.WithBufferPool(bufferPool),
+	}
 }
 
 // grpcPlugin is the go-plugin glue: the plugin side registers its servers, the host side

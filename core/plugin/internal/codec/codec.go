@@ -29,6 +29,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"slices"
 
 	"github.com/google/uuid"
 
@@ -132,7 +133,8 @@ func Decode(dst []flow.Event, data []byte, count int) ([]flow.Event, error) {
 	}
 	d := decoder{buf: data[1:]}
 	start := len(dst)
-	dst = append(dst, make([]flow.Event, count)...)
+	// Grow without zeroing twice: event assigns every field of each event.
+	dst = slices.Grow(dst, count)[:start+count]
 	for i := start; i < len(dst); i++ {
 		if err := d.event(&dst[i]); err != nil {
 			return dst[:start], fmt.Errorf("codec: event %d: %w", i-start, err)
@@ -150,6 +152,7 @@ type decoder struct {
 	prev [6]string // the previous event's strings, reused when they repeat
 }
 
+// event decodes one event, assigning every field of *e (it may hold a previous event).
 func (d *decoder) event(e *flow.Event) error {
 	if len(d.buf) < 37 {
 		return errShort

@@ -67,8 +67,9 @@ func (futurePlugin) GRPCClient(context.Context, *goplugin.GRPCBroker, *grpc.Clie
 }
 
 type sinkConfig struct {
-	Path string `yaml:"path" required:"true"`
-	Hang bool   `yaml:"hang"`
+	Path    string `yaml:"path" required:"true"`
+	Hang    bool   `yaml:"hang"`
+	Discard bool   `yaml:"discard"` // accept batches without writing (benchmarks)
 }
 
 func (c *sinkConfig) Validate() error {
@@ -104,6 +105,9 @@ func (s *sink) Start(context.Context) error {
 func (s *sink) Write(ctx context.Context, b *flow.Batch) error {
 	if s.cfg.Hang {
 		select {}
+	}
+	if s.cfg.Discard {
+		return nil
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
