@@ -69,8 +69,18 @@ type running struct {
 	stop func()
 }
 
-// startSource builds the source from YAML-like options, as a pipeline would, and runs it.
+// startSource builds the source from YAML-like options, as a pipeline would, and runs it
+// into a collector.
 func startSource(t *testing.T, opts map[string]any) *running {
+	t.Helper()
+	out := &collector{}
+	r := startSourceWith(t, opts, out)
+	r.out = out
+	return r
+}
+
+// startSourceWith runs the source into any emitter.
+func startSourceWith(t *testing.T, opts map[string]any, out component.Emitter) *running {
 	t.Helper()
 	cfg := defaultConfig()
 	if errs := config.Decode(opts, cfg, ""); len(errs) > 0 {
@@ -91,11 +101,10 @@ func startSource(t *testing.T, opts map[string]any) *running {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	out := &collector{}
 	done := make(chan error, 1)
 	go func() { done <- s.Run(ctx, out) }()
 	var once sync.Once
-	r := &running{src: s, out: out, met: met}
+	r := &running{src: s, met: met}
 	r.stop = func() {
 		once.Do(func() {
 			cancel()
