@@ -27,7 +27,9 @@ type tcpdump struct {
 
 func startTcpdump(t *testing.T, p *testenv.Pair, ns, ifc, file string) *tcpdump {
 	t.Helper()
-	cmd := p.Command(ns, "tcpdump", "-i", ifc, "-n", "-U", "-s", "0", "-w", file, "ip or ip6")
+	// Immediate mode: without it libpcap hands packets over a ring block at a time (up to a
+	// second later), and the packets of the last block are lost when tcpdump is stopped.
+	cmd := p.Command(ns, "tcpdump", "-i", ifc, "-n", "-U", "--immediate-mode", "-s", "0", "-w", file, "ip or ip6")
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
 		t.Fatal(err)

@@ -24,6 +24,8 @@ const (
 	blockTimeout = 20 * time.Millisecond
 	pollTimeout  = 200 * time.Millisecond
 	frameSize    = 1 << 16
+	// drainAfterStop bounds how long a stopping capture keeps reading what is in the ring.
+	drainAfterStop = 500 * time.Millisecond
 )
 
 // openLive opens the AF_PACKET ring on the interface, inside the configured namespace, and
@@ -129,7 +131,7 @@ loop:
 	}
 	stop.Store(true)
 	if readErr != nil {
-		<-readErr // the reader notices within pollTimeout
+		<-readErr // the reader drains the ring and stops within pollTimeout+drainAfterStop
 	}
 	tp.Close()
 	// The connections still open end with the capture, so that their counters are not lost.
@@ -146,21 +148,32 @@ loop:
 }
 
 // read is the capture loop: decode, track, count. It owns its counters and publishes them
-// about once a second.
+// about once a second. Once stop is set it keeps reading for up to drainAfterStop, until the
+// ring is empty, so that the packets of the last ring block are tracked too.
 func (s *Source) read(tp *afpacket.TPacket, link layers.LinkType, tr *tracker.Tracker, stop *atomic.Bool) error {
 	var (
-		c    counters
-		last tracker.Stats
-		p    tracker.Packet
-		n    uint64
+		c       counters
+		last    tracker.Stats
+		p       tracker.Packet
+		n       uint64
+		stopped time.Time
 	)
 	published := time.Now()
 	defer func() { s.publish(&c, tr, &last) }()
-	for !stop.Load() {
+	for {
+		if stopped.IsZero() && stop.Load() {
+			stopped = time.Now()
+		}
+		if !stopped.IsZero() && time.Since(stopped) > drainAfterStop {
+			return nil
+		}
 		data, ci, err := tp.ZeroCopyReadPacketData()
 		switch {
 		case err == nil:
 		case errors.Is(err, afpacket.ErrTimeout):
+			if !stopped.IsZero() {
+				return nil // drained
+			}
 			if time.Since(published) >= time.Second {
 				s.publish(&c, tr, &last)
 				published = time.Now()
@@ -182,5 +195,4 @@ func (s *Source) read(tp *afpacket.TPacket, link layers.LinkType, tr *tracker.Tr
 			published = time.Now()
 		}
 	}
-	return nil
 }
