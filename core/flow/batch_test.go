@@ -4,6 +4,8 @@ import (
 	"errors"
 	"sync"
 	"testing"
+
+	"github.com/google/uuid"
 )
 
 func TestBatchAckAfterLastRelease(t *testing.T) {
@@ -70,4 +72,19 @@ func TestBatchOverReleasePanics(t *testing.T) {
 		}
 	}()
 	b.Release(nil)
+}
+
+func TestIDGenMakesVersion4UUIDs(t *testing.T) {
+	g := NewIDGen()
+	seen := map[[16]byte]bool{}
+	for range 10000 {
+		u := g.New()
+		if u.Version() != 4 || u.Variant() != uuid.RFC4122 {
+			t.Fatalf("%s: version %d variant %d", u, u.Version(), u.Variant())
+		}
+		if seen[u] {
+			t.Fatalf("duplicate %s", u)
+		}
+		seen[u] = true
+	}
 }

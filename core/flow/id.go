@@ -2,6 +2,7 @@ package flow
 
 import (
 	crand "crypto/rand"
+	"encoding/binary"
 	"math/rand/v2"
 
 	"github.com/google/uuid"
@@ -27,7 +28,8 @@ func NewIDGen() *IDGen {
 // New returns a new random UUID.
 func (g *IDGen) New() uuid.UUID {
 	var u uuid.UUID
-	_, _ = g.rng.Read(u[:])
+	binary.LittleEndian.PutUint64(u[:8], g.rng.Uint64())
+	binary.LittleEndian.PutUint64(u[8:], g.rng.Uint64())
 	u[6] = (u[6] & 0x0f) | 0x40 // version 4
 	u[8] = (u[8] & 0x3f) | 0x80 // RFC 4122 variant
 	return u
