@@ -61,3 +61,27 @@ func TestBackpressureDoesNotStopReading(t *testing.T) {
 		t.Logf("note: %d overruns (resynced)", o)
 	}
 }
+
+// TestReconnect closes the event socket under the reader, as a netlink error would end it:
+// the reader reopens it with backoff, resyncs, and keeps reporting flows.
+func TestReconnect(t *testing.T) {
+	p := newPair(t)
+	r := startSource(t, map[string]any{"netns": p.A, "activate": true, "flush_interval": "10ms"})
+	r.src.currentEvents().close()
+	waitFor(t, "the reader to reconnect", func() bool { return r.src.stats.reconnects.Load() >= 1 }, nil)
+	srv, stop := udpEcho(t, p, p.B, p.B4+":0")
+	defer stop()
+	client := udpExchange(t, p.A, srv, 1, 10)
+	match := func(e *flow.Event) bool { return e.Protocol == flow.ProtoUDP && e.SrcPort == client.Port() }
+	waitFor(t, "the flow's end after the reconnect", func() bool {
+		_, e := byFlow(r.out.snapshot(), match)
+		return len(e) == 1
+	}, dumpNS(p, p.A))
+	r.stop()
+	if s, e := byFlow(r.out.snapshot(), match); len(s) != 1 || len(e) != 1 || s[0].FlowID != e[0].FlowID {
+		t.Fatalf("%d starts %d ends after reconnect", len(s), len(e))
+	}
+	if r.met.get(r.met.errors, "netlink_read") == 0 {
+		t.Error("the socket failure was not counted")
+	}
+}
