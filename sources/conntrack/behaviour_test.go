@@ -212,7 +212,7 @@ add chain inet keep c
 add rule inet keep c ct state new counter`)
 	sysctlNS(t, p, p.A, "net.netfilter.nf_conntrack_acct=1")
 	sysctlNS(t, p, p.A, "net.netfilter.nf_conntrack_udp_timeout=3")
-	// 2 ("auto", the default since Linux 5.18): entries created while nobody listens carry no
+	// 2 ("auto", the default on current kernels): entries created while nobody listens carry no
 	// event cache, so the kernel never reports their end; pin it so the test means the same
 	// on every kernel.
 	sysctlNS(t, p, p.A, "net.netfilter.nf_conntrack_events=2")
