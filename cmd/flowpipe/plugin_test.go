@@ -5,12 +5,16 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"net/http"
+	"net/http/httptest"
 	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -316,5 +320,102 @@ func TestPluginsList(t *testing.T) {
 		if !strings.Contains(stdout, want) {
 			t.Errorf("missing %q in:\n%s", want, stdout)
 		}
+	}
+}
+
+// TestPluginGuide follows docs/plugins.md as a new plugin author would: build the example
+// webhook sink, pin it with sha256sum, configure it with the guide's pipeline.yaml, check
+// it, list it and run it against an HTTP endpoint.
+func TestPluginGuide(t *testing.T) {
+	dir := t.TempDir()
+	plugins := filepath.Join(dir, "plugins")
+	bin := filepath.Join(plugins, "flowpipe-sink-webhook")
+	// 2. Build it.
+	build := exec.Command("go", "build", "-o", bin, ".")
+	build.Dir = filepath.Join("..", "..", "examples", "webhook-sink")
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("build the example: %v\n%s", err, out)
+	}
+	if out, _ := exec.Command(bin).CombinedOutput(); !strings.Contains(string(out), `This is a flowpipe sink plugin (type "webhook"`) {
+		t.Fatalf("run by hand, the plugin said %q", out)
+	}
+	// 3. Pin it.
+	out, err := exec.Command("sha256sum", bin).Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	sum := strings.Fields(string(out))[0]
+
+	// 4. Configure it, with the guide's own pipeline.yaml.
+	doc, err := os.ReadFile(filepath.Join("..", "..", "docs", "plugins.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, rest, ok := strings.Cut(string(doc), "<!-- guide:pipeline")
+	if !ok {
+		t.Fatal("docs/plugins.md has no guide:pipeline block")
+	}
+	_, rest, _ = strings.Cut(rest, "```yaml\n")
+	pipeline, _, _ := strings.Cut(rest, "```")
+
+	var mu sync.Mutex
+	ids := map[string]int{}
+	auth := ""
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		sc := bufio.NewScanner(r.Body)
+		mu.Lock()
+		defer mu.Unlock()
+		auth = r.Header.Get("Authorization")
+		for sc.Scan() {
+			var e flow.Event
+			if err := flow.ParseJSON(sc.Bytes(), &e); err != nil {
+				http.Error(w, err.Error(), http.StatusBadRequest)
+				return
+			}
+			ids[e.EventID.String()]++
+		}
+	}))
+	defer srv.Close()
+	pipeline = regexp.MustCompile(`sha256: "[0-9a-f]{64}"`).ReplaceAllString(pipeline, `sha256: "`+sum+`"`)
+	pipeline = strings.Replace(pipeline, "http://127.0.0.1:8080/flows", srv.URL+"/flows", 1)
+	pipeline = strings.Replace(pipeline, "listen: 127.0.0.1:9560", `listen: ""`, 1)
+	// Environment overrides make the demo source finite without moving any line.
+	t.Setenv("FLOWPIPE_SOURCES__DEMO__RATE", "0")
+	t.Setenv("FLOWPIPE_SOURCES__DEMO__COUNT", "5000")
+	writeFile(t, filepath.Join(dir, "pipeline.yaml"), pipeline)
+
+	if _, stderr, code := flowpipe(t, dir, "validate", "-c", "pipeline.yaml"); code != 0 {
+		t.Fatalf("validate: exit %d\n%s", code, stderr)
+	}
+	stdout, stderr, code := flowpipe(t, dir, "plugins", "list", "-c", "pipeline.yaml")
+	if code != 0 || !regexp.MustCompile(`sink\s+webhook\s+\S+flowpipe-sink-webhook\s+0\.1\.0\s+`+sum).MatchString(stdout) {
+		t.Fatalf("plugins list (exit %d) does not show the webhook plugin with its hash:\n%s%s", code, stdout, stderr)
+	}
+	_, stderr, code = flowpipe(t, dir, "run", "-c", "pipeline.yaml")
+	if code != 0 || !strings.Contains(stderr, "every accepted batch was delivered") {
+		t.Fatalf("run: exit %d\n%s", code, stderr)
+	}
+	mu.Lock()
+	if len(ids) < 5000 || auth != "Bearer change-me" {
+		t.Fatalf("endpoint got %d distinct events with Authorization %q", len(ids), auth)
+	}
+	for id, n := range ids {
+		if n != 1 {
+			t.Fatalf("event %s posted %d times without a failure", id, n)
+		}
+	}
+	mu.Unlock()
+
+	// A binary that no longer matches its pin is refused, and a bad option is shown at its
+	// line, as the guide says.
+	bad := strings.Replace(pipeline, sum, strings.Repeat("ab", 32), 1)
+	writeFile(t, filepath.Join(dir, "pipeline.yaml"), bad)
+	if _, stderr, code := flowpipe(t, dir, "validate", "-c", "pipeline.yaml"); code == 0 || !strings.Contains(stderr, "refusing to start it") {
+		t.Fatalf("validate with a wrong pin: exit %d\n%s", code, stderr)
+	}
+	bad = strings.Replace(pipeline, "url: "+srv.URL+"/flows", "url: localhost", 1)
+	writeFile(t, filepath.Join(dir, "pipeline.yaml"), bad)
+	if _, stderr, code := flowpipe(t, dir, "validate", "-c", "pipeline.yaml"); code == 0 || !strings.Contains(stderr, `pipeline.yaml:11: sinks.hook.url: want an http:// or https:// URL, got "localhost"`) {
+		t.Fatalf("validate with a bad url: exit %d\n%s", code, stderr)
 	}
 }

@@ -90,7 +90,7 @@ func (in *instance) first(ctx context.Context) (*proc, bool, error) {
 	return startProc(ctx, in.launcher, in.spec, in.env, in.settings, in.options)
 }
 
-func (in *instance) discard(p *proc) { p.kill() }
+func (in *instance) discard(p *proc) { p.shutdown() }
 
 // adopt makes p the current process and starts watching it.
 func (in *instance) adopt(p *proc) {

@@ -115,7 +115,7 @@ func startProc(ctx context.Context, l *launcher, spec config.Component, env comp
 
 	holder, err := p.configure(ctx, l.describe, spec, env, s.StartTimeout, options)
 	if err != nil {
-		p.kill()
+		p.shutdown()
 		return nil, false, err
 	}
 	return p, holder, nil
@@ -197,6 +197,14 @@ func (p *proc) kill() {
 		_ = p.cmd.Process.Kill()
 	}
 	p.end()
+}
+
+// shutdown stops a healthy process that is not wanted (its options were refused): go-plugin
+// asks it to exit and kills it only if it does not.
+func (p *proc) shutdown() {
+	if p.stop() {
+		p.end()
+	}
 }
 
 func (p *proc) end() {
