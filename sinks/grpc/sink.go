@@ -16,6 +16,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"math/rand/v2"
 	"sync"
@@ -429,14 +430,17 @@ func (s *Sink) serve(ctx context.Context, gen uint64) error {
 	s.mu.Lock()
 	s.stream = 0
 	s.mu.Unlock()
-	if rerr := <-recvErr; err == nil || errors.Is(err, context.Canceled) {
+	// The receiving side knows why the stream ended (a status from the receiver); a failed
+	// SendMsg only says io.EOF.
+	if rerr := <-recvErr; err == nil || errors.Is(err, context.Canceled) || errors.Is(err, io.EOF) {
 		err = rerr
 	}
 	return err
 }
 
+// closeErr is the status behind a failed SendMsg, read with RecvMsg; only for use while no
+// other goroutine receives on the stream.
 func closeErr(stream grpclib.ClientStream, err error) error {
-	// A failed SendMsg hides the status; RecvMsg reveals it.
 	var m flowwire.AckMsg
 	if rerr := stream.RecvMsg(&m); rerr != nil {
 		if _, ok := status.FromError(rerr); ok {
@@ -485,7 +489,8 @@ func (s *Sink) send(ctx context.Context, stream grpclib.ClientStream, gen uint64
 			}
 			for _, m := range msgs {
 				if err := stream.SendMsg(flowwire.Raw(m)); err != nil {
-					return fmt.Errorf("send: %w", closeErr(stream, err))
+					// The stream's status, if any, comes from the receiving goroutine.
+					return fmt.Errorf("send: %w", err)
 				}
 			}
 			s.sent.Add(float64(first))
