@@ -1,7 +1,6 @@
 package conntrack
 
 import (
-	"net"
 	"net/netip"
 	"os"
 	"strings"
@@ -168,7 +167,7 @@ func TestSysctlsRestoredAndActivateRemoved(t *testing.T) {
 		sysctlNS(t, p, p.A, kv)
 	}
 	read := func(key string) string {
-		return strings.TrimSpace(p.Exec(t, p.A, "sysctl", "-n", key))
+		return readSysctlNS(t, p.A, key)
 	}
 	// Without activation, a fresh namespace tracks nothing.
 	srv, stop := udpEcho(t, p, p.B, p.B4+":0")
@@ -237,5 +236,3 @@ add rule inet keep c ct state new counter`)
 		t.Errorf("%d reconstructed ends, want 1", got)
 	}
 }
-
-var _ = net.IPv4len

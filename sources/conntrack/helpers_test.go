@@ -2,10 +2,10 @@ package conntrack
 
 import (
 	"context"
-	"fmt"
 	"log/slog"
 	"net"
 	"os"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -159,11 +159,28 @@ func inNS(t *testing.T, name string, fn func() error) {
 	}
 }
 
-// sysctlNS sets a sysctl inside a namespace with the sysctl tool (test setup only).
+// sysctlNS sets a sysctl ("net.netfilter.x=v") inside a namespace, through /proc/sys as
+// seen from there (test setup only).
 func sysctlNS(t *testing.T, p *testenv.Pair, ns, kv string) {
 	t.Helper()
-	p.Exec(t, ns, "sysctl", "-q", "-w", kv)
+	key, val, _ := strings.Cut(kv, "=")
+	inNS(t, ns, func() error {
+		return os.WriteFile(sysctlPath(key), []byte(val), 0o644)
+	})
 }
+
+// readSysctlNS reads a sysctl inside a namespace.
+func readSysctlNS(t *testing.T, ns, key string) string {
+	t.Helper()
+	var v []byte
+	inNS(t, ns, func() (err error) {
+		v, err = os.ReadFile(sysctlPath(key))
+		return err
+	})
+	return strings.TrimSpace(string(v))
+}
+
+func sysctlPath(key string) string { return "/proc/sys/" + strings.ReplaceAll(key, ".", "/") }
 
 // dumpNS runs `conntrack -L` in the namespace: it makes the kernel reap expired entries.
 func dumpNS(p *testenv.Pair, ns string) func() {
@@ -210,9 +227,4 @@ func must(t *testing.T, err error) {
 	if err != nil {
 		t.Fatal(err)
 	}
-}
-
-func init() {
-	_ = fmt.Sprintf
-	_ = os.Getenv
 }
