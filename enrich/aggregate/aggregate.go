@@ -90,22 +90,40 @@ const (
 	mixedICMP
 )
 
-type acc struct {
-	ev    flow.Event
-	mixed uint8
-}
-
-// window is the state of one aggregation window.
+// window is the state of one aggregation window. The aggregates are built in place, in
+// chunks of batch_size events that become the emitted batches: nothing is copied when a
+// window grows or is emitted, and a window is never used again once emitted.
 type window struct {
 	start  flow.Time
-	index  map[key]int32
-	accs   []acc
+	index  map[key]int32 // aggregate number: chunks[n/batch_size][n%batch_size]
+	chunks [][]flow.Event
+	mixed  []uint8       // per aggregate: the fields its events disagree on
+	n      int           // aggregates
 	inputs []*flow.Batch // retained batches whose events are folded in here
 	events int           // events absorbed
 }
 
-func newWindow(start flow.Time) *window {
-	return &window{start: start, index: map[key]int32{}}
+// newWindow sizes the new window's index like the last one's: a busy host has about as many
+// conversations from one window to the next, and growing a map of 100,000 keys step by step
+// costs more than filling it.
+func newWindow(start flow.Time, last *window) *window {
+	hint := 0
+	if last != nil {
+		hint = last.n + last.n/8
+	}
+	return &window{start: start, index: make(map[key]int32, hint), mixed: make([]uint8, 0, hint)}
+}
+
+// add appends a new aggregate and returns its number.
+func (w *window) add(g flow.Event, chunkSize int) int32 {
+	if w.n%chunkSize == 0 {
+		w.chunks = append(w.chunks, make([]flow.Event, 0, chunkSize))
+	}
+	c := &w.chunks[len(w.chunks)-1]
+	*c = append(*c, g)
+	w.mixed = append(w.mixed, 0)
+	w.n++
+	return int32(w.n - 1)
 }
 
 // Aggregator is the aggregate enricher. Enrich is safe for concurrent use.
@@ -192,7 +210,7 @@ func (a *Aggregator) Start(context.Context) error {
 	}
 	a.mu.Lock()
 	if a.cur == nil {
-		a.cur = newWindow(flow.Now())
+		a.cur = newWindow(flow.Now(), nil)
 	}
 	a.started = true
 	a.mu.Unlock()
@@ -249,7 +267,7 @@ func (a *Aggregator) Enrich(ctx context.Context, b *flow.Batch) error {
 		return nil
 	}
 	if a.cur == nil {
-		a.cur = newWindow(flow.Now())
+		a.cur = newWindow(flow.Now(), nil)
 	}
 	w := a.cur
 	retained := false
@@ -272,11 +290,11 @@ loop:
 			k.rule = ev.RuleID
 		}
 		idx, ok := w.index[k]
-		for !ok && len(w.accs) >= a.cfg.MaxKeys {
+		for !ok && w.n >= a.cfg.MaxKeys {
 			// The window is full: close it and emit it (without mu, so other sources go
 			// on), while this batch goes on into the next window.
 			full := w
-			a.cur = newWindow(flow.Now())
+			a.cur = newWindow(flow.Now(), full)
 			a.emitMu.Lock()
 			a.mu.Unlock()
 			a.emit(ctx, full, "max_keys")
@@ -300,17 +318,16 @@ loop:
 			retained = true
 		}
 		if !ok {
-			idx = int32(len(w.accs))
-			w.index[k] = idx
-			w.accs = append(w.accs, acc{ev: flow.Event{
+			idx = w.add(flow.Event{
 				Type: flow.TypeAggregate, SrcAddr: ev.SrcAddr, DstAddr: ev.DstAddr,
 				SrcPort: ev.SrcPort, DstPort: k.dport, Protocol: ev.Protocol, Direction: ev.Direction,
 				ICMPType: ev.ICMPType, ICMPCode: ev.ICMPCode,
 				RuleID: ev.RuleID, SrcResourceID: ev.SrcResourceID, DstResourceID: ev.DstResourceID,
 				CommunityID: ev.CommunityID, Source: ev.Source, Start: ev.Start, End: ev.End,
-			}})
+			}, a.cfg.BatchSize)
+			w.index[k] = idx
 		}
-		fold(&w.accs[idx], ev)
+		fold(&w.chunks[int(idx)/a.cfg.BatchSize][int(idx)%a.cfg.BatchSize], &w.mixed[idx], ev)
 		w.events++
 		absorbed++
 	}
@@ -325,8 +342,7 @@ loop:
 }
 
 // fold adds one event to an aggregate.
-func fold(ac *acc, ev *flow.Event) {
-	g := &ac.ev
+func fold(g *flow.Event, mixed *uint8, ev *flow.Event) {
 	g.RxPackets += ev.RxPackets
 	g.RxBytes += ev.RxBytes
 	g.TxPackets += ev.TxPackets
@@ -346,8 +362,8 @@ func fold(ac *acc, ev *flow.Event) {
 		g.End = ev.End
 	}
 	same := func(bit uint8, have *string, v string) {
-		if ac.mixed&bit == 0 && *have != v {
-			ac.mixed |= bit
+		if *mixed&bit == 0 && *have != v {
+			*mixed |= bit
 			*have = ""
 		}
 	}
@@ -356,12 +372,12 @@ func fold(ac *acc, ev *flow.Event) {
 	same(mixedDstRes, &g.DstResourceID, ev.DstResourceID)
 	same(mixedCommunity, &g.CommunityID, ev.CommunityID)
 	same(mixedSource, &g.Source, ev.Source)
-	if ac.mixed&mixedSrcPort == 0 && g.SrcPort != ev.SrcPort {
-		ac.mixed |= mixedSrcPort
+	if *mixed&mixedSrcPort == 0 && g.SrcPort != ev.SrcPort {
+		*mixed |= mixedSrcPort
 		g.SrcPort = 0
 	}
-	if ac.mixed&mixedICMP == 0 && (g.ICMPType != ev.ICMPType || g.ICMPCode != ev.ICMPCode) {
-		ac.mixed |= mixedICMP
+	if *mixed&mixedICMP == 0 && (g.ICMPType != ev.ICMPType || g.ICMPCode != ev.ICMPCode) {
+		*mixed |= mixedICMP
 		g.ICMPType, g.ICMPCode = 0, 0
 	}
 }
@@ -374,7 +390,7 @@ func (a *Aggregator) closeWindow(ctx context.Context, reason string) {
 		return
 	}
 	w := a.cur
-	a.cur = newWindow(flow.Now())
+	a.cur = newWindow(flow.Now(), w)
 	a.emitMu.Lock()
 	a.mu.Unlock()
 	defer a.emitMu.Unlock()
@@ -385,47 +401,54 @@ func (a *Aggregator) closeWindow(ctx context.Context, reason string) {
 // aggregates of one conversation share a flow_id from window to window.
 var flowNamespace = uuid.MustParse("5d0e43a8-0c1e-4b8e-9a53-6f6c6f777069")
 
+// flowID is uuid.NewSHA1(flowNamespace, key) (a version 5 UUID) computed without the
+// allocations of a hash.Hash, since every aggregate of every window gets one.
 func flowID(g *flow.Event, rule string) uuid.UUID {
-	var buf [2*16 + 2 + 1 + 1 + 64]byte
-	b := buf[:0]
+	var buf [16 + 2*16 + 2 + 1 + 1 + 64]byte
+	b := append(buf[:0], flowNamespace[:]...)
 	s, d := g.SrcAddr.As16(), g.DstAddr.As16()
 	b = append(b, s[:]...)
 	b = append(b, d[:]...)
 	b = binary.BigEndian.AppendUint16(b, g.DstPort)
 	b = append(b, g.Protocol, byte(g.Direction))
 	b = append(b, rule...)
-	return uuid.NewHash(sha1.New(), flowNamespace, b, 5)
+	sum := sha1.Sum(b)
+	var u uuid.UUID
+	copy(u[:], sum[:16])
+	u[6] = (u[6] & 0x0f) | 0x50 // version 5
+	u[8] = (u[8] & 0x3f) | 0x80 // RFC 4122 variant
+	return u
 }
 
 // emit sends a closed window's aggregates downstream, in batches of at most BatchSize; the
 // input batches are released once every one of those batches is acknowledged, with the first
 // error any of them reported. The caller holds emitMu.
 func (a *Aggregator) emit(ctx context.Context, w *window, reason string) {
-	if w == nil || len(w.accs) == 0 {
+	if w == nil || w.n == 0 {
 		return
 	}
 	end := flow.Now()
-	events := make([]flow.Event, len(w.accs))
-	for i := range w.accs {
-		g := w.accs[i].ev
-		g.EventID = a.ids.New()
-		rule := ""
-		if a.cfg.ByRuleID {
-			rule = g.RuleID
+	w.index, w.mixed = nil, nil // not needed any more; let them go before the acks come
+	for _, chunk := range w.chunks {
+		for i := range chunk {
+			g := &chunk[i]
+			g.EventID = a.ids.New()
+			rule := ""
+			if a.cfg.ByRuleID {
+				rule = g.RuleID
+			}
+			g.FlowID = flowID(g, rule)
+			g.Timestamp = end
+			g.WindowStart = w.start
+			g.WindowEnd = end
 		}
-		g.FlowID = flowID(&g, rule)
-		g.Timestamp = end
-		g.WindowStart = w.start
-		g.WindowEnd = end
-		events[i] = g
 	}
 	a.windows.WithLabelValues(reason).Inc()
-	a.emitted.Add(float64(len(events)))
+	a.emitted.Add(float64(w.n))
 
 	inputs := w.inputs
-	chunks := (len(events) + a.cfg.BatchSize - 1) / a.cfg.BatchSize
 	var pending atomic.Int32
-	pending.Store(int32(chunks))
+	pending.Store(int32(len(w.chunks)))
 	var firstErr atomic.Pointer[error]
 	ack := func(err error) {
 		if err != nil {
@@ -443,14 +466,9 @@ func (a *Aggregator) emit(ctx context.Context, w *window, reason string) {
 		}
 		a.held.Set(float64(a.heldN.Add(-int64(len(inputs)))))
 	}
-	a.log.Debug("window closed", "reason", reason, "aggregates", len(events), "events", w.events, "batches_held", len(inputs))
-	for len(events) > 0 {
-		n := min(len(events), a.cfg.BatchSize)
-		// Full slice expression: the next stages may shorten or reorder their batch in
-		// place without touching the next chunk.
-		out := flow.NewBatch(events[:n:n], ack)
-		events = events[n:]
-		if err := a.next.Emit(ctx, out); err != nil {
+	a.log.Debug("window closed", "reason", reason, "aggregates", w.n, "events", w.events, "batches_held", len(inputs))
+	for _, chunk := range w.chunks {
+		if err := a.next.Emit(ctx, flow.NewBatch(chunk, ack)); err != nil {
 			// Emit acknowledges the batch in every case, so the inputs are released with
 			// the error; log why the aggregates did not go on.
 			a.log.Warn("aggregates not delivered", "reason", reason, "error", err)

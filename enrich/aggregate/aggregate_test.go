@@ -9,6 +9,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/uuid"
+
 	"github.com/flowpipe/flowpipe/core/component"
 	"github.com/flowpipe/flowpipe/core/config"
 	"github.com/flowpipe/flowpipe/core/flow"
@@ -493,3 +495,14 @@ func newAggB(b *testing.B) (*Aggregator, *recorder) {
 }
 
 var _ = time.Second
+
+func TestFlowIDIsUUIDv5OfTheKey(t *testing.T) {
+	g := tcp(flow.TypeEnd, 1, 443, 0, 0)
+	g.Type = flow.TypeAggregate
+	s, d := g.SrcAddr.As16(), g.DstAddr.As16()
+	name := append(append(append([]byte{}, s[:]...), d[:]...), 1, 187, flow.ProtoTCP, byte(flow.Egress))
+	name = append(name, "r1"...)
+	if got, want := flowID(&g, "r1"), uuid.NewSHA1(flowNamespace, name); got != want {
+		t.Errorf("flowID = %v, want %v", got, want)
+	}
+}

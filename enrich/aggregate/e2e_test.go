@@ -3,6 +3,7 @@ package aggregate_test
 import (
 	"bufio"
 	"context"
+	"fmt"
 	"log/slog"
 	"net/netip"
 	"os"
@@ -15,7 +16,9 @@ import (
 	"github.com/flowpipe/flowpipe/core/flow"
 	"github.com/flowpipe/flowpipe/core/pipeline"
 	"github.com/flowpipe/flowpipe/enrich/aggregate"
+	"github.com/flowpipe/flowpipe/enrich/communityid"
 	"github.com/flowpipe/flowpipe/enrich/resources"
+	"github.com/flowpipe/flowpipe/sinks/discard"
 	"github.com/flowpipe/flowpipe/sinks/file"
 	"github.com/flowpipe/flowpipe/sources/generate"
 )
@@ -189,5 +192,59 @@ sinks:
 	}
 	if starts == 0 || starts != ends || web == 0 {
 		t.Errorf("aggregates count %d starts and %d ends (%d for r-web); want equal and non-zero", starts, ends, web)
+	}
+}
+
+// BenchmarkPipeline runs b.N generated events through the real runtime into the discard
+// sink, with and without the enrichers, so that their cost shows as a ratio measured in one
+// run: events/s is the throughput of the whole pipeline.
+func BenchmarkPipeline(b *testing.B) {
+	reg := component.NewRegistry()
+	for _, f := range []component.Factory{generate.Factory(), resources.Factory(), aggregate.Factory(),
+		communityid.Factory(), discard.Factory()} {
+		reg.Register(f)
+	}
+	const tables = `
+    overlay: [10.0.0.0/24, "fd00:f10e::/32"]
+    resources:
+      - {id: web, prefixes: [198.51.100.0/24]}
+      - {id: docs, prefixes: [203.0.113.0/25]}
+    routes: [{prefix: 0.0.0.0/0}, {prefix: "::/0"}]
+    rules:
+      - {id: r-web, protocols: [tcp], dst: [web], ports: [80, 443]}
+      - {id: r-dns, protocols: [udp], ports: [53]}
+      - {id: r-docs, dst: [docs]}
+      - {id: r-in, direction: ingress}`
+	for _, tc := range []struct{ name, enrichers string }{
+		{"none", ""},
+		{"resources", "enrichers:\n  - type: resources" + tables},
+		{"community_id", "enrichers:\n  - type: community_id"},
+		{"aggregate", "enrichers:\n  - {type: aggregate, window: 1s}"},
+		{"resources+community_id+aggregate", "enrichers:\n  - type: resources" + tables +
+			"\n  - type: community_id\n  - {type: aggregate, window: 1s}"},
+	} {
+		b.Run(tc.name, func(b *testing.B) {
+			doc, err := config.Load(filepath.Join(b.TempDir(), "pipeline.yaml"), []byte(fmt.Sprintf(`
+admin: {listen: ""}
+sources:
+  gen: {type: generate, count: %d, batch_size: 1024, seed: 1}
+%s
+sinks:
+  out: {type: discard}
+`, b.N, tc.enrichers)), nil)
+			if err != nil {
+				b.Fatal(err)
+			}
+			p, err := pipeline.New(context.Background(), doc, pipeline.Options{Registry: reg, Logger: slog.New(slog.DiscardHandler)})
+			if err != nil {
+				b.Fatal(err)
+			}
+			b.ResetTimer()
+			if err := p.Run(context.Background()); err != nil {
+				b.Fatal(err)
+			}
+			b.StopTimer()
+			b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "events/s")
+		})
 	}
 }
