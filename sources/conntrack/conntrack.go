@@ -285,8 +285,12 @@ func (s *Source) emitLoop(ctx context.Context, out component.Emitter, readErr <-
 	}
 }
 
-// pollPause is how long the reader waits after draining the socket before it blocks.
-const pollPause = time.Millisecond
+const (
+	// pollPause is how long the reader waits after draining the socket before it blocks.
+	pollPause = time.Millisecond
+	// minResyncInterval spaces the table dumps that follow overruns.
+	minResyncInterval = 500 * time.Millisecond
+)
 
 // read drains the event socket until ctx is done. Between messages it looks after the
 // tracker: resyncs after an overrun, sweeps for entries the kernel may not report, and
@@ -313,8 +317,10 @@ func (s *Source) read(ctx context.Context) error {
 		case err == nil:
 			idle = false
 			s.tr.onMessages(buf[:n], flow.TimeOf(now), &s.stats)
-		case errors.Is(err, errIdle) && !needResync:
-			idle = true
+		case errors.Is(err, errIdle) && (!needResync || now.Sub(s.lastDump) < minResyncInterval):
+			// Under sustained overload, dumping after every overrun would only add load:
+			// resyncs are spaced, and missing entries wait resync_grace anyway.
+			idle = !needResync
 			time.Sleep(pollPause)
 		case errors.Is(err, errIdle):
 			// The socket is drained after an overrun: compare with the table now.
