@@ -1,27 +1,32 @@
 // Package codec is the packed encoding of a batch of flow events that crosses the plugin
 // boundary in one protobuf bytes field.
 //
-// Layout: a version byte (1), then each event in turn:
+// Layout: a version byte (2), then each event in turn:
 //
 //	event_id, flow_id                 16 bytes each
 //	type, direction, protocol,
 //	icmp_type, icmp_code              1 byte each
-//	timestamp, start, end             varint (zig-zag)
+//	present                           2 bytes (little endian): which optional fields follow
+//	timestamp                         8 bytes (little endian, unix nanoseconds)
+//	src_port, dst_port                2 bytes each
 //	src_addr, dst_addr                1 byte tag (0 none, 4, 16, 17 = 16 with a zone) + bytes
 //	                                  (+ uvarint length and zone for 17)
-//	src_port, dst_port                uvarint
+//	then, each only when its bit in present is set, in this order:
+//	start, end                        8 bytes
 //	rx_packets, rx_bytes,
 //	tx_packets, tx_bytes              uvarint
 //	rule_id, src_resource_id,
 //	dst_resource_id, community_id,
 //	source                            uvarint length + bytes
-//	window_start, window_end          varint (zig-zag)
+//	window_start, window_end          8 bytes
 //	num_starts, num_ends, num_drops   uvarint
 //
-// It is faster than one protobuf message per event (no per-event message, no field tags,
-// no reflection) and decoding interns strings that repeat from one event to the next, which
-// they mostly do (rule IDs, the source name). Decode checks every length, so a corrupt or
-// hostile message is an error, never a panic.
+// Times are fixed-width because they are large (a nanosecond timestamp is a 9-byte varint);
+// absent fields cost one bit. Measured against one protobuf message per event it is several
+// times faster to encode and decode (no per-event message, no field tags, no reflection), and
+// decoding shares strings that repeat from one event to the next, which they mostly do (rule
+// IDs, the source name). Decode checks every length, so a corrupt or hostile message is an
+// error, never a panic.
 package codec
 
 import (
@@ -37,10 +42,34 @@ import (
 )
 
 // Version is the first byte of an encoded batch.
-const Version = 1
+const Version = 2
+
+// Bits of the present field.
+const (
+	hasStart = 1 << iota
+	hasEnd
+	hasRxPackets
+	hasRxBytes
+	hasTxPackets
+	hasTxBytes
+	hasRuleID
+	hasSrcResourceID
+	hasDstResourceID
+	hasCommunityID
+	hasSource
+	hasWindowStart
+	hasWindowEnd
+	hasNumStarts
+	hasNumEnds
+	hasNumDrops
+)
+
+// fixedSize is the part of every event before the addresses.
+const fixedSize = 32 + 5 + 2 + 8 + 4
 
 // Append appends the encoding of events to dst.
 func Append(dst []byte, events []flow.Event) []byte {
+	dst = slices.Grow(dst, Size(events))
 	dst = append(dst, Version)
 	for i := range events {
 		dst = appendEvent(dst, &events[i])
@@ -60,35 +89,124 @@ func Size(events []flow.Event) int {
 
 // EventSize is an upper bound on the encoded size of one event.
 func EventSize(e *flow.Event) int {
-	const fixed = 32 + 5 + 3*10 + 2*(1+16) + 2*3 + 4*10 + 5*10 + 2*10 + 3*10
-	return fixed + 2*(10+len(e.SrcAddr.Zone())) + len(e.RuleID) + len(e.SrcResourceID) + len(e.DstResourceID) + len(e.CommunityID) + len(e.Source)
+	const most = fixedSize + 2*(1+16+10) + 2*8 + 4*10 + 5*10 + 2*8 + 3*10
+	return most + len(e.SrcAddr.Zone()) + len(e.DstAddr.Zone()) + len(e.RuleID) + len(e.SrcResourceID) + len(e.DstResourceID) + len(e.CommunityID) + len(e.Source)
 }
 
 func appendEvent(dst []byte, e *flow.Event) []byte {
-	dst = append(dst, e.EventID[:]...)
-	dst = append(dst, e.FlowID[:]...)
-	dst = append(dst, byte(e.Type), byte(e.Direction), e.Protocol, e.ICMPType, e.ICMPCode)
-	dst = binary.AppendVarint(dst, int64(e.Timestamp))
-	dst = binary.AppendVarint(dst, int64(e.Start))
-	dst = binary.AppendVarint(dst, int64(e.End))
+	var present uint16
+	if e.Start != 0 {
+		present |= hasStart
+	}
+	if e.End != 0 {
+		present |= hasEnd
+	}
+	if e.RxPackets != 0 {
+		present |= hasRxPackets
+	}
+	if e.RxBytes != 0 {
+		present |= hasRxBytes
+	}
+	if e.TxPackets != 0 {
+		present |= hasTxPackets
+	}
+	if e.TxBytes != 0 {
+		present |= hasTxBytes
+	}
+	if e.RuleID != "" {
+		present |= hasRuleID
+	}
+	if e.SrcResourceID != "" {
+		present |= hasSrcResourceID
+	}
+	if e.DstResourceID != "" {
+		present |= hasDstResourceID
+	}
+	if e.CommunityID != "" {
+		present |= hasCommunityID
+	}
+	if e.Source != "" {
+		present |= hasSource
+	}
+	if e.WindowStart != 0 {
+		present |= hasWindowStart
+	}
+	if e.WindowEnd != 0 {
+		present |= hasWindowEnd
+	}
+	if e.NumStarts != 0 {
+		present |= hasNumStarts
+	}
+	if e.NumEnds != 0 {
+		present |= hasNumEnds
+	}
+	if e.NumDrops != 0 {
+		present |= hasNumDrops
+	}
+
+	n := len(dst)
+	dst = slices.Grow(dst, fixedSize)[:n+fixedSize]
+	b := dst[n:]
+	copy(b[0:16], e.EventID[:])
+	copy(b[16:32], e.FlowID[:])
+	b[32], b[33], b[34], b[35], b[36] = byte(e.Type), byte(e.Direction), e.Protocol, e.ICMPType, e.ICMPCode
+	binary.LittleEndian.PutUint16(b[37:39], present)
+	binary.LittleEndian.PutUint64(b[39:47], uint64(e.Timestamp))
+	binary.LittleEndian.PutUint16(b[47:49], e.SrcPort)
+	binary.LittleEndian.PutUint16(b[49:51], e.DstPort)
 	dst = appendAddr(dst, e.SrcAddr)
 	dst = appendAddr(dst, e.DstAddr)
-	dst = binary.AppendUvarint(dst, uint64(e.SrcPort))
-	dst = binary.AppendUvarint(dst, uint64(e.DstPort))
-	dst = binary.AppendUvarint(dst, e.RxPackets)
-	dst = binary.AppendUvarint(dst, e.RxBytes)
-	dst = binary.AppendUvarint(dst, e.TxPackets)
-	dst = binary.AppendUvarint(dst, e.TxBytes)
-	dst = appendString(dst, e.RuleID)
-	dst = appendString(dst, e.SrcResourceID)
-	dst = appendString(dst, e.DstResourceID)
-	dst = appendString(dst, e.CommunityID)
-	dst = appendString(dst, e.Source)
-	dst = binary.AppendVarint(dst, int64(e.WindowStart))
-	dst = binary.AppendVarint(dst, int64(e.WindowEnd))
-	dst = binary.AppendUvarint(dst, e.NumStarts)
-	dst = binary.AppendUvarint(dst, e.NumEnds)
-	dst = binary.AppendUvarint(dst, e.NumDrops)
+	if present == 0 {
+		return dst
+	}
+	if present&hasStart != 0 {
+		dst = binary.LittleEndian.AppendUint64(dst, uint64(e.Start))
+	}
+	if present&hasEnd != 0 {
+		dst = binary.LittleEndian.AppendUint64(dst, uint64(e.End))
+	}
+	if present&hasRxPackets != 0 {
+		dst = binary.AppendUvarint(dst, e.RxPackets)
+	}
+	if present&hasRxBytes != 0 {
+		dst = binary.AppendUvarint(dst, e.RxBytes)
+	}
+	if present&hasTxPackets != 0 {
+		dst = binary.AppendUvarint(dst, e.TxPackets)
+	}
+	if present&hasTxBytes != 0 {
+		dst = binary.AppendUvarint(dst, e.TxBytes)
+	}
+	if present&hasRuleID != 0 {
+		dst = appendString(dst, e.RuleID)
+	}
+	if present&hasSrcResourceID != 0 {
+		dst = appendString(dst, e.SrcResourceID)
+	}
+	if present&hasDstResourceID != 0 {
+		dst = appendString(dst, e.DstResourceID)
+	}
+	if present&hasCommunityID != 0 {
+		dst = appendString(dst, e.CommunityID)
+	}
+	if present&hasSource != 0 {
+		dst = appendString(dst, e.Source)
+	}
+	if present&hasWindowStart != 0 {
+		dst = binary.LittleEndian.AppendUint64(dst, uint64(e.WindowStart))
+	}
+	if present&hasWindowEnd != 0 {
+		dst = binary.LittleEndian.AppendUint64(dst, uint64(e.WindowEnd))
+	}
+	if present&hasNumStarts != 0 {
+		dst = binary.AppendUvarint(dst, e.NumStarts)
+	}
+	if present&hasNumEnds != 0 {
+		dst = binary.AppendUvarint(dst, e.NumEnds)
+	}
+	if present&hasNumDrops != 0 {
+		dst = binary.AppendUvarint(dst, e.NumDrops)
+	}
 	return dst
 }
 
@@ -125,9 +243,9 @@ func Decode(dst []flow.Event, data []byte, count int) ([]flow.Event, error) {
 	if data[0] != Version {
 		return dst, fmt.Errorf("codec: unknown batch encoding version %d (this build knows %d)", data[0], Version)
 	}
-	// Each event takes at least 32+5+3+2+2+4+5+2+3 bytes: reject impossible counts before
-	// allocating for them.
-	const minEvent = 58
+	// Each event takes at least fixedSize bytes and two address tags: reject impossible
+	// counts before allocating for them.
+	const minEvent = fixedSize + 2
 	if count < 0 || count > (len(data)-1)/minEvent {
 		return dst, fmt.Errorf("codec: %d events cannot fit in %d bytes", count, len(data))
 	}
@@ -154,36 +272,34 @@ type decoder struct {
 
 // event decodes one event, assigning every field of *e (it may hold a previous event).
 func (d *decoder) event(e *flow.Event) error {
-	if len(d.buf) < 37 {
+	b := d.buf
+	if len(b) < fixedSize {
 		return errShort
 	}
-	e.EventID = uuid.UUID(d.buf[0:16])
-	e.FlowID = uuid.UUID(d.buf[16:32])
-	e.Type = flow.Type(d.buf[32])
-	e.Direction = flow.Direction(d.buf[33])
-	e.Protocol, e.ICMPType, e.ICMPCode = d.buf[34], d.buf[35], d.buf[36]
-	d.buf = d.buf[37:]
-	e.Timestamp = flow.Time(d.varint())
-	e.Start = flow.Time(d.varint())
-	e.End = flow.Time(d.varint())
+	e.EventID = uuid.UUID(b[0:16])
+	e.FlowID = uuid.UUID(b[16:32])
+	e.Type = flow.Type(b[32])
+	e.Direction = flow.Direction(b[33])
+	e.Protocol, e.ICMPType, e.ICMPCode = b[34], b[35], b[36]
+	present := binary.LittleEndian.Uint16(b[37:39])
+	e.Timestamp = flow.Time(binary.LittleEndian.Uint64(b[39:47]))
+	e.SrcPort = binary.LittleEndian.Uint16(b[47:49])
+	e.DstPort = binary.LittleEndian.Uint16(b[49:51])
+	d.buf = b[fixedSize:]
 	e.SrcAddr = d.addr()
 	e.DstAddr = d.addr()
-	e.SrcPort = d.port()
-	e.DstPort = d.port()
-	e.RxPackets = d.uvarint()
-	e.RxBytes = d.uvarint()
-	e.TxPackets = d.uvarint()
-	e.TxBytes = d.uvarint()
-	e.RuleID = d.string(0)
-	e.SrcResourceID = d.string(1)
-	e.DstResourceID = d.string(2)
-	e.CommunityID = d.string(3)
-	e.Source = d.string(4)
-	e.WindowStart = flow.Time(d.varint())
-	e.WindowEnd = flow.Time(d.varint())
-	e.NumStarts = d.uvarint()
-	e.NumEnds = d.uvarint()
-	e.NumDrops = d.uvarint()
+	e.Start, e.End = d.time(present, hasStart), d.time(present, hasEnd)
+	e.RxPackets, e.RxBytes = d.uvarint(present, hasRxPackets), d.uvarint(present, hasRxBytes)
+	e.TxPackets, e.TxBytes = d.uvarint(present, hasTxPackets), d.uvarint(present, hasTxBytes)
+	e.RuleID = d.string(present, hasRuleID, 0)
+	e.SrcResourceID = d.string(present, hasSrcResourceID, 1)
+	e.DstResourceID = d.string(present, hasDstResourceID, 2)
+	e.CommunityID = d.string(present, hasCommunityID, 3)
+	e.Source = d.string(present, hasSource, 4)
+	e.WindowStart, e.WindowEnd = d.time(present, hasWindowStart), d.time(present, hasWindowEnd)
+	e.NumStarts = d.uvarint(present, hasNumStarts)
+	e.NumEnds = d.uvarint(present, hasNumEnds)
+	e.NumDrops = d.uvarint(present, hasNumDrops)
 	return d.err
 }
 
@@ -194,7 +310,32 @@ func (d *decoder) fail(err error) {
 	d.buf = nil
 }
 
-func (d *decoder) uvarint() uint64 {
+func (d *decoder) time(present, bit uint16) flow.Time {
+	if present&bit == 0 {
+		return 0
+	}
+	if len(d.buf) < 8 {
+		d.fail(errShort)
+		return 0
+	}
+	v := binary.LittleEndian.Uint64(d.buf)
+	d.buf = d.buf[8:]
+	return flow.Time(v)
+}
+
+func (d *decoder) uvarint(present, bit uint16) uint64 {
+	if present&bit == 0 {
+		return 0
+	}
+	return d.rawUvarint()
+}
+
+func (d *decoder) rawUvarint() uint64 {
+	if len(d.buf) > 0 && d.buf[0] < 0x80 {
+		v := uint64(d.buf[0])
+		d.buf = d.buf[1:]
+		return v
+	}
 	v, n := binary.Uvarint(d.buf)
 	if n <= 0 {
 		d.fail(errors.New("bad varint"))
@@ -204,52 +345,33 @@ func (d *decoder) uvarint() uint64 {
 	return v
 }
 
-func (d *decoder) varint() int64 {
-	v, n := binary.Varint(d.buf)
-	if n <= 0 {
-		d.fail(errors.New("bad varint"))
-		return 0
-	}
-	d.buf = d.buf[n:]
-	return v
-}
-
-func (d *decoder) port() uint16 {
-	v := d.uvarint()
-	if v > 0xffff {
-		d.fail(fmt.Errorf("port %d out of range", v))
-		return 0
-	}
-	return uint16(v)
-}
-
 func (d *decoder) addr() netip.Addr {
 	if len(d.buf) == 0 {
 		d.fail(errShort)
 		return netip.Addr{}
 	}
 	tag := d.buf[0]
-	d.buf = d.buf[1:]
 	switch tag {
 	case 0:
+		d.buf = d.buf[1:]
 		return netip.Addr{}
 	case 4:
-		if len(d.buf) < 4 {
+		if len(d.buf) < 5 {
 			d.fail(errShort)
 			return netip.Addr{}
 		}
-		a := netip.AddrFrom4([4]byte(d.buf[:4]))
-		d.buf = d.buf[4:]
+		a := netip.AddrFrom4([4]byte(d.buf[1:5]))
+		d.buf = d.buf[5:]
 		return a
 	case 16, 17:
-		if len(d.buf) < 16 {
+		if len(d.buf) < 17 {
 			d.fail(errShort)
 			return netip.Addr{}
 		}
-		a := netip.AddrFrom16([16]byte(d.buf[:16]))
-		d.buf = d.buf[16:]
+		a := netip.AddrFrom16([16]byte(d.buf[1:17]))
+		d.buf = d.buf[17:]
 		if tag == 17 {
-			zone := d.string(5)
+			zone := d.string(1, 1, 5)
 			if zone == "" {
 				d.fail(errors.New("empty zone"))
 				return netip.Addr{}
@@ -262,8 +384,11 @@ func (d *decoder) addr() netip.Addr {
 	return netip.Addr{}
 }
 
-func (d *decoder) string(slot int) string {
-	n := d.uvarint()
+func (d *decoder) string(present, bit uint16, slot int) string {
+	if present&bit == 0 {
+		return ""
+	}
+	n := d.rawUvarint()
 	if d.err != nil {
 		return ""
 	}
@@ -273,9 +398,6 @@ func (d *decoder) string(slot int) string {
 	}
 	b := d.buf[:n]
 	d.buf = d.buf[n:]
-	if n == 0 {
-		return ""
-	}
 	if p := d.prev[slot]; p == string(b) {
 		return p
 	}
