@@ -62,7 +62,9 @@ func (t *Tables) empty() bool {
 
 // target is what the longest matching prefix of an address leads to.
 type target struct {
-	resource int32 // index into compiled.resourceIDs, or -1 for a route
+	// resource is the resource's ID, "" for a route. Keeping the string header in the trie's
+	// value (rather than an index into a slice of IDs) saves a cache miss per lookup.
+	resource string
 	exit     bool  // an exit-node route
 }
 
@@ -279,7 +281,6 @@ func compile(t *Tables, base string) (*compiled, config.FieldErrors) {
 			continue
 		}
 		resourceIdx[r.ID] = i
-		idx := int32(len(c.resourceIDs))
 		c.resourceIDs = append(c.resourceIDs, r.ID)
 		for k, s := range r.Prefixes {
 			where := path("resources[%d].prefixes[%d]", i, k)
@@ -288,7 +289,7 @@ func compile(t *Tables, base string) (*compiled, config.FieldErrors) {
 				errs.Add(where, "%s", err)
 				continue
 			}
-			addLPM(p, target{resource: idx}, where)
+			addLPM(p, target{resource: r.ID}, where)
 			resourcePrefixes[r.ID] = append(resourcePrefixes[r.ID], p)
 		}
 	}
@@ -299,7 +300,7 @@ func compile(t *Tables, base string) (*compiled, config.FieldErrors) {
 			errs.Add(where, "%s", err)
 			continue
 		}
-		addLPM(p, target{resource: -1, exit: r.ExitNode || p.Bits() == 0}, where)
+		addLPM(p, target{exit: r.ExitNode || p.Bits() == 0}, where)
 	}
 
 	for i, r := range t.Rules {
@@ -422,10 +423,7 @@ func (c *compiled) lookup(a netip.Addr) (resource string, exit bool) {
 	if !ok {
 		return "", false
 	}
-	if tg.resource >= 0 {
-		return c.resourceIDs[tg.resource], false
-	}
-	return "", tg.exit
+	return tg.resource, tg.exit
 }
 
 // ruleFor is the ID of the first rule that matches ev, or "".
