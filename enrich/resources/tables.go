@@ -65,7 +65,7 @@ type target struct {
 	// resource is the resource's ID, "" for a route. Keeping the string header in the trie's
 	// value (rather than an index into a slice of IDs) saves a cache miss per lookup.
 	resource string
-	exit     bool  // an exit-node route
+	exit     bool // an exit-node route
 }
 
 // compiled is the form of Tables that Enrich reads. It is immutable once built, so that many
