@@ -41,14 +41,29 @@ const parentPIDEnv = "FLOWPIPE_PLUGIN_PARENT_PID"
 // pluginName is the single plugin name in each go-plugin plugin set.
 const pluginName = "component"
 
+// A batch is hundreds of kilobytes: with HTTP/2's default 64 KiB flow-control window, each
+// one waited for window updates from the other side, and 32 KiB I/O buffers cut it into
+// many system calls. Both ends are on one machine, so large windows cost nothing.
+const (
+	windowSize   = 64 << 20
+	ioBufferSize = 1 << 20
+)
+
 func grpcServerOptions() []grpc.ServerOption {
-	return []grpc.ServerOption{grpc.MaxRecvMsgSize(MaxMessageSize), grpc.MaxSendMsgSize(MaxMessageSize), experimental.BufferPool(bufferPool), grpc.ForceServerCodecV2(protoCodec{})}
+	return []grpc.ServerOption{
+		grpc.MaxRecvMsgSize(MaxMessageSize), grpc.MaxSendMsgSize(MaxMessageSize),
+		experimental.BufferPool(bufferPool), grpc.ForceServerCodecV2(protoCodec{}),
+		grpc.InitialWindowSize(windowSize), grpc.InitialConnWindowSize(windowSize),
+		grpc.WriteBufferSize(ioBufferSize), grpc.ReadBufferSize(ioBufferSize),
+	}
 }
 
 func grpcDialOptions() []grpc.DialOption {
 	return []grpc.DialOption{
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(MaxMessageSize), grpc.MaxCallSendMsgSize(MaxMessageSize), grpc.ForceCodecV2(protoCodec{})),
 		experimental.WithBufferPool(bufferPool),
+		grpc.WithInitialWindowSize(windowSize), grpc.WithInitialConnWindowSize(windowSize),
+		grpc.WithWriteBufferSize(ioBufferSize), grpc.WithReadBufferSize(ioBufferSize),
 	}
 }
 

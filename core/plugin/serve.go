@@ -5,6 +5,7 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"runtime/pprof"
 	"strconv"
 
 	"github.com/hashicorp/go-hclog"
@@ -63,6 +64,15 @@ func serve(f component.Factory, version string) int {
 	log := slog.New(newHCLogJSONHandler(stderr, slog.LevelDebug))
 	srv := newServer(f, version, log)
 	srv.hostGone = func() { os.Exit(3) }
+	// FLOWPIPE_PLUGIN_CPUPROFILE=prefix writes a CPU profile of each plugin process to
+	// prefix.<type>.<pid> when it stops cleanly (docs/plugins.md, Debug it).
+	if prefix := os.Getenv("FLOWPIPE_PLUGIN_CPUPROFILE"); prefix != "" {
+		if pf, err := os.Create(fmt.Sprintf("%s.%s.%d", prefix, f.Type, os.Getpid())); err == nil {
+			if err := pprof.StartCPUProfile(pf); err == nil {
+				defer func() { pprof.StopCPUProfile(); pf.Close() }()
+			}
+		}
+	}
 	goplugin.Serve(&goplugin.ServeConfig{
 		HandshakeConfig:  Handshake,
 		VersionedPlugins: pluginSets(srv),
