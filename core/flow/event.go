@@ -124,6 +124,10 @@ type Event struct {
 	Protocol  uint8 // IANA protocol number
 	ICMPType  uint8 // ICMP and ICMPv6 only
 	ICMPCode  uint8
+	// Reconstructed marks an event a source inferred rather than observed: after the kernel
+	// overran its event buffer, the conntrack source rebuilds missing starts and ends from a
+	// table dump.
+	Reconstructed bool
 
 	RxPackets uint64 // received by the host
 	RxBytes   uint64

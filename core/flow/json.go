@@ -88,6 +88,9 @@ func (enc *Encoder) AppendJSON(dst []byte, e *Event) []byte {
 	}
 	dst = append(dst, `,"source":`...)
 	dst = appendString(dst, e.Source)
+	if e.Reconstructed {
+		dst = append(dst, `,"reconstructed":true`...)
+	}
 	if e.Type == TypeAggregate {
 		dst = append(dst, `,"window_start":"`...)
 		dst = enc.appendTime(dst, e.WindowStart)
@@ -300,6 +303,7 @@ type jsonEvent struct {
 	DstResourceID string  `json:"dst_resource_id"`
 	CommunityID   string  `json:"community_id"`
 	Source        string  `json:"source"`
+	Reconstructed bool    `json:"reconstructed"`
 	WindowStart   string  `json:"window_start"`
 	WindowEnd     string  `json:"window_end"`
 	NumStarts     uint64  `json:"num_starts"`
@@ -373,6 +377,7 @@ func ParseJSON(line []byte, e *Event) error {
 	e.RxPackets, e.RxBytes, e.TxPackets, e.TxBytes = j.RxPackets, j.RxBytes, j.TxPackets, j.TxBytes
 	e.RuleID, e.SrcResourceID, e.DstResourceID = j.RuleID, j.SrcResourceID, j.DstResourceID
 	e.CommunityID, e.Source = j.CommunityID, j.Source
+	e.Reconstructed = j.Reconstructed
 	if e.WindowStart, err = parseTime("window_start", j.WindowStart); err != nil {
 		return err
 	}

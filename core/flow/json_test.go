@@ -21,6 +21,7 @@ func sampleEvents() []Event {
 			SrcAddr: netip.MustParseAddr("10.0.0.1"), DstAddr: netip.MustParseAddr("198.51.100.7"),
 			SrcPort: 40000, DstPort: 443, RxPackets: 10, RxBytes: 5000, TxPackets: 8, TxBytes: 900,
 			RuleID: "rule-1", SrcResourceID: "", DstResourceID: "res-\"quoted\"\n", CommunityID: "1:abc=", Source: "ct",
+			Reconstructed: true,
 		},
 		{
 			EventID: ids.New(), FlowID: ids.New(), Type: TypeStart, Timestamp: ts, Direction: Ingress,
