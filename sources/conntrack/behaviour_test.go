@@ -205,6 +205,16 @@ func TestSysctlsRestoredAndActivateRemoved(t *testing.T) {
 // it (reconstructed), and since the kernel sends no DESTROY for entries created without a
 // listener, the periodic sweep reports its end with the counters of the last dump.
 func TestExistingFlows(t *testing.T) {
+	// The sweep looks a few entries up one by one, many with a full dump; test both.
+	for _, tc := range []struct {
+		name   string
+		getMax int
+	}{{"get", 256}, {"dump", 0}} {
+		t.Run(tc.name, func(t *testing.T) { existingFlows(t, tc.getMax) })
+	}
+}
+
+func existingFlows(t *testing.T, getMax int) {
 	p := newPair(t)
 	p.Exec(t, p.A, "nft", `add table inet keep
 add chain inet keep c
@@ -218,7 +228,8 @@ add rule inet keep c ct state new counter`)
 	srv, stop := udpEcho(t, p, p.B, p.B4+":0")
 	defer stop()
 	client := udpExchange(t, p.A, srv, 2, 100)
-	r := startSource(t, map[string]any{"netns": p.A, "flush_interval": "10ms", "sweep_interval": "1s", "resync_grace": "1s"})
+	r := startSource(t, map[string]any{"netns": p.A, "flush_interval": "10ms", "sweep_interval": "1s", "resync_grace": "1s"},
+		func(s *Source) { s.sweepGetMax = getMax })
 	match := func(e *flow.Event) bool { return e.Protocol == flow.ProtoUDP && e.SrcPort == client.Port() }
 	waitFor(t, "the existing flow's end", func() bool { _, e := byFlow(r.out.snapshot(), match); return len(e) > 0 }, nil)
 	r.stop()

@@ -51,7 +51,7 @@ func New(env component.Env, cfg *Config) (component.Source, error) {
 	if env.Metrics == nil {
 		env.Metrics = component.NopMetrics{}
 	}
-	s := &Source{cfg: cfg, env: env, log: env.Logger, q: newQueue(cfg.BatchSize, cfg.MaxPending)}
+	s := &Source{cfg: cfg, env: env, log: env.Logger, q: newQueue(cfg.BatchSize, cfg.MaxPending), sweepGetMax: 256}
 	s.tr = newTracker(cfg, s.push)
 	if env.Registerer != nil {
 		if err := s.stats.register(env.Registerer, s); err != nil {
@@ -79,6 +79,8 @@ type Source struct {
 	dump     *ct.Conn
 	running  chan struct{} // closed when the reader goroutine has stopped
 	lastDump time.Time
+
+	sweepGetMax int // up to this many entries to sweep are looked up one by one
 
 	stats stats
 }
@@ -126,8 +128,8 @@ func (st *stats) register(r prometheus.Registerer, s *Source) error {
 // push queues an event from the tracker; it never waits.
 func (s *Source) push(e *flow.Event, reconstructed bool) {
 	e.Source = s.env.Name
+	e.Reconstructed = reconstructed
 	if reconstructed {
-		// flow.Event has no field to mark a reconstructed event yet; it is counted.
 		if e.Type == flow.TypeStart {
 			s.stats.reconstructedStarts.Add(1)
 		} else {
@@ -379,7 +381,7 @@ func (s *Source) read(ctx context.Context) error {
 				s.refreshLocal()
 			}
 			if !needResync && s.tr.fromDump > 0 && now.Sub(s.lastDump) >= s.cfg.SweepInterval {
-				if err := s.resyncCounted(); err != nil {
+				if err := s.sweep(); err != nil {
 					s.log.Warn("conntrack sweep failed", "error", err)
 					s.env.Metrics.Errors("resync", 1)
 				}
@@ -399,6 +401,48 @@ func (s *Source) currentEvents() *eventConn {
 	return s.events
 }
 
+// sweep looks for connections that left the table without a DESTROY among those found by a
+// dump. A few are asked for one by one (a GET each); many at once cost less as a full dump.
+func (s *Source) sweep() error {
+	if s.tr.fromDump > s.sweepGetMax {
+		return s.resyncCounted()
+	}
+	if err := s.dialDump(); err != nil {
+		return err
+	}
+	now := flow.Now()
+	for k, e := range s.tr.known {
+		if !e.fromDump || e.missing != 0 {
+			continue
+		}
+		f, err := s.dump.Get(k.flow())
+		switch {
+		case err == nil:
+			s.tr.swept(k, &f, now)
+		case errors.Is(err, unix.ENOENT):
+			s.tr.swept(k, nil, now)
+		default:
+			s.dump.Close()
+			s.dump = nil
+			return fmt.Errorf("look up a conntrack entry in %s: %w", s.ns, err)
+		}
+	}
+	s.lastDump = time.Now()
+	return nil
+}
+
+func (s *Source) dialDump() error {
+	if s.dump != nil {
+		return nil
+	}
+	c, err := ct.Dial(&netlink.Config{NetNS: s.ns.fd()})
+	if err != nil {
+		return fmt.Errorf("open conntrack netlink socket in %s: %w", s.ns, err)
+	}
+	s.dump = c
+	return nil
+}
+
 func (s *Source) resyncCounted() error {
 	s.stats.resyncs.Add(1)
 	return s.resync(true)
@@ -406,12 +450,8 @@ func (s *Source) resyncCounted() error {
 
 // resync dumps the table and reconciles it with what the tracker knows.
 func (s *Source) resync(announce bool) error {
-	if s.dump == nil {
-		c, err := ct.Dial(&netlink.Config{NetNS: s.ns.fd()})
-		if err != nil {
-			return fmt.Errorf("open conntrack netlink socket in %s: %w", s.ns, err)
-		}
-		s.dump = c
+	if err := s.dialDump(); err != nil {
+		return err
 	}
 	flows, err := s.dump.Dump(nil)
 	if err != nil {

@@ -71,16 +71,17 @@ type running struct {
 
 // startSource builds the source from YAML-like options, as a pipeline would, and runs it
 // into a collector.
-func startSource(t *testing.T, opts map[string]any) *running {
+func startSource(t *testing.T, opts map[string]any, prep ...func(*Source)) *running {
 	t.Helper()
 	out := &collector{}
-	r := startSourceWith(t, opts, out)
+	r := startSourceWith(t, opts, out, prep...)
 	r.out = out
 	return r
 }
 
 // startSourceWith runs the source into any emitter.
-func startSourceWith(t *testing.T, opts map[string]any, out component.Emitter) *running {
+// prep functions adjust the built source before it starts.
+func startSourceWith(t *testing.T, opts map[string]any, out component.Emitter, prep ...func(*Source)) *running {
 	t.Helper()
 	cfg := defaultConfig()
 	if errs := config.Decode(opts, cfg, ""); len(errs) > 0 {
@@ -97,6 +98,9 @@ func startSourceWith(t *testing.T, opts map[string]any, out component.Emitter) *
 		t.Fatal(err)
 	}
 	s := src.(*Source)
+	for _, f := range prep {
+		f(s)
+	}
 	if err := s.Start(context.Background()); err != nil {
 		t.Fatal(err)
 	}

@@ -172,6 +172,35 @@ func (t *tracker) onDump(flows []ct.Flow, now flow.Time, announce bool) (starts,
 	return starts, missing
 }
 
+// tuple is the original tuple and zone of a key, enough to ask the kernel for the entry.
+func (k ctKey) flow() ct.Flow {
+	f := ct.Flow{Zone: k.zone}
+	f.TupleOrig.IP.SourceAddress, f.TupleOrig.IP.DestinationAddress = k.src, k.dst
+	f.TupleOrig.Proto.Protocol = k.proto
+	if flow.IsICMP(k.proto) {
+		f.TupleOrig.Proto.ICMPID, f.TupleOrig.Proto.ICMPType, f.TupleOrig.Proto.ICMPCode = k.sport, uint8(k.dport>>8), uint8(k.dport)
+	} else {
+		f.TupleOrig.Proto.SourcePort, f.TupleOrig.Proto.DestinationPort = k.sport, k.dport
+	}
+	return f
+}
+
+// swept records what a GET for a known entry found: the entry (its counters are kept for a
+// reconstructed end) or, when f is nil or another entry now holds the tuple, that it is gone.
+func (t *tracker) swept(k ctKey, f *ct.Flow, now flow.Time) {
+	e, ok := t.known[k]
+	if !ok {
+		return
+	}
+	if f != nil && f.ID == k.id {
+		e.orig, e.reply, e.mark = f.CountersOrig, f.CountersReply, f.Mark
+	} else if e.missing == 0 {
+		e.missing = now
+		t.missing++
+	}
+	t.known[k] = e
+}
+
 // expire ends the entries that have been missing from the table for longer than the grace,
 // with the counters of the last dump that saw them.
 func (t *tracker) expire(now flow.Time) (ended int) {
