@@ -332,9 +332,15 @@ loop:
 		absorbed++
 	}
 	a.mu.Unlock()
-	if kept != len(evs) {
-		clear(evs[kept:])
-		b.Events = evs[:kept]
+	switch {
+	case kept == len(evs):
+	case kept == 0:
+		// The batch is held until its window is acknowledged, possibly for minutes: keep
+		// no reference to its events, so their memory can go unless the source keeps it.
+		b.Events = nil
+	default:
+		// Same, for the few events passing through (other protocols).
+		b.Events = append(make([]flow.Event, 0, kept), evs[:kept]...)
 	}
 	a.absorbed.Add(float64(absorbed))
 	a.held.Set(float64(a.heldN.Load()))

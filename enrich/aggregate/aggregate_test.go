@@ -123,6 +123,9 @@ func TestAggregatesOneWindow(t *testing.T) {
 	if len(left) != 1 || left[0].Protocol != 47 {
 		t.Fatalf("passed through %v, want only the GRE event", left)
 	}
+	if cap(b1.Events) != 1 {
+		t.Errorf("a held batch keeps %d events' memory, want only the 1 passing through", cap(b1.Events))
+	}
 	b2 := flow.NewBatch([]flow.Event{
 		tcp(flow.TypeEnd, 40001, 443, 1, 2), // same key, other source port
 		tcp(flow.TypeDrop, 40002, 443, 1, 0),
@@ -131,6 +134,9 @@ func TestAggregatesOneWindow(t *testing.T) {
 	b2.Events[0].Start, b2.Events[0].End = 500, 4000
 	if left := runtimeEmit(t, a, b2); len(left) != 0 {
 		t.Fatalf("passed through %v, want nothing", left)
+	}
+	if b2.Events != nil {
+		t.Error("a fully absorbed batch still references its events while held")
 	}
 	if n, _ := s1.result(); n != 0 {
 		t.Fatal("a batch was acknowledged before its aggregates were emitted")
