@@ -272,3 +272,27 @@ func BenchmarkNetBirdShape(b *testing.B) {
 		run(b, tr, func(i int) *Packet { return pk[i%65535] })
 	})
 }
+
+// BenchmarkParallelEstablished runs EstablishedTCPManyFlows's packets from GOMAXPROCS
+// goroutines at once, as a firewall's packet workers would: what the single table lock costs
+// under contention.
+func BenchmarkParallelEstablished(b *testing.B) {
+	const n = 10000
+	tr := New(Config{LocalPrefixes: localA})
+	pkts := make([]*Packet, n)
+	for i := range pkts {
+		pkts[i] = tcpPkt(addrA, addrB, uint16(10000+i), 443, ack, 1, 1, 100)
+		tr.ProcessAt(pkts[i], sec)
+	}
+	tr.DrainEvents(nil)
+	b.ReportAllocs()
+	b.ResetTimer()
+	defer reportCPU(b)()
+	b.RunParallel(func(pb *testing.PB) {
+		i := 0
+		for pb.Next() {
+			tr.ProcessAt(pkts[(i*7919)%n], sec+flow.Time(i))
+			i++
+		}
+	})
+}
