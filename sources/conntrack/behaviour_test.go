@@ -240,6 +240,9 @@ add rule inet keep c ct state new counter`)
 	if e := ends[0]; e.TxPackets != 2 || e.TxBytes != 2*128 || e.RxPackets != 2 || e.RxBytes != 2*78 {
 		t.Errorf("end counters tx %d/%d rx %d/%d, want the last dump's 2/256 and 2/156", e.TxPackets, e.TxBytes, e.RxPackets, e.RxBytes)
 	}
+	if !starts[0].Reconstructed || !ends[0].Reconstructed {
+		t.Errorf("start and end of a connection found by dumps not marked reconstructed: %v, %v", starts[0].Reconstructed, ends[0].Reconstructed)
+	}
 	if got := r.src.stats.reconstructedStarts.Load(); got != 1 {
 		t.Errorf("%d reconstructed starts, want 1", got)
 	}

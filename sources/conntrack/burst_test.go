@@ -81,6 +81,15 @@ func burst(t *testing.T, opts map[string]any) {
 	t.Logf("kernel events: %d NEW, %d DESTROY; overruns %d, resyncs %d, reconstructed %d starts %d ends; batches %d",
 		st.newEvents.Load(), st.destroyEvents.Load(), st.overruns.Load(), st.resyncs.Load(),
 		st.reconstructedStarts.Load(), st.reconstructedEnds.Load(), r.out.batches)
+	var marked uint64
+	for _, e := range r.out.snapshot() {
+		if e.Reconstructed {
+			marked++
+		}
+	}
+	if want := st.reconstructedStarts.Load() + st.reconstructedEnds.Load(); marked != want {
+		t.Errorf("%d events marked reconstructed, the source counted %d", marked, want)
+	}
 	if d := st.queueFull.Load(); d != 0 {
 		t.Errorf("%d events dropped by the source's queue", d)
 	}

@@ -77,6 +77,9 @@ func TestUDPStartEndCounters(t *testing.T) {
 			if s.FlowID != e.FlowID || s.FlowID == ([16]byte{}) {
 				t.Errorf("start and end flow IDs %v and %v, want equal and set", s.FlowID, e.FlowID)
 			}
+			if s.Reconstructed || e.Reconstructed {
+				t.Errorf("events from the kernel's own NEW and DESTROY marked reconstructed")
+			}
 			if s.EventID == e.EventID {
 				t.Errorf("start and end share event ID %v", s.EventID)
 			}
