@@ -119,6 +119,7 @@ func New(env component.Env, c *Config) (component.Enricher, error) {
 			return nil, errs
 		}
 		e.tables.Store(t)
+		e.markLoaded()
 		return e, nil
 	}
 	path := c.TablesFile
