@@ -18,9 +18,13 @@ type slogAdapter struct {
 	l    *slog.Logger
 	name string
 	args []any
+	// own is set for go-plugin's own messages (plugin lines come through a Named logger):
+	// its routine information ("plugin process exited" after a clean stop) is debug detail
+	// for flowpipe's users; its warnings and errors (a crash) stay.
+	own bool
 }
 
-func newHCLogAdapter(l *slog.Logger) hclog.Logger { return &slogAdapter{l: l} }
+func newHCLogAdapter(l *slog.Logger) hclog.Logger { return &slogAdapter{l: l, own: true} }
 
 func (a *slogAdapter) Log(level hclog.Level, msg string, args ...any) {
 	var lv slog.Level
@@ -29,6 +33,9 @@ func (a *slogAdapter) Log(level hclog.Level, msg string, args ...any) {
 		lv = slog.LevelDebug
 	case hclog.Info, hclog.NoLevel, hclog.DefaultLevel:
 		lv = slog.LevelInfo
+		if a.own {
+			lv = slog.LevelDebug
+		}
 	case hclog.Warn:
 		lv = slog.LevelWarn
 	case hclog.Error:
@@ -59,7 +66,7 @@ func (a *slogAdapter) IsError() bool { return a.l.Enabled(context.Background(), 
 func (a *slogAdapter) ImpliedArgs() []any { return a.args }
 
 func (a *slogAdapter) With(args ...any) hclog.Logger {
-	return &slogAdapter{l: a.l, name: a.name, args: append(append([]any(nil), a.args...), args...)}
+	return &slogAdapter{l: a.l, name: a.name, args: append(append([]any(nil), a.args...), args...), own: a.own}
 }
 
 func (a *slogAdapter) Name() string { return a.name }
