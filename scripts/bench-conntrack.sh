@@ -125,9 +125,10 @@ YAML
   rends=$( { grep -o 'reconstructed_ends=[0-9]*' "$work/flowpipe.log" || true; } | awk -F= '{s += $2} END {print s+0}')
   starts=$(grep '"type":"start"' "$out" | grep -c "\"dst_port\":$PORT" || true)
   ends=$(grep '"type":"end"' "$out" | grep -c "\"dst_port\":$PORT" || true)
-  printf 'flowpipe:    starts %d/%d (%.1f%%)  ends %d/%d (%.1f%%)  cpu %.2fs  overrun episodes %d  reconstructed starts %d ends %d\n' \
+  marked=$(grep -c '"reconstructed":true' "$out" || true)
+  printf 'flowpipe:    starts %d/%d (%.1f%%)  ends %d/%d (%.1f%%)  cpu %.2fs  overrun episodes %d  reconstructed starts %d ends %d (marked in output: %d)\n' \
     "$starts" "$N" "$(echo "100*$starts/$N" | bc -l)" "$ends" "$N" "$(echo "100*$ends/$N" | bc -l)" \
-    "$(echo "$cpu1-$cpu0" | bc -l)" "$overruns" "$rstarts" "$rends"
+    "$(echo "$cpu1-$cpu0" | bc -l)" "$overruns" "$rstarts" "$rends" "$marked"
 }
 
 run_conntrack_e() {
