@@ -2,6 +2,7 @@ package grpc_test
 
 import (
 	"context"
+	"net"
 	"net/netip"
 	"sync"
 	"testing"
@@ -202,5 +203,31 @@ func writeAll(ctx context.Context, t testing.TB, s component.Sink, events []flow
 	case err := <-errs:
 		t.Fatalf("write: %v", err)
 	default:
+	}
+}
+
+func freePortB(t testing.TB) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+func waitListening(t testing.TB, addr string) {
+	t.Helper()
+	deadline := time.Now().Add(time.Minute)
+	for {
+		c, err := net.Dial("tcp", addr)
+		if err == nil {
+			c.Close()
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s not listening: %v", addr, err)
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }

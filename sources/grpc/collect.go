@@ -26,8 +26,7 @@ type collector struct {
 	mu      sync.Mutex
 	ids     map[uuid.UUID]bool      // true: delivered; false: in flight
 	waiting map[uuid.UUID][]*stream // streams with a duplicate of an in-flight event
-	done    []doneRec               // delivered, oldest first, from head
-	head    int
+	done    ring                    // delivered, oldest first
 	events  []flow.Event
 	origins []origin
 	first   time.Time // arrival of the batch's first event
@@ -202,7 +201,7 @@ func (c *collector) finish(pb *pendingBatch, err error) {
 			}
 			if ok {
 				c.ids[o.id] = true
-				c.done = append(c.done, doneRec{id: o.id, at: now.UnixNano()})
+				c.remember(doneRec{id: o.id, at: now.UnixNano()})
 			} else {
 				delete(c.ids, o.id)
 			}
@@ -257,22 +256,11 @@ func ackRuns(os []origin, ok bool) {
 // expire forgets delivered IDs that left the window; called with c.mu held.
 func (c *collector) expire(now time.Time) {
 	cutoff := now.Add(-c.r.cfg.Dedup.Window).UnixNano()
-	maxN := c.r.cfg.Dedup.MaxEvents
-	for c.head < len(c.done) && (len(c.done)-c.head > maxN || c.done[c.head].at < cutoff) {
-		id := c.done[c.head].id
-		if c.ids[id] {
-			delete(c.ids, id)
-		}
-		c.head++
+	for c.done.n > 0 && c.done.oldest().at < cutoff {
+		c.forgetOldest()
 	}
-	// Compact the FIFO when its dead prefix is as large as its live part.
-	if c.head > 1024 && c.head >= len(c.done)-c.head {
-		n := copy(c.done, c.done[c.head:])
-		c.done = c.done[:n]
-		c.head = 0
-	}
-	if c.journal != nil && c.journal.records > 2*maxN+1024 {
-		if err := c.journal.rewrite(c.done[c.head:]); err != nil {
+	if c.journal != nil && c.journal.records > 2*c.r.cfg.Dedup.MaxEvents+1024 {
+		if err := c.journal.rewrite(c.done.all()); err != nil {
 			c.r.env.Metrics.Errors("dedup_state", 1)
 			c.r.log.Error("dedup state file not compacted", "err", err)
 		}
@@ -287,9 +275,63 @@ func (c *collector) load(path string) error {
 		return err
 	}
 	c.journal = j
-	c.done = recs
 	for _, r := range recs {
 		c.ids[r.id] = true
+		c.remember(r)
 	}
 	return nil
+}
+
+// remember records a delivered ID, forgetting the oldest when the window is full; called
+// with c.mu held.
+func (c *collector) remember(r doneRec) {
+	if c.done.n == c.r.cfg.Dedup.MaxEvents {
+		c.forgetOldest()
+	}
+	c.done.push(r, c.r.cfg.Dedup.MaxEvents)
+}
+
+func (c *collector) forgetOldest() {
+	id := c.done.pop().id
+	if c.ids[id] {
+		delete(c.ids, id)
+	}
+}
+
+// ring is a FIFO of delivered IDs that grows up to the window's size and then wraps, so the
+// steady state moves no memory.
+type ring struct {
+	buf  []doneRec
+	head int // oldest
+	n    int
+}
+
+func (r *ring) push(d doneRec, limit int) {
+	if r.n == len(r.buf) {
+		grown := make([]doneRec, min(max(2*len(r.buf), 1024), limit))
+		for i := range r.n {
+			grown[i] = r.buf[(r.head+i)%len(r.buf)]
+		}
+		r.buf, r.head = grown, 0
+	}
+	r.buf[(r.head+r.n)%len(r.buf)] = d
+	r.n++
+}
+
+func (r *ring) oldest() doneRec { return r.buf[r.head] }
+
+func (r *ring) pop() doneRec {
+	d := r.buf[r.head]
+	r.head = (r.head + 1) % len(r.buf)
+	r.n--
+	return d
+}
+
+// all returns the records oldest first.
+func (r *ring) all() []doneRec {
+	out := make([]doneRec, r.n)
+	for i := range r.n {
+		out[i] = r.buf[(r.head+i)%len(r.buf)]
+	}
+	return out
 }

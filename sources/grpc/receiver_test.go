@@ -448,3 +448,40 @@ func isCode(err error, code codes.Code) bool {
 	}
 	return err != nil && status.Code(err) == code
 }
+
+// TestDedupWindowBounded: the de-duplication window keeps at most max_events IDs; an event
+// older than that is delivered again (and the ring wraps without losing newer IDs).
+func TestDedupWindowBounded(t *testing.T) {
+	out := &sinkEmitter{}
+	r := start(t, func(c *grpcsrc.Config) { c.Dedup.MaxEvents = 1500; c.BatchSize = 100 }, out)
+	c := dial(t, r.Addr().String(), validToken())
+	if err := c.handshake(); err != nil {
+		t.Fatal(err)
+	}
+	send := func(ids []uuid.UUID) {
+		t.Helper()
+		for _, id := range ids {
+			if err := c.stream.Send(protoEvent(id)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		for range ids {
+			if _, err := c.stream.Recv(); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	ids := make([]uuid.UUID, 4000)
+	for i := range ids {
+		ids[i] = uuid.New()
+	}
+	send(ids)
+	send(ids[len(ids)-1000:]) // within the window: duplicates
+	if n := len(out.got()); n != len(ids) {
+		t.Fatalf("after resending the newest 1000: %d delivered, want %d", n, len(ids))
+	}
+	send(ids[:10]) // long gone from the window: delivered again
+	if n := len(out.got()); n != len(ids)+10 {
+		t.Fatalf("after resending 10 expired: %d delivered, want %d", n, len(ids)+10)
+	}
+}
