@@ -3,6 +3,7 @@ package aggregate
 import (
 	"context"
 	"errors"
+	"math/rand/v2"
 	"net/netip"
 	"sync"
 	"sync/atomic"
@@ -510,5 +511,142 @@ func TestFlowIDIsUUIDv5OfTheKey(t *testing.T) {
 	name = append(name, "r1"...)
 	if got, want := flowID(&g, "r1"), uuid.NewSHA1(flowNamespace, name); got != want {
 		t.Errorf("flowID = %v, want %v", got, want)
+	}
+}
+
+// TestRandomizedAcks drives the aggregator with random batches (mixed protocols, random
+// keys), random window closes and a small max_keys, acknowledging emitted batches in random
+// order with random results. Invariants: every event is either passed through or counted in
+// exactly one aggregate; every input batch is acknowledged exactly once, never before every
+// aggregate batch carrying its events was acknowledged, and with an error exactly when a
+// batch of a window holding its events was acknowledged with one (a window's result is
+// shared: when it is unknown which chunk held which events, an error must not be lost).
+func TestRandomizedAcks(t *testing.T) {
+	rng := rand.New(rand.NewPCG(42, 7))
+	for round := 0; round < 30; round++ {
+		a, rec := newAgg(t, map[string]any{"window": "1h", "max_keys": 1 + rng.IntN(20), "batch_size": 1 + rng.IntN(8)})
+		type input struct {
+			src      source
+			b        *flow.Batch
+			failed   bool // some aggregate carrying its events was acked with an error
+			inFlight map[*flow.Batch]bool
+		}
+		var inputs []*input
+		carriers := map[*flow.Batch][]*input{} // emitted batch -> inputs of its window
+		type windowID struct{ start, end flow.Time }
+		windowOf := map[*flow.Batch]windowID{}
+		windowInputs := map[windowID]map[*input]bool{}
+		var pending []*flow.Batch
+		var absorbed, passed, folded, left uint64
+		// collect attributes each new emitted batch to the inputs whose events it carries,
+		// by the marker in TxBytes (input index).
+		collect := func() {
+			for _, out := range rec.take() {
+				seen := map[int]bool{}
+				w := windowID{out.Events[0].WindowStart, out.Events[0].WindowEnd}
+				windowOf[out] = w
+				if windowInputs[w] == nil {
+					windowInputs[w] = map[*input]bool{}
+				}
+				for _, ev := range out.Events {
+					folded += ev.TxPackets
+					// TxBytes sums the input indexes+1 of the events; single-input keys keep it
+					// exact: every key below is unique to one input.
+					seen[int(ev.TxBytes/ev.TxPackets)-1] = true
+				}
+				for i := range seen {
+					carriers[out] = append(carriers[out], inputs[i])
+					inputs[i].inFlight[out] = true
+					windowInputs[w][inputs[i]] = true
+				}
+				pending = append(pending, out)
+			}
+		}
+		for step := 0; step < 60; step++ {
+			switch r := rng.IntN(10); {
+			case r < 6: // a source batch
+				in := &input{inFlight: map[*flow.Batch]bool{}}
+				idx := len(inputs)
+				inputs = append(inputs, in)
+				var evs []flow.Event
+				for k := 0; k < rng.IntN(12); k++ {
+					proto := []uint8{flow.ProtoTCP, flow.ProtoUDP, flow.ProtoICMP, 47}[rng.IntN(4)]
+					ev := flow.Event{Type: flow.TypeEnd, Protocol: proto, SrcAddr: peer,
+						DstAddr:   netip.AddrFrom4([4]byte{10, byte(idx >> 8), byte(idx), byte(rng.IntN(4))}),
+						TxPackets: 1, TxBytes: uint64(idx + 1)}
+					if proto == 47 {
+						passed++
+					} else {
+						absorbed++
+					}
+					evs = append(evs, ev)
+				}
+				in.b = flow.NewBatch(evs, in.src.ack)
+				for _, ev := range runtimeEmit(t, a, in.b) {
+					if ev.Protocol != 47 {
+						t.Fatalf("round %d: protocol %d passed through", round, ev.Protocol)
+					}
+					left++
+				}
+				collect()
+			case r < 7:
+				a.closeWindow(context.Background(), "tick")
+				collect()
+			default: // acknowledge a random emitted batch
+				if len(pending) == 0 {
+					continue
+				}
+				i := rng.IntN(len(pending))
+				out := pending[i]
+				pending = append(pending[:i], pending[i+1:]...)
+				var err error
+				if rng.IntN(5) == 0 {
+					err = flow.ErrShutdown
+				}
+				for _, in := range carriers[out] {
+					delete(in.inFlight, out)
+				}
+				if err != nil {
+					for in := range windowInputs[windowOf[out]] {
+						in.failed = true
+					}
+				}
+				out.Release(err)
+			}
+			// No input may be acknowledged while an aggregate carrying its events is not.
+			for i, in := range inputs {
+				if n, _ := in.src.result(); n > 0 && len(in.inFlight) > 0 {
+					t.Fatalf("round %d: input %d acknowledged with %d aggregate batches outstanding", round, i, len(in.inFlight))
+				}
+			}
+		}
+		if err := a.Close(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+		collect()
+		for _, out := range pending {
+			for _, in := range carriers[out] {
+				delete(in.inFlight, out)
+			}
+			out.Release(nil)
+		}
+		if folded != absorbed {
+			t.Errorf("round %d: aggregates carry %d events, %d were absorbed", round, folded, absorbed)
+		}
+		for i, in := range inputs {
+			n, err := in.src.result()
+			if n != 1 {
+				t.Errorf("round %d: input %d acknowledged %d times", round, i, n)
+			}
+			if (err != nil) != in.failed {
+				t.Errorf("round %d: input %d acknowledged with %v, failed=%v", round, i, err, in.failed)
+			}
+		}
+		if n := a.heldN.Load(); n != 0 {
+			t.Errorf("round %d: %d batches still held", round, n)
+		}
+		if left != passed {
+			t.Errorf("round %d: %d events passed through, want %d", round, left, passed)
+		}
 	}
 }
