@@ -23,7 +23,7 @@ PORT=9000
 FIRST=20000
 UDP_TIMEOUT=2
 READ_BUFFER=${READ_BUFFER:-32MiB}
-ISOLATION=${ISOLATION:-}   # inproc or process; empty: flowpipe's default
+ISOLATION=${ISOLATION:-}   # inproc or process for the source and the sink; empty: flowpipe's default
 
 [ "$(id -u)" = 0 ] || { echo "run as root (network namespaces, netlink)"; exit 1; }
 case $MODE in flowpipe|conntrack-e) ;; *) echo "mode: flowpipe or conntrack-e"; exit 2;; esac
@@ -107,6 +107,7 @@ sinks:
   out:
     type: file
     path: $out
+${ISOLATION:+    isolation: $ISOLATION}
 YAML
   "$work/flowpipe" run -c "$work/pipeline.yaml" 2>"$work/flowpipe.log" & fp=$!; pids+=($fp)
   until ip netns exec "$A" nft list tables 2>/dev/null | grep -q flowpipe_kernel; do
