@@ -8,7 +8,6 @@ import (
 	"strings"
 	"sync"
 	"syscall"
-	"time"
 
 	"gopkg.in/yaml.v3"
 
@@ -21,29 +20,33 @@ type tableFile struct {
 
 	mu      sync.Mutex // one load at a time (the watcher and Reload)
 	stat    fileStat   // metadata when last read, valid or not
+	seen    fileStat   // metadata at the last check, to see whether a change has settled
 	sum     [32]byte   // content of the tables in force
 	hasSum  bool
 	missing bool // the last check found no file (logged once)
 }
 
 type fileStat struct {
-	mtime time.Time
+	mtime int64 // nanoseconds
 	size  int64
 	ino   uint64
 	dev   uint64
 }
 
 func statOf(fi os.FileInfo) fileStat {
-	s := fileStat{mtime: fi.ModTime(), size: fi.Size()}
+	s := fileStat{mtime: fi.ModTime().UnixNano(), size: fi.Size()}
 	if st, ok := fi.Sys().(*syscall.Stat_t); ok {
 		s.ino, s.dev = st.Ino, uint64(st.Dev)
 	}
 	return s
 }
 
-// load reads and compiles the file when its metadata changed since the last read (or always,
-// with force). changed is false when the file was not read or its content is what is already
-// in force. A file that cannot be read or parsed is an error, reported once per change.
+// load reads and compiles the file when its metadata changed since the last read and then
+// stayed the same for one check (or at once, with force): a writer that rewrites the file in
+// place is then not caught half-way, which could leave a shorter file that still parses
+// (rename-over writers are atomic anyway). changed is false when the file was not read or
+// its content is what is already in force. A file that cannot be read or parsed is an error,
+// reported once per change.
 func (f *tableFile) load(force bool) (t *compiled, changed bool, err error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -59,12 +62,16 @@ func (f *tableFile) load(force bool) (t *compiled, changed bool, err error) {
 	}
 	f.missing = false
 	st := statOf(fi)
-	if !force && st == f.stat {
-		return nil, false, nil
+	if !force {
+		settled := st == f.seen
+		f.seen = st
+		if st == f.stat || !settled {
+			return nil, false, nil
+		}
 	}
 	// Remember the metadata seen before reading: a write that lands while we read changes it
 	// again, so the next check reads the file once more.
-	f.stat = st
+	f.stat, f.seen = st, st
 	data, err := os.ReadFile(f.path)
 	if err != nil {
 		return nil, false, fmt.Errorf("tables file: %w", err)

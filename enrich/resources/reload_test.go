@@ -272,3 +272,48 @@ func TestReloadUnderLoad(t *testing.T) {
 		t.Errorf("saw %d table versions, want the reloads to be visible", n)
 	}
 }
+
+// TestWatchWaitsForTheFileToSettle: the watcher reads a changed file only once it has stayed
+// the same for one check, so a file being rewritten in place is not loaded half-written,
+// even when the half that exists parses (here: the resources without the rules).
+func TestWatchWaitsForTheFileToSettle(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "tables.yaml")
+	replaceFile(t, path, tablesV1)
+	f := &tableFile{path: path}
+	if _, changed, err := f.load(true); err != nil || !changed {
+		t.Fatalf("initial load: changed=%v err=%v", changed, err)
+	}
+	full := "resources: [{id: web-v3, prefixes: [10.0.0.0/24]}]\nrules: [{id: r-v3}]\n"
+	half := full[:strings.Index(full, "rules")] // parses: resources only
+
+	write := func(s string) {
+		t.Helper()
+		fh, err := os.OpenFile(path, os.O_WRONLY|os.O_TRUNC, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := fh.WriteString(s); err != nil {
+			t.Fatal(err)
+		}
+		fh.Close()
+	}
+	write(half)
+	if _, changed, err := f.load(false); changed || err != nil {
+		t.Fatalf("first check after a change read the file (changed=%v, err=%v)", changed, err)
+	}
+	write(full) // the writer finishes before the next check
+	if _, changed, err := f.load(false); changed || err != nil {
+		t.Fatalf("the file changed again since the last check, yet was read (changed=%v, err=%v)", changed, err)
+	}
+	tb, changed, err := f.load(false)
+	if err != nil || !changed {
+		t.Fatalf("settled file not read: changed=%v err=%v", changed, err)
+	}
+	if got := tb.ruleFor(&flow.Event{Protocol: flow.ProtoTCP}); got != "r-v3" {
+		t.Errorf("loaded tables have rule %q, want the complete file's r-v3", got)
+	}
+	if _, changed, _ := f.load(false); changed {
+		t.Error("an unchanged file was loaded again")
+	}
+}
