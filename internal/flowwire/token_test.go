@@ -2,6 +2,7 @@ package flowwire
 
 import (
 	"errors"
+	"strings"
 	"testing"
 	"time"
 )
@@ -35,4 +36,23 @@ func TestToken(t *testing.T) {
 	if got, want := tok.Authorization(), "Bearer "+tok.Signature+"."+tok.Payload; got != want {
 		t.Errorf("Authorization() = %q, want %q", got, want)
 	}
+}
+
+func FuzzVerifyAuthorization(f *testing.F) {
+	now := time.Unix(1_800_000_000, 0)
+	secret := []byte("fuzz-secret")
+	f.Add(MintToken(secret, now.Add(time.Hour)).Authorization())
+	f.Add("Bearer .")
+	f.Add("bearer abc.123")
+	f.Add("")
+	f.Fuzz(func(t *testing.T, value string) {
+		err := VerifyAuthorization(value, [][]byte{secret}, now)
+		if err == nil {
+			// Accepted: it must be exactly a token this secret signs, unexpired.
+			sig, payload, _ := strings.Cut(strings.TrimSpace(value[len("Bearer "):]), ".")
+			if sig != sign(secret, payload) {
+				t.Fatalf("accepted %q with a signature that is not the secret's", value)
+			}
+		}
+	})
 }

@@ -485,3 +485,85 @@ func TestDedupWindowBounded(t *testing.T) {
 		t.Fatalf("after resending 10 expired: %d delivered, want %d", n, len(ids)+10)
 	}
 }
+
+// holdEmitter keeps every batch until told to acknowledge them, like sinks still writing.
+type holdEmitter struct {
+	mu      sync.Mutex
+	held    []*flow.Batch
+	arrived chan int // events held so far, after each batch
+}
+
+func (h *holdEmitter) Emit(_ context.Context, b *flow.Batch) error {
+	h.mu.Lock()
+	h.held = append(h.held, b)
+	n := 0
+	for _, b := range h.held {
+		n += b.Len()
+	}
+	h.mu.Unlock()
+	h.arrived <- n
+	return nil
+}
+
+func (h *holdEmitter) releaseAll() {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for _, b := range h.held {
+		b.Release(nil)
+	}
+	h.held = nil
+}
+
+// TestGracefulShutdownSendsAcksInFlight: when the pipeline stops while batches are still
+// being written, the receiver takes nothing new but ACKs those batches when they complete,
+// and only then ends the streams.
+func TestGracefulShutdownSendsAcksInFlight(t *testing.T) {
+	h := &holdEmitter{arrived: make(chan int, 100)}
+	cfg := grpcsrc.Factory().NewConfig().(*grpcsrc.Config)
+	cfg.Listen, cfg.Auth = "127.0.0.1:0", "none"
+	r, err := grpcsrc.New(component.Env{Name: "collector"}, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	runDone := make(chan struct{})
+	go func() { r.Run(ctx, h); close(runDone) }()
+	if err := r.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	c := dial(t, r.Addr().String(), "")
+	if err := c.handshake(); err != nil {
+		t.Fatal(err)
+	}
+	const n = 50
+	want := map[uuid.UUID]bool{}
+	for range n {
+		id := uuid.New()
+		want[id] = true
+		c.stream.Send(protoEvent(id))
+	}
+	for got := 0; got < n; got = <-h.arrived {
+	}
+	cancel() // the pipeline stops; the batch is still in its sinks
+	<-runDone
+	closed := make(chan error, 1)
+	go func() {
+		cctx, cc := context.WithTimeout(context.Background(), time.Minute)
+		defer cc()
+		closed <- r.Close(cctx)
+	}()
+	h.releaseAll() // the sinks finish
+	for len(want) > 0 {
+		ack, err := c.stream.Recv()
+		if err != nil {
+			t.Fatalf("stream ended with %d events not ACKed: %v", len(want), err)
+		}
+		delete(want, uuid.UUID(ack.EventId))
+	}
+	if _, err := c.stream.Recv(); status.Code(err) != codes.Unavailable {
+		t.Fatalf("after the last ACK: %v, want Unavailable", err)
+	}
+	if err := <-closed; err != nil {
+		t.Fatal(err)
+	}
+}
