@@ -2,6 +2,7 @@ package tracker
 
 import (
 	"encoding/binary"
+	"fmt"
 	"net/netip"
 	"syscall"
 	"testing"
@@ -274,25 +275,29 @@ func BenchmarkNetBirdShape(b *testing.B) {
 }
 
 // BenchmarkParallelEstablished runs EstablishedTCPManyFlows's packets from GOMAXPROCS
-// goroutines at once, as a firewall's packet workers would: what the single table lock costs
-// under contention.
+// goroutines at once, as a firewall's packet workers would: what the table locks cost under
+// contention, with one shard and with the default sixteen.
 func BenchmarkParallelEstablished(b *testing.B) {
-	const n = 10000
-	tr := New(Config{LocalPrefixes: localA})
-	pkts := make([]*Packet, n)
-	for i := range pkts {
-		pkts[i] = tcpPkt(addrA, addrB, uint16(10000+i), 443, ack, 1, 1, 100)
-		tr.ProcessAt(pkts[i], sec)
+	for _, shards := range []int{1, 16} {
+		b.Run(fmt.Sprintf("shards=%d", shards), func(b *testing.B) {
+			const n = 10000
+			tr := New(Config{LocalPrefixes: localA, Shards: shards})
+			pkts := make([]*Packet, n)
+			for i := range pkts {
+				pkts[i] = tcpPkt(addrA, addrB, uint16(10000+i), 443, ack, 1, 1, 100)
+				tr.ProcessAt(pkts[i], sec)
+			}
+			tr.DrainEvents(nil)
+			b.ReportAllocs()
+			b.ResetTimer()
+			defer reportCPU(b)()
+			b.RunParallel(func(pb *testing.PB) {
+				i := 0
+				for pb.Next() {
+					tr.ProcessAt(pkts[(i*7919)%n], sec+flow.Time(i))
+					i++
+				}
+			})
+		})
 	}
-	tr.DrainEvents(nil)
-	b.ReportAllocs()
-	b.ResetTimer()
-	defer reportCPU(b)()
-	b.RunParallel(func(pb *testing.PB) {
-		i := 0
-		for pb.Next() {
-			tr.ProcessAt(pkts[(i*7919)%n], sec+flow.Time(i))
-			i++
-		}
-	})
 }

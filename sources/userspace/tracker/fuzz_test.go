@@ -53,8 +53,15 @@ func FuzzTracker(f *testing.F) {
 	f.Add([]byte{0, 0, 0, syn, 0, 0, 0, 1, 0, 1, 0, synack, 0, 0, 0, 1, 0, 0, 0, ack, 0, 0, 0, 1})
 	f.Add([]byte{1, 0, 1, 0, 0, 0, 0, 200, 1, 1, 1, 0, 0, 0, 0, 200, 2, 0, 2, 8, 0, 0, 0, 1})
 	f.Fuzz(func(t *testing.T, script []byte) {
-		const maxEntries = 5
-		tr := New(Config{MaxEntries: maxEntries, LocalPrefixes: localA})
+		fuzzTracker(t, script, 1)
+		fuzzTracker(t, script, 4)
+	})
+}
+
+func fuzzTracker(t *testing.T, script []byte, shards int) {
+	{
+		maxEntries := 5 * shards
+		tr := New(Config{MaxEntries: maxEntries, LocalPrefixes: localA, Shards: shards})
 		now := sec
 		starts := map[uuid.UUID]int{}
 		ends := map[uuid.UUID]int{}
@@ -128,7 +135,7 @@ func FuzzTracker(f *testing.F) {
 		if s.Started != s.Ended || s.Entries != 0 {
 			t.Fatalf("stats after flush %+v", s)
 		}
-	})
+	}
 }
 
 // TestDecodeIP checks the decoder on well-formed packets of every kind it reads.

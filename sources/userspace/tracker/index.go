@@ -28,15 +28,21 @@ type slot struct {
 
 const minSlots = 1024
 
-func newIndex(capacity int) index {
-	ix := index{}
+// newSeed returns a random hash seed.
+func newSeed() [6]uint64 {
 	var b [48]byte
 	if _, err := rand.Read(b[:]); err != nil {
 		panic("tracker: no randomness for the hash seed: " + err.Error())
 	}
-	for i := range ix.seed {
-		ix.seed[i] = binary.LittleEndian.Uint64(b[i*8:])
+	var seed [6]uint64
+	for i := range seed {
+		seed[i] = binary.LittleEndian.Uint64(b[i*8:])
 	}
+	return seed
+}
+
+func newIndex(capacity int, seed *[6]uint64) index {
+	ix := index{seed: *seed}
 	n := minSlots
 	for n < 2*capacity {
 		n *= 2
@@ -58,7 +64,7 @@ func (ix *index) hash(k *key) uint32 {
 }
 
 // find returns the entry with key k, whose hash is h.
-func (t *Tracker) find(k *key, h uint32) (int32, bool) {
+func (t *shard) find(k *key, h uint32) (int32, bool) {
 	ix := &t.ix
 	for i := h & ix.mask; ; i = (i + 1) & ix.mask {
 		s := ix.slots[i]
@@ -72,7 +78,7 @@ func (t *Tracker) find(k *key, h uint32) (int32, bool) {
 }
 
 // insert adds entry e (not yet in the index) with hash h.
-func (t *Tracker) insert(e int32, h uint32) {
+func (t *shard) insert(e int32, h uint32) {
 	ix := &t.ix
 	if 2*(ix.n+1) > len(ix.slots) {
 		ix.grow()
@@ -101,7 +107,7 @@ func (ix *index) grow() {
 }
 
 // delete removes entry e, whose hash is h.
-func (t *Tracker) delete(e int32, h uint32) {
+func (t *shard) delete(e int32, h uint32) {
 	ix := &t.ix
 	i := h & ix.mask
 	for ix.slots[i].ref != e+1 {

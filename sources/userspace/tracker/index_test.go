@@ -10,7 +10,7 @@ import (
 // a Go map.
 func TestIndexAgainstMap(t *testing.T) {
 	for _, squeeze := range []uint32{0xffffffff, 0x7, 0x3ff} {
-		tr := New(Config{MaxEntries: 1 << 20})
+		tr := New(Config{MaxEntries: 1 << 20, Shards: 1}).shards[0]
 		ref := map[key]int32{}
 		rng := rand.New(rand.NewPCG(1, uint64(squeeze)))
 		keys := make([]key, 3000)

@@ -51,6 +51,14 @@ type Config struct {
 	// counted in Stats.EventsDropped. Zero means no cap (a replay, which waits for its
 	// consumer, wants that; a live feed, which cannot wait, wants a cap).
 	MaxPending int
+	// Shards splits the table into this many parts (rounded up to a power of two), each with
+	// its own lock, for embedders whose packet workers run in parallel on many cores. The cost:
+	// MaxEntries is shared out evenly and eviction picks its victim within the new
+	// connection's shard, a packet sweeps only its own shard (call Expire for the others),
+	// and DrainEvents returns the events of different connections in no particular order.
+	// Zero or one means one table with one lock, which a single packet reader (such as the
+	// flowpipe source) wants.
+	Shards int
 }
 
 // Stats are the tracker's counters since it was created.
@@ -67,8 +75,10 @@ type Stats struct {
 	EventsDropped uint64 // events lost because MaxPending was reached
 }
 
-// Tracker is a connection table. Its methods are safe for concurrent use.
-type Tracker struct {
+// shard is one part of the table, with its own lock: a connection lives in the shard its
+// key hashes to, so packet workers on different connections rarely wait for each other.
+type shard struct {
+	t        *Tracker
 	mu       sync.Mutex
 	ix       index
 	pages    [][]entry // the entries, in fixed pages so that growing never copies them
@@ -78,13 +88,9 @@ type Tracker struct {
 	timeout  [numClasses]int64
 	max      int
 	local    []netip.Prefix
-	clock    func() flow.Time
 	source   string
-	ids      *flow.IDGen
+	ids      *flow.IDGen // one per shard: used under the shard's lock
 	pending  []flow.Event
-	hint     int
-	maxPend  int
-	ready    chan struct{}
 	swept    flow.Time // clock of the last sweep
 	stats    Stats
 	sweepGap int64
@@ -94,42 +100,28 @@ type Tracker struct {
 // never waits behind a mass expiry; the next packets continue the sweep.
 const sweepBudget = 1024
 
-// New makes a tracker.
-func New(c Config) *Tracker {
-	t := &Tracker{
-		max:     c.MaxEntries,
-		local:   append([]netip.Prefix(nil), c.LocalPrefixes...),
-		clock:   c.Clock,
-		source:  c.Source,
-		ids:     flow.NewIDGen(),
-		hint:    c.BatchHint,
-		maxPend: c.MaxPending,
-		ready:   make(chan struct{}, 1),
+func newShard(t *Tracker, c *Config, max int, seed *[6]uint64) *shard {
+	sh := &shard{
+		t:      t,
+		max:    max,
+		local:  t.local,
+		source: c.Source,
+		ids:    flow.NewIDGen(),
 	}
-	if t.max <= 0 {
-		t.max = 1 << 18
-	}
-	if t.clock == nil {
-		t.clock = flow.Now
-	}
-	if t.hint <= 0 {
-		t.hint = 1024
-	}
-	t.timeout = c.Timeouts.withDefaults().byClass()
+	sh.timeout = c.Timeouts.withDefaults().byClass()
 	// Sweep often enough that the shortest timeout is honoured to within a tenth of itself,
 	// and at least once a second.
-	t.sweepGap = int64(1e9)
-	for _, d := range t.timeout {
-		if d > 0 && d/10 < t.sweepGap {
-			t.sweepGap = d / 10
+	sh.sweepGap = int64(1e9)
+	for _, d := range sh.timeout {
+		if d > 0 && d/10 < sh.sweepGap {
+			sh.sweepGap = d / 10
 		}
 	}
-	initial := min(t.max, 4096)
-	t.ix = newIndex(initial)
-	for i := range t.lists {
-		t.lists[i] = list{head: -1, tail: -1}
+	sh.ix = newIndex(min(max, 4096), seed)
+	for i := range sh.lists {
+		sh.lists[i] = list{head: -1, tail: -1}
 	}
-	return t
+	return sh
 }
 
 // key is a connection's 5-tuple in a canonical order (the lower address and port first), so
@@ -205,12 +197,12 @@ const (
 	pageSize  = 1 << pageShift
 )
 
-func (t *Tracker) ent(i int32) *entry { return &t.pages[i>>pageShift][i&(pageSize-1)] }
+func (t *shard) ent(i int32) *entry { return &t.pages[i>>pageShift][i&(pageSize-1)] }
 
 // list is a doubly linked list of entries, least recently active first.
 type list struct{ head, tail int32 }
 
-func (t *Tracker) unlink(i int32) {
+func (t *shard) unlink(i int32) {
 	e := t.ent(i)
 	l := &t.lists[e.class]
 	if e.prev >= 0 {
@@ -225,7 +217,7 @@ func (t *Tracker) unlink(i int32) {
 	}
 }
 
-func (t *Tracker) pushBack(i int32, class uint8) {
+func (t *shard) pushBack(i int32, class uint8) {
 	e := t.ent(i)
 	l := &t.lists[class]
 	e.class, e.prev, e.next = class, l.tail, -1
@@ -238,7 +230,7 @@ func (t *Tracker) pushBack(i int32, class uint8) {
 }
 
 // touch moves entry i to the back of the list of class, its new timeout class.
-func (t *Tracker) touch(i int32, class uint8) {
+func (t *shard) touch(i int32, class uint8) {
 	e := t.ent(i)
 	if e.class == class && e.next < 0 {
 		return // already the most recent of its class
@@ -247,34 +239,12 @@ func (t *Tracker) touch(i int32, class uint8) {
 	t.pushBack(i, class)
 }
 
-// Process tracks a packet at the tracker's clock; see ProcessAt.
-func (t *Tracker) Process(p *Packet) Match { return t.ProcessAt(p, t.clock()) }
-
-// ProcessAt tracks a packet seen at now: it finds or opens its connection, advances the
-// connection's state and counts the packet in its direction. ICMP errors are counted in the
-// connection they quote, in the direction they travel; they open none. It does not allocate
-// for a packet of a known connection.
-func (t *Tracker) ProcessAt(p *Packet, now flow.Time) Match {
-	var v6 bool
-	switch p.Proto {
-	case 6, 17:
-	case 1, 58:
-		v6 = p.Proto == 58
-		if _, ok := icmpQuery(p.ICMPType, v6); !ok {
-			return t.related(p, now, v6)
-		}
-	default:
-		t.mu.Lock()
-		t.stats.Invalid++
-		t.mu.Unlock()
-		return MatchNone
-	}
-	k, fromA := makeKey(&p.Src, &p.Dst, p.SrcPort, p.DstPort, p.Proto, p.IPv6)
+// process tracks p, whose key is k (hash h), in this shard.
+func (t *shard) process(k key, h uint32, fromA bool, p *Packet, now flow.Time, v6 bool) Match {
 	t.mu.Lock()
 	if int64(now-t.swept) >= t.sweepGap {
 		t.sweepLocked(now, sweepBudget)
 	}
-	h := t.ix.hash(&k)
 	i, ok := t.find(&k, h)
 	if ok {
 		e := t.ent(i)
@@ -293,7 +263,7 @@ func (t *Tracker) ProcessAt(p *Packet, now flow.Time) Match {
 }
 
 // updateLocked advances the known connection i for packet p.
-func (t *Tracker) updateLocked(i int32, e *entry, p *Packet, orig bool, now flow.Time, v6 bool) Match {
+func (t *shard) updateLocked(i int32, e *entry, p *Packet, orig bool, now flow.Time, v6 bool) Match {
 	dir := uint8(dirReply)
 	if orig {
 		dir = dirOrig
@@ -329,7 +299,7 @@ func (t *Tracker) updateLocked(i int32, e *entry, p *Packet, orig bool, now flow
 }
 
 // openLocked opens a connection for p, whose key is k, if p can open one.
-func (t *Tracker) openLocked(k key, h uint32, fromA bool, p *Packet, now flow.Time, v6 bool) Match {
+func (t *shard) openLocked(k key, h uint32, fromA bool, p *Packet, now flow.Time, v6 bool) Match {
 	var st State
 	switch p.Proto {
 	case 6:
@@ -386,7 +356,7 @@ func (t *Tracker) openLocked(k key, h uint32, fromA bool, p *Packet, now flow.Ti
 	return MatchNew
 }
 
-func (t *Tracker) direction(p *Packet) flow.Direction {
+func (t *shard) direction(p *Packet) flow.Direction {
 	if len(t.local) == 0 {
 		return flow.DirectionUnknown
 	}
@@ -405,17 +375,11 @@ func (t *Tracker) direction(p *Packet) flow.Direction {
 	return flow.DirectionUnknown
 }
 
-// related counts an ICMP error in the connection it quotes.
-func (t *Tracker) related(p *Packet, now flow.Time, v6 bool) Match {
-	q := &p.Quoted
+// related counts an ICMP error in the connection it quotes, whose key is k (hash h).
+func (t *shard) related(k key, h uint32, quotedFromA bool, p *Packet) Match {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	if !q.Valid {
-		t.stats.Invalid++
-		return MatchNone
-	}
-	k, quotedFromA := makeKey(&q.Src, &q.Dst, q.SrcPort, q.DstPort, q.Proto, p.IPv6)
-	i, ok := t.find(&k, t.ix.hash(&k))
+	i, ok := t.find(&k, h)
 	if !ok {
 		t.stats.Invalid++
 		return MatchNone
@@ -434,31 +398,12 @@ func (t *Tracker) related(p *Packet, now flow.Time, v6 bool) Match {
 	return MatchRelated
 }
 
-// Peek reports what Process would make of p without changing anything.
-func (t *Tracker) Peek(p *Packet) Match {
-	return t.PeekAt(p, t.clock())
-}
-
-// PeekAt is Peek at a given time.
-func (t *Tracker) PeekAt(p *Packet, now flow.Time) Match {
-	v6 := p.Proto == 58
-	src, dst, sp, dp, proto := &p.Src, &p.Dst, p.SrcPort, p.DstPort, p.Proto
-	related := false
-	if flow.IsICMP(p.Proto) {
-		if _, ok := icmpQuery(p.ICMPType, v6); !ok {
-			if !p.Quoted.Valid {
-				return MatchNone
-			}
-			q := &p.Quoted
-			src, dst, sp, dp, proto, related = &q.Src, &q.Dst, q.SrcPort, q.DstPort, q.Proto, true
-		}
-	} else if p.Proto != 6 && p.Proto != 17 {
-		return MatchNone
-	}
-	k, fromA := makeKey(src, dst, sp, dp, proto, p.IPv6)
+// peek is PeekAt for a packet whose key is k (hash h); related marks an ICMP error (k is
+// then the quoted packet's key).
+func (t *shard) peek(k key, h uint32, fromA, related bool, p *Packet, now flow.Time) Match {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	i, ok := t.find(&k, t.ix.hash(&k))
+	i, ok := t.find(&k, h)
 	if ok {
 		e := t.ent(i)
 		if int64(now-e.last) < t.timeout[e.class] {
@@ -483,34 +428,23 @@ func (t *Tracker) PeekAt(p *Packet, now flow.Time) Match {
 			return MatchNone
 		}
 	case 1, 58:
-		if !icmpIsRequest(p.ICMPType, v6) {
+		if !icmpIsRequest(p.ICMPType, p.Proto == 58) {
 			return MatchNone
 		}
 	}
 	return MatchNew
 }
 
-// StateOf returns the state of the connection p belongs to, and false when there is none.
-func (t *Tracker) StateOf(p *Packet) (State, bool) {
-	k, _ := makeKey(&p.Src, &p.Dst, p.SrcPort, p.DstPort, p.Proto, p.IPv6)
+func (t *shard) stateOf(k key, h uint32) (State, bool) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	if i, ok := t.find(&k, t.ix.hash(&k)); ok {
+	if i, ok := t.find(&k, h); ok {
 		return t.ent(i).state, true
 	}
 	return StateNone, false
 }
 
-// ReportDrop records that the embedding firewall dropped p under rule ruleID: a drop event
-// for the packet's connection (its flow ID if the connection is known, else a new one). It
-// opens no connection and counts nothing in one.
-func (t *Tracker) ReportDrop(p *Packet, ruleID string) {
-	t.ReportDropAt(p, ruleID, t.clock())
-}
-
-// ReportDropAt is ReportDrop at a given time.
-func (t *Tracker) ReportDropAt(p *Packet, ruleID string, now flow.Time) {
-	k, _ := makeKey(&p.Src, &p.Dst, p.SrcPort, p.DstPort, p.Proto, p.IPv6)
+func (t *shard) reportDrop(k key, h uint32, p *Packet, ruleID string, now flow.Time) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	t.stats.Drops++
@@ -518,7 +452,7 @@ func (t *Tracker) ReportDropAt(p *Packet, ruleID string, now flow.Time) {
 	if ev == nil {
 		return
 	}
-	if i, ok := t.find(&k, t.ix.hash(&k)); ok {
+	if i, ok := t.find(&k, h); ok {
 		ev.FlowID = t.ent(i).flowID
 	} else {
 		ev.FlowID = t.ids.New()
@@ -544,7 +478,7 @@ func (t *Tracker) ReportDropAt(p *Packet, ruleID string, now flow.Time) {
 }
 
 // removeLocked ends connection i: an end event with its final counters, and its slot freed.
-func (t *Tracker) removeLocked(i int32, now flow.Time) {
+func (t *shard) removeLocked(i int32, now flow.Time) {
 	e := t.ent(i)
 	t.eventLocked(e, flow.TypeEnd, now)
 	t.stats.Ended++
@@ -556,7 +490,7 @@ func (t *Tracker) removeLocked(i int32, now flow.Time) {
 
 // evictLocked makes room for one connection: expired ones first, then a finished TCP
 // connection, then the least recently active of all.
-func (t *Tracker) evictLocked(now flow.Time) {
+func (t *shard) evictLocked(now flow.Time) {
 	if t.sweepLocked(now, 1) > 0 {
 		return
 	}
@@ -580,7 +514,7 @@ func (t *Tracker) evictLocked(now flow.Time) {
 
 // sweepLocked ends up to budget connections whose timeout has passed at now and returns how
 // many it ended. A sweep that finished records now as the last sweep.
-func (t *Tracker) sweepLocked(now flow.Time, budget int) int {
+func (t *shard) sweepLocked(now flow.Time, budget int) int {
 	n := 0
 	for c := range t.lists {
 		to := t.timeout[c]
@@ -597,17 +531,9 @@ func (t *Tracker) sweepLocked(now flow.Time, budget int) int {
 	return n
 }
 
-// Expire ends every connection whose timeout has passed at now and returns how many.
-func (t *Tracker) Expire(now flow.Time) int {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	return t.sweepLocked(now, -1)
-}
-
-// Flush ends up to max connections (all when max < 0), whatever their state, and returns how
-// many remain: for the end of a capture or a shutdown, in slices that a consumer can drain
-// between calls.
-func (t *Tracker) Flush(now flow.Time, max int) int {
+// flush ends up to max connections of the shard (all when max < 0) and returns how many it
+// ended.
+func (t *shard) flush(now flow.Time, max int) int {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	n := 0
@@ -617,60 +543,32 @@ func (t *Tracker) Flush(now flow.Time, max int) int {
 			n++
 		}
 	}
-	return t.ix.n
+	return n
 }
 
-// Len is the number of connections in the table.
-func (t *Tracker) Len() int {
+// drain appends the shard's pending events to dst and empties them.
+func (t *shard) drain(dst []flow.Event) []flow.Event {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	return t.ix.n
-}
-
-// Stats returns the tracker's counters.
-func (t *Tracker) Stats() Stats {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	s := t.stats
-	s.Entries = t.ix.n
-	return s
-}
-
-// Ready receives a value when at least Config.BatchHint events are waiting.
-func (t *Tracker) Ready() <-chan struct{} { return t.ready }
-
-// Pending is the number of events waiting for DrainEvents.
-func (t *Tracker) Pending() int {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	return len(t.pending)
-}
-
-// DrainEvents returns the waiting events and hands the tracker spare (emptied) as the buffer
-// for the next ones, so that a consumer that gives back the slices it is done with makes the
-// tracker allocate nothing. The returned slice belongs to the caller.
-func (t *Tracker) DrainEvents(spare []flow.Event) []flow.Event {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	evs := t.pending
-	t.pending = spare[:0]
-	return evs
+	dst = append(dst, t.pending...)
+	t.t.pending.Add(-int64(len(t.pending)))
+	clear(t.pending) // drop the strings the events hold
+	t.pending = t.pending[:0]
+	return dst
 }
 
 // newEventLocked appends a zero event to the pending events and returns it, or nil when
 // MaxPending is reached (the event is counted as dropped).
-func (t *Tracker) newEventLocked() *flow.Event {
-	if t.maxPend > 0 && len(t.pending) >= t.maxPend {
+func (t *shard) newEventLocked() *flow.Event {
+	tr := t.t
+	if tr.maxPend > 0 && tr.pending.Load() >= int64(tr.maxPend) {
 		t.stats.EventsDropped++
 		return nil
 	}
-	if t.pending == nil {
-		t.pending = make([]flow.Event, 0, t.hint)
-	}
 	t.pending = append(t.pending, flow.Event{})
-	if len(t.pending) == t.hint {
+	if tr.pending.Add(1) == int64(tr.hint) {
 		select {
-		case t.ready <- struct{}{}:
+		case tr.ready <- struct{}{}:
 		default:
 		}
 	}
@@ -678,7 +576,7 @@ func (t *Tracker) newEventLocked() *flow.Event {
 }
 
 // eventLocked appends a start or end event for connection e.
-func (t *Tracker) eventLocked(e *entry, typ flow.Type, now flow.Time) {
+func (t *shard) eventLocked(e *entry, typ flow.Type, now flow.Time) {
 	ev := t.newEventLocked()
 	if ev == nil {
 		return

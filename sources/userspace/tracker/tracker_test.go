@@ -51,6 +51,9 @@ func TestUDPCountersAndDirection(t *testing.T) {
 		if starts[0].FlowID != ends[0].FlowID && starts[0].FlowID != ends[1].FlowID {
 			t.Fatal("start and end flow IDs differ")
 		}
+		if starts[0].SrcPort != 5000 { // events of different connections come in any order
+			starts[0], starts[1] = starts[1], starts[0]
+		}
 		if starts[0].TxPackets != 1 || starts[0].TxBytes != hdr+100 {
 			t.Fatalf("start counts the first packet: %+v", starts[0])
 		}
@@ -101,7 +104,8 @@ func TestTimeouts(t *testing.T) {
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
 			for _, explicit := range []bool{true, false} {
-				tr := New(Config{})
+				// One shard: a packet sweeps only the shard its connection lives in.
+				tr := New(Config{Shards: 1})
 				last := flow.Time(0)
 				for i, p := range c.packets {
 					last = sec + flow.Time(i)
@@ -140,7 +144,9 @@ func TestTimeouts(t *testing.T) {
 func TestExpiredEntryIsNotContinued(t *testing.T) {
 	tr := New(Config{Timeouts: Timeouts{UDPUnreplied: time.Hour}})
 	tr.ProcessAt(udpPkt(addrA, addrB, 1, 2, 0), sec)
-	tr.swept = flow.Time(1 << 62) // no sweep will run
+	for _, sh := range tr.shards {
+		sh.swept = flow.Time(1 << 62) // no sweep will run
+	}
 	mustMatch(t, tr.ProcessAt(udpPkt(addrA, addrB, 1, 2, 0), sec+flow.Time(time.Hour)), MatchNew)
 	starts, ends, _ := drain(t, tr)
 	if len(starts) != 2 || len(ends) != 1 || ends[0].TxPackets != 1 {
@@ -243,6 +249,9 @@ func TestReportDrop(t *testing.T) {
 	if len(drops) != 2 || tr.Len() != 1 {
 		t.Fatalf("%d drops, %d entries", len(drops), tr.Len())
 	}
+	if drops[0].RuleID != "rule-7" { // events of different connections come in any order
+		drops[0], drops[1] = drops[1], drops[0]
+	}
 	if drops[0].FlowID != starts[0].FlowID || drops[0].RuleID != "rule-7" || drops[0].RxPackets != 1 || drops[0].Direction != flow.Ingress {
 		t.Fatalf("drop of a known flow: %+v", drops[0])
 	}
@@ -295,23 +304,46 @@ func TestReadyFires(t *testing.T) {
 }
 
 func TestConcurrentProcess(t *testing.T) {
-	tr := New(Config{})
-	done := make(chan struct{})
-	for g := range 4 {
-		go func() {
-			defer func() { done <- struct{}{} }()
-			for i := range 2000 {
-				tr.Process(udpPkt(addrA, addrB, uint16(g*10000+i%100), 2, 0))
-				if i%500 == 0 {
-					tr.DrainEvents(nil)
+	for _, shards := range []int{1, 8} {
+		tr := New(Config{Shards: shards})
+		if tr.Shards() != shards {
+			t.Fatalf("%d shards, want %d", tr.Shards(), shards)
+		}
+		done := make(chan []flow.Event)
+		for g := range 4 {
+			go func() {
+				var evs []flow.Event
+				for i := range 2000 {
+					tr.Process(udpPkt(addrA, addrB, uint16(g*10000+i%100), 2, 0))
+					if i%500 == 0 {
+						evs = append(evs, tr.DrainEvents(nil)...)
+					}
 				}
+				done <- evs
+			}()
+		}
+		var evs []flow.Event
+		for range 4 {
+			evs = append(evs, <-done...)
+		}
+		if s := tr.Stats(); s.Started != 400 || s.Entries != 400 || tr.Len() != 400 {
+			t.Fatalf("shards %d: stats %+v, want 400 started and in the table", shards, s)
+		}
+		if n := tr.Flush(2*sec, 150); n != 250 {
+			t.Fatalf("shards %d: %d left after flushing 150, want 250", shards, n)
+		}
+		tr.Flush(2*sec, -1)
+		evs = append(evs, tr.DrainEvents(nil)...)
+		starts, ends := map[[16]byte]int{}, map[[16]byte]int{}
+		for _, e := range evs {
+			if e.Type == flow.TypeStart {
+				starts[e.FlowID]++
+			} else {
+				ends[e.FlowID]++
 			}
-		}()
-	}
-	for range 4 {
-		<-done
-	}
-	if s := tr.Stats(); s.Started != 400 {
-		t.Fatalf("started %d, want 400", s.Started)
+		}
+		if len(starts) != 400 || len(ends) != 400 || tr.Pending() != 0 {
+			t.Fatalf("shards %d: %d flows started, %d ended, %d pending", shards, len(starts), len(ends), tr.Pending())
+		}
 	}
 }
