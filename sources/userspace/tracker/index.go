@@ -57,10 +57,12 @@ func mix(a, b uint64) uint64 {
 	return hi ^ lo
 }
 
-func (ix *index) hash(k *key) uint32 {
-	x := mix(k.a0^ix.seed[0], k.a1^ix.seed[1])
-	y := mix(k.b0^ix.seed[2], k.b1^ix.seed[3])
-	return uint32(mix(k.rest^ix.seed[4], x^y^ix.seed[5]))
+func (ix *index) hash(k *key) uint32 { return hashKey(&ix.seed, k) }
+
+func hashKey(seed *[6]uint64, k *key) uint32 {
+	x := mix(k.a0^seed[0], k.a1^seed[1])
+	y := mix(k.b0^seed[2], k.b1^seed[3])
+	return uint32(mix(k.rest^seed[4], x^y^seed[5]))
 }
 
 // find returns the entry with key k, whose hash is h.

@@ -56,7 +56,7 @@ func New(c Config) *Tracker {
 
 // locate returns the shard and hash of key k.
 func (t *Tracker) locate(k *key) (*shard, uint32) {
-	h := t.shards[0].ix.hash(k)
+	h := hashKey(&t.seed, k)
 	if t.shift == 32 {
 		return t.shards[0], h
 	}
