@@ -11,6 +11,7 @@ package component
 import (
 	"context"
 	"log/slog"
+	"path/filepath"
 
 	"github.com/prometheus/client_golang/prometheus"
 
@@ -121,4 +122,14 @@ type Starter interface {
 // that keeps crashing, a collector that cannot be reached); /readyz reports the error.
 type HealthChecker interface {
 	Health() error
+}
+
+// Path resolves a path from a component's options: relative paths are relative to the
+// directory of pipeline.yaml, so a pipeline runs the same from any working directory. ""
+// and "-" (standard input or output) are returned as they are.
+func (e Env) Path(p string) string {
+	if p == "" || p == "-" || filepath.IsAbs(p) || e.ConfigDir == "" {
+		return p
+	}
+	return filepath.Join(e.ConfigDir, p)
 }

@@ -13,7 +13,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"path/filepath"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -122,11 +121,7 @@ func New(env component.Env, c *Config) (component.Enricher, error) {
 		e.markLoaded()
 		return e, nil
 	}
-	path := c.TablesFile
-	if !filepath.IsAbs(path) && env.ConfigDir != "" {
-		path = filepath.Join(env.ConfigDir, path)
-	}
-	e.file = &tableFile{path: path}
+	e.file = &tableFile{path: env.Path(c.TablesFile)}
 	t, _, err := e.file.load(true)
 	if err != nil {
 		var ps config.Problems

@@ -92,11 +92,7 @@ type Sink struct {
 
 // New makes a file sink; the file is opened by Start.
 func New(env component.Env, c *Config) *Sink {
-	path := c.Path
-	if path != "-" && !filepath.IsAbs(path) && env.ConfigDir != "" {
-		path = filepath.Join(env.ConfigDir, path)
-	}
-	return &Sink{cfg: *c, path: path, env: env}
+	return &Sink{cfg: *c, path: env.Path(c.Path), env: env}
 }
 
 // Start creates missing directories and opens the file for appending.

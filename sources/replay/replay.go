@@ -10,7 +10,6 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"path/filepath"
 	"time"
 
 	"github.com/flowpipe/flowpipe/core/component"
@@ -67,11 +66,7 @@ type Source struct {
 
 // New makes a replay source; the file is opened by Run.
 func New(env component.Env, c *Config) *Source {
-	path := c.Path
-	if path != "-" && !filepath.IsAbs(path) && env.ConfigDir != "" {
-		path = filepath.Join(env.ConfigDir, path)
-	}
-	return &Source{cfg: *c, path: path, env: env}
+	return &Source{cfg: *c, path: env.Path(c.Path), env: env}
 }
 
 // maxLine bounds one JSON line; a longer one is malformed.
