@@ -51,6 +51,10 @@ func (p *noZeroPool) Put(b *[]byte) {
 	p.tiers[t].Put(b)
 }
 
+// pooledAnswers maps an Enrich answer to the pooled buffer its events are in, to be put back
+// once the answer is marshalled.
+var pooledAnswers sync.Map
+
 // protoCodec is gRPC's proto codec with buffers from bufferPool (gRPC's own codec draws
 // from its global, zeroing pool). It serves every service on the plugin connection,
 // go-plugin's included; the wire format is plain protobuf.
@@ -66,6 +70,9 @@ func (protoCodec) Marshal(v any) (mem.BufferSlice, error) {
 	size := proto.Size(m)
 	buf := bufferPool.Get(size)
 	out, err := proto.MarshalOptions{}.MarshalAppend((*buf)[:0], m)
+	if pooled, ok := pooledAnswers.LoadAndDelete(v); ok {
+		bufferPool.Put(pooled.(*[]byte))
+	}
 	if err != nil {
 		bufferPool.Put(buf)
 		return nil, err

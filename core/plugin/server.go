@@ -229,7 +229,11 @@ func (s *server) Enrich(ctx context.Context, req *pb.Batch) (*pb.EnrichResponse,
 	if err := en.Enrich(ctx, b); err != nil {
 		resp.Error = err.Error()
 	} else {
-		resp.Batch = &pb.Batch{Count: uint32(len(b.Events)), Events: codec.Append(make([]byte, 0, codec.Size(b.Events)), b.Events), Source: b.Source}
+		// The answer's buffer goes back to the pool once gRPC has marshalled it (protoCodec).
+		buf := bufferPool.Get(codec.Size(b.Events))
+		*buf = codec.Append((*buf)[:0], b.Events)
+		resp.Batch = &pb.Batch{Count: uint32(len(b.Events)), Events: *buf, Source: b.Source}
+		pooledAnswers.Store(resp, buf)
 	}
 	resp.Counts = s.counts.drain()
 	return resp, nil
