@@ -51,17 +51,15 @@ func startProc(ctx context.Context, l *launcher, spec config.Component, env comp
 	if err != nil {
 		return nil, false, err
 	}
-	if l.checksum != nil {
-		// go-plugin checks too (SecureConfig); checking first gives an error that says
-		// which hashes differ and what to do.
+	if l.checksum != nil && l.path != "" {
+		// go-plugin checks too (SecureConfig); checking an external plugin first gives an
+		// error that says which hashes differ and what to do. The flowpipe binary itself
+		// (built-ins) is large and only go-plugin hashes it.
 		sum, err := FileSHA256(cmd.Path)
 		if err != nil {
 			return nil, false, fmt.Errorf("%s: %w", l.describe, err)
 		}
 		if !bytes.Equal(sum, l.checksum) {
-			if l.path == "" {
-				return nil, false, fmt.Errorf("%s: the flowpipe binary %s changed on disk since flowpipe started (SHA-256 now %x); restart flowpipe", l.describe, cmd.Path, sum)
-			}
 			return nil, false, config.FieldErrors{{Path: "sha256", Msg: fmt.Sprintf("%s has SHA-256 %x, but pipeline.yaml pins %s: refusing to start it. If you replaced the plugin on purpose, set sha256: to the output of `sha256sum %s`", cmd.Path, sum, hex.EncodeToString(l.checksum), cmd.Path)}}
 		}
 	}
@@ -163,6 +161,8 @@ func (p *proc) configure(ctx context.Context, describe string, spec config.Compo
 func explainStart(l *launcher, err error) error {
 	msg := err.Error()
 	switch {
+	case errors.Is(err, goplugin.ErrChecksumsDoNotMatch) && l.path == "":
+		return fmt.Errorf("%s: the flowpipe binary changed on disk since flowpipe started (an upgrade?); refusing to start it as a plugin of this flowpipe: restart flowpipe", l.describe)
 	case errors.Is(err, goplugin.ErrChecksumsDoNotMatch):
 		return fmt.Errorf("%s: SHA-256 does not match the pin; refusing to start it", l.describe)
 	case strings.Contains(msg, "incompatible API version"):
