@@ -59,6 +59,7 @@ type Sink struct {
 	wake    chan struct{}          // the sender has something to do (capacity 1)
 	space   chan struct{}          // closed and replaced when the window gains room
 	stream  uint64                 // generation of the current stream, 0 while there is none
+	lastErr error                  // why the last stream failed
 
 	sent, resent, acked, unknownAcks prometheus.Counter
 	inFlight                         prometheus.GaugeFunc
@@ -351,6 +352,9 @@ func (s *Sink) run(ctx context.Context) {
 			failures = 0 // the stream worked for a while: start the backoff over
 		}
 		failures++
+		s.mu.Lock()
+		s.lastErr = err
+		s.mu.Unlock()
 		delay := s.backoff(failures)
 		s.env.Metrics.Errors("stream", 1)
 		s.log.Warn("stream to collector failed; reconnecting", "url", s.cfg.URL, "err", err, "retry_in", delay.Round(time.Millisecond))
@@ -397,7 +401,8 @@ func (s *Sink) serve(ctx context.Context, gen uint64) error {
 		return fmt.Errorf("wait for headers: %w", err)
 	}
 	if len(md) == 0 {
-		return errors.New("receiver sent no response headers")
+		// A refused stream (a trailers-only response) has no headers: its status says why.
+		return closeErr(stream, errors.New("receiver sent no response headers"))
 	}
 
 	s.mu.Lock()
@@ -515,6 +520,17 @@ func (s *Sink) requeueLate(gen uint64) {
 		s.log.Warn("events not ACKed in time; sending them again", "events", n, "ack_timeout", s.cfg.AckTimeout)
 		s.poke()
 	}
+}
+
+// Health reports the sink unhealthy while it has no stream to the collector after a failed
+// one (for /readyz); events wait meanwhile.
+func (s *Sink) Health() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.stream == 0 && s.lastErr != nil {
+		return fmt.Errorf("no stream to %s (%d events waiting): %w", s.cfg.URL, len(s.pending), s.lastErr)
+	}
+	return nil
 }
 
 // Close stops the stream. The runtime calls it after the sink's queue is drained, so nothing

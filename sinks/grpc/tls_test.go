@@ -12,6 +12,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -158,6 +159,13 @@ func TestSinkTokens(t *testing.T) {
 	none := newSink(t, &grpcsink.Config{URL: url})
 	if err := delivers(t, none, 100, 2*time.Second); err == nil {
 		t.Fatal("sink without a token delivered")
+	}
+	// The refusal shows in the sink's health, with its cause.
+	if err := none.Health(); err == nil || !strings.Contains(err.Error(), "Unauthenticated") {
+		t.Errorf("health of the refused sink: %v, want an Unauthenticated error", err)
+	}
+	if err := minted.Health(); err != nil {
+		t.Errorf("health of the connected sink: %v", err)
 	}
 	if d, _ := em.counts(); d != 100 {
 		t.Fatalf("collector has %d events, want only the 100 of the sink with a valid token", d)
