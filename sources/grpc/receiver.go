@@ -61,6 +61,7 @@ type Receiver struct {
 	stopping chan struct{} // closed when Run's ctx ends: no new events are taken
 	closing  chan struct{} // closed by Close: streams end
 	stopOnce sync.Once
+	closed   sync.Once
 
 	received, duplicates, ackedDropped, notAcked prometheus.Counter
 	refused                                      *prometheus.CounterVec
@@ -197,6 +198,12 @@ func (r *Receiver) Run(ctx context.Context, out component.Emitter) error {
 // Close waits (within ctx) for the acknowledgement of every batch emitted, sends the last
 // ACKs, and stops the server.
 func (r *Receiver) Close(ctx context.Context) error {
+	var err error
+	r.closed.Do(func() { err = r.close(ctx) })
+	return err
+}
+
+func (r *Receiver) close(ctx context.Context) error {
 	r.stopOnce.Do(func() { close(r.stopping) })
 	r.coll.stop()
 	waited := make(chan struct{})
