@@ -567,3 +567,64 @@ func TestGracefulShutdownSendsAcksInFlight(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+func TestStreamLimit(t *testing.T) {
+	out := &sinkEmitter{}
+	r := start(t, func(c *grpcsrc.Config) { c.MaxStreams = 1 }, out)
+	first := dial(t, r.Addr().String(), validToken())
+	if err := first.handshake(); err != nil {
+		t.Fatal(err)
+	}
+	second := dial(t, r.Addr().String(), validToken())
+	if err := second.handshake(); !isCode(err, codes.ResourceExhausted) {
+		t.Fatalf("second stream over max_streams 1: %v, want ResourceExhausted", err)
+	}
+	// The first one still works.
+	id := uuid.New()
+	first.stream.Send(protoEvent(id))
+	if ack, err := first.stream.Recv(); err != nil || uuid.UUID(ack.EventId) != id {
+		t.Fatalf("first stream: %v", err)
+	}
+}
+
+// TestUnackedPerStreamLimit: a stream never has more than max_unacked_per_stream events in the
+// pipeline; the receiver stops reading it until ACKs go out, and everything arrives.
+func TestUnackedPerStreamLimit(t *testing.T) {
+	const limit, total = 10, 60
+	h := &holdEmitter{arrived: make(chan int, 100)}
+	r := start(t, func(c *grpcsrc.Config) { c.MaxUnackedPerStrm = limit; c.BatchSize = 5 }, h)
+	c := dial(t, r.Addr().String(), validToken())
+	if err := c.handshake(); err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		for range total {
+			if err := c.stream.Send(protoEvent(uuid.New())); err != nil {
+				return
+			}
+		}
+	}()
+	acks := make(chan error, total)
+	go func() {
+		for range total {
+			_, err := c.stream.Recv()
+			acks <- err
+		}
+	}()
+	delivered := 0
+	for delivered < total {
+		held := <-h.arrived
+		if held > limit {
+			t.Fatalf("%d events of one stream in the pipeline at once, limit %d", held, limit)
+		}
+		if held == limit || delivered+held == total {
+			h.releaseAll()
+			delivered += held
+			for range held {
+				if err := <-acks; err != nil {
+					t.Fatal(err)
+				}
+			}
+		}
+	}
+}
