@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"net/netip"
+	"sync/atomic"
 	"syscall"
 	"testing"
 
@@ -291,8 +292,11 @@ func BenchmarkParallelEstablished(b *testing.B) {
 			b.ReportAllocs()
 			b.ResetTimer()
 			defer reportCPU(b)()
+			var worker atomic.Int64
 			b.RunParallel(func(pb *testing.PB) {
-				i := 0
+				// Each worker starts elsewhere in the sequence: workers handle different
+				// connections, as a firewall's would.
+				i := int(worker.Add(1)) * 3331
 				for pb.Next() {
 					tr.ProcessAt(pkts[(i*7919)%n], sec+flow.Time(i))
 					i++
