@@ -18,6 +18,10 @@ type Factory struct {
 	NewConfig func() any
 	// New builds the component from a validated config (the value NewConfig returned).
 	New func(env Env, cfg any) (any, error)
+	// InFlight, for a sink, is its default for the runtime's in_flight setting (how many
+	// batches it writes at once); 0 keeps the runtime's default of 1. A sink that waits on a
+	// remote acknowledgement sets it higher.
+	InFlight int
 }
 
 // NewSourceFactory is a typed helper for a source factory.

@@ -87,6 +87,9 @@ func New(ctx context.Context, doc *config.Document, opts Options) (*Pipeline, er
 	var probs config.Problems
 	for _, spec := range doc.Sinks {
 		settings := defaultSinkSettings()
+		if f, ok := opts.Registry.Lookup(spec.Kind, spec.Type); ok && spec.Plugin == "" && f.InFlight > 0 {
+			settings.InFlight = f.InFlight
+		}
 		opts2 := maps.Clone(spec.Options)
 		rt := map[string]any{}
 		for _, k := range sinkSettingKeys {

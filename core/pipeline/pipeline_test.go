@@ -466,3 +466,27 @@ sinks:
 		}
 	}
 }
+
+func TestFactoryInFlightIsTheSinksDefault(t *testing.T) {
+	h := newHarness()
+	f := component.NewSinkFactory("wide", "", func() *empty { return &empty{} },
+		func(env component.Env, _ *empty) (component.Sink, error) { return &testSink{}, nil })
+	f.InFlight = 8
+	h.reg.Register(f)
+	h.sources["src"] = &testSource{done: make(chan struct{})}
+	p := h.build(t, `
+sources: {src: {type: test}}
+sinks:
+  a: {type: wide}
+  b: {type: wide, in_flight: 2}
+  c: {type: test}
+`)
+	got := map[string]int{}
+	for _, s := range p.sinks {
+		got[s.name] = s.settings.InFlight
+	}
+	if got["a"] != 8 || got["b"] != 2 || got["c"] != 1 {
+		t.Fatalf("in_flight = %v, want a:8 (factory default) b:2 (set) c:1 (runtime default)", got)
+	}
+	p.Close(context.Background())
+}

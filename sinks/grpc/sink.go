@@ -39,8 +39,12 @@ import (
 
 // Factory builds `type: grpc` sinks.
 func Factory() component.Factory {
-	return component.NewSinkFactory("grpc", "stream events to a flow collector (NetBird's FlowService), ACKed per event",
+	f := component.NewSinkFactory("grpc", "stream events to a flow collector (NetBird's FlowService), ACKed per event",
 		defaultConfig, func(env component.Env, c *Config) (component.Sink, error) { return New(env, c) })
+	// A write waits for the collector's ACK of every event: keep several batches on the
+	// stream so that the round trip does not bound throughput.
+	f.InFlight = 16
+	return f
 }
 
 // Sink is the gRPC sink. Write may be called concurrently.
