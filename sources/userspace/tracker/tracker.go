@@ -78,6 +78,7 @@ type Stats struct {
 // shard is one part of the table, with its own lock: a connection lives in the shard its
 // key hashes to, so packet workers on different connections rarely wait for each other.
 type shard struct {
+	_        [64]byte // keep the lock off the cache line of the previous shard's fields
 	t        *Tracker
 	mu       sync.Mutex
 	ix       index
@@ -94,6 +95,7 @@ type shard struct {
 	swept    flow.Time // clock of the last sweep
 	stats    Stats
 	sweepGap int64
+	_        [64]byte
 }
 
 // sweepBudget bounds how many connections one sweep inside Process may end, so that a packet
