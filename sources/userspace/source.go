@@ -138,6 +138,10 @@ func newEmitter(out component.Emitter, size int) *emitter {
 
 // emit sends evs (which it takes) as batches of at most size events.
 func (e *emitter) emit(ctx context.Context, evs []flow.Event) error {
+	if len(evs) == 0 && cap(evs) >= e.size {
+		e.recycle(evs)
+		return nil
+	}
 	for len(evs) > 0 {
 		n := min(len(evs), e.size)
 		chunk := evs[:n:n]
@@ -147,10 +151,7 @@ func (e *emitter) emit(ctx context.Context, evs []flow.Event) error {
 			// Acknowledged: no stage holds the events any more. Outcomes (drops, shutdown)
 			// are counted by the runtime; the tracker cannot resend an event.
 			if reuse {
-				select {
-				case e.spare <- chunk[:0]:
-				default:
-				}
+				e.recycle(chunk)
 			}
 		})
 		if err := e.out.Emit(ctx, b); err != nil {
@@ -158,6 +159,14 @@ func (e *emitter) emit(ctx context.Context, evs []flow.Event) error {
 		}
 	}
 	return nil
+}
+
+// recycle keeps an event slice nobody uses any more for the tracker to fill again.
+func (e *emitter) recycle(evs []flow.Event) {
+	select {
+	case e.spare <- evs[:0]:
+	default:
+	}
 }
 
 // buffer returns a slice the tracker may fill next, or nil.

@@ -554,7 +554,6 @@ func (t *shard) drain(dst []flow.Event) []flow.Event {
 	defer t.mu.Unlock()
 	dst = append(dst, t.pending...)
 	t.t.pending.Add(-int64(len(t.pending)))
-	clear(t.pending) // drop the strings the events hold
 	t.pending = t.pending[:0]
 	return dst
 }
