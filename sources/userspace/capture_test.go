@@ -398,3 +398,60 @@ func TestLiveCaptureMatchesReplay(t *testing.T) {
 		t.Errorf("pings live %v, replay %v", l, r)
 	}
 }
+
+// TestLiveRereadsInterfaceAddresses adds an address to the captured interface after the
+// capture started: connections from it must come out as egress, which they can only if the
+// source picked the new address up.
+func TestLiveRereadsInterfaceAddresses(t *testing.T) {
+	testenv.RequireRoot(t)
+	p := testenv.NewPair(t)
+	c := defaults()
+	c.Interface, c.Netns = p.IfA, p.A
+	c.FlushInterval = 100 * time.Millisecond
+	s, err := New(testEnv(t), c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.started = make(chan struct{})
+	s.addrRefresh = 100 * time.Millisecond
+	s.addrsChanged = make(chan []netip.Prefix, 4)
+	var col collector
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- s.Run(ctx, &col) }()
+	<-s.started
+
+	// A second subnet on the link, one address at each end.
+	a2, b2 := "192.168.77.1", "192.168.77.2"
+	testenv.MustRun(t, "ip", "-n", p.A, "addr", "add", a2+"/24", "dev", p.IfA)
+	testenv.MustRun(t, "ip", "-n", p.B, "addr", "add", b2+"/24", "dev", p.IfB)
+	want := netip.MustParsePrefix(a2 + "/32")
+	for found := false; !found; {
+		select {
+		case local := <-s.addrsChanged:
+			for _, pf := range local {
+				found = found || pf == want
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatal("the source did not pick up the new address")
+		}
+	}
+	udpExchange(t, p.A, p.B, hostPort(b2, 7200), 1, 10)
+	time.Sleep(300 * time.Millisecond)
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	var seen bool
+	for _, e := range col.all() {
+		if e.Type == flow.TypeEnd && e.DstAddr == netip.MustParseAddr(b2) && e.DstPort == 7200 {
+			seen = true
+			if e.Direction != flow.Egress || e.SrcAddr != netip.MustParseAddr(a2) || e.TxPackets != 1 || e.RxPackets != 1 {
+				t.Fatalf("flow from the new address: %+v", e)
+			}
+		}
+	}
+	if !seen {
+		t.Fatal("no flow from the new address")
+	}
+}

@@ -43,17 +43,8 @@ func (s *Source) openLive() (*afpacket.TPacket, layers.LinkType, []netip.Prefix,
 		if len(ifc.HardwareAddr) == 0 {
 			link = layers.LinkTypeRaw
 		}
-		addrs, err := ifc.Addrs()
-		if err != nil {
-			return fmt.Errorf("addresses of %s: %w", s.cfg.Interface, err)
-		}
-		for _, a := range addrs {
-			if ipn, ok := a.(*net.IPNet); ok {
-				if ip, ok := netip.AddrFromSlice(ipn.IP); ok {
-					ip = ip.Unmap()
-					local = append(local, netip.PrefixFrom(ip, ip.BitLen()))
-				}
-			}
+		if local, err = addrsOf(ifc); err != nil {
+			return err
 		}
 		tp, err = afpacket.NewTPacket(
 			afpacket.OptInterface(s.cfg.Interface),
@@ -84,6 +75,42 @@ func (s *Source) openLive() (*afpacket.TPacket, layers.LinkType, []netip.Prefix,
 	return tp, link, local, err
 }
 
+// addrsOf returns the interface's addresses as single-address prefixes.
+func addrsOf(ifc *net.Interface) ([]netip.Prefix, error) {
+	addrs, err := ifc.Addrs()
+	if err != nil {
+		return nil, fmt.Errorf("addresses of %s: %w", ifc.Name, err)
+	}
+	var local []netip.Prefix
+	for _, a := range addrs {
+		if ipn, ok := a.(*net.IPNet); ok {
+			if ip, ok := netip.AddrFromSlice(ipn.IP); ok {
+				ip = ip.Unmap()
+				local = append(local, netip.PrefixFrom(ip, ip.BitLen()))
+			}
+		}
+	}
+	return local, nil
+}
+
+// interfaceAddrs reads the interface's current addresses inside the configured namespace.
+func (s *Source) interfaceAddrs() ([]netip.Prefix, error) {
+	var local []netip.Prefix
+	err := inNetns(s.cfg.Netns, func() error {
+		ifc, err := net.InterfaceByName(s.cfg.Interface)
+		if err != nil {
+			return fmt.Errorf("interface %q: %w", s.cfg.Interface, err)
+		}
+		local, err = addrsOf(ifc)
+		return err
+	})
+	return local, err
+}
+
+// addrRefresh is how often a live capture without local_prefixes rereads the interface's
+// addresses (a VPN interface may get its address after the capture starts, or change it).
+const addrRefresh = 30 * time.Second
+
 // runLive captures until ctx ends, then ends the connections still open.
 func (s *Source) runLive(ctx context.Context, out component.Emitter) error {
 	tp, link, ifAddrs, err := s.openLive()
@@ -107,6 +134,16 @@ func (s *Source) runLive(ctx context.Context, out component.Emitter) error {
 
 	ticker := time.NewTicker(s.cfg.FlushInterval)
 	defer ticker.Stop()
+	var refresh <-chan time.Time
+	if len(s.cfg.LocalPrefixes) == 0 {
+		every := addrRefresh
+		if s.addrRefresh > 0 {
+			every = s.addrRefresh
+		}
+		t := time.NewTicker(every)
+		defer t.Stop()
+		refresh = t.C
+	}
 	var capErr error
 	var dropsSeen uint
 loop:
@@ -118,6 +155,21 @@ loop:
 			readErr = nil
 			break loop
 		case <-tr.Ready():
+		case <-refresh:
+			if now, err := s.interfaceAddrs(); err != nil {
+				s.env.Metrics.Errors("interface_addresses", 1)
+				s.env.Logger.Warn("could not reread the interface's addresses; keeping the previous ones", "error", err)
+			} else if fmt.Sprint(now) != fmt.Sprint(tr.LocalPrefixes()) {
+				s.env.Logger.Info("interface addresses changed", "interface", s.cfg.Interface, "local", now)
+				tr.SetLocalPrefixes(now)
+				if s.addrsChanged != nil {
+					select {
+					case s.addrsChanged <- now:
+					default:
+					}
+				}
+			}
+			continue
 		case <-ticker.C:
 			tr.Expire(flow.Now())
 			if _, st, err := tp.SocketStats(); err == nil && st.Drops() > dropsSeen {

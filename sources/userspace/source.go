@@ -27,6 +27,10 @@ type Source struct {
 
 	// started, when set (by tests), is closed once a live capture is open.
 	started chan struct{}
+	// addrRefresh, when set (by tests), replaces the interval of rereading addresses, and
+	// addrsChanged, when set, receives the new addresses after a change.
+	addrRefresh  time.Duration
+	addrsChanged chan []netip.Prefix
 }
 
 // New builds the source; the capture or the file is opened by Run.

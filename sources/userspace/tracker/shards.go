@@ -13,7 +13,7 @@ type Tracker struct {
 	shards  []*shard
 	shift   uint8 // a hash's top bits pick its shard: hash >> shift
 	seed    [6]uint64
-	local   []netip.Prefix
+	local   atomic.Pointer[[]netip.Prefix]
 	clock   func() flow.Time
 	hint    int
 	maxPend int
@@ -26,13 +26,13 @@ type Tracker struct {
 // New makes a tracker.
 func New(c Config) *Tracker {
 	t := &Tracker{
-		local:   append([]netip.Prefix(nil), c.LocalPrefixes...),
 		clock:   c.Clock,
 		hint:    c.BatchHint,
 		maxPend: c.MaxPending,
 		ready:   make(chan struct{}, 1),
 		seed:    newSeed(),
 	}
+	t.SetLocalPrefixes(c.LocalPrefixes)
 	if t.clock == nil {
 		t.clock = flow.Now
 	}
@@ -195,6 +195,18 @@ func (t *Tracker) Stats() Stats {
 	}
 	s.Invalid += t.invalid.Load()
 	return s
+}
+
+// SetLocalPrefixes replaces Config.LocalPrefixes, for a host whose addresses change. It
+// applies to connections opened from then on; known connections keep their direction.
+func (t *Tracker) SetLocalPrefixes(p []netip.Prefix) {
+	p = append([]netip.Prefix(nil), p...)
+	t.local.Store(&p)
+}
+
+// LocalPrefixes returns the prefixes in use.
+func (t *Tracker) LocalPrefixes() []netip.Prefix {
+	return append([]netip.Prefix(nil), *t.local.Load()...)
 }
 
 // Shards is the number of parts the table is split into.

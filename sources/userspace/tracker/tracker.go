@@ -88,7 +88,6 @@ type shard struct {
 	lists    [numClasses]list
 	timeout  [numClasses]int64
 	max      int
-	local    []netip.Prefix
 	source   string
 	ids      *flow.IDGen // one per shard: used under the shard's lock
 	pending  []flow.Event
@@ -106,7 +105,6 @@ func newShard(t *Tracker, c *Config, max int, seed *[6]uint64) *shard {
 	sh := &shard{
 		t:      t,
 		max:    max,
-		local:  t.local,
 		source: c.Source,
 		ids:    flow.NewIDGen(),
 	}
@@ -359,17 +357,18 @@ func (t *shard) openLocked(k key, h uint32, fromA bool, p *Packet, now flow.Time
 }
 
 func (t *shard) direction(p *Packet) flow.Direction {
-	if len(t.local) == 0 {
+	local := *t.t.local.Load()
+	if len(local) == 0 {
 		return flow.DirectionUnknown
 	}
 	src := p.SrcAddr()
-	for _, pf := range t.local {
+	for _, pf := range local {
 		if pf.Contains(src) {
 			return flow.Egress
 		}
 	}
 	dst := p.DstAddr()
-	for _, pf := range t.local {
+	for _, pf := range local {
 		if pf.Contains(dst) {
 			return flow.Ingress
 		}

@@ -347,3 +347,21 @@ func TestConcurrentProcess(t *testing.T) {
 		}
 	}
 }
+
+func TestSetLocalPrefixes(t *testing.T) {
+	tr := New(Config{})
+	tr.ProcessAt(udpPkt(addrA, addrB, 1, 2, 0), sec)
+	tr.SetLocalPrefixes([]netip.Prefix{netip.MustParsePrefix("10.0.0.2/32")})
+	tr.ProcessAt(udpPkt(addrA, addrB, 3, 4, 0), sec)
+	if got := tr.LocalPrefixes(); len(got) != 1 || got[0].String() != "10.0.0.2/32" {
+		t.Fatalf("local prefixes %v", got)
+	}
+	starts, _, _ := drain(t, tr)
+	dirs := map[uint16]flow.Direction{}
+	for _, e := range starts {
+		dirs[e.SrcPort] = e.Direction
+	}
+	if dirs[1] != flow.DirectionUnknown || dirs[3] != flow.Ingress {
+		t.Fatalf("directions %v: want unknown before the change, ingress after", dirs)
+	}
+}
