@@ -10,6 +10,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 	"gopkg.in/yaml.v3"
 
@@ -162,6 +163,10 @@ func (s *server) Close(ctx context.Context, _ *pb.CloseRequest) (*pb.CloseRespon
 }
 
 func (s *server) Watch(_ *pb.WatchRequest, stream grpc.ServerStreamingServer[pb.WatchEvent]) error {
+	// Headers tell the host the watch is in place.
+	if err := stream.SendHeader(metadata.MD{}); err != nil {
+		return err
+	}
 	select {
 	case <-s.closed:
 		return nil
