@@ -29,8 +29,9 @@
 //
 // Process and ProcessAt are safe for concurrent use and do not allocate for a packet of a
 // known connection. Events collect inside the tracker until the embedder takes them with
-// DrainEvents; Ready signals when a batch's worth is waiting, and Expire (or any Process call)
-// removes timed-out connections. Time comes from Config.Clock (wall time by default); a replay
+// DrainEvents; Ready signals when a batch's worth is waiting. Process removes timed-out
+// connections as it goes (at most a second late); Expire does it for a tracker that sees no
+// packets for a while. Time comes from Config.Clock (wall time by default); a replay
 // passes each packet's capture time to ProcessAt instead, so every timeout follows the capture.
 //
 // Flow IDs are stable for a connection: its start and end events share one FlowID, and a TCP
