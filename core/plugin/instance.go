@@ -94,6 +94,9 @@ func (in *instance) discard(p *proc) { p.shutdown() }
 
 // adopt makes p the current process and starts watching it.
 func (in *instance) adopt(p *proc) {
+	// The watch's cancel is set before p is published: stop reads it.
+	ctx, cancel := context.WithCancel(context.Background())
+	p.watch = cancel
 	in.mu.Lock()
 	if in.closed {
 		in.mu.Unlock()
@@ -105,17 +108,14 @@ func (in *instance) adopt(p *proc) {
 	in.mu.Unlock()
 	in.up.Set(1)
 	in.env.Logger.Debug("plugin process running", "plugin", in.launcher.describe, "pid", p.pid(), "version", p.desc.Version)
-	in.watch(p)
+	in.watch(ctx, p)
 }
 
 // watch detects a process that exits (its Watch stream breaks) or stops answering (a health
 // check times out).
-func (in *instance) watch(p *proc) {
-	ctx, cancel := context.WithCancel(context.Background())
-	p.watch = cancel
+func (in *instance) watch(ctx context.Context, p *proc) {
 	select {
 	case <-p.done: // stopped before it was watched
-		cancel()
 		return
 	default:
 	}
