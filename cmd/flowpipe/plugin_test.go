@@ -419,3 +419,28 @@ func TestPluginGuide(t *testing.T) {
 		t.Fatalf("validate with a bad url: exit %d\n%s", code, stderr)
 	}
 }
+
+// A file sink on standard output writes to flowpipe's standard output also when it runs as
+// a plugin process (whose own stdout go-plugin uses).
+func TestPluginSinkOnStdout(t *testing.T) {
+	dir := t.TempDir()
+	writeFile(t, filepath.Join(dir, "p.yaml"), `
+admin: {listen: ""}
+sources:
+  gen: {type: generate, count: 1000, rate: 0, flows: 1}
+sinks:
+  out: {type: file, path: "-", isolation: process}
+`)
+	stdout, stderr, code := flowpipe(t, dir, "run", "-c", "p.yaml")
+	if code != 0 {
+		t.Fatalf("exit %d\n%s", code, stderr)
+	}
+	lines := strings.Split(strings.TrimSpace(stdout), "\n")
+	if len(lines) != 1000 {
+		t.Fatalf("%d lines on stdout, want 1000\nstderr:\n%s", len(lines), stderr)
+	}
+	var e flow.Event
+	if err := flow.ParseJSON([]byte(lines[999]), &e); err != nil {
+		t.Fatal(err)
+	}
+}

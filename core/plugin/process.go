@@ -64,6 +64,12 @@ func startProc(ctx context.Context, l *launcher, spec config.Component, env comp
 		}
 	}
 	cmd.Env = append(cmd.Env, parentPIDEnv+"="+strconv.Itoa(os.Getpid()))
+	// go-plugin owns the plugin's standard output (the handshake, then a gRPC stream that
+	// copies asynchronously); flowpipe's own stdout goes along as fd 3, so that a component
+	// writing to standard output (a file sink with path "-") writes where it would in
+	// process, synchronously.
+	cmd.ExtraFiles = []*os.File{os.Stdout}
+	cmd.Env = append(cmd.Env, stdoutFDEnv+"=3")
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	log := env.Logger
 	if log == nil {

@@ -38,6 +38,9 @@ var splitSize = 64 << 20
 // can exit at once if that parent died before the parent-death signal was armed.
 const parentPIDEnv = "FLOWPIPE_PLUGIN_PARENT_PID"
 
+// stdoutFDEnv names the file descriptor of flowpipe's standard output in a plugin process.
+const stdoutFDEnv = "FLOWPIPE_PLUGIN_STDOUT_FD"
+
 // pluginName is the single plugin name in each go-plugin plugin set.
 const pluginName = "component"
 

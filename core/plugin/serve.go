@@ -64,6 +64,9 @@ func serve(f component.Factory, version string) int {
 	log := slog.New(newHCLogJSONHandler(stderr, slog.LevelDebug))
 	srv := newServer(f, version, log)
 	srv.hostGone = func() { os.Exit(3) }
+	if fd, err := strconv.Atoi(os.Getenv(stdoutFDEnv)); err == nil && fd > 2 {
+		srv.stdout = os.NewFile(uintptr(fd), "flowpipe-stdout")
+	}
 	// FLOWPIPE_PLUGIN_CPUPROFILE=prefix writes a CPU profile of each plugin process to
 	// prefix.<type>.<pid> when it stops cleanly (docs/plugins.md, Debug it).
 	if prefix := os.Getenv("FLOWPIPE_PLUGIN_CPUPROFILE"); prefix != "" {

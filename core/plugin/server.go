@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"os"
 	"sync"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -36,6 +37,8 @@ type server struct {
 	// hostGone runs when the host's Watch stream ends without a Close: the host died, so
 	// the plugin process must not outlive it. In memory (plugintest) it does nothing.
 	hostGone func()
+	// stdout is flowpipe's standard output, passed down; components see it as os.Stdout.
+	stdout *os.File
 
 	mu     sync.Mutex
 	comp   any
@@ -100,6 +103,11 @@ func (s *server) Configure(_ context.Context, req *pb.ConfigureRequest) (*pb.Con
 			resp.FieldErrors = append(resp.FieldErrors, &pb.FieldError{Path: e.Path, Message: e.Msg})
 		}
 		return resp, nil
+	}
+	if s.stdout != nil {
+		// go-plugin made os.Stdout its own pipe when it started serving; components that
+		// write to standard output get flowpipe's.
+		os.Stdout = s.stdout
 	}
 	env := component.Env{
 		Name: req.Name, Kind: s.factory.Kind, Type: s.factory.Type, ConfigDir: req.ConfigDir,
