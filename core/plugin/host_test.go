@@ -202,6 +202,10 @@ func TestSinkPluginWritesBatches(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	// What the plugin registered with its Env.Registerer is scraped through the host.
+	if n := f.metric(t, "testplugin_writes_total"); n != 5 {
+		t.Errorf("testplugin_writes_total = %v through the host, want 5", n)
+	}
 	if err := c.(component.Closer).Close(context.Background()); err != nil {
 		t.Fatal(err)
 	}

@@ -73,7 +73,7 @@ func newInstance(spec config.Component, env component.Env, s Settings, l *launch
 		Help: "1 while the component's plugin process is running and answering.",
 	})
 	if env.Registerer != nil {
-		for _, c := range []prometheus.Collector{in.restarts, in.redelivered, in.up} {
+		for _, c := range []prometheus.Collector{in.restarts, in.redelivered, in.up, remoteMetrics{in}} {
 			if err := env.Registerer.Register(c); err != nil {
 				var are prometheus.AlreadyRegisteredError
 				if !errors.As(err, &are) {

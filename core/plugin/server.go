@@ -13,6 +13,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 	"gopkg.in/yaml.v3"
 
 	"github.com/flowpipe/flowpipe/core/component"
@@ -39,6 +40,9 @@ type server struct {
 	hostGone func()
 	// stdout is flowpipe's standard output, passed down; components see it as os.Stdout.
 	stdout *os.File
+	// metrics is the registry the component's Env.Registerer registers into; Gather
+	// serves it to the host.
+	metrics *prometheus.Registry
 
 	mu     sync.Mutex
 	comp   any
@@ -49,7 +53,7 @@ type server struct {
 }
 
 func newServer(f component.Factory, version string, log *slog.Logger) *server {
-	return &server{factory: f, version: version, log: log, closed: make(chan struct{}), hostGone: func() {}}
+	return &server{factory: f, version: version, log: log, closed: make(chan struct{}), hostGone: func() {}, metrics: prometheus.NewRegistry()}
 }
 
 func (s *server) register(g *grpc.Server) {
@@ -112,9 +116,7 @@ func (s *server) Configure(_ context.Context, req *pb.ConfigureRequest) (*pb.Con
 	env := component.Env{
 		Name: req.Name, Kind: s.factory.Kind, Type: s.factory.Type, ConfigDir: req.ConfigDir,
 		Logger: s.log, Metrics: &s.counts,
-		// Component-specific metrics stay inside the plugin process: the protocol carries
-		// only the filtered/dropped/errors counts.
-		Registerer: prometheus.NewRegistry(),
+		Registerer: s.metrics,
 	}
 	c, err := s.factory.New(env, cfg)
 	if err != nil {
@@ -188,6 +190,22 @@ func (s *server) Watch(_ *pb.WatchRequest, stream grpc.ServerStreamingServer[pb.
 		s.hostGone()
 		return nil
 	}
+}
+
+func (s *server) Gather(context.Context, *pb.GatherRequest) (*pb.GatherResponse, error) {
+	mfs, err := s.metrics.Gather()
+	if err != nil {
+		s.log.Warn("gather the component's metrics", "error", err)
+	}
+	resp := &pb.GatherResponse{}
+	for _, mf := range mfs {
+		b, err := proto.Marshal(mf)
+		if err != nil {
+			return nil, err
+		}
+		resp.MetricFamilies = append(resp.MetricFamilies, b)
+	}
+	return resp, nil
 }
 
 func (s *server) getEvents() *[]flow.Event {

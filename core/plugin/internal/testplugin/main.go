@@ -25,6 +25,7 @@ import (
 
 	"github.com/google/uuid"
 	goplugin "github.com/hashicorp/go-plugin"
+	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
 
 	"github.com/flowpipe/flowpipe/core/component"
@@ -81,15 +82,20 @@ func (c *sinkConfig) Validate() error {
 }
 
 type sink struct {
-	cfg *sinkConfig
-	env component.Env
-	mu  sync.Mutex
-	f   *os.File
-	buf []byte
+	cfg    *sinkConfig
+	env    component.Env
+	writes prometheus.Counter
+	mu     sync.Mutex
+	f      *os.File
+	buf    []byte
 }
 
 func newSink(env component.Env, c *sinkConfig) (component.Sink, error) {
-	return &sink{cfg: c, env: env}, nil
+	writes := prometheus.NewCounter(prometheus.CounterOpts{Name: "testplugin_writes_total", Help: "Write calls."})
+	if err := env.Registerer.Register(writes); err != nil {
+		return nil, err
+	}
+	return &sink{cfg: c, env: env, writes: writes}, nil
 }
 
 func (s *sink) Start(context.Context) error {
@@ -109,6 +115,7 @@ func (s *sink) Write(ctx context.Context, b *flow.Batch) error {
 	if s.cfg.Discard {
 		return nil
 	}
+	s.writes.Inc()
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.buf = s.buf[:0]

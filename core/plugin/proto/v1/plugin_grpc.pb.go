@@ -31,6 +31,7 @@ const (
 	Component_Start_FullMethodName     = "/flowpipe.plugin.v1.Component/Start"
 	Component_Close_FullMethodName     = "/flowpipe.plugin.v1.Component/Close"
 	Component_Watch_FullMethodName     = "/flowpipe.plugin.v1.Component/Watch"
+	Component_Gather_FullMethodName    = "/flowpipe.plugin.v1.Component/Gather"
 )
 
 // ComponentClient is the client API for Component service.
@@ -52,6 +53,9 @@ type ComponentClient interface {
 	// Watch is held open by the host for the life of the process. When it ends without a
 	// Close, the host is gone and the plugin exits.
 	Watch(ctx context.Context, in *WatchRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchEvent], error)
+	// Gather returns the component's own Prometheus metrics (what it registered with its
+	// Env.Registerer), which the host exposes as if the component ran in process.
+	Gather(ctx context.Context, in *GatherRequest, opts ...grpc.CallOption) (*GatherResponse, error)
 }
 
 type componentClient struct {
@@ -121,6 +125,16 @@ func (c *componentClient) Watch(ctx context.Context, in *WatchRequest, opts ...g
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type Component_WatchClient = grpc.ServerStreamingClient[WatchEvent]
 
+func (c *componentClient) Gather(ctx context.Context, in *GatherRequest, opts ...grpc.CallOption) (*GatherResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(GatherResponse)
+	err := c.cc.Invoke(ctx, Component_Gather_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // ComponentServer is the server API for Component service.
 // All implementations must embed UnimplementedComponentServer
 // for forward compatibility.
@@ -140,6 +154,9 @@ type ComponentServer interface {
 	// Watch is held open by the host for the life of the process. When it ends without a
 	// Close, the host is gone and the plugin exits.
 	Watch(*WatchRequest, grpc.ServerStreamingServer[WatchEvent]) error
+	// Gather returns the component's own Prometheus metrics (what it registered with its
+	// Env.Registerer), which the host exposes as if the component ran in process.
+	Gather(context.Context, *GatherRequest) (*GatherResponse, error)
 	mustEmbedUnimplementedComponentServer()
 }
 
@@ -164,6 +181,9 @@ func (UnimplementedComponentServer) Close(context.Context, *CloseRequest) (*Clos
 }
 func (UnimplementedComponentServer) Watch(*WatchRequest, grpc.ServerStreamingServer[WatchEvent]) error {
 	return status.Error(codes.Unimplemented, "method Watch not implemented")
+}
+func (UnimplementedComponentServer) Gather(context.Context, *GatherRequest) (*GatherResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Gather not implemented")
 }
 func (UnimplementedComponentServer) mustEmbedUnimplementedComponentServer() {}
 func (UnimplementedComponentServer) testEmbeddedByValue()                   {}
@@ -269,6 +289,24 @@ func _Component_Watch_Handler(srv interface{}, stream grpc.ServerStream) error {
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type Component_WatchServer = grpc.ServerStreamingServer[WatchEvent]
 
+func _Component_Gather_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GatherRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ComponentServer).Gather(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Component_Gather_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ComponentServer).Gather(ctx, req.(*GatherRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Component_ServiceDesc is the grpc.ServiceDesc for Component service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -291,6 +329,10 @@ var Component_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Close",
 			Handler:    _Component_Close_Handler,
+		},
+		{
+			MethodName: "Gather",
+			Handler:    _Component_Gather_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{
