@@ -5,8 +5,10 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"os/signal"
 	"runtime/pprof"
 	"strconv"
+	"syscall"
 
 	"github.com/hashicorp/go-hclog"
 	goplugin "github.com/hashicorp/go-plugin"
@@ -58,6 +60,11 @@ func serve(f component.Factory, version string) int {
 		fmt.Fprintln(os.Stderr, "flowpipe plugin: the flowpipe process that started this plugin is gone; exiting")
 		return 1
 	}
+	// A service manager stopping flowpipe may signal its whole process group; the plugin
+	// must stay until flowpipe has flushed and closed it (go-plugin already ignores
+	// SIGINT). It cannot outlive flowpipe: the parent-death signal is SIGKILL, and the
+	// Watch stream ends when flowpipe is gone.
+	signal.Ignore(syscall.SIGTERM)
 	// go-plugin swaps os.Stderr for a pipe once serving; logs go to the real stderr, where
 	// the host reads them line by line as hclog JSON.
 	stderr := os.Stderr
