@@ -355,6 +355,12 @@ func TestLiveCaptureMatchesReplay(t *testing.T) {
 	}
 	td := startTcpdump(t, p, p.A, p.IfA, file)
 	plan := makeTraffic(t, p)
+	// Datagrams larger than the link's MTU leave in fragments: each must count as one packet
+	// of its reassembled length, as the kernel counts it.
+	udpExchange(t, p.A, p.B, hostPort(p.B4, 7301), 2, 3000)
+	udpExchange(t, p.A, p.B, hostPort(p.B6, 7302), 1, 4000)
+	plan.udp += 2
+	time.Sleep(300 * time.Millisecond)
 	td.stop(t)
 	cancel()
 	wg.Wait()
@@ -364,6 +370,24 @@ func TestLiveCaptureMatchesReplay(t *testing.T) {
 
 	live := connsOf(t, col.all())
 	checkPlan(t, live, plan)
+	for _, f := range []struct {
+		server       netip.AddrPort
+		n, size, hdr uint64
+	}{
+		{netip.AddrPortFrom(netip.MustParseAddr(p.B4), 7301), 2, 3000, 28},
+		{netip.AddrPortFrom(netip.MustParseAddr(p.B6), 7302), 1, 4000, 48},
+	} {
+		var c *conn
+		for _, x := range live {
+			if x.b == f.server {
+				c = x
+			}
+		}
+		want := f.size + f.hdr // the reassembled datagram, as the kernel counts it
+		if c == nil || c.aPkts != f.n || c.bPkts != f.n || c.aBytes != f.n*want || c.bBytes != f.n*want {
+			t.Errorf("fragmented exchange with %v: %+v; want %d datagrams of %d bytes each way", f.server, c, f.n, want)
+		}
+	}
 	// Without local_prefixes the live source takes the interface's addresses; the replay is
 	// given A's addresses, so both must agree on direction too.
 	replayed := connsOf(t, replayFile(t, file, localOfA(p)...))

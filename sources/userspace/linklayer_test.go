@@ -56,7 +56,7 @@ func TestDecodeFrame(t *testing.T) {
 			t.Errorf("%s: %+v", c.name, p)
 		}
 	}
-	if reason(errNotIP) != "not_ip" || reason(tracker.ErrFragment) != "fragment" {
+	if reason(errNotIP) != "not_ip" || reason(tracker.ErrTruncated) != "truncated" {
 		t.Fatal("reasons")
 	}
 }

@@ -20,8 +20,8 @@ import (
 )
 
 // TestReplayCountsAndSkipsBadPackets replays a file mixing good packets with truncated,
-// malformed, fragmented, non-IP and untrackable ones, and checks each is counted under its
-// reason while the good ones make their flow.
+// malformed, non-IP and untrackable ones (a FIN and a fragment with no connection), and
+// checks each is counted under its reason while the good ones make their flow.
 func TestReplayCountsAndSkipsBadPackets(t *testing.T) {
 	file := filepath.Join(t.TempDir(), "bad.pcap")
 	f, err := os.Create(file)
@@ -39,7 +39,7 @@ func TestReplayCountsAndSkipsBadPackets(t *testing.T) {
 		frame(ipv4UDP),                              // good: opens a flow
 		frame(ipv4UDP[:24]),                         // truncated
 		mod(func(b []byte) { b[0] = 0x43 }),         // malformed (IHL 3)
-		mod(func(b []byte) { b[6] = 0x20 }),         // fragment
+		mod(func(b []byte) { b[7] = 1 }),            // a later fragment whose first was never seen: untracked
 		mod(func(b []byte) { b[9] = 47 }),           // unsupported (GRE)
 		append(eth[:12:12], 0x08, 0x06, 0, 1, 8, 0), // ARP: not IP
 		eth[:6],        // truncated link layer
@@ -71,7 +71,7 @@ func TestReplayCountsAndSkipsBadPackets(t *testing.T) {
 	if err := s.Run(context.Background(), &col); err != nil {
 		t.Fatal(err)
 	}
-	want := map[string]float64{"tracked": 2, "untracked": 1, "truncated": 2, "malformed": 1, "fragment": 1, "unsupported": 1, "not_ip": 1}
+	want := map[string]float64{"tracked": 2, "untracked": 2, "truncated": 2, "malformed": 1, "unsupported": 1, "not_ip": 1}
 	for r, n := range want {
 		if got := testutil.ToFloat64(s.packets.WithLabelValues(r)); got != n {
 			t.Errorf("packets{result=%q} = %v, want %v", r, got, n)

@@ -26,8 +26,19 @@ func TestDecodeIPv6(t *testing.T) {
 	if err := DecodeIP(ip6(0, ext), &p); err != nil || p.Proto != 17 || p.DstPort != 53 {
 		t.Fatalf("extension headers: %v %+v", err, p)
 	}
-	if err := DecodeIP(ip6(44, append([]byte{17, 0, 0, 1, 0, 0, 0, 1}, udp...)), &p); err != ErrFragment {
-		t.Fatalf("fragment: %v", err)
+	// A first fragment (offset 0, more to come) decodes like a whole packet.
+	if err := DecodeIP(ip6(44, append([]byte{17, 0, 0, 1, 0, 0, 0, 7}, udp...)), &p); err != nil || p.Fragment != FirstFragment ||
+		p.FragID != 7 || !p.MoreFragments || p.DstPort != 53 || p.HdrLen != 48 || p.Length != 52 {
+		t.Fatalf("first fragment: %v %+v", err, p)
+	}
+	// A later one (offset 1480) has no ports.
+	if err := DecodeIP(ip6(44, append([]byte{17, 0, 0x05, 0xc8, 0, 0, 0, 7}, 1, 2, 3, 4)), &p); err != nil || p.Fragment != LaterFragment ||
+		p.FragID != 7 || p.MoreFragments || p.Proto != 17 || p.DstPort != 0 || p.HdrLen != 48 || p.Length != 52 {
+		t.Fatalf("later fragment: %v %+v", err, p)
+	}
+	// An atomic fragment (offset 0, no more) is a whole packet.
+	if err := DecodeIP(ip6(44, append([]byte{17, 0, 0, 0, 0, 0, 0, 7}, udp...)), &p); err != nil || p.Fragment != NotFragment || p.DstPort != 53 {
+		t.Fatalf("atomic fragment: %v %+v", err, p)
 	}
 	echo := []byte{128, 0, 0, 0, 0x12, 0x34, 0, 1}
 	if err := DecodeIP(ip6(58, echo), &p); err != nil || p.ICMPType != 128 || p.SrcPort != 0x1234 || p.DstPort != 0x1234 {

@@ -150,6 +150,17 @@ func TestDecodeIP(t *testing.T) {
 	if err := DecodeIP(padded, &p); err != nil || p.Length != 40 || p.PayloadLen != 0 {
 		t.Fatalf("padded: %v %+v", err, p)
 	}
+	// Fragments: the first decodes like a whole packet, a later one without ports.
+	first := buildTCP4(t)
+	first[4], first[5], first[6] = 0x12, 0x34, 0x20 // ID 0x1234, more fragments
+	if err := DecodeIP(first, &p); err != nil || p.Fragment != FirstFragment || p.FragID != 0x1234 || !p.MoreFragments || p.DstPort != 443 {
+		t.Fatalf("first fragment: %v %+v", err, p)
+	}
+	later := buildTCP4(t)
+	later[4], later[5], later[7] = 0x12, 0x34, 10 // offset 80 bytes, last
+	if err := DecodeIP(later, &p); err != nil || p.Fragment != LaterFragment || p.MoreFragments || p.DstPort != 0 || p.HdrLen != 20 {
+		t.Fatalf("later fragment: %v %+v", err, p)
+	}
 	// A snap length that cuts into the payload still gives the header's lengths.
 	raw := buildTCP4(t)
 	binary.BigEndian.PutUint16(raw[2:], 1500)
@@ -165,7 +176,7 @@ func TestDecodeIP(t *testing.T) {
 		{"version 5", []byte{0x50}, ErrMalformed},
 		{"short ipv4", buildTCP4(t)[:19], ErrTruncated},
 		{"short tcp", buildTCP4(t)[:30], ErrTruncated},
-		{"fragment", func() []byte { b := buildTCP4(t); b[6] = 0x20; return b }(), ErrFragment},
+		{"later fragment of GRE", func() []byte { b := buildTCP4(t); b[9] = 47; b[7] = 1; return b }(), ErrUnsupported},
 		{"gre", func() []byte { b := buildTCP4(t); b[9] = 47; return b }(), ErrUnsupported},
 		{"bad ihl", func() []byte { b := buildTCP4(t); b[0] = 0x44; return b }(), ErrMalformed},
 	} {

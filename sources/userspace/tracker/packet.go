@@ -34,12 +34,31 @@ type Packet struct {
 	ICMPType, ICMPCode uint8
 
 	// Length is the IP packet length from its header (IPv4 total length; IPv6 payload length
-	// plus the 40-byte header): what the packet counts for in byte counters.
+	// plus the 40-byte header): what the packet counts for in byte counters. For the first
+	// fragment of an IPv6 datagram it leaves out the fragment header, which reassembly drops.
 	Length uint32
 
 	// Quoted is the packet an ICMP or ICMPv6 error quotes, as its original sender sent it.
 	Quoted Quoted
+
+	// Fragment says whether the packet is a fragment of a larger datagram. Only the first
+	// fragment carries the transport header; the tracker attributes the later ones to the
+	// first one's connection by FragID and counts the datagram once, with its reassembled
+	// length, as the kernel counts it after reassembly.
+	Fragment      FragmentKind
+	FragID        uint32 // IPv4 identification or IPv6 fragment identification
+	MoreFragments bool
+	HdrLen        uint16 // bytes of IP header before the fragment's data (IPv6: up to and with the fragment header)
 }
+
+// FragmentKind tells whole packets from fragments.
+type FragmentKind uint8
+
+const (
+	NotFragment   FragmentKind = iota
+	FirstFragment              // offset 0, more to come: carries the transport header
+	LaterFragment              // offset > 0: data only
+)
 
 // Quoted is the header of the packet quoted by an ICMP error.
 type Quoted struct {
@@ -75,7 +94,6 @@ var (
 	ErrTruncated   = errors.New("truncated packet")
 	ErrMalformed   = errors.New("malformed packet")
 	ErrUnsupported = errors.New("unsupported protocol")
-	ErrFragment    = errors.New("IP fragment")
 )
 
 // ReasonOf is the short, stable label of a decoding error, for metrics and logs.
@@ -89,8 +107,6 @@ func ReasonOf(err error) string {
 		return "malformed"
 	case ErrUnsupported:
 		return "unsupported"
-	case ErrFragment:
-		return "fragment"
 	}
 	return "other"
 }
@@ -112,9 +128,9 @@ const (
 // headers) must be present, and lengths come from the headers. It never allocates and never
 // reads outside b.
 //
-// Fragments are reported as ErrFragment (the tracker, like the kernel's, wants whole
-// datagrams, and reassembly is the capture's job); protocols other than TCP, UDP, ICMP and
-// ICMPv6 as ErrUnsupported.
+// Fragments decode without error: a first fragment like a whole packet, a later one with
+// its addresses, protocol and fragment identification only (Packet.Fragment). Protocols other
+// than TCP, UDP, ICMP and ICMPv6 are ErrUnsupported.
 func DecodeIP(b []byte, p *Packet) error {
 	*p = Packet{}
 	if len(b) < 1 {
@@ -150,8 +166,15 @@ func decode4(b []byte, p *Packet) error {
 	copy(p.Src[12:], b[12:16])
 	copy(p.Dst[:12], v4InV6Prefix[:])
 	copy(p.Dst[12:], b[16:20])
+	p.HdrLen = uint16(ihl)
 	if frag := binary.BigEndian.Uint16(b[6:8]); frag&0x3fff != 0 { // MF set or offset > 0
-		return ErrFragment
+		p.FragID = uint32(binary.BigEndian.Uint16(b[4:6]))
+		p.MoreFragments = frag&0x2000 != 0
+		if frag&0x1fff != 0 {
+			p.Fragment = LaterFragment
+			return trackable(p.Proto)
+		}
+		p.Fragment = FirstFragment
 	}
 	l4 := b[ihl:]
 	l4len := total - ihl
@@ -179,6 +202,7 @@ func decode6(b []byte, p *Packet) error {
 		rest = rest[:payload]
 	}
 	l4len := payload
+	hdr := 40
 	for {
 		switch next {
 		case ip6HopByHop, ip6Routing, ip6DestOpts, ip6Mobility:
@@ -192,7 +216,7 @@ func decode6(b []byte, p *Packet) error {
 			if len(rest) < n {
 				return ErrTruncated
 			}
-			next, rest, l4len = rest[0], rest[n:], l4len-n
+			next, rest, l4len, hdr = rest[0], rest[n:], l4len-n, hdr+n
 		case ip6AH:
 			if len(rest) < 8 {
 				return ErrTruncated
@@ -204,14 +228,43 @@ func decode6(b []byte, p *Packet) error {
 			if len(rest) < n {
 				return ErrTruncated
 			}
-			next, rest, l4len = rest[0], rest[n:], l4len-n
+			next, rest, l4len, hdr = rest[0], rest[n:], l4len-n, hdr+n
 		case ip6Fragment:
-			return ErrFragment
+			if l4len < 8 {
+				return ErrMalformed
+			}
+			if len(rest) < 8 {
+				return ErrTruncated
+			}
+			off := binary.BigEndian.Uint16(rest[2:4])
+			next, hdr = rest[0], hdr+8
+			if off&0xfff9 != 0 { // an offset or more fragments: a real fragment
+				p.FragID = binary.BigEndian.Uint32(rest[4:8])
+				p.MoreFragments = off&1 != 0
+				if off>>3 != 0 {
+					p.Fragment, p.Proto, p.HdrLen = LaterFragment, next, uint16(hdr)
+					return trackable(next)
+				}
+				p.Fragment = FirstFragment
+				// Reassembly drops the fragment header: the datagram counts without it.
+				p.Length -= 8
+			}
+			// A first fragment (or an atomic one, RFC 6946) goes on to its headers.
+			rest, l4len = rest[8:], l4len-8
 		default:
-			p.Proto = next
+			p.Proto, p.HdrLen = next, uint16(hdr)
 			return decodeL4(rest, l4len, p)
 		}
 	}
+}
+
+// trackable is the error for a later fragment of a protocol the tracker does not follow.
+func trackable(proto uint8) error {
+	switch proto {
+	case 6, 17, 1, 58:
+		return nil
+	}
+	return ErrUnsupported
 }
 
 // decodeL4 decodes the transport header in b (captured bytes) of a segment whose length

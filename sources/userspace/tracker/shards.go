@@ -20,7 +20,9 @@ type Tracker struct {
 	ready   chan struct{}
 	pending atomic.Int64 // events waiting in all shards
 	// invalid counts packets that could not be given to a shard (no key).
-	invalid atomic.Uint64
+	invalid   atomic.Uint64
+	fragments atomic.Uint64 // later fragments attributed to a connection
+	frags     fragTable
 }
 
 // New makes a tracker.
@@ -90,9 +92,30 @@ func (t *Tracker) ProcessAt(p *Packet, now flow.Time) Match {
 		t.invalid.Add(1)
 		return MatchNone
 	}
+	if p.Fragment == LaterFragment {
+		return t.laterFragment(p, now)
+	}
 	k, fromA := makeKey(&p.Src, &p.Dst, p.SrcPort, p.DstPort, p.Proto, p.IPv6)
 	sh, h := t.locate(&k)
-	return sh.process(k, h, fromA, p, now, v6)
+	m, i, id := sh.process(k, h, fromA, p, now, v6)
+	if i >= 0 && p.MoreFragments {
+		t.frags.remember(p, fragRef{sh: sh, entry: i, flowID: id, orig: m == MatchNew || m == MatchOriginal, at: now})
+	}
+	return m
+}
+
+// laterFragment counts a fragment after the first in the connection of its first fragment.
+func (t *Tracker) laterFragment(p *Packet, now flow.Time) Match {
+	ref, ok := t.frags.lookup(p, now)
+	if !ok || !ref.sh.addFragment(ref.entry, ref.flowID, ref.orig, p, now) {
+		t.invalid.Add(1) // its first fragment was not seen (yet), or the connection is gone
+		return MatchNone
+	}
+	t.fragments.Add(1)
+	if ref.orig {
+		return MatchOriginal
+	}
+	return MatchReply
 }
 
 // Peek reports what Process would make of p without changing anything.
@@ -194,6 +217,7 @@ func (t *Tracker) Stats() Stats {
 		s.EventsDropped += x.EventsDropped
 	}
 	s.Invalid += t.invalid.Load()
+	s.Fragments = t.fragments.Load()
 	return s
 }
 

@@ -71,6 +71,7 @@ type Stats struct {
 	Reopened      uint64 // TCP connections superseded by a new SYN in TIME_WAIT or CLOSE
 	Invalid       uint64 // packets that matched no connection and could not open one
 	Related       uint64 // ICMP errors attributed to the connection they quote
+	Fragments     uint64 // fragments after the first attributed to their datagram's connection
 	Drops         uint64 // drop events reported by the embedder
 	EventsDropped uint64 // events lost because MaxPending was reached
 }
@@ -239,8 +240,9 @@ func (t *shard) touch(i int32, class uint8) {
 	t.pushBack(i, class)
 }
 
-// process tracks p, whose key is k (hash h), in this shard.
-func (t *shard) process(k key, h uint32, fromA bool, p *Packet, now flow.Time, v6 bool) Match {
+// process tracks p, whose key is k (hash h), in this shard, and returns the connection's
+// entry (when the match is not MatchNone) and flow ID.
+func (t *shard) process(k key, h uint32, fromA bool, p *Packet, now flow.Time, v6 bool) (Match, int32, uuid.UUID) {
 	t.mu.Lock()
 	if int64(now-t.swept) >= t.sweepGap {
 		t.sweepLocked(now, sweepBudget)
@@ -253,13 +255,49 @@ func (t *shard) process(k key, h uint32, fromA bool, p *Packet, now flow.Time, v
 			t.removeLocked(i, now)
 		} else {
 			m := t.updateLocked(i, e, p, fromA == e.origIsA, now, v6)
-			t.mu.Unlock()
-			return m
+			return t.unlockWith(m, k, h, p)
 		}
 	}
 	m := t.openLocked(k, h, fromA, p, now, v6)
+	return t.unlockWith(m, k, h, p)
+}
+
+// unlockWith unlocks the shard after process and returns its results. Only the first
+// fragment of a datagram needs the entry, so only then is it looked up again.
+func (t *shard) unlockWith(m Match, k key, h uint32, p *Packet) (Match, int32, uuid.UUID) {
+	var i int32 = -1
+	var id uuid.UUID
+	if m != MatchNone && p.Fragment == FirstFragment {
+		if j, ok := t.find(&k, h); ok {
+			i, id = j, t.ent(j).flowID
+		}
+	}
 	t.mu.Unlock()
-	return m
+	return m, i, id
+}
+
+// addFragment counts a later fragment of a datagram whose first fragment belonged to entry i
+// (if it is still the connection with flow ID id): its data only, not a packet, so that the
+// datagram counts once with its reassembled length.
+func (t *shard) addFragment(i int32, id uuid.UUID, orig bool, p *Packet, now flow.Time) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if int(i) >= int(t.nEntries) {
+		return false
+	}
+	e := t.ent(i)
+	if !e.inUse || e.flowID != id {
+		return false
+	}
+	n := uint64(p.Length) - uint64(min(uint32(p.HdrLen), p.Length))
+	if orig {
+		e.origBytes += n
+	} else {
+		e.replyBytes += n
+	}
+	e.last = now
+	t.touch(i, e.class)
+	return true
 }
 
 // updateLocked advances the known connection i for packet p.

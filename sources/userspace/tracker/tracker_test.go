@@ -365,3 +365,42 @@ func TestSetLocalPrefixes(t *testing.T) {
 		t.Fatalf("directions %v: want unknown before the change, ingress after", dirs)
 	}
 }
+
+// TestFragmentsCountAsOneDatagram sends a UDP datagram in three fragments and its answer
+// whole: the connection counts the datagram once, with its reassembled length, as the kernel
+// does after reassembly. A later fragment whose first fragment was never seen is untracked.
+func TestFragmentsCountAsOneDatagram(t *testing.T) {
+	for _, v6 := range []bool{false, true} {
+		a, b, hdr := addrA, addrB, uint32(20)
+		if v6 {
+			a, b, hdr = addrA6, addrB6, 48 // 40 + the fragment header
+		}
+		tr := New(Config{LocalPrefixes: localA})
+		first := udpPkt(a, b, 5000, 53, 0)
+		first.Length, first.HdrLen = 1500, uint16(hdr)
+		first.Fragment, first.FragID, first.MoreFragments = FirstFragment, 99, true
+		mid := &Packet{Proto: 17, Length: 1500, HdrLen: uint16(hdr), Fragment: LaterFragment, FragID: 99, MoreFragments: true}
+		mid.SetAddrs(a, b)
+		last := *mid
+		last.Length, last.MoreFragments = hdr+100, false
+		mustMatch(t, tr.ProcessAt(first, sec), MatchNew)
+		mustMatch(t, tr.ProcessAt(mid, sec+1), MatchOriginal)
+		mustMatch(t, tr.ProcessAt(&last, sec+2), MatchOriginal)
+		// The datagram is complete: a straggler with the same ID is not attributed.
+		mustMatch(t, tr.ProcessAt(&last, sec+3), MatchNone)
+		// A later fragment of another datagram whose first fragment was not seen.
+		orphan := *mid
+		orphan.FragID = 100
+		mustMatch(t, tr.ProcessAt(&orphan, sec+4), MatchNone)
+		mustMatch(t, tr.ProcessAt(udpPkt(b, a, 53, 5000, 10), sec+5), MatchReply)
+		tr.Flush(2*sec, -1)
+		_, ends, _ := drain(t, tr)
+		wantBytes := uint64(1500 + (1500 - hdr) + 100)
+		if len(ends) != 1 || ends[0].TxPackets != 1 || ends[0].TxBytes != wantBytes || ends[0].RxPackets != 1 {
+			t.Fatalf("v6=%v: ends %+v, want 1 packet of %d bytes sent", v6, ends, wantBytes)
+		}
+		if s := tr.Stats(); s.Fragments != 2 || s.Invalid != 2 {
+			t.Fatalf("v6=%v: stats %+v, want 2 fragments attributed and 2 untracked", v6, s)
+		}
+	}
+}
