@@ -97,9 +97,12 @@ func (t *Tracker) ProcessAt(p *Packet, now flow.Time) Match {
 	}
 	k, fromA := makeKey(&p.Src, &p.Dst, p.SrcPort, p.DstPort, p.Proto, p.IPv6)
 	sh, h := t.locate(&k)
-	m, i, id := sh.process(k, h, fromA, p, now, v6)
-	if i >= 0 && p.MoreFragments {
-		t.frags.remember(p, fragRef{sh: sh, entry: i, flowID: id, orig: m == MatchNew || m == MatchOriginal, at: now})
+	m := sh.process(k, h, fromA, p, now, v6)
+	if p.Fragment == FirstFragment && m != MatchNone {
+		// Remember the datagram's connection for its later fragments.
+		if i, id, ok := sh.entryOf(k, h); ok {
+			t.frags.remember(p, fragRef{sh: sh, entry: i, flowID: id, orig: m == MatchNew || m == MatchOriginal, at: now})
+		}
 	}
 	return m
 }

@@ -240,9 +240,8 @@ func (t *shard) touch(i int32, class uint8) {
 	t.pushBack(i, class)
 }
 
-// process tracks p, whose key is k (hash h), in this shard, and returns the connection's
-// entry (when the match is not MatchNone) and flow ID.
-func (t *shard) process(k key, h uint32, fromA bool, p *Packet, now flow.Time, v6 bool) (Match, int32, uuid.UUID) {
+// process tracks p, whose key is k (hash h), in this shard.
+func (t *shard) process(k key, h uint32, fromA bool, p *Packet, now flow.Time, v6 bool) Match {
 	t.mu.Lock()
 	if int64(now-t.swept) >= t.sweepGap {
 		t.sweepLocked(now, sweepBudget)
@@ -255,25 +254,23 @@ func (t *shard) process(k key, h uint32, fromA bool, p *Packet, now flow.Time, v
 			t.removeLocked(i, now)
 		} else {
 			m := t.updateLocked(i, e, p, fromA == e.origIsA, now, v6)
-			return t.unlockWith(m, k, h, p)
+			t.mu.Unlock()
+			return m
 		}
 	}
 	m := t.openLocked(k, h, fromA, p, now, v6)
-	return t.unlockWith(m, k, h, p)
+	t.mu.Unlock()
+	return m
 }
 
-// unlockWith unlocks the shard after process and returns its results. Only the first
-// fragment of a datagram needs the entry, so only then is it looked up again.
-func (t *shard) unlockWith(m Match, k key, h uint32, p *Packet) (Match, int32, uuid.UUID) {
-	var i int32 = -1
-	var id uuid.UUID
-	if m != MatchNone && p.Fragment == FirstFragment {
-		if j, ok := t.find(&k, h); ok {
-			i, id = j, t.ent(j).flowID
-		}
+// entryOf returns the entry and flow ID of the connection with key k (hash h).
+func (t *shard) entryOf(k key, h uint32) (int32, uuid.UUID, bool) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if i, ok := t.find(&k, h); ok {
+		return i, t.ent(i).flowID, true
 	}
-	t.mu.Unlock()
-	return m, i, id
+	return 0, uuid.UUID{}, false
 }
 
 // addFragment counts a later fragment of a datagram whose first fragment belonged to entry i
