@@ -15,13 +15,17 @@ import (
 // benchPipeline runs a whole in-process pipeline of b.N generated events through the real
 // runtime and reports events/s. The whole-binary version is scripts/bench-pipeline.sh.
 func benchPipeline(b *testing.B, sinkYAML string) {
+	benchPipelineBatch(b, 1024, sinkYAML)
+}
+
+func benchPipelineBatch(b *testing.B, batchSize int, sinkYAML string) {
 	doc, err := config.Load(filepath.Join(b.TempDir(), "pipeline.yaml"), []byte(fmt.Sprintf(`
 admin: {listen: ""}
 sources:
-  gen: {type: generate, count: %d, batch_size: 1024, seed: 1}
+  gen: {type: generate, count: %d, batch_size: %d, seed: 1}
 sinks:
   out: %s
-`, b.N, sinkYAML)), nil)
+`, b.N, batchSize, sinkYAML)), nil)
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -49,4 +53,10 @@ func BenchmarkPipelineGenerateToFile(b *testing.B) {
 
 func BenchmarkPipelineGenerateToFileNoSync(b *testing.B) {
 	benchPipeline(b, "{type: file, isolation: inproc, path: flows.jsonl, max_size: 0, sync: none}")
+}
+
+// Group commit: two batches in flight, so one is encoded and written while the other's
+// fsync runs, and larger batches to amortise each fsync.
+func BenchmarkPipelineGenerateToFileGroupCommit(b *testing.B) {
+	benchPipelineBatch(b, 4096, "{type: file, isolation: inproc, path: flows.jsonl, max_size: 0, in_flight: 2}")
 }
