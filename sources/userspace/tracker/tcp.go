@@ -19,8 +19,9 @@ type tcpState struct {
 	ackSeen  [2]bool
 	fin      [2]bool
 	finAcked [2]bool
-	firstFin uint8 // direction of the first FIN
-	synAck   uint8 // direction that sent the SYN-ACK
+	firstFin uint8  // direction of the first FIN
+	synAck   uint8  // direction that sent the SYN-ACK
+	synSeq   uint32 // the initiator's SYN sequence number, which an answering RST must acknowledge
 }
 
 // seqGE reports whether a is at or after b in sequence space (RFC 1982 arithmetic).
@@ -50,6 +51,11 @@ func tcpReopens(s State, flags uint8) bool {
 func (ts *tcpState) next(s State, p *Packet, dir uint8) State {
 	f := p.TCPFlags
 	if f&FlagRST != 0 {
+		// Before any answer, only a RST that acknowledges the SYN is the peer's (RFC 9293
+		// 3.10.7.3); anyone could send one that does not, and it must not end the connection.
+		if s == StateSynSent && dir == dirReply && (f&FlagACK == 0 || p.Ack != ts.synSeq+1) {
+			return s
+		}
 		return StateClose
 	}
 	syn, ack := f&FlagSYN != 0, f&FlagACK != 0

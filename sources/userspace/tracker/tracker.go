@@ -383,6 +383,9 @@ func (t *shard) openLocked(k key, h uint32, fromA bool, p *Packet, now flow.Time
 	if flow.IsICMP(p.Proto) {
 		e.icmpType, e.icmpCode = p.ICMPType, p.ICMPCode
 	}
+	if st == StateSynSent {
+		e.tcp.synSeq = p.Seq
+	}
 	e.dir = t.direction(p)
 	t.insert(i, h)
 	t.pushBack(i, classOf(p.Proto, st))
