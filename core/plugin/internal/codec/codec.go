@@ -1,12 +1,13 @@
 // Package codec is the packed encoding of a batch of flow events that crosses the plugin
 // boundary in one protobuf bytes field.
 //
-// Layout: a version byte (2), then each event in turn:
+// Layout: a version byte (3), then each event in turn:
 //
 //	event_id, flow_id                 16 bytes each
 //	type, direction, protocol,
 //	icmp_type, icmp_code              1 byte each
-//	present                           2 bytes (little endian): which optional fields follow
+//	present                           4 bytes (little endian): which optional fields follow,
+//	                                  and the reconstructed flag
 //	timestamp                         8 bytes (little endian, unix nanoseconds)
 //	src_port, dst_port                2 bytes each
 //	src_addr, dst_addr                1 byte tag (0 none, 4, 16, 17 = 16 with a zone) + bytes
@@ -42,7 +43,7 @@ import (
 )
 
 // Version is the first byte of an encoded batch.
-const Version = 2
+const Version = 3
 
 // Bits of the present field.
 const (
@@ -62,10 +63,11 @@ const (
 	hasNumStarts
 	hasNumEnds
 	hasNumDrops
+	isReconstructed // a flag, not a field: nothing follows for it
 )
 
 // fixedSize is the part of every event before the addresses.
-const fixedSize = 32 + 5 + 2 + 8 + 4
+const fixedSize = 32 + 5 + 4 + 8 + 4
 
 // Append appends the encoding of events to dst.
 func Append(dst []byte, events []flow.Event) []byte {
@@ -94,7 +96,10 @@ func EventSize(e *flow.Event) int {
 }
 
 func appendEvent(dst []byte, e *flow.Event) []byte {
-	var present uint16
+	var present uint32
+	if e.Reconstructed {
+		present |= isReconstructed
+	}
 	if e.Start != 0 {
 		present |= hasStart
 	}
@@ -150,13 +155,13 @@ func appendEvent(dst []byte, e *flow.Event) []byte {
 	copy(b[0:16], e.EventID[:])
 	copy(b[16:32], e.FlowID[:])
 	b[32], b[33], b[34], b[35], b[36] = byte(e.Type), byte(e.Direction), e.Protocol, e.ICMPType, e.ICMPCode
-	binary.LittleEndian.PutUint16(b[37:39], present)
-	binary.LittleEndian.PutUint64(b[39:47], uint64(e.Timestamp))
-	binary.LittleEndian.PutUint16(b[47:49], e.SrcPort)
-	binary.LittleEndian.PutUint16(b[49:51], e.DstPort)
+	binary.LittleEndian.PutUint32(b[37:41], present)
+	binary.LittleEndian.PutUint64(b[41:49], uint64(e.Timestamp))
+	binary.LittleEndian.PutUint16(b[49:51], e.SrcPort)
+	binary.LittleEndian.PutUint16(b[51:53], e.DstPort)
 	dst = appendAddr(dst, e.SrcAddr)
 	dst = appendAddr(dst, e.DstAddr)
-	if present == 0 {
+	if present&^isReconstructed == 0 {
 		return dst
 	}
 	if present&hasStart != 0 {
@@ -281,10 +286,11 @@ func (d *decoder) event(e *flow.Event) error {
 	e.Type = flow.Type(b[32])
 	e.Direction = flow.Direction(b[33])
 	e.Protocol, e.ICMPType, e.ICMPCode = b[34], b[35], b[36]
-	present := binary.LittleEndian.Uint16(b[37:39])
-	e.Timestamp = flow.Time(binary.LittleEndian.Uint64(b[39:47]))
-	e.SrcPort = binary.LittleEndian.Uint16(b[47:49])
-	e.DstPort = binary.LittleEndian.Uint16(b[49:51])
+	present := binary.LittleEndian.Uint32(b[37:41])
+	e.Reconstructed = present&isReconstructed != 0
+	e.Timestamp = flow.Time(binary.LittleEndian.Uint64(b[41:49]))
+	e.SrcPort = binary.LittleEndian.Uint16(b[49:51])
+	e.DstPort = binary.LittleEndian.Uint16(b[51:53])
 	d.buf = b[fixedSize:]
 	e.SrcAddr = d.addr()
 	e.DstAddr = d.addr()
@@ -310,7 +316,7 @@ func (d *decoder) fail(err error) {
 	d.buf = nil
 }
 
-func (d *decoder) time(present, bit uint16) flow.Time {
+func (d *decoder) time(present, bit uint32) flow.Time {
 	if present&bit == 0 {
 		return 0
 	}
@@ -323,7 +329,7 @@ func (d *decoder) time(present, bit uint16) flow.Time {
 	return flow.Time(v)
 }
 
-func (d *decoder) uvarint(present, bit uint16) uint64 {
+func (d *decoder) uvarint(present, bit uint32) uint64 {
 	if present&bit == 0 {
 		return 0
 	}
@@ -384,7 +390,7 @@ func (d *decoder) addr() netip.Addr {
 	return netip.Addr{}
 }
 
-func (d *decoder) string(present, bit uint16, slot int) string {
+func (d *decoder) string(present, bit uint32, slot int) string {
 	if present&bit == 0 {
 		return ""
 	}

@@ -41,13 +41,15 @@ func sample(n int, r *rand.Rand) []flow.Event {
 		e.Protocol = uint8(r.Uint32())
 		e.ICMPType = uint8(r.Uint32())
 		e.ICMPCode = uint8(r.Uint32())
-		e.RxPackets, e.RxBytes, e.TxPackets, e.TxBytes = r.Uint64(), r.Uint64N(1<<20), r.Uint64N(100), 0
+		e.RxPackets, e.RxBytes, e.TxPackets, e.TxBytes = r.Uint64(), r.Uint64N(1<<20), r.Uint64N(100), r.Uint64N(1<<30)
 		e.RuleID = rules[r.IntN(len(rules))]
 		e.SrcResourceID = "res-" + strings.Repeat("x", r.IntN(4))
 		e.CommunityID = "1:abc="
+		e.DstResourceID = rules[r.IntN(len(rules))]
 		e.Source = "conntrack"
 		e.WindowStart, e.WindowEnd = flow.Time(r.Int64()), flow.Time(-1)
-		e.NumStarts, e.NumEnds, e.NumDrops = r.Uint64(), 1, 0
+		e.NumStarts, e.NumEnds, e.NumDrops = r.Uint64(), 1, r.Uint64N(3)
+		e.Reconstructed = r.IntN(4) == 0
 	}
 	return evs
 }
@@ -246,4 +248,23 @@ func BenchmarkDecode(b *testing.B) {
 		}
 	}
 	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*len(evs)), "ns/event")
+}
+
+// TestSampleCoversEveryField guards the round trip test: a field added to flow.Event that
+// the sample never sets (and the codec might not carry) fails here.
+func TestSampleCoversEveryField(t *testing.T) {
+	evs := sample(1000, rand.New(rand.NewPCG(11, 12)))
+	typ := reflect.TypeFor[flow.Event]()
+	for i := range typ.NumField() {
+		set := false
+		for j := range evs {
+			if !reflect.ValueOf(evs[j]).Field(i).IsZero() {
+				set = true
+				break
+			}
+		}
+		if !set {
+			t.Errorf("sample never sets flow.Event.%s: set it there and carry it in the codec", typ.Field(i).Name)
+		}
+	}
 }
