@@ -98,6 +98,10 @@ type shard struct {
 	_        [64]byte
 }
 
+// udpStreamAfter is how long an answered UDP flow must have lived to get the stream timeout
+// (Linux: two seconds).
+const udpStreamAfter = int64(2e9)
+
 // sweepBudget bounds how many connections one sweep inside Process may end, so that a packet
 // never waits behind a mass expiry; the next packets continue the sweep.
 const sweepBudget = 1024
@@ -191,6 +195,7 @@ type entry struct {
 	icmpType   uint8 // the request type of an ICMP query connection
 	icmpCode   uint8
 	inUse      bool
+	seenReply  bool // UDP, ICMP: an answer has been seen
 }
 
 const (
@@ -314,7 +319,13 @@ func (t *shard) updateLocked(i int32, e *entry, p *Packet, orig bool, now flow.T
 		}
 		e.state = e.tcp.next(e.state, p, dir)
 	default:
-		if !orig && e.state == StateUnreplied {
+		if !orig {
+			e.seenReply = true
+		}
+		// Linux calls a UDP flow a stream, with the longer timeout, once it has been answered
+		// and is still active two seconds after it began; a quick query and answer keep the
+		// short one.
+		if e.seenReply && e.state == StateUnreplied && (p.Proto != 17 || int64(now-e.start) >= udpStreamAfter) {
 			e.state = StateReplied
 		}
 	}

@@ -98,7 +98,7 @@ func TestTimeouts(t *testing.T) {
 		{"tcp time_wait", append(hs[:3:3], tcpPkt(addrA, addrB, 1, 2, finack, 1001, 5001, 0), tcpPkt(addrB, addrA, 2, 1, finack, 5001, 1002, 0), tcpPkt(addrA, addrB, 1, 2, ack, 1002, 5002, 0)), 2 * time.Minute},
 		{"tcp close", append(hs[:3:3], tcpPkt(addrA, addrB, 1, 2, rst, 1001, 0, 0)), 10 * time.Second},
 		{"udp unreplied", []*Packet{udpPkt(addrA, addrB, 1, 2, 0)}, 30 * time.Second},
-		{"udp stream", []*Packet{udpPkt(addrA, addrB, 1, 2, 0), udpPkt(addrB, addrA, 2, 1, 0)}, 120 * time.Second},
+		{"udp answered, younger than 2s", []*Packet{udpPkt(addrA, addrB, 1, 2, 0), udpPkt(addrB, addrA, 2, 1, 0)}, 30 * time.Second},
 		{"icmp", []*Packet{icmpPkt(addrA, addrB, 8, 0, 7), icmpPkt(addrB, addrA, 0, 0, 7)}, 30 * time.Second},
 	}
 	for _, c := range cases {
@@ -136,6 +136,28 @@ func TestTimeouts(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestUDPStream checks Linux's rule for the longer UDP timeout: answered, and still active two
+// seconds after the first packet.
+func TestUDPStream(t *testing.T) {
+	tr := New(Config{Shards: 1})
+	tr.ProcessAt(udpPkt(addrA, addrB, 1, 2, 0), sec)
+	tr.ProcessAt(udpPkt(addrB, addrA, 2, 1, 0), sec+1)
+	p := udpPkt(addrA, addrB, 1, 2, 0)
+	if st, _ := tr.StateOf(p); st != StateUnreplied {
+		t.Fatalf("answered after 1ns: state %v, want unreplied (short timeout)", st)
+	}
+	tr.ProcessAt(p, 3*sec)
+	if st, _ := tr.StateOf(p); st != StateReplied {
+		t.Fatalf("active after 2s: state %v, want replied (stream timeout)", st)
+	}
+	if n := tr.Expire(3*sec + flow.Time(119*time.Second)); n != 0 {
+		t.Fatalf("stream expired after 119s")
+	}
+	if n := tr.Expire(3*sec + flow.Time(120*time.Second)); n != 1 {
+		t.Fatalf("stream not expired after 120s")
 	}
 }
 
