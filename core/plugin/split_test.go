@@ -76,3 +76,43 @@ func TestOversizedBatchesAreSplit(t *testing.T) {
 		t.Fatalf("enriched batch: %d events", len(b.Events))
 	}
 }
+
+type oneBatchSource struct{ n int }
+
+func (s oneBatchSource) Run(ctx context.Context, out component.Emitter) error {
+	done := make(chan error, 1)
+	if err := out.Emit(ctx, flow.NewBatch(seqEvents(0, s.n), func(err error) { done <- err })); err != nil {
+		return err
+	}
+	return <-done
+}
+
+// A source batch too large for one message crosses in parts and reaches the pipeline as
+// one batch, acknowledged once.
+func TestOversizedSourceBatch(t *testing.T) {
+	oldSplit, oldSmall := splitSize, smallBatch
+	splitSize, smallBatch = 20_000, 10
+	defer func() { splitSize, smallBatch = oldSplit, oldSmall }()
+	f := component.NewSourceFactory("one", "", func() *discardConfig { return &discardConfig{} },
+		func(component.Env, *discardConfig) (component.Source, error) { return oneBatchSource{1000}, nil })
+	c, err := ServeInMemory(context.Background(), f, "test", nil, component.Env{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.(component.Closer).Close(context.Background())
+	var batches []int
+	out := emitFunc(func(b *flow.Batch) {
+		batches = append(batches, len(b.Events))
+		b.Release(nil)
+	})
+	if err := c.(component.Source).Run(context.Background(), out); err != nil {
+		t.Fatal(err) // the source returns its batch's acknowledgement
+	}
+	if len(batches) != 1 || batches[0] != 1000 {
+		t.Fatalf("pipeline got batches %v, want one of 1000", batches)
+	}
+}
+
+type emitFunc func(*flow.Batch)
+
+func (f emitFunc) Emit(_ context.Context, b *flow.Batch) error { f(b); return nil }
