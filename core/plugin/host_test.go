@@ -638,3 +638,34 @@ func (k *killingEmitter) Emit(ctx context.Context, b *flow.Batch) error {
 	}
 	return nil
 }
+
+// A plugin that crashes on every call is restarted each time and, after three failures in a
+// row, reports itself unhealthy (what /readyz shows).
+func TestCrashLoopIsUnhealthy(t *testing.T) {
+	f := newFixture(t, component.KindSink, "out")
+	c, err := f.instantiate(t, "jsonl", map[string]any{"path": filepath.Join(t.TempDir(), "o"), "crash": true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sink := c.(*remoteSink)
+	if err := sink.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if err := sink.Health(); err != nil {
+		t.Fatalf("healthy plugin reports %v", err)
+	}
+	for i := 0; sink.Health() == nil; i++ {
+		if i > 100 {
+			t.Fatal("a crash-looping plugin never reported unhealthy")
+		}
+		if err := sink.Write(context.Background(), flow.NewBatch(seqEvents(0, 10), nil)); err == nil {
+			t.Fatal("Write to a crashing plugin succeeded")
+		}
+	}
+	if err := sink.Health(); !strings.Contains(err.Error(), "keeps failing") {
+		t.Fatalf("health: %v", err)
+	}
+	if r := f.metric(t, "flowpipe_plugin_restarts_total"); r < 2 {
+		t.Fatalf("restarts_total = %v", r)
+	}
+}

@@ -71,6 +71,7 @@ type sinkConfig struct {
 	Path    string `yaml:"path" required:"true"`
 	Hang    bool   `yaml:"hang"`
 	Discard bool   `yaml:"discard"` // accept batches without writing (benchmarks)
+	Crash   bool   `yaml:"crash"`   // exit in every Write, as a crashing plugin would
 }
 
 func (c *sinkConfig) Validate() error {
@@ -114,6 +115,9 @@ func (s *sink) Write(ctx context.Context, b *flow.Batch) error {
 	}
 	if s.cfg.Discard {
 		return nil
+	}
+	if s.cfg.Crash {
+		os.Exit(7)
 	}
 	s.writes.Inc()
 	s.mu.Lock()
