@@ -1,4 +1,8 @@
-package conntrack
+// Package netns enters Linux network namespaces: it opens one by name (as `ip netns` makes
+// them) or by path, and runs a function on an OS thread inside it. Sockets opened there stay
+// in that namespace for their whole life, whichever thread later uses them, so only the
+// opening needs the switch; files under /proc/sys/net read there are the namespace's own.
+package netns
 
 import (
 	"fmt"
@@ -10,16 +14,16 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// netNS is the network namespace a source reads. A nil *netNS is the namespace of the
-// process, which needs no switching.
-type netNS struct {
+// NS is an open network namespace. A nil *NS is the namespace of the process, which needs
+// no switching.
+type NS struct {
 	path string
 	f    *os.File
 }
 
-// openNetNS opens a namespace by name (a file in /run/netns, as `ip netns` makes) or by path
-// (anything with a slash, such as /proc/1234/ns/net); "" is the current namespace.
-func openNetNS(spec string) (*netNS, error) {
+// Open opens a namespace by name (a file in /run/netns, as `ip netns` makes) or by path
+// (anything with a slash, such as /proc/1234/ns/net); "" is the current namespace (nil).
+func Open(spec string) (*NS, error) {
 	if spec == "" {
 		return nil, nil
 	}
@@ -36,37 +40,38 @@ func openNetNS(spec string) (*netNS, error) {
 		f.Close()
 		return nil, fmt.Errorf("network namespace %q: %s is not a namespace file", spec, path)
 	}
-	return &netNS{path: path, f: f}, nil
+	return &NS{path: path, f: f}, nil
 }
 
-// fd is the namespace's file descriptor for netlink.Config.NetNS and nftables; 0 means the
+// Fd is the namespace's file descriptor, for netlink.Config.NetNS and nftables; 0 means the
 // current namespace.
-func (ns *netNS) fd() int {
+func (ns *NS) Fd() int {
 	if ns == nil {
 		return 0
 	}
 	return int(ns.f.Fd())
 }
 
-func (ns *netNS) String() string {
+func (ns *NS) String() string {
 	if ns == nil {
 		return "the current network namespace"
 	}
 	return "network namespace " + ns.path
 }
 
-func (ns *netNS) Close() error {
+// Close closes the namespace file.
+func (ns *NS) Close() error {
 	if ns == nil {
 		return nil
 	}
 	return ns.f.Close()
 }
 
-// do runs fn on an OS thread that has entered the namespace. Sockets fn opens stay in the
+// Do runs fn on an OS thread that has entered the namespace. Sockets fn opens stay in the
 // namespace after it returns, and files under /proc/sys/net are the namespace's own. The
 // thread runs in a goroutine of its own so that, if it cannot go back to its namespace, it
 // is thrown away with the goroutine rather than reused by the Go scheduler.
-func (ns *netNS) do(fn func() error) error {
+func (ns *NS) Do(fn func() error) error {
 	if ns == nil {
 		return fn()
 	}
@@ -80,7 +85,7 @@ func (ns *netNS) do(fn func() error) error {
 			return
 		}
 		defer orig.Close()
-		if err := unix.Setns(ns.fd(), unix.CLONE_NEWNET); err != nil {
+		if err := unix.Setns(ns.Fd(), unix.CLONE_NEWNET); err != nil {
 			runtime.UnlockOSThread()
 			errc <- fmt.Errorf("enter %s: %w", ns, err)
 			return
@@ -95,4 +100,14 @@ func (ns *netNS) do(fn func() error) error {
 		errc <- ferr
 	}()
 	return <-errc
+}
+
+// Run runs fn inside the namespace spec (see Open); "" runs it where it is.
+func Run(spec string, fn func() error) error {
+	ns, err := Open(spec)
+	if err != nil {
+		return err
+	}
+	defer ns.Close()
+	return ns.Do(fn)
 }

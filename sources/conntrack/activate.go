@@ -3,6 +3,8 @@ package conntrack
 import (
 	"fmt"
 
+	"github.com/flowpipe/flowpipe/internal/netns"
+
 	"github.com/google/nftables"
 	"github.com/google/nftables/binaryutil"
 	"github.com/google/nftables/expr"
@@ -18,12 +20,12 @@ import (
 
 // activation is the table a source added, removed again on stop.
 type activation struct {
-	ns    *netNS
+	ns    *netns.NS
 	table *nftables.Table
 }
 
-func activate(ns *netNS, tableName string) (*activation, error) {
-	c, err := nftables.New(nftables.WithNetNSFd(ns.fd()))
+func activate(ns *netns.NS, tableName string) (*activation, error) {
+	c, err := nftables.New(nftables.WithNetNSFd(ns.Fd()))
 	if err != nil {
 		return nil, fmt.Errorf("activate conntrack in %s: open nftables: %w", ns, err)
 	}
@@ -55,7 +57,7 @@ func activate(ns *netNS, tableName string) (*activation, error) {
 }
 
 func (a *activation) remove() error {
-	c, err := nftables.New(nftables.WithNetNSFd(a.ns.fd()))
+	c, err := nftables.New(nftables.WithNetNSFd(a.ns.Fd()))
 	if err != nil {
 		return fmt.Errorf("remove table inet %s in %s: %w", a.table.Name, a.ns, err)
 	}

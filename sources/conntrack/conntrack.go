@@ -24,6 +24,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/flowpipe/flowpipe/internal/netns"
+
 	"github.com/mdlayher/netlink"
 	"github.com/prometheus/client_golang/prometheus"
 	ct "github.com/ti-mo/conntrack"
@@ -72,7 +74,7 @@ type Source struct {
 	mu       sync.Mutex // guards the fields below against Close racing Start and Run
 	started  bool
 	closed   bool
-	ns       *netNS
+	ns       *netns.NS
 	sysctls  []*sysctlChange
 	act      *activation
 	events   *eventConn
@@ -164,7 +166,7 @@ func (s *Source) Start(ctx context.Context) error {
 
 func (s *Source) open() error {
 	var err error
-	if s.ns, err = openNetNS(s.cfg.NetNS); err != nil {
+	if s.ns, err = netns.Open(s.cfg.NetNS); err != nil {
 		return err
 	}
 	for _, sc := range []struct {
@@ -435,7 +437,7 @@ func (s *Source) dialDump() error {
 	if s.dump != nil {
 		return nil
 	}
-	c, err := ct.Dial(&netlink.Config{NetNS: s.ns.fd()})
+	c, err := ct.Dial(&netlink.Config{NetNS: s.ns.Fd()})
 	if err != nil {
 		return fmt.Errorf("open conntrack netlink socket in %s: %w", s.ns, err)
 	}
@@ -498,7 +500,7 @@ func (s *Source) refreshLocal() {
 		return
 	}
 	var local []netip.Prefix
-	err := s.ns.do(func() error {
+	err := s.ns.Do(func() error {
 		addrs, err := net.InterfaceAddrs()
 		if err != nil {
 			return err

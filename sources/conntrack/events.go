@@ -9,6 +9,8 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/flowpipe/flowpipe/internal/netns"
+
 	"github.com/mdlayher/netlink"
 	ct "github.com/ti-mo/conntrack"
 	"github.com/ti-mo/netfilter"
@@ -32,8 +34,8 @@ var (
 	errTruncated = errors.New("netlink message larger than the read buffer")
 )
 
-func openEvents(ns *netNS, readBuffer int, log *slog.Logger) (*eventConn, error) {
-	c, err := netlink.Dial(unix.NETLINK_NETFILTER, &netlink.Config{NetNS: ns.fd()})
+func openEvents(ns *netns.NS, readBuffer int, log *slog.Logger) (*eventConn, error) {
+	c, err := netlink.Dial(unix.NETLINK_NETFILTER, &netlink.Config{NetNS: ns.Fd()})
 	if err != nil {
 		return nil, fmt.Errorf("open conntrack event socket in %s: %w", ns, err)
 	}

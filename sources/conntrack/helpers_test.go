@@ -10,6 +10,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/flowpipe/flowpipe/internal/netns"
+
 	"github.com/flowpipe/flowpipe/core/component"
 	"github.com/flowpipe/flowpipe/core/config"
 	"github.com/flowpipe/flowpipe/core/flow"
@@ -153,12 +155,12 @@ func waitFor(t *testing.T, what string, cond func() bool, poke func()) {
 // inNS runs fn inside the named namespace (sockets it opens stay there).
 func inNS(t *testing.T, name string, fn func() error) {
 	t.Helper()
-	ns, err := openNetNS(name)
+	ns, err := netns.Open(name)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer ns.Close()
-	if err := ns.do(fn); err != nil {
+	if err := ns.Do(fn); err != nil {
 		t.Fatal(err)
 	}
 }

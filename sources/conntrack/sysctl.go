@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"fmt"
 	"os"
+
+	"github.com/flowpipe/flowpipe/internal/netns"
 )
 
 // Sysctls that make the kernel put what an end event needs into its DESTROY messages:
@@ -21,9 +23,9 @@ type sysctlChange struct {
 
 // setSysctl writes value to the sysctl at path inside ns and returns the change to undo, or
 // nil when the sysctl already had that value (nothing to restore then).
-func setSysctl(ns *netNS, path, value string) (*sysctlChange, error) {
+func setSysctl(ns *netns.NS, path, value string) (*sysctlChange, error) {
 	var ch *sysctlChange
-	err := ns.do(func() error {
+	err := ns.Do(func() error {
 		prev, err := os.ReadFile(path)
 		if err != nil {
 			return fmt.Errorf("read %s in %s: %w (is the nf_conntrack module loaded?)", path, ns, err)
@@ -42,8 +44,8 @@ func setSysctl(ns *netNS, path, value string) (*sysctlChange, error) {
 }
 
 // restore puts the previous value back.
-func (c *sysctlChange) restore(ns *netNS) error {
-	return ns.do(func() error {
+func (c *sysctlChange) restore(ns *netns.NS) error {
+	return ns.Do(func() error {
 		if err := os.WriteFile(c.path, c.prev, 0o644); err != nil {
 			return fmt.Errorf("restore %s=%s in %s: %w", c.path, c.prev, ns, err)
 		}
@@ -52,9 +54,9 @@ func (c *sysctlChange) restore(ns *netNS) error {
 }
 
 // readSysctl reads a sysctl inside ns.
-func readSysctl(ns *netNS, path string) (string, error) {
+func readSysctl(ns *netns.NS, path string) (string, error) {
 	var v []byte
-	err := ns.do(func() error {
+	err := ns.Do(func() error {
 		var err error
 		v, err = os.ReadFile(path)
 		return err

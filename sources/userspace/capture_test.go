@@ -15,6 +15,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/flowpipe/flowpipe/internal/netns"
+
 	"github.com/flowpipe/flowpipe/core/flow"
 	"github.com/flowpipe/flowpipe/internal/testenv"
 )
@@ -81,7 +83,7 @@ type trafficPlan struct {
 func listen(t *testing.T, ns, network, addr string) net.Listener {
 	t.Helper()
 	var ln net.Listener
-	if err := inNetns(ns, func() (err error) { ln, err = net.Listen(network, addr); return err }); err != nil {
+	if err := netns.Run(ns, func() (err error) { ln, err = net.Listen(network, addr); return err }); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { ln.Close() })
@@ -91,7 +93,7 @@ func listen(t *testing.T, ns, network, addr string) net.Listener {
 func dial(t *testing.T, ns, network, addr string) net.Conn {
 	t.Helper()
 	var c net.Conn
-	if err := inNetns(ns, func() (err error) { c, err = net.Dial(network, addr); return err }); err != nil {
+	if err := netns.Run(ns, func() (err error) { c, err = net.Dial(network, addr); return err }); err != nil {
 		t.Fatal(err)
 	}
 	return c
@@ -170,7 +172,7 @@ func tcpExchange(t *testing.T, from, to, addr string, up, down int, mode string)
 func udpExchange(t *testing.T, from, to, addr string, n, size int) {
 	t.Helper()
 	var pc net.PacketConn
-	if err := inNetns(to, func() (err error) { pc, err = net.ListenPacket("udp", addr); return err }); err != nil {
+	if err := netns.Run(to, func() (err error) { pc, err = net.ListenPacket("udp", addr); return err }); err != nil {
 		t.Fatal(err)
 	}
 	defer pc.Close()

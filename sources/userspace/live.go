@@ -9,6 +9,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/flowpipe/flowpipe/internal/netns"
+
 	"github.com/gopacket/gopacket/afpacket"
 	"github.com/gopacket/gopacket/layers"
 	"golang.org/x/net/bpf"
@@ -34,7 +36,7 @@ func (s *Source) openLive() (*afpacket.TPacket, layers.LinkType, []netip.Prefix,
 	var tp *afpacket.TPacket
 	var local []netip.Prefix
 	link := layers.LinkTypeEthernet
-	err := inNetns(s.cfg.Netns, func() error {
+	err := netns.Run(s.cfg.Netns, func() error {
 		ifc, err := net.InterfaceByName(s.cfg.Interface)
 		if err != nil {
 			return fmt.Errorf("interface %q: %w", s.cfg.Interface, err)
@@ -96,7 +98,7 @@ func addrsOf(ifc *net.Interface) ([]netip.Prefix, error) {
 // interfaceAddrs reads the interface's current addresses inside the configured namespace.
 func (s *Source) interfaceAddrs() ([]netip.Prefix, error) {
 	var local []netip.Prefix
-	err := inNetns(s.cfg.Netns, func() error {
+	err := netns.Run(s.cfg.Netns, func() error {
 		ifc, err := net.InterfaceByName(s.cfg.Interface)
 		if err != nil {
 			return fmt.Errorf("interface %q: %w", s.cfg.Interface, err)
