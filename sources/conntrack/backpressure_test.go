@@ -54,7 +54,7 @@ func TestBackpressureDoesNotStopReading(t *testing.T) {
 	}
 	close(out.gate)
 	waitFor(t, "2,000 starts emitted", func() bool {
-		st, _ := byFlow(out.snapshot(), func(e *flow.Event) bool { return e.SrcPort >= first && e.SrcPort < first+n })
+		st, _ := byFlow(out.Events(), func(e *flow.Event) bool { return e.SrcPort >= first && e.SrcPort < first+n })
 		return len(st) == n
 	}, nil)
 	if o := s.stats.overruns.Load(); o != 0 {
@@ -74,14 +74,14 @@ func TestReconnect(t *testing.T) {
 	client := udpExchange(t, p.A, srv, 1, 10)
 	match := func(e *flow.Event) bool { return e.Protocol == flow.ProtoUDP && e.SrcPort == client.Port() }
 	waitFor(t, "the flow's end after the reconnect", func() bool {
-		_, e := byFlow(r.out.snapshot(), match)
+		_, e := byFlow(r.out.Events(), match)
 		return len(e) == 1
 	}, dumpNS(p, p.A))
 	r.stop()
-	if s, e := byFlow(r.out.snapshot(), match); len(s) != 1 || len(e) != 1 || s[0].FlowID != e[0].FlowID {
+	if s, e := byFlow(r.out.Events(), match); len(s) != 1 || len(e) != 1 || s[0].FlowID != e[0].FlowID {
 		t.Fatalf("%d starts %d ends after reconnect", len(s), len(e))
 	}
-	if r.met.get(r.met.errors, "netlink_read") == 0 {
+	if r.met.ErrorCount("netlink_read") == 0 {
 		t.Error("the socket failure was not counted")
 	}
 }

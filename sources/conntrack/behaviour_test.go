@@ -40,9 +40,9 @@ add rule inet marker out ct state new ct mark set 0x42`)
 			defer stop()
 			client := udpExchange(t, p.A, srv, 2, 100)
 			match := func(e *flow.Event) bool { return e.Protocol == flow.ProtoUDP && e.SrcPort == client.Port() }
-			waitFor(t, "the flow's end", func() bool { _, e := byFlow(r.out.snapshot(), match); return len(e) > 0 }, dumpNS(p, tc.ns))
+			waitFor(t, "the flow's end", func() bool { _, e := byFlow(r.out.Events(), match); return len(e) > 0 }, dumpNS(p, tc.ns))
 			r.stop()
-			starts, ends := byFlow(r.out.snapshot(), match)
+			starts, ends := byFlow(r.out.Events(), match)
 			if len(starts) != 1 || len(ends) != 1 {
 				t.Fatalf("%d starts %d ends", len(starts), len(ends))
 			}
@@ -104,7 +104,7 @@ add rule inet marker out ct state new udp dport != 0 ct mark set 0x105`)
 			r.stop()
 			isUDP := func(e *flow.Event) bool { return e.Protocol == flow.ProtoUDP && e.SrcPort == client.Port() }
 			isICMP := func(e *flow.Event) bool { return e.Protocol == flow.ProtoICMP }
-			evs := r.out.snapshot()
+			evs := r.out.Events()
 			for _, c := range []struct {
 				what  string
 				match func(*flow.Event) bool
@@ -118,8 +118,8 @@ add rule inet marker out ct state new udp dport != 0 ct mark set 0x105`)
 					t.Errorf("%s: %d starts %d ends, want it filtered", c.what, len(s), len(e))
 				}
 			}
-			if tc.reason != "" && r.met.get(r.met.filtered, tc.reason) == 0 {
-				t.Errorf("nothing counted as filtered by %q: %v", tc.reason, r.met.filtered)
+			if tc.reason != "" && r.met.FilteredCount(tc.reason) == 0 {
+				t.Errorf("nothing counted as filtered by %q: %v", tc.reason, r.met)
 			}
 		})
 	}
@@ -142,20 +142,20 @@ func TestNetNSSelection(t *testing.T) {
 		return e.Protocol == flow.ProtoUDP && e.SrcPort == inside.Port() && e.DstAddr == netip.MustParseAddr("127.0.0.1")
 	}
 	waitFor(t, "ends in both namespaces", func() bool {
-		_, a := byFlow(ra.out.snapshot(), isCross)
-		_, b := byFlow(rb.out.snapshot(), isCross)
-		_, c := byFlow(rb.out.snapshot(), isInside)
+		_, a := byFlow(ra.out.Events(), isCross)
+		_, b := byFlow(rb.out.Events(), isCross)
+		_, c := byFlow(rb.out.Events(), isInside)
 		return len(a) == 1 && len(b) == 1 && len(c) == 1
 	}, func() { dumpNS(p, p.A)(); dumpNS(p, p.B)() })
 	ra.stop()
 	rb.stop()
-	if s, e := byFlow(ra.out.snapshot(), isInside); len(s)+len(e) != 0 {
+	if s, e := byFlow(ra.out.Events(), isInside); len(s)+len(e) != 0 {
 		t.Errorf("namespace A's source saw B's loopback flow")
 	}
-	if _, e := byFlow(ra.out.snapshot(), isCross); e[0].Direction != flow.Egress {
+	if _, e := byFlow(ra.out.Events(), isCross); e[0].Direction != flow.Egress {
 		t.Errorf("A: direction %s", e[0].Direction)
 	}
-	if _, e := byFlow(rb.out.snapshot(), isCross); e[0].Direction != flow.Ingress {
+	if _, e := byFlow(rb.out.Events(), isCross); e[0].Direction != flow.Ingress {
 		t.Errorf("B: direction %s", e[0].Direction)
 	}
 }
@@ -231,9 +231,9 @@ add rule inet keep c ct state new counter`)
 	r := startSource(t, map[string]any{"netns": p.A, "flush_interval": "10ms", "sweep_interval": "1s", "resync_grace": "1s"},
 		func(s *Source) { s.sweepGetMax = getMax })
 	match := func(e *flow.Event) bool { return e.Protocol == flow.ProtoUDP && e.SrcPort == client.Port() }
-	waitFor(t, "the existing flow's end", func() bool { _, e := byFlow(r.out.snapshot(), match); return len(e) > 0 }, nil)
+	waitFor(t, "the existing flow's end", func() bool { _, e := byFlow(r.out.Events(), match); return len(e) > 0 }, nil)
 	r.stop()
-	starts, ends := byFlow(r.out.snapshot(), match)
+	starts, ends := byFlow(r.out.Events(), match)
 	if len(starts) != 1 || len(ends) != 1 || starts[0].FlowID != ends[0].FlowID {
 		t.Fatalf("%d starts %d ends", len(starts), len(ends))
 	}

@@ -43,7 +43,7 @@ func burst(t *testing.T, opts map[string]any) {
 		return e.Protocol == flow.ProtoUDP && e.DstPort == srv.AddrPort().Port() && e.SrcPort >= first && e.SrcPort < first+n
 	}
 	count := func() (int, int) {
-		s, e := byFlow(r.out.snapshot(), inFlood)
+		s, e := byFlow(r.out.Events(), inFlood)
 		return len(s), len(e)
 	}
 	waitFor(t, "5,000 starts", func() bool { s, _ := count(); return s >= n }, nil)
@@ -53,7 +53,7 @@ func burst(t *testing.T, opts map[string]any) {
 	waitFor(t, "5,000 ends", func() bool { _, e := count(); return e >= n }, dumpNS(p, p.A))
 	r.stop()
 
-	starts, ends := byFlow(r.out.snapshot(), inFlood)
+	starts, ends := byFlow(r.out.Events(), inFlood)
 	startOf := map[uint16]uuid.UUID{}
 	for _, s := range starts {
 		if _, dup := startOf[s.SrcPort]; dup {
@@ -80,9 +80,9 @@ func burst(t *testing.T, opts map[string]any) {
 	st := &r.src.stats
 	t.Logf("kernel events: %d NEW, %d DESTROY; overruns %d, resyncs %d, reconstructed %d starts %d ends; batches %d",
 		st.newEvents.Load(), st.destroyEvents.Load(), st.overruns.Load(), st.resyncs.Load(),
-		st.reconstructedStarts.Load(), st.reconstructedEnds.Load(), r.out.batches)
+		st.reconstructedStarts.Load(), st.reconstructedEnds.Load(), r.out.Batches())
 	var marked uint64
-	for _, e := range r.out.snapshot() {
+	for _, e := range r.out.Events() {
 		if e.Reconstructed {
 			marked++
 		}

@@ -65,11 +65,11 @@ func TestUDPStartEndCounters(t *testing.T) {
 				return e.Protocol == flow.ProtoUDP && e.SrcPort == client.Port() && e.DstPort == uint16(srv.Port)
 			}
 			waitFor(t, "the UDP flow's end", func() bool {
-				_, ends := byFlow(r.out.snapshot(), match)
+				_, ends := byFlow(r.out.Events(), match)
 				return len(ends) > 0
 			}, dumpNS(p, p.A))
 			r.stop()
-			starts, ends := byFlow(r.out.snapshot(), match)
+			starts, ends := byFlow(r.out.Events(), match)
 			if len(starts) != 1 || len(ends) != 1 {
 				t.Fatalf("got %d starts and %d ends, want 1 and 1: %+v %+v", len(starts), len(ends), starts, ends)
 			}

@@ -13,56 +13,17 @@ import (
 	"github.com/flowpipe/flowpipe/internal/netns"
 
 	"github.com/flowpipe/flowpipe/core/component"
+	"github.com/flowpipe/flowpipe/core/component/componenttest"
 	"github.com/flowpipe/flowpipe/core/config"
 	"github.com/flowpipe/flowpipe/core/flow"
 	"github.com/flowpipe/flowpipe/internal/testenv"
 )
 
-// collector is an Emitter that keeps every event and acknowledges at once.
-type collector struct {
-	mu      sync.Mutex
-	events  []flow.Event
-	batches int
-}
-
-func (c *collector) Emit(_ context.Context, b *flow.Batch) error {
-	c.mu.Lock()
-	c.events = append(c.events, b.Events...)
-	c.batches++
-	c.mu.Unlock()
-	b.Release(nil)
-	return nil
-}
-
-func (c *collector) snapshot() []flow.Event {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return append([]flow.Event(nil), c.events...)
-}
-
-// countingMetrics records what the source counts.
-type countingMetrics struct {
-	mu                        sync.Mutex
-	filtered, dropped, errors map[string]int
-}
-
-func newCountingMetrics() *countingMetrics {
-	return &countingMetrics{filtered: map[string]int{}, dropped: map[string]int{}, errors: map[string]int{}}
-}
-
-func (m *countingMetrics) Filtered(r string, n int) { m.add(m.filtered, r, n) }
-func (m *countingMetrics) Dropped(r string, n int)  { m.add(m.dropped, r, n) }
-func (m *countingMetrics) Errors(r string, n int)   { m.add(m.errors, r, n) }
-func (m *countingMetrics) add(mm map[string]int, r string, n int) {
-	m.mu.Lock()
-	mm[r] += n
-	m.mu.Unlock()
-}
-func (m *countingMetrics) get(mm map[string]int, r string) int {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return mm[r]
-}
+// collector and countingMetrics stand in for the runtime in these tests.
+type (
+	collector       = componenttest.Collector
+	countingMetrics = componenttest.Metrics
+)
 
 type running struct {
 	src  *Source
@@ -92,7 +53,7 @@ func startSourceWith(t *testing.T, opts map[string]any, out component.Emitter, p
 	if err := cfg.Validate(); err != nil {
 		t.Fatalf("validate: %v", err)
 	}
-	met := newCountingMetrics()
+	met := &countingMetrics{}
 	env := component.Env{Name: "ct-" + t.Name(), Kind: component.KindSource, Type: "conntrack",
 		Logger: slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug})), Metrics: met}
 	src, err := New(env, cfg)

@@ -28,9 +28,9 @@ func TestICMPEcho(t *testing.T) {
 			p.Exec(t, p.A, "ping", tc.flag, "-c", "3", "-i", "0.2", "-s", "56", tc.dst)
 			dst := netip.MustParseAddr(tc.dst)
 			match := func(e *flow.Event) bool { return e.Protocol == tc.proto && e.DstAddr == dst && e.ICMPType == tc.typ }
-			waitFor(t, "the echo flow's end", func() bool { _, e := byFlow(r.out.snapshot(), match); return len(e) > 0 }, dumpNS(p, p.A))
+			waitFor(t, "the echo flow's end", func() bool { _, e := byFlow(r.out.Events(), match); return len(e) > 0 }, dumpNS(p, p.A))
 			r.stop()
-			starts, ends := byFlow(r.out.snapshot(), match)
+			starts, ends := byFlow(r.out.Events(), match)
 			if len(starts) != 1 || len(ends) != 1 {
 				t.Fatalf("got %d starts, %d ends, want 1 and 1", len(starts), len(ends))
 			}
@@ -100,9 +100,9 @@ add rule inet %[1]s in tcp sport %[2]d counter`, oracle, port))
 			match := func(e *flow.Event) bool {
 				return e.Protocol == flow.ProtoTCP && e.SrcPort == uint16(client.Port) && e.DstPort == uint16(port)
 			}
-			waitFor(t, "the TCP flow's end", func() bool { _, e := byFlow(r.out.snapshot(), match); return len(e) > 0 }, dumpNS(p, p.A))
+			waitFor(t, "the TCP flow's end", func() bool { _, e := byFlow(r.out.Events(), match); return len(e) > 0 }, dumpNS(p, p.A))
 			r.stop()
-			starts, ends := byFlow(r.out.snapshot(), match)
+			starts, ends := byFlow(r.out.Events(), match)
 			if len(starts) != 1 || len(ends) != 1 || starts[0].FlowID != ends[0].FlowID {
 				t.Fatalf("got %d starts, %d ends, want 1 and 1 with one flow ID", len(starts), len(ends))
 			}

@@ -9,25 +9,9 @@ import (
 	"testing"
 
 	"github.com/flowpipe/flowpipe/core/component"
+	"github.com/flowpipe/flowpipe/core/component/componenttest"
 	"github.com/flowpipe/flowpipe/core/flow"
 )
-
-// collect is an Emitter that keeps what it is given and acknowledges it at once; the
-// runtime's part is tested in core/pipeline and cmd/flowpipe.
-type collect struct{ events []flow.Event }
-
-func (c *collect) Emit(_ context.Context, b *flow.Batch) error {
-	c.events = append(c.events, b.Events...)
-	b.Release(nil)
-	return nil
-}
-
-type countDrops struct {
-	component.NopMetrics
-	dropped map[string]int
-}
-
-func (c *countDrops) Dropped(reason string, n int) { c.dropped[reason] += n }
 
 func TestMalformedLinesAreCountedAndSkipped(t *testing.T) {
 	dir := t.TempDir()
@@ -48,16 +32,17 @@ func TestMalformedLinesAreCountedAndSkipped(t *testing.T) {
 	os.WriteFile(path, []byte(sb.String()), 0o644)
 
 	var logs strings.Builder
-	m := &countDrops{dropped: map[string]int{}}
+	m := &componenttest.Metrics{}
 	env := component.Env{Name: "r", ConfigDir: dir, Logger: slog.New(slog.NewTextHandler(&logs, nil)), Metrics: m}
-	out := &collect{}
+	out := &componenttest.Collector{}
 	if err := New(env, &Config{Path: "in.jsonl", BatchSize: 2, OnError: "skip"}).Run(context.Background(), out); err != nil {
 		t.Fatal(err)
 	}
-	if len(out.events) != 5 || m.dropped["malformed"] != 2 {
-		t.Fatalf("got %d events and %d malformed, want 5 and 2", len(out.events), m.dropped["malformed"])
+	events := out.Events()
+	if len(events) != 5 || m.DroppedCount("malformed") != 2 {
+		t.Fatalf("got %d events and %d malformed, want 5 and 2", len(events), m.DroppedCount("malformed"))
 	}
-	for i, e := range out.events {
+	for i, e := range events {
 		if e.TxBytes != uint64(i) {
 			t.Fatalf("event %d out of order", i)
 		}
@@ -66,7 +51,7 @@ func TestMalformedLinesAreCountedAndSkipped(t *testing.T) {
 		t.Errorf("log does not name the bad lines 3 and 6:\n%s", logs.String())
 	}
 
-	err := New(env, &Config{Path: "in.jsonl", BatchSize: 2, OnError: "stop"}).Run(context.Background(), &collect{})
+	err := New(env, &Config{Path: "in.jsonl", BatchSize: 2, OnError: "stop"}).Run(context.Background(), &componenttest.Collector{})
 	if err == nil || !strings.Contains(err.Error(), "in.jsonl:3: missing key \"flow_id\"") {
 		t.Fatalf("on_error: stop gave %v, want an error naming in.jsonl:3 and the missing key", err)
 	}
@@ -74,7 +59,7 @@ func TestMalformedLinesAreCountedAndSkipped(t *testing.T) {
 
 func TestMissingFileIsAClearError(t *testing.T) {
 	env := component.Env{Name: "r", ConfigDir: t.TempDir(), Logger: slog.Default(), Metrics: component.NopMetrics{}}
-	err := New(env, &Config{Path: "nope.jsonl", BatchSize: 10, OnError: "skip"}).Run(context.Background(), &collect{})
+	err := New(env, &Config{Path: "nope.jsonl", BatchSize: 10, OnError: "skip"}).Run(context.Background(), &componenttest.Collector{})
 	if err == nil || !strings.Contains(err.Error(), "nope.jsonl") {
 		t.Fatalf("got %v", err)
 	}

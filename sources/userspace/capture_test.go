@@ -370,7 +370,7 @@ func TestLiveCaptureMatchesReplay(t *testing.T) {
 		t.Fatalf("live source: %v", runErr)
 	}
 
-	live := connsOf(t, col.all())
+	live := connsOf(t, col.Events())
 	checkPlan(t, live, plan)
 	for _, f := range []struct {
 		server       netip.AddrPort
@@ -469,7 +469,7 @@ func TestLiveRereadsInterfaceAddresses(t *testing.T) {
 		t.Fatal(err)
 	}
 	var seen bool
-	for _, e := range col.all() {
+	for _, e := range col.Events() {
 		if e.Type == flow.TypeEnd && e.DstAddr == netip.MustParseAddr(b2) && e.DstPort == 7200 {
 			seen = true
 			if e.Direction != flow.Egress || e.SrcAddr != netip.MustParseAddr(a2) || e.TxPackets != 1 || e.RxPackets != 1 {

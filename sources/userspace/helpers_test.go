@@ -11,51 +11,18 @@ import (
 	"os/exec"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 
 	"github.com/flowpipe/flowpipe/core/component"
+	"github.com/flowpipe/flowpipe/core/component/componenttest"
 	"github.com/flowpipe/flowpipe/core/flow"
 )
 
-// collector is an Emitter that keeps every event and acknowledges each batch at once.
-type collector struct {
-	mu      sync.Mutex
-	events  []flow.Event
-	batches int
-}
-
-func (c *collector) Emit(_ context.Context, b *flow.Batch) error {
-	c.mu.Lock()
-	c.events = append(c.events, b.Events...)
-	c.batches++
-	c.mu.Unlock()
-	b.Release(nil)
-	return nil
-}
-
-func (c *collector) all() []flow.Event {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return append([]flow.Event(nil), c.events...)
-}
-
-// countingMetrics records what a component reports to its Env.Metrics.
-type countingMetrics struct {
-	mu      sync.Mutex
-	dropped map[string]int
-}
-
-func (m *countingMetrics) Filtered(string, int) {}
-func (m *countingMetrics) Errors(string, int)   {}
-func (m *countingMetrics) Dropped(r string, n int) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if m.dropped == nil {
-		m.dropped = map[string]int{}
-	}
-	m.dropped[r] += n
-}
+// collector and countingMetrics stand in for the runtime in these tests.
+type (
+	collector       = componenttest.Collector
+	countingMetrics = componenttest.Metrics
+)
 
 func testEnv(t testing.TB) component.Env {
 	return component.Env{Name: "us", Kind: component.KindSource, Type: "userspace",
@@ -208,7 +175,7 @@ func replayFile(t testing.TB, file string, local ...netip.Prefix) []flow.Event {
 	if err := s.Run(context.Background(), &col); err != nil {
 		t.Fatalf("replay %s: %v", file, err)
 	}
-	return col.all()
+	return col.Events()
 }
 
 // compareWithTshark checks that every conversation tshark sees is one connection with one

@@ -77,7 +77,7 @@ func TestReplayCountsAndSkipsBadPackets(t *testing.T) {
 			t.Errorf("packets{result=%q} = %v, want %v", r, got, n)
 		}
 	}
-	evs := col.all()
+	evs := col.Events()
 	if len(evs) != 2 || evs[0].Type != flow.TypeStart || evs[1].Type != flow.TypeEnd || evs[1].TxPackets != 2 {
 		t.Fatalf("events %+v", evs)
 	}

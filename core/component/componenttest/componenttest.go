@@ -1,0 +1,83 @@
+// Package componenttest helps test a component outside a pipeline: an Emitter that collects
+// what a source emits, and Metrics that count what a component reports. They stand in for the
+// runtime (core/pipeline), which has tests of its own; a test that is about acknowledgements
+// or queues should run the real runtime instead.
+package componenttest
+
+import (
+	"context"
+	"fmt"
+	"sync"
+
+	"github.com/flowpipe/flowpipe/core/flow"
+)
+
+// Collector is an Emitter that keeps every event it is given and acknowledges each batch at
+// once, as delivered. It is safe for concurrent use.
+type Collector struct {
+	mu      sync.Mutex
+	events  []flow.Event
+	batches int
+}
+
+// Emit keeps a copy of the batch's events and releases it.
+func (c *Collector) Emit(_ context.Context, b *flow.Batch) error {
+	c.mu.Lock()
+	c.events = append(c.events, b.Events...)
+	c.batches++
+	c.mu.Unlock()
+	b.Release(nil)
+	return nil
+}
+
+// Events returns a copy of every event collected so far, in order.
+func (c *Collector) Events() []flow.Event {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return append([]flow.Event(nil), c.events...)
+}
+
+// Batches is the number of batches collected so far.
+func (c *Collector) Batches() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.batches
+}
+
+// Metrics counts what a component reports through component.Metrics, by reason. The zero
+// value is ready to use; it is safe for concurrent use.
+type Metrics struct {
+	mu                        sync.Mutex
+	filtered, dropped, errors map[string]int
+}
+
+func (m *Metrics) add(mm *map[string]int, reason string, n int) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if *mm == nil {
+		*mm = map[string]int{}
+	}
+	(*mm)[reason] += n
+}
+
+func (m *Metrics) get(mm map[string]int, reason string) int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return mm[reason]
+}
+
+func (m *Metrics) Filtered(reason string, n int) { m.add(&m.filtered, reason, n) }
+func (m *Metrics) Dropped(reason string, n int)  { m.add(&m.dropped, reason, n) }
+func (m *Metrics) Errors(reason string, n int)   { m.add(&m.errors, reason, n) }
+
+// FilteredCount, DroppedCount and ErrorCount return what was counted for a reason.
+func (m *Metrics) FilteredCount(reason string) int { return m.get(m.filtered, reason) }
+func (m *Metrics) DroppedCount(reason string) int  { return m.get(m.dropped, reason) }
+func (m *Metrics) ErrorCount(reason string) int    { return m.get(m.errors, reason) }
+
+// String lists every count, for failure messages.
+func (m *Metrics) String() string {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return fmt.Sprintf("filtered %v, dropped %v, errors %v", m.filtered, m.dropped, m.errors)
+}
