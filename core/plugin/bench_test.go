@@ -2,6 +2,7 @@ package plugin
 
 import (
 	"context"
+	"fmt"
 	"path/filepath"
 	"testing"
 
@@ -64,5 +65,7 @@ func BenchmarkSinkProcess(b *testing.B) {
 	if err := c.(component.Starter).Start(context.Background()); err != nil {
 		b.Fatal(err)
 	}
-	benchSink(b, c.(component.Sink), 1024)
+	for _, n := range []int{256, 1024, 4096} {
+		b.Run(fmt.Sprintf("batch=%d", n), func(b *testing.B) { benchSink(b, c.(component.Sink), n) })
+	}
 }
