@@ -164,6 +164,18 @@ sinks:
 			t.Errorf("validate output lacks %q:\n%s", want, stderr)
 		}
 	}
+	// A reader goes through the file top to bottom: so do the problems.
+	last := -1
+	for _, line := range strings.Split(stderr, "\n") {
+		var n int
+		if _, err := fmt.Sscanf(line, "pipeline.yaml:%d:", &n); err == nil {
+			if n < last {
+				t.Errorf("problems not in line order:\n%s", stderr)
+				break
+			}
+			last = n
+		}
+	}
 
 	writeFile(t, filepath.Join(dir, "good.yaml"), "sources: {g: {type: generate}}\nsinks: {o: {type: file, path: x.jsonl}}\n")
 	out, stderr, code := flowpipe(t, dir, "validate", "-c", "good.yaml")

@@ -181,7 +181,7 @@ func Load(file string, data []byte, environ []string) (*Document, error) {
 
 	probs = append(probs, d.decodeTop(raw)...)
 	if len(probs) > 0 {
-		sortProblems(probs)
+		probs.Sort()
 		return d, probs
 	}
 	return d, nil
@@ -484,7 +484,8 @@ func isHex64(s string) bool {
 	return true
 }
 
-func sortProblems(ps Problems) {
+// Sort orders problems by file and line, as a reader goes through the file.
+func (ps Problems) Sort() {
 	sort.SliceStable(ps, func(i, j int) bool {
 		fi, li := splitWhere(ps[i].Where)
 		fj, lj := splitWhere(ps[j].Where)

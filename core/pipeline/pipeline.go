@@ -145,6 +145,7 @@ func New(ctx context.Context, doc *config.Document, opts Options) (*Pipeline, er
 		p.sources = append(p.sources, &sourceNode{name: spec.Name, src: src, m: m, p: p})
 	}
 	if len(probs) > 0 {
+		probs.Sort()
 		cctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
 		p.closeAll(cctx)
