@@ -64,6 +64,9 @@ type Component struct {
 	Plugin    string // external plugin name or path
 	SHA256    string // pin for Plugin
 	Isolation string // "", "inproc" or "process"
+	// Process holds the plugin host's settings for a component run out of process
+	// (`process:` in pipeline.yaml); the plugin host decodes and checks them.
+	Process any
 	// Options is everything else beside type: the component's own options and the
 	// runtime's per-component settings (queue, retry, ...).
 	Options map[string]any
@@ -434,6 +437,8 @@ func (d *Document) component(v any, path, name string, kind component.Kind) (Com
 	for key, x := range m {
 		switch key {
 		case "type", "plugin", "sha256", "isolation":
+		case "process":
+			c.Process = x
 		case "name":
 			if kind != component.KindEnricher {
 				c.Options[key] = x

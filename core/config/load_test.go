@@ -228,3 +228,17 @@ func FuzzLoad(f *testing.F) {
 		}
 	})
 }
+
+func TestProcessSettingsAreNotComponentOptions(t *testing.T) {
+	d, ps := load(t, `
+sources: {g: {type: generate, process: {call_timeout: 5s}, rate: 1}}
+sinks: {o: {type: discard}}
+`)
+	if ps != nil {
+		t.Fatal(ps)
+	}
+	src := d.Sources[0]
+	if _, leaked := src.Options["process"]; leaked || src.Process == nil || src.Options["rate"] != 1 {
+		t.Fatalf("process: %v, options: %v", src.Process, src.Options)
+	}
+}

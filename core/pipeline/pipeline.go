@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"log/slog"
 	"maps"
+	"strings"
 	"sync"
 	"time"
 
@@ -197,9 +198,12 @@ func (p *Pipeline) build(ctx context.Context, spec config.Component, opts Option
 		p.closers = append(p.closers, namedCloser{spec.Name, c})
 		return c, m, nil
 	}
+	if spec.Process != nil {
+		return nil, nil, config.Problems{p.doc.Problem(config.Join(spec.Path, "process"), "process: settings apply only to a component run out of process; remove them or drop isolation: inproc")}
+	}
 	f, ok := opts.Registry.Lookup(spec.Kind, spec.Type)
 	if !ok {
-		return nil, nil, config.Problems{p.doc.Problem(config.Join(spec.Path, "type"), "unknown %s type %q (known: %v)", spec.Kind, spec.Type, opts.Registry.Types(spec.Kind))}
+		return nil, nil, config.Problems{p.doc.Problem(config.Join(spec.Path, "type"), "unknown %s type %q (known: %s)", spec.Kind, spec.Type, strings.Join(opts.Registry.Types(spec.Kind), ", "))}
 	}
 	cfg := f.NewConfig()
 	errs := config.Decode(spec.Options, cfg, "")

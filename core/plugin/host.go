@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -74,7 +73,7 @@ type Settings struct {
 	StartTimeout time.Duration `yaml:"start_timeout"`
 }
 
-// settingsKey is the key of Settings in a component's options.
+// settingsKey is the key of Settings beside a component's options (config.Component.Process).
 const settingsKey = "process"
 
 func defaultSettings() Settings {
@@ -101,10 +100,9 @@ func (s *Settings) Validate() error {
 // only works in process. Option problems come back as config.FieldErrors relative to the
 // component, so that they are shown at their line.
 func (h *Host) Instantiate(ctx context.Context, spec config.Component, env component.Env) (any, error) {
-	opts := maps.Clone(spec.Options)
+	opts := spec.Options
 	settings := defaultSettings()
-	if raw, ok := opts[settingsKey]; ok {
-		delete(opts, settingsKey)
+	if raw := spec.Process; raw != nil {
 		m, ok := raw.(map[string]any)
 		if !ok {
 			return nil, config.FieldErrors{{Path: settingsKey, Msg: "want a map (call_timeout, ping_interval, start_timeout)"}}

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -121,6 +122,11 @@ func newFixture(t *testing.T, kind component.Kind, name string) *fixture {
 func (f *fixture) instantiate(t *testing.T, plugin string, opts map[string]any) (any, error) {
 	t.Helper()
 	spec := config.Component{Kind: f.env.Kind, Name: f.env.Name, Plugin: plugin, Options: opts}
+	if p, ok := opts["process"]; ok { // as the config loader does: process: is the host's
+		spec.Process = p
+		spec.Options = maps.Clone(opts)
+		delete(spec.Options, "process")
+	}
 	c, err := f.host.Instantiate(context.Background(), spec, f.env)
 	if err == nil {
 		t.Cleanup(func() {
