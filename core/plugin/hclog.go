@@ -6,6 +6,7 @@ import (
 	"io"
 	"log"
 	"log/slog"
+	"math"
 	"sync"
 
 	"github.com/hashicorp/go-hclog"
@@ -48,7 +49,32 @@ func (a *slogAdapter) Log(level hclog.Level, msg string, args ...any) {
 		return
 	}
 	all := append(append([]any(nil), a.args...), args...)
-	a.l.Log(ctx, lv, msg, all...)
+	a.l.Log(ctx, lv, msg, fromPluginJSON(all)...)
+}
+
+// fromPluginJSON undoes what the trip through a plugin's JSON log line did to its
+// attributes: go-plugin decodes every number as a float64, so integers come back as such
+// (read_buffer=67108864, not 6.7108864e+07), and the plugin's own timestamp is dropped
+// because the host's log record has one.
+func fromPluginJSON(kv []any) []any {
+	out := kv[:0:0]
+	for i := 0; i < len(kv); i++ {
+		if i+1 < len(kv) {
+			if k, ok := kv[i].(string); ok {
+				if k == "timestamp" {
+					i++
+					continue
+				}
+				if f, ok := kv[i+1].(float64); ok && f == math.Trunc(f) && math.Abs(f) < 1<<53 {
+					out = append(out, k, int64(f))
+					i++
+					continue
+				}
+			}
+		}
+		out = append(out, kv[i])
+	}
+	return out
 }
 
 func (a *slogAdapter) Trace(msg string, args ...any) { a.Log(hclog.Trace, msg, args...) }
