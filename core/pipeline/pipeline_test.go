@@ -490,3 +490,33 @@ sinks:
 	}
 	p.Close(context.Background())
 }
+
+func TestReadyReportsAFailingSink(t *testing.T) {
+	h := newHarness()
+	h.sources["src"] = &testSource{batches: 1, size: 1, done: make(chan struct{}), holdOpen: true}
+	bad := &testSink{}
+	bad.failFirst.Store(1 << 30)
+	h.sinks["bad"] = bad
+	p := h.build(t, `
+runtime: {shutdown_timeout: 50ms}
+sources: {src: {type: test}}
+sinks:
+  bad:
+    type: test
+    retry: {initial_interval: 1ms, max_interval: 1ms}
+`)
+	if err := p.Ready(); err == nil {
+		t.Fatal("ready before running")
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := runAsync(p, ctx)
+	waitFor(t, "three failed writes", func() bool { return bad.writes.Load() >= failingAfter })
+	err := p.Ready()
+	if err == nil || !strings.Contains(err.Error(), "sink bad") || !strings.Contains(err.Error(), "transient failure") {
+		t.Errorf("Ready() = %v, want the failing sink and its error", err)
+	}
+	bad.failFirst.Store(0) // the collector is back
+	waitFor(t, "recovery", func() bool { return p.Ready() == nil })
+	cancel()
+	<-done
+}
