@@ -9,12 +9,12 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/flowpipe/flowpipe/core/flow"
+	"github.com/flowpipe/flowpipe/internal/testenv"
 )
 
 // These tests run the real flowpipe binary, as a user would.
@@ -198,7 +198,7 @@ sinks:
 `)
 	cmd := exec.Command(binary, "run", "--log-format", "json")
 	cmd.Dir = dir
-	stderr := &syncBuffer{}
+	stderr := &testenv.SyncBuffer{}
 	cmd.Stderr = stderr
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -229,24 +229,6 @@ sinks:
 	if n := len(readEvents(t, filepath.Join(dir, "flows.jsonl"))); n == 0 {
 		t.Error("no events written before SIGTERM")
 	}
-}
-
-// syncBuffer is a bytes.Buffer that a child process writes while the test reads it.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }
 
 func TestGraphFormats(t *testing.T) {

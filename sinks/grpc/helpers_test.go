@@ -11,6 +11,7 @@ import (
 	"github.com/google/uuid"
 
 	"github.com/flowpipe/flowpipe/core/component"
+	"github.com/flowpipe/flowpipe/core/component/componenttest"
 	"github.com/flowpipe/flowpipe/core/flow"
 	grpcsink "github.com/flowpipe/flowpipe/sinks/grpc"
 	grpcsrc "github.com/flowpipe/flowpipe/sources/grpc"
@@ -78,19 +79,7 @@ func startReceiver(t testing.TB, cfg *grpcsrc.Config, out component.Emitter) *gr
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := r.Start(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { r.Run(ctx, out); close(done) }()
-	t.Cleanup(func() {
-		cancel()
-		<-done
-		c, cc := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cc()
-		r.Close(c)
-	})
+	componenttest.RunSource(t, r, out)
 	return r
 }
 

@@ -21,6 +21,7 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/flowpipe/flowpipe/core/component"
+	"github.com/flowpipe/flowpipe/core/component/componenttest"
 	"github.com/flowpipe/flowpipe/core/flow"
 	"github.com/flowpipe/flowpipe/internal/flowwire"
 	pb "github.com/flowpipe/flowpipe/proto/flow"
@@ -74,19 +75,7 @@ func start(t *testing.T, mutate func(*grpcsrc.Config), out component.Emitter) re
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := r.Start(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { r.Run(ctx, out); close(done) }()
-	t.Cleanup(func() {
-		cancel()
-		<-done
-		c, cc := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cc()
-		r.Close(c)
-	})
+	componenttest.RunSource(t, r, out)
 	return receiverT{r, reg}
 }
 

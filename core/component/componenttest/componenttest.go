@@ -8,6 +8,10 @@ import (
 	"context"
 	"fmt"
 	"sync"
+	"testing"
+	"time"
+
+	"github.com/flowpipe/flowpipe/core/component"
 
 	"github.com/flowpipe/flowpipe/core/flow"
 )
@@ -80,4 +84,34 @@ func (m *Metrics) String() string {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	return fmt.Sprintf("filtered %v, dropped %v, errors %v", m.filtered, m.dropped, m.errors)
+}
+
+// RunSource starts src (component.Starter) and runs it into out until the test ends, then
+// cancels it, waits for Run to return and closes it (component.Closer), as the runtime would.
+func RunSource(t testing.TB, src component.Source, out component.Emitter) {
+	t.Helper()
+	if s, ok := src.(component.Starter); ok {
+		if err := s.Start(context.Background()); err != nil {
+			t.Fatalf("start: %v", err)
+		}
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if err := src.Run(ctx, out); err != nil && ctx.Err() == nil {
+			t.Errorf("run: %v", err)
+		}
+	}()
+	t.Cleanup(func() {
+		cancel()
+		<-done
+		if c, ok := src.(component.Closer); ok {
+			cctx, ccancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer ccancel()
+			if err := c.Close(cctx); err != nil {
+				t.Errorf("close: %v", err)
+			}
+		}
+	})
 }
