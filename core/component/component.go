@@ -10,6 +10,7 @@ package component
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
 	"path/filepath"
 
@@ -132,4 +133,18 @@ func (e Env) Path(p string) string {
 		return p
 	}
 	return filepath.Join(e.ConfigDir, p)
+}
+
+// Register registers a component's own Prometheus metrics with Registerer (which adds the
+// component and kind labels); with no Registerer (a test, a tool) it does nothing.
+func (e Env) Register(cs ...prometheus.Collector) error {
+	if e.Registerer == nil {
+		return nil
+	}
+	for _, c := range cs {
+		if err := e.Registerer.Register(c); err != nil {
+			return fmt.Errorf("%s %s: register metrics: %w", e.Kind, e.Name, err)
+		}
+	}
+	return nil
 }

@@ -13,7 +13,6 @@ import (
 	"crypto/sha1"
 	"encoding/binary"
 	"errors"
-	"fmt"
 	"log/slog"
 	"net/netip"
 	"sync"
@@ -184,12 +183,8 @@ func New(env component.Env, c *Config) (*Aggregator, error) {
 		Name: "flowpipe_aggregate_held_batches",
 		Help: "Input batches retained until the aggregates carrying their events are acknowledged.",
 	})
-	if env.Registerer != nil {
-		for _, m := range []prometheus.Collector{a.absorbed, a.emitted, a.windows, a.held} {
-			if err := env.Registerer.Register(m); err != nil {
-				return nil, fmt.Errorf("aggregate: register metrics: %w", err)
-			}
-		}
+	if err := env.Register(a.absorbed, a.emitted, a.windows, a.held); err != nil {
+		return nil, err
 	}
 	return a, nil
 }

@@ -158,15 +158,7 @@ func (e *Enricher) registerMetrics() error {
 		Name: "flowpipe_resources_table_loaded_timestamp_seconds",
 		Help: "When the tables in force were loaded (Unix seconds).",
 	})
-	if e.env.Registerer == nil {
-		return nil
-	}
-	for _, c := range []prometheus.Collector{e.reloads, e.loaded} {
-		if err := e.env.Registerer.Register(c); err != nil {
-			return fmt.Errorf("resources: register metrics: %w", err)
-		}
-	}
-	return nil
+	return e.env.Register(e.reloads, e.loaded)
 }
 
 func (e *Enricher) markLoaded() { e.loaded.Set(float64(time.Now().UnixNano()) / 1e9) }

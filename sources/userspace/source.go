@@ -2,7 +2,6 @@ package userspace
 
 import (
 	"context"
-	"fmt"
 	"net/netip"
 	"path/filepath"
 	"time"
@@ -58,12 +57,8 @@ func New(env component.Env, c *Config) (*Source, error) {
 		Name: "flowpipe_userspace_capture_drops_total",
 		Help: "Packets the kernel dropped because the capture ring was full.",
 	})
-	if env.Registerer != nil {
-		for _, c := range []prometheus.Collector{s.packets, s.conns, s.evicted, s.capDrops} {
-			if err := env.Registerer.Register(c); err != nil {
-				return nil, fmt.Errorf("register metrics: %w", err)
-			}
-		}
+	if err := env.Register(s.packets, s.conns, s.evicted, s.capDrops); err != nil {
+		return nil, err
 	}
 	return s, nil
 }
