@@ -4,8 +4,6 @@ import (
 	"encoding/base64"
 	"net"
 	"net/url"
-	"os"
-	"path/filepath"
 	"time"
 
 	"github.com/flowpipe/flowpipe/core/config"
@@ -110,15 +108,6 @@ func (c *Config) target() (addr string, tls bool) {
 	}
 	return net.JoinHostPort(u.Hostname(), port), tls
 }
-
-func resolve(dir, p string) string {
-	if p == "" || filepath.IsAbs(p) || dir == "" {
-		return p
-	}
-	return filepath.Join(dir, p)
-}
-
-func readFile(dir, p string) ([]byte, error) { return os.ReadFile(resolve(dir, p)) }
 
 // publicKey is the public_key option as bytes: a WireGuard key is given in base64 and sent
 // decoded; anything else is sent as its text.

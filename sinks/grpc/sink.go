@@ -19,6 +19,7 @@ import (
 	"io"
 	"log/slog"
 	"math/rand/v2"
+	"os"
 	"sync"
 	"time"
 
@@ -96,7 +97,7 @@ func New(env component.Env, c *Config) (*Sink, error) {
 	addr, useTLS := c.target()
 	var tc credentials.TransportCredentials
 	if useTLS {
-		cfg, err := clientTLS(env.ConfigDir, c)
+		cfg, err := clientTLS(env, c)
 		if err != nil {
 			return nil, err
 		}
@@ -135,14 +136,16 @@ func New(env component.Env, c *Config) (*Sink, error) {
 		space:   make(chan struct{}),
 		done:    make(chan struct{}),
 	}
-	s.metrics(env.Registerer)
+	if err := s.metrics(env); err != nil {
+		return nil, err
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	s.cancel = cancel
 	go s.run(ctx)
 	return s, nil
 }
 
-func (s *Sink) metrics(reg prometheus.Registerer) {
+func (s *Sink) metrics(env component.Env) error {
 	counter := func(name, help string) prometheus.Counter {
 		return prometheus.NewCounter(prometheus.CounterOpts{Name: "flowpipe_grpc_sink_" + name, Help: help})
 	}
@@ -152,19 +155,13 @@ func (s *Sink) metrics(reg prometheus.Registerer) {
 	s.unknownAcks = counter("unknown_acks_total", "ACKs for events not waiting (already ACKed, or given up).")
 	s.inFlight = prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "flowpipe_grpc_sink_unacked_events", Help: "Events waiting for their ACK."},
 		func() float64 { s.mu.Lock(); defer s.mu.Unlock(); return float64(len(s.pending)) })
-	if reg != nil {
-		for _, c := range []prometheus.Collector{s.sent, s.resent, s.acked, s.unknownAcks, s.inFlight} {
-			if err := reg.Register(c); err != nil {
-				s.log.Warn("register metric", "err", err)
-			}
-		}
-	}
+	return env.Register(s.sent, s.resent, s.acked, s.unknownAcks, s.inFlight)
 }
 
-func clientTLS(dir string, c *Config) (*tls.Config, error) {
+func clientTLS(env component.Env, c *Config) (*tls.Config, error) {
 	cfg := &tls.Config{ServerName: c.ServerName, MinVersion: tls.VersionTLS12}
 	if c.CAFile != "" {
-		pem, err := readFile(dir, c.CAFile)
+		pem, err := os.ReadFile(env.Path(c.CAFile))
 		if err != nil {
 			return nil, fmt.Errorf("ca_file: %w", err)
 		}
@@ -175,7 +172,7 @@ func clientTLS(dir string, c *Config) (*tls.Config, error) {
 		cfg.RootCAs = pool
 	}
 	if c.CertFile != "" {
-		cert, err := tls.LoadX509KeyPair(resolve(dir, c.CertFile), resolve(dir, c.KeyFile))
+		cert, err := tls.LoadX509KeyPair(env.Path(c.CertFile), env.Path(c.KeyFile))
 		if err != nil {
 			return nil, fmt.Errorf("cert_file/key_file: %w", err)
 		}

@@ -2,7 +2,6 @@ package grpc
 
 import (
 	"net"
-	"path/filepath"
 	"time"
 
 	"github.com/flowpipe/flowpipe/core/config"
@@ -122,11 +121,4 @@ func itoa(i int) string {
 		return digits[i : i+1]
 	}
 	return itoa(i/10) + digits[i%10:i%10+1]
-}
-
-func resolve(dir, p string) string {
-	if p == "" || filepath.IsAbs(p) || dir == "" {
-		return p
-	}
-	return filepath.Join(dir, p)
 }

@@ -81,23 +81,25 @@ func New(env component.Env, c *Config) (*Receiver, error) {
 		r.secrets = append(r.secrets, []byte(s))
 	}
 	if c.CertFile != "" {
-		tc, err := serverTLS(env.ConfigDir, c)
+		tc, err := serverTLS(env, c)
 		if err != nil {
 			return nil, err
 		}
 		r.creds = credentials.NewTLS(tc)
 	}
+	if err := r.metrics(env); err != nil {
+		return nil, err
+	}
 	r.coll = newCollector(r)
 	if c.Dedup.StateFile != "" && r.coll.dedupOn() {
-		if err := r.coll.load(resolve(env.ConfigDir, c.Dedup.StateFile)); err != nil {
+		if err := r.coll.load(env.Path(c.Dedup.StateFile)); err != nil {
 			return nil, err
 		}
 	}
-	r.metrics(env.Registerer)
 	return r, nil
 }
 
-func (r *Receiver) metrics(reg prometheus.Registerer) {
+func (r *Receiver) metrics(env component.Env) error {
 	counter := func(name, help string) prometheus.Counter {
 		return prometheus.NewCounter(prometheus.CounterOpts{Name: "flowpipe_grpc_source_" + name, Help: help})
 	}
@@ -109,13 +111,7 @@ func (r *Receiver) metrics(reg prometheus.Registerer) {
 		Help: "Streams refused or ended by the receiver, by reason."}, []string{"reason"})
 	r.open = prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "flowpipe_grpc_source_streams", Help: "Open client streams."},
 		func() float64 { return float64(r.streams.Load()) })
-	if reg != nil {
-		for _, c := range []prometheus.Collector{r.received, r.duplicates, r.ackedDropped, r.notAcked, r.refused, r.open} {
-			if err := reg.Register(c); err != nil {
-				r.log.Warn("register metric", "err", err)
-			}
-		}
-	}
+	return env.Register(r.received, r.duplicates, r.ackedDropped, r.notAcked, r.refused, r.open)
 }
 
 // refuse counts a refused or failed stream and returns the status its client sees.
@@ -127,14 +123,14 @@ func (r *Receiver) refuse(reason string, code codes.Code, format string, args ..
 	return status.Error(code, msg)
 }
 
-func serverTLS(dir string, c *Config) (*tls.Config, error) {
-	cert, err := tls.LoadX509KeyPair(resolve(dir, c.CertFile), resolve(dir, c.KeyFile))
+func serverTLS(env component.Env, c *Config) (*tls.Config, error) {
+	cert, err := tls.LoadX509KeyPair(env.Path(c.CertFile), env.Path(c.KeyFile))
 	if err != nil {
 		return nil, fmt.Errorf("cert_file/key_file: %w", err)
 	}
 	tc := &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
 	if c.ClientCAFile != "" {
-		pem, err := os.ReadFile(resolve(dir, c.ClientCAFile))
+		pem, err := os.ReadFile(env.Path(c.ClientCAFile))
 		if err != nil {
 			return nil, fmt.Errorf("client_ca_file: %w", err)
 		}
