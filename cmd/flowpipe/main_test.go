@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bufio"
 	"bytes"
 	"encoding/json"
 	"fmt"
@@ -13,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/flowpipe/flowpipe/core/component/componenttest"
 	"github.com/flowpipe/flowpipe/core/flow"
 	"github.com/flowpipe/flowpipe/internal/testenv"
 )
@@ -59,26 +59,6 @@ func flowpipe(t *testing.T, dir string, args ...string) (stdout, stderr string, 
 	return o.String(), e.String(), code
 }
 
-func readEvents(t *testing.T, path string) []flow.Event {
-	t.Helper()
-	f, err := os.Open(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	var out []flow.Event
-	sc := bufio.NewScanner(f)
-	sc.Buffer(nil, 1<<20)
-	for sc.Scan() {
-		var e flow.Event
-		if err := flow.ParseJSON(sc.Bytes(), &e); err != nil {
-			t.Fatalf("%s: %v", path, err)
-		}
-		out = append(out, e)
-	}
-	return out
-}
-
 func TestRunGenerateToFileThenReplayRoundTrip(t *testing.T) {
 	dir := t.TempDir()
 	writeFile(t, filepath.Join(dir, "record.yaml"), `
@@ -91,7 +71,7 @@ sinks:
 	if _, stderr, code := flowpipe(t, dir, "run", "-c", "record.yaml"); code != 0 {
 		t.Fatalf("run exited %d:\n%s", code, stderr)
 	}
-	recorded := readEvents(t, filepath.Join(dir, "out/flows.jsonl"))
+	recorded := componenttest.ReadJSONLines(t, filepath.Join(dir, "out/flows.jsonl"))
 	if len(recorded) < 20000 {
 		t.Fatalf("recorded %d events, want at least 20000", len(recorded))
 	}
@@ -226,7 +206,7 @@ sinks:
 			t.Errorf("--log-format json wrote a non-JSON line: %s", line)
 		}
 	}
-	if n := len(readEvents(t, filepath.Join(dir, "flows.jsonl"))); n == 0 {
+	if n := len(componenttest.ReadJSONLines(t, filepath.Join(dir, "flows.jsonl"))); n == 0 {
 		t.Error("no events written before SIGTERM")
 	}
 }

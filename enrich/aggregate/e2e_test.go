@@ -1,7 +1,6 @@
 package aggregate_test
 
 import (
-	"bufio"
 	"context"
 	"fmt"
 	"log/slog"
@@ -12,6 +11,7 @@ import (
 	"testing"
 
 	"github.com/flowpipe/flowpipe/core/component"
+	"github.com/flowpipe/flowpipe/core/component/componenttest"
 	"github.com/flowpipe/flowpipe/core/config"
 	"github.com/flowpipe/flowpipe/core/flow"
 	"github.com/flowpipe/flowpipe/core/pipeline"
@@ -52,26 +52,6 @@ func (s *ackSource) Run(ctx context.Context, out component.Emitter) error {
 		}
 	}
 	return nil
-}
-
-func readEvents(t *testing.T, path string) []flow.Event {
-	t.Helper()
-	f, err := os.Open(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	var out []flow.Event
-	sc := bufio.NewScanner(f)
-	sc.Buffer(nil, 1<<20)
-	for sc.Scan() {
-		var ev flow.Event
-		if err := flow.ParseJSON(sc.Bytes(), &ev); err != nil {
-			t.Fatalf("%s: %v", sc.Text(), err)
-		}
-		out = append(out, ev)
-	}
-	return out
 }
 
 func run(t *testing.T, reg *component.Registry, yaml string) string {
@@ -115,7 +95,7 @@ enrichers:
 sinks:
   out: {type: file, path: out.jsonl}
 `)
-	evs := readEvents(t, filepath.Join(dir, "out.jsonl"))
+	evs := componenttest.ReadJSONLines(t, filepath.Join(dir, "out.jsonl"))
 	var gre int
 	var ends, tx uint64
 	keys := map[netip.Addr]bool{} // a window boundary during the test may split a key in two
@@ -175,7 +155,7 @@ sinks:
 `)
 	var starts, ends uint64
 	var web int
-	for _, ev := range readEvents(t, filepath.Join(dir, "out.jsonl")) {
+	for _, ev := range componenttest.ReadJSONLines(t, filepath.Join(dir, "out.jsonl")) {
 		if ev.Type != flow.TypeAggregate {
 			t.Fatalf("generate emits only TCP, UDP and ICMP; %v passed through", ev.Type)
 		}

@@ -1,7 +1,6 @@
 package file
 
 import (
-	"bufio"
 	"context"
 	"log/slog"
 	"os"
@@ -13,6 +12,7 @@ import (
 	"time"
 
 	"github.com/flowpipe/flowpipe/core/component"
+	"github.com/flowpipe/flowpipe/core/component/componenttest"
 	"github.com/flowpipe/flowpipe/core/config"
 	"github.com/flowpipe/flowpipe/core/flow"
 )
@@ -28,25 +28,6 @@ func batch(ids *flow.IDGen, n int, seq *uint64) *flow.Batch {
 		evs[i] = flow.Event{EventID: ids.New(), FlowID: ids.New(), Type: flow.TypeStart, Timestamp: flow.Now(), Protocol: flow.ProtoTCP, TxPackets: *seq}
 	}
 	return flow.NewBatch(evs, nil)
-}
-
-func lines(t *testing.T, path string) []flow.Event {
-	t.Helper()
-	f, err := os.Open(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	var out []flow.Event
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		var e flow.Event
-		if err := flow.ParseJSON(sc.Bytes(), &e); err != nil {
-			t.Fatalf("%s: bad line %q: %v", path, sc.Text(), err)
-		}
-		out = append(out, e)
-	}
-	return out
 }
 
 func TestWriteCreatesDirectoriesAndMode(t *testing.T) {
@@ -72,7 +53,7 @@ func TestWriteCreatesDirectoriesAndMode(t *testing.T) {
 	if st.Mode().Perm() != 0o640 {
 		t.Errorf("mode %v, want 0640", st.Mode().Perm())
 	}
-	got := lines(t, p)
+	got := componenttest.ReadJSONLines(t, p)
 	if len(got) != 30 {
 		t.Fatalf("%d lines, want 30", len(got))
 	}
@@ -107,7 +88,7 @@ func TestRotationBySizeKeepsMaxFiles(t *testing.T) {
 		if st.Size() > 4096 {
 			t.Errorf("%s is %d bytes, over max_size", f, st.Size())
 		}
-		all = append(all, lines(t, f)...)
+		all = append(all, componenttest.ReadJSONLines(t, f)...)
 	}
 	// The kept files hold the newest events, in order, ending with the last one.
 	for i := 1; i < len(all); i++ {
@@ -171,7 +152,7 @@ func TestConcurrentWritesGroupCommit(t *testing.T) {
 	files, _ := filepath.Glob(filepath.Join(dir, "flows.jsonl*"))
 	seen := map[uint64]bool{}
 	for _, f := range files {
-		for _, e := range lines(t, f) {
+		for _, e := range componenttest.ReadJSONLines(t, f) {
 			if seen[e.TxPackets] {
 				t.Fatalf("event %d written twice", e.TxPackets)
 			}

@@ -5,8 +5,10 @@
 package componenttest
 
 import (
+	"bufio"
 	"context"
 	"fmt"
+	"os"
 	"sync"
 	"testing"
 	"time"
@@ -114,4 +116,29 @@ func RunSource(t testing.TB, src component.Source, out component.Emitter) {
 			}
 		}
 	})
+}
+
+// ReadJSONLines reads a file of JSON lines written by the file sink, failing t on any line
+// that is not a valid event (naming the file and line).
+func ReadJSONLines(t testing.TB, path string) []flow.Event {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	var out []flow.Event
+	sc := bufio.NewScanner(f)
+	sc.Buffer(nil, 1<<20)
+	for line := 1; sc.Scan(); line++ {
+		var e flow.Event
+		if err := flow.ParseJSON(sc.Bytes(), &e); err != nil {
+			t.Fatalf("%s:%d: %v", path, line, err)
+		}
+		out = append(out, e)
+	}
+	if err := sc.Err(); err != nil {
+		t.Fatalf("read %s: %v", path, err)
+	}
+	return out
 }
