@@ -1,8 +1,10 @@
 package main
 
 import (
+	"context"
 	"log/slog"
 
+	"github.com/flowpipe/flowpipe/core/config"
 	"github.com/flowpipe/flowpipe/core/pipeline"
 )
 
@@ -13,6 +15,24 @@ func pipelineOptions(log *slog.Logger) pipeline.Options {
 		hook(&opts, log)
 	}
 	return opts
+}
+
+// build loads the pipeline file and builds every component, as run and validate both do;
+// configuration problems are printed and become exit status 1.
+func (g *globalFlags) build(ctx context.Context) (*config.Document, *pipeline.Pipeline, *slog.Logger, error) {
+	log, err := g.logger()
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	doc, err := g.loadConfig()
+	if err != nil {
+		return nil, nil, nil, printProblems(err)
+	}
+	p, err := pipeline.New(ctx, doc, pipelineOptions(log))
+	if err != nil {
+		return nil, nil, nil, printProblems(err)
+	}
+	return doc, p, log, nil
 }
 
 // optionHooks let other files of this command adjust the options (the plugin host sets

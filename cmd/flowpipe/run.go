@@ -10,7 +10,6 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/flowpipe/flowpipe/core/admin"
-	"github.com/flowpipe/flowpipe/core/pipeline"
 )
 
 func newRunCmd(g *globalFlags) *cobra.Command {
@@ -21,22 +20,14 @@ func newRunCmd(g *globalFlags) *cobra.Command {
 SIGINT or SIGTERM, or until every source is exhausted. On shutdown, sources stop, what is in
 flight drains to the sinks within runtime.shutdown_timeout, and anything that could not be
 delivered is reported with counts.`,
-		Example: "  flowpipe run\n  flowpipe run -c examples/generate-to-file.yaml --log-format json\n  FLOWPIPE_SINKS__OUT__PATH=/tmp/flows.jsonl flowpipe run",
+		Example: "  flowpipe run\n  flowpipe run -c examples/generate.yaml --log-format json\n  FLOWPIPE_SINKS__OUT__PATH=/tmp/flows.jsonl flowpipe run",
 		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			log, err := g.logger()
-			if err != nil {
-				return err
-			}
-			doc, err := g.loadConfig()
-			if err != nil {
-				return printProblems(err)
-			}
 			ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
-			p, err := pipeline.New(ctx, doc, pipelineOptions(log))
+			doc, p, log, err := g.build(ctx)
 			if err != nil {
-				return printProblems(err)
+				return err
 			}
 			if doc.Admin.Listen != "" {
 				srv, err := admin.Start(doc.Admin.Listen, p.Metrics().Registry, p.Ready, log)

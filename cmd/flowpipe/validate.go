@@ -6,8 +6,6 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
-
-	"github.com/flowpipe/flowpipe/core/pipeline"
 )
 
 func newValidateCmd(g *globalFlags) *cobra.Command {
@@ -20,19 +18,11 @@ when there is any, 0 when the pipeline is valid.`,
 		Example: "  flowpipe validate\n  flowpipe validate -c /etc/flowpipe/pipeline.yaml",
 		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			log, err := g.logger()
-			if err != nil {
-				return err
-			}
-			doc, err := g.loadConfig()
-			if err != nil {
-				return printProblems(err)
-			}
 			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 			defer cancel()
-			p, err := pipeline.New(ctx, doc, pipelineOptions(log))
+			doc, p, _, err := g.build(ctx)
 			if err != nil {
-				return printProblems(err)
+				return err
 			}
 			p.Close(ctx)
 			fmt.Fprintf(cmd.OutOrStdout(), "%s: valid (%d sources, %d enrichers, %d sinks)\n", doc.File, len(doc.Sources), len(doc.Enrichers), len(doc.Sinks))
