@@ -520,3 +520,23 @@ sinks:
 	cancel()
 	<-done
 }
+
+func TestProcessSettingsInProcessAreAnError(t *testing.T) {
+	h := newHarness()
+	h.sources["src"] = &testSource{done: make(chan struct{})}
+	doc, err := config.Load("pipeline.yaml", []byte(`
+sources: {src: {type: test}}
+sinks:
+  out:
+    type: test
+    isolation: inproc
+    process: {call_timeout: 5s}
+`), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = New(context.Background(), doc, Options{Registry: h.reg})
+	if err == nil || !strings.Contains(err.Error(), "pipeline.yaml:7: sinks.out.process: process: settings apply only to a component run out of process") {
+		t.Fatalf("got %v", err)
+	}
+}
