@@ -12,7 +12,7 @@ import (
 
 	"github.com/flowpipe/flowpipe/core/component"
 	"github.com/flowpipe/flowpipe/core/flow"
-	"github.com/flowpipe/flowpipe/core/plugin/internal/codec"
+	"github.com/flowpipe/flowpipe/internal/codec"
 	pb "github.com/flowpipe/flowpipe/core/plugin/proto/v1"
 )
 

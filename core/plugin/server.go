@@ -19,7 +19,7 @@ import (
 	"github.com/flowpipe/flowpipe/core/component"
 	"github.com/flowpipe/flowpipe/core/config"
 	"github.com/flowpipe/flowpipe/core/flow"
-	"github.com/flowpipe/flowpipe/core/plugin/internal/codec"
+	"github.com/flowpipe/flowpipe/internal/codec"
 	pb "github.com/flowpipe/flowpipe/core/plugin/proto/v1"
 )
 

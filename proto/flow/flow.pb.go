@@ -9,7 +9,7 @@
 // 	protoc        v3.21.12
 // source: flow.proto
 
-package flow
+package flowpb
 
 import (
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
@@ -651,7 +651,7 @@ const file_flow_proto_rawDesc = "" +
 	"\n" +
 	"\x06EGRESS\x10\x022B\n" +
 	"\vFlowService\x123\n" +
-	"\x06Events\x12\x0f.flow.FlowEvent\x1a\x12.flow.FlowEventAck\"\x00(\x010\x01B)Z'github.com/flowpipe/flowpipe/proto/flowb\x06proto3"
+	"\x06Events\x12\x0f.flow.FlowEvent\x1a\x12.flow.FlowEventAck\"\x00(\x010\x01B0Z.github.com/flowpipe/flowpipe/proto/flow;flowpbb\x06proto3"
 
 var (
 	file_flow_proto_rawDescOnce sync.Once

@@ -9,7 +9,7 @@
 // - protoc             v3.21.12
 // source: flow.proto
 
-package flow
+package flowpb
 
 import (
 	context "context"

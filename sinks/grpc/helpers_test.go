@@ -1,4 +1,4 @@
-package grpc_test
+package grpcsink_test
 
 import (
 	"context"

@@ -1,4 +1,4 @@
-package grpc_test
+package grpcsink_test
 
 import (
 	"context"
@@ -8,7 +8,7 @@ import (
 	"time"
 
 	"github.com/google/uuid"
-	grpclib "google.golang.org/grpc"
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
@@ -83,7 +83,7 @@ func TestSinkToMinimalReceiver(t *testing.T) {
 		t.Fatal(err)
 	}
 	recv := &minimalReceiver{secret: []byte("minimal-receiver-secret"), events: map[uuid.UUID]*pb.FlowEvent{}}
-	srv := grpclib.NewServer()
+	srv := grpc.NewServer()
 	pb.RegisterFlowServiceServer(srv, recv)
 	go srv.Serve(lis)
 	t.Cleanup(srv.Stop)

@@ -1,4 +1,4 @@
-// Package grpc is the `type: grpc` sink: it streams events to a collector over NetBird's flow
+// Package grpcsink is the `type: grpc` sink: it streams events to a collector over NetBird's flow
 // protocol (flow.FlowService/Events, proto/flow) and reports a batch written only when the
 // collector has ACKed every one of its events.
 //
@@ -8,7 +8,7 @@
 // jittered exponential backoff and sends every unacknowledged event again; an event not ACKed
 // within ack_timeout is sent again on the same stream. The collector de-duplicates by event
 // ID, so resending is safe.
-package grpc
+package grpcsink
 
 import (
 	"context"
@@ -25,7 +25,7 @@ import (
 
 	"github.com/google/uuid"
 	"github.com/prometheus/client_golang/prometheus"
-	grpclib "google.golang.org/grpc"
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
@@ -53,7 +53,7 @@ type Sink struct {
 	cfg    *Config
 	log    *slog.Logger
 	env    component.Env
-	conn   *grpclib.ClientConn
+	conn   *grpc.ClientConn
 	key    []byte
 	cancel context.CancelFunc
 	done   chan struct{}
@@ -109,23 +109,23 @@ func New(env component.Env, c *Config) (*Sink, error) {
 	if err != nil {
 		return nil, err
 	}
-	opts := []grpclib.DialOption{
-		grpclib.WithTransportCredentials(tc),
-		grpclib.WithKeepaliveParams(keepalive.ClientParameters{Time: c.KeepaliveTime, Timeout: c.KeepaliveTimeout, PermitWithoutStream: true}),
-		grpclib.WithConnectParams(grpclib.ConnectParams{
+	opts := []grpc.DialOption{
+		grpc.WithTransportCredentials(tc),
+		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: c.KeepaliveTime, Timeout: c.KeepaliveTimeout, PermitWithoutStream: true}),
+		grpc.WithConnectParams(grpc.ConnectParams{
 			Backoff:           backoff.Config{BaseDelay: c.ReconnectMin, Multiplier: 1.6, Jitter: 0.2, MaxDelay: c.ReconnectMax},
 			MinConnectTimeout: 5 * time.Second,
 		}),
-		grpclib.WithDefaultCallOptions(grpclib.ForceCodecV2(flowwire.Codec{}), grpclib.MaxCallRecvMsgSize(int(c.MaxMessageSize))),
+		grpc.WithDefaultCallOptions(grpc.ForceCodecV2(flowwire.Codec{}), grpc.MaxCallRecvMsgSize(int(c.MaxMessageSize))),
 		// Larger HTTP/2 windows than the 64 KiB default keep a stream of small messages moving
 		// while ACKs come back.
-		grpclib.WithInitialWindowSize(4 << 20),
-		grpclib.WithInitialConnWindowSize(8 << 20),
+		grpc.WithInitialWindowSize(4 << 20),
+		grpc.WithInitialConnWindowSize(8 << 20),
 	}
 	if tok != nil {
-		opts = append(opts, grpclib.WithPerRPCCredentials(tok))
+		opts = append(opts, grpc.WithPerRPCCredentials(tok))
 	}
-	conn, err := grpclib.NewClient(addr, opts...)
+	conn, err := grpc.NewClient(addr, opts...)
 	if err != nil {
 		return nil, fmt.Errorf("grpc sink %s: %w", c.URL, err)
 	}
@@ -386,7 +386,7 @@ const handshakeTimeout = 15 * time.Second
 func (s *Sink) serve(ctx context.Context, gen uint64) error {
 	sctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	stream, err := s.conn.NewStream(sctx, &pb.FlowService_ServiceDesc.Streams[0], pb.FlowService_Events_FullMethodName, grpclib.WaitForReady(true))
+	stream, err := s.conn.NewStream(sctx, &pb.FlowService_ServiceDesc.Streams[0], pb.FlowService_Events_FullMethodName, grpc.WaitForReady(true))
 	if err != nil {
 		return fmt.Errorf("open stream: %w", err)
 	}
@@ -446,7 +446,7 @@ func (s *Sink) serve(ctx context.Context, gen uint64) error {
 
 // closeErr is the status behind a failed SendMsg, read with RecvMsg; only for use while no
 // other goroutine receives on the stream.
-func closeErr(stream grpclib.ClientStream, err error) error {
+func closeErr(stream grpc.ClientStream, err error) error {
 	var m flowwire.AckMsg
 	if rerr := stream.RecvMsg(&m); rerr != nil {
 		if _, ok := status.FromError(rerr); ok {
@@ -457,7 +457,7 @@ func closeErr(stream grpclib.ClientStream, err error) error {
 }
 
 // send writes queued events to the stream until it fails or ctx ends.
-func (s *Sink) send(ctx context.Context, stream grpclib.ClientStream, gen uint64) error {
+func (s *Sink) send(ctx context.Context, stream grpc.ClientStream, gen uint64) error {
 	tick := time.NewTicker(max(s.cfg.AckTimeout/4, 10*time.Millisecond))
 	defer tick.Stop()
 	var batch []*pending

@@ -1,10 +1,10 @@
-// Package grpc is the `type: grpc` source: the collector side of NetBird's flow protocol
+// Package grpcsource is the `type: grpc` source: the collector side of NetBird's flow protocol
 // (flow.FlowService/Events, proto/flow). Agents — flowpipe's grpc sink or NetBird clients —
 // stream events to it; it batches the events of all streams, hands the batches to the
 // pipeline, and ACKs each event to its client only when the pipeline's sinks made its batch
 // durable (or the user's drop policy dropped it, which is counted). Events are de-duplicated
 // by ID over a window, so a client's resend after a lost ACK reaches the sinks once.
-package grpc
+package grpcsource
 
 import (
 	"context"
@@ -22,7 +22,7 @@ import (
 
 	"github.com/google/uuid"
 	"github.com/prometheus/client_golang/prometheus"
-	grpclib "google.golang.org/grpc"
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/keepalive"
@@ -53,7 +53,7 @@ type Receiver struct {
 	startOnce sync.Once
 	startErr  error
 	lis       net.Listener
-	srv       *grpclib.Server
+	srv       *grpc.Server
 	served    chan struct{}
 	coll      *collector
 
@@ -153,18 +153,18 @@ func (r *Receiver) Start(context.Context) error {
 			return
 		}
 		r.lis = lis
-		opts := []grpclib.ServerOption{
-			grpclib.ForceServerCodecV2(flowwire.Codec{}),
-			grpclib.MaxRecvMsgSize(int(r.cfg.MaxMessageSize)),
-			grpclib.KeepaliveParams(keepalive.ServerParameters{Time: r.cfg.KeepaliveTime, Timeout: r.cfg.KeepaliveTimeout}),
-			grpclib.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: r.cfg.KeepaliveMinTime, PermitWithoutStream: true}),
-			grpclib.InitialWindowSize(4 << 20),
-			grpclib.InitialConnWindowSize(8 << 20),
+		opts := []grpc.ServerOption{
+			grpc.ForceServerCodecV2(flowwire.Codec{}),
+			grpc.MaxRecvMsgSize(int(r.cfg.MaxMessageSize)),
+			grpc.KeepaliveParams(keepalive.ServerParameters{Time: r.cfg.KeepaliveTime, Timeout: r.cfg.KeepaliveTimeout}),
+			grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: r.cfg.KeepaliveMinTime, PermitWithoutStream: true}),
+			grpc.InitialWindowSize(4 << 20),
+			grpc.InitialConnWindowSize(8 << 20),
 		}
 		if r.creds != nil {
-			opts = append(opts, grpclib.Creds(r.creds))
+			opts = append(opts, grpc.Creds(r.creds))
 		}
-		r.srv = grpclib.NewServer(opts...)
+		r.srv = grpc.NewServer(opts...)
 		pb.RegisterFlowServiceServer(r.srv, r)
 		go func() {
 			defer close(r.served)

@@ -1,4 +1,4 @@
-package grpc_test
+package grpcsource_test
 
 import (
 	"context"
@@ -13,7 +13,7 @@ import (
 	"github.com/google/uuid"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
-	grpclib "google.golang.org/grpc"
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
@@ -84,12 +84,12 @@ func start(t *testing.T, mutate func(*grpcsrc.Config), out component.Emitter) re
 // event per message.
 type netbirdClient struct {
 	stream pb.FlowService_EventsClient
-	conn   *grpclib.ClientConn
+	conn   *grpc.ClientConn
 }
 
 func dial(t *testing.T, addr, authorization string) *netbirdClient {
 	t.Helper()
-	conn, err := grpclib.NewClient(addr, grpclib.WithTransportCredentials(insecure.NewCredentials()))
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		t.Fatal(err)
 	}

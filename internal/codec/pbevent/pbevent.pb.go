@@ -368,7 +368,7 @@ const file_pbevent_proto_rawDesc = "" +
 	"\bnum_ends\x18\x1b \x01(\x04R\anumEnds\x12\x1b\n" +
 	"\tnum_drops\x18\x1c \x01(\x04R\bnumDrops\">\n" +
 	"\x06Events\x124\n" +
-	"\x06events\x18\x01 \x03(\v2\x1c.flowpipe.plugin.bench.EventR\x06eventsBAZ?github.com/flowpipe/flowpipe/core/plugin/internal/codec/pbeventb\x06proto3"
+	"\x06events\x18\x01 \x03(\v2\x1c.flowpipe.plugin.bench.EventR\x06eventsB5Z3github.com/flowpipe/flowpipe/internal/codec/pbeventb\x06proto3"
 
 var (
 	file_pbevent_proto_rawDescOnce sync.Once

@@ -11,7 +11,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/flowpipe/flowpipe/core/flow"
-	"github.com/flowpipe/flowpipe/core/plugin/internal/codec/pbevent"
+	"github.com/flowpipe/flowpipe/internal/codec/pbevent"
 )
 
 // sample returns n events covering every field and address form.
