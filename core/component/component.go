@@ -85,8 +85,12 @@ type Env struct {
 	Kind      Kind
 	Type      string
 	ConfigDir string // directory of pipeline.yaml; relative paths in options are relative to it
-	Logger    *slog.Logger
-	Metrics   Metrics
+	// DataDir is the pipeline's data directory (`data_dir:`); a component keeps its state
+	// under it in a folder of its own, by convention <DataDir>/<what>/<name> (for example
+	// queue/collector), and creates that folder when it starts, not when it is built.
+	DataDir string
+	Logger  *slog.Logger
+	Metrics Metrics
 	// Registerer registers component-specific Prometheus metrics; the labels component and
 	// kind are added to each.
 	Registerer prometheus.Registerer

@@ -30,10 +30,13 @@ const EnvPrefix = "FLOWPIPE_"
 
 // Document is a loaded pipeline.yaml.
 type Document struct {
-	File      string // the file as named by the user
-	Dir       string // its directory, for resolving relative paths
-	Admin     Admin
-	Runtime   Runtime
+	File    string // the file as named by the user
+	Dir     string // its directory, for resolving relative paths
+	Admin   Admin
+	Runtime Runtime
+	// DataDir holds every component's state (disk queues, journals, what a source changed
+	// on the host); `data_dir:` in pipeline.yaml, see DefaultDataDir.
+	DataDir   string
 	Sources   []Component // sorted by name
 	Enrichers []Component // in pipeline order
 	Sinks     []Component // sorted by name
@@ -74,6 +77,16 @@ type Component struct {
 
 // DefaultAdminListen is where the admin listener goes when admin.listen is not set.
 const DefaultAdminListen = "127.0.0.1:9560"
+
+// DefaultDataDir returns the data directory used when pipeline.yaml sets no `data_dir:`:
+// $STATE_DIRECTORY when systemd provides one (StateDirectory=), else /var/lib/flowpipe.
+func DefaultDataDir() string {
+	if d := os.Getenv("STATE_DIRECTORY"); d != "" {
+		// systemd may list several directories separated by colons; the first is ours.
+		return strings.Split(d, ":")[0]
+	}
+	return "/var/lib/flowpipe"
+}
 
 // DefaultShutdownTimeout is the default runtime.shutdown_timeout.
 const DefaultShutdownTimeout = 30 * time.Second
@@ -324,9 +337,9 @@ func (d *Document) decodeTop(raw map[string]any) Problems {
 	var probs Problems
 	for key := range raw {
 		switch key {
-		case "admin", "runtime", "sources", "enrichers", "sinks":
+		case "admin", "runtime", "data_dir", "sources", "enrichers", "sinks":
 		default:
-			probs = append(probs, d.Problem(key, "unknown top-level key (want admin, runtime, sources, enrichers, sinks)"))
+			probs = append(probs, d.Problem(key, "unknown top-level key (want admin, runtime, data_dir, sources, enrichers, sinks)"))
 		}
 	}
 	d.Admin = Admin{Listen: DefaultAdminListen}
@@ -338,6 +351,19 @@ func (d *Document) decodeTop(raw map[string]any) Problems {
 		probs = append(probs, d.decodeSection(v, "runtime", &d.Runtime)...)
 		if d.Runtime.ShutdownTimeout < 0 {
 			probs = append(probs, d.Problem("runtime.shutdown_timeout", "must not be negative"))
+		}
+	}
+
+	d.DataDir = DefaultDataDir()
+	if v, ok := raw["data_dir"]; ok {
+		switch dir, isString := v.(string); {
+		case !isString || dir == "":
+			probs = append(probs, d.Problem("data_dir", "want a directory path, got %s", describe(v)))
+		case filepath.IsAbs(dir):
+			d.DataDir = filepath.Clean(dir)
+		default:
+			// Relative to pipeline.yaml, as every other path in the file.
+			d.DataDir = filepath.Join(d.Dir, dir)
 		}
 	}
 

@@ -242,3 +242,30 @@ sinks: {o: {type: discard}}
 		t.Fatalf("process: %v, options: %v", src.Process, src.Options)
 	}
 }
+
+func TestDataDir(t *testing.T) {
+	t.Setenv("STATE_DIRECTORY", "")
+	d, ps := load(t, valid)
+	if ps != nil {
+		t.Fatal(ps)
+	}
+	if d.DataDir != "/var/lib/flowpipe" {
+		t.Errorf("default data_dir = %q, want /var/lib/flowpipe", d.DataDir)
+	}
+
+	t.Setenv("STATE_DIRECTORY", "/run/state/flowpipe:/other")
+	if d, _ = load(t, valid); d.DataDir != "/run/state/flowpipe" {
+		t.Errorf("data_dir under systemd = %q, want the first of $STATE_DIRECTORY", d.DataDir)
+	}
+
+	d, err := Load("/etc/fp/pipeline.yaml", []byte("data_dir: state\n"+valid), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d.DataDir != "/etc/fp/state" {
+		t.Errorf("relative data_dir = %q, want it relative to pipeline.yaml (/etc/fp/state)", d.DataDir)
+	}
+
+	_, ps = load(t, "data_dir: [a]\n"+valid)
+	wantProblem(t, ps, "pipeline.yaml:1", "data_dir", "want a directory path")
+}

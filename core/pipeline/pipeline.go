@@ -178,7 +178,7 @@ func asFieldErrors(err error) config.FieldErrors {
 func (p *Pipeline) build(ctx context.Context, spec config.Component, opts Options) (any, *metrics.Component, config.Problems) {
 	m := p.metrics.Component(spec.Name, string(spec.Kind))
 	env := component.Env{
-		Name: spec.Name, Kind: spec.Kind, Type: spec.Type, ConfigDir: p.doc.Dir,
+		Name: spec.Name, Kind: spec.Kind, Type: spec.Type, ConfigDir: p.doc.Dir, DataDir: p.doc.DataDir,
 		Logger:     p.log.With(string(spec.Kind), spec.Name),
 		Metrics:    m,
 		Registerer: m.Registerer(),

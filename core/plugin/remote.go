@@ -12,8 +12,8 @@ import (
 
 	"github.com/flowpipe/flowpipe/core/component"
 	"github.com/flowpipe/flowpipe/core/flow"
-	"github.com/flowpipe/flowpipe/internal/codec"
 	pb "github.com/flowpipe/flowpipe/core/plugin/proto/v1"
+	"github.com/flowpipe/flowpipe/internal/codec"
 )
 
 func isDeadline(err error) bool { return status.Code(err) == codes.DeadlineExceeded }

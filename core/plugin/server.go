@@ -19,8 +19,8 @@ import (
 	"github.com/flowpipe/flowpipe/core/component"
 	"github.com/flowpipe/flowpipe/core/config"
 	"github.com/flowpipe/flowpipe/core/flow"
-	"github.com/flowpipe/flowpipe/internal/codec"
 	pb "github.com/flowpipe/flowpipe/core/plugin/proto/v1"
+	"github.com/flowpipe/flowpipe/internal/codec"
 )
 
 // server is the plugin side: it builds the component from its factory when the host sends
@@ -114,7 +114,7 @@ func (s *server) Configure(_ context.Context, req *pb.ConfigureRequest) (*pb.Con
 		os.Stdout = s.stdout
 	}
 	env := component.Env{
-		Name: req.Name, Kind: s.factory.Kind, Type: s.factory.Type, ConfigDir: req.ConfigDir,
+		Name: req.Name, Kind: s.factory.Kind, Type: s.factory.Type, ConfigDir: req.ConfigDir, DataDir: req.DataDir,
 		Logger: s.log, Metrics: &s.counts,
 		Registerer: s.metrics,
 	}

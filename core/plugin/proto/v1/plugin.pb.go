@@ -251,6 +251,7 @@ type ConfigureRequest struct {
 	// options_yaml is the component's options as YAML, so that the plugin decodes exactly the
 	// values the host loaded (integers stay integers).
 	OptionsYaml   []byte `protobuf:"bytes,3,opt,name=options_yaml,json=optionsYaml,proto3" json:"options_yaml,omitempty"`
+	DataDir       string `protobuf:"bytes,4,opt,name=data_dir,json=dataDir,proto3" json:"data_dir,omitempty"` // the pipeline's data_dir, for components that keep state
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -304,6 +305,13 @@ func (x *ConfigureRequest) GetOptionsYaml() []byte {
 		return x.OptionsYaml
 	}
 	return nil
+}
+
+func (x *ConfigureRequest) GetDataDir() string {
+	if x != nil {
+		return x.DataDir
+	}
+	return ""
 }
 
 type FieldError struct {
@@ -1263,12 +1271,13 @@ const file_plugin_proto_rawDesc = "" +
 	"\x04type\x18\x02 \x01(\tR\x04type\x12\x18\n" +
 	"\aversion\x18\x03 \x01(\tR\aversion\x12)\n" +
 	"\x10protocol_version\x18\x04 \x01(\rR\x0fprotocolVersion\x12\x18\n" +
-	"\asummary\x18\x05 \x01(\tR\asummary\"h\n" +
+	"\asummary\x18\x05 \x01(\tR\asummary\"\x83\x01\n" +
 	"\x10ConfigureRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1d\n" +
 	"\n" +
 	"config_dir\x18\x02 \x01(\tR\tconfigDir\x12!\n" +
-	"\foptions_yaml\x18\x03 \x01(\fR\voptionsYaml\":\n" +
+	"\foptions_yaml\x18\x03 \x01(\fR\voptionsYaml\x12\x19\n" +
+	"\bdata_dir\x18\x04 \x01(\tR\adataDir\":\n" +
 	"\n" +
 	"FieldError\x12\x12\n" +
 	"\x04path\x18\x01 \x01(\tR\x04path\x12\x18\n" +
