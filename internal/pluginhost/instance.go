@@ -85,13 +85,6 @@ func newInstance(spec config.Component, env component.Env, s Settings, l *launch
 	return in
 }
 
-// first starts the first process; it is not adopted yet, so that the caller can discard it.
-func (in *instance) first(ctx context.Context) (*proc, bool, error) {
-	return startProc(ctx, in.launcher, in.spec, in.env, in.settings, in.options)
-}
-
-func (in *instance) discard(p *proc) { p.shutdown() }
-
 // adopt makes p the current process and starts watching it.
 func (in *instance) adopt(p *proc) {
 	// The watch's cancel is set before p is published: stop reads it.

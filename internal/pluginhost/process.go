@@ -22,6 +22,7 @@ import (
 
 	"github.com/flowpipe/flowpipe/core/component"
 	"github.com/flowpipe/flowpipe/core/config"
+	"github.com/flowpipe/flowpipe/core/options"
 	pb "github.com/flowpipe/flowpipe/internal/pluginproto"
 )
 
@@ -46,7 +47,7 @@ type proc struct {
 // process is started from an OS thread locked for its whole life: the parent-death signal
 // (SIGKILL) is tied to the thread that forked, so the plugin dies with flowpipe, even with
 // kill -9, and never with a Go runtime thread that happens to exit.
-func startProc(ctx context.Context, l *launcher, spec config.Component, env component.Env, s Settings, options []byte) (*proc, bool, error) {
+func startProc(ctx context.Context, l *launcher, spec config.Component, env component.Env, s Settings, optYAML []byte) (*proc, bool, error) {
 	cmd, err := l.cmd()
 	if err != nil {
 		return nil, false, err
@@ -60,7 +61,7 @@ func startProc(ctx context.Context, l *launcher, spec config.Component, env comp
 			return nil, false, fmt.Errorf("%s: %w", l.describe, err)
 		}
 		if !bytes.Equal(sum, l.checksum) {
-			return nil, false, config.FieldErrors{{Path: "sha256", Msg: fmt.Sprintf("%s has SHA-256 %x, but pipeline.yaml pins %s: refusing to start it. If you replaced the plugin on purpose, set sha256: to the output of `sha256sum %s`", cmd.Path, sum, hex.EncodeToString(l.checksum), cmd.Path)}}
+			return nil, false, options.FieldErrors{{Path: "sha256", Msg: fmt.Sprintf("%s has SHA-256 %x, but pipeline.yaml pins %s: refusing to start it. If you replaced the plugin on purpose, set sha256: to the output of `sha256sum %s`", cmd.Path, sum, hex.EncodeToString(l.checksum), cmd.Path)}}
 		}
 	}
 	cmd.Env = append(cmd.Env, pb.ParentPIDEnv+"="+strconv.Itoa(os.Getpid()))
@@ -117,7 +118,7 @@ func startProc(ctx context.Context, l *launcher, spec config.Component, env comp
 	p.comp = pb.NewComponentClient(conn)
 	p.sink, p.enr, p.src = pb.NewSinkClient(conn), pb.NewEnricherClient(conn), pb.NewSourceClient(conn)
 
-	holder, err := p.configure(ctx, l.describe, spec, env, s.StartTimeout, options)
+	holder, err := p.configure(ctx, l.describe, spec, env, s.StartTimeout, optYAML)
 	if err != nil {
 		p.shutdown()
 		return nil, false, err
@@ -127,7 +128,7 @@ func startProc(ctx context.Context, l *launcher, spec config.Component, env comp
 
 // configure describes the plugin, checks that it is what spec asks for and configures the
 // component; a spec without a kind only describes (plugins list).
-func (p *proc) configure(ctx context.Context, describe string, spec config.Component, env component.Env, timeout time.Duration, options []byte) (bool, error) {
+func (p *proc) configure(ctx context.Context, describe string, spec config.Component, env component.Env, timeout time.Duration, optYAML []byte) (bool, error) {
 	cctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	desc, err := p.comp.Describe(cctx, &pb.DescribeRequest{})
@@ -147,14 +148,14 @@ func (p *proc) configure(ctx context.Context, describe string, spec config.Compo
 	if spec.Plugin == "" && desc.Type != spec.Type {
 		return false, fmt.Errorf("%s served type %q instead", describe, desc.Type)
 	}
-	resp, err := p.comp.Configure(cctx, &pb.ConfigureRequest{Name: spec.Name, ConfigDir: env.ConfigDir, DataDir: env.DataDir, OptionsYaml: options})
+	resp, err := p.comp.Configure(cctx, &pb.ConfigureRequest{Name: spec.Name, ConfigDir: env.ConfigDir, DataDir: env.DataDir, OptionsYaml: optYAML})
 	if err != nil {
 		return false, fmt.Errorf("%s: configure: %w", describe, err)
 	}
 	if len(resp.FieldErrors) > 0 {
-		var errs config.FieldErrors
+		var errs options.FieldErrors
 		for _, fe := range resp.FieldErrors {
-			errs = append(errs, config.FieldError{Path: fe.Path, Msg: fe.Message})
+			errs = append(errs, options.FieldError{Path: fe.Path, Msg: fe.Message})
 		}
 		return false, errs
 	}

@@ -89,31 +89,6 @@ func (s *Server) Configure(_ context.Context, req *pb.ConfigureRequest) (*pb.Con
 	if raw == nil {
 		raw = map[string]any{}
 	}
-	cfg := s.factory.NewConfig()
-	errs := options.Decode(raw, cfg, "")
-	if len(errs) == 0 {
-		if v, ok := cfg.(interface{ Validate() error }); ok {
-			if err := v.Validate(); err != nil {
-				var fe options.FieldErrors
-				var one options.FieldError
-				switch {
-				case errors.As(err, &fe):
-					errs = fe
-				case errors.As(err, &one):
-					errs = options.FieldErrors{one}
-				default:
-					return &pb.ConfigureResponse{Error: err.Error()}, nil
-				}
-			}
-		}
-	}
-	if len(errs) > 0 {
-		resp := &pb.ConfigureResponse{}
-		for _, e := range errs {
-			resp.FieldErrors = append(resp.FieldErrors, &pb.FieldError{Path: e.Path, Message: e.Msg})
-		}
-		return resp, nil
-	}
 	if s.stdout != nil {
 		// go-plugin made os.Stdout its own pipe when it started serving; components that
 		// write to standard output get flowpipe's.
@@ -124,12 +99,12 @@ func (s *Server) Configure(_ context.Context, req *pb.ConfigureRequest) (*pb.Con
 		Logger: s.log, Metrics: &s.counts,
 		Registerer: s.metrics,
 	}
-	c, err := s.factory.New(env, cfg)
+	// The same path as in process (component.Factory.Build): decode, validate, build.
+	c, err := s.factory.Build(env, raw)
 	if err != nil {
-		var fe options.FieldErrors
-		if errors.As(err, &fe) {
+		if errs, ok := options.FieldErrorsOf(err); ok {
 			resp := &pb.ConfigureResponse{}
-			for _, e := range fe {
+			for _, e := range errs {
 				resp.FieldErrors = append(resp.FieldErrors, &pb.FieldError{Path: e.Path, Message: e.Msg})
 			}
 			return resp, nil
