@@ -94,11 +94,16 @@ var ErrShutdown = errors.New("pipeline stopped before the batch was delivered")
 // final (the user chose to drop rather than block).
 type DropError struct {
 	Component string // the sink that dropped
-	Reason    string // e.g. "queue_full", "retries_exhausted"
+	Reason    string // e.g. "queue_full", "retries_exhausted", "rejected"
+	Message   string // for "rejected": what the sink said
 }
 
 func (e *DropError) Error() string {
-	return "dropped by sink " + e.Component + ": " + e.Reason
+	s := "dropped by sink " + e.Component + ": " + e.Reason
+	if e.Message != "" {
+		s += ": " + e.Message
+	}
+	return s
 }
 
 // IsDrop reports whether err (an acknowledgement) is a counted drop.

@@ -15,6 +15,7 @@ import (
 	"github.com/flowpipe/flowpipe/core/component"
 	"github.com/flowpipe/flowpipe/core/config"
 	"github.com/flowpipe/flowpipe/core/flow"
+	"github.com/flowpipe/flowpipe/internal/backoff"
 )
 
 // The runtime is real in these tests; the components are small test components whose
@@ -82,6 +83,7 @@ type testSink struct {
 	gate       chan struct{}
 	failFirst  atomic.Int64
 	failAlways bool
+	reject     bool // every write fails with a permanent error
 }
 
 func (s *testSink) Write(ctx context.Context, b *flow.Batch) error {
@@ -95,6 +97,9 @@ func (s *testSink) Write(ctx context.Context, b *flow.Batch) error {
 	}
 	if s.failAlways {
 		return errors.New("collector unreachable")
+	}
+	if s.reject {
+		return fmt.Errorf("POST: %w", flow.Permanent(errors.New("400 Bad Request: malformed batch")))
 	}
 	if s.failFirst.Add(-1) >= 0 {
 		return errors.New("transient failure")
@@ -344,6 +349,43 @@ sinks:
 	}
 }
 
+// A batch the sink rejects as permanent is dropped at once, without a retry, counted as
+// rejected, and acknowledged to its source as a drop with the sink's message.
+func TestPermanentErrorDropsWithoutRetry(t *testing.T) {
+	h := newHarness()
+	h.sources["src"] = &testSource{batches: 2, size: 5, done: make(chan struct{})}
+	h.sinks["picky"] = &testSink{reject: true}
+	p := h.build(t, `
+sources: {src: {type: test}}
+sinks:
+  picky:
+    type: test
+    retry: {initial_interval: 1h, max_interval: 1h}
+`)
+	if err := p.Run(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	m := p.Metrics().Component("picky", "sink")
+	if n := testutil.ToFloat64(m.DropCounter("rejected")); n != 10 {
+		t.Errorf("rejected drops = %v, want 10", n)
+	}
+	if n := h.sinks["picky"].writes.Load(); n != 2 {
+		t.Errorf("%d writes, want 2 (one per batch, no retry)", n)
+	}
+	if n := testutil.ToFloat64(m.Retries); n != 0 {
+		t.Errorf("%v retries of a permanent error", n)
+	}
+	src := h.sources["src"]
+	src.mu.Lock()
+	defer src.mu.Unlock()
+	for _, err := range src.acks {
+		var d *flow.DropError
+		if !errors.As(err, &d) || d.Component != "picky" || d.Reason != "rejected" || !strings.Contains(d.Message, "400 Bad Request: malformed batch") {
+			t.Errorf("ack %v, want a rejected drop with the sink's message", err)
+		}
+	}
+}
+
 func TestShutdownDrainsInFlight(t *testing.T) {
 	h := newHarness()
 	src := &testSource{batches: 30, size: 100, done: make(chan struct{}), holdOpen: true}
@@ -510,7 +552,7 @@ sinks:
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := runAsync(p, ctx)
-	waitFor(t, "three failed writes", func() bool { return bad.writes.Load() >= failingAfter })
+	waitFor(t, "three failed writes", func() bool { return bad.writes.Load() >= backoff.FailingAfter })
 	err := p.Ready()
 	if err == nil || !strings.Contains(err.Error(), "sink bad") || !strings.Contains(err.Error(), "transient failure") {
 		t.Errorf("Ready() = %v, want the failing sink and its error", err)

@@ -48,7 +48,7 @@ func TestMain(m *testing.M) {
 		}
 	}
 	pluginDir = dir
-	backoffMin = 200 * time.Millisecond // restarts in tests need not wait a second
+	restartBackoff.Initial = 200 * time.Millisecond // restarts in tests need not wait a second
 	code := m.Run()
 	os.RemoveAll(dir)
 	os.Exit(code)

@@ -103,7 +103,7 @@ func AckToProto(id uint64, err error) *SourceAck {
 	switch {
 	case err == nil:
 	case errors.As(err, &drop):
-		a.Status, a.Component, a.Reason = SourceAck_STATUS_DROPPED, drop.Component, drop.Reason
+		a.Status, a.Component, a.Reason, a.Message = SourceAck_STATUS_DROPPED, drop.Component, drop.Reason, drop.Message
 	case errors.Is(err, flow.ErrShutdown):
 		a.Status = SourceAck_STATUS_SHUTDOWN
 	default:
@@ -117,7 +117,7 @@ func AckFromProto(a *SourceAck) error {
 	case SourceAck_STATUS_DELIVERED:
 		return nil
 	case SourceAck_STATUS_DROPPED:
-		return &flow.DropError{Component: a.Component, Reason: a.Reason}
+		return &flow.DropError{Component: a.Component, Reason: a.Reason, Message: a.Message}
 	case SourceAck_STATUS_SHUTDOWN:
 		return flow.ErrShutdown
 	}

@@ -134,7 +134,7 @@ func (s *Server) Start(ctx context.Context, _ *pb.StartRequest) (*pb.StartRespon
 	}
 	if st, ok := c.(component.Starter); ok {
 		if err := st.Start(ctx); err != nil {
-			return &pb.StartResponse{Error: err.Error()}, nil
+			return &pb.StartResponse{Error: err.Error(), Failure: pb.ErrorToProto(err)}, nil
 		}
 	}
 	return &pb.StartResponse{}, nil
@@ -147,7 +147,7 @@ func (s *Server) Close(ctx context.Context, _ *pb.CloseRequest) (*pb.CloseRespon
 	s.mu.Unlock()
 	if cl, ok := c.(component.Closer); ok {
 		if err := cl.Close(ctx); err != nil {
-			return &pb.CloseResponse{Error: err.Error()}, nil
+			return &pb.CloseResponse{Error: err.Error(), Failure: pb.ErrorToProto(err)}, nil
 		}
 	}
 	return &pb.CloseResponse{}, nil
@@ -218,7 +218,7 @@ func (s *Server) Write(ctx context.Context, req *pb.Batch) (*pb.WriteResponse, e
 	b.Source = req.Source
 	resp := &pb.WriteResponse{}
 	if err := sink.Write(ctx, b); err != nil {
-		resp.Error = err.Error()
+		resp.Error, resp.Failure = err.Error(), pb.ErrorToProto(err)
 	}
 	resp.Counts = s.counts.drain()
 	return resp, nil
@@ -239,7 +239,7 @@ func (s *Server) Enrich(ctx context.Context, req *pb.Batch) (*pb.EnrichResponse,
 	b.Source = req.Source
 	resp := &pb.EnrichResponse{}
 	if err := en.Enrich(ctx, b); err != nil {
-		resp.Error = err.Error()
+		resp.Error, resp.Failure = err.Error(), pb.ErrorToProto(err)
 	} else {
 		// The answer's buffer goes back to the pool once gRPC has marshalled it (pb.Codec).
 		_, resp.Batch = pb.EncodeBatch(b.Events, b.Source)
@@ -277,7 +277,7 @@ func (s *Server) Run(stream grpc.BidiStreamingServer[pb.SourceAck, pb.SourceMess
 	runErr := src.Run(runCtx, em)
 	end := &pb.SourceEnd{}
 	if runErr != nil && !errors.Is(runErr, context.Canceled) {
-		end.Error = runErr.Error()
+		end.Error, end.Failure = runErr.Error(), pb.ErrorToProto(runErr)
 	}
 	if err := em.send(&pb.SourceMessage{Msg: &pb.SourceMessage_End{End: end}, Counts: s.counts.drain()}); err == nil {
 		// Stay for the acknowledgements of what is still in the pipeline, until the host
