@@ -81,6 +81,20 @@ func (b *Batch) Err() error {
 	return nil
 }
 
+// StampSource names the source component of the batch and of each of its events that does
+// not name one yet. The runtime stamps every batch a source emits, in process and out, so
+// that sources need not.
+func (b *Batch) StampSource(name string) {
+	if b.Source == "" {
+		b.Source = name
+	}
+	for i := range b.Events {
+		if b.Events[i].Source == "" {
+			b.Events[i].Source = name
+		}
+	}
+}
+
 // Acked reports whether the batch has been acknowledged.
 func (b *Batch) Acked() bool { return b.acked.Load() }
 

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
+	"go.uber.org/goleak"
 
 	"github.com/flowpipe/flowpipe/core/component"
 	"github.com/flowpipe/flowpipe/core/config"
@@ -580,5 +581,99 @@ sinks:
 	_, err = New(context.Background(), doc, Options{Registry: h.reg})
 	if err == nil || !strings.Contains(err.Error(), "pipeline.yaml:7: sinks.out.process: process: settings apply only to a component run out of process") {
 		t.Fatalf("got %v", err)
+	}
+}
+
+// clockHolder is a Holder with a goroutine of its own from Start to Close, like the
+// aggregate enricher's window clock; it counts its Closes.
+type clockHolder struct {
+	next   component.Emitter
+	stop   chan struct{}
+	done   chan struct{}
+	closes *atomic.Int64
+}
+
+func (h *clockHolder) Attach(next component.Emitter)             { h.next = next }
+func (h *clockHolder) Enrich(context.Context, *flow.Batch) error { return nil }
+func (h *clockHolder) Start(context.Context) error {
+	h.stop, h.done = make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(h.done)
+		<-h.stop
+	}()
+	return nil
+}
+func (h *clockHolder) Close(context.Context) error {
+	h.closes.Add(1)
+	if h.stop != nil {
+		close(h.stop)
+		<-h.done
+	}
+	return nil
+}
+
+// closeCounter is a sink or source that counts its Closes; failStart makes Start fail.
+type closeCounter struct {
+	testSink
+	closes    *atomic.Int64
+	failStart bool
+}
+
+func (c *closeCounter) Start(context.Context) error {
+	if c.failStart {
+		return errors.New("no such device")
+	}
+	return nil
+}
+func (c *closeCounter) Close(context.Context) error { c.closes.Add(1); return nil }
+func (c *closeCounter) Run(ctx context.Context, _ component.Emitter) error {
+	<-ctx.Done()
+	return nil
+}
+
+// When a source fails to start after the other components started, every component that
+// was built is closed exactly once, the holder included, and no goroutine is left behind.
+func TestStartFailureClosesEverythingOnce(t *testing.T) {
+	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
+	closes := map[string]*atomic.Int64{"out": {}, "hold": {}, "ok": {}, "broken": {}}
+	reg := component.NewRegistry()
+	reg.Register(component.NewSinkFactory("counted", "", func() *empty { return &empty{} },
+		func(env component.Env, _ *empty) (component.Sink, error) {
+			return &closeCounter{closes: closes[env.Name]}, nil
+		}))
+	reg.Register(component.NewSourceFactory("counted", "", func() *empty { return &empty{} },
+		func(env component.Env, _ *empty) (component.Source, error) {
+			return &closeCounter{closes: closes[env.Name], failStart: env.Name == "broken"}, nil
+		}))
+	f := component.NewEnricherFactory("clock", "", func() *empty { return &empty{} },
+		func(env component.Env, _ *empty) (component.Enricher, error) {
+			return &clockHolder{closes: closes[env.Name]}, nil
+		})
+	f.Holds = true
+	reg.Register(f)
+	doc, err := config.Load("pipeline.yaml", []byte(`
+sources:
+  ok: {type: counted}
+  broken: {type: counted}
+enrichers:
+  - {type: clock, name: hold}
+sinks:
+  out: {type: counted}
+`), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := New(context.Background(), doc, Options{Registry: reg})
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = p.Run(context.Background())
+	if err == nil || !strings.Contains(err.Error(), "start source broken: no such device") {
+		t.Fatalf("Run: %v, want the source's start error", err)
+	}
+	for name, n := range closes {
+		if n.Load() != 1 {
+			t.Errorf("%s closed %d times, want once", name, n.Load())
+		}
 	}
 }
