@@ -42,7 +42,8 @@ type Server struct {
 	// hostGone runs when the host's Watch stream ends without a Close: the host died, so
 	// the plugin process must not outlive it. In memory (plugintest) it does nothing.
 	hostGone func()
-	// stdout is flowpipe's standard output, passed down; components see it as os.Stdout.
+	// stdout is flowpipe's standard output, passed down; components get it as Env.Stdout
+	// (go-plugin made this process's os.Stdout its own pipe when it started serving).
 	stdout *os.File
 	// metrics is the registry the component's Env.Registerer registers into; Gather
 	// serves it to the host.
@@ -89,15 +90,13 @@ func (s *Server) Configure(_ context.Context, req *pb.ConfigureRequest) (*pb.Con
 	if raw == nil {
 		raw = map[string]any{}
 	}
-	if s.stdout != nil {
-		// go-plugin made os.Stdout its own pipe when it started serving; components that
-		// write to standard output get flowpipe's.
-		os.Stdout = s.stdout
-	}
 	env := component.Env{
 		Name: req.Name, Kind: s.factory.Kind, Type: s.factory.Type, ConfigDir: req.ConfigDir, DataDir: req.DataDir,
 		Logger: s.log, Metrics: &s.counts,
 		Registerer: s.metrics,
+	}
+	if s.stdout != nil {
+		env.Stdout = s.stdout
 	}
 	// The same path as in process (component.Factory.Build): decode, validate, build.
 	c, err := s.factory.Build(env, raw)
@@ -332,10 +331,7 @@ func (e *emitter) Emit(ctx context.Context, b *flow.Batch) error {
 	e.pending[id] = b
 	e.mu.Unlock()
 
-	source := b.Source
-	if source == "" && len(b.Events) > 0 {
-		source = b.Events[0].Source
-	}
+	source := b.Source // the host's runtime stamps the source's name on what is empty
 	e.sendMu.Lock()
 	var err error
 	parts := pb.Split(b.Events)

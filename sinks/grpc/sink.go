@@ -13,12 +13,10 @@ package grpcsink
 import (
 	"context"
 	"crypto/tls"
-	"crypto/x509"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
-	"os"
 	"sync"
 	"time"
 
@@ -35,6 +33,7 @@ import (
 	"github.com/flowpipe/flowpipe/core/flow"
 	"github.com/flowpipe/flowpipe/internal/backoff"
 	"github.com/flowpipe/flowpipe/internal/flowwire"
+	"github.com/flowpipe/flowpipe/internal/tlsfiles"
 	pb "github.com/flowpipe/flowpipe/proto/flow"
 )
 
@@ -160,26 +159,7 @@ func (s *Sink) metrics(env component.Env) error {
 }
 
 func clientTLS(env component.Env, c *Config) (*tls.Config, error) {
-	cfg := &tls.Config{ServerName: c.ServerName, MinVersion: tls.VersionTLS12}
-	if c.CAFile != "" {
-		pem, err := os.ReadFile(env.Path(c.CAFile))
-		if err != nil {
-			return nil, fmt.Errorf("ca_file: %w", err)
-		}
-		pool := x509.NewCertPool()
-		if !pool.AppendCertsFromPEM(pem) {
-			return nil, fmt.Errorf("ca_file %s: no PEM certificate in it", c.CAFile)
-		}
-		cfg.RootCAs = pool
-	}
-	if c.CertFile != "" {
-		cert, err := tls.LoadX509KeyPair(env.Path(c.CertFile), env.Path(c.KeyFile))
-		if err != nil {
-			return nil, fmt.Errorf("cert_file/key_file: %w", err)
-		}
-		cfg.Certificates = []tls.Certificate{cert}
-	}
-	return cfg, nil
+	return tlsfiles.Client(env.Path(c.CAFile), env.Path(c.CertFile), env.Path(c.KeyFile), c.ServerName)
 }
 
 // Write sends the batch's events and returns nil once the collector has ACKed all of them.
