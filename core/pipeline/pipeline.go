@@ -164,9 +164,18 @@ func describeSpec(spec config.Component) string {
 	return fmt.Sprintf("type %q", spec.Type)
 }
 
+// runtimeReasons are the reasons the runtime counts drops and errors under, by kind; each
+// component's counters for them are published at 0 when it is built.
+var runtimeReasons = map[component.Kind]struct{ dropped, errors []string }{
+	component.KindSource:   {errors: []string{"run"}},
+	component.KindEnricher: {dropped: []string{"enrich_error"}, errors: []string{"enrich"}},
+	component.KindSink:     {dropped: []string{"queue_full", "retries_exhausted", "rejected", "shutdown"}, errors: []string{"write"}},
+}
+
 // build decodes and validates one component's options and builds it.
 func (p *Pipeline) build(ctx context.Context, spec config.Component, opts Options) (any, *metrics.Component, config.Problems) {
 	m := p.metrics.Component(spec.Name, string(spec.Kind))
+	m.Publish(runtimeReasons[spec.Kind].dropped, runtimeReasons[spec.Kind].errors)
 	env := component.Env{
 		Name: spec.Name, Kind: spec.Kind, Type: spec.Type, ConfigDir: p.doc.Dir, DataDir: p.doc.DataDir,
 		Logger:     p.log.With(string(spec.Kind), spec.Name),

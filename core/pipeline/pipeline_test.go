@@ -677,3 +677,40 @@ sinks:
 		}
 	}
 }
+
+// Every drop and error reason the runtime counts is published at 0 for each component as
+// soon as the pipeline is built, before anything happened.
+func TestCountersPublishedAtZero(t *testing.T) {
+	h := newHarness()
+	h.sources["src"] = &testSource{done: make(chan struct{})}
+	h.sinks["out"] = &testSink{}
+	p := h.build(t, "sources: {src: {type: test}}\nenrichers: [{type: odd, name: filter}]\nsinks: {out: {type: test}}\n")
+	defer p.Close(context.Background())
+	mfs, err := p.Metrics().Registry.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]bool{}
+	for _, mf := range mfs {
+		for _, m := range mf.Metric {
+			l := map[string]string{}
+			for _, lp := range m.Label {
+				l[lp.GetName()] = lp.GetValue()
+			}
+			if m.GetCounter().GetValue() == 0 {
+				got[mf.GetName()+"/"+l["component"]+"/"+l["reason"]] = true
+			}
+		}
+	}
+	for _, want := range []string{
+		"flowpipe_events_dropped_total/out/queue_full", "flowpipe_events_dropped_total/out/retries_exhausted",
+		"flowpipe_events_dropped_total/out/rejected", "flowpipe_events_dropped_total/out/shutdown",
+		"flowpipe_errors_total/out/write", "flowpipe_events_dropped_total/filter/enrich_error",
+		"flowpipe_errors_total/filter/enrich", "flowpipe_errors_total/src/run",
+		"flowpipe_events_in_total/out/", "flowpipe_events_out_total/src/",
+	} {
+		if !got[want] {
+			t.Errorf("%s is not published at 0", want)
+		}
+	}
+}

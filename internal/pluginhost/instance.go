@@ -2,6 +2,7 @@ package pluginhost
 
 import (
 	"context"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"sync"
@@ -245,11 +246,20 @@ func (in *instance) succeeded() {
 	in.mu.Unlock()
 }
 
-// Start starts the component's work in the plugin (component.Starter).
+// Start starts the component's work in the plugin (component.Starter). The runtime calls it
+// once, so an unpinned third-party plugin is warned about once.
 func (in *instance) Start(ctx context.Context) error {
 	in.mu.Lock()
 	in.started = true
 	in.mu.Unlock()
+	if l := in.launcher; l.path != "" && l.checksum == nil {
+		sum := "(unreadable)"
+		if b, err := FileSHA256(l.path); err == nil {
+			sum = hex.EncodeToString(b)
+		}
+		in.env.Logger.Warn("plugin runs without a sha256: pin: whoever can replace its binary runs code as flowpipe; pin it in pipeline.yaml",
+			"plugin", l.path, "sha256", sum)
+	}
 	p, err := in.get(ctx)
 	if err != nil {
 		return err

@@ -42,6 +42,12 @@ const ParentPIDEnv = "FLOWPIPE_PLUGIN_PARENT_PID"
 // StdoutFDEnv names the file descriptor of flowpipe's standard output in a plugin process.
 const StdoutFDEnv = "FLOWPIPE_PLUGIN_STDOUT_FD"
 
+// LogAttrsKey is the key under which a plugin's log line (hclog JSON on its stderr) carries
+// its attributes, in order, as one list [key, value, key, value, ...]: go-plugin parses each
+// line into a map, which would lose the order. The host unfolds the list, so a component's
+// line reads the same in and out of process.
+const LogAttrsKey = "@attrs"
+
 // PluginName is the single plugin name in each go-plugin plugin set.
 const PluginName = "component"
 
