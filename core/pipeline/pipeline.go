@@ -373,14 +373,19 @@ func (p *Pipeline) drainSinks() {
 	p.mu.Lock()
 	p.running = false
 	p.mu.Unlock()
-	lost := false
+	lost, dropped := false, int64(0)
 	for _, s := range p.sinks {
 		if n := s.undelivered.Load(); n > 0 {
 			lost = true
 			p.log.Error("events not delivered before shutdown", "sink", s.name, "events", n)
 		}
+		dropped += s.dropped.Load()
 	}
-	if !lost {
+	switch {
+	case lost:
+	case dropped > 0:
+		p.log.Warn("pipeline stopped; sinks dropped events (counted in flowpipe_events_dropped_total by reason), the rest was delivered", "dropped", dropped)
+	default:
 		p.log.Info("pipeline stopped; every accepted batch was delivered")
 	}
 }
