@@ -165,7 +165,8 @@ func describeSpec(spec config.Component) string {
 }
 
 // runtimeReasons are the reasons the runtime counts drops and errors under, by kind; each
-// component's counters for them are published at 0 when it is built.
+// component's counters for them, and for its factory's own Reasons, are published at 0 when
+// it is built.
 var runtimeReasons = map[component.Kind]struct{ dropped, errors []string }{
 	component.KindSource:   {errors: []string{"run"}},
 	component.KindEnricher: {dropped: []string{"enrich_error"}, errors: []string{"enrich"}},
@@ -175,7 +176,6 @@ var runtimeReasons = map[component.Kind]struct{ dropped, errors []string }{
 // build decodes and validates one component's options and builds it.
 func (p *Pipeline) build(ctx context.Context, spec config.Component, opts Options) (any, *metrics.Component, config.Problems) {
 	m := p.metrics.Component(spec.Name, string(spec.Kind))
-	m.Publish(runtimeReasons[spec.Kind].dropped, runtimeReasons[spec.Kind].errors)
 	env := component.Env{
 		Name: spec.Name, Kind: spec.Kind, Type: spec.Type, ConfigDir: p.doc.Dir, DataDir: p.doc.DataDir,
 		Logger:     p.log.With(string(spec.Kind), spec.Name),
@@ -189,6 +189,8 @@ func (p *Pipeline) build(ctx context.Context, spec config.Component, opts Option
 			return nil, nil, config.Problems{p.doc.Problem(config.Join(spec.Path, "type"), "unknown %s type %q (known: %s)", spec.Kind, spec.Type, strings.Join(opts.Registry.Types(spec.Kind), ", "))}
 		}
 	}
+	rt := runtimeReasons[spec.Kind]
+	m.Publish(append(append([]string(nil), rt.dropped...), f.Reasons.Dropped...), f.Reasons.Filtered, rt.errors)
 	isolation := spec.Isolation
 	switch {
 	case f.Holds && isolation == "process":

@@ -58,8 +58,10 @@ func (c *Config) Validate() error {
 
 // Factory returns the replay source's factory.
 func Factory() component.Factory {
-	return component.NewSourceFactory("replay", "re-emits events from a JSON-lines file written by the file sink",
+	f := component.NewSourceFactory("replay", "re-emits events from a JSON-lines file written by the file sink",
 		defaults, func(env component.Env, c *Config) (component.Source, error) { return New(env, c), nil })
+	f.Reasons.Dropped = []string{"malformed"}
+	return f
 }
 
 // Source replays a file.
