@@ -302,7 +302,7 @@ const (
 // tracker: resyncs after an overrun, sweeps for entries the kernel may not report, and
 // reconnects after a socket error.
 func (s *Source) read(ctx context.Context) error {
-	buf := make([]byte, 1<<16)
+	batch := newRecvBatch()
 	const housekeepEvery = time.Second
 	nextHousekeep := time.Now().Add(housekeepEvery)
 	nextLocal := time.Now().Add(30 * time.Second)
@@ -317,12 +317,19 @@ func (s *Source) read(ctx context.Context) error {
 	// tens of thousands of events, holds the millisecond's worth.
 	idle := false
 	for {
-		n, err := ev.recv(buf, idle && !needResync)
+		n, err := ev.recv(batch, idle && !needResync)
 		now := time.Now()
 		switch {
 		case err == nil:
 			idle = false
-			s.tr.onMessages(buf[:n], flow.TimeOf(now), &s.stats)
+			for i := 0; i < n; i++ {
+				msg, truncated := batch.msg(i)
+				if truncated {
+					s.stats.decodeErrors.Add(1)
+					continue
+				}
+				s.tr.onMessages(msg, flow.TimeOf(now), &s.stats)
+			}
 		case errors.Is(err, errIdle) && (!needResync || now.Sub(s.lastDump) < minResyncInterval):
 			// Under sustained overload, dumping after every overrun would only add load:
 			// resyncs are spaced, and missing entries wait resync_grace anyway.
@@ -440,7 +447,8 @@ func (s *Source) sweep() error {
 		f, err := s.dump.Get(k.flow())
 		switch {
 		case err == nil:
-			s.tr.swept(k, &f, now)
+			cf := fromCT(&f)
+			s.tr.swept(k, &cf, now)
 		case errors.Is(err, unix.ENOENT):
 			s.tr.swept(k, nil, now)
 		default:
@@ -483,7 +491,11 @@ func (s *Source) resync(announce bool) error {
 	}
 	now := time.Now()
 	s.lastDump = now
-	starts, missing := s.tr.onDump(flows, flow.TimeOf(now), announce)
+	cfs := make([]ctFlow, len(flows))
+	for i := range flows {
+		cfs[i] = fromCT(&flows[i])
+	}
+	starts, missing := s.tr.onDump(cfs, flow.TimeOf(now), announce)
 	s.stats.tracked.Store(int64(len(s.tr.known)))
 	if starts > 0 || missing > 0 {
 		s.log.Info("conntrack table dump reconciled", "entries", len(flows), "reconstructed_starts", starts,

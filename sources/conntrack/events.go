@@ -1,18 +1,17 @@
 package conntrack
 
 import (
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"log/slog"
 	"sync"
 	"syscall"
 	"time"
+	"unsafe"
 
 	"github.com/flowpipe/flowpipe/internal/netns"
 
 	"github.com/mdlayher/netlink"
-	ct "github.com/ti-mo/conntrack"
 	"github.com/ti-mo/netfilter"
 	"golang.org/x/sys/unix"
 
@@ -20,8 +19,8 @@ import (
 )
 
 // eventConn is the netlink socket subscribed to conntrack NEW and DESTROY events. It reads
-// raw datagrams itself (one recvmsg each, into one reused buffer) instead of through
-// netlink.Conn.Receive, which peeks and allocates for every message.
+// raw datagrams itself (up to recvBatchLen with one recvmmsg, into reused buffers) instead of
+// through netlink.Conn.Receive, which peeks and allocates for every message.
 type eventConn struct {
 	c      *netlink.Conn
 	raw    syscall.RawConn
@@ -29,10 +28,7 @@ type eventConn struct {
 	once   sync.Once
 }
 
-var (
-	errIdle      = errors.New("no event waiting")
-	errTruncated = errors.New("netlink message larger than the read buffer")
-)
+var errIdle = errors.New("no event waiting")
 
 func openEvents(ns *netns.NS, readBuffer int, log *slog.Logger) (*eventConn, error) {
 	c, err := netlink.Dial(unix.NETLINK_NETFILTER, &netlink.Config{NetNS: ns.Fd()})
@@ -80,22 +76,64 @@ func openEvents(ns *netns.NS, readBuffer int, log *slog.Logger) (*eventConn, err
 	return e, nil
 }
 
-// recv reads one datagram into buf. When wait is false and nothing is waiting, it returns
-// errIdle instead of blocking.
-func (e *eventConn) recv(buf []byte, wait bool) (int, error) {
+// Each recvmmsg call reads up to recvBatchLen datagrams into slots of recvSlotLen bytes. A
+// ctnetlink event is well under a kilobyte; one larger than a slot is counted as a decode
+// error (MSG_TRUNC), not read in part.
+const (
+	recvBatchLen = 128
+	recvSlotLen  = 8 << 10
+)
+
+// recvBatch holds the buffers and headers of one recvmmsg call, reused for every call.
+type recvBatch struct {
+	buf  []byte
+	iov  [recvBatchLen]unix.Iovec
+	hdrs [recvBatchLen]mmsghdr
+}
+
+// mmsghdr is struct mmsghdr (linux/socket.h); Go's alignment pads it as C does.
+type mmsghdr struct {
+	Hdr unix.Msghdr
+	Len uint32
+}
+
+func newRecvBatch() *recvBatch {
+	r := &recvBatch{buf: make([]byte, recvBatchLen*recvSlotLen)}
+	for i := range r.hdrs {
+		r.iov[i].Base = &r.buf[i*recvSlotLen]
+		r.iov[i].SetLen(recvSlotLen)
+		r.hdrs[i].Hdr.Iov = &r.iov[i]
+		r.hdrs[i].Hdr.SetIovlen(1)
+	}
+	return r
+}
+
+// msg returns the i-th datagram of the last call and whether it was truncated.
+func (r *recvBatch) msg(i int) ([]byte, bool) {
+	h := &r.hdrs[i]
+	return r.buf[i*recvSlotLen : i*recvSlotLen+int(h.Len)], h.Hdr.Flags&unix.MSG_TRUNC != 0
+}
+
+// recv reads as many waiting datagrams as fit r with one recvmmsg and returns their count.
+// When wait is false and nothing is waiting, it returns errIdle instead of blocking.
+func (e *eventConn) recv(r *recvBatch, wait bool) (int, error) {
 	var n int
 	var rerr error
 	err := e.raw.Read(func(fd uintptr) bool {
-		var flags int
-		n, _, flags, _, rerr = unix.Recvmsg(int(fd), buf, nil, unix.MSG_DONTWAIT)
+		for i := range r.hdrs {
+			r.hdrs[i].Len, r.hdrs[i].Hdr.Flags = 0, 0
+		}
+		m, _, errno := unix.Syscall6(unix.SYS_RECVMMSG, fd, uintptr(unsafe.Pointer(&r.hdrs[0])),
+			recvBatchLen, unix.MSG_DONTWAIT, 0, 0)
+		n, rerr = int(m), nil
+		if errno != 0 {
+			n, rerr = 0, errno
+		}
 		if rerr == unix.EAGAIN || rerr == unix.EINTR {
 			if wait {
 				return false
 			}
 			rerr = errIdle
-		}
-		if rerr == nil && flags&unix.MSG_TRUNC != 0 {
-			rerr = errTruncated
 		}
 		return true
 	})
@@ -109,58 +147,26 @@ func (e *eventConn) setDeadline(t time.Time) error { return e.c.SetReadDeadline(
 
 func (e *eventConn) close() { e.once.Do(func() { e.c.Close() }) }
 
-// onMessages decodes the netlink messages in b and hands conntrack NEW and DESTROY events to
-// the tracker.
+// onMessages decodes the netlink messages of one datagram and hands conntrack NEW and
+// DESTROY events to the tracker.
 func (t *tracker) onMessages(b []byte, now flow.Time, st *stats) {
-	bad := decodeMessages(b, func(ev *ct.Event) {
-		switch ev.Type {
-		case ct.EventNew:
-			st.newEvents.Add(1)
-			t.onNew(ev.Flow, now)
-		case ct.EventDestroy:
-			st.destroyEvents.Add(1)
-			t.onDestroy(ev.Flow, now)
-		}
-	})
-	if bad > 0 {
+	t.now, t.st = now, st
+	if bad := t.dec.decodeMessages(b, &t.cur, t.onEvent); bad > 0 {
 		st.decodeErrors.Add(uint64(bad))
 	}
 }
 
-const nlmsgHdrLen = 16
-
-// decodeMessages splits a netlink datagram into messages and decodes each conntrack message;
-// it returns how many messages could not be decoded. It is the parser of what the kernel
-// sends, so it must survive any input (see the fuzz test).
-func decodeMessages(b []byte, fn func(*ct.Event)) (bad int) {
-	for len(b) >= nlmsgHdrLen {
-		l := int(binary.NativeEndian.Uint32(b[0:4]))
-		if l < nlmsgHdrLen || l > len(b) {
-			return bad + 1
-		}
-		h := netlink.Header{
-			Length:   uint32(l),
-			Type:     netlink.HeaderType(binary.NativeEndian.Uint16(b[4:6])),
-			Flags:    netlink.HeaderFlags(binary.NativeEndian.Uint16(b[6:8])),
-			Sequence: binary.NativeEndian.Uint32(b[8:12]),
-			PID:      binary.NativeEndian.Uint32(b[12:16]),
-		}
-		data := b[nlmsgHdrLen:l]
-		next := (l + 3) &^ 3
-		if next > len(b) {
-			next = len(b)
-		}
-		b = b[next:]
-		switch h.Type {
-		case netlink.Noop, netlink.Error, netlink.Done, netlink.Overrun:
-			continue
-		}
-		var ev ct.Event
-		if err := ev.Unmarshal(netlink.Message{Header: h, Data: data}); err != nil || ev.Flow == nil {
-			bad++
-			continue
-		}
-		fn(&ev)
+// handle is the decoder's callback, kept in t.onEvent (a method value made once, so that no closure is
+// allocated per datagram).
+func (t *tracker) handle(typ int, f *ctFlow) {
+	switch typ {
+	case ctEvNew:
+		t.st.newEvents.Add(1)
+		t.onNew(f, t.now)
+	case ctEvDestroy:
+		t.st.destroyEvents.Add(1)
+		t.onDestroy(f, t.now)
 	}
-	return bad
 }
+
+const nlmsgHdrLen = 16

@@ -27,6 +27,13 @@ type tracker struct {
 
 	filtered   [numFilterReasons]int
 	duplicates int
+
+	// The datagram decoder, its reused flow and callback, and what onMessages was called with.
+	dec     ctDecoder
+	cur     ctFlow
+	onEvent func(typ int, f *ctFlow)
+	now     flow.Time
+	st      *stats
 }
 
 // ctKey identifies a conntrack entry for its lifetime: the kernel's ID (a hash of the entry's
@@ -42,30 +49,32 @@ type ctKey struct {
 type entry struct {
 	flowID   uuid.UUID
 	start    flow.Time
-	orig     ct.Counter
-	reply    ct.Counter
+	orig     ctCounter
+	reply    ctCounter
 	mark     uint32
 	fromDump bool      // the kernel may never send this entry's DESTROY
 	missing  flow.Time // when a dump did not find it; 0 while it is in the table
 }
 
 func newTracker(cfg *Config, emit func(*flow.Event, bool)) *tracker {
-	return &tracker{cfg: cfg, ids: flow.NewIDGen(), known: map[ctKey]entry{}, emit: emit}
+	t := &tracker{cfg: cfg, ids: flow.NewIDGen(), known: map[ctKey]entry{}, emit: emit}
+	t.onEvent = t.handle
+	return t
 }
 
-func keyOf(f *ct.Flow) ctKey {
-	t := &f.TupleOrig
-	k := ctKey{src: t.IP.SourceAddress, dst: t.IP.DestinationAddress, id: f.ID, zone: f.Zone, proto: t.Proto.Protocol}
-	if flow.IsICMP(t.Proto.Protocol) {
-		k.sport, k.dport = t.Proto.ICMPID, uint16(t.Proto.ICMPType)<<8|uint16(t.Proto.ICMPCode)
+func keyOf(f *ctFlow) ctKey {
+	t := &f.orig
+	k := ctKey{src: t.src, dst: t.dst, id: f.id, zone: f.zone, proto: t.proto}
+	if flow.IsICMP(t.proto) {
+		k.sport, k.dport = t.icmpID, uint16(t.icmpType)<<8|uint16(t.icmpCode)
 	} else {
-		k.sport, k.dport = t.Proto.SourcePort, t.Proto.DestinationPort
+		k.sport, k.dport = t.sport, t.dport
 	}
 	return k
 }
 
 // onNew handles a NEW event observed at now.
-func (t *tracker) onNew(f *ct.Flow, now flow.Time) {
+func (t *tracker) onNew(f *ctFlow, now flow.Time) {
 	if !t.count(t.filter(f)) {
 		return
 	}
@@ -80,7 +89,7 @@ func (t *tracker) onNew(f *ct.Flow, now flow.Time) {
 		t.duplicates++
 		return
 	}
-	e := entry{flowID: t.ids.New(), start: flow.TimeOf(f.Timestamp.Start), mark: f.Mark}
+	e := entry{flowID: t.ids.New(), start: f.start, mark: f.mark}
 	if e.start == 0 {
 		e.start = now
 	}
@@ -90,7 +99,7 @@ func (t *tracker) onNew(f *ct.Flow, now flow.Time) {
 }
 
 // onDestroy handles a DESTROY event observed at now.
-func (t *tracker) onDestroy(f *ct.Flow, now flow.Time) {
+func (t *tracker) onDestroy(f *ctFlow, now flow.Time) {
 	k := keyOf(f)
 	e, ok := t.known[k]
 	if ok {
@@ -102,7 +111,7 @@ func (t *tracker) onDestroy(f *ct.Flow, now flow.Time) {
 	if !ok {
 		// The start was lost (an overrun, a reconnect) or filtered by a mark set later:
 		// report one so that every end has its start.
-		e = entry{flowID: t.ids.New(), start: flow.TimeOf(f.Timestamp.Start), mark: f.Mark}
+		e = entry{flowID: t.ids.New(), start: f.start, mark: f.mark}
 		if e.start == 0 {
 			e.start = now
 		}
@@ -127,7 +136,7 @@ func (t *tracker) forget(k ctKey, e entry) {
 // know become reconstructed starts (or silent ones when announce is false, for existing_flows:
 // false), and known entries absent from the dump are marked missing; expire ends them once
 // resync_grace has passed without their DESTROY.
-func (t *tracker) onDump(flows []ct.Flow, now flow.Time, announce bool) (starts, missing int) {
+func (t *tracker) onDump(flows []ctFlow, now flow.Time, announce bool) (starts, missing int) {
 	seen := make(map[ctKey]struct{}, len(flows))
 	for i := range flows {
 		f := &flows[i]
@@ -138,7 +147,7 @@ func (t *tracker) onDump(flows []ct.Flow, now flow.Time, announce bool) (starts,
 		seen[k] = struct{}{}
 		e, ok := t.known[k]
 		if ok {
-			e.orig, e.reply, e.mark = f.CountersOrig, f.CountersReply, f.Mark
+			e.orig, e.reply, e.mark = f.countersOrig, f.countersReply, f.mark
 			if e.missing != 0 {
 				e.missing = 0
 				t.missing--
@@ -146,8 +155,8 @@ func (t *tracker) onDump(flows []ct.Flow, now flow.Time, announce bool) (starts,
 			t.known[k] = e
 			continue
 		}
-		e = entry{flowID: t.ids.New(), start: flow.TimeOf(f.Timestamp.Start), orig: f.CountersOrig,
-			reply: f.CountersReply, mark: f.Mark, fromDump: true}
+		e = entry{flowID: t.ids.New(), start: f.start, orig: f.countersOrig,
+			reply: f.countersReply, mark: f.mark, fromDump: true}
 		if e.start == 0 {
 			e.start = now
 		}
@@ -171,7 +180,7 @@ func (t *tracker) onDump(flows []ct.Flow, now flow.Time, announce bool) (starts,
 	return starts, missing
 }
 
-// tuple is the original tuple and zone of a key, enough to ask the kernel for the entry.
+// flow is the original tuple and zone of a key, enough to ask the kernel for the entry.
 func (k ctKey) flow() ct.Flow {
 	f := ct.Flow{Zone: k.zone}
 	f.TupleOrig.IP.SourceAddress, f.TupleOrig.IP.DestinationAddress = k.src, k.dst
@@ -186,13 +195,13 @@ func (k ctKey) flow() ct.Flow {
 
 // swept records what a GET for a known entry found: the entry (its counters are kept for a
 // reconstructed end) or, when f is nil or another entry now holds the tuple, that it is gone.
-func (t *tracker) swept(k ctKey, f *ct.Flow, now flow.Time) {
+func (t *tracker) swept(k ctKey, f *ctFlow, now flow.Time) {
 	e, ok := t.known[k]
 	if !ok {
 		return
 	}
-	if f != nil && f.ID == k.id {
-		e.orig, e.reply, e.mark = f.CountersOrig, f.CountersReply, f.Mark
+	if f != nil && f.id == k.id {
+		e.orig, e.reply, e.mark = f.countersOrig, f.countersReply, f.mark
 	} else if e.missing == 0 {
 		e.missing = now
 		t.missing++
@@ -220,33 +229,33 @@ func (t *tracker) expire(now flow.Time) (ended int) {
 }
 
 // event builds a start or end event for f.
-func (t *tracker) event(f *ct.Flow, typ flow.Type, e *entry, now flow.Time) flow.Event {
+func (t *tracker) event(f *ctFlow, typ flow.Type, e *entry, now flow.Time) flow.Event {
 	ev := flow.Event{
 		EventID:   t.ids.New(),
 		FlowID:    e.flowID,
 		Timestamp: now,
 		Start:     e.start,
 		Type:      typ,
-		SrcAddr:   f.TupleOrig.IP.SourceAddress,
-		DstAddr:   f.TupleOrig.IP.DestinationAddress,
-		Protocol:  f.TupleOrig.Proto.Protocol,
+		SrcAddr:   f.orig.src,
+		DstAddr:   f.orig.dst,
+		Protocol:  f.orig.proto,
 	}
 	if flow.IsICMP(ev.Protocol) {
-		ev.ICMPType, ev.ICMPCode = f.TupleOrig.Proto.ICMPType, f.TupleOrig.Proto.ICMPCode
+		ev.ICMPType, ev.ICMPCode = f.orig.icmpType, f.orig.icmpCode
 	} else {
-		ev.SrcPort, ev.DstPort = f.TupleOrig.Proto.SourcePort, f.TupleOrig.Proto.DestinationPort
+		ev.SrcPort, ev.DstPort = f.orig.sport, f.orig.dport
 	}
-	ev.Direction = t.direction(f.Mark, ev.SrcAddr, ev.DstAddr)
+	ev.Direction = t.direction(f.mark, ev.SrcAddr, ev.DstAddr)
 	if typ == flow.TypeEnd {
 		// The kernel's own start time is more exact than when the NEW event was read.
-		if ks := flow.TimeOf(f.Timestamp.Start); ks != 0 {
+		if ks := f.start; ks != 0 {
 			ev.Start = ks
 		}
-		ev.End = flow.TimeOf(f.Timestamp.Stop)
+		ev.End = f.stop
 		if ev.End == 0 {
 			ev.End = now
 		}
-		t.counters(&ev, f.CountersOrig, f.CountersReply)
+		t.counters(&ev, f.countersOrig, f.countersReply)
 	}
 	return ev
 }
@@ -271,12 +280,12 @@ func (t *tracker) eventFromKey(k ctKey, e *entry, now flow.Time) flow.Event {
 // original direction is what the initiator sent, so the host sent it on egress flows and
 // received it on ingress flows. Flows neither end of which is local (forwarded) are seen
 // from the initiator, like egress.
-func (t *tracker) counters(ev *flow.Event, orig, reply ct.Counter) {
+func (t *tracker) counters(ev *flow.Event, orig, reply ctCounter) {
 	if ev.Direction == flow.Ingress {
-		ev.RxPackets, ev.RxBytes, ev.TxPackets, ev.TxBytes = orig.Packets, orig.Bytes, reply.Packets, reply.Bytes
+		ev.RxPackets, ev.RxBytes, ev.TxPackets, ev.TxBytes = orig.packets, orig.bytes, reply.packets, reply.bytes
 		return
 	}
-	ev.TxPackets, ev.TxBytes, ev.RxPackets, ev.RxBytes = orig.Packets, orig.Bytes, reply.Packets, reply.Bytes
+	ev.TxPackets, ev.TxBytes, ev.RxPackets, ev.RxBytes = orig.packets, orig.bytes, reply.packets, reply.bytes
 }
 
 // direction decides by mark first, then by which end is local.
@@ -330,16 +339,16 @@ func (t *tracker) count(reason int) bool {
 }
 
 // filter applies the filters: -1 keeps f, else the reason it is filtered out.
-func (t *tracker) filter(f *ct.Flow) int {
+func (t *tracker) filter(f *ctFlow) int {
 	c := t.cfg
 	reason := -1
-	src, dst := f.TupleOrig.IP.SourceAddress, f.TupleOrig.IP.DestinationAddress
+	src, dst := f.orig.src, f.orig.dst
 	switch {
-	case c.protoSet != nil && !c.protoSet[f.TupleOrig.Proto.Protocol]:
+	case c.protoSet != nil && !c.protoSet[f.orig.proto]:
 		reason = filterProtocol
-	case c.Zone != nil && f.Zone != *c.Zone:
+	case c.Zone != nil && f.zone != *c.Zone:
 		reason = filterZone
-	case c.Mark != nil && f.Mark&c.MarkMask != *c.Mark:
+	case c.Mark != nil && f.mark&c.MarkMask != *c.Mark:
 		reason = filterMark
 	case len(c.ExcludePrefixes) > 0 && (inAny(c.ExcludePrefixes, src) || inAny(c.ExcludePrefixes, dst)):
 		reason = filterExclude

@@ -9,8 +9,6 @@ import (
 	"testing"
 	"time"
 
-	ct "github.com/ti-mo/conntrack"
-
 	"github.com/flowpipe/flowpipe/core/config"
 	"github.com/flowpipe/flowpipe/core/flow"
 )
@@ -39,11 +37,18 @@ func testTracker(t *testing.T, opts map[string]any) (*tracker, *[]recorded) {
 	return tr, &out
 }
 
-func udpFlow(id uint32, sport uint16, origPk, replyPk uint64) ct.Flow {
-	f := ct.NewFlow(flow.ProtoUDP, 0, netip.MustParseAddr("10.0.0.1"), netip.MustParseAddr("192.0.2.9"), sport, 53, 30, 0)
-	f.ID = id
-	f.CountersOrig = ct.Counter{Packets: origPk, Bytes: origPk * 100}
-	f.CountersReply = ct.Counter{Packets: replyPk, Bytes: replyPk * 200, Direction: true}
+// newFlow is an entry as the decoder gives it: the original tuple and its reply.
+func newFlow(proto uint8, src, dst string, sport, dport uint16) ctFlow {
+	s, d := netip.MustParseAddr(src), netip.MustParseAddr(dst)
+	return ctFlow{orig: ctTuple{src: s, dst: d, sport: sport, dport: dport, proto: proto},
+		reply: ctTuple{src: d, dst: s, sport: dport, dport: sport, proto: proto}}
+}
+
+func udpFlow(id uint32, sport uint16, origPk, replyPk uint64) ctFlow {
+	f := newFlow(flow.ProtoUDP, "10.0.0.1", "192.0.2.9", sport, 53)
+	f.id = id
+	f.countersOrig = ctCounter{packets: origPk, bytes: origPk * 100}
+	f.countersReply = ctCounter{packets: replyPk, bytes: replyPk * 200}
 	return f
 }
 
@@ -51,7 +56,7 @@ func TestTrackerStartEnd(t *testing.T) {
 	tr, out := testTracker(t, nil)
 	f := udpFlow(1, 40000, 2, 3)
 	tr.onNew(&f, 100)
-	f.Timestamp = ct.Timestamp{Start: time.Unix(0, 90), Stop: time.Unix(0, 150)}
+	f.start, f.stop = 90, 150
 	tr.onDestroy(&f, 160)
 	if len(*out) != 2 {
 		t.Fatalf("%d events", len(*out))
@@ -86,14 +91,14 @@ func TestTrackerResync(t *testing.T) {
 	tr.onNew(&known, 1)
 	tr.onNew(&gone, 1)
 	tr.onNew(&late, 1)
-	gone.CountersOrig.Packets = 6 // what a first dump saw
-	tr.onDump([]ct.Flow{known, gone, late}, 2, true)
+	gone.countersOrig.packets = 6 // what a first dump saw
+	tr.onDump([]ctFlow{known, gone, late}, 2, true)
 	*out = nil
 	// An overrun lost some events: the dump has `known` (with counters now), and an entry the
 	// tracker never saw; `gone` and `late` are no longer in the table.
-	known.CountersOrig.Packets = 7
+	known.countersOrig.packets = 7
 	unseen := udpFlow(4, 4, 5, 5)
-	starts, missing := tr.onDump([]ct.Flow{known, unseen}, 10, true)
+	starts, missing := tr.onDump([]ctFlow{known, unseen}, 10, true)
 	if starts != 1 || missing != 2 || len(*out) != 1 || !(*out)[0].reconstructed || (*out)[0].ev.SrcPort != 4 {
 		t.Fatalf("dump: %d starts %d missing, events %+v", starts, missing, *out)
 	}
@@ -123,21 +128,21 @@ func TestTrackerResync(t *testing.T) {
 
 func TestTrackerDirectionAndICMP(t *testing.T) {
 	tr, out := testTracker(t, map[string]any{"ingress_mark": 0x10, "direction_mark_mask": 0xf0})
-	in := ct.NewFlow(flow.ProtoICMP, 0, netip.MustParseAddr("192.0.2.9"), netip.MustParseAddr("10.0.0.1"), 0, 0, 30, 0)
-	in.TupleOrig.Proto.ICMPType, in.TupleOrig.Proto.ICMPID = 8, 77
-	in.CountersOrig = ct.Counter{Packets: 4, Bytes: 400}
+	in := newFlow(flow.ProtoICMP, "192.0.2.9", "10.0.0.1", 0, 0)
+	in.orig.icmpType, in.orig.icmpID = 8, 77
+	in.countersOrig = ctCounter{packets: 4, bytes: 400}
 	tr.onDestroy(&in, 1)
 	e := (*out)[1].ev
 	if e.Direction != flow.Ingress || e.RxPackets != 4 || e.TxPackets != 0 || e.ICMPType != 8 || e.SrcPort != 0 {
 		t.Errorf("ingress ICMP end %+v", e)
 	}
 	marked := udpFlow(9, 9, 1, 1)
-	marked.Mark = 0x1f // 0x10 after the mask
+	marked.mark = 0x1f // 0x10 after the mask
 	tr.onDestroy(&marked, 1)
 	if e := (*out)[3].ev; e.Direction != flow.Ingress || e.RxPackets != 1 {
 		t.Errorf("marked flow %+v", e)
 	}
-	fwd := ct.NewFlow(flow.ProtoSCTP, 0, netip.MustParseAddr("192.0.2.1"), netip.MustParseAddr("198.51.100.1"), 5000, 6000, 30, 0)
+	fwd := newFlow(flow.ProtoSCTP, "192.0.2.1", "198.51.100.1", 5000, 6000)
 	tr.onNew(&fwd, 1)
 	if e := (*out)[4].ev; e.Direction != flow.DirectionUnknown || e.SrcPort != 5000 || e.DstPort != 6000 || e.Protocol != flow.ProtoSCTP {
 		t.Errorf("forwarded SCTP start %+v", e)
@@ -202,18 +207,20 @@ func kernelSeeds(t testing.TB) [][]byte {
 func TestDecodeKernelMessages(t *testing.T) {
 	var news, destroys int
 	for _, b := range kernelSeeds(t) {
-		if bad := decodeMessages(b, func(ev *ct.Event) {
-			switch ev.Type {
-			case ct.EventNew:
+		var d ctDecoder
+		var cur ctFlow
+		if bad := d.decodeMessages(b, &cur, func(typ int, f *ctFlow) {
+			switch typ {
+			case ctEvNew:
 				news++
-			case ct.EventDestroy:
+			case ctEvDestroy:
 				destroys++
-				if ev.Flow.CountersOrig.Packets == 0 || ev.Flow.Timestamp.Stop.IsZero() {
-					t.Errorf("DESTROY without counters or stop time: %+v", ev.Flow)
+				if f.countersOrig.packets == 0 || f.stop == 0 {
+					t.Errorf("DESTROY without counters or stop time: %+v", f)
 				}
 			}
-			if !ev.Flow.TupleOrig.IP.SourceAddress.IsValid() {
-				t.Errorf("no source address: %+v", ev.Flow)
+			if !f.orig.src.IsValid() {
+				t.Errorf("no source address: %+v", f)
 			}
 		}); bad != 0 {
 			t.Errorf("%d messages not decoded", bad)
