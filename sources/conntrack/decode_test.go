@@ -3,13 +3,22 @@ package conntrack
 import (
 	"bytes"
 	"encoding/binary"
+	"errors"
+	"io"
+	"log/slog"
+	"net"
 	"net/netip"
 	"reflect"
+	"strconv"
 	"testing"
+	"time"
 
 	"github.com/mdlayher/netlink"
 	ct "github.com/ti-mo/conntrack"
 	"github.com/ti-mo/netfilter"
+
+	"github.com/flowpipe/flowpipe/core/flow"
+	"github.com/flowpipe/flowpipe/internal/netns"
 )
 
 // ctMessage builds a ctnetlink event datagram from attributes, with netfilter's encoder: the
@@ -34,7 +43,9 @@ func nest(typ uint16, children ...netfilter.Attribute) netfilter.Attribute {
 	return netfilter.Attribute{Type: typ, Nested: true, Children: children}
 }
 
-func attr(typ uint16, data []byte) netfilter.Attribute { return netfilter.Attribute{Type: typ, Data: data} }
+func attr(typ uint16, data []byte) netfilter.Attribute {
+	return netfilter.Attribute{Type: typ, Data: data}
+}
 
 func be16(v uint16) []byte { return binary.BigEndian.AppendUint16(nil, v) }
 func be32(v uint32) []byte { return binary.BigEndian.AppendUint32(nil, v) }
@@ -201,5 +212,126 @@ func TestDecodeAllocs(t *testing.T) {
 	}
 	if n == 0 {
 		t.Fatal("nothing decoded")
+	}
+}
+
+// TestDecodeAgreesWithKernel reads real kernel events for IPv4 and IPv6 ICMP, UDP and TCP
+// flows that nftables gave a mark, a zone and a label, and checks both decoders on every
+// datagram, and that the native one found those attributes.
+func TestDecodeAgreesWithKernel(t *testing.T) {
+	p := newPair(t)
+	sysctlNS(t, p, p.A, "net.netfilter.nf_conntrack_acct=1")
+	sysctlNS(t, p, p.A, "net.netfilter.nf_conntrack_timestamp=1")
+	p.Exec(t, p.A, "nft", `add table inet fpdecode
+add chain inet fpdecode pre { type filter hook prerouting priority -300; }
+add chain inet fpdecode out { type filter hook output priority -300; }
+add rule inet fpdecode pre ct zone set 5
+add rule inet fpdecode out ct zone set 5
+add chain inet fpdecode tag { type filter hook output priority 0; }
+add rule inet fpdecode tag ct state new ct mark set 0x42 ct label set 3`)
+	ns, err := netns.Open(p.A)
+	must(t, err)
+	defer ns.Close()
+	ev, err := openEvents(ns, 8<<20, slog.New(slog.DiscardHandler))
+	must(t, err)
+	defer ev.close()
+
+	srv, stop := udpEcho(t, p, p.B, "[::]:0")
+	defer stop()
+	p.Exec(t, p.A, "ping", "-4", "-c", "1", p.B4)
+	p.Exec(t, p.A, "ping", "-6", "-c", "1", p.B6)
+	udpExchange(t, p.A, &net.UDPAddr{IP: net.ParseIP(p.B4), Port: srv.Port}, 2, 50)
+	udpExchange(t, p.A, &net.UDPAddr{IP: net.ParseIP(p.B6), Port: srv.Port}, 2, 50)
+	var ln net.Listener
+	inNS(t, p.B, func() (err error) { ln, err = net.Listen("tcp", "[::]:0"); return err })
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			_, _ = io.Copy(io.Discard, c)
+			c.Close()
+		}
+	}()
+	for _, a := range []string{p.B4, p.B6} {
+		inNS(t, p.A, func() error {
+			c, err := net.Dial("tcp", net.JoinHostPort(a, strconv.Itoa(ln.Addr().(*net.TCPAddr).Port)))
+			if err != nil {
+				return err
+			}
+			_, _ = c.Write([]byte("hello"))
+			return c.Close()
+		})
+	}
+
+	// Read until the six flows have ended (a dump reaps the expired ones).
+	// The kernel sends labels with NEW (they changed), counters and timestamps with DESTROY.
+	type seen struct{ news, v4, v6, mark, zone, labels, counters, stamps int }
+	var s seen
+	destroys := map[uint8]int{}
+	r := newRecvBatch()
+	d := ctDecoder{labels: true}
+	deadline := time.Now().Add(60 * time.Second)
+	for destroys[flow.ProtoICMP] < 1 || destroys[flow.ProtoICMPv6] < 1 || destroys[flow.ProtoUDP] < 2 || destroys[flow.ProtoTCP] < 2 {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out; DESTROY events by protocol: %v", destroys)
+		}
+		n, err := ev.recv(r, false)
+		if errors.Is(err, errIdle) {
+			dumpNS(p, p.A)()
+			time.Sleep(100 * time.Millisecond)
+			continue
+		}
+		must(t, err)
+		for i := 0; i < n; i++ {
+			b, trunc := r.msg(i)
+			if trunc {
+				t.Fatal("truncated datagram")
+			}
+			checkAgrees(t, b)
+			var f ctFlow
+			if bad := d.decodeMessages(b, &f, func(typ int, f *ctFlow) {
+				if typ == ctEvNew {
+					s.news++
+					if len(f.labels) > 0 && f.labels[0]&(1<<3) != 0 {
+						s.labels++
+					}
+				}
+				if typ != ctEvDestroy {
+					return
+				}
+				destroys[f.orig.proto]++
+				if f.orig.src.Is4() {
+					s.v4++
+				} else {
+					s.v6++
+				}
+				if f.mark == 0x42 {
+					s.mark++
+				}
+				if f.zone == 5 {
+					s.zone++
+				}
+				if f.countersOrig.packets > 0 && f.countersOrig.bytes > 0 {
+					s.counters++
+				} else {
+					t.Logf("DESTROY without counters: %+v", f)
+				}
+				if f.start != 0 && f.stop >= f.start {
+					s.stamps++
+				}
+				if f.reply.src != f.orig.dst || f.id == 0 {
+					t.Errorf("DESTROY %+v: reply tuple or ID", f)
+				}
+			}); bad != 0 {
+				t.Errorf("%d messages not decoded", bad)
+			}
+		}
+	}
+	total := destroys[flow.ProtoICMP] + destroys[flow.ProtoICMPv6] + destroys[flow.ProtoUDP] + destroys[flow.ProtoTCP]
+	if s.v4 == 0 || s.v6 == 0 || s.mark != total || s.zone != total || s.labels != s.news || s.news == 0 || s.counters != total || s.stamps != total {
+		t.Errorf("of %d DESTROY events: %+v", total, s)
 	}
 }
