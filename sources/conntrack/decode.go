@@ -121,7 +121,9 @@ func (a *attrs) next() bool {
 	return true
 }
 
-func (a *attrs) kind() uint16 { return a.typ & nlaTypeMask }
+// kind is the attribute's type without its flags. Like ti-mo/conntrack, which keeps types in
+// a uint8, it looks at the low 8 bits only (no ctnetlink type is larger).
+func (a *attrs) kind() uint16 { return a.typ & nlaTypeMask & 0xff }
 
 func (a *attrs) u8() (uint8, bool) {
 	if len(a.data) != 1 {
