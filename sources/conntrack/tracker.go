@@ -22,8 +22,10 @@ type tracker struct {
 	fromDump int // known entries learned from a dump, which may never get a DESTROY
 
 	// emit receives each event; reconstructed marks a start or end that was derived from a
-	// dump (or from a DESTROY without a start) instead of the kernel's own event.
-	emit func(e *flow.Event, reconstructed bool)
+	// dump (or from a DESTROY without a start) instead of the kernel's own event. The event is
+	// the tracker's scratch space, reused for the next one: emit copies what it keeps.
+	emit    func(e *flow.Event, reconstructed bool)
+	scratch flow.Event
 
 	filtered   [numFilterReasons]int
 	duplicates int
@@ -94,8 +96,8 @@ func (t *tracker) onNew(f *ctFlow, now flow.Time) {
 		e.start = now
 	}
 	t.known[k] = e
-	ev := t.event(f, flow.TypeStart, &e, now)
-	t.emit(&ev, false)
+	t.scratch = t.event(f, flow.TypeStart, &e, now)
+	t.emit(&t.scratch, false)
 }
 
 // onDestroy handles a DESTROY event observed at now.
@@ -115,11 +117,11 @@ func (t *tracker) onDestroy(f *ctFlow, now flow.Time) {
 		if e.start == 0 {
 			e.start = now
 		}
-		start := t.event(f, flow.TypeStart, &e, now)
-		t.emit(&start, true)
+		t.scratch = t.event(f, flow.TypeStart, &e, now)
+		t.emit(&t.scratch, true)
 	}
-	ev := t.event(f, flow.TypeEnd, &e, now)
-	t.emit(&ev, false)
+	t.scratch = t.event(f, flow.TypeEnd, &e, now)
+	t.emit(&t.scratch, false)
 }
 
 func (t *tracker) forget(k ctKey, e entry) {
@@ -163,8 +165,8 @@ func (t *tracker) onDump(flows []ctFlow, now flow.Time, announce bool) (starts, 
 		t.known[k] = e
 		t.fromDump++
 		if announce {
-			ev := t.event(f, flow.TypeStart, &e, now)
-			t.emit(&ev, true)
+			t.scratch = t.event(f, flow.TypeStart, &e, now)
+			t.emit(&t.scratch, true)
 			starts++
 		}
 	}
@@ -221,8 +223,8 @@ func (t *tracker) expire(now flow.Time) (ended int) {
 			continue
 		}
 		t.forget(k, e)
-		ev := t.eventFromKey(k, &e, now)
-		t.emit(&ev, true)
+		t.scratch = t.eventFromKey(k, &e, now)
+		t.emit(&t.scratch, true)
 		ended++
 	}
 	return ended
