@@ -32,3 +32,30 @@ func BenchmarkDecodeAndTrack(b *testing.B) {
 	}
 	b.ReportMetric(float64(testenv.CPUNanos()-cpu0)/float64(b.N), "cpu-ns/op")
 }
+
+// BenchmarkDecode measures the native decoder alone on the same datagrams: one op is one
+// datagram.
+func BenchmarkDecode(b *testing.B) {
+	seeds := kernelSeeds(b)
+	var d ctDecoder
+	var f ctFlow
+	n := 0
+	b.ReportAllocs()
+	cpu0 := testenv.CPUNanos()
+	for i := 0; b.Loop(); i++ {
+		sp := nlSplit{b: seeds[i%len(seeds)]}
+		for {
+			typ, flags, data, ok := sp.next()
+			if !ok {
+				break
+			}
+			if _, ok := d.decodeMessage(typ, flags, data, &f); ok {
+				n++
+			}
+		}
+	}
+	b.ReportMetric(float64(testenv.CPUNanos()-cpu0)/float64(b.N), "cpu-ns/op")
+	if n == 0 {
+		b.Fatal("nothing decoded")
+	}
+}

@@ -87,39 +87,35 @@ const (
 // zero-length attribute is visited (with no data) and skipped by a header's worth; a length
 // of 1 to 3, or past the end, or fewer than 4 bytes left over, makes the whole set bad.
 type attrs struct {
-	b    []byte
-	i    int
-	typ  uint16 // with its flags
+	rest []byte // from the next attribute on; not empty after the last one: malformed
 	data []byte
-	n    int // attributes of non-zero length seen so far (AttributeDecoder.Len)
-	bad  bool
+	typ  uint16 // with its flags
+	n    int    // attributes of non-zero length seen so far (AttributeDecoder.Len)
 }
 
+// next is kept small enough to be inlined: it runs for every attribute.
 func (a *attrs) next() bool {
-	if a.i >= len(a.b) {
+	r := a.rest
+	if len(r) < nlaHdrLen {
 		return false
 	}
-	rest := a.b[a.i:]
-	if len(rest) < nlaHdrLen {
-		a.bad = true
+	l := int(binary.NativeEndian.Uint16(r))
+	if l > len(r) || uint(l-1) < nlaHdrLen-1 { // longer than what is left, or 1 to 3
 		return false
 	}
-	l := int(binary.NativeEndian.Uint16(rest))
-	if l > len(rest) || (l != 0 && l < nlaHdrLen) {
-		a.bad = true
-		return false
-	}
-	a.typ = binary.NativeEndian.Uint16(rest[2:])
-	if l == 0 {
-		a.data = rest[nlaHdrLen:nlaHdrLen]
-		l = nlaHdrLen
-	} else {
+	if l != 0 {
 		a.n++
-		a.data = rest[nlaHdrLen:l]
+	} else {
+		l = nlaHdrLen
 	}
-	a.i += (l + 3) &^ 3
+	a.typ = binary.NativeEndian.Uint16(r[2:])
+	a.data = r[nlaHdrLen:l]
+	a.rest = r[min((l+3)&^3, len(r)):]
 	return true
 }
+
+// done reports whether every attribute was read: the walk did not stop at a malformed one.
+func (a *attrs) done() bool { return len(a.rest) == 0 }
 
 // kind is the attribute's type without its flags. Like ti-mo/conntrack, which keeps types in
 // a uint8, it looks at the low 8 bits only (no ctnetlink type is larger).
@@ -158,37 +154,33 @@ type ctDecoder struct {
 	labels bool // decode CTA_LABELS into ctFlow.labels
 }
 
-// decodeMessages splits a netlink datagram into messages and decodes each conntrack NEW,
-// UPDATE or DESTROY; fn gets the event type and the flow, which is reused for the next
-// message. It returns how many messages could not be decoded (expectations count as such, as
-// they did with ti-mo). It is the parser of what the kernel sends, so it must survive any
-// input (see the fuzz tests).
-func (d *ctDecoder) decodeMessages(b []byte, f *ctFlow, fn func(typ int, f *ctFlow)) (bad int) {
-	for len(b) >= nlmsgHdrLen {
+// nlSplit walks the netlink messages of a datagram, skipping the control messages (NOOP,
+// ERROR, DONE, OVERRUN). A length that does not fit ends the walk and counts as bad. It is
+// the parser of what the kernel sends, so it must survive any input (see the fuzz tests).
+type nlSplit struct {
+	b   []byte
+	bad int
+}
+
+func (s *nlSplit) next() (typ, flags uint16, data []byte, ok bool) {
+	for len(s.b) >= nlmsgHdrLen {
+		b := s.b
 		l := int(binary.NativeEndian.Uint32(b[0:4]))
 		if l < nlmsgHdrLen || l > len(b) {
-			return bad + 1
+			s.b, s.bad = nil, s.bad+1
+			return 0, 0, nil, false
 		}
-		typ := binary.NativeEndian.Uint16(b[4:6])
-		flags := binary.NativeEndian.Uint16(b[6:8])
-		data := b[nlmsgHdrLen:l]
-		next := (l + 3) &^ 3
-		if next > len(b) {
-			next = len(b)
-		}
-		b = b[next:]
+		typ = binary.NativeEndian.Uint16(b[4:6])
+		flags = binary.NativeEndian.Uint16(b[6:8])
+		data = b[nlmsgHdrLen:l]
+		s.b = b[min((l+3)&^3, len(b)):]
 		switch typ {
 		case nlmsgNoop, nlmsgError, nlmsgDone, nlmsgOverrun:
 			continue
 		}
-		ev, ok := d.decodeMessage(typ, flags, data, f)
-		if !ok {
-			bad++
-			continue
-		}
-		fn(ev, f)
+		return typ, flags, data, true
 	}
-	return bad
+	return 0, 0, nil, false
 }
 
 // decodeMessage decodes one ctnetlink message (its netlink type, flags and payload) into f.
@@ -215,7 +207,7 @@ func (d *ctDecoder) decodeMessage(typ, flags uint16, data []byte, f *ctFlow) (ev
 }
 
 func (d *ctDecoder) decodeFlow(b []byte, f *ctFlow) bool {
-	a := attrs{b: b}
+	a := attrs{rest: b}
 	for a.next() {
 		var ok bool
 		switch a.kind() {
@@ -249,11 +241,11 @@ func (d *ctDecoder) decodeFlow(b []byte, f *ctFlow) bool {
 			return false
 		}
 	}
-	return !a.bad
+	return a.done()
 }
 
 func decodeTuple(b []byte, t *ctTuple) bool {
-	a := attrs{b: b}
+	a := attrs{rest: b}
 	for a.next() {
 		var ok bool
 		switch a.kind() {
@@ -271,11 +263,11 @@ func decodeTuple(b []byte, t *ctTuple) bool {
 			return false
 		}
 	}
-	return !a.bad && a.n >= 2
+	return a.done() && a.n >= 2
 }
 
 func decodeIPTuple(b []byte, t *ctTuple) bool {
-	a := attrs{b: b}
+	a := attrs{rest: b}
 	for a.next() {
 		var addr netip.Addr
 		switch len(a.data) {
@@ -295,11 +287,11 @@ func decodeIPTuple(b []byte, t *ctTuple) bool {
 			return false
 		}
 	}
-	return !a.bad && a.n == 2
+	return a.done() && a.n == 2
 }
 
 func decodeProtoTuple(b []byte, t *ctTuple) bool {
-	a := attrs{b: b}
+	a := attrs{rest: b}
 	for a.next() {
 		var ok bool
 		switch a.kind() {
@@ -320,11 +312,11 @@ func decodeProtoTuple(b []byte, t *ctTuple) bool {
 			return false
 		}
 	}
-	return !a.bad && a.n > 0
+	return a.done() && a.n > 0
 }
 
 func decodeCounter(b []byte, c *ctCounter) bool {
-	a := attrs{b: b}
+	a := attrs{rest: b}
 	for a.next() {
 		var ok bool
 		switch a.kind() {
@@ -339,11 +331,11 @@ func decodeCounter(b []byte, c *ctCounter) bool {
 			return false
 		}
 	}
-	return !a.bad && a.n >= 2
+	return a.done() && a.n >= 2
 }
 
 func decodeTimestamp(b []byte, f *ctFlow) bool {
-	a := attrs{b: b}
+	a := attrs{rest: b}
 	for a.next() {
 		var ok bool
 		var v uint64
@@ -361,7 +353,7 @@ func decodeTimestamp(b []byte, f *ctFlow) bool {
 			return false
 		}
 	}
-	return !a.bad && a.n > 0
+	return a.done() && a.n > 0
 }
 
 // fromCT converts an entry decoded by ti-mo/conntrack (table dumps and lookups still go

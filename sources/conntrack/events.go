@@ -148,24 +148,33 @@ func (e *eventConn) setDeadline(t time.Time) error { return e.c.SetReadDeadline(
 func (e *eventConn) close() { e.once.Do(func() { e.c.Close() }) }
 
 // onMessages decodes the netlink messages of one datagram and hands conntrack NEW and
-// DESTROY events to the tracker.
+// DESTROY events to the tracker. The flow is decoded into a variable on the stack and the
+// calls that follow are direct, so that it stays there: no allocation, no write barriers.
 func (t *tracker) onMessages(b []byte, now flow.Time, st *stats) {
-	t.now, t.st = now, st
-	if bad := t.dec.decodeMessages(b, &t.cur, t.onEvent); bad > 0 {
-		st.decodeErrors.Add(uint64(bad))
+	sp := nlSplit{b: b}
+	bad := 0
+	var f ctFlow
+	for {
+		typ, flags, data, ok := sp.next()
+		if !ok {
+			break
+		}
+		ev, ok := t.dec.decodeMessage(typ, flags, data, &f)
+		if !ok {
+			bad++ // expectations count here too, as they did with ti-mo
+			continue
+		}
+		switch ev {
+		case ctEvNew:
+			st.newEvents.Add(1)
+			t.onNew(&f, now)
+		case ctEvDestroy:
+			st.destroyEvents.Add(1)
+			t.onDestroy(&f, now)
+		}
 	}
-}
-
-// handle is the decoder's callback, kept in t.onEvent (a method value made once, so that no closure is
-// allocated per datagram).
-func (t *tracker) handle(typ int, f *ctFlow) {
-	switch typ {
-	case ctEvNew:
-		t.st.newEvents.Add(1)
-		t.onNew(f, t.now)
-	case ctEvDestroy:
-		t.st.destroyEvents.Add(1)
-		t.onDestroy(f, t.now)
+	if bad += sp.bad; bad > 0 {
+		st.decodeErrors.Add(uint64(bad))
 	}
 }
 

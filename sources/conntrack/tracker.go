@@ -30,12 +30,7 @@ type tracker struct {
 	filtered   [numFilterReasons]int
 	duplicates int
 
-	// The datagram decoder, its reused flow and callback, and what onMessages was called with.
-	dec     ctDecoder
-	cur     ctFlow
-	onEvent func(typ int, f *ctFlow)
-	now     flow.Time
-	st      *stats
+	dec ctDecoder // the datagram decoder
 }
 
 // ctKey identifies a conntrack entry for its lifetime: the kernel's ID (a hash of the entry's
@@ -59,9 +54,7 @@ type entry struct {
 }
 
 func newTracker(cfg *Config, emit func(*flow.Event, bool)) *tracker {
-	t := &tracker{cfg: cfg, ids: flow.NewIDGen(), known: map[ctKey]entry{}, emit: emit}
-	t.onEvent = t.handle
-	return t
+	return &tracker{cfg: cfg, ids: flow.NewIDGen(), known: map[ctKey]entry{}, emit: emit}
 }
 
 func keyOf(f *ctFlow) ctKey {

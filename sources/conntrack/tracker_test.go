@@ -209,7 +209,7 @@ func TestDecodeKernelMessages(t *testing.T) {
 	for _, b := range kernelSeeds(t) {
 		var d ctDecoder
 		var cur ctFlow
-		if bad := d.decodeMessages(b, &cur, func(typ int, f *ctFlow) {
+		if bad := d.decodeAll(b, &cur, func(typ int, f *ctFlow) {
 			switch typ {
 			case ctEvNew:
 				news++
