@@ -323,7 +323,8 @@ func (s *Server) serveTop(w http.ResponseWriter, r *http.Request) {
 		for _, rec := range h.Last(req.Filter, since, 0) {
 			top.Add(rec.Seen, &rec.Event)
 		}
-		writeJSON(w, top.Snapshot(time.Now(), req.N))
+		w.Header().Set("Content-Type", "application/json")
+		_ = json.NewEncoder(w).Encode(top.Snapshot(time.Now(), req.N))
 		return
 	}
 	sub, recs := h.Subscribe(req.Filter, subscriberBuffer, true, since, 0)
