@@ -111,10 +111,14 @@ func (c *adminClient) get(ctx context.Context, path string, q string) (io.ReadCl
 	return resp.Body, nil
 }
 
-// lines calls fn for each line of r.
-func lines(r io.Reader, fn func([]byte) error) error {
+// lines calls fn for each line of r, and idle (if not nil) whenever no more input is
+// waiting, so that output is flushed while the stream is quiet.
+func lines(r io.Reader, fn func([]byte) error, idle func()) error {
 	br := bufio.NewReaderSize(r, 64<<10)
 	for {
+		if idle != nil && br.Buffered() == 0 {
+			idle()
+		}
 		line, err := br.ReadSlice('\n')
 		if err == bufio.ErrBufferFull {
 			// A line longer than the buffer: gather it.

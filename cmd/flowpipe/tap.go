@@ -75,7 +75,7 @@ tap point's ring of recent events, and follows too with --follow.`,
 			}
 			defer body.Close()
 			go func() { <-ctx.Done(); body.Close() }()
-			err = lines(body, out.line)
+			err = lines(body, out.line, out.flush)
 			out.flush()
 			if err != nil && !isDone(ctx, err) {
 				return fmt.Errorf("tap stream: %w", err)

@@ -80,7 +80,7 @@ otherwise; --once prints the window from the tap point's ring of recent events a
 				renderTop(&buf, &s, at, tty)
 				_, err := w.Write(buf.Bytes())
 				return err
-			})
+			}, nil)
 			if err != nil && !isDone(ctx, err) {
 				return err
 			}
