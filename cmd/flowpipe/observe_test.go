@@ -339,7 +339,7 @@ func parseLines(t *testing.T, s string) []flow.Event {
 // writes, and when it reads at last it is told exactly how many events it missed.
 func TestTapSlowSubscriber(t *testing.T) {
 	dir := t.TempDir()
-	const n = 60_000
+	const n = 40_000
 	writeEvents(t, filepath.Join(dir, "rec.jsonl"), n)
 	r := startRun(t, dir, `
 admin: {listen: "127.0.0.1:0"}
