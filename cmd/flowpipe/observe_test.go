@@ -241,7 +241,9 @@ sinks:
 	}{
 		{"all", nil, func(*flow.Event) bool { return true }},
 		{"src-cidr", []string{"--src", "10.0.0.0/8"}, func(e *flow.Event) bool { return inPrefix("10.0.0.0/8", e.SrcAddr) }},
-		{"ip-v6", []string{"--ip", "2001:db8::53"}, func(e *flow.Event) bool { return e.SrcAddr == netip.MustParseAddr("2001:db8::53") || e.DstAddr == netip.MustParseAddr("2001:db8::53") }},
+		{"ip-v6", []string{"--ip", "2001:db8::53"}, func(e *flow.Event) bool {
+			return e.SrcAddr == netip.MustParseAddr("2001:db8::53") || e.DstAddr == netip.MustParseAddr("2001:db8::53")
+		}},
 		{"dst-and-port", []string{"--dst", "198.51.100.1/32", "--dst-port", "53"}, func(e *flow.Event) bool {
 			return e.DstAddr == netip.MustParseAddr("198.51.100.1") && e.Protocol != flow.ProtoICMP && e.DstPort == 53
 		}},
