@@ -3,8 +3,15 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/json"
+	"encoding/pem"
 	"fmt"
+	"math/big"
 	"net"
 	"net/http"
 	"net/netip"
@@ -218,21 +225,42 @@ func selectEvents(es []flow.Event, keep func(*flow.Event) bool) []flow.Event {
 
 func inPrefix(p string, a netip.Addr) bool { return netip.MustParsePrefix(p).Contains(a) }
 
+// TestTapFiltersAndRing runs with the default isolation (every component a plugin process)
+// and again in process: the tap is the same.
 func TestTapFiltersAndRing(t *testing.T) {
+	for _, iso := range []string{"", "inproc"} {
+		name := iso
+		if name == "" {
+			name = "default"
+		}
+		t.Run(name, func(t *testing.T) { testTapFiltersAndRing(t, iso) })
+	}
+}
+
+func testTapFiltersAndRing(t *testing.T, isolation string) {
 	dir := t.TempDir()
 	const n, ring = 3000, 1000
 	rec := recording(t, filepath.Join(dir, "rec.jsonl"), n)
+	iso := ""
+	if isolation != "" {
+		iso = ", isolation: " + isolation
+	}
 	r := startRun(t, dir, fmt.Sprintf(`
 admin: {listen: "127.0.0.1:0", tap_ring: %d}
 data_dir: data
 sources:
-  in: {type: replay, path: in.fifo, batch_size: 100}
+  in: {type: replay, path: in.fifo, batch_size: 100%[2]s}
 enrichers:
-  - type: community_id
-    name: cid
+  - {type: community_id, name: cid%[2]s}
 sinks:
-  out: {type: file, path: out.jsonl}
-`, ring))
+  out: {type: file, path: out.jsonl%[2]s}
+`, ring, iso))
+	if isolation == "" && len(pluginChildren(t, r.cmd.Process.Pid)) != 3 {
+		t.Fatalf("want three plugin processes with the default isolation")
+	}
+	if isolation == "inproc" && len(pluginChildren(t, r.cmd.Process.Pid)) != 0 {
+		t.Fatalf("want no plugin process with isolation: inproc")
+	}
 	admin := "--admin=" + r.admin
 	cases := []struct {
 		name string
@@ -290,6 +318,15 @@ sinks:
 	udp := selectEvents(rec[n-ring:], func(e *flow.Event) bool { return e.Protocol == flow.ProtoUDP })
 	if got := parseLines(t, out); !slices.Equal(ids(got), ids(udp[len(udp)-7:])) {
 		t.Fatalf("tap --last 7 --proto udp: %v, want %v", ids(got), ids(udp[len(udp)-7:]))
+	}
+	// --since reads the ring by when the tap point saw the events.
+	out, _, _ = flowpipe(t, dir, "tap", admin, "--since", "1h", "-o", "json")
+	if got := parseLines(t, out); !slices.Equal(ids(got), ids(rec[n-ring:])) {
+		t.Fatalf("tap --since 1h returned %d events, want the ring's %d", len(got), ring)
+	}
+	out, _, _ = flowpipe(t, dir, "tap", admin, "--since", time.Now().Add(time.Hour).UTC().Format(time.RFC3339), "-o", "json")
+	if out != "" {
+		t.Fatalf("tap --since an hour ahead printed events:\n%.300s", out)
 	}
 	// Compact and table output carry the fields a reader looks for.
 	out, _, _ = flowpipe(t, dir, "tap", admin, "--last", "1")
@@ -664,5 +701,70 @@ sinks:
 	out, _, code := flowpipe(t, dir, "top", "--admin", sock, "--once", "--by", "proto")
 	if code != 0 || !strings.Contains(out, "TOP BY BYTES") {
 		t.Errorf("top over the socket: %d %s", code, out)
+	}
+}
+
+// writeCert writes a certificate signed by parent (self-signed when parent is nil) and its
+// key as PEM files, and returns them for signing further certificates.
+func writeCert(t *testing.T, dir, name string, tmpl *x509.Certificate, parent *x509.Certificate, parentKey *ecdsa.PrivateKey) (*x509.Certificate, *ecdsa.PrivateKey) {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if parent == nil {
+		parent, parentKey = tmpl, key
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, parent, &key.PublicKey, parentKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kder, _ := x509.MarshalECPrivateKey(key)
+	writeFile(t, filepath.Join(dir, name+".pem"), string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})))
+	writeFile(t, filepath.Join(dir, name+"-key.pem"), string(pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kder})))
+	cert, _ := x509.ParseCertificate(der)
+	return cert, key
+}
+
+// TestAdminMTLS: a listener on every address is accepted with mTLS instead of a token; tap
+// gets through with a client certificate the CA signed, and not without one.
+func TestAdminMTLS(t *testing.T) {
+	dir := t.TempDir()
+	now := time.Now()
+	ca, caKey := writeCert(t, dir, "ca", &x509.Certificate{
+		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "test CA"}, NotBefore: now.Add(-time.Hour), NotAfter: now.Add(time.Hour),
+		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign,
+	}, nil, nil)
+	writeCert(t, dir, "server", &x509.Certificate{
+		SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: "flowpipe"}, NotBefore: now.Add(-time.Hour), NotAfter: now.Add(time.Hour),
+		IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1)}, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}, KeyUsage: x509.KeyUsageDigitalSignature,
+	}, ca, caKey)
+	writeCert(t, dir, "client", &x509.Certificate{
+		SerialNumber: big.NewInt(3), Subject: pkix.Name{CommonName: "operator"}, NotBefore: now.Add(-time.Hour), NotAfter: now.Add(time.Hour),
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}, KeyUsage: x509.KeyUsageDigitalSignature,
+	}, ca, caKey)
+	r := startRun(t, dir, `
+admin:
+  listen: "0.0.0.0:0"
+  tls: {cert: server.pem, key: server-key.pem, client_ca: ca.pem}
+data_dir: data
+sources:
+  gen: {type: generate, rate: 200}
+sinks:
+  out: {type: file, path: out.jsonl}
+`)
+	_, port, _ := net.SplitHostPort(r.admin)
+	admin := "--admin=https://127.0.0.1:" + port
+	eventually(t, "tap over mTLS to print an event", func() bool {
+		out, stderr, code := flowpipe(t, dir, "tap", admin, "--cacert", filepath.Join(dir, "ca.pem"),
+			"--cert", filepath.Join(dir, "client.pem"), "--key", filepath.Join(dir, "client-key.pem"), "--last", "1", "-o", "json")
+		if code != 0 {
+			t.Fatalf("tap with a client certificate: %d %s", code, stderr)
+		}
+		return strings.Count(out, "\n") == 1
+	})
+	_, stderr, code := flowpipe(t, dir, "tap", admin, "--cacert", filepath.Join(dir, "ca.pem"), "--last", "1")
+	if code != 1 || !strings.Contains(stderr, "cannot reach the admin listener") {
+		t.Errorf("tap without a client certificate: %d %s", code, stderr)
 	}
 }

@@ -15,6 +15,7 @@ import (
 	"net/http"
 	"os"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -48,8 +49,9 @@ type Server struct {
 	ln   net.Listener
 	opts Options
 	// stop ends the streaming handlers when the server shuts down.
-	stop   context.Context
-	cancel context.CancelFunc
+	stop    context.Context
+	cancel  context.CancelFunc
+	streams atomic.Int32 // tap and top streams being served
 }
 
 // Start listens on addr and serves /metrics, /healthz and /readyz until Shutdown.

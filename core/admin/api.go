@@ -3,6 +3,7 @@ package admin
 import (
 	"bufio"
 	"encoding/json"
+	"fmt"
 	"net/http"
 	"slices"
 	"time"
@@ -215,6 +216,9 @@ type Meta struct {
 // subscriberBuffer is how many matching events a tap subscriber may have not yet taken.
 const subscriberBuffer = 8192
 
+// maxStreams bounds the tap and top streams served at once: each holds a subscriber buffer.
+const maxStreams = 64
+
 func (s *Server) hub(w http.ResponseWriter, r *http.Request) (*tap.Hub, tap.Request, bool) {
 	req, err := tap.ParseRequest(r.URL.Query())
 	if err != nil {
@@ -250,6 +254,12 @@ func joinNames(ns []string) string {
 }
 
 func (s *Server) serveTap(w http.ResponseWriter, r *http.Request) {
+	if s.streams.Add(1) > maxStreams {
+		s.streams.Add(-1)
+		http.Error(w, fmt.Sprintf("%d tap and top streams are open already; close one", maxStreams), http.StatusServiceUnavailable)
+		return
+	}
+	defer s.streams.Add(-1)
 	h, req, ok := s.hub(w, r)
 	if !ok {
 		return
@@ -313,6 +323,12 @@ func (s *Server) serveTap(w http.ResponseWriter, r *http.Request) {
 const topInterval = time.Second
 
 func (s *Server) serveTop(w http.ResponseWriter, r *http.Request) {
+	if s.streams.Add(1) > maxStreams {
+		s.streams.Add(-1)
+		http.Error(w, fmt.Sprintf("%d tap and top streams are open already; close one", maxStreams), http.StatusServiceUnavailable)
+		return
+	}
+	defer s.streams.Add(-1)
 	h, req, ok := s.hub(w, r)
 	if !ok {
 		return
