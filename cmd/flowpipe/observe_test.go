@@ -669,6 +669,11 @@ sinks:
 	if code != 1 || !strings.Contains(stderr, "admin.listen") {
 		t.Errorf("run with non-loopback and no token: %d %s", code, stderr)
 	}
+	write("  listen: 0.0.0.0:9560\n  token_file: no-such-token")
+	_, stderr, code = flowpipe(t, dir, "validate")
+	if code != 1 || !strings.Contains(stderr, "pipeline.yaml:3: admin.token_file: open") {
+		t.Errorf("a missing token file: %d %s", code, stderr)
+	}
 	for _, ok := range []string{"  listen: 0.0.0.0:9560\n  token: x", "  listen: \"[::]:9560\"\n  insecure: true", "  listen: localhost:9560", "  listen: \"[::1]:9560\""} {
 		write(ok)
 		if _, stderr, code := flowpipe(t, dir, "validate"); code != 0 {
