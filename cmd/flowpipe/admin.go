@@ -1,8 +1,6 @@
 package main
 
 import (
-	"crypto/tls"
-	"crypto/x509"
 	"fmt"
 	"log/slog"
 	"os"
@@ -11,16 +9,18 @@ import (
 	"github.com/flowpipe/flowpipe/core/admin"
 	"github.com/flowpipe/flowpipe/core/config"
 	"github.com/flowpipe/flowpipe/core/pipeline"
+	"github.com/flowpipe/flowpipe/internal/pluginhost"
+	"github.com/flowpipe/flowpipe/internal/tlsfiles"
 )
 
 // adminOptions resolves the admin section for the listener: the token (from token_file),
-// TLS, the tap points and the pipeline's picture.
+// TLS (the loader the gRPC components use), the tap points and the pipeline's picture.
 func adminOptions(doc *config.Document, p *pipeline.Pipeline, log *slog.Logger) (admin.Options, error) {
 	a := doc.Admin
 	o := admin.Options{
 		Listen: a.Listen, Registry: p.Metrics().Registry, Ready: p.Ready, Log: log, Token: a.Token,
 		Taps:  p.Taps(),
-		Graph: admin.GraphOf(doc, pipelineOptions(log).DefaultIsolation),
+		Graph: admin.GraphOf(doc, pluginhost.DefaultIsolation),
 	}
 	if a.TokenFile != "" {
 		b, err := os.ReadFile(doc.AdminPath(a.TokenFile))
@@ -32,24 +32,12 @@ func adminOptions(doc *config.Document, p *pipeline.Pipeline, log *slog.Logger) 
 			return o, fmt.Errorf("%s: admin.token_file: %s is empty", doc.Where("admin.token_file"), doc.AdminPath(a.TokenFile))
 		}
 	}
-	if a.TLS.Cert != "" {
-		cert, err := tls.LoadX509KeyPair(doc.AdminPath(a.TLS.Cert), doc.AdminPath(a.TLS.Key))
+	if a.CertFile != "" {
+		cfg, err := tlsfiles.Server(doc.AdminPath(a.CertFile), doc.AdminPath(a.KeyFile), doc.AdminPath(a.ClientCAFile))
 		if err != nil {
-			return o, fmt.Errorf("%s: admin.tls: %w", doc.Where("admin.tls"), err)
+			return o, fmt.Errorf("%s: admin.%w", doc.Where("admin.cert_file"), err)
 		}
-		o.TLS = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
-		if a.TLS.ClientCA != "" {
-			pem, err := os.ReadFile(doc.AdminPath(a.TLS.ClientCA))
-			if err != nil {
-				return o, fmt.Errorf("%s: admin.tls.client_ca: %w", doc.Where("admin.tls.client_ca"), err)
-			}
-			pool := x509.NewCertPool()
-			if !pool.AppendCertsFromPEM(pem) {
-				return o, fmt.Errorf("%s: admin.tls.client_ca: no PEM certificate in %s", doc.Where("admin.tls.client_ca"), a.TLS.ClientCA)
-			}
-			o.TLS.ClientCAs = pool
-			o.TLS.ClientAuth = tls.RequireAndVerifyClientCert
-		}
+		o.TLS = cfg
 	}
 	return o, nil
 }

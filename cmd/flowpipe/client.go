@@ -3,8 +3,6 @@ package main
 import (
 	"bufio"
 	"context"
-	"crypto/tls"
-	"crypto/x509"
 	"fmt"
 	"io"
 	"net"
@@ -16,6 +14,7 @@ import (
 	"github.com/spf13/pflag"
 
 	"github.com/flowpipe/flowpipe/core/tap"
+	"github.com/flowpipe/flowpipe/internal/tlsfiles"
 )
 
 // adminClient talks to a running flowpipe's admin listener (tap, top).
@@ -56,23 +55,9 @@ func (c *adminClient) get(ctx context.Context, path string, q string) (io.ReadCl
 		base = "http://flowpipe"
 	case strings.HasPrefix(c.addr, "https://"):
 		base = strings.TrimSuffix(c.addr, "/")
-		cfg := &tls.Config{MinVersion: tls.VersionTLS12}
-		if c.caFile != "" {
-			pem, err := os.ReadFile(c.caFile)
-			if err != nil {
-				return nil, fmt.Errorf("--cacert: %w", err)
-			}
-			cfg.RootCAs = x509.NewCertPool()
-			if !cfg.RootCAs.AppendCertsFromPEM(pem) {
-				return nil, fmt.Errorf("--cacert %s: no PEM certificate", c.caFile)
-			}
-		}
-		if c.certFile != "" {
-			cert, err := tls.LoadX509KeyPair(c.certFile, c.keyFile)
-			if err != nil {
-				return nil, fmt.Errorf("--cert/--key: %w", err)
-			}
-			cfg.Certificates = []tls.Certificate{cert}
+		cfg, err := tlsfiles.Client(c.caFile, c.certFile, c.keyFile, "")
+		if err != nil {
+			return nil, fmt.Errorf("--cacert/--cert/--key: %w", err)
 		}
 		tr.TLSClientConfig = cfg
 	case strings.HasPrefix(c.addr, "http://"):

@@ -751,7 +751,9 @@ func TestAdminMTLS(t *testing.T) {
 	r := startRun(t, dir, `
 admin:
   listen: "0.0.0.0:0"
-  tls: {cert: server.pem, key: server-key.pem, client_ca: ca.pem}
+  cert_file: server.pem
+  key_file: server-key.pem
+  client_ca_file: ca.pem
 data_dir: data
 sources:
   gen: {type: generate, rate: 200}

@@ -20,10 +20,6 @@ import (
 	"github.com/flowpipe/flowpipe/core/tap"
 )
 
-func init() {
-	extraCommands = append(extraCommands, newTapCmd, newTopCmd)
-}
-
 func newTapCmd(*globalFlags) *cobra.Command {
 	var (
 		c      adminClient

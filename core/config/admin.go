@@ -20,11 +20,11 @@ func (d *Document) checkAdmin() Problems {
 	if a.Token != "" && a.TokenFile != "" {
 		probs = append(probs, d.Problem("admin.token_file", "set admin.token or admin.token_file, not both"))
 	}
-	if (a.TLS.Cert == "") != (a.TLS.Key == "") {
-		probs = append(probs, d.Problem("admin.tls", "set both tls.cert and tls.key"))
+	if (a.CertFile == "") != (a.KeyFile == "") {
+		probs = append(probs, d.Problem("admin.cert_file", "set both cert_file and key_file, or neither"))
 	}
-	if a.TLS.ClientCA != "" && a.TLS.Cert == "" {
-		probs = append(probs, d.Problem("admin.tls.client_ca", "mTLS needs tls.cert and tls.key too"))
+	if a.ClientCAFile != "" && a.CertFile == "" {
+		probs = append(probs, d.Problem("admin.client_ca_file", "mTLS needs cert_file and key_file too"))
 	}
 	if a.TapRing < 0 || a.TapRing > maxTapRing {
 		probs = append(probs, d.Problem("admin.tap_ring", "must be between 0 and %d, got %d", maxTapRing, a.TapRing))
@@ -42,9 +42,9 @@ func (d *Document) checkAdmin() Problems {
 	if err != nil {
 		return append(probs, d.Problem("admin.listen", "want host:port or unix:PATH, got %q", a.Listen))
 	}
-	authenticated := a.Token != "" || a.TokenFile != "" || a.TLS.ClientCA != ""
+	authenticated := a.Token != "" || a.TokenFile != "" || a.ClientCAFile != ""
 	if !isLoopback(host) && !authenticated && !a.Insecure {
-		probs = append(probs, d.Problem("admin.listen", "%s is reachable from other hosts: set admin.token or admin.token_file (bearer token) or admin.tls.client_ca (mTLS), or write admin.insecure: true", a.Listen))
+		probs = append(probs, d.Problem("admin.listen", "%s is reachable from other hosts: set admin.token or admin.token_file (bearer token) or admin.client_ca_file (mTLS), or write admin.insecure: true", a.Listen))
 	}
 	return probs
 }
@@ -57,7 +57,7 @@ func isLoopback(host string) bool {
 	return err == nil && a.IsLoopback()
 }
 
-// AdminPath resolves a path of the admin section (token_file, tls files) against the
+// AdminPath resolves a path of the admin section (token_file, cert_file, ...) against the
 // directory of pipeline.yaml.
 func (d *Document) AdminPath(p string) string {
 	if p == "" || filepath.IsAbs(p) {

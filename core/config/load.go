@@ -50,26 +50,22 @@ type Document struct {
 // (docs/observe.md).
 type Admin struct {
 	// Listen is host:port, or unix:PATH for a Unix socket; empty disables it. An address
-	// that is not loopback needs Token, TokenFile or TLS.ClientCA, or Insecure.
+	// that is not loopback needs Token, TokenFile or ClientCAFile, or Insecure.
 	Listen string `yaml:"listen"`
 	// Token is the bearer token every request but GET / and /healthz must carry.
 	Token string `yaml:"token"`
 	// TokenFile holds the token (surrounding white space ignored), relative to pipeline.yaml.
 	TokenFile string `yaml:"token_file"`
-	// TLS serves HTTPS; with ClientCA, clients must present a certificate it signed (mTLS).
-	TLS AdminTLS `yaml:"tls"`
+	// CertFile and KeyFile serve HTTPS; with ClientCAFile, clients must present a
+	// certificate it signed (mTLS). The same keys as the gRPC receiver's.
+	CertFile     string `yaml:"cert_file"`
+	KeyFile      string `yaml:"key_file"`
+	ClientCAFile string `yaml:"client_ca_file"`
 	// Insecure allows a non-loopback listener with no authentication.
 	Insecure bool `yaml:"insecure"`
 	// TapRing is how many recent events each tap point keeps for `flowpipe tap --last`
 	// (0 turns the rings off: then a tap point costs one atomic load per batch).
 	TapRing int `yaml:"tap_ring"`
-}
-
-// AdminTLS is the admin listener's TLS.
-type AdminTLS struct {
-	Cert     string `yaml:"cert"`
-	Key      string `yaml:"key"`
-	ClientCA string `yaml:"client_ca"`
 }
 
 // Runtime holds pipeline-wide settings.
