@@ -1,0 +1,180 @@
+// Package netout is the connection of a sink that pushes a one-way stream to a collector
+// (IPFIX, syslog): UDP, TCP or TLS, dialled on demand, written with a deadline, and dropped
+// as soon as the peer closes it, so that the next batch goes to a fresh connection instead of
+// into a socket nobody reads. Such protocols have no acknowledgement: over TCP and TLS a
+// batch counts as delivered once the kernel took all of it, over UDP once it was sent.
+package netout
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"sync"
+	"time"
+)
+
+// Config says where and how to connect.
+type Config struct {
+	Network      string      // udp, tcp or tls
+	Address      string      // host:port
+	TLS          *tls.Config // for tls
+	DialTimeout  time.Duration
+	WriteTimeout time.Duration
+}
+
+// Conn is a connection that redials when needed. It is safe for concurrent use; writes are
+// serialised.
+type Conn struct {
+	cfg Config
+
+	mu     sync.Mutex
+	c      net.Conn
+	closed chan struct{} // closed by the watcher when the peer closes c
+	peer   error         // why the peer side ended, once it has
+}
+
+// New returns an unconnected Conn.
+func New(cfg Config) *Conn { return &Conn{cfg: cfg} }
+
+// Ensure connects unless a live connection exists; fresh reports that it made a new one (a
+// protocol then sends what a new transport session needs first, e.g. IPFIX templates).
+func (c *Conn) Ensure(ctx context.Context) (fresh bool, err error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.c != nil {
+		select {
+		case <-c.closed:
+			c.dropLocked()
+		default:
+			return false, nil
+		}
+	}
+	return true, c.dialLocked(ctx)
+}
+
+func (c *Conn) dialLocked(ctx context.Context) error {
+	d := net.Dialer{Timeout: c.cfg.DialTimeout, KeepAlive: 30 * time.Second}
+	var conn net.Conn
+	var err error
+	switch c.cfg.Network {
+	case "tls":
+		td := tls.Dialer{NetDialer: &d, Config: c.cfg.TLS}
+		conn, err = td.DialContext(ctx, "tcp", c.cfg.Address)
+	default:
+		conn, err = d.DialContext(ctx, c.cfg.Network, c.cfg.Address)
+	}
+	if err != nil {
+		return fmt.Errorf("connect to %s over %s: %w", c.cfg.Address, c.cfg.Network, err)
+	}
+	c.c, c.closed, c.peer = conn, make(chan struct{}), nil
+	if c.cfg.Network != "udp" {
+		go c.watch(conn, c.closed)
+	}
+	return nil
+}
+
+// watch reads from a stream the peer never writes to: whatever ends the read (EOF, a reset,
+// a TLS alert such as a rejected certificate) means the connection is gone.
+func (c *Conn) watch(conn net.Conn, closed chan struct{}) {
+	var buf [512]byte
+	var err error
+	for err == nil {
+		_, err = conn.Read(buf[:])
+	}
+	c.mu.Lock()
+	if c.c == conn {
+		if errors.Is(err, io.EOF) {
+			err = errors.New("the collector closed the connection")
+		}
+		c.peer = err
+	}
+	c.mu.Unlock()
+	close(closed)
+}
+
+// Write writes p to the stream (TCP, TLS) in full, or each of ps as one datagram (UDP).
+// On error the connection is dropped; the next Ensure makes a new one.
+func (c *Conn) Write(ctx context.Context, ps ...[]byte) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.c == nil {
+		return errors.New("not connected")
+	}
+	select {
+	case <-c.closed:
+		err := c.peerErrLocked()
+		c.dropLocked()
+		return err
+	default:
+	}
+	deadline := time.Now().Add(c.cfg.WriteTimeout)
+	if d, ok := ctx.Deadline(); ok && d.Before(deadline) {
+		deadline = d
+	}
+	_ = c.c.SetWriteDeadline(deadline)
+	for _, p := range ps {
+		if _, err := c.c.Write(p); err != nil {
+			// A write that fails because the peer went away says more with the peer's reason.
+			select {
+			case <-c.closed:
+				err = fmt.Errorf("%w (%v)", err, c.peerErrLocked())
+			default:
+			}
+			c.dropLocked()
+			return fmt.Errorf("write to %s over %s: %w", c.cfg.Address, c.cfg.Network, err)
+		}
+	}
+	return nil
+}
+
+func (c *Conn) peerErrLocked() error {
+	if c.peer != nil {
+		return fmt.Errorf("connection to %s: %w", c.cfg.Address, c.peer)
+	}
+	return fmt.Errorf("connection to %s closed", c.cfg.Address)
+}
+
+func (c *Conn) dropLocked() {
+	if c.c != nil {
+		_ = c.c.Close()
+		c.c = nil
+	}
+}
+
+// Close closes the connection; a later Ensure reconnects.
+func (c *Conn) Close() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.dropLocked()
+	return nil
+}
+
+// ClientTLS is the TLS configuration of a sink's ca_file, cert_file, key_file and server_name
+// options, with paths already resolved.
+func ClientTLS(caFile, certFile, keyFile, serverName string) (*tls.Config, error) {
+	cfg := &tls.Config{ServerName: serverName, MinVersion: tls.VersionTLS12}
+	if caFile != "" {
+		pem, err := os.ReadFile(caFile)
+		if err != nil {
+			return nil, fmt.Errorf("ca_file: %w", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("ca_file %s: no PEM certificate in it", caFile)
+		}
+		cfg.RootCAs = pool
+	}
+	if certFile != "" {
+		cert, err := tls.LoadX509KeyPair(certFile, keyFile)
+		if err != nil {
+			return nil, fmt.Errorf("cert_file/key_file: %w", err)
+		}
+		cfg.Certificates = []tls.Certificate{cert}
+	}
+	return cfg, nil
+}
