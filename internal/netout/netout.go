@@ -15,7 +15,10 @@ import (
 	"net"
 	"os"
 	"sync"
+	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // Config says where and how to connect.
@@ -26,6 +29,36 @@ type Config struct {
 	DialTimeout  time.Duration
 	WriteTimeout time.Duration
 }
+
+func (c Config) stream() bool { return c.Network != "udp" }
+
+// established asks the kernel whether a TCP connection is still established: once the peer's
+// FIN or RST has arrived it is not, even before the watcher has run. A batch written after
+// that would be taken by the kernel and lost.
+func established(conn net.Conn) bool {
+	if tc, ok := conn.(*tls.Conn); ok {
+		conn = tc.NetConn()
+	}
+	sc, ok := conn.(syscall.Conn)
+	if !ok {
+		return true
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return false
+	}
+	state := uint8(0)
+	if err := rc.Control(func(fd uintptr) {
+		if info, err := unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO); err == nil {
+			state = info.State
+		}
+	}); err != nil {
+		return false
+	}
+	return state == tcpEstablished
+}
+
+const tcpEstablished = 1 // TCP_ESTABLISHED in the kernel's tcp_states.h
 
 // Conn is a connection that redials when needed. It is safe for concurrent use; writes are
 // serialised.
@@ -51,7 +84,10 @@ func (c *Conn) Ensure(ctx context.Context) (fresh bool, err error) {
 		case <-c.closed:
 			c.dropLocked()
 		default:
-			return false, nil
+			if !c.cfg.stream() || established(c.c) {
+				return false, nil
+			}
+			c.dropLocked()
 		}
 	}
 	return true, c.dialLocked(ctx)
@@ -72,7 +108,7 @@ func (c *Conn) dialLocked(ctx context.Context) error {
 		return fmt.Errorf("connect to %s over %s: %w", c.cfg.Address, c.cfg.Network, err)
 	}
 	c.c, c.closed, c.peer = conn, make(chan struct{}), nil
-	if c.cfg.Network != "udp" {
+	if c.cfg.stream() {
 		go c.watch(conn, c.closed)
 	}
 	return nil
@@ -111,6 +147,10 @@ func (c *Conn) Write(ctx context.Context, ps ...[]byte) error {
 		c.dropLocked()
 		return err
 	default:
+	}
+	if c.cfg.stream() && !established(c.c) {
+		c.dropLocked()
+		return fmt.Errorf("connection to %s: the collector closed it", c.cfg.Address)
 	}
 	deadline := time.Now().Add(c.cfg.WriteTimeout)
 	if d, ok := ctx.Deadline(); ok && d.Before(deadline) {

@@ -5,8 +5,8 @@ import (
 	"context"
 	"encoding/hex"
 	"encoding/json"
-	"io"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -310,7 +310,9 @@ func TestTsharkDecodesEveryElementOverTCP(t *testing.T) {
 	for _, e := range want {
 		sp, sb := e.SrcCounters()
 		dp, db := e.DstCounters()
-		ts := func(t flow.Time) string { return t.Time().Truncate(time.Millisecond).Format("Jan _2, 2006 15:04:05.000000000 UTC") }
+		ts := func(t flow.Time) string {
+			return t.Time().Truncate(time.Millisecond).Format("Jan _2, 2006 15:04:05.000000000 UTC")
+		}
 		icmp := fmt.Sprintf("0x%02x%02x/", e.ICMPType, e.ICMPCode)
 		if e.SrcAddr.Is6() {
 			icmp = fmt.Sprintf("%d/%d", e.ICMPType, e.ICMPCode)
