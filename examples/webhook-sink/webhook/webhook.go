@@ -1,5 +1,5 @@
 // Package webhook is a flowpipe sink that POSTs each batch as NDJSON (one JSON event per
-// line, the schema of docs/schema.md) and acknowledges the batch only on a 2xx answer.
+// line, in the schema of docs/schema.md, or ECS or OCSF with the format option) and acknowledges the batch only on a 2xx answer.
 // Other answers and network errors are retried with backoff; when the attempts run out,
 // Write fails and flowpipe retries the batch later, so nothing is lost, but a receiver may
 // see a batch twice: the X-Flowpipe-Batch header (the batch's first event ID) lets it
@@ -19,6 +19,7 @@ import (
 	"github.com/flowpipe/flowpipe/core/config"
 	"github.com/flowpipe/flowpipe/core/flow"
 	"github.com/flowpipe/flowpipe/core/plugin"
+	"github.com/flowpipe/flowpipe/core/schema"
 )
 
 // Info describes the plugin to flowpipe.
@@ -33,11 +34,13 @@ type Config struct {
 	// which then retries the batch with its own backoff.
 	Attempts int           `yaml:"attempts"`
 	Backoff  time.Duration `yaml:"backoff"` // before the second attempt; doubles after
+	// Format is the schema of each line: flowpipe, ecs or ocsf.
+	Format string `yaml:"format"`
 }
 
 // Defaults are the options a pipeline.yaml does not set.
 func Defaults() *Config {
-	return &Config{Timeout: 10 * time.Second, Attempts: 3, Backoff: 200 * time.Millisecond}
+	return &Config{Timeout: 10 * time.Second, Attempts: 3, Backoff: 200 * time.Millisecond, Format: "flowpipe"}
 }
 
 // Validate checks the options; flowpipe validate shows each problem at its line.
@@ -54,6 +57,9 @@ func (c *Config) Validate() error {
 	}
 	if c.Backoff < 0 {
 		errs.Add("backoff", "must not be negative")
+	}
+	if _, ok := schema.Parse(c.Format); !ok {
+		errs.Add("format", "unknown format %q (want %s)", c.Format, schema.Choices)
 	}
 	return errs.Err()
 }
@@ -75,9 +81,11 @@ func (s *Sink) Write(ctx context.Context, b *flow.Batch) error {
 	if len(b.Events) == 0 {
 		return nil
 	}
+	format, _ := schema.Parse(s.cfg.Format)
+	enc := schema.Encoder{Format: format}
 	var body []byte
 	for i := range b.Events {
-		body = flow.AppendJSON(body, &b.Events[i])
+		body = enc.Append(body, &b.Events[i])
 		body = append(body, '\n')
 	}
 	wait := s.cfg.Backoff
