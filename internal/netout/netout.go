@@ -18,6 +18,8 @@ import (
 	"syscall"
 	"time"
 
+	"golang.org/x/net/ipv4"
+	"golang.org/x/net/ipv6"
 	"golang.org/x/sys/unix"
 )
 
@@ -69,6 +71,9 @@ type Conn struct {
 	c      net.Conn
 	closed chan struct{} // closed by the watcher when the peer closes c
 	peer   error         // why the peer side ended, once it has
+	batch  batchWriter   // UDP: sendmmsg on c
+	msgs   []ipv4.Message
+	bufs   [][]byte
 }
 
 // New returns an unconnected Conn.
@@ -157,6 +162,13 @@ func (c *Conn) Write(ctx context.Context, ps ...[]byte) error {
 		deadline = d
 	}
 	_ = c.c.SetWriteDeadline(deadline)
+	if !c.cfg.stream() && len(ps) > 1 {
+		if err := c.writeBatchLocked(ps); err != nil {
+			c.dropLocked()
+			return fmt.Errorf("send to %s over udp: %w", c.cfg.Address, err)
+		}
+		return nil
+	}
 	for _, p := range ps {
 		if _, err := c.c.Write(p); err != nil {
 			// A write that fails because the peer went away says more with the peer's reason.
@@ -172,6 +184,39 @@ func (c *Conn) Write(ctx context.Context, ps ...[]byte) error {
 	return nil
 }
 
+// writeBatchLocked sends datagrams with as few system calls as the kernel allows
+// (sendmmsg), since one call per message is most of the cost of UDP export.
+func (c *Conn) writeBatchLocked(ps [][]byte) error {
+	uc, ok := c.c.(*net.UDPConn)
+	if !ok {
+		return errors.New("not a UDP connection")
+	}
+	if c.batch == nil {
+		if ra, _ := uc.RemoteAddr().(*net.UDPAddr); ra != nil && ra.IP.To4() == nil {
+			c.batch = ipv6.NewPacketConn(uc)
+		} else {
+			c.batch = ipv4.NewPacketConn(uc)
+		}
+	}
+	c.msgs, c.bufs = c.msgs[:0], append(c.bufs[:0], ps...)
+	for i := range c.bufs {
+		c.msgs = append(c.msgs, ipv4.Message{Buffers: c.bufs[i : i+1 : i+1]})
+	}
+	for msgs := c.msgs; len(msgs) > 0; {
+		n, err := c.batch.WriteBatch(msgs, 0)
+		if err != nil {
+			return err
+		}
+		msgs = msgs[n:]
+	}
+	return nil
+}
+
+// batchWriter is ipv4.PacketConn or ipv6.PacketConn (their Message types are the same).
+type batchWriter interface {
+	WriteBatch(ms []ipv4.Message, flags int) (int, error)
+}
+
 func (c *Conn) peerErrLocked() error {
 	if c.peer != nil {
 		return fmt.Errorf("connection to %s: %w", c.cfg.Address, c.peer)
@@ -182,7 +227,7 @@ func (c *Conn) peerErrLocked() error {
 func (c *Conn) dropLocked() {
 	if c.c != nil {
 		_ = c.c.Close()
-		c.c = nil
+		c.c, c.batch = nil, nil
 	}
 }
 
