@@ -15,12 +15,12 @@ func BenchmarkMessage(b *testing.B) {
 		b.Run(body, func(b *testing.B) {
 			h := header{pri: []byte("<134>1 "), middle: []byte(" agent-1 flowpipe 4242 "), sdID: "flow@32473", json: body == "json"}
 			enc := schema.Encoder{Format: schema.ECS}
+			var te flow.Encoder
 			buf := make([]byte, 0, 4096)
 			b.ReportAllocs()
 			for i := range b.N {
-				buf = h.appendMessage(buf[:0], &enc, &rec[i%len(rec)])
+				buf = h.appendMessage(buf[:0], &enc, &te, &rec[i%len(rec)])
 			}
 		})
 	}
-	_ = flow.TypeEnd
 }

@@ -104,15 +104,16 @@ func (s *Sink) Write(ctx context.Context, b *flow.Batch) error {
 		return err
 	}
 	enc := schema.Encoder{Format: s.format}
+	var te flow.Encoder
 	s.buf, s.ends = s.buf[:0], s.ends[:0]
 	for i := range b.Events {
 		if !s.stream {
-			s.buf = s.hdr.appendMessage(s.buf, &enc, &b.Events[i])
+			s.buf = s.hdr.appendMessage(s.buf, &enc, &te, &b.Events[i])
 			s.ends = append(s.ends, len(s.buf))
 			continue
 		}
 		// Octet counting (RFC 6587 section 3.4.1, RFC 5425 section 4.3): MSG-LEN SP MSG.
-		s.msg = s.hdr.appendMessage(s.msg[:0], &enc, &b.Events[i])
+		s.msg = s.hdr.appendMessage(s.msg[:0], &enc, &te, &b.Events[i])
 		s.buf = strconv.AppendInt(s.buf, int64(len(s.msg)), 10)
 		s.buf = append(s.buf, ' ')
 		s.buf = append(s.buf, s.msg...)
