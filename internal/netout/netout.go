@@ -104,8 +104,7 @@ func (c *Conn) dialLocked(ctx context.Context) error {
 	var err error
 	switch c.cfg.Network {
 	case "tls":
-		td := tls.Dialer{NetDialer: &d, Config: c.cfg.TLS}
-		conn, err = td.DialContext(ctx, "tcp", c.cfg.Address)
+		conn, err = c.dialTLS(ctx, &d)
 	default:
 		conn, err = d.DialContext(ctx, c.cfg.Network, c.cfg.Address)
 	}
@@ -118,6 +117,55 @@ func (c *Conn) dialLocked(ctx context.Context) error {
 	}
 	return nil
 }
+
+// dialTLS connects and completes the handshake. In TLS 1.3 a server verifies the client's
+// certificate only after the client has finished its handshake, and answers a rejected one
+// with an alert the client sees on its next read: a batch written first would count as
+// accepted and be lost. So when the server asked for a certificate under TLS 1.3, wait up to
+// clientCertVerdict for that alert (a server that accepted sends nothing or a session
+// ticket) before the connection is used.
+func (c *Conn) dialTLS(ctx context.Context, d *net.Dialer) (net.Conn, error) {
+	cfg := c.cfg.TLS.Clone()
+	if cfg == nil {
+		cfg = &tls.Config{}
+	}
+	requested := false
+	certs := cfg.Certificates
+	cfg.Certificates = nil
+	cfg.GetClientCertificate = func(cri *tls.CertificateRequestInfo) (*tls.Certificate, error) {
+		requested = true
+		for i := range certs {
+			if cri.SupportsCertificate(&certs[i]) == nil {
+				return &certs[i], nil
+			}
+		}
+		return &tls.Certificate{}, nil // none: the server decides
+	}
+	td := tls.Dialer{NetDialer: d, Config: cfg}
+	conn, err := td.DialContext(ctx, "tcp", c.cfg.Address)
+	if err != nil {
+		return nil, err
+	}
+	tc := conn.(*tls.Conn)
+	if !requested || tc.ConnectionState().Version != tls.VersionTLS13 {
+		return tc, nil
+	}
+	_ = tc.SetReadDeadline(time.Now().Add(clientCertVerdict))
+	var buf [1]byte
+	_, err = tc.Read(buf[:])
+	_ = tc.SetReadDeadline(time.Time{})
+	if ne, ok := err.(net.Error); ok && ne.Timeout() {
+		return tc, nil
+	}
+	tc.Close()
+	if err == nil {
+		err = errors.New("the server sent data on a connection it should only read")
+	}
+	return nil, fmt.Errorf("the server refused this client's certificate: %w", err)
+}
+
+// clientCertVerdict bounds the wait for a TLS 1.3 server's verdict on the client certificate.
+const clientCertVerdict = 500 * time.Millisecond
 
 // watch reads from a stream the peer never writes to: whatever ends the read (EOF, a reset,
 // a TLS alert such as a rejected certificate) means the connection is gone.

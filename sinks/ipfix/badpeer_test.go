@@ -3,6 +3,7 @@ package ipfix
 import (
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"encoding/binary"
 	"fmt"
 	"io"
@@ -278,4 +279,62 @@ func tcpState(t *testing.T, port int) string {
 		}
 	}
 	return ""
+}
+
+// A collector that requires a client certificate (mTLS, TLS 1.3): without one, or with one it
+// does not trust, the sink fails clearly instead of writing a batch the collector will not
+// read; with the right one, every record arrives.
+func TestMutualTLS(t *testing.T) {
+	p := testenv.NewPKI(t)
+	other := testenv.NewPKI(t) // a client certificate from a CA the collector does not trust
+	cert, _ := tls.LoadX509KeyPair(p.ServerCert, p.ServerKey)
+	pool := x509.NewCertPool()
+	ca, _ := os.ReadFile(p.CAFile)
+	pool.AppendCertsFromPEM(ca)
+	ln, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{Certificates: []tls.Certificate{cert}, ClientAuth: tls.RequireAndVerifyClientCert,
+		ClientCAs: pool, MinVersion: tls.VersionTLS13})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	conns := make(chan net.Conn, 10)
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				if c.(*tls.Conn).Handshake() != nil {
+					c.Close()
+					return
+				}
+				conns <- c
+			}()
+		}
+	}()
+	rec := recording(t)
+	for _, tc := range []struct{ name, cert, key string }{{"no client certificate", "", ""}, {"untrusted client certificate", other.ClientCert, other.ClientKey}} {
+		s := newSink(t, func(c *Config) {
+			c.Address, c.Transport, c.CAFile, c.CertFile, c.KeyFile = ln.Addr().String(), "tls", p.CAFile, tc.cert, tc.key
+		}, nil)
+		err := s.Write(context.Background(), flow.NewBatch(rec, nil))
+		if err == nil || !strings.Contains(err.Error(), "refused this client's certificate") {
+			t.Errorf("%s: Write returned %v", tc.name, err)
+		}
+	}
+	s := newSink(t, func(c *Config) {
+		c.Address, c.Transport, c.CAFile, c.CertFile, c.KeyFile = ln.Addr().String(), "tls", p.CAFile, p.ClientCert, p.ClientKey
+	}, nil)
+	if err := s.Write(context.Background(), flow.NewBatch(rec, nil)); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case c := <-conns:
+		defer c.Close()
+		want := exported(rec, "end,aggregate")
+		checkAll(t, readStream(t, c, len(want)), want, 0)
+	case <-time.After(20 * time.Second):
+		t.Fatal("no accepted connection")
+	}
 }
