@@ -21,12 +21,16 @@ import (
 	"github.com/flowpipe/flowpipe/core/component"
 	"github.com/flowpipe/flowpipe/core/flow"
 	"github.com/flowpipe/flowpipe/internal/netout"
+	"github.com/flowpipe/flowpipe/internal/tlsfiles"
 )
 
 // Factory returns the IPFIX sink's factory.
 func Factory() component.Factory {
-	return component.NewSinkFactory("ipfix", "IPFIX (RFC 7011) export to a collector over UDP, TCP or TLS; biflows, 64-bit counters",
+	f := component.NewSinkFactory("ipfix", "IPFIX (RFC 7011) export to a collector over UDP, TCP or TLS; biflows, 64-bit counters",
 		defaults, func(env component.Env, c *Config) (component.Sink, error) { return New(env, c) })
+	f.Reasons.Dropped = []string{"ipfix_no_address", "ipfix_record_too_large"}
+	f.Reasons.Filtered = []string{"ipfix_event_type"}
+	return f
 }
 
 // Sink exports batches as IPFIX messages. Writes are serialised: one transport session, one
@@ -58,7 +62,7 @@ func New(env component.Env, c *Config) (*Sink, error) {
 	s.types, _ = parseEvents(c.Events)
 	nc := netout.Config{Network: c.Transport, Address: c.Address, DialTimeout: c.DialTimeout, WriteTimeout: c.WriteTimeout}
 	if c.Transport == "tls" {
-		tc, err := netout.ClientTLS(env.Path(c.CAFile), env.Path(c.CertFile), env.Path(c.KeyFile), c.ServerName)
+		tc, err := tlsfiles.Client(env.Path(c.CAFile), env.Path(c.CertFile), env.Path(c.KeyFile), c.ServerName)
 		if err != nil {
 			return nil, err
 		}

@@ -23,6 +23,7 @@ import (
 	"github.com/flowpipe/flowpipe/core/flow"
 	"github.com/flowpipe/flowpipe/core/schema"
 	"github.com/flowpipe/flowpipe/internal/netout"
+	"github.com/flowpipe/flowpipe/internal/tlsfiles"
 )
 
 // Factory returns the syslog sink's factory.
@@ -67,7 +68,7 @@ func New(env component.Env, c *Config) (*Sink, error) {
 	}
 	nc := netout.Config{Network: c.Transport, Address: c.Address, DialTimeout: c.DialTimeout, WriteTimeout: c.WriteTimeout}
 	if c.Transport == "tls" {
-		tc, err := netout.ClientTLS(env.Path(c.CAFile), env.Path(c.CertFile), env.Path(c.KeyFile), c.ServerName)
+		tc, err := tlsfiles.Client(env.Path(c.CAFile), env.Path(c.CertFile), env.Path(c.KeyFile), c.ServerName)
 		if err != nil {
 			return nil, err
 		}
