@@ -21,6 +21,7 @@ import (
 	"github.com/flowpipe/flowpipe/core/flow"
 	"github.com/flowpipe/flowpipe/core/metrics"
 	"github.com/flowpipe/flowpipe/core/options"
+	"github.com/flowpipe/flowpipe/core/tap"
 )
 
 // Options configure how a pipeline is built.
@@ -36,6 +37,9 @@ type Options struct {
 	// DefaultIsolation applies to built-in components that set no isolation:
 	// "inproc" (when empty) or "process".
 	DefaultIsolation string
+	// Taps holds the tap points (nil: a fresh registry with no ring). Pass the same registry
+	// to a reloaded pipeline and taps of the components it keeps go on.
+	Taps *tap.Registry
 }
 
 // Pipeline is a built pipeline, ready to Run once.
@@ -50,6 +54,9 @@ type Pipeline struct {
 	// as New builds them): one list that every kind goes through to start and to close.
 	parts    []*part
 	stopping chan struct{}
+	taps     *tap.Registry
+	fanout   *tap.Hub   // batches handed to the sinks
+	sinkTaps []*tap.Hub // by index of sinks
 
 	mu      sync.Mutex
 	running bool
@@ -61,12 +68,14 @@ type sourceNode struct {
 	src  component.Source
 	m    *metrics.Component
 	p    *Pipeline
+	tap  *tap.Hub
 }
 
 type enricherNode struct {
 	name string
 	en   component.Enricher
 	m    *metrics.Component
+	tap  *tap.Hub
 }
 
 // part is one built component: started in order, closed exactly once.
@@ -90,7 +99,13 @@ func New(ctx context.Context, doc *config.Document, opts Options) (*Pipeline, er
 	if p.metrics == nil {
 		p.metrics = metrics.New()
 	}
+	p.taps = opts.Taps
+	if p.taps == nil {
+		p.taps = tap.NewRegistry(0)
+	}
+	p.fanout = p.taps.Point(tap.Fanout, "fanout")
 	var probs config.Problems
+	var sinkTaps []*tap.Hub
 	for _, spec := range doc.Sinks {
 		settings := defaultSinkSettings()
 		if f, ok := opts.Registry.Lookup(spec.Kind, spec.Type); ok && spec.Plugin == "" && f.InFlight > 0 {
@@ -117,6 +132,7 @@ func New(ctx context.Context, doc *config.Document, opts Options) (*Pipeline, er
 			continue
 		}
 		p.sinks = append(p.sinks, newSinkNode(spec.Name, sink, settings, m, p.log))
+		sinkTaps = append(sinkTaps, p.taps.Point(spec.Name, "sink"))
 	}
 	for _, spec := range doc.Enrichers {
 		c, m, ps := p.build(ctx, spec, opts)
@@ -129,7 +145,7 @@ func New(ctx context.Context, doc *config.Document, opts Options) (*Pipeline, er
 			probs = append(probs, doc.Problem(spec.Path, "%s is not an enricher", describeSpec(spec)))
 			continue
 		}
-		p.enrich = append(p.enrich, &enricherNode{name: spec.Name, en: en, m: m})
+		p.enrich = append(p.enrich, &enricherNode{name: spec.Name, en: en, m: m, tap: p.taps.Point(spec.Name, "enricher")})
 		if h, ok := en.(component.Holder); ok {
 			h.Attach(&downstream{p: p, from: len(p.enrich)}) // what it emits passes the stages after it
 		}
@@ -145,7 +161,7 @@ func New(ctx context.Context, doc *config.Document, opts Options) (*Pipeline, er
 			probs = append(probs, doc.Problem(spec.Path, "%s is not a source", describeSpec(spec)))
 			continue
 		}
-		p.sources = append(p.sources, &sourceNode{name: spec.Name, src: src, m: m, p: p})
+		p.sources = append(p.sources, &sourceNode{name: spec.Name, src: src, m: m, p: p, tap: p.taps.Point(spec.Name, "source")})
 	}
 	if len(probs) > 0 {
 		probs.Sort()
@@ -154,6 +170,7 @@ func New(ctx context.Context, doc *config.Document, opts Options) (*Pipeline, er
 		p.closeAll(cctx)
 		return nil, probs
 	}
+	p.sinkTaps = sinkTaps
 	return p, nil
 }
 
@@ -232,6 +249,9 @@ func (p *Pipeline) problemsFrom(path string, err error) config.Problems {
 	}
 	return config.Problems{p.doc.Problem(path, "%v", err)}
 }
+
+// Taps is the pipeline's tap points.
+func (p *Pipeline) Taps() *tap.Registry { return p.taps }
 
 // Metrics is the pipeline's metric set.
 func (p *Pipeline) Metrics() *metrics.Set { return p.metrics }
@@ -436,6 +456,7 @@ func (s *sourceNode) Emit(ctx context.Context, b *flow.Batch) error {
 	start := time.Now()
 	lat := s.m.AckLat
 	b.Observe(func(error) { lat.Observe(time.Since(start).Seconds()) })
+	s.tap.Publish(b.Events)
 	return s.p.emitFrom(ctx, 0, b)
 }
 
@@ -446,6 +467,7 @@ type downstream struct {
 }
 
 func (d *downstream) Emit(ctx context.Context, b *flow.Batch) error {
+	d.p.enrich[d.from-1].tap.Publish(b.Events) // what the holder emits is its output
 	return d.p.emitFrom(ctx, d.from, b)
 }
 
@@ -464,6 +486,7 @@ func (p *Pipeline) emitFrom(ctx context.Context, i int, b *flow.Batch) error {
 			return nil
 		}
 		e.m.Out.Add(float64(len(b.Events)))
+		e.tap.Publish(b.Events)
 		if len(b.Events) == 0 {
 			break
 		}
@@ -472,8 +495,10 @@ func (p *Pipeline) emitFrom(ctx context.Context, i int, b *flow.Batch) error {
 		b.Release(nil)
 		return nil
 	}
+	p.fanout.Publish(b.Events)
 	var err error
-	for _, s := range p.sinks {
+	for i, s := range p.sinks {
+		p.sinkTaps[i].Publish(b.Events)
 		if e := s.enqueue(ctx, b); e != nil && err == nil {
 			err = e
 		}
