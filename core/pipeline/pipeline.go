@@ -86,6 +86,7 @@ func New(ctx context.Context, doc *config.Document, opts Options) (*Pipeline, er
 		p.metrics = metrics.New()
 	}
 	var probs config.Problems
+	queueDirs := map[string]string{} // disk queue directory → sink
 	for _, spec := range doc.Sinks {
 		settings := defaultSinkSettings()
 		if f, ok := opts.Registry.Lookup(spec.Kind, spec.Type); ok && spec.Plugin == "" && f.InFlight > 0 {
@@ -105,6 +106,17 @@ func New(ctx context.Context, doc *config.Document, opts Options) (*Pipeline, er
 				errs = asFieldErrors(err)
 			}
 		}
+		errs = append(errs, queueKeyErrors(rt, settings.Queue.Type)...)
+		var qdir string
+		if len(errs) == 0 && settings.Queue.Type == QueueDisk {
+			qdir = queueDir(doc, spec.Name, settings.Queue)
+			if other, ok := queueDirs[qdir]; ok {
+				errs.Add("queue.path", "%s is already sink %s's queue; every sink needs its own", qdir, other)
+			} else if err := checkQueueDir(qdir); err != nil {
+				errs.Add("queue.path", "%s: %v", qdir, err)
+			}
+			queueDirs[qdir] = spec.Name
+		}
 		probs = append(probs, doc.Problems(spec.Path, errs)...)
 		spec.Options = opts2
 		c, m, ps := p.build(ctx, spec, opts)
@@ -117,7 +129,11 @@ func New(ctx context.Context, doc *config.Document, opts Options) (*Pipeline, er
 			probs = append(probs, doc.Problem(spec.Path, "%s is not a sink", describeSpec(spec)))
 			continue
 		}
-		p.sinks = append(p.sinks, newSinkNode(spec.Name, sink, settings, m, p.log))
+		node := newSinkNode(spec.Name, sink, settings, m, p.log)
+		if qdir != "" {
+			node.queue = newDiskSinkQueue(node, qdir)
+		}
+		p.sinks = append(p.sinks, node)
 	}
 	for _, spec := range doc.Enrichers {
 		c, m, ps := p.build(ctx, spec, opts)
@@ -153,6 +169,28 @@ func New(ctx context.Context, doc *config.Document, opts Options) (*Pipeline, er
 		return nil, probs
 	}
 	return p, nil
+}
+
+// queueKeyErrors reports queue keys that do not apply to the chosen queue type.
+func queueKeyErrors(rt map[string]any, typ string) config.FieldErrors {
+	var errs config.FieldErrors
+	raw, _ := rt["queue"].(map[string]any)
+	memOnly := []string{"max_events", "max_batches"}
+	diskOnly := []string{"path", "max_size", "sync", "sync_interval"}
+	check := func(keys []string, want string) {
+		for _, k := range keys {
+			if _, ok := raw[k]; ok {
+				errs.Add("queue."+k, "applies only to queue.type: %s (this queue is %s)", want, typ)
+			}
+		}
+	}
+	switch typ {
+	case QueueMemory:
+		check(diskOnly, QueueDisk)
+	case QueueDisk:
+		check(memOnly, QueueMemory)
+	}
+	return errs
 }
 
 func describeSpec(spec config.Component) string {
@@ -307,9 +345,22 @@ func (p *Pipeline) Run(ctx context.Context) error {
 		return context.WithTimeout(context.Background(), p.doc.Runtime.ShutdownTimeout)
 	}
 
-	// Start sinks, then enrichers, then sources.
+	// Open disk queues (what they hold is delivered first), start sinks, then enrichers,
+	// then sources.
 	var startErr error
 	for _, s := range p.sinks {
+		if d, ok := s.queue.(*diskSinkQueue); ok {
+			if err := d.open(); err != nil {
+				startErr = fmt.Errorf("sink %s: %w", s.name, err)
+				break
+			}
+			s.updateDepth()
+		}
+	}
+	for _, s := range p.sinks {
+		if startErr != nil {
+			break
+		}
 		if err := start(ctx, s.sink); err != nil {
 			startErr = fmt.Errorf("start sink %s: %w", s.name, err)
 			break
@@ -390,8 +441,10 @@ func (p *Pipeline) Run(ctx context.Context) error {
 			}
 		}
 	}
+	// A disk queue keeps what it holds when the pipeline is told to stop; it drains when
+	// the sources ran out by themselves.
 	for _, s := range p.sinks {
-		s.queue.close()
+		s.queue.close(ctx.Err() != nil)
 	}
 	for _, s := range p.sinks {
 		s.wg.Wait()
@@ -399,6 +452,13 @@ func (p *Pipeline) Run(ctx context.Context) error {
 			s.giveUp(b)
 		}
 		s.updateDepth()
+		if d, ok := s.queue.(*diskSinkQueue); ok {
+			_, events := d.depth()
+			d.shutdown()
+			if events > 0 {
+				p.log.Info("events kept in the disk queue for the next start", "sink", s.name, "events", events, "path", d.opts.Dir)
+			}
+		}
 	}
 	p.mu.Lock()
 	p.running = false
@@ -437,6 +497,9 @@ func (p *Pipeline) closeAll(ctx context.Context) {
 	}
 	for _, s := range p.sinks {
 		p.closeOne(ctx, s.name, s.sink)
+		if d, ok := s.queue.(*diskSinkQueue); ok {
+			d.shutdown()
+		}
 	}
 	// Components that were built but never placed (a build error elsewhere).
 	for _, c := range p.closers {
