@@ -209,7 +209,9 @@ func inspectSegment(r *Report, path string, id uint64, cur position, curOK bool,
 	return sr, nil
 }
 
-func leUint32(b []byte) uint32 { return uint32(b[0]) | uint32(b[1])<<8 | uint32(b[2])<<16 | uint32(b[3])<<24 }
+func leUint32(b []byte) uint32 {
+	return uint32(b[0]) | uint32(b[1])<<8 | uint32(b[2])<<16 | uint32(b[3])<<24
+}
 func leUint16(b []byte) uint16 { return uint16(b[0]) | uint16(b[1])<<8 }
 
 // Repair rewrites every damaged segment with only its valid records (each written to a
