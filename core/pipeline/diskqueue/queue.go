@@ -439,7 +439,7 @@ func (q *Queue) write(ctx context.Context, buf []byte, events int) (*segment, in
 				return nil, 0, ErrFull // nothing left to evict: the disk itself is full
 			}
 		default:
-			if !room && q.rollToFreeLocked() {
+			if q.rollToFreeLocked() {
 				continue
 			}
 		}
