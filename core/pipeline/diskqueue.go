@@ -112,12 +112,20 @@ func (d *diskSinkQueue) open() error {
 }
 
 func (d *diskSinkQueue) offer(ctx context.Context, n *sinkNode, b *flow.Batch) error {
-	err := d.q.Append(ctx, b.Events)
-	if err == nil {
-		return nil
-	}
+	// The reference is held until the record is durable (sync: batch), so that the source's
+	// acknowledgement waits for the fsync while the source goes on producing.
 	b.Retain()
+	err := d.q.AppendAsync(ctx, b.Events, func(err error) {
+		if err != nil {
+			n.log.Error("disk queue fsync failed; batch not accepted", "sink", n.name, "events", len(b.Events), "error", err)
+			n.drop(b, "queue_error")
+			return
+		}
+		b.Release(nil)
+	})
 	switch {
+	case err == nil:
+		return nil
 	case errors.Is(err, diskqueue.ErrFull):
 		n.drop(b, "queue_full")
 		return nil

@@ -463,14 +463,22 @@ func (p *Pipeline) Run(ctx context.Context) error {
 	p.mu.Lock()
 	p.running = false
 	p.mu.Unlock()
-	lost := false
+	lost, kept := false, false
 	for _, s := range p.sinks {
 		if n := s.undelivered.Load(); n > 0 {
 			lost = true
 			p.log.Error("events not delivered before shutdown", "sink", s.name, "events", n)
 		}
+		if d, ok := s.queue.(*diskSinkQueue); ok {
+			if _, events := d.depth(); events > 0 {
+				kept = true
+			}
+		}
 	}
-	if !lost {
+	switch {
+	case !lost && kept:
+		p.log.Info("pipeline stopped; every accepted batch was delivered or is kept in its disk queue")
+	case !lost:
 		p.log.Info("pipeline stopped; every accepted batch was delivered")
 	}
 	p.closeAll(c)

@@ -96,6 +96,14 @@ type Queue struct {
 	notFull  chan struct{}
 
 	syncMu  sync.Mutex // serialises fsyncs of segments (group commit)
+
+	smu      sync.Mutex // guards the records waiting for the syncer
+	scond    *sync.Cond
+	spend    []pendingSync
+	sstop    bool // Close asked the syncer to finish
+	sdone    bool // the syncer has finished: appends sync themselves
+	syncDone chan struct{}
+
 	corrupt atomic.Int64
 	bufs    sync.Pool // *[]byte payload buffers
 	evs     sync.Pool // *[]flow.Event slices of delivered batches
@@ -153,8 +161,9 @@ func Open(opts Options) (*Queue, error) {
 	q := &Queue{
 		opts: opts, log: opts.Logger.With("queue", opts.Dir),
 		notEmpty: make(chan struct{}, 1), notFull: make(chan struct{}, 1),
-		flushStop: make(chan struct{}), flushDone: make(chan struct{}),
+		flushStop: make(chan struct{}), flushDone: make(chan struct{}), syncDone: make(chan struct{}),
 	}
+	q.scond = sync.NewCond(&q.smu)
 	if err := os.MkdirAll(opts.Dir, 0o750); err != nil {
 		return nil, fmt.Errorf("disk queue: %w", err)
 	}
@@ -168,6 +177,7 @@ func Open(opts Options) (*Queue, error) {
 		return nil, err
 	}
 	go q.flusher()
+	go q.syncer()
 	return q, nil
 }
 
@@ -355,39 +365,116 @@ func signal(c chan struct{}) {
 // Append writes events as one record. It returns nil once the record is written (and, with
 // SyncBatch, fsynced): from then on the queue owns it. Under Block it waits for room until
 // ctx is done; under DropNewest it returns ErrFull when there is none; under DropOldest it
-// deletes the oldest segments (counting their events as dropped, reason queue_full).
+// deletes the oldest segments (counting their events as dropped, reason queue_full). A
+// failed fsync writes the record again in a new segment (the sink may see it twice, which
+// delivery at least once allows).
 func (q *Queue) Append(ctx context.Context, events []flow.Event) error {
+	for {
+		errc := make(chan error, 1)
+		if err := q.AppendAsync(ctx, events, func(err error) { errc <- err }); err != nil {
+			return err
+		}
+		if err := <-errc; err == nil {
+			return nil
+		}
+		if err := q.waitRoom(ctx); err != nil {
+			return err
+		}
+	}
+}
+
+// AppendAsync is Append that returns once the record is written, before its fsync: durable
+// runs when the record is durable (nil) or its fsync failed (the record may be lost then).
+// Writes that arrive while an fsync runs share the next one (group commit), so a source
+// emitting one batch after another is not held to one fsync per batch. With SyncInterval
+// durable runs at once. An error return means the record was not written, and durable
+// does not run.
+func (q *Queue) AppendAsync(ctx context.Context, events []flow.Event, durable func(error)) error {
 	if len(events) == 0 {
+		durable(nil)
 		return nil
 	}
 	bp := q.getBuf()
 	buf := codec.Append(append((*bp)[:0], make([]byte, recHdrSize)...), events)
 	*bp = buf
 	defer q.bufs.Put(bp)
-	n := int64(len(buf))
+	seg, end, err := q.write(ctx, buf, len(events))
+	if err != nil {
+		return err
+	}
+	if q.opts.Sync != SyncBatch {
+		durable(nil)
+		return nil
+	}
+	q.queueSync(pendingSync{seg: seg, end: end, done: durable})
+	return nil
+}
+
+// pendingSync is a written record waiting for its fsync.
+type pendingSync struct {
+	seg  *segment
+	end  int64
+	done func(error)
+}
+
+// maxUnsynced bounds the records written and not yet fsynced; past it appends wait.
+const maxUnsynced = 256
+
+func (q *Queue) queueSync(p pendingSync) {
+	q.smu.Lock()
+	for len(q.spend) >= maxUnsynced && !q.sdone {
+		q.scond.Wait()
+	}
+	if q.sdone {
+		q.smu.Unlock()
+		p.done(q.syncSeg(p.seg, p.end))
+		return
+	}
+	q.spend = append(q.spend, p)
+	q.scond.Broadcast()
+	q.smu.Unlock()
+}
+
+// syncer fsyncs what was written since its last fsync, in one go, and reports each record.
+func (q *Queue) syncer() {
+	defer close(q.syncDone)
+	q.smu.Lock()
 	for {
-		seg, end, err := q.write(ctx, buf, len(events))
-		if err != nil {
-			return err
+		for len(q.spend) == 0 && !q.sstop {
+			q.scond.Wait()
 		}
-		if q.opts.Sync != SyncBatch {
-			return nil
+		if len(q.spend) == 0 {
+			q.sdone = true
+			q.scond.Broadcast()
+			q.smu.Unlock()
+			return
 		}
-		if err := q.syncSeg(seg, end); err == nil {
-			return nil
-		} else {
-			// The record may not be durable: start a new segment and write it again (the
-			// sink may see it twice, which delivery at least once allows).
-			q.mu.Lock()
-			q.noteFullLocked(err, n)
-			if q.w == seg {
-				q.sealLocked()
-			}
-			q.mu.Unlock()
-			if err := q.waitRoom(ctx); err != nil {
-				return err
+		batch := q.spend
+		q.spend = nil
+		q.scond.Broadcast()
+		q.smu.Unlock()
+		// One fsync per segment covers every record written to it so far.
+		errs := map[*segment]error{}
+		for _, p := range batch {
+			if _, done := errs[p.seg]; !done {
+				errs[p.seg] = q.syncSeg(p.seg, p.end)
 			}
 		}
+		for s, err := range errs {
+			if err != nil {
+				q.log.Error("disk queue fsync failed; the records since the last fsync may be lost, continuing in a new segment", "file", s.path, "error", err)
+				q.mu.Lock()
+				q.noteFullLocked(err, 0)
+				if q.w == s {
+					q.sealLocked()
+				}
+				q.mu.Unlock()
+			}
+		}
+		for _, p := range batch {
+			p.done(errs[p.seg])
+		}
+		q.smu.Lock()
 	}
 }
 
@@ -961,6 +1048,11 @@ func (q *Queue) Close() error {
 	}
 	close(q.flushStop)
 	<-q.flushDone
+	q.smu.Lock()
+	q.sstop = true
+	q.scond.Broadcast()
+	q.smu.Unlock()
+	<-q.syncDone
 	q.mu.Lock()
 	q.sealLocked()
 	q.closeReaderLocked()
