@@ -17,7 +17,7 @@ sources:
 sinks:
   out: $sink
 YAML
-  rm -f "$work"/flows.jsonl*
+  rm -rf "$work"/flows.jsonl* "$work"/q
   local t0 t1
   t0=$(date +%s.%N)
   "$work/flowpipe" run -c "$work/p.yaml" --log-level warn
@@ -30,3 +30,6 @@ run "generate -> discard"              "{type: discard, isolation: inproc}"
 run "generate -> file (sync: batch)"   "{type: file, isolation: inproc, path: flows.jsonl, max_size: 0}"
 run "generate -> file (sync, in_flight 2)" "{type: file, isolation: inproc, path: flows.jsonl, max_size: 0, in_flight: 2}"
 run "generate -> file (sync: none)"    "{type: file, isolation: inproc, path: flows.jsonl, max_size: 0, sync: none}"
+run "generate -> file, memory queue"  "{type: file, isolation: inproc, path: flows.jsonl, max_size: 0, sync: none}"
+run "generate -> file, disk queue (sync: batch)" "{type: file, isolation: inproc, path: flows.jsonl, max_size: 0, sync: none, queue: {type: disk, path: q, max_size: 4GiB, sync: batch}}"
+run "generate -> file, disk queue (sync: interval)" "{type: file, isolation: inproc, path: flows.jsonl, max_size: 0, sync: none, queue: {type: disk, path: q, max_size: 4GiB, sync: interval}}"

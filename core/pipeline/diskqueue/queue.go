@@ -95,7 +95,7 @@ type Queue struct {
 	notEmpty chan struct{}
 	notFull  chan struct{}
 
-	syncMu  sync.Mutex // serialises fsyncs of segments (group commit)
+	syncMu sync.Mutex // serialises fsyncs of segments (group commit)
 
 	smu      sync.Mutex // guards the records waiting for the syncer
 	scond    *sync.Cond
