@@ -324,7 +324,7 @@ sinks:
 }
 
 // TestDiskQueueBacklogDrainsInBoundedMemory queues 300,000 events (about 26MB on disk,
-// some 90MB as decoded events) while the collector is unreachable, then a restarted
+// some 80MB as decoded events) while the collector is unreachable, then a restarted
 // flowpipe drains them into a file: the process holding the queue stays under 64MiB of
 // peak RSS (about 40MiB measured), because the reader streams from disk. (The 10-million-event figure is
 // BenchmarkDrainBacklog in core/pipeline/diskqueue, see docs/benchmarks.md.)

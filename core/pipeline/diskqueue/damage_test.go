@@ -2,6 +2,7 @@ package diskqueue
 
 import (
 	"context"
+	"encoding/binary"
 	"fmt"
 	"math/rand/v2"
 	"os"
@@ -258,4 +259,35 @@ func TestDamagedQueueStartsAndDeliversEveryUndamagedRecord(t *testing.T) {
 		os.WriteFile(filepath.Join(dir, cursorName), []byte("garbage"), 0o640)
 		check(t, "cursor", dir, recs, expectation{})
 	})
+}
+
+// TestNewerSegmentIsLeftAlone: a segment a newer flowpipe wrote (after a downgrade) is not
+// misread and not deleted; the rest of the queue is delivered.
+func TestNewerSegmentIsLeftAlone(t *testing.T) {
+	base, segs, recs, total := baseQueue(t)
+	dir := copyDir(t, base)
+	newer := filepath.Join(dir, filepath.Base(segs[len(segs)-1]))
+	b, _ := os.ReadFile(newer)
+	b[4] = FormatVersion + 1 // the version, then a valid header checksum
+	binary.LittleEndian.PutUint32(b[20:], crc(b[:20]))
+	os.WriteFile(newer, b, 0o640)
+	var c counter
+	q := open(t, dir, &c)
+	got := drain(t, q)
+	q.Close()
+	want := 0
+	for _, r := range recs {
+		if r.seg != len(segs)-1 {
+			want += r.size
+		}
+	}
+	if len(got) != want || want == total {
+		t.Fatalf("delivered %d events, want the %d outside the newer segment", len(got), want)
+	}
+	if _, err := os.Stat(newer); err != nil {
+		t.Fatalf("the newer segment was removed: %v", err)
+	}
+	if r, err := Inspect(dir); err != nil || r.Clean() {
+		t.Fatalf("inspect does not report the newer segment: %v %+v", err, r)
+	}
 }

@@ -115,13 +115,16 @@ func parseSegHeader(b []byte, id uint64) error {
 		return errors.New("segment header checksum mismatch")
 	}
 	if v := binary.LittleEndian.Uint16(b[4:]); v > FormatVersion {
-		return fmt.Errorf("segment format version %d is newer than this build knows (%d); upgrade flowpipe to read it", v, FormatVersion)
+		return fmt.Errorf("%w: segment format version %d, this build knows %d; upgrade flowpipe to read it", errNewer, v, FormatVersion)
 	}
 	if got := binary.LittleEndian.Uint64(b[8:]); got != id {
 		return fmt.Errorf("segment header names id %d, the file name %d", got, id)
 	}
 	return nil
 }
+
+// errNewer marks a segment written by a newer flowpipe: left alone, never misread.
+var errNewer = errors.New("written by a newer flowpipe")
 
 // position is a place in the queue: a segment, an offset in it, and the sequence number of
 // the next event there.

@@ -143,7 +143,7 @@ func inspectSegment(r *Report, path string, id uint64, cur position, curOK bool,
 	n, _ := f.ReadAt(hb[:], 0)
 	if err := parseSegHeader(hb[:n], id); err != nil {
 		sr.HeaderErr = err.Error()
-		sr.newer = n >= segHdrSize && string(hb[:4]) == segMagic && crc(hb[:20]) == leUint32(hb[20:]) && leUint16(hb[4:]) > FormatVersion
+		sr.newer = errors.Is(err, errNewer)
 		if sr.newer {
 			return sr, nil // not ours to read
 		}

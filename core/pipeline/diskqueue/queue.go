@@ -299,7 +299,10 @@ func (q *Queue) loadSegment(path string, id uint64, isCursorSeg bool, curOff int
 	var hb [segHdrSize]byte
 	n, _ := f.ReadAt(hb[:], 0)
 	s := &segment{id: id, path: path, size: size, sealed: true}
-	if err := parseSegHeader(hb[:n], id); err != nil {
+	if err := parseSegHeader(hb[:n], id); errors.Is(err, errNewer) {
+		q.log.Error("disk queue segment left unread", "file", path, "error", err)
+		return nil, 0
+	} else if err != nil {
 		// Records may still be intact: the reader finds them by their own headers.
 		q.log.Warn("disk queue segment header is damaged; reading its records by their own checksums", "file", path, "error", err)
 	}
