@@ -374,3 +374,87 @@ sinks:
 		t.Fatalf("peak RSS %d bytes draining a %d-byte backlog, above the %d bound", rss, onDisk, bound)
 	}
 }
+
+// TestDiskQueueCollectorGoesDownAndUpTwice: while the agent keeps producing, its collector
+// stops and comes back twice; the disk queue holds what the collector could not take, and in
+// the end every event the agent accepted is in the collector's file exactly once.
+func TestDiskQueueCollectorGoesDownAndUpTwice(t *testing.T) {
+	dir := t.TempDir()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().String()
+	l.Close()
+	writeFile(t, filepath.Join(dir, "collector.yaml"), fmt.Sprintf(`
+admin: {listen: ""}
+data_dir: collector-state
+sources:
+  agents: {type: grpc, listen: %s, auth: hmac, secrets: [%q], dedup: {state_file: dedup.state}}
+sinks:
+  out: {type: file, path: collected.jsonl, max_size: 0}
+`, addr, queueSecret))
+	writeFile(t, filepath.Join(dir, "agent.yaml"), fmt.Sprintf(`
+admin: {listen: ""}
+data_dir: agent-state
+sources:
+  gen: {type: generate, isolation: inproc, rate: 15000, count: 60000, batch_size: 250, flows: 100}
+sinks:
+  collector:
+    type: grpc
+    url: http://%s
+    hmac_secret: %q
+    reconnect_min: 50ms
+    reconnect_max: 200ms
+    retry: {initial_interval: 50ms, max_interval: 200ms}
+    queue: {type: disk}
+  witness: {type: file, isolation: inproc, path: witness.jsonl, max_size: 0}
+`, addr, queueSecret))
+	collected := filepath.Join(dir, "collected.jsonl")
+	size := func() int64 {
+		st, err := os.Stat(collected)
+		if err != nil {
+			return 0
+		}
+		return st.Size()
+	}
+	qdir := filepath.Join(dir, "agent-state", "queue", "collector")
+	pending := func() int64 {
+		r, err := diskqueue.Inspect(qdir)
+		if err != nil {
+			return 0
+		}
+		return r.Pending
+	}
+	a := startFlowpipe(t, dir, "run", "-c", "agent.yaml")
+	for round := range 2 {
+		c := startFlowpipe(t, dir, "run", "-c", "collector.yaml")
+		eventually(t, "the collector to listen", func() bool { return listening(addr) })
+		before := size()
+		eventually(t, "events at the collector", func() bool { return size() > before+100*2000 })
+		syscall.Kill(c.cmd.Process.Pid, syscall.SIGTERM)
+		if code := c.wait(t); code != 0 {
+			t.Fatalf("collector exited %d:\n%s", code, c.log)
+		}
+		eventually(t, fmt.Sprintf("events queued on disk while the collector is down (round %d)", round+1), func() bool { return pending() >= 3000 })
+	}
+	c := startFlowpipe(t, dir, "run", "-c", "collector.yaml")
+	if code := a.wait(t); code != 0 {
+		t.Fatalf("agent exited %d:\n%s", code, a.log)
+	}
+	want, _ := fileIDs(t, filepath.Join(dir, "witness.jsonl"))
+	if len(want) < 60000 {
+		t.Fatalf("the agent accepted %d events, want at least 60000", len(want))
+	}
+	syscall.Kill(c.cmd.Process.Pid, syscall.SIGTERM)
+	c.wait(t)
+	got, lines := fileIDs(t, collected)
+	for id := range want {
+		if got[id] != 1 {
+			t.Fatalf("event %s reached the collector %d times, want once", id, got[id])
+		}
+	}
+	if lines != len(want) {
+		t.Fatalf("collector file has %d lines for %d events", lines, len(want))
+	}
+}
