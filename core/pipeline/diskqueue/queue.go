@@ -90,6 +90,7 @@ type Queue struct {
 	inflight []*flight
 	closed   bool // no more appends
 	stopped  bool // no more reads
+	shut     bool // Close has run: the directory is released, nothing more changes
 	dirty    bool // the cursor has moved since it was written
 	full     bool // the last write hit ENOSPC or a failed fsync; logged once
 	notEmpty chan struct{}
@@ -962,6 +963,10 @@ func (q *Queue) readLocked() (*flight, *[]byte, bool) {
 // record confirmed in order.
 func (q *Queue) confirm(fl *flight) {
 	q.mu.Lock()
+	if q.shut {
+		q.mu.Unlock()
+		return // closed: the record comes back at the next start (at least once)
+	}
 	fl.done = true
 	i := 0
 	for i < len(q.inflight) && q.inflight[i].done {
@@ -1062,6 +1067,9 @@ func (q *Queue) Close() error {
 	q.dirty = true
 	q.mu.Unlock()
 	q.flush()
+	q.mu.Lock()
+	q.shut = true
+	q.mu.Unlock()
 	unlockDir(q.lock)
 	return nil
 }
