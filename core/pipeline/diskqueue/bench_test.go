@@ -5,6 +5,7 @@ import (
 	"context"
 	"os"
 	"strconv"
+	"sync"
 	"testing"
 	"time"
 )
@@ -29,6 +30,27 @@ func BenchmarkAppend(b *testing.B) {
 			b.ReportMetric(float64(b.N*len(evs))/b.Elapsed().Seconds(), "events/s")
 		})
 	}
+}
+
+// BenchmarkAppendAsync is one source emitting batch after batch as the pipeline does with
+// sync: batch: each batch is acknowledged after an fsync, but the source does not wait for
+// it, so batches written during one fsync share the next.
+func BenchmarkAppendAsync(b *testing.B) {
+	q, err := Open(Options{Dir: b.TempDir(), MaxSize: 1 << 40, Logger: quiet()})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer q.Close()
+	evs := events(0, 1024)
+	var wg sync.WaitGroup
+	for b.Loop() {
+		wg.Add(1)
+		if err := q.AppendAsync(context.Background(), evs, func(error) { wg.Done() }); err != nil {
+			b.Fatal(err)
+		}
+	}
+	wg.Wait()
+	b.ReportMetric(float64(b.N*len(evs))/b.Elapsed().Seconds(), "events/s")
 }
 
 // BenchmarkAppendParallel is several sources appending at once: their fsyncs are shared
