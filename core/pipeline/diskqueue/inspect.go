@@ -305,3 +305,44 @@ func rewriteSegment(path string, id uint64) error {
 	}
 	return os.Rename(tmp, path)
 }
+
+// Pending counts the events a queue directory holds that the sink has not confirmed, from
+// the record headers alone (no payload is read or checked): cheap enough to poll.
+func Pending(dir string) (int64, error) {
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return 0, err
+	}
+	var cur position
+	curOK := false
+	if b, err := os.ReadFile(filepath.Join(dir, cursorName)); err == nil {
+		cur, err = decodeCursor(b)
+		curOK = err == nil
+	}
+	var n int64
+	for _, e := range entries {
+		id, ok := parseSegName(e.Name())
+		if !ok || curOK && id < cur.seg {
+			continue
+		}
+		f, err := os.Open(filepath.Join(dir, e.Name()))
+		if err != nil {
+			continue // deleted meanwhile
+		}
+		st, err := f.Stat()
+		if err == nil {
+			for off := int64(segHdrSize); off < st.Size(); {
+				kind, h, next, err := scanAt(f, off, st.Size(), nil)
+				if err != nil {
+					break
+				}
+				if kind == recOK && (!curOK || id > cur.seg || off >= cur.off) {
+					n += int64(h.events)
+				}
+				off = next
+			}
+		}
+		f.Close()
+	}
+	return n, nil
+}
