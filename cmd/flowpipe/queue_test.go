@@ -326,8 +326,9 @@ sinks:
 // TestDiskQueueBacklogDrainsInBoundedMemory queues 300,000 events (about 26MB on disk,
 // some 80MB as decoded events) while the collector is unreachable, then a restarted
 // flowpipe drains them into a file: the process holding the queue stays under 64MiB of
-// peak RSS (about 26MB measured), because the reader streams from disk. (The 10-million-event figure is
-// BenchmarkDrainBacklog in core/pipeline/diskqueue, see docs/benchmarks.md.)
+// peak RSS (about 26MB measured), because the reader streams from disk. (The
+// 10-million-event figure is BenchmarkDrainBacklog in core/pipeline/diskqueue and
+// BACKLOG= scripts/bench-pipeline.sh, see docs/benchmarks.md.)
 func TestDiskQueueBacklogDrainsInBoundedMemory(t *testing.T) {
 	const backlog, bound = 300_000, 64 << 20
 	dir := t.TempDir()
