@@ -31,7 +31,13 @@ func validSegment(t testing.TB) []byte {
 }
 
 // FuzzSegment feeds arbitrary bytes to the record decoder as a segment file: Inspect and
-// the queue's reader must never panic, and must agree on what can be delivered.
+// the queue's reader must never panic, and must agree on what can be delivered. Each input
+// opens and closes a real queue (about 10 ms with its fsyncs), so minimising every new input
+// dominates a short run; for coverage rather than small crashers:
+//
+//	go test -run XXX -fuzz FuzzSegment -fuzztime 60s -fuzzminimizetime 0 ./core/pipeline/diskqueue/
+//
+// The seed corpus is testdata/fuzz/FuzzSegment (rewritten by TestWriteFuzzSeeds).
 func FuzzSegment(f *testing.F) {
 	seg := validSegment(f)
 	f.Add(seg)
