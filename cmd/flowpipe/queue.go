@@ -11,9 +11,7 @@ import (
 	"github.com/flowpipe/flowpipe/core/pipeline/diskqueue"
 )
 
-func init() { extraCommands = append(extraCommands, newQueueCmd) }
-
-func newQueueCmd(*globalFlags) *cobra.Command {
+func newQueueCmd() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "queue",
 		Short: "Inspect, verify and repair a sink's disk queue",

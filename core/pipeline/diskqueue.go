@@ -74,6 +74,9 @@ func newDiskSinkQueue(n *sinkNode, dir string) *diskSinkQueue {
 			return f(d.q.Stats())
 		}
 	}
+	// The disk queue's own reasons are published at 0, as the runtime's are.
+	n.m.DropCounter("queue_corrupt")
+	n.m.DropCounter("queue_error")
 	reg := n.m.Registerer()
 	for _, c := range []prometheus.Collector{
 		fsync,
