@@ -40,7 +40,7 @@ func newPluginCmd(*globalFlags) *cobra.Command {
 			if !ok {
 				return fmt.Errorf("no built-in %s of type %q", args[0], args[1])
 			}
-			plugin.Serve(f, version)
+			plugin.Serve(f, flowpipeVersion())
 			return nil
 		},
 	})
@@ -86,7 +86,7 @@ func listPlugins(ctx context.Context, w io.Writer, configDir string, log *slog.L
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "KIND\tNAME\tFROM\tVERSION\tSHA256\tSUMMARY")
 	for _, f := range builtins() {
-		fmt.Fprintf(tw, "%s\t%s\tbuilt-in\t%s\t%s\t%s\n", f.Kind, f.Type, version, selfSum, f.Summary)
+		fmt.Fprintf(tw, "%s\t%s\tbuilt-in\t%s\t%s\t%s\n", f.Kind, f.Type, flowpipeVersion(), selfSum, f.Summary)
 	}
 	host := plugin.NewHost(plugin.HostOptions{Registry: reg})
 	// The plugins' own start-up chatter stays out of the listing.

@@ -40,6 +40,8 @@ delivered is reported with counts.`,
 					_ = srv.Shutdown(c)
 				}()
 			}
+			stopNotify := notifyService(ctx, p, log)
+			defer stopNotify()
 			return p.Run(ctx)
 		},
 	}

@@ -47,6 +47,7 @@ type Pipeline struct {
 	sinks    []*sinkNode
 	closers  []namedCloser
 	stopping chan struct{}
+	runningc chan struct{} // closed once every component started (Running)
 
 	mu      sync.Mutex
 	running bool
@@ -78,7 +79,7 @@ func New(ctx context.Context, doc *config.Document, opts Options) (*Pipeline, er
 	if opts.Registry == nil {
 		return nil, errors.New("pipeline: Options.Registry is required")
 	}
-	p := &Pipeline{doc: doc, log: opts.Logger, metrics: opts.Metrics, stopping: make(chan struct{})}
+	p := &Pipeline{doc: doc, log: opts.Logger, metrics: opts.Metrics, stopping: make(chan struct{}), runningc: make(chan struct{})}
 	if p.log == nil {
 		p.log = slog.Default()
 	}
@@ -241,6 +242,10 @@ func (p *Pipeline) problemsFrom(path string, err error) config.Problems {
 // Metrics is the pipeline's metric set.
 func (p *Pipeline) Metrics() *metrics.Set { return p.metrics }
 
+// Running is closed once Run has started every component and sources begin to run (what
+// a service manager calls ready). It is never closed if a component fails to start.
+func (p *Pipeline) Running() <-chan struct{} { return p.runningc }
+
 // Ready reports nil when the pipeline is running and no sink or component reports failure.
 func (p *Pipeline) Ready() error {
 	p.mu.Lock()
@@ -347,6 +352,7 @@ func (p *Pipeline) Run(ctx context.Context) error {
 	p.mu.Lock()
 	p.running = true
 	p.mu.Unlock()
+	close(p.runningc)
 	p.log.Info("pipeline running", "sources", len(p.sources), "enrichers", len(p.enrich), "sinks", len(p.sinks))
 
 	// Run sources; the first failure stops the others.
