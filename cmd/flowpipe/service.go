@@ -142,4 +142,3 @@ func (h *journalHandler) WithAttrs(as []slog.Attr) slog.Handler {
 func (h *journalHandler) WithGroup(name string) slog.Handler {
 	return &journalHandler{mu: h.mu, w: h.w, inner: h.inner.WithGroup(name)}
 }
-
