@@ -22,6 +22,7 @@ import (
 
 	"github.com/flowpipe/flowpipe/core/component"
 	"github.com/flowpipe/flowpipe/core/config"
+	"github.com/flowpipe/flowpipe/internal/privilege"
 	pb "github.com/flowpipe/flowpipe/core/plugin/proto/v1"
 )
 
@@ -63,6 +64,19 @@ func startProc(ctx context.Context, l *launcher, spec config.Component, env comp
 			return nil, false, config.FieldErrors{{Path: "sha256", Msg: fmt.Sprintf("%s has SHA-256 %x, but pipeline.yaml pins %s: refusing to start it. If you replaced the plugin on purpose, set sha256: to the output of `sha256sum %s`", cmd.Path, sum, hex.EncodeToString(l.checksum), cmd.Path)}}
 		}
 	}
+	// Every plugin process starts through the privilege launcher: only the capabilities its
+	// component declared, an emptied bounding set, no_new_privs, and the run_as user.
+	priv := privilege.Spec{}
+	if l.priv != nil {
+		priv = *l.priv
+	}
+	var launchSum []byte
+	if l.path != "" {
+		launchSum = l.checksum // cmd.Path becomes the launcher: it checks the plugin's pin
+	}
+	if err := privilege.Wrap(cmd, priv, launchSum); err != nil {
+		return nil, false, fmt.Errorf("%s: %w", l.describe, err)
+	}
 	cmd.Env = append(cmd.Env, parentPIDEnv+"="+strconv.Itoa(os.Getpid()))
 	// go-plugin owns the plugin's standard output (the handshake, then a gRPC stream that
 	// copies asynchronously); flowpipe's own stdout goes along as fd 3, so that a component
@@ -88,7 +102,9 @@ func startProc(ctx context.Context, l *launcher, spec config.Component, env comp
 		SyncStdout:       out,
 		SyncStderr:       out,
 	}
-	if l.checksum != nil {
+	if l.checksum != nil && l.path == "" {
+		// A built-in: the launcher is the flowpipe binary itself, pinned so that a flowpipe
+		// replaced on disk is not started as a plugin of this one.
 		cfg.SecureConfig = &goplugin.SecureConfig{Checksum: l.checksum, Hash: sha256.New()}
 	}
 	p := &proc{client: goplugin.NewClient(cfg), cmd: cmd, done: make(chan struct{}), release: make(chan struct{})}

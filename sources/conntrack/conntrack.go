@@ -25,6 +25,7 @@ import (
 	"time"
 
 	"github.com/flowpipe/flowpipe/internal/netns"
+	"github.com/flowpipe/flowpipe/internal/privilege"
 
 	"github.com/mdlayher/netlink"
 	"github.com/prometheus/client_golang/prometheus"
@@ -159,7 +160,7 @@ func (s *Source) Start(ctx context.Context) error {
 	s.started = true
 	if err := s.open(); err != nil {
 		s.closeLocked()
-		return fmt.Errorf("conntrack source %s: %w", s.env.Name, err)
+		return fmt.Errorf("conntrack source %s: %w", s.env.Name, privilege.Explain(err, s.cfg.Capabilities()))
 	}
 	return nil
 }

@@ -2,6 +2,7 @@ package grpcsource
 
 import (
 	"net"
+	"strconv"
 	"time"
 
 	"github.com/flowpipe/flowpipe/core/config"
@@ -121,4 +122,14 @@ func itoa(i int) string {
 		return digits[i : i+1]
 	}
 	return itoa(i/10) + digits[i%10:i%10+1]
+}
+
+// Capabilities: listening on a port below 1024 needs CAP_NET_BIND_SERVICE.
+func (c *Config) Capabilities() []string {
+	if _, port, err := net.SplitHostPort(c.Listen); err == nil {
+		if n, err := strconv.Atoi(port); err == nil && n > 0 && n < 1024 {
+			return []string{"CAP_NET_BIND_SERVICE"}
+		}
+	}
+	return nil
 }
