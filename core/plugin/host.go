@@ -331,11 +331,11 @@ func checkNotReplaceable(path string) error {
 		sticky := mode.IsDir() && mode&os.ModeSticky != 0
 		switch {
 		case sys.Uid != 0 && sys.Uid != self:
-			return fmt.Errorf("%s %s is owned by uid %d, neither root nor flowpipe's user (uid %d): refusing to start %s, which that user could replace; chown it to root", what, p, sys.Uid, self, path)
+			return fmt.Errorf("%s %s is owned by uid %d, neither root nor flowpipe's user (uid %d): refusing to start %s, which that user could replace; chown it to root", what, p, sys.Uid, self, real)
 		case mode.Perm()&0o002 != 0 && !sticky:
-			return fmt.Errorf("%s %s is writable by every user (mode %s): refusing to start %s, which anyone could replace; chmod o-w %s", what, p, mode.Perm(), path, p)
+			return fmt.Errorf("%s %s is writable by every user (mode %s): refusing to start %s, which anyone could replace; chmod o-w %s", what, p, mode.Perm(), real, p)
 		case mode.Perm()&0o020 != 0 && sys.Gid != 0 && !sticky:
-			return fmt.Errorf("%s %s is writable by group %d (mode %s): refusing to start %s, which the group's members could replace; chmod g-w %s", what, p, sys.Gid, mode.Perm(), path, p)
+			return fmt.Errorf("%s %s is writable by group %d (mode %s): refusing to start %s, which the group's members could replace; chmod g-w %s", what, p, sys.Gid, mode.Perm(), real, p)
 		}
 		if p == "/" || p == filepath.Dir(p) {
 			return nil

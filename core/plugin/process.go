@@ -22,8 +22,8 @@ import (
 
 	"github.com/flowpipe/flowpipe/core/component"
 	"github.com/flowpipe/flowpipe/core/config"
-	"github.com/flowpipe/flowpipe/internal/privilege"
 	pb "github.com/flowpipe/flowpipe/core/plugin/proto/v1"
+	"github.com/flowpipe/flowpipe/internal/privilege"
 )
 
 // proc is one running plugin process and its gRPC clients. A restart makes a new proc.

@@ -4,6 +4,9 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"os/user"
+	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 )
@@ -31,4 +34,23 @@ func Explain(err error, needed []string) error {
 		"(the flowpipe service does), or grant it to flowpipe (systemd: AmbientCapabilities=%s and CapabilityBoundingSet= including it); "+
 		"flowpipe then gives it to this component's process only (docs/security.md)",
 		err, missing, os.Geteuid(), strings.Join(missing.Names(), " "))
+}
+
+// ExplainWrite turns a permission error writing path (or creating it in dir) into one that
+// names the user this process runs as and what to do; other errors come back unchanged.
+func ExplainWrite(err error, dir string) error {
+	if err == nil || !(errors.Is(err, syscall.EPERM) || errors.Is(err, syscall.EACCES)) {
+		return err
+	}
+	if abs, aerr := filepath.Abs(dir); aerr == nil {
+		dir = abs
+	}
+	uid := os.Geteuid()
+	name := strconv.Itoa(uid)
+	if u, uerr := user.LookupId(name); uerr == nil {
+		name = u.Username
+	}
+	return fmt.Errorf("%w: this component runs as user %s (uid %d), which cannot write in %s: give it the directory "+
+		"(chown %s %s), or choose a path it can write (run_as: in pipeline.yaml chooses the user; docs/security.md)",
+		err, name, uid, dir, name, dir)
 }

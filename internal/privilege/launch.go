@@ -172,6 +172,9 @@ func launch(v string) error {
 		return fmt.Errorf("set no_new_privs: %w", err)
 	}
 	err = syscall.Exec(s.Path, os.Args, os.Environ())
+	if errors.Is(err, syscall.EACCES) && s.User != nil {
+		return fmt.Errorf("exec %s as %s: %w: that user must be able to execute it and to enter every directory above it", s.Path, s.User.Name, err)
+	}
 	return fmt.Errorf("exec %s: %w", s.Path, err)
 }
 
