@@ -21,6 +21,7 @@ import (
 	"gopkg.in/yaml.v3"
 
 	"github.com/flowpipe/flowpipe/core/component"
+	"github.com/flowpipe/flowpipe/core/options"
 )
 
 // EnvPrefix starts every environment variable that overrides a pipeline.yaml value. A
@@ -191,7 +192,7 @@ func Load(file string, data []byte, environ []string) (*Document, error) {
 			path := strings.ToLower(strings.ReplaceAll(rest, "__", "."))
 			d.where[path] = "env " + name
 			var v any
-			if err := yaml.Unmarshal([]byte(value), &v); err != nil || isCollection(v) {
+			if err := yaml.Unmarshal([]byte(value), &v); err != nil || options.IsCollection(v) {
 				v = value
 			}
 			return path, v
@@ -290,7 +291,7 @@ func (d *Document) nodeValue(n *yaml.Node, path string, env map[string]string) (
 				if n.Style&(yaml.DoubleQuotedStyle|yaml.SingleQuotedStyle) != 0 {
 					return expanded, nil
 				}
-				if err := yaml.Unmarshal([]byte(expanded), &v); err != nil || isCollection(v) {
+				if err := yaml.Unmarshal([]byte(expanded), &v); err != nil || options.IsCollection(v) {
 					return expanded, nil
 				}
 				return v, nil
@@ -365,7 +366,7 @@ func (d *Document) decodeTop(raw map[string]any) Problems {
 	if v, ok := raw["data_dir"]; ok {
 		switch dir, isString := v.(string); {
 		case !isString || dir == "":
-			probs = append(probs, d.Problem("data_dir", "want a directory path, got %s", describe(v)))
+			probs = append(probs, d.Problem("data_dir", "want a directory path, got %s", options.Describe(v)))
 		case filepath.IsAbs(dir):
 			d.DataDir = filepath.Clean(dir)
 		default:
@@ -386,7 +387,7 @@ func (d *Document) decodeTop(raw map[string]any) Problems {
 	if v, ok := raw["enrichers"]; ok && v != nil {
 		list, ok := v.([]any)
 		if !ok {
-			probs = append(probs, d.Problem("enrichers", "want a list of enrichers (- type: ...), got %s", describe(v)))
+			probs = append(probs, d.Problem("enrichers", "want a list of enrichers (- type: ...), got %s", options.Describe(v)))
 		}
 		seen := map[string]string{}
 		for i, item := range list {
@@ -425,7 +426,7 @@ func (d *Document) decodeSection(v any, path string, out any) Problems {
 		if v == nil {
 			return nil
 		}
-		return Problems{d.Problem(path, "want a map, got %s", describe(v))}
+		return Problems{d.Problem(path, "want a map, got %s", options.Describe(v))}
 	}
 	return d.Problems(path, Decode(m, out, ""))
 }
@@ -436,7 +437,7 @@ func (d *Document) componentMap(v any, section string, kind component.Kind) ([]C
 	}
 	m, ok := v.(map[string]any)
 	if !ok {
-		return nil, Problems{d.Problem(section, "want a map from component name to its settings, got %s", describe(v))}
+		return nil, Problems{d.Problem(section, "want a map from component name to its settings, got %s", options.Describe(v))}
 	}
 	names := make([]string, 0, len(m))
 	for n := range m {
@@ -463,7 +464,7 @@ func (d *Document) componentMap(v any, section string, kind component.Kind) ([]C
 func (d *Document) component(v any, path, name string, kind component.Kind) (Component, Problems) {
 	m, ok := v.(map[string]any)
 	if !ok {
-		return Component{}, Problems{d.Problem(path, "want a map with type: and options, got %s", describe(v))}
+		return Component{}, Problems{d.Problem(path, "want a map with type: and options, got %s", options.Describe(v))}
 	}
 	c := Component{Kind: kind, Name: name, Path: path, Options: map[string]any{}}
 	var probs Problems
@@ -474,7 +475,7 @@ func (d *Document) component(v any, path, name string, kind component.Kind) (Com
 		}
 		s, ok := x.(string)
 		if !ok {
-			probs = append(probs, d.Problem(Join(path, key), "want a string, got %s", describe(x)))
+			probs = append(probs, d.Problem(Join(path, key), "want a string, got %s", options.Describe(x)))
 		}
 		return s
 	}
@@ -531,7 +532,7 @@ func (d *Document) component(v any, path, name string, kind component.Kind) (Com
 func (d *Document) runAs(v any, path string, probs Problems) (string, Problems) {
 	name, ok := v.(string)
 	if !ok || name == "" {
-		return "", append(probs, d.Problem(path, "want a user name, got %s", describe(v)))
+		return "", append(probs, d.Problem(path, "want a user name, got %s", options.Describe(v)))
 	}
 	if _, err := user.Lookup(name); err != nil {
 		return "", append(probs, d.Problem(path, "no user %q on this machine: create it (useradd --system %s; the Debian package creates flowpipe) or remove run_as", name, name))
