@@ -139,6 +139,12 @@ sinks:
 		if st.UID != uid || st.GID != gid || !st.NoNewPrivs {
 			t.Errorf("%s: uid %d gid %d no_new_privs %v, want uid %d gid %d and no_new_privs", typ, st.UID, st.GID, st.NoNewPrivs, uid, gid)
 		}
+		// Not dumpable (PR_SET_DUMPABLE 0): the kernel then gives /proc/PID to root, so a
+		// sibling plugin of the same user cannot read this one's memory or environment.
+		var pst syscall.Stat_t
+		if err := syscall.Stat(fmt.Sprintf("/proc/%d/environ", pid), &pst); err != nil || pst.Uid != 0 {
+			t.Errorf("%s: /proc/%d/environ owned by uid %d (%v), want 0: the plugin is dumpable", typ, pid, pst.Uid, err)
+		}
 		if typ == "source grpc" {
 			grpcCaps[st.CapEff]++
 			if st.CapBnd != st.CapEff || st.CapPrm != st.CapEff {

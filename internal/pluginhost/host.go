@@ -24,8 +24,8 @@ import (
 
 	"github.com/flowpipe/flowpipe/core/component"
 	"github.com/flowpipe/flowpipe/core/config"
-	"github.com/flowpipe/flowpipe/internal/privilege"
 	"github.com/flowpipe/flowpipe/core/options"
+	"github.com/flowpipe/flowpipe/internal/privilege"
 )
 
 // PluginDirEnv names a directory searched for plugins after plugins/ beside the pipeline
