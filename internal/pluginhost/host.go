@@ -57,8 +57,6 @@ type Host struct {
 	selfOnce sync.Once
 	selfSum  []byte
 	selfErr  error
-
-	warnOnce sync.Once // the run_as warning, once per host
 }
 
 // NewHost returns a host.
@@ -132,7 +130,7 @@ func (h *Host) Instantiate(ctx context.Context, spec config.Component, env compo
 	if err != nil {
 		return nil, err
 	}
-	if l.priv, err = h.privileges(spec, env); err != nil {
+	if l.priv, err = h.privileges(spec); err != nil {
 		return nil, err
 	}
 	optYAML, err := yaml.Marshal(spec.Options)

@@ -6,7 +6,6 @@ import (
 	"os/user"
 	"strconv"
 
-	"github.com/flowpipe/flowpipe/core/component"
 	"github.com/flowpipe/flowpipe/core/config"
 	"github.com/flowpipe/flowpipe/core/options"
 	"github.com/flowpipe/flowpipe/internal/privilege"
@@ -15,7 +14,7 @@ import (
 // privileges decides how a component's process starts: the capabilities its config declares
 // (component.NeedsCapabilities, through Factory.Capabilities; none for an external plugin)
 // and, when flowpipe runs as root, the run_as user.
-func (h *Host) privileges(spec config.Component, env component.Env) (*privilege.Spec, error) {
+func (h *Host) privileges(spec config.Component) (*privilege.Spec, error) {
 	p := &privilege.Spec{}
 	if spec.Plugin == "" {
 		f, _ := h.opts.Registry.Lookup(spec.Kind, spec.Type)
@@ -25,7 +24,7 @@ func (h *Host) privileges(spec config.Component, env component.Env) (*privilege.
 		}
 		p.Caps = caps
 	}
-	u, err := h.runAs(spec, env)
+	u, err := h.runAs(spec)
 	if err != nil {
 		return nil, err
 	}
@@ -34,30 +33,12 @@ func (h *Host) privileges(spec config.Component, env component.Env) (*privilege.
 }
 
 // runAs resolves the user a component's process runs as. Only a root flowpipe can change
-// it: run_as is then the component's or the top-level run_as; unset, the process stays root
-// (with only its own capabilities), with a warning, so that a pipeline that worked as root
-// keeps working on a machine where no flowpipe user exists.
-func (h *Host) runAs(spec config.Component, env component.Env) (*privilege.User, error) {
-	log := env.Logger
-	if os.Geteuid() != 0 {
-		if spec.RunAs != "" {
-			h.warnOnce.Do(func() {
-				if log != nil {
-					log.Warn("run_as is ignored: flowpipe does not run as root, so plugin processes run as its own user", "run_as", spec.RunAs, "uid", os.Geteuid())
-				}
-			})
-		}
-		return nil, nil
-	}
-	switch spec.RunAs {
-	case "":
-		h.warnOnce.Do(func() {
-			if log != nil {
-				log.Warn("plugin processes run as root (each with only the capabilities it needs); set run_as: flowpipe in pipeline.yaml to run them as an unprivileged user (docs/security.md)")
-			}
-		})
-		return nil, nil
-	case "root":
+// it: run_as is then the component's or the top-level run_as; unset (or root), the process
+// stays root with only its own capabilities, so that a pipeline that worked as root keeps
+// working on a machine where no flowpipe user exists (flowpipe run warns about it). A
+// flowpipe that is not root ignores run_as.
+func (h *Host) runAs(spec config.Component) (*privilege.User, error) {
+	if os.Geteuid() != 0 || spec.RunAs == "" || spec.RunAs == "root" {
 		return nil, nil
 	}
 	u, err := user.Lookup(spec.RunAs)
