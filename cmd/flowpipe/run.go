@@ -33,7 +33,11 @@ delivered is reported with counts.`,
 				return err
 			}
 			if doc.Admin.Listen != "" {
-				srv, err := admin.Start(doc.Admin.Listen, p.Metrics().Registry, p.Ready, log)
+				ao, err := adminOptions(doc, p, log)
+				if err != nil {
+					return err
+				}
+				srv, err := admin.Serve(ao)
 				if err != nil {
 					return err
 				}

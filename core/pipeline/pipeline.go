@@ -21,6 +21,7 @@ import (
 	"github.com/flowpipe/flowpipe/core/flow"
 	"github.com/flowpipe/flowpipe/core/metrics"
 	"github.com/flowpipe/flowpipe/core/options"
+	"github.com/flowpipe/flowpipe/core/tap"
 )
 
 // Options configure how a pipeline is built.
@@ -36,6 +37,9 @@ type Options struct {
 	// DefaultIsolation applies to built-in components that set no isolation:
 	// "inproc" (when empty) or "process".
 	DefaultIsolation string
+	// Taps holds the tap points (nil: a fresh registry with no ring). Pass the same registry
+	// to a reloaded pipeline and taps of the components it keeps go on.
+	Taps *tap.Registry
 }
 
 // Pipeline is a built pipeline, ready to Run once.
@@ -51,6 +55,9 @@ type Pipeline struct {
 	parts    []*part
 	stopping chan struct{}
 	runningc chan struct{} // closed once every component started (Running)
+	taps     *tap.Registry
+	fanout   *tap.Hub   // batches handed to the sinks
+	sinkTaps []*tap.Hub // by index of sinks
 
 	mu      sync.Mutex
 	running bool
@@ -62,12 +69,14 @@ type sourceNode struct {
 	src  component.Source
 	m    *metrics.Component
 	p    *Pipeline
+	tap  *tap.Hub
 }
 
 type enricherNode struct {
 	name string
 	en   component.Enricher
 	m    *metrics.Component
+	tap  *tap.Hub
 }
 
 // part is one built component: started in order, closed exactly once.
@@ -91,7 +100,13 @@ func New(ctx context.Context, doc *config.Document, opts Options) (*Pipeline, er
 	if p.metrics == nil {
 		p.metrics = metrics.New()
 	}
+	p.taps = opts.Taps
+	if p.taps == nil {
+		p.taps = tap.NewRegistry(0)
+	}
+	p.fanout = p.taps.Point(tap.Fanout, "fanout")
 	var probs config.Problems
+	var sinkTaps []*tap.Hub
 	for _, spec := range doc.Sinks {
 		settings := defaultSinkSettings()
 		if f, ok := opts.Registry.Lookup(spec.Kind, spec.Type); ok && spec.Plugin == "" && f.InFlight > 0 {
@@ -118,6 +133,7 @@ func New(ctx context.Context, doc *config.Document, opts Options) (*Pipeline, er
 			continue
 		}
 		p.sinks = append(p.sinks, newSinkNode(spec.Name, sink, settings, m, p.log))
+		sinkTaps = append(sinkTaps, p.taps.Point(spec.Name, "sink"))
 	}
 	for _, spec := range doc.Enrichers {
 		c, m, ps := p.build(ctx, spec, opts)
@@ -130,7 +146,7 @@ func New(ctx context.Context, doc *config.Document, opts Options) (*Pipeline, er
 			probs = append(probs, doc.Problem(spec.Path, "%s is not an enricher", describeSpec(spec)))
 			continue
 		}
-		p.enrich = append(p.enrich, &enricherNode{name: spec.Name, en: en, m: m})
+		p.enrich = append(p.enrich, &enricherNode{name: spec.Name, en: en, m: m, tap: p.taps.Point(spec.Name, "enricher")})
 		if h, ok := en.(component.Holder); ok {
 			h.Attach(&downstream{p: p, from: len(p.enrich)}) // what it emits passes the stages after it
 		}
@@ -146,7 +162,7 @@ func New(ctx context.Context, doc *config.Document, opts Options) (*Pipeline, er
 			probs = append(probs, doc.Problem(spec.Path, "%s is not a source", describeSpec(spec)))
 			continue
 		}
-		p.sources = append(p.sources, &sourceNode{name: spec.Name, src: src, m: m, p: p})
+		p.sources = append(p.sources, &sourceNode{name: spec.Name, src: src, m: m, p: p, tap: p.taps.Point(spec.Name, "source")})
 	}
 	if len(probs) > 0 {
 		probs.Sort()
@@ -155,6 +171,7 @@ func New(ctx context.Context, doc *config.Document, opts Options) (*Pipeline, er
 		p.closeAll(cctx)
 		return nil, probs
 	}
+	p.sinkTaps = sinkTaps
 	return p, nil
 }
 
@@ -166,7 +183,8 @@ func describeSpec(spec config.Component) string {
 }
 
 // runtimeReasons are the reasons the runtime counts drops and errors under, by kind; each
-// component's counters for them are published at 0 when it is built.
+// component's counters for them, and for its factory's own Reasons, are published at 0 when
+// it is built.
 var runtimeReasons = map[component.Kind]struct{ dropped, errors []string }{
 	component.KindSource:   {errors: []string{"run"}},
 	component.KindEnricher: {dropped: []string{"enrich_error"}, errors: []string{"enrich"}},
@@ -176,7 +194,6 @@ var runtimeReasons = map[component.Kind]struct{ dropped, errors []string }{
 // build decodes and validates one component's options and builds it.
 func (p *Pipeline) build(ctx context.Context, spec config.Component, opts Options) (any, *metrics.Component, config.Problems) {
 	m := p.metrics.Component(spec.Name, string(spec.Kind))
-	m.Publish(runtimeReasons[spec.Kind].dropped, runtimeReasons[spec.Kind].errors)
 	env := component.Env{
 		Name: spec.Name, Kind: spec.Kind, Type: spec.Type, ConfigDir: p.doc.Dir, DataDir: p.doc.DataDir,
 		Logger:     p.log.With(string(spec.Kind), spec.Name),
@@ -190,6 +207,8 @@ func (p *Pipeline) build(ctx context.Context, spec config.Component, opts Option
 			return nil, nil, config.Problems{p.doc.Problem(config.Join(spec.Path, "type"), "unknown %s type %q (known: %s)", spec.Kind, spec.Type, strings.Join(opts.Registry.Types(spec.Kind), ", "))}
 		}
 	}
+	rt := runtimeReasons[spec.Kind]
+	m.Publish(append(append([]string(nil), rt.dropped...), f.Reasons.Dropped...), f.Reasons.Filtered, rt.errors)
 	isolation := spec.Isolation
 	switch {
 	case f.Holds && isolation == "process":
@@ -231,6 +250,9 @@ func (p *Pipeline) problemsFrom(path string, err error) config.Problems {
 	}
 	return config.Problems{p.doc.Problem(path, "%v", err)}
 }
+
+// Taps is the pipeline's tap points.
+func (p *Pipeline) Taps() *tap.Registry { return p.taps }
 
 // Metrics is the pipeline's metric set.
 func (p *Pipeline) Metrics() *metrics.Set { return p.metrics }
@@ -379,14 +401,19 @@ func (p *Pipeline) drainSinks() {
 	p.mu.Lock()
 	p.running = false
 	p.mu.Unlock()
-	lost := false
+	lost, dropped := false, int64(0)
 	for _, s := range p.sinks {
 		if n := s.undelivered.Load(); n > 0 {
 			lost = true
 			p.log.Error("events not delivered before shutdown", "sink", s.name, "events", n)
 		}
+		dropped += s.dropped.Load()
 	}
-	if !lost {
+	switch {
+	case lost:
+	case dropped > 0:
+		p.log.Warn("pipeline stopped; sinks dropped events (counted in flowpipe_events_dropped_total by reason), the rest was delivered", "dropped", dropped)
+	default:
 		p.log.Info("pipeline stopped; every accepted batch was delivered")
 	}
 }
@@ -435,6 +462,7 @@ func (s *sourceNode) Emit(ctx context.Context, b *flow.Batch) error {
 	start := time.Now()
 	lat := s.m.AckLat
 	b.Observe(func(error) { lat.Observe(time.Since(start).Seconds()) })
+	s.tap.Publish(b.Events)
 	return s.p.emitFrom(ctx, 0, b)
 }
 
@@ -445,6 +473,7 @@ type downstream struct {
 }
 
 func (d *downstream) Emit(ctx context.Context, b *flow.Batch) error {
+	d.p.enrich[d.from-1].tap.Publish(b.Events) // what the holder emits is its output
 	return d.p.emitFrom(ctx, d.from, b)
 }
 
@@ -463,6 +492,7 @@ func (p *Pipeline) emitFrom(ctx context.Context, i int, b *flow.Batch) error {
 			return nil
 		}
 		e.m.Out.Add(float64(len(b.Events)))
+		e.tap.Publish(b.Events)
 		if len(b.Events) == 0 {
 			break
 		}
@@ -471,8 +501,10 @@ func (p *Pipeline) emitFrom(ctx context.Context, i int, b *flow.Batch) error {
 		b.Release(nil)
 		return nil
 	}
+	p.fanout.Publish(b.Events)
 	var err error
-	for _, s := range p.sinks {
+	for i, s := range p.sinks {
+		p.sinkTaps[i].Publish(b.Events)
 		if e := s.enqueue(ctx, b); e != nil && err == nil {
 			err = e
 		}

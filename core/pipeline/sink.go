@@ -103,6 +103,7 @@ type sinkNode struct {
 	consecFails atomic.Int64
 	lastErr     atomic.Pointer[error]
 	undelivered atomic.Int64 // events given up at shutdown
+	dropped     atomic.Int64 // events dropped by policy, retry limit or rejection
 }
 
 func newSinkNode(name string, s component.Sink, st SinkSettings, m *metrics.Component, log *slog.Logger) *sinkNode {
@@ -154,6 +155,7 @@ func (n *sinkNode) enqueue(ctx context.Context, b *flow.Batch) error {
 var errStopping = errors.New("pipeline is stopping")
 
 func (n *sinkNode) drop(b *flow.Batch, reason string) {
+	n.dropped.Add(int64(len(b.Events)))
 	n.m.Dropped(reason, len(b.Events))
 	b.Release(&flow.DropError{Component: n.name, Reason: reason})
 }
@@ -229,6 +231,7 @@ func (n *sinkNode) write(ctx context.Context, b *flow.Batch) {
 // reject drops a batch the sink said can never be written (flow.Permanent): no retry.
 func (n *sinkNode) reject(b *flow.Batch, err error) {
 	n.log.Error("sink rejected a batch; dropping it without retry", "sink", n.name, "events", len(b.Events), "error", err)
+	n.dropped.Add(int64(len(b.Events)))
 	n.m.Dropped("rejected", len(b.Events))
 	b.Release(&flow.DropError{Component: n.name, Reason: "rejected", Message: err.Error()})
 }

@@ -38,9 +38,11 @@ import (
 
 // Factory is the `type: conntrack` source factory.
 func Factory() component.Factory {
-	return component.NewSourceFactory("conntrack",
+	f := component.NewSourceFactory("conntrack",
 		"Linux kernel conntrack: a start and an end event for every tracked connection",
 		defaultConfig, New)
+	f.Reasons = component.Reasons{Dropped: []string{"queue_full", "shutdown"}, Filtered: filterReasonNames[:]}
+	return f
 }
 
 // New builds the source; nothing is opened until Start (or Run).

@@ -135,9 +135,11 @@ func (c *Config) Validate() error {
 
 // Factory returns the userspace source's factory.
 func Factory() component.Factory {
-	return component.NewSourceFactory("userspace",
+	f := component.NewSourceFactory("userspace",
 		"tracks connections in userspace from packets: live AF_PACKET capture or a pcap/pcapng replay",
 		defaults, func(env component.Env, c *Config) (component.Source, error) { return New(env, c) })
+	f.Reasons.Dropped = []string{"pending_full"}
+	return f
 }
 
 // Capabilities: a live capture (AF_PACKET) needs CAP_NET_RAW, promiscuous mode CAP_NET_ADMIN,
