@@ -1,5 +1,6 @@
 // Package file is the JSON-lines file sink (`type: file`): one event per line in the schema
-// of docs/schema.md (or ECS or OCSF, the format option), rotation by size and age, and an fsync before a batch is acknowledged.
+// of docs/schema.md (or ECS or OCSF, the format option), rotation by size and age, optional
+// zstd or gzip compression, and an fsync before a batch is acknowledged.
 package file
 
 import (
@@ -14,6 +15,9 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/klauspost/compress/gzip"
+	"github.com/klauspost/compress/zstd"
 
 	"github.com/flowpipe/flowpipe/core/component"
 	"github.com/flowpipe/flowpipe/core/config"
@@ -39,10 +43,15 @@ type Config struct {
 	// Format is the schema of each line: flowpipe (docs/schema.md; what the replay source
 	// reads), ecs or ocsf (core/schema).
 	Format string `yaml:"format"`
+	// Compression is "none", "zstd" or "gzip". Each batch is written as one complete zstd
+	// frame or gzip member, so that the file (the current one, a rotated one, one cut short
+	// by a crash after its last acknowledged batch) is always a valid stream: frames and
+	// members concatenate.
+	Compression string `yaml:"compression"`
 }
 
 func defaults() *Config {
-	return &Config{MaxSize: 100 << 20, MaxFiles: 10, Sync: "batch", Format: "flowpipe"}
+	return &Config{MaxSize: 100 << 20, MaxFiles: 10, Sync: "batch", Format: "flowpipe", Compression: "none"}
 }
 
 // Validate checks the options.
@@ -62,6 +71,11 @@ func (c *Config) Validate() error {
 	}
 	if c.Sync != "batch" && c.Sync != "none" {
 		errs.Add("sync", "unknown mode %q (want batch or none)", c.Sync)
+	}
+	switch c.Compression {
+	case "", "none", "zstd", "gzip":
+	default:
+		errs.Add("compression", "unknown compression %q (want none, zstd or gzip)", c.Compression)
 	}
 	if _, ok := schema.Parse(c.Format); !ok {
 		errs.Add("format", "unknown format %q (want %s)", c.Format, schema.Choices)
@@ -85,6 +99,9 @@ type Sink struct {
 	path   string
 	env    component.Env
 	bufs   sync.Pool // *[]byte encode buffers
+	zbufs  sync.Pool // *[]byte compressed buffers
+	zstd   *zstd.Encoder
+	gzips  sync.Pool // *gzip.Writer
 
 	mu      sync.Mutex // the file, its size and rotation
 	f       *os.File
@@ -102,7 +119,12 @@ type Sink struct {
 // New makes a file sink; the file is opened by Start.
 func New(env component.Env, c *Config) *Sink {
 	f, _ := schema.Parse(c.Format)
-	return &Sink{cfg: *c, format: f, path: env.Path(c.Path), env: env}
+	s := &Sink{cfg: *c, format: f, path: env.Path(c.Path), env: env}
+	if c.Compression == "zstd" {
+		// EncodeAll is safe for concurrent use: batches in flight compress in parallel.
+		s.zstd, _ = zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedDefault), zstd.WithEncoderConcurrency(1))
+	}
+	return s
 }
 
 // Start creates missing directories and opens the file for appending.
@@ -150,6 +172,18 @@ func (s *Sink) Write(_ context.Context, b *flow.Batch) error {
 		buf = append(buf, '\n')
 	}
 	*bp = buf
+	if len(buf) > 0 && s.cfg.Compression != "" && s.cfg.Compression != "none" {
+		zp, _ := s.zbufs.Get().(*[]byte)
+		if zp == nil {
+			zp = new([]byte)
+		}
+		defer s.zbufs.Put(zp)
+		var err error
+		if *zp, err = s.compress(buf, (*zp)[:0]); err != nil {
+			return fmt.Errorf("compress a batch for %s: %w", s.path, err)
+		}
+		buf = *zp
+	}
 
 	end, err := s.append(buf)
 	if err != nil {
@@ -159,6 +193,36 @@ func (s *Sink) Write(_ context.Context, b *flow.Batch) error {
 		return s.syncTo(end)
 	}
 	return nil
+}
+
+// compress appends src to dst as one zstd frame or gzip member.
+func (s *Sink) compress(src, dst []byte) ([]byte, error) {
+	if s.zstd != nil {
+		return s.zstd.EncodeAll(src, dst), nil
+	}
+	w := bytesWriter{b: dst}
+	gz, _ := s.gzips.Get().(*gzip.Writer)
+	if gz == nil {
+		gz, _ = gzip.NewWriterLevel(&w, gzip.DefaultCompression)
+	} else {
+		gz.Reset(&w)
+	}
+	defer s.gzips.Put(gz)
+	if _, err := gz.Write(src); err != nil {
+		return dst, err
+	}
+	if err := gz.Close(); err != nil {
+		return dst, err
+	}
+	return w.b, nil
+}
+
+// bytesWriter appends to a reused slice.
+type bytesWriter struct{ b []byte }
+
+func (w *bytesWriter) Write(p []byte) (int, error) {
+	w.b = append(w.b, p...)
+	return len(p), nil
 }
 
 // append writes buf under the file lock, rotating first if needed, and returns the logical

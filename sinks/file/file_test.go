@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"log/slog"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"sort"
 	"strings"
@@ -244,5 +245,69 @@ func TestRotationLogsRemovedFiles(t *testing.T) {
 	rotated, _ := filepath.Glob(filepath.Join(dir, "flows.jsonl.*"))
 	if len(rotated) != 1 {
 		t.Fatalf("%d rotated files kept, want 1", len(rotated))
+	}
+}
+
+// TestCompressionRotatedFilesAreValidStreams writes batches with zstd and gzip through
+// size rotation: every file, the current one and each rotated one, must decompress with the
+// system's zstdcat / zcat to its whole lines, and all of them together to every event once.
+func TestCompressionRotatedFilesAreValidStreams(t *testing.T) {
+	for _, tc := range []struct{ compression, tool string }{{"zstd", "zstdcat"}, {"gzip", "zcat"}} {
+		t.Run(tc.compression, func(t *testing.T) {
+			tool, err := exec.LookPath(tc.tool)
+			testenv.Require(t, err == nil, tc.tool)
+			dir := t.TempDir()
+			cfg := defaults()
+			cfg.Path, cfg.Compression, cfg.MaxSize, cfg.MaxFiles = "flows.jsonl."+tc.compression, tc.compression, 4<<10, 0
+			if err := cfg.Validate(); err != nil {
+				t.Fatal(err)
+			}
+			s := New(env(dir), cfg)
+			if err := s.Start(context.Background()); err != nil {
+				t.Fatal(err)
+			}
+			ids, seq := flow.NewIDGen(), uint64(0)
+			const batches, per = 40, 25
+			for range batches {
+				if err := s.Write(context.Background(), batch(ids, per, &seq)); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if err := s.Close(context.Background()); err != nil {
+				t.Fatal(err)
+			}
+			files, _ := filepath.Glob(filepath.Join(dir, "flows.jsonl."+tc.compression+"*"))
+			if len(files) < 3 {
+				t.Fatalf("%d files, want rotation to have made several", len(files))
+			}
+			seen := map[uint64]bool{}
+			for _, f := range files {
+				out, err := exec.Command(tool, f).Output()
+				if err != nil {
+					t.Fatalf("%s %s: %v", tc.tool, f, err)
+				}
+				for _, line := range strings.Split(strings.TrimSuffix(string(out), "\n"), "\n") {
+					var e flow.Event
+					if err := flow.ParseJSON([]byte(line), &e); err != nil {
+						t.Fatalf("%s: line %q: %v", f, line, err)
+					}
+					if seen[e.TxPackets] {
+						t.Fatalf("event %d twice", e.TxPackets)
+					}
+					seen[e.TxPackets] = true
+				}
+			}
+			if len(seen) != batches*per {
+				t.Fatalf("%d events decompressed, want %d", len(seen), batches*per)
+			}
+		})
+	}
+}
+
+func TestCompressionValidate(t *testing.T) {
+	c := defaults()
+	c.Path, c.Compression = "x", "lz4"
+	if err := c.Validate(); err == nil || !strings.Contains(err.Error(), "compression") {
+		t.Fatalf("error %v, want one naming compression", err)
 	}
 }

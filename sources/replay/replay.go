@@ -5,6 +5,7 @@ package replay
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -14,6 +15,9 @@ import (
 	"sort"
 	"strings"
 	"time"
+
+	"github.com/klauspost/compress/gzip"
+	"github.com/klauspost/compress/zstd"
 
 	"github.com/flowpipe/flowpipe/core/component"
 	"github.com/flowpipe/flowpipe/core/config"
@@ -150,6 +154,29 @@ type progress struct {
 	lines, malformed, emitted int
 }
 
+// decompress recognises a zstd or gzip stream by its magic number (what the file sink's
+// compression option writes, rotated files included) and returns a reader of its content;
+// anything else is returned as it is.
+func decompress(r io.Reader) (io.Reader, func(), error) {
+	br := bufio.NewReaderSize(r, 64<<10)
+	magic, _ := br.Peek(4)
+	switch {
+	case bytes.HasPrefix(magic, []byte{0x28, 0xb5, 0x2f, 0xfd}):
+		d, err := zstd.NewReader(br, zstd.WithDecoderConcurrency(1))
+		if err != nil {
+			return nil, nil, fmt.Errorf("zstd: %w", err)
+		}
+		return d, d.Close, nil
+	case bytes.HasPrefix(magic, []byte{0x1f, 0x8b}):
+		g, err := gzip.NewReader(br) // multistream: every member, one per batch
+		if err != nil {
+			return nil, nil, fmt.Errorf("gzip: %w", err)
+		}
+		return g, func() { g.Close() }, nil
+	}
+	return br, func() {}, nil
+}
+
 // replay emits the events of one file.
 func (s *Source) replay(ctx context.Context, out component.Emitter, path string, st *progress) error {
 	var r io.Reader = os.Stdin
@@ -161,6 +188,11 @@ func (s *Source) replay(ctx context.Context, out component.Emitter, path string,
 		defer f.Close()
 		r = f
 	}
+	r, closeFn, err := decompress(r)
+	if err != nil {
+		return fmt.Errorf("read %s: %w", path, err)
+	}
+	defer closeFn()
 	sc := bufio.NewScanner(r)
 	sc.Buffer(make([]byte, 0, 64<<10), maxLine)
 	events := make([]flow.Event, 0, s.cfg.BatchSize)

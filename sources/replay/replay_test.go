@@ -1,12 +1,16 @@
 package replay
 
 import (
+	"bytes"
 	"context"
 	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/klauspost/compress/gzip"
+	"github.com/klauspost/compress/zstd"
 
 	"github.com/flowpipe/flowpipe/core/component"
 	"github.com/flowpipe/flowpipe/core/component/componenttest"
@@ -107,5 +111,52 @@ func TestRotatedSetOldestFirst(t *testing.T) {
 	err := New(env, &Config{Path: "flows/nothing*", BatchSize: 7, OnError: "skip"}).Run(context.Background(), &componenttest.Collector{})
 	if err == nil || !strings.Contains(err.Error(), "no file matches") {
 		t.Fatalf("a glob that matches nothing: %v", err)
+	}
+}
+
+// TestReplayCompressed reads zstd and gzip files made of several frames or members (as the
+// file sink's compression writes them, one per batch) and a plain file, all through one
+// source: every event comes back once.
+func TestReplayCompressed(t *testing.T) {
+	dir := t.TempDir()
+	ids := flow.NewIDGen()
+	lines := func(from, n int) []byte {
+		var b []byte
+		for i := from; i < from+n; i++ {
+			e := flow.Event{EventID: ids.New(), FlowID: ids.New(), Type: flow.TypeStart, Timestamp: flow.Now(), Protocol: 6, TxBytes: uint64(i)}
+			b = append(flow.AppendJSON(b, &e), '\n')
+		}
+		return b
+	}
+	enc, err := zstd.NewWriter(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var zs, gz []byte
+	for f := 0; f < 3; f++ {
+		zs = enc.EncodeAll(lines(f*10, 10), zs)
+		var m bytes.Buffer
+		w := gzip.NewWriter(&m)
+		w.Write(lines(100+f*10, 10))
+		w.Close()
+		gz = append(gz, m.Bytes()...)
+	}
+	os.WriteFile(filepath.Join(dir, "a.jsonl.zst"), zs, 0o644)
+	os.WriteFile(filepath.Join(dir, "b.jsonl.gz"), gz, 0o644)
+	os.WriteFile(filepath.Join(dir, "c.jsonl"), lines(200, 5), 0o644)
+	for _, name := range []string{"a.jsonl.zst", "b.jsonl.gz", "c.jsonl"} {
+		env := component.Env{Name: "r", ConfigDir: dir, Logger: slog.Default(), Metrics: &componenttest.Metrics{}}
+		out := &componenttest.Collector{}
+		if err := New(env, &Config{Path: name, BatchSize: 7, OnError: "stop"}).Run(context.Background(), out); err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		want := map[string]int{"a.jsonl.zst": 30, "b.jsonl.gz": 30, "c.jsonl": 5}[name]
+		seen := map[uint64]bool{}
+		for _, e := range out.Events() {
+			seen[e.TxBytes] = true
+		}
+		if len(out.Events()) != want || len(seen) != want {
+			t.Errorf("%s: %d events (%d distinct), want %d", name, len(out.Events()), len(seen), want)
+		}
 	}
 }
