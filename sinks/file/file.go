@@ -38,8 +38,11 @@ type Config struct {
 	MaxAge time.Duration `yaml:"max_age"`
 	// MaxFiles is how many rotated files to keep besides the current one; 0 keeps all.
 	MaxFiles int `yaml:"max_files"`
-	// Sync is "batch" (fsync before acknowledging each batch) or "none".
+	// Sync is "batch" (fsync before acknowledging each batch), "interval" (acknowledge once
+	// written, fsync every SyncInterval) or "none".
 	Sync string `yaml:"sync"`
+	// SyncInterval is the fsync period with sync: interval.
+	SyncInterval time.Duration `yaml:"sync_interval"`
 	// Format is the schema of each line: flowpipe (docs/schema.md; what the replay source
 	// reads), ecs or ocsf (core/schema).
 	Format string `yaml:"format"`
@@ -51,7 +54,7 @@ type Config struct {
 }
 
 func defaults() *Config {
-	return &Config{MaxSize: 100 << 20, MaxFiles: 10, Sync: "batch", Format: "flowpipe", Compression: "none"}
+	return &Config{MaxSize: 100 << 20, MaxFiles: 10, Sync: "batch", SyncInterval: 100 * time.Millisecond, Format: "flowpipe", Compression: "none"}
 }
 
 // Validate checks the options.
@@ -69,8 +72,11 @@ func (c *Config) Validate() error {
 	if c.MaxFiles < 0 {
 		errs.Add("max_files", "must not be negative")
 	}
-	if c.Sync != "batch" && c.Sync != "none" {
-		errs.Add("sync", "unknown mode %q (want batch or none)", c.Sync)
+	if c.Sync != "batch" && c.Sync != "interval" && c.Sync != "none" {
+		errs.Add("sync", "unknown mode %q (want batch, interval or none)", c.Sync)
+	}
+	if c.Sync == "interval" && c.SyncInterval <= 0 {
+		errs.Add("sync_interval", "must be positive with sync: interval")
 	}
 	switch c.Compression {
 	case "", "none", "zstd", "gzip":
@@ -114,6 +120,9 @@ type Sink struct {
 	written atomic.Int64 // bytes written since start, over every file
 	synced  atomic.Int64 // of those, bytes known to be on disk
 	cur     atomic.Pointer[os.File]
+
+	stopSync chan struct{} // closes the sync: interval goroutine
+	syncDone chan struct{}
 }
 
 // New makes a file sink; the file is opened by Start.
@@ -127,11 +136,37 @@ func New(env component.Env, c *Config) *Sink {
 	return s
 }
 
-// Start creates missing directories and opens the file for appending.
+// Start creates missing directories and opens the file for appending; with sync: interval
+// it starts the periodic fsync.
 func (s *Sink) Start(context.Context) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.open()
+	if err := s.open(); err != nil {
+		return err
+	}
+	if s.cfg.Sync == "interval" && s.stopSync == nil {
+		s.stopSync, s.syncDone = make(chan struct{}), make(chan struct{})
+		go s.syncEvery(s.cfg.SyncInterval)
+	}
+	return nil
+}
+
+// syncEvery fsyncs what was written, every d, until Close.
+func (s *Sink) syncEvery(d time.Duration) {
+	defer close(s.syncDone)
+	t := time.NewTicker(d)
+	defer t.Stop()
+	for {
+		select {
+		case <-s.stopSync:
+			return
+		case <-t.C:
+			if err := s.syncTo(s.written.Load()); err != nil {
+				s.env.Logger.Warn("periodic fsync failed", "file", s.path, "error", err)
+				s.env.Metrics.Errors("fsync", 1)
+			}
+		}
+	}
 }
 
 func (s *Sink) open() error {
@@ -322,6 +357,11 @@ func (s *Sink) rotate() error {
 
 // Close syncs and closes the file.
 func (s *Sink) Close(context.Context) error {
+	if s.stopSync != nil {
+		close(s.stopSync)
+		<-s.syncDone
+		s.stopSync = nil
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.syncMu.Lock()

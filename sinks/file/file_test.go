@@ -311,3 +311,42 @@ func TestCompressionValidate(t *testing.T) {
 		t.Fatalf("error %v, want one naming compression", err)
 	}
 }
+
+// TestSyncInterval: with sync: interval a Write returns once written, and the periodic fsync
+// then covers it.
+func TestSyncInterval(t *testing.T) {
+	dir := t.TempDir()
+	cfg := defaults()
+	cfg.Path, cfg.Sync, cfg.SyncInterval = "flows.jsonl", "interval", 20*time.Millisecond
+	if err := cfg.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	s := New(env(dir), cfg)
+	if err := s.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	ids, seq := flow.NewIDGen(), uint64(0)
+	for range 5 {
+		if err := s.Write(context.Background(), batch(ids, 10, &seq)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for s.synced.Load() < s.written.Load() {
+		if time.Now().After(deadline) {
+			t.Fatalf("synced %d of %d bytes", s.synced.Load(), s.written.Load())
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	if err := s.Close(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if got := componenttest.ReadJSONLines(t, filepath.Join(dir, "flows.jsonl")); len(got) != 50 {
+		t.Fatalf("%d lines, want 50", len(got))
+	}
+	bad := defaults()
+	bad.Path, bad.Sync, bad.SyncInterval = "x", "interval", 0
+	if err := bad.Validate(); err == nil || !strings.Contains(err.Error(), "sync_interval") {
+		t.Fatalf("error %v, want one naming sync_interval", err)
+	}
+}
