@@ -62,6 +62,11 @@ func BenchmarkPipelineGenerateToFileZstd(b *testing.B) {
 	benchPipelineBatch(b, 4096, "{type: file, isolation: inproc, path: flows.jsonl.zst, max_size: 0, compression: zstd, in_flight: 2}")
 }
 
+// sync: interval: acknowledged once written, fsynced every 100ms.
+func BenchmarkPipelineGenerateToFileSyncInterval(b *testing.B) {
+	benchPipelineBatch(b, 4096, "{type: file, isolation: inproc, path: flows.jsonl, max_size: 0, sync: interval}")
+}
+
 func BenchmarkPipelineGenerateToFileGzip(b *testing.B) {
 	benchPipelineBatch(b, 4096, "{type: file, isolation: inproc, path: flows.jsonl.gz, max_size: 0, compression: gzip, in_flight: 2}")
 }
