@@ -14,6 +14,7 @@ import (
 	"maps"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/flowpipe/flowpipe/core/component"
@@ -48,6 +49,10 @@ type Pipeline struct {
 	closers  []namedCloser
 	stopping chan struct{}
 
+	abortOnce sync.Once
+	abort     chan struct{} // closed by Abort
+	failed    atomic.Int64  // events an enricher failed (acknowledged with its error)
+
 	mu      sync.Mutex
 	running bool
 	started bool
@@ -78,7 +83,7 @@ func New(ctx context.Context, doc *config.Document, opts Options) (*Pipeline, er
 	if opts.Registry == nil {
 		return nil, errors.New("pipeline: Options.Registry is required")
 	}
-	p := &Pipeline{doc: doc, log: opts.Logger, metrics: opts.Metrics, stopping: make(chan struct{})}
+	p := &Pipeline{doc: doc, log: opts.Logger, metrics: opts.Metrics, stopping: make(chan struct{}), abort: make(chan struct{})}
 	if p.log == nil {
 		p.log = slog.Default()
 	}
@@ -147,9 +152,7 @@ func New(ctx context.Context, doc *config.Document, opts Options) (*Pipeline, er
 	}
 	if len(probs) > 0 {
 		probs.Sort()
-		cctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		p.closeAll(cctx)
+		p.closeAll()
 		return nil, probs
 	}
 	return p, nil
@@ -289,6 +292,9 @@ func (p *Pipeline) Run(ctx context.Context) error {
 	go func() {
 		select {
 		case <-ctx.Done():
+		case <-p.abort:
+			cancelWrites()
+			return
 		case <-stopDeadline:
 			return
 		}
@@ -298,14 +304,12 @@ func (p *Pipeline) Run(ctx context.Context) error {
 		case <-t.C:
 			p.log.Warn("shutdown timeout reached; giving up on undelivered batches", "timeout", p.doc.Runtime.ShutdownTimeout)
 			cancelWrites()
+		case <-p.abort:
+			cancelWrites()
 		case <-stopDeadline:
 		}
 	}()
 	defer close(stopDeadline)
-
-	closeCtx := func() (context.Context, context.CancelFunc) {
-		return context.WithTimeout(context.Background(), p.doc.Runtime.ShutdownTimeout)
-	}
 
 	// Start sinks, then enrichers, then sources.
 	var startErr error
@@ -335,9 +339,7 @@ func (p *Pipeline) Run(ctx context.Context) error {
 		}
 	}
 	if startErr != nil {
-		c, cancel := closeCtx()
-		defer cancel()
-		p.closeAll(c)
+		p.closeAll()
 		return startErr
 	}
 
@@ -381,8 +383,6 @@ func (p *Pipeline) Run(ctx context.Context) error {
 
 	// Flush holders (aggregation windows) in order, so that what they emit passes the later
 	// stages, then drain the sinks.
-	c, cancel := closeCtx()
-	defer cancel()
 	for _, e := range p.enrich {
 		if h, ok := e.en.(component.Closer); ok {
 			if err := h.Close(writeCtx); err != nil {
@@ -403,18 +403,45 @@ func (p *Pipeline) Run(ctx context.Context) error {
 	p.mu.Lock()
 	p.running = false
 	p.mu.Unlock()
-	lost := false
 	for _, s := range p.sinks {
 		if n := s.undelivered.Load(); n > 0 {
-			lost = true
 			p.log.Error("events not delivered before shutdown", "sink", s.name, "events", n)
 		}
+		if n := s.dropped.Load(); n > 0 {
+			p.log.Error("events dropped while running (see flowpipe_events_dropped_total)", "sink", s.name, "events", n)
+		}
 	}
-	if !lost {
+	if n := p.failed.Load(); n > 0 {
+		p.log.Error("events failed by an enricher (see flowpipe_events_dropped_total{reason=\"enrich_error\"})", "events", n)
+	}
+	if n := p.Undelivered(); n > 0 {
+		p.log.Error("pipeline stopped; accepted events were not delivered", "events", n)
+	} else {
 		p.log.Info("pipeline stopped; every accepted batch was delivered")
 	}
-	p.closeAll(c)
+	p.closeAll()
 	return runErr
+}
+
+// Abort makes a shutdown in progress (or the next one) give up at once instead of waiting
+// for runtime.shutdown_timeout: writers stop, what is left is acknowledged with
+// flow.ErrShutdown and counted, and components get no more time to close. flowpipe run
+// calls it on a second SIGINT/SIGTERM. Safe to call more than once, from any goroutine.
+func (p *Pipeline) Abort() {
+	p.abortOnce.Do(func() { close(p.abort) })
+}
+
+// Undelivered is how many events the pipeline accepted but did not deliver to every sink:
+// given up at shutdown, dropped by a full queue's policy or after retry.max_attempts,
+// failed by an enricher, and (while it runs) still queued. After Run it is final; flowpipe
+// run exits non-zero when it is not 0.
+func (p *Pipeline) Undelivered() int64 {
+	n := p.failed.Load()
+	for _, s := range p.sinks {
+		_, queued := s.queue.depth()
+		n += s.undelivered.Load() + s.dropped.Load() + int64(queued)
+	}
+	return n
 }
 
 func start(ctx context.Context, c any) error {
@@ -425,23 +452,25 @@ func start(ctx context.Context, c any) error {
 }
 
 // closeAll closes every component that was built (sources, then enrichers that are not
-// holders, then sinks).
-func (p *Pipeline) closeAll(ctx context.Context) {
+// holders, then sinks). Each gets runtime.shutdown_timeout of its own, counted from when
+// its close starts, so one slow component cannot spend another's time (and be blamed for
+// it); Abort ends every close at once.
+func (p *Pipeline) closeAll() {
 	for _, s := range p.sources {
-		p.closeOne(ctx, s.name, s.src)
+		p.closeOne(s.name, s.src)
 	}
 	for _, e := range p.enrich {
 		if _, ok := e.en.(component.Holder); !ok {
-			p.closeOne(ctx, e.name, e.en)
+			p.closeOne(e.name, e.en)
 		}
 	}
 	for _, s := range p.sinks {
-		p.closeOne(ctx, s.name, s.sink)
+		p.closeOne(s.name, s.sink)
 	}
 	// Components that were built but never placed (a build error elsewhere).
 	for _, c := range p.closers {
 		if !p.placed(c.c) {
-			p.closeOne(ctx, c.name, c.c)
+			p.closeOne(c.name, c.c)
 		}
 	}
 }
@@ -465,11 +494,46 @@ func (p *Pipeline) placed(c any) bool {
 	return false
 }
 
-func (p *Pipeline) closeOne(ctx context.Context, name string, c any) {
-	if cl, ok := c.(component.Closer); ok {
-		if err := cl.Close(ctx); err != nil {
-			p.log.Error("close failed", "component", name, "error", err)
+func (p *Pipeline) closeOne(name string, c any) {
+	cl, ok := c.(component.Closer)
+	if !ok {
+		return
+	}
+	timeout := p.doc.Runtime.ShutdownTimeout
+	if timeout <= 0 {
+		timeout = 30 * time.Second
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	go func() {
+		select {
+		case <-p.abort:
+			cancel()
+		case <-ctx.Done():
 		}
+	}()
+	err := cl.Close(ctx)
+	switch {
+	case err == nil:
+	case ctx.Err() != nil:
+		// The component was still closing when its time ran out (or the user asked to stop
+		// now): say so, rather than reporting the context's error as the component's fault.
+		why := fmt.Sprintf("within runtime.shutdown_timeout (%s)", timeout)
+		if p.aborted() {
+			why = "before the forced stop"
+		}
+		p.log.Warn("component did not finish closing "+why+"; it was stopped", "component", name)
+	default:
+		p.log.Error("close failed", "component", name, "error", err)
+	}
+}
+
+func (p *Pipeline) aborted() bool {
+	select {
+	case <-p.abort:
+		return true
+	default:
+		return false
 	}
 }
 
@@ -511,6 +575,7 @@ func (p *Pipeline) emitFrom(ctx context.Context, i int, b *flow.Batch) error {
 		if err := e.en.Enrich(ctx, b); err != nil {
 			e.m.Errors("enrich", 1)
 			e.m.Dropped("enrich_error", in)
+			p.failed.Add(int64(in))
 			p.log.Error("enricher failed a batch", "enricher", e.name, "events", in, "error", err)
 			b.Release(fmt.Errorf("enricher %s: %w", e.name, err))
 			return nil
@@ -541,6 +606,6 @@ func (p *Pipeline) Close(ctx context.Context) {
 	p.started = true
 	p.mu.Unlock()
 	if !started {
-		p.closeAll(ctx)
+		p.closeAll()
 	}
 }

@@ -106,6 +106,7 @@ type sinkNode struct {
 	consecFails atomic.Int64
 	lastErr     atomic.Pointer[error]
 	undelivered atomic.Int64 // events given up at shutdown
+	dropped     atomic.Int64 // events dropped by the queue policy or after retry.max_attempts
 }
 
 func newSinkNode(name string, s component.Sink, st SinkSettings, m *metrics.Component, log *slog.Logger) *sinkNode {
@@ -157,6 +158,7 @@ func (n *sinkNode) enqueue(ctx context.Context, b *flow.Batch) error {
 var errStopping = errors.New("pipeline is stopping")
 
 func (n *sinkNode) drop(b *flow.Batch, reason string) {
+	n.dropped.Add(int64(len(b.Events)))
 	n.m.Dropped(reason, len(b.Events))
 	b.Release(&flow.DropError{Component: n.name, Reason: reason})
 }

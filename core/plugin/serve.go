@@ -61,10 +61,11 @@ func serve(f component.Factory, version string) int {
 		return 1
 	}
 	// A service manager stopping flowpipe may signal its whole process group; the plugin
-	// must stay until flowpipe has flushed and closed it (go-plugin already ignores
+	// must stay until flowpipe has flushed and closed it, and a terminal hangup (SIGHUP)
+	// must not kill it behind flowpipe's back (go-plugin already ignores
 	// SIGINT). It cannot outlive flowpipe: the parent-death signal is SIGKILL, and the
 	// Watch stream ends when flowpipe is gone.
-	signal.Ignore(syscall.SIGTERM)
+	signal.Ignore(syscall.SIGTERM, syscall.SIGHUP)
 	// go-plugin swaps os.Stderr for a pipe once serving; logs go to the real stderr, where
 	// the host reads them line by line as hclog JSON.
 	stderr := os.Stderr
