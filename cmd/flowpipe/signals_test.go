@@ -145,7 +145,9 @@ sinks:
 	for _, pid := range children {
 		_ = syscall.Kill(pid, syscall.SIGHUP)
 	}
-	eventually(t, "SIGHUP logged", func() bool { return strings.Contains(stderr.String(), "reloading the pipeline file is not supported yet") })
+	eventually(t, "SIGHUP logged", func() bool {
+		return strings.Contains(stderr.String(), "reloading the pipeline file is not supported yet")
+	})
 	size := func() int64 {
 		st, err := os.Stat(filepath.Join(dir, "flows.jsonl"))
 		if err != nil {
