@@ -53,6 +53,10 @@ Exit status:
 			sigs := make(chan os.Signal, 4)
 			signal.Notify(sigs, os.Interrupt, syscall.SIGTERM, syscall.SIGHUP)
 			defer signal.Stop(sigs)
+			// A closed standard output must be an error the file sink sees (EPIPE) and stops
+			// the pipeline on, not a SIGPIPE that kills flowpipe before it drains its other
+			// sinks and counts what it could not deliver.
+			signal.Notify(make(chan os.Signal, 1), syscall.SIGPIPE)
 			ctx, stop := context.WithCancel(context.Background())
 			defer stop()
 			log, err := g.logger()

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bufio"
 	"errors"
 	"net"
 	"os"
@@ -167,5 +168,53 @@ sinks:
 	}
 	if code := waitExit(t, cmd, stderr, 60*time.Second); code != 0 {
 		t.Errorf("exit status %d after SIGHUP then SIGTERM, want 0:\n%s", code, stderr.String())
+	}
+}
+
+// `flowpipe run | head -1`: when the reader of standard output goes away, flowpipe stops
+// (it used to retry "broken pipe" for ever), says why, and counts what it did not deliver.
+// A real pipe whose read end the test closes after one line; both isolations.
+func TestClosedStdoutStopsThePipeline(t *testing.T) {
+	for _, isolation := range []string{"process", "inproc"} {
+		t.Run(isolation, func(t *testing.T) {
+			dir := t.TempDir()
+			writeFile(t, filepath.Join(dir, "pipeline.yaml"), `
+admin: {listen: ""}
+runtime: {shutdown_timeout: 1h}
+sources:
+  gen: {type: generate, rate: 5000}
+sinks:
+  stdout: {type: file, path: "-", isolation: `+isolation+`}
+`)
+			r, w, err := os.Pipe()
+			if err != nil {
+				t.Fatal(err)
+			}
+			cmd := exec.Command(binary, "run")
+			cmd.Dir = dir
+			stderr := &testenv.SyncBuffer{}
+			cmd.Stdout, cmd.Stderr = w, stderr
+			if err := cmd.Start(); err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { _ = cmd.Process.Kill(); _, _ = cmd.Process.Wait() })
+			w.Close()
+			line, err := bufio.NewReader(r).ReadString('\n')
+			if err != nil || !strings.HasPrefix(line, `{"event_id"`) {
+				t.Fatalf("first line %q, %v:\n%s", line, err, stderr.String())
+			}
+			r.Close() // head -1 exits
+			code := waitExit(t, cmd, stderr, 60*time.Second)
+			out := stderr.String()
+			if code != exitUndelivered {
+				t.Errorf("exit status %d, want %d:\n%s", code, exitUndelivered, out)
+			}
+			if !strings.Contains(out, "standard output was closed by its reader") {
+				t.Errorf("no clear log line for the closed stdout:\n%s", out)
+			}
+			if strings.Contains(out, "retrying") {
+				t.Errorf("a closed stdout was retried:\n%s", out)
+			}
+		})
 	}
 }

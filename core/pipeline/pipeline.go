@@ -285,6 +285,13 @@ func (p *Pipeline) Run(ctx context.Context) error {
 	p.started = true
 	p.mu.Unlock()
 
+	// A sink that can never write again (flow.FatalError) stops the pipeline as a signal would.
+	ctx, stopRun := context.WithCancel(ctx)
+	defer stopRun()
+	for _, s := range p.sinks {
+		s.onFatal = stopRun
+	}
+
 	// writeCtx bounds the sinks' work: cancelled shutdown_timeout after ctx is cancelled.
 	writeCtx, cancelWrites := context.WithCancel(context.Background())
 	defer cancelWrites()

@@ -107,6 +107,8 @@ type sinkNode struct {
 	lastErr     atomic.Pointer[error]
 	undelivered atomic.Int64 // events given up at shutdown
 	dropped     atomic.Int64 // events dropped by the queue policy or after retry.max_attempts
+	dead        atomic.Bool  // the sink returned a flow.FatalError
+	onFatal     func()       // stops the pipeline
 }
 
 func newSinkNode(name string, s component.Sink, st SinkSettings, m *metrics.Component, log *slog.Logger) *sinkNode {
@@ -182,6 +184,10 @@ func (n *sinkNode) start(writeCtx context.Context) {
 					return
 				}
 				n.updateDepth()
+				if n.dead.Load() {
+					n.giveUp(b) // a fatal error: nothing more can be written
+					continue
+				}
 				n.write(writeCtx, b)
 			}
 		}()
@@ -202,6 +208,18 @@ func (n *sinkNode) write(ctx context.Context, b *flow.Batch) {
 			return
 		}
 		if ctx.Err() != nil {
+			n.giveUp(b)
+			return
+		}
+		if flow.IsFatal(err) {
+			n.lastErr.Store(&err)
+			n.m.Errors("fatal", 1)
+			if n.dead.CompareAndSwap(false, true) {
+				n.log.Error("sink cannot write any more; stopping the pipeline", "sink", n.name, "error", err)
+				if n.onFatal != nil {
+					n.onFatal()
+				}
+			}
 			n.giveUp(b)
 			return
 		}
@@ -246,6 +264,11 @@ func jitter(d time.Duration) time.Duration {
 
 // health reports the sink as failing after several consecutive failed writes.
 func (n *sinkNode) health() error {
+	if n.dead.Load() {
+		if p := n.lastErr.Load(); p != nil {
+			return fmt.Errorf("sink %s cannot write any more: %w", n.name, *p)
+		}
+	}
 	if n.consecFails.Load() >= failingAfter {
 		if p := n.lastErr.Load(); p != nil {
 			return fmt.Errorf("sink %s: %d consecutive failed writes, last: %w", n.name, n.consecFails.Load(), *p)

@@ -5,9 +5,12 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 	"sync"
 
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
 	"github.com/flowpipe/flowpipe/core/component"
@@ -79,7 +82,8 @@ func (s *remoteSink) Write(ctx context.Context, b *flow.Batch) error {
 		buf, msg := encodePart(part)
 		msg.Source = source
 		cctx, cancel := context.WithTimeout(ctx, s.in.settings.CallTimeout)
-		resp, err := p.sink.Write(cctx, msg)
+		var trailer metadata.MD
+		resp, err := p.sink.Write(cctx, msg, grpc.Trailer(&trailer))
 		cancel()
 		putBuf(buf)
 		if err != nil {
@@ -88,6 +92,9 @@ func (s *remoteSink) Write(ctx context.Context, b *flow.Batch) error {
 		}
 		applyCounts(s.in.env.Metrics, resp.Counts)
 		if resp.Error != "" {
+			if slices.Contains(trailer.Get(errorClassKey), errorClassFatal) {
+				return flow.Fatal(errors.New(resp.Error))
+			}
 			return errors.New(resp.Error)
 		}
 	}

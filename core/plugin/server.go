@@ -238,10 +238,20 @@ func (s *server) Write(ctx context.Context, req *pb.Batch) (*pb.WriteResponse, e
 	resp := &pb.WriteResponse{}
 	if err := sink.Write(ctx, b); err != nil {
 		resp.Error = err.Error()
+		if flow.IsFatal(err) {
+			_ = grpc.SetTrailer(ctx, metadata.Pairs(errorClassKey, errorClassFatal))
+		}
 	}
 	resp.Counts = s.counts.drain()
 	return resp, nil
 }
+
+// The class of a WriteResponse's error travels in a trailer, so that the host can rebuild a
+// flow.FatalError (a sink that can never write again) from the error's text.
+const (
+	errorClassKey   = "flowpipe-error-class"
+	errorClassFatal = "fatal"
+)
 
 func (s *server) Enrich(ctx context.Context, req *pb.Batch) (*pb.EnrichResponse, error) {
 	c, err := s.component()

@@ -13,6 +13,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/flowpipe/flowpipe/core/component"
@@ -170,6 +171,11 @@ func (s *Sink) append(buf []byte) (int64, error) {
 	if err != nil {
 		if s.f != nil && s.regular && n > 0 {
 			_ = s.f.Truncate(s.size)
+		}
+		if s.path == "-" && errors.Is(err, syscall.EPIPE) {
+			// The reader of standard output went away (`flowpipe run | head -1`): no retry
+			// will bring it back, so stop, as a Unix tool stops on a closed pipe.
+			return 0, flow.Fatal(errors.New("standard output was closed by its reader (broken pipe)"))
 		}
 		return 0, fmt.Errorf("write %s: %w", s.path, err)
 	}
