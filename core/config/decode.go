@@ -2,6 +2,7 @@ package config
 
 import (
 	"encoding"
+	"errors"
 	"fmt"
 	"math"
 	"net/netip"
@@ -29,6 +30,42 @@ func Decode(raw map[string]any, out any, prefix string) FieldErrors {
 		return errs
 	}
 	decodeStruct(raw, v.Elem(), prefix, &errs)
+	return errs
+}
+
+// DecodeAndValidate decodes raw into cfg (as Decode) and then runs cfg's Validate() error
+// method if it has one, reporting every problem at once: a typo in one key does not hide a
+// bad value in another. Validate's findings at a key that already failed to decode (and so
+// kept its default) are left out; an error that is not a FieldError(s) is reported at the
+// options themselves (path "").
+func DecodeAndValidate(raw map[string]any, cfg any) FieldErrors {
+	errs := Decode(raw, cfg, "")
+	v, ok := cfg.(interface{ Validate() error })
+	if !ok {
+		return errs
+	}
+	err := v.Validate()
+	if err == nil {
+		return errs
+	}
+	var found FieldErrors
+	var one FieldError
+	switch {
+	case errors.As(err, &found):
+	case errors.As(err, &one):
+		found = FieldErrors{one}
+	default:
+		found = FieldErrors{{Msg: err.Error()}}
+	}
+	bad := map[string]bool{}
+	for _, e := range errs {
+		bad[e.Path] = true
+	}
+	for _, e := range found {
+		if !bad[e.Path] {
+			errs = append(errs, e)
+		}
+	}
 	return errs
 }
 

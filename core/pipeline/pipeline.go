@@ -104,12 +104,7 @@ func New(ctx context.Context, doc *config.Document, opts Options) (*Pipeline, er
 				delete(opts2, k)
 			}
 		}
-		errs := config.Decode(rt, &settings, "")
-		if len(errs) == 0 {
-			if err := settings.Validate(); err != nil {
-				errs = asFieldErrors(err)
-			}
-		}
+		errs := config.DecodeAndValidate(rt, &settings)
 		probs = append(probs, doc.Problems(spec.Path, errs)...)
 		spec.Options = opts2
 		c, m, ps := p.build(ctx, spec, opts)
@@ -209,14 +204,7 @@ func (p *Pipeline) build(ctx context.Context, spec config.Component, opts Option
 		return nil, nil, config.Problems{p.doc.Problem(config.Join(spec.Path, "type"), "unknown %s type %q (known: %s)", spec.Kind, spec.Type, strings.Join(opts.Registry.Types(spec.Kind), ", "))}
 	}
 	cfg := f.NewConfig()
-	errs := config.Decode(spec.Options, cfg, "")
-	if len(errs) == 0 {
-		if v, ok := cfg.(interface{ Validate() error }); ok {
-			if err := v.Validate(); err != nil {
-				errs = asFieldErrors(err)
-			}
-		}
-	}
+	errs := config.DecodeAndValidate(spec.Options, cfg)
 	if len(errs) > 0 {
 		return nil, nil, p.doc.Problems(spec.Path, errs)
 	}

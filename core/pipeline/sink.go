@@ -49,6 +49,10 @@ const (
 	WhenFullDropOldest = "drop_oldest"
 )
 
+// MaxInFlight bounds in_flight: more writers than this only multiply goroutines and
+// batches held in memory, never throughput.
+const MaxInFlight = 1024
+
 // sinkSettingKeys are the keys of SinkSettings; they are taken out of a sink's options
 // before the rest goes to the sink's own config.
 var sinkSettingKeys = []string{"queue", "retry", "in_flight"}
@@ -86,6 +90,8 @@ func (s *SinkSettings) Validate() error {
 	}
 	if s.InFlight < 1 {
 		errs.Add("in_flight", "must be at least 1, got %d", s.InFlight)
+	} else if s.InFlight > MaxInFlight {
+		errs.Add("in_flight", "at most %d, got %d: each is a writer with a batch in hand; a sink that waits on remote acknowledgements has its own limit (the grpc sink's max_in_flight)", MaxInFlight, s.InFlight)
 	}
 	return errs.Err()
 }

@@ -160,13 +160,8 @@ func (h *Host) Instantiate(ctx context.Context, spec config.Component, env compo
 // buildInproc builds a built-in in this process, as the runtime does without a host.
 func buildInproc(f component.Factory, opts map[string]any, env component.Env) (any, error) {
 	cfg := f.NewConfig()
-	if errs := config.Decode(opts, cfg, ""); len(errs) > 0 {
+	if errs := config.DecodeAndValidate(opts, cfg); len(errs) > 0 {
 		return nil, errs
-	}
-	if v, ok := cfg.(interface{ Validate() error }); ok {
-		if err := v.Validate(); err != nil {
-			return nil, err
-		}
 	}
 	return f.New(env, cfg)
 }

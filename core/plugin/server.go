@@ -84,23 +84,7 @@ func (s *server) Configure(_ context.Context, req *pb.ConfigureRequest) (*pb.Con
 		raw = map[string]any{}
 	}
 	cfg := s.factory.NewConfig()
-	errs := config.Decode(raw, cfg, "")
-	if len(errs) == 0 {
-		if v, ok := cfg.(interface{ Validate() error }); ok {
-			if err := v.Validate(); err != nil {
-				var fe config.FieldErrors
-				var one config.FieldError
-				switch {
-				case errors.As(err, &fe):
-					errs = fe
-				case errors.As(err, &one):
-					errs = config.FieldErrors{one}
-				default:
-					return &pb.ConfigureResponse{Error: err.Error()}, nil
-				}
-			}
-		}
-	}
+	errs := config.DecodeAndValidate(raw, cfg)
 	if len(errs) > 0 {
 		resp := &pb.ConfigureResponse{}
 		for _, e := range errs {
