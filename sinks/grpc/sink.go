@@ -27,6 +27,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/backoff"
+	"google.golang.org/grpc/connectivity"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/keepalive"
@@ -355,16 +356,48 @@ func (s *Sink) run(ctx context.Context) {
 		failures++
 		s.mu.Lock()
 		s.lastErr = err
+		waiting := len(s.pending)
 		s.mu.Unlock()
 		delay := s.backoff(failures)
 		s.env.Metrics.Errors("stream", 1)
-		s.log.Warn("stream to collector failed; reconnecting", "url", s.cfg.URL, "err", err, "retry_in", delay.Round(time.Millisecond))
-		select {
-		case <-time.After(delay):
-		case <-ctx.Done():
+		s.log.Warn("stream to collector failed; reconnecting", "url", s.cfg.URL, "err", err, "events_waiting", waiting, "retry_in", delay.Round(time.Millisecond))
+		if !s.waitRetry(ctx, delay) {
 			return
 		}
 	}
+}
+
+// waitRetry waits delay before the next stream, or less: when the connection to the
+// collector was down and comes back (gRPC redials by itself), the next stream opens at once,
+// so recovery does not wait out the backoff. A connection that was up when the stream
+// failed (the collector refused the stream) waits the whole delay. False when ctx ended.
+func (s *Sink) waitRetry(ctx context.Context, delay time.Duration) bool {
+	t := time.NewTimer(delay)
+	defer t.Stop()
+	wctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	back := make(chan struct{})
+	if st := s.conn.GetState(); st != connectivity.Ready {
+		go func() {
+			for st != connectivity.Ready {
+				if st == connectivity.Idle {
+					s.conn.Connect()
+				}
+				if !s.conn.WaitForStateChange(wctx, st) {
+					return
+				}
+				st = s.conn.GetState()
+			}
+			close(back)
+		}()
+	}
+	select {
+	case <-t.C:
+	case <-back:
+	case <-ctx.Done():
+		return false
+	}
+	return true
 }
 
 // backoff is the delay before reconnect attempt n (from 1): exponential from reconnect_min
@@ -386,7 +419,9 @@ const handshakeTimeout = 15 * time.Second
 func (s *Sink) serve(ctx context.Context, gen uint64) error {
 	sctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	stream, err := s.conn.NewStream(sctx, &pb.FlowService_ServiceDesc.Streams[0], pb.FlowService_Events_FullMethodName, grpc.WaitForReady(true))
+	// Not WaitForReady: a collector that is down must fail the stream (and show in the log,
+	// the errors metric and /readyz) rather than hold it open in silence; run redials.
+	stream, err := s.conn.NewStream(sctx, &pb.FlowService_ServiceDesc.Streams[0], pb.FlowService_Events_FullMethodName)
 	if err != nil {
 		return fmt.Errorf("open stream: %w", err)
 	}
