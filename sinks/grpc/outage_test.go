@@ -7,6 +7,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/flowpipe/flowpipe/core/component"
 	"github.com/flowpipe/flowpipe/core/component/componenttest"
 	"github.com/flowpipe/flowpipe/core/flow"
@@ -83,4 +85,49 @@ func TestRefusedTokenIsVisible(t *testing.T) {
 		t.Errorf("Health() = %v, want the refusal (Unauthenticated)", err)
 	}
 	waitFor(t, "an error counted", func() bool { return m.ErrorCount("stream") > 0 })
+}
+
+// The receiver closes streams that carry nothing for its idle_timeout; the sink takes that
+// as what it is, reopens at once, and neither counts an error nor reports itself not ready.
+func TestIdleCloseIsNotAnOutage(t *testing.T) {
+	cfg := &grpcsrc.Config{Listen: "127.0.0.1:0", Auth: "hmac", Secrets: []string{"outage-test-secret-0123456789"}}
+	fillSourceDefaults(t, cfg)
+	cfg.IdleTimeout = 100 * time.Millisecond
+	reg := prometheus.NewRegistry()
+	r, err := grpcsrc.New(component.Env{Name: "collector", Registerer: reg}, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := newMemEmitter()
+	componenttest.RunSource(t, r, out)
+	s, m, _ := outageSink(t, "http://"+r.Addr().String(), "outage-test-secret-0123456789")
+	if err := s.Write(context.Background(), flow.NewBatch(makeEvents(5), nil)); err != nil {
+		t.Fatal(err)
+	}
+	idleCloses := func() float64 {
+		mfs, _ := reg.Gather()
+		for _, mf := range mfs {
+			if mf.GetName() != "flowpipe_grpc_source_streams_refused_total" {
+				continue
+			}
+			for _, mm := range mf.GetMetric() {
+				for _, l := range mm.GetLabel() {
+					if l.GetName() == "reason" && l.GetValue() == "idle" {
+						return mm.GetCounter().GetValue()
+					}
+				}
+			}
+		}
+		return 0
+	}
+	waitFor(t, "two idle closes", func() bool { return idleCloses() >= 2 })
+	if n := m.ErrorCount("stream"); n != 0 {
+		t.Errorf("idle closes counted as %d stream errors", n)
+	}
+	if err := s.Health(); err != nil {
+		t.Errorf("Health() = %v after an idle close", err)
+	}
+	if err := s.Write(context.Background(), flow.NewBatch(makeEvents(5), nil)); err != nil {
+		t.Fatal(err)
+	}
 }

@@ -20,6 +20,7 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"os"
+	"strings"
 	"sync"
 	"time"
 
@@ -27,6 +28,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/backoff"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/connectivity"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
@@ -353,6 +355,12 @@ func (s *Sink) run(ctx context.Context) {
 		if time.Since(start) > s.cfg.ReconnectMax {
 			failures = 0 // the stream worked for a while: start the backoff over
 		}
+		if s.closedIdle(err) {
+			// The receiver closes streams that carry nothing (its idle_timeout): not a
+			// failure; open the next one at once.
+			s.log.Debug("collector closed the idle stream; reopening", "url", s.cfg.URL)
+			continue
+		}
 		failures++
 		s.mu.Lock()
 		s.lastErr = err
@@ -365,6 +373,17 @@ func (s *Sink) run(ctx context.Context) {
 			return
 		}
 	}
+}
+
+// closedIdle reports a stream the receiver ended for idleness while nothing was waiting.
+func (s *Sink) closedIdle(err error) bool {
+	st, ok := status.FromError(err)
+	if !ok || st.Code() != codes.Unavailable || !strings.Contains(st.Message(), "idle_timeout") {
+		return false
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.pending) == 0
 }
 
 // waitRetry waits delay before the next stream, or less: when the connection to the
