@@ -43,7 +43,7 @@ sinks:
 `)
 	record := filepath.Join(dir, "state", "conntrack", "kernel", "host-changes.json")
 
-	cmd, stderr := startRun(t, dir)
+	cmd, stderr := runUntilRunning(t, dir)
 	if sysctl(acct) != "1" || sysctl(stamp) != "1" || !strings.Contains(tables(), "flowpipe_kernel") {
 		t.Fatalf("the source did not set the host up: acct=%s timestamp=%s tables=%q\n%s", sysctl(acct), sysctl(stamp), tables(), stderr.String())
 	}
@@ -62,7 +62,7 @@ sinks:
 		t.Fatal("kill -9 undid the sysctl: the test does not exercise a leftover")
 	}
 
-	cmd, stderr = startRun(t, dir)
+	cmd, stderr = runUntilRunning(t, dir)
 	if !strings.Contains(stderr.String(), "restored what it had changed on the host") {
 		t.Errorf("the second start did not say it restored the leftovers:\n%s", stderr.String())
 	}

@@ -45,7 +45,7 @@ Exit status:
   3  stopped, but accepted events were not delivered: given up at shutdown, dropped by a
      full queue (when_full: drop_*) or after retry.max_attempts, or failed by an enricher;
      the log says how many, per sink`,
-		Example: "  flowpipe run\n  flowpipe run -c examples/generate.yaml --log-format json\n  FLOWPIPE_SINKS__OUT__PATH=/tmp/flows.jsonl flowpipe run",
+		Example: "  flowpipe run\n  flowpipe run -c examples/generate.yaml --log-format json\n  FLOWPIPE_SINKS__STDOUT__PATH=/tmp/flows.jsonl flowpipe run   # the default pipeline's sink is named stdout",
 		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			// Signals are taken before building, so that a SIGHUP or SIGTERM that arrives
@@ -74,7 +74,11 @@ Exit status:
 			}
 			ready <- p
 			if doc.Admin.Listen != "" {
-				srv, err := admin.Start(doc.Admin.Listen, p.Metrics().Registry, p.Ready, log)
+				ao, err := adminOptions(doc, p, log)
+				if err != nil {
+					return err
+				}
+				srv, err := admin.Serve(ao)
 				if err != nil {
 					return err
 				}

@@ -15,8 +15,8 @@ import (
 	"github.com/flowpipe/flowpipe/internal/testenv"
 )
 
-// startRun starts `flowpipe run` in dir and waits until the pipeline runs.
-func startRun(t *testing.T, dir string, args ...string) (*exec.Cmd, *testenv.SyncBuffer) {
+// runUntilRunning starts `flowpipe run` in dir and waits until the pipeline runs.
+func runUntilRunning(t *testing.T, dir string, args ...string) (*exec.Cmd, *testenv.SyncBuffer) {
 	t.Helper()
 	cmd := exec.Command(binary, append([]string{"run"}, args...)...)
 	cmd.Dir = dir
@@ -77,7 +77,7 @@ sources:
 sinks:
   collector: {type: grpc, url: "http://`+closedPort(t)+`", hmac_secret: s3cret}
 `)
-	cmd, stderr := startRun(t, dir)
+	cmd, stderr := runUntilRunning(t, dir)
 	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
@@ -112,7 +112,7 @@ sources:
 sinks:
   collector: {type: grpc, url: "http://`+closedPort(t)+`", hmac_secret: s3cret}
 `)
-	cmd, stderr := startRun(t, dir)
+	cmd, stderr := runUntilRunning(t, dir)
 	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
@@ -137,7 +137,7 @@ sources:
 sinks:
   out: {type: file, path: flows.jsonl}
 `)
-	cmd, stderr := startRun(t, dir)
+	cmd, stderr := runUntilRunning(t, dir)
 	children := pluginChildren(t, cmd.Process.Pid)
 	if err := cmd.Process.Signal(syscall.SIGHUP); err != nil {
 		t.Fatal(err)

@@ -20,6 +20,7 @@ import (
 	"gopkg.in/yaml.v3"
 
 	"github.com/flowpipe/flowpipe/core/component"
+	"github.com/flowpipe/flowpipe/core/options"
 )
 
 // EnvPrefix starts every environment variable that overrides a pipeline.yaml value. A
@@ -45,10 +46,26 @@ type Document struct {
 	nodes int               // values expanded so far
 }
 
-// Admin is the local admin listener: metrics and health.
+// Admin is the admin listener: metrics, health, the tap and top API and the live page
+// (docs/observe.md).
 type Admin struct {
-	// Listen is host:port for /metrics, /healthz and /readyz; empty disables it.
+	// Listen is host:port, or unix:PATH for a Unix socket; empty disables it. An address
+	// that is not loopback needs Token, TokenFile or ClientCAFile, or Insecure.
 	Listen string `yaml:"listen"`
+	// Token is the bearer token every request but GET / and /healthz must carry.
+	Token string `yaml:"token"`
+	// TokenFile holds the token (surrounding white space ignored), relative to pipeline.yaml.
+	TokenFile string `yaml:"token_file"`
+	// CertFile and KeyFile serve HTTPS; with ClientCAFile, clients must present a
+	// certificate it signed (mTLS). The same keys as the gRPC receiver's.
+	CertFile     string `yaml:"cert_file"`
+	KeyFile      string `yaml:"key_file"`
+	ClientCAFile string `yaml:"client_ca_file"`
+	// Insecure allows a non-loopback listener with no authentication.
+	Insecure bool `yaml:"insecure"`
+	// TapRing is how many recent events each tap point keeps for `flowpipe tap --last`
+	// (0 turns the rings off: then a tap point costs one atomic load per batch).
+	TapRing int `yaml:"tap_ring"`
 }
 
 // Runtime holds pipeline-wide settings.
@@ -184,7 +201,7 @@ func Load(file string, data []byte, environ []string) (*Document, error) {
 			path := strings.ToLower(strings.ReplaceAll(rest, "__", "."))
 			d.where[path] = "env " + name
 			var v any
-			if err := yaml.Unmarshal([]byte(value), &v); err != nil || isCollection(v) {
+			if err := yaml.Unmarshal([]byte(value), &v); err != nil || options.IsCollection(v) {
 				v = value
 			}
 			return path, v
@@ -302,7 +319,7 @@ func (d *Document) nodeValue(n *yaml.Node, path string, env map[string]string) (
 				if n.Style&(yaml.DoubleQuotedStyle|yaml.SingleQuotedStyle) != 0 {
 					return expanded, nil
 				}
-				if err := yaml.Unmarshal([]byte(expanded), &v); err != nil || isCollection(v) {
+				if err := yaml.Unmarshal([]byte(expanded), &v); err != nil || options.IsCollection(v) {
 					return expanded, nil
 				}
 				return v, nil
@@ -361,9 +378,13 @@ func (d *Document) decodeTop(raw map[string]any) Problems {
 			probs = append(probs, d.Problem(key, "unknown top-level key (want admin, runtime, data_dir, sources, enrichers, sinks)"))
 		}
 	}
-	d.Admin = Admin{Listen: DefaultAdminListen}
+	d.Admin = Admin{Listen: DefaultAdminListen, TapRing: DefaultTapRing}
 	if v, ok := raw["admin"]; ok {
-		probs = append(probs, d.decodeSection(v, "admin", &d.Admin)...)
+		if ps := d.decodeSection(v, "admin", &d.Admin); len(ps) > 0 {
+			probs = append(probs, ps...)
+		} else {
+			probs = append(probs, d.checkAdmin()...)
+		}
 	}
 	d.Runtime = Runtime{ShutdownTimeout: DefaultShutdownTimeout}
 	if v, ok := raw["runtime"]; ok {
@@ -377,7 +398,7 @@ func (d *Document) decodeTop(raw map[string]any) Problems {
 	if v, ok := raw["data_dir"]; ok {
 		switch dir, isString := v.(string); {
 		case !isString || dir == "":
-			probs = append(probs, d.Problem("data_dir", "want a directory path, got %s", describe(v)))
+			probs = append(probs, d.Problem("data_dir", "want a directory path, got %s", options.Describe(v)))
 		case filepath.IsAbs(dir):
 			d.DataDir = filepath.Clean(dir)
 		default:
@@ -394,7 +415,7 @@ func (d *Document) decodeTop(raw map[string]any) Problems {
 	if v, ok := raw["enrichers"]; ok && v != nil {
 		list, ok := v.([]any)
 		if !ok {
-			probs = append(probs, d.Problem("enrichers", "want a list of enrichers (- type: ...), got %s", describe(v)))
+			probs = append(probs, d.Problem("enrichers", "want a list of enrichers (- type: ...), got %s", options.Describe(v)))
 		}
 		seen := map[string]string{}
 		for i, item := range list {
@@ -426,7 +447,7 @@ func (d *Document) decodeSection(v any, path string, out any) Problems {
 		if v == nil {
 			return nil
 		}
-		return Problems{d.Problem(path, "want a map, got %s", describe(v))}
+		return Problems{d.Problem(path, "want a map, got %s", options.Describe(v))}
 	}
 	return d.Problems(path, Decode(m, out, ""))
 }
@@ -437,7 +458,7 @@ func (d *Document) componentMap(v any, section string, kind component.Kind) ([]C
 	}
 	m, ok := v.(map[string]any)
 	if !ok {
-		return nil, Problems{d.Problem(section, "want a map from component name to its settings, got %s", describe(v))}
+		return nil, Problems{d.Problem(section, "want a map from component name to its settings, got %s", options.Describe(v))}
 	}
 	names := make([]string, 0, len(m))
 	for n := range m {
@@ -464,7 +485,7 @@ func (d *Document) componentMap(v any, section string, kind component.Kind) ([]C
 func (d *Document) component(v any, path, name string, kind component.Kind) (Component, Problems) {
 	m, ok := v.(map[string]any)
 	if !ok {
-		return Component{}, Problems{d.Problem(path, "want a map with type: and options, got %s", describe(v))}
+		return Component{}, Problems{d.Problem(path, "want a map with type: and options, got %s", options.Describe(v))}
 	}
 	c := Component{Kind: kind, Name: name, Path: path, Options: map[string]any{}}
 	var probs Problems
@@ -475,7 +496,7 @@ func (d *Document) component(v any, path, name string, kind component.Kind) (Com
 		}
 		s, ok := x.(string)
 		if !ok {
-			probs = append(probs, d.Problem(Join(path, key), "want a string, got %s", describe(x)))
+			probs = append(probs, d.Problem(Join(path, key), "want a string, got %s", options.Describe(x)))
 		}
 		return s
 	}

@@ -21,6 +21,8 @@ import (
 	"github.com/flowpipe/flowpipe/core/config"
 	"github.com/flowpipe/flowpipe/core/flow"
 	"github.com/flowpipe/flowpipe/core/metrics"
+	"github.com/flowpipe/flowpipe/core/options"
+	"github.com/flowpipe/flowpipe/core/tap"
 )
 
 // Options configure how a pipeline is built.
@@ -36,18 +38,26 @@ type Options struct {
 	// DefaultIsolation applies to built-in components that set no isolation:
 	// "inproc" (when empty) or "process".
 	DefaultIsolation string
+	// Taps holds the tap points (nil: a fresh registry with no ring). Pass the same registry
+	// to a reloaded pipeline and taps of the components it keeps go on.
+	Taps *tap.Registry
 }
 
 // Pipeline is a built pipeline, ready to Run once.
 type Pipeline struct {
-	doc      *config.Document
-	log      *slog.Logger
-	metrics  *metrics.Set
-	sources  []*sourceNode
-	enrich   []*enricherNode
-	sinks    []*sinkNode
-	closers  []namedCloser
+	doc     *config.Document
+	log     *slog.Logger
+	metrics *metrics.Set
+	sources []*sourceNode
+	enrich  []*enricherNode
+	sinks   []*sinkNode
+	// parts is every component that was built, in start order (sinks, enrichers, sources,
+	// as New builds them): one list that every kind goes through to start and to close.
+	parts    []*part
 	stopping chan struct{}
+	taps     *tap.Registry
+	fanout   *tap.Hub   // batches handed to the sinks
+	sinkTaps []*tap.Hub // by index of sinks
 
 	abortOnce sync.Once
 	abort     chan struct{} // closed by Abort
@@ -59,22 +69,26 @@ type Pipeline struct {
 }
 
 type sourceNode struct {
-	name   string
-	src    component.Source
-	m      *metrics.Component
-	p      *Pipeline
-	closed bool
+	name string
+	src  component.Source
+	m    *metrics.Component
+	p    *Pipeline
+	tap  *tap.Hub
 }
 
 type enricherNode struct {
 	name string
 	en   component.Enricher
 	m    *metrics.Component
+	tap  *tap.Hub
 }
 
-type namedCloser struct {
-	name string
-	c    any
+// part is one built component: started in order, closed exactly once.
+type part struct {
+	name   string
+	kind   component.Kind
+	c      any
+	closed bool
 }
 
 // New builds every component of doc. Every problem in the components' options is reported
@@ -90,7 +104,13 @@ func New(ctx context.Context, doc *config.Document, opts Options) (*Pipeline, er
 	if p.metrics == nil {
 		p.metrics = metrics.New()
 	}
+	p.taps = opts.Taps
+	if p.taps == nil {
+		p.taps = tap.NewRegistry(0)
+	}
+	p.fanout = p.taps.Point(tap.Fanout, "fanout")
 	var probs config.Problems
+	var sinkTaps []*tap.Hub
 	for _, spec := range doc.Sinks {
 		settings := defaultSinkSettings()
 		if f, ok := opts.Registry.Lookup(spec.Kind, spec.Type); ok && spec.Plugin == "" && f.InFlight > 0 {
@@ -104,8 +124,7 @@ func New(ctx context.Context, doc *config.Document, opts Options) (*Pipeline, er
 				delete(opts2, k)
 			}
 		}
-		errs := config.DecodeAndValidate(rt, &settings)
-		probs = append(probs, doc.Problems(spec.Path, errs)...)
+		probs = append(probs, doc.Problems(spec.Path, options.Check(rt, &settings, ""))...)
 		spec.Options = opts2
 		c, m, ps := p.build(ctx, spec, opts)
 		probs = append(probs, ps...)
@@ -118,6 +137,7 @@ func New(ctx context.Context, doc *config.Document, opts Options) (*Pipeline, er
 			continue
 		}
 		p.sinks = append(p.sinks, newSinkNode(spec.Name, sink, settings, m, p.log))
+		sinkTaps = append(sinkTaps, p.taps.Point(spec.Name, "sink"))
 	}
 	for _, spec := range doc.Enrichers {
 		c, m, ps := p.build(ctx, spec, opts)
@@ -130,7 +150,10 @@ func New(ctx context.Context, doc *config.Document, opts Options) (*Pipeline, er
 			probs = append(probs, doc.Problem(spec.Path, "%s is not an enricher", describeSpec(spec)))
 			continue
 		}
-		p.enrich = append(p.enrich, &enricherNode{name: spec.Name, en: en, m: m})
+		p.enrich = append(p.enrich, &enricherNode{name: spec.Name, en: en, m: m, tap: p.taps.Point(spec.Name, "enricher")})
+		if h, ok := en.(component.Holder); ok {
+			h.Attach(&downstream{p: p, from: len(p.enrich)}) // what it emits passes the stages after it
+		}
 	}
 	for _, spec := range doc.Sources {
 		c, m, ps := p.build(ctx, spec, opts)
@@ -143,13 +166,14 @@ func New(ctx context.Context, doc *config.Document, opts Options) (*Pipeline, er
 			probs = append(probs, doc.Problem(spec.Path, "%s is not a source", describeSpec(spec)))
 			continue
 		}
-		p.sources = append(p.sources, &sourceNode{name: spec.Name, src: src, m: m, p: p})
+		p.sources = append(p.sources, &sourceNode{name: spec.Name, src: src, m: m, p: p, tap: p.taps.Point(spec.Name, "source")})
 	}
 	if len(probs) > 0 {
 		probs.Sort()
 		p.closeAll()
 		return nil, probs
 	}
+	p.sinkTaps = sinkTaps
 	return p, nil
 }
 
@@ -160,16 +184,13 @@ func describeSpec(spec config.Component) string {
 	return fmt.Sprintf("type %q", spec.Type)
 }
 
-func asFieldErrors(err error) config.FieldErrors {
-	var fe config.FieldErrors
-	if errors.As(err, &fe) {
-		return fe
-	}
-	var one config.FieldError
-	if errors.As(err, &one) {
-		return config.FieldErrors{one}
-	}
-	return config.FieldErrors{{Msg: err.Error()}}
+// runtimeReasons are the reasons the runtime counts drops and errors under, by kind; each
+// component's counters for them, and for its factory's own Reasons, are published at 0 when
+// it is built.
+var runtimeReasons = map[component.Kind]struct{ dropped, errors []string }{
+	component.KindSource:   {errors: []string{"run"}},
+	component.KindEnricher: {dropped: []string{"enrich_error"}, errors: []string{"enrich"}},
+	component.KindSink:     {dropped: []string{"queue_full", "retries_exhausted", "rejected", "shutdown"}, errors: []string{"write", "fatal"}},
 }
 
 // build decodes and validates one component's options and builds it.
@@ -181,8 +202,22 @@ func (p *Pipeline) build(ctx context.Context, spec config.Component, opts Option
 		Metrics:    m,
 		Registerer: m.Registerer(),
 	}
+	var f component.Factory
+	if spec.Plugin == "" {
+		var ok bool
+		if f, ok = opts.Registry.Lookup(spec.Kind, spec.Type); !ok {
+			return nil, nil, config.Problems{p.doc.Problem(config.Join(spec.Path, "type"), "unknown %s type %q (known: %s)", spec.Kind, spec.Type, strings.Join(opts.Registry.Types(spec.Kind), ", "))}
+		}
+	}
+	rt := runtimeReasons[spec.Kind]
+	m.Publish(append(append([]string(nil), rt.dropped...), f.Reasons.Dropped...), f.Reasons.Filtered, rt.errors)
 	isolation := spec.Isolation
-	if isolation == "" {
+	switch {
+	case f.Holds && isolation == "process":
+		return nil, nil, config.Problems{p.doc.Problem(spec.Path, "enricher type %q keeps events across batches and runs only in process: set isolation: inproc", spec.Type)}
+	case f.Holds:
+		isolation = "inproc"
+	case isolation == "":
 		isolation = opts.DefaultIsolation
 	}
 	if spec.Plugin != "" || isolation == "process" {
@@ -193,34 +228,23 @@ func (p *Pipeline) build(ctx context.Context, spec config.Component, opts Option
 		if err != nil {
 			return nil, nil, p.problemsFrom(spec.Path, err)
 		}
-		p.closers = append(p.closers, namedCloser{spec.Name, c})
+		p.parts = append(p.parts, &part{name: spec.Name, kind: spec.Kind, c: c})
 		return c, m, nil
 	}
 	if spec.Process != nil {
 		return nil, nil, config.Problems{p.doc.Problem(config.Join(spec.Path, "process"), "process: settings apply only to a component run out of process; remove them or drop isolation: inproc")}
 	}
-	f, ok := opts.Registry.Lookup(spec.Kind, spec.Type)
-	if !ok {
-		return nil, nil, config.Problems{p.doc.Problem(config.Join(spec.Path, "type"), "unknown %s type %q (known: %s)", spec.Kind, spec.Type, strings.Join(opts.Registry.Types(spec.Kind), ", "))}
-	}
-	cfg := f.NewConfig()
-	errs := config.DecodeAndValidate(spec.Options, cfg)
-	if len(errs) > 0 {
-		return nil, nil, p.doc.Problems(spec.Path, errs)
-	}
-	c, err := f.New(env, cfg)
+	c, err := f.Build(env, spec.Options)
 	if err != nil {
 		return nil, nil, p.problemsFrom(spec.Path, err)
 	}
-	p.closers = append(p.closers, namedCloser{spec.Name, c})
+	p.parts = append(p.parts, &part{name: spec.Name, kind: spec.Kind, c: c})
 	return c, m, nil
 }
 
 func (p *Pipeline) problemsFrom(path string, err error) config.Problems {
-	var fe config.FieldErrors
-	var one config.FieldError
-	if errors.As(err, &fe) || errors.As(err, &one) {
-		return p.doc.Problems(path, asFieldErrors(err))
+	if errs, ok := options.FieldErrorsOf(err); ok {
+		return p.doc.Problems(path, errs)
 	}
 	var ps config.Problems
 	if errors.As(err, &ps) {
@@ -228,6 +252,9 @@ func (p *Pipeline) problemsFrom(path string, err error) config.Problems {
 	}
 	return config.Problems{p.doc.Problem(path, "%v", err)}
 }
+
+// Taps is the pipeline's tap points.
+func (p *Pipeline) Taps() *tap.Registry { return p.taps }
 
 // Metrics is the pipeline's metric set.
 func (p *Pipeline) Metrics() *metrics.Set { return p.metrics }
@@ -246,13 +273,10 @@ func (p *Pipeline) Ready() error {
 			errs = append(errs, err)
 		}
 	}
-	for _, c := range p.closers {
-		if hc, ok := c.c.(component.HealthChecker); ok {
-			if _, isSink := c.c.(component.Sink); isSink {
-				continue // already asked through its sink node
-			}
+	for _, pt := range p.parts {
+		if hc, ok := pt.c.(component.HealthChecker); ok && pt.kind != component.KindSink { // sinks: asked through their node
 			if err := hc.Health(); err != nil {
-				errs = append(errs, fmt.Errorf("%s: %w", c.name, err))
+				errs = append(errs, fmt.Errorf("%s: %w", pt.name, err))
 			}
 		}
 	}
@@ -306,36 +330,9 @@ func (p *Pipeline) Run(ctx context.Context) error {
 	}()
 	defer close(stopDeadline)
 
-	// Start sinks, then enrichers, then sources.
-	var startErr error
-	for _, s := range p.sinks {
-		if err := start(ctx, s.sink); err != nil {
-			startErr = fmt.Errorf("start sink %s: %w", s.name, err)
-			break
-		}
-	}
-	if startErr == nil {
-		for i, e := range p.enrich {
-			if h, ok := e.en.(component.Holder); ok {
-				h.Attach(&downstream{p: p, from: i + 1})
-			}
-			if err := start(ctx, e.en); err != nil {
-				startErr = fmt.Errorf("start enricher %s: %w", e.name, err)
-				break
-			}
-		}
-	}
-	if startErr == nil {
-		for _, s := range p.sources {
-			if err := start(ctx, s.src); err != nil {
-				startErr = fmt.Errorf("start source %s: %w", s.name, err)
-				break
-			}
-		}
-	}
-	if startErr != nil {
+	if err := p.startAll(ctx); err != nil {
 		p.closeAll()
-		return startErr
+		return err
 	}
 
 	for _, s := range p.sinks {
@@ -346,7 +343,55 @@ func (p *Pipeline) Run(ctx context.Context) error {
 	p.mu.Unlock()
 	p.log.Info("pipeline running", "sources", len(p.sources), "enrichers", len(p.enrich), "sinks", len(p.sinks))
 
-	// Run sources; the first failure stops the others.
+	runErr := p.runSources(ctx)
+	close(p.stopping)
+	if ctx.Err() != nil {
+		p.log.Info("stopping: draining in-flight batches", "timeout", p.doc.Runtime.ShutdownTimeout)
+	} else {
+		p.log.Info("sources finished: draining in-flight batches")
+	}
+
+	// Close the enrichers in order, so that what holders (aggregation windows) flush passes
+	// the later stages, then drain the sinks.
+	p.closeKind(writeCtx, component.KindEnricher)
+	p.drainSinks()
+	p.closeAll()
+	return runErr
+}
+
+// Abort makes a shutdown in progress (or the next one) give up at once instead of waiting
+// for runtime.shutdown_timeout: writers stop, what is left is acknowledged with
+// flow.ErrShutdown and counted, and components get no more time to close. flowpipe run
+// calls it on a second SIGINT/SIGTERM. Safe to call more than once, from any goroutine.
+func (p *Pipeline) Abort() {
+	p.abortOnce.Do(func() { close(p.abort) })
+}
+
+func (p *Pipeline) aborted() bool {
+	select {
+	case <-p.abort:
+		return true
+	default:
+		return false
+	}
+}
+
+// Undelivered is how many events the pipeline accepted but did not deliver to every sink:
+// given up at shutdown, dropped by a full queue's policy, after retry.max_attempts or as
+// rejected, failed by an enricher, and (while it runs) still queued. After Run it is final;
+// flowpipe run exits non-zero when it is not 0.
+func (p *Pipeline) Undelivered() int64 {
+	n := p.failed.Load()
+	for _, s := range p.sinks {
+		_, queued := s.queue.depth()
+		n += s.undelivered.Load() + s.dropped.Load() + int64(queued)
+	}
+	return n
+}
+
+// runSources runs every source until each returns; the first failure stops the others and
+// is returned.
+func (p *Pipeline) runSources(ctx context.Context) error {
 	srcCtx, stopSources := context.WithCancel(ctx)
 	defer stopSources()
 	var wg sync.WaitGroup
@@ -368,23 +413,12 @@ func (p *Pipeline) Run(ctx context.Context) error {
 	}
 	wg.Wait()
 	close(errc)
-	runErr := <-errc
-	close(p.stopping)
-	if ctx.Err() != nil {
-		p.log.Info("stopping: draining in-flight batches", "timeout", p.doc.Runtime.ShutdownTimeout)
-	} else {
-		p.log.Info("sources finished: draining in-flight batches")
-	}
+	return <-errc
+}
 
-	// Flush holders (aggregation windows) in order, so that what they emit passes the later
-	// stages, then drain the sinks.
-	for _, e := range p.enrich {
-		if h, ok := e.en.(component.Closer); ok {
-			if err := h.Close(writeCtx); err != nil {
-				p.log.Error("enricher close failed", "enricher", e.name, "error", err)
-			}
-		}
-	}
+// drainSinks lets every sink write what its queue holds (its writers stop at the drain
+// deadline), gives up on the rest, and reports what was not delivered.
+func (p *Pipeline) drainSinks() {
 	for _, s := range p.sinks {
 		s.queue.close()
 	}
@@ -398,137 +432,95 @@ func (p *Pipeline) Run(ctx context.Context) error {
 	p.mu.Lock()
 	p.running = false
 	p.mu.Unlock()
+	lost, dropped := false, int64(0)
 	for _, s := range p.sinks {
 		if n := s.undelivered.Load(); n > 0 {
+			lost = true
 			p.log.Error("events not delivered before shutdown", "sink", s.name, "events", n)
 		}
-		if n := s.dropped.Load(); n > 0 {
-			p.log.Error("events dropped while running (see flowpipe_events_dropped_total)", "sink", s.name, "events", n)
-		}
+		dropped += s.dropped.Load()
 	}
 	if n := p.failed.Load(); n > 0 {
-		p.log.Error("events failed by an enricher (see flowpipe_events_dropped_total{reason=\"enrich_error\"})", "events", n)
+		lost = true
+		p.log.Error("events failed by an enricher (counted in flowpipe_events_dropped_total{reason=\"enrich_error\"})", "events", n)
 	}
-	if n := p.Undelivered(); n > 0 {
-		p.log.Error("pipeline stopped; accepted events were not delivered", "events", n)
-	} else {
+	switch {
+	case lost:
+		p.log.Error("pipeline stopped; accepted events were not delivered", "events", p.Undelivered())
+	case dropped > 0:
+		p.log.Warn("pipeline stopped; sinks dropped events (counted in flowpipe_events_dropped_total by reason), the rest was delivered", "dropped", dropped)
+	default:
 		p.log.Info("pipeline stopped; every accepted batch was delivered")
 	}
-	p.closeAll()
-	return runErr
 }
 
-// Abort makes a shutdown in progress (or the next one) give up at once instead of waiting
-// for runtime.shutdown_timeout: writers stop, what is left is acknowledged with
-// flow.ErrShutdown and counted, and components get no more time to close. flowpipe run
-// calls it on a second SIGINT/SIGTERM. Safe to call more than once, from any goroutine.
-func (p *Pipeline) Abort() {
-	p.abortOnce.Do(func() { close(p.abort) })
-}
-
-// Undelivered is how many events the pipeline accepted but did not deliver to every sink:
-// given up at shutdown, dropped by a full queue's policy or after retry.max_attempts,
-// failed by an enricher, and (while it runs) still queued. After Run it is final; flowpipe
-// run exits non-zero when it is not 0.
-func (p *Pipeline) Undelivered() int64 {
-	n := p.failed.Load()
-	for _, s := range p.sinks {
-		_, queued := s.queue.depth()
-		n += s.undelivered.Load() + s.dropped.Load() + int64(queued)
-	}
-	return n
-}
-
-func start(ctx context.Context, c any) error {
-	if s, ok := c.(component.Starter); ok {
-		return s.Start(ctx)
+// startAll starts every component in order, sinks, then enrichers, then sources, and stops
+// at the first that fails.
+func (p *Pipeline) startAll(ctx context.Context) error {
+	for _, pt := range p.parts {
+		if s, ok := pt.c.(component.Starter); ok {
+			if err := s.Start(ctx); err != nil {
+				return fmt.Errorf("start %s %s: %w", pt.kind, pt.name, err)
+			}
+		}
 	}
 	return nil
 }
 
-// closeAll closes every component that was built (sources, then enrichers that are not
-// holders, then sinks). Each gets runtime.shutdown_timeout of its own, counted from when
-// its close starts, so one slow component cannot spend another's time (and be blamed for
-// it); Abort ends every close at once.
+// closeAll closes every component that was built and is not closed yet, started or not:
+// sources, then enrichers, then sinks. Each gets runtime.shutdown_timeout of its own,
+// counted from when its close starts, so that a drain that used its deadline, or one slow
+// component, does not spend another's time (and get it blamed); Abort ends every close.
 func (p *Pipeline) closeAll() {
-	for _, s := range p.sources {
-		p.closeOne(s.name, s.src)
+	for _, kind := range []component.Kind{component.KindSource, component.KindEnricher, component.KindSink} {
+		p.closeKind(nil, kind)
 	}
-	for _, e := range p.enrich {
-		if _, ok := e.en.(component.Holder); !ok {
-			p.closeOne(e.name, e.en)
+}
+
+// closeKind closes, in order, the components of one kind that are not closed yet, within
+// ctx (nil: each within a deadline of its own, as closeAll).
+func (p *Pipeline) closeKind(ctx context.Context, kind component.Kind) {
+	for _, pt := range p.parts {
+		if pt.kind != kind || pt.closed {
+			continue
 		}
-	}
-	for _, s := range p.sinks {
-		p.closeOne(s.name, s.sink)
-	}
-	// Components that were built but never placed (a build error elsewhere).
-	for _, c := range p.closers {
-		if !p.placed(c.c) {
-			p.closeOne(c.name, c.c)
+		pt.closed = true
+		if cl, ok := pt.c.(component.Closer); ok {
+			p.closeOne(ctx, pt, cl)
 		}
 	}
 }
 
-func (p *Pipeline) placed(c any) bool {
-	for _, s := range p.sources {
-		if any(s.src) == c {
-			return true
-		}
-	}
-	for _, e := range p.enrich {
-		if any(e.en) == c {
-			return true
-		}
-	}
-	for _, s := range p.sinks {
-		if any(s.sink) == c {
-			return true
-		}
-	}
-	return false
-}
-
-func (p *Pipeline) closeOne(name string, c any) {
-	cl, ok := c.(component.Closer)
-	if !ok {
-		return
-	}
+func (p *Pipeline) closeOne(ctx context.Context, pt *part, cl component.Closer) {
 	timeout := p.doc.Runtime.ShutdownTimeout
 	if timeout <= 0 {
-		timeout = 30 * time.Second
+		timeout = config.DefaultShutdownTimeout
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), timeout)
-	defer cancel()
-	go func() {
-		select {
-		case <-p.abort:
-			cancel()
-		case <-ctx.Done():
-		}
-	}()
+	if ctx == nil {
+		c, cancel := context.WithTimeout(context.Background(), timeout)
+		defer cancel()
+		go func() {
+			select {
+			case <-p.abort:
+				cancel()
+			case <-c.Done():
+			}
+		}()
+		ctx = c
+	}
 	err := cl.Close(ctx)
 	switch {
 	case err == nil:
 	case ctx.Err() != nil:
 		// The component was still closing when its time ran out (or the user asked to stop
-		// now): say so, rather than reporting the context's error as the component's fault.
+		// now): say so, rather than report the context's error as the component's fault.
 		why := fmt.Sprintf("within runtime.shutdown_timeout (%s)", timeout)
 		if p.aborted() {
 			why = "before the forced stop"
 		}
-		p.log.Warn("component did not finish closing "+why+"; it was stopped", "component", name)
+		p.log.Warn("component did not finish closing "+why+"; it was stopped", string(pt.kind), pt.name)
 	default:
-		p.log.Error("close failed", "component", name, "error", err)
-	}
-}
-
-func (p *Pipeline) aborted() bool {
-	select {
-	case <-p.abort:
-		return true
-	default:
-		return false
+		p.log.Error("close failed", string(pt.kind), pt.name, "error", err)
 	}
 }
 
@@ -536,17 +528,11 @@ func (p *Pipeline) aborted() bool {
 func (s *sourceNode) Emit(ctx context.Context, b *flow.Batch) error {
 	n := len(b.Events)
 	s.m.Out.Add(float64(n))
-	if b.Source == "" {
-		b.Source = s.name
-	}
-	for i := range b.Events {
-		if b.Events[i].Source == "" {
-			b.Events[i].Source = s.name
-		}
-	}
+	b.StampSource(s.name)
 	start := time.Now()
 	lat := s.m.AckLat
 	b.Observe(func(error) { lat.Observe(time.Since(start).Seconds()) })
+	s.tap.Publish(b.Events)
 	return s.p.emitFrom(ctx, 0, b)
 }
 
@@ -557,6 +543,7 @@ type downstream struct {
 }
 
 func (d *downstream) Emit(ctx context.Context, b *flow.Batch) error {
+	d.p.enrich[d.from-1].tap.Publish(b.Events) // what the holder emits is its output
 	return d.p.emitFrom(ctx, d.from, b)
 }
 
@@ -576,6 +563,7 @@ func (p *Pipeline) emitFrom(ctx context.Context, i int, b *flow.Batch) error {
 			return nil
 		}
 		e.m.Out.Add(float64(len(b.Events)))
+		e.tap.Publish(b.Events)
 		if len(b.Events) == 0 {
 			break
 		}
@@ -584,8 +572,10 @@ func (p *Pipeline) emitFrom(ctx context.Context, i int, b *flow.Batch) error {
 		b.Release(nil)
 		return nil
 	}
+	p.fanout.Publish(b.Events)
 	var err error
-	for _, s := range p.sinks {
+	for i, s := range p.sinks {
+		p.sinkTaps[i].Publish(b.Events)
 		if e := s.enqueue(ctx, b); e != nil && err == nil {
 			err = e
 		}

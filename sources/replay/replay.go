@@ -11,6 +11,9 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
+	"sort"
+	"strings"
 	"time"
 
 	"github.com/flowpipe/flowpipe/core/component"
@@ -20,8 +23,10 @@ import (
 
 // Config is the replay source's options.
 type Config struct {
-	// Path of a JSON-lines file ("-" reads standard input). Relative paths are relative to
-	// the directory of pipeline.yaml.
+	// Path of a JSON-lines file ("-" reads standard input), a directory (every file in it),
+	// or a glob such as "flows.jsonl*": the files are replayed oldest first, by name, a
+	// file sink's rotated files (name.<UTC time>) before its current one (name). Relative
+	// paths are relative to the directory of pipeline.yaml.
 	Path string `yaml:"path" required:"true"`
 	// BatchSize is the number of events per batch.
 	BatchSize int `yaml:"batch_size"`
@@ -60,8 +65,10 @@ func (c *Config) Validate() error {
 
 // Factory returns the replay source's factory.
 func Factory() component.Factory {
-	return component.NewSourceFactory("replay", "re-emits events from a JSON-lines file written by the file sink",
+	f := component.NewSourceFactory("replay", "re-emits events from a JSON-lines file written by the file sink",
 		defaults, func(env component.Env, c *Config) (component.Source, error) { return New(env, c), nil })
+	f.Reasons.Dropped = []string{"malformed", "line_too_long"}
+	return f
 }
 
 // Source replays a file.
@@ -80,30 +87,102 @@ func New(env component.Env, c *Config) *Source {
 	return s
 }
 
-// Run reads the file to its end.
+// Run reads every file of path, oldest first, to its end.
 func (s *Source) Run(ctx context.Context, out component.Emitter) error {
-	var r io.Reader = os.Stdin
-	if s.path != "-" {
-		f, err := os.Open(s.path)
+	files, err := s.files()
+	if err != nil {
+		return err
+	}
+	st := &progress{start: time.Now()}
+	for _, path := range files {
+		if err := s.replay(ctx, out, path, st); err != nil || ctx.Err() != nil {
+			return err
+		}
+	}
+	s.env.Logger.Info("replay finished", "path", s.path, "files", len(files), "lines", st.lines, "events", st.emitted, "malformed", st.malformed, "too_long", st.tooLong)
+	return nil
+}
+
+// files lists what path names, oldest first.
+func (s *Source) files() ([]string, error) {
+	if s.path == "-" {
+		return []string{"-"}, nil
+	}
+	var files []string
+	if strings.ContainsAny(s.path, "*?[") {
+		m, err := filepath.Glob(s.path)
 		if err != nil {
-			return fmt.Errorf("open %s: %w", s.path, err)
+			return nil, fmt.Errorf("path %s: %w", s.path, err)
+		}
+		for _, f := range m {
+			if st, err := os.Stat(f); err == nil && st.Mode().IsRegular() {
+				files = append(files, f)
+			}
+		}
+		if len(files) == 0 {
+			return nil, fmt.Errorf("path %s: no file matches", s.path)
+		}
+	} else if st, err := os.Stat(s.path); err == nil && st.IsDir() {
+		entries, err := os.ReadDir(s.path)
+		if err != nil {
+			return nil, fmt.Errorf("read directory %s: %w", s.path, err)
+		}
+		for _, e := range entries {
+			if e.Type().IsRegular() {
+				files = append(files, filepath.Join(s.path, e.Name()))
+			}
+		}
+		if len(files) == 0 {
+			return nil, fmt.Errorf("directory %s has no file to replay", s.path)
+		}
+	} else {
+		return []string{s.path}, nil
+	}
+	// By name, except that a file whose rotations are in the set (name.<UTC time>) is the
+	// newest of them, as the file sink names them.
+	key := func(f string) string {
+		for _, g := range files {
+			if strings.HasPrefix(g, f+".") {
+				return f + "\xff"
+			}
+		}
+		return f
+	}
+	sort.Slice(files, func(i, j int) bool { return key(files[i]) < key(files[j]) })
+	return files, nil
+}
+
+// progress is what the files replayed so far amount to; the rate applies across them.
+type progress struct {
+	start                     time.Time
+	lines, malformed, emitted int
+	tooLong                   int
+}
+
+// replay emits the events of one file.
+func (s *Source) replay(ctx context.Context, out component.Emitter, path string, st *progress) error {
+	var r io.Reader = os.Stdin
+	if path != "-" {
+		f, err := os.Open(path)
+		if err != nil {
+			return fmt.Errorf("open %s: %w", path, err)
 		}
 		defer f.Close()
 		r = f
 	}
 	rd := newLineReader(r, int(s.cfg.MaxLineSize))
 	events := make([]flow.Event, 0, s.cfg.BatchSize)
-	line, malformed, tooLong, emitted := 0, 0, 0, 0
-	start := time.Now()
+	line := 0
+	defer func() { st.lines += line }()
 	emit := func() error {
 		if len(events) == 0 {
 			return nil
 		}
 		err := out.Emit(ctx, flow.NewBatch(events, nil))
-		emitted += len(events)
+		st.emitted += len(events)
 		events = make([]flow.Event, 0, s.cfg.BatchSize)
 		if err == nil && s.cfg.Rate > 0 {
-			due := start.Add(time.Duration(float64(emitted) / float64(s.cfg.Rate) * float64(time.Second)))
+			due := st.start.Add(time.Duration(float64(st.emitted) / float64(s.cfg.Rate) * float64(time.Second)))
 			select {
 			case <-time.After(time.Until(due)):
 			case <-ctx.Done():
@@ -118,18 +197,18 @@ func (s *Source) Run(ctx context.Context, out component.Emitter) error {
 		}
 		if err != nil {
 			_ = emit()
-			return fmt.Errorf("read %s: %w", s.path, err)
+			return fmt.Errorf("read %s: %w", path, err)
 		}
 		line++
 		if long {
 			if s.cfg.OnError == "stop" {
 				_ = emit()
-				return fmt.Errorf("%s:%d: line longer than max_line_size (%s)", s.path, line, s.cfg.MaxLineSize)
+				return fmt.Errorf("%s:%d: line longer than max_line_size (%s)", path, line, s.cfg.MaxLineSize)
 			}
-			tooLong++
+			st.tooLong++
 			s.env.Metrics.Dropped("line_too_long", 1)
-			if tooLong <= 10 {
-				s.env.Logger.Warn("skipping a line longer than max_line_size", "file", s.path, "line", line, "max_line_size", s.cfg.MaxLineSize.String())
+			if st.tooLong <= 10 {
+				s.env.Logger.Warn("skipping a line longer than max_line_size", "file", path, "line", line, "max_line_size", s.cfg.MaxLineSize.String())
 			}
 			continue
 		}
@@ -141,12 +220,12 @@ func (s *Source) Run(ctx context.Context, out component.Emitter) error {
 			events = events[:len(events)-1]
 			if s.cfg.OnError == "stop" {
 				_ = emit()
-				return fmt.Errorf("%s:%d: %w", s.path, line, err)
+				return fmt.Errorf("%s:%d: %w", path, line, err)
 			}
-			malformed++
+			st.malformed++
 			s.env.Metrics.Dropped("malformed", 1)
-			if malformed <= 10 {
-				s.env.Logger.Warn("skipping malformed line", "file", s.path, "line", line, "error", err)
+			if st.malformed <= 10 {
+				s.env.Logger.Warn("skipping malformed line", "file", path, "line", line, "error", err)
 			}
 			continue
 		}
@@ -162,7 +241,6 @@ func (s *Source) Run(ctx context.Context, out component.Emitter) error {
 	if err := emit(); err != nil {
 		return nil
 	}
-	s.env.Logger.Info("replay finished", "file", s.path, "lines", line, "events", emitted, "malformed", malformed, "too_long", tooLong)
 	return nil
 }
 
