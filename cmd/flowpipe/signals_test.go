@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"syscall"
 	"testing"
@@ -52,6 +53,14 @@ func waitExit(t *testing.T, cmd *exec.Cmd, stderr *testenv.SyncBuffer, within ti
 	}
 }
 
+// waitAccepted waits until the grpc sink says events wait for the collector that is down:
+// the pipeline has accepted events it cannot deliver.
+func waitAccepted(t *testing.T, stderr *testenv.SyncBuffer) {
+	t.Helper()
+	waiting := regexp.MustCompile(`events_waiting=[1-9]`)
+	eventually(t, "events accepted and waiting for the collector", func() bool { return waiting.MatchString(stderr.String()) })
+}
+
 // closedPort is a loopback address nothing listens on: a collector that is down.
 func closedPort(t *testing.T) string {
 	t.Helper()
@@ -78,6 +87,7 @@ sinks:
   collector: {type: grpc, url: "http://`+closedPort(t)+`", hmac_secret: s3cret}
 `)
 	cmd, stderr := runUntilRunning(t, dir)
+	waitAccepted(t, stderr)
 	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
@@ -113,6 +123,7 @@ sinks:
   collector: {type: grpc, url: "http://`+closedPort(t)+`", hmac_secret: s3cret}
 `)
 	cmd, stderr := runUntilRunning(t, dir)
+	waitAccepted(t, stderr)
 	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
