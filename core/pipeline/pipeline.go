@@ -55,6 +55,7 @@ type Pipeline struct {
 	// as New builds them): one list that every kind goes through to start and to close.
 	parts    []*part
 	stopping chan struct{}
+	runningc chan struct{} // closed once every component started (Running)
 	taps     *tap.Registry
 	fanout   *tap.Hub   // batches handed to the sinks
 	sinkTaps []*tap.Hub // by index of sinks
@@ -97,7 +98,7 @@ func New(ctx context.Context, doc *config.Document, opts Options) (*Pipeline, er
 	if opts.Registry == nil {
 		return nil, errors.New("pipeline: Options.Registry is required")
 	}
-	p := &Pipeline{doc: doc, log: opts.Logger, metrics: opts.Metrics, stopping: make(chan struct{}), abort: make(chan struct{})}
+	p := &Pipeline{doc: doc, log: opts.Logger, metrics: opts.Metrics, stopping: make(chan struct{}), runningc: make(chan struct{}), abort: make(chan struct{})}
 	if p.log == nil {
 		p.log = slog.Default()
 	}
@@ -111,6 +112,7 @@ func New(ctx context.Context, doc *config.Document, opts Options) (*Pipeline, er
 	p.fanout = p.taps.Point(tap.Fanout, "fanout")
 	var probs config.Problems
 	var sinkTaps []*tap.Hub
+	queueDirs := map[string]string{} // disk queue directory → sink
 	for _, spec := range doc.Sinks {
 		settings := defaultSinkSettings()
 		if f, ok := opts.Registry.Lookup(spec.Kind, spec.Type); ok && spec.Plugin == "" && f.InFlight > 0 {
@@ -124,7 +126,19 @@ func New(ctx context.Context, doc *config.Document, opts Options) (*Pipeline, er
 				delete(opts2, k)
 			}
 		}
-		probs = append(probs, doc.Problems(spec.Path, options.Check(rt, &settings, ""))...)
+		errs := options.Check(rt, &settings, "")
+		errs = append(errs, queueKeyErrors(rt, settings.Queue.Type)...)
+		var qdir string
+		if len(errs) == 0 && settings.Queue.Type == QueueDisk {
+			qdir = queueDir(doc, spec.Name, settings.Queue)
+			if other, ok := queueDirs[qdir]; ok {
+				errs.Add("queue.path", "%s is already sink %s's queue; every sink needs its own", qdir, other)
+			} else if err := checkQueueDir(qdir); err != nil {
+				errs.Add("queue.path", "%s: %v", qdir, err)
+			}
+			queueDirs[qdir] = spec.Name
+		}
+		probs = append(probs, doc.Problems(spec.Path, errs)...)
 		spec.Options = opts2
 		c, m, ps := p.build(ctx, spec, opts)
 		probs = append(probs, ps...)
@@ -136,7 +150,11 @@ func New(ctx context.Context, doc *config.Document, opts Options) (*Pipeline, er
 			probs = append(probs, doc.Problem(spec.Path, "%s is not a sink", describeSpec(spec)))
 			continue
 		}
-		p.sinks = append(p.sinks, newSinkNode(spec.Name, sink, settings, m, p.log))
+		node := newSinkNode(spec.Name, sink, settings, m, p.log)
+		if qdir != "" {
+			node.queue = newDiskSinkQueue(node, qdir)
+		}
+		p.sinks = append(p.sinks, node)
 		sinkTaps = append(sinkTaps, p.taps.Point(spec.Name, "sink"))
 	}
 	for _, spec := range doc.Enrichers {
@@ -175,6 +193,28 @@ func New(ctx context.Context, doc *config.Document, opts Options) (*Pipeline, er
 	}
 	p.sinkTaps = sinkTaps
 	return p, nil
+}
+
+// queueKeyErrors reports queue keys that do not apply to the chosen queue type.
+func queueKeyErrors(rt map[string]any, typ string) config.FieldErrors {
+	var errs config.FieldErrors
+	raw, _ := rt["queue"].(map[string]any)
+	memOnly := []string{"max_events", "max_batches"}
+	diskOnly := []string{"path", "max_size", "sync", "sync_interval"}
+	check := func(keys []string, want string) {
+		for _, k := range keys {
+			if _, ok := raw[k]; ok {
+				errs.Add("queue."+k, "applies only to queue.type: %s (this queue is %s)", want, typ)
+			}
+		}
+	}
+	switch typ {
+	case QueueMemory:
+		check(diskOnly, QueueDisk)
+	case QueueDisk:
+		check(memOnly, QueueMemory)
+	}
+	return errs
 }
 
 func describeSpec(spec config.Component) string {
@@ -259,6 +299,10 @@ func (p *Pipeline) Taps() *tap.Registry { return p.taps }
 // Metrics is the pipeline's metric set.
 func (p *Pipeline) Metrics() *metrics.Set { return p.metrics }
 
+// Running is closed once Run has started every component and sources begin to run (what
+// a service manager calls ready). It is never closed if a component fails to start.
+func (p *Pipeline) Running() <-chan struct{} { return p.runningc }
+
 // Ready reports nil when the pipeline is running and no sink or component reports failure.
 func (p *Pipeline) Ready() error {
 	p.mu.Lock()
@@ -330,6 +374,11 @@ func (p *Pipeline) Run(ctx context.Context) error {
 	}()
 	defer close(stopDeadline)
 
+	// Disk queues open first: what they hold is delivered before anything new.
+	if err := p.openQueues(); err != nil {
+		p.closeAll()
+		return err
+	}
 	if err := p.startAll(ctx); err != nil {
 		p.closeAll()
 		return err
@@ -341,6 +390,7 @@ func (p *Pipeline) Run(ctx context.Context) error {
 	p.mu.Lock()
 	p.running = true
 	p.mu.Unlock()
+	close(p.runningc)
 	p.log.Info("pipeline running", "sources", len(p.sources), "enrichers", len(p.enrich), "sinks", len(p.sinks))
 
 	runErr := p.runSources(ctx)
@@ -354,7 +404,7 @@ func (p *Pipeline) Run(ctx context.Context) error {
 	// Close the enrichers in order, so that what holders (aggregation windows) flush passes
 	// the later stages, then drain the sinks.
 	p.closeKind(writeCtx, component.KindEnricher)
-	p.drainSinks()
+	p.drainSinks(ctx.Err() != nil)
 	p.closeAll()
 	return runErr
 }
@@ -378,13 +428,17 @@ func (p *Pipeline) aborted() bool {
 
 // Undelivered is how many events the pipeline accepted but did not deliver to every sink:
 // given up at shutdown, dropped by a full queue's policy, after retry.max_attempts or as
-// rejected, failed by an enricher, and (while it runs) still queued. After Run it is final;
+// rejected, failed by an enricher, and (while it runs) still in a memory queue; events
+// kept in a disk queue for the next start are not lost and not counted. After Run it is final;
 // flowpipe run exits non-zero when it is not 0.
 func (p *Pipeline) Undelivered() int64 {
 	n := p.failed.Load()
 	for _, s := range p.sinks {
-		_, queued := s.queue.depth()
-		n += s.undelivered.Load() + s.dropped.Load() + int64(queued)
+		n += s.undelivered.Load() + s.dropped.Load()
+		if _, durable := s.queue.(*diskSinkQueue); !durable {
+			_, queued := s.queue.depth() // a disk queue keeps its events for the next start
+			n += int64(queued)
+		}
 	}
 	return n
 }
@@ -417,17 +471,28 @@ func (p *Pipeline) runSources(ctx context.Context) error {
 }
 
 // drainSinks lets every sink write what its queue holds (its writers stop at the drain
-// deadline), gives up on the rest, and reports what was not delivered.
-func (p *Pipeline) drainSinks() {
+// deadline), gives up on the rest, and reports what was not delivered. A disk queue keeps
+// what it holds when the pipeline was told to stop (keep); it drains when the sources ran
+// out by themselves.
+func (p *Pipeline) drainSinks(keep bool) {
 	for _, s := range p.sinks {
-		s.queue.close()
+		s.queue.close(keep)
 	}
+	kept := false
 	for _, s := range p.sinks {
 		s.wg.Wait()
 		for _, b := range s.queue.drainAll() {
 			s.giveUp(b)
 		}
 		s.updateDepth()
+		if d, ok := s.queue.(*diskSinkQueue); ok {
+			_, events := d.depth()
+			d.shutdown()
+			if events > 0 {
+				kept = true
+				p.log.Info("events kept in the disk queue for the next start", "sink", s.name, "events", events, "path", d.opts.Dir)
+			}
+		}
 	}
 	p.mu.Lock()
 	p.running = false
@@ -449,9 +514,24 @@ func (p *Pipeline) drainSinks() {
 		p.log.Error("pipeline stopped; accepted events were not delivered", "events", p.Undelivered())
 	case dropped > 0:
 		p.log.Warn("pipeline stopped; sinks dropped events (counted in flowpipe_events_dropped_total by reason), the rest was delivered", "dropped", dropped)
+	case kept:
+		p.log.Info("pipeline stopped; every accepted batch was delivered or is kept in its disk queue")
 	default:
 		p.log.Info("pipeline stopped; every accepted batch was delivered")
 	}
+}
+
+// openQueues opens every sink's disk queue.
+func (p *Pipeline) openQueues() error {
+	for _, s := range p.sinks {
+		if d, ok := s.queue.(*diskSinkQueue); ok {
+			if err := d.open(); err != nil {
+				return fmt.Errorf("sink %s: %w", s.name, err)
+			}
+			s.updateDepth()
+		}
+	}
+	return nil
 }
 
 // startAll starts every component in order, sinks, then enrichers, then sources, and stops
@@ -474,6 +554,11 @@ func (p *Pipeline) startAll(ctx context.Context) error {
 func (p *Pipeline) closeAll() {
 	for _, kind := range []component.Kind{component.KindSource, component.KindEnricher, component.KindSink} {
 		p.closeKind(nil, kind)
+	}
+	for _, s := range p.sinks {
+		if d, ok := s.queue.(*diskSinkQueue); ok {
+			d.shutdown()
+		}
 	}
 }
 
