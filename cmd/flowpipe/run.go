@@ -13,8 +13,8 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/flowpipe/flowpipe/core/admin"
-	"github.com/flowpipe/flowpipe/core/pipeline"
 	"github.com/flowpipe/flowpipe/core/config"
+	"github.com/flowpipe/flowpipe/core/pipeline"
 )
 
 // Exit codes of flowpipe run (docs/architecture.md, Lifecycle).
