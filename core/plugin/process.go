@@ -147,7 +147,7 @@ func (p *proc) configure(ctx context.Context, describe string, spec config.Compo
 	if spec.Plugin == "" && desc.Type != spec.Type {
 		return false, fmt.Errorf("%s served type %q instead", describe, desc.Type)
 	}
-	resp, err := p.comp.Configure(cctx, &pb.ConfigureRequest{Name: spec.Name, ConfigDir: env.ConfigDir, DataDir: env.DataDir, OptionsYaml: options})
+	resp, err := p.comp.Configure(cctx, &pb.ConfigureRequest{Name: spec.Name, ConfigDir: env.ConfigDir, DataDir: env.DataDir, OptionsYaml: options, EmitWindow: emitWindow})
 	if err != nil {
 		return false, fmt.Errorf("%s: configure: %w", describe, err)
 	}

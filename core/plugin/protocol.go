@@ -34,6 +34,13 @@ const MaxMessageSize = 256 << 20
 // splitSize bounds the encoded events of one message, leaving room for the envelope.
 var splitSize = 64 << 20
 
+// emitWindow is how many batches a source plugin may have sent that the pipeline has not
+// taken yet (ConfigureRequest.emit_window). Its Emit blocks beyond that, as the in-process
+// Emit blocks while the sinks' queues are full: what a stalled pipeline holds beyond its
+// queues is at most this many batches per source plugin. Two lets the plugin encode the
+// next batch while the host decodes and queues the last one.
+var emitWindow uint32 = 4
+
 // parentPIDEnv tells a plugin process the PID of the flowpipe that started it, so that it
 // can exit at once if that parent died before the parent-death signal was armed.
 const parentPIDEnv = "FLOWPIPE_PLUGIN_PARENT_PID"

@@ -232,8 +232,10 @@ func (s *remoteSource) runOnce(ctx context.Context, p *proc, out component.Emitt
 		}
 	}()
 	var (
-		events  []flow.Event
-		partial bool
+		events      []flow.Event
+		partial     bool
+		refused     error // what the pipeline's Emit returned when it refused a batch
+		flowControl = p.desc.GetEmitFlowControl()
 	)
 	for {
 		msg, err := stream.Recv()
@@ -282,7 +284,25 @@ func (s *remoteSource) runOnce(ctx context.Context, p *proc, out component.Emitt
 			b := flow.NewBatch(events, func(err error) { ss.send(ackToProto(id, err)) })
 			b.Source = m.Batch.Batch.GetSource()
 			s.in.succeeded()
-			_ = out.Emit(ctx, b) // on error the batch is acknowledged as failed, which the plugin learns
+			// Once the pipeline refused a batch (it is stopping), every later batch of the
+			// stream is refused too, even if a queue has room again: a later batch must never
+			// be delivered without an earlier one. A refused batch is acknowledged as
+			// not delivered (flow.ErrShutdown), which the plugin learns.
+			var emitErr error
+			if refused != nil {
+				emitErr = refused
+				s.in.env.Metrics.Dropped("shutdown", len(b.Events))
+				b.Release(flow.ErrShutdown)
+			} else if emitErr = out.Emit(ctx, b); emitErr != nil {
+				refused = emitErr
+			}
+			if flowControl {
+				a := &pb.SourceAck{Id: id, Emitted: true}
+				if emitErr != nil {
+					a.EmitError = emitErr.Error()
+				}
+				ss.send(a)
+			}
 		}
 	}
 }

@@ -6,7 +6,8 @@
 //	                          hang: true makes every Write block forever
 //	flowpipe-source-seq       emits options.count events in batches of options.batch and
 //	                          returns once all are acknowledged, appending each
-//	                          acknowledgement to options.acks
+//	                          acknowledgement to options.acks, and the size of each
+//	                          batch whose Emit returned nil to options.emitted
 //	flowpipe-enricher-tag     sets rule_id to options.rule and filters events whose source
 //	                          port is a multiple of options.drop_every (counted)
 //	flowpipe-sink-future      speaks only protocol version 2
@@ -145,6 +146,9 @@ type sourceConfig struct {
 	Count int    `yaml:"count" required:"true"`
 	Batch int    `yaml:"batch"`
 	Acks  string `yaml:"acks"`
+	// Emitted is appended the size of every batch once its Emit returned nil: what the
+	// source believes the pipeline took.
+	Emitted string `yaml:"emitted"`
 }
 
 type source struct {
@@ -181,6 +185,15 @@ func (s *source) Run(ctx context.Context, out component.Emitter) error {
 		defer f.Close()
 		acks = f
 	}
+	var emitted *os.File
+	if s.cfg.Emitted != "" {
+		f, err := os.OpenFile(s.cfg.Emitted, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		emitted = f
+	}
 	for i := 0; i < s.cfg.Count; i += s.cfg.Batch {
 		n := min(s.cfg.Batch, s.cfg.Count-i)
 		evs := make([]flow.Event, n)
@@ -199,6 +212,9 @@ func (s *source) Run(ctx context.Context, out component.Emitter) error {
 		})
 		if err := out.Emit(ctx, b); err != nil {
 			break
+		}
+		if emitted != nil {
+			fmt.Fprintf(emitted, "%d\n", n)
 		}
 	}
 	pending.Wait()

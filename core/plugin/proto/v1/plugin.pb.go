@@ -175,6 +175,10 @@ type DescribeResponse struct {
 	Version         string                 `protobuf:"bytes,3,opt,name=version,proto3" json:"version,omitempty"`                                         // the plugin's own version
 	ProtocolVersion uint32                 `protobuf:"varint,4,opt,name=protocol_version,json=protocolVersion,proto3" json:"protocol_version,omitempty"` // major version of this protocol
 	Summary         string                 `protobuf:"bytes,5,opt,name=summary,proto3" json:"summary,omitempty"`
+	// emit_flow_control: the plugin understands SourceAck.emitted, so its Emit can wait for
+	// the host to take a batch (ConfigureRequest.emit_window). Plugins built before flow
+	// control leave it unset and are never sent emitted messages.
+	EmitFlowControl bool `protobuf:"varint,6,opt,name=emit_flow_control,json=emitFlowControl,proto3" json:"emit_flow_control,omitempty"`
 	unknownFields   protoimpl.UnknownFields
 	sizeCache       protoimpl.SizeCache
 }
@@ -244,14 +248,26 @@ func (x *DescribeResponse) GetSummary() string {
 	return ""
 }
 
+func (x *DescribeResponse) GetEmitFlowControl() bool {
+	if x != nil {
+		return x.EmitFlowControl
+	}
+	return false
+}
+
 type ConfigureRequest struct {
 	state     protoimpl.MessageState `protogen:"open.v1"`
 	Name      string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`                            // the component's name in pipeline.yaml
 	ConfigDir string                 `protobuf:"bytes,2,opt,name=config_dir,json=configDir,proto3" json:"config_dir,omitempty"` // directory of pipeline.yaml
 	// options_yaml is the component's options as YAML, so that the plugin decodes exactly the
 	// values the host loaded (integers stay integers).
-	OptionsYaml   []byte `protobuf:"bytes,3,opt,name=options_yaml,json=optionsYaml,proto3" json:"options_yaml,omitempty"`
-	DataDir       string `protobuf:"bytes,4,opt,name=data_dir,json=dataDir,proto3" json:"data_dir,omitempty"` // the pipeline's data_dir, for components that keep state
+	OptionsYaml []byte `protobuf:"bytes,3,opt,name=options_yaml,json=optionsYaml,proto3" json:"options_yaml,omitempty"`
+	DataDir     string `protobuf:"bytes,4,opt,name=data_dir,json=dataDir,proto3" json:"data_dir,omitempty"` // the pipeline's data_dir, for components that keep state
+	// emit_window bounds a source's batches that are sent but not yet taken by the pipeline:
+	// the plugin's Emit returns only once fewer than this many are outstanding, as an Emit in
+	// process returns only once the pipeline has queued the batch. 0 (a host before flow
+	// control): no bound.
+	EmitWindow    uint32 `protobuf:"varint,5,opt,name=emit_window,json=emitWindow,proto3" json:"emit_window,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -312,6 +328,13 @@ func (x *ConfigureRequest) GetDataDir() string {
 		return x.DataDir
 	}
 	return ""
+}
+
+func (x *ConfigureRequest) GetEmitWindow() uint32 {
+	if x != nil {
+		return x.EmitWindow
+	}
+	return 0
 }
 
 type FieldError struct {
@@ -1175,7 +1198,9 @@ func (x *SourceEnd) GetError() string {
 
 // SourceAck acknowledges a batch by ID with what the pipeline did with it, or, with stop set,
 // asks the source to stop running; the stream stays open for the acknowledgements of the
-// batches still in the pipeline.
+// batches still in the pipeline. With emitted set it is not an acknowledgement: it says
+// that the pipeline's Emit returned for batch id (the batch is queued, or refused with
+// emit_error), which frees one place of the emit window; the acknowledgement follows.
 type SourceAck struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Id            uint64                 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
@@ -1184,6 +1209,8 @@ type SourceAck struct {
 	Reason        string                 `protobuf:"bytes,4,opt,name=reason,proto3" json:"reason,omitempty"`       // for DROPPED: the drop reason
 	Message       string                 `protobuf:"bytes,5,opt,name=message,proto3" json:"message,omitempty"`     // for FAILED
 	Stop          bool                   `protobuf:"varint,6,opt,name=stop,proto3" json:"stop,omitempty"`
+	Emitted       bool                   `protobuf:"varint,7,opt,name=emitted,proto3" json:"emitted,omitempty"`
+	EmitError     string                 `protobuf:"bytes,8,opt,name=emit_error,json=emitError,proto3" json:"emit_error,omitempty"` // for emitted: the pipeline refused the batch (it is stopping)
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1260,24 +1287,41 @@ func (x *SourceAck) GetStop() bool {
 	return false
 }
 
+func (x *SourceAck) GetEmitted() bool {
+	if x != nil {
+		return x.Emitted
+	}
+	return false
+}
+
+func (x *SourceAck) GetEmitError() string {
+	if x != nil {
+		return x.EmitError
+	}
+	return ""
+}
+
 var File_plugin_proto protoreflect.FileDescriptor
 
 const file_plugin_proto_rawDesc = "" +
 	"\n" +
 	"\fplugin.proto\x12\x12flowpipe.plugin.v1\"\x11\n" +
-	"\x0fDescribeRequest\"\x99\x01\n" +
+	"\x0fDescribeRequest\"\xc5\x01\n" +
 	"\x10DescribeResponse\x12\x12\n" +
 	"\x04kind\x18\x01 \x01(\tR\x04kind\x12\x12\n" +
 	"\x04type\x18\x02 \x01(\tR\x04type\x12\x18\n" +
 	"\aversion\x18\x03 \x01(\tR\aversion\x12)\n" +
 	"\x10protocol_version\x18\x04 \x01(\rR\x0fprotocolVersion\x12\x18\n" +
-	"\asummary\x18\x05 \x01(\tR\asummary\"\x83\x01\n" +
+	"\asummary\x18\x05 \x01(\tR\asummary\x12*\n" +
+	"\x11emit_flow_control\x18\x06 \x01(\bR\x0femitFlowControl\"\xa4\x01\n" +
 	"\x10ConfigureRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1d\n" +
 	"\n" +
 	"config_dir\x18\x02 \x01(\tR\tconfigDir\x12!\n" +
 	"\foptions_yaml\x18\x03 \x01(\fR\voptionsYaml\x12\x19\n" +
-	"\bdata_dir\x18\x04 \x01(\tR\adataDir\":\n" +
+	"\bdata_dir\x18\x04 \x01(\tR\adataDir\x12\x1f\n" +
+	"\vemit_window\x18\x05 \x01(\rR\n" +
+	"emitWindow\":\n" +
 	"\n" +
 	"FieldError\x12\x12\n" +
 	"\x04path\x18\x01 \x01(\tR\x04path\x12\x18\n" +
@@ -1328,14 +1372,17 @@ const file_plugin_proto_rawDesc = "" +
 	"\x05batch\x18\x02 \x01(\v2\x19.flowpipe.plugin.v1.BatchR\x05batch\x12\x12\n" +
 	"\x04more\x18\x03 \x01(\bR\x04more\"!\n" +
 	"\tSourceEnd\x12\x14\n" +
-	"\x05error\x18\x01 \x01(\tR\x05error\"\x99\x02\n" +
+	"\x05error\x18\x01 \x01(\tR\x05error\"\xd2\x02\n" +
 	"\tSourceAck\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x12<\n" +
 	"\x06status\x18\x02 \x01(\x0e2$.flowpipe.plugin.v1.SourceAck.StatusR\x06status\x12\x1c\n" +
 	"\tcomponent\x18\x03 \x01(\tR\tcomponent\x12\x16\n" +
 	"\x06reason\x18\x04 \x01(\tR\x06reason\x12\x18\n" +
 	"\amessage\x18\x05 \x01(\tR\amessage\x12\x12\n" +
-	"\x04stop\x18\x06 \x01(\bR\x04stop\"Z\n" +
+	"\x04stop\x18\x06 \x01(\bR\x04stop\x12\x18\n" +
+	"\aemitted\x18\a \x01(\bR\aemitted\x12\x1d\n" +
+	"\n" +
+	"emit_error\x18\b \x01(\tR\temitError\"Z\n" +
 	"\x06Status\x12\x14\n" +
 	"\x10STATUS_DELIVERED\x10\x00\x12\x12\n" +
 	"\x0eSTATUS_DROPPED\x10\x01\x12\x13\n" +
