@@ -424,13 +424,13 @@ func TestPluginStartErrors(t *testing.T) {
 	})
 }
 
-// TestHungPlugin: a Write that never returns is cut off by call_timeout, reported, and the
-// plugin is restarted.
+// TestHungPlugin: a plugin that stops answering altogether (its process is stopped) during a
+// Write is found hung once call_timeout passes, reported, and restarted.
 func TestHungPlugin(t *testing.T) {
 	f := newFixture(t, component.KindSink, "out")
 	c, err := f.instantiate(t, "jsonl", map[string]any{
-		"path": filepath.Join(t.TempDir(), "out.jsonl"), "hang": true,
-		"process": map[string]any{"call_timeout": "500ms"},
+		"path": filepath.Join(t.TempDir(), "out.jsonl"), "freeze": true,
+		"process": map[string]any{"call_timeout": "500ms", "ping_interval": "300ms"},
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -456,6 +456,74 @@ func TestHungPlugin(t *testing.T) {
 	}
 	if processAlive(old.pid()) {
 		t.Errorf("hung plugin process %d still alive", old.pid())
+	}
+}
+
+// TestSlowSinkPluginIsNotHung: a sink plugin whose Write waits on its destination (a
+// collector that is down) while the plugin answers health checks is not killed as hung,
+// however often call_timeout passes; its own health and counts reach the host while the
+// Write is in progress; and when the destination is back the Write succeeds, once.
+func TestSlowSinkPluginIsNotHung(t *testing.T) {
+	f := newFixture(t, component.KindSink, "out")
+	dir := t.TempDir()
+	path, release := filepath.Join(dir, "out.jsonl"), filepath.Join(dir, "collector-up")
+	c, err := f.instantiate(t, "jsonl", map[string]any{
+		"path": path, "block_until": release,
+		"process": map[string]any{"call_timeout": "200ms", "ping_interval": "100ms"},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sink := c.(*remoteSink)
+	if err := sink.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	written := make(chan error, 1)
+	go func() { written <- sink.Write(context.Background(), flow.NewBatch(seqEvents(0, 10), nil)) }()
+
+	// While the Write waits: the sink's own health and its error count come through, and
+	// call_timeout passes several times without the plugin being taken for hung.
+	waitFor(t, "the sink's health, its errors and three call_timeouts to reach the host", func() bool {
+		err := sink.Health()
+		return err != nil && strings.Contains(err.Error(), "collector unreachable") &&
+			f.m.get("errors/stream") >= 1 &&
+			strings.Count(f.logs.String(), "plugin call still in progress") >= 3
+	})
+	select {
+	case err := <-written:
+		t.Fatalf("Write returned while the collector is down: %v", err)
+	default:
+	}
+	if r := f.metric(t, "flowpipe_plugin_restarts_total"); r != 0 {
+		t.Fatalf("a live plugin waiting on its collector was restarted %v times", r)
+	}
+	if err := os.WriteFile(release, nil, 0o644); err != nil { // the collector is back
+		t.Fatal(err)
+	}
+	if err := <-written; err != nil {
+		t.Fatalf("Write after the collector came back: %v", err)
+	}
+	waitFor(t, "the sink to report healthy again", func() bool { return sink.Health() == nil })
+	if r := f.metric(t, "flowpipe_plugin_restarts_total"); r != 0 {
+		t.Errorf("restarts_total = %v, want 0", r)
+	}
+	if r := f.metric(t, "flowpipe_plugin_redelivered_events_total"); r != 0 {
+		t.Errorf("redelivered_events_total = %v, want 0: nothing failed", r)
+	}
+	if n := len(readLines(t, path)); n != 10 {
+		t.Errorf("the output has %d lines, want the batch once (10)", n)
+	}
+}
+
+// waitFor waits for cond, failing the test if it does not hold within 30 s.
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }
 

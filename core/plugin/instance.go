@@ -9,6 +9,8 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	"github.com/flowpipe/flowpipe/core/component"
 	"github.com/flowpipe/flowpipe/core/config"
@@ -16,11 +18,11 @@ import (
 )
 
 // Restart backoff: the first restart comes after about a second, each further consecutive
-// failure doubles the wait, up to two minutes; ±25 % jitter keeps many failing plugins from
-// restarting in step.
+// failure doubles the wait, up to 30 s, so that a plugin whose cause of failure is gone is
+// back soon; ±25 % jitter keeps many failing plugins from restarting in step.
 var (
 	backoffMin = time.Second
-	backoffMax = 2 * time.Minute
+	backoffMax = 30 * time.Second
 )
 
 // failingAfter is how many consecutive failures make Health report the plugin as failing.
@@ -55,6 +57,7 @@ type instance struct {
 	closed   bool
 	failures int // consecutive, reset by a successful call
 	lastErr  error
+	health   error // the component's own Health() in the current process, from the last ping
 	timer    *time.Timer
 }
 
@@ -142,20 +145,83 @@ func (in *instance) watch(ctx context.Context, p *proc) {
 				return
 			case <-t.C:
 			}
-			cctx, cancel := context.WithTimeout(ctx, in.settings.PingInterval)
-			_, err := p.comp.Describe(cctx, &pb.DescribeRequest{})
-			cancel()
+			err := in.ping(ctx, p)
 			select {
 			case <-p.done:
 				return
 			default:
 			}
 			if err != nil {
-				in.fail(p, fmt.Errorf("the plugin did not answer a health check within %s: %v", in.settings.PingInterval, err))
+				in.fail(p, fmt.Errorf("the plugin is hung: it did not answer a health check within %s (process.ping_interval): %v", in.settings.PingInterval, err))
 				return
 			}
 		}
 	}()
+}
+
+// ping checks that the plugin answers, within the ping interval, and takes the component's
+// own health and counts from the answer: they travel while a Write is in progress.
+func (in *instance) ping(ctx context.Context, p *proc) error {
+	cctx, cancel := context.WithTimeout(ctx, in.settings.PingInterval)
+	defer cancel()
+	resp, err := p.comp.Health(cctx, &pb.HealthRequest{})
+	if status.Code(err) == codes.Unimplemented {
+		_, err = p.comp.Describe(cctx, &pb.DescribeRequest{}) // a plugin from before Health
+		return err
+	}
+	if err != nil {
+		return err
+	}
+	applyCounts(in.env.Metrics, resp.Counts)
+	var health error
+	if resp.Error != "" {
+		health = errors.New(resp.Error)
+	}
+	in.mu.Lock()
+	if in.cur == p {
+		in.health = health
+	}
+	in.mu.Unlock()
+	return nil
+}
+
+// errHung is the cause of a call cancelled because the plugin stopped answering.
+var errHung = errors.New("the plugin is hung")
+
+// guard watches a call to p in progress: every call_timeout, it checks that the plugin still
+// answers. A plugin that answers is waiting on its destination (a sink whose collector is
+// down) and is left to finish; one that does not is hung: the call is cancelled with errHung
+// and the process is replaced. done ends the watch.
+func (in *instance) guard(ctx context.Context, p *proc, call string) (cctx context.Context, done func()) {
+	cctx, cancel := context.WithCancelCause(ctx)
+	stop := make(chan struct{})
+	go func() {
+		start := time.Now()
+		t := time.NewTimer(in.settings.CallTimeout)
+		defer t.Stop()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-p.done:
+				return
+			case <-t.C:
+			}
+			if err := in.ping(context.Background(), p); err != nil {
+				select {
+				case <-stop:
+					return // it returned meanwhile
+				default:
+				}
+				cancel(errHung)
+				return
+			}
+			in.env.Logger.Warn("plugin call still in progress; the plugin answers health checks, so it is waiting, not hung",
+				"plugin", in.launcher.describe, "call", call, "for", time.Since(start).Round(time.Second))
+			t.Reset(in.settings.CallTimeout)
+		}
+	}()
+	return cctx, func() { close(stop); cancel(nil) }
 }
 
 // get returns the current process, waiting while it restarts.
@@ -195,7 +261,9 @@ func (in *instance) fail(p *proc, err error) {
 		p.kill() // an earlier process, already replaced
 		return
 	}
+	p.failed = err
 	in.cur = nil
+	in.health = nil
 	in.avail = make(chan struct{})
 	in.failures++
 	n := in.failures
@@ -292,7 +360,7 @@ func (in *instance) Health() error {
 	if in.failures >= failingAfter {
 		return fmt.Errorf("plugin keeps failing (%d times in a row), last: %v", in.failures, in.lastErr)
 	}
-	return nil
+	return in.health
 }
 
 // Close flushes and closes the component and stops its process.
@@ -322,13 +390,21 @@ func (in *instance) Close(ctx context.Context) error {
 
 // callErr decides what a failed call means: the caller's context ended (not the plugin's
 // fault), or the plugin crashed or hung, which restarts it.
-func (in *instance) callErr(ctx context.Context, p *proc, call string, err error) error {
+// cctx is the call's context from guard.
+func (in *instance) callErr(ctx, cctx context.Context, p *proc, call string, err error) error {
 	if ctx.Err() != nil {
 		return ctx.Err()
 	}
-	if errors.Is(err, context.DeadlineExceeded) || isDeadline(err) {
-		err = fmt.Errorf("%s did not return within %s (process.call_timeout): the plugin is hung", call, in.settings.CallTimeout)
-	} else {
+	in.mu.Lock()
+	failed := p.failed // the watch or the health checks failed it first: say why
+	in.mu.Unlock()
+	switch {
+	case context.Cause(cctx) == errHung:
+		err = fmt.Errorf("%s did not return within %s (process.call_timeout), and the plugin stopped answering health checks: the plugin is hung", call, in.settings.CallTimeout)
+	case failed != nil:
+		err = fmt.Errorf("%s: %w", call, failed)
+		return fmt.Errorf("%s: %w", in.launcher.describe, err)
+	default:
 		err = fmt.Errorf("%s: %w", call, err)
 	}
 	in.fail(p, err)

@@ -35,6 +35,7 @@ type proc struct {
 	src    pb.SourceClient
 	desc   *pb.DescribeResponse
 
+	failed   error         // why the instance failed it (under instance.mu)
 	done     chan struct{} // closed when the proc is being stopped
 	doneOnce sync.Once
 	release  chan struct{} // lets the OS thread that started the process go

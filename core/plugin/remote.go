@@ -7,16 +7,11 @@ import (
 	"io"
 	"sync"
 
-	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/status"
-
 	"github.com/flowpipe/flowpipe/core/component"
 	"github.com/flowpipe/flowpipe/core/flow"
 	pb "github.com/flowpipe/flowpipe/core/plugin/proto/v1"
 	"github.com/flowpipe/flowpipe/internal/codec"
 )
-
-func isDeadline(err error) bool { return status.Code(err) == codes.DeadlineExceeded }
 
 var bufPool = sync.Pool{New: func() any { return new([]byte) }}
 
@@ -78,13 +73,13 @@ func (s *remoteSink) Write(ctx context.Context, b *flow.Batch) error {
 		}
 		buf, msg := encodePart(part)
 		msg.Source = source
-		cctx, cancel := context.WithTimeout(ctx, s.in.settings.CallTimeout)
+		cctx, done := s.in.guard(ctx, p, "Write")
 		resp, err := p.sink.Write(cctx, msg)
-		cancel()
+		done()
 		putBuf(buf)
 		if err != nil {
 			s.retry.mark(b)
-			return s.in.callErr(ctx, p, "Write", err)
+			return s.in.callErr(ctx, cctx, p, "Write", err)
 		}
 		applyCounts(s.in.env.Metrics, resp.Counts)
 		if resp.Error != "" {
@@ -136,12 +131,12 @@ func (e *remoteEnricher) call(ctx context.Context, part []flow.Event, source str
 		}
 		buf, msg := encodePart(part)
 		msg.Source = source
-		cctx, cancel := context.WithTimeout(ctx, e.in.settings.CallTimeout)
+		cctx, done := e.in.guard(ctx, p, "Enrich")
 		resp, err := p.enr.Enrich(cctx, msg)
-		cancel()
+		done()
 		putBuf(buf)
 		if err != nil {
-			if err := e.in.callErr(ctx, p, "Enrich", err); ctx.Err() != nil {
+			if err := e.in.callErr(ctx, cctx, p, "Enrich", err); ctx.Err() != nil {
 				return nil, err
 			}
 			continue
@@ -215,7 +210,7 @@ func (s *remoteSource) runOnce(ctx context.Context, p *proc, out component.Emitt
 	stream, err := p.src.Run(sctx)
 	if err != nil {
 		cancel()
-		s.in.callErr(context.Background(), p, "Run", err)
+		s.in.callErr(context.Background(), context.Background(), p, "Run", err)
 		return false, nil
 	}
 	ss := &sourceStream{stream: stream, cancel: cancel, ended: make(chan struct{})}
@@ -247,7 +242,7 @@ func (s *remoteSource) runOnce(ctx context.Context, p *proc, out component.Emitt
 			if ctx.Err() != nil {
 				return true, nil // stopping; Close deals with the process
 			}
-			s.in.callErr(context.Background(), p, "Run", err)
+			s.in.callErr(context.Background(), context.Background(), p, "Run", err)
 			return false, nil
 		}
 		applyCounts(s.in.env.Metrics, msg.Counts)

@@ -213,6 +213,22 @@ func (s *server) Gather(context.Context, *pb.GatherRequest) (*pb.GatherResponse,
 	return resp, nil
 }
 
+// Health answers the host's ping with the component's own health and its counts; it runs
+// beside a Write or Enrich in progress.
+func (s *server) Health(context.Context, *pb.HealthRequest) (*pb.HealthResponse, error) {
+	resp := &pb.HealthResponse{}
+	s.mu.Lock()
+	c := s.comp
+	s.mu.Unlock()
+	if hc, ok := c.(component.HealthChecker); ok {
+		if err := hc.Health(); err != nil {
+			resp.Error = err.Error()
+		}
+	}
+	resp.Counts = s.counts.drain()
+	return resp, nil
+}
+
 func (s *server) getEvents() *[]flow.Event {
 	if p, ok := s.events.Get().(*[]flow.Event); ok {
 		*p = (*p)[:0]

@@ -3,7 +3,11 @@
 // flowpipe-<kind>-<name>):
 //
 //	flowpipe-sink-jsonl       appends each batch to options.path as JSON lines, fsynced;
-//	                          hang: true makes every Write block forever
+//	                          hang: true makes every Write block forever (the plugin still
+//	                          answers); freeze: true stops the whole process (SIGSTOP) in
+//	                          Write; block_until: path makes Write wait until path exists,
+//	                          reporting itself unhealthy and counting errors{reason=stream}
+//	                          meanwhile, as a sink whose collector is down
 //	flowpipe-source-seq       emits options.count events in batches of options.batch and
 //	                          returns once all are acknowledged, appending each
 //	                          acknowledgement to options.acks, and the size of each
@@ -23,6 +27,9 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
 
 	"github.com/google/uuid"
 	goplugin "github.com/hashicorp/go-plugin"
@@ -73,6 +80,9 @@ type sinkConfig struct {
 	Hang    bool   `yaml:"hang"`
 	Discard bool   `yaml:"discard"` // accept batches without writing (benchmarks)
 	Crash   bool   `yaml:"crash"`   // exit in every Write, as a crashing plugin would
+	Freeze  bool   `yaml:"freeze"`
+	// BlockUntil: Write waits until this file exists.
+	BlockUntil string `yaml:"block_until"`
 }
 
 func (c *sinkConfig) Validate() error {
@@ -84,12 +94,13 @@ func (c *sinkConfig) Validate() error {
 }
 
 type sink struct {
-	cfg    *sinkConfig
-	env    component.Env
-	writes prometheus.Counter
-	mu     sync.Mutex
-	f      *os.File
-	buf    []byte
+	cfg     *sinkConfig
+	env     component.Env
+	writes  prometheus.Counter
+	waiting atomic.Bool
+	mu      sync.Mutex
+	f       *os.File
+	buf     []byte
 }
 
 func newSink(env component.Env, c *sinkConfig) (component.Sink, error) {
@@ -120,6 +131,24 @@ func (s *sink) Write(ctx context.Context, b *flow.Batch) error {
 	if s.cfg.Crash {
 		os.Exit(7)
 	}
+	if s.cfg.Freeze {
+		_ = syscall.Kill(os.Getpid(), syscall.SIGSTOP)
+	}
+	if s.cfg.BlockUntil != "" {
+		s.waiting.Store(true)
+		s.env.Metrics.Errors("stream", 1)
+		for {
+			if _, err := os.Stat(s.cfg.BlockUntil); err == nil {
+				break
+			}
+			select {
+			case <-ctx.Done():
+				return ctx.Err()
+			case <-time.After(10 * time.Millisecond):
+			}
+		}
+		s.waiting.Store(false)
+	}
 	s.writes.Inc()
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -132,6 +161,14 @@ func (s *sink) Write(ctx context.Context, b *flow.Batch) error {
 		return err
 	}
 	return s.f.Sync()
+}
+
+// Health reports the sink as down while a Write waits for block_until.
+func (s *sink) Health() error {
+	if s.waiting.Load() {
+		return fmt.Errorf("collector unreachable: waiting for %s", s.cfg.BlockUntil)
+	}
+	return nil
 }
 
 func (s *sink) Close(context.Context) error {

@@ -77,7 +77,7 @@ func (x Count_Kind) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use Count_Kind.Descriptor instead.
 func (Count_Kind) EnumDescriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{14, 0}
+	return file_plugin_proto_rawDescGZIP(), []int{16, 0}
 }
 
 type SourceAck_Status int32
@@ -129,7 +129,7 @@ func (x SourceAck_Status) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use SourceAck_Status.Descriptor instead.
 func (SourceAck_Status) EnumDescriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{20, 0}
+	return file_plugin_proto_rawDescGZIP(), []int{22, 0}
 }
 
 type DescribeRequest struct {
@@ -719,6 +719,94 @@ func (*GatherRequest) Descriptor() ([]byte, []int) {
 	return file_plugin_proto_rawDescGZIP(), []int{11}
 }
 
+type HealthRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *HealthRequest) Reset() {
+	*x = HealthRequest{}
+	mi := &file_plugin_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *HealthRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*HealthRequest) ProtoMessage() {}
+
+func (x *HealthRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_plugin_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use HealthRequest.ProtoReflect.Descriptor instead.
+func (*HealthRequest) Descriptor() ([]byte, []int) {
+	return file_plugin_proto_rawDescGZIP(), []int{12}
+}
+
+type HealthResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Error         string                 `protobuf:"bytes,1,opt,name=error,proto3" json:"error,omitempty"` // the component's Health() error; empty when healthy
+	Counts        []*Count               `protobuf:"bytes,2,rep,name=counts,proto3" json:"counts,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *HealthResponse) Reset() {
+	*x = HealthResponse{}
+	mi := &file_plugin_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *HealthResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*HealthResponse) ProtoMessage() {}
+
+func (x *HealthResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_plugin_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use HealthResponse.ProtoReflect.Descriptor instead.
+func (*HealthResponse) Descriptor() ([]byte, []int) {
+	return file_plugin_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *HealthResponse) GetError() string {
+	if x != nil {
+		return x.Error
+	}
+	return ""
+}
+
+func (x *HealthResponse) GetCounts() []*Count {
+	if x != nil {
+		return x.Counts
+	}
+	return nil
+}
+
 type GatherResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Each is a serialized io.prometheus.client.MetricFamily (prometheus/client_model).
@@ -729,7 +817,7 @@ type GatherResponse struct {
 
 func (x *GatherResponse) Reset() {
 	*x = GatherResponse{}
-	mi := &file_plugin_proto_msgTypes[12]
+	mi := &file_plugin_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -741,7 +829,7 @@ func (x *GatherResponse) String() string {
 func (*GatherResponse) ProtoMessage() {}
 
 func (x *GatherResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_plugin_proto_msgTypes[12]
+	mi := &file_plugin_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -754,7 +842,7 @@ func (x *GatherResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GatherResponse.ProtoReflect.Descriptor instead.
 func (*GatherResponse) Descriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{12}
+	return file_plugin_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *GatherResponse) GetMetricFamilies() [][]byte {
@@ -776,7 +864,7 @@ type Batch struct {
 
 func (x *Batch) Reset() {
 	*x = Batch{}
-	mi := &file_plugin_proto_msgTypes[13]
+	mi := &file_plugin_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -788,7 +876,7 @@ func (x *Batch) String() string {
 func (*Batch) ProtoMessage() {}
 
 func (x *Batch) ProtoReflect() protoreflect.Message {
-	mi := &file_plugin_proto_msgTypes[13]
+	mi := &file_plugin_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -801,7 +889,7 @@ func (x *Batch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Batch.ProtoReflect.Descriptor instead.
 func (*Batch) Descriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{13}
+	return file_plugin_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *Batch) GetCount() uint32 {
@@ -838,7 +926,7 @@ type Count struct {
 
 func (x *Count) Reset() {
 	*x = Count{}
-	mi := &file_plugin_proto_msgTypes[14]
+	mi := &file_plugin_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -850,7 +938,7 @@ func (x *Count) String() string {
 func (*Count) ProtoMessage() {}
 
 func (x *Count) ProtoReflect() protoreflect.Message {
-	mi := &file_plugin_proto_msgTypes[14]
+	mi := &file_plugin_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -863,7 +951,7 @@ func (x *Count) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Count.ProtoReflect.Descriptor instead.
 func (*Count) Descriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{14}
+	return file_plugin_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *Count) GetKind() Count_Kind {
@@ -897,7 +985,7 @@ type WriteResponse struct {
 
 func (x *WriteResponse) Reset() {
 	*x = WriteResponse{}
-	mi := &file_plugin_proto_msgTypes[15]
+	mi := &file_plugin_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -909,7 +997,7 @@ func (x *WriteResponse) String() string {
 func (*WriteResponse) ProtoMessage() {}
 
 func (x *WriteResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_plugin_proto_msgTypes[15]
+	mi := &file_plugin_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -922,7 +1010,7 @@ func (x *WriteResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WriteResponse.ProtoReflect.Descriptor instead.
 func (*WriteResponse) Descriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{15}
+	return file_plugin_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *WriteResponse) GetError() string {
@@ -950,7 +1038,7 @@ type EnrichResponse struct {
 
 func (x *EnrichResponse) Reset() {
 	*x = EnrichResponse{}
-	mi := &file_plugin_proto_msgTypes[16]
+	mi := &file_plugin_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -962,7 +1050,7 @@ func (x *EnrichResponse) String() string {
 func (*EnrichResponse) ProtoMessage() {}
 
 func (x *EnrichResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_plugin_proto_msgTypes[16]
+	mi := &file_plugin_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -975,7 +1063,7 @@ func (x *EnrichResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EnrichResponse.ProtoReflect.Descriptor instead.
 func (*EnrichResponse) Descriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{16}
+	return file_plugin_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *EnrichResponse) GetError() string {
@@ -1013,7 +1101,7 @@ type SourceMessage struct {
 
 func (x *SourceMessage) Reset() {
 	*x = SourceMessage{}
-	mi := &file_plugin_proto_msgTypes[17]
+	mi := &file_plugin_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1025,7 +1113,7 @@ func (x *SourceMessage) String() string {
 func (*SourceMessage) ProtoMessage() {}
 
 func (x *SourceMessage) ProtoReflect() protoreflect.Message {
-	mi := &file_plugin_proto_msgTypes[17]
+	mi := &file_plugin_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1038,7 +1126,7 @@ func (x *SourceMessage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SourceMessage.ProtoReflect.Descriptor instead.
 func (*SourceMessage) Descriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{17}
+	return file_plugin_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *SourceMessage) GetMsg() isSourceMessage_Msg {
@@ -1102,7 +1190,7 @@ type SourceBatch struct {
 
 func (x *SourceBatch) Reset() {
 	*x = SourceBatch{}
-	mi := &file_plugin_proto_msgTypes[18]
+	mi := &file_plugin_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1114,7 +1202,7 @@ func (x *SourceBatch) String() string {
 func (*SourceBatch) ProtoMessage() {}
 
 func (x *SourceBatch) ProtoReflect() protoreflect.Message {
-	mi := &file_plugin_proto_msgTypes[18]
+	mi := &file_plugin_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1127,7 +1215,7 @@ func (x *SourceBatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SourceBatch.ProtoReflect.Descriptor instead.
 func (*SourceBatch) Descriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{18}
+	return file_plugin_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *SourceBatch) GetId() uint64 {
@@ -1161,7 +1249,7 @@ type SourceEnd struct {
 
 func (x *SourceEnd) Reset() {
 	*x = SourceEnd{}
-	mi := &file_plugin_proto_msgTypes[19]
+	mi := &file_plugin_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1173,7 +1261,7 @@ func (x *SourceEnd) String() string {
 func (*SourceEnd) ProtoMessage() {}
 
 func (x *SourceEnd) ProtoReflect() protoreflect.Message {
-	mi := &file_plugin_proto_msgTypes[19]
+	mi := &file_plugin_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1186,7 +1274,7 @@ func (x *SourceEnd) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SourceEnd.ProtoReflect.Descriptor instead.
 func (*SourceEnd) Descriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{19}
+	return file_plugin_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *SourceEnd) GetError() string {
@@ -1217,7 +1305,7 @@ type SourceAck struct {
 
 func (x *SourceAck) Reset() {
 	*x = SourceAck{}
-	mi := &file_plugin_proto_msgTypes[20]
+	mi := &file_plugin_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1229,7 +1317,7 @@ func (x *SourceAck) String() string {
 func (*SourceAck) ProtoMessage() {}
 
 func (x *SourceAck) ProtoReflect() protoreflect.Message {
-	mi := &file_plugin_proto_msgTypes[20]
+	mi := &file_plugin_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1242,7 +1330,7 @@ func (x *SourceAck) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SourceAck.ProtoReflect.Descriptor instead.
 func (*SourceAck) Descriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{20}
+	return file_plugin_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *SourceAck) GetId() uint64 {
@@ -1339,7 +1427,11 @@ const file_plugin_proto_rawDesc = "" +
 	"\fWatchRequest\"\f\n" +
 	"\n" +
 	"WatchEvent\"\x0f\n" +
-	"\rGatherRequest\"9\n" +
+	"\rGatherRequest\"\x0f\n" +
+	"\rHealthRequest\"Y\n" +
+	"\x0eHealthResponse\x12\x14\n" +
+	"\x05error\x18\x01 \x01(\tR\x05error\x121\n" +
+	"\x06counts\x18\x02 \x03(\v2\x19.flowpipe.plugin.v1.CountR\x06counts\"9\n" +
 	"\x0eGatherResponse\x12'\n" +
 	"\x0fmetric_families\x18\x01 \x03(\fR\x0emetricFamilies\"M\n" +
 	"\x05Batch\x12\x14\n" +
@@ -1387,14 +1479,15 @@ const file_plugin_proto_rawDesc = "" +
 	"\x10STATUS_DELIVERED\x10\x00\x12\x12\n" +
 	"\x0eSTATUS_DROPPED\x10\x01\x12\x13\n" +
 	"\x0fSTATUS_SHUTDOWN\x10\x02\x12\x11\n" +
-	"\rSTATUS_FAILED\x10\x032\xf6\x03\n" +
+	"\rSTATUS_FAILED\x10\x032\xc7\x04\n" +
 	"\tComponent\x12U\n" +
 	"\bDescribe\x12#.flowpipe.plugin.v1.DescribeRequest\x1a$.flowpipe.plugin.v1.DescribeResponse\x12X\n" +
 	"\tConfigure\x12$.flowpipe.plugin.v1.ConfigureRequest\x1a%.flowpipe.plugin.v1.ConfigureResponse\x12L\n" +
 	"\x05Start\x12 .flowpipe.plugin.v1.StartRequest\x1a!.flowpipe.plugin.v1.StartResponse\x12L\n" +
 	"\x05Close\x12 .flowpipe.plugin.v1.CloseRequest\x1a!.flowpipe.plugin.v1.CloseResponse\x12K\n" +
 	"\x05Watch\x12 .flowpipe.plugin.v1.WatchRequest\x1a\x1e.flowpipe.plugin.v1.WatchEvent0\x01\x12O\n" +
-	"\x06Gather\x12!.flowpipe.plugin.v1.GatherRequest\x1a\".flowpipe.plugin.v1.GatherResponse2U\n" +
+	"\x06Gather\x12!.flowpipe.plugin.v1.GatherRequest\x1a\".flowpipe.plugin.v1.GatherResponse\x12O\n" +
+	"\x06Health\x12!.flowpipe.plugin.v1.HealthRequest\x1a\".flowpipe.plugin.v1.HealthResponse2U\n" +
 	"\x06Source\x12K\n" +
 	"\x03Run\x12\x1d.flowpipe.plugin.v1.SourceAck\x1a!.flowpipe.plugin.v1.SourceMessage(\x010\x012S\n" +
 	"\bEnricher\x12G\n" +
@@ -1415,7 +1508,7 @@ func file_plugin_proto_rawDescGZIP() []byte {
 }
 
 var file_plugin_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_plugin_proto_msgTypes = make([]protoimpl.MessageInfo, 21)
+var file_plugin_proto_msgTypes = make([]protoimpl.MessageInfo, 23)
 var file_plugin_proto_goTypes = []any{
 	(Count_Kind)(0),           // 0: flowpipe.plugin.v1.Count.Kind
 	(SourceAck_Status)(0),     // 1: flowpipe.plugin.v1.SourceAck.Status
@@ -1431,50 +1524,55 @@ var file_plugin_proto_goTypes = []any{
 	(*WatchRequest)(nil),      // 11: flowpipe.plugin.v1.WatchRequest
 	(*WatchEvent)(nil),        // 12: flowpipe.plugin.v1.WatchEvent
 	(*GatherRequest)(nil),     // 13: flowpipe.plugin.v1.GatherRequest
-	(*GatherResponse)(nil),    // 14: flowpipe.plugin.v1.GatherResponse
-	(*Batch)(nil),             // 15: flowpipe.plugin.v1.Batch
-	(*Count)(nil),             // 16: flowpipe.plugin.v1.Count
-	(*WriteResponse)(nil),     // 17: flowpipe.plugin.v1.WriteResponse
-	(*EnrichResponse)(nil),    // 18: flowpipe.plugin.v1.EnrichResponse
-	(*SourceMessage)(nil),     // 19: flowpipe.plugin.v1.SourceMessage
-	(*SourceBatch)(nil),       // 20: flowpipe.plugin.v1.SourceBatch
-	(*SourceEnd)(nil),         // 21: flowpipe.plugin.v1.SourceEnd
-	(*SourceAck)(nil),         // 22: flowpipe.plugin.v1.SourceAck
+	(*HealthRequest)(nil),     // 14: flowpipe.plugin.v1.HealthRequest
+	(*HealthResponse)(nil),    // 15: flowpipe.plugin.v1.HealthResponse
+	(*GatherResponse)(nil),    // 16: flowpipe.plugin.v1.GatherResponse
+	(*Batch)(nil),             // 17: flowpipe.plugin.v1.Batch
+	(*Count)(nil),             // 18: flowpipe.plugin.v1.Count
+	(*WriteResponse)(nil),     // 19: flowpipe.plugin.v1.WriteResponse
+	(*EnrichResponse)(nil),    // 20: flowpipe.plugin.v1.EnrichResponse
+	(*SourceMessage)(nil),     // 21: flowpipe.plugin.v1.SourceMessage
+	(*SourceBatch)(nil),       // 22: flowpipe.plugin.v1.SourceBatch
+	(*SourceEnd)(nil),         // 23: flowpipe.plugin.v1.SourceEnd
+	(*SourceAck)(nil),         // 24: flowpipe.plugin.v1.SourceAck
 }
 var file_plugin_proto_depIdxs = []int32{
 	5,  // 0: flowpipe.plugin.v1.ConfigureResponse.field_errors:type_name -> flowpipe.plugin.v1.FieldError
-	0,  // 1: flowpipe.plugin.v1.Count.kind:type_name -> flowpipe.plugin.v1.Count.Kind
-	16, // 2: flowpipe.plugin.v1.WriteResponse.counts:type_name -> flowpipe.plugin.v1.Count
-	15, // 3: flowpipe.plugin.v1.EnrichResponse.batch:type_name -> flowpipe.plugin.v1.Batch
-	16, // 4: flowpipe.plugin.v1.EnrichResponse.counts:type_name -> flowpipe.plugin.v1.Count
-	20, // 5: flowpipe.plugin.v1.SourceMessage.batch:type_name -> flowpipe.plugin.v1.SourceBatch
-	21, // 6: flowpipe.plugin.v1.SourceMessage.end:type_name -> flowpipe.plugin.v1.SourceEnd
-	16, // 7: flowpipe.plugin.v1.SourceMessage.counts:type_name -> flowpipe.plugin.v1.Count
-	15, // 8: flowpipe.plugin.v1.SourceBatch.batch:type_name -> flowpipe.plugin.v1.Batch
-	1,  // 9: flowpipe.plugin.v1.SourceAck.status:type_name -> flowpipe.plugin.v1.SourceAck.Status
-	2,  // 10: flowpipe.plugin.v1.Component.Describe:input_type -> flowpipe.plugin.v1.DescribeRequest
-	4,  // 11: flowpipe.plugin.v1.Component.Configure:input_type -> flowpipe.plugin.v1.ConfigureRequest
-	7,  // 12: flowpipe.plugin.v1.Component.Start:input_type -> flowpipe.plugin.v1.StartRequest
-	9,  // 13: flowpipe.plugin.v1.Component.Close:input_type -> flowpipe.plugin.v1.CloseRequest
-	11, // 14: flowpipe.plugin.v1.Component.Watch:input_type -> flowpipe.plugin.v1.WatchRequest
-	13, // 15: flowpipe.plugin.v1.Component.Gather:input_type -> flowpipe.plugin.v1.GatherRequest
-	22, // 16: flowpipe.plugin.v1.Source.Run:input_type -> flowpipe.plugin.v1.SourceAck
-	15, // 17: flowpipe.plugin.v1.Enricher.Enrich:input_type -> flowpipe.plugin.v1.Batch
-	15, // 18: flowpipe.plugin.v1.Sink.Write:input_type -> flowpipe.plugin.v1.Batch
-	3,  // 19: flowpipe.plugin.v1.Component.Describe:output_type -> flowpipe.plugin.v1.DescribeResponse
-	6,  // 20: flowpipe.plugin.v1.Component.Configure:output_type -> flowpipe.plugin.v1.ConfigureResponse
-	8,  // 21: flowpipe.plugin.v1.Component.Start:output_type -> flowpipe.plugin.v1.StartResponse
-	10, // 22: flowpipe.plugin.v1.Component.Close:output_type -> flowpipe.plugin.v1.CloseResponse
-	12, // 23: flowpipe.plugin.v1.Component.Watch:output_type -> flowpipe.plugin.v1.WatchEvent
-	14, // 24: flowpipe.plugin.v1.Component.Gather:output_type -> flowpipe.plugin.v1.GatherResponse
-	19, // 25: flowpipe.plugin.v1.Source.Run:output_type -> flowpipe.plugin.v1.SourceMessage
-	18, // 26: flowpipe.plugin.v1.Enricher.Enrich:output_type -> flowpipe.plugin.v1.EnrichResponse
-	17, // 27: flowpipe.plugin.v1.Sink.Write:output_type -> flowpipe.plugin.v1.WriteResponse
-	19, // [19:28] is the sub-list for method output_type
-	10, // [10:19] is the sub-list for method input_type
-	10, // [10:10] is the sub-list for extension type_name
-	10, // [10:10] is the sub-list for extension extendee
-	0,  // [0:10] is the sub-list for field type_name
+	18, // 1: flowpipe.plugin.v1.HealthResponse.counts:type_name -> flowpipe.plugin.v1.Count
+	0,  // 2: flowpipe.plugin.v1.Count.kind:type_name -> flowpipe.plugin.v1.Count.Kind
+	18, // 3: flowpipe.plugin.v1.WriteResponse.counts:type_name -> flowpipe.plugin.v1.Count
+	17, // 4: flowpipe.plugin.v1.EnrichResponse.batch:type_name -> flowpipe.plugin.v1.Batch
+	18, // 5: flowpipe.plugin.v1.EnrichResponse.counts:type_name -> flowpipe.plugin.v1.Count
+	22, // 6: flowpipe.plugin.v1.SourceMessage.batch:type_name -> flowpipe.plugin.v1.SourceBatch
+	23, // 7: flowpipe.plugin.v1.SourceMessage.end:type_name -> flowpipe.plugin.v1.SourceEnd
+	18, // 8: flowpipe.plugin.v1.SourceMessage.counts:type_name -> flowpipe.plugin.v1.Count
+	17, // 9: flowpipe.plugin.v1.SourceBatch.batch:type_name -> flowpipe.plugin.v1.Batch
+	1,  // 10: flowpipe.plugin.v1.SourceAck.status:type_name -> flowpipe.plugin.v1.SourceAck.Status
+	2,  // 11: flowpipe.plugin.v1.Component.Describe:input_type -> flowpipe.plugin.v1.DescribeRequest
+	4,  // 12: flowpipe.plugin.v1.Component.Configure:input_type -> flowpipe.plugin.v1.ConfigureRequest
+	7,  // 13: flowpipe.plugin.v1.Component.Start:input_type -> flowpipe.plugin.v1.StartRequest
+	9,  // 14: flowpipe.plugin.v1.Component.Close:input_type -> flowpipe.plugin.v1.CloseRequest
+	11, // 15: flowpipe.plugin.v1.Component.Watch:input_type -> flowpipe.plugin.v1.WatchRequest
+	13, // 16: flowpipe.plugin.v1.Component.Gather:input_type -> flowpipe.plugin.v1.GatherRequest
+	14, // 17: flowpipe.plugin.v1.Component.Health:input_type -> flowpipe.plugin.v1.HealthRequest
+	24, // 18: flowpipe.plugin.v1.Source.Run:input_type -> flowpipe.plugin.v1.SourceAck
+	17, // 19: flowpipe.plugin.v1.Enricher.Enrich:input_type -> flowpipe.plugin.v1.Batch
+	17, // 20: flowpipe.plugin.v1.Sink.Write:input_type -> flowpipe.plugin.v1.Batch
+	3,  // 21: flowpipe.plugin.v1.Component.Describe:output_type -> flowpipe.plugin.v1.DescribeResponse
+	6,  // 22: flowpipe.plugin.v1.Component.Configure:output_type -> flowpipe.plugin.v1.ConfigureResponse
+	8,  // 23: flowpipe.plugin.v1.Component.Start:output_type -> flowpipe.plugin.v1.StartResponse
+	10, // 24: flowpipe.plugin.v1.Component.Close:output_type -> flowpipe.plugin.v1.CloseResponse
+	12, // 25: flowpipe.plugin.v1.Component.Watch:output_type -> flowpipe.plugin.v1.WatchEvent
+	16, // 26: flowpipe.plugin.v1.Component.Gather:output_type -> flowpipe.plugin.v1.GatherResponse
+	15, // 27: flowpipe.plugin.v1.Component.Health:output_type -> flowpipe.plugin.v1.HealthResponse
+	21, // 28: flowpipe.plugin.v1.Source.Run:output_type -> flowpipe.plugin.v1.SourceMessage
+	20, // 29: flowpipe.plugin.v1.Enricher.Enrich:output_type -> flowpipe.plugin.v1.EnrichResponse
+	19, // 30: flowpipe.plugin.v1.Sink.Write:output_type -> flowpipe.plugin.v1.WriteResponse
+	21, // [21:31] is the sub-list for method output_type
+	11, // [11:21] is the sub-list for method input_type
+	11, // [11:11] is the sub-list for extension type_name
+	11, // [11:11] is the sub-list for extension extendee
+	0,  // [0:11] is the sub-list for field type_name
 }
 
 func init() { file_plugin_proto_init() }
@@ -1482,7 +1580,7 @@ func file_plugin_proto_init() {
 	if File_plugin_proto != nil {
 		return
 	}
-	file_plugin_proto_msgTypes[17].OneofWrappers = []any{
+	file_plugin_proto_msgTypes[19].OneofWrappers = []any{
 		(*SourceMessage_Batch)(nil),
 		(*SourceMessage_End)(nil),
 	}
@@ -1492,7 +1590,7 @@ func file_plugin_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_plugin_proto_rawDesc), len(file_plugin_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   21,
+			NumMessages:   23,
 			NumExtensions: 0,
 			NumServices:   4,
 		},
