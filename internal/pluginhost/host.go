@@ -249,6 +249,11 @@ func (h *Host) Find(kind component.Kind, ref, configDir string) (string, error) 
 		if !filepath.IsAbs(path) {
 			path = filepath.Join(configDir, path)
 		}
+		// Absolute, so that "./x" beside a pipeline file in the working directory (Join
+		// makes it "x") is not looked up in $PATH when it is run.
+		if abs, err := filepath.Abs(path); err == nil {
+			path = abs
+		}
 		if err := checkExecutable(path); err != nil {
 			return "", err
 		}

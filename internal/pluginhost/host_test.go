@@ -8,6 +8,7 @@ import (
 	"io"
 	"log/slog"
 	"maps"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -422,6 +423,62 @@ func TestPluginStartErrors(t *testing.T) {
 		}
 		_ = c.(component.Closer).Close(context.Background())
 	})
+}
+
+// TestPluginStartTimeout: process.start_timeout bounds every phase of a start, whatever
+// the plugin does, and the error names the plugin; nothing the plugin started is left.
+func TestPluginStartTimeout(t *testing.T) {
+	dir, err := os.MkdirTemp("", "fp-start") // short: it holds a Unix socket
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	// A listener that never accepts: connections to it wait for ever.
+	deaf := filepath.Join(dir, "deaf.sock")
+	lis, err := net.Listen("unix", deaf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { lis.Close() })
+	cases := []struct{ name, script string }{
+		// The plugin exits at once, but its child keeps the plugin's standard output open.
+		{"child keeps stdout open", "sleep 3600 &\necho $! > " + dir + "/pid-stdout\nexit 0\n"},
+		// A valid handshake line naming an address where nobody answers.
+		{"handshake to a dead address", "echo '1|1|unix|" + deaf + "|grpc|'\nsleep 3600 &\necho $! > " + dir + "/pid-dead\nwait\n"},
+	}
+	for i, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			bin := filepath.Join(dir, fmt.Sprintf("flowpipe-sink-hang%d", i))
+			if err := os.WriteFile(bin, []byte("#!/bin/sh\n"+c.script), 0o755); err != nil {
+				t.Fatal(err)
+			}
+			f := newFixture(t, component.KindSink, "out")
+			spec := config.Component{Kind: component.KindSink, Name: "out", Plugin: bin, Process: map[string]any{"start_timeout": "1s"}}
+			got := make(chan error, 1)
+			go func() {
+				_, err := f.host.Instantiate(context.Background(), spec, f.env)
+				got <- err
+			}()
+			var err error
+			select {
+			case err = <-got:
+			case <-time.After(60 * time.Second):
+				t.Fatal("Instantiate still waiting on a plugin with start_timeout: 1s after a minute")
+			}
+			if err == nil || !strings.Contains(err.Error(), bin) || !strings.Contains(err.Error(), "process.start_timeout") {
+				t.Fatalf("got %v, want an error naming %s and process.start_timeout", err, bin)
+			}
+			pids, _ := filepath.Glob(filepath.Join(dir, "pid-*"))
+			for _, pf := range pids {
+				data, _ := os.ReadFile(pf)
+				var pid int
+				if _, err := fmt.Sscan(string(data), &pid); err == nil {
+					waitGone(t, pid)
+				}
+				os.Remove(pf)
+			}
+		})
+	}
 }
 
 // TestHungPlugin: a plugin that stops answering altogether (its process is stopped) during a
