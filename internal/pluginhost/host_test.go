@@ -331,12 +331,13 @@ func TestSinkPluginKilled(t *testing.T) {
 		t.Fatal(err)
 	}
 	const total, size = 100_000, 1000
-	failed := 0
+	failed, killed := 0, 0
 	for i := 0; i < total; i += size {
 		b := flow.NewBatch(seqEvents(i, size), nil)
 		if i == total/2 {
 			p, _ := sink.in.get(context.Background())
-			if err := syscall.Kill(p.pid(), syscall.SIGKILL); err != nil {
+			killed = p.pid()
+			if err := syscall.Kill(killed, syscall.SIGKILL); err != nil {
 				t.Fatal(err)
 			}
 		}
@@ -352,11 +353,15 @@ func TestSinkPluginKilled(t *testing.T) {
 			time.Sleep(50 * time.Millisecond)
 		}
 	}
+	// Whether a Write failed depends on whether the host noticed the death (Watch) and
+	// restarted the plugin before the next Write: either is right. What must hold: the
+	// process was replaced, nothing is missing, and duplicates are only of batches counted
+	// as redelivered.
+	if p, err := sink.in.get(context.Background()); err != nil || p.pid() == killed {
+		t.Fatalf("the killed plugin process %d was not replaced (%v)", killed, err)
+	}
 	if err := sink.Close(context.Background()); err != nil {
 		t.Fatal(err)
-	}
-	if failed == 0 {
-		t.Fatal("killing the plugin failed no write")
 	}
 	seen := map[string]int{}
 	for _, l := range readLines(t, path) {
