@@ -60,15 +60,10 @@ A pipeline is declared in pipeline.yaml.`,
 	}
 	root.PersistentFlags().StringVar(&g.logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	root.PersistentFlags().StringVar(&g.logFormat, "log-format", "text", "log format: text or json")
-	root.AddCommand(newRunCmd(g), newValidateCmd(g), newGraphCmd(g), newVersionCmd())
-	for _, add := range extraCommands {
-		root.AddCommand(add(g))
-	}
+	root.AddCommand(newRunCmd(g), newValidateCmd(g), newGraphCmd(g), newVersionCmd(),
+		newPluginsCmd(g), newPluginCmd())
 	return root
 }
-
-// extraCommands lets other files of this command add subcommands (plugins, ...).
-var extraCommands []func(*globalFlags) *cobra.Command
 
 // addConfigFlag adds -c/--config with its default from FLOWPIPE_CONFIG or ./pipeline.yaml.
 func addConfigFlag(cmd *cobra.Command, g *globalFlags) {

@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"syscall"
 	"testing"
@@ -221,5 +222,38 @@ func TestGraphFormats(t *testing.T) {
 	out, _, code = flowpipe(t, dir, "graph", "--format", "mermaid")
 	if code != 0 || !strings.HasPrefix(out, "flowchart LR") || !strings.Contains(out, "source_g --> sink_a") {
 		t.Errorf("mermaid graph (exit %d):\n%s", code, out)
+	}
+}
+
+// graph checks the pipeline as validate does: an invalid one is not drawn, its problems are
+// printed at their lines and the exit status is 1.
+func TestGraphRefusesAnInvalidPipeline(t *testing.T) {
+	dir := t.TempDir()
+	writeFile(t, filepath.Join(dir, "pipeline.yaml"), "sources: {g: {type: generate}}\nsinks:\n  a: {type: file, path: a, sync: sometimes}\n")
+	out, stderr, code := flowpipe(t, dir, "graph")
+	if code != 1 || out != "" || !strings.Contains(stderr, `pipeline.yaml:3: sinks.a.sync: unknown mode "sometimes"`) {
+		t.Fatalf("graph of an invalid pipeline: exit %d, stdout %q, stderr:\n%s", code, out, stderr)
+	}
+}
+
+// The environment override that run --help shows works on the default pipeline.yaml.
+func TestRunHelpExampleFitsTheDefaultPipeline(t *testing.T) {
+	help, _, code := flowpipe(t, t.TempDir(), "run", "--help")
+	if code != 0 {
+		t.Fatalf("run --help: exit %d", code)
+	}
+	m := regexp.MustCompile(`(FLOWPIPE_[A-Z_]+)=(\S+) flowpipe run`).FindStringSubmatch(help)
+	if m == nil {
+		t.Fatalf("run --help shows no environment override:\n%s", help)
+	}
+	root, err := filepath.Abs(filepath.Join("..", ".."))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(binary, "validate", "-c", filepath.Join(root, "pipeline.yaml"))
+	cmd.Env = append(os.Environ(), m[1]+"="+m[2])
+	out, err := cmd.CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "valid (1 sources, 0 enrichers, 1 sinks)") {
+		t.Fatalf("%s=%s flowpipe validate on the default pipeline: %v\n%s", m[1], m[2], err, out)
 	}
 }

@@ -20,6 +20,7 @@ import (
 	"github.com/flowpipe/flowpipe/core/config"
 	"github.com/flowpipe/flowpipe/core/flow"
 	"github.com/flowpipe/flowpipe/core/metrics"
+	"github.com/flowpipe/flowpipe/core/options"
 )
 
 // Options configure how a pipeline is built.
@@ -39,13 +40,15 @@ type Options struct {
 
 // Pipeline is a built pipeline, ready to Run once.
 type Pipeline struct {
-	doc      *config.Document
-	log      *slog.Logger
-	metrics  *metrics.Set
-	sources  []*sourceNode
-	enrich   []*enricherNode
-	sinks    []*sinkNode
-	closers  []namedCloser
+	doc     *config.Document
+	log     *slog.Logger
+	metrics *metrics.Set
+	sources []*sourceNode
+	enrich  []*enricherNode
+	sinks   []*sinkNode
+	// parts is every component that was built, in start order (sinks, enrichers, sources,
+	// as New builds them): one list that every kind goes through to start and to close.
+	parts    []*part
 	stopping chan struct{}
 
 	mu      sync.Mutex
@@ -54,11 +57,10 @@ type Pipeline struct {
 }
 
 type sourceNode struct {
-	name   string
-	src    component.Source
-	m      *metrics.Component
-	p      *Pipeline
-	closed bool
+	name string
+	src  component.Source
+	m    *metrics.Component
+	p    *Pipeline
 }
 
 type enricherNode struct {
@@ -67,9 +69,12 @@ type enricherNode struct {
 	m    *metrics.Component
 }
 
-type namedCloser struct {
-	name string
-	c    any
+// part is one built component: started in order, closed exactly once.
+type part struct {
+	name   string
+	kind   component.Kind
+	c      any
+	closed bool
 }
 
 // New builds every component of doc. Every problem in the components' options is reported
@@ -99,13 +104,7 @@ func New(ctx context.Context, doc *config.Document, opts Options) (*Pipeline, er
 				delete(opts2, k)
 			}
 		}
-		errs := config.Decode(rt, &settings, "")
-		if len(errs) == 0 {
-			if err := settings.Validate(); err != nil {
-				errs = asFieldErrors(err)
-			}
-		}
-		probs = append(probs, doc.Problems(spec.Path, errs)...)
+		probs = append(probs, doc.Problems(spec.Path, options.Check(rt, &settings, ""))...)
 		spec.Options = opts2
 		c, m, ps := p.build(ctx, spec, opts)
 		probs = append(probs, ps...)
@@ -131,6 +130,9 @@ func New(ctx context.Context, doc *config.Document, opts Options) (*Pipeline, er
 			continue
 		}
 		p.enrich = append(p.enrich, &enricherNode{name: spec.Name, en: en, m: m})
+		if h, ok := en.(component.Holder); ok {
+			h.Attach(&downstream{p: p, from: len(p.enrich)}) // what it emits passes the stages after it
+		}
 	}
 	for _, spec := range doc.Sources {
 		c, m, ps := p.build(ctx, spec, opts)
@@ -162,29 +164,38 @@ func describeSpec(spec config.Component) string {
 	return fmt.Sprintf("type %q", spec.Type)
 }
 
-func asFieldErrors(err error) config.FieldErrors {
-	var fe config.FieldErrors
-	if errors.As(err, &fe) {
-		return fe
-	}
-	var one config.FieldError
-	if errors.As(err, &one) {
-		return config.FieldErrors{one}
-	}
-	return config.FieldErrors{{Msg: err.Error()}}
+// runtimeReasons are the reasons the runtime counts drops and errors under, by kind; each
+// component's counters for them are published at 0 when it is built.
+var runtimeReasons = map[component.Kind]struct{ dropped, errors []string }{
+	component.KindSource:   {errors: []string{"run"}},
+	component.KindEnricher: {dropped: []string{"enrich_error"}, errors: []string{"enrich"}},
+	component.KindSink:     {dropped: []string{"queue_full", "retries_exhausted", "rejected", "shutdown"}, errors: []string{"write"}},
 }
 
 // build decodes and validates one component's options and builds it.
 func (p *Pipeline) build(ctx context.Context, spec config.Component, opts Options) (any, *metrics.Component, config.Problems) {
 	m := p.metrics.Component(spec.Name, string(spec.Kind))
+	m.Publish(runtimeReasons[spec.Kind].dropped, runtimeReasons[spec.Kind].errors)
 	env := component.Env{
 		Name: spec.Name, Kind: spec.Kind, Type: spec.Type, ConfigDir: p.doc.Dir, DataDir: p.doc.DataDir,
 		Logger:     p.log.With(string(spec.Kind), spec.Name),
 		Metrics:    m,
 		Registerer: m.Registerer(),
 	}
+	var f component.Factory
+	if spec.Plugin == "" {
+		var ok bool
+		if f, ok = opts.Registry.Lookup(spec.Kind, spec.Type); !ok {
+			return nil, nil, config.Problems{p.doc.Problem(config.Join(spec.Path, "type"), "unknown %s type %q (known: %s)", spec.Kind, spec.Type, strings.Join(opts.Registry.Types(spec.Kind), ", "))}
+		}
+	}
 	isolation := spec.Isolation
-	if isolation == "" {
+	switch {
+	case f.Holds && isolation == "process":
+		return nil, nil, config.Problems{p.doc.Problem(spec.Path, "enricher type %q keeps events across batches and runs only in process: set isolation: inproc", spec.Type)}
+	case f.Holds:
+		isolation = "inproc"
+	case isolation == "":
 		isolation = opts.DefaultIsolation
 	}
 	if spec.Plugin != "" || isolation == "process" {
@@ -195,41 +206,23 @@ func (p *Pipeline) build(ctx context.Context, spec config.Component, opts Option
 		if err != nil {
 			return nil, nil, p.problemsFrom(spec.Path, err)
 		}
-		p.closers = append(p.closers, namedCloser{spec.Name, c})
+		p.parts = append(p.parts, &part{name: spec.Name, kind: spec.Kind, c: c})
 		return c, m, nil
 	}
 	if spec.Process != nil {
 		return nil, nil, config.Problems{p.doc.Problem(config.Join(spec.Path, "process"), "process: settings apply only to a component run out of process; remove them or drop isolation: inproc")}
 	}
-	f, ok := opts.Registry.Lookup(spec.Kind, spec.Type)
-	if !ok {
-		return nil, nil, config.Problems{p.doc.Problem(config.Join(spec.Path, "type"), "unknown %s type %q (known: %s)", spec.Kind, spec.Type, strings.Join(opts.Registry.Types(spec.Kind), ", "))}
-	}
-	cfg := f.NewConfig()
-	errs := config.Decode(spec.Options, cfg, "")
-	if len(errs) == 0 {
-		if v, ok := cfg.(interface{ Validate() error }); ok {
-			if err := v.Validate(); err != nil {
-				errs = asFieldErrors(err)
-			}
-		}
-	}
-	if len(errs) > 0 {
-		return nil, nil, p.doc.Problems(spec.Path, errs)
-	}
-	c, err := f.New(env, cfg)
+	c, err := f.Build(env, spec.Options)
 	if err != nil {
 		return nil, nil, p.problemsFrom(spec.Path, err)
 	}
-	p.closers = append(p.closers, namedCloser{spec.Name, c})
+	p.parts = append(p.parts, &part{name: spec.Name, kind: spec.Kind, c: c})
 	return c, m, nil
 }
 
 func (p *Pipeline) problemsFrom(path string, err error) config.Problems {
-	var fe config.FieldErrors
-	var one config.FieldError
-	if errors.As(err, &fe) || errors.As(err, &one) {
-		return p.doc.Problems(path, asFieldErrors(err))
+	if errs, ok := options.FieldErrorsOf(err); ok {
+		return p.doc.Problems(path, errs)
 	}
 	var ps config.Problems
 	if errors.As(err, &ps) {
@@ -255,13 +248,10 @@ func (p *Pipeline) Ready() error {
 			errs = append(errs, err)
 		}
 	}
-	for _, c := range p.closers {
-		if hc, ok := c.c.(component.HealthChecker); ok {
-			if _, isSink := c.c.(component.Sink); isSink {
-				continue // already asked through its sink node
-			}
+	for _, pt := range p.parts {
+		if hc, ok := pt.c.(component.HealthChecker); ok && pt.kind != component.KindSink { // sinks: asked through their node
 			if err := hc.Health(); err != nil {
-				errs = append(errs, fmt.Errorf("%s: %w", c.name, err))
+				errs = append(errs, fmt.Errorf("%s: %w", pt.name, err))
 			}
 		}
 	}
@@ -307,38 +297,11 @@ func (p *Pipeline) Run(ctx context.Context) error {
 		return context.WithTimeout(context.Background(), p.doc.Runtime.ShutdownTimeout)
 	}
 
-	// Start sinks, then enrichers, then sources.
-	var startErr error
-	for _, s := range p.sinks {
-		if err := start(ctx, s.sink); err != nil {
-			startErr = fmt.Errorf("start sink %s: %w", s.name, err)
-			break
-		}
-	}
-	if startErr == nil {
-		for i, e := range p.enrich {
-			if h, ok := e.en.(component.Holder); ok {
-				h.Attach(&downstream{p: p, from: i + 1})
-			}
-			if err := start(ctx, e.en); err != nil {
-				startErr = fmt.Errorf("start enricher %s: %w", e.name, err)
-				break
-			}
-		}
-	}
-	if startErr == nil {
-		for _, s := range p.sources {
-			if err := start(ctx, s.src); err != nil {
-				startErr = fmt.Errorf("start source %s: %w", s.name, err)
-				break
-			}
-		}
-	}
-	if startErr != nil {
+	if err := p.startAll(ctx); err != nil {
 		c, cancel := closeCtx()
 		defer cancel()
 		p.closeAll(c)
-		return startErr
+		return err
 	}
 
 	for _, s := range p.sinks {
@@ -349,7 +312,27 @@ func (p *Pipeline) Run(ctx context.Context) error {
 	p.mu.Unlock()
 	p.log.Info("pipeline running", "sources", len(p.sources), "enrichers", len(p.enrich), "sinks", len(p.sinks))
 
-	// Run sources; the first failure stops the others.
+	runErr := p.runSources(ctx)
+	close(p.stopping)
+	if ctx.Err() != nil {
+		p.log.Info("stopping: draining in-flight batches", "timeout", p.doc.Runtime.ShutdownTimeout)
+	} else {
+		p.log.Info("sources finished: draining in-flight batches")
+	}
+
+	// Close the enrichers in order, so that what holders (aggregation windows) flush passes
+	// the later stages, then drain the sinks.
+	c, cancel := closeCtx()
+	defer cancel()
+	p.closeKind(writeCtx, component.KindEnricher)
+	p.drainSinks()
+	p.closeAll(c)
+	return runErr
+}
+
+// runSources runs every source until each returns; the first failure stops the others and
+// is returned.
+func (p *Pipeline) runSources(ctx context.Context) error {
 	srcCtx, stopSources := context.WithCancel(ctx)
 	defer stopSources()
 	var wg sync.WaitGroup
@@ -371,25 +354,12 @@ func (p *Pipeline) Run(ctx context.Context) error {
 	}
 	wg.Wait()
 	close(errc)
-	runErr := <-errc
-	close(p.stopping)
-	if ctx.Err() != nil {
-		p.log.Info("stopping: draining in-flight batches", "timeout", p.doc.Runtime.ShutdownTimeout)
-	} else {
-		p.log.Info("sources finished: draining in-flight batches")
-	}
+	return <-errc
+}
 
-	// Flush holders (aggregation windows) in order, so that what they emit passes the later
-	// stages, then drain the sinks.
-	c, cancel := closeCtx()
-	defer cancel()
-	for _, e := range p.enrich {
-		if h, ok := e.en.(component.Closer); ok {
-			if err := h.Close(writeCtx); err != nil {
-				p.log.Error("enricher close failed", "enricher", e.name, "error", err)
-			}
-		}
-	}
+// drainSinks lets every sink write what its queue holds (its writers stop at the drain
+// deadline), gives up on the rest, and reports what was not delivered.
+func (p *Pipeline) drainSinks() {
 	for _, s := range p.sinks {
 		s.queue.close()
 	}
@@ -413,62 +383,40 @@ func (p *Pipeline) Run(ctx context.Context) error {
 	if !lost {
 		p.log.Info("pipeline stopped; every accepted batch was delivered")
 	}
-	p.closeAll(c)
-	return runErr
 }
 
-func start(ctx context.Context, c any) error {
-	if s, ok := c.(component.Starter); ok {
-		return s.Start(ctx)
+// startAll starts every component in order, sinks, then enrichers, then sources, and stops
+// at the first that fails.
+func (p *Pipeline) startAll(ctx context.Context) error {
+	for _, pt := range p.parts {
+		if s, ok := pt.c.(component.Starter); ok {
+			if err := s.Start(ctx); err != nil {
+				return fmt.Errorf("start %s %s: %w", pt.kind, pt.name, err)
+			}
+		}
 	}
 	return nil
 }
 
-// closeAll closes every component that was built (sources, then enrichers that are not
-// holders, then sinks).
+// closeAll closes every component that was built and is not closed yet, started or not:
+// sources, then enrichers, then sinks.
 func (p *Pipeline) closeAll(ctx context.Context) {
-	for _, s := range p.sources {
-		p.closeOne(ctx, s.name, s.src)
-	}
-	for _, e := range p.enrich {
-		if _, ok := e.en.(component.Holder); !ok {
-			p.closeOne(ctx, e.name, e.en)
-		}
-	}
-	for _, s := range p.sinks {
-		p.closeOne(ctx, s.name, s.sink)
-	}
-	// Components that were built but never placed (a build error elsewhere).
-	for _, c := range p.closers {
-		if !p.placed(c.c) {
-			p.closeOne(ctx, c.name, c.c)
-		}
+	for _, kind := range []component.Kind{component.KindSource, component.KindEnricher, component.KindSink} {
+		p.closeKind(ctx, kind)
 	}
 }
 
-func (p *Pipeline) placed(c any) bool {
-	for _, s := range p.sources {
-		if any(s.src) == c {
-			return true
+// closeKind closes, in order, the components of one kind that are not closed yet.
+func (p *Pipeline) closeKind(ctx context.Context, kind component.Kind) {
+	for _, pt := range p.parts {
+		if pt.kind != kind || pt.closed {
+			continue
 		}
-	}
-	for _, e := range p.enrich {
-		if any(e.en) == c {
-			return true
-		}
-	}
-	for _, s := range p.sinks {
-		if any(s.sink) == c {
-			return true
-		}
-	}
-	return false
-}
-
-func (p *Pipeline) closeOne(ctx context.Context, name string, c any) {
-	if cl, ok := c.(component.Closer); ok {
-		if err := cl.Close(ctx); err != nil {
-			p.log.Error("close failed", "component", name, "error", err)
+		pt.closed = true
+		if cl, ok := pt.c.(component.Closer); ok {
+			if err := cl.Close(ctx); err != nil {
+				p.log.Error("close failed", string(kind), pt.name, "error", err)
+			}
 		}
 	}
 }
@@ -477,14 +425,7 @@ func (p *Pipeline) closeOne(ctx context.Context, name string, c any) {
 func (s *sourceNode) Emit(ctx context.Context, b *flow.Batch) error {
 	n := len(b.Events)
 	s.m.Out.Add(float64(n))
-	if b.Source == "" {
-		b.Source = s.name
-	}
-	for i := range b.Events {
-		if b.Events[i].Source == "" {
-			b.Events[i].Source = s.name
-		}
-	}
+	b.StampSource(s.name)
 	start := time.Now()
 	lat := s.m.AckLat
 	b.Observe(func(error) { lat.Observe(time.Since(start).Seconds()) })

@@ -23,6 +23,7 @@ import (
 
 	"github.com/flowpipe/flowpipe/core/component"
 	"github.com/flowpipe/flowpipe/core/config"
+	"github.com/flowpipe/flowpipe/core/options"
 )
 
 // PluginDirEnv names a directory searched for plugins after plugins/ beside the pipeline
@@ -86,69 +87,61 @@ func defaultSettings() Settings {
 	return Settings{CallTimeout: time.Minute, PingInterval: 10 * time.Second, StartTimeout: 30 * time.Second}
 }
 
-// Validate checks the settings; paths are relative to the component.
+// Validate checks the settings; paths are relative to process:.
 func (s *Settings) Validate() error {
-	var errs config.FieldErrors
+	var errs options.FieldErrors
 	for _, d := range []struct {
 		path string
 		v    time.Duration
 	}{{"call_timeout", s.CallTimeout}, {"ping_interval", s.PingInterval}, {"start_timeout", s.StartTimeout}} {
 		if d.v <= 0 {
-			errs.Add(config.Join(settingsKey, d.path), "must be positive")
+			errs.Add(d.path, "must be positive")
 		}
 	}
 	return errs.Err()
 }
 
-// Instantiate builds the component spec describes: in a plugin process for an external
-// plugin or a built-in with isolation: process (the default), in this process for
-// isolation: inproc or an enricher that keeps events across batches (component.Holder), which
-// only works in process. Option problems come back as config.FieldErrors relative to the
-// component, so that they are shown at their line.
+// Instantiate builds the component spec describes in a plugin process: an external plugin,
+// or a built-in served by the flowpipe binary (isolation: process, the default). The
+// runtime builds isolation: inproc components and enrichers that keep events across batches
+// (component.Factory.Holds) itself. Option problems come back as options.FieldErrors
+// relative to the component, so that they are shown at their line.
 func (h *Host) Instantiate(ctx context.Context, spec config.Component, env component.Env) (any, error) {
-	opts := spec.Options
 	settings := defaultSettings()
 	if raw := spec.Process; raw != nil {
 		m, ok := raw.(map[string]any)
 		if !ok {
-			return nil, config.FieldErrors{{Path: settingsKey, Msg: "want a map (call_timeout, ping_interval, start_timeout)"}}
+			return nil, options.FieldErrors{{Path: settingsKey, Msg: "want a map (call_timeout, ping_interval, start_timeout)"}}
 		}
-		if errs := config.Decode(m, &settings, settingsKey); len(errs) > 0 {
+		if errs := options.Check(m, &settings, settingsKey); len(errs) > 0 {
 			return nil, errs
-		}
-		if err := settings.Validate(); err != nil {
-			return nil, err
 		}
 	}
 	if spec.Plugin == "" {
 		f, ok := h.opts.Registry.Lookup(spec.Kind, spec.Type)
 		if !ok {
-			return nil, config.FieldErrors{{Path: "type", Msg: fmt.Sprintf("unknown %s type %q (known: %s)", spec.Kind, spec.Type, strings.Join(h.opts.Registry.Types(spec.Kind), ", "))}}
+			return nil, options.FieldErrors{{Path: "type", Msg: fmt.Sprintf("unknown %s type %q (known: %s)", spec.Kind, spec.Type, strings.Join(h.opts.Registry.Types(spec.Kind), ", "))}}
 		}
-		if spec.Isolation == "inproc" {
-			return buildInproc(f, opts, env)
+		if f.Holds {
+			return nil, fmt.Errorf("enricher type %q keeps events across batches and runs only in process: set isolation: inproc", spec.Type)
 		}
 	}
 	l, err := h.launcher(spec, env.ConfigDir)
 	if err != nil {
 		return nil, err
 	}
-	optYAML, err := yaml.Marshal(opts)
+	optYAML, err := yaml.Marshal(spec.Options)
 	if err != nil {
 		return nil, fmt.Errorf("encode options for the plugin: %w", err)
 	}
 	in := newInstance(spec, env, settings, l, optYAML)
-	p, holder, err := in.first(ctx)
+	p, holder, err := startProc(ctx, l, spec, env, settings, optYAML)
 	if err != nil {
 		return nil, err
 	}
 	if holder {
-		in.discard(p)
-		if spec.Plugin != "" || spec.Isolation == "process" {
-			return nil, fmt.Errorf("enricher type %q keeps events across batches and runs only in process: set isolation: inproc", spec.Type)
-		}
-		f, _ := h.opts.Registry.Lookup(spec.Kind, spec.Type)
-		return buildInproc(f, opts, env)
+		p.shutdown()
+		return nil, fmt.Errorf("%s keeps events across batches (component.Holder) and cannot run as a plugin", l.describe)
 	}
 	in.adopt(p)
 	switch spec.Kind {
@@ -161,20 +154,6 @@ func (h *Host) Instantiate(ctx context.Context, spec config.Component, env compo
 	}
 	in.Close(ctx)
 	return nil, fmt.Errorf("unknown component kind %q", spec.Kind)
-}
-
-// buildInproc builds a built-in in this process, as the runtime does without a host.
-func buildInproc(f component.Factory, opts map[string]any, env component.Env) (any, error) {
-	cfg := f.NewConfig()
-	if errs := config.Decode(opts, cfg, ""); len(errs) > 0 {
-		return nil, errs
-	}
-	if v, ok := cfg.(interface{ Validate() error }); ok {
-		if err := v.Validate(); err != nil {
-			return nil, err
-		}
-	}
-	return f.New(env, cfg)
 }
 
 // launcher says how to start one component's process.
@@ -207,13 +186,13 @@ func (h *Host) launcher(spec config.Component, configDir string) (*launcher, err
 	}
 	path, err := h.Find(spec.Kind, spec.Plugin, configDir)
 	if err != nil {
-		return nil, config.FieldErrors{{Path: "plugin", Msg: err.Error()}}
+		return nil, options.FieldErrors{{Path: "plugin", Msg: err.Error()}}
 	}
 	l := &launcher{describe: "plugin " + path, path: path, cmd: func() (*exec.Cmd, error) { return exec.Command(path), nil }}
 	if spec.SHA256 != "" {
 		sum, err := hex.DecodeString(spec.SHA256)
 		if err != nil || len(sum) != sha256.Size {
-			return nil, config.FieldErrors{{Path: "sha256", Msg: "want 64 hexadecimal digits (the output of sha256sum)"}}
+			return nil, options.FieldErrors{{Path: "sha256", Msg: "want 64 hexadecimal digits (the output of sha256sum)"}}
 		}
 		l.checksum = sum
 	}

@@ -23,7 +23,7 @@ import (
 // options as pipeline.yaml would, and returns it as the host sees a plugin: a
 // component.Source, Enricher or Sink that also implements component.Starter and
 // component.Closer. Batches cross the same protocol and encoding as with a process. Option
-// problems come back as config.FieldErrors. It is what plugintest builds on.
+// problems come back as options.FieldErrors. It is what plugintest builds on.
 func ServeInMemory(ctx context.Context, f component.Factory, version string, options map[string]any, env component.Env) (any, error) {
 	if env.Logger == nil {
 		env.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))

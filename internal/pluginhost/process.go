@@ -22,6 +22,7 @@ import (
 
 	"github.com/flowpipe/flowpipe/core/component"
 	"github.com/flowpipe/flowpipe/core/config"
+	"github.com/flowpipe/flowpipe/core/options"
 	pb "github.com/flowpipe/flowpipe/internal/pluginproto"
 )
 
@@ -57,7 +58,7 @@ type proc struct {
 // process is started from an OS thread locked for its whole life: the parent-death signal
 // (SIGKILL) is tied to the thread that forked, so the plugin dies with flowpipe, even with
 // kill -9, and never with a Go runtime thread that happens to exit.
-func startProc(ctx context.Context, l *launcher, spec config.Component, env component.Env, s Settings, options []byte) (*proc, bool, error) {
+func startProc(ctx context.Context, l *launcher, spec config.Component, env component.Env, s Settings, optYAML []byte) (*proc, bool, error) {
 	cmd, err := l.cmd()
 	if err != nil {
 		return nil, false, err
@@ -71,7 +72,7 @@ func startProc(ctx context.Context, l *launcher, spec config.Component, env comp
 			return nil, false, fmt.Errorf("%s: %w", l.describe, err)
 		}
 		if !bytes.Equal(sum, l.checksum) {
-			return nil, false, config.FieldErrors{{Path: "sha256", Msg: fmt.Sprintf("%s has SHA-256 %x, but pipeline.yaml pins %s: refusing to start it. If you replaced the plugin on purpose, set sha256: to the output of `sha256sum %s`", cmd.Path, sum, hex.EncodeToString(l.checksum), cmd.Path)}}
+			return nil, false, options.FieldErrors{{Path: "sha256", Msg: fmt.Sprintf("%s has SHA-256 %x, but pipeline.yaml pins %s: refusing to start it. If you replaced the plugin on purpose, set sha256: to the output of `sha256sum %s`", cmd.Path, sum, hex.EncodeToString(l.checksum), cmd.Path)}}
 		}
 	}
 	// The whole start, handshake to configured component, is bounded by start_timeout. The
@@ -148,7 +149,7 @@ func startProc(ctx context.Context, l *launcher, spec config.Component, env comp
 	p.comp = pb.NewComponentClient(conn)
 	p.sink, p.enr, p.src = pb.NewSinkClient(conn), pb.NewEnricherClient(conn), pb.NewSourceClient(conn)
 
-	holder, err := p.configure(ctx, l.describe, spec, env, s.StartTimeout, options)
+	holder, err := p.configure(ctx, l.describe, spec, env, s.StartTimeout, optYAML)
 	if err != nil {
 		p.kill()
 		if ctx.Err() != nil {
@@ -182,7 +183,7 @@ func groupCommand(ctx context.Context, cmd *exec.Cmd) *exec.Cmd {
 
 // configure describes the plugin, checks that it is what spec asks for and configures the
 // component; a spec without a kind only describes (plugins list).
-func (p *proc) configure(ctx context.Context, describe string, spec config.Component, env component.Env, timeout time.Duration, options []byte) (bool, error) {
+func (p *proc) configure(ctx context.Context, describe string, spec config.Component, env component.Env, timeout time.Duration, optYAML []byte) (bool, error) {
 	cctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	desc, err := p.comp.Describe(cctx, &pb.DescribeRequest{})
@@ -202,14 +203,14 @@ func (p *proc) configure(ctx context.Context, describe string, spec config.Compo
 	if spec.Plugin == "" && desc.Type != spec.Type {
 		return false, fmt.Errorf("%s served type %q instead", describe, desc.Type)
 	}
-	resp, err := p.comp.Configure(cctx, &pb.ConfigureRequest{Name: spec.Name, ConfigDir: env.ConfigDir, DataDir: env.DataDir, OptionsYaml: options, EmitWindow: emitWindow})
+	resp, err := p.comp.Configure(cctx, &pb.ConfigureRequest{Name: spec.Name, ConfigDir: env.ConfigDir, DataDir: env.DataDir, OptionsYaml: optYAML, EmitWindow: emitWindow})
 	if err != nil {
 		return false, fmt.Errorf("%s: configure: %w", describe, err)
 	}
 	if len(resp.FieldErrors) > 0 {
-		var errs config.FieldErrors
+		var errs options.FieldErrors
 		for _, fe := range resp.FieldErrors {
-			errs = append(errs, config.FieldError{Path: fe.Path, Msg: fe.Message})
+			errs = append(errs, options.FieldError{Path: fe.Path, Msg: fe.Message})
 		}
 		return false, errs
 	}
@@ -324,13 +325,10 @@ func (p *proc) close(ctx context.Context) error {
 		return err
 	}
 	p.end()
-	switch {
-	case err != nil:
+	if err != nil {
 		return fmt.Errorf("close: %w", err)
-	case resp.Error != "":
-		return errors.New(resp.Error)
 	}
-	return nil
+	return pb.ErrorFromProto(resp.Failure, resp.Error)
 }
 
 func (p *proc) pid() int {

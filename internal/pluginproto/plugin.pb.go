@@ -28,6 +28,58 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+type Error_Class int32
+
+const (
+	Error_CLASS_RETRYABLE Error_Class = 0 // another attempt may succeed: the runtime retries a sink's batch
+	Error_CLASS_PERMANENT Error_Class = 1 // flow.Permanent: the batch can never be written; dropped as rejected
+	Error_CLASS_DROP      Error_Class = 2 // flow.DropError: dropped on purpose and counted (component, reason)
+	Error_CLASS_SHUTDOWN  Error_Class = 3 // flow.ErrShutdown: not done because the pipeline is stopping
+)
+
+// Enum value maps for Error_Class.
+var (
+	Error_Class_name = map[int32]string{
+		0: "CLASS_RETRYABLE",
+		1: "CLASS_PERMANENT",
+		2: "CLASS_DROP",
+		3: "CLASS_SHUTDOWN",
+	}
+	Error_Class_value = map[string]int32{
+		"CLASS_RETRYABLE": 0,
+		"CLASS_PERMANENT": 1,
+		"CLASS_DROP":      2,
+		"CLASS_SHUTDOWN":  3,
+	}
+)
+
+func (x Error_Class) Enum() *Error_Class {
+	p := new(Error_Class)
+	*p = x
+	return p
+}
+
+func (x Error_Class) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (Error_Class) Descriptor() protoreflect.EnumDescriptor {
+	return file_plugin_proto_enumTypes[0].Descriptor()
+}
+
+func (Error_Class) Type() protoreflect.EnumType {
+	return &file_plugin_proto_enumTypes[0]
+}
+
+func (x Error_Class) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use Error_Class.Descriptor instead.
+func (Error_Class) EnumDescriptor() ([]byte, []int) {
+	return file_plugin_proto_rawDescGZIP(), []int{5, 0}
+}
+
 type Count_Kind int32
 
 const (
@@ -64,11 +116,11 @@ func (x Count_Kind) String() string {
 }
 
 func (Count_Kind) Descriptor() protoreflect.EnumDescriptor {
-	return file_plugin_proto_enumTypes[0].Descriptor()
+	return file_plugin_proto_enumTypes[1].Descriptor()
 }
 
 func (Count_Kind) Type() protoreflect.EnumType {
-	return &file_plugin_proto_enumTypes[0]
+	return &file_plugin_proto_enumTypes[1]
 }
 
 func (x Count_Kind) Number() protoreflect.EnumNumber {
@@ -77,7 +129,7 @@ func (x Count_Kind) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use Count_Kind.Descriptor instead.
 func (Count_Kind) EnumDescriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{16, 0}
+	return file_plugin_proto_rawDescGZIP(), []int{17, 0}
 }
 
 type SourceAck_Status int32
@@ -116,11 +168,11 @@ func (x SourceAck_Status) String() string {
 }
 
 func (SourceAck_Status) Descriptor() protoreflect.EnumDescriptor {
-	return file_plugin_proto_enumTypes[1].Descriptor()
+	return file_plugin_proto_enumTypes[2].Descriptor()
 }
 
 func (SourceAck_Status) Type() protoreflect.EnumType {
-	return &file_plugin_proto_enumTypes[1]
+	return &file_plugin_proto_enumTypes[2]
 }
 
 func (x SourceAck_Status) Number() protoreflect.EnumNumber {
@@ -129,7 +181,7 @@ func (x SourceAck_Status) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use SourceAck_Status.Descriptor instead.
 func (SourceAck_Status) EnumDescriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{22, 0}
+	return file_plugin_proto_rawDescGZIP(), []int{23, 0}
 }
 
 type DescribeRequest struct {
@@ -451,6 +503,77 @@ func (x *ConfigureResponse) GetHolder() bool {
 	return false
 }
 
+// Error is a component's error with its class, so that it keeps its meaning across the
+// boundary. Every response that has an error string carries it as failure too; a host reads
+// failure first and falls back to the string (a retryable error) for an older plugin.
+type Error struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Class         Error_Class            `protobuf:"varint,1,opt,name=class,proto3,enum=flowpipe.plugin.v1.Error_Class" json:"class,omitempty"`
+	Message       string                 `protobuf:"bytes,2,opt,name=message,proto3" json:"message,omitempty"`
+	Component     string                 `protobuf:"bytes,3,opt,name=component,proto3" json:"component,omitempty"` // CLASS_DROP: the component that dropped
+	Reason        string                 `protobuf:"bytes,4,opt,name=reason,proto3" json:"reason,omitempty"`       // CLASS_DROP: the drop reason
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Error) Reset() {
+	*x = Error{}
+	mi := &file_plugin_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Error) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Error) ProtoMessage() {}
+
+func (x *Error) ProtoReflect() protoreflect.Message {
+	mi := &file_plugin_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Error.ProtoReflect.Descriptor instead.
+func (*Error) Descriptor() ([]byte, []int) {
+	return file_plugin_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *Error) GetClass() Error_Class {
+	if x != nil {
+		return x.Class
+	}
+	return Error_CLASS_RETRYABLE
+}
+
+func (x *Error) GetMessage() string {
+	if x != nil {
+		return x.Message
+	}
+	return ""
+}
+
+func (x *Error) GetComponent() string {
+	if x != nil {
+		return x.Component
+	}
+	return ""
+}
+
+func (x *Error) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
 type StartRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -459,7 +582,7 @@ type StartRequest struct {
 
 func (x *StartRequest) Reset() {
 	*x = StartRequest{}
-	mi := &file_plugin_proto_msgTypes[5]
+	mi := &file_plugin_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -471,7 +594,7 @@ func (x *StartRequest) String() string {
 func (*StartRequest) ProtoMessage() {}
 
 func (x *StartRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_plugin_proto_msgTypes[5]
+	mi := &file_plugin_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -484,19 +607,20 @@ func (x *StartRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartRequest.ProtoReflect.Descriptor instead.
 func (*StartRequest) Descriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{5}
+	return file_plugin_proto_rawDescGZIP(), []int{6}
 }
 
 type StartResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Error         string                 `protobuf:"bytes,1,opt,name=error,proto3" json:"error,omitempty"`
+	Failure       *Error                 `protobuf:"bytes,2,opt,name=failure,proto3" json:"failure,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *StartResponse) Reset() {
 	*x = StartResponse{}
-	mi := &file_plugin_proto_msgTypes[6]
+	mi := &file_plugin_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -508,7 +632,7 @@ func (x *StartResponse) String() string {
 func (*StartResponse) ProtoMessage() {}
 
 func (x *StartResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_plugin_proto_msgTypes[6]
+	mi := &file_plugin_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -521,7 +645,7 @@ func (x *StartResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartResponse.ProtoReflect.Descriptor instead.
 func (*StartResponse) Descriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{6}
+	return file_plugin_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *StartResponse) GetError() string {
@@ -529,6 +653,13 @@ func (x *StartResponse) GetError() string {
 		return x.Error
 	}
 	return ""
+}
+
+func (x *StartResponse) GetFailure() *Error {
+	if x != nil {
+		return x.Failure
+	}
+	return nil
 }
 
 type CloseRequest struct {
@@ -539,7 +670,7 @@ type CloseRequest struct {
 
 func (x *CloseRequest) Reset() {
 	*x = CloseRequest{}
-	mi := &file_plugin_proto_msgTypes[7]
+	mi := &file_plugin_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -551,7 +682,7 @@ func (x *CloseRequest) String() string {
 func (*CloseRequest) ProtoMessage() {}
 
 func (x *CloseRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_plugin_proto_msgTypes[7]
+	mi := &file_plugin_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -564,19 +695,20 @@ func (x *CloseRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CloseRequest.ProtoReflect.Descriptor instead.
 func (*CloseRequest) Descriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{7}
+	return file_plugin_proto_rawDescGZIP(), []int{8}
 }
 
 type CloseResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Error         string                 `protobuf:"bytes,1,opt,name=error,proto3" json:"error,omitempty"`
+	Failure       *Error                 `protobuf:"bytes,2,opt,name=failure,proto3" json:"failure,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *CloseResponse) Reset() {
 	*x = CloseResponse{}
-	mi := &file_plugin_proto_msgTypes[8]
+	mi := &file_plugin_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -588,7 +720,7 @@ func (x *CloseResponse) String() string {
 func (*CloseResponse) ProtoMessage() {}
 
 func (x *CloseResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_plugin_proto_msgTypes[8]
+	mi := &file_plugin_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -601,7 +733,7 @@ func (x *CloseResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CloseResponse.ProtoReflect.Descriptor instead.
 func (*CloseResponse) Descriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{8}
+	return file_plugin_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *CloseResponse) GetError() string {
@@ -609,6 +741,13 @@ func (x *CloseResponse) GetError() string {
 		return x.Error
 	}
 	return ""
+}
+
+func (x *CloseResponse) GetFailure() *Error {
+	if x != nil {
+		return x.Failure
+	}
+	return nil
 }
 
 type WatchRequest struct {
@@ -619,7 +758,7 @@ type WatchRequest struct {
 
 func (x *WatchRequest) Reset() {
 	*x = WatchRequest{}
-	mi := &file_plugin_proto_msgTypes[9]
+	mi := &file_plugin_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -631,7 +770,7 @@ func (x *WatchRequest) String() string {
 func (*WatchRequest) ProtoMessage() {}
 
 func (x *WatchRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_plugin_proto_msgTypes[9]
+	mi := &file_plugin_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -644,7 +783,7 @@ func (x *WatchRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchRequest.ProtoReflect.Descriptor instead.
 func (*WatchRequest) Descriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{9}
+	return file_plugin_proto_rawDescGZIP(), []int{10}
 }
 
 type WatchEvent struct {
@@ -655,7 +794,7 @@ type WatchEvent struct {
 
 func (x *WatchEvent) Reset() {
 	*x = WatchEvent{}
-	mi := &file_plugin_proto_msgTypes[10]
+	mi := &file_plugin_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -667,7 +806,7 @@ func (x *WatchEvent) String() string {
 func (*WatchEvent) ProtoMessage() {}
 
 func (x *WatchEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_plugin_proto_msgTypes[10]
+	mi := &file_plugin_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -680,7 +819,7 @@ func (x *WatchEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchEvent.ProtoReflect.Descriptor instead.
 func (*WatchEvent) Descriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{10}
+	return file_plugin_proto_rawDescGZIP(), []int{11}
 }
 
 type GatherRequest struct {
@@ -691,7 +830,7 @@ type GatherRequest struct {
 
 func (x *GatherRequest) Reset() {
 	*x = GatherRequest{}
-	mi := &file_plugin_proto_msgTypes[11]
+	mi := &file_plugin_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -703,7 +842,7 @@ func (x *GatherRequest) String() string {
 func (*GatherRequest) ProtoMessage() {}
 
 func (x *GatherRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_plugin_proto_msgTypes[11]
+	mi := &file_plugin_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -716,7 +855,7 @@ func (x *GatherRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GatherRequest.ProtoReflect.Descriptor instead.
 func (*GatherRequest) Descriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{11}
+	return file_plugin_proto_rawDescGZIP(), []int{12}
 }
 
 type HealthRequest struct {
@@ -727,7 +866,7 @@ type HealthRequest struct {
 
 func (x *HealthRequest) Reset() {
 	*x = HealthRequest{}
-	mi := &file_plugin_proto_msgTypes[12]
+	mi := &file_plugin_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -739,7 +878,7 @@ func (x *HealthRequest) String() string {
 func (*HealthRequest) ProtoMessage() {}
 
 func (x *HealthRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_plugin_proto_msgTypes[12]
+	mi := &file_plugin_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -752,7 +891,7 @@ func (x *HealthRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HealthRequest.ProtoReflect.Descriptor instead.
 func (*HealthRequest) Descriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{12}
+	return file_plugin_proto_rawDescGZIP(), []int{13}
 }
 
 type HealthResponse struct {
@@ -765,7 +904,7 @@ type HealthResponse struct {
 
 func (x *HealthResponse) Reset() {
 	*x = HealthResponse{}
-	mi := &file_plugin_proto_msgTypes[13]
+	mi := &file_plugin_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -777,7 +916,7 @@ func (x *HealthResponse) String() string {
 func (*HealthResponse) ProtoMessage() {}
 
 func (x *HealthResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_plugin_proto_msgTypes[13]
+	mi := &file_plugin_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -790,7 +929,7 @@ func (x *HealthResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HealthResponse.ProtoReflect.Descriptor instead.
 func (*HealthResponse) Descriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{13}
+	return file_plugin_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *HealthResponse) GetError() string {
@@ -817,7 +956,7 @@ type GatherResponse struct {
 
 func (x *GatherResponse) Reset() {
 	*x = GatherResponse{}
-	mi := &file_plugin_proto_msgTypes[14]
+	mi := &file_plugin_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -829,7 +968,7 @@ func (x *GatherResponse) String() string {
 func (*GatherResponse) ProtoMessage() {}
 
 func (x *GatherResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_plugin_proto_msgTypes[14]
+	mi := &file_plugin_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -842,7 +981,7 @@ func (x *GatherResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GatherResponse.ProtoReflect.Descriptor instead.
 func (*GatherResponse) Descriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{14}
+	return file_plugin_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *GatherResponse) GetMetricFamilies() [][]byte {
@@ -864,7 +1003,7 @@ type Batch struct {
 
 func (x *Batch) Reset() {
 	*x = Batch{}
-	mi := &file_plugin_proto_msgTypes[15]
+	mi := &file_plugin_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -876,7 +1015,7 @@ func (x *Batch) String() string {
 func (*Batch) ProtoMessage() {}
 
 func (x *Batch) ProtoReflect() protoreflect.Message {
-	mi := &file_plugin_proto_msgTypes[15]
+	mi := &file_plugin_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -889,7 +1028,7 @@ func (x *Batch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Batch.ProtoReflect.Descriptor instead.
 func (*Batch) Descriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{15}
+	return file_plugin_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *Batch) GetCount() uint32 {
@@ -926,7 +1065,7 @@ type Count struct {
 
 func (x *Count) Reset() {
 	*x = Count{}
-	mi := &file_plugin_proto_msgTypes[16]
+	mi := &file_plugin_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -938,7 +1077,7 @@ func (x *Count) String() string {
 func (*Count) ProtoMessage() {}
 
 func (x *Count) ProtoReflect() protoreflect.Message {
-	mi := &file_plugin_proto_msgTypes[16]
+	mi := &file_plugin_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -951,7 +1090,7 @@ func (x *Count) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Count.ProtoReflect.Descriptor instead.
 func (*Count) Descriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{16}
+	return file_plugin_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *Count) GetKind() Count_Kind {
@@ -977,15 +1116,16 @@ func (x *Count) GetN() uint64 {
 
 type WriteResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
-	Error         string                 `protobuf:"bytes,1,opt,name=error,proto3" json:"error,omitempty"` // the sink's error: the runtime retries the batch
+	Error         string                 `protobuf:"bytes,1,opt,name=error,proto3" json:"error,omitempty"` // the sink's error: the runtime retries the batch, unless it is permanent
 	Counts        []*Count               `protobuf:"bytes,2,rep,name=counts,proto3" json:"counts,omitempty"`
+	Failure       *Error                 `protobuf:"bytes,3,opt,name=failure,proto3" json:"failure,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *WriteResponse) Reset() {
 	*x = WriteResponse{}
-	mi := &file_plugin_proto_msgTypes[17]
+	mi := &file_plugin_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -997,7 +1137,7 @@ func (x *WriteResponse) String() string {
 func (*WriteResponse) ProtoMessage() {}
 
 func (x *WriteResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_plugin_proto_msgTypes[17]
+	mi := &file_plugin_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1010,7 +1150,7 @@ func (x *WriteResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WriteResponse.ProtoReflect.Descriptor instead.
 func (*WriteResponse) Descriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{17}
+	return file_plugin_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *WriteResponse) GetError() string {
@@ -1027,18 +1167,26 @@ func (x *WriteResponse) GetCounts() []*Count {
 	return nil
 }
 
+func (x *WriteResponse) GetFailure() *Error {
+	if x != nil {
+		return x.Failure
+	}
+	return nil
+}
+
 type EnrichResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Error         string                 `protobuf:"bytes,1,opt,name=error,proto3" json:"error,omitempty"` // the enricher's error: the batch fails
 	Batch         *Batch                 `protobuf:"bytes,2,opt,name=batch,proto3" json:"batch,omitempty"`
 	Counts        []*Count               `protobuf:"bytes,3,rep,name=counts,proto3" json:"counts,omitempty"`
+	Failure       *Error                 `protobuf:"bytes,4,opt,name=failure,proto3" json:"failure,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *EnrichResponse) Reset() {
 	*x = EnrichResponse{}
-	mi := &file_plugin_proto_msgTypes[18]
+	mi := &file_plugin_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1050,7 +1198,7 @@ func (x *EnrichResponse) String() string {
 func (*EnrichResponse) ProtoMessage() {}
 
 func (x *EnrichResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_plugin_proto_msgTypes[18]
+	mi := &file_plugin_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1063,7 +1211,7 @@ func (x *EnrichResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EnrichResponse.ProtoReflect.Descriptor instead.
 func (*EnrichResponse) Descriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{18}
+	return file_plugin_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *EnrichResponse) GetError() string {
@@ -1087,6 +1235,13 @@ func (x *EnrichResponse) GetCounts() []*Count {
 	return nil
 }
 
+func (x *EnrichResponse) GetFailure() *Error {
+	if x != nil {
+		return x.Failure
+	}
+	return nil
+}
+
 type SourceMessage struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Types that are valid to be assigned to Msg:
@@ -1101,7 +1256,7 @@ type SourceMessage struct {
 
 func (x *SourceMessage) Reset() {
 	*x = SourceMessage{}
-	mi := &file_plugin_proto_msgTypes[19]
+	mi := &file_plugin_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1113,7 +1268,7 @@ func (x *SourceMessage) String() string {
 func (*SourceMessage) ProtoMessage() {}
 
 func (x *SourceMessage) ProtoReflect() protoreflect.Message {
-	mi := &file_plugin_proto_msgTypes[19]
+	mi := &file_plugin_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1126,7 +1281,7 @@ func (x *SourceMessage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SourceMessage.ProtoReflect.Descriptor instead.
 func (*SourceMessage) Descriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{19}
+	return file_plugin_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *SourceMessage) GetMsg() isSourceMessage_Msg {
@@ -1190,7 +1345,7 @@ type SourceBatch struct {
 
 func (x *SourceBatch) Reset() {
 	*x = SourceBatch{}
-	mi := &file_plugin_proto_msgTypes[20]
+	mi := &file_plugin_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1202,7 +1357,7 @@ func (x *SourceBatch) String() string {
 func (*SourceBatch) ProtoMessage() {}
 
 func (x *SourceBatch) ProtoReflect() protoreflect.Message {
-	mi := &file_plugin_proto_msgTypes[20]
+	mi := &file_plugin_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1215,7 +1370,7 @@ func (x *SourceBatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SourceBatch.ProtoReflect.Descriptor instead.
 func (*SourceBatch) Descriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{20}
+	return file_plugin_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *SourceBatch) GetId() uint64 {
@@ -1243,13 +1398,14 @@ func (x *SourceBatch) GetMore() bool {
 type SourceEnd struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Error         string                 `protobuf:"bytes,1,opt,name=error,proto3" json:"error,omitempty"`
+	Failure       *Error                 `protobuf:"bytes,2,opt,name=failure,proto3" json:"failure,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *SourceEnd) Reset() {
 	*x = SourceEnd{}
-	mi := &file_plugin_proto_msgTypes[21]
+	mi := &file_plugin_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1261,7 +1417,7 @@ func (x *SourceEnd) String() string {
 func (*SourceEnd) ProtoMessage() {}
 
 func (x *SourceEnd) ProtoReflect() protoreflect.Message {
-	mi := &file_plugin_proto_msgTypes[21]
+	mi := &file_plugin_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1274,7 +1430,7 @@ func (x *SourceEnd) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SourceEnd.ProtoReflect.Descriptor instead.
 func (*SourceEnd) Descriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{21}
+	return file_plugin_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *SourceEnd) GetError() string {
@@ -1282,6 +1438,13 @@ func (x *SourceEnd) GetError() string {
 		return x.Error
 	}
 	return ""
+}
+
+func (x *SourceEnd) GetFailure() *Error {
+	if x != nil {
+		return x.Failure
+	}
+	return nil
 }
 
 // SourceAck acknowledges a batch by ID with what the pipeline did with it, or, with stop set,
@@ -1295,7 +1458,7 @@ type SourceAck struct {
 	Status        SourceAck_Status       `protobuf:"varint,2,opt,name=status,proto3,enum=flowpipe.plugin.v1.SourceAck_Status" json:"status,omitempty"`
 	Component     string                 `protobuf:"bytes,3,opt,name=component,proto3" json:"component,omitempty"` // for DROPPED: the sink that dropped
 	Reason        string                 `protobuf:"bytes,4,opt,name=reason,proto3" json:"reason,omitempty"`       // for DROPPED: the drop reason
-	Message       string                 `protobuf:"bytes,5,opt,name=message,proto3" json:"message,omitempty"`     // for FAILED
+	Message       string                 `protobuf:"bytes,5,opt,name=message,proto3" json:"message,omitempty"`     // for FAILED, and for DROPPED the dropping component's message
 	Stop          bool                   `protobuf:"varint,6,opt,name=stop,proto3" json:"stop,omitempty"`
 	Emitted       bool                   `protobuf:"varint,7,opt,name=emitted,proto3" json:"emitted,omitempty"`
 	EmitError     string                 `protobuf:"bytes,8,opt,name=emit_error,json=emitError,proto3" json:"emit_error,omitempty"` // for emitted: the pipeline refused the batch (it is stopping)
@@ -1305,7 +1468,7 @@ type SourceAck struct {
 
 func (x *SourceAck) Reset() {
 	*x = SourceAck{}
-	mi := &file_plugin_proto_msgTypes[22]
+	mi := &file_plugin_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1317,7 +1480,7 @@ func (x *SourceAck) String() string {
 func (*SourceAck) ProtoMessage() {}
 
 func (x *SourceAck) ProtoReflect() protoreflect.Message {
-	mi := &file_plugin_proto_msgTypes[22]
+	mi := &file_plugin_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1330,7 +1493,7 @@ func (x *SourceAck) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SourceAck.ProtoReflect.Descriptor instead.
 func (*SourceAck) Descriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{22}
+	return file_plugin_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *SourceAck) GetId() uint64 {
@@ -1417,13 +1580,26 @@ const file_plugin_proto_rawDesc = "" +
 	"\x11ConfigureResponse\x12A\n" +
 	"\ffield_errors\x18\x01 \x03(\v2\x1e.flowpipe.plugin.v1.FieldErrorR\vfieldErrors\x12\x14\n" +
 	"\x05error\x18\x02 \x01(\tR\x05error\x12\x16\n" +
-	"\x06holder\x18\x03 \x01(\bR\x06holder\"\x0e\n" +
-	"\fStartRequest\"%\n" +
+	"\x06holder\x18\x03 \x01(\bR\x06holder\"\xe5\x01\n" +
+	"\x05Error\x125\n" +
+	"\x05class\x18\x01 \x01(\x0e2\x1f.flowpipe.plugin.v1.Error.ClassR\x05class\x12\x18\n" +
+	"\amessage\x18\x02 \x01(\tR\amessage\x12\x1c\n" +
+	"\tcomponent\x18\x03 \x01(\tR\tcomponent\x12\x16\n" +
+	"\x06reason\x18\x04 \x01(\tR\x06reason\"U\n" +
+	"\x05Class\x12\x13\n" +
+	"\x0fCLASS_RETRYABLE\x10\x00\x12\x13\n" +
+	"\x0fCLASS_PERMANENT\x10\x01\x12\x0e\n" +
+	"\n" +
+	"CLASS_DROP\x10\x02\x12\x12\n" +
+	"\x0eCLASS_SHUTDOWN\x10\x03\"\x0e\n" +
+	"\fStartRequest\"Z\n" +
 	"\rStartResponse\x12\x14\n" +
-	"\x05error\x18\x01 \x01(\tR\x05error\"\x0e\n" +
-	"\fCloseRequest\"%\n" +
+	"\x05error\x18\x01 \x01(\tR\x05error\x123\n" +
+	"\afailure\x18\x02 \x01(\v2\x19.flowpipe.plugin.v1.ErrorR\afailure\"\x0e\n" +
+	"\fCloseRequest\"Z\n" +
 	"\rCloseResponse\x12\x14\n" +
-	"\x05error\x18\x01 \x01(\tR\x05error\"\x0e\n" +
+	"\x05error\x18\x01 \x01(\tR\x05error\x123\n" +
+	"\afailure\x18\x02 \x01(\v2\x19.flowpipe.plugin.v1.ErrorR\afailure\"\x0e\n" +
 	"\fWatchRequest\"\f\n" +
 	"\n" +
 	"WatchEvent\"\x0f\n" +
@@ -1446,14 +1622,16 @@ const file_plugin_proto_rawDesc = "" +
 	"\x10KIND_UNSPECIFIED\x10\x00\x12\x11\n" +
 	"\rKIND_FILTERED\x10\x01\x12\x10\n" +
 	"\fKIND_DROPPED\x10\x02\x12\x0f\n" +
-	"\vKIND_ERRORS\x10\x03\"X\n" +
+	"\vKIND_ERRORS\x10\x03\"\x8d\x01\n" +
 	"\rWriteResponse\x12\x14\n" +
 	"\x05error\x18\x01 \x01(\tR\x05error\x121\n" +
-	"\x06counts\x18\x02 \x03(\v2\x19.flowpipe.plugin.v1.CountR\x06counts\"\x8a\x01\n" +
+	"\x06counts\x18\x02 \x03(\v2\x19.flowpipe.plugin.v1.CountR\x06counts\x123\n" +
+	"\afailure\x18\x03 \x01(\v2\x19.flowpipe.plugin.v1.ErrorR\afailure\"\xbf\x01\n" +
 	"\x0eEnrichResponse\x12\x14\n" +
 	"\x05error\x18\x01 \x01(\tR\x05error\x12/\n" +
 	"\x05batch\x18\x02 \x01(\v2\x19.flowpipe.plugin.v1.BatchR\x05batch\x121\n" +
-	"\x06counts\x18\x03 \x03(\v2\x19.flowpipe.plugin.v1.CountR\x06counts\"\xb5\x01\n" +
+	"\x06counts\x18\x03 \x03(\v2\x19.flowpipe.plugin.v1.CountR\x06counts\x123\n" +
+	"\afailure\x18\x04 \x01(\v2\x19.flowpipe.plugin.v1.ErrorR\afailure\"\xb5\x01\n" +
 	"\rSourceMessage\x127\n" +
 	"\x05batch\x18\x01 \x01(\v2\x1f.flowpipe.plugin.v1.SourceBatchH\x00R\x05batch\x121\n" +
 	"\x03end\x18\x02 \x01(\v2\x1d.flowpipe.plugin.v1.SourceEndH\x00R\x03end\x121\n" +
@@ -1462,9 +1640,10 @@ const file_plugin_proto_rawDesc = "" +
 	"\vSourceBatch\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x12/\n" +
 	"\x05batch\x18\x02 \x01(\v2\x19.flowpipe.plugin.v1.BatchR\x05batch\x12\x12\n" +
-	"\x04more\x18\x03 \x01(\bR\x04more\"!\n" +
+	"\x04more\x18\x03 \x01(\bR\x04more\"V\n" +
 	"\tSourceEnd\x12\x14\n" +
-	"\x05error\x18\x01 \x01(\tR\x05error\"\xd2\x02\n" +
+	"\x05error\x18\x01 \x01(\tR\x05error\x123\n" +
+	"\afailure\x18\x02 \x01(\v2\x19.flowpipe.plugin.v1.ErrorR\afailure\"\xd2\x02\n" +
 	"\tSourceAck\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x12<\n" +
 	"\x06status\x18\x02 \x01(\x0e2$.flowpipe.plugin.v1.SourceAck.StatusR\x06status\x12\x1c\n" +
@@ -1507,72 +1686,80 @@ func file_plugin_proto_rawDescGZIP() []byte {
 	return file_plugin_proto_rawDescData
 }
 
-var file_plugin_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_plugin_proto_msgTypes = make([]protoimpl.MessageInfo, 23)
+var file_plugin_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
+var file_plugin_proto_msgTypes = make([]protoimpl.MessageInfo, 24)
 var file_plugin_proto_goTypes = []any{
-	(Count_Kind)(0),           // 0: flowpipe.plugin.v1.Count.Kind
-	(SourceAck_Status)(0),     // 1: flowpipe.plugin.v1.SourceAck.Status
-	(*DescribeRequest)(nil),   // 2: flowpipe.plugin.v1.DescribeRequest
-	(*DescribeResponse)(nil),  // 3: flowpipe.plugin.v1.DescribeResponse
-	(*ConfigureRequest)(nil),  // 4: flowpipe.plugin.v1.ConfigureRequest
-	(*FieldError)(nil),        // 5: flowpipe.plugin.v1.FieldError
-	(*ConfigureResponse)(nil), // 6: flowpipe.plugin.v1.ConfigureResponse
-	(*StartRequest)(nil),      // 7: flowpipe.plugin.v1.StartRequest
-	(*StartResponse)(nil),     // 8: flowpipe.plugin.v1.StartResponse
-	(*CloseRequest)(nil),      // 9: flowpipe.plugin.v1.CloseRequest
-	(*CloseResponse)(nil),     // 10: flowpipe.plugin.v1.CloseResponse
-	(*WatchRequest)(nil),      // 11: flowpipe.plugin.v1.WatchRequest
-	(*WatchEvent)(nil),        // 12: flowpipe.plugin.v1.WatchEvent
-	(*GatherRequest)(nil),     // 13: flowpipe.plugin.v1.GatherRequest
-	(*HealthRequest)(nil),     // 14: flowpipe.plugin.v1.HealthRequest
-	(*HealthResponse)(nil),    // 15: flowpipe.plugin.v1.HealthResponse
-	(*GatherResponse)(nil),    // 16: flowpipe.plugin.v1.GatherResponse
-	(*Batch)(nil),             // 17: flowpipe.plugin.v1.Batch
-	(*Count)(nil),             // 18: flowpipe.plugin.v1.Count
-	(*WriteResponse)(nil),     // 19: flowpipe.plugin.v1.WriteResponse
-	(*EnrichResponse)(nil),    // 20: flowpipe.plugin.v1.EnrichResponse
-	(*SourceMessage)(nil),     // 21: flowpipe.plugin.v1.SourceMessage
-	(*SourceBatch)(nil),       // 22: flowpipe.plugin.v1.SourceBatch
-	(*SourceEnd)(nil),         // 23: flowpipe.plugin.v1.SourceEnd
-	(*SourceAck)(nil),         // 24: flowpipe.plugin.v1.SourceAck
+	(Error_Class)(0),          // 0: flowpipe.plugin.v1.Error.Class
+	(Count_Kind)(0),           // 1: flowpipe.plugin.v1.Count.Kind
+	(SourceAck_Status)(0),     // 2: flowpipe.plugin.v1.SourceAck.Status
+	(*DescribeRequest)(nil),   // 3: flowpipe.plugin.v1.DescribeRequest
+	(*DescribeResponse)(nil),  // 4: flowpipe.plugin.v1.DescribeResponse
+	(*ConfigureRequest)(nil),  // 5: flowpipe.plugin.v1.ConfigureRequest
+	(*FieldError)(nil),        // 6: flowpipe.plugin.v1.FieldError
+	(*ConfigureResponse)(nil), // 7: flowpipe.plugin.v1.ConfigureResponse
+	(*Error)(nil),             // 8: flowpipe.plugin.v1.Error
+	(*StartRequest)(nil),      // 9: flowpipe.plugin.v1.StartRequest
+	(*StartResponse)(nil),     // 10: flowpipe.plugin.v1.StartResponse
+	(*CloseRequest)(nil),      // 11: flowpipe.plugin.v1.CloseRequest
+	(*CloseResponse)(nil),     // 12: flowpipe.plugin.v1.CloseResponse
+	(*WatchRequest)(nil),      // 13: flowpipe.plugin.v1.WatchRequest
+	(*WatchEvent)(nil),        // 14: flowpipe.plugin.v1.WatchEvent
+	(*GatherRequest)(nil),     // 15: flowpipe.plugin.v1.GatherRequest
+	(*HealthRequest)(nil),     // 16: flowpipe.plugin.v1.HealthRequest
+	(*HealthResponse)(nil),    // 17: flowpipe.plugin.v1.HealthResponse
+	(*GatherResponse)(nil),    // 18: flowpipe.plugin.v1.GatherResponse
+	(*Batch)(nil),             // 19: flowpipe.plugin.v1.Batch
+	(*Count)(nil),             // 20: flowpipe.plugin.v1.Count
+	(*WriteResponse)(nil),     // 21: flowpipe.plugin.v1.WriteResponse
+	(*EnrichResponse)(nil),    // 22: flowpipe.plugin.v1.EnrichResponse
+	(*SourceMessage)(nil),     // 23: flowpipe.plugin.v1.SourceMessage
+	(*SourceBatch)(nil),       // 24: flowpipe.plugin.v1.SourceBatch
+	(*SourceEnd)(nil),         // 25: flowpipe.plugin.v1.SourceEnd
+	(*SourceAck)(nil),         // 26: flowpipe.plugin.v1.SourceAck
 }
 var file_plugin_proto_depIdxs = []int32{
-	5,  // 0: flowpipe.plugin.v1.ConfigureResponse.field_errors:type_name -> flowpipe.plugin.v1.FieldError
-	18, // 1: flowpipe.plugin.v1.HealthResponse.counts:type_name -> flowpipe.plugin.v1.Count
-	0,  // 2: flowpipe.plugin.v1.Count.kind:type_name -> flowpipe.plugin.v1.Count.Kind
-	18, // 3: flowpipe.plugin.v1.WriteResponse.counts:type_name -> flowpipe.plugin.v1.Count
-	17, // 4: flowpipe.plugin.v1.EnrichResponse.batch:type_name -> flowpipe.plugin.v1.Batch
-	18, // 5: flowpipe.plugin.v1.EnrichResponse.counts:type_name -> flowpipe.plugin.v1.Count
-	22, // 6: flowpipe.plugin.v1.SourceMessage.batch:type_name -> flowpipe.plugin.v1.SourceBatch
-	23, // 7: flowpipe.plugin.v1.SourceMessage.end:type_name -> flowpipe.plugin.v1.SourceEnd
-	18, // 8: flowpipe.plugin.v1.SourceMessage.counts:type_name -> flowpipe.plugin.v1.Count
-	17, // 9: flowpipe.plugin.v1.SourceBatch.batch:type_name -> flowpipe.plugin.v1.Batch
-	1,  // 10: flowpipe.plugin.v1.SourceAck.status:type_name -> flowpipe.plugin.v1.SourceAck.Status
-	2,  // 11: flowpipe.plugin.v1.Component.Describe:input_type -> flowpipe.plugin.v1.DescribeRequest
-	4,  // 12: flowpipe.plugin.v1.Component.Configure:input_type -> flowpipe.plugin.v1.ConfigureRequest
-	7,  // 13: flowpipe.plugin.v1.Component.Start:input_type -> flowpipe.plugin.v1.StartRequest
-	9,  // 14: flowpipe.plugin.v1.Component.Close:input_type -> flowpipe.plugin.v1.CloseRequest
-	11, // 15: flowpipe.plugin.v1.Component.Watch:input_type -> flowpipe.plugin.v1.WatchRequest
-	13, // 16: flowpipe.plugin.v1.Component.Gather:input_type -> flowpipe.plugin.v1.GatherRequest
-	14, // 17: flowpipe.plugin.v1.Component.Health:input_type -> flowpipe.plugin.v1.HealthRequest
-	24, // 18: flowpipe.plugin.v1.Source.Run:input_type -> flowpipe.plugin.v1.SourceAck
-	17, // 19: flowpipe.plugin.v1.Enricher.Enrich:input_type -> flowpipe.plugin.v1.Batch
-	17, // 20: flowpipe.plugin.v1.Sink.Write:input_type -> flowpipe.plugin.v1.Batch
-	3,  // 21: flowpipe.plugin.v1.Component.Describe:output_type -> flowpipe.plugin.v1.DescribeResponse
-	6,  // 22: flowpipe.plugin.v1.Component.Configure:output_type -> flowpipe.plugin.v1.ConfigureResponse
-	8,  // 23: flowpipe.plugin.v1.Component.Start:output_type -> flowpipe.plugin.v1.StartResponse
-	10, // 24: flowpipe.plugin.v1.Component.Close:output_type -> flowpipe.plugin.v1.CloseResponse
-	12, // 25: flowpipe.plugin.v1.Component.Watch:output_type -> flowpipe.plugin.v1.WatchEvent
-	16, // 26: flowpipe.plugin.v1.Component.Gather:output_type -> flowpipe.plugin.v1.GatherResponse
-	15, // 27: flowpipe.plugin.v1.Component.Health:output_type -> flowpipe.plugin.v1.HealthResponse
-	21, // 28: flowpipe.plugin.v1.Source.Run:output_type -> flowpipe.plugin.v1.SourceMessage
-	20, // 29: flowpipe.plugin.v1.Enricher.Enrich:output_type -> flowpipe.plugin.v1.EnrichResponse
-	19, // 30: flowpipe.plugin.v1.Sink.Write:output_type -> flowpipe.plugin.v1.WriteResponse
-	21, // [21:31] is the sub-list for method output_type
-	11, // [11:21] is the sub-list for method input_type
-	11, // [11:11] is the sub-list for extension type_name
-	11, // [11:11] is the sub-list for extension extendee
-	0,  // [0:11] is the sub-list for field type_name
+	6,  // 0: flowpipe.plugin.v1.ConfigureResponse.field_errors:type_name -> flowpipe.plugin.v1.FieldError
+	0,  // 1: flowpipe.plugin.v1.Error.class:type_name -> flowpipe.plugin.v1.Error.Class
+	8,  // 2: flowpipe.plugin.v1.StartResponse.failure:type_name -> flowpipe.plugin.v1.Error
+	8,  // 3: flowpipe.plugin.v1.CloseResponse.failure:type_name -> flowpipe.plugin.v1.Error
+	20, // 4: flowpipe.plugin.v1.HealthResponse.counts:type_name -> flowpipe.plugin.v1.Count
+	1,  // 5: flowpipe.plugin.v1.Count.kind:type_name -> flowpipe.plugin.v1.Count.Kind
+	20, // 6: flowpipe.plugin.v1.WriteResponse.counts:type_name -> flowpipe.plugin.v1.Count
+	8,  // 7: flowpipe.plugin.v1.WriteResponse.failure:type_name -> flowpipe.plugin.v1.Error
+	19, // 8: flowpipe.plugin.v1.EnrichResponse.batch:type_name -> flowpipe.plugin.v1.Batch
+	20, // 9: flowpipe.plugin.v1.EnrichResponse.counts:type_name -> flowpipe.plugin.v1.Count
+	8,  // 10: flowpipe.plugin.v1.EnrichResponse.failure:type_name -> flowpipe.plugin.v1.Error
+	24, // 11: flowpipe.plugin.v1.SourceMessage.batch:type_name -> flowpipe.plugin.v1.SourceBatch
+	25, // 12: flowpipe.plugin.v1.SourceMessage.end:type_name -> flowpipe.plugin.v1.SourceEnd
+	20, // 13: flowpipe.plugin.v1.SourceMessage.counts:type_name -> flowpipe.plugin.v1.Count
+	19, // 14: flowpipe.plugin.v1.SourceBatch.batch:type_name -> flowpipe.plugin.v1.Batch
+	8,  // 15: flowpipe.plugin.v1.SourceEnd.failure:type_name -> flowpipe.plugin.v1.Error
+	2,  // 16: flowpipe.plugin.v1.SourceAck.status:type_name -> flowpipe.plugin.v1.SourceAck.Status
+	3,  // 17: flowpipe.plugin.v1.Component.Describe:input_type -> flowpipe.plugin.v1.DescribeRequest
+	5,  // 18: flowpipe.plugin.v1.Component.Configure:input_type -> flowpipe.plugin.v1.ConfigureRequest
+	9,  // 19: flowpipe.plugin.v1.Component.Start:input_type -> flowpipe.plugin.v1.StartRequest
+	11, // 20: flowpipe.plugin.v1.Component.Close:input_type -> flowpipe.plugin.v1.CloseRequest
+	13, // 21: flowpipe.plugin.v1.Component.Watch:input_type -> flowpipe.plugin.v1.WatchRequest
+	15, // 22: flowpipe.plugin.v1.Component.Gather:input_type -> flowpipe.plugin.v1.GatherRequest
+	16, // 23: flowpipe.plugin.v1.Component.Health:input_type -> flowpipe.plugin.v1.HealthRequest
+	26, // 24: flowpipe.plugin.v1.Source.Run:input_type -> flowpipe.plugin.v1.SourceAck
+	19, // 25: flowpipe.plugin.v1.Enricher.Enrich:input_type -> flowpipe.plugin.v1.Batch
+	19, // 26: flowpipe.plugin.v1.Sink.Write:input_type -> flowpipe.plugin.v1.Batch
+	4,  // 27: flowpipe.plugin.v1.Component.Describe:output_type -> flowpipe.plugin.v1.DescribeResponse
+	7,  // 28: flowpipe.plugin.v1.Component.Configure:output_type -> flowpipe.plugin.v1.ConfigureResponse
+	10, // 29: flowpipe.plugin.v1.Component.Start:output_type -> flowpipe.plugin.v1.StartResponse
+	12, // 30: flowpipe.plugin.v1.Component.Close:output_type -> flowpipe.plugin.v1.CloseResponse
+	14, // 31: flowpipe.plugin.v1.Component.Watch:output_type -> flowpipe.plugin.v1.WatchEvent
+	18, // 32: flowpipe.plugin.v1.Component.Gather:output_type -> flowpipe.plugin.v1.GatherResponse
+	17, // 33: flowpipe.plugin.v1.Component.Health:output_type -> flowpipe.plugin.v1.HealthResponse
+	23, // 34: flowpipe.plugin.v1.Source.Run:output_type -> flowpipe.plugin.v1.SourceMessage
+	22, // 35: flowpipe.plugin.v1.Enricher.Enrich:output_type -> flowpipe.plugin.v1.EnrichResponse
+	21, // 36: flowpipe.plugin.v1.Sink.Write:output_type -> flowpipe.plugin.v1.WriteResponse
+	27, // [27:37] is the sub-list for method output_type
+	17, // [17:27] is the sub-list for method input_type
+	17, // [17:17] is the sub-list for extension type_name
+	17, // [17:17] is the sub-list for extension extendee
+	0,  // [0:17] is the sub-list for field type_name
 }
 
 func init() { file_plugin_proto_init() }
@@ -1580,7 +1767,7 @@ func file_plugin_proto_init() {
 	if File_plugin_proto != nil {
 		return
 	}
-	file_plugin_proto_msgTypes[19].OneofWrappers = []any{
+	file_plugin_proto_msgTypes[20].OneofWrappers = []any{
 		(*SourceMessage_Batch)(nil),
 		(*SourceMessage_End)(nil),
 	}
@@ -1589,8 +1776,8 @@ func file_plugin_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_plugin_proto_rawDesc), len(file_plugin_proto_rawDesc)),
-			NumEnums:      2,
-			NumMessages:   23,
+			NumEnums:      3,
+			NumMessages:   24,
 			NumExtensions: 0,
 			NumServices:   4,
 		},

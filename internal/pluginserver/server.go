@@ -42,7 +42,8 @@ type Server struct {
 	// hostGone runs when the host's Watch stream ends without a Close: the host died, so
 	// the plugin process must not outlive it. In memory (plugintest) it does nothing.
 	hostGone func()
-	// stdout is flowpipe's standard output, passed down; components see it as os.Stdout.
+	// stdout is flowpipe's standard output, passed down; components get it as Env.Stdout
+	// (go-plugin made this process's os.Stdout its own pipe when it started serving).
 	stdout *os.File
 	// metrics is the registry the component's Env.Registerer registers into; Gather
 	// serves it to the host.
@@ -93,47 +94,20 @@ func (s *Server) Configure(_ context.Context, req *pb.ConfigureRequest) (*pb.Con
 	if raw == nil {
 		raw = map[string]any{}
 	}
-	cfg := s.factory.NewConfig()
-	errs := options.Decode(raw, cfg, "")
-	if len(errs) == 0 {
-		if v, ok := cfg.(interface{ Validate() error }); ok {
-			if err := v.Validate(); err != nil {
-				var fe options.FieldErrors
-				var one options.FieldError
-				switch {
-				case errors.As(err, &fe):
-					errs = fe
-				case errors.As(err, &one):
-					errs = options.FieldErrors{one}
-				default:
-					return &pb.ConfigureResponse{Error: err.Error()}, nil
-				}
-			}
-		}
-	}
-	if len(errs) > 0 {
-		resp := &pb.ConfigureResponse{}
-		for _, e := range errs {
-			resp.FieldErrors = append(resp.FieldErrors, &pb.FieldError{Path: e.Path, Message: e.Msg})
-		}
-		return resp, nil
-	}
-	if s.stdout != nil {
-		// go-plugin made os.Stdout its own pipe when it started serving; components that
-		// write to standard output get flowpipe's.
-		os.Stdout = s.stdout
-	}
 	env := component.Env{
 		Name: req.Name, Kind: s.factory.Kind, Type: s.factory.Type, ConfigDir: req.ConfigDir, DataDir: req.DataDir,
 		Logger: s.log, Metrics: &s.counts,
 		Registerer: s.metrics,
 	}
-	c, err := s.factory.New(env, cfg)
+	if s.stdout != nil {
+		env.Stdout = s.stdout
+	}
+	// The same path as in process (component.Factory.Build): decode, validate, build.
+	c, err := s.factory.Build(env, raw)
 	if err != nil {
-		var fe options.FieldErrors
-		if errors.As(err, &fe) {
+		if errs, ok := options.FieldErrorsOf(err); ok {
 			resp := &pb.ConfigureResponse{}
-			for _, e := range fe {
+			for _, e := range errs {
 				resp.FieldErrors = append(resp.FieldErrors, &pb.FieldError{Path: e.Path, Message: e.Msg})
 			}
 			return resp, nil
@@ -164,7 +138,7 @@ func (s *Server) Start(ctx context.Context, _ *pb.StartRequest) (*pb.StartRespon
 	}
 	if st, ok := c.(component.Starter); ok {
 		if err := st.Start(ctx); err != nil {
-			return &pb.StartResponse{Error: err.Error()}, nil
+			return &pb.StartResponse{Error: err.Error(), Failure: pb.ErrorToProto(err)}, nil
 		}
 	}
 	return &pb.StartResponse{}, nil
@@ -177,7 +151,7 @@ func (s *Server) Close(ctx context.Context, _ *pb.CloseRequest) (*pb.CloseRespon
 	s.mu.Unlock()
 	if cl, ok := c.(component.Closer); ok {
 		if err := cl.Close(ctx); err != nil {
-			return &pb.CloseResponse{Error: err.Error()}, nil
+			return &pb.CloseResponse{Error: err.Error(), Failure: pb.ErrorToProto(err)}, nil
 		}
 	}
 	return &pb.CloseResponse{}, nil
@@ -264,7 +238,7 @@ func (s *Server) Write(ctx context.Context, req *pb.Batch) (*pb.WriteResponse, e
 	b.Source = req.Source
 	resp := &pb.WriteResponse{}
 	if err := sink.Write(ctx, b); err != nil {
-		resp.Error = err.Error()
+		resp.Error, resp.Failure = err.Error(), pb.ErrorToProto(err)
 	}
 	resp.Counts = s.counts.drain()
 	return resp, nil
@@ -285,7 +259,7 @@ func (s *Server) Enrich(ctx context.Context, req *pb.Batch) (*pb.EnrichResponse,
 	b.Source = req.Source
 	resp := &pb.EnrichResponse{}
 	if err := en.Enrich(ctx, b); err != nil {
-		resp.Error = err.Error()
+		resp.Error, resp.Failure = err.Error(), pb.ErrorToProto(err)
 	} else {
 		// The answer's buffer goes back to the pool once gRPC has marshalled it (pb.Codec).
 		_, resp.Batch = pb.EncodeBatch(b.Events, b.Source)
@@ -331,7 +305,7 @@ func (s *Server) Run(stream grpc.BidiStreamingServer[pb.SourceAck, pb.SourceMess
 	runErr := src.Run(runCtx, em)
 	end := &pb.SourceEnd{}
 	if runErr != nil && !errors.Is(runErr, context.Canceled) {
-		end.Error = runErr.Error()
+		end.Error, end.Failure = runErr.Error(), pb.ErrorToProto(runErr)
 	}
 	if err := em.send(&pb.SourceMessage{Msg: &pb.SourceMessage_End{End: end}, Counts: s.counts.drain()}); err == nil {
 		// Stay for the acknowledgements of what is still in the pipeline, until the host
@@ -437,10 +411,7 @@ func (e *emitter) Emit(ctx context.Context, b *flow.Batch) error {
 	}
 	e.mu.Unlock()
 
-	source := b.Source
-	if source == "" && len(b.Events) > 0 {
-		source = b.Events[0].Source
-	}
+	source := b.Source // the host's runtime stamps the source's name on what is empty
 	e.sendMu.Lock()
 	var err error
 	parts := pb.Split(b.Events)

@@ -104,7 +104,7 @@ func (s *Sink) Start(context.Context) error {
 
 func (s *Sink) open() error {
 	if s.path == "-" {
-		s.f, s.w = nil, os.Stdout
+		s.f, s.w = nil, s.env.Output()
 		return nil
 	}
 	if err := os.MkdirAll(filepath.Dir(s.path), 0o750); err != nil {
@@ -237,6 +237,8 @@ func (s *Sink) rotate() error {
 			for _, f := range old[:len(old)-s.cfg.MaxFiles] {
 				if err := os.Remove(f); err != nil && !errors.Is(err, os.ErrNotExist) {
 					s.env.Logger.Warn("cannot remove old rotated file", "file", f, "error", err)
+				} else if err == nil {
+					s.env.Logger.Info("removed the oldest rotated file (max_files)", "file", f, "max_files", s.cfg.MaxFiles)
 				}
 			}
 		}

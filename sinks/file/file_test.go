@@ -15,6 +15,7 @@ import (
 	"github.com/flowpipe/flowpipe/core/component/componenttest"
 	"github.com/flowpipe/flowpipe/core/config"
 	"github.com/flowpipe/flowpipe/core/flow"
+	"github.com/flowpipe/flowpipe/internal/testenv"
 )
 
 func env(dir string) component.Env {
@@ -184,5 +185,32 @@ func TestWriteFailsClearlyOnUnwritablePath(t *testing.T) {
 	}
 	if want := blocker; !strings.Contains(err.Error(), want) {
 		t.Errorf("error %q does not name the path", err)
+	}
+}
+
+// Removing a rotated file past max_files is logged, with the file's name.
+func TestRotationLogsRemovedFiles(t *testing.T) {
+	dir := t.TempDir()
+	var logs testenv.SyncBuffer
+	e := env(dir)
+	e.Logger = slog.New(slog.NewTextHandler(&logs, nil))
+	s := New(e, &Config{Path: "flows.jsonl", MaxSize: 4096, MaxFiles: 1, Sync: "none"})
+	if err := s.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	ids, seq := flow.NewIDGen(), uint64(0)
+	for range 20 {
+		if err := s.Write(context.Background(), batch(ids, 5, &seq)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s.Close(context.Background())
+	removed := strings.Count(logs.String(), "removed the oldest rotated file (max_files)")
+	if removed == 0 || !strings.Contains(logs.String(), "file="+filepath.Join(dir, "flows.jsonl.")) {
+		t.Fatalf("no removal logged:\n%s", logs.String())
+	}
+	rotated, _ := filepath.Glob(filepath.Join(dir, "flows.jsonl.*"))
+	if len(rotated) != 1 {
+		t.Fatalf("%d rotated files kept, want 1", len(rotated))
 	}
 }

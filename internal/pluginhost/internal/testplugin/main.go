@@ -118,7 +118,9 @@ func (s *sink) Start(context.Context) error {
 		return err
 	}
 	s.f = f
-	s.env.Logger.Info("jsonl sink started", "path", s.cfg.Path)
+	// Attributes of several kinds, in an order a map would not keep: the host's log must
+	// show them as an in-process component's line would.
+	s.env.Logger.Info("jsonl sink started", "path", s.cfg.Path, "timeout", 1500*time.Millisecond, "batch", 3, "z", "last")
 	return nil
 }
 
