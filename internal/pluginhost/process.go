@@ -151,10 +151,11 @@ func startProc(ctx context.Context, l *launcher, spec config.Component, env comp
 
 	holder, err := p.configure(ctx, l.describe, spec, env, s.StartTimeout, optYAML)
 	if err != nil {
-		p.kill()
 		if ctx.Err() != nil {
+			p.abandon()
 			return nil, false, startErr(ctx, l, s, "did not answer once started")
 		}
+		p.shutdown() // a healthy plugin that refused its options: let it exit
 		return nil, false, err
 	}
 	return p, holder, nil
