@@ -8,6 +8,8 @@ import (
 	"github.com/flowpipe/flowpipe/sinks/discard"
 	"github.com/flowpipe/flowpipe/sinks/file"
 	grpcsink "github.com/flowpipe/flowpipe/sinks/grpc"
+	"github.com/flowpipe/flowpipe/sinks/ipfix"
+	"github.com/flowpipe/flowpipe/sinks/syslog"
 	"github.com/flowpipe/flowpipe/sources/conntrack"
 	"github.com/flowpipe/flowpipe/sources/generate"
 	grpcsource "github.com/flowpipe/flowpipe/sources/grpc"
@@ -33,6 +35,8 @@ func builtins() []component.Factory {
 		file.Factory(),
 		discard.Factory(),
 		grpcsink.Factory(),
+		ipfix.Factory(),
+		syslog.Factory(),
 	}
 }
 

@@ -14,9 +14,6 @@ import (
 	"github.com/flowpipe/flowpipe/core/config"
 )
 
-// version is set at build time with -ldflags "-X main.version=...".
-var version = "dev"
-
 type globalFlags struct {
 	logLevel  string
 	logFormat string
@@ -61,7 +58,7 @@ A pipeline is declared in pipeline.yaml.`,
 	root.PersistentFlags().StringVar(&g.logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	root.PersistentFlags().StringVar(&g.logFormat, "log-format", "text", "log format: text or json")
 	root.AddCommand(newRunCmd(g), newValidateCmd(g), newGraphCmd(g), newVersionCmd(),
-		newPluginsCmd(g), newPluginCmd())
+		newPluginsCmd(g), newPluginCmd(), newTapCmd(g), newTopCmd(g), newQueueCmd())
 	return root
 }
 
@@ -79,11 +76,31 @@ func (g *globalFlags) logger() (*slog.Logger, error) {
 	if err := level.UnmarshalText([]byte(g.logLevel)); err != nil {
 		return nil, fmt.Errorf("--log-level %q: want debug, info, warn or error", g.logLevel)
 	}
-	opts := &slog.HandlerOptions{Level: level}
+	// Durations read "1.5s" in both formats, as a plugin's lines do (they reach this log
+	// as text), so a line is the same whether its component runs in or out of process.
+	opts := &slog.HandlerOptions{Level: level, ReplaceAttr: func(_ []string, a slog.Attr) slog.Attr {
+		if a.Value.Kind() == slog.KindDuration {
+			a.Value = slog.StringValue(a.Value.Duration().String())
+		}
+		return a
+	}}
+	journal := underJournal()
 	switch strings.ToLower(g.logFormat) {
 	case "text":
+		if journal {
+			return slog.New(newJournalHandler(os.Stderr, opts)), nil
+		}
 		return slog.New(slog.NewTextHandler(os.Stderr, opts)), nil
 	case "json":
+		if journal {
+			prev := opts.ReplaceAttr
+			opts.ReplaceAttr = func(groups []string, a slog.Attr) slog.Attr {
+				if len(groups) == 0 && a.Key == slog.TimeKey {
+					return slog.Attr{} // the journal timestamps every line
+				}
+				return prev(groups, a)
+			}
+		}
 		return slog.New(slog.NewJSONHandler(os.Stderr, opts)), nil
 	}
 	return nil, fmt.Errorf("--log-format %q: want text or json", g.logFormat)

@@ -6,6 +6,7 @@ import (
 
 	"github.com/flowpipe/flowpipe/core/config"
 	"github.com/flowpipe/flowpipe/core/pipeline"
+	"github.com/flowpipe/flowpipe/core/tap"
 	"github.com/flowpipe/flowpipe/internal/pluginhost"
 )
 
@@ -35,7 +36,11 @@ func (g *globalFlags) build(ctx context.Context) (*config.Document, *pipeline.Pi
 	if err != nil {
 		return nil, nil, nil, printProblems(err)
 	}
-	p, err := pipeline.New(ctx, doc, pipelineOptions(log))
+	opts := pipelineOptions(log)
+	if doc.Admin.Listen != "" {
+		opts.Taps = tap.NewRegistry(doc.Admin.TapRing)
+	}
+	p, err := pipeline.New(ctx, doc, opts)
 	if err != nil {
 		return nil, nil, nil, printProblems(err)
 	}

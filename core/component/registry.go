@@ -28,6 +28,15 @@ type Factory struct {
 	// windowed aggregation): it runs only in the flowpipe process, and the runtime knows so
 	// without building it.
 	Holds bool
+	// Reasons are the reasons the component counts drops and filters under (Env.Metrics);
+	// the runtime publishes their counters at 0 when it builds the component, so that an
+	// alert can be written before the first drop.
+	Reasons Reasons
+}
+
+// Reasons name a component's own drop and filter reasons.
+type Reasons struct {
+	Dropped, Filtered []string
 }
 
 // Build is the one path from a component's options to the component, in process and in a
@@ -40,6 +49,20 @@ func (f Factory) Build(env Env, raw map[string]any) (any, error) {
 		return nil, errs
 	}
 	return f.New(env, cfg)
+}
+
+// Capabilities decodes and checks raw as Build does and returns the Linux capabilities the
+// component needs with these options (NeedsCapabilities on its config; none without it):
+// what the plugin host gives its process.
+func (f Factory) Capabilities(raw map[string]any) ([]string, error) {
+	cfg := f.NewConfig()
+	if errs := options.Check(raw, cfg, ""); len(errs) > 0 {
+		return nil, errs
+	}
+	if n, ok := cfg.(NeedsCapabilities); ok {
+		return n.Capabilities(), nil
+	}
+	return nil, nil
 }
 
 // NewSourceFactory is a typed helper for a source factory.

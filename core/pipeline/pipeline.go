@@ -21,6 +21,7 @@ import (
 	"github.com/flowpipe/flowpipe/core/flow"
 	"github.com/flowpipe/flowpipe/core/metrics"
 	"github.com/flowpipe/flowpipe/core/options"
+	"github.com/flowpipe/flowpipe/core/tap"
 )
 
 // Options configure how a pipeline is built.
@@ -36,6 +37,9 @@ type Options struct {
 	// DefaultIsolation applies to built-in components that set no isolation:
 	// "inproc" (when empty) or "process".
 	DefaultIsolation string
+	// Taps holds the tap points (nil: a fresh registry with no ring). Pass the same registry
+	// to a reloaded pipeline and taps of the components it keeps go on.
+	Taps *tap.Registry
 }
 
 // Pipeline is a built pipeline, ready to Run once.
@@ -50,6 +54,10 @@ type Pipeline struct {
 	// as New builds them): one list that every kind goes through to start and to close.
 	parts    []*part
 	stopping chan struct{}
+	runningc chan struct{} // closed once every component started (Running)
+	taps     *tap.Registry
+	fanout   *tap.Hub   // batches handed to the sinks
+	sinkTaps []*tap.Hub // by index of sinks
 
 	mu      sync.Mutex
 	running bool
@@ -61,12 +69,14 @@ type sourceNode struct {
 	src  component.Source
 	m    *metrics.Component
 	p    *Pipeline
+	tap  *tap.Hub
 }
 
 type enricherNode struct {
 	name string
 	en   component.Enricher
 	m    *metrics.Component
+	tap  *tap.Hub
 }
 
 // part is one built component: started in order, closed exactly once.
@@ -83,14 +93,21 @@ func New(ctx context.Context, doc *config.Document, opts Options) (*Pipeline, er
 	if opts.Registry == nil {
 		return nil, errors.New("pipeline: Options.Registry is required")
 	}
-	p := &Pipeline{doc: doc, log: opts.Logger, metrics: opts.Metrics, stopping: make(chan struct{})}
+	p := &Pipeline{doc: doc, log: opts.Logger, metrics: opts.Metrics, stopping: make(chan struct{}), runningc: make(chan struct{})}
 	if p.log == nil {
 		p.log = slog.Default()
 	}
 	if p.metrics == nil {
 		p.metrics = metrics.New()
 	}
+	p.taps = opts.Taps
+	if p.taps == nil {
+		p.taps = tap.NewRegistry(0)
+	}
+	p.fanout = p.taps.Point(tap.Fanout, "fanout")
 	var probs config.Problems
+	var sinkTaps []*tap.Hub
+	queueDirs := map[string]string{} // disk queue directory → sink
 	for _, spec := range doc.Sinks {
 		settings := defaultSinkSettings()
 		if f, ok := opts.Registry.Lookup(spec.Kind, spec.Type); ok && spec.Plugin == "" && f.InFlight > 0 {
@@ -104,7 +121,19 @@ func New(ctx context.Context, doc *config.Document, opts Options) (*Pipeline, er
 				delete(opts2, k)
 			}
 		}
-		probs = append(probs, doc.Problems(spec.Path, options.Check(rt, &settings, ""))...)
+		errs := options.Check(rt, &settings, "")
+		errs = append(errs, queueKeyErrors(rt, settings.Queue.Type)...)
+		var qdir string
+		if len(errs) == 0 && settings.Queue.Type == QueueDisk {
+			qdir = queueDir(doc, spec.Name, settings.Queue)
+			if other, ok := queueDirs[qdir]; ok {
+				errs.Add("queue.path", "%s is already sink %s's queue; every sink needs its own", qdir, other)
+			} else if err := checkQueueDir(qdir); err != nil {
+				errs.Add("queue.path", "%s: %v", qdir, err)
+			}
+			queueDirs[qdir] = spec.Name
+		}
+		probs = append(probs, doc.Problems(spec.Path, errs)...)
 		spec.Options = opts2
 		c, m, ps := p.build(ctx, spec, opts)
 		probs = append(probs, ps...)
@@ -116,7 +145,12 @@ func New(ctx context.Context, doc *config.Document, opts Options) (*Pipeline, er
 			probs = append(probs, doc.Problem(spec.Path, "%s is not a sink", describeSpec(spec)))
 			continue
 		}
-		p.sinks = append(p.sinks, newSinkNode(spec.Name, sink, settings, m, p.log))
+		node := newSinkNode(spec.Name, sink, settings, m, p.log)
+		if qdir != "" {
+			node.queue = newDiskSinkQueue(node, qdir)
+		}
+		p.sinks = append(p.sinks, node)
+		sinkTaps = append(sinkTaps, p.taps.Point(spec.Name, "sink"))
 	}
 	for _, spec := range doc.Enrichers {
 		c, m, ps := p.build(ctx, spec, opts)
@@ -129,7 +163,7 @@ func New(ctx context.Context, doc *config.Document, opts Options) (*Pipeline, er
 			probs = append(probs, doc.Problem(spec.Path, "%s is not an enricher", describeSpec(spec)))
 			continue
 		}
-		p.enrich = append(p.enrich, &enricherNode{name: spec.Name, en: en, m: m})
+		p.enrich = append(p.enrich, &enricherNode{name: spec.Name, en: en, m: m, tap: p.taps.Point(spec.Name, "enricher")})
 		if h, ok := en.(component.Holder); ok {
 			h.Attach(&downstream{p: p, from: len(p.enrich)}) // what it emits passes the stages after it
 		}
@@ -145,7 +179,7 @@ func New(ctx context.Context, doc *config.Document, opts Options) (*Pipeline, er
 			probs = append(probs, doc.Problem(spec.Path, "%s is not a source", describeSpec(spec)))
 			continue
 		}
-		p.sources = append(p.sources, &sourceNode{name: spec.Name, src: src, m: m, p: p})
+		p.sources = append(p.sources, &sourceNode{name: spec.Name, src: src, m: m, p: p, tap: p.taps.Point(spec.Name, "source")})
 	}
 	if len(probs) > 0 {
 		probs.Sort()
@@ -154,7 +188,30 @@ func New(ctx context.Context, doc *config.Document, opts Options) (*Pipeline, er
 		p.closeAll(cctx)
 		return nil, probs
 	}
+	p.sinkTaps = sinkTaps
 	return p, nil
+}
+
+// queueKeyErrors reports queue keys that do not apply to the chosen queue type.
+func queueKeyErrors(rt map[string]any, typ string) config.FieldErrors {
+	var errs config.FieldErrors
+	raw, _ := rt["queue"].(map[string]any)
+	memOnly := []string{"max_events", "max_batches"}
+	diskOnly := []string{"path", "max_size", "sync", "sync_interval"}
+	check := func(keys []string, want string) {
+		for _, k := range keys {
+			if _, ok := raw[k]; ok {
+				errs.Add("queue."+k, "applies only to queue.type: %s (this queue is %s)", want, typ)
+			}
+		}
+	}
+	switch typ {
+	case QueueMemory:
+		check(diskOnly, QueueDisk)
+	case QueueDisk:
+		check(memOnly, QueueMemory)
+	}
+	return errs
 }
 
 func describeSpec(spec config.Component) string {
@@ -165,7 +222,8 @@ func describeSpec(spec config.Component) string {
 }
 
 // runtimeReasons are the reasons the runtime counts drops and errors under, by kind; each
-// component's counters for them are published at 0 when it is built.
+// component's counters for them, and for its factory's own Reasons, are published at 0 when
+// it is built.
 var runtimeReasons = map[component.Kind]struct{ dropped, errors []string }{
 	component.KindSource:   {errors: []string{"run"}},
 	component.KindEnricher: {dropped: []string{"enrich_error"}, errors: []string{"enrich"}},
@@ -175,7 +233,6 @@ var runtimeReasons = map[component.Kind]struct{ dropped, errors []string }{
 // build decodes and validates one component's options and builds it.
 func (p *Pipeline) build(ctx context.Context, spec config.Component, opts Options) (any, *metrics.Component, config.Problems) {
 	m := p.metrics.Component(spec.Name, string(spec.Kind))
-	m.Publish(runtimeReasons[spec.Kind].dropped, runtimeReasons[spec.Kind].errors)
 	env := component.Env{
 		Name: spec.Name, Kind: spec.Kind, Type: spec.Type, ConfigDir: p.doc.Dir, DataDir: p.doc.DataDir,
 		Logger:     p.log.With(string(spec.Kind), spec.Name),
@@ -189,6 +246,8 @@ func (p *Pipeline) build(ctx context.Context, spec config.Component, opts Option
 			return nil, nil, config.Problems{p.doc.Problem(config.Join(spec.Path, "type"), "unknown %s type %q (known: %s)", spec.Kind, spec.Type, strings.Join(opts.Registry.Types(spec.Kind), ", "))}
 		}
 	}
+	rt := runtimeReasons[spec.Kind]
+	m.Publish(append(append([]string(nil), rt.dropped...), f.Reasons.Dropped...), f.Reasons.Filtered, rt.errors)
 	isolation := spec.Isolation
 	switch {
 	case f.Holds && isolation == "process":
@@ -231,8 +290,15 @@ func (p *Pipeline) problemsFrom(path string, err error) config.Problems {
 	return config.Problems{p.doc.Problem(path, "%v", err)}
 }
 
+// Taps is the pipeline's tap points.
+func (p *Pipeline) Taps() *tap.Registry { return p.taps }
+
 // Metrics is the pipeline's metric set.
 func (p *Pipeline) Metrics() *metrics.Set { return p.metrics }
+
+// Running is closed once Run has started every component and sources begin to run (what
+// a service manager calls ready). It is never closed if a component fails to start.
+func (p *Pipeline) Running() <-chan struct{} { return p.runningc }
 
 // Ready reports nil when the pipeline is running and no sink or component reports failure.
 func (p *Pipeline) Ready() error {
@@ -297,6 +363,13 @@ func (p *Pipeline) Run(ctx context.Context) error {
 		return context.WithTimeout(context.Background(), p.doc.Runtime.ShutdownTimeout)
 	}
 
+	// Disk queues open first: what they hold is delivered before anything new.
+	if err := p.openQueues(); err != nil {
+		c, cancel := closeCtx()
+		defer cancel()
+		p.closeAll(c)
+		return err
+	}
 	if err := p.startAll(ctx); err != nil {
 		c, cancel := closeCtx()
 		defer cancel()
@@ -310,6 +383,7 @@ func (p *Pipeline) Run(ctx context.Context) error {
 	p.mu.Lock()
 	p.running = true
 	p.mu.Unlock()
+	close(p.runningc)
 	p.log.Info("pipeline running", "sources", len(p.sources), "enrichers", len(p.enrich), "sinks", len(p.sinks))
 
 	runErr := p.runSources(ctx)
@@ -325,7 +399,7 @@ func (p *Pipeline) Run(ctx context.Context) error {
 	c, cancel := closeCtx()
 	defer cancel()
 	p.closeKind(writeCtx, component.KindEnricher)
-	p.drainSinks()
+	p.drainSinks(ctx.Err() != nil)
 	p.closeAll(c)
 	return runErr
 }
@@ -358,31 +432,62 @@ func (p *Pipeline) runSources(ctx context.Context) error {
 }
 
 // drainSinks lets every sink write what its queue holds (its writers stop at the drain
-// deadline), gives up on the rest, and reports what was not delivered.
-func (p *Pipeline) drainSinks() {
+// deadline), gives up on the rest, and reports what was not delivered. A disk queue keeps
+// what it holds when the pipeline was told to stop (keep); it drains when the sources ran
+// out by themselves.
+func (p *Pipeline) drainSinks(keep bool) {
 	for _, s := range p.sinks {
-		s.queue.close()
+		s.queue.close(keep)
 	}
+	kept := false
 	for _, s := range p.sinks {
 		s.wg.Wait()
 		for _, b := range s.queue.drainAll() {
 			s.giveUp(b)
 		}
 		s.updateDepth()
+		if d, ok := s.queue.(*diskSinkQueue); ok {
+			_, events := d.depth()
+			d.shutdown()
+			if events > 0 {
+				kept = true
+				p.log.Info("events kept in the disk queue for the next start", "sink", s.name, "events", events, "path", d.opts.Dir)
+			}
+		}
 	}
 	p.mu.Lock()
 	p.running = false
 	p.mu.Unlock()
-	lost := false
+	lost, dropped := false, int64(0)
 	for _, s := range p.sinks {
 		if n := s.undelivered.Load(); n > 0 {
 			lost = true
 			p.log.Error("events not delivered before shutdown", "sink", s.name, "events", n)
 		}
+		dropped += s.dropped.Load()
 	}
-	if !lost {
+	switch {
+	case lost:
+	case dropped > 0:
+		p.log.Warn("pipeline stopped; sinks dropped events (counted in flowpipe_events_dropped_total by reason), the rest was delivered", "dropped", dropped)
+	case kept:
+		p.log.Info("pipeline stopped; every accepted batch was delivered or is kept in its disk queue")
+	default:
 		p.log.Info("pipeline stopped; every accepted batch was delivered")
 	}
+}
+
+// openQueues opens every sink's disk queue.
+func (p *Pipeline) openQueues() error {
+	for _, s := range p.sinks {
+		if d, ok := s.queue.(*diskSinkQueue); ok {
+			if err := d.open(); err != nil {
+				return fmt.Errorf("sink %s: %w", s.name, err)
+			}
+			s.updateDepth()
+		}
+	}
+	return nil
 }
 
 // startAll starts every component in order, sinks, then enrichers, then sources, and stops
@@ -403,6 +508,11 @@ func (p *Pipeline) startAll(ctx context.Context) error {
 func (p *Pipeline) closeAll(ctx context.Context) {
 	for _, kind := range []component.Kind{component.KindSource, component.KindEnricher, component.KindSink} {
 		p.closeKind(ctx, kind)
+	}
+	for _, s := range p.sinks {
+		if d, ok := s.queue.(*diskSinkQueue); ok {
+			d.shutdown()
+		}
 	}
 }
 
@@ -429,6 +539,7 @@ func (s *sourceNode) Emit(ctx context.Context, b *flow.Batch) error {
 	start := time.Now()
 	lat := s.m.AckLat
 	b.Observe(func(error) { lat.Observe(time.Since(start).Seconds()) })
+	s.tap.Publish(b.Events)
 	return s.p.emitFrom(ctx, 0, b)
 }
 
@@ -439,6 +550,7 @@ type downstream struct {
 }
 
 func (d *downstream) Emit(ctx context.Context, b *flow.Batch) error {
+	d.p.enrich[d.from-1].tap.Publish(b.Events) // what the holder emits is its output
 	return d.p.emitFrom(ctx, d.from, b)
 }
 
@@ -457,6 +569,7 @@ func (p *Pipeline) emitFrom(ctx context.Context, i int, b *flow.Batch) error {
 			return nil
 		}
 		e.m.Out.Add(float64(len(b.Events)))
+		e.tap.Publish(b.Events)
 		if len(b.Events) == 0 {
 			break
 		}
@@ -465,8 +578,10 @@ func (p *Pipeline) emitFrom(ctx context.Context, i int, b *flow.Batch) error {
 		b.Release(nil)
 		return nil
 	}
+	p.fanout.Publish(b.Events)
 	var err error
-	for _, s := range p.sinks {
+	for i, s := range p.sinks {
+		p.sinkTaps[i].Publish(b.Events)
 		if e := s.enqueue(ctx, b); e != nil && err == nil {
 			err = e
 		}

@@ -148,8 +148,10 @@ func newHarness() *harness {
 		func(env component.Env, _ *empty) (component.Source, error) { return h.sources[env.Name], nil }))
 	h.reg.Register(component.NewSinkFactory("test", "", func() *empty { return &empty{} },
 		func(env component.Env, _ *empty) (component.Sink, error) { return h.sinks[env.Name], nil }))
-	h.reg.Register(component.NewEnricherFactory("odd", "", func() *empty { return &empty{} },
-		func(env component.Env, _ *empty) (component.Enricher, error) { return &oddFilter{env: env}, nil }))
+	odd := component.NewEnricherFactory("odd", "", func() *empty { return &empty{} },
+		func(env component.Env, _ *empty) (component.Enricher, error) { return &oddFilter{env: env}, nil })
+	odd.Reasons.Filtered = []string{"odd"}
+	h.reg.Register(odd)
 	return h
 }
 
@@ -708,6 +710,7 @@ func TestCountersPublishedAtZero(t *testing.T) {
 		"flowpipe_errors_total/out/write", "flowpipe_events_dropped_total/filter/enrich_error",
 		"flowpipe_errors_total/filter/enrich", "flowpipe_errors_total/src/run",
 		"flowpipe_events_in_total/out/", "flowpipe_events_out_total/src/",
+		"flowpipe_events_filtered_total/filter/odd", // the factory's own reason
 	} {
 		if !got[want] {
 			t.Errorf("%s is not published at 0", want)

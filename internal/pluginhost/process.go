@@ -24,6 +24,7 @@ import (
 	"github.com/flowpipe/flowpipe/core/config"
 	"github.com/flowpipe/flowpipe/core/options"
 	pb "github.com/flowpipe/flowpipe/internal/pluginproto"
+	"github.com/flowpipe/flowpipe/internal/privilege"
 )
 
 // emitWindow is how many batches a source plugin may have sent that the pipeline has not
@@ -75,6 +76,19 @@ func startProc(ctx context.Context, l *launcher, spec config.Component, env comp
 			return nil, false, options.FieldErrors{{Path: "sha256", Msg: fmt.Sprintf("%s has SHA-256 %x, but pipeline.yaml pins %s: refusing to start it. If you replaced the plugin on purpose, set sha256: to the output of `sha256sum %s`", cmd.Path, sum, hex.EncodeToString(l.checksum), cmd.Path)}}
 		}
 	}
+	// Every plugin process starts through the privilege launcher: only the capabilities its
+	// component declared, an emptied bounding set, no_new_privs, and the run_as user.
+	priv := privilege.Spec{}
+	if l.priv != nil {
+		priv = *l.priv
+	}
+	var launchSum []byte
+	if l.path != "" {
+		launchSum = l.checksum // cmd.Path becomes the launcher: it checks the plugin's pin
+	}
+	if err := privilege.Wrap(cmd, priv, launchSum); err != nil {
+		return nil, false, fmt.Errorf("%s: %w", l.describe, err)
+	}
 	// The whole start, handshake to configured component, is bounded by start_timeout. The
 	// process leads its own process group, and stopping it kills the group: a plugin that
 	// left a child holding its standard output (a shell script, say) would otherwise keep
@@ -108,7 +122,9 @@ func startProc(ctx context.Context, l *launcher, spec config.Component, env comp
 		SyncStdout:       out,
 		SyncStderr:       out,
 	}
-	if l.checksum != nil {
+	if l.checksum != nil && l.path == "" {
+		// A built-in: the launcher is the flowpipe binary itself, pinned so that a flowpipe
+		// replaced on disk is not started as a plugin of this one.
 		cfg.SecureConfig = &goplugin.SecureConfig{Checksum: l.checksum, Hash: sha256.New()}
 	}
 	p := &proc{client: goplugin.NewClient(cfg), cmd: cmd, killGroup: killGroup, done: make(chan struct{}), release: make(chan struct{})}

@@ -2,20 +2,20 @@ package pluginserver
 
 import (
 	"context"
+	"encoding"
 	"encoding/json"
 	"fmt"
 	"io"
 	"log/slog"
 	"sync"
-	"time"
 
 	pb "github.com/flowpipe/flowpipe/internal/pluginproto"
 )
 
 // hclogHandler writes slog records as the JSON lines go-plugin's host parses as hclog output
 // (@level, @message, @timestamp), with the attributes in order under pb.LogAttrsKey. Values are written as
-// the in-process text log shows them: durations as "1.5s", times in RFC 3339, errors and
-// other values with a String method as text, groups as dotted keys.
+// the in-process text log shows them: durations as "1.5s", times in RFC 3339 with
+// milliseconds, other values in their text form (or %+v), groups as dotted keys.
 type hclogHandler struct {
 	mu     *sync.Mutex
 	w      io.Writer
@@ -90,19 +90,18 @@ func appendAttr(kv []any, prefix string, a slog.Attr) []any {
 	case slog.KindDuration:
 		out = v.Duration().String()
 	case slog.KindTime:
-		out = v.Time().Format(time.RFC3339Nano)
+		out = v.Time().Format("2006-01-02T15:04:05.000Z07:00") // as slog's text handler
 	case slog.KindString:
 		out = v.String()
 	case slog.KindInt64, slog.KindUint64, slog.KindFloat64, slog.KindBool:
 		out = v.Any()
 	default:
-		switch x := v.Any().(type) {
-		case error:
-			out = x.Error()
-		case fmt.Stringer:
-			out = x.String()
-		default:
-			out = fmt.Sprint(x)
+		// As slog's text handler shows a value: its text form if it has one, else %+v.
+		out = fmt.Sprintf("%+v", v.Any())
+		if tm, ok := v.Any().(encoding.TextMarshaler); ok {
+			if b, err := tm.MarshalText(); err == nil {
+				out = string(b)
+			}
 		}
 	}
 	return append(kv, prefix+a.Key, out)

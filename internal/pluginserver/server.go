@@ -223,19 +223,29 @@ func (s *Server) putEvents(p *[]flow.Event) {
 	s.events.Put(p)
 }
 
+// batchOf decodes a batch the host sent into pooled events; done gives them back.
+func (s *Server) batchOf(req *pb.Batch) (b *flow.Batch, done func(), err error) {
+	evs := s.getEvents()
+	if *evs, err = codec.Decode(*evs, req.Events, int(req.Count)); err != nil {
+		s.putEvents(evs)
+		return nil, nil, status.Error(codes.InvalidArgument, err.Error())
+	}
+	b = flow.NewBatch(*evs, nil)
+	b.Source = req.Source
+	return b, func() { s.putEvents(evs) }, nil
+}
+
 func (s *Server) Write(ctx context.Context, req *pb.Batch) (*pb.WriteResponse, error) {
 	c, err := s.component()
 	if err != nil {
 		return nil, err
 	}
 	sink := c.(component.Sink)
-	evs := s.getEvents()
-	defer s.putEvents(evs)
-	if *evs, err = codec.Decode(*evs, req.Events, int(req.Count)); err != nil {
-		return nil, status.Error(codes.InvalidArgument, err.Error())
+	b, done, err := s.batchOf(req)
+	if err != nil {
+		return nil, err
 	}
-	b := flow.NewBatch(*evs, nil)
-	b.Source = req.Source
+	defer done()
 	resp := &pb.WriteResponse{}
 	if err := sink.Write(ctx, b); err != nil {
 		resp.Error, resp.Failure = err.Error(), pb.ErrorToProto(err)
@@ -250,13 +260,11 @@ func (s *Server) Enrich(ctx context.Context, req *pb.Batch) (*pb.EnrichResponse,
 		return nil, err
 	}
 	en := c.(component.Enricher)
-	evs := s.getEvents()
-	defer s.putEvents(evs)
-	if *evs, err = codec.Decode(*evs, req.Events, int(req.Count)); err != nil {
-		return nil, status.Error(codes.InvalidArgument, err.Error())
+	b, done, err := s.batchOf(req)
+	if err != nil {
+		return nil, err
 	}
-	b := flow.NewBatch(*evs, nil)
-	b.Source = req.Source
+	defer done()
 	resp := &pb.EnrichResponse{}
 	if err := en.Enrich(ctx, b); err != nil {
 		resp.Error, resp.Failure = err.Error(), pb.ErrorToProto(err)

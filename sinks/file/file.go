@@ -1,5 +1,5 @@
 // Package file is the JSON-lines file sink (`type: file`): one event per line in the schema
-// of docs/schema.md, rotation by size and age, and an fsync before a batch is acknowledged.
+// of docs/schema.md (or ECS or OCSF, the format option), rotation by size and age, and an fsync before a batch is acknowledged.
 package file
 
 import (
@@ -18,6 +18,8 @@ import (
 	"github.com/flowpipe/flowpipe/core/component"
 	"github.com/flowpipe/flowpipe/core/config"
 	"github.com/flowpipe/flowpipe/core/flow"
+	"github.com/flowpipe/flowpipe/core/schema"
+	"github.com/flowpipe/flowpipe/internal/privilege"
 )
 
 // Config is the file sink's options.
@@ -34,10 +36,13 @@ type Config struct {
 	MaxFiles int `yaml:"max_files"`
 	// Sync is "batch" (fsync before acknowledging each batch) or "none".
 	Sync string `yaml:"sync"`
+	// Format is the schema of each line: flowpipe (docs/schema.md; what the replay source
+	// reads), ecs or ocsf (core/schema).
+	Format string `yaml:"format"`
 }
 
 func defaults() *Config {
-	return &Config{MaxSize: 100 << 20, MaxFiles: 10, Sync: "batch"}
+	return &Config{MaxSize: 100 << 20, MaxFiles: 10, Sync: "batch", Format: "flowpipe"}
 }
 
 // Validate checks the options.
@@ -58,6 +63,9 @@ func (c *Config) Validate() error {
 	if c.Sync != "batch" && c.Sync != "none" {
 		errs.Add("sync", "unknown mode %q (want batch or none)", c.Sync)
 	}
+	if _, ok := schema.Parse(c.Format); !ok {
+		errs.Add("format", "unknown format %q (want %s)", c.Format, schema.Choices)
+	}
 	return errs.Err()
 }
 
@@ -72,10 +80,11 @@ func Factory() component.Factory {
 // fsync that covers it; one fsync covers every batch written before it started (group
 // commit), so a second batch in flight overlaps its encoding with the first one's fsync.
 type Sink struct {
-	cfg  Config
-	path string
-	env  component.Env
-	bufs sync.Pool // *[]byte encode buffers
+	cfg    Config
+	format schema.Format
+	path   string
+	env    component.Env
+	bufs   sync.Pool // *[]byte encode buffers
 
 	mu      sync.Mutex // the file, its size and rotation
 	f       *os.File
@@ -92,7 +101,8 @@ type Sink struct {
 
 // New makes a file sink; the file is opened by Start.
 func New(env component.Env, c *Config) *Sink {
-	return &Sink{cfg: *c, path: env.Path(c.Path), env: env}
+	f, _ := schema.Parse(c.Format)
+	return &Sink{cfg: *c, format: f, path: env.Path(c.Path), env: env}
 }
 
 // Start creates missing directories and opens the file for appending.
@@ -108,11 +118,11 @@ func (s *Sink) open() error {
 		return nil
 	}
 	if err := os.MkdirAll(filepath.Dir(s.path), 0o750); err != nil {
-		return fmt.Errorf("create directory for %s: %w", s.path, err)
+		return fmt.Errorf("create directory for %s: %w", s.path, privilege.ExplainWrite(err, filepath.Dir(s.path)))
 	}
 	f, err := os.OpenFile(s.path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o640)
 	if err != nil {
-		return fmt.Errorf("open %s: %w", s.path, err)
+		return fmt.Errorf("open %s: %w", s.path, privilege.ExplainWrite(err, filepath.Dir(s.path)))
 	}
 	st, err := f.Stat()
 	if err != nil {
@@ -133,10 +143,10 @@ func (s *Sink) Write(_ context.Context, b *flow.Batch) error {
 		bp = new([]byte)
 	}
 	defer s.bufs.Put(bp)
-	var enc flow.Encoder
+	enc := schema.Encoder{Format: s.format}
 	buf := (*bp)[:0]
 	for i := range b.Events {
-		buf = enc.AppendJSON(buf, &b.Events[i])
+		buf = enc.Append(buf, &b.Events[i])
 		buf = append(buf, '\n')
 	}
 	*bp = buf

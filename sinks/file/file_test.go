@@ -2,6 +2,7 @@ package file
 
 import (
 	"context"
+	"encoding/json"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -166,11 +167,14 @@ func TestConcurrentWritesGroupCommit(t *testing.T) {
 }
 
 func TestValidate(t *testing.T) {
-	c := &Config{Path: " ", MaxSize: -1, MaxAge: -time.Second, MaxFiles: -2, Sync: "always"}
+	c := &Config{Path: " ", MaxSize: -1, MaxAge: -time.Second, MaxFiles: -2, Sync: "always", Format: "cef"}
 	err := c.Validate()
 	fe, ok := err.(config.FieldErrors)
-	if !ok || len(fe) != 5 {
-		t.Fatalf("want 5 field errors, got %v", err)
+	if !ok || len(fe) != 6 {
+		t.Fatalf("want 6 field errors, got %v", err)
+	}
+	if !strings.Contains(err.Error(), `format: unknown format "cef" (want flowpipe, ecs or ocsf)`) {
+		t.Errorf("format error not named: %v", err)
 	}
 }
 
@@ -185,6 +189,34 @@ func TestWriteFailsClearlyOnUnwritablePath(t *testing.T) {
 	}
 	if want := blocker; !strings.Contains(err.Error(), want) {
 		t.Errorf("error %q does not name the path", err)
+	}
+}
+
+func TestFormatsWriteTheirSchema(t *testing.T) {
+	for _, tc := range []struct{ format, key string }{{"ecs", `"ecs":{"version":`}, {"ocsf", `"class_uid":4001`}} {
+		dir := t.TempDir()
+		s := New(env(dir), &Config{Path: "flows.jsonl", Sync: "batch", Format: tc.format})
+		if err := s.Start(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+		ids, seq := flow.NewIDGen(), uint64(0)
+		if err := s.Write(context.Background(), batch(ids, 3, &seq)); err != nil {
+			t.Fatal(err)
+		}
+		s.Close(context.Background())
+		data, err := os.ReadFile(filepath.Join(dir, "flows.jsonl"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		lines := strings.Split(strings.TrimSpace(string(data)), "\n")
+		if len(lines) != 3 {
+			t.Fatalf("%s: %d lines, want 3", tc.format, len(lines))
+		}
+		for _, l := range lines {
+			if !json.Valid([]byte(l)) || !strings.Contains(l, tc.key) {
+				t.Errorf("%s: line is not %s: %s", tc.format, tc.format, l)
+			}
+		}
 	}
 }
 

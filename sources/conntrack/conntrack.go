@@ -24,6 +24,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/flowpipe/flowpipe/internal/privilege"
 	"github.com/mdlayher/netlink"
 	"github.com/prometheus/client_golang/prometheus"
 	ct "github.com/ti-mo/conntrack"
@@ -37,9 +38,11 @@ import (
 
 // Factory is the `type: conntrack` source factory.
 func Factory() component.Factory {
-	return component.NewSourceFactory("conntrack",
+	f := component.NewSourceFactory("conntrack",
 		"Linux kernel conntrack: a start and an end event for every tracked connection",
 		defaultConfig, New)
+	f.Reasons = component.Reasons{Dropped: []string{"queue_full", "shutdown"}, Filtered: filterReasonNames[:]}
+	return f
 }
 
 // New builds the source; nothing is opened until Start (or Run).
@@ -159,7 +162,7 @@ func (s *Source) Start(ctx context.Context) error {
 	s.started = true
 	if err := s.open(); err != nil {
 		s.closeLocked()
-		return fmt.Errorf("conntrack source %s: %w", s.env.Name, err)
+		return fmt.Errorf("conntrack source %s: %w", s.env.Name, privilege.Explain(err, s.cfg.Capabilities()))
 	}
 	return nil
 }

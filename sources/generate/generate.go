@@ -160,11 +160,7 @@ var (
 // next fills e with the next event: the end of the flow in the current slot if one is
 // open, else the start of a new one.
 func (g *gen) next(e *flow.Event, now flow.Time) {
-	f := &g.flows[g.slot]
-	g.slot++
-	if g.slot == len(g.flows) {
-		g.slot = 0
-	}
+	f := g.advance()
 	if f.open {
 		g.end(e, f, now)
 		return
@@ -178,16 +174,21 @@ func (g *gen) next(e *flow.Event, now flow.Time) {
 // endNext fills e with the end of the next open flow, in slot order.
 func (g *gen) endNext(e *flow.Event, now flow.Time) {
 	for {
-		f := &g.flows[g.slot]
-		g.slot++
-		if g.slot == len(g.flows) {
-			g.slot = 0
-		}
-		if f.open {
+		if f := g.advance(); f.open {
 			g.end(e, f, now)
 			return
 		}
 	}
+}
+
+// advance returns the flow in the current slot and moves to the next, round the table.
+func (g *gen) advance() *openFlow {
+	f := &g.flows[g.slot]
+	g.slot++
+	if g.slot == len(g.flows) {
+		g.slot = 0
+	}
+	return f
 }
 
 func (g *gen) start(e *flow.Event, now flow.Time) {

@@ -135,7 +135,25 @@ func (c *Config) Validate() error {
 
 // Factory returns the userspace source's factory.
 func Factory() component.Factory {
-	return component.NewSourceFactory("userspace",
+	f := component.NewSourceFactory("userspace",
 		"tracks connections in userspace from packets: live AF_PACKET capture or a pcap/pcapng replay",
 		defaults, func(env component.Env, c *Config) (component.Source, error) { return New(env, c) })
+	f.Reasons.Dropped = []string{"pending_full"}
+	return f
+}
+
+// Capabilities: a live capture (AF_PACKET) needs CAP_NET_RAW, promiscuous mode CAP_NET_ADMIN,
+// entering another network namespace CAP_SYS_ADMIN; reading a pcap file needs none.
+func (c *Config) Capabilities() []string {
+	var caps []string
+	if c.Interface != "" {
+		caps = append(caps, "CAP_NET_RAW")
+		if c.Promiscuous {
+			caps = append(caps, "CAP_NET_ADMIN")
+		}
+	}
+	if c.Netns != "" {
+		caps = append(caps, "CAP_SYS_ADMIN")
+	}
+	return caps
 }

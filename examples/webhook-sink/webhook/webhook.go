@@ -1,5 +1,5 @@
 // Package webhook is a flowpipe sink that POSTs each batch as NDJSON (one JSON event per
-// line, the schema of docs/schema.md) and acknowledges the batch only on a 2xx answer.
+// line, in the schema of docs/schema.md, or ECS or OCSF with the format option) and acknowledges the batch only on a 2xx answer.
 // Write tries once: a network error or a 5xx fails it, and flowpipe retries the batch with
 // its own backoff (the sink's retry: settings), so nothing is lost, but a receiver may see a
 // batch twice: the X-Flowpipe-Batch header (the batch's first event ID) lets it
@@ -19,6 +19,7 @@ import (
 	"github.com/flowpipe/flowpipe/core/component"
 	"github.com/flowpipe/flowpipe/core/flow"
 	"github.com/flowpipe/flowpipe/core/options"
+	"github.com/flowpipe/flowpipe/core/schema"
 	"github.com/flowpipe/flowpipe/sdk"
 )
 
@@ -30,11 +31,13 @@ type Config struct {
 	URL     string            `yaml:"url" required:"true"`
 	Headers map[string]string `yaml:"headers"` // e.g. Authorization
 	Timeout time.Duration     `yaml:"timeout"` // one request
+	// Format is the schema of each line: flowpipe, ecs or ocsf.
+	Format string `yaml:"format"`
 }
 
 // Defaults are the options a pipeline.yaml does not set.
 func Defaults() *Config {
-	return &Config{Timeout: 10 * time.Second}
+	return &Config{Timeout: 10 * time.Second, Format: "flowpipe"}
 }
 
 // Validate checks the options; flowpipe validate shows each problem at its line.
@@ -45,6 +48,9 @@ func (c *Config) Validate() error {
 	}
 	if c.Timeout <= 0 {
 		errs.Add("timeout", "must be positive")
+	}
+	if _, ok := schema.Parse(c.Format); !ok {
+		errs.Add("format", "unknown format %q (want %s)", c.Format, schema.Choices)
 	}
 	return errs.Err()
 }
@@ -66,9 +72,11 @@ func (s *Sink) Write(ctx context.Context, b *flow.Batch) error {
 	if len(b.Events) == 0 {
 		return nil
 	}
+	format, _ := schema.Parse(s.cfg.Format)
+	enc := schema.Encoder{Format: format}
 	var body []byte
 	for i := range b.Events {
-		body = flow.AppendJSON(body, &b.Events[i])
+		body = enc.Append(body, &b.Events[i])
 		body = append(body, '\n')
 	}
 	if err := s.post(ctx, body, b.Events[0].EventID.String()); err != nil {

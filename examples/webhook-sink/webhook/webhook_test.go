@@ -115,3 +115,31 @@ func TestValidation(t *testing.T) {
 		t.Fatalf("got %v", err)
 	}
 }
+
+func TestFormatECS(t *testing.T) {
+	var mu sync.Mutex
+	var lines []string
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
+		mu.Lock()
+		defer mu.Unlock()
+		sc := bufio.NewScanner(req.Body)
+		for sc.Scan() {
+			lines = append(lines, sc.Text())
+		}
+	}))
+	defer srv.Close()
+	sink := plugintest.Sink(t, Info, Defaults, New, map[string]any{"url": srv.URL, "format": "ecs"})
+	evs := events(3)
+	if err := sink.Write(context.Background(), flow.NewBatch(evs, nil)); err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(lines) != 3 || !strings.Contains(lines[2], `"event":{"kind":"event"`) || !strings.Contains(lines[2], evs[2].EventID.String()) {
+		t.Fatalf("not ECS: %v", lines)
+	}
+	_, err := plugintest.Start(t, component.NewSinkFactory(Info.Type, "", Defaults, New), map[string]any{"url": srv.URL, "format": "cef"}, nil)
+	if err == nil || !strings.Contains(err.Error(), "format") {
+		t.Fatalf("format cef accepted: %v", err)
+	}
+}
