@@ -54,6 +54,7 @@ type Pipeline struct {
 	// as New builds them): one list that every kind goes through to start and to close.
 	parts    []*part
 	stopping chan struct{}
+	runningc chan struct{} // closed once every component started (Running)
 	taps     *tap.Registry
 	fanout   *tap.Hub   // batches handed to the sinks
 	sinkTaps []*tap.Hub // by index of sinks
@@ -92,7 +93,7 @@ func New(ctx context.Context, doc *config.Document, opts Options) (*Pipeline, er
 	if opts.Registry == nil {
 		return nil, errors.New("pipeline: Options.Registry is required")
 	}
-	p := &Pipeline{doc: doc, log: opts.Logger, metrics: opts.Metrics, stopping: make(chan struct{})}
+	p := &Pipeline{doc: doc, log: opts.Logger, metrics: opts.Metrics, stopping: make(chan struct{}), runningc: make(chan struct{})}
 	if p.log == nil {
 		p.log = slog.Default()
 	}
@@ -295,6 +296,10 @@ func (p *Pipeline) Taps() *tap.Registry { return p.taps }
 // Metrics is the pipeline's metric set.
 func (p *Pipeline) Metrics() *metrics.Set { return p.metrics }
 
+// Running is closed once Run has started every component and sources begin to run (what
+// a service manager calls ready). It is never closed if a component fails to start.
+func (p *Pipeline) Running() <-chan struct{} { return p.runningc }
+
 // Ready reports nil when the pipeline is running and no sink or component reports failure.
 func (p *Pipeline) Ready() error {
 	p.mu.Lock()
@@ -378,6 +383,7 @@ func (p *Pipeline) Run(ctx context.Context) error {
 	p.mu.Lock()
 	p.running = true
 	p.mu.Unlock()
+	close(p.runningc)
 	p.log.Info("pipeline running", "sources", len(p.sources), "enrichers", len(p.enrich), "sinks", len(p.sinks))
 
 	runErr := p.runSources(ctx)
