@@ -8,9 +8,11 @@ import (
 	"github.com/flowpipe/flowpipe/sinks/discard"
 	"github.com/flowpipe/flowpipe/sinks/file"
 	grpcsink "github.com/flowpipe/flowpipe/sinks/grpc"
+	jssink "github.com/flowpipe/flowpipe/sinks/jetstream"
 	"github.com/flowpipe/flowpipe/sources/conntrack"
 	"github.com/flowpipe/flowpipe/sources/generate"
 	grpcsource "github.com/flowpipe/flowpipe/sources/grpc"
+	jssource "github.com/flowpipe/flowpipe/sources/jetstream"
 	"github.com/flowpipe/flowpipe/sources/replay"
 	"github.com/flowpipe/flowpipe/sources/userspace"
 )
@@ -23,6 +25,7 @@ func builtins() []component.Factory {
 		conntrack.Factory(),
 		generate.Factory(),
 		grpcsource.Factory(),
+		jssource.Factory(),
 		replay.Factory(),
 		userspace.Factory(),
 		// enrichers
@@ -33,6 +36,7 @@ func builtins() []component.Factory {
 		file.Factory(),
 		discard.Factory(),
 		grpcsink.Factory(),
+		jssink.Factory(),
 	}
 }
 
