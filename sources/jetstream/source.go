@@ -112,7 +112,12 @@ func (s *Source) start(ctx context.Context) error {
 		MaxDeliver:    -1,
 		DeliverPolicy: js.DeliverAllPolicy,
 	}
-	cons, err := conn.JS.CreateOrUpdateConsumer(rctx, s.cfg.Stream, cc)
+	// Look the consumer up first: a writer restarting while a node of the cluster is down
+	// needs only the consumer's leader, where an update needs the whole replica set.
+	cons, err := conn.JS.Consumer(rctx, s.cfg.Stream, s.cfg.Durable)
+	if errors.Is(err, js.ErrConsumerNotFound) {
+		cons, err = conn.JS.CreateOrUpdateConsumer(rctx, s.cfg.Stream, cc)
+	}
 	if err != nil {
 		conn.Close()
 		if errors.Is(err, js.ErrStreamNotFound) {

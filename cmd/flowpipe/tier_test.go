@@ -1,0 +1,240 @@
+package main
+
+import (
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/flowpipe/flowpipe/core/component/componenttest"
+	"github.com/flowpipe/flowpipe/internal/testenv"
+)
+
+// proc is one flowpipe process of the tier, restartable with the same configuration.
+type proc struct {
+	t      *testing.T
+	name   string
+	dir    string
+	cmd    *exec.Cmd
+	exited chan error // receives the exit status of cmd
+	stderr *testenv.SyncBuffer
+	logs   strings.Builder // every earlier run's log
+}
+
+func startProc(t *testing.T, dir, name, yaml string) *proc {
+	t.Helper()
+	writeFile(t, filepath.Join(dir, name+".yaml"), yaml)
+	p := &proc{t: t, name: name, dir: dir}
+	p.start()
+	t.Cleanup(func() {
+		if p.cmd != nil {
+			p.cmd.Process.Kill()
+			<-p.exited
+		}
+		if t.Failed() {
+			t.Logf("%s log:\n%s%s", name, p.logs.String(), p.stderr.String())
+		}
+	})
+	return p
+}
+
+func (p *proc) start() {
+	p.t.Helper()
+	if p.stderr != nil {
+		p.logs.WriteString(p.stderr.String())
+	}
+	p.cmd = exec.Command(binary, "run", "-c", p.name+".yaml", "--log-format", "json")
+	p.cmd.Dir = p.dir
+	p.stderr = &testenv.SyncBuffer{}
+	p.cmd.Stderr = p.stderr
+	if err := p.cmd.Start(); err != nil {
+		p.t.Fatal(err)
+	}
+	exited := make(chan error, 1)
+	p.exited = exited
+	cmd := p.cmd
+	go func() { exited <- cmd.Wait() }()
+	eventually(p.t, p.name+" running", func() bool {
+		select {
+		case err := <-exited:
+			exited <- err
+			p.t.Fatalf("%s exited at start (%v):\n%s", p.name, err, p.stderr.String())
+		default:
+		}
+		return strings.Contains(p.stderr.String(), "pipeline running")
+	})
+}
+
+func (p *proc) kill() {
+	p.t.Helper()
+	if err := p.cmd.Process.Signal(syscall.SIGKILL); err != nil {
+		p.t.Fatal(err)
+	}
+	<-p.exited
+	p.cmd = nil
+}
+
+// wait waits for the process to exit by itself (an agent whose count is done) and fails on
+// a non-zero status.
+func (p *proc) wait() {
+	p.t.Helper()
+	select {
+	case err := <-p.exited:
+		p.cmd = nil
+		if err != nil {
+			p.t.Fatalf("%s: %v\n%s", p.name, err, p.stderr.String())
+		}
+	case <-time.After(90 * time.Second):
+		p.t.Fatalf("%s did not finish", p.name)
+	}
+}
+
+func freeAddr(t *testing.T) string {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+func countLines(path string) int {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return 0
+	}
+	return strings.Count(string(data), "\n")
+}
+
+// TestCollectorTierExactlyOnceThroughJetStream runs the collector tier with real processes,
+// each component in its own plugin process (the default isolation): two agents (generate →
+// grpc), two collectors (grpc → jetstream) and a writer (jetstream → file) over a 3-node
+// nats-server cluster with an R3 stream. One collector is killed with SIGKILL mid-stream and
+// restarted, then a JetStream node is killed, then the writer is killed and restarted; every
+// event the agents generated must be in the file exactly once.
+func TestCollectorTierExactlyOnceThroughJetStream(t *testing.T) {
+	for _, format := range []string{"packed", "json", "protobuf"} {
+		t.Run(format, func(t *testing.T) { collectorTier(t, format) })
+	}
+}
+
+func collectorTier(t *testing.T, format string) {
+	cl := testenv.StartNATSCluster(t, 3, testenv.NATSAuth{})
+	servers := "[" + strings.Join(cl.URLs(), ", ") + "]"
+	dir := t.TempDir()
+	const perAgent = 100_000 // generated starts; the ends of flows still open at the end come on top
+	collectorYAML := func(i int, listen string) string {
+		return fmt.Sprintf(`
+admin: {listen: ""}
+data_dir: state
+sources:
+  agents: {type: grpc, listen: %q, auth: none, dedup: {state_file: collector%d.ids}}
+sinks:
+  log:
+    type: jetstream
+    servers: %s
+    stream: FLOWS
+    subject: flows.in
+    format: %s
+    create_stream: {replicas: 3, max_age: 1h}
+    retry: {initial_interval: 50ms, max_interval: 500ms}
+`, listen, i, servers, format)
+	}
+	agentYAML := func(i int, url string) string {
+		return fmt.Sprintf(`
+admin: {listen: ""}
+sources:
+  gen: {type: generate, rate: 20000, count: %d, batch_size: 500, seed: %d}
+sinks:
+  local: {type: file, path: agent%d.jsonl, max_size: 0}
+  collector:
+    type: grpc
+    url: %s
+    reconnect_min: 50ms
+    reconnect_max: 300ms
+    retry: {initial_interval: 50ms, max_interval: 500ms}
+`, perAgent, i+1, i, url)
+	}
+	writerYAML := fmt.Sprintf(`
+admin: {listen: ""}
+sources:
+  log:
+    type: jetstream
+    servers: %s
+    stream: FLOWS
+    durable: writers
+    ack_wait: 5s
+    dedup: {state_file: writer.ids}
+sinks:
+  store: {type: file, path: out.jsonl, max_size: 0}
+`, servers)
+
+	addr1, addr2 := freeAddr(t), freeAddr(t)
+	c1 := startProc(t, dir, "collector1", collectorYAML(1, addr1))
+	startProc(t, dir, "collector2", collectorYAML(2, addr2))
+	w := startProc(t, dir, "writer", writerYAML)
+	a1 := startProc(t, dir, "agent1", agentYAML(1, "http://"+addr1))
+	a2 := startProc(t, dir, "agent2", agentYAML(2, "http://"+addr2))
+	out := filepath.Join(dir, "out.jsonl")
+
+	eventually(t, "a tenth of the events in the file", func() bool { return countLines(out) > 2*perAgent/10 })
+	c1.kill()
+	t.Logf("collector1 killed at %d lines", countLines(out))
+	c1.start()
+	eventually(t, "progress after the collector restart", func() bool { return countLines(out) > 2*perAgent*2/5 })
+	cl.Kill(0)
+	t.Logf("JetStream node %s killed at %d lines", cl.Nodes[0].Name, countLines(out))
+	eventually(t, "progress with one JetStream node down", func() bool { return countLines(out) > 2*perAgent*3/5 })
+	w.kill()
+	t.Logf("writer killed at %d lines", countLines(out))
+	w.start()
+	a1.wait()
+	a2.wait()
+	// The agents ran to their end without a kill: their local files are what they produced.
+	want := map[string]bool{}
+	for i := 1; i <= 2; i++ {
+		for _, e := range componenttest.ReadJSONLines(t, filepath.Join(dir, fmt.Sprintf("agent%d.jsonl", i))) {
+			want[e.EventID.String()] = true
+		}
+	}
+	eventually(t, "every event in the file", func() bool { return countLines(out) >= len(want) })
+	// Give a duplicate the time to show up: the writer's queue drained, JetStream has
+	// nothing pending for it.
+	time.Sleep(2 * time.Second)
+	events := componenttest.ReadJSONLines(t, out)
+	seen := map[string]int{}
+	first := map[string]int{}
+	var where []string
+	for i, e := range events {
+		id := e.EventID.String()
+		if seen[id] == 0 {
+			first[id] = i + 1
+		} else if len(where) < 5 {
+			where = append(where, fmt.Sprintf("line %d repeats line %d", i+1, first[id]))
+		}
+		seen[id]++
+	}
+	if len(where) > 0 {
+		t.Logf("duplicates: %s", strings.Join(where, "; "))
+	}
+	dups := 0
+	for _, n := range seen {
+		dups += n - 1
+	}
+	missing := 0
+	for id := range want {
+		if seen[id] == 0 {
+			missing++
+		}
+	}
+	if missing != 0 || len(seen) != len(want) || dups != 0 {
+		t.Fatalf("%d events generated; in the file: %d distinct, %d missing, %d not generated, %d duplicates",
+			len(want), len(seen), missing, len(seen)+missing-len(want), dups)
+	}
+	t.Logf("%d events generated, each in the file once", len(want))
+}
