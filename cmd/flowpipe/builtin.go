@@ -9,10 +9,12 @@ import (
 	"github.com/flowpipe/flowpipe/sinks/file"
 	grpcsink "github.com/flowpipe/flowpipe/sinks/grpc"
 	jssink "github.com/flowpipe/flowpipe/sinks/jetstream"
+	kafkasink "github.com/flowpipe/flowpipe/sinks/kafka"
 	"github.com/flowpipe/flowpipe/sources/conntrack"
 	"github.com/flowpipe/flowpipe/sources/generate"
 	grpcsource "github.com/flowpipe/flowpipe/sources/grpc"
 	jssource "github.com/flowpipe/flowpipe/sources/jetstream"
+	kafkasource "github.com/flowpipe/flowpipe/sources/kafka"
 	"github.com/flowpipe/flowpipe/sources/replay"
 	"github.com/flowpipe/flowpipe/sources/userspace"
 )
@@ -26,6 +28,7 @@ func builtins() []component.Factory {
 		generate.Factory(),
 		grpcsource.Factory(),
 		jssource.Factory(),
+		kafkasource.Factory(),
 		replay.Factory(),
 		userspace.Factory(),
 		// enrichers
@@ -37,6 +40,7 @@ func builtins() []component.Factory {
 		discard.Factory(),
 		grpcsink.Factory(),
 		jssink.Factory(),
+		kafkasink.Factory(),
 	}
 }
 
