@@ -74,6 +74,20 @@ func sourceConfig(t *testing.T, urls []string, stream string, mut func(*jssource
 	return c
 }
 
+func sourceConfigB(b *testing.B, urls []string, stream string) *jssource.Config {
+	c := jssource.Factory().NewConfig().(*jssource.Config)
+	c.Servers, c.Stream, c.Durable = urls, stream, "writers"
+	return c
+}
+
+func newSourceB(b *testing.B, c *jssource.Config) *jssource.Source {
+	s, err := jssource.New(component.Env{Name: "log", Kind: component.KindSource}, c)
+	if err != nil {
+		b.Fatal(err)
+	}
+	return s
+}
+
 func newSource(t *testing.T, env component.Env, c *jssource.Config) *jssource.Source {
 	t.Helper()
 	env.Name, env.Kind = "log", component.KindSource

@@ -17,6 +17,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	js "github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
 
@@ -101,8 +102,6 @@ func (s *Source) start(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	rctx, cancel := context.WithTimeout(ctx, s.cfg.RequestTimeout)
-	defer cancel()
 	cc := js.ConsumerConfig{
 		Durable:       s.cfg.Durable,
 		AckPolicy:     js.AckExplicitPolicy,
@@ -114,9 +113,21 @@ func (s *Source) start(ctx context.Context) error {
 	}
 	// Look the consumer up first: a writer restarting while a node of the cluster is down
 	// needs only the consumer's leader, where an update needs the whole replica set.
-	cons, err := conn.JS.Consumer(rctx, s.cfg.Stream, s.cfg.Durable)
-	if errors.Is(err, js.ErrConsumerNotFound) {
-		cons, err = conn.JS.CreateOrUpdateConsumer(rctx, s.cfg.Stream, cc)
+	// A cluster electing a new leader (a node just died) answers late or not at all for a
+	// moment: try a few times before giving up.
+	var cons js.Consumer
+	for attempt := 1; ; attempt++ {
+		rctx, cancel := context.WithTimeout(ctx, s.cfg.RequestTimeout)
+		cons, err = conn.JS.Consumer(rctx, s.cfg.Stream, s.cfg.Durable)
+		if errors.Is(err, js.ErrConsumerNotFound) {
+			cons, err = conn.JS.CreateOrUpdateConsumer(rctx, s.cfg.Stream, cc)
+		}
+		cancel()
+		transient := errors.Is(err, context.DeadlineExceeded) || errors.Is(err, nats.ErrNoResponders) || errors.Is(err, js.ErrJetStreamNotEnabled) || errors.Is(err, nats.ErrTimeout)
+		if err == nil || !transient || attempt == 3 || ctx.Err() != nil {
+			break
+		}
+		s.log.Warn("JetStream consumer look-up failed; trying again", "attempt", attempt, "err", err)
 	}
 	if err != nil {
 		conn.Close()
