@@ -14,7 +14,8 @@ import (
 
 	"github.com/flowpipe/flowpipe/core/component"
 	"github.com/flowpipe/flowpipe/core/pipeline"
-	"github.com/flowpipe/flowpipe/core/plugin"
+	"github.com/flowpipe/flowpipe/internal/pluginhost"
+	"github.com/flowpipe/flowpipe/sdk"
 )
 
 // The plugin host builds every component: built-ins run in their own process (the flowpipe
@@ -22,9 +23,9 @@ import (
 func init() {
 	extraCommands = append(extraCommands, newPluginCmd, newPluginsCmd)
 	optionHooks = append(optionHooks, func(o *pipeline.Options, _ *slog.Logger) {
-		host := plugin.NewHost(plugin.HostOptions{Registry: o.Registry})
+		host := pluginhost.NewHost(pluginhost.HostOptions{Registry: o.Registry})
 		o.Instantiate = host.Instantiate
-		o.DefaultIsolation = plugin.DefaultIsolation
+		o.DefaultIsolation = pluginhost.DefaultIsolation
 	})
 }
 
@@ -40,7 +41,7 @@ func newPluginCmd(*globalFlags) *cobra.Command {
 			if !ok {
 				return fmt.Errorf("no built-in %s of type %q", args[0], args[1])
 			}
-			plugin.Serve(f, version)
+			sdk.Serve(f, version)
 			return nil
 		},
 	})
@@ -79,7 +80,7 @@ func listPlugins(ctx context.Context, w io.Writer, configDir string, log *slog.L
 	reg := newRegistry()
 	selfSum := "-"
 	if exe, err := os.Executable(); err == nil {
-		if sum, err := plugin.FileSHA256(exe); err == nil {
+		if sum, err := pluginhost.FileSHA256(exe); err == nil {
 			selfSum = hex.EncodeToString(sum)
 		}
 	}
@@ -88,7 +89,7 @@ func listPlugins(ctx context.Context, w io.Writer, configDir string, log *slog.L
 	for _, f := range builtins() {
 		fmt.Fprintf(tw, "%s\t%s\tbuilt-in\t%s\t%s\t%s\n", f.Kind, f.Type, version, selfSum, f.Summary)
 	}
-	host := plugin.NewHost(plugin.HostOptions{Registry: reg})
+	host := pluginhost.NewHost(pluginhost.HostOptions{Registry: reg})
 	// The plugins' own start-up chatter stays out of the listing.
 	quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
 	_ = log

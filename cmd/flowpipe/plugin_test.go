@@ -444,3 +444,48 @@ sinks:
 		t.Fatal(err)
 	}
 }
+
+// The same broken options give the same problems at the same lines whether the component is
+// built in process or in its plugin process: both go through component.Factory.Build.
+func TestOptionProblemsSameInAndOutOfProcess(t *testing.T) {
+	dir := t.TempDir()
+	got := map[string]string{}
+	for _, iso := range []string{"inproc", "process"} {
+		writeFile(t, filepath.Join(dir, iso+".yaml"), fmt.Sprintf(`admin: {listen: ""}
+sources:
+  gen: {type: generate, count: 10}
+sinks:
+  undecodable:
+    type: file
+    isolation: %[1]s
+    path: a.jsonl
+    max_files: many
+    colour: red
+  invalid:
+    type: file
+    isolation: %[1]s
+    path: b.jsonl
+    max_age: -5s
+    sync: sometimes
+`, iso))
+		_, stderr, code := flowpipe(t, dir, "validate", "-c", iso+".yaml")
+		if code == 0 {
+			t.Fatalf("%s: validate accepted broken options", iso)
+		}
+		got[iso] = strings.ReplaceAll(stderr, iso+".yaml", "pipeline.yaml")
+	}
+	for _, want := range []string{
+		"pipeline.yaml:9: sinks.undecodable.max_files: want an integer",
+		"pipeline.yaml:10: sinks.undecodable.colour: unknown key",
+		"pipeline.yaml:15: sinks.invalid.max_age: must not be negative",
+		"pipeline.yaml:16: sinks.invalid.sync: unknown mode \"sometimes\"",
+		"4 problem(s) found",
+	} {
+		if !strings.Contains(got["inproc"], want) {
+			t.Errorf("in process: missing %q in:\n%s", want, got["inproc"])
+		}
+	}
+	if got["inproc"] != got["process"] {
+		t.Fatalf("problems differ:\nin process:\n%s\nout of process:\n%s", got["inproc"], got["process"])
+	}
+}

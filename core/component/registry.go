@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"sort"
 	"sync"
+
+	"github.com/flowpipe/flowpipe/core/options"
 )
 
 // Factory builds one type of component from its options.
@@ -13,8 +15,8 @@ type Factory struct {
 	// Summary is a one-line description shown by `flowpipe plugins list`.
 	Summary string
 	// NewConfig returns a pointer to the options struct filled with defaults. The options are
-	// decoded into it with core/config (yaml struct tags, unknown keys rejected); if it has a
-	// Validate() error method, that runs next and may return config.FieldErrors.
+	// decoded into it with core/options (yaml struct tags, unknown keys rejected); if it has a
+	// Validate() error method, that runs next and may return options.FieldErrors.
 	NewConfig func() any
 	// New builds the component from a validated config (the value NewConfig returned).
 	New func(env Env, cfg any) (any, error)
@@ -22,6 +24,22 @@ type Factory struct {
 	// batches it writes at once); 0 keeps the runtime's default of 1. A sink that waits on a
 	// remote acknowledgement sets it higher.
 	InFlight int
+	// Holds, for an enricher, says that it keeps events across batches (a Holder, such as a
+	// windowed aggregation): it runs only in the flowpipe process, and the runtime knows so
+	// without building it.
+	Holds bool
+}
+
+// Build is the one path from a component's options to the component, in process and in a
+// plugin process alike: the options are decoded into a fresh config and validated
+// (options.Check), then New builds the component. Problems with the options come back as
+// options.FieldErrors relative to the component, so that each is shown at its line.
+func (f Factory) Build(env Env, raw map[string]any) (any, error) {
+	cfg := f.NewConfig()
+	if errs := options.Check(raw, cfg, ""); len(errs) > 0 {
+		return nil, errs
+	}
+	return f.New(env, cfg)
 }
 
 // NewSourceFactory is a typed helper for a source factory.

@@ -20,6 +20,7 @@ import (
 	"gopkg.in/yaml.v3"
 
 	"github.com/flowpipe/flowpipe/core/component"
+	"github.com/flowpipe/flowpipe/core/options"
 )
 
 // EnvPrefix starts every environment variable that overrides a pipeline.yaml value. A
@@ -184,7 +185,7 @@ func Load(file string, data []byte, environ []string) (*Document, error) {
 			path := strings.ToLower(strings.ReplaceAll(rest, "__", "."))
 			d.where[path] = "env " + name
 			var v any
-			if err := yaml.Unmarshal([]byte(value), &v); err != nil || isCollection(v) {
+			if err := yaml.Unmarshal([]byte(value), &v); err != nil || options.IsCollection(v) {
 				v = value
 			}
 			return path, v
@@ -283,7 +284,7 @@ func (d *Document) nodeValue(n *yaml.Node, path string, env map[string]string) (
 				if n.Style&(yaml.DoubleQuotedStyle|yaml.SingleQuotedStyle) != 0 {
 					return expanded, nil
 				}
-				if err := yaml.Unmarshal([]byte(expanded), &v); err != nil || isCollection(v) {
+				if err := yaml.Unmarshal([]byte(expanded), &v); err != nil || options.IsCollection(v) {
 					return expanded, nil
 				}
 				return v, nil
@@ -358,7 +359,7 @@ func (d *Document) decodeTop(raw map[string]any) Problems {
 	if v, ok := raw["data_dir"]; ok {
 		switch dir, isString := v.(string); {
 		case !isString || dir == "":
-			probs = append(probs, d.Problem("data_dir", "want a directory path, got %s", describe(v)))
+			probs = append(probs, d.Problem("data_dir", "want a directory path, got %s", options.Describe(v)))
 		case filepath.IsAbs(dir):
 			d.DataDir = filepath.Clean(dir)
 		default:
@@ -375,7 +376,7 @@ func (d *Document) decodeTop(raw map[string]any) Problems {
 	if v, ok := raw["enrichers"]; ok && v != nil {
 		list, ok := v.([]any)
 		if !ok {
-			probs = append(probs, d.Problem("enrichers", "want a list of enrichers (- type: ...), got %s", describe(v)))
+			probs = append(probs, d.Problem("enrichers", "want a list of enrichers (- type: ...), got %s", options.Describe(v)))
 		}
 		seen := map[string]string{}
 		for i, item := range list {
@@ -407,7 +408,7 @@ func (d *Document) decodeSection(v any, path string, out any) Problems {
 		if v == nil {
 			return nil
 		}
-		return Problems{d.Problem(path, "want a map, got %s", describe(v))}
+		return Problems{d.Problem(path, "want a map, got %s", options.Describe(v))}
 	}
 	return d.Problems(path, Decode(m, out, ""))
 }
@@ -418,7 +419,7 @@ func (d *Document) componentMap(v any, section string, kind component.Kind) ([]C
 	}
 	m, ok := v.(map[string]any)
 	if !ok {
-		return nil, Problems{d.Problem(section, "want a map from component name to its settings, got %s", describe(v))}
+		return nil, Problems{d.Problem(section, "want a map from component name to its settings, got %s", options.Describe(v))}
 	}
 	names := make([]string, 0, len(m))
 	for n := range m {
@@ -445,7 +446,7 @@ func (d *Document) componentMap(v any, section string, kind component.Kind) ([]C
 func (d *Document) component(v any, path, name string, kind component.Kind) (Component, Problems) {
 	m, ok := v.(map[string]any)
 	if !ok {
-		return Component{}, Problems{d.Problem(path, "want a map with type: and options, got %s", describe(v))}
+		return Component{}, Problems{d.Problem(path, "want a map with type: and options, got %s", options.Describe(v))}
 	}
 	c := Component{Kind: kind, Name: name, Path: path, Options: map[string]any{}}
 	var probs Problems
@@ -456,7 +457,7 @@ func (d *Document) component(v any, path, name string, kind component.Kind) (Com
 		}
 		s, ok := x.(string)
 		if !ok {
-			probs = append(probs, d.Problem(Join(path, key), "want a string, got %s", describe(x)))
+			probs = append(probs, d.Problem(Join(path, key), "want a string, got %s", options.Describe(x)))
 		}
 		return s
 	}

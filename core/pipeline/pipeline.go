@@ -20,6 +20,7 @@ import (
 	"github.com/flowpipe/flowpipe/core/config"
 	"github.com/flowpipe/flowpipe/core/flow"
 	"github.com/flowpipe/flowpipe/core/metrics"
+	"github.com/flowpipe/flowpipe/core/options"
 )
 
 // Options configure how a pipeline is built.
@@ -99,13 +100,7 @@ func New(ctx context.Context, doc *config.Document, opts Options) (*Pipeline, er
 				delete(opts2, k)
 			}
 		}
-		errs := config.Decode(rt, &settings, "")
-		if len(errs) == 0 {
-			if err := settings.Validate(); err != nil {
-				errs = asFieldErrors(err)
-			}
-		}
-		probs = append(probs, doc.Problems(spec.Path, errs)...)
+		probs = append(probs, doc.Problems(spec.Path, options.Check(rt, &settings, ""))...)
 		spec.Options = opts2
 		c, m, ps := p.build(ctx, spec, opts)
 		probs = append(probs, ps...)
@@ -162,18 +157,6 @@ func describeSpec(spec config.Component) string {
 	return fmt.Sprintf("type %q", spec.Type)
 }
 
-func asFieldErrors(err error) config.FieldErrors {
-	var fe config.FieldErrors
-	if errors.As(err, &fe) {
-		return fe
-	}
-	var one config.FieldError
-	if errors.As(err, &one) {
-		return config.FieldErrors{one}
-	}
-	return config.FieldErrors{{Msg: err.Error()}}
-}
-
 // build decodes and validates one component's options and builds it.
 func (p *Pipeline) build(ctx context.Context, spec config.Component, opts Options) (any, *metrics.Component, config.Problems) {
 	m := p.metrics.Component(spec.Name, string(spec.Kind))
@@ -183,8 +166,20 @@ func (p *Pipeline) build(ctx context.Context, spec config.Component, opts Option
 		Metrics:    m,
 		Registerer: m.Registerer(),
 	}
+	var f component.Factory
+	if spec.Plugin == "" {
+		var ok bool
+		if f, ok = opts.Registry.Lookup(spec.Kind, spec.Type); !ok {
+			return nil, nil, config.Problems{p.doc.Problem(config.Join(spec.Path, "type"), "unknown %s type %q (known: %s)", spec.Kind, spec.Type, strings.Join(opts.Registry.Types(spec.Kind), ", "))}
+		}
+	}
 	isolation := spec.Isolation
-	if isolation == "" {
+	switch {
+	case f.Holds && isolation == "process":
+		return nil, nil, config.Problems{p.doc.Problem(spec.Path, "enricher type %q keeps events across batches and runs only in process: set isolation: inproc", spec.Type)}
+	case f.Holds:
+		isolation = "inproc"
+	case isolation == "":
 		isolation = opts.DefaultIsolation
 	}
 	if spec.Plugin != "" || isolation == "process" {
@@ -201,23 +196,7 @@ func (p *Pipeline) build(ctx context.Context, spec config.Component, opts Option
 	if spec.Process != nil {
 		return nil, nil, config.Problems{p.doc.Problem(config.Join(spec.Path, "process"), "process: settings apply only to a component run out of process; remove them or drop isolation: inproc")}
 	}
-	f, ok := opts.Registry.Lookup(spec.Kind, spec.Type)
-	if !ok {
-		return nil, nil, config.Problems{p.doc.Problem(config.Join(spec.Path, "type"), "unknown %s type %q (known: %s)", spec.Kind, spec.Type, strings.Join(opts.Registry.Types(spec.Kind), ", "))}
-	}
-	cfg := f.NewConfig()
-	errs := config.Decode(spec.Options, cfg, "")
-	if len(errs) == 0 {
-		if v, ok := cfg.(interface{ Validate() error }); ok {
-			if err := v.Validate(); err != nil {
-				errs = asFieldErrors(err)
-			}
-		}
-	}
-	if len(errs) > 0 {
-		return nil, nil, p.doc.Problems(spec.Path, errs)
-	}
-	c, err := f.New(env, cfg)
+	c, err := f.Build(env, spec.Options)
 	if err != nil {
 		return nil, nil, p.problemsFrom(spec.Path, err)
 	}
@@ -226,10 +205,8 @@ func (p *Pipeline) build(ctx context.Context, spec config.Component, opts Option
 }
 
 func (p *Pipeline) problemsFrom(path string, err error) config.Problems {
-	var fe config.FieldErrors
-	var one config.FieldError
-	if errors.As(err, &fe) || errors.As(err, &one) {
-		return p.doc.Problems(path, asFieldErrors(err))
+	if errs, ok := options.FieldErrorsOf(err); ok {
+		return p.doc.Problems(path, errs)
 	}
 	var ps config.Problems
 	if errors.As(err, &ps) {

@@ -63,10 +63,12 @@ func (c *Config) Validate() error {
 
 // Factory is the `type: aggregate` enricher factory.
 func Factory() component.Factory {
-	return component.NewEnricherFactory("aggregate",
+	f := component.NewEnricherFactory("aggregate",
 		"windowed aggregation of TCP, UDP, ICMP and ICMPv6 events, acknowledged end to end",
 		DefaultConfig,
 		func(env component.Env, c *Config) (component.Enricher, error) { return New(env, c) })
+	f.Holds = true // it keeps events across batches: in process only
+	return f
 }
 
 // key identifies a conversation within a window.

@@ -4,11 +4,11 @@
 package main
 
 import (
-	"github.com/flowpipe/flowpipe/core/plugin"
+	"github.com/flowpipe/flowpipe/sdk"
 
 	"github.com/flowpipe/flowpipe/examples/webhook-sink/webhook"
 )
 
 func main() {
-	plugin.ServeSink(webhook.Info, webhook.Defaults, webhook.New)
+	sdk.ServeSink(webhook.Info, webhook.Defaults, webhook.New)
 }

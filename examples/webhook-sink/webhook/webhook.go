@@ -16,13 +16,13 @@ import (
 	"time"
 
 	"github.com/flowpipe/flowpipe/core/component"
-	"github.com/flowpipe/flowpipe/core/config"
 	"github.com/flowpipe/flowpipe/core/flow"
-	"github.com/flowpipe/flowpipe/core/plugin"
+	"github.com/flowpipe/flowpipe/core/options"
+	"github.com/flowpipe/flowpipe/sdk"
 )
 
 // Info describes the plugin to flowpipe.
-var Info = plugin.Info{Type: "webhook", Version: "0.1.0", Summary: "POSTs each batch as NDJSON to an HTTP endpoint; acknowledges on 2xx"}
+var Info = sdk.Info{Type: "webhook", Version: "0.1.0", Summary: "POSTs each batch as NDJSON to an HTTP endpoint; acknowledges on 2xx"}
 
 // Config is the sink's options in pipeline.yaml.
 type Config struct {
@@ -42,7 +42,7 @@ func Defaults() *Config {
 
 // Validate checks the options; flowpipe validate shows each problem at its line.
 func (c *Config) Validate() error {
-	var errs config.FieldErrors
+	var errs options.FieldErrors
 	if u, err := url.Parse(c.URL); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
 		errs.Add("url", "want an http:// or https:// URL, got %q", c.URL)
 	}

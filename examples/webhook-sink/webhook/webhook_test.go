@@ -13,9 +13,9 @@ import (
 	"github.com/google/uuid"
 
 	"github.com/flowpipe/flowpipe/core/component"
-	"github.com/flowpipe/flowpipe/core/config"
 	"github.com/flowpipe/flowpipe/core/flow"
-	"github.com/flowpipe/flowpipe/core/plugin/plugintest"
+	"github.com/flowpipe/flowpipe/core/options"
+	"github.com/flowpipe/flowpipe/sdk/plugintest"
 )
 
 // receiver is a webhook endpoint that fails the first `fail` requests with 503.
@@ -105,7 +105,7 @@ func TestFailsWhenAttemptsRunOut(t *testing.T) {
 
 func TestValidation(t *testing.T) {
 	_, err := plugintest.Start(t, component.NewSinkFactory(Info.Type, "", Defaults, New), map[string]any{"url": "ftp://x", "attempts": 0}, nil)
-	var fe config.FieldErrors
+	var fe options.FieldErrors
 	if !errors.As(err, &fe) || len(fe) != 2 || fe[0].Path != "url" || fe[1].Path != "attempts" {
 		t.Fatalf("got %v", err)
 	}

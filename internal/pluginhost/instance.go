@@ -1,0 +1,329 @@
+package pluginhost
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/flowpipe/flowpipe/core/component"
+	"github.com/flowpipe/flowpipe/core/config"
+	pb "github.com/flowpipe/flowpipe/internal/pluginproto"
+)
+
+// Restart backoff: the first restart comes after about a second, each further consecutive
+// failure doubles the wait, up to two minutes; ±25 % jitter keeps many failing plugins from
+// restarting in step.
+var (
+	backoffMin = time.Second
+	backoffMax = 2 * time.Minute
+)
+
+// failingAfter is how many consecutive failures make Health report the plugin as failing.
+const failingAfter = 3
+
+func backoff(failures int) time.Duration {
+	d := backoffMin
+	for i := 1; i < failures && d < backoffMax; i++ {
+		d *= 2
+	}
+	d = min(d, backoffMax)
+	return d*3/4 + rand.N(d/2+1)
+}
+
+// instance is the host side of one component: it owns the current plugin process, restarts
+// it when it crashes or hangs, and survives the restarts so the runtime sees one component.
+type instance struct {
+	spec     config.Component
+	env      component.Env
+	settings Settings
+	launcher *launcher
+	options  []byte
+
+	restarts    prometheus.Counter
+	redelivered prometheus.Counter
+	up          prometheus.Gauge
+
+	mu       sync.Mutex
+	cur      *proc
+	avail    chan struct{} // closed while cur is set
+	started  bool
+	closed   bool
+	failures int // consecutive, reset by a successful call
+	lastErr  error
+	timer    *time.Timer
+}
+
+func newInstance(spec config.Component, env component.Env, s Settings, l *launcher, options []byte) *instance {
+	in := &instance{spec: spec, env: env, settings: s, launcher: l, options: options, avail: make(chan struct{})}
+	in.restarts = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "flowpipe_plugin_restarts_total",
+		Help: "Times the component's plugin process was restarted after it crashed, hung or failed to start.",
+	})
+	in.redelivered = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "flowpipe_plugin_redelivered_events_total",
+		Help: "Events sent to the plugin again because the process failed before acknowledging them; the output may hold them twice.",
+	})
+	in.up = prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "flowpipe_plugin_up",
+		Help: "1 while the component's plugin process is running and answering.",
+	})
+	if env.Registerer != nil {
+		for _, c := range []prometheus.Collector{in.restarts, in.redelivered, in.up, remoteMetrics{in}} {
+			if err := env.Registerer.Register(c); err != nil {
+				var are prometheus.AlreadyRegisteredError
+				if !errors.As(err, &are) {
+					env.Logger.Warn("register plugin metric", "error", err)
+				}
+			}
+		}
+	}
+	return in
+}
+
+// adopt makes p the current process and starts watching it.
+func (in *instance) adopt(p *proc) {
+	// The watch's cancel is set before p is published: stop reads it.
+	ctx, cancel := context.WithCancel(context.Background())
+	p.watch = cancel
+	in.mu.Lock()
+	if in.closed {
+		in.mu.Unlock()
+		p.kill()
+		return
+	}
+	in.cur = p
+	close(in.avail)
+	in.mu.Unlock()
+	in.up.Set(1)
+	in.env.Logger.Debug("plugin process running", "plugin", in.launcher.describe, "pid", p.pid(), "version", p.desc.Version)
+	in.watch(ctx, p)
+}
+
+// watch detects a process that exits (its Watch stream breaks) or stops answering (a health
+// check times out).
+func (in *instance) watch(ctx context.Context, p *proc) {
+	select {
+	case <-p.done: // stopped before it was watched
+		return
+	default:
+	}
+	stream, err := p.comp.Watch(ctx, &pb.WatchRequest{})
+	if err != nil {
+		in.fail(p, fmt.Errorf("watch the plugin process: %w", err))
+		return
+	}
+	go func() {
+		_, err := stream.Recv()
+		select {
+		case <-p.done:
+			return
+		default:
+		}
+		in.fail(p, fmt.Errorf("lost the connection to the plugin process (it exited or crashed): %v", err))
+	}()
+	go func() {
+		t := time.NewTicker(in.settings.PingInterval)
+		defer t.Stop()
+		for {
+			select {
+			case <-p.done:
+				return
+			case <-t.C:
+			}
+			cctx, cancel := context.WithTimeout(ctx, in.settings.PingInterval)
+			_, err := p.comp.Describe(cctx, &pb.DescribeRequest{})
+			cancel()
+			select {
+			case <-p.done:
+				return
+			default:
+			}
+			if err != nil {
+				in.fail(p, fmt.Errorf("the plugin did not answer a health check within %s: %v", in.settings.PingInterval, err))
+				return
+			}
+		}
+	}()
+}
+
+// get returns the current process, waiting while it restarts.
+func (in *instance) get(ctx context.Context) (*proc, error) {
+	for {
+		in.mu.Lock()
+		if in.closed {
+			in.mu.Unlock()
+			return nil, errors.New("plugin is closed")
+		}
+		if p := in.cur; p != nil {
+			in.mu.Unlock()
+			return p, nil
+		}
+		ch, last := in.avail, in.lastErr
+		in.mu.Unlock()
+		if in.launcher.inMemory {
+			return nil, fmt.Errorf("in-memory plugin failed: %v", last)
+		}
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return nil, fmt.Errorf("plugin is restarting after: %v: %w", last, ctx.Err())
+		}
+	}
+}
+
+// fail kills p because it crashed or hung, and schedules a restart.
+func (in *instance) fail(p *proc, err error) {
+	in.mu.Lock()
+	if in.closed {
+		in.mu.Unlock()
+		return // Close stops the process
+	}
+	if in.cur != p {
+		in.mu.Unlock()
+		p.kill() // an earlier process, already replaced
+		return
+	}
+	in.cur = nil
+	in.avail = make(chan struct{})
+	in.failures++
+	n := in.failures
+	in.lastErr = err
+	in.mu.Unlock()
+	in.up.Set(0)
+	p.kill()
+	if in.launcher.inMemory {
+		in.env.Logger.Error("in-memory plugin failed", "error", err)
+		return
+	}
+	in.schedule(n, err)
+}
+
+func (in *instance) schedule(failures int, err error) {
+	d := backoff(failures)
+	in.env.Logger.Error("plugin failed; restarting it", "plugin", in.launcher.describe, "error", err, "consecutive_failures", failures, "restart_in", d.Round(time.Millisecond))
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	if in.closed {
+		return
+	}
+	in.timer = time.AfterFunc(d, in.restart)
+}
+
+func (in *instance) restart() {
+	in.mu.Lock()
+	if in.closed {
+		in.mu.Unlock()
+		return
+	}
+	started := in.started
+	in.mu.Unlock()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*in.settings.StartTimeout)
+	defer cancel()
+	p, _, err := startProc(ctx, in.launcher, in.spec, in.env, in.settings, in.options)
+	if err == nil && started {
+		err = startRPC(ctx, p)
+		if err != nil {
+			p.kill()
+		}
+	}
+	in.restarts.Inc()
+	if err != nil {
+		in.mu.Lock()
+		in.failures++
+		n := in.failures
+		in.lastErr = err
+		in.mu.Unlock()
+		in.schedule(n, err)
+		return
+	}
+	in.env.Logger.Info("plugin restarted", "plugin", in.launcher.describe, "pid", p.pid())
+	in.adopt(p)
+}
+
+func startRPC(ctx context.Context, p *proc) error {
+	resp, err := p.comp.Start(ctx, &pb.StartRequest{})
+	if err != nil {
+		return fmt.Errorf("start: %w", err)
+	}
+	if resp.Error != "" {
+		return errors.New(resp.Error)
+	}
+	return nil
+}
+
+// succeeded records a call that worked: the plugin is healthy again.
+func (in *instance) succeeded() {
+	in.mu.Lock()
+	in.failures = 0
+	in.mu.Unlock()
+}
+
+// Start starts the component's work in the plugin (component.Starter).
+func (in *instance) Start(ctx context.Context) error {
+	in.mu.Lock()
+	in.started = true
+	in.mu.Unlock()
+	p, err := in.get(ctx)
+	if err != nil {
+		return err
+	}
+	if err := startRPC(ctx, p); err != nil {
+		return fmt.Errorf("%s: %w", in.launcher.describe, err)
+	}
+	return nil
+}
+
+// Health reports a plugin that keeps failing (component.HealthChecker, for /readyz).
+func (in *instance) Health() error {
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	if in.failures >= failingAfter {
+		return fmt.Errorf("plugin keeps failing (%d times in a row), last: %v", in.failures, in.lastErr)
+	}
+	return nil
+}
+
+// Close flushes and closes the component and stops its process.
+func (in *instance) Close(ctx context.Context) error {
+	in.mu.Lock()
+	if in.closed {
+		in.mu.Unlock()
+		return nil
+	}
+	in.closed = true
+	p := in.cur
+	in.cur = nil
+	if in.timer != nil {
+		in.timer.Stop()
+	}
+	in.mu.Unlock()
+	in.up.Set(0)
+	if p == nil {
+		return nil
+	}
+	if err := p.close(ctx); err != nil {
+		p.kill()
+		return fmt.Errorf("%s: %w", in.launcher.describe, err)
+	}
+	return nil
+}
+
+// callErr decides what a failed call means: the caller's context ended (not the plugin's
+// fault), or the plugin crashed or hung, which restarts it.
+func (in *instance) callErr(ctx context.Context, p *proc, call string, err error) error {
+	if ctx.Err() != nil {
+		return ctx.Err()
+	}
+	if errors.Is(err, context.DeadlineExceeded) || isDeadline(err) {
+		err = fmt.Errorf("%s did not return within %s (process.call_timeout): the plugin is hung", call, in.settings.CallTimeout)
+	} else {
+		err = fmt.Errorf("%s: %w", call, err)
+	}
+	in.fail(p, err)
+	return fmt.Errorf("%s: %w", in.launcher.describe, err)
+}

@@ -1,0 +1,233 @@
+// Command testplugin is the plugin the host's tests start as real processes. One binary
+// serves several plugins, chosen by the name it is run as (tests copy it to
+// flowpipe-<kind>-<name>):
+//
+//	flowpipe-sink-jsonl       appends each batch to options.path as JSON lines, fsynced;
+//	                          hang: true makes every Write block forever
+//	flowpipe-source-seq       emits options.count events in batches of options.batch and
+//	                          returns once all are acknowledged, appending each
+//	                          acknowledgement to options.acks
+//	flowpipe-enricher-tag     sets rule_id to options.rule and filters events whose source
+//	                          port is a multiple of options.drop_every (counted)
+//	flowpipe-sink-future      speaks only protocol version 2
+package main
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+
+	"github.com/google/uuid"
+	goplugin "github.com/hashicorp/go-plugin"
+	"github.com/prometheus/client_golang/prometheus"
+	"google.golang.org/grpc"
+
+	"github.com/flowpipe/flowpipe/core/component"
+	"github.com/flowpipe/flowpipe/core/flow"
+	"github.com/flowpipe/flowpipe/core/options"
+	"github.com/flowpipe/flowpipe/internal/pluginproto"
+	"github.com/flowpipe/flowpipe/sdk"
+)
+
+func main() {
+	name := filepath.Base(os.Args[0])
+	switch {
+	case strings.HasPrefix(name, "flowpipe-sink-jsonl"):
+		sdk.ServeSink(sdk.Info{Type: "jsonl", Version: "0.0.1-test", Summary: "JSON lines, fsynced"}, func() *sinkConfig { return &sinkConfig{} }, newSink)
+	case strings.HasPrefix(name, "flowpipe-source-seq"):
+		sdk.ServeSource(sdk.Info{Type: "seq", Version: "0.0.1-test"}, func() *sourceConfig { return &sourceConfig{Batch: 100} }, newSource)
+	case strings.HasPrefix(name, "flowpipe-enricher-tag"):
+		sdk.ServeEnricher(sdk.Info{Type: "tag", Version: "0.0.1-test"}, func() *tagConfig { return &tagConfig{} }, newTag)
+	case strings.HasPrefix(name, "flowpipe-sink-future"):
+		// A plugin from a future flowpipe: same handshake cookie, protocol 2 only.
+		hs := pluginproto.Handshake
+		hs.ProtocolVersion = 2
+		goplugin.Serve(&goplugin.ServeConfig{
+			HandshakeConfig:  hs,
+			VersionedPlugins: map[int]goplugin.PluginSet{2: {"component": futurePlugin{}}},
+			GRPCServer:       goplugin.DefaultGRPCServer,
+		})
+	default:
+		fmt.Fprintf(os.Stderr, "testplugin: unknown name %q\n", name)
+		os.Exit(2)
+	}
+}
+
+type futurePlugin struct {
+	goplugin.NetRPCUnsupportedPlugin
+}
+
+func (futurePlugin) GRPCServer(*goplugin.GRPCBroker, *grpc.Server) error { return nil }
+func (futurePlugin) GRPCClient(context.Context, *goplugin.GRPCBroker, *grpc.ClientConn) (any, error) {
+	return nil, errors.New("not a client")
+}
+
+type sinkConfig struct {
+	Path    string `yaml:"path" required:"true"`
+	Hang    bool   `yaml:"hang"`
+	Discard bool   `yaml:"discard"` // accept batches without writing (benchmarks)
+	Crash   bool   `yaml:"crash"`   // exit in every Write, as a crashing plugin would
+}
+
+func (c *sinkConfig) Validate() error {
+	var errs options.FieldErrors
+	if !filepath.IsAbs(c.Path) {
+		errs.Add("path", "must be absolute, got %q", c.Path)
+	}
+	return errs.Err()
+}
+
+type sink struct {
+	cfg    *sinkConfig
+	env    component.Env
+	writes prometheus.Counter
+	mu     sync.Mutex
+	f      *os.File
+	buf    []byte
+}
+
+func newSink(env component.Env, c *sinkConfig) (component.Sink, error) {
+	writes := prometheus.NewCounter(prometheus.CounterOpts{Name: "testplugin_writes_total", Help: "Write calls."})
+	if err := env.Registerer.Register(writes); err != nil {
+		return nil, err
+	}
+	return &sink{cfg: c, env: env, writes: writes}, nil
+}
+
+func (s *sink) Start(context.Context) error {
+	f, err := os.OpenFile(s.cfg.Path, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		return err
+	}
+	s.f = f
+	s.env.Logger.Info("jsonl sink started", "path", s.cfg.Path)
+	return nil
+}
+
+func (s *sink) Write(ctx context.Context, b *flow.Batch) error {
+	if s.cfg.Hang {
+		select {}
+	}
+	if s.cfg.Discard {
+		return nil
+	}
+	if s.cfg.Crash {
+		os.Exit(7)
+	}
+	s.writes.Inc()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.buf = s.buf[:0]
+	for i := range b.Events {
+		s.buf = flow.AppendJSON(s.buf, &b.Events[i])
+		s.buf = append(s.buf, '\n')
+	}
+	if _, err := s.f.Write(s.buf); err != nil {
+		return err
+	}
+	return s.f.Sync()
+}
+
+func (s *sink) Close(context.Context) error {
+	s.env.Logger.Info("jsonl sink closing")
+	if s.f == nil {
+		return nil
+	}
+	return s.f.Close()
+}
+
+type sourceConfig struct {
+	Count int    `yaml:"count" required:"true"`
+	Batch int    `yaml:"batch"`
+	Acks  string `yaml:"acks"`
+}
+
+type source struct {
+	cfg *sourceConfig
+	env component.Env
+}
+
+func newSource(env component.Env, c *sourceConfig) (component.Source, error) {
+	return &source{cfg: c, env: env}, nil
+}
+
+// Event builds the i-th event of the seq source; tests rebuild it to compare.
+func Event(i int) flow.Event {
+	var id uuid.UUID
+	binary.BigEndian.PutUint64(id[8:], uint64(i))
+	return flow.Event{
+		EventID: id, FlowID: id, Type: flow.TypeStart, Timestamp: flow.Time(1_700_000_000_000_000_000 + int64(i)),
+		SrcAddr: netip.AddrFrom4([4]byte{10, 0, byte(i >> 8), byte(i)}), DstAddr: netip.MustParseAddr("192.0.2.1"),
+		SrcPort: uint16(i), DstPort: 443, Protocol: flow.ProtoTCP, Direction: flow.Egress, Source: "seq",
+	}
+}
+
+func (s *source) Run(ctx context.Context, out component.Emitter) error {
+	var (
+		mu      sync.Mutex
+		acks    *os.File
+		pending sync.WaitGroup
+	)
+	if s.cfg.Acks != "" {
+		f, err := os.OpenFile(s.cfg.Acks, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		acks = f
+	}
+	for i := 0; i < s.cfg.Count; i += s.cfg.Batch {
+		n := min(s.cfg.Batch, s.cfg.Count-i)
+		evs := make([]flow.Event, n)
+		for j := range evs {
+			evs[j] = Event(i + j)
+		}
+		first := i
+		pending.Add(1)
+		b := flow.NewBatch(evs, func(err error) {
+			defer pending.Done()
+			if acks != nil {
+				mu.Lock()
+				fmt.Fprintf(acks, "%d %d %v\n", first, n, err)
+				mu.Unlock()
+			}
+		})
+		if err := out.Emit(ctx, b); err != nil {
+			break
+		}
+	}
+	pending.Wait()
+	return nil
+}
+
+type tagConfig struct {
+	Rule      string `yaml:"rule"`
+	DropEvery int    `yaml:"drop_every"`
+}
+
+type tag struct {
+	cfg *tagConfig
+	env component.Env
+}
+
+func newTag(env component.Env, c *tagConfig) (component.Enricher, error) { return &tag{c, env}, nil }
+
+func (t *tag) Enrich(_ context.Context, b *flow.Batch) error {
+	kept := b.Events[:0]
+	for _, e := range b.Events {
+		if t.cfg.DropEvery > 0 && int(e.SrcPort)%t.cfg.DropEvery == 0 {
+			continue
+		}
+		e.RuleID = t.cfg.Rule
+		kept = append(kept, e)
+	}
+	t.env.Metrics.Filtered("port_multiple", len(b.Events)-len(kept))
+	b.Events = kept
+	return nil
+}

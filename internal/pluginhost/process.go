@@ -1,0 +1,249 @@
+package pluginhost
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/exec"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	goplugin "github.com/hashicorp/go-plugin"
+	"google.golang.org/grpc"
+
+	"github.com/flowpipe/flowpipe/core/component"
+	"github.com/flowpipe/flowpipe/core/config"
+	"github.com/flowpipe/flowpipe/core/options"
+	pb "github.com/flowpipe/flowpipe/internal/pluginproto"
+)
+
+// proc is one running plugin process and its gRPC clients. A restart makes a new proc.
+type proc struct {
+	client *goplugin.Client
+	cmd    *exec.Cmd
+	comp   pb.ComponentClient
+	sink   pb.SinkClient
+	enr    pb.EnricherClient
+	src    pb.SourceClient
+	desc   *pb.DescribeResponse
+
+	done     chan struct{} // closed when the proc is being stopped
+	doneOnce sync.Once
+	release  chan struct{} // lets the OS thread that started the process go
+	watch    context.CancelFunc
+	onStop   func() // in memory: stops the server and the connection
+}
+
+// startProc starts the process, checks what it is and configures the component. The
+// process is started from an OS thread locked for its whole life: the parent-death signal
+// (SIGKILL) is tied to the thread that forked, so the plugin dies with flowpipe, even with
+// kill -9, and never with a Go runtime thread that happens to exit.
+func startProc(ctx context.Context, l *launcher, spec config.Component, env component.Env, s Settings, optYAML []byte) (*proc, bool, error) {
+	cmd, err := l.cmd()
+	if err != nil {
+		return nil, false, err
+	}
+	if l.checksum != nil && l.path != "" {
+		// go-plugin checks too (SecureConfig); checking an external plugin first gives an
+		// error that says which hashes differ and what to do. The flowpipe binary itself
+		// (built-ins) is large and only go-plugin hashes it.
+		sum, err := FileSHA256(cmd.Path)
+		if err != nil {
+			return nil, false, fmt.Errorf("%s: %w", l.describe, err)
+		}
+		if !bytes.Equal(sum, l.checksum) {
+			return nil, false, options.FieldErrors{{Path: "sha256", Msg: fmt.Sprintf("%s has SHA-256 %x, but pipeline.yaml pins %s: refusing to start it. If you replaced the plugin on purpose, set sha256: to the output of `sha256sum %s`", cmd.Path, sum, hex.EncodeToString(l.checksum), cmd.Path)}}
+		}
+	}
+	cmd.Env = append(cmd.Env, pb.ParentPIDEnv+"="+strconv.Itoa(os.Getpid()))
+	// go-plugin owns the plugin's standard output (the handshake, then a gRPC stream that
+	// copies asynchronously); flowpipe's own stdout goes along as fd 3, so that a component
+	// writing to standard output (a file sink with path "-") writes where it would in
+	// process, synchronously.
+	cmd.ExtraFiles = []*os.File{os.Stdout}
+	cmd.Env = append(cmd.Env, pb.StdoutFDEnv+"=3")
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	log := env.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	out := &lineLogger{log: log, msg: "plugin output"}
+	cfg := &goplugin.ClientConfig{
+		HandshakeConfig:  pb.Handshake,
+		VersionedPlugins: pb.PluginSets(nil),
+		Cmd:              cmd,
+		AllowedProtocols: []goplugin.Protocol{goplugin.ProtocolGRPC},
+		AutoMTLS:         true,
+		Logger:           newHCLogAdapter(log),
+		GRPCDialOptions:  pb.DialOptions(),
+		StartTimeout:     s.StartTimeout,
+		SyncStdout:       out,
+		SyncStderr:       out,
+	}
+	if l.checksum != nil {
+		cfg.SecureConfig = &goplugin.SecureConfig{Checksum: l.checksum, Hash: sha256.New()}
+	}
+	p := &proc{client: goplugin.NewClient(cfg), cmd: cmd, done: make(chan struct{}), release: make(chan struct{})}
+	started := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		_, err := p.client.Client()
+		started <- err
+		if err != nil {
+			return // the thread ends with this goroutine; go-plugin killed the process
+		}
+		<-p.release
+		runtime.UnlockOSThread()
+	}()
+	if err := <-started; err != nil {
+		p.client.Kill()
+		return nil, false, explainStart(l, err)
+	}
+	rpc, _ := p.client.Client()
+	raw, err := rpc.Dispense(pb.PluginName)
+	if err != nil {
+		p.kill()
+		return nil, false, fmt.Errorf("%s: %w", l.describe, err)
+	}
+	conn := raw.(*grpc.ClientConn)
+	p.comp = pb.NewComponentClient(conn)
+	p.sink, p.enr, p.src = pb.NewSinkClient(conn), pb.NewEnricherClient(conn), pb.NewSourceClient(conn)
+
+	holder, err := p.configure(ctx, l.describe, spec, env, s.StartTimeout, optYAML)
+	if err != nil {
+		p.shutdown()
+		return nil, false, err
+	}
+	return p, holder, nil
+}
+
+// configure describes the plugin, checks that it is what spec asks for and configures the
+// component; a spec without a kind only describes (plugins list).
+func (p *proc) configure(ctx context.Context, describe string, spec config.Component, env component.Env, timeout time.Duration, optYAML []byte) (bool, error) {
+	cctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	desc, err := p.comp.Describe(cctx, &pb.DescribeRequest{})
+	if err != nil {
+		return false, fmt.Errorf("%s: describe: %w", describe, err)
+	}
+	p.desc = desc
+	if spec.Kind == "" {
+		return false, nil // Inspect: describe only
+	}
+	if desc.ProtocolVersion != pb.ProtocolVersion {
+		return false, fmt.Errorf("%s speaks flowpipe plugin protocol %d, this flowpipe speaks %d", describe, desc.ProtocolVersion, pb.ProtocolVersion)
+	}
+	if desc.Kind != string(spec.Kind) {
+		return false, fmt.Errorf("%s is a %s plugin (type %q), but it is configured as a %s", describe, desc.Kind, desc.Type, spec.Kind)
+	}
+	if spec.Plugin == "" && desc.Type != spec.Type {
+		return false, fmt.Errorf("%s served type %q instead", describe, desc.Type)
+	}
+	resp, err := p.comp.Configure(cctx, &pb.ConfigureRequest{Name: spec.Name, ConfigDir: env.ConfigDir, DataDir: env.DataDir, OptionsYaml: optYAML})
+	if err != nil {
+		return false, fmt.Errorf("%s: configure: %w", describe, err)
+	}
+	if len(resp.FieldErrors) > 0 {
+		var errs options.FieldErrors
+		for _, fe := range resp.FieldErrors {
+			errs = append(errs, options.FieldError{Path: fe.Path, Msg: fe.Message})
+		}
+		return false, errs
+	}
+	if resp.Error != "" {
+		return false, fmt.Errorf("%s: %s", describe, resp.Error)
+	}
+	return resp.Holder, nil
+}
+
+func explainStart(l *launcher, err error) error {
+	msg := err.Error()
+	switch {
+	case errors.Is(err, goplugin.ErrChecksumsDoNotMatch) && l.path == "":
+		return fmt.Errorf("%s: the flowpipe binary changed on disk since flowpipe started (an upgrade?); refusing to start it as a plugin of this flowpipe: restart flowpipe", l.describe)
+	case errors.Is(err, goplugin.ErrChecksumsDoNotMatch):
+		return fmt.Errorf("%s: SHA-256 does not match the pin; refusing to start it", l.describe)
+	case strings.Contains(msg, "incompatible API version"):
+		return fmt.Errorf("%s speaks another version of the flowpipe plugin protocol than this flowpipe (%d): rebuild it with a matching flowpipe SDK (%v)", l.describe, pb.ProtocolVersion, err)
+	case strings.Contains(msg, "timeout while waiting for plugin to start"):
+		return fmt.Errorf("%s did not complete the plugin handshake in time: is it a flowpipe plugin? (%v)", l.describe, err)
+	case strings.Contains(msg, "exited before we could connect"), strings.Contains(msg, "Unrecognized remote plugin message"):
+		return fmt.Errorf("%s is not a flowpipe plugin, or failed as it started (its output is logged above): %v", l.describe, err)
+	}
+	return fmt.Errorf("start %s: %w", l.describe, err)
+}
+
+// stop ends the proc's background work (health checks, watch) once.
+func (p *proc) stop() bool {
+	first := false
+	p.doneOnce.Do(func() {
+		first = true
+		close(p.done)
+		if p.watch != nil {
+			p.watch()
+		}
+	})
+	return first
+}
+
+// kill stops the process at once: it crashed, hung, or is not wanted.
+func (p *proc) kill() {
+	if !p.stop() {
+		return
+	}
+	if p.cmd != nil && p.cmd.Process != nil {
+		_ = p.cmd.Process.Kill()
+	}
+	p.end()
+}
+
+// shutdown stops a healthy process that is not wanted (its options were refused): go-plugin
+// asks it to exit and kills it only if it does not.
+func (p *proc) shutdown() {
+	if p.stop() {
+		p.end()
+	}
+}
+
+func (p *proc) end() {
+	if p.client != nil {
+		p.client.Kill()
+	}
+	if p.onStop != nil {
+		p.onStop()
+	}
+	close(p.release)
+}
+
+// close closes the component (it flushes) and then stops the process gracefully, killing
+// it if it does not exit.
+func (p *proc) close(ctx context.Context) error {
+	resp, err := p.comp.Close(ctx, &pb.CloseRequest{})
+	if !p.stop() {
+		return err
+	}
+	p.end()
+	switch {
+	case err != nil:
+		return fmt.Errorf("close: %w", err)
+	case resp.Error != "":
+		return errors.New(resp.Error)
+	}
+	return nil
+}
+
+func (p *proc) pid() int {
+	if p.cmd != nil && p.cmd.Process != nil {
+		return p.cmd.Process.Pid
+	}
+	return 0
+}

@@ -1,0 +1,308 @@
+package pluginhost
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"sync"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/flowpipe/flowpipe/core/component"
+	"github.com/flowpipe/flowpipe/core/flow"
+	"github.com/flowpipe/flowpipe/internal/codec"
+	pb "github.com/flowpipe/flowpipe/internal/pluginproto"
+)
+
+func isDeadline(err error) bool { return status.Code(err) == codes.DeadlineExceeded }
+
+// applyCounts adds what the plugin counted to the host's metrics for the component.
+func applyCounts(m component.Metrics, counts []*pb.Count) {
+	for _, c := range counts {
+		n := int(c.N)
+		switch c.Kind {
+		case pb.Count_KIND_FILTERED:
+			m.Filtered(c.Reason, n)
+		case pb.Count_KIND_DROPPED:
+			m.Dropped(c.Reason, n)
+		case pb.Count_KIND_ERRORS:
+			m.Errors(c.Reason, n)
+		}
+	}
+}
+
+// redelivery remembers batches whose delivery to a failed plugin had an unknown outcome, so
+// that the events sent again are counted.
+type redelivery struct {
+	mu  sync.Mutex
+	set map[*flow.Batch]struct{}
+}
+
+func (r *redelivery) mark(b *flow.Batch) {
+	r.mu.Lock()
+	if r.set == nil || len(r.set) > 100_000 {
+		r.set = map[*flow.Batch]struct{}{}
+	}
+	r.set[b] = struct{}{}
+	r.mu.Unlock()
+}
+
+func (r *redelivery) again(b *flow.Batch) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	_, ok := r.set[b]
+	delete(r.set, b)
+	return ok
+}
+
+// remoteSink is a sink in a plugin process. A Write that fails because the process died or
+// hung returns an error; the runtime retries the batch, and the retry waits for the
+// restarted process.
+type remoteSink struct {
+	in    *instance
+	retry redelivery
+}
+
+func (s *remoteSink) Write(ctx context.Context, b *flow.Batch) error {
+	if s.retry.again(b) {
+		s.in.redelivered.Add(float64(len(b.Events)))
+		s.in.env.Logger.Warn("plugin redelivery: writing again a batch the failed plugin had not acknowledged; the output may hold it twice", "events", len(b.Events))
+	}
+	source := b.Source
+	for _, part := range pb.Split(b.Events) {
+		p, err := s.in.get(ctx)
+		if err != nil {
+			return fmt.Errorf("%s: %w", s.in.launcher.describe, err)
+		}
+		buf, msg := pb.EncodeBatch(part, source)
+		cctx, cancel := context.WithTimeout(ctx, s.in.settings.CallTimeout)
+		resp, err := p.sink.Write(cctx, msg)
+		cancel()
+		pb.Buffers.Put(buf)
+		if err != nil {
+			s.retry.mark(b)
+			return s.in.callErr(ctx, p, "Write", err)
+		}
+		applyCounts(s.in.env.Metrics, resp.Counts)
+		if resp.Error != "" {
+			return errors.New(resp.Error)
+		}
+	}
+	s.in.succeeded()
+	return nil
+}
+
+func (s *remoteSink) Start(ctx context.Context) error { return s.in.Start(ctx) }
+func (s *remoteSink) Close(ctx context.Context) error { return s.in.Close(ctx) }
+func (s *remoteSink) Health() error                   { return s.in.Health() }
+
+// remoteEnricher is an enricher in a plugin process. When the process fails mid-call, the
+// batch waits for the restart and is enriched again, so it is not lost.
+type remoteEnricher struct {
+	in *instance
+}
+
+func (e *remoteEnricher) Enrich(ctx context.Context, b *flow.Batch) error {
+	parts := pb.Split(b.Events)
+	var out []flow.Event
+	if len(parts) == 1 {
+		out = b.Events[:0] // the request is encoded before the answer is decoded
+	}
+	for _, part := range parts {
+		resp, err := e.call(ctx, part, b.Source)
+		if err != nil {
+			return err
+		}
+		if out, err = codec.Decode(out, resp.Batch.GetEvents(), int(resp.Batch.GetCount())); err != nil {
+			return fmt.Errorf("%s: bad answer: %w", e.in.launcher.describe, err)
+		}
+	}
+	b.Events = out
+	e.in.succeeded()
+	return nil
+}
+
+func (e *remoteEnricher) call(ctx context.Context, part []flow.Event, source string) (*pb.EnrichResponse, error) {
+	for attempt := 0; ; attempt++ {
+		p, err := e.in.get(ctx)
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", e.in.launcher.describe, err)
+		}
+		if attempt > 0 {
+			e.in.redelivered.Add(float64(len(part)))
+		}
+		buf, msg := pb.EncodeBatch(part, source)
+		cctx, cancel := context.WithTimeout(ctx, e.in.settings.CallTimeout)
+		resp, err := p.enr.Enrich(cctx, msg)
+		cancel()
+		pb.Buffers.Put(buf)
+		if err != nil {
+			if err := e.in.callErr(ctx, p, "Enrich", err); ctx.Err() != nil {
+				return nil, err
+			}
+			continue
+		}
+		applyCounts(e.in.env.Metrics, resp.Counts)
+		if resp.Error != "" {
+			return nil, errors.New(resp.Error)
+		}
+		return resp, nil
+	}
+}
+
+func (e *remoteEnricher) Start(ctx context.Context) error { return e.in.Start(ctx) }
+func (e *remoteEnricher) Close(ctx context.Context) error { return e.in.Close(ctx) }
+func (e *remoteEnricher) Health() error                   { return e.in.Health() }
+
+// remoteSource is a source in a plugin process. Its batches are acknowledged back to the
+// plugin by ID. When the process fails, the batches already in the pipeline are still
+// delivered (their acknowledgements have nowhere to go), and the restarted source runs
+// again: redelivering what its upstream never saw acknowledged is the source's job.
+type remoteSource struct {
+	in *instance
+
+	mu     sync.Mutex
+	stream *sourceStream
+}
+
+type sourceStream struct {
+	stream interface {
+		Send(*pb.SourceAck) error
+		Recv() (*pb.SourceMessage, error)
+		CloseSend() error
+	}
+	cancel context.CancelFunc
+	mu     sync.Mutex
+	broken bool
+	ended  chan struct{} // closed when the plugin finished the stream
+}
+
+func (ss *sourceStream) send(a *pb.SourceAck) {
+	ss.mu.Lock()
+	defer ss.mu.Unlock()
+	if ss.broken {
+		return
+	}
+	if err := ss.stream.Send(a); err != nil {
+		ss.broken = true
+	}
+}
+
+func (s *remoteSource) Run(ctx context.Context, out component.Emitter) error {
+	for {
+		p, err := s.in.get(ctx)
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			return err
+		}
+		done, err := s.runOnce(ctx, p, out)
+		if done {
+			return err
+		}
+	}
+}
+
+// runOnce runs the source in one process; done is false when the process failed and the
+// source must run again in the next one.
+func (s *remoteSource) runOnce(ctx context.Context, p *proc, out component.Emitter) (done bool, err error) {
+	sctx, cancel := context.WithCancel(context.Background())
+	stream, err := p.src.Run(sctx)
+	if err != nil {
+		cancel()
+		s.in.callErr(context.Background(), p, "Run", err)
+		return false, nil
+	}
+	ss := &sourceStream{stream: stream, cancel: cancel, ended: make(chan struct{})}
+	s.mu.Lock()
+	s.stream = ss
+	s.mu.Unlock()
+	stopped := make(chan struct{})
+	defer close(stopped)
+	go func() {
+		select {
+		case <-ctx.Done():
+			ss.send(&pb.SourceAck{Stop: true})
+		case <-stopped:
+		}
+	}()
+	var (
+		events  []flow.Event
+		partial bool
+	)
+	for {
+		msg, err := stream.Recv()
+		if err != nil {
+			close(ss.ended)
+			if err == io.EOF {
+				return true, nil
+			}
+			if ctx.Err() != nil {
+				return true, nil // stopping; Close deals with the process
+			}
+			s.in.callErr(context.Background(), p, "Run", err)
+			return false, nil
+		}
+		applyCounts(s.in.env.Metrics, msg.Counts)
+		switch m := msg.Msg.(type) {
+		case *pb.SourceMessage_End:
+			// The source returned; the stream stays open for acknowledgements until Close.
+			go func() {
+				for {
+					if _, err := stream.Recv(); err != nil {
+						close(ss.ended)
+						return
+					}
+				}
+			}()
+			if m.End.Error != "" {
+				return true, errors.New(m.End.Error)
+			}
+			return true, nil
+		case *pb.SourceMessage_Batch:
+			if !partial {
+				events = nil
+			}
+			events, err = codec.Decode(events, m.Batch.Batch.GetEvents(), int(m.Batch.Batch.GetCount()))
+			if err != nil {
+				ss.send(&pb.SourceAck{Id: m.Batch.Id, Status: pb.SourceAck_STATUS_FAILED, Message: "host could not decode the batch: " + err.Error()})
+				s.in.env.Metrics.Dropped("plugin_bad_batch", int(m.Batch.Batch.GetCount()))
+				partial = false
+				continue
+			}
+			if partial = m.Batch.More; partial {
+				continue
+			}
+			id := m.Batch.Id
+			b := flow.NewBatch(events, func(err error) { ss.send(pb.AckToProto(id, err)) })
+			b.Source = m.Batch.Batch.GetSource()
+			s.in.succeeded()
+			_ = out.Emit(ctx, b) // on error the batch is acknowledged as failed, which the plugin learns
+		}
+	}
+}
+
+func (s *remoteSource) Start(ctx context.Context) error { return s.in.Start(ctx) }
+func (s *remoteSource) Health() error                   { return s.in.Health() }
+
+// Close lets the plugin see the end of the acknowledgements, then closes it.
+func (s *remoteSource) Close(ctx context.Context) error {
+	s.mu.Lock()
+	ss := s.stream
+	s.mu.Unlock()
+	if ss != nil {
+		ss.mu.Lock()
+		_ = ss.stream.CloseSend()
+		ss.broken = true
+		ss.mu.Unlock()
+		select {
+		case <-ss.ended:
+		case <-ctx.Done():
+		}
+		ss.cancel()
+	}
+	return s.in.Close(ctx)
+}

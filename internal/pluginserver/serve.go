@@ -1,0 +1,104 @@
+package pluginserver
+
+import (
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"runtime/pprof"
+	"strconv"
+	"syscall"
+
+	"github.com/hashicorp/go-hclog"
+	goplugin "github.com/hashicorp/go-plugin"
+	"google.golang.org/grpc"
+
+	"github.com/flowpipe/flowpipe/core/component"
+	pb "github.com/flowpipe/flowpipe/internal/pluginproto"
+)
+
+// Serve serves the component that f builds as a plugin process until the host is done with
+// it, and returns the process's exit status. Run by hand, outside flowpipe, it explains that
+// it is a plugin and returns 1.
+func Serve(f component.Factory, version string) int {
+	if os.Getenv(pb.Handshake.MagicCookieKey) != pb.Handshake.MagicCookieValue {
+		fmt.Fprintf(os.Stderr, "This is a flowpipe %s plugin (type %q, version %s); flowpipe starts it.\n"+
+			"Configure it in pipeline.yaml under %ss with plugin: <path or name>, then run flowpipe.\n", f.Kind, f.Type, version, f.Kind)
+		return 1
+	}
+	// The parent-death signal was armed in this process between fork and exec; if the
+	// parent was already gone by then, nobody will signal us: check once.
+	if want, err := strconv.Atoi(os.Getenv(pb.ParentPIDEnv)); err == nil && want != os.Getppid() {
+		fmt.Fprintln(os.Stderr, "flowpipe plugin: the flowpipe process that started this plugin is gone; exiting")
+		return 1
+	}
+	// A service manager stopping flowpipe may signal its whole process group; the plugin
+	// must stay until flowpipe has flushed and closed it (go-plugin already ignores
+	// SIGINT). It cannot outlive flowpipe: the parent-death signal is SIGKILL, and the
+	// Watch stream ends when flowpipe is gone.
+	signal.Ignore(syscall.SIGTERM)
+	// go-plugin swaps os.Stderr for a pipe once serving; logs go to the real stderr, where
+	// the host reads them line by line as hclog JSON.
+	stderr := os.Stderr
+	log := slog.New(newHCLogJSONHandler(stderr, slog.LevelDebug))
+	srv := New(f, version, log)
+	srv.hostGone = func() { os.Exit(3) }
+	if fd, err := strconv.Atoi(os.Getenv(pb.StdoutFDEnv)); err == nil && fd > 2 {
+		srv.stdout = os.NewFile(uintptr(fd), "flowpipe-stdout")
+	}
+	// FLOWPIPE_PLUGIN_CPUPROFILE=prefix writes a CPU profile of each plugin process to
+	// prefix.<type>.<pid> when it stops cleanly (docs/plugins.md, Debug it).
+	if prefix := os.Getenv("FLOWPIPE_PLUGIN_CPUPROFILE"); prefix != "" {
+		if pf, err := os.Create(fmt.Sprintf("%s.%s.%d", prefix, f.Type, os.Getpid())); err == nil {
+			if err := pprof.StartCPUProfile(pf); err == nil {
+				defer func() { pprof.StopCPUProfile(); pf.Close() }()
+			}
+		}
+	}
+	goplugin.Serve(&goplugin.ServeConfig{
+		HandshakeConfig:  pb.Handshake,
+		VersionedPlugins: pb.PluginSets(srv.Register),
+		GRPCServer: func(opts []grpc.ServerOption) *grpc.Server {
+			return grpc.NewServer(append(opts, pb.ServerOptions()...)...)
+		},
+		Logger: hclog.New(&hclog.LoggerOptions{Output: stderr, JSONFormat: true, Level: hclog.Info, Name: f.Type}),
+	})
+	return 0
+}
+
+// newHCLogJSONHandler writes slog records as the JSON lines go-plugin's host parses as hclog
+// output (@level, @message, @timestamp), so that a plugin's log lines land in flowpipe's log
+// at their level, with their attributes.
+func newHCLogJSONHandler(w io.Writer, level slog.Level) slog.Handler {
+	return slog.NewJSONHandler(w, &slog.HandlerOptions{
+		Level: level,
+		ReplaceAttr: func(groups []string, a slog.Attr) slog.Attr {
+			if len(groups) > 0 {
+				return a
+			}
+			switch a.Key {
+			case slog.TimeKey:
+				return slog.String("@timestamp", a.Value.Time().Format("2006-01-02T15:04:05.000000Z07:00"))
+			case slog.LevelKey:
+				lv, _ := a.Value.Any().(slog.Level)
+				return slog.String("@level", hclogLevel(lv))
+			case slog.MessageKey:
+				return slog.Attr{Key: "@message", Value: a.Value}
+			}
+			return a
+		},
+	})
+}
+
+func hclogLevel(l slog.Level) string {
+	switch {
+	case l < slog.LevelInfo:
+		return "debug"
+	case l < slog.LevelWarn:
+		return "info"
+	case l < slog.LevelError:
+		return "warn"
+	}
+	return "error"
+}

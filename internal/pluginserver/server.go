@@ -1,0 +1,443 @@
+// Package pluginserver is the plugin side of the flowpipe plugin protocol: it builds a
+// component from its factory when the host sends the options, and serves it over gRPC. A
+// plugin reaches it through the public sdk package (sdk.ServeSink and friends); the flowpipe
+// binary serves its built-ins with it when it is re-executed as a plugin.
+package pluginserver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"sync"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+	"gopkg.in/yaml.v3"
+
+	"github.com/flowpipe/flowpipe/core/component"
+	"github.com/flowpipe/flowpipe/core/flow"
+	"github.com/flowpipe/flowpipe/core/options"
+	"github.com/flowpipe/flowpipe/internal/codec"
+	pb "github.com/flowpipe/flowpipe/internal/pluginproto"
+)
+
+// Server is the plugin side of one component: it builds the component from its factory
+// when the host sends the options, and serves it.
+type Server struct {
+	pb.UnimplementedComponentServer
+	pb.UnimplementedSourceServer
+	pb.UnimplementedEnricherServer
+	pb.UnimplementedSinkServer
+
+	factory component.Factory
+	version string
+	log     *slog.Logger
+	counts  counter
+	// hostGone runs when the host's Watch stream ends without a Close: the host died, so
+	// the plugin process must not outlive it. In memory (plugintest) it does nothing.
+	hostGone func()
+	// stdout is flowpipe's standard output, passed down; components see it as os.Stdout.
+	stdout *os.File
+	// metrics is the registry the component's Env.Registerer registers into; Gather
+	// serves it to the host.
+	metrics *prometheus.Registry
+
+	mu     sync.Mutex
+	comp   any
+	closed chan struct{}
+	once   sync.Once
+
+	events sync.Pool // *[]flow.Event, reused between calls
+}
+
+// New returns the server of the component f builds; log is the component's logger.
+func New(f component.Factory, version string, log *slog.Logger) *Server {
+	return &Server{factory: f, version: version, log: log, closed: make(chan struct{}), hostGone: func() {}, metrics: prometheus.NewRegistry()}
+}
+
+// Register registers the component's services on g.
+func (s *Server) Register(g *grpc.Server) {
+	pb.RegisterComponentServer(g, s)
+	switch s.factory.Kind {
+	case component.KindSource:
+		pb.RegisterSourceServer(g, s)
+	case component.KindEnricher:
+		pb.RegisterEnricherServer(g, s)
+	case component.KindSink:
+		pb.RegisterSinkServer(g, s)
+	}
+}
+
+func (s *Server) Describe(context.Context, *pb.DescribeRequest) (*pb.DescribeResponse, error) {
+	return &pb.DescribeResponse{
+		Kind: string(s.factory.Kind), Type: s.factory.Type, Version: s.version,
+		ProtocolVersion: pb.ProtocolVersion, Summary: s.factory.Summary,
+	}, nil
+}
+
+func (s *Server) Configure(_ context.Context, req *pb.ConfigureRequest) (*pb.ConfigureResponse, error) {
+	var raw map[string]any
+	if err := yaml.Unmarshal(req.OptionsYaml, &raw); err != nil {
+		return &pb.ConfigureResponse{Error: fmt.Sprintf("decode options sent by the host: %v", err)}, nil
+	}
+	if raw == nil {
+		raw = map[string]any{}
+	}
+	if s.stdout != nil {
+		// go-plugin made os.Stdout its own pipe when it started serving; components that
+		// write to standard output get flowpipe's.
+		os.Stdout = s.stdout
+	}
+	env := component.Env{
+		Name: req.Name, Kind: s.factory.Kind, Type: s.factory.Type, ConfigDir: req.ConfigDir, DataDir: req.DataDir,
+		Logger: s.log, Metrics: &s.counts,
+		Registerer: s.metrics,
+	}
+	// The same path as in process (component.Factory.Build): decode, validate, build.
+	c, err := s.factory.Build(env, raw)
+	if err != nil {
+		if errs, ok := options.FieldErrorsOf(err); ok {
+			resp := &pb.ConfigureResponse{}
+			for _, e := range errs {
+				resp.FieldErrors = append(resp.FieldErrors, &pb.FieldError{Path: e.Path, Message: e.Msg})
+			}
+			return resp, nil
+		}
+		return &pb.ConfigureResponse{Error: err.Error()}, nil
+	}
+	s.mu.Lock()
+	s.comp = c
+	s.mu.Unlock()
+	_, holder := c.(component.Holder)
+	return &pb.ConfigureResponse{Holder: holder}, nil
+}
+
+func (s *Server) component() (any, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.comp == nil {
+		return nil, status.Error(codes.FailedPrecondition, "plugin is not configured")
+	}
+	return s.comp, nil
+}
+
+func (s *Server) Start(ctx context.Context, _ *pb.StartRequest) (*pb.StartResponse, error) {
+	c, err := s.component()
+	if err != nil {
+		return nil, err
+	}
+	if st, ok := c.(component.Starter); ok {
+		if err := st.Start(ctx); err != nil {
+			return &pb.StartResponse{Error: err.Error()}, nil
+		}
+	}
+	return &pb.StartResponse{}, nil
+}
+
+func (s *Server) Close(ctx context.Context, _ *pb.CloseRequest) (*pb.CloseResponse, error) {
+	s.once.Do(func() { close(s.closed) })
+	s.mu.Lock()
+	c := s.comp
+	s.mu.Unlock()
+	if cl, ok := c.(component.Closer); ok {
+		if err := cl.Close(ctx); err != nil {
+			return &pb.CloseResponse{Error: err.Error()}, nil
+		}
+	}
+	return &pb.CloseResponse{}, nil
+}
+
+func (s *Server) Watch(_ *pb.WatchRequest, stream grpc.ServerStreamingServer[pb.WatchEvent]) error {
+	// Headers tell the host the watch is in place.
+	if err := stream.SendHeader(metadata.MD{}); err != nil {
+		return err
+	}
+	select {
+	case <-s.closed:
+		return nil
+	case <-stream.Context().Done():
+		select {
+		case <-s.closed:
+			return nil
+		default:
+		}
+		s.log.Error("the flowpipe host went away without closing this plugin; exiting")
+		s.hostGone()
+		return nil
+	}
+}
+
+func (s *Server) Gather(context.Context, *pb.GatherRequest) (*pb.GatherResponse, error) {
+	mfs, err := s.metrics.Gather()
+	if err != nil {
+		s.log.Warn("gather the component's metrics", "error", err)
+	}
+	resp := &pb.GatherResponse{}
+	for _, mf := range mfs {
+		b, err := proto.Marshal(mf)
+		if err != nil {
+			return nil, err
+		}
+		resp.MetricFamilies = append(resp.MetricFamilies, b)
+	}
+	return resp, nil
+}
+
+func (s *Server) getEvents() *[]flow.Event {
+	if p, ok := s.events.Get().(*[]flow.Event); ok {
+		*p = (*p)[:0]
+		return p
+	}
+	return new([]flow.Event)
+}
+
+// putEvents keeps the slice for the next call; its events' strings stay referenced until
+// they are overwritten, which costs less than clearing every batch.
+func (s *Server) putEvents(p *[]flow.Event) {
+	s.events.Put(p)
+}
+
+func (s *Server) Write(ctx context.Context, req *pb.Batch) (*pb.WriteResponse, error) {
+	c, err := s.component()
+	if err != nil {
+		return nil, err
+	}
+	sink := c.(component.Sink)
+	evs := s.getEvents()
+	defer s.putEvents(evs)
+	if *evs, err = codec.Decode(*evs, req.Events, int(req.Count)); err != nil {
+		return nil, status.Error(codes.InvalidArgument, err.Error())
+	}
+	b := flow.NewBatch(*evs, nil)
+	b.Source = req.Source
+	resp := &pb.WriteResponse{}
+	if err := sink.Write(ctx, b); err != nil {
+		resp.Error = err.Error()
+	}
+	resp.Counts = s.counts.drain()
+	return resp, nil
+}
+
+func (s *Server) Enrich(ctx context.Context, req *pb.Batch) (*pb.EnrichResponse, error) {
+	c, err := s.component()
+	if err != nil {
+		return nil, err
+	}
+	en := c.(component.Enricher)
+	evs := s.getEvents()
+	defer s.putEvents(evs)
+	if *evs, err = codec.Decode(*evs, req.Events, int(req.Count)); err != nil {
+		return nil, status.Error(codes.InvalidArgument, err.Error())
+	}
+	b := flow.NewBatch(*evs, nil)
+	b.Source = req.Source
+	resp := &pb.EnrichResponse{}
+	if err := en.Enrich(ctx, b); err != nil {
+		resp.Error = err.Error()
+	} else {
+		// The answer's buffer goes back to the pool once gRPC has marshalled it (pb.Codec).
+		_, resp.Batch = pb.EncodeBatch(b.Events, b.Source)
+	}
+	resp.Counts = s.counts.drain()
+	return resp, nil
+}
+
+// Run runs the source and streams its batches to the host, which acknowledges them by ID.
+func (s *Server) Run(stream grpc.BidiStreamingServer[pb.SourceAck, pb.SourceMessage]) error {
+	c, err := s.component()
+	if err != nil {
+		return err
+	}
+	src := c.(component.Source)
+	runCtx, stop := context.WithCancel(context.Background())
+	defer stop()
+	em := &emitter{stream: stream, s: s, pending: map[uint64]*flow.Batch{}, empty: make(chan struct{}, 1)}
+	recvDone := make(chan struct{})
+	go func() {
+		defer close(recvDone)
+		for {
+			a, err := stream.Recv()
+			if err != nil {
+				stop()
+				return
+			}
+			if a.Stop {
+				stop()
+				continue
+			}
+			em.ack(a.Id, pb.AckFromProto(a))
+		}
+	}()
+	runErr := src.Run(runCtx, em)
+	end := &pb.SourceEnd{}
+	if runErr != nil && !errors.Is(runErr, context.Canceled) {
+		end.Error = runErr.Error()
+	}
+	if err := em.send(&pb.SourceMessage{Msg: &pb.SourceMessage_End{End: end}, Counts: s.counts.drain()}); err == nil {
+		// Stay for the acknowledgements of what is still in the pipeline, until the host
+		// closes its side.
+		for !em.drained() {
+			select {
+			case <-em.empty:
+			case <-recvDone:
+			}
+			select {
+			case <-recvDone:
+				em.failAll(flow.ErrShutdown)
+			default:
+			}
+		}
+	}
+	em.failAll(flow.ErrShutdown)
+	return nil
+}
+
+// emitter is the plugin side of component.Emitter: it sends batches to the host and keeps
+// them until the host acknowledges them.
+type emitter struct {
+	stream grpc.BidiStreamingServer[pb.SourceAck, pb.SourceMessage]
+	s      *Server
+
+	sendMu sync.Mutex
+	buf    []byte
+
+	mu      sync.Mutex
+	next    uint64
+	pending map[uint64]*flow.Batch
+	dead    bool
+	empty   chan struct{}
+}
+
+func (e *emitter) send(m *pb.SourceMessage) error {
+	e.sendMu.Lock()
+	defer e.sendMu.Unlock()
+	return e.stream.Send(m)
+}
+
+func (e *emitter) Emit(ctx context.Context, b *flow.Batch) error {
+	e.mu.Lock()
+	if e.dead {
+		e.mu.Unlock()
+		b.Release(flow.ErrShutdown)
+		return errors.New("the host stopped reading batches")
+	}
+	e.next++
+	id := e.next
+	e.pending[id] = b
+	e.mu.Unlock()
+
+	source := b.Source
+	if source == "" && len(b.Events) > 0 {
+		source = b.Events[0].Source
+	}
+	e.sendMu.Lock()
+	var err error
+	parts := pb.Split(b.Events)
+	for i, part := range parts {
+		e.buf = codec.Append(e.buf[:0], part)
+		err = e.stream.Send(&pb.SourceMessage{
+			Msg: &pb.SourceMessage_Batch{Batch: &pb.SourceBatch{
+				Id: id, More: i < len(parts)-1,
+				Batch: &pb.Batch{Count: uint32(len(part)), Events: e.buf, Source: source},
+			}},
+			Counts: e.s.counts.drain(),
+		})
+		if err != nil {
+			break
+		}
+	}
+	if cap(e.buf) > 4<<20 {
+		e.buf = nil
+	}
+	e.sendMu.Unlock()
+	if err != nil {
+		e.ack(id, flow.ErrShutdown)
+		return fmt.Errorf("send batch to host: %w", err)
+	}
+	if ctx.Err() != nil {
+		return ctx.Err()
+	}
+	return nil
+}
+
+func (e *emitter) ack(id uint64, err error) {
+	e.mu.Lock()
+	b := e.pending[id]
+	delete(e.pending, id)
+	empty := len(e.pending) == 0
+	e.mu.Unlock()
+	if b != nil {
+		b.Release(err)
+	}
+	if empty {
+		select {
+		case e.empty <- struct{}{}:
+		default:
+		}
+	}
+}
+
+func (e *emitter) drained() bool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return len(e.pending) == 0
+}
+
+func (e *emitter) failAll(err error) {
+	e.mu.Lock()
+	e.dead = true
+	pending := e.pending
+	e.pending = map[uint64]*flow.Batch{}
+	e.mu.Unlock()
+	for _, b := range pending {
+		b.Release(err)
+	}
+}
+
+// counter is the component.Metrics a plugin's component counts with; the counts travel to
+// the host with the next response.
+type counter struct {
+	mu sync.Mutex
+	m  map[countKey]uint64
+}
+
+type countKey struct {
+	kind   pb.Count_Kind
+	reason string
+}
+
+func (c *counter) add(k pb.Count_Kind, reason string, n int) {
+	if n <= 0 {
+		return
+	}
+	c.mu.Lock()
+	if c.m == nil {
+		c.m = map[countKey]uint64{}
+	}
+	c.m[countKey{k, reason}] += uint64(n)
+	c.mu.Unlock()
+}
+
+func (c *counter) Filtered(reason string, n int) { c.add(pb.Count_KIND_FILTERED, reason, n) }
+func (c *counter) Dropped(reason string, n int)  { c.add(pb.Count_KIND_DROPPED, reason, n) }
+func (c *counter) Errors(reason string, n int)   { c.add(pb.Count_KIND_ERRORS, reason, n) }
+
+func (c *counter) drain() []*pb.Count {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if len(c.m) == 0 {
+		return nil
+	}
+	out := make([]*pb.Count, 0, len(c.m))
+	for k, n := range c.m {
+		out = append(out, &pb.Count{Kind: k.kind, Reason: k.reason, N: n})
+	}
+	clear(c.m)
+	return out
+}

@@ -1,0 +1,88 @@
+package plugintest
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/flowpipe/flowpipe/core/component"
+	"github.com/flowpipe/flowpipe/core/flow"
+	"github.com/flowpipe/flowpipe/core/options"
+	"github.com/flowpipe/flowpipe/sdk"
+)
+
+type memConfig struct {
+	Prefix string `yaml:"prefix" required:"true"`
+}
+
+type memSink struct {
+	cfg *memConfig
+	mu  sync.Mutex
+	got []string
+}
+
+func (s *memSink) Write(_ context.Context, b *flow.Batch) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, e := range b.Events {
+		s.got = append(s.got, s.cfg.Prefix+e.RuleID)
+	}
+	return nil
+}
+
+func TestSinkThroughTheProtocol(t *testing.T) {
+	var built *memSink
+	build := func(_ component.Env, c *memConfig) (component.Sink, error) {
+		built = &memSink{cfg: c}
+		return built, nil
+	}
+	info := sdk.Info{Type: "mem", Version: "1"}
+	sink := Sink(t, info, func() *memConfig { return &memConfig{} }, build, map[string]any{"prefix": "p-"})
+	evs := []flow.Event{{RuleID: "a"}, {RuleID: "b"}}
+	if err := sink.Write(context.Background(), flow.NewBatch(evs, nil)); err != nil {
+		t.Fatal(err)
+	}
+	if strings.Join(built.got, ",") != "p-a,p-b" {
+		t.Fatalf("sink got %q", built.got)
+	}
+
+	_, err := Start(t, component.NewSinkFactory("mem", "", func() *memConfig { return &memConfig{} }, build), map[string]any{"prefx": "x"}, nil)
+	var fe options.FieldErrors
+	if !errors.As(err, &fe) || !strings.Contains(fe.Error(), "prefx") {
+		t.Fatalf("got %v, want field errors naming prefx", err)
+	}
+}
+
+type seqConfig struct {
+	Count int `yaml:"count"`
+}
+
+type seq struct{ n int }
+
+func (s *seq) Run(ctx context.Context, out component.Emitter) error {
+	var wg sync.WaitGroup
+	for i := 0; i < s.n; i += 10 {
+		evs := make([]flow.Event, 10)
+		for j := range evs {
+			evs[j].SrcPort = uint16(i + j)
+		}
+		wg.Add(1)
+		if err := out.Emit(ctx, flow.NewBatch(evs, func(error) { wg.Done() })); err != nil {
+			return err
+		}
+	}
+	wg.Wait()
+	return nil
+}
+
+func TestSourceAcks(t *testing.T) {
+	src := Source(t, sdk.Info{Type: "seq"}, func() *seqConfig { return &seqConfig{} },
+		func(_ component.Env, c *seqConfig) (component.Source, error) { return &seq{n: c.Count}, nil },
+		map[string]any{"count": 100})
+	evs := Collect(t, src, 0, nil)
+	if len(evs) != 100 || evs[99].SrcPort != 99 {
+		t.Fatalf("got %d events", len(evs))
+	}
+}
