@@ -21,6 +21,9 @@ type Config struct {
 	// Format of messages that carry no Content-Type header; a header, when present, decides.
 	Format string `yaml:"format"`
 
+	BatchSize  int           `yaml:"batch_size"`  // events per emitted batch, at least (whole messages)
+	BatchDelay time.Duration `yaml:"batch_delay"` // emit a partial batch after this
+
 	AckWait       time.Duration `yaml:"ack_wait"`        // JetStream redelivers a message not acknowledged within this
 	MaxAckPending int           `yaml:"max_ack_pending"` // messages delivered and not acknowledged, per consumer
 	Fetch         int           `yaml:"fetch"`           // messages pulled ahead per request
@@ -43,6 +46,8 @@ func defaultConfig() *Config {
 	return &Config{
 		Config:        natsconn.Defaults(),
 		Format:        string(logcodec.Packed),
+		BatchSize:     4000,
+		BatchDelay:    5 * time.Millisecond,
 		AckWait:       30 * time.Second,
 		MaxAckPending: 1000,
 		Fetch:         64,
@@ -64,6 +69,12 @@ func (c *Config) Validate() error {
 	}
 	if !logcodec.Format(c.Format).Valid() {
 		errs.Add("format", "%q: want packed, json or protobuf", c.Format)
+	}
+	if c.BatchSize < 1 {
+		errs.Add("batch_size", "must be at least 1")
+	}
+	if c.BatchDelay <= 0 {
+		errs.Add("batch_delay", "must be positive")
 	}
 	if c.AckWait < time.Second {
 		errs.Add("ack_wait", "must be at least 1s")

@@ -161,9 +161,24 @@ func (s *Source) Run(ctx context.Context, out component.Emitter) error {
 		it.Stop()
 	}()
 	go s.keepAlive(stop)
+	var g gather
 	for {
-		msg, err := it.Next()
+		var msg js.Msg
+		var err error
+		if len(g.msgs) == 0 {
+			msg, err = it.Next()
+		} else if wait := time.Until(g.deadline); wait > 0 {
+			msg, err = it.Next(js.NextMaxWait(wait))
+		} else {
+			s.emit(ctx, out, &g)
+			continue
+		}
 		if err != nil {
+			if errors.Is(err, nats.ErrTimeout) {
+				s.emit(ctx, out, &g)
+				continue
+			}
+			s.emit(ctx, out, &g)
 			if errors.Is(err, js.ErrMsgIteratorClosed) || ctx.Err() != nil {
 				return nil
 			}
@@ -173,8 +188,25 @@ func (s *Source) Run(ctx context.Context, out component.Emitter) error {
 			continue
 		}
 		s.setRunErr(nil)
-		s.handle(ctx, out, msg)
+		s.take(msg, &g)
+		if len(g.events) >= s.cfg.BatchSize {
+			s.emit(ctx, out, &g)
+		}
 	}
+}
+
+// gather is the batch being built from the messages taken since the last emit.
+type gather struct {
+	msgs     []delivery
+	events   []flow.Event
+	deadline time.Time
+}
+
+// delivery is one message in a batch, with the events it brought.
+type delivery struct {
+	msg js.Msg
+	md  *js.MsgMetadata
+	ids []uuid.UUID
 }
 
 // keepAlive tells JetStream, every third of ack_wait, that the messages in the pipeline are
@@ -206,7 +238,9 @@ func (s *Source) setRunErr(err error) {
 	s.mu.Unlock()
 }
 
-func (s *Source) handle(ctx context.Context, out component.Emitter, msg js.Msg) {
+// take decodes msg and adds its new events to g; a bad message is rejected, a message
+// whose events are all known is acknowledged at once.
+func (s *Source) take(msg js.Msg, g *gather) {
 	s.received.Inc()
 	md, err := msg.Metadata()
 	if err != nil {
@@ -221,7 +255,8 @@ func (s *Source) handle(ctx context.Context, out component.Emitter, msg js.Msg) 
 			return
 		}
 	}
-	events, err := logcodec.Decode(f, nil, msg.Data())
+	n := len(g.events)
+	events, err := logcodec.Decode(f, g.events, msg.Data())
 	if err != nil {
 		s.reject(msg, md, "malformed", err)
 		return
@@ -230,79 +265,99 @@ func (s *Source) handle(ctx context.Context, out component.Emitter, msg js.Msg) 
 	s.mu.Lock()
 	if _, busy := s.inflight[seq]; busy {
 		s.mu.Unlock()
+		g.events = events[:n]
 		s.redelivered.Inc()
 		return
 	}
-	keep := events[:0]
+	keep := events[:n]
 	dups := 0
-	for i := range events {
+	var ids []uuid.UUID
+	for i := n; i < len(events); i++ {
 		id := events[i].EventID
 		if _, p := s.pending[id]; p || s.window.Has(id) {
 			dups++
 			continue
 		}
 		s.pending[id] = struct{}{}
+		ids = append(ids, id)
 		keep = append(keep, events[i])
 	}
-	if len(keep) > 0 {
+	if len(ids) > 0 {
 		s.inflight[seq] = msg
-		s.wg.Add(1)
 	}
 	s.mu.Unlock()
+	g.events = keep
 	if dups > 0 {
 		s.duplicates.Add(float64(dups))
 	}
-	if len(keep) == 0 {
+	if len(ids) == 0 {
 		// Every event was delivered already, or is in flight in another message that will
 		// be acknowledged (or redelivered) on its own.
 		s.ack(msg)
 		return
 	}
-	b := flow.NewBatch(keep, func(err error) { s.finish(msg, md, keep, err) })
+	if len(g.msgs) == 0 {
+		g.deadline = time.Now().Add(s.cfg.BatchDelay)
+	}
+	g.msgs = append(g.msgs, delivery{msg: msg, md: md, ids: ids})
+}
+
+// emit hands the gathered batch to the pipeline.
+func (s *Source) emit(ctx context.Context, out component.Emitter, g *gather) {
+	if len(g.msgs) == 0 {
+		return
+	}
+	msgs, events := g.msgs, g.events
+	*g = gather{}
+	s.wg.Add(1)
+	b := flow.NewBatch(events, func(err error) { s.finish(msgs, err) })
 	b.Source = s.env.Name
 	// Emit acknowledges the batch in every case (ErrShutdown when it could not take it).
 	_ = out.Emit(ctx, b)
 }
 
-// finish is a batch's acknowledgement.
-func (s *Source) finish(msg js.Msg, md *js.MsgMetadata, events []flow.Event, err error) {
+// finish is a batch's acknowledgement: acknowledge its messages, or ask for them again.
+func (s *Source) finish(msgs []delivery, err error) {
 	defer s.wg.Done()
 	ok := err == nil || flow.IsDrop(err)
-	ids := make([]uuid.UUID, len(events))
-	for i := range events {
-		ids[i] = events[i].EventID
-	}
+	now := time.Now()
 	s.mu.Lock()
-	for _, id := range ids {
-		delete(s.pending, id)
-	}
 	var jerr error
-	if ok {
-		// Remembered (and journaled) before the acknowledgement leaves: a writer killed
-		// after this point knows these events when JetStream redelivers the message.
-		jerr = s.window.Add(ids, time.Now())
+	for _, d := range msgs {
+		for _, id := range d.ids {
+			delete(s.pending, id)
+		}
+		if ok {
+			// Remembered (and journaled) before the acknowledgement leaves: a writer killed
+			// after this point knows these events when JetStream redelivers the message.
+			if e := s.window.Add(d.ids, now); e != nil && jerr == nil {
+				jerr = e
+			}
+		}
+		delete(s.inflight, d.md.Sequence.Stream)
 	}
-	delete(s.inflight, md.Sequence.Stream)
 	s.mu.Unlock()
 	if jerr != nil {
 		s.env.Metrics.Errors("dedup_state", 1)
 		s.log.Error("dedup state not saved; a redelivery after a restart may be delivered twice", "err", jerr)
 	}
-	if ok {
-		s.ack(msg)
-		return
-	}
-	delay := s.cfg.NakDelay
-	for i := uint64(1); i < md.NumDelivered && delay < s.cfg.NakMaxDelay; i++ {
-		delay *= 2
-	}
-	delay = min(delay, s.cfg.NakMaxDelay)
-	if errors.Is(err, flow.ErrShutdown) {
-		delay = 0 // another writer may take it at once
-	}
-	s.naked.Inc()
-	if nerr := msg.NakWithDelay(delay); nerr != nil {
-		s.log.Warn("negative acknowledgement not sent; JetStream redelivers after ack_wait", "subject", msg.Subject(), "stream_seq", md.Sequence.Stream, "err", nerr)
+	for _, d := range msgs {
+		if ok {
+			s.ack(d.msg)
+			continue
+		}
+		delay := s.cfg.NakDelay
+		for i := uint64(1); i < d.md.NumDelivered && delay < s.cfg.NakMaxDelay; i++ {
+			delay *= 2
+		}
+		delay = min(delay, s.cfg.NakMaxDelay)
+		if errors.Is(err, flow.ErrShutdown) {
+			delay = 0 // another writer may take it at once
+		}
+		s.naked.Inc()
+		if nerr := d.msg.NakWithDelay(delay); nerr != nil {
+			s.log.Warn("negative acknowledgement not sent; JetStream redelivers after ack_wait", "subject", d.msg.Subject(), "stream_seq", d.md.Sequence.Stream, "err", nerr)
+		}
 	}
 }
 
