@@ -11,6 +11,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/uuid"
+
 	"github.com/flowpipe/flowpipe/core/component"
 	"github.com/flowpipe/flowpipe/core/component/componenttest"
 	"github.com/flowpipe/flowpipe/core/config"
@@ -184,5 +186,60 @@ func TestWriteFailsClearlyOnUnwritablePath(t *testing.T) {
 	}
 	if want := blocker; !strings.Contains(err.Error(), want) {
 		t.Errorf("error %q does not name the path", err)
+	}
+}
+
+// A writer killed after writing a batch and before acknowledging it gets the batch again
+// when it restarts: with resume_scan the events already in the file are not written twice,
+// and a torn last line is cut off.
+func TestResumeScanSkipsWhatIsAlreadyInTheFile(t *testing.T) {
+	dir := t.TempDir()
+	ids, seq := flow.NewIDGen(), uint64(0)
+	a, b, c := batch(ids, 50, &seq), batch(ids, 50, &seq), batch(ids, 50, &seq)
+	first := New(env(dir), &Config{Path: "flows.jsonl", Sync: "batch", ResumeScan: 1 << 20})
+	if err := first.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	for _, bt := range []*flow.Batch{a, b} {
+		if err := first.Write(context.Background(), bt); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Killed mid-write of the next line: no Close, and a torn line at the end.
+	f, err := os.OpenFile(filepath.Join(dir, "flows.jsonl"), os.O_WRONLY|os.O_APPEND, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.WriteString(`{"event_id":"` + c.Events[0].EventID.String() + `","flow_id`)
+	f.Close()
+
+	var metrics componenttest.Metrics
+	e := env(dir)
+	e.Metrics = &metrics
+	second := New(e, &Config{Path: "flows.jsonl", Sync: "batch", ResumeScan: 1 << 20})
+	if err := second.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	// The redelivery: b again (it was written, not acknowledged), then c.
+	for _, bt := range []*flow.Batch{b, c} {
+		if err := second.Write(context.Background(), bt); err != nil {
+			t.Fatal(err)
+		}
+	}
+	second.Close(context.Background())
+	got := componenttest.ReadJSONLines(t, filepath.Join(dir, "flows.jsonl"))
+	seen := map[uuid.UUID]int{}
+	for _, ev := range got {
+		seen[ev.EventID]++
+	}
+	for _, bt := range []*flow.Batch{a, b, c} {
+		for _, ev := range bt.Events {
+			if seen[ev.EventID] != 1 {
+				t.Fatalf("event %s %d times in the file", ev.EventID, seen[ev.EventID])
+			}
+		}
+	}
+	if len(got) != 150 || metrics.FilteredCount("already_written") != 50 {
+		t.Fatalf("%d lines, %d counted as already written; want 150 and 50", len(got), metrics.FilteredCount("already_written"))
 	}
 }
