@@ -14,6 +14,9 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/twmb/franz-go/pkg/kfake"
+	"github.com/twmb/franz-go/pkg/kgo"
+	"github.com/twmb/franz-go/pkg/kmsg"
 
 	"github.com/flowpipe/flowpipe/core/component/componenttest"
 	"github.com/flowpipe/flowpipe/internal/testenv"
@@ -256,4 +259,156 @@ sinks:
 			len(want), len(seen), missing, len(seen)+missing-len(want), dups)
 	}
 	t.Logf("%d events generated, each in the file exactly once", len(want))
+}
+
+// TestCollectorTierExactlyOnceThroughKafka is the same shape through Kafka: two agents, two
+// collectors (grpc → kafka) and a writer (kafka → file) as real flowpipe processes. No Kafka
+// broker can be installed on the test machines, so the brokers are franz-go's kfake (an
+// in-process implementation of the Kafka protocol), run by the test on loopback, 3 brokers
+// and a topic of 3 partitions; the flowpipe processes speak to it over TCP as they would to
+// Kafka. A collector is killed mid-stream and restarted, then the writer: every event in the
+// file exactly once.
+func TestCollectorTierExactlyOnceThroughKafka(t *testing.T) {
+	kc, err := kfake.NewCluster(kfake.NumBrokers(3), kfake.SeedTopics(3, "flows"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer kc.Close()
+	brokers := "[" + strings.Join(kc.ListenAddrs(), ", ") + "]"
+	dir := t.TempDir()
+	const perAgent = 50_000
+	collectorYAML := func(i int, listen string) string {
+		return fmt.Sprintf(`
+admin: {listen: ""}
+data_dir: state
+sources:
+  agents: {type: grpc, listen: %q, auth: none, dedup: {state_file: collector%d.ids}}
+sinks:
+  log:
+    type: kafka
+    brokers: %s
+    topic: flows
+    compression: lz4
+    retry: {initial_interval: 50ms, max_interval: 500ms}
+`, listen, i, brokers)
+	}
+	agentYAML := func(i int, url string) string {
+		return fmt.Sprintf(`
+admin: {listen: ""}
+sources:
+  gen: {type: generate, rate: 15000, count: %d, batch_size: 500, seed: %d}
+sinks:
+  local: {type: file, path: agent%d.jsonl, max_size: 0}
+  collector:
+    type: grpc
+    url: %s
+    reconnect_min: 50ms
+    reconnect_max: 300ms
+    retry: {initial_interval: 50ms, max_interval: 500ms}
+`, perAgent, i+1, i, url)
+	}
+	writerYAML := fmt.Sprintf(`
+admin: {listen: ""}
+sources:
+  log:
+    type: kafka
+    brokers: %s
+    topics: [flows]
+    group: writers
+    session_timeout: 6s
+    dedup: {state_file: writer.ids}
+sinks:
+  store: {type: file, path: out.jsonl, max_size: 0, resume_scan: 16MiB}
+`, brokers)
+	addr1, addr2 := freeAddr(t), freeAddr(t)
+	c1 := startProc(t, dir, "collector1", collectorYAML(1, addr1))
+	startProc(t, dir, "collector2", collectorYAML(2, addr2))
+	w := startProc(t, dir, "writer", writerYAML)
+	a1 := startProc(t, dir, "agent1", agentYAML(1, "http://"+addr1))
+	a2 := startProc(t, dir, "agent2", agentYAML(2, "http://"+addr2))
+	out := filepath.Join(dir, "out.jsonl")
+
+	eventually(t, "events in the file", func() bool { return countLines(out) > 2*perAgent/5 })
+	c1.kill()
+	t.Logf("collector1 killed at %d lines", countLines(out))
+	c1.start()
+	eventually(t, "progress after the collector restart", func() bool { return countLines(out) > 2*perAgent*3/5 })
+	w.kill()
+	t.Logf("writer killed at %d lines", countLines(out))
+	w.start()
+	a1.wait()
+	a2.wait()
+	want := map[string]bool{}
+	for i := 1; i <= 2; i++ {
+		for _, e := range componenttest.ReadJSONLines(t, filepath.Join(dir, fmt.Sprintf("agent%d.jsonl", i))) {
+			want[e.EventID.String()] = true
+		}
+	}
+	eventually(t, "every event in the file", func() bool { return countLines(out) >= len(want) })
+	// Nothing more can come once the group has committed every offset.
+	adm, err := kgo.NewClient(kgo.SeedBrokers(kc.ListenAddrs()...))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer adm.Close()
+	eventually(t, "every offset committed", func() bool { return committedAll(t, adm, "writers", "flows") })
+	seen := map[string]int{}
+	dups := 0
+	for _, e := range componenttest.ReadJSONLines(t, out) {
+		id := e.EventID.String()
+		if seen[id] > 0 {
+			dups++
+		}
+		seen[id]++
+	}
+	missing := 0
+	for id := range want {
+		if seen[id] == 0 {
+			missing++
+		}
+	}
+	if missing != 0 || len(seen) != len(want) || dups != 0 {
+		t.Fatalf("%d events generated; in the file: %d distinct, %d missing, %d duplicates", len(want), len(seen), missing, dups)
+	}
+	t.Logf("%d events generated, each in the file exactly once", len(want))
+}
+
+// committedAll reports whether group has committed, for every partition of topic, the
+// partition's end offset.
+func committedAll(t *testing.T, cl *kgo.Client, group, topic string) bool {
+	ctx := context.Background()
+	lo := kmsg.NewPtrListOffsetsRequest()
+	lt := kmsg.NewListOffsetsRequestTopic()
+	lt.Topic = topic
+	for p := int32(0); p < 3; p++ {
+		lp := kmsg.NewListOffsetsRequestTopicPartition()
+		lp.Partition, lp.Timestamp = p, -1
+		lt.Partitions = append(lt.Partitions, lp)
+	}
+	lo.Topics = append(lo.Topics, lt)
+	ends, err := lo.RequestWith(ctx, cl)
+	if err != nil {
+		return false
+	}
+	of := kmsg.NewPtrOffsetFetchRequest()
+	of.Group = group
+	ft := kmsg.NewOffsetFetchRequestTopic()
+	ft.Topic, ft.Partitions = topic, []int32{0, 1, 2}
+	of.Topics = append(of.Topics, ft)
+	got, err := of.RequestWith(ctx, cl)
+	if err != nil || len(got.Topics) == 0 {
+		return false
+	}
+	committed := map[int32]int64{}
+	for _, p := range got.Topics[0].Partitions {
+		committed[p.Partition] = p.Offset
+	}
+	for _, tp := range ends.Topics {
+		for _, p := range tp.Partitions {
+			if committed[p.Partition] != p.Offset {
+				return false
+			}
+		}
+	}
+	return true
 }
