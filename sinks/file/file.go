@@ -41,7 +41,7 @@ type Config struct {
 	// ResumeScan, when not 0, makes the sink read the last ResumeScan bytes of the file at
 	// start and skip the events already there when they come again: a writer killed after
 	// writing a batch and before acknowledging it is sent that batch again (by a log source's
-	// redelivery) and does not write it twice. A torn last line is cut off.
+	// redelivery) and does not write it twice.
 	ResumeScan config.ByteSize `yaml:"resume_scan"`
 }
 
@@ -115,41 +115,68 @@ func New(env component.Env, c *Config) *Sink {
 	return &Sink{cfg: *c, path: env.Path(c.Path), env: env}
 }
 
-// Start creates missing directories and opens the file for appending.
+// Start creates missing directories and opens the file for appending; a torn last line (the
+// process was killed mid-write) is cut off.
 func (s *Sink) Start(context.Context) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if err := s.open(); err != nil {
 		return err
 	}
-	if s.cfg.ResumeScan > 0 && s.f != nil && s.regular && s.size > 0 {
+	if s.f == nil || !s.regular || s.size == 0 {
+		return nil
+	}
+	if err := s.cutTorn(); err != nil {
+		return err
+	}
+	if s.cfg.ResumeScan > 0 {
 		return s.resume()
 	}
 	return nil
 }
 
-// resume reads the event IDs of the file's last resume_scan bytes, cutting off a torn last
-// line first.
+// cutTorn cuts off a torn last line: a process killed in the middle of a write leaves part
+// of a batch that was not acknowledged (it comes again), and the next line must not be
+// glued to it.
+func (s *Sink) cutTorn() error {
+	const look = 1 << 20 // far longer than a line
+	from := max(0, s.size-look)
+	buf := make([]byte, s.size-from)
+	if _, err := s.readAt(buf, from); err != nil {
+		return err
+	}
+	last := bytes.LastIndexByte(buf, '\n')
+	if last == len(buf)-1 || (last < 0 && from > 0) {
+		return nil
+	}
+	cut := from + int64(last+1)
+	if err := s.f.Truncate(cut); err != nil {
+		return fmt.Errorf("%s: cut torn last line: %w", s.path, err)
+	}
+	s.env.Logger.Warn("cut a torn last line off the file (the process was stopped mid-write; that batch was not acknowledged)", "file", s.path, "bytes", s.size-cut)
+	s.size = cut
+	return nil
+}
+
+func (s *Sink) readAt(buf []byte, off int64) (int, error) {
+	r, err := os.Open(s.path)
+	if err != nil {
+		return 0, fmt.Errorf("read %s: %w", s.path, err)
+	}
+	defer r.Close()
+	n, err := r.ReadAt(buf, off)
+	if err != nil {
+		return n, fmt.Errorf("read %s: %w", s.path, err)
+	}
+	return n, nil
+}
+
+// resume reads the event IDs of the file's last resume_scan bytes.
 func (s *Sink) resume() error {
 	from := max(0, s.size-int64(s.cfg.ResumeScan))
 	buf := make([]byte, s.size-from)
-	r, err := os.Open(s.path)
-	if err != nil {
-		return fmt.Errorf("resume_scan %s: %w", s.path, err)
-	}
-	defer r.Close()
-	if _, err := r.ReadAt(buf, from); err != nil {
-		return fmt.Errorf("resume_scan %s: %w", s.path, err)
-	}
-	if last := bytes.LastIndexByte(buf, '\n'); last != len(buf)-1 {
-		// A torn line (the process was killed mid-write): cut it off; its batch was not
-		// acknowledged and comes again.
-		cut := from + int64(last+1)
-		if err := s.f.Truncate(cut); err != nil {
-			return fmt.Errorf("resume_scan %s: cut torn last line: %w", s.path, err)
-		}
-		s.env.Logger.Warn("cut a torn last line off the file", "file", s.path, "bytes", s.size-cut)
-		buf, s.size = buf[:last+1], cut
+	if _, err := s.readAt(buf, from); err != nil {
+		return fmt.Errorf("resume_scan: %w", err)
 	}
 	if from > 0 {
 		// The first line read may be partial.

@@ -243,3 +243,25 @@ func TestResumeScanSkipsWhatIsAlreadyInTheFile(t *testing.T) {
 		t.Fatalf("%d lines, %d counted as already written; want 150 and 50", len(got), metrics.FilteredCount("already_written"))
 	}
 }
+
+// A process killed in the middle of a write leaves a torn line; the next start cuts it off,
+// so the next batch does not glue onto it.
+func TestTornLastLineIsCutAtStart(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "flows.jsonl")
+	if err := os.WriteFile(path, []byte(`{"event_id":"00000000-0000-0000-0000-000000000001","flow_`), 0o640); err != nil {
+		t.Fatal(err)
+	}
+	s := New(env(dir), &Config{Path: "flows.jsonl", Sync: "batch"})
+	if err := s.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	ids, seq := flow.NewIDGen(), uint64(0)
+	if err := s.Write(context.Background(), batch(ids, 3, &seq)); err != nil {
+		t.Fatal(err)
+	}
+	s.Close(context.Background())
+	if n := len(componenttest.ReadJSONLines(t, path)); n != 3 {
+		t.Fatalf("%d lines, want the 3 written after the torn one was cut", n)
+	}
+}

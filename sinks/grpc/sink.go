@@ -94,7 +94,7 @@ func New(env component.Env, c *Config) (*Sink, error) {
 	if env.Metrics == nil {
 		env.Metrics = component.NopMetrics{}
 	}
-	addr, useTLS := c.target()
+	addr, useTLS, dialOpts := c.dial()
 	var tc credentials.TransportCredentials
 	if useTLS {
 		cfg, err := clientTLS(env, c)
@@ -125,9 +125,9 @@ func New(env component.Env, c *Config) (*Sink, error) {
 	if tok != nil {
 		opts = append(opts, grpc.WithPerRPCCredentials(tok))
 	}
-	conn, err := grpc.NewClient(addr, opts...)
+	conn, err := grpc.NewClient(addr, append(opts, dialOpts...)...)
 	if err != nil {
-		return nil, fmt.Errorf("grpc sink %s: %w", c.URL, err)
+		return nil, fmt.Errorf("grpc sink %s: %w", c.collectors(), err)
 	}
 	s := &Sink{
 		cfg: c, log: env.Logger, env: env, conn: conn, key: c.publicKey(),
@@ -358,7 +358,7 @@ func (s *Sink) run(ctx context.Context) {
 		s.mu.Unlock()
 		delay := s.backoff(failures)
 		s.env.Metrics.Errors("stream", 1)
-		s.log.Warn("stream to collector failed; reconnecting", "url", s.cfg.URL, "err", err, "retry_in", delay.Round(time.Millisecond))
+		s.log.Warn("stream to collector failed; reconnecting", "url", s.cfg.collectors(), "err", err, "retry_in", delay.Round(time.Millisecond))
 		select {
 		case <-time.After(delay):
 		case <-ctx.Done():
@@ -415,7 +415,7 @@ func (s *Sink) serve(ctx context.Context, gen uint64) error {
 	}
 	s.mu.Unlock()
 	s.poke()
-	s.log.Info("stream to collector open", "url", s.cfg.URL)
+	s.log.Info("stream to collector open", "url", s.cfg.collectors())
 
 	recvErr := make(chan error, 1)
 	go func() {
@@ -529,7 +529,7 @@ func (s *Sink) Health() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.stream == 0 && s.lastErr != nil {
-		return fmt.Errorf("no stream to %s (%d events waiting): %w", s.cfg.URL, len(s.pending), s.lastErr)
+		return fmt.Errorf("no stream to %s (%d events waiting): %w", s.cfg.collectors(), len(s.pending), s.lastErr)
 	}
 	return nil
 }
