@@ -226,3 +226,34 @@ func tlsConfig(env component.Env, c *Config) (*tls.Config, error) {
 	}
 	return tc, nil
 }
+
+// Transient reports whether a JetStream API error is one a cluster gives while it elects a
+// leader (a node just died, or the cluster is starting): a timeout, no responders, or 503
+// "JetStream system temporarily unavailable".
+func Transient(err error) bool {
+	var apiErr *jetstream.APIError
+	return errors.Is(err, context.DeadlineExceeded) || errors.Is(err, nats.ErrTimeout) || errors.Is(err, nats.ErrNoResponders) ||
+		errors.Is(err, jetstream.ErrJetStreamNotEnabled) || (errors.As(err, &apiErr) && apiErr.Code == 503)
+}
+
+// Retry runs fn until it succeeds, fails with an error that is not Transient, or budget has
+// passed (then the last error is returned); each attempt gets its own timeout.
+func Retry(ctx context.Context, log *slog.Logger, what string, timeout, budget time.Duration, fn func(context.Context) error) error {
+	deadline := time.Now().Add(budget)
+	for attempt := 1; ; attempt++ {
+		actx, cancel := context.WithTimeout(ctx, timeout)
+		err := fn(actx)
+		cancel()
+		if err == nil || !Transient(err) || time.Now().After(deadline) || ctx.Err() != nil {
+			return err
+		}
+		if log != nil {
+			log.Warn(what+" failed; the cluster may be electing a leader, trying again", "attempt", attempt, "err", err)
+		}
+		select {
+		case <-time.After(500 * time.Millisecond):
+		case <-ctx.Done():
+			return err
+		}
+	}
+}

@@ -98,17 +98,20 @@ func (s *Sink) Start(ctx context.Context) error {
 }
 
 func (s *Sink) stream(ctx context.Context, conn *natsconn.Conn) error {
-	ctx, cancel := context.WithTimeout(ctx, s.cfg.RequestTimeout)
-	defer cancel()
-	st, err := conn.JS.Stream(ctx, s.cfg.Stream)
-	if errors.Is(err, js.ErrStreamNotFound) && s.cfg.CreateStream != nil {
-		st, err = conn.JS.CreateStream(ctx, s.streamConfig())
-		if errors.Is(err, js.ErrStreamNameAlreadyInUse) {
-			st, err = conn.JS.Stream(ctx, s.cfg.Stream)
-		} else if err == nil {
-			s.log.Info("created stream", "stream", s.cfg.Stream, "replicas", s.cfg.CreateStream.Replicas)
+	var st js.Stream
+	err := natsconn.Retry(ctx, s.log, "JetStream stream look-up", s.cfg.RequestTimeout, 3*s.cfg.RequestTimeout, func(ctx context.Context) error {
+		var err error
+		st, err = conn.JS.Stream(ctx, s.cfg.Stream)
+		if errors.Is(err, js.ErrStreamNotFound) && s.cfg.CreateStream != nil {
+			st, err = conn.JS.CreateStream(ctx, s.streamConfig())
+			if errors.Is(err, js.ErrStreamNameAlreadyInUse) {
+				st, err = conn.JS.Stream(ctx, s.cfg.Stream)
+			} else if err == nil {
+				s.log.Info("created stream", "stream", s.cfg.Stream, "replicas", s.cfg.CreateStream.Replicas)
+			}
 		}
-	}
+		return err
+	})
 	switch {
 	case errors.Is(err, js.ErrStreamNotFound):
 		return fmt.Errorf("JetStream stream %q does not exist: create it (nats stream add %s --subjects '%s' --replicas 3) or set create_stream",

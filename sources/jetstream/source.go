@@ -114,21 +114,16 @@ func (s *Source) start(ctx context.Context) error {
 	// Look the consumer up first: a writer restarting while a node of the cluster is down
 	// needs only the consumer's leader, where an update needs the whole replica set.
 	// A cluster electing a new leader (a node just died) answers late or not at all for a
-	// moment: try a few times before giving up.
+	// moment: try again for a while before giving up.
 	var cons js.Consumer
-	for attempt := 1; ; attempt++ {
-		rctx, cancel := context.WithTimeout(ctx, s.cfg.RequestTimeout)
-		cons, err = conn.JS.Consumer(rctx, s.cfg.Stream, s.cfg.Durable)
+	err = natsconn.Retry(ctx, s.log, "JetStream consumer look-up", s.cfg.RequestTimeout, 3*s.cfg.RequestTimeout, func(ctx context.Context) error {
+		var err error
+		cons, err = conn.JS.Consumer(ctx, s.cfg.Stream, s.cfg.Durable)
 		if errors.Is(err, js.ErrConsumerNotFound) {
-			cons, err = conn.JS.CreateOrUpdateConsumer(rctx, s.cfg.Stream, cc)
+			cons, err = conn.JS.CreateOrUpdateConsumer(ctx, s.cfg.Stream, cc)
 		}
-		cancel()
-		transient := errors.Is(err, context.DeadlineExceeded) || errors.Is(err, nats.ErrNoResponders) || errors.Is(err, js.ErrJetStreamNotEnabled) || errors.Is(err, nats.ErrTimeout)
-		if err == nil || !transient || attempt == 3 || ctx.Err() != nil {
-			break
-		}
-		s.log.Warn("JetStream consumer look-up failed; trying again", "attempt", attempt, "err", err)
-	}
+		return err
+	})
 	if err != nil {
 		conn.Close()
 		if errors.Is(err, js.ErrStreamNotFound) {
