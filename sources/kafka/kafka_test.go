@@ -2,7 +2,6 @@ package kafka_test
 
 import (
 	"context"
-	"fmt"
 	"net/netip"
 	"path/filepath"
 	"strings"
@@ -228,6 +227,7 @@ func TestStartErrorsAreClear(t *testing.T) {
 		{"unreachable", "reachable", func(c *kafkaconn.Config) { c.Brokers = []string{"127.0.0.1:1"}; c.DialTimeout = 500 * time.Millisecond }},
 		{"wrong password", "credentials", func(c *kafkaconn.Config) {
 			c.SASL = &kafkaconn.SASLConfig{Mechanism: "PLAIN", User: "flowpipe", Password: "wrong"}
+			c.DialTimeout = time.Second // the start check waits twice this for an answer
 		}},
 	}
 	for _, tc := range cases {
@@ -258,5 +258,4 @@ func TestStartErrorsAreClear(t *testing.T) {
 		}
 		t.Log(err)
 	})
-	_ = fmt.Sprint
 }
