@@ -9,10 +9,12 @@
 #
 #   sudo scripts/bench-conntrack.sh                 # flowpipe run: conntrack -> file sink
 #   sudo scripts/bench-conntrack.sh conntrack-e     # the peer reference: conntrack -E
+#   sudo scripts/bench-conntrack.sh flowpipe-ipfix  # conntrack -> ipfix sink (UDP) -> nfcapd
+#   sudo scripts/bench-conntrack.sh ulogd2-ipfix    # the IPFIX peer: ulogd2 NFCT -> IPFIX -> nfcapd
 #   N=5000 RUNS=1 sudo -E scripts/bench-conntrack.sh
 #   READ_BUFFER=256KiB sudo -E scripts/bench-conntrack.sh   # force overruns: resync path
 #
-# Needs root, iproute2, nftables, conntrack, socat and Go. Touches only its own namespaces.
+# Needs root, iproute2, nftables, conntrack, socat and Go (the IPFIX modes: nfdump, ulogd2). Touches only its own namespaces.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,7 +28,7 @@ READ_BUFFER=${READ_BUFFER:-32MiB}
 ISOLATION=${ISOLATION:-}   # inproc or process for the source and the sink; empty: flowpipe's default
 
 [ "$(id -u)" = 0 ] || { echo "run as root (network namespaces, netlink)"; exit 1; }
-case $MODE in flowpipe|conntrack-e) ;; *) echo "mode: flowpipe or conntrack-e"; exit 2;; esac
+case $MODE in flowpipe|conntrack-e|flowpipe-ipfix|ulogd2-ipfix) ;; *) echo "mode: flowpipe, conntrack-e, flowpipe-ipfix or ulogd2-ipfix"; exit 2;; esac
 
 work=$(mktemp -d /tmp/bench-conntrack.XXXXXX)
 id=$(printf '%04x' $((RANDOM)))
@@ -149,11 +151,112 @@ run_conntrack_e() {
     "$(echo "$cpu1-$cpu0" | bc -l)" "$(tr '\n' ' ' <"$work/conntrack.err" | cut -c1-80)"
 }
 
+# ipfix_count DIR: records nfcapd stored for the flood's flows, and how many carry the
+# flow's real counters (1 packet each) and a start time.
+ipfix_count() {
+  nfdump -R "$1" -q -o "fmt:%ts %dp %pkt" 2>/dev/null | awk -v port=$PORT '
+    $3 == port { n++; if ($4 == 1) c++; if ($1 != "1970-01-01") ts++ }
+    END { printf "%d %d %d\n", n, c, ts }'
+}
+
+# nfcapd_in NS DIR PORT: a collector on 127.0.0.1:PORT of namespace NS ("" for this one).
+nfcapd_in() {
+  mkdir -p "$2"
+  if [ -n "$1" ]; then
+    ip netns exec "$1" nfcapd -b 127.0.0.1 -p "$3" -w "$2" -t 3600 >"$work/nfcapd.log" 2>&1 & nf=$!
+  else
+    nfcapd -b 127.0.0.1 -p "$3" -w "$2" -t 3600 >"$work/nfcapd.log" 2>&1 & nf=$!
+  fi
+  pids+=($nf)
+  sleep 0.5
+}
+
+run_flowpipe_ipfix() {
+  rm -rf "$work/nf"; nfcapd_in "" "$work/nf" 4739
+  cat >"$work/pipeline.yaml" <<YAML
+admin:
+  listen: ""
+sources:
+  kernel:
+    type: conntrack
+    netns: $A
+    activate: true
+    protocols: [udp]
+    read_buffer: $READ_BUFFER
+${ISOLATION:+    isolation: $ISOLATION}
+sinks:
+  collector:
+    type: ipfix
+    address: 127.0.0.1:4739
+    events: end
+${ISOLATION:+    isolation: $ISOLATION}
+YAML
+  "$work/flowpipe" run -c "$work/pipeline.yaml" 2>"$work/flowpipe.log" & fp=$!; pids+=($fp)
+  until ip netns exec "$A" nft list tables 2>/dev/null | grep -q flowpipe_kernel; do
+    kill -0 $fp 2>/dev/null || { cat "$work/flowpipe.log"; exit 1; }
+    sleep 0.1
+  done
+  sleep 0.5
+  cpu0=$(cpu $fp)
+  burst
+  sleep 3   # no output file to watch: give the exporter time to send the burst
+  cpu1=$(cpu $fp)
+  kill -INT $fp; wait $fp || true
+  sleep 1; kill -TERM $nf; wait $nf || true
+  read -r ends counted timed < <(ipfix_count "$work/nf")
+  printf 'flowpipe -> IPFIX: end records %d/%d (%.1f%%), with counters %d, with times %d  cpu %.2fs  nfcapd: %s\n' \
+    "$ends" "$N" "$(echo "100*$ends/$N" | bc -l)" "$counted" "$timed" "$(echo "$cpu1-$cpu0" | bc -l)" \
+    "$(grep -o 'Sequence Errors: [0-9]*' "$work/nfcapd.log" | tail -1)"
+}
+
+run_ulogd2_ipfix() {
+  command -v ulogd >/dev/null || { echo "ulogd2 is not installed (apt-get install ulogd2)"; exit 1; }
+  # ulogd2's own socket must not take a source port of the flood.
+  ip netns exec "$A" sysctl -q -w net.ipv4.ip_local_port_range="50000 60000"
+  rm -rf "$work/nf"; nfcapd_in "$A" "$work/nf" 4739
+  # What activate: true does for flowpipe: track connections, count them, time them.
+  ip netns exec "$A" nft 'add table inet peer; add chain inet peer c { type filter hook output priority 0; }; add rule inet peer c ct state new counter'
+  ip netns exec "$A" sysctl -q -w net.netfilter.nf_conntrack_acct=1 net.netfilter.nf_conntrack_timestamp=1
+  cat >"$work/ulogd.conf" <<CONF
+[global]
+logfile="$work/ulogd.log"
+loglevel=5
+plugin="/usr/lib/x86_64-linux-gnu/ulogd/ulogd_inpflow_NFCT.so"
+plugin="/usr/lib/x86_64-linux-gnu/ulogd/ulogd_output_IPFIX.so"
+stack=ct1:NFCT,ipfix1:IPFIX
+[ct1]
+event_mask=0x00000004
+hash_enable=0
+netlink_socket_buffer_size=33554432
+netlink_socket_buffer_maxsize=33554432
+[ipfix1]
+oid=1
+host="127.0.0.1"
+port=4739
+proto="udp"
+send_template="once"
+CONF
+  ip netns exec "$A" ulogd -c "$work/ulogd.conf" >/dev/null 2>&1 & ul=$!; pids+=($ul)
+  sleep 1
+  cpu0=$(cpu $ul)
+  burst
+  sleep 3
+  cpu1=$(cpu $ul)
+  kill -TERM $ul; wait $ul || true
+  sleep 1; kill -TERM $nf; wait $nf || true
+  read -r ends counted timed < <(ipfix_count "$work/nf")
+  printf 'ulogd2 -> IPFIX:   end records %d/%d (%.1f%%), with counters %d, with times %d  cpu %.2fs  nfcapd: %s\n' \
+    "$ends" "$N" "$(echo "100*$ends/$N" | bc -l)" "$counted" "$timed" "$(echo "$cpu1-$cpu0" | bc -l)" \
+    "$(grep -o 'Sequence Errors: [0-9]*' "$work/nfcapd.log" | tail -1)"
+}
+
 for i in $(seq "$RUNS"); do
   setup
   case $MODE in
     flowpipe) run_flowpipe ;;
     conntrack-e) run_conntrack_e ;;
+    flowpipe-ipfix) run_flowpipe_ipfix ;;
+    ulogd2-ipfix) run_ulogd2_ipfix ;;
   esac
   teardown
 done

@@ -8,8 +8,10 @@ import (
 	"github.com/flowpipe/flowpipe/sinks/discard"
 	"github.com/flowpipe/flowpipe/sinks/file"
 	grpcsink "github.com/flowpipe/flowpipe/sinks/grpc"
+	"github.com/flowpipe/flowpipe/sinks/ipfix"
 	jssink "github.com/flowpipe/flowpipe/sinks/jetstream"
 	kafkasink "github.com/flowpipe/flowpipe/sinks/kafka"
+	"github.com/flowpipe/flowpipe/sinks/syslog"
 	"github.com/flowpipe/flowpipe/sources/conntrack"
 	"github.com/flowpipe/flowpipe/sources/generate"
 	grpcsource "github.com/flowpipe/flowpipe/sources/grpc"
@@ -41,6 +43,8 @@ func builtins() []component.Factory {
 		grpcsink.Factory(),
 		jssink.Factory(),
 		kafkasink.Factory(),
+		ipfix.Factory(),
+		syslog.Factory(),
 	}
 }
 

@@ -1,9 +1,11 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"strings"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -14,15 +16,23 @@ func newGraphCmd(g *globalFlags) *cobra.Command {
 	var format string
 	cmd := &cobra.Command{
 		Use:   "graph",
-		Short: "Print the pipeline as a graph (Graphviz dot or Mermaid)",
+		Short: "Check the pipeline and print it as a graph (Graphviz dot or Mermaid)",
 		Example: "  flowpipe graph | dot -Tsvg > pipeline.svg\n" +
 			"  flowpipe graph --format mermaid",
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			doc, err := g.loadConfig()
-			if err != nil {
-				return printProblems(err)
+			if format != "dot" && format != "mermaid" {
+				return fmt.Errorf("--format %q: want dot or mermaid", format)
 			}
+			// Checked as validate checks it: an invalid pipeline is not drawn, and its
+			// problems are printed with their lines (exit status 1).
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			defer cancel()
+			doc, p, _, err := g.build(ctx)
+			if err != nil {
+				return err
+			}
+			p.Close(ctx)
 			switch format {
 			case "dot":
 				writeDot(cmd.OutOrStdout(), doc)

@@ -60,15 +60,10 @@ A pipeline is declared in pipeline.yaml.`,
 	}
 	root.PersistentFlags().StringVar(&g.logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	root.PersistentFlags().StringVar(&g.logFormat, "log-format", "text", "log format: text or json")
-	root.AddCommand(newRunCmd(g), newValidateCmd(g), newGraphCmd(g), newVersionCmd())
-	for _, add := range extraCommands {
-		root.AddCommand(add(g))
-	}
+	root.AddCommand(newRunCmd(g), newValidateCmd(g), newGraphCmd(g), newVersionCmd(),
+		newPluginsCmd(g), newPluginCmd(), newTapCmd(g), newTopCmd(g))
 	return root
 }
-
-// extraCommands lets other files of this command add subcommands (plugins, ...).
-var extraCommands []func(*globalFlags) *cobra.Command
 
 // addConfigFlag adds -c/--config with its default from FLOWPIPE_CONFIG or ./pipeline.yaml.
 func addConfigFlag(cmd *cobra.Command, g *globalFlags) {
@@ -84,7 +79,14 @@ func (g *globalFlags) logger() (*slog.Logger, error) {
 	if err := level.UnmarshalText([]byte(g.logLevel)); err != nil {
 		return nil, fmt.Errorf("--log-level %q: want debug, info, warn or error", g.logLevel)
 	}
-	opts := &slog.HandlerOptions{Level: level}
+	// Durations read "1.5s" in both formats, as a plugin's lines do (they reach this log
+	// as text), so a line is the same whether its component runs in or out of process.
+	opts := &slog.HandlerOptions{Level: level, ReplaceAttr: func(_ []string, a slog.Attr) slog.Attr {
+		if a.Value.Kind() == slog.KindDuration {
+			a.Value = slog.StringValue(a.Value.Duration().String())
+		}
+		return a
+	}}
 	switch strings.ToLower(g.logFormat) {
 	case "text":
 		return slog.New(slog.NewTextHandler(os.Stderr, opts)), nil

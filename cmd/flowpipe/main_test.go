@@ -4,9 +4,11 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"syscall"
 	"testing"
@@ -222,4 +224,105 @@ func TestGraphFormats(t *testing.T) {
 	if code != 0 || !strings.HasPrefix(out, "flowchart LR") || !strings.Contains(out, "source_g --> sink_a") {
 		t.Errorf("mermaid graph (exit %d):\n%s", code, out)
 	}
+}
+
+// graph checks the pipeline as validate does: an invalid one is not drawn, its problems are
+// printed at their lines and the exit status is 1.
+func TestGraphRefusesAnInvalidPipeline(t *testing.T) {
+	dir := t.TempDir()
+	writeFile(t, filepath.Join(dir, "pipeline.yaml"), "sources: {g: {type: generate}}\nsinks:\n  a: {type: file, path: a, sync: sometimes}\n")
+	out, stderr, code := flowpipe(t, dir, "graph")
+	if code != 1 || out != "" || !strings.Contains(stderr, `pipeline.yaml:3: sinks.a.sync: unknown mode "sometimes"`) {
+		t.Fatalf("graph of an invalid pipeline: exit %d, stdout %q, stderr:\n%s", code, out, stderr)
+	}
+}
+
+// The environment override that run --help shows works on the default pipeline.yaml.
+func TestRunHelpExampleFitsTheDefaultPipeline(t *testing.T) {
+	help, _, code := flowpipe(t, t.TempDir(), "run", "--help")
+	if code != 0 {
+		t.Fatalf("run --help: exit %d", code)
+	}
+	m := regexp.MustCompile(`(FLOWPIPE_[A-Z_]+)=(\S+) flowpipe run`).FindStringSubmatch(help)
+	if m == nil {
+		t.Fatalf("run --help shows no environment override:\n%s", help)
+	}
+	root, err := filepath.Abs(filepath.Join("..", ".."))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(binary, "validate", "-c", filepath.Join(root, "pipeline.yaml"))
+	cmd.Env = append(os.Environ(), m[1]+"="+m[2])
+	out, err := cmd.CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "valid (1 sources, 0 enrichers, 1 sinks)") {
+		t.Fatalf("%s=%s flowpipe validate on the default pipeline: %v\n%s", m[1], m[2], err, out)
+	}
+}
+
+// The README's agent and collector run side by side on one host: distinct admin ports, and
+// the agent's events arrive in the collector's file.
+func TestReadmeAgentAndCollectorOnOneHost(t *testing.T) {
+	readme, err := os.ReadFile(filepath.Join("..", "..", "README.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	block := func(name string) string {
+		_, rest, ok := strings.Cut(string(readme), "<!-- readme:"+name+" -->")
+		if !ok {
+			t.Fatalf("README.md has no readme:%s block", name)
+		}
+		_, rest, _ = strings.Cut(rest, "```yaml\n")
+		y, _, _ := strings.Cut(rest, "```")
+		return y
+	}
+	collector, agent := block("collector"), block("agent")
+	adminOf := regexp.MustCompile(`admin: \{listen: ([0-9.:]+)\}`)
+	ca, aa := adminOf.FindStringSubmatch(collector), adminOf.FindStringSubmatch(agent)
+	if ca == nil || aa == nil || ca[1] == aa[1] {
+		t.Fatalf("the agent and the collector need distinct admin ports: %v and %v", ca, aa)
+	}
+	// Free ports instead of the README's, so that a busy machine does not fail the test.
+	free := func() string {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer l.Close()
+		return l.Addr().String()
+	}
+	grpcAddr := free()
+	collector = strings.NewReplacer(ca[1], free(), "127.0.0.1:7000", grpcAddr).Replace(collector)
+	agent = strings.NewReplacer(aa[1], free(), "127.0.0.1:7000", grpcAddr).Replace(agent)
+	dir := t.TempDir()
+	writeFile(t, filepath.Join(dir, "collector.yaml"), collector)
+	writeFile(t, filepath.Join(dir, "agent.yaml"), agent)
+	env := append(os.Environ(), "FLOW_SECRET=readme-test-secret-0123456789")
+
+	col := exec.Command(binary, "run", "-c", "collector.yaml")
+	col.Dir, col.Env = dir, env
+	var colErr testenv.SyncBuffer
+	col.Stderr = &colErr
+	if err := col.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = col.Process.Kill(); _ = col.Wait() }()
+	deadline := time.Now().Add(60 * time.Second)
+	for !strings.Contains(colErr.String(), "pipeline running") {
+		if time.Now().After(deadline) {
+			t.Fatalf("collector did not start:\n%s", colErr.String())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	ag := exec.Command(binary, "run", "-c", "agent.yaml")
+	ag.Dir = dir
+	ag.Env = append(env, "FLOWPIPE_SOURCES__DEMO__RATE=0", "FLOWPIPE_SOURCES__DEMO__COUNT=2000")
+	if out, err := ag.CombinedOutput(); err != nil || !strings.Contains(string(out), "every accepted batch was delivered") {
+		t.Fatalf("agent: %v\n%s\ncollector:\n%s", err, out, colErr.String())
+	}
+	// The agent finished only after the collector ACKed every event, which it does once the
+	// file sink has them on disk.
+	if n := len(componenttest.ReadJSONLines(t, filepath.Join(dir, "collected.jsonl"))); n != 2000 {
+		t.Fatalf("collector wrote %d events, want 2000\n%s", n, colErr.String())
+	}
+	_ = col.Process.Signal(syscall.SIGTERM)
 }

@@ -6,15 +6,23 @@ import (
 
 	"github.com/flowpipe/flowpipe/core/config"
 	"github.com/flowpipe/flowpipe/core/pipeline"
+	"github.com/flowpipe/flowpipe/core/tap"
+	"github.com/flowpipe/flowpipe/internal/pluginhost"
 )
 
-// pipelineOptions is how this binary builds pipelines; the plugin host hooks in here.
+// pipelineOptions is how this binary builds pipelines: every component that names a plugin
+// or runs with isolation: process (the default for built-ins) is built by the plugin host,
+// which serves a built-in by re-executing this binary as `flowpipe plugin serve KIND TYPE`
+// (newPluginCmd); isolation: inproc builds it in this process.
 func pipelineOptions(log *slog.Logger) pipeline.Options {
-	opts := pipeline.Options{Registry: newRegistry(), Logger: log}
-	for _, hook := range optionHooks {
-		hook(&opts, log)
+	reg := newRegistry()
+	host := pluginhost.NewHost(pluginhost.HostOptions{Registry: reg})
+	return pipeline.Options{
+		Registry:         reg,
+		Logger:           log,
+		Instantiate:      host.Instantiate,
+		DefaultIsolation: pluginhost.DefaultIsolation,
 	}
-	return opts
 }
 
 // build loads the pipeline file and builds every component, as run and validate both do;
@@ -28,13 +36,13 @@ func (g *globalFlags) build(ctx context.Context) (*config.Document, *pipeline.Pi
 	if err != nil {
 		return nil, nil, nil, printProblems(err)
 	}
-	p, err := pipeline.New(ctx, doc, pipelineOptions(log))
+	opts := pipelineOptions(log)
+	if doc.Admin.Listen != "" {
+		opts.Taps = tap.NewRegistry(doc.Admin.TapRing)
+	}
+	p, err := pipeline.New(ctx, doc, opts)
 	if err != nil {
 		return nil, nil, nil, printProblems(err)
 	}
 	return doc, p, log, nil
 }
-
-// optionHooks let other files of this command adjust the options (the plugin host sets
-// Instantiate and DefaultIsolation).
-var optionHooks []func(*pipeline.Options, *slog.Logger)

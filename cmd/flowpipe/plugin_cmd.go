@@ -13,24 +13,13 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/flowpipe/flowpipe/core/component"
-	"github.com/flowpipe/flowpipe/core/pipeline"
 	"github.com/flowpipe/flowpipe/internal/pluginhost"
 	"github.com/flowpipe/flowpipe/sdk"
 )
 
-// The plugin host builds every component: built-ins run in their own process (the flowpipe
-// binary re-executed with `plugin serve`) unless pipeline.yaml says isolation: inproc.
-func init() {
-	extraCommands = append(extraCommands, newPluginCmd, newPluginsCmd)
-	optionHooks = append(optionHooks, func(o *pipeline.Options, _ *slog.Logger) {
-		host := pluginhost.NewHost(pluginhost.HostOptions{Registry: o.Registry})
-		o.Instantiate = host.Instantiate
-		o.DefaultIsolation = pluginhost.DefaultIsolation
-	})
-}
-
-// newPluginCmd is the hidden command the host runs to serve a built-in as a plugin.
-func newPluginCmd(*globalFlags) *cobra.Command {
+// newPluginCmd is the hidden command the plugin host runs to serve a built-in as a plugin
+// (pipelineOptions): the flowpipe binary re-executed as `flowpipe plugin serve KIND TYPE`.
+func newPluginCmd() *cobra.Command {
 	cmd := &cobra.Command{Use: "plugin", Hidden: true, Short: "Internal: serve a built-in component as a plugin process"}
 	cmd.AddCommand(&cobra.Command{
 		Use:   "serve KIND TYPE",
@@ -90,9 +79,11 @@ func listPlugins(ctx context.Context, w io.Writer, configDir string, log *slog.L
 		fmt.Fprintf(tw, "%s\t%s\tbuilt-in\t%s\t%s\t%s\n", f.Kind, f.Type, version, selfSum, f.Summary)
 	}
 	host := pluginhost.NewHost(pluginhost.HostOptions{Registry: reg})
-	// The plugins' own start-up chatter stays out of the listing.
+	// The plugins' own start-up chatter stays out of the listing (at debug level it shows).
 	quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
-	_ = log
+	if log.Enabled(ctx, slog.LevelDebug) {
+		quiet = log
+	}
 	for _, l := range host.Discover(ctx, configDir, quiet) {
 		v, summary := l.Version, l.Summary
 		if l.Err != nil {

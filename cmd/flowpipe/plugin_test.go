@@ -376,7 +376,7 @@ func TestPluginGuide(t *testing.T) {
 		}
 	}))
 	defer srv.Close()
-	pipeline = regexp.MustCompile(`sha256: "[0-9a-f]{64}"`).ReplaceAllString(pipeline, `sha256: "`+sum+`"`)
+	pipeline = regexp.MustCompile(`sha256: "<[^"]*>"`).ReplaceAllString(pipeline, `sha256: "`+sum+`"`)
 	pipeline = strings.Replace(pipeline, "http://127.0.0.1:8080/flows", srv.URL+"/flows", 1)
 	pipeline = strings.Replace(pipeline, "listen: 127.0.0.1:9560", `listen: ""`, 1)
 	// Environment overrides make the demo source finite without moving any line.

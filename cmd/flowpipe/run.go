@@ -20,7 +20,7 @@ func newRunCmd(g *globalFlags) *cobra.Command {
 SIGINT or SIGTERM, or until every source is exhausted. On shutdown, sources stop, what is in
 flight drains to the sinks within runtime.shutdown_timeout, and anything that could not be
 delivered is reported with counts.`,
-		Example: "  flowpipe run\n  flowpipe run -c examples/generate.yaml --log-format json\n  FLOWPIPE_SINKS__OUT__PATH=/tmp/flows.jsonl flowpipe run",
+		Example: "  flowpipe run\n  flowpipe run -c examples/generate.yaml --log-format json\n  FLOWPIPE_SINKS__STDOUT__PATH=/tmp/flows.jsonl flowpipe run   # the default pipeline's sink is named stdout",
 		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
@@ -30,7 +30,11 @@ delivered is reported with counts.`,
 				return err
 			}
 			if doc.Admin.Listen != "" {
-				srv, err := admin.Start(doc.Admin.Listen, p.Metrics().Registry, p.Ready, log)
+				ao, err := adminOptions(doc, p, log)
+				if err != nil {
+					return err
+				}
+				srv, err := admin.Serve(ao)
 				if err != nil {
 					return err
 				}

@@ -20,11 +20,17 @@ when there is any, 0 when the pipeline is valid.`,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 			defer cancel()
-			doc, p, _, err := g.build(ctx)
+			doc, p, log, err := g.build(ctx)
 			if err != nil {
 				return err
 			}
 			p.Close(ctx)
+			if doc.Admin.Listen != "" {
+				// The admin listener's token file and certificates are read as run would.
+				if _, err := adminOptions(doc, p, log); err != nil {
+					return err
+				}
+			}
 			fmt.Fprintf(cmd.OutOrStdout(), "%s: valid (%d sources, %d enrichers, %d sinks)\n", doc.File, len(doc.Sources), len(doc.Enrichers), len(doc.Sinks))
 			return nil
 		},

@@ -11,7 +11,9 @@ package component
 import (
 	"context"
 	"fmt"
+	"io"
 	"log/slog"
+	"os"
 	"path/filepath"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -89,6 +91,10 @@ type Env struct {
 	// under it in a folder of its own, by convention <DataDir>/<what>/<name> (for example
 	// queue/collector), and creates that folder when it starts, not when it is built.
 	DataDir string
+	// Stdout is flowpipe's standard output, also in a plugin process (whose own is the
+	// plugin protocol's); nil means os.Stdout. A component that writes to standard output
+	// (a file sink with path "-") writes here.
+	Stdout  io.Writer
 	Logger  *slog.Logger
 	Metrics Metrics
 	// Registerer registers component-specific Prometheus metrics; the labels component and
@@ -127,6 +133,14 @@ type Starter interface {
 // that keeps crashing, a collector that cannot be reached); /readyz reports the error.
 type HealthChecker interface {
 	Health() error
+}
+
+// Output is Stdout, or os.Stdout when it is not set.
+func (e Env) Output() io.Writer {
+	if e.Stdout != nil {
+		return e.Stdout
+	}
+	return os.Stdout
 }
 
 // Path resolves a path from a component's options: relative paths are relative to the

@@ -28,6 +28,15 @@ type Factory struct {
 	// windowed aggregation): it runs only in the flowpipe process, and the runtime knows so
 	// without building it.
 	Holds bool
+	// Reasons are the reasons the component counts drops and filters under (Env.Metrics);
+	// the runtime publishes their counters at 0 when it builds the component, so that an
+	// alert can be written before the first drop.
+	Reasons Reasons
+}
+
+// Reasons name a component's own drop and filter reasons.
+type Reasons struct {
+	Dropped, Filtered []string
 }
 
 // Build is the one path from a component's options to the component, in process and in a

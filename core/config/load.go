@@ -46,10 +46,26 @@ type Document struct {
 	nodes int               // values expanded so far
 }
 
-// Admin is the local admin listener: metrics and health.
+// Admin is the admin listener: metrics, health, the tap and top API and the live page
+// (docs/observe.md).
 type Admin struct {
-	// Listen is host:port for /metrics, /healthz and /readyz; empty disables it.
+	// Listen is host:port, or unix:PATH for a Unix socket; empty disables it. An address
+	// that is not loopback needs Token, TokenFile or ClientCAFile, or Insecure.
 	Listen string `yaml:"listen"`
+	// Token is the bearer token every request but GET / and /healthz must carry.
+	Token string `yaml:"token"`
+	// TokenFile holds the token (surrounding white space ignored), relative to pipeline.yaml.
+	TokenFile string `yaml:"token_file"`
+	// CertFile and KeyFile serve HTTPS; with ClientCAFile, clients must present a
+	// certificate it signed (mTLS). The same keys as the gRPC receiver's.
+	CertFile     string `yaml:"cert_file"`
+	KeyFile      string `yaml:"key_file"`
+	ClientCAFile string `yaml:"client_ca_file"`
+	// Insecure allows a non-loopback listener with no authentication.
+	Insecure bool `yaml:"insecure"`
+	// TapRing is how many recent events each tap point keeps for `flowpipe tap --last`
+	// (0 turns the rings off: then a tap point costs one atomic load per batch).
+	TapRing int `yaml:"tap_ring"`
 }
 
 // Runtime holds pipeline-wide settings.
@@ -343,9 +359,13 @@ func (d *Document) decodeTop(raw map[string]any) Problems {
 			probs = append(probs, d.Problem(key, "unknown top-level key (want admin, runtime, data_dir, sources, enrichers, sinks)"))
 		}
 	}
-	d.Admin = Admin{Listen: DefaultAdminListen}
+	d.Admin = Admin{Listen: DefaultAdminListen, TapRing: DefaultTapRing}
 	if v, ok := raw["admin"]; ok {
-		probs = append(probs, d.decodeSection(v, "admin", &d.Admin)...)
+		if ps := d.decodeSection(v, "admin", &d.Admin); len(ps) > 0 {
+			probs = append(probs, ps...)
+		} else {
+			probs = append(probs, d.checkAdmin()...)
+		}
 	}
 	d.Runtime = Runtime{ShutdownTimeout: DefaultShutdownTimeout}
 	if v, ok := raw["runtime"]; ok {

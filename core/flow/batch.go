@@ -81,6 +81,20 @@ func (b *Batch) Err() error {
 	return nil
 }
 
+// StampSource names the source component of the batch and of each of its events that does
+// not name one yet. The runtime stamps every batch a source emits, in process and out, so
+// that sources need not.
+func (b *Batch) StampSource(name string) {
+	if b.Source == "" {
+		b.Source = name
+	}
+	for i := range b.Events {
+		if b.Events[i].Source == "" {
+			b.Events[i].Source = name
+		}
+	}
+}
+
 // Acked reports whether the batch has been acknowledged.
 func (b *Batch) Acked() bool { return b.acked.Load() }
 
@@ -94,11 +108,16 @@ var ErrShutdown = errors.New("pipeline stopped before the batch was delivered")
 // final (the user chose to drop rather than block).
 type DropError struct {
 	Component string // the sink that dropped
-	Reason    string // e.g. "queue_full", "retries_exhausted"
+	Reason    string // e.g. "queue_full", "retries_exhausted", "rejected"
+	Message   string // for "rejected": what the sink said
 }
 
 func (e *DropError) Error() string {
-	return "dropped by sink " + e.Component + ": " + e.Reason
+	s := "dropped by sink " + e.Component + ": " + e.Reason
+	if e.Message != "" {
+		s += ": " + e.Message
+	}
+	return s
 }
 
 // IsDrop reports whether err (an acknowledgement) is a counted drop.

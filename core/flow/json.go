@@ -106,6 +106,16 @@ func (enc *Encoder) AppendJSON(dst []byte, e *Event) []byte {
 	return append(dst, '}')
 }
 
+// AppendTime appends t as AppendJSON formats times (RFC 3339, UTC, nine fractional digits),
+// reusing the second it formatted last.
+func (enc *Encoder) AppendTime(dst []byte, t Time) []byte { return enc.appendTime(dst, t) }
+
+// AppendJSONString appends s as a quoted JSON string; invalid UTF-8 becomes U+FFFD.
+func AppendJSONString(dst []byte, s string) []byte { return appendString(dst, s) }
+
+// AppendUUID appends u in its canonical 36-character form, without quotes.
+func AppendUUID(dst []byte, u uuid.UUID) []byte { return appendUUID(dst, u) }
+
 const hexDigits = "0123456789abcdef"
 
 func appendUUID(dst []byte, u uuid.UUID) []byte {

@@ -145,3 +145,18 @@ func (c *Component) DropCounter(reason string) prometheus.Counter {
 func (c *Component) FilterCounter(reason string) prometheus.Counter {
 	return c.counter(c.filtered, c.set.filtered, reason)
 }
+
+// Publish makes the counters of these reasons exist at 0 before their first event, so that
+// an alert on, say, flowpipe_events_dropped_total{reason="queue_full"} can be written ahead of
+// time. The runtime publishes every reason it counts for each component it builds.
+func (c *Component) Publish(dropped, filtered, errors []string) {
+	for _, r := range dropped {
+		c.counter(c.dropped, c.set.dropped, r)
+	}
+	for _, r := range filtered {
+		c.counter(c.filtered, c.set.filtered, r)
+	}
+	for _, r := range errors {
+		c.counter(c.errs, c.set.errors, r)
+	}
+}

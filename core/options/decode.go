@@ -168,34 +168,11 @@ func decodeValue(raw any, v reflect.Value, path string, errs *FieldErrors) {
 		return
 	}
 	if t == durationType {
-		switch r := raw.(type) {
-		case string:
-			d, err := time.ParseDuration(r)
-			if err != nil {
-				errs.Add(path, "want a duration such as \"500ms\", \"30s\" or \"5m\", got %s", Describe(raw))
-				return
-			}
-			v.SetInt(int64(d))
-		case int:
-			if r != 0 {
-				errs.Add(path, "want a duration with a unit such as \"30s\", got %s", Describe(raw))
-				return
-			}
-			v.SetInt(0)
-		default:
-			errs.Add(path, "want a duration such as \"30s\", got %s", Describe(raw))
-		}
+		decodeDuration(raw, v, path, errs)
 		return
 	}
 	if reflect.PointerTo(t).Implements(textUnmarshalType) && t.Kind() != reflect.Slice {
-		s, ok := scalarText(raw)
-		if !ok {
-			errs.Add(path, "want a %s, got %s", typeWord(t), Describe(raw))
-			return
-		}
-		if err := v.Addr().Interface().(encoding.TextUnmarshaler).UnmarshalText([]byte(s)); err != nil {
-			errs.Add(path, "invalid %s %q: %s", typeWord(t), s, cleanErr(err))
-		}
+		decodeText(raw, v, path, errs)
 		return
 	}
 	switch t.Kind() {
@@ -206,6 +183,54 @@ func decodeValue(raw any, v reflect.Value, path string, errs *FieldErrors) {
 		decodeValue(raw, v.Elem(), path, errs)
 	case reflect.Interface:
 		v.Set(reflect.ValueOf(raw))
+	case reflect.String, reflect.Bool, reflect.Float32, reflect.Float64:
+		decodeScalar(raw, v, path, errs)
+	case reflect.Int, reflect.Int8, reflect.Int16, reflect.Int32, reflect.Int64,
+		reflect.Uint, reflect.Uint8, reflect.Uint16, reflect.Uint32, reflect.Uint64:
+		decodeInteger(raw, v, path, errs)
+	case reflect.Slice, reflect.Map, reflect.Struct:
+		decodeCollection(raw, v, path, errs)
+	default:
+		errs.Add(path, "internal error: cannot decode into %s", t)
+	}
+}
+
+func decodeDuration(raw any, v reflect.Value, path string, errs *FieldErrors) {
+	switch r := raw.(type) {
+	case string:
+		d, err := time.ParseDuration(r)
+		if err != nil {
+			errs.Add(path, "want a duration such as \"500ms\", \"30s\" or \"5m\", got %s", Describe(raw))
+			return
+		}
+		v.SetInt(int64(d))
+	case int:
+		if r != 0 {
+			errs.Add(path, "want a duration with a unit such as \"30s\", got %s", Describe(raw))
+			return
+		}
+		v.SetInt(0)
+	default:
+		errs.Add(path, "want a duration such as \"30s\", got %s", Describe(raw))
+	}
+}
+
+// decodeText decodes into a type that implements encoding.TextUnmarshaler.
+func decodeText(raw any, v reflect.Value, path string, errs *FieldErrors) {
+	t := v.Type()
+	s, ok := scalarText(raw)
+	if !ok {
+		errs.Add(path, "want a %s, got %s", typeWord(t), Describe(raw))
+		return
+	}
+	if err := v.Addr().Interface().(encoding.TextUnmarshaler).UnmarshalText([]byte(s)); err != nil {
+		errs.Add(path, "invalid %s %q: %s", typeWord(t), s, cleanErr(err))
+	}
+}
+
+// decodeScalar decodes a string, a boolean or a floating-point number.
+func decodeScalar(raw any, v reflect.Value, path string, errs *FieldErrors) {
+	switch v.Kind() {
 	case reflect.String:
 		s, ok := raw.(string)
 		if !ok {
@@ -225,8 +250,23 @@ func decodeValue(raw any, v reflect.Value, path string, errs *FieldErrors) {
 			return
 		}
 		v.SetBool(b)
+	default: // float
+		switch r := raw.(type) {
+		case float64:
+			v.SetFloat(r)
+		case int:
+			v.SetFloat(float64(r))
+		default:
+			errs.Add(path, "want a number, got %s", Describe(raw))
+		}
+	}
+}
+
+// decodeInteger decodes a signed or unsigned integer, range-checked.
+func decodeInteger(raw any, v reflect.Value, path string, errs *FieldErrors) {
+	n, ok := toInt(raw)
+	switch v.Kind() {
 	case reflect.Int, reflect.Int8, reflect.Int16, reflect.Int32, reflect.Int64:
-		n, ok := toInt(raw)
 		if !ok {
 			errs.Add(path, "want an integer, got %s", Describe(raw))
 			return
@@ -236,8 +276,7 @@ func decodeValue(raw any, v reflect.Value, path string, errs *FieldErrors) {
 			return
 		}
 		v.SetInt(n)
-	case reflect.Uint, reflect.Uint8, reflect.Uint16, reflect.Uint32, reflect.Uint64:
-		n, ok := toInt(raw)
+	default:
 		if !ok {
 			errs.Add(path, "want a non-negative integer, got %s", Describe(raw))
 			return
@@ -247,19 +286,17 @@ func decodeValue(raw any, v reflect.Value, path string, errs *FieldErrors) {
 			return
 		}
 		if v.OverflowUint(uint64(n)) {
-			errs.Add(path, "%d is out of range (at most %d)", n, maxUint(t))
+			errs.Add(path, "%d is out of range (at most %d)", n, maxUint(v.Type()))
 			return
 		}
 		v.SetUint(uint64(n))
-	case reflect.Float32, reflect.Float64:
-		switch r := raw.(type) {
-		case float64:
-			v.SetFloat(r)
-		case int:
-			v.SetFloat(float64(r))
-		default:
-			errs.Add(path, "want a number, got %s", Describe(raw))
-		}
+	}
+}
+
+// decodeCollection decodes a list, a map with string keys, or a nested struct.
+func decodeCollection(raw any, v reflect.Value, path string, errs *FieldErrors) {
+	t := v.Type()
+	switch t.Kind() {
 	case reflect.Slice:
 		list, ok := raw.([]any)
 		if !ok {
@@ -289,15 +326,13 @@ func decodeValue(raw any, v reflect.Value, path string, errs *FieldErrors) {
 			decodeValue(item, ev, Join(path, k), errs)
 			v.SetMapIndex(reflect.ValueOf(k).Convert(t.Key()), ev)
 		}
-	case reflect.Struct:
+	default: // struct
 		m, ok := raw.(map[string]any)
 		if !ok {
 			errs.Add(path, "want a map of options, got %s", Describe(raw))
 			return
 		}
 		decodeStruct(m, v, path, errs)
-	default:
-		errs.Add(path, "internal error: cannot decode into %s", t)
 	}
 }
 

@@ -21,6 +21,7 @@ import (
 	"github.com/flowpipe/flowpipe/core/flow"
 	"github.com/flowpipe/flowpipe/core/metrics"
 	"github.com/flowpipe/flowpipe/core/options"
+	"github.com/flowpipe/flowpipe/core/tap"
 )
 
 // Options configure how a pipeline is built.
@@ -36,18 +37,26 @@ type Options struct {
 	// DefaultIsolation applies to built-in components that set no isolation:
 	// "inproc" (when empty) or "process".
 	DefaultIsolation string
+	// Taps holds the tap points (nil: a fresh registry with no ring). Pass the same registry
+	// to a reloaded pipeline and taps of the components it keeps go on.
+	Taps *tap.Registry
 }
 
 // Pipeline is a built pipeline, ready to Run once.
 type Pipeline struct {
-	doc      *config.Document
-	log      *slog.Logger
-	metrics  *metrics.Set
-	sources  []*sourceNode
-	enrich   []*enricherNode
-	sinks    []*sinkNode
-	closers  []namedCloser
+	doc     *config.Document
+	log     *slog.Logger
+	metrics *metrics.Set
+	sources []*sourceNode
+	enrich  []*enricherNode
+	sinks   []*sinkNode
+	// parts is every component that was built, in start order (sinks, enrichers, sources,
+	// as New builds them): one list that every kind goes through to start and to close.
+	parts    []*part
 	stopping chan struct{}
+	taps     *tap.Registry
+	fanout   *tap.Hub   // batches handed to the sinks
+	sinkTaps []*tap.Hub // by index of sinks
 
 	mu      sync.Mutex
 	running bool
@@ -55,22 +64,26 @@ type Pipeline struct {
 }
 
 type sourceNode struct {
-	name   string
-	src    component.Source
-	m      *metrics.Component
-	p      *Pipeline
-	closed bool
+	name string
+	src  component.Source
+	m    *metrics.Component
+	p    *Pipeline
+	tap  *tap.Hub
 }
 
 type enricherNode struct {
 	name string
 	en   component.Enricher
 	m    *metrics.Component
+	tap  *tap.Hub
 }
 
-type namedCloser struct {
-	name string
-	c    any
+// part is one built component: started in order, closed exactly once.
+type part struct {
+	name   string
+	kind   component.Kind
+	c      any
+	closed bool
 }
 
 // New builds every component of doc. Every problem in the components' options is reported
@@ -86,7 +99,13 @@ func New(ctx context.Context, doc *config.Document, opts Options) (*Pipeline, er
 	if p.metrics == nil {
 		p.metrics = metrics.New()
 	}
+	p.taps = opts.Taps
+	if p.taps == nil {
+		p.taps = tap.NewRegistry(0)
+	}
+	p.fanout = p.taps.Point(tap.Fanout, "fanout")
 	var probs config.Problems
+	var sinkTaps []*tap.Hub
 	for _, spec := range doc.Sinks {
 		settings := defaultSinkSettings()
 		if f, ok := opts.Registry.Lookup(spec.Kind, spec.Type); ok && spec.Plugin == "" && f.InFlight > 0 {
@@ -113,6 +132,7 @@ func New(ctx context.Context, doc *config.Document, opts Options) (*Pipeline, er
 			continue
 		}
 		p.sinks = append(p.sinks, newSinkNode(spec.Name, sink, settings, m, p.log))
+		sinkTaps = append(sinkTaps, p.taps.Point(spec.Name, "sink"))
 	}
 	for _, spec := range doc.Enrichers {
 		c, m, ps := p.build(ctx, spec, opts)
@@ -125,7 +145,10 @@ func New(ctx context.Context, doc *config.Document, opts Options) (*Pipeline, er
 			probs = append(probs, doc.Problem(spec.Path, "%s is not an enricher", describeSpec(spec)))
 			continue
 		}
-		p.enrich = append(p.enrich, &enricherNode{name: spec.Name, en: en, m: m})
+		p.enrich = append(p.enrich, &enricherNode{name: spec.Name, en: en, m: m, tap: p.taps.Point(spec.Name, "enricher")})
+		if h, ok := en.(component.Holder); ok {
+			h.Attach(&downstream{p: p, from: len(p.enrich)}) // what it emits passes the stages after it
+		}
 	}
 	for _, spec := range doc.Sources {
 		c, m, ps := p.build(ctx, spec, opts)
@@ -138,7 +161,7 @@ func New(ctx context.Context, doc *config.Document, opts Options) (*Pipeline, er
 			probs = append(probs, doc.Problem(spec.Path, "%s is not a source", describeSpec(spec)))
 			continue
 		}
-		p.sources = append(p.sources, &sourceNode{name: spec.Name, src: src, m: m, p: p})
+		p.sources = append(p.sources, &sourceNode{name: spec.Name, src: src, m: m, p: p, tap: p.taps.Point(spec.Name, "source")})
 	}
 	if len(probs) > 0 {
 		probs.Sort()
@@ -147,6 +170,7 @@ func New(ctx context.Context, doc *config.Document, opts Options) (*Pipeline, er
 		p.closeAll(cctx)
 		return nil, probs
 	}
+	p.sinkTaps = sinkTaps
 	return p, nil
 }
 
@@ -155,6 +179,15 @@ func describeSpec(spec config.Component) string {
 		return fmt.Sprintf("plugin %q", spec.Plugin)
 	}
 	return fmt.Sprintf("type %q", spec.Type)
+}
+
+// runtimeReasons are the reasons the runtime counts drops and errors under, by kind; each
+// component's counters for them, and for its factory's own Reasons, are published at 0 when
+// it is built.
+var runtimeReasons = map[component.Kind]struct{ dropped, errors []string }{
+	component.KindSource:   {errors: []string{"run"}},
+	component.KindEnricher: {dropped: []string{"enrich_error"}, errors: []string{"enrich"}},
+	component.KindSink:     {dropped: []string{"queue_full", "retries_exhausted", "rejected", "shutdown"}, errors: []string{"write"}},
 }
 
 // build decodes and validates one component's options and builds it.
@@ -173,6 +206,8 @@ func (p *Pipeline) build(ctx context.Context, spec config.Component, opts Option
 			return nil, nil, config.Problems{p.doc.Problem(config.Join(spec.Path, "type"), "unknown %s type %q (known: %s)", spec.Kind, spec.Type, strings.Join(opts.Registry.Types(spec.Kind), ", "))}
 		}
 	}
+	rt := runtimeReasons[spec.Kind]
+	m.Publish(append(append([]string(nil), rt.dropped...), f.Reasons.Dropped...), f.Reasons.Filtered, rt.errors)
 	isolation := spec.Isolation
 	switch {
 	case f.Holds && isolation == "process":
@@ -190,7 +225,7 @@ func (p *Pipeline) build(ctx context.Context, spec config.Component, opts Option
 		if err != nil {
 			return nil, nil, p.problemsFrom(spec.Path, err)
 		}
-		p.closers = append(p.closers, namedCloser{spec.Name, c})
+		p.parts = append(p.parts, &part{name: spec.Name, kind: spec.Kind, c: c})
 		return c, m, nil
 	}
 	if spec.Process != nil {
@@ -200,7 +235,7 @@ func (p *Pipeline) build(ctx context.Context, spec config.Component, opts Option
 	if err != nil {
 		return nil, nil, p.problemsFrom(spec.Path, err)
 	}
-	p.closers = append(p.closers, namedCloser{spec.Name, c})
+	p.parts = append(p.parts, &part{name: spec.Name, kind: spec.Kind, c: c})
 	return c, m, nil
 }
 
@@ -214,6 +249,9 @@ func (p *Pipeline) problemsFrom(path string, err error) config.Problems {
 	}
 	return config.Problems{p.doc.Problem(path, "%v", err)}
 }
+
+// Taps is the pipeline's tap points.
+func (p *Pipeline) Taps() *tap.Registry { return p.taps }
 
 // Metrics is the pipeline's metric set.
 func (p *Pipeline) Metrics() *metrics.Set { return p.metrics }
@@ -232,13 +270,10 @@ func (p *Pipeline) Ready() error {
 			errs = append(errs, err)
 		}
 	}
-	for _, c := range p.closers {
-		if hc, ok := c.c.(component.HealthChecker); ok {
-			if _, isSink := c.c.(component.Sink); isSink {
-				continue // already asked through its sink node
-			}
+	for _, pt := range p.parts {
+		if hc, ok := pt.c.(component.HealthChecker); ok && pt.kind != component.KindSink { // sinks: asked through their node
 			if err := hc.Health(); err != nil {
-				errs = append(errs, fmt.Errorf("%s: %w", c.name, err))
+				errs = append(errs, fmt.Errorf("%s: %w", pt.name, err))
 			}
 		}
 	}
@@ -284,38 +319,11 @@ func (p *Pipeline) Run(ctx context.Context) error {
 		return context.WithTimeout(context.Background(), p.doc.Runtime.ShutdownTimeout)
 	}
 
-	// Start sinks, then enrichers, then sources.
-	var startErr error
-	for _, s := range p.sinks {
-		if err := start(ctx, s.sink); err != nil {
-			startErr = fmt.Errorf("start sink %s: %w", s.name, err)
-			break
-		}
-	}
-	if startErr == nil {
-		for i, e := range p.enrich {
-			if h, ok := e.en.(component.Holder); ok {
-				h.Attach(&downstream{p: p, from: i + 1})
-			}
-			if err := start(ctx, e.en); err != nil {
-				startErr = fmt.Errorf("start enricher %s: %w", e.name, err)
-				break
-			}
-		}
-	}
-	if startErr == nil {
-		for _, s := range p.sources {
-			if err := start(ctx, s.src); err != nil {
-				startErr = fmt.Errorf("start source %s: %w", s.name, err)
-				break
-			}
-		}
-	}
-	if startErr != nil {
+	if err := p.startAll(ctx); err != nil {
 		c, cancel := closeCtx()
 		defer cancel()
 		p.closeAll(c)
-		return startErr
+		return err
 	}
 
 	for _, s := range p.sinks {
@@ -326,7 +334,27 @@ func (p *Pipeline) Run(ctx context.Context) error {
 	p.mu.Unlock()
 	p.log.Info("pipeline running", "sources", len(p.sources), "enrichers", len(p.enrich), "sinks", len(p.sinks))
 
-	// Run sources; the first failure stops the others.
+	runErr := p.runSources(ctx)
+	close(p.stopping)
+	if ctx.Err() != nil {
+		p.log.Info("stopping: draining in-flight batches", "timeout", p.doc.Runtime.ShutdownTimeout)
+	} else {
+		p.log.Info("sources finished: draining in-flight batches")
+	}
+
+	// Close the enrichers in order, so that what holders (aggregation windows) flush passes
+	// the later stages, then drain the sinks.
+	c, cancel := closeCtx()
+	defer cancel()
+	p.closeKind(writeCtx, component.KindEnricher)
+	p.drainSinks()
+	p.closeAll(c)
+	return runErr
+}
+
+// runSources runs every source until each returns; the first failure stops the others and
+// is returned.
+func (p *Pipeline) runSources(ctx context.Context) error {
 	srcCtx, stopSources := context.WithCancel(ctx)
 	defer stopSources()
 	var wg sync.WaitGroup
@@ -348,25 +376,12 @@ func (p *Pipeline) Run(ctx context.Context) error {
 	}
 	wg.Wait()
 	close(errc)
-	runErr := <-errc
-	close(p.stopping)
-	if ctx.Err() != nil {
-		p.log.Info("stopping: draining in-flight batches", "timeout", p.doc.Runtime.ShutdownTimeout)
-	} else {
-		p.log.Info("sources finished: draining in-flight batches")
-	}
+	return <-errc
+}
 
-	// Flush holders (aggregation windows) in order, so that what they emit passes the later
-	// stages, then drain the sinks.
-	c, cancel := closeCtx()
-	defer cancel()
-	for _, e := range p.enrich {
-		if h, ok := e.en.(component.Closer); ok {
-			if err := h.Close(writeCtx); err != nil {
-				p.log.Error("enricher close failed", "enricher", e.name, "error", err)
-			}
-		}
-	}
+// drainSinks lets every sink write what its queue holds (its writers stop at the drain
+// deadline), gives up on the rest, and reports what was not delivered.
+func (p *Pipeline) drainSinks() {
 	for _, s := range p.sinks {
 		s.queue.close()
 	}
@@ -380,72 +395,55 @@ func (p *Pipeline) Run(ctx context.Context) error {
 	p.mu.Lock()
 	p.running = false
 	p.mu.Unlock()
-	lost := false
+	lost, dropped := false, int64(0)
 	for _, s := range p.sinks {
 		if n := s.undelivered.Load(); n > 0 {
 			lost = true
 			p.log.Error("events not delivered before shutdown", "sink", s.name, "events", n)
 		}
+		dropped += s.dropped.Load()
 	}
-	if !lost {
+	switch {
+	case lost:
+	case dropped > 0:
+		p.log.Warn("pipeline stopped; sinks dropped events (counted in flowpipe_events_dropped_total by reason), the rest was delivered", "dropped", dropped)
+	default:
 		p.log.Info("pipeline stopped; every accepted batch was delivered")
 	}
-	p.closeAll(c)
-	return runErr
 }
 
-func start(ctx context.Context, c any) error {
-	if s, ok := c.(component.Starter); ok {
-		return s.Start(ctx)
+// startAll starts every component in order, sinks, then enrichers, then sources, and stops
+// at the first that fails.
+func (p *Pipeline) startAll(ctx context.Context) error {
+	for _, pt := range p.parts {
+		if s, ok := pt.c.(component.Starter); ok {
+			if err := s.Start(ctx); err != nil {
+				return fmt.Errorf("start %s %s: %w", pt.kind, pt.name, err)
+			}
+		}
 	}
 	return nil
 }
 
-// closeAll closes every component that was built (sources, then enrichers that are not
-// holders, then sinks).
+// closeAll closes every component that was built and is not closed yet, started or not:
+// sources, then enrichers, then sinks.
 func (p *Pipeline) closeAll(ctx context.Context) {
-	for _, s := range p.sources {
-		p.closeOne(ctx, s.name, s.src)
-	}
-	for _, e := range p.enrich {
-		if _, ok := e.en.(component.Holder); !ok {
-			p.closeOne(ctx, e.name, e.en)
-		}
-	}
-	for _, s := range p.sinks {
-		p.closeOne(ctx, s.name, s.sink)
-	}
-	// Components that were built but never placed (a build error elsewhere).
-	for _, c := range p.closers {
-		if !p.placed(c.c) {
-			p.closeOne(ctx, c.name, c.c)
-		}
+	for _, kind := range []component.Kind{component.KindSource, component.KindEnricher, component.KindSink} {
+		p.closeKind(ctx, kind)
 	}
 }
 
-func (p *Pipeline) placed(c any) bool {
-	for _, s := range p.sources {
-		if any(s.src) == c {
-			return true
+// closeKind closes, in order, the components of one kind that are not closed yet.
+func (p *Pipeline) closeKind(ctx context.Context, kind component.Kind) {
+	for _, pt := range p.parts {
+		if pt.kind != kind || pt.closed {
+			continue
 		}
-	}
-	for _, e := range p.enrich {
-		if any(e.en) == c {
-			return true
-		}
-	}
-	for _, s := range p.sinks {
-		if any(s.sink) == c {
-			return true
-		}
-	}
-	return false
-}
-
-func (p *Pipeline) closeOne(ctx context.Context, name string, c any) {
-	if cl, ok := c.(component.Closer); ok {
-		if err := cl.Close(ctx); err != nil {
-			p.log.Error("close failed", "component", name, "error", err)
+		pt.closed = true
+		if cl, ok := pt.c.(component.Closer); ok {
+			if err := cl.Close(ctx); err != nil {
+				p.log.Error("close failed", string(kind), pt.name, "error", err)
+			}
 		}
 	}
 }
@@ -454,17 +452,11 @@ func (p *Pipeline) closeOne(ctx context.Context, name string, c any) {
 func (s *sourceNode) Emit(ctx context.Context, b *flow.Batch) error {
 	n := len(b.Events)
 	s.m.Out.Add(float64(n))
-	if b.Source == "" {
-		b.Source = s.name
-	}
-	for i := range b.Events {
-		if b.Events[i].Source == "" {
-			b.Events[i].Source = s.name
-		}
-	}
+	b.StampSource(s.name)
 	start := time.Now()
 	lat := s.m.AckLat
 	b.Observe(func(error) { lat.Observe(time.Since(start).Seconds()) })
+	s.tap.Publish(b.Events)
 	return s.p.emitFrom(ctx, 0, b)
 }
 
@@ -475,6 +467,7 @@ type downstream struct {
 }
 
 func (d *downstream) Emit(ctx context.Context, b *flow.Batch) error {
+	d.p.enrich[d.from-1].tap.Publish(b.Events) // what the holder emits is its output
 	return d.p.emitFrom(ctx, d.from, b)
 }
 
@@ -493,6 +486,7 @@ func (p *Pipeline) emitFrom(ctx context.Context, i int, b *flow.Batch) error {
 			return nil
 		}
 		e.m.Out.Add(float64(len(b.Events)))
+		e.tap.Publish(b.Events)
 		if len(b.Events) == 0 {
 			break
 		}
@@ -501,8 +495,10 @@ func (p *Pipeline) emitFrom(ctx context.Context, i int, b *flow.Batch) error {
 		b.Release(nil)
 		return nil
 	}
+	p.fanout.Publish(b.Events)
 	var err error
-	for _, s := range p.sinks {
+	for i, s := range p.sinks {
+		p.sinkTaps[i].Publish(b.Events)
 		if e := s.enqueue(ctx, b); e != nil && err == nil {
 			err = e
 		}

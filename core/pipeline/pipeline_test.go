@@ -11,10 +11,12 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
+	"go.uber.org/goleak"
 
 	"github.com/flowpipe/flowpipe/core/component"
 	"github.com/flowpipe/flowpipe/core/config"
 	"github.com/flowpipe/flowpipe/core/flow"
+	"github.com/flowpipe/flowpipe/internal/backoff"
 )
 
 // The runtime is real in these tests; the components are small test components whose
@@ -82,6 +84,7 @@ type testSink struct {
 	gate       chan struct{}
 	failFirst  atomic.Int64
 	failAlways bool
+	reject     bool // every write fails with a permanent error
 }
 
 func (s *testSink) Write(ctx context.Context, b *flow.Batch) error {
@@ -95,6 +98,9 @@ func (s *testSink) Write(ctx context.Context, b *flow.Batch) error {
 	}
 	if s.failAlways {
 		return errors.New("collector unreachable")
+	}
+	if s.reject {
+		return fmt.Errorf("POST: %w", flow.Permanent(errors.New("400 Bad Request: malformed batch")))
 	}
 	if s.failFirst.Add(-1) >= 0 {
 		return errors.New("transient failure")
@@ -142,8 +148,10 @@ func newHarness() *harness {
 		func(env component.Env, _ *empty) (component.Source, error) { return h.sources[env.Name], nil }))
 	h.reg.Register(component.NewSinkFactory("test", "", func() *empty { return &empty{} },
 		func(env component.Env, _ *empty) (component.Sink, error) { return h.sinks[env.Name], nil }))
-	h.reg.Register(component.NewEnricherFactory("odd", "", func() *empty { return &empty{} },
-		func(env component.Env, _ *empty) (component.Enricher, error) { return &oddFilter{env: env}, nil }))
+	odd := component.NewEnricherFactory("odd", "", func() *empty { return &empty{} },
+		func(env component.Env, _ *empty) (component.Enricher, error) { return &oddFilter{env: env}, nil })
+	odd.Reasons.Filtered = []string{"odd"}
+	h.reg.Register(odd)
 	return h
 }
 
@@ -344,6 +352,43 @@ sinks:
 	}
 }
 
+// A batch the sink rejects as permanent is dropped at once, without a retry, counted as
+// rejected, and acknowledged to its source as a drop with the sink's message.
+func TestPermanentErrorDropsWithoutRetry(t *testing.T) {
+	h := newHarness()
+	h.sources["src"] = &testSource{batches: 2, size: 5, done: make(chan struct{})}
+	h.sinks["picky"] = &testSink{reject: true}
+	p := h.build(t, `
+sources: {src: {type: test}}
+sinks:
+  picky:
+    type: test
+    retry: {initial_interval: 1h, max_interval: 1h}
+`)
+	if err := p.Run(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	m := p.Metrics().Component("picky", "sink")
+	if n := testutil.ToFloat64(m.DropCounter("rejected")); n != 10 {
+		t.Errorf("rejected drops = %v, want 10", n)
+	}
+	if n := h.sinks["picky"].writes.Load(); n != 2 {
+		t.Errorf("%d writes, want 2 (one per batch, no retry)", n)
+	}
+	if n := testutil.ToFloat64(m.Retries); n != 0 {
+		t.Errorf("%v retries of a permanent error", n)
+	}
+	src := h.sources["src"]
+	src.mu.Lock()
+	defer src.mu.Unlock()
+	for _, err := range src.acks {
+		var d *flow.DropError
+		if !errors.As(err, &d) || d.Component != "picky" || d.Reason != "rejected" || !strings.Contains(d.Message, "400 Bad Request: malformed batch") {
+			t.Errorf("ack %v, want a rejected drop with the sink's message", err)
+		}
+	}
+}
+
 func TestShutdownDrainsInFlight(t *testing.T) {
 	h := newHarness()
 	src := &testSource{batches: 30, size: 100, done: make(chan struct{}), holdOpen: true}
@@ -510,7 +555,7 @@ sinks:
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := runAsync(p, ctx)
-	waitFor(t, "three failed writes", func() bool { return bad.writes.Load() >= failingAfter })
+	waitFor(t, "three failed writes", func() bool { return bad.writes.Load() >= backoff.FailingAfter })
 	err := p.Ready()
 	if err == nil || !strings.Contains(err.Error(), "sink bad") || !strings.Contains(err.Error(), "transient failure") {
 		t.Errorf("Ready() = %v, want the failing sink and its error", err)
@@ -538,5 +583,137 @@ sinks:
 	_, err = New(context.Background(), doc, Options{Registry: h.reg})
 	if err == nil || !strings.Contains(err.Error(), "pipeline.yaml:7: sinks.out.process: process: settings apply only to a component run out of process") {
 		t.Fatalf("got %v", err)
+	}
+}
+
+// clockHolder is a Holder with a goroutine of its own from Start to Close, like the
+// aggregate enricher's window clock; it counts its Closes.
+type clockHolder struct {
+	next   component.Emitter
+	stop   chan struct{}
+	done   chan struct{}
+	closes *atomic.Int64
+}
+
+func (h *clockHolder) Attach(next component.Emitter)             { h.next = next }
+func (h *clockHolder) Enrich(context.Context, *flow.Batch) error { return nil }
+func (h *clockHolder) Start(context.Context) error {
+	h.stop, h.done = make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(h.done)
+		<-h.stop
+	}()
+	return nil
+}
+func (h *clockHolder) Close(context.Context) error {
+	h.closes.Add(1)
+	if h.stop != nil {
+		close(h.stop)
+		<-h.done
+	}
+	return nil
+}
+
+// closeCounter is a sink or source that counts its Closes; failStart makes Start fail.
+type closeCounter struct {
+	testSink
+	closes    *atomic.Int64
+	failStart bool
+}
+
+func (c *closeCounter) Start(context.Context) error {
+	if c.failStart {
+		return errors.New("no such device")
+	}
+	return nil
+}
+func (c *closeCounter) Close(context.Context) error { c.closes.Add(1); return nil }
+func (c *closeCounter) Run(ctx context.Context, _ component.Emitter) error {
+	<-ctx.Done()
+	return nil
+}
+
+// When a source fails to start after the other components started, every component that
+// was built is closed exactly once, the holder included, and no goroutine is left behind.
+func TestStartFailureClosesEverythingOnce(t *testing.T) {
+	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
+	closes := map[string]*atomic.Int64{"out": {}, "hold": {}, "ok": {}, "broken": {}}
+	reg := component.NewRegistry()
+	reg.Register(component.NewSinkFactory("counted", "", func() *empty { return &empty{} },
+		func(env component.Env, _ *empty) (component.Sink, error) {
+			return &closeCounter{closes: closes[env.Name]}, nil
+		}))
+	reg.Register(component.NewSourceFactory("counted", "", func() *empty { return &empty{} },
+		func(env component.Env, _ *empty) (component.Source, error) {
+			return &closeCounter{closes: closes[env.Name], failStart: env.Name == "broken"}, nil
+		}))
+	f := component.NewEnricherFactory("clock", "", func() *empty { return &empty{} },
+		func(env component.Env, _ *empty) (component.Enricher, error) {
+			return &clockHolder{closes: closes[env.Name]}, nil
+		})
+	f.Holds = true
+	reg.Register(f)
+	doc, err := config.Load("pipeline.yaml", []byte(`
+sources:
+  ok: {type: counted}
+  broken: {type: counted}
+enrichers:
+  - {type: clock, name: hold}
+sinks:
+  out: {type: counted}
+`), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := New(context.Background(), doc, Options{Registry: reg})
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = p.Run(context.Background())
+	if err == nil || !strings.Contains(err.Error(), "start source broken: no such device") {
+		t.Fatalf("Run: %v, want the source's start error", err)
+	}
+	for name, n := range closes {
+		if n.Load() != 1 {
+			t.Errorf("%s closed %d times, want once", name, n.Load())
+		}
+	}
+}
+
+// Every drop and error reason the runtime counts is published at 0 for each component as
+// soon as the pipeline is built, before anything happened.
+func TestCountersPublishedAtZero(t *testing.T) {
+	h := newHarness()
+	h.sources["src"] = &testSource{done: make(chan struct{})}
+	h.sinks["out"] = &testSink{}
+	p := h.build(t, "sources: {src: {type: test}}\nenrichers: [{type: odd, name: filter}]\nsinks: {out: {type: test}}\n")
+	defer p.Close(context.Background())
+	mfs, err := p.Metrics().Registry.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]bool{}
+	for _, mf := range mfs {
+		for _, m := range mf.Metric {
+			l := map[string]string{}
+			for _, lp := range m.Label {
+				l[lp.GetName()] = lp.GetValue()
+			}
+			if m.GetCounter().GetValue() == 0 {
+				got[mf.GetName()+"/"+l["component"]+"/"+l["reason"]] = true
+			}
+		}
+	}
+	for _, want := range []string{
+		"flowpipe_events_dropped_total/out/queue_full", "flowpipe_events_dropped_total/out/retries_exhausted",
+		"flowpipe_events_dropped_total/out/rejected", "flowpipe_events_dropped_total/out/shutdown",
+		"flowpipe_errors_total/out/write", "flowpipe_events_dropped_total/filter/enrich_error",
+		"flowpipe_errors_total/filter/enrich", "flowpipe_errors_total/src/run",
+		"flowpipe_events_in_total/out/", "flowpipe_events_out_total/src/",
+		"flowpipe_events_filtered_total/filter/odd", // the factory's own reason
+	} {
+		if !got[want] {
+			t.Errorf("%s is not published at 0", want)
+		}
 	}
 }

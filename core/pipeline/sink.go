@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"math/rand/v2"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -14,6 +13,7 @@ import (
 	"github.com/flowpipe/flowpipe/core/config"
 	"github.com/flowpipe/flowpipe/core/flow"
 	"github.com/flowpipe/flowpipe/core/metrics"
+	"github.com/flowpipe/flowpipe/internal/backoff"
 )
 
 // SinkSettings are the runtime's options for every sink, written beside the sink's own
@@ -90,9 +90,6 @@ func (s *SinkSettings) Validate() error {
 	return errs.Err()
 }
 
-// failingAfter is how many consecutive failed writes make a sink "not ready".
-const failingAfter = 3
-
 // sinkNode runs one sink: its queue, its writers and their retries.
 type sinkNode struct {
 	name     string
@@ -106,6 +103,7 @@ type sinkNode struct {
 	consecFails atomic.Int64
 	lastErr     atomic.Pointer[error]
 	undelivered atomic.Int64 // events given up at shutdown
+	dropped     atomic.Int64 // events dropped by policy, retry limit or rejection
 }
 
 func newSinkNode(name string, s component.Sink, st SinkSettings, m *metrics.Component, log *slog.Logger) *sinkNode {
@@ -157,6 +155,7 @@ func (n *sinkNode) enqueue(ctx context.Context, b *flow.Batch) error {
 var errStopping = errors.New("pipeline is stopping")
 
 func (n *sinkNode) drop(b *flow.Batch, reason string) {
+	n.dropped.Add(int64(len(b.Events)))
 	n.m.Dropped(reason, len(b.Events))
 	b.Release(&flow.DropError{Component: n.name, Reason: reason})
 }
@@ -186,13 +185,14 @@ func (n *sinkNode) start(writeCtx context.Context) {
 	}
 }
 
-// write delivers b, retrying with exponential backoff and jitter.
+// write delivers b, retrying with the backoff of retry: (internal/backoff). An error the
+// sink marked flow.Permanent drops the batch at once, counted as rejected.
 func (n *sinkNode) write(ctx context.Context, b *flow.Batch) {
-	backoff := n.settings.Retry.InitialInterval
+	retry := backoff.Policy{Initial: n.settings.Retry.InitialInterval, Max: n.settings.Retry.MaxInterval}
 	for attempt := 1; ; attempt++ {
 		err := n.sink.Write(ctx, b)
 		if err == nil {
-			if n.consecFails.Swap(0) >= failingAfter {
+			if n.consecFails.Swap(0) >= backoff.FailingAfter {
 				n.log.Info("sink recovered", "sink", n.name)
 			}
 			n.m.Out.Add(float64(len(b.Events)))
@@ -203,10 +203,14 @@ func (n *sinkNode) write(ctx context.Context, b *flow.Batch) {
 			n.giveUp(b)
 			return
 		}
+		if flow.IsPermanent(err) {
+			n.reject(b, err)
+			return
+		}
 		fails := n.consecFails.Add(1)
 		n.lastErr.Store(&err)
 		n.m.Errors("write", 1)
-		if fails == failingAfter {
+		if fails == backoff.FailingAfter {
 			n.log.Warn("sink keeps failing; retrying", "sink", n.name, "attempts", attempt, "error", err)
 		} else {
 			n.log.Debug("sink write failed; retrying", "sink", n.name, "attempt", attempt, "error", err)
@@ -217,17 +221,19 @@ func (n *sinkNode) write(ctx context.Context, b *flow.Batch) {
 			return
 		}
 		n.m.Retries.Inc()
-		wait := jitter(backoff)
-		backoff = min(backoff*2, n.settings.Retry.MaxInterval)
-		t := time.NewTimer(wait)
-		select {
-		case <-t.C:
-		case <-ctx.Done():
-			t.Stop()
+		if !backoff.Sleep(ctx, retry.Delay(attempt)) {
 			n.giveUp(b)
 			return
 		}
 	}
+}
+
+// reject drops a batch the sink said can never be written (flow.Permanent): no retry.
+func (n *sinkNode) reject(b *flow.Batch, err error) {
+	n.log.Error("sink rejected a batch; dropping it without retry", "sink", n.name, "events", len(b.Events), "error", err)
+	n.dropped.Add(int64(len(b.Events)))
+	n.m.Dropped("rejected", len(b.Events))
+	b.Release(&flow.DropError{Component: n.name, Reason: "rejected", Message: err.Error()})
 }
 
 // giveUp releases a batch the sink could not deliver before the pipeline stopped.
@@ -237,14 +243,9 @@ func (n *sinkNode) giveUp(b *flow.Batch) {
 	b.Release(flow.ErrShutdown)
 }
 
-// jitter spreads d by ±20% so that many agents retrying do not retry in step.
-func jitter(d time.Duration) time.Duration {
-	return time.Duration(float64(d) * (0.8 + 0.4*rand.Float64()))
-}
-
 // health reports the sink as failing after several consecutive failed writes.
 func (n *sinkNode) health() error {
-	if n.consecFails.Load() >= failingAfter {
+	if n.consecFails.Load() >= backoff.FailingAfter {
 		if p := n.lastErr.Load(); p != nil {
 			return fmt.Errorf("sink %s: %d consecutive failed writes, last: %w", n.name, n.consecFails.Load(), *p)
 		}

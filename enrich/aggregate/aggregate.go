@@ -279,13 +279,7 @@ loop:
 			kept++
 			continue
 		}
-		k := key{src: ev.SrcAddr, dst: ev.DstAddr, dport: ev.DstPort, proto: ev.Protocol, dir: ev.Direction}
-		if flow.IsICMP(ev.Protocol) {
-			k.dport = 0
-		}
-		if a.cfg.ByRuleID {
-			k.rule = ev.RuleID
-		}
+		k := a.keyOf(ev)
 		idx, ok := w.index[k]
 		for !ok && w.n >= a.cfg.MaxKeys {
 			// The window is full: close it and emit it (without mu, so other sources go
@@ -315,13 +309,7 @@ loop:
 			retained = true
 		}
 		if !ok {
-			idx = w.add(flow.Event{
-				Type: flow.TypeAggregate, SrcAddr: ev.SrcAddr, DstAddr: ev.DstAddr,
-				SrcPort: ev.SrcPort, DstPort: k.dport, Protocol: ev.Protocol, Direction: ev.Direction,
-				ICMPType: ev.ICMPType, ICMPCode: ev.ICMPCode,
-				RuleID: ev.RuleID, SrcResourceID: ev.SrcResourceID, DstResourceID: ev.DstResourceID,
-				CommunityID: ev.CommunityID, Source: ev.Source, Start: ev.Start, End: ev.End,
-			}, a.cfg.BatchSize)
+			idx = w.add(aggregateOf(ev, k), a.cfg.BatchSize)
 			w.index[k] = idx
 		}
 		fold(&w.chunks[int(idx)/a.cfg.BatchSize][int(idx)%a.cfg.BatchSize], &w.mixed[idx], ev)
@@ -329,19 +317,47 @@ loop:
 		absorbed++
 	}
 	a.mu.Unlock()
+	passOn(b, evs[:kept])
+	a.absorbed.Add(float64(absorbed))
+	a.held.Set(float64(a.heldN.Load()))
+	return nil
+}
+
+// keyOf is the conversation an event is folded into.
+func (a *Aggregator) keyOf(ev *flow.Event) key {
+	k := key{src: ev.SrcAddr, dst: ev.DstAddr, dport: ev.DstPort, proto: ev.Protocol, dir: ev.Direction}
+	if flow.IsICMP(ev.Protocol) {
+		k.dport = 0
+	}
+	if a.cfg.ByRuleID {
+		k.rule = ev.RuleID
+	}
+	return k
+}
+
+// aggregateOf starts the aggregate of conversation k from its first event.
+func aggregateOf(ev *flow.Event, k key) flow.Event {
+	return flow.Event{
+		Type: flow.TypeAggregate, SrcAddr: ev.SrcAddr, DstAddr: ev.DstAddr,
+		SrcPort: ev.SrcPort, DstPort: k.dport, Protocol: ev.Protocol, Direction: ev.Direction,
+		ICMPType: ev.ICMPType, ICMPCode: ev.ICMPCode,
+		RuleID: ev.RuleID, SrcResourceID: ev.SrcResourceID, DstResourceID: ev.DstResourceID,
+		CommunityID: ev.CommunityID, Source: ev.Source, Start: ev.Start, End: ev.End,
+	}
+}
+
+// passOn leaves in b only the events that were not absorbed (kept, a prefix of b.Events).
+func passOn(b *flow.Batch, kept []flow.Event) {
 	switch {
-	case kept == len(evs):
-	case kept == 0:
+	case len(kept) == len(b.Events):
+	case len(kept) == 0:
 		// The batch is held until its window is acknowledged, possibly for minutes: keep
 		// no reference to its events, so their memory can go unless the source keeps it.
 		b.Events = nil
 	default:
 		// Same, for the few events passing through (other protocols).
-		b.Events = append(make([]flow.Event, 0, kept), evs[:kept]...)
+		b.Events = append(make([]flow.Event, 0, len(kept)), kept...)
 	}
-	a.absorbed.Add(float64(absorbed))
-	a.held.Set(float64(a.heldN.Load()))
-	return nil
 }
 
 // fold adds one event to an aggregate.

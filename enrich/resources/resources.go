@@ -64,9 +64,11 @@ func (c *Config) Validate() error {
 
 // Factory is the `type: resources` enricher factory.
 func Factory() component.Factory {
-	return component.NewEnricherFactory("resources",
+	f := component.NewEnricherFactory("resources",
 		"rule IDs, resource IDs (longest prefix match), DNS and exit-node filtering",
 		DefaultConfig, New)
+	f.Reasons.Filtered = []string{"dns", "exit_node"}
+	return f
 }
 
 // Enricher is the resources enricher. Enrich is safe for concurrent use; the tables it reads

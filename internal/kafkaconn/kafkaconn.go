@@ -7,12 +7,9 @@ package kafkaconn
 
 import (
 	"context"
-	"crypto/tls"
-	"crypto/x509"
 	"errors"
 	"fmt"
 	"net"
-	"os"
 	"strings"
 	"time"
 
@@ -24,6 +21,7 @@ import (
 
 	"github.com/flowpipe/flowpipe/core/component"
 	"github.com/flowpipe/flowpipe/core/config"
+	"github.com/flowpipe/flowpipe/internal/tlsfiles"
 )
 
 // Config is how to reach the brokers. Inlined into the sink's and the source's options.
@@ -91,24 +89,9 @@ func (c *Config) Opts(env component.Env) ([]kgo.Opt, error) {
 		}
 	}
 	if c.TLS || c.CAFile != "" || c.CertFile != "" {
-		tc := &tls.Config{ServerName: c.ServerName, MinVersion: tls.VersionTLS12}
-		if c.CAFile != "" {
-			pem, err := os.ReadFile(env.Path(c.CAFile))
-			if err != nil {
-				return nil, fmt.Errorf("ca_file: %w", err)
-			}
-			pool := x509.NewCertPool()
-			if !pool.AppendCertsFromPEM(pem) {
-				return nil, fmt.Errorf("ca_file %s: no PEM certificate in it", c.CAFile)
-			}
-			tc.RootCAs = pool
-		}
-		if c.CertFile != "" {
-			cert, err := tls.LoadX509KeyPair(env.Path(c.CertFile), env.Path(c.KeyFile))
-			if err != nil {
-				return nil, fmt.Errorf("cert_file/key_file: %w", err)
-			}
-			tc.Certificates = []tls.Certificate{cert}
+		tc, err := tlsfiles.Client(env.Path(c.CAFile), env.Path(c.CertFile), env.Path(c.KeyFile), c.ServerName)
+		if err != nil {
+			return nil, err
 		}
 		opts = append(opts, kgo.DialTLSConfig(tc))
 	}

@@ -10,6 +10,8 @@ import (
 	"sync"
 
 	"github.com/hashicorp/go-hclog"
+
+	pb "github.com/flowpipe/flowpipe/internal/pluginproto"
 )
 
 // slogAdapter is the hclog.Logger go-plugin logs through on the host side: its own messages
@@ -53,15 +55,22 @@ func (a *slogAdapter) Log(level hclog.Level, msg string, args ...any) {
 }
 
 // fromPluginJSON undoes what the trip through a plugin's JSON log line did to its
-// attributes: go-plugin decodes every number as a float64, so integers come back as such
-// (read_buffer=67108864, not 6.7108864e+07), and the plugin's own timestamp is dropped
-// because the host's log record has one.
+// attributes: they come back in the order the plugin logged them (pb.LogAttrsKey), go-plugin
+// decodes every number as a float64, so integers come back as such (read_buffer=67108864,
+// not 6.7108864e+07), and the plugin's own timestamp is dropped because the host's log
+// record has one.
 func fromPluginJSON(kv []any) []any {
 	out := kv[:0:0]
 	for i := 0; i < len(kv); i++ {
 		if i+1 < len(kv) {
 			if k, ok := kv[i].(string); ok {
 				if k == "timestamp" {
+					i++
+					continue
+				}
+				if list, ok := kv[i+1].([]any); ok && k == pb.LogAttrsKey {
+					// The plugin's attributes, in the order it logged them.
+					out = append(out, fromPluginJSON(list)...)
 					i++
 					continue
 				}

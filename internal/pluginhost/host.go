@@ -142,16 +142,26 @@ func (h *Host) Instantiate(ctx context.Context, spec config.Component, env compo
 		return nil, fmt.Errorf("%s keeps events across batches (component.Holder) and cannot run as a plugin", l.describe)
 	}
 	in.adopt(p)
-	switch spec.Kind {
-	case component.KindSink:
-		return &remoteSink{in: in}, nil
-	case component.KindEnricher:
-		return &remoteEnricher{in: in}, nil
-	case component.KindSource:
-		return &remoteSource{in: in}, nil
+	c := remote(spec.Kind, in)
+	if c == nil {
+		in.Close(ctx)
+		return nil, fmt.Errorf("unknown component kind %q", spec.Kind)
 	}
-	in.Close(ctx)
-	return nil, fmt.Errorf("unknown component kind %q", spec.Kind)
+	return c, nil
+}
+
+// remote is the component the runtime sees for a plugin process of that kind; nil for an
+// unknown kind.
+func remote(kind component.Kind, in *instance) any {
+	switch kind {
+	case component.KindSink:
+		return &remoteSink{in: in}
+	case component.KindEnricher:
+		return &remoteEnricher{in: in}
+	case component.KindSource:
+		return &remoteSource{in: in}
+	}
+	return nil
 }
 
 // launcher says how to start one component's process.

@@ -48,7 +48,7 @@ func TestMain(m *testing.M) {
 		}
 	}
 	pluginDir = dir
-	backoffMin = 200 * time.Millisecond // restarts in tests need not wait a second
+	restartBackoff.Initial = 200 * time.Millisecond // restarts in tests need not wait a second
 	code := m.Run()
 	os.RemoveAll(dir)
 	os.Exit(code)
@@ -214,6 +214,15 @@ func TestSinkPluginWritesBatches(t *testing.T) {
 	logs := f.logs.String()
 	if !strings.Contains(logs, "jsonl sink started") || !strings.Contains(logs, "sink=out") {
 		t.Errorf("plugin log lines missing from the host log:\n%s", logs)
+	}
+	// ... formatted as the same line would be in process: attributes in order, a duration
+	// as a duration, an integer as an integer.
+	if want := `msg="jsonl sink started" sink=out path=` + path + ` timeout=1.5s batch=3 z=last`; !strings.Contains(logs, want) {
+		t.Errorf("plugin log line not as in process, want %q in:\n%s", want, logs)
+	}
+	// The plugin is not pinned: one warning, at start.
+	if n := strings.Count(logs, "plugin runs without a sha256: pin"); n != 1 {
+		t.Errorf("%d warnings about the missing sha256: pin, want 1:\n%s", n, logs)
 	}
 }
 

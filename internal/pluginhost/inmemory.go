@@ -69,11 +69,5 @@ func ServeInMemory(ctx context.Context, f component.Factory, version string, opt
 	}
 	in := newInstance(spec, env, defaultSettings(), l, optYAML)
 	in.adopt(p)
-	switch f.Kind {
-	case component.KindSink:
-		return &remoteSink{in: in}, nil
-	case component.KindEnricher:
-		return &remoteEnricher{in: in}, nil
-	}
-	return &remoteSource{in: in}, nil
+	return remote(f.Kind, in), nil
 }

@@ -2,9 +2,9 @@ package pluginhost
 
 import (
 	"context"
+	"encoding/hex"
 	"errors"
 	"fmt"
-	"math/rand/v2"
 	"sync"
 	"time"
 
@@ -12,28 +12,14 @@ import (
 
 	"github.com/flowpipe/flowpipe/core/component"
 	"github.com/flowpipe/flowpipe/core/config"
+	"github.com/flowpipe/flowpipe/internal/backoff"
 	pb "github.com/flowpipe/flowpipe/internal/pluginproto"
 )
 
-// Restart backoff: the first restart comes after about a second, each further consecutive
-// failure doubles the wait, up to two minutes; ±25 % jitter keeps many failing plugins from
-// restarting in step.
-var (
-	backoffMin = time.Second
-	backoffMax = 2 * time.Minute
-)
-
-// failingAfter is how many consecutive failures make Health report the plugin as failing.
-const failingAfter = 3
-
-func backoff(failures int) time.Duration {
-	d := backoffMin
-	for i := 1; i < failures && d < backoffMax; i++ {
-		d *= 2
-	}
-	d = min(d, backoffMax)
-	return d*3/4 + rand.N(d/2+1)
-}
+// restartBackoff: the first restart comes after about a second, each further consecutive
+// failure doubles the wait, up to two minutes, jittered (internal/backoff) so that many
+// failing plugins do not restart in step. A variable so that tests restart sooner.
+var restartBackoff = backoff.Policy{Initial: time.Second, Max: 2 * time.Minute}
 
 // instance is the host side of one component: it owns the current plugin process, restarts
 // it when it crashes or hangs, and survives the restarts so the runtime sees one component.
@@ -204,7 +190,7 @@ func (in *instance) fail(p *proc, err error) {
 }
 
 func (in *instance) schedule(failures int, err error) {
-	d := backoff(failures)
+	d := restartBackoff.Delay(failures)
 	in.env.Logger.Error("plugin failed; restarting it", "plugin", in.launcher.describe, "error", err, "consecutive_failures", failures, "restart_in", d.Round(time.Millisecond))
 	in.mu.Lock()
 	defer in.mu.Unlock()
@@ -250,10 +236,7 @@ func startRPC(ctx context.Context, p *proc) error {
 	if err != nil {
 		return fmt.Errorf("start: %w", err)
 	}
-	if resp.Error != "" {
-		return errors.New(resp.Error)
-	}
-	return nil
+	return pb.ErrorFromProto(resp.Failure, resp.Error)
 }
 
 // succeeded records a call that worked: the plugin is healthy again.
@@ -263,11 +246,20 @@ func (in *instance) succeeded() {
 	in.mu.Unlock()
 }
 
-// Start starts the component's work in the plugin (component.Starter).
+// Start starts the component's work in the plugin (component.Starter). The runtime calls it
+// once, so an unpinned third-party plugin is warned about once.
 func (in *instance) Start(ctx context.Context) error {
 	in.mu.Lock()
 	in.started = true
 	in.mu.Unlock()
+	if l := in.launcher; l.path != "" && l.checksum == nil {
+		sum := "(unreadable)"
+		if b, err := FileSHA256(l.path); err == nil {
+			sum = hex.EncodeToString(b)
+		}
+		in.env.Logger.Warn("plugin runs without a sha256: pin: whoever can replace its binary runs code as flowpipe; pin it in pipeline.yaml",
+			"plugin", l.path, "sha256", sum)
+	}
 	p, err := in.get(ctx)
 	if err != nil {
 		return err
@@ -282,7 +274,7 @@ func (in *instance) Start(ctx context.Context) error {
 func (in *instance) Health() error {
 	in.mu.Lock()
 	defer in.mu.Unlock()
-	if in.failures >= failingAfter {
+	if in.failures >= backoff.FailingAfter {
 		return fmt.Errorf("plugin keeps failing (%d times in a row), last: %v", in.failures, in.lastErr)
 	}
 	return nil

@@ -232,13 +232,10 @@ func (p *proc) close(ctx context.Context) error {
 		return err
 	}
 	p.end()
-	switch {
-	case err != nil:
+	if err != nil {
 		return fmt.Errorf("close: %w", err)
-	case resp.Error != "":
-		return errors.New(resp.Error)
 	}
-	return nil
+	return pb.ErrorFromProto(resp.Failure, resp.Error)
 }
 
 func (p *proc) pid() int {

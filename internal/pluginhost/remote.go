@@ -2,7 +2,6 @@ package pluginhost
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"sync"
@@ -86,8 +85,8 @@ func (s *remoteSink) Write(ctx context.Context, b *flow.Batch) error {
 			return s.in.callErr(ctx, p, "Write", err)
 		}
 		applyCounts(s.in.env.Metrics, resp.Counts)
-		if resp.Error != "" {
-			return errors.New(resp.Error)
+		if err := pb.ErrorFromProto(resp.Failure, resp.Error); err != nil {
+			return err
 		}
 	}
 	s.in.succeeded()
@@ -145,8 +144,8 @@ func (e *remoteEnricher) call(ctx context.Context, part []flow.Event, source str
 			continue
 		}
 		applyCounts(e.in.env.Metrics, resp.Counts)
-		if resp.Error != "" {
-			return nil, errors.New(resp.Error)
+		if err := pb.ErrorFromProto(resp.Failure, resp.Error); err != nil {
+			return nil, err
 		}
 		return resp, nil
 	}
@@ -258,10 +257,7 @@ func (s *remoteSource) runOnce(ctx context.Context, p *proc, out component.Emitt
 					}
 				}
 			}()
-			if m.End.Error != "" {
-				return true, errors.New(m.End.Error)
-			}
-			return true, nil
+			return true, pb.ErrorFromProto(m.End.Failure, m.End.Error)
 		case *pb.SourceMessage_Batch:
 			if !partial {
 				events = nil

@@ -2,6 +2,7 @@ package pluginhost
 
 import (
 	"context"
+	"errors"
 	"sync"
 	"testing"
 
@@ -117,3 +118,25 @@ func TestOversizedSourceBatch(t *testing.T) {
 type emitFunc func(*flow.Batch)
 
 func (f emitFunc) Emit(_ context.Context, b *flow.Batch) error { f(b); return nil }
+
+type rejectingSink struct{}
+
+func (rejectingSink) Write(context.Context, *flow.Batch) error {
+	return flow.Permanent(errors.New("endpoint answered 422 Unprocessable Entity"))
+}
+
+// A sink's permanent error crosses the plugin boundary as permanent, with its message, so
+// that the runtime drops the batch instead of retrying it.
+func TestPermanentErrorCrossesTheBoundary(t *testing.T) {
+	f := component.NewSinkFactory("reject", "", func() *discardConfig { return &discardConfig{} },
+		func(component.Env, *discardConfig) (component.Sink, error) { return rejectingSink{}, nil })
+	c, err := ServeInMemory(context.Background(), f, "test", nil, component.Env{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.(component.Closer).Close(context.Background())
+	err = c.(component.Sink).Write(context.Background(), flow.NewBatch(seqEvents(0, 3), nil))
+	if !flow.IsPermanent(err) || err.Error() != "endpoint answered 422 Unprocessable Entity" {
+		t.Fatalf("Write returned %v (permanent: %v), want the sink's permanent error", err, flow.IsPermanent(err))
+	}
+}

@@ -28,6 +28,58 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+type Error_Class int32
+
+const (
+	Error_CLASS_RETRYABLE Error_Class = 0 // another attempt may succeed: the runtime retries a sink's batch
+	Error_CLASS_PERMANENT Error_Class = 1 // flow.Permanent: the batch can never be written; dropped as rejected
+	Error_CLASS_DROP      Error_Class = 2 // flow.DropError: dropped on purpose and counted (component, reason)
+	Error_CLASS_SHUTDOWN  Error_Class = 3 // flow.ErrShutdown: not done because the pipeline is stopping
+)
+
+// Enum value maps for Error_Class.
+var (
+	Error_Class_name = map[int32]string{
+		0: "CLASS_RETRYABLE",
+		1: "CLASS_PERMANENT",
+		2: "CLASS_DROP",
+		3: "CLASS_SHUTDOWN",
+	}
+	Error_Class_value = map[string]int32{
+		"CLASS_RETRYABLE": 0,
+		"CLASS_PERMANENT": 1,
+		"CLASS_DROP":      2,
+		"CLASS_SHUTDOWN":  3,
+	}
+)
+
+func (x Error_Class) Enum() *Error_Class {
+	p := new(Error_Class)
+	*p = x
+	return p
+}
+
+func (x Error_Class) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (Error_Class) Descriptor() protoreflect.EnumDescriptor {
+	return file_plugin_proto_enumTypes[0].Descriptor()
+}
+
+func (Error_Class) Type() protoreflect.EnumType {
+	return &file_plugin_proto_enumTypes[0]
+}
+
+func (x Error_Class) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use Error_Class.Descriptor instead.
+func (Error_Class) EnumDescriptor() ([]byte, []int) {
+	return file_plugin_proto_rawDescGZIP(), []int{5, 0}
+}
+
 type Count_Kind int32
 
 const (
@@ -64,11 +116,11 @@ func (x Count_Kind) String() string {
 }
 
 func (Count_Kind) Descriptor() protoreflect.EnumDescriptor {
-	return file_plugin_proto_enumTypes[0].Descriptor()
+	return file_plugin_proto_enumTypes[1].Descriptor()
 }
 
 func (Count_Kind) Type() protoreflect.EnumType {
-	return &file_plugin_proto_enumTypes[0]
+	return &file_plugin_proto_enumTypes[1]
 }
 
 func (x Count_Kind) Number() protoreflect.EnumNumber {
@@ -77,7 +129,7 @@ func (x Count_Kind) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use Count_Kind.Descriptor instead.
 func (Count_Kind) EnumDescriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{14, 0}
+	return file_plugin_proto_rawDescGZIP(), []int{15, 0}
 }
 
 type SourceAck_Status int32
@@ -116,11 +168,11 @@ func (x SourceAck_Status) String() string {
 }
 
 func (SourceAck_Status) Descriptor() protoreflect.EnumDescriptor {
-	return file_plugin_proto_enumTypes[1].Descriptor()
+	return file_plugin_proto_enumTypes[2].Descriptor()
 }
 
 func (SourceAck_Status) Type() protoreflect.EnumType {
-	return &file_plugin_proto_enumTypes[1]
+	return &file_plugin_proto_enumTypes[2]
 }
 
 func (x SourceAck_Status) Number() protoreflect.EnumNumber {
@@ -129,7 +181,7 @@ func (x SourceAck_Status) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use SourceAck_Status.Descriptor instead.
 func (SourceAck_Status) EnumDescriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{20, 0}
+	return file_plugin_proto_rawDescGZIP(), []int{21, 0}
 }
 
 type DescribeRequest struct {
@@ -428,6 +480,77 @@ func (x *ConfigureResponse) GetHolder() bool {
 	return false
 }
 
+// Error is a component's error with its class, so that it keeps its meaning across the
+// boundary. Every response that has an error string carries it as failure too; a host reads
+// failure first and falls back to the string (a retryable error) for an older plugin.
+type Error struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Class         Error_Class            `protobuf:"varint,1,opt,name=class,proto3,enum=flowpipe.plugin.v1.Error_Class" json:"class,omitempty"`
+	Message       string                 `protobuf:"bytes,2,opt,name=message,proto3" json:"message,omitempty"`
+	Component     string                 `protobuf:"bytes,3,opt,name=component,proto3" json:"component,omitempty"` // CLASS_DROP: the component that dropped
+	Reason        string                 `protobuf:"bytes,4,opt,name=reason,proto3" json:"reason,omitempty"`       // CLASS_DROP: the drop reason
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Error) Reset() {
+	*x = Error{}
+	mi := &file_plugin_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Error) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Error) ProtoMessage() {}
+
+func (x *Error) ProtoReflect() protoreflect.Message {
+	mi := &file_plugin_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Error.ProtoReflect.Descriptor instead.
+func (*Error) Descriptor() ([]byte, []int) {
+	return file_plugin_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *Error) GetClass() Error_Class {
+	if x != nil {
+		return x.Class
+	}
+	return Error_CLASS_RETRYABLE
+}
+
+func (x *Error) GetMessage() string {
+	if x != nil {
+		return x.Message
+	}
+	return ""
+}
+
+func (x *Error) GetComponent() string {
+	if x != nil {
+		return x.Component
+	}
+	return ""
+}
+
+func (x *Error) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
 type StartRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -436,7 +559,7 @@ type StartRequest struct {
 
 func (x *StartRequest) Reset() {
 	*x = StartRequest{}
-	mi := &file_plugin_proto_msgTypes[5]
+	mi := &file_plugin_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -448,7 +571,7 @@ func (x *StartRequest) String() string {
 func (*StartRequest) ProtoMessage() {}
 
 func (x *StartRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_plugin_proto_msgTypes[5]
+	mi := &file_plugin_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -461,19 +584,20 @@ func (x *StartRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartRequest.ProtoReflect.Descriptor instead.
 func (*StartRequest) Descriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{5}
+	return file_plugin_proto_rawDescGZIP(), []int{6}
 }
 
 type StartResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Error         string                 `protobuf:"bytes,1,opt,name=error,proto3" json:"error,omitempty"`
+	Failure       *Error                 `protobuf:"bytes,2,opt,name=failure,proto3" json:"failure,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *StartResponse) Reset() {
 	*x = StartResponse{}
-	mi := &file_plugin_proto_msgTypes[6]
+	mi := &file_plugin_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -485,7 +609,7 @@ func (x *StartResponse) String() string {
 func (*StartResponse) ProtoMessage() {}
 
 func (x *StartResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_plugin_proto_msgTypes[6]
+	mi := &file_plugin_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -498,7 +622,7 @@ func (x *StartResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartResponse.ProtoReflect.Descriptor instead.
 func (*StartResponse) Descriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{6}
+	return file_plugin_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *StartResponse) GetError() string {
@@ -506,6 +630,13 @@ func (x *StartResponse) GetError() string {
 		return x.Error
 	}
 	return ""
+}
+
+func (x *StartResponse) GetFailure() *Error {
+	if x != nil {
+		return x.Failure
+	}
+	return nil
 }
 
 type CloseRequest struct {
@@ -516,7 +647,7 @@ type CloseRequest struct {
 
 func (x *CloseRequest) Reset() {
 	*x = CloseRequest{}
-	mi := &file_plugin_proto_msgTypes[7]
+	mi := &file_plugin_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -528,7 +659,7 @@ func (x *CloseRequest) String() string {
 func (*CloseRequest) ProtoMessage() {}
 
 func (x *CloseRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_plugin_proto_msgTypes[7]
+	mi := &file_plugin_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -541,19 +672,20 @@ func (x *CloseRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CloseRequest.ProtoReflect.Descriptor instead.
 func (*CloseRequest) Descriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{7}
+	return file_plugin_proto_rawDescGZIP(), []int{8}
 }
 
 type CloseResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Error         string                 `protobuf:"bytes,1,opt,name=error,proto3" json:"error,omitempty"`
+	Failure       *Error                 `protobuf:"bytes,2,opt,name=failure,proto3" json:"failure,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *CloseResponse) Reset() {
 	*x = CloseResponse{}
-	mi := &file_plugin_proto_msgTypes[8]
+	mi := &file_plugin_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -565,7 +697,7 @@ func (x *CloseResponse) String() string {
 func (*CloseResponse) ProtoMessage() {}
 
 func (x *CloseResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_plugin_proto_msgTypes[8]
+	mi := &file_plugin_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -578,7 +710,7 @@ func (x *CloseResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CloseResponse.ProtoReflect.Descriptor instead.
 func (*CloseResponse) Descriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{8}
+	return file_plugin_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *CloseResponse) GetError() string {
@@ -586,6 +718,13 @@ func (x *CloseResponse) GetError() string {
 		return x.Error
 	}
 	return ""
+}
+
+func (x *CloseResponse) GetFailure() *Error {
+	if x != nil {
+		return x.Failure
+	}
+	return nil
 }
 
 type WatchRequest struct {
@@ -596,7 +735,7 @@ type WatchRequest struct {
 
 func (x *WatchRequest) Reset() {
 	*x = WatchRequest{}
-	mi := &file_plugin_proto_msgTypes[9]
+	mi := &file_plugin_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -608,7 +747,7 @@ func (x *WatchRequest) String() string {
 func (*WatchRequest) ProtoMessage() {}
 
 func (x *WatchRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_plugin_proto_msgTypes[9]
+	mi := &file_plugin_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -621,7 +760,7 @@ func (x *WatchRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchRequest.ProtoReflect.Descriptor instead.
 func (*WatchRequest) Descriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{9}
+	return file_plugin_proto_rawDescGZIP(), []int{10}
 }
 
 type WatchEvent struct {
@@ -632,7 +771,7 @@ type WatchEvent struct {
 
 func (x *WatchEvent) Reset() {
 	*x = WatchEvent{}
-	mi := &file_plugin_proto_msgTypes[10]
+	mi := &file_plugin_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -644,7 +783,7 @@ func (x *WatchEvent) String() string {
 func (*WatchEvent) ProtoMessage() {}
 
 func (x *WatchEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_plugin_proto_msgTypes[10]
+	mi := &file_plugin_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -657,7 +796,7 @@ func (x *WatchEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchEvent.ProtoReflect.Descriptor instead.
 func (*WatchEvent) Descriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{10}
+	return file_plugin_proto_rawDescGZIP(), []int{11}
 }
 
 type GatherRequest struct {
@@ -668,7 +807,7 @@ type GatherRequest struct {
 
 func (x *GatherRequest) Reset() {
 	*x = GatherRequest{}
-	mi := &file_plugin_proto_msgTypes[11]
+	mi := &file_plugin_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -680,7 +819,7 @@ func (x *GatherRequest) String() string {
 func (*GatherRequest) ProtoMessage() {}
 
 func (x *GatherRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_plugin_proto_msgTypes[11]
+	mi := &file_plugin_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -693,7 +832,7 @@ func (x *GatherRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GatherRequest.ProtoReflect.Descriptor instead.
 func (*GatherRequest) Descriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{11}
+	return file_plugin_proto_rawDescGZIP(), []int{12}
 }
 
 type GatherResponse struct {
@@ -706,7 +845,7 @@ type GatherResponse struct {
 
 func (x *GatherResponse) Reset() {
 	*x = GatherResponse{}
-	mi := &file_plugin_proto_msgTypes[12]
+	mi := &file_plugin_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -718,7 +857,7 @@ func (x *GatherResponse) String() string {
 func (*GatherResponse) ProtoMessage() {}
 
 func (x *GatherResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_plugin_proto_msgTypes[12]
+	mi := &file_plugin_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -731,7 +870,7 @@ func (x *GatherResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GatherResponse.ProtoReflect.Descriptor instead.
 func (*GatherResponse) Descriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{12}
+	return file_plugin_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *GatherResponse) GetMetricFamilies() [][]byte {
@@ -753,7 +892,7 @@ type Batch struct {
 
 func (x *Batch) Reset() {
 	*x = Batch{}
-	mi := &file_plugin_proto_msgTypes[13]
+	mi := &file_plugin_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -765,7 +904,7 @@ func (x *Batch) String() string {
 func (*Batch) ProtoMessage() {}
 
 func (x *Batch) ProtoReflect() protoreflect.Message {
-	mi := &file_plugin_proto_msgTypes[13]
+	mi := &file_plugin_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -778,7 +917,7 @@ func (x *Batch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Batch.ProtoReflect.Descriptor instead.
 func (*Batch) Descriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{13}
+	return file_plugin_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *Batch) GetCount() uint32 {
@@ -815,7 +954,7 @@ type Count struct {
 
 func (x *Count) Reset() {
 	*x = Count{}
-	mi := &file_plugin_proto_msgTypes[14]
+	mi := &file_plugin_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -827,7 +966,7 @@ func (x *Count) String() string {
 func (*Count) ProtoMessage() {}
 
 func (x *Count) ProtoReflect() protoreflect.Message {
-	mi := &file_plugin_proto_msgTypes[14]
+	mi := &file_plugin_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -840,7 +979,7 @@ func (x *Count) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Count.ProtoReflect.Descriptor instead.
 func (*Count) Descriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{14}
+	return file_plugin_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *Count) GetKind() Count_Kind {
@@ -866,15 +1005,16 @@ func (x *Count) GetN() uint64 {
 
 type WriteResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
-	Error         string                 `protobuf:"bytes,1,opt,name=error,proto3" json:"error,omitempty"` // the sink's error: the runtime retries the batch
+	Error         string                 `protobuf:"bytes,1,opt,name=error,proto3" json:"error,omitempty"` // the sink's error: the runtime retries the batch, unless it is permanent
 	Counts        []*Count               `protobuf:"bytes,2,rep,name=counts,proto3" json:"counts,omitempty"`
+	Failure       *Error                 `protobuf:"bytes,3,opt,name=failure,proto3" json:"failure,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *WriteResponse) Reset() {
 	*x = WriteResponse{}
-	mi := &file_plugin_proto_msgTypes[15]
+	mi := &file_plugin_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -886,7 +1026,7 @@ func (x *WriteResponse) String() string {
 func (*WriteResponse) ProtoMessage() {}
 
 func (x *WriteResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_plugin_proto_msgTypes[15]
+	mi := &file_plugin_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -899,7 +1039,7 @@ func (x *WriteResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WriteResponse.ProtoReflect.Descriptor instead.
 func (*WriteResponse) Descriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{15}
+	return file_plugin_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *WriteResponse) GetError() string {
@@ -916,18 +1056,26 @@ func (x *WriteResponse) GetCounts() []*Count {
 	return nil
 }
 
+func (x *WriteResponse) GetFailure() *Error {
+	if x != nil {
+		return x.Failure
+	}
+	return nil
+}
+
 type EnrichResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Error         string                 `protobuf:"bytes,1,opt,name=error,proto3" json:"error,omitempty"` // the enricher's error: the batch fails
 	Batch         *Batch                 `protobuf:"bytes,2,opt,name=batch,proto3" json:"batch,omitempty"`
 	Counts        []*Count               `protobuf:"bytes,3,rep,name=counts,proto3" json:"counts,omitempty"`
+	Failure       *Error                 `protobuf:"bytes,4,opt,name=failure,proto3" json:"failure,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *EnrichResponse) Reset() {
 	*x = EnrichResponse{}
-	mi := &file_plugin_proto_msgTypes[16]
+	mi := &file_plugin_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -939,7 +1087,7 @@ func (x *EnrichResponse) String() string {
 func (*EnrichResponse) ProtoMessage() {}
 
 func (x *EnrichResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_plugin_proto_msgTypes[16]
+	mi := &file_plugin_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -952,7 +1100,7 @@ func (x *EnrichResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EnrichResponse.ProtoReflect.Descriptor instead.
 func (*EnrichResponse) Descriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{16}
+	return file_plugin_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *EnrichResponse) GetError() string {
@@ -976,6 +1124,13 @@ func (x *EnrichResponse) GetCounts() []*Count {
 	return nil
 }
 
+func (x *EnrichResponse) GetFailure() *Error {
+	if x != nil {
+		return x.Failure
+	}
+	return nil
+}
+
 type SourceMessage struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Types that are valid to be assigned to Msg:
@@ -990,7 +1145,7 @@ type SourceMessage struct {
 
 func (x *SourceMessage) Reset() {
 	*x = SourceMessage{}
-	mi := &file_plugin_proto_msgTypes[17]
+	mi := &file_plugin_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1002,7 +1157,7 @@ func (x *SourceMessage) String() string {
 func (*SourceMessage) ProtoMessage() {}
 
 func (x *SourceMessage) ProtoReflect() protoreflect.Message {
-	mi := &file_plugin_proto_msgTypes[17]
+	mi := &file_plugin_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1015,7 +1170,7 @@ func (x *SourceMessage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SourceMessage.ProtoReflect.Descriptor instead.
 func (*SourceMessage) Descriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{17}
+	return file_plugin_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *SourceMessage) GetMsg() isSourceMessage_Msg {
@@ -1079,7 +1234,7 @@ type SourceBatch struct {
 
 func (x *SourceBatch) Reset() {
 	*x = SourceBatch{}
-	mi := &file_plugin_proto_msgTypes[18]
+	mi := &file_plugin_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1091,7 +1246,7 @@ func (x *SourceBatch) String() string {
 func (*SourceBatch) ProtoMessage() {}
 
 func (x *SourceBatch) ProtoReflect() protoreflect.Message {
-	mi := &file_plugin_proto_msgTypes[18]
+	mi := &file_plugin_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1104,7 +1259,7 @@ func (x *SourceBatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SourceBatch.ProtoReflect.Descriptor instead.
 func (*SourceBatch) Descriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{18}
+	return file_plugin_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *SourceBatch) GetId() uint64 {
@@ -1132,13 +1287,14 @@ func (x *SourceBatch) GetMore() bool {
 type SourceEnd struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Error         string                 `protobuf:"bytes,1,opt,name=error,proto3" json:"error,omitempty"`
+	Failure       *Error                 `protobuf:"bytes,2,opt,name=failure,proto3" json:"failure,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *SourceEnd) Reset() {
 	*x = SourceEnd{}
-	mi := &file_plugin_proto_msgTypes[19]
+	mi := &file_plugin_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1150,7 +1306,7 @@ func (x *SourceEnd) String() string {
 func (*SourceEnd) ProtoMessage() {}
 
 func (x *SourceEnd) ProtoReflect() protoreflect.Message {
-	mi := &file_plugin_proto_msgTypes[19]
+	mi := &file_plugin_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1163,7 +1319,7 @@ func (x *SourceEnd) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SourceEnd.ProtoReflect.Descriptor instead.
 func (*SourceEnd) Descriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{19}
+	return file_plugin_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *SourceEnd) GetError() string {
@@ -1171,6 +1327,13 @@ func (x *SourceEnd) GetError() string {
 		return x.Error
 	}
 	return ""
+}
+
+func (x *SourceEnd) GetFailure() *Error {
+	if x != nil {
+		return x.Failure
+	}
+	return nil
 }
 
 // SourceAck acknowledges a batch by ID with what the pipeline did with it, or, with stop set,
@@ -1182,7 +1345,7 @@ type SourceAck struct {
 	Status        SourceAck_Status       `protobuf:"varint,2,opt,name=status,proto3,enum=flowpipe.plugin.v1.SourceAck_Status" json:"status,omitempty"`
 	Component     string                 `protobuf:"bytes,3,opt,name=component,proto3" json:"component,omitempty"` // for DROPPED: the sink that dropped
 	Reason        string                 `protobuf:"bytes,4,opt,name=reason,proto3" json:"reason,omitempty"`       // for DROPPED: the drop reason
-	Message       string                 `protobuf:"bytes,5,opt,name=message,proto3" json:"message,omitempty"`     // for FAILED
+	Message       string                 `protobuf:"bytes,5,opt,name=message,proto3" json:"message,omitempty"`     // for FAILED, and for DROPPED the dropping component's message
 	Stop          bool                   `protobuf:"varint,6,opt,name=stop,proto3" json:"stop,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -1190,7 +1353,7 @@ type SourceAck struct {
 
 func (x *SourceAck) Reset() {
 	*x = SourceAck{}
-	mi := &file_plugin_proto_msgTypes[20]
+	mi := &file_plugin_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1202,7 +1365,7 @@ func (x *SourceAck) String() string {
 func (*SourceAck) ProtoMessage() {}
 
 func (x *SourceAck) ProtoReflect() protoreflect.Message {
-	mi := &file_plugin_proto_msgTypes[20]
+	mi := &file_plugin_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1215,7 +1378,7 @@ func (x *SourceAck) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SourceAck.ProtoReflect.Descriptor instead.
 func (*SourceAck) Descriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{20}
+	return file_plugin_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *SourceAck) GetId() uint64 {
@@ -1285,13 +1448,26 @@ const file_plugin_proto_rawDesc = "" +
 	"\x11ConfigureResponse\x12A\n" +
 	"\ffield_errors\x18\x01 \x03(\v2\x1e.flowpipe.plugin.v1.FieldErrorR\vfieldErrors\x12\x14\n" +
 	"\x05error\x18\x02 \x01(\tR\x05error\x12\x16\n" +
-	"\x06holder\x18\x03 \x01(\bR\x06holder\"\x0e\n" +
-	"\fStartRequest\"%\n" +
+	"\x06holder\x18\x03 \x01(\bR\x06holder\"\xe5\x01\n" +
+	"\x05Error\x125\n" +
+	"\x05class\x18\x01 \x01(\x0e2\x1f.flowpipe.plugin.v1.Error.ClassR\x05class\x12\x18\n" +
+	"\amessage\x18\x02 \x01(\tR\amessage\x12\x1c\n" +
+	"\tcomponent\x18\x03 \x01(\tR\tcomponent\x12\x16\n" +
+	"\x06reason\x18\x04 \x01(\tR\x06reason\"U\n" +
+	"\x05Class\x12\x13\n" +
+	"\x0fCLASS_RETRYABLE\x10\x00\x12\x13\n" +
+	"\x0fCLASS_PERMANENT\x10\x01\x12\x0e\n" +
+	"\n" +
+	"CLASS_DROP\x10\x02\x12\x12\n" +
+	"\x0eCLASS_SHUTDOWN\x10\x03\"\x0e\n" +
+	"\fStartRequest\"Z\n" +
 	"\rStartResponse\x12\x14\n" +
-	"\x05error\x18\x01 \x01(\tR\x05error\"\x0e\n" +
-	"\fCloseRequest\"%\n" +
+	"\x05error\x18\x01 \x01(\tR\x05error\x123\n" +
+	"\afailure\x18\x02 \x01(\v2\x19.flowpipe.plugin.v1.ErrorR\afailure\"\x0e\n" +
+	"\fCloseRequest\"Z\n" +
 	"\rCloseResponse\x12\x14\n" +
-	"\x05error\x18\x01 \x01(\tR\x05error\"\x0e\n" +
+	"\x05error\x18\x01 \x01(\tR\x05error\x123\n" +
+	"\afailure\x18\x02 \x01(\v2\x19.flowpipe.plugin.v1.ErrorR\afailure\"\x0e\n" +
 	"\fWatchRequest\"\f\n" +
 	"\n" +
 	"WatchEvent\"\x0f\n" +
@@ -1310,14 +1486,16 @@ const file_plugin_proto_rawDesc = "" +
 	"\x10KIND_UNSPECIFIED\x10\x00\x12\x11\n" +
 	"\rKIND_FILTERED\x10\x01\x12\x10\n" +
 	"\fKIND_DROPPED\x10\x02\x12\x0f\n" +
-	"\vKIND_ERRORS\x10\x03\"X\n" +
+	"\vKIND_ERRORS\x10\x03\"\x8d\x01\n" +
 	"\rWriteResponse\x12\x14\n" +
 	"\x05error\x18\x01 \x01(\tR\x05error\x121\n" +
-	"\x06counts\x18\x02 \x03(\v2\x19.flowpipe.plugin.v1.CountR\x06counts\"\x8a\x01\n" +
+	"\x06counts\x18\x02 \x03(\v2\x19.flowpipe.plugin.v1.CountR\x06counts\x123\n" +
+	"\afailure\x18\x03 \x01(\v2\x19.flowpipe.plugin.v1.ErrorR\afailure\"\xbf\x01\n" +
 	"\x0eEnrichResponse\x12\x14\n" +
 	"\x05error\x18\x01 \x01(\tR\x05error\x12/\n" +
 	"\x05batch\x18\x02 \x01(\v2\x19.flowpipe.plugin.v1.BatchR\x05batch\x121\n" +
-	"\x06counts\x18\x03 \x03(\v2\x19.flowpipe.plugin.v1.CountR\x06counts\"\xb5\x01\n" +
+	"\x06counts\x18\x03 \x03(\v2\x19.flowpipe.plugin.v1.CountR\x06counts\x123\n" +
+	"\afailure\x18\x04 \x01(\v2\x19.flowpipe.plugin.v1.ErrorR\afailure\"\xb5\x01\n" +
 	"\rSourceMessage\x127\n" +
 	"\x05batch\x18\x01 \x01(\v2\x1f.flowpipe.plugin.v1.SourceBatchH\x00R\x05batch\x121\n" +
 	"\x03end\x18\x02 \x01(\v2\x1d.flowpipe.plugin.v1.SourceEndH\x00R\x03end\x121\n" +
@@ -1326,9 +1504,10 @@ const file_plugin_proto_rawDesc = "" +
 	"\vSourceBatch\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x12/\n" +
 	"\x05batch\x18\x02 \x01(\v2\x19.flowpipe.plugin.v1.BatchR\x05batch\x12\x12\n" +
-	"\x04more\x18\x03 \x01(\bR\x04more\"!\n" +
+	"\x04more\x18\x03 \x01(\bR\x04more\"V\n" +
 	"\tSourceEnd\x12\x14\n" +
-	"\x05error\x18\x01 \x01(\tR\x05error\"\x99\x02\n" +
+	"\x05error\x18\x01 \x01(\tR\x05error\x123\n" +
+	"\afailure\x18\x02 \x01(\v2\x19.flowpipe.plugin.v1.ErrorR\afailure\"\x99\x02\n" +
 	"\tSourceAck\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x12<\n" +
 	"\x06status\x18\x02 \x01(\x0e2$.flowpipe.plugin.v1.SourceAck.StatusR\x06status\x12\x1c\n" +
@@ -1367,67 +1546,75 @@ func file_plugin_proto_rawDescGZIP() []byte {
 	return file_plugin_proto_rawDescData
 }
 
-var file_plugin_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_plugin_proto_msgTypes = make([]protoimpl.MessageInfo, 21)
+var file_plugin_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
+var file_plugin_proto_msgTypes = make([]protoimpl.MessageInfo, 22)
 var file_plugin_proto_goTypes = []any{
-	(Count_Kind)(0),           // 0: flowpipe.plugin.v1.Count.Kind
-	(SourceAck_Status)(0),     // 1: flowpipe.plugin.v1.SourceAck.Status
-	(*DescribeRequest)(nil),   // 2: flowpipe.plugin.v1.DescribeRequest
-	(*DescribeResponse)(nil),  // 3: flowpipe.plugin.v1.DescribeResponse
-	(*ConfigureRequest)(nil),  // 4: flowpipe.plugin.v1.ConfigureRequest
-	(*FieldError)(nil),        // 5: flowpipe.plugin.v1.FieldError
-	(*ConfigureResponse)(nil), // 6: flowpipe.plugin.v1.ConfigureResponse
-	(*StartRequest)(nil),      // 7: flowpipe.plugin.v1.StartRequest
-	(*StartResponse)(nil),     // 8: flowpipe.plugin.v1.StartResponse
-	(*CloseRequest)(nil),      // 9: flowpipe.plugin.v1.CloseRequest
-	(*CloseResponse)(nil),     // 10: flowpipe.plugin.v1.CloseResponse
-	(*WatchRequest)(nil),      // 11: flowpipe.plugin.v1.WatchRequest
-	(*WatchEvent)(nil),        // 12: flowpipe.plugin.v1.WatchEvent
-	(*GatherRequest)(nil),     // 13: flowpipe.plugin.v1.GatherRequest
-	(*GatherResponse)(nil),    // 14: flowpipe.plugin.v1.GatherResponse
-	(*Batch)(nil),             // 15: flowpipe.plugin.v1.Batch
-	(*Count)(nil),             // 16: flowpipe.plugin.v1.Count
-	(*WriteResponse)(nil),     // 17: flowpipe.plugin.v1.WriteResponse
-	(*EnrichResponse)(nil),    // 18: flowpipe.plugin.v1.EnrichResponse
-	(*SourceMessage)(nil),     // 19: flowpipe.plugin.v1.SourceMessage
-	(*SourceBatch)(nil),       // 20: flowpipe.plugin.v1.SourceBatch
-	(*SourceEnd)(nil),         // 21: flowpipe.plugin.v1.SourceEnd
-	(*SourceAck)(nil),         // 22: flowpipe.plugin.v1.SourceAck
+	(Error_Class)(0),          // 0: flowpipe.plugin.v1.Error.Class
+	(Count_Kind)(0),           // 1: flowpipe.plugin.v1.Count.Kind
+	(SourceAck_Status)(0),     // 2: flowpipe.plugin.v1.SourceAck.Status
+	(*DescribeRequest)(nil),   // 3: flowpipe.plugin.v1.DescribeRequest
+	(*DescribeResponse)(nil),  // 4: flowpipe.plugin.v1.DescribeResponse
+	(*ConfigureRequest)(nil),  // 5: flowpipe.plugin.v1.ConfigureRequest
+	(*FieldError)(nil),        // 6: flowpipe.plugin.v1.FieldError
+	(*ConfigureResponse)(nil), // 7: flowpipe.plugin.v1.ConfigureResponse
+	(*Error)(nil),             // 8: flowpipe.plugin.v1.Error
+	(*StartRequest)(nil),      // 9: flowpipe.plugin.v1.StartRequest
+	(*StartResponse)(nil),     // 10: flowpipe.plugin.v1.StartResponse
+	(*CloseRequest)(nil),      // 11: flowpipe.plugin.v1.CloseRequest
+	(*CloseResponse)(nil),     // 12: flowpipe.plugin.v1.CloseResponse
+	(*WatchRequest)(nil),      // 13: flowpipe.plugin.v1.WatchRequest
+	(*WatchEvent)(nil),        // 14: flowpipe.plugin.v1.WatchEvent
+	(*GatherRequest)(nil),     // 15: flowpipe.plugin.v1.GatherRequest
+	(*GatherResponse)(nil),    // 16: flowpipe.plugin.v1.GatherResponse
+	(*Batch)(nil),             // 17: flowpipe.plugin.v1.Batch
+	(*Count)(nil),             // 18: flowpipe.plugin.v1.Count
+	(*WriteResponse)(nil),     // 19: flowpipe.plugin.v1.WriteResponse
+	(*EnrichResponse)(nil),    // 20: flowpipe.plugin.v1.EnrichResponse
+	(*SourceMessage)(nil),     // 21: flowpipe.plugin.v1.SourceMessage
+	(*SourceBatch)(nil),       // 22: flowpipe.plugin.v1.SourceBatch
+	(*SourceEnd)(nil),         // 23: flowpipe.plugin.v1.SourceEnd
+	(*SourceAck)(nil),         // 24: flowpipe.plugin.v1.SourceAck
 }
 var file_plugin_proto_depIdxs = []int32{
-	5,  // 0: flowpipe.plugin.v1.ConfigureResponse.field_errors:type_name -> flowpipe.plugin.v1.FieldError
-	0,  // 1: flowpipe.plugin.v1.Count.kind:type_name -> flowpipe.plugin.v1.Count.Kind
-	16, // 2: flowpipe.plugin.v1.WriteResponse.counts:type_name -> flowpipe.plugin.v1.Count
-	15, // 3: flowpipe.plugin.v1.EnrichResponse.batch:type_name -> flowpipe.plugin.v1.Batch
-	16, // 4: flowpipe.plugin.v1.EnrichResponse.counts:type_name -> flowpipe.plugin.v1.Count
-	20, // 5: flowpipe.plugin.v1.SourceMessage.batch:type_name -> flowpipe.plugin.v1.SourceBatch
-	21, // 6: flowpipe.plugin.v1.SourceMessage.end:type_name -> flowpipe.plugin.v1.SourceEnd
-	16, // 7: flowpipe.plugin.v1.SourceMessage.counts:type_name -> flowpipe.plugin.v1.Count
-	15, // 8: flowpipe.plugin.v1.SourceBatch.batch:type_name -> flowpipe.plugin.v1.Batch
-	1,  // 9: flowpipe.plugin.v1.SourceAck.status:type_name -> flowpipe.plugin.v1.SourceAck.Status
-	2,  // 10: flowpipe.plugin.v1.Component.Describe:input_type -> flowpipe.plugin.v1.DescribeRequest
-	4,  // 11: flowpipe.plugin.v1.Component.Configure:input_type -> flowpipe.plugin.v1.ConfigureRequest
-	7,  // 12: flowpipe.plugin.v1.Component.Start:input_type -> flowpipe.plugin.v1.StartRequest
-	9,  // 13: flowpipe.plugin.v1.Component.Close:input_type -> flowpipe.plugin.v1.CloseRequest
-	11, // 14: flowpipe.plugin.v1.Component.Watch:input_type -> flowpipe.plugin.v1.WatchRequest
-	13, // 15: flowpipe.plugin.v1.Component.Gather:input_type -> flowpipe.plugin.v1.GatherRequest
-	22, // 16: flowpipe.plugin.v1.Source.Run:input_type -> flowpipe.plugin.v1.SourceAck
-	15, // 17: flowpipe.plugin.v1.Enricher.Enrich:input_type -> flowpipe.plugin.v1.Batch
-	15, // 18: flowpipe.plugin.v1.Sink.Write:input_type -> flowpipe.plugin.v1.Batch
-	3,  // 19: flowpipe.plugin.v1.Component.Describe:output_type -> flowpipe.plugin.v1.DescribeResponse
-	6,  // 20: flowpipe.plugin.v1.Component.Configure:output_type -> flowpipe.plugin.v1.ConfigureResponse
-	8,  // 21: flowpipe.plugin.v1.Component.Start:output_type -> flowpipe.plugin.v1.StartResponse
-	10, // 22: flowpipe.plugin.v1.Component.Close:output_type -> flowpipe.plugin.v1.CloseResponse
-	12, // 23: flowpipe.plugin.v1.Component.Watch:output_type -> flowpipe.plugin.v1.WatchEvent
-	14, // 24: flowpipe.plugin.v1.Component.Gather:output_type -> flowpipe.plugin.v1.GatherResponse
-	19, // 25: flowpipe.plugin.v1.Source.Run:output_type -> flowpipe.plugin.v1.SourceMessage
-	18, // 26: flowpipe.plugin.v1.Enricher.Enrich:output_type -> flowpipe.plugin.v1.EnrichResponse
-	17, // 27: flowpipe.plugin.v1.Sink.Write:output_type -> flowpipe.plugin.v1.WriteResponse
-	19, // [19:28] is the sub-list for method output_type
-	10, // [10:19] is the sub-list for method input_type
-	10, // [10:10] is the sub-list for extension type_name
-	10, // [10:10] is the sub-list for extension extendee
-	0,  // [0:10] is the sub-list for field type_name
+	6,  // 0: flowpipe.plugin.v1.ConfigureResponse.field_errors:type_name -> flowpipe.plugin.v1.FieldError
+	0,  // 1: flowpipe.plugin.v1.Error.class:type_name -> flowpipe.plugin.v1.Error.Class
+	8,  // 2: flowpipe.plugin.v1.StartResponse.failure:type_name -> flowpipe.plugin.v1.Error
+	8,  // 3: flowpipe.plugin.v1.CloseResponse.failure:type_name -> flowpipe.plugin.v1.Error
+	1,  // 4: flowpipe.plugin.v1.Count.kind:type_name -> flowpipe.plugin.v1.Count.Kind
+	18, // 5: flowpipe.plugin.v1.WriteResponse.counts:type_name -> flowpipe.plugin.v1.Count
+	8,  // 6: flowpipe.plugin.v1.WriteResponse.failure:type_name -> flowpipe.plugin.v1.Error
+	17, // 7: flowpipe.plugin.v1.EnrichResponse.batch:type_name -> flowpipe.plugin.v1.Batch
+	18, // 8: flowpipe.plugin.v1.EnrichResponse.counts:type_name -> flowpipe.plugin.v1.Count
+	8,  // 9: flowpipe.plugin.v1.EnrichResponse.failure:type_name -> flowpipe.plugin.v1.Error
+	22, // 10: flowpipe.plugin.v1.SourceMessage.batch:type_name -> flowpipe.plugin.v1.SourceBatch
+	23, // 11: flowpipe.plugin.v1.SourceMessage.end:type_name -> flowpipe.plugin.v1.SourceEnd
+	18, // 12: flowpipe.plugin.v1.SourceMessage.counts:type_name -> flowpipe.plugin.v1.Count
+	17, // 13: flowpipe.plugin.v1.SourceBatch.batch:type_name -> flowpipe.plugin.v1.Batch
+	8,  // 14: flowpipe.plugin.v1.SourceEnd.failure:type_name -> flowpipe.plugin.v1.Error
+	2,  // 15: flowpipe.plugin.v1.SourceAck.status:type_name -> flowpipe.plugin.v1.SourceAck.Status
+	3,  // 16: flowpipe.plugin.v1.Component.Describe:input_type -> flowpipe.plugin.v1.DescribeRequest
+	5,  // 17: flowpipe.plugin.v1.Component.Configure:input_type -> flowpipe.plugin.v1.ConfigureRequest
+	9,  // 18: flowpipe.plugin.v1.Component.Start:input_type -> flowpipe.plugin.v1.StartRequest
+	11, // 19: flowpipe.plugin.v1.Component.Close:input_type -> flowpipe.plugin.v1.CloseRequest
+	13, // 20: flowpipe.plugin.v1.Component.Watch:input_type -> flowpipe.plugin.v1.WatchRequest
+	15, // 21: flowpipe.plugin.v1.Component.Gather:input_type -> flowpipe.plugin.v1.GatherRequest
+	24, // 22: flowpipe.plugin.v1.Source.Run:input_type -> flowpipe.plugin.v1.SourceAck
+	17, // 23: flowpipe.plugin.v1.Enricher.Enrich:input_type -> flowpipe.plugin.v1.Batch
+	17, // 24: flowpipe.plugin.v1.Sink.Write:input_type -> flowpipe.plugin.v1.Batch
+	4,  // 25: flowpipe.plugin.v1.Component.Describe:output_type -> flowpipe.plugin.v1.DescribeResponse
+	7,  // 26: flowpipe.plugin.v1.Component.Configure:output_type -> flowpipe.plugin.v1.ConfigureResponse
+	10, // 27: flowpipe.plugin.v1.Component.Start:output_type -> flowpipe.plugin.v1.StartResponse
+	12, // 28: flowpipe.plugin.v1.Component.Close:output_type -> flowpipe.plugin.v1.CloseResponse
+	14, // 29: flowpipe.plugin.v1.Component.Watch:output_type -> flowpipe.plugin.v1.WatchEvent
+	16, // 30: flowpipe.plugin.v1.Component.Gather:output_type -> flowpipe.plugin.v1.GatherResponse
+	21, // 31: flowpipe.plugin.v1.Source.Run:output_type -> flowpipe.plugin.v1.SourceMessage
+	20, // 32: flowpipe.plugin.v1.Enricher.Enrich:output_type -> flowpipe.plugin.v1.EnrichResponse
+	19, // 33: flowpipe.plugin.v1.Sink.Write:output_type -> flowpipe.plugin.v1.WriteResponse
+	25, // [25:34] is the sub-list for method output_type
+	16, // [16:25] is the sub-list for method input_type
+	16, // [16:16] is the sub-list for extension type_name
+	16, // [16:16] is the sub-list for extension extendee
+	0,  // [0:16] is the sub-list for field type_name
 }
 
 func init() { file_plugin_proto_init() }
@@ -1435,7 +1622,7 @@ func file_plugin_proto_init() {
 	if File_plugin_proto != nil {
 		return
 	}
-	file_plugin_proto_msgTypes[17].OneofWrappers = []any{
+	file_plugin_proto_msgTypes[18].OneofWrappers = []any{
 		(*SourceMessage_Batch)(nil),
 		(*SourceMessage_End)(nil),
 	}
@@ -1444,8 +1631,8 @@ func file_plugin_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_plugin_proto_rawDesc), len(file_plugin_proto_rawDesc)),
-			NumEnums:      2,
-			NumMessages:   21,
+			NumEnums:      3,
+			NumMessages:   22,
 			NumExtensions: 0,
 			NumServices:   4,
 		},

@@ -42,6 +42,12 @@ const ParentPIDEnv = "FLOWPIPE_PLUGIN_PARENT_PID"
 // StdoutFDEnv names the file descriptor of flowpipe's standard output in a plugin process.
 const StdoutFDEnv = "FLOWPIPE_PLUGIN_STDOUT_FD"
 
+// LogAttrsKey is the key under which a plugin's log line (hclog JSON on its stderr) carries
+// its attributes, in order, as one list [key, value, key, value, ...]: go-plugin parses each
+// line into a map, which would lose the order. The host unfolds the list, so a component's
+// line reads the same in and out of process.
+const LogAttrsKey = "@attrs"
+
 // PluginName is the single plugin name in each go-plugin plugin set.
 const PluginName = "component"
 
@@ -103,7 +109,7 @@ func AckToProto(id uint64, err error) *SourceAck {
 	switch {
 	case err == nil:
 	case errors.As(err, &drop):
-		a.Status, a.Component, a.Reason = SourceAck_STATUS_DROPPED, drop.Component, drop.Reason
+		a.Status, a.Component, a.Reason, a.Message = SourceAck_STATUS_DROPPED, drop.Component, drop.Reason, drop.Message
 	case errors.Is(err, flow.ErrShutdown):
 		a.Status = SourceAck_STATUS_SHUTDOWN
 	default:
@@ -117,7 +123,7 @@ func AckFromProto(a *SourceAck) error {
 	case SourceAck_STATUS_DELIVERED:
 		return nil
 	case SourceAck_STATUS_DROPPED:
-		return &flow.DropError{Component: a.Component, Reason: a.Reason}
+		return &flow.DropError{Component: a.Component, Reason: a.Reason, Message: a.Message}
 	case SourceAck_STATUS_SHUTDOWN:
 		return flow.ErrShutdown
 	}

@@ -2,7 +2,6 @@ package pluginserver
 
 import (
 	"fmt"
-	"io"
 	"log/slog"
 	"os"
 	"os/signal"
@@ -41,7 +40,7 @@ func Serve(f component.Factory, version string) int {
 	// go-plugin swaps os.Stderr for a pipe once serving; logs go to the real stderr, where
 	// the host reads them line by line as hclog JSON.
 	stderr := os.Stderr
-	log := slog.New(newHCLogJSONHandler(stderr, slog.LevelDebug))
+	log := slog.New(newHCLogHandler(stderr, slog.LevelDebug))
 	srv := New(f, version, log)
 	srv.hostGone = func() { os.Exit(3) }
 	if fd, err := strconv.Atoi(os.Getenv(pb.StdoutFDEnv)); err == nil && fd > 2 {
@@ -65,40 +64,4 @@ func Serve(f component.Factory, version string) int {
 		Logger: hclog.New(&hclog.LoggerOptions{Output: stderr, JSONFormat: true, Level: hclog.Info, Name: f.Type}),
 	})
 	return 0
-}
-
-// newHCLogJSONHandler writes slog records as the JSON lines go-plugin's host parses as hclog
-// output (@level, @message, @timestamp), so that a plugin's log lines land in flowpipe's log
-// at their level, with their attributes.
-func newHCLogJSONHandler(w io.Writer, level slog.Level) slog.Handler {
-	return slog.NewJSONHandler(w, &slog.HandlerOptions{
-		Level: level,
-		ReplaceAttr: func(groups []string, a slog.Attr) slog.Attr {
-			if len(groups) > 0 {
-				return a
-			}
-			switch a.Key {
-			case slog.TimeKey:
-				return slog.String("@timestamp", a.Value.Time().Format("2006-01-02T15:04:05.000000Z07:00"))
-			case slog.LevelKey:
-				lv, _ := a.Value.Any().(slog.Level)
-				return slog.String("@level", hclogLevel(lv))
-			case slog.MessageKey:
-				return slog.Attr{Key: "@message", Value: a.Value}
-			}
-			return a
-		},
-	})
-}
-
-func hclogLevel(l slog.Level) string {
-	switch {
-	case l < slog.LevelInfo:
-		return "debug"
-	case l < slog.LevelWarn:
-		return "info"
-	case l < slog.LevelError:
-		return "warn"
-	}
-	return "error"
 }

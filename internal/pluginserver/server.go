@@ -42,7 +42,8 @@ type Server struct {
 	// hostGone runs when the host's Watch stream ends without a Close: the host died, so
 	// the plugin process must not outlive it. In memory (plugintest) it does nothing.
 	hostGone func()
-	// stdout is flowpipe's standard output, passed down; components see it as os.Stdout.
+	// stdout is flowpipe's standard output, passed down; components get it as Env.Stdout
+	// (go-plugin made this process's os.Stdout its own pipe when it started serving).
 	stdout *os.File
 	// metrics is the registry the component's Env.Registerer registers into; Gather
 	// serves it to the host.
@@ -89,15 +90,13 @@ func (s *Server) Configure(_ context.Context, req *pb.ConfigureRequest) (*pb.Con
 	if raw == nil {
 		raw = map[string]any{}
 	}
-	if s.stdout != nil {
-		// go-plugin made os.Stdout its own pipe when it started serving; components that
-		// write to standard output get flowpipe's.
-		os.Stdout = s.stdout
-	}
 	env := component.Env{
 		Name: req.Name, Kind: s.factory.Kind, Type: s.factory.Type, ConfigDir: req.ConfigDir, DataDir: req.DataDir,
 		Logger: s.log, Metrics: &s.counts,
 		Registerer: s.metrics,
+	}
+	if s.stdout != nil {
+		env.Stdout = s.stdout
 	}
 	// The same path as in process (component.Factory.Build): decode, validate, build.
 	c, err := s.factory.Build(env, raw)
@@ -134,7 +133,7 @@ func (s *Server) Start(ctx context.Context, _ *pb.StartRequest) (*pb.StartRespon
 	}
 	if st, ok := c.(component.Starter); ok {
 		if err := st.Start(ctx); err != nil {
-			return &pb.StartResponse{Error: err.Error()}, nil
+			return &pb.StartResponse{Error: err.Error(), Failure: pb.ErrorToProto(err)}, nil
 		}
 	}
 	return &pb.StartResponse{}, nil
@@ -147,7 +146,7 @@ func (s *Server) Close(ctx context.Context, _ *pb.CloseRequest) (*pb.CloseRespon
 	s.mu.Unlock()
 	if cl, ok := c.(component.Closer); ok {
 		if err := cl.Close(ctx); err != nil {
-			return &pb.CloseResponse{Error: err.Error()}, nil
+			return &pb.CloseResponse{Error: err.Error(), Failure: pb.ErrorToProto(err)}, nil
 		}
 	}
 	return &pb.CloseResponse{}, nil
@@ -203,22 +202,32 @@ func (s *Server) putEvents(p *[]flow.Event) {
 	s.events.Put(p)
 }
 
+// batchOf decodes a batch the host sent into pooled events; done gives them back.
+func (s *Server) batchOf(req *pb.Batch) (b *flow.Batch, done func(), err error) {
+	evs := s.getEvents()
+	if *evs, err = codec.Decode(*evs, req.Events, int(req.Count)); err != nil {
+		s.putEvents(evs)
+		return nil, nil, status.Error(codes.InvalidArgument, err.Error())
+	}
+	b = flow.NewBatch(*evs, nil)
+	b.Source = req.Source
+	return b, func() { s.putEvents(evs) }, nil
+}
+
 func (s *Server) Write(ctx context.Context, req *pb.Batch) (*pb.WriteResponse, error) {
 	c, err := s.component()
 	if err != nil {
 		return nil, err
 	}
 	sink := c.(component.Sink)
-	evs := s.getEvents()
-	defer s.putEvents(evs)
-	if *evs, err = codec.Decode(*evs, req.Events, int(req.Count)); err != nil {
-		return nil, status.Error(codes.InvalidArgument, err.Error())
+	b, done, err := s.batchOf(req)
+	if err != nil {
+		return nil, err
 	}
-	b := flow.NewBatch(*evs, nil)
-	b.Source = req.Source
+	defer done()
 	resp := &pb.WriteResponse{}
 	if err := sink.Write(ctx, b); err != nil {
-		resp.Error = err.Error()
+		resp.Error, resp.Failure = err.Error(), pb.ErrorToProto(err)
 	}
 	resp.Counts = s.counts.drain()
 	return resp, nil
@@ -230,16 +239,14 @@ func (s *Server) Enrich(ctx context.Context, req *pb.Batch) (*pb.EnrichResponse,
 		return nil, err
 	}
 	en := c.(component.Enricher)
-	evs := s.getEvents()
-	defer s.putEvents(evs)
-	if *evs, err = codec.Decode(*evs, req.Events, int(req.Count)); err != nil {
-		return nil, status.Error(codes.InvalidArgument, err.Error())
+	b, done, err := s.batchOf(req)
+	if err != nil {
+		return nil, err
 	}
-	b := flow.NewBatch(*evs, nil)
-	b.Source = req.Source
+	defer done()
 	resp := &pb.EnrichResponse{}
 	if err := en.Enrich(ctx, b); err != nil {
-		resp.Error = err.Error()
+		resp.Error, resp.Failure = err.Error(), pb.ErrorToProto(err)
 	} else {
 		// The answer's buffer goes back to the pool once gRPC has marshalled it (pb.Codec).
 		_, resp.Batch = pb.EncodeBatch(b.Events, b.Source)
@@ -277,7 +284,7 @@ func (s *Server) Run(stream grpc.BidiStreamingServer[pb.SourceAck, pb.SourceMess
 	runErr := src.Run(runCtx, em)
 	end := &pb.SourceEnd{}
 	if runErr != nil && !errors.Is(runErr, context.Canceled) {
-		end.Error = runErr.Error()
+		end.Error, end.Failure = runErr.Error(), pb.ErrorToProto(runErr)
 	}
 	if err := em.send(&pb.SourceMessage{Msg: &pb.SourceMessage_End{End: end}, Counts: s.counts.drain()}); err == nil {
 		// Stay for the acknowledgements of what is still in the pipeline, until the host
@@ -332,10 +339,7 @@ func (e *emitter) Emit(ctx context.Context, b *flow.Batch) error {
 	e.pending[id] = b
 	e.mu.Unlock()
 
-	source := b.Source
-	if source == "" && len(b.Events) > 0 {
-		source = b.Events[0].Source
-	}
+	source := b.Source // the host's runtime stamps the source's name on what is empty
 	e.sendMu.Lock()
 	var err error
 	parts := pb.Split(b.Events)

@@ -1,5 +1,5 @@
 // Package file is the JSON-lines file sink (`type: file`): one event per line in the schema
-// of docs/schema.md, rotation by size and age, and an fsync before a batch is acknowledged.
+// of docs/schema.md (or ECS or OCSF, the format option), rotation by size and age, and an fsync before a batch is acknowledged.
 package file
 
 import (
@@ -22,6 +22,7 @@ import (
 	"github.com/flowpipe/flowpipe/core/component"
 	"github.com/flowpipe/flowpipe/core/config"
 	"github.com/flowpipe/flowpipe/core/flow"
+	"github.com/flowpipe/flowpipe/core/schema"
 )
 
 // Config is the file sink's options.
@@ -38,15 +39,18 @@ type Config struct {
 	MaxFiles int `yaml:"max_files"`
 	// Sync is "batch" (fsync before acknowledging each batch) or "none".
 	Sync string `yaml:"sync"`
+	// Format is the schema of each line: flowpipe (docs/schema.md; what the replay source
+	// reads), ecs or ocsf (core/schema).
+	Format string `yaml:"format"`
 	// ResumeScan, when not 0, makes the sink read the last ResumeScan bytes of the file at
 	// start and skip the events already there when they come again: a writer killed after
 	// writing a batch and before acknowledging it is sent that batch again (by a log source's
-	// redelivery) and does not write it twice.
+	// redelivery) and does not write it twice. Format flowpipe only.
 	ResumeScan config.ByteSize `yaml:"resume_scan"`
 }
 
 func defaults() *Config {
-	return &Config{MaxSize: 100 << 20, MaxFiles: 10, Sync: "batch"}
+	return &Config{MaxSize: 100 << 20, MaxFiles: 10, Sync: "batch", Format: "flowpipe"}
 }
 
 // Validate checks the options.
@@ -67,8 +71,14 @@ func (c *Config) Validate() error {
 	if c.ResumeScan < 0 {
 		errs.Add("resume_scan", "must not be negative")
 	}
+	if c.ResumeScan > 0 && c.Format != "flowpipe" {
+		errs.Add("resume_scan", "reads event IDs back from lines of format flowpipe; not with format %s", c.Format)
+	}
 	if c.Sync != "batch" && c.Sync != "none" {
 		errs.Add("sync", "unknown mode %q (want batch or none)", c.Sync)
+	}
+	if _, ok := schema.Parse(c.Format); !ok {
+		errs.Add("format", "unknown format %q (want %s)", c.Format, schema.Choices)
 	}
 	return errs.Err()
 }
@@ -84,10 +94,11 @@ func Factory() component.Factory {
 // fsync that covers it; one fsync covers every batch written before it started (group
 // commit), so a second batch in flight overlaps its encoding with the first one's fsync.
 type Sink struct {
-	cfg  Config
-	path string
-	env  component.Env
-	bufs sync.Pool // *[]byte encode buffers
+	cfg    Config
+	format schema.Format
+	path   string
+	env    component.Env
+	bufs   sync.Pool // *[]byte encode buffers
 
 	mu      sync.Mutex // the file, its size and rotation
 	f       *os.File
@@ -112,7 +123,8 @@ func New(env component.Env, c *Config) *Sink {
 	if env.Logger == nil {
 		env.Logger = slog.New(slog.DiscardHandler)
 	}
-	return &Sink{cfg: *c, path: env.Path(c.Path), env: env}
+	f, _ := schema.Parse(c.Format)
+	return &Sink{cfg: *c, format: f, path: env.Path(c.Path), env: env}
 }
 
 // Start creates missing directories and opens the file for appending; a torn last line (the
@@ -200,7 +212,7 @@ func (s *Sink) resume() error {
 
 func (s *Sink) open() error {
 	if s.path == "-" {
-		s.f, s.w = nil, os.Stdout
+		s.f, s.w = nil, s.env.Output()
 		return nil
 	}
 	if err := os.MkdirAll(filepath.Dir(s.path), 0o750); err != nil {
@@ -229,14 +241,14 @@ func (s *Sink) Write(_ context.Context, b *flow.Batch) error {
 		bp = new([]byte)
 	}
 	defer s.bufs.Put(bp)
-	var enc flow.Encoder
+	enc := schema.Encoder{Format: s.format}
 	buf := (*bp)[:0]
 	skip := s.alreadyWritten(b.Events)
 	for i := range b.Events {
 		if skip != nil && skip[i] {
 			continue
 		}
-		buf = enc.AppendJSON(buf, &b.Events[i])
+		buf = enc.Append(buf, &b.Events[i])
 		buf = append(buf, '\n')
 	}
 	*bp = buf
@@ -363,6 +375,8 @@ func (s *Sink) rotate() error {
 			for _, f := range old[:len(old)-s.cfg.MaxFiles] {
 				if err := os.Remove(f); err != nil && !errors.Is(err, os.ErrNotExist) {
 					s.env.Logger.Warn("cannot remove old rotated file", "file", f, "error", err)
+				} else if err == nil {
+					s.env.Logger.Info("removed the oldest rotated file (max_files)", "file", f, "max_files", s.cfg.MaxFiles)
 				}
 			}
 		}

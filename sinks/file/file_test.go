@@ -2,6 +2,7 @@ package file
 
 import (
 	"context"
+	"encoding/json"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -17,6 +18,7 @@ import (
 	"github.com/flowpipe/flowpipe/core/component/componenttest"
 	"github.com/flowpipe/flowpipe/core/config"
 	"github.com/flowpipe/flowpipe/core/flow"
+	"github.com/flowpipe/flowpipe/internal/testenv"
 )
 
 func env(dir string) component.Env {
@@ -167,11 +169,14 @@ func TestConcurrentWritesGroupCommit(t *testing.T) {
 }
 
 func TestValidate(t *testing.T) {
-	c := &Config{Path: " ", MaxSize: -1, MaxAge: -time.Second, MaxFiles: -2, Sync: "always"}
+	c := &Config{Path: " ", MaxSize: -1, MaxAge: -time.Second, MaxFiles: -2, Sync: "always", Format: "cef"}
 	err := c.Validate()
 	fe, ok := err.(config.FieldErrors)
-	if !ok || len(fe) != 5 {
-		t.Fatalf("want 5 field errors, got %v", err)
+	if !ok || len(fe) != 6 {
+		t.Fatalf("want 6 field errors, got %v", err)
+	}
+	if !strings.Contains(err.Error(), `format: unknown format "cef" (want flowpipe, ecs or ocsf)`) {
+		t.Errorf("format error not named: %v", err)
 	}
 }
 
@@ -189,6 +194,61 @@ func TestWriteFailsClearlyOnUnwritablePath(t *testing.T) {
 	}
 }
 
+func TestFormatsWriteTheirSchema(t *testing.T) {
+	for _, tc := range []struct{ format, key string }{{"ecs", `"ecs":{"version":`}, {"ocsf", `"class_uid":4001`}} {
+		dir := t.TempDir()
+		s := New(env(dir), &Config{Path: "flows.jsonl", Sync: "batch", Format: tc.format})
+		if err := s.Start(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+		ids, seq := flow.NewIDGen(), uint64(0)
+		if err := s.Write(context.Background(), batch(ids, 3, &seq)); err != nil {
+			t.Fatal(err)
+		}
+		s.Close(context.Background())
+		data, err := os.ReadFile(filepath.Join(dir, "flows.jsonl"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		lines := strings.Split(strings.TrimSpace(string(data)), "\n")
+		if len(lines) != 3 {
+			t.Fatalf("%s: %d lines, want 3", tc.format, len(lines))
+		}
+		for _, l := range lines {
+			if !json.Valid([]byte(l)) || !strings.Contains(l, tc.key) {
+				t.Errorf("%s: line is not %s: %s", tc.format, tc.format, l)
+			}
+		}
+	}
+}
+
+// Removing a rotated file past max_files is logged, with the file's name.
+func TestRotationLogsRemovedFiles(t *testing.T) {
+	dir := t.TempDir()
+	var logs testenv.SyncBuffer
+	e := env(dir)
+	e.Logger = slog.New(slog.NewTextHandler(&logs, nil))
+	s := New(e, &Config{Path: "flows.jsonl", MaxSize: 4096, MaxFiles: 1, Sync: "none"})
+	if err := s.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	ids, seq := flow.NewIDGen(), uint64(0)
+	for range 20 {
+		if err := s.Write(context.Background(), batch(ids, 5, &seq)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s.Close(context.Background())
+	removed := strings.Count(logs.String(), "removed the oldest rotated file (max_files)")
+	if removed == 0 || !strings.Contains(logs.String(), "file="+filepath.Join(dir, "flows.jsonl.")) {
+		t.Fatalf("no removal logged:\n%s", logs.String())
+	}
+	rotated, _ := filepath.Glob(filepath.Join(dir, "flows.jsonl.*"))
+	if len(rotated) != 1 {
+		t.Fatalf("%d rotated files kept, want 1", len(rotated))
+	}
+}
+
 // A writer killed after writing a batch and before acknowledging it gets the batch again
 // when it restarts: with resume_scan the events already in the file are not written twice,
 // and a torn last line is cut off.
@@ -196,7 +256,7 @@ func TestResumeScanSkipsWhatIsAlreadyInTheFile(t *testing.T) {
 	dir := t.TempDir()
 	ids, seq := flow.NewIDGen(), uint64(0)
 	a, b, c := batch(ids, 50, &seq), batch(ids, 50, &seq), batch(ids, 50, &seq)
-	first := New(env(dir), &Config{Path: "flows.jsonl", Sync: "batch", ResumeScan: 1 << 20})
+	first := New(env(dir), &Config{Path: "flows.jsonl", Sync: "batch", Format: "flowpipe", ResumeScan: 1 << 20})
 	if err := first.Start(context.Background()); err != nil {
 		t.Fatal(err)
 	}
@@ -216,7 +276,7 @@ func TestResumeScanSkipsWhatIsAlreadyInTheFile(t *testing.T) {
 	var metrics componenttest.Metrics
 	e := env(dir)
 	e.Metrics = &metrics
-	second := New(e, &Config{Path: "flows.jsonl", Sync: "batch", ResumeScan: 1 << 20})
+	second := New(e, &Config{Path: "flows.jsonl", Sync: "batch", Format: "flowpipe", ResumeScan: 1 << 20})
 	if err := second.Start(context.Background()); err != nil {
 		t.Fatal(err)
 	}
@@ -252,7 +312,7 @@ func TestTornLastLineIsCutAtStart(t *testing.T) {
 	if err := os.WriteFile(path, []byte(`{"event_id":"00000000-0000-0000-0000-000000000001","flow_`), 0o640); err != nil {
 		t.Fatal(err)
 	}
-	s := New(env(dir), &Config{Path: "flows.jsonl", Sync: "batch"})
+	s := New(env(dir), &Config{Path: "flows.jsonl", Sync: "batch", Format: "flowpipe"})
 	if err := s.Start(context.Background()); err != nil {
 		t.Fatal(err)
 	}

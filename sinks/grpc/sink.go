@@ -13,20 +13,17 @@ package grpcsink
 import (
 	"context"
 	"crypto/tls"
-	"crypto/x509"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
-	"math/rand/v2"
-	"os"
 	"sync"
 	"time"
 
 	"github.com/google/uuid"
 	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/backoff"
+	grpcbackoff "google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/keepalive"
@@ -34,7 +31,9 @@ import (
 
 	"github.com/flowpipe/flowpipe/core/component"
 	"github.com/flowpipe/flowpipe/core/flow"
+	"github.com/flowpipe/flowpipe/internal/backoff"
 	"github.com/flowpipe/flowpipe/internal/flowwire"
+	"github.com/flowpipe/flowpipe/internal/tlsfiles"
 	pb "github.com/flowpipe/flowpipe/proto/flow"
 )
 
@@ -113,7 +112,8 @@ func New(env component.Env, c *Config) (*Sink, error) {
 		grpc.WithTransportCredentials(tc),
 		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: c.KeepaliveTime, Timeout: c.KeepaliveTimeout, PermitWithoutStream: true}),
 		grpc.WithConnectParams(grpc.ConnectParams{
-			Backoff:           backoff.Config{BaseDelay: c.ReconnectMin, Multiplier: 1.6, Jitter: 0.2, MaxDelay: c.ReconnectMax},
+			// The connection's own reconnects follow the same policy as the stream's (run).
+			Backoff:           grpcbackoff.Config{BaseDelay: c.ReconnectMin, Multiplier: backoff.Multiplier, Jitter: backoff.Jitter, MaxDelay: c.ReconnectMax},
 			MinConnectTimeout: 5 * time.Second,
 		}),
 		grpc.WithDefaultCallOptions(grpc.ForceCodecV2(flowwire.Codec{}), grpc.MaxCallRecvMsgSize(int(c.MaxMessageSize))),
@@ -159,26 +159,7 @@ func (s *Sink) metrics(env component.Env) error {
 }
 
 func clientTLS(env component.Env, c *Config) (*tls.Config, error) {
-	cfg := &tls.Config{ServerName: c.ServerName, MinVersion: tls.VersionTLS12}
-	if c.CAFile != "" {
-		pem, err := os.ReadFile(env.Path(c.CAFile))
-		if err != nil {
-			return nil, fmt.Errorf("ca_file: %w", err)
-		}
-		pool := x509.NewCertPool()
-		if !pool.AppendCertsFromPEM(pem) {
-			return nil, fmt.Errorf("ca_file %s: no PEM certificate in it", c.CAFile)
-		}
-		cfg.RootCAs = pool
-	}
-	if c.CertFile != "" {
-		cert, err := tls.LoadX509KeyPair(env.Path(c.CertFile), env.Path(c.KeyFile))
-		if err != nil {
-			return nil, fmt.Errorf("cert_file/key_file: %w", err)
-		}
-		cfg.Certificates = []tls.Certificate{cert}
-	}
-	return cfg, nil
+	return tlsfiles.Client(env.Path(c.CAFile), env.Path(c.CertFile), env.Path(c.KeyFile), c.ServerName)
 }
 
 // Write sends the batch's events and returns nil once the collector has ACKed all of them.
@@ -341,7 +322,7 @@ func (s *Sink) ack(id uuid.UUID) {
 func (s *Sink) run(ctx context.Context) {
 	defer close(s.done)
 	var gen uint64
-	failures := 0
+	reconnect := backoff.Backoff{Policy: backoff.Policy{Initial: s.cfg.ReconnectMin, Max: s.cfg.ReconnectMax}}
 	for ctx.Err() == nil {
 		gen++
 		start := time.Now()
@@ -350,33 +331,18 @@ func (s *Sink) run(ctx context.Context) {
 			return
 		}
 		if time.Since(start) > s.cfg.ReconnectMax {
-			failures = 0 // the stream worked for a while: start the backoff over
+			reconnect.Reset() // the stream worked for a while: start the backoff over
 		}
-		failures++
 		s.mu.Lock()
 		s.lastErr = err
 		s.mu.Unlock()
-		delay := s.backoff(failures)
+		delay := reconnect.Next()
 		s.env.Metrics.Errors("stream", 1)
 		s.log.Warn("stream to collector failed; reconnecting", "url", s.cfg.collectors(), "err", err, "retry_in", delay.Round(time.Millisecond))
-		select {
-		case <-time.After(delay):
-		case <-ctx.Done():
+		if !backoff.Sleep(ctx, delay) {
 			return
 		}
 	}
-}
-
-// backoff is the delay before reconnect attempt n (from 1): exponential from reconnect_min
-// to reconnect_max, with full jitter over its upper half so that many agents cut off at once
-// do not come back at once.
-func (s *Sink) backoff(n int) time.Duration {
-	d := s.cfg.ReconnectMin
-	for i := 1; i < n && d < s.cfg.ReconnectMax; i++ {
-		d *= 2
-	}
-	d = min(d, s.cfg.ReconnectMax)
-	return d/2 + rand.N(d/2+1)
 }
 
 // handshakeTimeout bounds the wait for the receiver's response headers.

@@ -2,96 +2,16 @@ package grpcsink_test
 
 import (
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
-	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
-	"math/big"
 	"net"
-	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/flowpipe/flowpipe/core/flow"
+	"github.com/flowpipe/flowpipe/internal/testenv"
 	grpcsink "github.com/flowpipe/flowpipe/sinks/grpc"
 	grpcsrc "github.com/flowpipe/flowpipe/sources/grpc"
 )
-
-// pki is a CA with a server and a client certificate, written as PEM files in a test dir.
-type pki struct {
-	dir                                                  string
-	caFile, serverCert, serverKey, clientCert, clientKey string
-	otherCA                                              string // a CA that signed nothing here
-}
-
-func newPKI(t *testing.T) *pki {
-	t.Helper()
-	dir := t.TempDir()
-	p := &pki{dir: dir}
-	caKey, caCert, caDER := makeCA(t, "flowpipe test CA")
-	p.caFile = writePEM(t, dir, "ca.pem", "CERTIFICATE", caDER)
-	_, _, otherDER := makeCA(t, "unrelated CA")
-	p.otherCA = writePEM(t, dir, "other-ca.pem", "CERTIFICATE", otherDER)
-	p.serverCert, p.serverKey = makeLeaf(t, dir, "server", caKey, caCert, x509.ExtKeyUsageServerAuth, []string{"collector.test"}, []net.IP{net.IPv4(127, 0, 0, 1)})
-	p.clientCert, p.clientKey = makeLeaf(t, dir, "client", caKey, caCert, x509.ExtKeyUsageClientAuth, nil, nil)
-	return p
-}
-
-var serial int64 = 1
-
-func makeCA(t *testing.T, name string) (*ecdsa.PrivateKey, *x509.Certificate, []byte) {
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	serial++
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(serial), Subject: pkix.Name{CommonName: name},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
-		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign,
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert, _ := x509.ParseCertificate(der)
-	return key, cert, der
-}
-
-func makeLeaf(t *testing.T, dir, name string, caKey *ecdsa.PrivateKey, ca *x509.Certificate, usage x509.ExtKeyUsage, dns []string, ips []net.IP) (certFile, keyFile string) {
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	serial++
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(serial), Subject: pkix.Name{CommonName: name},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
-		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{usage},
-		DNSNames: dns, IPAddresses: ips,
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca, &key.PublicKey, caKey)
-	if err != nil {
-		t.Fatal(err)
-	}
-	kder, err := x509.MarshalECPrivateKey(key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return writePEM(t, dir, name+".pem", "CERTIFICATE", der), writePEM(t, dir, name+"-key.pem", "EC PRIVATE KEY", kder)
-}
-
-func writePEM(t *testing.T, dir, name, typ string, der []byte) string {
-	path := filepath.Join(dir, name)
-	if err := os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der}), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	return path
-}
 
 // delivers reports whether a batch written through s is ACKed within a generous bound; a
 // refused sink keeps retrying, so a refusal shows as the bound passing.
@@ -103,18 +23,18 @@ func delivers(t *testing.T, s *grpcsink.Sink, n int, within time.Duration) error
 }
 
 func TestTLS(t *testing.T) {
-	p := newPKI(t)
+	p := testenv.NewPKI(t)
 	em := newMemEmitter()
-	r := startReceiver(t, &grpcsrc.Config{Auth: "none", CertFile: p.serverCert, KeyFile: p.serverKey}, em)
+	r := startReceiver(t, &grpcsrc.Config{Auth: "none", CertFile: p.ServerCert, KeyFile: p.ServerKey}, em)
 	port := portOf(r.Addr())
 
 	// Verified against ca_file, by the name in the certificate.
-	s := newSink(t, &grpcsink.Config{URL: "https://127.0.0.1:" + port, CAFile: p.caFile, ServerName: "collector.test"})
+	s := newSink(t, &grpcsink.Config{URL: "https://127.0.0.1:" + port, CAFile: p.CAFile, ServerName: "collector.test"})
 	if err := delivers(t, s, 100, time.Minute); err != nil {
 		t.Fatalf("TLS with ca_file: %v", err)
 	}
 	// A server certificate from another CA is not trusted: nothing is delivered.
-	bad := newSink(t, &grpcsink.Config{URL: "https://127.0.0.1:" + port, CAFile: p.otherCA})
+	bad := newSink(t, &grpcsink.Config{URL: "https://127.0.0.1:" + port, CAFile: p.OtherCA})
 	if err := delivers(t, bad, 100, 2*time.Second); err == nil {
 		t.Fatal("sink trusting another CA delivered")
 	}
@@ -124,16 +44,16 @@ func TestTLS(t *testing.T) {
 }
 
 func TestMutualTLS(t *testing.T) {
-	p := newPKI(t)
+	p := testenv.NewPKI(t)
 	em := newMemEmitter()
-	r := startReceiver(t, &grpcsrc.Config{Auth: "none", CertFile: p.serverCert, KeyFile: p.serverKey, ClientCAFile: p.caFile}, em)
+	r := startReceiver(t, &grpcsrc.Config{Auth: "none", CertFile: p.ServerCert, KeyFile: p.ServerKey, ClientCAFile: p.CAFile}, em)
 	url := "https://127.0.0.1:" + portOf(r.Addr())
 
-	with := newSink(t, &grpcsink.Config{URL: url, CAFile: p.caFile, CertFile: p.clientCert, KeyFile: p.clientKey})
+	with := newSink(t, &grpcsink.Config{URL: url, CAFile: p.CAFile, CertFile: p.ClientCert, KeyFile: p.ClientKey})
 	if err := delivers(t, with, 100, time.Minute); err != nil {
 		t.Fatalf("client with certificate: %v", err)
 	}
-	without := newSink(t, &grpcsink.Config{URL: url, CAFile: p.caFile})
+	without := newSink(t, &grpcsink.Config{URL: url, CAFile: p.CAFile})
 	if err := delivers(t, without, 100, 2*time.Second); err == nil {
 		t.Fatal("client without certificate delivered under mTLS")
 	}

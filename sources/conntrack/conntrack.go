@@ -24,8 +24,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/flowpipe/flowpipe/internal/netns"
-
 	"github.com/mdlayher/netlink"
 	"github.com/prometheus/client_golang/prometheus"
 	ct "github.com/ti-mo/conntrack"
@@ -33,13 +31,17 @@ import (
 
 	"github.com/flowpipe/flowpipe/core/component"
 	"github.com/flowpipe/flowpipe/core/flow"
+	"github.com/flowpipe/flowpipe/internal/backoff"
+	"github.com/flowpipe/flowpipe/internal/netns"
 )
 
 // Factory is the `type: conntrack` source factory.
 func Factory() component.Factory {
-	return component.NewSourceFactory("conntrack",
+	f := component.NewSourceFactory("conntrack",
 		"Linux kernel conntrack: a start and an end event for every tracked connection",
 		defaultConfig, New)
+	f.Reasons = component.Reasons{Dropped: []string{"queue_full", "shutdown"}, Filtered: filterReasonNames[:]}
+	return f
 }
 
 // New builds the source; nothing is opened until Start (or Run).
@@ -305,7 +307,7 @@ func (s *Source) read(ctx context.Context) error {
 	nextHousekeep := time.Now().Add(housekeepEvery)
 	nextLocal := time.Now().Add(30 * time.Second)
 	needResync := false
-	backoff := 100 * time.Millisecond
+	reopen := backoff.Backoff{Policy: backoff.Policy{Initial: 100 * time.Millisecond, Max: 10 * time.Second}}
 	ev := s.currentEvents()
 	_ = ev.setDeadline(nextHousekeep)
 	// idle is set when the last non-blocking read found the socket empty. The reader then
@@ -346,35 +348,20 @@ func (s *Source) read(ctx context.Context) error {
 		case ctx.Err() != nil:
 			return nil
 		default:
-			s.log.Warn("conntrack event socket failed; reconnecting", "error", err, "backoff", backoff)
-			s.env.Metrics.Errors("netlink_read", 1)
-			ev.close()
-			select {
-			case <-ctx.Done():
+			nev, ok := s.reconnect(ctx, ev, &reopen, err)
+			if !ok {
 				return nil
-			case <-time.After(backoff):
 			}
-			backoff = min(backoff*2, 10*time.Second)
-			nev, oerr := openEvents(s.ns, int(s.cfg.ReadBuffer), s.log)
-			if oerr != nil {
-				s.log.Warn("reopen conntrack event socket", "error", oerr)
+			if nev == nil {
 				continue
 			}
-			s.mu.Lock()
-			if s.closed {
-				s.mu.Unlock()
-				nev.close()
-				return nil
-			}
-			s.events, ev = nev, nev
-			s.mu.Unlock()
-			s.stats.reconnects.Add(1)
+			ev = nev
 			_ = ev.setDeadline(nextHousekeep)
 			// Events between the two sockets went to nobody.
 			needResync = true
 			continue
 		}
-		backoff = 100 * time.Millisecond
+		reopen.Reset()
 		if now.After(nextHousekeep) {
 			nextHousekeep = now.Add(housekeepEvery)
 			_ = ev.setDeadline(nextHousekeep)
@@ -382,19 +369,52 @@ func (s *Source) read(ctx context.Context) error {
 				nextLocal = now.Add(30 * time.Second)
 				s.refreshLocal()
 			}
-			if !needResync && s.tr.fromDump > 0 && now.Sub(s.lastDump) >= s.cfg.SweepInterval {
-				if err := s.sweep(); err != nil {
-					s.log.Warn("conntrack sweep failed", "error", err)
-					s.env.Metrics.Errors("resync", 1)
-				}
-			}
-			if n := s.tr.expire(flow.TimeOf(now)); n > 0 {
-				s.log.Info("conntrack connections left the table without a DESTROY; reconstructed their ends",
-					"reconstructed_ends", n)
-			}
-			s.flushCounts()
+			s.housekeep(now, needResync)
 		}
 	}
+}
+
+// reconnect closes the failed event socket and, after the reopen backoff, opens a new one.
+// It returns nil and true when the reopen failed (the reader tries again), and false when
+// the source is stopping.
+func (s *Source) reconnect(ctx context.Context, ev *eventConn, reopen *backoff.Backoff, cause error) (*eventConn, bool) {
+	wait := reopen.Next()
+	s.log.Warn("conntrack event socket failed; reconnecting", "error", cause, "backoff", wait)
+	s.env.Metrics.Errors("netlink_read", 1)
+	ev.close()
+	if !backoff.Sleep(ctx, wait) {
+		return nil, false
+	}
+	nev, err := openEvents(s.ns, int(s.cfg.ReadBuffer), s.log)
+	if err != nil {
+		s.log.Warn("reopen conntrack event socket", "error", err)
+		return nil, true
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		nev.close()
+		return nil, false
+	}
+	s.events = nev
+	s.stats.reconnects.Add(1)
+	return nev, true
+}
+
+// housekeep runs about once a second: a sweep for connections that left the table without
+// a DESTROY, the ends of connections that expired, and the counts.
+func (s *Source) housekeep(now time.Time, needResync bool) {
+	if !needResync && s.tr.fromDump > 0 && now.Sub(s.lastDump) >= s.cfg.SweepInterval {
+		if err := s.sweep(); err != nil {
+			s.log.Warn("conntrack sweep failed", "error", err)
+			s.env.Metrics.Errors("resync", 1)
+		}
+	}
+	if n := s.tr.expire(flow.TimeOf(now)); n > 0 {
+		s.log.Info("conntrack connections left the table without a DESTROY; reconstructed their ends",
+			"reconstructed_ends", n)
+	}
+	s.flushCounts()
 }
 
 func (s *Source) currentEvents() *eventConn {

@@ -25,9 +25,8 @@ type tracker struct {
 	// dump (or from a DESTROY without a start) instead of the kernel's own event.
 	emit func(e *flow.Event, reconstructed bool)
 
-	filtered    [numFilterReasons]int
-	duplicates  int
-	unknownMsgs int
+	filtered   [numFilterReasons]int
+	duplicates int
 }
 
 // ctKey identifies a conntrack entry for its lifetime: the kernel's ID (a hash of the entry's

@@ -19,9 +19,9 @@ import (
 type Config struct {
 	// Rate is events per second; 0 is as fast as the pipeline takes them.
 	Rate int `yaml:"rate"`
-	// Count stops the source after this many events; 0 runs until stopped. Open flows are
-	// ended before it stops, so every start has its end (the total may exceed count by the
-	// number of open flows).
+	// Count stops the source after exactly this many events; 0 runs until stopped. The last
+	// events end the flows still open, so every start has its end within count (which is
+	// therefore even).
 	Count int64 `yaml:"count"`
 	// BatchSize is the number of events per batch.
 	BatchSize int `yaml:"batch_size"`
@@ -41,6 +41,8 @@ func (c *Config) Validate() error {
 	}
 	if c.Count < 0 {
 		errs.Add("count", "must not be negative")
+	} else if c.Count%2 != 0 {
+		errs.Add("count", "must be even: every flow is a start and an end, got %d", c.Count)
 	}
 	if c.BatchSize < 1 || c.BatchSize > 1<<20 {
 		errs.Add("batch_size", "must be between 1 and 1048576, got %d", c.BatchSize)
@@ -91,13 +93,17 @@ func (s *Source) Run(ctx context.Context, out component.Emitter) error {
 		if s.cfg.Count > 0 {
 			left := s.cfg.Count - emitted
 			if left <= 0 {
-				return s.closeFlows(ctx, out, g)
+				return nil
 			}
 			n = int(min(int64(n), left))
 		}
 		events := s.slice(n)
 		now := flow.Now()
 		for i := range events {
+			if s.cfg.Count > 0 && s.cfg.Count-emitted-int64(i) <= int64(g.open) {
+				g.endNext(&events[i], now) // what is left of count ends the open flows
+				continue
+			}
 			g.next(&events[i], now)
 		}
 		emitted += int64(n)
@@ -115,31 +121,6 @@ func (s *Source) Run(ctx context.Context, out component.Emitter) error {
 				}
 			}
 		}
-	}
-	return nil
-}
-
-// closeFlows emits the end of every flow still open.
-func (s *Source) closeFlows(ctx context.Context, out component.Emitter, g *gen) error {
-	var events []flow.Event
-	now := flow.Now()
-	for i := range g.flows {
-		if g.flows[i].open {
-			if events == nil {
-				events = s.slice(s.cfg.BatchSize)[:0]
-			}
-			events = append(events, flow.Event{})
-			g.end(&events[len(events)-1], &g.flows[i], now)
-			if len(events) == cap(events) {
-				if err := out.Emit(ctx, flow.NewBatch(events, s.recycle(events))); err != nil {
-					return nil
-				}
-				events = nil
-			}
-		}
-	}
-	if len(events) > 0 {
-		_ = out.Emit(ctx, flow.NewBatch(events, s.recycle(events)))
 	}
 	return nil
 }
@@ -165,6 +146,7 @@ type gen struct {
 	ids   *flow.IDGen
 	flows []openFlow
 	slot  int
+	open  int // flows started and not ended
 }
 
 var (
@@ -178,18 +160,35 @@ var (
 // next fills e with the next event: the end of the flow in the current slot if one is
 // open, else the start of a new one.
 func (g *gen) next(e *flow.Event, now flow.Time) {
-	f := &g.flows[g.slot]
-	g.slot++
-	if g.slot == len(g.flows) {
-		g.slot = 0
-	}
+	f := g.advance()
 	if f.open {
 		g.end(e, f, now)
 		return
 	}
 	g.start(&f.ev, now)
 	f.open = true
+	g.open++
 	*e = f.ev
+}
+
+// endNext fills e with the end of the next open flow, in slot order.
+func (g *gen) endNext(e *flow.Event, now flow.Time) {
+	for {
+		if f := g.advance(); f.open {
+			g.end(e, f, now)
+			return
+		}
+	}
+}
+
+// advance returns the flow in the current slot and moves to the next, round the table.
+func (g *gen) advance() *openFlow {
+	f := &g.flows[g.slot]
+	g.slot++
+	if g.slot == len(g.flows) {
+		g.slot = 0
+	}
+	return f
 }
 
 func (g *gen) start(e *flow.Event, now flow.Time) {
@@ -245,6 +244,7 @@ func (g *gen) start(e *flow.Event, now flow.Time) {
 func (g *gen) end(e *flow.Event, f *openFlow, now flow.Time) {
 	*e = f.ev
 	f.open = false
+	g.open--
 	r := g.rng.Uint64()
 	e.EventID = g.ids.New()
 	e.Type = flow.TypeEnd

@@ -4,6 +4,7 @@ import (
 	"context"
 	"io"
 	"log/slog"
+	"strings"
 	"testing"
 
 	"github.com/flowpipe/flowpipe/core/component"
@@ -58,5 +59,32 @@ func TestCountedRunIsRealisticAndBalanced(t *testing.T) {
 	}
 	if protos[flow.ProtoTCP] == 0 || protos[flow.ProtoUDP] == 0 || protos[flow.ProtoICMP]+protos[flow.ProtoICMPv6] == 0 || v6 == 0 {
 		t.Fatalf("not a realistic mix: protocols %v, IPv6 flows %d", protos, v6)
+	}
+}
+
+// count is the number of events, exactly, and the last of them end the open flows.
+func TestCountIsExact(t *testing.T) {
+	env := component.Env{Name: "g", Logger: slog.New(slog.NewTextHandler(io.Discard, nil)), Metrics: component.NopMetrics{}}
+	for _, c := range []Config{{Count: 1000, BatchSize: 1024, Flows: 4096}, {Count: 10_000, BatchSize: 1024, Flows: 4096}, {Count: 2, BatchSize: 1, Flows: 1}} {
+		out := &componenttest.Collector{}
+		if err := New(env, &c).Run(context.Background(), out); err != nil {
+			t.Fatal(err)
+		}
+		open := map[[16]byte]bool{}
+		events := out.Events()
+		for _, e := range events {
+			if e.Type == flow.TypeStart {
+				open[e.FlowID] = true
+			} else {
+				delete(open, e.FlowID)
+			}
+		}
+		if int64(len(events)) != c.Count || len(open) != 0 {
+			t.Errorf("count %d: %d events, %d flows left open", c.Count, len(events), len(open))
+		}
+	}
+	c := &Config{Count: 1001, BatchSize: 1, Flows: 1}
+	if err := c.Validate(); err == nil || !strings.Contains(err.Error(), "count: must be even") {
+		t.Errorf("odd count: %v", err)
 	}
 }

@@ -152,7 +152,7 @@ func (c *collector) run(ctx context.Context, out component.Emitter) {
 
 func (c *collector) emit(ctx context.Context, out component.Emitter, pb *pendingBatch) {
 	b := flow.NewBatch(pb.events, func(err error) { c.finish(pb, err) })
-	b.Source = c.r.env.Name
+	// The runtime names the batch's source (flow.Batch.StampSource).
 	// Emit acknowledges the batch in every case (ErrShutdown when it could not take it).
 	_ = out.Emit(ctx, b)
 }

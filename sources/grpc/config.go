@@ -2,6 +2,7 @@ package grpcsource
 
 import (
 	"net"
+	"strconv"
 	"time"
 
 	"github.com/flowpipe/flowpipe/core/config"
@@ -70,7 +71,7 @@ func (c *Config) Validate() error {
 		}
 		for i, s := range c.Secrets {
 			if len(s) < 16 {
-				errs.Add(config.Join("secrets", "["+itoa(i)+"]"), "secret is %d bytes; use at least 16", len(s))
+				errs.Add(config.Join("secrets", "["+strconv.Itoa(i)+"]"), "secret is %d bytes; use at least 16", len(s))
 			}
 		}
 	case "none":
@@ -113,12 +114,4 @@ func (c *Config) Validate() error {
 		}
 	}
 	return errs.Err()
-}
-
-func itoa(i int) string {
-	const digits = "0123456789"
-	if i < 10 {
-		return digits[i : i+1]
-	}
-	return itoa(i/10) + digits[i%10:i%10+1]
 }

@@ -9,13 +9,11 @@ package grpcsource
 import (
 	"context"
 	"crypto/tls"
-	"crypto/x509"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"net"
-	"os"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -31,6 +29,7 @@ import (
 
 	"github.com/flowpipe/flowpipe/core/component"
 	"github.com/flowpipe/flowpipe/internal/flowwire"
+	"github.com/flowpipe/flowpipe/internal/tlsfiles"
 	pb "github.com/flowpipe/flowpipe/proto/flow"
 )
 
@@ -124,24 +123,7 @@ func (r *Receiver) refuse(reason string, code codes.Code, format string, args ..
 }
 
 func serverTLS(env component.Env, c *Config) (*tls.Config, error) {
-	cert, err := tls.LoadX509KeyPair(env.Path(c.CertFile), env.Path(c.KeyFile))
-	if err != nil {
-		return nil, fmt.Errorf("cert_file/key_file: %w", err)
-	}
-	tc := &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
-	if c.ClientCAFile != "" {
-		pem, err := os.ReadFile(env.Path(c.ClientCAFile))
-		if err != nil {
-			return nil, fmt.Errorf("client_ca_file: %w", err)
-		}
-		pool := x509.NewCertPool()
-		if !pool.AppendCertsFromPEM(pem) {
-			return nil, fmt.Errorf("client_ca_file %s: no PEM certificate in it", c.ClientCAFile)
-		}
-		tc.ClientCAs = pool
-		tc.ClientAuth = tls.RequireAndVerifyClientCert
-	}
-	return tc, nil
+	return tlsfiles.Server(env.Path(c.CertFile), env.Path(c.KeyFile), env.Path(c.ClientCAFile))
 }
 
 // Start opens the listener, so that a port in use fails the pipeline's start.

@@ -10,6 +10,9 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
+	"sort"
+	"strings"
 	"time"
 
 	"github.com/flowpipe/flowpipe/core/component"
@@ -19,8 +22,10 @@ import (
 
 // Config is the replay source's options.
 type Config struct {
-	// Path of a JSON-lines file ("-" reads standard input). Relative paths are relative to
-	// the directory of pipeline.yaml.
+	// Path of a JSON-lines file ("-" reads standard input), a directory (every file in it),
+	// or a glob such as "flows.jsonl*": the files are replayed oldest first, by name, a
+	// file sink's rotated files (name.<UTC time>) before its current one (name). Relative
+	// paths are relative to the directory of pipeline.yaml.
 	Path string `yaml:"path" required:"true"`
 	// BatchSize is the number of events per batch.
 	BatchSize int `yaml:"batch_size"`
@@ -53,8 +58,10 @@ func (c *Config) Validate() error {
 
 // Factory returns the replay source's factory.
 func Factory() component.Factory {
-	return component.NewSourceFactory("replay", "re-emits events from a JSON-lines file written by the file sink",
+	f := component.NewSourceFactory("replay", "re-emits events from a JSON-lines file written by the file sink",
 		defaults, func(env component.Env, c *Config) (component.Source, error) { return New(env, c), nil })
+	f.Reasons.Dropped = []string{"malformed"}
+	return f
 }
 
 // Source replays a file.
@@ -72,13 +79,84 @@ func New(env component.Env, c *Config) *Source {
 // maxLine bounds one JSON line; a longer one is malformed.
 const maxLine = 1 << 20
 
-// Run reads the file to its end.
+// Run reads every file of path, oldest first, to its end.
 func (s *Source) Run(ctx context.Context, out component.Emitter) error {
-	var r io.Reader = os.Stdin
-	if s.path != "-" {
-		f, err := os.Open(s.path)
+	files, err := s.files()
+	if err != nil {
+		return err
+	}
+	st := &progress{start: time.Now()}
+	for _, path := range files {
+		if err := s.replay(ctx, out, path, st); err != nil || ctx.Err() != nil {
+			return err
+		}
+	}
+	s.env.Logger.Info("replay finished", "path", s.path, "files", len(files), "lines", st.lines, "events", st.emitted, "malformed", st.malformed)
+	return nil
+}
+
+// files lists what path names, oldest first.
+func (s *Source) files() ([]string, error) {
+	if s.path == "-" {
+		return []string{"-"}, nil
+	}
+	var files []string
+	if strings.ContainsAny(s.path, "*?[") {
+		m, err := filepath.Glob(s.path)
 		if err != nil {
-			return fmt.Errorf("open %s: %w", s.path, err)
+			return nil, fmt.Errorf("path %s: %w", s.path, err)
+		}
+		for _, f := range m {
+			if st, err := os.Stat(f); err == nil && st.Mode().IsRegular() {
+				files = append(files, f)
+			}
+		}
+		if len(files) == 0 {
+			return nil, fmt.Errorf("path %s: no file matches", s.path)
+		}
+	} else if st, err := os.Stat(s.path); err == nil && st.IsDir() {
+		entries, err := os.ReadDir(s.path)
+		if err != nil {
+			return nil, fmt.Errorf("read directory %s: %w", s.path, err)
+		}
+		for _, e := range entries {
+			if e.Type().IsRegular() {
+				files = append(files, filepath.Join(s.path, e.Name()))
+			}
+		}
+		if len(files) == 0 {
+			return nil, fmt.Errorf("directory %s has no file to replay", s.path)
+		}
+	} else {
+		return []string{s.path}, nil
+	}
+	// By name, except that a file whose rotations are in the set (name.<UTC time>) is the
+	// newest of them, as the file sink names them.
+	key := func(f string) string {
+		for _, g := range files {
+			if strings.HasPrefix(g, f+".") {
+				return f + "\xff"
+			}
+		}
+		return f
+	}
+	sort.Slice(files, func(i, j int) bool { return key(files[i]) < key(files[j]) })
+	return files, nil
+}
+
+// progress is what the files replayed so far amount to; the rate applies across them.
+type progress struct {
+	start                     time.Time
+	lines, malformed, emitted int
+}
+
+// replay emits the events of one file.
+func (s *Source) replay(ctx context.Context, out component.Emitter, path string, st *progress) error {
+	var r io.Reader = os.Stdin
+	if path != "-" {
+		f, err := os.Open(path)
+		if err != nil {
+			return fmt.Errorf("open %s: %w", path, err)
 		}
 		defer f.Close()
 		r = f
@@ -86,17 +164,17 @@ func (s *Source) Run(ctx context.Context, out component.Emitter) error {
 	sc := bufio.NewScanner(r)
 	sc.Buffer(make([]byte, 0, 64<<10), maxLine)
 	events := make([]flow.Event, 0, s.cfg.BatchSize)
-	line, malformed, emitted := 0, 0, 0
-	start := time.Now()
+	line := 0
+	defer func() { st.lines += line }()
 	emit := func() error {
 		if len(events) == 0 {
 			return nil
 		}
 		err := out.Emit(ctx, flow.NewBatch(events, nil))
-		emitted += len(events)
+		st.emitted += len(events)
 		events = make([]flow.Event, 0, s.cfg.BatchSize)
 		if err == nil && s.cfg.Rate > 0 {
-			due := start.Add(time.Duration(float64(emitted) / float64(s.cfg.Rate) * float64(time.Second)))
+			due := st.start.Add(time.Duration(float64(st.emitted) / float64(s.cfg.Rate) * float64(time.Second)))
 			select {
 			case <-time.After(time.Until(due)):
 			case <-ctx.Done():
@@ -115,12 +193,12 @@ func (s *Source) Run(ctx context.Context, out component.Emitter) error {
 			events = events[:len(events)-1]
 			if s.cfg.OnError == "stop" {
 				_ = emit()
-				return fmt.Errorf("%s:%d: %w", s.path, line, err)
+				return fmt.Errorf("%s:%d: %w", path, line, err)
 			}
-			malformed++
+			st.malformed++
 			s.env.Metrics.Dropped("malformed", 1)
-			if malformed <= 10 {
-				s.env.Logger.Warn("skipping malformed line", "file", s.path, "line", line, "error", err)
+			if st.malformed <= 10 {
+				s.env.Logger.Warn("skipping malformed line", "file", path, "line", line, "error", err)
 			}
 			continue
 		}
@@ -138,10 +216,9 @@ func (s *Source) Run(ctx context.Context, out component.Emitter) error {
 	}
 	if err := sc.Err(); err != nil {
 		if errors.Is(err, bufio.ErrTooLong) {
-			return fmt.Errorf("%s:%d: line longer than %d bytes", s.path, line+1, maxLine)
+			return fmt.Errorf("%s:%d: line longer than %d bytes", path, line+1, maxLine)
 		}
-		return fmt.Errorf("read %s: %w", s.path, err)
+		return fmt.Errorf("read %s: %w", path, err)
 	}
-	s.env.Logger.Info("replay finished", "file", s.path, "lines", line, "events", emitted, "malformed", malformed)
 	return nil
 }

@@ -64,3 +64,48 @@ func TestMissingFileIsAClearError(t *testing.T) {
 		t.Fatalf("got %v", err)
 	}
 }
+
+// A directory or a glob replays a file sink's rotated set oldest first: the rotated files
+// by their UTC time, then the current file.
+func TestRotatedSetOldestFirst(t *testing.T) {
+	dir := t.TempDir()
+	ids := flow.NewIDGen()
+	write := func(name string, seq uint64) {
+		var sb strings.Builder
+		for range 10 {
+			e := flow.Event{EventID: ids.New(), FlowID: ids.New(), Type: flow.TypeStart, Timestamp: flow.Now(), Protocol: 6, TxBytes: seq}
+			seq++
+			sb.Write(flow.AppendJSON(nil, &e))
+			sb.WriteByte('\n')
+		}
+		if err := os.WriteFile(filepath.Join(dir, "flows", name), []byte(sb.String()), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	os.Mkdir(filepath.Join(dir, "flows"), 0o755)
+	// Written in an order that is not the files' order, so that neither creation nor
+	// modification time decides.
+	write("flows.jsonl", 20)
+	write("flows.jsonl.20260102T000000.000000000Z", 10)
+	write("flows.jsonl.20260101T000000.000000000Z", 0)
+	env := component.Env{Name: "r", ConfigDir: dir, Logger: slog.Default(), Metrics: component.NopMetrics{}}
+	for _, path := range []string{"flows", "flows/flows.jsonl*"} {
+		out := &componenttest.Collector{}
+		if err := New(env, &Config{Path: path, BatchSize: 7, OnError: "skip"}).Run(context.Background(), out); err != nil {
+			t.Fatalf("%s: %v", path, err)
+		}
+		events := out.Events()
+		if len(events) != 30 {
+			t.Fatalf("%s: %d events, want 30", path, len(events))
+		}
+		for i, e := range events {
+			if e.TxBytes != uint64(i) {
+				t.Fatalf("%s: event %d is %d: not oldest first", path, i, e.TxBytes)
+			}
+		}
+	}
+	err := New(env, &Config{Path: "flows/nothing*", BatchSize: 7, OnError: "skip"}).Run(context.Background(), &componenttest.Collector{})
+	if err == nil || !strings.Contains(err.Error(), "no file matches") {
+		t.Fatalf("a glob that matches nothing: %v", err)
+	}
+}

@@ -10,6 +10,7 @@ package userspace
 
 import (
 	"net/netip"
+	"strconv"
 	"time"
 
 	"github.com/flowpipe/flowpipe/core/component"
@@ -111,7 +112,7 @@ func (c *Config) Validate() error {
 	}
 	for i, p := range c.LocalPrefixes {
 		if !p.IsValid() {
-			errs.Add("local_prefixes["+itoa(i)+"]", "invalid prefix")
+			errs.Add("local_prefixes["+strconv.Itoa(i)+"]", "invalid prefix")
 		}
 	}
 	for _, d := range []struct {
@@ -132,16 +133,11 @@ func (c *Config) Validate() error {
 	return errs.Err()
 }
 
-func itoa(i int) string {
-	if i < 10 {
-		return string(rune('0' + i))
-	}
-	return itoa(i/10) + string(rune('0'+i%10))
-}
-
 // Factory returns the userspace source's factory.
 func Factory() component.Factory {
-	return component.NewSourceFactory("userspace",
+	f := component.NewSourceFactory("userspace",
 		"tracks connections in userspace from packets: live AF_PACKET capture or a pcap/pcapng replay",
 		defaults, func(env component.Env, c *Config) (component.Source, error) { return New(env, c) })
+	f.Reasons.Dropped = []string{"pending_full"}
+	return f
 }

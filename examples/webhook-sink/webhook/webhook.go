@@ -1,9 +1,10 @@
 // Package webhook is a flowpipe sink that POSTs each batch as NDJSON (one JSON event per
-// line, the schema of docs/schema.md) and acknowledges the batch only on a 2xx answer.
-// Other answers and network errors are retried with backoff; when the attempts run out,
-// Write fails and flowpipe retries the batch later, so nothing is lost, but a receiver may
-// see a batch twice: the X-Flowpipe-Batch header (the batch's first event ID) lets it
-// de-duplicate.
+// line, in the schema of docs/schema.md, or ECS or OCSF with the format option) and acknowledges the batch only on a 2xx answer.
+// Write tries once: a network error or a 5xx fails it, and flowpipe retries the batch with
+// its own backoff (the sink's retry: settings), so nothing is lost, but a receiver may see a
+// batch twice: the X-Flowpipe-Batch header (the batch's first event ID) lets it
+// de-duplicate. A 4xx that says the batch itself is unacceptable (400, 413, 422, ...) is
+// permanent (flow.Permanent): flowpipe drops the batch as rejected instead of retrying it.
 package webhook
 
 import (
@@ -18,6 +19,7 @@ import (
 	"github.com/flowpipe/flowpipe/core/component"
 	"github.com/flowpipe/flowpipe/core/flow"
 	"github.com/flowpipe/flowpipe/core/options"
+	"github.com/flowpipe/flowpipe/core/schema"
 	"github.com/flowpipe/flowpipe/sdk"
 )
 
@@ -29,15 +31,13 @@ type Config struct {
 	URL     string            `yaml:"url" required:"true"`
 	Headers map[string]string `yaml:"headers"` // e.g. Authorization
 	Timeout time.Duration     `yaml:"timeout"` // one request
-	// Attempts is how many times one Write tries before it reports failure to flowpipe,
-	// which then retries the batch with its own backoff.
-	Attempts int           `yaml:"attempts"`
-	Backoff  time.Duration `yaml:"backoff"` // before the second attempt; doubles after
+	// Format is the schema of each line: flowpipe, ecs or ocsf.
+	Format string `yaml:"format"`
 }
 
 // Defaults are the options a pipeline.yaml does not set.
 func Defaults() *Config {
-	return &Config{Timeout: 10 * time.Second, Attempts: 3, Backoff: 200 * time.Millisecond}
+	return &Config{Timeout: 10 * time.Second, Format: "flowpipe"}
 }
 
 // Validate checks the options; flowpipe validate shows each problem at its line.
@@ -49,11 +49,8 @@ func (c *Config) Validate() error {
 	if c.Timeout <= 0 {
 		errs.Add("timeout", "must be positive")
 	}
-	if c.Attempts < 1 {
-		errs.Add("attempts", "must be at least 1")
-	}
-	if c.Backoff < 0 {
-		errs.Add("backoff", "must not be negative")
+	if _, ok := schema.Parse(c.Format); !ok {
+		errs.Add("format", "unknown format %q (want %s)", c.Format, schema.Choices)
 	}
 	return errs.Err()
 }
@@ -75,30 +72,18 @@ func (s *Sink) Write(ctx context.Context, b *flow.Batch) error {
 	if len(b.Events) == 0 {
 		return nil
 	}
+	format, _ := schema.Parse(s.cfg.Format)
+	enc := schema.Encoder{Format: format}
 	var body []byte
 	for i := range b.Events {
-		body = flow.AppendJSON(body, &b.Events[i])
+		body = enc.Append(body, &b.Events[i])
 		body = append(body, '\n')
 	}
-	wait := s.cfg.Backoff
-	var err error
-	for attempt := 1; ; attempt++ {
-		if err = s.post(ctx, body, b.Events[0].EventID.String()); err == nil {
-			return nil
-		}
+	if err := s.post(ctx, body, b.Events[0].EventID.String()); err != nil {
 		s.env.Metrics.Errors("post_failed", 1)
-		if attempt >= s.cfg.Attempts {
-			break
-		}
-		s.env.Logger.Warn("webhook POST failed; retrying", "attempt", attempt, "error", err, "in", wait)
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(wait):
-		}
-		wait *= 2
+		return fmt.Errorf("POST %d events to %s: %w", len(b.Events), s.cfg.URL, err)
 	}
-	return fmt.Errorf("POST %d events to %s: %w", len(b.Events), s.cfg.URL, err)
+	return nil
 }
 
 func (s *Sink) post(ctx context.Context, body []byte, batchID string) error {
@@ -117,8 +102,23 @@ func (s *Sink) post(ctx context.Context, body []byte, batchID string) error {
 	}
 	defer resp.Body.Close()
 	msg, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
-	if resp.StatusCode < 200 || resp.StatusCode > 299 {
-		return fmt.Errorf("%s: %s", resp.Status, bytes.TrimSpace(msg))
+	if resp.StatusCode >= 200 && resp.StatusCode <= 299 {
+		return nil
 	}
-	return nil
+	err = fmt.Errorf("%s: %s", resp.Status, bytes.TrimSpace(msg))
+	if rejects(resp.StatusCode) {
+		return flow.Permanent(err)
+	}
+	return err
+}
+
+// rejects reports whether an answer says the batch itself can never be accepted. Other 4xx
+// are about the endpoint or the credentials (401, 403, 404), or ask to come back later (408,
+// 429): fixing those delivers the batch, so they are retried.
+func rejects(status int) bool {
+	switch status {
+	case http.StatusUnauthorized, http.StatusForbidden, http.StatusNotFound, http.StatusRequestTimeout, http.StatusTooManyRequests:
+		return false
+	}
+	return status >= 400 && status <= 499
 }

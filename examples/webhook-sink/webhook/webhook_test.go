@@ -76,37 +76,70 @@ func TestPostsBatchAsNDJSON(t *testing.T) {
 	}
 }
 
-func TestRetriesUntil2xx(t *testing.T) {
-	rcv := &receiver{fail: 2}
+// Write tries once: a 5xx fails it with a retryable error, and flowpipe's runtime retries.
+func TestServerErrorIsRetryable(t *testing.T) {
+	rcv := &receiver{fail: 1}
 	srv := httptest.NewServer(rcv)
 	defer srv.Close()
-	sink := plugintest.Sink(t, Info, Defaults, New, map[string]any{"url": srv.URL, "backoff": "1ms"})
+	sink := plugintest.Sink(t, Info, Defaults, New, map[string]any{"url": srv.URL})
+	err := sink.Write(context.Background(), flow.NewBatch(events(10), nil))
+	if err == nil || !strings.Contains(err.Error(), "503") || flow.IsPermanent(err) {
+		t.Fatalf("got %v, want a retryable 503 error", err)
+	}
+	if rcv.requests != 1 {
+		t.Fatalf("%d requests, want 1: the runtime retries, not the sink", rcv.requests)
+	}
 	if err := sink.Write(context.Background(), flow.NewBatch(events(10), nil)); err != nil {
 		t.Fatal(err)
 	}
-	if rcv.requests != 3 || len(rcv.events) != 10 {
-		t.Fatalf("%d requests, %d events", rcv.requests, len(rcv.events))
-	}
 }
 
-func TestFailsWhenAttemptsRunOut(t *testing.T) {
-	rcv := &receiver{fail: 100}
-	srv := httptest.NewServer(rcv)
+// A 4xx about the batch is permanent across the plugin boundary: flowpipe drops it as
+// rejected instead of retrying forever.
+func TestBadRequestIsPermanent(t *testing.T) {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		http.Error(w, "malformed batch", http.StatusBadRequest)
+	}))
 	defer srv.Close()
-	sink := plugintest.Sink(t, Info, Defaults, New, map[string]any{"url": srv.URL, "backoff": "1ms", "attempts": 2})
+	sink := plugintest.Sink(t, Info, Defaults, New, map[string]any{"url": srv.URL})
 	err := sink.Write(context.Background(), flow.NewBatch(events(10), nil))
-	if err == nil || !strings.Contains(err.Error(), "503") {
-		t.Fatalf("got %v, want a 503 error", err)
-	}
-	if rcv.requests != 2 {
-		t.Fatalf("%d requests, want 2", rcv.requests)
+	if !flow.IsPermanent(err) || !strings.Contains(err.Error(), "400 Bad Request: malformed batch") {
+		t.Fatalf("got %v, want a permanent 400 error with the endpoint's message", err)
 	}
 }
 
 func TestValidation(t *testing.T) {
-	_, err := plugintest.Start(t, component.NewSinkFactory(Info.Type, "", Defaults, New), map[string]any{"url": "ftp://x", "attempts": 0}, nil)
+	_, err := plugintest.Start(t, component.NewSinkFactory(Info.Type, "", Defaults, New), map[string]any{"url": "ftp://x", "timeout": "0s"}, nil)
 	var fe options.FieldErrors
-	if !errors.As(err, &fe) || len(fe) != 2 || fe[0].Path != "url" || fe[1].Path != "attempts" {
+	if !errors.As(err, &fe) || len(fe) != 2 || fe[0].Path != "url" || fe[1].Path != "timeout" {
 		t.Fatalf("got %v", err)
+	}
+}
+
+func TestFormatECS(t *testing.T) {
+	var mu sync.Mutex
+	var lines []string
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
+		mu.Lock()
+		defer mu.Unlock()
+		sc := bufio.NewScanner(req.Body)
+		for sc.Scan() {
+			lines = append(lines, sc.Text())
+		}
+	}))
+	defer srv.Close()
+	sink := plugintest.Sink(t, Info, Defaults, New, map[string]any{"url": srv.URL, "format": "ecs"})
+	evs := events(3)
+	if err := sink.Write(context.Background(), flow.NewBatch(evs, nil)); err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(lines) != 3 || !strings.Contains(lines[2], `"event":{"kind":"event"`) || !strings.Contains(lines[2], evs[2].EventID.String()) {
+		t.Fatalf("not ECS: %v", lines)
+	}
+	_, err := plugintest.Start(t, component.NewSinkFactory(Info.Type, "", Defaults, New), map[string]any{"url": srv.URL, "format": "cef"}, nil)
+	if err == nil || !strings.Contains(err.Error(), "format") {
+		t.Fatalf("format cef accepted: %v", err)
 	}
 }

@@ -22,6 +22,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/google/uuid"
 	goplugin "github.com/hashicorp/go-plugin"
@@ -106,7 +107,9 @@ func (s *sink) Start(context.Context) error {
 		return err
 	}
 	s.f = f
-	s.env.Logger.Info("jsonl sink started", "path", s.cfg.Path)
+	// Attributes of several kinds, in an order a map would not keep: the host's log must
+	// show them as an in-process component's line would.
+	s.env.Logger.Info("jsonl sink started", "path", s.cfg.Path, "timeout", 1500*time.Millisecond, "batch", 3, "z", "last")
 	return nil
 }
 

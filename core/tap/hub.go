@@ -1,0 +1,255 @@
+package tap
+
+import (
+	"context"
+	"slices"
+	"sync"
+	"sync/atomic"
+
+	"github.com/flowpipe/flowpipe/core/flow"
+)
+
+// Record is an event as a tap point saw it: a copy, and when it passed.
+type Record struct {
+	Seen  flow.Time
+	Event flow.Event
+}
+
+// Hub is one tap point. The pipeline publishes every batch that passes the point; Publish
+// never blocks on a subscriber and, when the ring is off and nobody subscribes, costs one
+// atomic load.
+type Hub struct {
+	name, kind string
+	active     atomic.Bool // ring enabled or subscribers present
+
+	mu   sync.Mutex
+	ring []Record // a circular buffer of the last len(ring) events
+	next int      // where the next event goes
+	full bool
+	subs []*Sub
+}
+
+// Name is the tap point's name (the component's name).
+func (h *Hub) Name() string { return h.name }
+
+// Kind is "source", "enricher" or "sink".
+func (h *Hub) Kind() string { return h.kind }
+
+// Publish offers events to the ring and to every subscriber. It copies what it keeps: the
+// caller may reuse events when it returns.
+func (h *Hub) Publish(events []flow.Event) {
+	if !h.active.Load() || len(events) == 0 {
+		return
+	}
+	now := flow.Now()
+	h.mu.Lock()
+	if n := len(h.ring); n > 0 {
+		tail := events
+		if len(tail) > n {
+			tail = tail[len(tail)-n:]
+		}
+		for i := range tail {
+			h.ring[h.next] = Record{Seen: now, Event: tail[i]}
+			h.next++
+			if h.next == n {
+				h.next, h.full = 0, true
+			}
+		}
+	}
+	for _, s := range h.subs {
+		s.offer(now, events)
+	}
+	h.mu.Unlock()
+}
+
+// last returns the ring's records matching f and seen at or after since, oldest first, at
+// most n (0: all). h.mu must be held.
+func (h *Hub) last(f *Filter, since flow.Time, n int) []Record {
+	var out []Record
+	walk := func(rs []Record) {
+		for i := range rs {
+			if rs[i].Seen >= since && f.Match(&rs[i].Event) {
+				out = append(out, rs[i])
+			}
+		}
+	}
+	if h.full {
+		walk(h.ring[h.next:])
+	}
+	walk(h.ring[:h.next])
+	if n > 0 && len(out) > n {
+		out = out[len(out)-n:]
+	}
+	return out
+}
+
+// Last returns the ring's records matching f, seen at or after since, the newest n (0: all).
+func (h *Hub) Last(f *Filter, since flow.Time, n int) []Record {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.last(f, since, n)
+}
+
+// Subscribe starts a subscription to the events matching f, with room for buffer events
+// that the subscriber has not taken yet (more are skipped and counted). With backlog, the
+// ring's matching records (as Last with since and n) are returned too, with no gap and no
+// overlap between them and what the subscription receives.
+func (h *Hub) Subscribe(f *Filter, buffer int, backlog bool, since flow.Time, n int) (*Sub, []Record) {
+	if buffer < 1 {
+		buffer = 1
+	}
+	s := &Sub{hub: h, filter: f, max: buffer, notify: make(chan struct{}, 1)}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	var recs []Record
+	if backlog {
+		recs = h.last(f, since, n)
+	}
+	h.subs = append(h.subs, s)
+	h.active.Store(true)
+	return s, recs
+}
+
+func (h *Hub) unsubscribe(s *Sub) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.subs = slices.DeleteFunc(h.subs, func(x *Sub) bool { return x == s })
+	h.active.Store(len(h.ring) > 0 || len(h.subs) > 0)
+}
+
+// Subscribers is the number of current subscriptions.
+func (h *Hub) Subscribers() int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return len(h.subs)
+}
+
+// Sub is one subscription to a hub.
+type Sub struct {
+	hub    *Hub
+	filter *Filter
+	max    int
+	notify chan struct{}
+
+	mu      sync.Mutex
+	buf     []Record
+	spare   []Record
+	skipped uint64
+	closed  bool
+}
+
+// offer is called with the hub's lock held; it never blocks.
+func (s *Sub) offer(now flow.Time, events []flow.Event) {
+	s.mu.Lock()
+	added := false
+	for i := range events {
+		if !s.filter.Match(&events[i]) {
+			continue
+		}
+		if len(s.buf) >= s.max {
+			s.skipped++
+			continue
+		}
+		s.buf = append(s.buf, Record{Seen: now, Event: events[i]})
+		added = true
+	}
+	skipped := s.skipped > 0
+	s.mu.Unlock()
+	if added || skipped {
+		select {
+		case s.notify <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// Next waits for records and returns them with the number of matching events skipped since
+// the last call because the buffer was full. The returned slice is valid until the next
+// call. It returns ctx's error when ctx ends.
+func (s *Sub) Next(ctx context.Context) ([]Record, uint64, error) {
+	for {
+		s.mu.Lock()
+		if len(s.buf) > 0 || s.skipped > 0 {
+			recs, skipped := s.buf, s.skipped
+			s.buf, s.spare, s.skipped = s.spare[:0], recs, 0
+			s.mu.Unlock()
+			return recs, skipped, nil
+		}
+		s.mu.Unlock()
+		select {
+		case <-s.notify:
+		case <-ctx.Done():
+			return nil, 0, ctx.Err()
+		}
+	}
+}
+
+// Close ends the subscription.
+func (s *Sub) Close() {
+	s.mu.Lock()
+	closed := s.closed
+	s.closed = true
+	s.mu.Unlock()
+	if !closed {
+		s.hub.unsubscribe(s)
+	}
+}
+
+// Registry is the tap points of a pipeline, by name. It outlives one pipeline: a reloaded
+// pipeline takes the hubs of the components it keeps, so their subscribers go on.
+type Registry struct {
+	ring int
+
+	mu   sync.Mutex
+	hubs map[string]*Hub
+}
+
+// Fanout is the name of the tap point where batches are handed to the sinks (after the last
+// enricher); it is the default of `flowpipe tap --at`. No component can have this name.
+const Fanout = "(sinks)"
+
+// NewRegistry makes a registry whose hubs each keep the last ring events (0: no ring).
+func NewRegistry(ring int) *Registry {
+	if ring < 0 {
+		ring = 0
+	}
+	return &Registry{ring: ring, hubs: map[string]*Hub{}}
+}
+
+// Point returns the hub of a tap point, creating it. kind is "source", "enricher", "sink"
+// or "fanout" (for Fanout).
+func (r *Registry) Point(name, kind string) *Hub {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if h, ok := r.hubs[name]; ok {
+		h.kind = kind
+		return h
+	}
+	h := &Hub{name: name, kind: kind, ring: make([]Record, r.ring)}
+	h.active.Store(r.ring > 0)
+	r.hubs[name] = h
+	return h
+}
+
+// Lookup returns the hub of a tap point.
+func (r *Registry) Lookup(name string) (*Hub, bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	h, ok := r.hubs[name]
+	return h, ok
+}
+
+// Names lists the tap points, sorted.
+func (r *Registry) Names() []string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	out := make([]string, 0, len(r.hubs))
+	for n := range r.hubs {
+		out = append(out, n)
+	}
+	slices.Sort(out)
+	return out
+}
+
+// RingSize is how many events each hub's ring keeps.
+func (r *Registry) RingSize() int { return r.ring }
