@@ -18,6 +18,7 @@ import (
 
 	"github.com/flowpipe/flowpipe/core/component"
 	"github.com/flowpipe/flowpipe/core/config"
+	"github.com/flowpipe/flowpipe/internal/backoff"
 	"github.com/flowpipe/flowpipe/internal/tlsfiles"
 )
 
@@ -230,9 +231,7 @@ func Retry(ctx context.Context, log *slog.Logger, what string, timeout, budget t
 		if log != nil {
 			log.Warn(what+" failed; the cluster may be electing a leader, trying again", "attempt", attempt, "err", err)
 		}
-		select {
-		case <-time.After(500 * time.Millisecond):
-		case <-ctx.Done():
+		if !backoff.Sleep(ctx, backoff.Policy{Initial: 250 * time.Millisecond, Max: 2 * time.Second}.Delay(attempt)) {
 			return err
 		}
 	}

@@ -167,7 +167,8 @@ func (s *Sink) Write(ctx context.Context, b *flow.Batch) error {
 	for _, g := range s.groups(b.Events) {
 		chunks, err := logcodec.Split(s.format, g.events, max)
 		if err != nil {
-			return err
+			// An event that cannot fit in a message never will: retrying is pointless.
+			return flow.Permanent(err)
 		}
 		for _, c := range chunks {
 			m := &nats.Msg{Subject: g.subject, Data: c.Payload, Header: nats.Header{}}

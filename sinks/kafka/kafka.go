@@ -165,7 +165,7 @@ func (s *Sink) Write(ctx context.Context, b *flow.Batch) error {
 		e := &b.Events[i]
 		v, err := logcodec.Encode(s.format, b.Events[i:i+1])
 		if err != nil {
-			return err
+			return flow.Permanent(err)
 		}
 		wg.Add(1)
 		cl.Produce(ctx, &kgo.Record{Key: s.key(e), Value: v, Headers: ct}, func(_ *kgo.Record, err error) {

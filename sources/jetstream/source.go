@@ -23,6 +23,7 @@ import (
 
 	"github.com/flowpipe/flowpipe/core/component"
 	"github.com/flowpipe/flowpipe/core/flow"
+	"github.com/flowpipe/flowpipe/internal/backoff"
 	"github.com/flowpipe/flowpipe/internal/dedup"
 	"github.com/flowpipe/flowpipe/internal/logcodec"
 	"github.com/flowpipe/flowpipe/internal/natsconn"
@@ -341,11 +342,7 @@ func (s *Source) finish(msgs []delivery, err error) {
 			s.ack(d.msg)
 			continue
 		}
-		delay := s.cfg.NakDelay
-		for i := uint64(1); i < d.md.NumDelivered && delay < s.cfg.NakMaxDelay; i++ {
-			delay *= 2
-		}
-		delay = min(delay, s.cfg.NakMaxDelay)
+		delay := backoff.Policy{Initial: s.cfg.NakDelay, Max: s.cfg.NakMaxDelay}.Delay(int(min(d.md.NumDelivered, 64)))
 		if errors.Is(err, flow.ErrShutdown) {
 			delay = 0 // another writer may take it at once
 		}
