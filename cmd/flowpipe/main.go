@@ -14,9 +14,6 @@ import (
 	"github.com/flowpipe/flowpipe/core/config"
 )
 
-// version is set at build time with -ldflags "-X main.version=...".
-var version = "dev"
-
 type globalFlags struct {
 	logLevel  string
 	logFormat string
@@ -61,7 +58,7 @@ A pipeline is declared in pipeline.yaml.`,
 	root.PersistentFlags().StringVar(&g.logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	root.PersistentFlags().StringVar(&g.logFormat, "log-format", "text", "log format: text or json")
 	root.AddCommand(newRunCmd(g), newValidateCmd(g), newGraphCmd(g), newVersionCmd(),
-		newPluginsCmd(g), newPluginCmd(), newTapCmd(g), newTopCmd(g))
+		newPluginsCmd(g), newPluginCmd(), newTapCmd(g), newTopCmd(g), newQueueCmd())
 	return root
 }
 
@@ -87,10 +84,23 @@ func (g *globalFlags) logger() (*slog.Logger, error) {
 		}
 		return a
 	}}
+	journal := underJournal()
 	switch strings.ToLower(g.logFormat) {
 	case "text":
+		if journal {
+			return slog.New(newJournalHandler(os.Stderr, opts)), nil
+		}
 		return slog.New(slog.NewTextHandler(os.Stderr, opts)), nil
 	case "json":
+		if journal {
+			prev := opts.ReplaceAttr
+			opts.ReplaceAttr = func(groups []string, a slog.Attr) slog.Attr {
+				if len(groups) == 0 && a.Key == slog.TimeKey {
+					return slog.Attr{} // the journal timestamps every line
+				}
+				return prev(groups, a)
+			}
+		}
 		return slog.New(slog.NewJSONHandler(os.Stderr, opts)), nil
 	}
 	return nil, fmt.Errorf("--log-format %q: want text or json", g.logFormat)

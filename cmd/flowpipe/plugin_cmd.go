@@ -30,7 +30,7 @@ func newPluginCmd() *cobra.Command {
 			if !ok {
 				return fmt.Errorf("no built-in %s of type %q", args[0], args[1])
 			}
-			sdk.Serve(f, version)
+			sdk.Serve(f, flowpipeVersion())
 			return nil
 		},
 	})
@@ -76,7 +76,7 @@ func listPlugins(ctx context.Context, w io.Writer, configDir string, log *slog.L
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "KIND\tNAME\tFROM\tVERSION\tSHA256\tSUMMARY")
 	for _, f := range builtins() {
-		fmt.Fprintf(tw, "%s\t%s\tbuilt-in\t%s\t%s\t%s\n", f.Kind, f.Type, version, selfSum, f.Summary)
+		fmt.Fprintf(tw, "%s\t%s\tbuilt-in\t%s\t%s\t%s\n", f.Kind, f.Type, flowpipeVersion(), selfSum, f.Summary)
 	}
 	host := pluginhost.NewHost(pluginhost.HostOptions{Registry: reg})
 	// The plugins' own start-up chatter stays out of the listing (at debug level it shows).

@@ -2,14 +2,17 @@ package main
 
 import (
 	"context"
+	"log/slog"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 	"time"
 
 	"github.com/spf13/cobra"
 
 	"github.com/flowpipe/flowpipe/core/admin"
+	"github.com/flowpipe/flowpipe/core/config"
 )
 
 func newRunCmd(g *globalFlags) *cobra.Command {
@@ -44,9 +47,37 @@ delivered is reported with counts.`,
 					_ = srv.Shutdown(c)
 				}()
 			}
+			warnRunAs(doc, log)
+			stopNotify := notifyService(ctx, p, log)
+			defer stopNotify()
 			return p.Run(ctx)
 		},
 	}
 	addConfigFlag(cmd, g)
 	return cmd
+}
+
+// warnRunAs says once, at start, when components' processes keep root (no run_as:) or when
+// run_as: cannot apply (flowpipe is not root); docs/security.md explains the choice.
+func warnRunAs(doc *config.Document, log *slog.Logger) {
+	var asRoot, ignored []string
+	for _, list := range [][]config.Component{doc.Sources, doc.Enrichers, doc.Sinks} {
+		for _, c := range list {
+			if c.Isolation == "inproc" {
+				continue
+			}
+			switch {
+			case os.Geteuid() == 0 && c.RunAs == "":
+				asRoot = append(asRoot, c.Path)
+			case os.Geteuid() != 0 && c.RunAs != "":
+				ignored = append(ignored, c.Path)
+			}
+		}
+	}
+	if len(asRoot) > 0 {
+		log.Warn("plugin processes run as root, each with only the capabilities it needs; set run_as: flowpipe in the pipeline file to run them as an unprivileged user (docs/security.md)", "components", strings.Join(asRoot, ","))
+	}
+	if len(ignored) > 0 {
+		log.Warn("run_as is ignored: flowpipe does not run as root, so plugin processes run as its own user", "uid", os.Geteuid(), "components", strings.Join(ignored, ","))
+	}
 }

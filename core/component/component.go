@@ -166,3 +166,12 @@ func (e Env) Register(cs ...prometheus.Collector) error {
 	}
 	return nil
 }
+
+// NeedsCapabilities is implemented by a component's config (the value its factory's
+// NewConfig returns, decoded and validated) when, with those options, the component needs
+// Linux capabilities, named as in capabilities(7) ("CAP_NET_ADMIN"). The plugin host starts
+// the component's process with exactly these and with none other (docs/security.md); a
+// config without the method needs none.
+type NeedsCapabilities interface {
+	Capabilities() []string
+}

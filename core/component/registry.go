@@ -51,6 +51,20 @@ func (f Factory) Build(env Env, raw map[string]any) (any, error) {
 	return f.New(env, cfg)
 }
 
+// Capabilities decodes and checks raw as Build does and returns the Linux capabilities the
+// component needs with these options (NeedsCapabilities on its config; none without it):
+// what the plugin host gives its process.
+func (f Factory) Capabilities(raw map[string]any) ([]string, error) {
+	cfg := f.NewConfig()
+	if errs := options.Check(raw, cfg, ""); len(errs) > 0 {
+		return nil, errs
+	}
+	if n, ok := cfg.(NeedsCapabilities); ok {
+		return n.Capabilities(), nil
+	}
+	return nil, nil
+}
+
 // NewSourceFactory is a typed helper for a source factory.
 func NewSourceFactory[C any](typ, summary string, defaults func() *C, build func(Env, *C) (Source, error)) Factory {
 	return newFactory(KindSource, typ, summary, defaults, func(env Env, c *C) (any, error) { return build(env, c) })

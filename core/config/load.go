@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"os/user"
 	"path/filepath"
 	"regexp"
 	"sort"
@@ -37,7 +38,10 @@ type Document struct {
 	Runtime Runtime
 	// DataDir holds every component's state (disk queues, journals, what a source changed
 	// on the host); `data_dir:` in pipeline.yaml, see DefaultDataDir.
-	DataDir   string
+	DataDir string
+	// RunAs is the user plugin processes run as when flowpipe runs as root (`run_as:`);
+	// empty keeps them as root, without capabilities beyond their own (docs/security.md).
+	RunAs     string
 	Sources   []Component // sorted by name
 	Enrichers []Component // in pipeline order
 	Sinks     []Component // sorted by name
@@ -84,6 +88,9 @@ type Component struct {
 	Plugin    string // external plugin name or path
 	SHA256    string // pin for Plugin
 	Isolation string // "", "inproc" or "process"
+	// RunAs is the user this component's process runs as when flowpipe runs as root: its own
+	// `run_as:`, else the top-level one.
+	RunAs string
 	// Process holds the plugin host's settings for a component run out of process
 	// (`process:` in pipeline.yaml); the plugin host decodes and checks them.
 	Process any
@@ -354,9 +361,9 @@ func (d *Document) decodeTop(raw map[string]any) Problems {
 	var probs Problems
 	for key := range raw {
 		switch key {
-		case "admin", "runtime", "data_dir", "sources", "enrichers", "sinks":
+		case "admin", "runtime", "data_dir", "run_as", "sources", "enrichers", "sinks":
 		default:
-			probs = append(probs, d.Problem(key, "unknown top-level key (want admin, runtime, data_dir, sources, enrichers, sinks)"))
+			probs = append(probs, d.Problem(key, "unknown top-level key (want admin, runtime, data_dir, run_as, sources, enrichers, sinks)"))
 		}
 	}
 	d.Admin = Admin{Listen: DefaultAdminListen, TapRing: DefaultTapRing}
@@ -388,6 +395,10 @@ func (d *Document) decodeTop(raw map[string]any) Problems {
 		}
 	}
 
+	if v, ok := raw["run_as"]; ok {
+		d.RunAs, probs = d.runAs(v, "run_as", probs)
+	}
+
 	var ps Problems
 	d.Sources, ps = d.componentMap(raw["sources"], "sources", component.KindSource)
 	probs = append(probs, ps...)
@@ -411,6 +422,13 @@ func (d *Document) decodeTop(raw map[string]any) Problems {
 			}
 			seen[c.Name] = path
 			d.Enrichers = append(d.Enrichers, c)
+		}
+	}
+	for _, list := range [][]Component{d.Sources, d.Enrichers, d.Sinks} {
+		for i := range list {
+			if list[i].RunAs == "" {
+				list[i].RunAs = d.RunAs
+			}
 		}
 	}
 	if len(d.Sources) == 0 {
@@ -486,6 +504,8 @@ func (d *Document) component(v any, path, name string, kind component.Kind) (Com
 		case "type", "plugin", "sha256", "isolation":
 		case "process":
 			c.Process = x
+		case "run_as":
+			c.RunAs, probs = d.runAs(x, Join(path, key), probs)
 		case "name":
 			if kind != component.KindEnricher {
 				c.Options[key] = x
@@ -514,6 +534,9 @@ func (d *Document) component(v any, path, name string, kind component.Kind) (Com
 	default:
 		probs = append(probs, d.Problem(Join(path, "isolation"), "unknown isolation %q (want inproc or process)", c.Isolation))
 	}
+	if _, ok := m["run_as"]; ok && c.Isolation == "inproc" {
+		probs = append(probs, d.Problem(Join(path, "run_as"), "run_as applies to a component in its own process; remove it or isolation: inproc"))
+	}
 	if c.SHA256 != "" {
 		if c.Plugin == "" {
 			probs = append(probs, d.Problem(Join(path, "sha256"), "sha256 pins an external plugin; set plugin: too"))
@@ -522,6 +545,19 @@ func (d *Document) component(v any, path, name string, kind component.Kind) (Com
 		}
 	}
 	return c, probs
+}
+
+// runAs checks a run_as: value: a user that exists on this machine (its uid and groups are
+// looked up when a process starts).
+func (d *Document) runAs(v any, path string, probs Problems) (string, Problems) {
+	name, ok := v.(string)
+	if !ok || name == "" {
+		return "", append(probs, d.Problem(path, "want a user name, got %s", options.Describe(v)))
+	}
+	if _, err := user.Lookup(name); err != nil {
+		return "", append(probs, d.Problem(path, "no user %q on this machine: create it (useradd --system %s; the Debian package creates flowpipe) or remove run_as", name, name))
+	}
+	return name, probs
 }
 
 func isHex64(s string) bool {

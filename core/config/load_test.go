@@ -198,3 +198,21 @@ func TestDataDir(t *testing.T) {
 	_, ps = load(t, "data_dir: [a]\n"+valid)
 	wantProblem(t, ps, "pipeline.yaml:1", "data_dir", "want a directory path")
 }
+
+func TestRunAs(t *testing.T) {
+	// root and nobody exist on every Debian machine.
+	d, ps := load(t, "run_as: nobody\nsources:\n  a: {type: generate}\n  b: {type: generate, run_as: root}\nsinks:\n  s: {type: discard}\n")
+	if len(ps) > 0 {
+		t.Fatal(ps)
+	}
+	if d.RunAs != "nobody" || d.Sources[0].RunAs != "nobody" || d.Sources[1].RunAs != "root" || d.Sinks[0].RunAs != "nobody" {
+		t.Errorf("run_as: top %q, a %q, b %q, s %q", d.RunAs, d.Sources[0].RunAs, d.Sources[1].RunAs, d.Sinks[0].RunAs)
+	}
+	if _, ok := d.Sources[1].Options["run_as"]; ok {
+		t.Error("run_as reached the component's options")
+	}
+	_, ps = load(t, "run_as: no-such-user-here\nsources:\n  a: {type: generate, isolation: inproc, run_as: root}\n  b: {type: generate, run_as: 7}\nsinks:\n  s: {type: discard}\n")
+	wantProblem(t, ps, "pipeline.yaml:1", "run_as", `no user "no-such-user-here" on this machine: create it (useradd --system no-such-user-here`)
+	wantProblem(t, ps, "pipeline.yaml:3", "sources.a.run_as", "run_as applies to a component in its own process")
+	wantProblem(t, ps, "pipeline.yaml:4", "sources.b.run_as", "want a user name, got")
+}

@@ -17,6 +17,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"gopkg.in/yaml.v3"
@@ -24,6 +25,7 @@ import (
 	"github.com/flowpipe/flowpipe/core/component"
 	"github.com/flowpipe/flowpipe/core/config"
 	"github.com/flowpipe/flowpipe/core/options"
+	"github.com/flowpipe/flowpipe/internal/privilege"
 )
 
 // PluginDirEnv names a directory searched for plugins after plugins/ beside the pipeline
@@ -128,6 +130,9 @@ func (h *Host) Instantiate(ctx context.Context, spec config.Component, env compo
 	if err != nil {
 		return nil, err
 	}
+	if l.priv, err = h.privileges(spec); err != nil {
+		return nil, err
+	}
 	optYAML, err := yaml.Marshal(spec.Options)
 	if err != nil {
 		return nil, fmt.Errorf("encode options for the plugin: %w", err)
@@ -170,7 +175,8 @@ type launcher struct {
 	cmd      func() (*exec.Cmd, error)
 	checksum []byte // SHA-256 the binary must have; nil: not pinned
 	path     string
-	inMemory bool // served inside this process (ServeInMemory): nothing to restart
+	inMemory bool            // served inside this process (ServeInMemory): nothing to restart
+	priv     *privilege.Spec // capabilities and user of the process; nil: none, as flowpipe's user
 }
 
 func (h *Host) launcher(spec config.Component, configDir string) (*launcher, error) {
@@ -280,7 +286,52 @@ func checkExecutable(path string) error {
 	case st.Mode()&0o111 == 0:
 		return fmt.Errorf("plugin binary %s is not executable (chmod +x it)", path)
 	}
-	return nil
+	return checkNotReplaceable(path)
+}
+
+// checkNotReplaceable refuses a plugin that someone other than root or flowpipe's own user
+// could replace: the binary, and every directory above it, must be owned by one of them and
+// writable by no one else (a world-writable directory with the sticky bit, such as /tmp,
+// protects what others own in it).
+func checkNotReplaceable(path string) error {
+	real, err := filepath.EvalSymlinks(path)
+	if err != nil {
+		return fmt.Errorf("plugin binary %s: %w", path, err)
+	}
+	real, err = filepath.Abs(real)
+	if err != nil {
+		return err
+	}
+	self := uint32(os.Geteuid())
+	for p := real; ; p = filepath.Dir(p) {
+		st, err := os.Stat(p)
+		if err != nil {
+			return fmt.Errorf("plugin binary %s: %w", path, err)
+		}
+		sys, ok := st.Sys().(*syscall.Stat_t)
+		if !ok {
+			return nil
+		}
+		what := "plugin binary"
+		if p != real {
+			what = "plugin directory"
+		}
+		mode := st.Mode()
+		// The sticky bit lets only an entry's owner rename or remove it, and what is below
+		// was checked already.
+		sticky := mode.IsDir() && mode&os.ModeSticky != 0
+		switch {
+		case sys.Uid != 0 && sys.Uid != self:
+			return fmt.Errorf("%s %s is owned by uid %d, neither root nor flowpipe's user (uid %d): refusing to start %s, which that user could replace; chown it to root", what, p, sys.Uid, self, real)
+		case mode.Perm()&0o002 != 0 && !sticky:
+			return fmt.Errorf("%s %s is writable by every user (mode %s): refusing to start %s, which anyone could replace; chmod o-w %s", what, p, mode.Perm(), real, p)
+		case mode.Perm()&0o020 != 0 && sys.Gid != 0 && !sticky:
+			return fmt.Errorf("%s %s is writable by group %d (mode %s): refusing to start %s, which the group's members could replace; chmod g-w %s", what, p, sys.Gid, mode.Perm(), real, p)
+		}
+		if p == "/" || p == filepath.Dir(p) {
+			return nil
+		}
+	}
 }
 
 // FileSHA256 is the SHA-256 of a file, as sha256sum prints it.

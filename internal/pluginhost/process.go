@@ -24,6 +24,7 @@ import (
 	"github.com/flowpipe/flowpipe/core/config"
 	"github.com/flowpipe/flowpipe/core/options"
 	pb "github.com/flowpipe/flowpipe/internal/pluginproto"
+	"github.com/flowpipe/flowpipe/internal/privilege"
 )
 
 // proc is one running plugin process and its gRPC clients. A restart makes a new proc.
@@ -64,6 +65,19 @@ func startProc(ctx context.Context, l *launcher, spec config.Component, env comp
 			return nil, false, options.FieldErrors{{Path: "sha256", Msg: fmt.Sprintf("%s has SHA-256 %x, but pipeline.yaml pins %s: refusing to start it. If you replaced the plugin on purpose, set sha256: to the output of `sha256sum %s`", cmd.Path, sum, hex.EncodeToString(l.checksum), cmd.Path)}}
 		}
 	}
+	// Every plugin process starts through the privilege launcher: only the capabilities its
+	// component declared, an emptied bounding set, no_new_privs, and the run_as user.
+	priv := privilege.Spec{}
+	if l.priv != nil {
+		priv = *l.priv
+	}
+	var launchSum []byte
+	if l.path != "" {
+		launchSum = l.checksum // cmd.Path becomes the launcher: it checks the plugin's pin
+	}
+	if err := privilege.Wrap(cmd, priv, launchSum); err != nil {
+		return nil, false, fmt.Errorf("%s: %w", l.describe, err)
+	}
 	cmd.Env = append(cmd.Env, pb.ParentPIDEnv+"="+strconv.Itoa(os.Getpid()))
 	// go-plugin owns the plugin's standard output (the handshake, then a gRPC stream that
 	// copies asynchronously); flowpipe's own stdout goes along as fd 3, so that a component
@@ -89,7 +103,9 @@ func startProc(ctx context.Context, l *launcher, spec config.Component, env comp
 		SyncStdout:       out,
 		SyncStderr:       out,
 	}
-	if l.checksum != nil {
+	if l.checksum != nil && l.path == "" {
+		// A built-in: the launcher is the flowpipe binary itself, pinned so that a flowpipe
+		// replaced on disk is not started as a plugin of this one.
 		cfg.SecureConfig = &goplugin.SecureConfig{Checksum: l.checksum, Hash: sha256.New()}
 	}
 	p := &proc{client: goplugin.NewClient(cfg), cmd: cmd, done: make(chan struct{}), release: make(chan struct{})}

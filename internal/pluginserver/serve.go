@@ -11,6 +11,7 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 	goplugin "github.com/hashicorp/go-plugin"
+	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
 
 	"github.com/flowpipe/flowpipe/core/component"
@@ -32,6 +33,10 @@ func Serve(f component.Factory, version string) int {
 		fmt.Fprintln(os.Stderr, "flowpipe plugin: the flowpipe process that started this plugin is gone; exiting")
 		return 1
 	}
+	// Not dumpable: another process of the same user (a sibling plugin running as the same
+	// run_as user, compromised) cannot ptrace this one or read its memory and environment
+	// (secrets in options, the mTLS certificate); no core dumps either (docs/security.md).
+	_ = unix.Prctl(unix.PR_SET_DUMPABLE, 0, 0, 0, 0)
 	// A service manager stopping flowpipe may signal its whole process group; the plugin
 	// must stay until flowpipe has flushed and closed it (go-plugin already ignores
 	// SIGINT). It cannot outlive flowpipe: the parent-death signal is SIGKILL, and the

@@ -23,6 +23,7 @@ import (
 	"github.com/flowpipe/flowpipe/core/config"
 	"github.com/flowpipe/flowpipe/core/flow"
 	"github.com/flowpipe/flowpipe/core/schema"
+	"github.com/flowpipe/flowpipe/internal/privilege"
 )
 
 // Config is the file sink's options.
@@ -216,11 +217,11 @@ func (s *Sink) open() error {
 		return nil
 	}
 	if err := os.MkdirAll(filepath.Dir(s.path), 0o750); err != nil {
-		return fmt.Errorf("create directory for %s: %w", s.path, err)
+		return fmt.Errorf("create directory for %s: %w", s.path, privilege.ExplainWrite(err, filepath.Dir(s.path)))
 	}
 	f, err := os.OpenFile(s.path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o640)
 	if err != nil {
-		return fmt.Errorf("open %s: %w", s.path, err)
+		return fmt.Errorf("open %s: %w", s.path, privilege.ExplainWrite(err, filepath.Dir(s.path)))
 	}
 	st, err := f.Stat()
 	if err != nil {

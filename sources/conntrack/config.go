@@ -135,3 +135,13 @@ func (c *Config) Validate() error {
 	}
 	return nil
 }
+
+// Capabilities: netlink conntrack and nftables need CAP_NET_ADMIN; entering another network
+// namespace needs CAP_SYS_ADMIN.
+func (c *Config) Capabilities() []string {
+	caps := []string{"CAP_NET_ADMIN"}
+	if c.NetNS != "" {
+		caps = append(caps, "CAP_SYS_ADMIN")
+	}
+	return caps
+}

@@ -24,6 +24,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/flowpipe/flowpipe/internal/privilege"
 	"github.com/mdlayher/netlink"
 	"github.com/prometheus/client_golang/prometheus"
 	ct "github.com/ti-mo/conntrack"
@@ -161,7 +162,7 @@ func (s *Source) Start(ctx context.Context) error {
 	s.started = true
 	if err := s.open(); err != nil {
 		s.closeLocked()
-		return fmt.Errorf("conntrack source %s: %w", s.env.Name, err)
+		return fmt.Errorf("conntrack source %s: %w", s.env.Name, privilege.Explain(err, s.cfg.Capabilities()))
 	}
 	return nil
 }

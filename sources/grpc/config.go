@@ -115,3 +115,13 @@ func (c *Config) Validate() error {
 	}
 	return errs.Err()
 }
+
+// Capabilities: listening on a port below 1024 needs CAP_NET_BIND_SERVICE.
+func (c *Config) Capabilities() []string {
+	if _, port, err := net.SplitHostPort(c.Listen); err == nil {
+		if n, err := strconv.Atoi(port); err == nil && n > 0 && n < 1024 {
+			return []string{"CAP_NET_BIND_SERVICE"}
+		}
+	}
+	return nil
+}

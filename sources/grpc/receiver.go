@@ -29,6 +29,7 @@ import (
 
 	"github.com/flowpipe/flowpipe/core/component"
 	"github.com/flowpipe/flowpipe/internal/flowwire"
+	"github.com/flowpipe/flowpipe/internal/privilege"
 	"github.com/flowpipe/flowpipe/internal/tlsfiles"
 	pb "github.com/flowpipe/flowpipe/proto/flow"
 )
@@ -131,7 +132,7 @@ func (r *Receiver) Start(context.Context) error {
 	r.startOnce.Do(func() {
 		lis, err := net.Listen("tcp", r.cfg.Listen)
 		if err != nil {
-			r.startErr = fmt.Errorf("listen %s: %w", r.cfg.Listen, err)
+			r.startErr = fmt.Errorf("listen %s: %w", r.cfg.Listen, privilege.Explain(err, r.cfg.Capabilities()))
 			return
 		}
 		r.lis = lis

@@ -141,3 +141,19 @@ func Factory() component.Factory {
 	f.Reasons.Dropped = []string{"pending_full"}
 	return f
 }
+
+// Capabilities: a live capture (AF_PACKET) needs CAP_NET_RAW, promiscuous mode CAP_NET_ADMIN,
+// entering another network namespace CAP_SYS_ADMIN; reading a pcap file needs none.
+func (c *Config) Capabilities() []string {
+	var caps []string
+	if c.Interface != "" {
+		caps = append(caps, "CAP_NET_RAW")
+		if c.Promiscuous {
+			caps = append(caps, "CAP_NET_ADMIN")
+		}
+	}
+	if c.Netns != "" {
+		caps = append(caps, "CAP_SYS_ADMIN")
+	}
+	return caps
+}

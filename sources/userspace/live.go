@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/flowpipe/flowpipe/internal/netns"
+	"github.com/flowpipe/flowpipe/internal/privilege"
 
 	"github.com/gopacket/gopacket/afpacket"
 	"github.com/gopacket/gopacket/layers"
@@ -116,6 +117,7 @@ const addrRefresh = 30 * time.Second
 // runLive captures until ctx ends, then ends the connections still open.
 func (s *Source) runLive(ctx context.Context, out component.Emitter) error {
 	tp, link, ifAddrs, err := s.openLive()
+	err = privilege.Explain(err, s.cfg.Capabilities())
 	if err != nil {
 		return err
 	}
