@@ -22,8 +22,8 @@ import (
 	"github.com/flowpipe/flowpipe/internal/testenv"
 )
 
-// proc is one flowpipe process of the tier, restartable with the same configuration.
-type proc struct {
+// tierProc is one flowpipe process of the tier, restartable with the same configuration.
+type tierProc struct {
 	t      *testing.T
 	name   string
 	dir    string
@@ -33,10 +33,10 @@ type proc struct {
 	logs   strings.Builder // every earlier run's log
 }
 
-func startProc(t *testing.T, dir, name, yaml string) *proc {
+func startProc(t *testing.T, dir, name, yaml string) *tierProc {
 	t.Helper()
 	writeFile(t, filepath.Join(dir, name+".yaml"), yaml)
-	p := &proc{t: t, name: name, dir: dir}
+	p := &tierProc{t: t, name: name, dir: dir}
 	p.start()
 	t.Cleanup(func() {
 		if p.cmd != nil {
@@ -50,7 +50,7 @@ func startProc(t *testing.T, dir, name, yaml string) *proc {
 	return p
 }
 
-func (p *proc) start() {
+func (p *tierProc) start() {
 	p.t.Helper()
 	if p.stderr != nil {
 		p.logs.WriteString(p.stderr.String())
@@ -77,7 +77,7 @@ func (p *proc) start() {
 	})
 }
 
-func (p *proc) kill() {
+func (p *tierProc) kill() {
 	p.t.Helper()
 	if err := p.cmd.Process.Signal(syscall.SIGKILL); err != nil {
 		p.t.Fatal(err)
@@ -88,7 +88,7 @@ func (p *proc) kill() {
 
 // wait waits for the process to exit by itself (an agent whose count is done) and fails on
 // a non-zero status.
-func (p *proc) wait() {
+func (p *tierProc) wait() {
 	p.t.Helper()
 	select {
 	case err := <-p.exited:
