@@ -96,7 +96,7 @@ func New(env component.Env, c *Config) (*Sink, error) {
 	if env.Metrics == nil {
 		env.Metrics = component.NopMetrics{}
 	}
-	addr, useTLS := c.target()
+	addr, useTLS, dialOpts := c.dial()
 	var tc credentials.TransportCredentials
 	if useTLS {
 		cfg, err := clientTLS(env, c)
@@ -128,9 +128,9 @@ func New(env component.Env, c *Config) (*Sink, error) {
 	if tok != nil {
 		opts = append(opts, grpc.WithPerRPCCredentials(tok))
 	}
-	conn, err := grpc.NewClient(addr, opts...)
+	conn, err := grpc.NewClient(addr, append(opts, dialOpts...)...)
 	if err != nil {
-		return nil, fmt.Errorf("grpc sink %s: %w", c.URL, err)
+		return nil, fmt.Errorf("grpc sink %s: %w", c.collectors(), err)
 	}
 	s := &Sink{
 		cfg: c, log: env.Logger, env: env, conn: conn, key: c.publicKey(),
@@ -339,7 +339,7 @@ func (s *Sink) run(ctx context.Context) {
 		if s.closedIdle(err) {
 			// The receiver closes streams that carry nothing (its idle_timeout): not a
 			// failure; open the next one at once.
-			s.log.Debug("collector closed the idle stream; reopening", "url", s.cfg.URL)
+			s.log.Debug("collector closed the idle stream; reopening", "url", s.cfg.collectors())
 			continue
 		}
 		s.mu.Lock()
@@ -348,7 +348,7 @@ func (s *Sink) run(ctx context.Context) {
 		s.mu.Unlock()
 		delay := reconnect.Next()
 		s.env.Metrics.Errors("stream", 1)
-		s.log.Warn("stream to collector failed; reconnecting", "url", s.cfg.URL, "err", err, "events_waiting", waiting, "retry_in", delay.Round(time.Millisecond))
+		s.log.Warn("stream to collector failed; reconnecting", "url", s.cfg.collectors(), "err", err, "events_waiting", waiting, "retry_in", delay.Round(time.Millisecond))
 		if !s.waitRetry(ctx, delay) {
 			return
 		}
@@ -437,7 +437,7 @@ func (s *Sink) serve(ctx context.Context, gen uint64) error {
 	}
 	s.mu.Unlock()
 	s.poke()
-	s.log.Info("stream to collector open", "url", s.cfg.URL)
+	s.log.Info("stream to collector open", "url", s.cfg.collectors())
 
 	recvErr := make(chan error, 1)
 	go func() {
@@ -551,7 +551,7 @@ func (s *Sink) Health() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.stream == 0 && s.lastErr != nil {
-		return fmt.Errorf("no stream to %s (%d events waiting): %w", s.cfg.URL, len(s.pending), s.lastErr)
+		return fmt.Errorf("no stream to %s (%d events waiting): %w", s.cfg.collectors(), len(s.pending), s.lastErr)
 	}
 	return nil
 }

@@ -257,7 +257,7 @@ func (r *Receiver) close(ctx context.Context) error {
 	if j := r.coll.journal; j != nil {
 		r.coll.mu.Lock()
 		defer r.coll.mu.Unlock()
-		return j.close()
+		return j.Close()
 	}
 	return nil
 }
