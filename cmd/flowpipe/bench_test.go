@@ -60,3 +60,21 @@ func BenchmarkPipelineGenerateToFileNoSync(b *testing.B) {
 func BenchmarkPipelineGenerateToFileGroupCommit(b *testing.B) {
 	benchPipelineBatch(b, 4096, "{type: file, isolation: inproc, path: flows.jsonl, max_size: 0, in_flight: 2}")
 }
+
+// The same shapes with the sink's queue on disk: every batch is written (and, with
+// sync: batch, fsynced) into the queue, then read back and written by the sink.
+func BenchmarkPipelineGenerateToDiscardDiskQueue(b *testing.B) {
+	benchPipelineBatch(b, 4096, "{type: discard, isolation: inproc, queue: {type: disk, path: q, max_size: 64GiB}}")
+}
+
+func BenchmarkPipelineGenerateToFileNoSyncMemoryQueue(b *testing.B) {
+	benchPipelineBatch(b, 4096, "{type: file, isolation: inproc, path: flows.jsonl, max_size: 0, sync: none}")
+}
+
+func BenchmarkPipelineGenerateToFileNoSyncDiskQueue(b *testing.B) {
+	benchPipelineBatch(b, 4096, "{type: file, isolation: inproc, path: flows.jsonl, max_size: 0, sync: none, queue: {type: disk, path: q, max_size: 64GiB}}")
+}
+
+func BenchmarkPipelineGenerateToFileNoSyncDiskQueueInterval(b *testing.B) {
+	benchPipelineBatch(b, 4096, "{type: file, isolation: inproc, path: flows.jsonl, max_size: 0, sync: none, queue: {type: disk, path: q, max_size: 64GiB, sync: interval}}")
+}

@@ -655,7 +655,7 @@ func TestAdminListenValidation(t *testing.T) {
 		writeFile(t, filepath.Join(dir, "pipeline.yaml"), "admin:\n"+admin+`
 data_dir: data
 sources:
-  gen: {type: generate, count: 1}
+  gen: {type: generate, count: 2}
 sinks:
   out: {type: file, path: out.jsonl}
 `)

@@ -107,6 +107,7 @@ func New(ctx context.Context, doc *config.Document, opts Options) (*Pipeline, er
 	p.fanout = p.taps.Point(tap.Fanout, "fanout")
 	var probs config.Problems
 	var sinkTaps []*tap.Hub
+	queueDirs := map[string]string{} // disk queue directory → sink
 	for _, spec := range doc.Sinks {
 		settings := defaultSinkSettings()
 		if f, ok := opts.Registry.Lookup(spec.Kind, spec.Type); ok && spec.Plugin == "" && f.InFlight > 0 {
@@ -120,7 +121,19 @@ func New(ctx context.Context, doc *config.Document, opts Options) (*Pipeline, er
 				delete(opts2, k)
 			}
 		}
-		probs = append(probs, doc.Problems(spec.Path, options.Check(rt, &settings, ""))...)
+		errs := options.Check(rt, &settings, "")
+		errs = append(errs, queueKeyErrors(rt, settings.Queue.Type)...)
+		var qdir string
+		if len(errs) == 0 && settings.Queue.Type == QueueDisk {
+			qdir = queueDir(doc, spec.Name, settings.Queue)
+			if other, ok := queueDirs[qdir]; ok {
+				errs.Add("queue.path", "%s is already sink %s's queue; every sink needs its own", qdir, other)
+			} else if err := checkQueueDir(qdir); err != nil {
+				errs.Add("queue.path", "%s: %v", qdir, err)
+			}
+			queueDirs[qdir] = spec.Name
+		}
+		probs = append(probs, doc.Problems(spec.Path, errs)...)
 		spec.Options = opts2
 		c, m, ps := p.build(ctx, spec, opts)
 		probs = append(probs, ps...)
@@ -132,7 +145,11 @@ func New(ctx context.Context, doc *config.Document, opts Options) (*Pipeline, er
 			probs = append(probs, doc.Problem(spec.Path, "%s is not a sink", describeSpec(spec)))
 			continue
 		}
-		p.sinks = append(p.sinks, newSinkNode(spec.Name, sink, settings, m, p.log))
+		node := newSinkNode(spec.Name, sink, settings, m, p.log)
+		if qdir != "" {
+			node.queue = newDiskSinkQueue(node, qdir)
+		}
+		p.sinks = append(p.sinks, node)
 		sinkTaps = append(sinkTaps, p.taps.Point(spec.Name, "sink"))
 	}
 	for _, spec := range doc.Enrichers {
@@ -173,6 +190,28 @@ func New(ctx context.Context, doc *config.Document, opts Options) (*Pipeline, er
 	}
 	p.sinkTaps = sinkTaps
 	return p, nil
+}
+
+// queueKeyErrors reports queue keys that do not apply to the chosen queue type.
+func queueKeyErrors(rt map[string]any, typ string) config.FieldErrors {
+	var errs config.FieldErrors
+	raw, _ := rt["queue"].(map[string]any)
+	memOnly := []string{"max_events", "max_batches"}
+	diskOnly := []string{"path", "max_size", "sync", "sync_interval"}
+	check := func(keys []string, want string) {
+		for _, k := range keys {
+			if _, ok := raw[k]; ok {
+				errs.Add("queue."+k, "applies only to queue.type: %s (this queue is %s)", want, typ)
+			}
+		}
+	}
+	switch typ {
+	case QueueMemory:
+		check(diskOnly, QueueDisk)
+	case QueueDisk:
+		check(memOnly, QueueMemory)
+	}
+	return errs
 }
 
 func describeSpec(spec config.Component) string {
@@ -324,6 +363,13 @@ func (p *Pipeline) Run(ctx context.Context) error {
 		return context.WithTimeout(context.Background(), p.doc.Runtime.ShutdownTimeout)
 	}
 
+	// Disk queues open first: what they hold is delivered before anything new.
+	if err := p.openQueues(); err != nil {
+		c, cancel := closeCtx()
+		defer cancel()
+		p.closeAll(c)
+		return err
+	}
 	if err := p.startAll(ctx); err != nil {
 		c, cancel := closeCtx()
 		defer cancel()
@@ -353,7 +399,7 @@ func (p *Pipeline) Run(ctx context.Context) error {
 	c, cancel := closeCtx()
 	defer cancel()
 	p.closeKind(writeCtx, component.KindEnricher)
-	p.drainSinks()
+	p.drainSinks(ctx.Err() != nil)
 	p.closeAll(c)
 	return runErr
 }
@@ -386,17 +432,28 @@ func (p *Pipeline) runSources(ctx context.Context) error {
 }
 
 // drainSinks lets every sink write what its queue holds (its writers stop at the drain
-// deadline), gives up on the rest, and reports what was not delivered.
-func (p *Pipeline) drainSinks() {
+// deadline), gives up on the rest, and reports what was not delivered. A disk queue keeps
+// what it holds when the pipeline was told to stop (keep); it drains when the sources ran
+// out by themselves.
+func (p *Pipeline) drainSinks(keep bool) {
 	for _, s := range p.sinks {
-		s.queue.close()
+		s.queue.close(keep)
 	}
+	kept := false
 	for _, s := range p.sinks {
 		s.wg.Wait()
 		for _, b := range s.queue.drainAll() {
 			s.giveUp(b)
 		}
 		s.updateDepth()
+		if d, ok := s.queue.(*diskSinkQueue); ok {
+			_, events := d.depth()
+			d.shutdown()
+			if events > 0 {
+				kept = true
+				p.log.Info("events kept in the disk queue for the next start", "sink", s.name, "events", events, "path", d.opts.Dir)
+			}
+		}
 	}
 	p.mu.Lock()
 	p.running = false
@@ -413,9 +470,24 @@ func (p *Pipeline) drainSinks() {
 	case lost:
 	case dropped > 0:
 		p.log.Warn("pipeline stopped; sinks dropped events (counted in flowpipe_events_dropped_total by reason), the rest was delivered", "dropped", dropped)
+	case kept:
+		p.log.Info("pipeline stopped; every accepted batch was delivered or is kept in its disk queue")
 	default:
 		p.log.Info("pipeline stopped; every accepted batch was delivered")
 	}
+}
+
+// openQueues opens every sink's disk queue.
+func (p *Pipeline) openQueues() error {
+	for _, s := range p.sinks {
+		if d, ok := s.queue.(*diskSinkQueue); ok {
+			if err := d.open(); err != nil {
+				return fmt.Errorf("sink %s: %w", s.name, err)
+			}
+			s.updateDepth()
+		}
+	}
+	return nil
 }
 
 // startAll starts every component in order, sinks, then enrichers, then sources, and stops
@@ -436,6 +508,11 @@ func (p *Pipeline) startAll(ctx context.Context) error {
 func (p *Pipeline) closeAll(ctx context.Context) {
 	for _, kind := range []component.Kind{component.KindSource, component.KindEnricher, component.KindSink} {
 		p.closeKind(ctx, kind)
+	}
+	for _, s := range p.sinks {
+		if d, ok := s.queue.(*diskSinkQueue); ok {
+			d.shutdown()
+		}
 	}
 }
 

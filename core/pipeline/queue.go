@@ -7,6 +7,26 @@ import (
 	"github.com/flowpipe/flowpipe/core/flow"
 )
 
+// sinkQueue is what stands between the sources and a sink's writers: the memory queue
+// below, or a disk queue (diskqueue.go).
+type sinkQueue interface {
+	// offer queues b for sink n under the sink's full-queue policy, counting what it drops.
+	// It returns an error only when ctx is done or the queue is closed; b is then
+	// acknowledged with flow.ErrShutdown.
+	offer(ctx context.Context, n *sinkNode, b *flow.Batch) error
+	// pop takes the oldest batch, waiting for one; nil when the queue is closed and has
+	// nothing more to hand out, or ctx is done.
+	pop(ctx context.Context) *flow.Batch
+	// close refuses new batches; pop hands out what is left, except that a durable queue
+	// asked to keep what it holds stops handing out at once.
+	close(keep bool)
+	// drainAll removes what a non-durable queue still holds (lost at shutdown).
+	drainAll() []*flow.Batch
+	depth() (batches, events int)
+	// durable reports whether what the queue holds survives the process.
+	durable() bool
+}
+
 // queue is a sink's bounded FIFO of batches, limited both in batches and in events. A batch
 // larger than the event limit is still admitted into an empty queue, so that it cannot block
 // forever.
@@ -146,8 +166,46 @@ func (q *queue) pop(ctx context.Context) *flow.Batch {
 	}
 }
 
-// close stops new pushes; pop drains what is left and then returns nil.
-func (q *queue) close() {
+// offer applies the sink's full-queue policy. It takes a reference to b when the batch is
+// queued; a dropped batch is counted and not retained.
+func (q *queue) offer(ctx context.Context, n *sinkNode, b *flow.Batch) error {
+	b.Retain()
+	switch n.settings.Queue.WhenFull {
+	case WhenFullBlock:
+		if !q.pushWait(ctx, b) {
+			n.giveUp(b)
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			return errStopping
+		}
+	case WhenFullDropNewest:
+		ok, closed := q.tryPush(b)
+		if closed {
+			n.giveUp(b)
+			return errStopping
+		}
+		if !ok {
+			n.drop(b, "queue_full")
+		}
+	case WhenFullDropOldest:
+		evicted, closed := q.pushEvict(b)
+		if closed {
+			n.giveUp(b)
+			return errStopping
+		}
+		for _, old := range evicted {
+			n.drop(old, "queue_full")
+		}
+	}
+	return nil
+}
+
+func (q *queue) durable() bool { return false }
+
+// close stops new pushes; pop drains what is left and then returns nil (a memory queue
+// cannot keep anything, so keep does not apply).
+func (q *queue) close(bool) {
 	q.mu.Lock()
 	q.closed = true
 	q.mu.Unlock()

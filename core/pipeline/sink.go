@@ -26,12 +26,25 @@ type SinkSettings struct {
 	InFlight int `yaml:"in_flight"`
 }
 
-// QueueSettings bound a sink's queue.
+// QueueSettings choose and bound a sink's queue: in memory (max_events, max_batches) or on
+// disk (path, max_size, sync, sync_interval).
 type QueueSettings struct {
+	Type       string `yaml:"type"` // memory or disk
 	MaxEvents  int    `yaml:"max_events"`
 	MaxBatches int    `yaml:"max_batches"`
 	WhenFull   string `yaml:"when_full"` // block, drop_newest or drop_oldest
+
+	Path         string          `yaml:"path"`     // default <data_dir>/queue/<sink name>
+	MaxSize      config.ByteSize `yaml:"max_size"` // bytes on disk
+	Sync         string          `yaml:"sync"`     // batch or interval
+	SyncInterval time.Duration   `yaml:"sync_interval"`
 }
+
+// Queue types.
+const (
+	QueueMemory = "memory"
+	QueueDisk   = "disk"
+)
 
 // RetrySettings shape the exponential backoff of failed writes.
 type RetrySettings struct {
@@ -55,7 +68,10 @@ var sinkSettingKeys = []string{"queue", "retry", "in_flight"}
 
 func defaultSinkSettings() SinkSettings {
 	return SinkSettings{
-		Queue:    QueueSettings{MaxEvents: 100_000, MaxBatches: 1024, WhenFull: WhenFullBlock},
+		Queue: QueueSettings{
+			Type: QueueMemory, MaxEvents: 100_000, MaxBatches: 1024, WhenFull: WhenFullBlock,
+			MaxSize: 1 << 30, Sync: "batch", SyncInterval: 100 * time.Millisecond,
+		},
 		Retry:    RetrySettings{InitialInterval: 100 * time.Millisecond, MaxInterval: 30 * time.Second},
 		InFlight: 1,
 	}
@@ -74,6 +90,21 @@ func (s *SinkSettings) Validate() error {
 	case WhenFullBlock, WhenFullDropNewest, WhenFullDropOldest:
 	default:
 		errs.Add("queue.when_full", "unknown policy %q (want block, drop_newest or drop_oldest)", s.Queue.WhenFull)
+	}
+	switch s.Queue.Type {
+	case QueueMemory:
+	case QueueDisk:
+		if s.Queue.MaxSize < 1<<20 {
+			errs.Add("queue.max_size", "must be at least 1MiB, got %s", s.Queue.MaxSize)
+		}
+		if s.Queue.Sync != "batch" && s.Queue.Sync != "interval" {
+			errs.Add("queue.sync", "unknown mode %q (want batch or interval)", s.Queue.Sync)
+		}
+		if s.Queue.SyncInterval <= 0 {
+			errs.Add("queue.sync_interval", "must be positive")
+		}
+	default:
+		errs.Add("queue.type", "unknown queue type %q (want memory or disk)", s.Queue.Type)
 	}
 	if s.Retry.InitialInterval <= 0 {
 		errs.Add("retry.initial_interval", "must be positive")
@@ -95,7 +126,7 @@ type sinkNode struct {
 	name     string
 	sink     component.Sink
 	settings SinkSettings
-	queue    *queue
+	queue    sinkQueue
 	m        *metrics.Component
 	log      *slog.Logger
 
@@ -103,6 +134,7 @@ type sinkNode struct {
 	consecFails atomic.Int64
 	lastErr     atomic.Pointer[error]
 	undelivered atomic.Int64 // events given up at shutdown
+	kept        atomic.Int64 // events left in a disk queue at shutdown, for the next start
 	dropped     atomic.Int64 // events dropped by policy, retry limit or rejection
 }
 
@@ -114,38 +146,10 @@ func newSinkNode(name string, s component.Sink, st SinkSettings, m *metrics.Comp
 	}
 }
 
-// enqueue hands b to this sink under its queue policy. It takes a reference to b when the
-// batch is queued; a dropped batch is counted and not retained.
+// enqueue hands b to this sink's queue under its policy.
 func (n *sinkNode) enqueue(ctx context.Context, b *flow.Batch) error {
-	b.Retain()
-	switch n.settings.Queue.WhenFull {
-	case WhenFullBlock:
-		if !n.queue.pushWait(ctx, b) {
-			n.giveUp(b)
-			if ctx.Err() != nil {
-				return ctx.Err()
-			}
-			return errStopping
-		}
-	case WhenFullDropNewest:
-		ok, closed := n.queue.tryPush(b)
-		if closed {
-			n.giveUp(b)
-			return errStopping
-		}
-		if !ok {
-			n.drop(b, "queue_full")
-			return nil
-		}
-	case WhenFullDropOldest:
-		evicted, closed := n.queue.pushEvict(b)
-		if closed {
-			n.giveUp(b)
-			return errStopping
-		}
-		for _, old := range evicted {
-			n.drop(old, "queue_full")
-		}
+	if err := n.queue.offer(ctx, n, b); err != nil {
+		return err
 	}
 	n.m.In.Add(float64(len(b.Events)))
 	n.updateDepth()
@@ -236,8 +240,14 @@ func (n *sinkNode) reject(b *flow.Batch, err error) {
 	b.Release(&flow.DropError{Component: n.name, Reason: "rejected", Message: err.Error()})
 }
 
-// giveUp releases a batch the sink could not deliver before the pipeline stopped.
+// giveUp releases a batch the sink could not deliver before the pipeline stopped. A batch
+// from a disk queue stays there for the next start.
 func (n *sinkNode) giveUp(b *flow.Batch) {
+	if n.queue.durable() {
+		n.kept.Add(int64(len(b.Events)))
+		b.Release(flow.ErrShutdown)
+		return
+	}
 	n.undelivered.Add(int64(len(b.Events)))
 	n.m.Dropped("shutdown", len(b.Events))
 	b.Release(flow.ErrShutdown)

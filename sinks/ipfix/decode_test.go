@@ -111,7 +111,7 @@ func (d *decoder) message(b []byte) (*decoded, []byte, error) {
 				return nil, nil, fmt.Errorf("data set %d before its template", id)
 			}
 			for len(set) > 0 {
-				r := record{template: id, values: map[fieldKey][]byte{}}
+				r := record{template: id, values: make(map[fieldKey][]byte, len(fs))}
 				for _, f := range fs {
 					size := int(f.size)
 					if f.size == varLen {

@@ -265,3 +265,26 @@ func TestValidate(t *testing.T) {
 func contains(s, sub string) bool {
 	return len(sub) == 0 || (len(s) >= len(sub) && (s[:len(sub)] == sub || contains(s[1:], sub)))
 }
+
+// Over UDP the templates are sent at start and again every template_refresh, with no batch
+// needed: a collector that restarted learns them without waiting for traffic.
+func TestUDPTemplatesRefreshOnTimer(t *testing.T) {
+	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pc.Close()
+	newSink(t, func(c *Config) { c.Address, c.TemplateRefresh = pc.LocalAddr().String(), 200*time.Millisecond }, nil)
+	buf := make([]byte, 65536)
+	pc.SetReadDeadline(time.Now().Add(20 * time.Second))
+	for i := range 3 { // at start, then twice on the timer
+		n, _, err := pc.ReadFrom(buf)
+		if err != nil {
+			t.Fatalf("template message %d: %v", i+1, err)
+		}
+		m, _, err := newDecoder().message(buf[:n])
+		if err != nil || m.header.templateSets != 1 || m.header.dataRecords != 0 {
+			t.Fatalf("message %d is not a template message: %+v %v", i+1, m, err)
+		}
+	}
+}
