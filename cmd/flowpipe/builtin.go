@@ -9,10 +9,14 @@ import (
 	"github.com/flowpipe/flowpipe/sinks/file"
 	grpcsink "github.com/flowpipe/flowpipe/sinks/grpc"
 	"github.com/flowpipe/flowpipe/sinks/ipfix"
+	jssink "github.com/flowpipe/flowpipe/sinks/jetstream"
+	kafkasink "github.com/flowpipe/flowpipe/sinks/kafka"
 	"github.com/flowpipe/flowpipe/sinks/syslog"
 	"github.com/flowpipe/flowpipe/sources/conntrack"
 	"github.com/flowpipe/flowpipe/sources/generate"
 	grpcsource "github.com/flowpipe/flowpipe/sources/grpc"
+	jssource "github.com/flowpipe/flowpipe/sources/jetstream"
+	kafkasource "github.com/flowpipe/flowpipe/sources/kafka"
 	"github.com/flowpipe/flowpipe/sources/replay"
 	"github.com/flowpipe/flowpipe/sources/userspace"
 )
@@ -25,6 +29,8 @@ func builtins() []component.Factory {
 		conntrack.Factory(),
 		generate.Factory(),
 		grpcsource.Factory(),
+		jssource.Factory(),
+		kafkasource.Factory(),
 		replay.Factory(),
 		userspace.Factory(),
 		// enrichers
@@ -35,6 +41,8 @@ func builtins() []component.Factory {
 		file.Factory(),
 		discard.Factory(),
 		grpcsink.Factory(),
+		jssink.Factory(),
+		kafkasink.Factory(),
 		ipfix.Factory(),
 		syslog.Factory(),
 	}

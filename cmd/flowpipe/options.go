@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"log/slog"
 
 	"github.com/flowpipe/flowpipe/core/config"
@@ -33,14 +34,32 @@ func (g *globalFlags) build(ctx context.Context) (*config.Document, *pipeline.Pi
 		return nil, nil, nil, err
 	}
 	doc, err := g.loadConfig()
+	var probs config.Problems
 	if err != nil {
-		return nil, nil, nil, printProblems(err)
+		if doc == nil || !errors.As(err, &probs) {
+			return nil, nil, nil, printProblems(err)
+		}
+		// The document's own problems (admin, runtime, a section's shape) must not hide
+		// the components': check those too, and report everything at once.
 	}
 	opts := pipelineOptions(log)
 	if doc.Admin.Listen != "" {
 		opts.Taps = tap.NewRegistry(doc.Admin.TapRing)
 	}
 	p, err := pipeline.New(ctx, doc, opts)
+	if len(probs) > 0 {
+		var more config.Problems
+		if errors.As(err, &more) {
+			probs = append(probs, more...)
+		} else if err != nil {
+			probs = append(probs, config.Problem{Where: doc.File, Msg: err.Error()})
+		}
+		if p != nil {
+			p.Close(ctx)
+		}
+		probs.Sort()
+		return nil, nil, nil, printProblems(probs)
+	}
 	if err != nil {
 		return nil, nil, nil, printProblems(err)
 	}

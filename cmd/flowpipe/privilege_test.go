@@ -268,7 +268,7 @@ func TestLeastPrivilegeErrors(t *testing.T) {
 	traversable(t, dir)
 
 	t.Run("unknown run_as user", func(t *testing.T) {
-		writeFile(t, filepath.Join(dir, "nouser.yaml"), "admin: {listen: \"\"}\nrun_as: flowpipe-no-such-user\nsources: {g: {type: generate, count: 1}}\nsinks:\n  o: {type: discard, run_as: another-missing-user}\n")
+		writeFile(t, filepath.Join(dir, "nouser.yaml"), "admin: {listen: \"\"}\nrun_as: flowpipe-no-such-user\nsources: {g: {type: generate, count: 2}}\nsinks:\n  o: {type: discard, run_as: another-missing-user}\n")
 		_, stderr, code := flowpipe(t, dir, "validate", "-c", "nouser.yaml")
 		for _, want := range []string{
 			`nouser.yaml:2: run_as: no user "flowpipe-no-such-user" on this machine: create it (useradd --system flowpipe-no-such-user`,
@@ -314,7 +314,7 @@ func TestLeastPrivilegeErrors(t *testing.T) {
 		}
 		bin := filepath.Join(plugins, "flowpipe-sink-x")
 		writeFile(t, bin, "#!/bin/sh\nexit 1\n")
-		writeFile(t, filepath.Join(dir, "plug.yaml"), "admin: {listen: \"\"}\nsources: {g: {type: generate, count: 1}}\nsinks: {o: {plugin: x}}\n")
+		writeFile(t, filepath.Join(dir, "plug.yaml"), "admin: {listen: \"\"}\nsources: {g: {type: generate, count: 2}}\nsinks: {o: {plugin: x}}\n")
 		for _, tc := range []struct {
 			path string
 			mode os.FileMode

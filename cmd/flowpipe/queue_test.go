@@ -299,7 +299,7 @@ sinks:
 	writeFile(t, filepath.Join(dir, "shared.yaml"), `
 admin: {listen: ""}
 sources:
-  gen: {type: generate, count: 1}
+  gen: {type: generate, count: 2}
 sinks:
   a: {type: discard, queue: {type: disk, path: q}}
   b: {type: discard, queue: {type: disk, path: ./q/}}
@@ -313,7 +313,7 @@ sinks:
 	writeFile(t, filepath.Join(dir, "bad.yaml"), `
 admin: {listen: ""}
 sources:
-  gen: {type: generate, count: 1}
+  gen: {type: generate, count: 2}
 sinks:
   a: {type: discard, queue: {type: disk, path: blocked/q}}
 `)

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"log/slog"
 	"os"
 	"os/signal"
@@ -13,7 +14,19 @@ import (
 
 	"github.com/flowpipe/flowpipe/core/admin"
 	"github.com/flowpipe/flowpipe/core/config"
+	"github.com/flowpipe/flowpipe/core/pipeline"
 )
+
+// Exit codes of flowpipe run (docs/architecture.md, Lifecycle).
+const (
+	exitOK          = 0 // stopped, and every accepted event was delivered
+	exitFailed      = 1 // could not start (configuration, a component's start) or a source failed
+	exitUndelivered = 3 // stopped, but accepted events were not delivered (counted in the log)
+)
+
+// forcedStopGrace is how long a second SIGINT/SIGTERM waits for the pipeline to count what
+// it gives up before flowpipe exits regardless.
+const forcedStopGrace = 5 * time.Second
 
 func newRunCmd(g *globalFlags) *cobra.Command {
 	cmd := &cobra.Command{
@@ -22,16 +35,46 @@ func newRunCmd(g *globalFlags) *cobra.Command {
 		Long: `run builds every component of the pipeline file, starts it, and runs until it receives
 SIGINT or SIGTERM, or until every source is exhausted. On shutdown, sources stop, what is in
 flight drains to the sinks within runtime.shutdown_timeout, and anything that could not be
-delivered is reported with counts.`,
+delivered is reported with counts.
+
+A second SIGINT or SIGTERM stops at once: what is still queued is given up, counted and
+logged, and plugin processes are stopped without waiting for them. SIGHUP does not stop
+flowpipe; reloading the pipeline file is not supported yet, so it is logged and ignored.
+
+Exit status:
+  0  stopped, and every event the pipeline accepted was delivered
+  1  the pipeline could not start (configuration, a component's start) or a source failed
+  3  stopped, but accepted events were not delivered: given up at shutdown, dropped by a
+     full queue (when_full: drop_*) or after retry.max_attempts, or failed by an enricher;
+     the log says how many, per sink`,
 		Example: "  flowpipe run\n  flowpipe run -c examples/generate.yaml --log-format json\n  FLOWPIPE_SINKS__STDOUT__PATH=/tmp/flows.jsonl flowpipe run   # the default pipeline's sink is named stdout",
 		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+			// Signals are taken before building, so that a SIGHUP or SIGTERM that arrives
+			// while plugins start is handled too.
+			sigs := make(chan os.Signal, 4)
+			signal.Notify(sigs, os.Interrupt, syscall.SIGTERM, syscall.SIGHUP)
+			defer signal.Stop(sigs)
+			// A closed standard output must be an error the file sink sees (EPIPE) and stops
+			// the pipeline on, not a SIGPIPE that kills flowpipe before it drains its other
+			// sinks and counts what it could not deliver.
+			signal.Notify(make(chan os.Signal, 1), syscall.SIGPIPE)
+			ctx, stop := context.WithCancel(context.Background())
 			defer stop()
+			log, err := g.logger()
+			if err != nil {
+				return err
+			}
+			ready := make(chan *pipeline.Pipeline, 1)
+			finished := make(chan struct{})
+			defer close(finished)
+			go handleSignals(sigs, stop, ready, finished, log)
+
 			doc, p, log, err := g.build(ctx)
 			if err != nil {
 				return err
 			}
+			ready <- p
 			if doc.Admin.Listen != "" {
 				ao, err := adminOptions(doc, p, log)
 				if err != nil {
@@ -50,11 +93,80 @@ delivered is reported with counts.`,
 			warnRunAs(doc, log)
 			stopNotify := notifyService(ctx, p, log)
 			defer stopNotify()
-			return p.Run(ctx)
+			if err := p.Run(ctx); err != nil {
+				if p.Undelivered() > 0 {
+					log.Error("events were not delivered", "events", p.Undelivered())
+				}
+				return err
+			}
+			if p.Undelivered() > 0 {
+				return exitError{exitUndelivered}
+			}
+			return nil
 		},
 	}
 	addConfigFlag(cmd, g)
 	return cmd
+}
+
+// handleSignals turns signals into the pipeline's lifecycle: the first SIGINT/SIGTERM stops
+// it gracefully, the second aborts the drain (and exits if the pipeline still does not
+// return within forcedStopGrace), SIGHUP asks for a reload.
+func handleSignals(sigs <-chan os.Signal, stop context.CancelFunc, ready <-chan *pipeline.Pipeline, done <-chan struct{}, log *slog.Logger) {
+	var p *pipeline.Pipeline
+	stopping := false
+	for {
+		select {
+		case <-done:
+			return
+		case p = <-ready:
+			continue
+		case sig := <-sigs:
+			if sig == syscall.SIGHUP {
+				reload(log, p)
+				continue
+			}
+			if !stopping {
+				stopping = true
+				log.Info("received "+sigName(sig)+"; stopping (send it again to stop at once)", "signal", sigName(sig))
+				stop()
+				continue
+			}
+			log.Warn("received "+sigName(sig)+" again; stopping at once, giving up on what is not delivered", "signal", sigName(sig))
+			if p == nil {
+				os.Exit(exitFailed) // still building: nothing was accepted yet
+			}
+			p.Abort()
+			select {
+			case <-done:
+				return
+			case <-time.After(forcedStopGrace):
+			}
+			log.Error("pipeline did not stop after the forced stop; exiting", "grace", forcedStopGrace, "events_not_delivered_at_least", p.Undelivered())
+			os.Exit(exitUndelivered)
+		}
+	}
+}
+
+// errReloadUnsupported is what a SIGHUP gets until reloading the pipeline is implemented.
+var errReloadUnsupported = errors.New("reloading the pipeline file is not supported yet; flowpipe keeps running with the file it loaded at start (restart it to apply changes)")
+
+// reload is called on SIGHUP. Applying a changed pipeline.yaml while running hooks in here.
+func reload(log *slog.Logger, p *pipeline.Pipeline) {
+	_ = p
+	log.Warn("received SIGHUP: "+errReloadUnsupported.Error(), "signal", "SIGHUP")
+}
+
+func sigName(s os.Signal) string {
+	switch s {
+	case os.Interrupt:
+		return "SIGINT"
+	case syscall.SIGTERM:
+		return "SIGTERM"
+	case syscall.SIGHUP:
+		return "SIGHUP"
+	}
+	return s.String()
 }
 
 // warnRunAs says once, at start, when components' processes keep root (no run_as:) or when

@@ -178,7 +178,7 @@ func Load(file string, data []byte, environ []string) (*Document, error) {
 
 	var root yaml.Node
 	if err := yaml.Unmarshal(data, &root); err != nil {
-		return nil, Problems{yamlProblem(file, err)}
+		return nil, Problems{yamlProblem(file, data, err)}
 	}
 	var probs Problems
 	raw := map[string]any{}
@@ -227,16 +227,35 @@ func Load(file string, data []byte, environ []string) (*Document, error) {
 	return d, nil
 }
 
-func yamlProblem(file string, err error) Problem {
+func yamlProblem(file string, data []byte, err error) Problem {
 	msg := strings.TrimPrefix(err.Error(), "yaml: ")
 	if rest, ok := strings.CutPrefix(msg, "line "); ok {
 		if n, tail, ok := strings.Cut(rest, ": "); ok {
-			if _, err := strconv.Atoi(n); err == nil {
+			if line, err := strconv.Atoi(n); err == nil {
+				if tabIndented(data, line) {
+					tail = "a tab character indents this line; YAML indents with spaces only (" + tail + ")"
+				}
 				return Problem{Where: file + ":" + n, Msg: "invalid YAML: " + tail}
 			}
 		}
 	}
 	return Problem{Where: file, Msg: "invalid YAML: " + msg}
+}
+
+// tabIndented reports whether a tab starts the indentation of line n (1-based) or of the
+// line before it (the YAML parser sometimes reports the line after the one at fault).
+func tabIndented(data []byte, n int) bool {
+	lines := strings.Split(string(data), "\n")
+	for _, i := range []int{n - 1, n - 2} {
+		if i < 0 || i >= len(lines) {
+			continue
+		}
+		indent := lines[i][:len(lines[i])-len(strings.TrimLeft(lines[i], " \t"))]
+		if strings.Contains(indent, "\t") {
+			return true
+		}
+	}
+	return false
 }
 
 // nodeValue converts a YAML node to plain values, interpolating ${VAR} in scalars and

@@ -120,6 +120,29 @@ func (e *DropError) Error() string {
 	return s
 }
 
+// FatalError is a sink's error that no retry can cure and that makes the sink useless: the
+// standard output it writes to was closed by its reader, say. The runtime does not retry;
+// it stops the pipeline, as a Unix tool stops when its output goes away, and counts what
+// was not delivered. Wrap with Fatal; test with IsFatal. It crosses the plugin boundary.
+type FatalError struct{ Err error }
+
+func (e *FatalError) Error() string { return e.Err.Error() }
+func (e *FatalError) Unwrap() error { return e.Err }
+
+// Fatal marks err as fatal for the component that returns it (nil stays nil).
+func Fatal(err error) error {
+	if err == nil {
+		return nil
+	}
+	return &FatalError{Err: err}
+}
+
+// IsFatal reports whether err is, or wraps, a FatalError.
+func IsFatal(err error) bool {
+	var f *FatalError
+	return errors.As(err, &f)
+}
+
 // IsDrop reports whether err (an acknowledgement) is a counted drop.
 func IsDrop(err error) bool {
 	var d *DropError

@@ -2,6 +2,7 @@ package options
 
 import (
 	"fmt"
+	"math"
 	"strconv"
 	"strings"
 )
@@ -36,8 +37,15 @@ func (s *ByteSize) UnmarshalText(b []byte) error {
 	if err != nil {
 		return fmt.Errorf("want a number with an optional unit (B, KB, MB, GB, KiB, MiB, GiB)")
 	}
+	if math.IsNaN(n) || math.IsInf(n, 0) {
+		return fmt.Errorf("want a number with an optional unit (B, KB, MB, GB, KiB, MiB, GiB)")
+	}
 	if n < 0 {
 		return fmt.Errorf("must not be negative")
+	}
+	// Checked before converting: a float beyond int64 would wrap into a negative size.
+	if total := n * float64(mult); total >= math.MaxInt64 {
+		return fmt.Errorf("too large (at most 8EiB)")
 	}
 	*s = ByteSize(n * float64(mult))
 	return nil

@@ -3,26 +3,32 @@ package options
 import "errors"
 
 // Check is the one path from raw options to a valid config, in process and in a plugin
-// process alike: it decodes raw into cfg (a pointer to a struct holding the defaults) and,
-// when that found nothing wrong, runs cfg's Validate() error if it has one. Every problem
-// comes back with its key path under prefix, ready to be positioned at its line.
+// process alike: it decodes raw into cfg (a pointer to a struct holding the defaults) and
+// runs cfg's Validate() error if it has one, reporting every problem at once: a typo in one
+// key does not hide a bad value in another. Validate's findings at a key that already
+// failed to decode (and so kept its default) are left out. Every problem comes back with
+// its key path under prefix, ready to be positioned at its line.
 func Check(raw map[string]any, cfg any, prefix string) FieldErrors {
-	if errs := Decode(raw, cfg, prefix); len(errs) > 0 {
-		return errs
-	}
+	errs := Decode(raw, cfg, "")
 	v, ok := cfg.(interface{ Validate() error })
-	if !ok {
-		return nil
+	if ok {
+		if err := v.Validate(); err != nil {
+			found, ok := FieldErrorsOf(err)
+			if !ok {
+				found = FieldErrors{{Msg: err.Error()}}
+			}
+			bad := map[string]bool{}
+			for _, e := range errs {
+				bad[e.Path] = true
+			}
+			for _, e := range found {
+				if !bad[e.Path] {
+					errs = append(errs, e)
+				}
+			}
+		}
 	}
-	err := v.Validate()
-	if err == nil {
-		return nil
-	}
-	errs, ok := FieldErrorsOf(err)
-	if !ok {
-		errs = FieldErrors{{Msg: err.Error()}}
-	}
-	if prefix == "" {
+	if prefix == "" || len(errs) == 0 {
 		return errs
 	}
 	out := make(FieldErrors, len(errs))

@@ -14,6 +14,7 @@ import (
 	"maps"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/flowpipe/flowpipe/core/component"
@@ -59,6 +60,10 @@ type Pipeline struct {
 	fanout   *tap.Hub   // batches handed to the sinks
 	sinkTaps []*tap.Hub // by index of sinks
 
+	abortOnce sync.Once
+	abort     chan struct{} // closed by Abort
+	failed    atomic.Int64  // events an enricher failed (acknowledged with its error)
+
 	mu      sync.Mutex
 	running bool
 	started bool
@@ -93,7 +98,7 @@ func New(ctx context.Context, doc *config.Document, opts Options) (*Pipeline, er
 	if opts.Registry == nil {
 		return nil, errors.New("pipeline: Options.Registry is required")
 	}
-	p := &Pipeline{doc: doc, log: opts.Logger, metrics: opts.Metrics, stopping: make(chan struct{}), runningc: make(chan struct{})}
+	p := &Pipeline{doc: doc, log: opts.Logger, metrics: opts.Metrics, stopping: make(chan struct{}), runningc: make(chan struct{}), abort: make(chan struct{})}
 	if p.log == nil {
 		p.log = slog.Default()
 	}
@@ -183,9 +188,7 @@ func New(ctx context.Context, doc *config.Document, opts Options) (*Pipeline, er
 	}
 	if len(probs) > 0 {
 		probs.Sort()
-		cctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		p.closeAll(cctx)
+		p.closeAll()
 		return nil, probs
 	}
 	p.sinkTaps = sinkTaps
@@ -227,7 +230,7 @@ func describeSpec(spec config.Component) string {
 var runtimeReasons = map[component.Kind]struct{ dropped, errors []string }{
 	component.KindSource:   {errors: []string{"run"}},
 	component.KindEnricher: {dropped: []string{"enrich_error"}, errors: []string{"enrich"}},
-	component.KindSink:     {dropped: []string{"queue_full", "retries_exhausted", "rejected", "shutdown"}, errors: []string{"write"}},
+	component.KindSink:     {dropped: []string{"queue_full", "retries_exhausted", "rejected", "shutdown"}, errors: []string{"write", "fatal"}},
 }
 
 // build decodes and validates one component's options and builds it.
@@ -338,6 +341,13 @@ func (p *Pipeline) Run(ctx context.Context) error {
 	p.started = true
 	p.mu.Unlock()
 
+	// A sink that can never write again (flow.FatalError) stops the pipeline as a signal would.
+	ctx, stopRun := context.WithCancel(ctx)
+	defer stopRun()
+	for _, s := range p.sinks {
+		s.onFatal = stopRun
+	}
+
 	// writeCtx bounds the sinks' work: cancelled shutdown_timeout after ctx is cancelled.
 	writeCtx, cancelWrites := context.WithCancel(context.Background())
 	defer cancelWrites()
@@ -345,6 +355,9 @@ func (p *Pipeline) Run(ctx context.Context) error {
 	go func() {
 		select {
 		case <-ctx.Done():
+		case <-p.abort:
+			cancelWrites()
+			return
 		case <-stopDeadline:
 			return
 		}
@@ -354,26 +367,20 @@ func (p *Pipeline) Run(ctx context.Context) error {
 		case <-t.C:
 			p.log.Warn("shutdown timeout reached; giving up on undelivered batches", "timeout", p.doc.Runtime.ShutdownTimeout)
 			cancelWrites()
+		case <-p.abort:
+			cancelWrites()
 		case <-stopDeadline:
 		}
 	}()
 	defer close(stopDeadline)
 
-	closeCtx := func() (context.Context, context.CancelFunc) {
-		return context.WithTimeout(context.Background(), p.doc.Runtime.ShutdownTimeout)
-	}
-
 	// Disk queues open first: what they hold is delivered before anything new.
 	if err := p.openQueues(); err != nil {
-		c, cancel := closeCtx()
-		defer cancel()
-		p.closeAll(c)
+		p.closeAll()
 		return err
 	}
 	if err := p.startAll(ctx); err != nil {
-		c, cancel := closeCtx()
-		defer cancel()
-		p.closeAll(c)
+		p.closeAll()
 		return err
 	}
 
@@ -396,12 +403,44 @@ func (p *Pipeline) Run(ctx context.Context) error {
 
 	// Close the enrichers in order, so that what holders (aggregation windows) flush passes
 	// the later stages, then drain the sinks.
-	c, cancel := closeCtx()
-	defer cancel()
 	p.closeKind(writeCtx, component.KindEnricher)
 	p.drainSinks(ctx.Err() != nil)
-	p.closeAll(c)
+	p.closeAll()
 	return runErr
+}
+
+// Abort makes a shutdown in progress (or the next one) give up at once instead of waiting
+// for runtime.shutdown_timeout: writers stop, what is left is acknowledged with
+// flow.ErrShutdown and counted, and components get no more time to close. flowpipe run
+// calls it on a second SIGINT/SIGTERM. Safe to call more than once, from any goroutine.
+func (p *Pipeline) Abort() {
+	p.abortOnce.Do(func() { close(p.abort) })
+}
+
+func (p *Pipeline) aborted() bool {
+	select {
+	case <-p.abort:
+		return true
+	default:
+		return false
+	}
+}
+
+// Undelivered is how many events the pipeline accepted but did not deliver to every sink:
+// given up at shutdown, dropped by a full queue's policy, after retry.max_attempts or as
+// rejected, failed by an enricher, and (while it runs) still in a memory queue; events
+// kept in a disk queue for the next start are not lost and not counted. After Run it is final;
+// flowpipe run exits non-zero when it is not 0.
+func (p *Pipeline) Undelivered() int64 {
+	n := p.failed.Load()
+	for _, s := range p.sinks {
+		n += s.undelivered.Load() + s.dropped.Load()
+		if _, durable := s.queue.(*diskSinkQueue); !durable {
+			_, queued := s.queue.depth() // a disk queue keeps its events for the next start
+			n += int64(queued)
+		}
+	}
+	return n
 }
 
 // runSources runs every source until each returns; the first failure stops the others and
@@ -466,8 +505,13 @@ func (p *Pipeline) drainSinks(keep bool) {
 		}
 		dropped += s.dropped.Load()
 	}
+	if n := p.failed.Load(); n > 0 {
+		lost = true
+		p.log.Error("events failed by an enricher (counted in flowpipe_events_dropped_total{reason=\"enrich_error\"})", "events", n)
+	}
 	switch {
 	case lost:
+		p.log.Error("pipeline stopped; accepted events were not delivered", "events", p.Undelivered())
 	case dropped > 0:
 		p.log.Warn("pipeline stopped; sinks dropped events (counted in flowpipe_events_dropped_total by reason), the rest was delivered", "dropped", dropped)
 	case kept:
@@ -504,10 +548,12 @@ func (p *Pipeline) startAll(ctx context.Context) error {
 }
 
 // closeAll closes every component that was built and is not closed yet, started or not:
-// sources, then enrichers, then sinks.
-func (p *Pipeline) closeAll(ctx context.Context) {
+// sources, then enrichers, then sinks. Each gets runtime.shutdown_timeout of its own,
+// counted from when its close starts, so that a drain that used its deadline, or one slow
+// component, does not spend another's time (and get it blamed); Abort ends every close.
+func (p *Pipeline) closeAll() {
 	for _, kind := range []component.Kind{component.KindSource, component.KindEnricher, component.KindSink} {
-		p.closeKind(ctx, kind)
+		p.closeKind(nil, kind)
 	}
 	for _, s := range p.sinks {
 		if d, ok := s.queue.(*diskSinkQueue); ok {
@@ -516,7 +562,8 @@ func (p *Pipeline) closeAll(ctx context.Context) {
 	}
 }
 
-// closeKind closes, in order, the components of one kind that are not closed yet.
+// closeKind closes, in order, the components of one kind that are not closed yet, within
+// ctx (nil: each within a deadline of its own, as closeAll).
 func (p *Pipeline) closeKind(ctx context.Context, kind component.Kind) {
 	for _, pt := range p.parts {
 		if pt.kind != kind || pt.closed {
@@ -524,10 +571,41 @@ func (p *Pipeline) closeKind(ctx context.Context, kind component.Kind) {
 		}
 		pt.closed = true
 		if cl, ok := pt.c.(component.Closer); ok {
-			if err := cl.Close(ctx); err != nil {
-				p.log.Error("close failed", string(kind), pt.name, "error", err)
-			}
+			p.closeOne(ctx, pt, cl)
 		}
+	}
+}
+
+func (p *Pipeline) closeOne(ctx context.Context, pt *part, cl component.Closer) {
+	timeout := p.doc.Runtime.ShutdownTimeout
+	if timeout <= 0 {
+		timeout = config.DefaultShutdownTimeout
+	}
+	if ctx == nil {
+		c, cancel := context.WithTimeout(context.Background(), timeout)
+		defer cancel()
+		go func() {
+			select {
+			case <-p.abort:
+				cancel()
+			case <-c.Done():
+			}
+		}()
+		ctx = c
+	}
+	err := cl.Close(ctx)
+	switch {
+	case err == nil:
+	case ctx.Err() != nil:
+		// The component was still closing when its time ran out (or the user asked to stop
+		// now): say so, rather than report the context's error as the component's fault.
+		why := fmt.Sprintf("within runtime.shutdown_timeout (%s)", timeout)
+		if p.aborted() {
+			why = "before the forced stop"
+		}
+		p.log.Warn("component did not finish closing "+why+"; it was stopped", string(pt.kind), pt.name)
+	default:
+		p.log.Error("close failed", string(pt.kind), pt.name, "error", err)
 	}
 }
 
@@ -564,6 +642,7 @@ func (p *Pipeline) emitFrom(ctx context.Context, i int, b *flow.Batch) error {
 		if err := e.en.Enrich(ctx, b); err != nil {
 			e.m.Errors("enrich", 1)
 			e.m.Dropped("enrich_error", in)
+			p.failed.Add(int64(in))
 			p.log.Error("enricher failed a batch", "enricher", e.name, "events", in, "error", err)
 			b.Release(fmt.Errorf("enricher %s: %w", e.name, err))
 			return nil
@@ -597,6 +676,6 @@ func (p *Pipeline) Close(ctx context.Context) {
 	p.started = true
 	p.mu.Unlock()
 	if !started {
-		p.closeAll(ctx)
+		p.closeAll()
 	}
 }

@@ -62,6 +62,10 @@ const (
 	WhenFullDropOldest = "drop_oldest"
 )
 
+// MaxInFlight bounds in_flight: more writers than this only multiply goroutines and
+// batches held in memory, never throughput.
+const MaxInFlight = 1024
+
 // sinkSettingKeys are the keys of SinkSettings; they are taken out of a sink's options
 // before the rest goes to the sink's own config.
 var sinkSettingKeys = []string{"queue", "retry", "in_flight"}
@@ -117,6 +121,8 @@ func (s *SinkSettings) Validate() error {
 	}
 	if s.InFlight < 1 {
 		errs.Add("in_flight", "must be at least 1, got %d", s.InFlight)
+	} else if s.InFlight > MaxInFlight {
+		errs.Add("in_flight", "at most %d, got %d: each is a writer with a batch in hand; a sink that waits on remote acknowledgements has its own limit (the grpc sink's max_in_flight)", MaxInFlight, s.InFlight)
 	}
 	return errs.Err()
 }
@@ -136,6 +142,8 @@ type sinkNode struct {
 	undelivered atomic.Int64 // events given up at shutdown
 	kept        atomic.Int64 // events left in a disk queue at shutdown, for the next start
 	dropped     atomic.Int64 // events dropped by policy, retry limit or rejection
+	dead        atomic.Bool  // the sink returned a flow.FatalError
+	onFatal     func()       // stops the pipeline
 }
 
 func newSinkNode(name string, s component.Sink, st SinkSettings, m *metrics.Component, log *slog.Logger) *sinkNode {
@@ -183,6 +191,10 @@ func (n *sinkNode) start(writeCtx context.Context) {
 					return
 				}
 				n.updateDepth()
+				if n.dead.Load() {
+					n.giveUp(b) // a fatal error: nothing more can be written
+					continue
+				}
 				n.write(writeCtx, b)
 			}
 		}()
@@ -204,6 +216,18 @@ func (n *sinkNode) write(ctx context.Context, b *flow.Batch) {
 			return
 		}
 		if ctx.Err() != nil {
+			n.giveUp(b)
+			return
+		}
+		if flow.IsFatal(err) {
+			n.lastErr.Store(&err)
+			n.m.Errors("fatal", 1)
+			if n.dead.CompareAndSwap(false, true) {
+				n.log.Error("sink cannot write any more; stopping the pipeline", "sink", n.name, "error", err)
+				if n.onFatal != nil {
+					n.onFatal()
+				}
+			}
 			n.giveUp(b)
 			return
 		}
@@ -255,6 +279,11 @@ func (n *sinkNode) giveUp(b *flow.Batch) {
 
 // health reports the sink as failing after several consecutive failed writes.
 func (n *sinkNode) health() error {
+	if n.dead.Load() {
+		if p := n.lastErr.Load(); p != nil {
+			return fmt.Errorf("sink %s cannot write any more: %w", n.name, *p)
+		}
+	}
 	if n.consecFails.Load() >= backoff.FailingAfter {
 		if p := n.lastErr.Load(); p != nil {
 			return fmt.Errorf("sink %s: %d consecutive failed writes, last: %w", n.name, n.consecFails.Load(), *p)

@@ -43,30 +43,47 @@ var (
 	ErrTokenMalformed = errors.New("malformed bearer token (want Bearer <signature>.<payload>)")
 	ErrTokenSignature = errors.New("token signature does not match any configured secret")
 	ErrTokenExpired   = errors.New("token expired")
+	ErrTokenTooLong   = errors.New("token expires further ahead than the receiver's max_token_lifetime")
 )
+
+// TokenCheck is what VerifyAuthorizationLimits found: the payload when the value parsed (for
+// logs that say who was refused), and the error, nil when the token is good.
+type TokenCheck struct {
+	Payload string
+	Err     error
+}
 
 // VerifyAuthorization checks an `authorization` metadata value against secrets (any one may
 // have signed it, so that secrets can be rotated) and the expiry in its payload.
 func VerifyAuthorization(value string, secrets [][]byte, now time.Time) error {
+	return VerifyAuthorizationLimits(value, secrets, now, 0).Err
+}
+
+// VerifyAuthorizationLimits is VerifyAuthorization that also refuses a token expiring more
+// than maxLifetime after now (0: no limit): a token valid for years is a leaked credential
+// waiting to happen, whoever signed it.
+func VerifyAuthorizationLimits(value string, secrets [][]byte, now time.Time, maxLifetime time.Duration) TokenCheck {
 	if value == "" {
-		return ErrTokenMissing
+		return TokenCheck{Err: ErrTokenMissing}
 	}
 	const prefix = "bearer "
 	if len(value) < len(prefix) || !strings.EqualFold(value[:len(prefix)], prefix) {
-		return ErrTokenMalformed
+		return TokenCheck{Err: ErrTokenMalformed}
 	}
 	// A base64 signature has no '.', so the first one separates it from the payload.
 	sig, payload, ok := strings.Cut(strings.TrimSpace(value[len(prefix):]), ".")
 	if !ok || sig == "" || payload == "" {
-		return ErrTokenMalformed
+		return TokenCheck{Err: ErrTokenMalformed}
 	}
 	expiry, err := strconv.ParseInt(payload, 10, 64)
 	if err != nil {
-		return ErrTokenMalformed
+		return TokenCheck{Err: ErrTokenMalformed}
 	}
+	c := TokenCheck{Payload: payload}
 	got, err := base64.StdEncoding.DecodeString(sig)
 	if err != nil {
-		return ErrTokenMalformed
+		c.Err = ErrTokenMalformed
+		return c
 	}
 	matched := false
 	for _, s := range secrets {
@@ -77,11 +94,21 @@ func VerifyAuthorization(value string, secrets [][]byte, now time.Time) error {
 			break
 		}
 	}
-	if !matched {
-		return ErrTokenSignature
+	switch {
+	case !matched:
+		c.Err = ErrTokenSignature
+	case now.Unix() >= expiry:
+		c.Err = fmt.Errorf("%w at %s", ErrTokenExpired, time.Unix(expiry, 0).UTC().Format(time.RFC3339))
+	case maxLifetime > 0 && expiry > now.Add(maxLifetime).Unix():
+		c.Err = fmt.Errorf("%w (%s): it expires at %s", ErrTokenTooLong, maxLifetime, expiryText(expiry))
 	}
-	if now.Unix() >= expiry {
-		return fmt.Errorf("%w at %s", ErrTokenExpired, time.Unix(expiry, 0).UTC().Format(time.RFC3339))
+	return c
+}
+
+func expiryText(unix int64) string {
+	t := time.Unix(unix, 0).UTC()
+	if t.Year() > 9999 {
+		return strconv.FormatInt(unix, 10) + " (Unix time)"
 	}
-	return nil
+	return t.Format(time.RFC3339)
 }

@@ -111,3 +111,19 @@ func Run(spec string, fn func() error) error {
 	defer ns.Close()
 	return ns.Do(fn)
 }
+
+// ID identifies the namespace itself (the device and inode of its nsfs file), so that a
+// record made in one namespace is not applied to another that took its name later.
+func (ns *NS) ID() (string, error) {
+	var st unix.Stat_t
+	var err error
+	if ns == nil {
+		err = unix.Stat("/proc/self/ns/net", &st)
+	} else {
+		err = unix.Fstat(int(ns.f.Fd()), &st)
+	}
+	if err != nil {
+		return "", fmt.Errorf("identify %s: %w", ns, err)
+	}
+	return fmt.Sprintf("%d:%d", st.Dev, st.Ino), nil
+}

@@ -69,3 +69,32 @@ func BenchmarkSinkProcess(b *testing.B) {
 		b.Run(fmt.Sprintf("batch=%d", n), func(b *testing.B) { benchSink(b, c.(component.Sink), n) })
 	}
 }
+
+// releasingEmitter acknowledges every batch at once and keeps nothing.
+type releasingEmitter struct{}
+
+func (releasingEmitter) Emit(_ context.Context, b *flow.Batch) error {
+	b.Release(nil)
+	return nil
+}
+
+// BenchmarkSourceProcess streams batches of 1,024 events from the test plugin's seq source
+// in another process, through the emit window, to an emitter that takes them at once.
+func BenchmarkSourceProcess(b *testing.B) {
+	const batch = 1024
+	h := NewHost(HostOptions{Registry: component.NewRegistry(), PluginDir: pluginDir})
+	env := component.Env{Name: "bench", Kind: component.KindSource, ConfigDir: b.TempDir(), Logger: discardLogger(), Metrics: component.NopMetrics{}}
+	c, err := h.Instantiate(context.Background(), configComponent(component.KindSource, "bench", "seq", map[string]any{"count": b.N * batch, "batch": batch}), env)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer c.(component.Closer).Close(context.Background())
+	if err := c.(component.Starter).Start(context.Background()); err != nil {
+		b.Fatal(err)
+	}
+	b.ResetTimer()
+	if err := c.(component.Source).Run(context.Background(), releasingEmitter{}); err != nil {
+		b.Fatal(err)
+	}
+	b.ReportMetric(float64(b.N*batch)/b.Elapsed().Seconds(), "events/s")
+}

@@ -70,8 +70,10 @@ func NewHost(opts HostOptions) *Host {
 // Settings are the host's per-component options for a plugin process, written under
 // `process:` beside the component's own options.
 type Settings struct {
-	// CallTimeout bounds one Write or Enrich call; a plugin that takes longer is considered
-	// hung, is killed and restarted, and the batch is delivered again.
+	// CallTimeout is how long a Write or Enrich may run before the host checks that the
+	// plugin still answers (and again each CallTimeout after): a plugin that answers is
+	// waiting on its destination and is left to finish; one that does not is hung, is
+	// killed and restarted, and the batch is delivered again.
 	CallTimeout time.Duration `yaml:"call_timeout"`
 	// PingInterval is how often the host checks that the plugin still answers; a plugin
 	// that does not answer within the same interval is restarted.
@@ -241,6 +243,11 @@ func (h *Host) Find(kind component.Kind, ref, configDir string) (string, error) 
 		path := ref
 		if !filepath.IsAbs(path) {
 			path = filepath.Join(configDir, path)
+		}
+		// Absolute, so that "./x" beside a pipeline file in the working directory (Join
+		// makes it "x") is not looked up in $PATH when it is run.
+		if abs, err := filepath.Abs(path); err == nil {
+			path = abs
 		}
 		if err := checkExecutable(path); err != nil {
 			return "", err

@@ -9,6 +9,8 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	"github.com/flowpipe/flowpipe/core/component"
 	"github.com/flowpipe/flowpipe/core/config"
@@ -17,9 +19,10 @@ import (
 )
 
 // restartBackoff: the first restart comes after about a second, each further consecutive
-// failure doubles the wait, up to two minutes, jittered (internal/backoff) so that many
-// failing plugins do not restart in step. A variable so that tests restart sooner.
-var restartBackoff = backoff.Policy{Initial: time.Second, Max: 2 * time.Minute}
+// failure doubles the wait, up to 30 s, so that a plugin whose cause of failure is gone is
+// back soon, jittered (internal/backoff) so that many failing plugins do not restart in
+// step. A variable so that tests restart sooner.
+var restartBackoff = backoff.Policy{Initial: time.Second, Max: 30 * time.Second}
 
 // instance is the host side of one component: it owns the current plugin process, restarts
 // it when it crashes or hangs, and survives the restarts so the runtime sees one component.
@@ -41,6 +44,7 @@ type instance struct {
 	closed   bool
 	failures int // consecutive, reset by a successful call
 	lastErr  error
+	health   error // the component's own Health() in the current process, from the last ping
 	timer    *time.Timer
 }
 
@@ -121,20 +125,83 @@ func (in *instance) watch(ctx context.Context, p *proc) {
 				return
 			case <-t.C:
 			}
-			cctx, cancel := context.WithTimeout(ctx, in.settings.PingInterval)
-			_, err := p.comp.Describe(cctx, &pb.DescribeRequest{})
-			cancel()
+			err := in.ping(ctx, p)
 			select {
 			case <-p.done:
 				return
 			default:
 			}
 			if err != nil {
-				in.fail(p, fmt.Errorf("the plugin did not answer a health check within %s: %v", in.settings.PingInterval, err))
+				in.fail(p, fmt.Errorf("the plugin is hung: it did not answer a health check within %s (process.ping_interval): %v", in.settings.PingInterval, err))
 				return
 			}
 		}
 	}()
+}
+
+// ping checks that the plugin answers, within the ping interval, and takes the component's
+// own health and counts from the answer: they travel while a Write is in progress.
+func (in *instance) ping(ctx context.Context, p *proc) error {
+	cctx, cancel := context.WithTimeout(ctx, in.settings.PingInterval)
+	defer cancel()
+	resp, err := p.comp.Health(cctx, &pb.HealthRequest{})
+	if status.Code(err) == codes.Unimplemented {
+		_, err = p.comp.Describe(cctx, &pb.DescribeRequest{}) // a plugin from before Health
+		return err
+	}
+	if err != nil {
+		return err
+	}
+	applyCounts(in.env.Metrics, resp.Counts)
+	var health error
+	if resp.Error != "" {
+		health = errors.New(resp.Error)
+	}
+	in.mu.Lock()
+	if in.cur == p {
+		in.health = health
+	}
+	in.mu.Unlock()
+	return nil
+}
+
+// errHung is the cause of a call cancelled because the plugin stopped answering.
+var errHung = errors.New("the plugin is hung")
+
+// guard watches a call to p in progress: every call_timeout, it checks that the plugin still
+// answers. A plugin that answers is waiting on its destination (a sink whose collector is
+// down) and is left to finish; one that does not is hung: the call is cancelled with errHung
+// and the process is replaced. done ends the watch.
+func (in *instance) guard(ctx context.Context, p *proc, call string) (cctx context.Context, done func()) {
+	cctx, cancel := context.WithCancelCause(ctx)
+	stop := make(chan struct{})
+	go func() {
+		start := time.Now()
+		t := time.NewTimer(in.settings.CallTimeout)
+		defer t.Stop()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-p.done:
+				return
+			case <-t.C:
+			}
+			if err := in.ping(context.Background(), p); err != nil {
+				select {
+				case <-stop:
+					return // it returned meanwhile
+				default:
+				}
+				cancel(errHung)
+				return
+			}
+			in.env.Logger.Warn("plugin call still in progress; the plugin answers health checks, so it is waiting, not hung",
+				"plugin", in.launcher.describe, "call", call, "for", time.Since(start).Round(time.Second))
+			t.Reset(in.settings.CallTimeout)
+		}
+	}()
+	return cctx, func() { close(stop); cancel(nil) }
 }
 
 // get returns the current process, waiting while it restarts.
@@ -174,7 +241,9 @@ func (in *instance) fail(p *proc, err error) {
 		p.kill() // an earlier process, already replaced
 		return
 	}
+	p.failed = err
 	in.cur = nil
+	in.health = nil
 	in.avail = make(chan struct{})
 	in.failures++
 	n := in.failures
@@ -277,7 +346,7 @@ func (in *instance) Health() error {
 	if in.failures >= backoff.FailingAfter {
 		return fmt.Errorf("plugin keeps failing (%d times in a row), last: %v", in.failures, in.lastErr)
 	}
-	return nil
+	return in.health
 }
 
 // Close flushes and closes the component and stops its process.
@@ -307,13 +376,21 @@ func (in *instance) Close(ctx context.Context) error {
 
 // callErr decides what a failed call means: the caller's context ended (not the plugin's
 // fault), or the plugin crashed or hung, which restarts it.
-func (in *instance) callErr(ctx context.Context, p *proc, call string, err error) error {
+// cctx is the call's context from guard.
+func (in *instance) callErr(ctx, cctx context.Context, p *proc, call string, err error) error {
 	if ctx.Err() != nil {
 		return ctx.Err()
 	}
-	if errors.Is(err, context.DeadlineExceeded) || isDeadline(err) {
-		err = fmt.Errorf("%s did not return within %s (process.call_timeout): the plugin is hung", call, in.settings.CallTimeout)
-	} else {
+	in.mu.Lock()
+	failed := p.failed // the watch or the health checks failed it first: say why
+	in.mu.Unlock()
+	switch {
+	case context.Cause(cctx) == errHung:
+		err = fmt.Errorf("%s did not return within %s (process.call_timeout), and the plugin stopped answering health checks: the plugin is hung", call, in.settings.CallTimeout)
+	case failed != nil:
+		err = fmt.Errorf("%s: %w", call, failed)
+		return fmt.Errorf("%s: %w", in.launcher.describe, err)
+	default:
 		err = fmt.Errorf("%s: %w", call, err)
 	}
 	in.fail(p, err)

@@ -27,6 +27,14 @@ import (
 	"github.com/flowpipe/flowpipe/internal/privilege"
 )
 
+// emitWindow is how many batches a source plugin may have sent that the pipeline has not
+// taken yet (ConfigureRequest.emit_window). Its Emit blocks beyond that, as the in-process
+// Emit blocks while the sinks' queues are full: what a stalled pipeline holds beyond its
+// queues is at most this many batches per source plugin. A few let the plugin encode the
+// next batches while the host decodes and queues the last one (one alone halves a source
+// plugin's throughput; docs/benchmarks.md).
+var emitWindow uint32 = 4
+
 // proc is one running plugin process and its gRPC clients. A restart makes a new proc.
 type proc struct {
 	client *goplugin.Client
@@ -37,11 +45,14 @@ type proc struct {
 	src    pb.SourceClient
 	desc   *pb.DescribeResponse
 
-	done     chan struct{} // closed when the proc is being stopped
-	doneOnce sync.Once
-	release  chan struct{} // lets the OS thread that started the process go
-	watch    context.CancelFunc
-	onStop   func() // in memory: stops the server and the connection
+	failed error // why the instance failed it (under instance.mu)
+	// killGroup kills the process and every process of its group, if it still runs.
+	killGroup context.CancelFunc
+	done      chan struct{} // closed when the proc is being stopped
+	doneOnce  sync.Once
+	release   chan struct{} // lets the OS thread that started the process go
+	watch     context.CancelFunc
+	onStop    func() // in memory: stops the server and the connection
 }
 
 // startProc starts the process, checks what it is and configures the component. The
@@ -78,6 +89,14 @@ func startProc(ctx context.Context, l *launcher, spec config.Component, env comp
 	if err := privilege.Wrap(cmd, priv, launchSum); err != nil {
 		return nil, false, fmt.Errorf("%s: %w", l.describe, err)
 	}
+	// The whole start, handshake to configured component, is bounded by start_timeout. The
+	// process leads its own process group, and stopping it kills the group: a plugin that
+	// left a child holding its standard output (a shell script, say) would otherwise keep
+	// go-plugin waiting for that output to end, for as long as the child lives.
+	ctx, cancelStart := context.WithTimeout(ctx, s.StartTimeout)
+	defer cancelStart()
+	procCtx, killGroup := context.WithCancel(context.Background())
+	cmd = groupCommand(procCtx, cmd)
 	cmd.Env = append(cmd.Env, pb.ParentPIDEnv+"="+strconv.Itoa(os.Getpid()))
 	// go-plugin owns the plugin's standard output (the handshake, then a gRPC stream that
 	// copies asynchronously); flowpipe's own stdout goes along as fd 3, so that a component
@@ -85,7 +104,7 @@ func startProc(ctx context.Context, l *launcher, spec config.Component, env comp
 	// process, synchronously.
 	cmd.ExtraFiles = []*os.File{os.Stdout}
 	cmd.Env = append(cmd.Env, pb.StdoutFDEnv+"=3")
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
 	log := env.Logger
 	if log == nil {
 		log = slog.Default()
@@ -108,7 +127,7 @@ func startProc(ctx context.Context, l *launcher, spec config.Component, env comp
 		// replaced on disk is not started as a plugin of this one.
 		cfg.SecureConfig = &goplugin.SecureConfig{Checksum: l.checksum, Hash: sha256.New()}
 	}
-	p := &proc{client: goplugin.NewClient(cfg), cmd: cmd, done: make(chan struct{}), release: make(chan struct{})}
+	p := &proc{client: goplugin.NewClient(cfg), cmd: cmd, killGroup: killGroup, done: make(chan struct{}), release: make(chan struct{})}
 	started := make(chan error, 1)
 	go func() {
 		runtime.LockOSThread()
@@ -120,9 +139,21 @@ func startProc(ctx context.Context, l *launcher, spec config.Component, env comp
 		<-p.release
 		runtime.UnlockOSThread()
 	}()
-	if err := <-started; err != nil {
-		p.client.Kill()
-		return nil, false, explainStart(l, err)
+	select {
+	case err := <-started:
+		if err != nil {
+			p.kill()
+			switch {
+			case ctx.Err() != nil:
+				return nil, false, startErr(ctx, l, s, "did not complete the plugin handshake")
+			case strings.Contains(err.Error(), "timeout while waiting for plugin to start"): // go-plugin's own clock
+				return nil, false, startErr(context.Background(), l, s, "did not complete the plugin handshake")
+			}
+			return nil, false, explainStart(l, err)
+		}
+	case <-ctx.Done():
+		p.abandon()
+		return nil, false, startErr(ctx, l, s, "did not complete the plugin handshake")
 	}
 	rpc, _ := p.client.Client()
 	raw, err := rpc.Dispense(pb.PluginName)
@@ -136,10 +167,35 @@ func startProc(ctx context.Context, l *launcher, spec config.Component, env comp
 
 	holder, err := p.configure(ctx, l.describe, spec, env, s.StartTimeout, optYAML)
 	if err != nil {
-		p.shutdown()
+		if ctx.Err() != nil {
+			p.abandon()
+			return nil, false, startErr(ctx, l, s, "did not answer once started")
+		}
+		p.shutdown() // a healthy plugin that refused its options: let it exit
 		return nil, false, err
 	}
 	return p, holder, nil
+}
+
+// startErr says that starting l ended with ctx: start_timeout passed, or the caller gave up.
+func startErr(ctx context.Context, l *launcher, s Settings, what string) error {
+	if ctx.Err() == nil || errors.Is(ctx.Err(), context.DeadlineExceeded) {
+		return fmt.Errorf("%s %s within %s (process.start_timeout): is it a flowpipe plugin, and is the machine overloaded?", l.describe, what, s.StartTimeout)
+	}
+	return fmt.Errorf("start %s: %w", l.describe, ctx.Err())
+}
+
+// groupCommand is cmd run with ctx: when ctx is cancelled while the process runs, its whole
+// process group is killed (it leads one: Setpgid).
+func groupCommand(ctx context.Context, cmd *exec.Cmd) *exec.Cmd {
+	c := exec.CommandContext(ctx, cmd.Path)
+	c.Args, c.Env, c.Dir, c.Err = cmd.Args, cmd.Env, cmd.Dir, cmd.Err
+	c.ExtraFiles, c.SysProcAttr = cmd.ExtraFiles, cmd.SysProcAttr
+	c.Cancel = func() error {
+		_ = syscall.Kill(-c.Process.Pid, syscall.SIGKILL)
+		return c.Process.Kill()
+	}
+	return c
 }
 
 // configure describes the plugin, checks that it is what spec asks for and configures the
@@ -164,7 +220,7 @@ func (p *proc) configure(ctx context.Context, describe string, spec config.Compo
 	if spec.Plugin == "" && desc.Type != spec.Type {
 		return false, fmt.Errorf("%s served type %q instead", describe, desc.Type)
 	}
-	resp, err := p.comp.Configure(cctx, &pb.ConfigureRequest{Name: spec.Name, ConfigDir: env.ConfigDir, DataDir: env.DataDir, OptionsYaml: optYAML})
+	resp, err := p.comp.Configure(cctx, &pb.ConfigureRequest{Name: spec.Name, ConfigDir: env.ConfigDir, DataDir: env.DataDir, OptionsYaml: optYAML, EmitWindow: emitWindow})
 	if err != nil {
 		return false, fmt.Errorf("%s: configure: %w", describe, err)
 	}
@@ -190,8 +246,6 @@ func explainStart(l *launcher, err error) error {
 		return fmt.Errorf("%s: SHA-256 does not match the pin; refusing to start it", l.describe)
 	case strings.Contains(msg, "incompatible API version"):
 		return fmt.Errorf("%s speaks another version of the flowpipe plugin protocol than this flowpipe (%d): rebuild it with a matching flowpipe SDK (%v)", l.describe, pb.ProtocolVersion, err)
-	case strings.Contains(msg, "timeout while waiting for plugin to start"):
-		return fmt.Errorf("%s did not complete the plugin handshake in time: is it a flowpipe plugin? (%v)", l.describe, err)
 	case strings.Contains(msg, "exited before we could connect"), strings.Contains(msg, "Unrecognized remote plugin message"):
 		return fmt.Errorf("%s is not a flowpipe plugin, or failed as it started (its output is logged above): %v", l.describe, err)
 	}
@@ -216,10 +270,20 @@ func (p *proc) kill() {
 	if !p.stop() {
 		return
 	}
-	if p.cmd != nil && p.cmd.Process != nil {
-		_ = p.cmd.Process.Kill()
+	if p.killGroup != nil {
+		p.killGroup()
 	}
 	p.end()
+}
+
+// abandon kills the process group at once and lets go-plugin let go of it in the
+// background: a start that timed out returns its error without waiting for go-plugin.
+func (p *proc) abandon() {
+	if !p.stop() {
+		return
+	}
+	p.killGroup()
+	go p.end()
 }
 
 // shutdown stops a healthy process that is not wanted (its options were refused): go-plugin
@@ -230,9 +294,39 @@ func (p *proc) shutdown() {
 	}
 }
 
+// killGrace is how long stopping a plugin waits for go-plugin to let go of it before the
+// process group is killed, and then again before giving up on it.
+var killGrace = 5 * time.Second
+
 func (p *proc) end() {
 	if p.client != nil {
-		p.client.Kill()
+		// go-plugin's Kill returns only once the plugin's output ends: bounded, so that a
+		// child holding that output cannot hold the host.
+		done := make(chan struct{})
+		go func() { p.client.Kill(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(killGrace):
+			p.killGroup()
+			select {
+			case <-done:
+			case <-time.After(killGrace):
+				// Something outside the group holds the plugin's output; go-plugin's
+				// readers stay until it ends, the host goes on.
+			}
+		}
+		if p.killGroup != nil {
+			p.killGroup()
+		}
+		select {
+		case <-done:
+			// The process was waited for: what is left of its group (children it left
+			// behind) goes too.
+			if pid := p.pid(); pid > 0 {
+				_ = syscall.Kill(-pid, syscall.SIGKILL)
+			}
+		default:
+		}
 	}
 	if p.onStop != nil {
 		p.onStop()

@@ -6,16 +6,11 @@ import (
 	"io"
 	"sync"
 
-	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/status"
-
 	"github.com/flowpipe/flowpipe/core/component"
 	"github.com/flowpipe/flowpipe/core/flow"
 	"github.com/flowpipe/flowpipe/internal/codec"
 	pb "github.com/flowpipe/flowpipe/internal/pluginproto"
 )
-
-func isDeadline(err error) bool { return status.Code(err) == codes.DeadlineExceeded }
 
 // applyCounts adds what the plugin counted to the host's metrics for the component.
 func applyCounts(m component.Metrics, counts []*pb.Count) {
@@ -76,13 +71,13 @@ func (s *remoteSink) Write(ctx context.Context, b *flow.Batch) error {
 			return fmt.Errorf("%s: %w", s.in.launcher.describe, err)
 		}
 		buf, msg := pb.EncodeBatch(part, source)
-		cctx, cancel := context.WithTimeout(ctx, s.in.settings.CallTimeout)
+		cctx, done := s.in.guard(ctx, p, "Write")
 		resp, err := p.sink.Write(cctx, msg)
-		cancel()
+		done()
 		pb.Buffers.Put(buf)
 		if err != nil {
 			s.retry.mark(b)
-			return s.in.callErr(ctx, p, "Write", err)
+			return s.in.callErr(ctx, cctx, p, "Write", err)
 		}
 		applyCounts(s.in.env.Metrics, resp.Counts)
 		if err := pb.ErrorFromProto(resp.Failure, resp.Error); err != nil {
@@ -133,12 +128,12 @@ func (e *remoteEnricher) call(ctx context.Context, part []flow.Event, source str
 			e.in.redelivered.Add(float64(len(part)))
 		}
 		buf, msg := pb.EncodeBatch(part, source)
-		cctx, cancel := context.WithTimeout(ctx, e.in.settings.CallTimeout)
+		cctx, done := e.in.guard(ctx, p, "Enrich")
 		resp, err := p.enr.Enrich(cctx, msg)
-		cancel()
+		done()
 		pb.Buffers.Put(buf)
 		if err != nil {
-			if err := e.in.callErr(ctx, p, "Enrich", err); ctx.Err() != nil {
+			if err := e.in.callErr(ctx, cctx, p, "Enrich", err); ctx.Err() != nil {
 				return nil, err
 			}
 			continue
@@ -212,7 +207,7 @@ func (s *remoteSource) runOnce(ctx context.Context, p *proc, out component.Emitt
 	stream, err := p.src.Run(sctx)
 	if err != nil {
 		cancel()
-		s.in.callErr(context.Background(), p, "Run", err)
+		s.in.callErr(context.Background(), context.Background(), p, "Run", err)
 		return false, nil
 	}
 	ss := &sourceStream{stream: stream, cancel: cancel, ended: make(chan struct{})}
@@ -229,8 +224,10 @@ func (s *remoteSource) runOnce(ctx context.Context, p *proc, out component.Emitt
 		}
 	}()
 	var (
-		events  []flow.Event
-		partial bool
+		events      []flow.Event
+		partial     bool
+		refused     error // what the pipeline's Emit returned when it refused a batch
+		flowControl = p.desc.GetEmitFlowControl()
 	)
 	for {
 		msg, err := stream.Recv()
@@ -242,7 +239,7 @@ func (s *remoteSource) runOnce(ctx context.Context, p *proc, out component.Emitt
 			if ctx.Err() != nil {
 				return true, nil // stopping; Close deals with the process
 			}
-			s.in.callErr(context.Background(), p, "Run", err)
+			s.in.callErr(context.Background(), context.Background(), p, "Run", err)
 			return false, nil
 		}
 		applyCounts(s.in.env.Metrics, msg.Counts)
@@ -276,7 +273,25 @@ func (s *remoteSource) runOnce(ctx context.Context, p *proc, out component.Emitt
 			b := flow.NewBatch(events, func(err error) { ss.send(pb.AckToProto(id, err)) })
 			b.Source = m.Batch.Batch.GetSource()
 			s.in.succeeded()
-			_ = out.Emit(ctx, b) // on error the batch is acknowledged as failed, which the plugin learns
+			// Once the pipeline refused a batch (it is stopping), every later batch of the
+			// stream is refused too, even if a queue has room again: a later batch must never
+			// be delivered without an earlier one. A refused batch is acknowledged as
+			// not delivered (flow.ErrShutdown), which the plugin learns.
+			var emitErr error
+			if refused != nil {
+				emitErr = refused
+				s.in.env.Metrics.Dropped("shutdown", len(b.Events))
+				b.Release(flow.ErrShutdown)
+			} else if emitErr = out.Emit(ctx, b); emitErr != nil {
+				refused = emitErr
+			}
+			if flowControl {
+				a := &pb.SourceAck{Id: id, Emitted: true}
+				if emitErr != nil {
+					a.EmitError = emitErr.Error()
+				}
+				ss.send(a)
+			}
 		}
 	}
 }

@@ -16,6 +16,8 @@ func ErrorToProto(err error) *Error {
 	switch {
 	case errors.As(err, &drop):
 		e.Class, e.Component, e.Reason, e.Message = Error_CLASS_DROP, drop.Component, drop.Reason, drop.Message
+	case flow.IsFatal(err):
+		e.Class = Error_CLASS_FATAL
 	case flow.IsPermanent(err):
 		e.Class = Error_CLASS_PERMANENT
 	case errors.Is(err, flow.ErrShutdown):
@@ -36,6 +38,8 @@ func ErrorFromProto(e *Error, message string) error {
 	switch e.Class {
 	case Error_CLASS_PERMANENT:
 		return flow.Permanent(errors.New(e.Message))
+	case Error_CLASS_FATAL:
+		return flow.Fatal(errors.New(e.Message))
 	case Error_CLASS_DROP:
 		return &flow.DropError{Component: e.Component, Reason: e.Reason, Message: e.Message}
 	case Error_CLASS_SHUTDOWN:

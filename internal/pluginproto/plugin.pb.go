@@ -35,6 +35,7 @@ const (
 	Error_CLASS_PERMANENT Error_Class = 1 // flow.Permanent: the batch can never be written; dropped as rejected
 	Error_CLASS_DROP      Error_Class = 2 // flow.DropError: dropped on purpose and counted (component, reason)
 	Error_CLASS_SHUTDOWN  Error_Class = 3 // flow.ErrShutdown: not done because the pipeline is stopping
+	Error_CLASS_FATAL     Error_Class = 4 // flow.Fatal: the sink can never write again; the pipeline stops
 )
 
 // Enum value maps for Error_Class.
@@ -44,12 +45,14 @@ var (
 		1: "CLASS_PERMANENT",
 		2: "CLASS_DROP",
 		3: "CLASS_SHUTDOWN",
+		4: "CLASS_FATAL",
 	}
 	Error_Class_value = map[string]int32{
 		"CLASS_RETRYABLE": 0,
 		"CLASS_PERMANENT": 1,
 		"CLASS_DROP":      2,
 		"CLASS_SHUTDOWN":  3,
+		"CLASS_FATAL":     4,
 	}
 )
 
@@ -129,7 +132,7 @@ func (x Count_Kind) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use Count_Kind.Descriptor instead.
 func (Count_Kind) EnumDescriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{15, 0}
+	return file_plugin_proto_rawDescGZIP(), []int{17, 0}
 }
 
 type SourceAck_Status int32
@@ -181,7 +184,7 @@ func (x SourceAck_Status) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use SourceAck_Status.Descriptor instead.
 func (SourceAck_Status) EnumDescriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{21, 0}
+	return file_plugin_proto_rawDescGZIP(), []int{23, 0}
 }
 
 type DescribeRequest struct {
@@ -227,6 +230,10 @@ type DescribeResponse struct {
 	Version         string                 `protobuf:"bytes,3,opt,name=version,proto3" json:"version,omitempty"`                                         // the plugin's own version
 	ProtocolVersion uint32                 `protobuf:"varint,4,opt,name=protocol_version,json=protocolVersion,proto3" json:"protocol_version,omitempty"` // major version of this protocol
 	Summary         string                 `protobuf:"bytes,5,opt,name=summary,proto3" json:"summary,omitempty"`
+	// emit_flow_control: the plugin understands SourceAck.emitted, so its Emit can wait for
+	// the host to take a batch (ConfigureRequest.emit_window). Plugins built before flow
+	// control leave it unset and are never sent emitted messages.
+	EmitFlowControl bool `protobuf:"varint,6,opt,name=emit_flow_control,json=emitFlowControl,proto3" json:"emit_flow_control,omitempty"`
 	unknownFields   protoimpl.UnknownFields
 	sizeCache       protoimpl.SizeCache
 }
@@ -296,14 +303,26 @@ func (x *DescribeResponse) GetSummary() string {
 	return ""
 }
 
+func (x *DescribeResponse) GetEmitFlowControl() bool {
+	if x != nil {
+		return x.EmitFlowControl
+	}
+	return false
+}
+
 type ConfigureRequest struct {
 	state     protoimpl.MessageState `protogen:"open.v1"`
 	Name      string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`                            // the component's name in pipeline.yaml
 	ConfigDir string                 `protobuf:"bytes,2,opt,name=config_dir,json=configDir,proto3" json:"config_dir,omitempty"` // directory of pipeline.yaml
 	// options_yaml is the component's options as YAML, so that the plugin decodes exactly the
 	// values the host loaded (integers stay integers).
-	OptionsYaml   []byte `protobuf:"bytes,3,opt,name=options_yaml,json=optionsYaml,proto3" json:"options_yaml,omitempty"`
-	DataDir       string `protobuf:"bytes,4,opt,name=data_dir,json=dataDir,proto3" json:"data_dir,omitempty"` // the pipeline's data_dir, for components that keep state
+	OptionsYaml []byte `protobuf:"bytes,3,opt,name=options_yaml,json=optionsYaml,proto3" json:"options_yaml,omitempty"`
+	DataDir     string `protobuf:"bytes,4,opt,name=data_dir,json=dataDir,proto3" json:"data_dir,omitempty"` // the pipeline's data_dir, for components that keep state
+	// emit_window bounds a source's batches that are sent but not yet taken by the pipeline:
+	// the plugin's Emit returns only once fewer than this many are outstanding, as an Emit in
+	// process returns only once the pipeline has queued the batch. 0 (a host before flow
+	// control): no bound.
+	EmitWindow    uint32 `protobuf:"varint,5,opt,name=emit_window,json=emitWindow,proto3" json:"emit_window,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -364,6 +383,13 @@ func (x *ConfigureRequest) GetDataDir() string {
 		return x.DataDir
 	}
 	return ""
+}
+
+func (x *ConfigureRequest) GetEmitWindow() uint32 {
+	if x != nil {
+		return x.EmitWindow
+	}
+	return 0
 }
 
 type FieldError struct {
@@ -835,6 +861,94 @@ func (*GatherRequest) Descriptor() ([]byte, []int) {
 	return file_plugin_proto_rawDescGZIP(), []int{12}
 }
 
+type HealthRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *HealthRequest) Reset() {
+	*x = HealthRequest{}
+	mi := &file_plugin_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *HealthRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*HealthRequest) ProtoMessage() {}
+
+func (x *HealthRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_plugin_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use HealthRequest.ProtoReflect.Descriptor instead.
+func (*HealthRequest) Descriptor() ([]byte, []int) {
+	return file_plugin_proto_rawDescGZIP(), []int{13}
+}
+
+type HealthResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Error         string                 `protobuf:"bytes,1,opt,name=error,proto3" json:"error,omitempty"` // the component's Health() error; empty when healthy
+	Counts        []*Count               `protobuf:"bytes,2,rep,name=counts,proto3" json:"counts,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *HealthResponse) Reset() {
+	*x = HealthResponse{}
+	mi := &file_plugin_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *HealthResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*HealthResponse) ProtoMessage() {}
+
+func (x *HealthResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_plugin_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use HealthResponse.ProtoReflect.Descriptor instead.
+func (*HealthResponse) Descriptor() ([]byte, []int) {
+	return file_plugin_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *HealthResponse) GetError() string {
+	if x != nil {
+		return x.Error
+	}
+	return ""
+}
+
+func (x *HealthResponse) GetCounts() []*Count {
+	if x != nil {
+		return x.Counts
+	}
+	return nil
+}
+
 type GatherResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Each is a serialized io.prometheus.client.MetricFamily (prometheus/client_model).
@@ -845,7 +959,7 @@ type GatherResponse struct {
 
 func (x *GatherResponse) Reset() {
 	*x = GatherResponse{}
-	mi := &file_plugin_proto_msgTypes[13]
+	mi := &file_plugin_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -857,7 +971,7 @@ func (x *GatherResponse) String() string {
 func (*GatherResponse) ProtoMessage() {}
 
 func (x *GatherResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_plugin_proto_msgTypes[13]
+	mi := &file_plugin_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -870,7 +984,7 @@ func (x *GatherResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GatherResponse.ProtoReflect.Descriptor instead.
 func (*GatherResponse) Descriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{13}
+	return file_plugin_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *GatherResponse) GetMetricFamilies() [][]byte {
@@ -892,7 +1006,7 @@ type Batch struct {
 
 func (x *Batch) Reset() {
 	*x = Batch{}
-	mi := &file_plugin_proto_msgTypes[14]
+	mi := &file_plugin_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -904,7 +1018,7 @@ func (x *Batch) String() string {
 func (*Batch) ProtoMessage() {}
 
 func (x *Batch) ProtoReflect() protoreflect.Message {
-	mi := &file_plugin_proto_msgTypes[14]
+	mi := &file_plugin_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -917,7 +1031,7 @@ func (x *Batch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Batch.ProtoReflect.Descriptor instead.
 func (*Batch) Descriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{14}
+	return file_plugin_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *Batch) GetCount() uint32 {
@@ -954,7 +1068,7 @@ type Count struct {
 
 func (x *Count) Reset() {
 	*x = Count{}
-	mi := &file_plugin_proto_msgTypes[15]
+	mi := &file_plugin_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -966,7 +1080,7 @@ func (x *Count) String() string {
 func (*Count) ProtoMessage() {}
 
 func (x *Count) ProtoReflect() protoreflect.Message {
-	mi := &file_plugin_proto_msgTypes[15]
+	mi := &file_plugin_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -979,7 +1093,7 @@ func (x *Count) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Count.ProtoReflect.Descriptor instead.
 func (*Count) Descriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{15}
+	return file_plugin_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *Count) GetKind() Count_Kind {
@@ -1014,7 +1128,7 @@ type WriteResponse struct {
 
 func (x *WriteResponse) Reset() {
 	*x = WriteResponse{}
-	mi := &file_plugin_proto_msgTypes[16]
+	mi := &file_plugin_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1026,7 +1140,7 @@ func (x *WriteResponse) String() string {
 func (*WriteResponse) ProtoMessage() {}
 
 func (x *WriteResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_plugin_proto_msgTypes[16]
+	mi := &file_plugin_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1039,7 +1153,7 @@ func (x *WriteResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WriteResponse.ProtoReflect.Descriptor instead.
 func (*WriteResponse) Descriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{16}
+	return file_plugin_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *WriteResponse) GetError() string {
@@ -1075,7 +1189,7 @@ type EnrichResponse struct {
 
 func (x *EnrichResponse) Reset() {
 	*x = EnrichResponse{}
-	mi := &file_plugin_proto_msgTypes[17]
+	mi := &file_plugin_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1087,7 +1201,7 @@ func (x *EnrichResponse) String() string {
 func (*EnrichResponse) ProtoMessage() {}
 
 func (x *EnrichResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_plugin_proto_msgTypes[17]
+	mi := &file_plugin_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1100,7 +1214,7 @@ func (x *EnrichResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EnrichResponse.ProtoReflect.Descriptor instead.
 func (*EnrichResponse) Descriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{17}
+	return file_plugin_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *EnrichResponse) GetError() string {
@@ -1145,7 +1259,7 @@ type SourceMessage struct {
 
 func (x *SourceMessage) Reset() {
 	*x = SourceMessage{}
-	mi := &file_plugin_proto_msgTypes[18]
+	mi := &file_plugin_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1157,7 +1271,7 @@ func (x *SourceMessage) String() string {
 func (*SourceMessage) ProtoMessage() {}
 
 func (x *SourceMessage) ProtoReflect() protoreflect.Message {
-	mi := &file_plugin_proto_msgTypes[18]
+	mi := &file_plugin_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1170,7 +1284,7 @@ func (x *SourceMessage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SourceMessage.ProtoReflect.Descriptor instead.
 func (*SourceMessage) Descriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{18}
+	return file_plugin_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *SourceMessage) GetMsg() isSourceMessage_Msg {
@@ -1234,7 +1348,7 @@ type SourceBatch struct {
 
 func (x *SourceBatch) Reset() {
 	*x = SourceBatch{}
-	mi := &file_plugin_proto_msgTypes[19]
+	mi := &file_plugin_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1246,7 +1360,7 @@ func (x *SourceBatch) String() string {
 func (*SourceBatch) ProtoMessage() {}
 
 func (x *SourceBatch) ProtoReflect() protoreflect.Message {
-	mi := &file_plugin_proto_msgTypes[19]
+	mi := &file_plugin_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1259,7 +1373,7 @@ func (x *SourceBatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SourceBatch.ProtoReflect.Descriptor instead.
 func (*SourceBatch) Descriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{19}
+	return file_plugin_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *SourceBatch) GetId() uint64 {
@@ -1294,7 +1408,7 @@ type SourceEnd struct {
 
 func (x *SourceEnd) Reset() {
 	*x = SourceEnd{}
-	mi := &file_plugin_proto_msgTypes[20]
+	mi := &file_plugin_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1306,7 +1420,7 @@ func (x *SourceEnd) String() string {
 func (*SourceEnd) ProtoMessage() {}
 
 func (x *SourceEnd) ProtoReflect() protoreflect.Message {
-	mi := &file_plugin_proto_msgTypes[20]
+	mi := &file_plugin_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1319,7 +1433,7 @@ func (x *SourceEnd) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SourceEnd.ProtoReflect.Descriptor instead.
 func (*SourceEnd) Descriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{20}
+	return file_plugin_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *SourceEnd) GetError() string {
@@ -1338,7 +1452,9 @@ func (x *SourceEnd) GetFailure() *Error {
 
 // SourceAck acknowledges a batch by ID with what the pipeline did with it, or, with stop set,
 // asks the source to stop running; the stream stays open for the acknowledgements of the
-// batches still in the pipeline.
+// batches still in the pipeline. With emitted set it is not an acknowledgement: it says
+// that the pipeline's Emit returned for batch id (the batch is queued, or refused with
+// emit_error), which frees one place of the emit window; the acknowledgement follows.
 type SourceAck struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Id            uint64                 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
@@ -1347,13 +1463,15 @@ type SourceAck struct {
 	Reason        string                 `protobuf:"bytes,4,opt,name=reason,proto3" json:"reason,omitempty"`       // for DROPPED: the drop reason
 	Message       string                 `protobuf:"bytes,5,opt,name=message,proto3" json:"message,omitempty"`     // for FAILED, and for DROPPED the dropping component's message
 	Stop          bool                   `protobuf:"varint,6,opt,name=stop,proto3" json:"stop,omitempty"`
+	Emitted       bool                   `protobuf:"varint,7,opt,name=emitted,proto3" json:"emitted,omitempty"`
+	EmitError     string                 `protobuf:"bytes,8,opt,name=emit_error,json=emitError,proto3" json:"emit_error,omitempty"` // for emitted: the pipeline refused the batch (it is stopping)
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *SourceAck) Reset() {
 	*x = SourceAck{}
-	mi := &file_plugin_proto_msgTypes[21]
+	mi := &file_plugin_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1365,7 +1483,7 @@ func (x *SourceAck) String() string {
 func (*SourceAck) ProtoMessage() {}
 
 func (x *SourceAck) ProtoReflect() protoreflect.Message {
-	mi := &file_plugin_proto_msgTypes[21]
+	mi := &file_plugin_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1378,7 +1496,7 @@ func (x *SourceAck) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SourceAck.ProtoReflect.Descriptor instead.
 func (*SourceAck) Descriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{21}
+	return file_plugin_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *SourceAck) GetId() uint64 {
@@ -1423,24 +1541,41 @@ func (x *SourceAck) GetStop() bool {
 	return false
 }
 
+func (x *SourceAck) GetEmitted() bool {
+	if x != nil {
+		return x.Emitted
+	}
+	return false
+}
+
+func (x *SourceAck) GetEmitError() string {
+	if x != nil {
+		return x.EmitError
+	}
+	return ""
+}
+
 var File_plugin_proto protoreflect.FileDescriptor
 
 const file_plugin_proto_rawDesc = "" +
 	"\n" +
 	"\fplugin.proto\x12\x12flowpipe.plugin.v1\"\x11\n" +
-	"\x0fDescribeRequest\"\x99\x01\n" +
+	"\x0fDescribeRequest\"\xc5\x01\n" +
 	"\x10DescribeResponse\x12\x12\n" +
 	"\x04kind\x18\x01 \x01(\tR\x04kind\x12\x12\n" +
 	"\x04type\x18\x02 \x01(\tR\x04type\x12\x18\n" +
 	"\aversion\x18\x03 \x01(\tR\aversion\x12)\n" +
 	"\x10protocol_version\x18\x04 \x01(\rR\x0fprotocolVersion\x12\x18\n" +
-	"\asummary\x18\x05 \x01(\tR\asummary\"\x83\x01\n" +
+	"\asummary\x18\x05 \x01(\tR\asummary\x12*\n" +
+	"\x11emit_flow_control\x18\x06 \x01(\bR\x0femitFlowControl\"\xa4\x01\n" +
 	"\x10ConfigureRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1d\n" +
 	"\n" +
 	"config_dir\x18\x02 \x01(\tR\tconfigDir\x12!\n" +
 	"\foptions_yaml\x18\x03 \x01(\fR\voptionsYaml\x12\x19\n" +
-	"\bdata_dir\x18\x04 \x01(\tR\adataDir\":\n" +
+	"\bdata_dir\x18\x04 \x01(\tR\adataDir\x12\x1f\n" +
+	"\vemit_window\x18\x05 \x01(\rR\n" +
+	"emitWindow\":\n" +
 	"\n" +
 	"FieldError\x12\x12\n" +
 	"\x04path\x18\x01 \x01(\tR\x04path\x12\x18\n" +
@@ -1448,18 +1583,19 @@ const file_plugin_proto_rawDesc = "" +
 	"\x11ConfigureResponse\x12A\n" +
 	"\ffield_errors\x18\x01 \x03(\v2\x1e.flowpipe.plugin.v1.FieldErrorR\vfieldErrors\x12\x14\n" +
 	"\x05error\x18\x02 \x01(\tR\x05error\x12\x16\n" +
-	"\x06holder\x18\x03 \x01(\bR\x06holder\"\xe5\x01\n" +
+	"\x06holder\x18\x03 \x01(\bR\x06holder\"\xf6\x01\n" +
 	"\x05Error\x125\n" +
 	"\x05class\x18\x01 \x01(\x0e2\x1f.flowpipe.plugin.v1.Error.ClassR\x05class\x12\x18\n" +
 	"\amessage\x18\x02 \x01(\tR\amessage\x12\x1c\n" +
 	"\tcomponent\x18\x03 \x01(\tR\tcomponent\x12\x16\n" +
-	"\x06reason\x18\x04 \x01(\tR\x06reason\"U\n" +
+	"\x06reason\x18\x04 \x01(\tR\x06reason\"f\n" +
 	"\x05Class\x12\x13\n" +
 	"\x0fCLASS_RETRYABLE\x10\x00\x12\x13\n" +
 	"\x0fCLASS_PERMANENT\x10\x01\x12\x0e\n" +
 	"\n" +
 	"CLASS_DROP\x10\x02\x12\x12\n" +
-	"\x0eCLASS_SHUTDOWN\x10\x03\"\x0e\n" +
+	"\x0eCLASS_SHUTDOWN\x10\x03\x12\x0f\n" +
+	"\vCLASS_FATAL\x10\x04\"\x0e\n" +
 	"\fStartRequest\"Z\n" +
 	"\rStartResponse\x12\x14\n" +
 	"\x05error\x18\x01 \x01(\tR\x05error\x123\n" +
@@ -1471,7 +1607,11 @@ const file_plugin_proto_rawDesc = "" +
 	"\fWatchRequest\"\f\n" +
 	"\n" +
 	"WatchEvent\"\x0f\n" +
-	"\rGatherRequest\"9\n" +
+	"\rGatherRequest\"\x0f\n" +
+	"\rHealthRequest\"Y\n" +
+	"\x0eHealthResponse\x12\x14\n" +
+	"\x05error\x18\x01 \x01(\tR\x05error\x121\n" +
+	"\x06counts\x18\x02 \x03(\v2\x19.flowpipe.plugin.v1.CountR\x06counts\"9\n" +
 	"\x0eGatherResponse\x12'\n" +
 	"\x0fmetric_families\x18\x01 \x03(\fR\x0emetricFamilies\"M\n" +
 	"\x05Batch\x12\x14\n" +
@@ -1507,26 +1647,30 @@ const file_plugin_proto_rawDesc = "" +
 	"\x04more\x18\x03 \x01(\bR\x04more\"V\n" +
 	"\tSourceEnd\x12\x14\n" +
 	"\x05error\x18\x01 \x01(\tR\x05error\x123\n" +
-	"\afailure\x18\x02 \x01(\v2\x19.flowpipe.plugin.v1.ErrorR\afailure\"\x99\x02\n" +
+	"\afailure\x18\x02 \x01(\v2\x19.flowpipe.plugin.v1.ErrorR\afailure\"\xd2\x02\n" +
 	"\tSourceAck\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x12<\n" +
 	"\x06status\x18\x02 \x01(\x0e2$.flowpipe.plugin.v1.SourceAck.StatusR\x06status\x12\x1c\n" +
 	"\tcomponent\x18\x03 \x01(\tR\tcomponent\x12\x16\n" +
 	"\x06reason\x18\x04 \x01(\tR\x06reason\x12\x18\n" +
 	"\amessage\x18\x05 \x01(\tR\amessage\x12\x12\n" +
-	"\x04stop\x18\x06 \x01(\bR\x04stop\"Z\n" +
+	"\x04stop\x18\x06 \x01(\bR\x04stop\x12\x18\n" +
+	"\aemitted\x18\a \x01(\bR\aemitted\x12\x1d\n" +
+	"\n" +
+	"emit_error\x18\b \x01(\tR\temitError\"Z\n" +
 	"\x06Status\x12\x14\n" +
 	"\x10STATUS_DELIVERED\x10\x00\x12\x12\n" +
 	"\x0eSTATUS_DROPPED\x10\x01\x12\x13\n" +
 	"\x0fSTATUS_SHUTDOWN\x10\x02\x12\x11\n" +
-	"\rSTATUS_FAILED\x10\x032\xf6\x03\n" +
+	"\rSTATUS_FAILED\x10\x032\xc7\x04\n" +
 	"\tComponent\x12U\n" +
 	"\bDescribe\x12#.flowpipe.plugin.v1.DescribeRequest\x1a$.flowpipe.plugin.v1.DescribeResponse\x12X\n" +
 	"\tConfigure\x12$.flowpipe.plugin.v1.ConfigureRequest\x1a%.flowpipe.plugin.v1.ConfigureResponse\x12L\n" +
 	"\x05Start\x12 .flowpipe.plugin.v1.StartRequest\x1a!.flowpipe.plugin.v1.StartResponse\x12L\n" +
 	"\x05Close\x12 .flowpipe.plugin.v1.CloseRequest\x1a!.flowpipe.plugin.v1.CloseResponse\x12K\n" +
 	"\x05Watch\x12 .flowpipe.plugin.v1.WatchRequest\x1a\x1e.flowpipe.plugin.v1.WatchEvent0\x01\x12O\n" +
-	"\x06Gather\x12!.flowpipe.plugin.v1.GatherRequest\x1a\".flowpipe.plugin.v1.GatherResponse2U\n" +
+	"\x06Gather\x12!.flowpipe.plugin.v1.GatherRequest\x1a\".flowpipe.plugin.v1.GatherResponse\x12O\n" +
+	"\x06Health\x12!.flowpipe.plugin.v1.HealthRequest\x1a\".flowpipe.plugin.v1.HealthResponse2U\n" +
 	"\x06Source\x12K\n" +
 	"\x03Run\x12\x1d.flowpipe.plugin.v1.SourceAck\x1a!.flowpipe.plugin.v1.SourceMessage(\x010\x012S\n" +
 	"\bEnricher\x12G\n" +
@@ -1547,7 +1691,7 @@ func file_plugin_proto_rawDescGZIP() []byte {
 }
 
 var file_plugin_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_plugin_proto_msgTypes = make([]protoimpl.MessageInfo, 22)
+var file_plugin_proto_msgTypes = make([]protoimpl.MessageInfo, 24)
 var file_plugin_proto_goTypes = []any{
 	(Error_Class)(0),          // 0: flowpipe.plugin.v1.Error.Class
 	(Count_Kind)(0),           // 1: flowpipe.plugin.v1.Count.Kind
@@ -1565,56 +1709,61 @@ var file_plugin_proto_goTypes = []any{
 	(*WatchRequest)(nil),      // 13: flowpipe.plugin.v1.WatchRequest
 	(*WatchEvent)(nil),        // 14: flowpipe.plugin.v1.WatchEvent
 	(*GatherRequest)(nil),     // 15: flowpipe.plugin.v1.GatherRequest
-	(*GatherResponse)(nil),    // 16: flowpipe.plugin.v1.GatherResponse
-	(*Batch)(nil),             // 17: flowpipe.plugin.v1.Batch
-	(*Count)(nil),             // 18: flowpipe.plugin.v1.Count
-	(*WriteResponse)(nil),     // 19: flowpipe.plugin.v1.WriteResponse
-	(*EnrichResponse)(nil),    // 20: flowpipe.plugin.v1.EnrichResponse
-	(*SourceMessage)(nil),     // 21: flowpipe.plugin.v1.SourceMessage
-	(*SourceBatch)(nil),       // 22: flowpipe.plugin.v1.SourceBatch
-	(*SourceEnd)(nil),         // 23: flowpipe.plugin.v1.SourceEnd
-	(*SourceAck)(nil),         // 24: flowpipe.plugin.v1.SourceAck
+	(*HealthRequest)(nil),     // 16: flowpipe.plugin.v1.HealthRequest
+	(*HealthResponse)(nil),    // 17: flowpipe.plugin.v1.HealthResponse
+	(*GatherResponse)(nil),    // 18: flowpipe.plugin.v1.GatherResponse
+	(*Batch)(nil),             // 19: flowpipe.plugin.v1.Batch
+	(*Count)(nil),             // 20: flowpipe.plugin.v1.Count
+	(*WriteResponse)(nil),     // 21: flowpipe.plugin.v1.WriteResponse
+	(*EnrichResponse)(nil),    // 22: flowpipe.plugin.v1.EnrichResponse
+	(*SourceMessage)(nil),     // 23: flowpipe.plugin.v1.SourceMessage
+	(*SourceBatch)(nil),       // 24: flowpipe.plugin.v1.SourceBatch
+	(*SourceEnd)(nil),         // 25: flowpipe.plugin.v1.SourceEnd
+	(*SourceAck)(nil),         // 26: flowpipe.plugin.v1.SourceAck
 }
 var file_plugin_proto_depIdxs = []int32{
 	6,  // 0: flowpipe.plugin.v1.ConfigureResponse.field_errors:type_name -> flowpipe.plugin.v1.FieldError
 	0,  // 1: flowpipe.plugin.v1.Error.class:type_name -> flowpipe.plugin.v1.Error.Class
 	8,  // 2: flowpipe.plugin.v1.StartResponse.failure:type_name -> flowpipe.plugin.v1.Error
 	8,  // 3: flowpipe.plugin.v1.CloseResponse.failure:type_name -> flowpipe.plugin.v1.Error
-	1,  // 4: flowpipe.plugin.v1.Count.kind:type_name -> flowpipe.plugin.v1.Count.Kind
-	18, // 5: flowpipe.plugin.v1.WriteResponse.counts:type_name -> flowpipe.plugin.v1.Count
-	8,  // 6: flowpipe.plugin.v1.WriteResponse.failure:type_name -> flowpipe.plugin.v1.Error
-	17, // 7: flowpipe.plugin.v1.EnrichResponse.batch:type_name -> flowpipe.plugin.v1.Batch
-	18, // 8: flowpipe.plugin.v1.EnrichResponse.counts:type_name -> flowpipe.plugin.v1.Count
-	8,  // 9: flowpipe.plugin.v1.EnrichResponse.failure:type_name -> flowpipe.plugin.v1.Error
-	22, // 10: flowpipe.plugin.v1.SourceMessage.batch:type_name -> flowpipe.plugin.v1.SourceBatch
-	23, // 11: flowpipe.plugin.v1.SourceMessage.end:type_name -> flowpipe.plugin.v1.SourceEnd
-	18, // 12: flowpipe.plugin.v1.SourceMessage.counts:type_name -> flowpipe.plugin.v1.Count
-	17, // 13: flowpipe.plugin.v1.SourceBatch.batch:type_name -> flowpipe.plugin.v1.Batch
-	8,  // 14: flowpipe.plugin.v1.SourceEnd.failure:type_name -> flowpipe.plugin.v1.Error
-	2,  // 15: flowpipe.plugin.v1.SourceAck.status:type_name -> flowpipe.plugin.v1.SourceAck.Status
-	3,  // 16: flowpipe.plugin.v1.Component.Describe:input_type -> flowpipe.plugin.v1.DescribeRequest
-	5,  // 17: flowpipe.plugin.v1.Component.Configure:input_type -> flowpipe.plugin.v1.ConfigureRequest
-	9,  // 18: flowpipe.plugin.v1.Component.Start:input_type -> flowpipe.plugin.v1.StartRequest
-	11, // 19: flowpipe.plugin.v1.Component.Close:input_type -> flowpipe.plugin.v1.CloseRequest
-	13, // 20: flowpipe.plugin.v1.Component.Watch:input_type -> flowpipe.plugin.v1.WatchRequest
-	15, // 21: flowpipe.plugin.v1.Component.Gather:input_type -> flowpipe.plugin.v1.GatherRequest
-	24, // 22: flowpipe.plugin.v1.Source.Run:input_type -> flowpipe.plugin.v1.SourceAck
-	17, // 23: flowpipe.plugin.v1.Enricher.Enrich:input_type -> flowpipe.plugin.v1.Batch
-	17, // 24: flowpipe.plugin.v1.Sink.Write:input_type -> flowpipe.plugin.v1.Batch
-	4,  // 25: flowpipe.plugin.v1.Component.Describe:output_type -> flowpipe.plugin.v1.DescribeResponse
-	7,  // 26: flowpipe.plugin.v1.Component.Configure:output_type -> flowpipe.plugin.v1.ConfigureResponse
-	10, // 27: flowpipe.plugin.v1.Component.Start:output_type -> flowpipe.plugin.v1.StartResponse
-	12, // 28: flowpipe.plugin.v1.Component.Close:output_type -> flowpipe.plugin.v1.CloseResponse
-	14, // 29: flowpipe.plugin.v1.Component.Watch:output_type -> flowpipe.plugin.v1.WatchEvent
-	16, // 30: flowpipe.plugin.v1.Component.Gather:output_type -> flowpipe.plugin.v1.GatherResponse
-	21, // 31: flowpipe.plugin.v1.Source.Run:output_type -> flowpipe.plugin.v1.SourceMessage
-	20, // 32: flowpipe.plugin.v1.Enricher.Enrich:output_type -> flowpipe.plugin.v1.EnrichResponse
-	19, // 33: flowpipe.plugin.v1.Sink.Write:output_type -> flowpipe.plugin.v1.WriteResponse
-	25, // [25:34] is the sub-list for method output_type
-	16, // [16:25] is the sub-list for method input_type
-	16, // [16:16] is the sub-list for extension type_name
-	16, // [16:16] is the sub-list for extension extendee
-	0,  // [0:16] is the sub-list for field type_name
+	20, // 4: flowpipe.plugin.v1.HealthResponse.counts:type_name -> flowpipe.plugin.v1.Count
+	1,  // 5: flowpipe.plugin.v1.Count.kind:type_name -> flowpipe.plugin.v1.Count.Kind
+	20, // 6: flowpipe.plugin.v1.WriteResponse.counts:type_name -> flowpipe.plugin.v1.Count
+	8,  // 7: flowpipe.plugin.v1.WriteResponse.failure:type_name -> flowpipe.plugin.v1.Error
+	19, // 8: flowpipe.plugin.v1.EnrichResponse.batch:type_name -> flowpipe.plugin.v1.Batch
+	20, // 9: flowpipe.plugin.v1.EnrichResponse.counts:type_name -> flowpipe.plugin.v1.Count
+	8,  // 10: flowpipe.plugin.v1.EnrichResponse.failure:type_name -> flowpipe.plugin.v1.Error
+	24, // 11: flowpipe.plugin.v1.SourceMessage.batch:type_name -> flowpipe.plugin.v1.SourceBatch
+	25, // 12: flowpipe.plugin.v1.SourceMessage.end:type_name -> flowpipe.plugin.v1.SourceEnd
+	20, // 13: flowpipe.plugin.v1.SourceMessage.counts:type_name -> flowpipe.plugin.v1.Count
+	19, // 14: flowpipe.plugin.v1.SourceBatch.batch:type_name -> flowpipe.plugin.v1.Batch
+	8,  // 15: flowpipe.plugin.v1.SourceEnd.failure:type_name -> flowpipe.plugin.v1.Error
+	2,  // 16: flowpipe.plugin.v1.SourceAck.status:type_name -> flowpipe.plugin.v1.SourceAck.Status
+	3,  // 17: flowpipe.plugin.v1.Component.Describe:input_type -> flowpipe.plugin.v1.DescribeRequest
+	5,  // 18: flowpipe.plugin.v1.Component.Configure:input_type -> flowpipe.plugin.v1.ConfigureRequest
+	9,  // 19: flowpipe.plugin.v1.Component.Start:input_type -> flowpipe.plugin.v1.StartRequest
+	11, // 20: flowpipe.plugin.v1.Component.Close:input_type -> flowpipe.plugin.v1.CloseRequest
+	13, // 21: flowpipe.plugin.v1.Component.Watch:input_type -> flowpipe.plugin.v1.WatchRequest
+	15, // 22: flowpipe.plugin.v1.Component.Gather:input_type -> flowpipe.plugin.v1.GatherRequest
+	16, // 23: flowpipe.plugin.v1.Component.Health:input_type -> flowpipe.plugin.v1.HealthRequest
+	26, // 24: flowpipe.plugin.v1.Source.Run:input_type -> flowpipe.plugin.v1.SourceAck
+	19, // 25: flowpipe.plugin.v1.Enricher.Enrich:input_type -> flowpipe.plugin.v1.Batch
+	19, // 26: flowpipe.plugin.v1.Sink.Write:input_type -> flowpipe.plugin.v1.Batch
+	4,  // 27: flowpipe.plugin.v1.Component.Describe:output_type -> flowpipe.plugin.v1.DescribeResponse
+	7,  // 28: flowpipe.plugin.v1.Component.Configure:output_type -> flowpipe.plugin.v1.ConfigureResponse
+	10, // 29: flowpipe.plugin.v1.Component.Start:output_type -> flowpipe.plugin.v1.StartResponse
+	12, // 30: flowpipe.plugin.v1.Component.Close:output_type -> flowpipe.plugin.v1.CloseResponse
+	14, // 31: flowpipe.plugin.v1.Component.Watch:output_type -> flowpipe.plugin.v1.WatchEvent
+	18, // 32: flowpipe.plugin.v1.Component.Gather:output_type -> flowpipe.plugin.v1.GatherResponse
+	17, // 33: flowpipe.plugin.v1.Component.Health:output_type -> flowpipe.plugin.v1.HealthResponse
+	23, // 34: flowpipe.plugin.v1.Source.Run:output_type -> flowpipe.plugin.v1.SourceMessage
+	22, // 35: flowpipe.plugin.v1.Enricher.Enrich:output_type -> flowpipe.plugin.v1.EnrichResponse
+	21, // 36: flowpipe.plugin.v1.Sink.Write:output_type -> flowpipe.plugin.v1.WriteResponse
+	27, // [27:37] is the sub-list for method output_type
+	17, // [17:27] is the sub-list for method input_type
+	17, // [17:17] is the sub-list for extension type_name
+	17, // [17:17] is the sub-list for extension extendee
+	0,  // [0:17] is the sub-list for field type_name
 }
 
 func init() { file_plugin_proto_init() }
@@ -1622,7 +1771,7 @@ func file_plugin_proto_init() {
 	if File_plugin_proto != nil {
 		return
 	}
-	file_plugin_proto_msgTypes[18].OneofWrappers = []any{
+	file_plugin_proto_msgTypes[20].OneofWrappers = []any{
 		(*SourceMessage_Batch)(nil),
 		(*SourceMessage_End)(nil),
 	}
@@ -1632,7 +1781,7 @@ func file_plugin_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_plugin_proto_rawDesc), len(file_plugin_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   22,
+			NumMessages:   24,
 			NumExtensions: 0,
 			NumServices:   4,
 		},

@@ -32,6 +32,7 @@ const (
 	Component_Close_FullMethodName     = "/flowpipe.plugin.v1.Component/Close"
 	Component_Watch_FullMethodName     = "/flowpipe.plugin.v1.Component/Watch"
 	Component_Gather_FullMethodName    = "/flowpipe.plugin.v1.Component/Gather"
+	Component_Health_FullMethodName    = "/flowpipe.plugin.v1.Component/Health"
 )
 
 // ComponentClient is the client API for Component service.
@@ -56,6 +57,12 @@ type ComponentClient interface {
 	// Gather returns the component's own Prometheus metrics (what it registered with its
 	// Env.Registerer), which the host exposes as if the component ran in process.
 	Gather(ctx context.Context, in *GatherRequest, opts ...grpc.CallOption) (*GatherResponse, error)
+	// Health is the host's ping: it is answered while a Write or Enrich is in progress, and
+	// carries the component's own health (component.HealthChecker, for /readyz) and what it
+	// counted since the last report, so that a sink waiting on its destination is seen as
+	// it is, and not as a hung plugin. Plugins built before it answer Unimplemented; the host
+	// then pings with Describe.
+	Health(ctx context.Context, in *HealthRequest, opts ...grpc.CallOption) (*HealthResponse, error)
 }
 
 type componentClient struct {
@@ -135,6 +142,16 @@ func (c *componentClient) Gather(ctx context.Context, in *GatherRequest, opts ..
 	return out, nil
 }
 
+func (c *componentClient) Health(ctx context.Context, in *HealthRequest, opts ...grpc.CallOption) (*HealthResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(HealthResponse)
+	err := c.cc.Invoke(ctx, Component_Health_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // ComponentServer is the server API for Component service.
 // All implementations must embed UnimplementedComponentServer
 // for forward compatibility.
@@ -157,6 +174,12 @@ type ComponentServer interface {
 	// Gather returns the component's own Prometheus metrics (what it registered with its
 	// Env.Registerer), which the host exposes as if the component ran in process.
 	Gather(context.Context, *GatherRequest) (*GatherResponse, error)
+	// Health is the host's ping: it is answered while a Write or Enrich is in progress, and
+	// carries the component's own health (component.HealthChecker, for /readyz) and what it
+	// counted since the last report, so that a sink waiting on its destination is seen as
+	// it is, and not as a hung plugin. Plugins built before it answer Unimplemented; the host
+	// then pings with Describe.
+	Health(context.Context, *HealthRequest) (*HealthResponse, error)
 	mustEmbedUnimplementedComponentServer()
 }
 
@@ -184,6 +207,9 @@ func (UnimplementedComponentServer) Watch(*WatchRequest, grpc.ServerStreamingSer
 }
 func (UnimplementedComponentServer) Gather(context.Context, *GatherRequest) (*GatherResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Gather not implemented")
+}
+func (UnimplementedComponentServer) Health(context.Context, *HealthRequest) (*HealthResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Health not implemented")
 }
 func (UnimplementedComponentServer) mustEmbedUnimplementedComponentServer() {}
 func (UnimplementedComponentServer) testEmbeddedByValue()                   {}
@@ -307,6 +333,24 @@ func _Component_Gather_Handler(srv interface{}, ctx context.Context, dec func(in
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Component_Health_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(HealthRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ComponentServer).Health(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Component_Health_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ComponentServer).Health(ctx, req.(*HealthRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Component_ServiceDesc is the grpc.ServiceDesc for Component service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -333,6 +377,10 @@ var Component_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Gather",
 			Handler:    _Component_Gather_Handler,
+		},
+		{
+			MethodName: "Health",
+			Handler:    _Component_Health_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

@@ -41,7 +41,7 @@ func Serve(f component.Factory, version string) int {
 	// must stay until flowpipe has flushed and closed it (go-plugin already ignores
 	// SIGINT). It cannot outlive flowpipe: the parent-death signal is SIGKILL, and the
 	// Watch stream ends when flowpipe is gone.
-	signal.Ignore(syscall.SIGTERM)
+	signal.Ignore(syscall.SIGTERM, syscall.SIGHUP) // nor a terminal hangup behind flowpipe's back
 	// go-plugin swaps os.Stderr for a pipe once serving; logs go to the real stderr, where
 	// the host reads them line by line as hclog JSON.
 	stderr := os.Stderr

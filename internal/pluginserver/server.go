@@ -53,6 +53,9 @@ type Server struct {
 	comp   any
 	closed chan struct{}
 	once   sync.Once
+	// emitWindow is ConfigureRequest.emit_window: how many of a source's batches may be
+	// sent and not yet taken by the host; 0: no bound (a host before flow control).
+	emitWindow int
 
 	events sync.Pool // *[]flow.Event, reused between calls
 }
@@ -79,6 +82,7 @@ func (s *Server) Describe(context.Context, *pb.DescribeRequest) (*pb.DescribeRes
 	return &pb.DescribeResponse{
 		Kind: string(s.factory.Kind), Type: s.factory.Type, Version: s.version,
 		ProtocolVersion: pb.ProtocolVersion, Summary: s.factory.Summary,
+		EmitFlowControl: true,
 	}, nil
 }
 
@@ -112,6 +116,7 @@ func (s *Server) Configure(_ context.Context, req *pb.ConfigureRequest) (*pb.Con
 	}
 	s.mu.Lock()
 	s.comp = c
+	s.emitWindow = int(req.EmitWindow)
 	s.mu.Unlock()
 	_, holder := c.(component.Holder)
 	return &pb.ConfigureResponse{Holder: holder}, nil
@@ -185,6 +190,22 @@ func (s *Server) Gather(context.Context, *pb.GatherRequest) (*pb.GatherResponse,
 		}
 		resp.MetricFamilies = append(resp.MetricFamilies, b)
 	}
+	return resp, nil
+}
+
+// Health answers the host's ping with the component's own health and its counts; it runs
+// beside a Write or Enrich in progress.
+func (s *Server) Health(context.Context, *pb.HealthRequest) (*pb.HealthResponse, error) {
+	resp := &pb.HealthResponse{}
+	s.mu.Lock()
+	c := s.comp
+	s.mu.Unlock()
+	if hc, ok := c.(component.HealthChecker); ok {
+		if err := hc.Health(); err != nil {
+			resp.Error = err.Error()
+		}
+	}
+	resp.Counts = s.counts.drain()
 	return resp, nil
 }
 
@@ -264,7 +285,11 @@ func (s *Server) Run(stream grpc.BidiStreamingServer[pb.SourceAck, pb.SourceMess
 	src := c.(component.Source)
 	runCtx, stop := context.WithCancel(context.Background())
 	defer stop()
-	em := &emitter{stream: stream, s: s, pending: map[uint64]*flow.Batch{}, empty: make(chan struct{}, 1)}
+	s.mu.Lock()
+	window := s.emitWindow
+	s.mu.Unlock()
+	em := &emitter{stream: stream, s: s, pending: map[uint64]*flow.Batch{}, empty: make(chan struct{}, 1),
+		window: window, unaccepted: map[uint64]struct{}{}, changed: make(chan struct{})}
 	recvDone := make(chan struct{})
 	go func() {
 		defer close(recvDone)
@@ -276,6 +301,10 @@ func (s *Server) Run(stream grpc.BidiStreamingServer[pb.SourceAck, pb.SourceMess
 			}
 			if a.Stop {
 				stop()
+				continue
+			}
+			if a.Emitted {
+				em.emitted(a.Id, a.EmitError)
 				continue
 			}
 			em.ack(a.Id, pb.AckFromProto(a))
@@ -306,19 +335,26 @@ func (s *Server) Run(stream grpc.BidiStreamingServer[pb.SourceAck, pb.SourceMess
 }
 
 // emitter is the plugin side of component.Emitter: it sends batches to the host and keeps
-// them until the host acknowledges them.
+// them until the host acknowledges them. With an emit window (a host with flow control),
+// Emit returns only once fewer than window batches are sent and not yet taken by the
+// pipeline, so a blocked pipeline blocks the source here as it would in process, instead of
+// the batches piling up in the connection.
 type emitter struct {
 	stream grpc.BidiStreamingServer[pb.SourceAck, pb.SourceMessage]
 	s      *Server
+	window int
 
 	sendMu sync.Mutex
 	buf    []byte
 
-	mu      sync.Mutex
-	next    uint64
-	pending map[uint64]*flow.Batch
-	dead    bool
-	empty   chan struct{}
+	mu         sync.Mutex
+	next       uint64
+	pending    map[uint64]*flow.Batch
+	unaccepted map[uint64]struct{} // sent, and the host's Emit has not returned yet
+	refused    error               // the host refused a batch: it refuses every later one
+	changed    chan struct{}       // closed and replaced when unaccepted, refused or dead change
+	dead       bool
+	empty      chan struct{}
 }
 
 func (e *emitter) send(m *pb.SourceMessage) error {
@@ -327,16 +363,60 @@ func (e *emitter) send(m *pb.SourceMessage) error {
 	return e.stream.Send(m)
 }
 
+var errHostGone = errors.New("the host stopped reading batches")
+
+// room waits until fewer than e.window batches are outstanding. It returns the error the
+// source must see instead: the host refused a batch (it refuses every later one too), the
+// host is gone, or ctx ended.
+func (e *emitter) room(ctx context.Context) error {
+	for {
+		e.mu.Lock()
+		switch {
+		case e.dead:
+			e.mu.Unlock()
+			return errHostGone
+		case e.refused != nil:
+			err := e.refused
+			e.mu.Unlock()
+			return err
+		case e.window <= 0 || len(e.unaccepted) < e.window:
+			e.mu.Unlock()
+			return nil
+		}
+		ch := e.changed
+		e.mu.Unlock()
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}
+
+func (e *emitter) broadcastLocked() {
+	close(e.changed)
+	e.changed = make(chan struct{})
+}
+
 func (e *emitter) Emit(ctx context.Context, b *flow.Batch) error {
+	// A window still full (an earlier Emit returned on its context) is waited for before
+	// sending, so that the bound holds whatever the source does with errors.
+	if err := e.room(ctx); err != nil {
+		b.Release(flow.ErrShutdown)
+		return err
+	}
 	e.mu.Lock()
 	if e.dead {
 		e.mu.Unlock()
 		b.Release(flow.ErrShutdown)
-		return errors.New("the host stopped reading batches")
+		return errHostGone
 	}
 	e.next++
 	id := e.next
 	e.pending[id] = b
+	if e.window > 0 {
+		e.unaccepted[id] = struct{}{}
+	}
 	e.mu.Unlock()
 
 	source := b.Source // the host's runtime stamps the source's name on what is empty
@@ -361,13 +441,28 @@ func (e *emitter) Emit(ctx context.Context, b *flow.Batch) error {
 	}
 	e.sendMu.Unlock()
 	if err != nil {
+		e.emitted(id, "")
 		e.ack(id, flow.ErrShutdown)
 		return fmt.Errorf("send batch to host: %w", err)
+	}
+	if err := e.room(ctx); err != nil {
+		return err
 	}
 	if ctx.Err() != nil {
 		return ctx.Err()
 	}
 	return nil
+}
+
+// emitted records that the host's Emit returned for batch id, with the error it returned.
+func (e *emitter) emitted(id uint64, emitErr string) {
+	e.mu.Lock()
+	delete(e.unaccepted, id)
+	if emitErr != "" && e.refused == nil {
+		e.refused = fmt.Errorf("the pipeline refused the batch: %s", emitErr)
+	}
+	e.broadcastLocked()
+	e.mu.Unlock()
 }
 
 func (e *emitter) ack(id uint64, err error) {
@@ -396,6 +491,7 @@ func (e *emitter) drained() bool {
 func (e *emitter) failAll(err error) {
 	e.mu.Lock()
 	e.dead = true
+	e.broadcastLocked()
 	pending := e.pending
 	e.pending = map[uint64]*flow.Batch{}
 	e.mu.Unlock()

@@ -4,18 +4,22 @@
 package file
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"sort"
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
+	"github.com/google/uuid"
 	"github.com/klauspost/compress/gzip"
 	"github.com/klauspost/compress/zstd"
 
@@ -51,6 +55,11 @@ type Config struct {
 	// by a crash after its last acknowledged batch) is always a valid stream: frames and
 	// members concatenate.
 	Compression string `yaml:"compression"`
+	// ResumeScan, when not 0, makes the sink read the last ResumeScan bytes of the file at
+	// start and skip the events already there when they come again: a writer killed after
+	// writing a batch and before acknowledging it is sent that batch again (by a log source's
+	// redelivery) and does not write it twice. Format flowpipe only.
+	ResumeScan config.ByteSize `yaml:"resume_scan"`
 }
 
 func defaults() *Config {
@@ -71,6 +80,15 @@ func (c *Config) Validate() error {
 	}
 	if c.MaxFiles < 0 {
 		errs.Add("max_files", "must not be negative")
+	}
+	if c.ResumeScan < 0 {
+		errs.Add("resume_scan", "must not be negative")
+	}
+	if c.ResumeScan > 0 && c.Compression != "" && c.Compression != "none" {
+		errs.Add("resume_scan", "reads lines back from the file; not with compression %s", c.Compression)
+	}
+	if c.ResumeScan > 0 && c.Format != "flowpipe" {
+		errs.Add("resume_scan", "reads event IDs back from lines of format flowpipe; not with format %s", c.Format)
 	}
 	if c.Sync != "batch" && c.Sync != "interval" && c.Sync != "none" {
 		errs.Add("sync", "unknown mode %q (want batch, interval or none)", c.Sync)
@@ -116,6 +134,8 @@ type Sink struct {
 	opened  time.Time
 	regular bool
 
+	resumed map[uuid.UUID]struct{} // IDs found by resume_scan, not yet seen again (under mu)
+
 	syncMu  sync.Mutex   // one fsync at a time; rotation holds it too
 	written atomic.Int64 // bytes written since start, over every file
 	synced  atomic.Int64 // of those, bytes known to be on disk
@@ -127,6 +147,12 @@ type Sink struct {
 
 // New makes a file sink; the file is opened by Start.
 func New(env component.Env, c *Config) *Sink {
+	if env.Metrics == nil {
+		env.Metrics = component.NopMetrics{}
+	}
+	if env.Logger == nil {
+		env.Logger = slog.New(slog.DiscardHandler)
+	}
 	f, _ := schema.Parse(c.Format)
 	s := &Sink{cfg: *c, format: f, path: env.Path(c.Path), env: env}
 	if c.Compression == "zstd" {
@@ -136,8 +162,8 @@ func New(env component.Env, c *Config) *Sink {
 	return s
 }
 
-// Start creates missing directories and opens the file for appending; with sync: interval
-// it starts the periodic fsync.
+// Start creates missing directories and opens the file for appending; a torn last line (the
+// process was killed mid-write) is cut off; with sync: interval it starts the periodic fsync.
 func (s *Sink) Start(context.Context) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -147,6 +173,15 @@ func (s *Sink) Start(context.Context) error {
 	if s.cfg.Sync == "interval" && s.stopSync == nil {
 		s.stopSync, s.syncDone = make(chan struct{}), make(chan struct{})
 		go s.syncEvery(s.cfg.SyncInterval)
+	}
+	if s.f == nil || !s.regular || s.size == 0 || s.compressed() {
+		return nil
+	}
+	if err := s.cutTorn(); err != nil {
+		return err
+	}
+	if s.cfg.ResumeScan > 0 {
+		return s.resume()
 	}
 	return nil
 }
@@ -167,6 +202,69 @@ func (s *Sink) syncEvery(d time.Duration) {
 			}
 		}
 	}
+}
+
+// cutTorn cuts off a torn last line: a process killed in the middle of a write leaves part
+// of a batch that was not acknowledged (it comes again), and the next line must not be
+// glued to it.
+func (s *Sink) cutTorn() error {
+	const look = 1 << 20 // far longer than a line
+	from := max(0, s.size-look)
+	buf := make([]byte, s.size-from)
+	if _, err := s.readAt(buf, from); err != nil {
+		return err
+	}
+	last := bytes.LastIndexByte(buf, '\n')
+	if last == len(buf)-1 || (last < 0 && from > 0) {
+		return nil
+	}
+	cut := from + int64(last+1)
+	if err := s.f.Truncate(cut); err != nil {
+		return fmt.Errorf("%s: cut torn last line: %w", s.path, err)
+	}
+	s.env.Logger.Warn("cut a torn last line off the file (the process was stopped mid-write; that batch was not acknowledged)", "file", s.path, "bytes", s.size-cut)
+	s.size = cut
+	return nil
+}
+
+func (s *Sink) readAt(buf []byte, off int64) (int, error) {
+	r, err := os.Open(s.path)
+	if err != nil {
+		return 0, fmt.Errorf("read %s: %w", s.path, err)
+	}
+	defer r.Close()
+	n, err := r.ReadAt(buf, off)
+	if err != nil {
+		return n, fmt.Errorf("read %s: %w", s.path, err)
+	}
+	return n, nil
+}
+
+// resume reads the event IDs of the file's last resume_scan bytes.
+func (s *Sink) resume() error {
+	from := max(0, s.size-int64(s.cfg.ResumeScan))
+	buf := make([]byte, s.size-from)
+	if _, err := s.readAt(buf, from); err != nil {
+		return fmt.Errorf("resume_scan: %w", err)
+	}
+	if from > 0 {
+		// The first line read may be partial.
+		i := bytes.IndexByte(buf, '\n')
+		buf = buf[i+1:]
+	}
+	s.resumed = map[uuid.UUID]struct{}{}
+	const prefix = `{"event_id":"`
+	for len(buf) > 0 {
+		line, rest, _ := bytes.Cut(buf, []byte{'\n'})
+		buf = rest
+		if len(line) >= len(prefix)+36 && bytes.HasPrefix(line, []byte(prefix)) {
+			if id, err := uuid.ParseBytes(line[len(prefix) : len(prefix)+36]); err == nil {
+				s.resumed[id] = struct{}{}
+			}
+		}
+	}
+	s.env.Logger.Info("resuming the file: events already in it will not be written again", "file", s.path, "events", len(s.resumed))
+	return nil
 }
 
 func (s *Sink) open() error {
@@ -202,7 +300,11 @@ func (s *Sink) Write(_ context.Context, b *flow.Batch) error {
 	defer s.bufs.Put(bp)
 	enc := schema.Encoder{Format: s.format}
 	buf := (*bp)[:0]
+	skip := s.alreadyWritten(b.Events)
 	for i := range b.Events {
+		if skip != nil && skip[i] {
+			continue
+		}
 		buf = enc.Append(buf, &b.Events[i])
 		buf = append(buf, '\n')
 	}
@@ -252,12 +354,41 @@ func (s *Sink) compress(src, dst []byte) ([]byte, error) {
 	return w.b, nil
 }
 
+// compressed reports whether the file holds zstd frames or gzip members rather than lines.
+func (s *Sink) compressed() bool { return s.cfg.Compression == "zstd" || s.cfg.Compression == "gzip" }
+
 // bytesWriter appends to a reused slice.
 type bytesWriter struct{ b []byte }
 
 func (w *bytesWriter) Write(p []byte) (int, error) {
 	w.b = append(w.b, p...)
 	return len(p), nil
+}
+
+// alreadyWritten marks the events that resume_scan found in the file; nil when none.
+func (s *Sink) alreadyWritten(events []flow.Event) []bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if len(s.resumed) == 0 {
+		return nil
+	}
+	var skip []bool
+	n := 0
+	for i := range events {
+		if _, ok := s.resumed[events[i].EventID]; ok {
+			if skip == nil {
+				skip = make([]bool, len(events))
+			}
+			skip[i] = true
+			delete(s.resumed, events[i].EventID)
+			n++
+		}
+	}
+	if n > 0 {
+		s.env.Metrics.Filtered("already_written", n)
+		s.env.Logger.Info("events already in the file before the restart, not written again", "file", s.path, "events", n)
+	}
+	return skip
 }
 
 // append writes buf under the file lock, rotating first if needed, and returns the logical
@@ -279,6 +410,11 @@ func (s *Sink) append(buf []byte) (int64, error) {
 	if err != nil {
 		if s.f != nil && s.regular && n > 0 {
 			_ = s.f.Truncate(s.size)
+		}
+		if s.path == "-" && errors.Is(err, syscall.EPIPE) {
+			// The reader of standard output went away (`flowpipe run | head -1`): no retry
+			// will bring it back, so stop, as a Unix tool stops on a closed pipe.
+			return 0, flow.Fatal(errors.New("standard output was closed by its reader (broken pipe)"))
 		}
 		return 0, fmt.Errorf("write %s: %w", s.path, err)
 	}

@@ -13,6 +13,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/uuid"
+
 	"github.com/flowpipe/flowpipe/core/component"
 	"github.com/flowpipe/flowpipe/core/component/componenttest"
 	"github.com/flowpipe/flowpipe/core/config"
@@ -245,6 +247,83 @@ func TestRotationLogsRemovedFiles(t *testing.T) {
 	rotated, _ := filepath.Glob(filepath.Join(dir, "flows.jsonl.*"))
 	if len(rotated) != 1 {
 		t.Fatalf("%d rotated files kept, want 1", len(rotated))
+	}
+}
+
+// A writer killed after writing a batch and before acknowledging it gets the batch again
+// when it restarts: with resume_scan the events already in the file are not written twice,
+// and a torn last line is cut off.
+func TestResumeScanSkipsWhatIsAlreadyInTheFile(t *testing.T) {
+	dir := t.TempDir()
+	ids, seq := flow.NewIDGen(), uint64(0)
+	a, b, c := batch(ids, 50, &seq), batch(ids, 50, &seq), batch(ids, 50, &seq)
+	first := New(env(dir), &Config{Path: "flows.jsonl", Sync: "batch", Format: "flowpipe", ResumeScan: 1 << 20})
+	if err := first.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	for _, bt := range []*flow.Batch{a, b} {
+		if err := first.Write(context.Background(), bt); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Killed mid-write of the next line: no Close, and a torn line at the end.
+	f, err := os.OpenFile(filepath.Join(dir, "flows.jsonl"), os.O_WRONLY|os.O_APPEND, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.WriteString(`{"event_id":"` + c.Events[0].EventID.String() + `","flow_id`)
+	f.Close()
+
+	var metrics componenttest.Metrics
+	e := env(dir)
+	e.Metrics = &metrics
+	second := New(e, &Config{Path: "flows.jsonl", Sync: "batch", Format: "flowpipe", ResumeScan: 1 << 20})
+	if err := second.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	// The redelivery: b again (it was written, not acknowledged), then c.
+	for _, bt := range []*flow.Batch{b, c} {
+		if err := second.Write(context.Background(), bt); err != nil {
+			t.Fatal(err)
+		}
+	}
+	second.Close(context.Background())
+	got := componenttest.ReadJSONLines(t, filepath.Join(dir, "flows.jsonl"))
+	seen := map[uuid.UUID]int{}
+	for _, ev := range got {
+		seen[ev.EventID]++
+	}
+	for _, bt := range []*flow.Batch{a, b, c} {
+		for _, ev := range bt.Events {
+			if seen[ev.EventID] != 1 {
+				t.Fatalf("event %s %d times in the file", ev.EventID, seen[ev.EventID])
+			}
+		}
+	}
+	if len(got) != 150 || metrics.FilteredCount("already_written") != 50 {
+		t.Fatalf("%d lines, %d counted as already written; want 150 and 50", len(got), metrics.FilteredCount("already_written"))
+	}
+}
+
+// A process killed in the middle of a write leaves a torn line; the next start cuts it off,
+// so the next batch does not glue onto it.
+func TestTornLastLineIsCutAtStart(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "flows.jsonl")
+	if err := os.WriteFile(path, []byte(`{"event_id":"00000000-0000-0000-0000-000000000001","flow_`), 0o640); err != nil {
+		t.Fatal(err)
+	}
+	s := New(env(dir), &Config{Path: "flows.jsonl", Sync: "batch", Format: "flowpipe"})
+	if err := s.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	ids, seq := flow.NewIDGen(), uint64(0)
+	if err := s.Write(context.Background(), batch(ids, 3, &seq)); err != nil {
+		t.Fatal(err)
+	}
+	s.Close(context.Background())
+	if n := len(componenttest.ReadJSONLines(t, path)); n != 3 {
+		t.Fatalf("%d lines, want the 3 written after the torn one was cut", n)
 	}
 }
 

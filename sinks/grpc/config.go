@@ -4,6 +4,8 @@ import (
 	"encoding/base64"
 	"net"
 	"net/url"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/flowpipe/flowpipe/core/config"
@@ -12,11 +14,14 @@ import (
 // Config is the options of a `type: grpc` sink.
 type Config struct {
 	// URL of the collector: http://host:port (plain text) or https://host:port (TLS).
-	URL        string `yaml:"url" required:"true"`
-	CAFile     string `yaml:"ca_file"`     // PEM roots to trust instead of the system's
-	CertFile   string `yaml:"cert_file"`   // client certificate for mTLS
-	KeyFile    string `yaml:"key_file"`    // its key
-	ServerName string `yaml:"server_name"` // TLS name to verify, when not the URL's host
+	URL string `yaml:"url"`
+	// URLs lists several collectors instead (all http:// or all https://): the sink keeps
+	// its stream on one of them, chosen at random, and moves to another when it fails.
+	URLs       []string `yaml:"urls"`
+	CAFile     string   `yaml:"ca_file"`     // PEM roots to trust instead of the system's
+	CertFile   string   `yaml:"cert_file"`   // client certificate for mTLS
+	KeyFile    string   `yaml:"key_file"`    // its key
+	ServerName string   `yaml:"server_name"` // TLS name to verify, when not the URL's host
 
 	// Token is a credential given by a management server, sent as is.
 	Token *TokenConfig `yaml:"token"`
@@ -59,7 +64,24 @@ func defaultConfig() *Config {
 // Validate checks the options together; decoding has checked each alone.
 func (c *Config) Validate() error {
 	var errs config.FieldErrors
-	if u, err := url.Parse(c.URL); err != nil {
+	switch {
+	case c.URL == "" && len(c.URLs) == 0:
+		errs.Add("url", "set url (one collector) or urls (several)")
+	case c.URL != "" && len(c.URLs) > 0:
+		errs.Add("urls", "set url or urls, not both")
+	}
+	for i, u := range c.URLs {
+		p, err := url.Parse(u)
+		switch {
+		case err != nil || p.Host == "" || (p.Scheme != "http" && p.Scheme != "https"):
+			errs.Add(config.Join("urls", "["+strconv.Itoa(i)+"]"), "%q: want http://host:port or https://host:port", u)
+		case i > 0 && !strings.HasPrefix(u, strings.SplitN(c.URLs[0], ":", 2)[0]+":"):
+			errs.Add(config.Join("urls", "["+strconv.Itoa(i)+"]"), "%q: every URL must have the scheme of the first", u)
+		}
+	}
+	if c.URL == "" {
+		// urls, checked above
+	} else if u, err := url.Parse(c.URL); err != nil {
 		errs.Add("url", "not a URL: %v", err)
 	} else if u.Scheme != "http" && u.Scheme != "https" {
 		errs.Add("url", "scheme %q: want http:// (plain text) or https:// (TLS)", u.Scheme)
@@ -67,6 +89,9 @@ func (c *Config) Validate() error {
 		errs.Add("url", "no host in %q (want http://host:port or https://host:port)", c.URL)
 	} else if u.Scheme == "http" && (c.CAFile != "" || c.CertFile != "" || c.ServerName != "") {
 		errs.Add("url", "ca_file, cert_file and server_name need an https:// URL")
+	}
+	if len(c.URLs) > 0 && strings.HasPrefix(c.URLs[0], "http:") && (c.CAFile != "" || c.CertFile != "" || c.ServerName != "") {
+		errs.Add("urls", "ca_file, cert_file and server_name need https:// URLs")
 	}
 	if (c.CertFile == "") != (c.KeyFile == "") {
 		errs.Add("cert_file", "cert_file and key_file go together")

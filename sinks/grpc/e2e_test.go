@@ -327,14 +327,20 @@ func TestCollectorKilledWithEventsUnacked(t *testing.T) {
 	state := filepath.Join(dir, "dedup.state")
 	waitFor(t, "a third of the events at the collector", func() bool { return lineCount(out) >= len(events)/3 })
 	px.Freeze(true)
-	// The agent can send at most its window beyond what it saw ACKed; wait until the
-	// collector has all of it in its output and its state file.
-	waitFor(t, "the agent's window to fill", func() bool { return metric(t, reg, "flowpipe_grpc_sink_unacked_events") == window })
+	// The agent can send at most its window beyond what it saw ACKed. It may stop short of
+	// a full window: writers waiting for room are woken when a quarter of the window is free,
+	// and the ACKs that were already on their way when the proxy froze may free less than
+	// that. Wait until the collector has everything sent in its output and its state file;
+	// the events then unacked at the agent are the ones it must resend.
 	waitFor(t, "everything sent to be durable and recorded", func() bool {
 		firstSends := int(metric(t, reg, "flowpipe_grpc_sink_events_sent_total"))
 		st, err := os.Stat(state)
 		return err == nil && lineCount(out) == firstSends && int(st.Size()/24) == firstSends
 	})
+	unacked := metric(t, reg, "flowpipe_grpc_sink_unacked_events")
+	if unacked == 0 || unacked > window {
+		t.Fatalf("%v events unacked at the agent with the ACKs held back, want 1..%d", unacked, window)
+	}
 	resentBefore := metric(t, reg, "flowpipe_grpc_sink_events_resent_total")
 	c.kill()
 	c.start()
@@ -344,8 +350,8 @@ func TestCollectorKilledWithEventsUnacked(t *testing.T) {
 	if ctx.Err() != nil {
 		t.Fatal("writes did not finish")
 	}
-	if resent := metric(t, reg, "flowpipe_grpc_sink_events_resent_total") - resentBefore; resent < window {
-		t.Fatalf("agent resent %v events after the restart, want at least its window of %d", resent, window)
+	if resent := metric(t, reg, "flowpipe_grpc_sink_events_resent_total") - resentBefore; resent < unacked {
+		t.Fatalf("agent resent %v events after the restart, want at least the %v it had unacked", resent, unacked)
 	}
 	c.stop()
 	checkExactlyOnce(t, sent, outputIDs(t, out))

@@ -99,6 +99,9 @@ func fillSourceDefaults(t testing.TB, cfg *grpcsrc.Config) {
 	if cfg.BatchSize == 0 {
 		cfg.BatchSize = def.BatchSize
 	}
+	if cfg.InitiatorTimeout == 0 {
+		cfg.InitiatorTimeout, cfg.IdleTimeout, cfg.MaxTokenLifetime = def.InitiatorTimeout, def.IdleTimeout, def.MaxTokenLifetime
+	}
 	if cfg.BatchDelay == 0 {
 		cfg.BatchDelay = def.BatchDelay
 	}

@@ -17,6 +17,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"strings"
 	"sync"
 	"time"
 
@@ -24,6 +25,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
 	grpcbackoff "google.golang.org/grpc/backoff"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/connectivity"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/keepalive"
@@ -93,7 +96,7 @@ func New(env component.Env, c *Config) (*Sink, error) {
 	if env.Metrics == nil {
 		env.Metrics = component.NopMetrics{}
 	}
-	addr, useTLS := c.target()
+	addr, useTLS, dialOpts := c.dial()
 	var tc credentials.TransportCredentials
 	if useTLS {
 		cfg, err := clientTLS(env, c)
@@ -125,9 +128,9 @@ func New(env component.Env, c *Config) (*Sink, error) {
 	if tok != nil {
 		opts = append(opts, grpc.WithPerRPCCredentials(tok))
 	}
-	conn, err := grpc.NewClient(addr, opts...)
+	conn, err := grpc.NewClient(addr, append(opts, dialOpts...)...)
 	if err != nil {
-		return nil, fmt.Errorf("grpc sink %s: %w", c.URL, err)
+		return nil, fmt.Errorf("grpc sink %s: %w", c.collectors(), err)
 	}
 	s := &Sink{
 		cfg: c, log: env.Logger, env: env, conn: conn, key: c.publicKey(),
@@ -333,16 +336,67 @@ func (s *Sink) run(ctx context.Context) {
 		if time.Since(start) > s.cfg.ReconnectMax {
 			reconnect.Reset() // the stream worked for a while: start the backoff over
 		}
+		if s.closedIdle(err) {
+			// The receiver closes streams that carry nothing (its idle_timeout): not a
+			// failure; open the next one at once.
+			s.log.Debug("collector closed the idle stream; reopening", "url", s.cfg.collectors())
+			continue
+		}
 		s.mu.Lock()
 		s.lastErr = err
+		waiting := len(s.pending)
 		s.mu.Unlock()
 		delay := reconnect.Next()
 		s.env.Metrics.Errors("stream", 1)
-		s.log.Warn("stream to collector failed; reconnecting", "url", s.cfg.URL, "err", err, "retry_in", delay.Round(time.Millisecond))
-		if !backoff.Sleep(ctx, delay) {
+		s.log.Warn("stream to collector failed; reconnecting", "url", s.cfg.collectors(), "err", err, "events_waiting", waiting, "retry_in", delay.Round(time.Millisecond))
+		if !s.waitRetry(ctx, delay) {
 			return
 		}
 	}
+}
+
+// closedIdle reports a stream the receiver ended for idleness while nothing was waiting.
+func (s *Sink) closedIdle(err error) bool {
+	st, ok := status.FromError(err)
+	if !ok || st.Code() != codes.Unavailable || !strings.Contains(st.Message(), "idle_timeout") {
+		return false
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.pending) == 0
+}
+
+// waitRetry waits delay before the next stream, or less: when the connection to the
+// collector was down and comes back (gRPC redials by itself), the next stream opens at once,
+// so recovery does not wait out the backoff. A connection that was up when the stream
+// failed (the collector refused the stream) waits the whole delay. False when ctx ended.
+func (s *Sink) waitRetry(ctx context.Context, delay time.Duration) bool {
+	t := time.NewTimer(delay)
+	defer t.Stop()
+	wctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	back := make(chan struct{})
+	if st := s.conn.GetState(); st != connectivity.Ready {
+		go func() {
+			for st != connectivity.Ready {
+				if st == connectivity.Idle {
+					s.conn.Connect()
+				}
+				if !s.conn.WaitForStateChange(wctx, st) {
+					return
+				}
+				st = s.conn.GetState()
+			}
+			close(back)
+		}()
+	}
+	select {
+	case <-t.C:
+	case <-back:
+	case <-ctx.Done():
+		return false
+	}
+	return true
 }
 
 // handshakeTimeout bounds the wait for the receiver's response headers.
@@ -352,7 +406,9 @@ const handshakeTimeout = 15 * time.Second
 func (s *Sink) serve(ctx context.Context, gen uint64) error {
 	sctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	stream, err := s.conn.NewStream(sctx, &pb.FlowService_ServiceDesc.Streams[0], pb.FlowService_Events_FullMethodName, grpc.WaitForReady(true))
+	// Not WaitForReady: a collector that is down must fail the stream (and show in the log,
+	// the errors metric and /readyz) rather than hold it open in silence; run redials.
+	stream, err := s.conn.NewStream(sctx, &pb.FlowService_ServiceDesc.Streams[0], pb.FlowService_Events_FullMethodName)
 	if err != nil {
 		return fmt.Errorf("open stream: %w", err)
 	}
@@ -381,7 +437,7 @@ func (s *Sink) serve(ctx context.Context, gen uint64) error {
 	}
 	s.mu.Unlock()
 	s.poke()
-	s.log.Info("stream to collector open", "url", s.cfg.URL)
+	s.log.Info("stream to collector open", "url", s.cfg.collectors())
 
 	recvErr := make(chan error, 1)
 	go func() {
@@ -495,7 +551,7 @@ func (s *Sink) Health() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.stream == 0 && s.lastErr != nil {
-		return fmt.Errorf("no stream to %s (%d events waiting): %w", s.cfg.URL, len(s.pending), s.lastErr)
+		return fmt.Errorf("no stream to %s (%d events waiting): %w", s.cfg.collectors(), len(s.pending), s.lastErr)
 	}
 	return nil
 }

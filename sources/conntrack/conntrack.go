@@ -80,6 +80,7 @@ type Source struct {
 	ns       *netns.NS
 	sysctls  []*sysctlChange
 	act      *activation
+	recorded bool // this run wrote the record of its host changes (hoststate.go)
 	events   *eventConn
 	dump     *ct.Conn
 	running  chan struct{} // closed when the reader goroutine has stopped
@@ -172,6 +173,16 @@ func (s *Source) open() error {
 	if s.ns, err = netns.Open(s.cfg.NetNS); err != nil {
 		return err
 	}
+	// What a run that was killed left behind goes first, so that the values read below are
+	// the host's own, not that run's.
+	if err := s.restoreLeftovers(); err != nil {
+		return err
+	}
+	// Plan the changes, record them (with the values to put back), then make them.
+	rec := &hostRecord{NetNS: s.cfg.NetNS}
+	if rec.NSID, err = s.ns.ID(); err != nil {
+		return err
+	}
 	for _, sc := range []struct {
 		on   bool
 		path string
@@ -179,7 +190,25 @@ func (s *Source) open() error {
 		if !sc.on {
 			continue
 		}
-		ch, err := setSysctl(s.ns, sc.path, "1")
+		prev, err := readSysctl(s.ns, sc.path)
+		if err != nil {
+			return fmt.Errorf("read %s in %s: %w (is the nf_conntrack module loaded?)", sc.path, s.ns, err)
+		}
+		if prev != "1" {
+			rec.Sysctls = append(rec.Sysctls, recordedSysctl{Path: sc.path, Prev: prev})
+		}
+	}
+	if s.cfg.Activate {
+		rec.Table = activationTable(s.env.Name)
+	}
+	if path := s.recordPath(); path != "" && (len(rec.Sysctls) > 0 || rec.Table != "") {
+		if err := writeRecord(path, rec); err != nil {
+			return fmt.Errorf("%w (the source records what it changes on the host before changing it; check data_dir)", err)
+		}
+		s.recorded = true
+	}
+	for _, sc := range rec.Sysctls {
+		ch, err := setSysctl(s.ns, sc.Path, "1")
 		if err != nil {
 			return err
 		}
@@ -188,7 +217,7 @@ func (s *Source) open() error {
 		}
 	}
 	if s.cfg.Activate {
-		if s.act, err = activate(s.ns, activationTable(s.env.Name)); err != nil {
+		if s.act, err = activate(s.ns, rec.Table); err != nil {
 			return err
 		}
 	}
@@ -602,6 +631,14 @@ func (s *Source) closeLocked() error {
 		}
 	}
 	s.sysctls = nil
+	if s.recorded && len(errs) == 0 {
+		s.recorded = false
+		// Everything is undone: the record is no longer needed. Otherwise it stays, and the
+		// next start tries again.
+		if err := s.removeRecord(); err != nil {
+			errs = append(errs, err)
+		}
+	}
 	if s.ns != nil {
 		s.ns.Close()
 		s.ns = nil

@@ -52,3 +52,14 @@ func (c *sysctlChange) restore(ns *netns.NS) error {
 		return nil
 	})
 }
+
+// readSysctl reads a sysctl inside ns.
+func readSysctl(ns *netns.NS, path string) (string, error) {
+	var v []byte
+	err := ns.Do(func() error {
+		var err error
+		v, err = os.ReadFile(path)
+		return err
+	})
+	return string(bytes.TrimSpace(v)), err
+}

@@ -9,6 +9,7 @@ import (
 
 	"github.com/flowpipe/flowpipe/core/component"
 	"github.com/flowpipe/flowpipe/core/flow"
+	"github.com/flowpipe/flowpipe/internal/dedup"
 )
 
 // collector gathers the events of every stream into batches and remembers event IDs for
@@ -26,12 +27,12 @@ type collector struct {
 	mu      sync.Mutex
 	ids     map[uuid.UUID]bool      // true: delivered; false: in flight
 	waiting map[uuid.UUID][]*stream // streams with a duplicate of an in-flight event
-	done    ring                    // delivered, oldest first
+	done    dedup.Ring              // delivered, oldest first
 	events  []flow.Event
 	origins []origin
 	first   time.Time // arrival of the batch's first event
 	stopped bool
-	journal *journal
+	journal *dedup.Journal
 
 	ready chan *pendingBatch // full batches for the emitter
 	free  chan []flow.Event  // recycled event slices
@@ -201,7 +202,7 @@ func (c *collector) finish(pb *pendingBatch, err error) {
 			}
 			if ok {
 				c.ids[o.id] = true
-				c.remember(doneRec{id: o.id, at: now.UnixNano()})
+				c.remember(dedup.Rec{ID: o.id, At: now.UnixNano()})
 			} else {
 				delete(c.ids, o.id)
 			}
@@ -211,7 +212,7 @@ func (c *collector) finish(pb *pendingBatch, err error) {
 			for i, o := range pb.origins {
 				ids[i] = o.id
 			}
-			if jerr := c.journal.append(ids, now); jerr != nil {
+			if jerr := c.journal.Append(ids, now); jerr != nil {
 				c.r.env.Metrics.Errors("dedup_state", 1)
 				c.r.log.Error("dedup state not saved; a resend after a restart may be delivered twice", "err", jerr)
 			}
@@ -256,11 +257,11 @@ func ackRuns(os []origin, ok bool) {
 // expire forgets delivered IDs that left the window; called with c.mu held.
 func (c *collector) expire(now time.Time) {
 	cutoff := now.Add(-c.r.cfg.Dedup.Window).UnixNano()
-	for c.done.n > 0 && c.done.oldest().at < cutoff {
+	for c.done.Len() > 0 && c.done.Oldest().At < cutoff {
 		c.forgetOldest()
 	}
-	if c.journal != nil && c.journal.records > 2*c.r.cfg.Dedup.MaxEvents+1024 {
-		if err := c.journal.rewrite(c.done.all()); err != nil {
+	if c.journal != nil && c.journal.Records > 2*c.r.cfg.Dedup.MaxEvents+1024 {
+		if err := c.journal.Rewrite(c.done.All()); err != nil {
 			c.r.env.Metrics.Errors("dedup_state", 1)
 			c.r.log.Error("dedup state file not compacted", "err", err)
 		}
@@ -270,13 +271,13 @@ func (c *collector) expire(now time.Time) {
 // load restores delivered IDs from the state file; called before serving.
 func (c *collector) load(path string) error {
 	cutoff := time.Now().Add(-c.r.cfg.Dedup.Window).UnixNano()
-	j, recs, err := openJournal(path, cutoff, c.r.cfg.Dedup.MaxEvents)
+	j, recs, err := dedup.OpenJournal(path, cutoff, c.r.cfg.Dedup.MaxEvents)
 	if err != nil {
 		return err
 	}
 	c.journal = j
 	for _, r := range recs {
-		c.ids[r.id] = true
+		c.ids[r.ID] = true
 		c.remember(r)
 	}
 	return nil
@@ -284,54 +285,16 @@ func (c *collector) load(path string) error {
 
 // remember records a delivered ID, forgetting the oldest when the window is full; called
 // with c.mu held.
-func (c *collector) remember(r doneRec) {
-	if c.done.n == c.r.cfg.Dedup.MaxEvents {
+func (c *collector) remember(r dedup.Rec) {
+	if c.done.Len() == c.r.cfg.Dedup.MaxEvents {
 		c.forgetOldest()
 	}
-	c.done.push(r, c.r.cfg.Dedup.MaxEvents)
+	c.done.Push(r, c.r.cfg.Dedup.MaxEvents)
 }
 
 func (c *collector) forgetOldest() {
-	id := c.done.pop().id
+	id := c.done.Pop().ID
 	if c.ids[id] {
 		delete(c.ids, id)
 	}
-}
-
-// ring is a FIFO of delivered IDs that grows up to the window's size and then wraps, so the
-// steady state moves no memory.
-type ring struct {
-	buf  []doneRec
-	head int // oldest
-	n    int
-}
-
-func (r *ring) push(d doneRec, limit int) {
-	if r.n == len(r.buf) {
-		grown := make([]doneRec, min(max(2*len(r.buf), 1024), limit))
-		for i := range r.n {
-			grown[i] = r.buf[(r.head+i)%len(r.buf)]
-		}
-		r.buf, r.head = grown, 0
-	}
-	r.buf[(r.head+r.n)%len(r.buf)] = d
-	r.n++
-}
-
-func (r *ring) oldest() doneRec { return r.buf[r.head] }
-
-func (r *ring) pop() doneRec {
-	d := r.buf[r.head]
-	r.head = (r.head + 1) % len(r.buf)
-	r.n--
-	return d
-}
-
-// all returns the records oldest first.
-func (r *ring) all() []doneRec {
-	out := make([]doneRec, r.n)
-	for i := range r.n {
-		out[i] = r.buf[(r.head+i)%len(r.buf)]
-	}
-	return out
 }

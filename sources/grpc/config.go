@@ -24,6 +24,14 @@ type Config struct {
 	MaxStreams        int             `yaml:"max_streams"`            // concurrent client streams
 	MaxMessageSize    config.ByteSize `yaml:"max_message_size"`       // one FlowEvent
 	MaxUnackedPerStrm int             `yaml:"max_unacked_per_stream"` // stop reading a stream beyond this
+	// InitiatorTimeout closes a stream whose client has not sent its initiator message
+	// within it, so that connections that say nothing do not hold max_streams slots.
+	InitiatorTimeout time.Duration `yaml:"initiator_timeout"`
+	// IdleTimeout closes a stream that received nothing and has nothing waiting for an ACK
+	// for this long (0: never); a client with events reconnects.
+	IdleTimeout time.Duration `yaml:"idle_timeout"`
+	// MaxTokenLifetime refuses tokens that expire further ahead than this (0: no limit).
+	MaxTokenLifetime time.Duration `yaml:"max_token_lifetime"`
 
 	BatchSize  int           `yaml:"batch_size"`  // events per emitted batch, at most
 	BatchDelay time.Duration `yaml:"batch_delay"` // emit a partial batch after this
@@ -49,6 +57,9 @@ func defaultConfig() *Config {
 		MaxStreams:        10000,
 		MaxMessageSize:    64 << 10,
 		MaxUnackedPerStrm: 20000,
+		InitiatorTimeout:  10 * time.Second,
+		IdleTimeout:       15 * time.Minute,
+		MaxTokenLifetime:  7 * 24 * time.Hour,
 		BatchSize:         2000,
 		BatchDelay:        5 * time.Millisecond,
 		Dedup:             DedupConfig{Window: 10 * time.Minute, MaxEvents: 1_000_000},
@@ -95,6 +106,15 @@ func (c *Config) Validate() error {
 	}
 	if c.MaxUnackedPerStrm < 1 {
 		errs.Add("max_unacked_per_stream", "must be at least 1")
+	}
+	if c.InitiatorTimeout <= 0 {
+		errs.Add("initiator_timeout", "must be positive")
+	}
+	if c.IdleTimeout < 0 {
+		errs.Add("idle_timeout", "must not be negative (0 never closes an idle stream)")
+	}
+	if c.MaxTokenLifetime < 0 {
+		errs.Add("max_token_lifetime", "must not be negative (0 accepts any expiry)")
 	}
 	if c.BatchSize < 1 {
 		errs.Add("batch_size", "must be at least 1")

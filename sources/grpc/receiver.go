@@ -25,6 +25,7 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
 
 	"github.com/flowpipe/flowpipe/core/component"
@@ -58,6 +59,8 @@ type Receiver struct {
 	coll      *collector
 
 	streams  atomic.Int64
+	unacked  atomic.Int64 // over every stream: received, ACK not yet sent (nor given up on)
+	logLimit logLimiter
 	stopping chan struct{} // closed when Run's ctx ends: no new events are taken
 	closing  chan struct{} // closed by Close: streams end
 	stopOnce sync.Once
@@ -77,6 +80,7 @@ func New(env component.Env, c *Config) (*Receiver, error) {
 		env.Metrics = component.NopMetrics{}
 	}
 	r := &Receiver{cfg: c, env: env, log: env.Logger, stopping: make(chan struct{}), closing: make(chan struct{}), served: make(chan struct{})}
+	r.logLimit.interval = time.Second
 	for _, s := range c.Secrets {
 		r.secrets = append(r.secrets, []byte(s))
 	}
@@ -111,16 +115,63 @@ func (r *Receiver) metrics(env component.Env) error {
 		Help: "Streams refused or ended by the receiver, by reason."}, []string{"reason"})
 	r.open = prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "flowpipe_grpc_source_streams", Help: "Open client streams."},
 		func() float64 { return float64(r.streams.Load()) })
-	return env.Register(r.received, r.duplicates, r.ackedDropped, r.notAcked, r.refused, r.open)
+	unacked := prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "flowpipe_grpc_source_unacked_events",
+		Help: "Events received whose ACK has not been sent yet, over every stream (at most max_unacked_per_stream per stream)."},
+		func() float64 { return float64(r.unacked.Load()) })
+	return env.Register(r.received, r.duplicates, r.ackedDropped, r.notAcked, r.refused, r.open, unacked)
 }
 
-// refuse counts a refused or failed stream and returns the status its client sees.
-func (r *Receiver) refuse(reason string, code codes.Code, format string, args ...any) error {
+// refuse counts a refused or failed stream and returns the status its client sees. The log
+// line says who it was (the peer's address, and attrs such as the token's payload); it is
+// rate-limited per reason, so that a flood of bad clients cannot flood the log.
+func (r *Receiver) refuse(ctx context.Context, reason string, code codes.Code, format string, args ...any) error {
+	return r.refuseWith(ctx, reason, code, nil, format, args...)
+}
+
+func (r *Receiver) refuseWith(ctx context.Context, reason string, code codes.Code, attrs []any, format string, args ...any) error {
 	r.refused.WithLabelValues(reason).Inc()
 	r.env.Metrics.Errors(reason, 1)
 	msg := fmt.Sprintf(format, args...)
-	r.log.Warn("stream refused", "reason", reason, "detail", msg)
+	if ok, suppressed := r.logLimit.allow(reason, time.Now()); ok {
+		kv := []any{"reason", reason, "peer", peerAddr(ctx), "detail", msg}
+		kv = append(kv, attrs...)
+		if suppressed > 0 {
+			kv = append(kv, "suppressed", suppressed)
+		}
+		r.log.Warn("stream refused", kv...)
+	}
 	return status.Error(code, msg)
+}
+
+func peerAddr(ctx context.Context) string {
+	if p, ok := peer.FromContext(ctx); ok && p.Addr != nil {
+		return p.Addr.String()
+	}
+	return "unknown"
+}
+
+// logLimiter lets one log line per reason through per interval and counts the others.
+type logLimiter struct {
+	interval time.Duration
+	mu       sync.Mutex
+	last     map[string]time.Time
+	skipped  map[string]int
+}
+
+func (l *logLimiter) allow(reason string, now time.Time) (ok bool, suppressed int) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.last == nil {
+		l.last, l.skipped = map[string]time.Time{}, map[string]int{}
+	}
+	if t, seen := l.last[reason]; seen && now.Sub(t) < l.interval {
+		l.skipped[reason]++
+		return false, 0
+	}
+	l.last[reason] = now
+	suppressed = l.skipped[reason]
+	l.skipped[reason] = 0
+	return true, suppressed
 }
 
 func serverTLS(env component.Env, c *Config) (*tls.Config, error) {
@@ -206,16 +257,22 @@ func (r *Receiver) close(ctx context.Context) error {
 	if j := r.coll.journal; j != nil {
 		r.coll.mu.Lock()
 		defer r.coll.mu.Unlock()
-		return j.close()
+		return j.Close()
 	}
 	return nil
 }
 
 // stream is one client stream: the ACKs waiting to be sent and the events not yet ACKed.
 type stream struct {
-	unacked atomic.Int64  // received and not yet ACKed or given up on
-	wake    chan struct{} // for the handler: ACKs to send, or unacked changed
-	room    chan struct{} // for the reader: unacked went down
+	// unacked counts events received whose ACK has not been sent to the client (queued
+	// ACKs included) and that were not given up on. The reader stops at
+	// max_unacked_per_stream, so a client that does not read its ACKs is not read either.
+	unacked  atomic.Int64
+	total    *atomic.Int64 // the receiver's sum over streams
+	wake     chan struct{} // for the handler: ACKs to send, or unacked changed
+	room     chan struct{} // for the reader: unacked went down
+	started  chan struct{} // closed when the initiator arrived
+	lastRecv atomic.Int64  // Unix nanoseconds of the last message received
 
 	mu   sync.Mutex
 	acks []uuid.UUID
@@ -233,21 +290,48 @@ func (st *stream) signal() {
 	}
 }
 
-// ack queues ACKs for events of this stream.
+func (st *stream) took(n int64) {
+	st.unacked.Add(n)
+	st.total.Add(n)
+}
+
+func (st *stream) done(n int64) {
+	if n == 0 {
+		return
+	}
+	st.unacked.Add(-n)
+	st.total.Add(-n)
+	st.signal()
+}
+
+// ack queues ACKs for events of this stream; they stay counted until sent. On a stream that
+// is gone they are dropped (the client resends on its next stream).
 func (st *stream) ack(ids []uuid.UUID) {
 	st.mu.Lock()
-	if !st.dead {
-		st.acks = append(st.acks, ids...)
+	if st.dead {
+		st.mu.Unlock()
+		st.done(int64(len(ids)))
+		return
 	}
+	st.acks = append(st.acks, ids...)
 	st.mu.Unlock()
-	st.unacked.Add(-int64(len(ids)))
 	st.signal()
 }
 
 // release forgets n events that will not be ACKed.
 func (st *stream) release(n int) {
-	st.unacked.Add(-int64(n))
-	st.signal()
+	st.done(int64(n))
+}
+
+// end marks the stream gone and releases what it held: queued ACKs nobody will send. The
+// events still in the pipeline are released as they are acknowledged (ack, above).
+func (st *stream) end() {
+	st.mu.Lock()
+	st.dead = true
+	n := len(st.acks)
+	st.acks = nil
+	st.mu.Unlock()
+	st.done(int64(n))
 }
 
 // Events serves one client stream.
@@ -260,20 +344,26 @@ func (r *Receiver) Events(ss pb.FlowService_EventsServer) error {
 				value = v[0]
 			}
 		}
-		if err := flowwire.VerifyAuthorization(value, r.secrets, time.Now()); err != nil {
+		if c := flowwire.VerifyAuthorizationLimits(value, r.secrets, time.Now(), r.cfg.MaxTokenLifetime); c.Err != nil {
 			reason := "token_invalid"
 			switch {
-			case errors.Is(err, flowwire.ErrTokenMissing):
+			case errors.Is(c.Err, flowwire.ErrTokenMissing):
 				reason = "token_missing"
-			case errors.Is(err, flowwire.ErrTokenExpired):
+			case errors.Is(c.Err, flowwire.ErrTokenExpired):
 				reason = "token_expired"
+			case errors.Is(c.Err, flowwire.ErrTokenTooLong):
+				reason = "token_lifetime"
 			}
-			return r.refuse(reason, codes.Unauthenticated, "%v", err)
+			var attrs []any
+			if c.Payload != "" {
+				attrs = []any{"token_payload", c.Payload}
+			}
+			return r.refuseWith(ctx, reason, codes.Unauthenticated, attrs, "%v", c.Err)
 		}
 	}
 	if n := r.streams.Add(1); n > int64(r.cfg.MaxStreams) {
 		r.streams.Add(-1)
-		return r.refuse("too_many_streams", codes.ResourceExhausted, "receiver has its maximum of %d streams", r.cfg.MaxStreams)
+		return r.refuse(ctx, "too_many_streams", codes.ResourceExhausted, "receiver has its maximum of %d streams", r.cfg.MaxStreams)
 	}
 	defer r.streams.Add(-1)
 	select {
@@ -291,14 +381,22 @@ func (r *Receiver) Events(ss pb.FlowService_EventsServer) error {
 		return err
 	}
 
-	st := &stream{wake: make(chan struct{}, 1), room: make(chan struct{}, 1)}
-	defer func() {
-		st.mu.Lock()
-		st.dead = true
-		st.mu.Unlock()
-	}()
+	st := &stream{total: &r.unacked, wake: make(chan struct{}, 1), room: make(chan struct{}, 1), started: make(chan struct{})}
+	st.lastRecv.Store(time.Now().UnixNano())
+	defer st.end()
 	recvDone := make(chan error, 1)
 	go func() { recvDone <- r.receive(ss, st) }()
+
+	// A client must send its initiator in time, and a stream must not sit idle for ever:
+	// either holds one of max_streams slots.
+	initiator := time.NewTimer(r.cfg.InitiatorTimeout)
+	defer initiator.Stop()
+	var idle <-chan time.Time
+	if r.cfg.IdleTimeout > 0 {
+		t := time.NewTicker(max(r.cfg.IdleTimeout/4, 10*time.Millisecond))
+		defer t.Stop()
+		idle = t.C
+	}
 
 	var recvErr error
 	received := false
@@ -306,6 +404,16 @@ func (r *Receiver) Events(ss pb.FlowService_EventsServer) error {
 	for {
 		select {
 		case <-st.wake:
+		case <-initiator.C:
+			select {
+			case <-st.started:
+			default:
+				return r.refuse(ctx, "no_initiator", codes.DeadlineExceeded, "no initiator message within initiator_timeout (%s)", r.cfg.InitiatorTimeout)
+			}
+		case <-idle:
+			if st.unacked.Load() == 0 && time.Since(time.Unix(0, st.lastRecv.Load())) >= r.cfg.IdleTimeout {
+				return r.refuse(ctx, "idle", codes.Unavailable, "stream idle for idle_timeout (%s); reconnect to send more", r.cfg.IdleTimeout)
+			}
 		case err := <-recvDone:
 			recvErr, received = err, true
 			recvDone = nil
@@ -324,10 +432,7 @@ func (r *Receiver) Events(ss pb.FlowService_EventsServer) error {
 			}
 			// The client has sent everything: end the stream once all of it is ACKed (or
 			// given up on, when the pipeline stops).
-			st.mu.Lock()
-			left := st.unacked.Load() + int64(len(st.acks))
-			st.mu.Unlock()
-			if left == 0 {
+			if st.unacked.Load() == 0 {
 				return nil
 			}
 		}
@@ -348,28 +453,40 @@ func (r *Receiver) flush(ss pb.FlowService_EventsServer, st *stream, acks *[]uui
 	// gRPC writes a message's bytes after SendMsg returns, so every ACK needs bytes of its
 	// own: one allocation per flush, sliced.
 	all := make([]byte, 0, len(*acks)*ackSize)
-	for _, id := range *acks {
+	counted := 0 // of *acks, how many st.done has been told about
+	for i, id := range *acks {
 		start := len(all)
 		all = flowwire.AppendAck(all, id)
 		if err := ss.SendMsg(flowwire.Raw(all[start:len(all):len(all)])); err != nil {
+			st.done(int64(len(*acks) - counted)) // the stream is broken: the rest will not be sent
 			return err
 		}
+		// Counted as done once gRPC has taken it: what it holds for a client that does not
+		// read is bounded by HTTP/2 flow control, not by us.
+		if i+1-counted == 256 {
+			st.done(256)
+			counted = i + 1
+		}
 	}
+	st.done(int64(len(*acks) - counted))
 	return nil
 }
 
 // receive reads the stream's events until it ends; the result is the stream's status.
 func (r *Receiver) receive(ss pb.FlowService_EventsServer, st *stream) error {
+	ctx := ss.Context()
 	var m flowwire.Message
 	if err := ss.RecvMsg(&m); err != nil {
-		return r.recvError(err)
+		return r.recvError(ctx, err)
 	}
 	if m.Invalid != nil {
-		return r.refuse("malformed", codes.InvalidArgument, "%v", m.Invalid)
+		return r.refuse(ctx, "malformed", codes.InvalidArgument, "%v", m.Invalid)
 	}
 	if !m.Initiator {
-		return r.refuse("missing_initiator", codes.InvalidArgument, "the first message must be FlowEvent{isInitiator: true}")
+		return r.refuse(ctx, "missing_initiator", codes.InvalidArgument, "the first message must be FlowEvent{isInitiator: true}")
 	}
+	close(st.started)
+	st.lastRecv.Store(time.Now().UnixNano())
 	limit := int64(r.cfg.MaxUnackedPerStrm)
 	for {
 		// Stop reading while the stream has its maximum of events waiting for ACKs: gRPC's
@@ -382,27 +499,28 @@ func (r *Receiver) receive(ss pb.FlowService_EventsServer, st *stream) error {
 			}
 		}
 		if err := ss.RecvMsg(&m); err != nil {
-			return r.recvError(err)
+			return r.recvError(ctx, err)
 		}
+		st.lastRecv.Store(time.Now().UnixNano())
 		if m.Invalid != nil {
-			return r.refuse("malformed", codes.InvalidArgument, "%v", m.Invalid)
+			return r.refuse(ctx, "malformed", codes.InvalidArgument, "%v", m.Invalid)
 		}
 		if m.Initiator {
 			continue
 		}
 		r.received.Inc()
 		m.Event.Source = r.env.Name
-		st.unacked.Add(1)
+		st.took(1)
 		r.coll.add(st, &m.Event)
 	}
 }
 
-func (r *Receiver) recvError(err error) error {
+func (r *Receiver) recvError(ctx context.Context, err error) error {
 	if errors.Is(err, io.EOF) {
 		return nil
 	}
 	if s, ok := status.FromError(err); ok && s.Code() == codes.ResourceExhausted {
-		return r.refuse("oversized", codes.ResourceExhausted, "%s", s.Message())
+		return r.refuse(ctx, "oversized", codes.ResourceExhausted, "%s", s.Message())
 	}
 	return err
 }

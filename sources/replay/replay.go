@@ -38,9 +38,12 @@ type Config struct {
 	// OnError is "skip" (default: a malformed line is logged with its line number, counted
 	// as dropped with reason malformed, and skipped) or "stop" (the source fails).
 	OnError string `yaml:"on_error"`
+	// MaxLineSize bounds one line (default 1MiB). A longer line is malformed: under
+	// on_error: skip it is skipped (reason line_too_long) and the lines after it are read.
+	MaxLineSize config.ByteSize `yaml:"max_line_size"`
 }
 
-func defaults() *Config { return &Config{BatchSize: 1024, OnError: "skip"} }
+func defaults() *Config { return &Config{BatchSize: 1024, OnError: "skip", MaxLineSize: 1 << 20} }
 
 // Validate checks the options.
 func (c *Config) Validate() error {
@@ -54,6 +57,9 @@ func (c *Config) Validate() error {
 	if c.Rate < 0 {
 		errs.Add("rate", "must not be negative")
 	}
+	if c.MaxLineSize < 1<<10 || c.MaxLineSize > 1<<30 {
+		errs.Add("max_line_size", "must be between 1KiB and 1GiB, got %s", c.MaxLineSize)
+	}
 	if c.OnError != "skip" && c.OnError != "stop" {
 		errs.Add("on_error", "unknown mode %q (want skip or stop)", c.OnError)
 	}
@@ -64,7 +70,7 @@ func (c *Config) Validate() error {
 func Factory() component.Factory {
 	f := component.NewSourceFactory("replay", "re-emits events from a JSON-lines file written by the file sink",
 		defaults, func(env component.Env, c *Config) (component.Source, error) { return New(env, c), nil })
-	f.Reasons.Dropped = []string{"malformed"}
+	f.Reasons.Dropped = []string{"malformed", "line_too_long"}
 	return f
 }
 
@@ -77,11 +83,12 @@ type Source struct {
 
 // New makes a replay source; the file is opened by Run.
 func New(env component.Env, c *Config) *Source {
-	return &Source{cfg: *c, path: env.Path(c.Path), env: env}
+	s := &Source{cfg: *c, path: env.Path(c.Path), env: env}
+	if s.cfg.MaxLineSize <= 0 {
+		s.cfg.MaxLineSize = defaults().MaxLineSize
+	}
+	return s
 }
-
-// maxLine bounds one JSON line; a longer one is malformed.
-const maxLine = 1 << 20
 
 // Run reads every file of path, oldest first, to its end.
 func (s *Source) Run(ctx context.Context, out component.Emitter) error {
@@ -95,7 +102,7 @@ func (s *Source) Run(ctx context.Context, out component.Emitter) error {
 			return err
 		}
 	}
-	s.env.Logger.Info("replay finished", "path", s.path, "files", len(files), "lines", st.lines, "events", st.emitted, "malformed", st.malformed)
+	s.env.Logger.Info("replay finished", "path", s.path, "files", len(files), "lines", st.lines, "events", st.emitted, "malformed", st.malformed, "too_long", st.tooLong)
 	return nil
 }
 
@@ -152,6 +159,7 @@ func (s *Source) files() ([]string, error) {
 type progress struct {
 	start                     time.Time
 	lines, malformed, emitted int
+	tooLong                   int
 }
 
 // decompress recognises a zstd or gzip stream by its magic number (what the file sink's
@@ -193,8 +201,7 @@ func (s *Source) replay(ctx context.Context, out component.Emitter, path string,
 		return fmt.Errorf("read %s: %w", path, err)
 	}
 	defer closeFn()
-	sc := bufio.NewScanner(r)
-	sc.Buffer(make([]byte, 0, 64<<10), maxLine)
+	rd := newLineReader(r, int(s.cfg.MaxLineSize))
 	events := make([]flow.Event, 0, s.cfg.BatchSize)
 	line := 0
 	defer func() { st.lines += line }()
@@ -214,9 +221,28 @@ func (s *Source) replay(ctx context.Context, out component.Emitter, path string,
 		}
 		return err
 	}
-	for sc.Scan() {
+	for {
+		b, long, err := rd.next()
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			_ = emit()
+			return fmt.Errorf("read %s: %w", path, err)
+		}
 		line++
-		b := sc.Bytes()
+		if long {
+			if s.cfg.OnError == "stop" {
+				_ = emit()
+				return fmt.Errorf("%s:%d: line longer than max_line_size (%s)", path, line, s.cfg.MaxLineSize)
+			}
+			st.tooLong++
+			s.env.Metrics.Dropped("line_too_long", 1)
+			if st.tooLong <= 10 {
+				s.env.Logger.Warn("skipping a line longer than max_line_size", "file", path, "line", line, "max_line_size", s.cfg.MaxLineSize.String())
+			}
+			continue
+		}
 		if len(b) == 0 {
 			continue
 		}
@@ -246,11 +272,61 @@ func (s *Source) replay(ctx context.Context, out component.Emitter, path string,
 	if err := emit(); err != nil {
 		return nil
 	}
-	if err := sc.Err(); err != nil {
-		if errors.Is(err, bufio.ErrTooLong) {
-			return fmt.Errorf("%s:%d: line longer than %d bytes", path, line+1, maxLine)
-		}
-		return fmt.Errorf("read %s: %w", path, err)
-	}
 	return nil
+}
+
+// lineReader reads lines of at most max bytes (without the newline); a longer line is
+// reported as long and skipped to its end without being held in memory.
+type lineReader struct {
+	r   *bufio.Reader
+	max int
+	buf []byte
+}
+
+func newLineReader(r io.Reader, max int) *lineReader {
+	return &lineReader{r: bufio.NewReaderSize(r, 64<<10), max: max}
+}
+
+// next returns the next line (valid until the next call), or long when it was over the
+// limit, or io.EOF at the end. A last line without a newline counts.
+func (l *lineReader) next() (line []byte, long bool, err error) {
+	l.buf = l.buf[:0]
+	for {
+		frag, err := l.r.ReadSlice('\n')
+		if !long {
+			n := len(l.buf) + len(frag) // the line's length so far, without its newline
+			if len(frag) > 0 && frag[len(frag)-1] == '\n' {
+				n--
+			}
+			if n > l.max {
+				long, l.buf = true, l.buf[:0]
+			} else {
+				l.buf = append(l.buf, frag...)
+			}
+		}
+		switch {
+		case err == nil:
+			if long {
+				return nil, true, nil
+			}
+			return trimEOL(l.buf), false, nil
+		case errors.Is(err, bufio.ErrBufferFull):
+			continue
+		case err == io.EOF:
+			if long {
+				return nil, true, nil
+			}
+			if len(l.buf) == 0 {
+				return nil, false, io.EOF
+			}
+			return trimEOL(l.buf), false, nil
+		default:
+			return nil, false, err
+		}
+	}
+}
+
+func trimEOL(b []byte) []byte {
+	b = bytes.TrimSuffix(b, []byte("\n"))
+	return bytes.TrimSuffix(b, []byte("\r"))
 }

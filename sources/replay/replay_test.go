@@ -69,6 +69,91 @@ func TestMissingFileIsAClearError(t *testing.T) {
 	}
 }
 
+// A line over max_line_size does not end the replay: under on_error: skip it is skipped and
+// counted, and every good line after it is delivered; under stop it fails at its line.
+func TestLongLineIsSkippedAndCounted(t *testing.T) {
+	dir := t.TempDir()
+	ids := flow.NewIDGen()
+	var sb strings.Builder
+	good := func(i int) {
+		e := flow.Event{EventID: ids.New(), FlowID: ids.New(), Type: flow.TypeStart, Timestamp: flow.Now(), Protocol: 6, TxBytes: uint64(i)}
+		sb.Write(flow.AppendJSON(nil, &e))
+		sb.WriteByte('\n')
+	}
+	for i := range 3 {
+		good(i)
+	}
+	sb.WriteString(`{"event_id":"` + strings.Repeat("x", 3<<20) + "\"}\n") // 3 MiB, line 4
+	for i := 3; i < 1503; i++ {
+		good(i)
+	}
+	path := filepath.Join(dir, "in.jsonl")
+	if err := os.WriteFile(path, []byte(sb.String()), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	var logs strings.Builder
+	m := &componenttest.Metrics{}
+	env := component.Env{Name: "r", ConfigDir: dir, Logger: slog.New(slog.NewTextHandler(&logs, nil)), Metrics: m}
+	out := &componenttest.Collector{}
+	cfg := defaults()
+	cfg.Path = "in.jsonl"
+	if err := New(env, cfg).Run(context.Background(), out); err != nil {
+		t.Fatal(err)
+	}
+	events := out.Events()
+	if len(events) != 1503 || m.DroppedCount("line_too_long") != 1 {
+		t.Fatalf("got %d events and %d too long, want 1503 and 1", len(events), m.DroppedCount("line_too_long"))
+	}
+	for i, e := range events {
+		if e.TxBytes != uint64(i) {
+			t.Fatalf("event %d out of order", i)
+		}
+	}
+	if !strings.Contains(logs.String(), "line=4") {
+		t.Errorf("log does not name line 4:\n%s", logs.String())
+	}
+
+	// The limit is an option: raised, the long line is read (and is malformed JSON).
+	cfg.MaxLineSize = 4 << 20
+	m2 := &componenttest.Metrics{}
+	env.Metrics = m2
+	if err := New(env, cfg).Run(context.Background(), &componenttest.Collector{}); err != nil {
+		t.Fatal(err)
+	}
+	if m2.DroppedCount("line_too_long") != 0 || m2.DroppedCount("malformed") != 1 {
+		t.Errorf("max_line_size 4MiB: %d too long, %d malformed, want 0 and 1", m2.DroppedCount("line_too_long"), m2.DroppedCount("malformed"))
+	}
+
+	cfg.MaxLineSize, cfg.OnError = 1<<20, "stop"
+	err := New(env, cfg).Run(context.Background(), &componenttest.Collector{})
+	if err == nil || !strings.Contains(err.Error(), "in.jsonl:4: line longer than max_line_size (1MiB)") {
+		t.Fatalf("on_error: stop gave %v, want in.jsonl:4 and the limit", err)
+	}
+}
+
+// The line reader returns lines exactly at the limit, a last line without a newline, and
+// strips CRLF, as bufio.Scanner did.
+func TestLineReaderEdges(t *testing.T) {
+	in := strings.Repeat("a", 1024) + "\n" + strings.Repeat("b", 1025) + "\r\nlast"
+	rd := newLineReader(strings.NewReader(in), 1024)
+	var got []string
+	for {
+		b, long, err := rd.next()
+		if err != nil {
+			break
+		}
+		if long {
+			got = append(got, "LONG")
+			continue
+		}
+		got = append(got, string(b))
+	}
+	want := []string{strings.Repeat("a", 1024), "LONG", "last"}
+	if strings.Join(got, ",") != strings.Join(want, ",") {
+		t.Fatalf("got %q", got)
+	}
+}
+
 // A directory or a glob replays a file sink's rotated set oldest first: the rotated files
 // by their UTC time, then the current file.
 func TestRotatedSetOldestFirst(t *testing.T) {

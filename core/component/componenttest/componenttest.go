@@ -66,10 +66,10 @@ func (m *Metrics) add(mm *map[string]int, reason string, n int) {
 	(*mm)[reason] += n
 }
 
-func (m *Metrics) get(mm map[string]int, reason string) int {
+func (m *Metrics) get(mm *map[string]int, reason string) int {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	return mm[reason]
+	return (*mm)[reason] // the map itself is read under the lock: add may create it
 }
 
 func (m *Metrics) Filtered(reason string, n int) { m.add(&m.filtered, reason, n) }
@@ -77,9 +77,9 @@ func (m *Metrics) Dropped(reason string, n int)  { m.add(&m.dropped, reason, n) 
 func (m *Metrics) Errors(reason string, n int)   { m.add(&m.errors, reason, n) }
 
 // FilteredCount, DroppedCount and ErrorCount return what was counted for a reason.
-func (m *Metrics) FilteredCount(reason string) int { return m.get(m.filtered, reason) }
-func (m *Metrics) DroppedCount(reason string) int  { return m.get(m.dropped, reason) }
-func (m *Metrics) ErrorCount(reason string) int    { return m.get(m.errors, reason) }
+func (m *Metrics) FilteredCount(reason string) int { return m.get(&m.filtered, reason) }
+func (m *Metrics) DroppedCount(reason string) int  { return m.get(&m.dropped, reason) }
+func (m *Metrics) ErrorCount(reason string) int    { return m.get(&m.errors, reason) }
 
 // String lists every count, for failure messages.
 func (m *Metrics) String() string {

@@ -3,10 +3,15 @@
 // flowpipe-<kind>-<name>):
 //
 //	flowpipe-sink-jsonl       appends each batch to options.path as JSON lines, fsynced;
-//	                          hang: true makes every Write block forever
+//	                          hang: true makes every Write block forever (the plugin still
+//	                          answers); freeze: true stops the whole process (SIGSTOP) in
+//	                          Write; block_until: path makes Write wait until path exists,
+//	                          reporting itself unhealthy and counting errors{reason=stream}
+//	                          meanwhile, as a sink whose collector is down
 //	flowpipe-source-seq       emits options.count events in batches of options.batch and
 //	                          returns once all are acknowledged, appending each
-//	                          acknowledgement to options.acks
+//	                          acknowledgement to options.acks, and the size of each
+//	                          batch whose Emit returned nil to options.emitted
 //	flowpipe-enricher-tag     sets rule_id to options.rule and filters events whose source
 //	                          port is a multiple of options.drop_every (counted)
 //	flowpipe-sink-future      speaks only protocol version 2
@@ -22,6 +27,8 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/google/uuid"
@@ -74,6 +81,9 @@ type sinkConfig struct {
 	Hang    bool   `yaml:"hang"`
 	Discard bool   `yaml:"discard"` // accept batches without writing (benchmarks)
 	Crash   bool   `yaml:"crash"`   // exit in every Write, as a crashing plugin would
+	Freeze  bool   `yaml:"freeze"`
+	// BlockUntil: Write waits until this file exists.
+	BlockUntil string `yaml:"block_until"`
 }
 
 func (c *sinkConfig) Validate() error {
@@ -85,12 +95,13 @@ func (c *sinkConfig) Validate() error {
 }
 
 type sink struct {
-	cfg    *sinkConfig
-	env    component.Env
-	writes prometheus.Counter
-	mu     sync.Mutex
-	f      *os.File
-	buf    []byte
+	cfg     *sinkConfig
+	env     component.Env
+	writes  prometheus.Counter
+	waiting atomic.Bool
+	mu      sync.Mutex
+	f       *os.File
+	buf     []byte
 }
 
 func newSink(env component.Env, c *sinkConfig) (component.Sink, error) {
@@ -123,6 +134,24 @@ func (s *sink) Write(ctx context.Context, b *flow.Batch) error {
 	if s.cfg.Crash {
 		os.Exit(7)
 	}
+	if s.cfg.Freeze {
+		_ = syscall.Kill(os.Getpid(), syscall.SIGSTOP)
+	}
+	if s.cfg.BlockUntil != "" {
+		s.waiting.Store(true)
+		s.env.Metrics.Errors("stream", 1)
+		for {
+			if _, err := os.Stat(s.cfg.BlockUntil); err == nil {
+				break
+			}
+			select {
+			case <-ctx.Done():
+				return ctx.Err()
+			case <-time.After(10 * time.Millisecond):
+			}
+		}
+		s.waiting.Store(false)
+	}
 	s.writes.Inc()
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -137,6 +166,14 @@ func (s *sink) Write(ctx context.Context, b *flow.Batch) error {
 	return s.f.Sync()
 }
 
+// Health reports the sink as down while a Write waits for block_until.
+func (s *sink) Health() error {
+	if s.waiting.Load() {
+		return fmt.Errorf("collector unreachable: waiting for %s", s.cfg.BlockUntil)
+	}
+	return nil
+}
+
 func (s *sink) Close(context.Context) error {
 	s.env.Logger.Info("jsonl sink closing")
 	if s.f == nil {
@@ -149,6 +186,9 @@ type sourceConfig struct {
 	Count int    `yaml:"count" required:"true"`
 	Batch int    `yaml:"batch"`
 	Acks  string `yaml:"acks"`
+	// Emitted is appended the size of every batch once its Emit returned nil: what the
+	// source believes the pipeline took.
+	Emitted string `yaml:"emitted"`
 }
 
 type source struct {
@@ -185,6 +225,15 @@ func (s *source) Run(ctx context.Context, out component.Emitter) error {
 		defer f.Close()
 		acks = f
 	}
+	var emitted *os.File
+	if s.cfg.Emitted != "" {
+		f, err := os.OpenFile(s.cfg.Emitted, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		emitted = f
+	}
 	for i := 0; i < s.cfg.Count; i += s.cfg.Batch {
 		n := min(s.cfg.Batch, s.cfg.Count-i)
 		evs := make([]flow.Event, n)
@@ -203,6 +252,9 @@ func (s *source) Run(ctx context.Context, out component.Emitter) error {
 		})
 		if err := out.Emit(ctx, b); err != nil {
 			break
+		}
+		if emitted != nil {
+			fmt.Fprintf(emitted, "%d\n", n)
 		}
 	}
 	pending.Wait()

@@ -1,4 +1,8 @@
-package grpcsource
+// Package dedup keeps the IDs of delivered events for a window of time and count, optionally
+// in a journal file so that the window survives a restart. Sources that can receive the same
+// event twice (the gRPC receiver after a client's resend, the JetStream and Kafka sources after
+// a redelivery) use it to pass each event on once.
+package dedup
 
 import (
 	"bufio"
@@ -13,31 +17,32 @@ import (
 	"github.com/google/uuid"
 )
 
-// journal keeps the IDs of delivered events in a file so that de-duplication survives a
+// Journal keeps the IDs of delivered events in a file so that de-duplication survives a
 // restart. Each record is 24 bytes: the event ID and the delivery time in Unix nanoseconds
 // (big endian). Records are appended with one write per acknowledged batch, before the ACKs
 // go to the clients: a record written is in the file even if the process is killed the next
 // instant (a write is not lost with the process, only with the machine; the journal is not
 // fsynced, because a power loss loses the sinks' unsynced tails too). The file is rewritten
 // with only the records still inside the window when it grows to twice the window's size.
-type journal struct {
+type Journal struct {
 	path    string
 	f       *os.File
-	records int // in the file
+	Records int // in the file
 	buf     []byte
 }
 
 const journalRecord = 24
 
-type doneRec struct {
-	id uuid.UUID
-	at int64 // unix nanos
+// Rec is one delivered event: its ID and when it was delivered.
+type Rec struct {
+	ID uuid.UUID
+	At int64 // unix nanos
 }
 
-// openJournal reads the records of path that are still inside the window (newer than
+// OpenJournal reads the records of path that are still inside the window (newer than
 // cutoff, the last max of them) and opens the file for appending.
-func openJournal(path string, cutoff int64, max int) (*journal, []doneRec, error) {
-	var recs []doneRec
+func OpenJournal(path string, cutoff int64, max int) (*Journal, []Rec, error) {
+	var recs []Rec
 	f, err := os.Open(path)
 	switch {
 	case errors.Is(err, os.ErrNotExist):
@@ -55,22 +60,22 @@ func openJournal(path string, cutoff int64, max int) (*journal, []doneRec, error
 			if at < cutoff {
 				continue
 			}
-			recs = append(recs, doneRec{id: uuid.UUID(rec[:16]), at: at})
+			recs = append(recs, Rec{ID: uuid.UUID(rec[:16]), At: at})
 		}
 		f.Close()
 		if len(recs) > max {
 			recs = recs[len(recs)-max:]
 		}
 	}
-	j := &journal{path: path}
-	if err := j.rewrite(recs); err != nil {
+	j := &Journal{path: path}
+	if err := j.Rewrite(recs); err != nil {
 		return nil, nil, err
 	}
 	return j, recs, nil
 }
 
-// rewrite replaces the file with recs, atomically, and reopens it for appending.
-func (j *journal) rewrite(recs []doneRec) error {
+// Rewrite replaces the file with recs, atomically, and reopens it for appending.
+func (j *Journal) Rewrite(recs []Rec) error {
 	tmp := j.path + ".tmp"
 	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o600)
 	if err != nil {
@@ -79,8 +84,8 @@ func (j *journal) rewrite(recs []doneRec) error {
 	w := bufio.NewWriterSize(f, 1<<16)
 	var rec [journalRecord]byte
 	for _, r := range recs {
-		copy(rec[:16], r.id[:])
-		binary.BigEndian.PutUint64(rec[16:], uint64(r.at))
+		copy(rec[:16], r.ID[:])
+		binary.BigEndian.PutUint64(rec[16:], uint64(r.At))
 		w.Write(rec[:])
 	}
 	if err := w.Flush(); err != nil {
@@ -108,12 +113,12 @@ func (j *journal) rewrite(recs []doneRec) error {
 	if err != nil {
 		return fmt.Errorf("dedup state file: %w", err)
 	}
-	j.records = len(recs)
+	j.Records = len(recs)
 	return nil
 }
 
-// append writes ids delivered at at in one write.
-func (j *journal) append(ids []uuid.UUID, at time.Time) error {
+// Append writes ids delivered at at in one write.
+func (j *Journal) Append(ids []uuid.UUID, at time.Time) error {
 	j.buf = j.buf[:0]
 	var rec [journalRecord]byte
 	binary.BigEndian.PutUint64(rec[16:], uint64(at.UnixNano()))
@@ -124,8 +129,9 @@ func (j *journal) append(ids []uuid.UUID, at time.Time) error {
 	if _, err := j.f.Write(j.buf); err != nil {
 		return fmt.Errorf("dedup state file %s: %w", j.path, err)
 	}
-	j.records += len(ids)
+	j.Records += len(ids)
 	return nil
 }
 
-func (j *journal) close() error { return j.f.Close() }
+// Close closes the file.
+func (j *Journal) Close() error { return j.f.Close() }

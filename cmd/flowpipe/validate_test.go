@@ -1,0 +1,61 @@
+package main
+
+import (
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// Every problem at once, whatever stage finds it: the document's own keys (admin, runtime)
+// do not hide the components' options, a typo does not hide a bad value beside it, an
+// overflowing size says so, in_flight has an upper bound. Default isolation (the options
+// are checked by the plugin processes).
+func TestValidateReportsEveryStageAtOnce(t *testing.T) {
+	dir := t.TempDir()
+	writeFile(t, filepath.Join(dir, "pipeline.yaml"), `admin:
+  lisen: 127.0.0.1:9560
+runtime:
+  shutdown_timeout: forever
+sources:
+  gen:
+    type: generate
+    ratee: 10
+    rate: -1
+sinks:
+  out:
+    type: file
+    path: x.jsonl
+    max_size: 99999999999999999999GiB
+    in_flight: 100000
+    retry:
+      max_attemps: 3
+`)
+	_, stderr, code := flowpipe(t, dir, "validate")
+	if code != 1 {
+		t.Fatalf("validate exited %d, want 1:\n%s", code, stderr)
+	}
+	for _, want := range []string{
+		`pipeline.yaml:2: admin.lisen: unknown key (did you mean "listen"?)`,
+		`pipeline.yaml:4: runtime.shutdown_timeout: want a duration`,
+		`pipeline.yaml:8: sources.gen.ratee: unknown key (did you mean "rate"?)`,
+		`pipeline.yaml:9: sources.gen.rate: must not be negative`,
+		`pipeline.yaml:14: sinks.out.max_size: invalid size`,
+		`too large`,
+		`pipeline.yaml:15: sinks.out.in_flight: at most 1024, got 100000`,
+		`pipeline.yaml:17: sinks.out.retry.max_attemps: unknown key (did you mean "max_attempts"?)`,
+		`7 problem(s) found`,
+	} {
+		if !strings.Contains(stderr, want) {
+			t.Errorf("validate output lacks %q:\n%s", want, stderr)
+		}
+	}
+	if strings.Contains(stderr, "negative") && strings.Contains(stderr, "max_size") && !strings.Contains(stderr, "too large") {
+		t.Errorf("an overflowing size is reported as negative:\n%s", stderr)
+	}
+
+	writeFile(t, filepath.Join(dir, "tab.yaml"), "sources:\n  gen:\n\ttype: generate\nsinks:\n  o: {type: file, path: x}\n")
+	_, stderr, code = flowpipe(t, dir, "validate", "-c", "tab.yaml")
+	if code != 1 || !strings.Contains(stderr, "tab.yaml:3: invalid YAML: a tab character indents this line") {
+		t.Errorf("tab: exit %d:\n%s", code, stderr)
+	}
+}

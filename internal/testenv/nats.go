@@ -1,0 +1,160 @@
+package testenv
+
+import (
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// NATSCluster is a cluster of real nats-server processes (Debian's nats-server package) with
+// JetStream, on loopback, each with its own store in a temporary directory; stopped and
+// removed when the test ends.
+type NATSCluster struct {
+	t     testing.TB
+	Nodes []*NATSNode
+}
+
+// NATSNode is one server of a NATSCluster.
+type NATSNode struct {
+	Name string
+	URL  string // nats://127.0.0.1:port
+	conf string
+	dir  string
+	mon  int
+	cmd  *exec.Cmd
+	log  *os.File
+}
+
+// NATSAuth, when not empty, is the user and password every client must present.
+type NATSAuth struct{ User, Password string }
+
+func freePort(t testing.TB) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+// StartNATSCluster starts n JetStream servers clustered together (n = 1: a single server)
+// and waits until every one is healthy.
+func StartNATSCluster(t testing.TB, n int, auth NATSAuth) *NATSCluster {
+	t.Helper()
+	bin, err := exec.LookPath("nats-server")
+	Require(t, err == nil, "nats-server in PATH (apt-get install nats-server)")
+	c := &NATSCluster{t: t}
+	dir := t.TempDir()
+	clients, routes, mons := make([]int, n), make([]int, n), make([]int, n)
+	for i := range n {
+		clients[i], routes[i], mons[i] = freePort(t), freePort(t), freePort(t)
+	}
+	for i := range n {
+		name := fmt.Sprintf("n%d", i+1)
+		nd := &NATSNode{Name: name, URL: fmt.Sprintf("nats://127.0.0.1:%d", clients[i]), dir: filepath.Join(dir, name), mon: mons[i]}
+		var b strings.Builder
+		fmt.Fprintf(&b, "server_name: %s\nlisten: 127.0.0.1:%d\nhttp: 127.0.0.1:%d\n", name, clients[i], mons[i])
+		fmt.Fprintf(&b, "jetstream {\n  store_dir: %q\n  max_memory_store: 256MB\n  max_file_store: 2GB\n}\n", nd.dir)
+		if auth.User != "" {
+			fmt.Fprintf(&b, "authorization {\n  user: %q\n  password: %q\n}\n", auth.User, auth.Password)
+		}
+		if n > 1 {
+			fmt.Fprintf(&b, "cluster {\n  name: flowpipe-test\n  listen: 127.0.0.1:%d\n  routes: [\n", routes[i])
+			for j := range n {
+				if j != i {
+					fmt.Fprintf(&b, "    nats-route://127.0.0.1:%d\n", routes[j])
+				}
+			}
+			b.WriteString("  ]\n}\n")
+		}
+		nd.conf = filepath.Join(dir, name+".conf")
+		if err := os.WriteFile(nd.conf, []byte(b.String()), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		c.Nodes = append(c.Nodes, nd)
+	}
+	for _, nd := range c.Nodes {
+		c.start(bin, nd)
+	}
+	t.Cleanup(func() {
+		for _, nd := range c.Nodes {
+			nd.stop()
+		}
+	})
+	for _, nd := range c.Nodes {
+		c.waitHealthy(nd)
+	}
+	return c
+}
+
+// URLs are the client URLs of the running nodes.
+func (c *NATSCluster) URLs() []string {
+	var out []string
+	for _, nd := range c.Nodes {
+		out = append(out, nd.URL)
+	}
+	return out
+}
+
+func (c *NATSCluster) start(bin string, nd *NATSNode) {
+	c.t.Helper()
+	f, err := os.OpenFile(filepath.Join(filepath.Dir(nd.conf), nd.Name+".log"), os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o600)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	nd.log = f
+	nd.cmd = exec.Command(bin, "-c", nd.conf)
+	nd.cmd.Stdout, nd.cmd.Stderr = f, f
+	nd.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := nd.cmd.Start(); err != nil {
+		c.t.Fatalf("start nats-server %s: %v", nd.Name, err)
+	}
+}
+
+func (c *NATSCluster) waitHealthy(nd *NATSNode) {
+	c.t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	url := fmt.Sprintf("http://127.0.0.1:%d/healthz", nd.mon)
+	for time.Now().Before(deadline) {
+		if resp, err := http.Get(url); err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				return
+			}
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	log, _ := os.ReadFile(nd.log.Name())
+	c.t.Fatalf("nats-server %s not healthy within 30s; its log:\n%s", nd.Name, log)
+}
+
+// Kill kills node i with SIGKILL (its store stays, for Restart).
+func (c *NATSCluster) Kill(i int) {
+	c.Nodes[i].stop()
+}
+
+// Restart starts node i again with its store and waits until it is healthy.
+func (c *NATSCluster) Restart(i int) {
+	c.t.Helper()
+	bin, _ := exec.LookPath("nats-server")
+	c.start(bin, c.Nodes[i])
+	c.waitHealthy(c.Nodes[i])
+}
+
+func (nd *NATSNode) stop() {
+	if nd.cmd == nil || nd.cmd.Process == nil {
+		return
+	}
+	nd.cmd.Process.Kill()
+	nd.cmd.Wait()
+	nd.cmd = nil
+	nd.log.Close()
+}
