@@ -1,11 +1,9 @@
 package ipfix
 
 import (
-	"bufio"
 	"context"
 	"log/slog"
 	"net"
-	"os"
 	"testing"
 	"time"
 
@@ -19,21 +17,7 @@ import (
 // aggregate, counters above 2^32), as the replay source would.
 func recording(t testing.TB) []flow.Event {
 	t.Helper()
-	f, err := os.Open("testdata/recording.jsonl")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	var evs []flow.Event
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		var e flow.Event
-		if err := flow.ParseJSON(sc.Bytes(), &e); err != nil {
-			t.Fatal(err)
-		}
-		evs = append(evs, e)
-	}
-	return evs
+	return componenttest.ReadJSONLines(t, "testdata/recording.jsonl")
 }
 
 // exported is the subset of the recording a sink with these event types sends, in order.

@@ -1,7 +1,6 @@
 package syslog
 
 import (
-	"bufio"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -17,6 +16,7 @@ import (
 	"time"
 
 	"github.com/flowpipe/flowpipe/core/component"
+	"github.com/flowpipe/flowpipe/core/component/componenttest"
 	"github.com/flowpipe/flowpipe/core/flow"
 	"github.com/flowpipe/flowpipe/core/schema"
 	"github.com/flowpipe/flowpipe/internal/testenv"
@@ -26,21 +26,7 @@ import (
 // above 2^32), read as the replay source reads it.
 func recording(t testing.TB) []flow.Event {
 	t.Helper()
-	f, err := os.Open("../ipfix/testdata/recording.jsonl")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	var evs []flow.Event
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		var e flow.Event
-		if err := flow.ParseJSON(sc.Bytes(), &e); err != nil {
-			t.Fatal(err)
-		}
-		evs = append(evs, e)
-	}
-	return evs
+	return componenttest.ReadJSONLines(t, "../ipfix/testdata/recording.jsonl")
 }
 
 func newSink(t testing.TB, mod func(c *Config), m component.Metrics) *Sink {
