@@ -10,6 +10,7 @@ package component
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -128,6 +129,22 @@ func (NopMetrics) Errors(string, int)   {}
 type Starter interface {
 	Start(ctx context.Context) error
 }
+
+// Reconfigurer is implemented by components that can take new options while they run, so
+// that a reload keeps their state instead of restarting them (a conntrack source keeps its
+// netlink subscription and its open connections, and loses no start and no end). Reconfigure
+// decodes and checks options exactly as the factory's Build does and applies them at once:
+// when it returns an error, nothing changed and the component goes on with its old options.
+// An error that wraps ErrRestartNeeded says the change cannot be applied in place (a new
+// network namespace, a new listen address); the runtime then replaces the component. Other
+// errors are the options' problems (options.FieldErrors, positioned at their keys).
+type Reconfigurer interface {
+	Reconfigure(ctx context.Context, options map[string]any) error
+}
+
+// ErrRestartNeeded is wrapped by Reconfigure when a change needs a new instance of the
+// component.
+var ErrRestartNeeded = errors.New("this change needs a new instance of the component")
 
 // HealthChecker is implemented by components that can tell they are unhealthy (a plugin
 // that keeps crashing, a collector that cannot be reached); /readyz reports the error.
