@@ -22,7 +22,8 @@ import (
 // connection (an in-memory pipe instead of a process and a socket), configures it with
 // options as pipeline.yaml would, and returns it as the host sees a plugin: a
 // component.Source, Enricher or Sink that also implements component.Starter and
-// component.Closer. Batches cross the same protocol and encoding as with a process. Option
+// component.Closer. Batches cross the same protocol and encoding as with a process: the
+// data channel, a socketpair within this process (gRPC with FLOWPIPE_PLUGIN_DATA_CHANNEL=off). Option
 // problems come back as options.FieldErrors. It is what plugintest builds on.
 func ServeInMemory(ctx context.Context, f component.Factory, version string, options map[string]any, env component.Env) (any, error) {
 	if env.Logger == nil {
@@ -57,9 +58,27 @@ func ServeInMemory(ctx context.Context, f component.Factory, version string, opt
 		done: make(chan struct{}), release: make(chan struct{}),
 		onStop: func() { _ = conn.Close(); g.Stop() },
 	}
+	var data *dataConn
+	if !pb.DataChannelOff() {
+		h, child, err := pb.Socketpair()
+		if err != nil {
+			p.kill()
+			return nil, err
+		}
+		c, err := net.FileConn(child)
+		child.Close()
+		if err != nil {
+			h.Close()
+			p.kill()
+			return nil, err
+		}
+		srv.ServeData(c.(*net.UnixConn))
+		data = newDataConn(h)
+	}
 	spec := config.Component{Kind: f.Kind, Name: env.Name, Type: f.Type, Options: options}
 	l := &launcher{describe: fmt.Sprintf("in-memory %s %q", f.Kind, f.Type), inMemory: true}
 	holder, err := p.configure(ctx, l.describe, spec, env, defaultSettings().StartTimeout, optYAML)
+	p.offerData(data)
 	if err == nil && holder {
 		err = fmt.Errorf("%s keeps events across batches (component.Holder) and cannot run as a plugin", l.describe)
 	}

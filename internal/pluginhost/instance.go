@@ -90,7 +90,10 @@ func (in *instance) adopt(p *proc) {
 	close(in.avail)
 	in.mu.Unlock()
 	in.up.Set(1)
-	in.env.Logger.Debug("plugin process running", "plugin", in.launcher.describe, "pid", p.pid(), "version", p.desc.Version)
+	if p.data != nil {
+		p.data.start(func(err error) { in.fail(p, err) })
+	}
+	in.env.Logger.Debug("plugin process running", "plugin", in.launcher.describe, "pid", p.pid(), "version", p.desc.Version, "data_channel", p.data != nil)
 	in.watch(ctx, p)
 }
 

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"os"
 	"os/exec"
 	"runtime"
@@ -44,6 +45,9 @@ type proc struct {
 	enr    pb.EnricherClient
 	src    pb.SourceClient
 	desc   *pb.DescribeResponse
+	// data is the data channel, when the plugin serves its batches there (sink and enr
+	// are then its clients); nil: every batch goes over gRPC.
+	data *dataConn
 
 	failed error // why the instance failed it (under instance.mu)
 	// killGroup kills the process and every process of its group, if it still runs.
@@ -104,6 +108,23 @@ func startProc(ctx context.Context, l *launcher, spec config.Component, env comp
 	// process, synchronously.
 	cmd.ExtraFiles = []*os.File{os.Stdout}
 	cmd.Env = append(cmd.Env, pb.StdoutFDEnv+"=3")
+	// The data channel for batches: one end of a socketpair, as fd 4. It is offered to
+	// every plugin; one built before it never looks at the descriptor, and Describe says
+	// whether the plugin serves it (offerData closes the host's end if not).
+	var (
+		dataHost  *net.UnixConn
+		dataChild *os.File
+	)
+	if !pb.DataChannelOff() {
+		h, child, err := pb.Socketpair()
+		if err != nil {
+			killGroup()
+			return nil, false, fmt.Errorf("%s: %w", l.describe, err)
+		}
+		dataHost, dataChild = h, child
+		cmd.ExtraFiles = append(cmd.ExtraFiles, child)
+		cmd.Env = append(cmd.Env, pb.DataFDEnv+"=4")
+	}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
 	log := env.Logger
 	if log == nil {
@@ -128,10 +149,17 @@ func startProc(ctx context.Context, l *launcher, spec config.Component, env comp
 		cfg.SecureConfig = &goplugin.SecureConfig{Checksum: l.checksum, Hash: sha256.New()}
 	}
 	p := &proc{client: goplugin.NewClient(cfg), cmd: cmd, killGroup: killGroup, done: make(chan struct{}), release: make(chan struct{})}
+	if dataHost != nil {
+		// Until Describe says whether the plugin serves it; closed with the process.
+		p.data = newDataConn(dataHost)
+	}
 	started := make(chan error, 1)
 	go func() {
 		runtime.LockOSThread()
 		_, err := p.client.Client()
+		if dataChild != nil {
+			dataChild.Close() // the process has its own copy (or never started)
+		}
 		started <- err
 		if err != nil {
 			return // the thread ends with this goroutine; go-plugin killed the process
@@ -164,8 +192,11 @@ func startProc(ctx context.Context, l *launcher, spec config.Component, env comp
 	conn := raw.(*grpc.ClientConn)
 	p.comp = pb.NewComponentClient(conn)
 	p.sink, p.enr, p.src = pb.NewSinkClient(conn), pb.NewEnricherClient(conn), pb.NewSourceClient(conn)
+	data := p.data
+	p.data = nil // only once Describe said so
 
 	holder, err := p.configure(ctx, l.describe, spec, env, s.StartTimeout, optYAML)
+	p.offerData(data)
 	if err != nil {
 		if ctx.Err() != nil {
 			p.abandon()
@@ -175,6 +206,20 @@ func startProc(ctx context.Context, l *launcher, spec config.Component, env comp
 		return nil, false, err
 	}
 	return p, holder, nil
+}
+
+// offerData makes d the path of p's batches if the plugin said it serves the data channel,
+// and closes it otherwise.
+func (p *proc) offerData(d *dataConn) {
+	if d == nil {
+		return
+	}
+	if !p.desc.GetDataChannel() {
+		d.close()
+		return
+	}
+	p.data = d
+	p.sink, p.enr = sinkData{d}, enricherData{d}
 }
 
 // startErr says that starting l ended with ctx: start_timeout passed, or the caller gave up.
@@ -327,6 +372,9 @@ func (p *proc) end() {
 			}
 		default:
 		}
+	}
+	if p.data != nil {
+		p.data.close()
 	}
 	if p.onStop != nil {
 		p.onStop()

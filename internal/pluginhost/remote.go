@@ -105,11 +105,15 @@ func (e *remoteEnricher) Enrich(ctx context.Context, b *flow.Batch) error {
 		out = b.Events[:0] // the request is encoded before the answer is decoded
 	}
 	for _, part := range parts {
-		resp, err := e.call(ctx, part, b.Source)
+		resp, pooled, err := e.call(ctx, part, b.Source)
 		if err != nil {
 			return err
 		}
-		if out, err = codec.Decode(out, resp.Batch.GetEvents(), int(resp.Batch.GetCount())); err != nil {
+		out, err = codec.Decode(out, resp.Batch.GetEvents(), int(resp.Batch.GetCount()))
+		if resp.Batch != nil && pooled {
+			pb.PutEvents(resp.Batch.Events) // decoding copied what it keeps
+		}
+		if err != nil {
 			return fmt.Errorf("%s: bad answer: %w", e.in.launcher.describe, err)
 		}
 	}
@@ -118,11 +122,13 @@ func (e *remoteEnricher) Enrich(ctx context.Context, b *flow.Batch) error {
 	return nil
 }
 
-func (e *remoteEnricher) call(ctx context.Context, part []flow.Event, source string) (*pb.EnrichResponse, error) {
+// call enriches part in the current process, again in the next one if it fails; pooled
+// says that the answer's events are a buffer from pb.Buffers (the data channel's).
+func (e *remoteEnricher) call(ctx context.Context, part []flow.Event, source string) (resp *pb.EnrichResponse, pooled bool, err error) {
 	for attempt := 0; ; attempt++ {
 		p, err := e.in.get(ctx)
 		if err != nil {
-			return nil, fmt.Errorf("%s: %w", e.in.launcher.describe, err)
+			return nil, false, fmt.Errorf("%s: %w", e.in.launcher.describe, err)
 		}
 		if attempt > 0 {
 			e.in.redelivered.Add(float64(len(part)))
@@ -134,15 +140,18 @@ func (e *remoteEnricher) call(ctx context.Context, part []flow.Event, source str
 		pb.Buffers.Put(buf)
 		if err != nil {
 			if err := e.in.callErr(ctx, cctx, p, "Enrich", err); ctx.Err() != nil {
-				return nil, err
+				return nil, false, err
 			}
 			continue
 		}
 		applyCounts(e.in.env.Metrics, resp.Counts)
 		if err := pb.ErrorFromProto(resp.Failure, resp.Error); err != nil {
-			return nil, err
+			if resp.Batch != nil && p.data != nil {
+				pb.PutEvents(resp.Batch.Events)
+			}
+			return nil, false, err
 		}
-		return resp, nil
+		return resp, p.data != nil, nil
 	}
 }
 
@@ -161,12 +170,15 @@ type remoteSource struct {
 	stream *sourceStream
 }
 
+// sourceRPC is a source's Run stream: gRPC's, or one on the data channel.
+type sourceRPC interface {
+	Send(*pb.SourceAck) error
+	Recv() (*pb.SourceMessage, error)
+	CloseSend() error
+}
+
 type sourceStream struct {
-	stream interface {
-		Send(*pb.SourceAck) error
-		Recv() (*pb.SourceMessage, error)
-		CloseSend() error
-	}
+	stream sourceRPC
 	cancel context.CancelFunc
 	mu     sync.Mutex
 	broken bool
@@ -204,7 +216,12 @@ func (s *remoteSource) Run(ctx context.Context, out component.Emitter) error {
 // source must run again in the next one.
 func (s *remoteSource) runOnce(ctx context.Context, p *proc, out component.Emitter) (done bool, err error) {
 	sctx, cancel := context.WithCancel(context.Background())
-	stream, err := p.src.Run(sctx)
+	var stream sourceRPC
+	if p.data != nil {
+		stream, err = p.data.runSource(sctx)
+	} else {
+		stream, err = p.src.Run(sctx)
+	}
 	if err != nil {
 		cancel()
 		s.in.callErr(context.Background(), context.Background(), p, "Run", err)
@@ -260,6 +277,9 @@ func (s *remoteSource) runOnce(ctx context.Context, p *proc, out component.Emitt
 				events = nil
 			}
 			events, err = codec.Decode(events, m.Batch.Batch.GetEvents(), int(m.Batch.Batch.GetCount()))
+			if p.data != nil {
+				pb.PutEvents(m.Batch.Batch.GetEvents()) // decoding copied what it keeps
+			}
 			if err != nil {
 				ss.send(&pb.SourceAck{Id: m.Batch.Id, Status: pb.SourceAck_STATUS_FAILED, Message: "host could not decode the batch: " + err.Error()})
 				s.in.env.Metrics.Dropped("plugin_bad_batch", int(m.Batch.Batch.GetCount()))

@@ -234,8 +234,13 @@ type DescribeResponse struct {
 	// the host to take a batch (ConfigureRequest.emit_window). Plugins built before flow
 	// control leave it unset and are never sent emitted messages.
 	EmitFlowControl bool `protobuf:"varint,6,opt,name=emit_flow_control,json=emitFlowControl,proto3" json:"emit_flow_control,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// data_channel: the plugin serves batches (Write, Enrich, a source's Run) on the data
+	// channel the host passed down at start (DataFDEnv), in frames (internal/pluginproto,
+	// frame.go), instead of on the Sink, Enricher and Source services. Plugins built before
+	// it leave it unset, and the host calls those services over gRPC.
+	DataChannel   bool `protobuf:"varint,7,opt,name=data_channel,json=dataChannel,proto3" json:"data_channel,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *DescribeResponse) Reset() {
@@ -306,6 +311,13 @@ func (x *DescribeResponse) GetSummary() string {
 func (x *DescribeResponse) GetEmitFlowControl() bool {
 	if x != nil {
 		return x.EmitFlowControl
+	}
+	return false
+}
+
+func (x *DescribeResponse) GetDataChannel() bool {
+	if x != nil {
+		return x.DataChannel
 	}
 	return false
 }
@@ -1560,14 +1572,15 @@ var File_plugin_proto protoreflect.FileDescriptor
 const file_plugin_proto_rawDesc = "" +
 	"\n" +
 	"\fplugin.proto\x12\x12flowpipe.plugin.v1\"\x11\n" +
-	"\x0fDescribeRequest\"\xc5\x01\n" +
+	"\x0fDescribeRequest\"\xe8\x01\n" +
 	"\x10DescribeResponse\x12\x12\n" +
 	"\x04kind\x18\x01 \x01(\tR\x04kind\x12\x12\n" +
 	"\x04type\x18\x02 \x01(\tR\x04type\x12\x18\n" +
 	"\aversion\x18\x03 \x01(\tR\aversion\x12)\n" +
 	"\x10protocol_version\x18\x04 \x01(\rR\x0fprotocolVersion\x12\x18\n" +
 	"\asummary\x18\x05 \x01(\tR\asummary\x12*\n" +
-	"\x11emit_flow_control\x18\x06 \x01(\bR\x0femitFlowControl\"\xa4\x01\n" +
+	"\x11emit_flow_control\x18\x06 \x01(\bR\x0femitFlowControl\x12!\n" +
+	"\fdata_channel\x18\a \x01(\bR\vdataChannel\"\xa4\x01\n" +
 	"\x10ConfigureRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1d\n" +
 	"\n" +

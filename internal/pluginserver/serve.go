@@ -51,6 +51,15 @@ func Serve(f component.Factory, version string) int {
 	if fd, err := strconv.Atoi(os.Getenv(pb.StdoutFDEnv)); err == nil && fd > 2 {
 		srv.stdout = os.NewFile(uintptr(fd), "flowpipe-stdout")
 	}
+	// The data channel the host passed down, unless turned off here (a plugin then speaks
+	// as one built before the channel: every batch over gRPC).
+	if fd, err := strconv.Atoi(os.Getenv(pb.DataFDEnv)); err == nil && fd > 2 && !pb.DataChannelOff() {
+		if c, err := pb.OpenDataFD(fd); err != nil {
+			log.Warn("plugin data channel unusable; batches go over gRPC", "error", err)
+		} else {
+			srv.ServeData(c)
+		}
+	}
 	// FLOWPIPE_PLUGIN_CPUPROFILE=prefix writes a CPU profile of each plugin process to
 	// prefix.<type>.<pid> when it stops cleanly (docs/plugins.md, Debug it).
 	if prefix := os.Getenv("FLOWPIPE_PLUGIN_CPUPROFILE"); prefix != "" {

@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"os"
 	"sync"
+	"sync/atomic"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
@@ -58,6 +59,8 @@ type Server struct {
 	emitWindow int
 
 	events sync.Pool // *[]flow.Event, reused between calls
+
+	data atomic.Bool // serving the data channel (ServeData)
 }
 
 // New returns the server of the component f builds; log is the component's logger.
@@ -82,7 +85,7 @@ func (s *Server) Describe(context.Context, *pb.DescribeRequest) (*pb.DescribeRes
 	return &pb.DescribeResponse{
 		Kind: string(s.factory.Kind), Type: s.factory.Type, Version: s.version,
 		ProtocolVersion: pb.ProtocolVersion, Summary: s.factory.Summary,
-		EmitFlowControl: true,
+		EmitFlowControl: true, DataChannel: s.data.Load(),
 	}, nil
 }
 
@@ -278,6 +281,17 @@ func (s *Server) Enrich(ctx context.Context, req *pb.Batch) (*pb.EnrichResponse,
 
 // Run runs the source and streams its batches to the host, which acknowledges them by ID.
 func (s *Server) Run(stream grpc.BidiStreamingServer[pb.SourceAck, pb.SourceMessage]) error {
+	return s.run(stream)
+}
+
+// sourceStream is what a source's Run needs of its stream to the host: gRPC's, or one on
+// the data channel.
+type sourceStream interface {
+	Send(*pb.SourceMessage) error
+	Recv() (*pb.SourceAck, error)
+}
+
+func (s *Server) run(stream sourceStream) error {
 	c, err := s.component()
 	if err != nil {
 		return err
@@ -340,7 +354,7 @@ func (s *Server) Run(stream grpc.BidiStreamingServer[pb.SourceAck, pb.SourceMess
 // pipeline, so a blocked pipeline blocks the source here as it would in process, instead of
 // the batches piling up in the connection.
 type emitter struct {
-	stream grpc.BidiStreamingServer[pb.SourceAck, pb.SourceMessage]
+	stream sourceStream
 	s      *Server
 	window int
 

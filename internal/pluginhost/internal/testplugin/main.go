@@ -15,6 +15,11 @@
 //	flowpipe-enricher-tag     sets rule_id to options.rule and filters events whose source
 //	                          port is a multiple of options.drop_every (counted)
 //	flowpipe-sink-future      speaks only protocol version 2
+//
+// A name ending in v1 (flowpipe-sink-jsonlv1, ...) serves the same plugin as one built before
+// the data channel: it declines the channel, and its batches go over gRPC. The jsonl sink's
+// garbage_once: path makes its first Write (while path does not exist) write bytes that are
+// no frame into its data channel, as a plugin gone wrong would, and then wait for the host.
 package main
 
 import (
@@ -25,6 +30,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -43,8 +49,20 @@ import (
 	"github.com/flowpipe/flowpipe/sdk"
 )
 
+// dataFD is a copy of the inherited data channel, for garbage_once.
+var dataFD = -1
+
 func main() {
 	name := filepath.Base(os.Args[0])
+	if strings.HasSuffix(name, "v1") {
+		os.Setenv(pluginproto.DataChannelEnv, "off")
+	}
+	if fd, err := strconv.Atoi(os.Getenv(pluginproto.DataFDEnv)); err == nil {
+		if d, err := syscall.Dup(fd); err == nil {
+			syscall.CloseOnExec(d)
+			dataFD = d
+		}
+	}
 	switch {
 	case strings.HasPrefix(name, "flowpipe-sink-jsonl"):
 		sdk.ServeSink(sdk.Info{Type: "jsonl", Version: "0.0.1-test", Summary: "JSON lines, fsynced"}, func() *sinkConfig { return &sinkConfig{} }, newSink)
@@ -84,6 +102,9 @@ type sinkConfig struct {
 	Freeze  bool   `yaml:"freeze"`
 	// BlockUntil: Write waits until this file exists.
 	BlockUntil string `yaml:"block_until"`
+	// GarbageOnce: while this file does not exist, Write creates it and writes garbage into
+	// the data channel.
+	GarbageOnce string `yaml:"garbage_once"`
 }
 
 func (c *sinkConfig) Validate() error {
@@ -136,6 +157,18 @@ func (s *sink) Write(ctx context.Context, b *flow.Batch) error {
 	}
 	if s.cfg.Freeze {
 		_ = syscall.Kill(os.Getpid(), syscall.SIGSTOP)
+	}
+	if s.cfg.GarbageOnce != "" {
+		if _, err := os.Stat(s.cfg.GarbageOnce); err != nil {
+			if err := os.WriteFile(s.cfg.GarbageOnce, nil, 0o644); err != nil {
+				return err
+			}
+			if _, err := syscall.Write(dataFD, []byte("this is not a frame, and it is longer than a header")); err != nil {
+				return err
+			}
+			<-ctx.Done() // the host gives up on this process; the batch is not written
+			return ctx.Err()
+		}
 	}
 	if s.cfg.BlockUntil != "" {
 		s.waiting.Store(true)

@@ -1,0 +1,241 @@
+package pluginserver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"sync"
+
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+
+	pb "github.com/flowpipe/flowpipe/internal/pluginproto"
+)
+
+// ServeData serves the component's batches on the data channel c (pluginproto, frame.go)
+// beside the gRPC services, which stay for everything else: Describe then tells the host
+// to use it. It reads frames until the host closes its end (the host may not use the
+// channel at all, or the host is gone: the Watch stream deals with that) or sends one that
+// breaks the layout; it never blocks the caller.
+func (s *Server) ServeData(c *net.UnixConn) {
+	ds := &dataServer{s: s, fc: pb.NewFrameConn(c), calls: map[uint64]context.CancelFunc{}, streams: map[uint64]*pluginStream{}}
+	s.data.Store(true)
+	go ds.read()
+}
+
+type dataServer struct {
+	s  *Server
+	fc *pb.FrameConn
+
+	mu      sync.Mutex
+	calls   map[uint64]context.CancelFunc
+	streams map[uint64]*pluginStream
+	done    bool
+}
+
+func (ds *dataServer) read() {
+	var err error
+	for {
+		var f pb.Frame
+		if f, err = ds.fc.ReadFrame(); err != nil {
+			break
+		}
+		if err = ds.dispatch(f); err != nil {
+			pb.PutEvents(f.Events)
+			break
+		}
+	}
+	if !errors.Is(err, io.EOF) && !errors.Is(err, net.ErrClosed) {
+		ds.s.log.Error("plugin data channel: reading from the host failed; closing it", "error", err)
+	}
+	_ = ds.fc.Close()
+	ds.mu.Lock()
+	ds.done = true
+	calls, streams := ds.calls, ds.streams
+	ds.calls, ds.streams = nil, nil
+	ds.mu.Unlock()
+	for _, cancel := range calls {
+		cancel()
+	}
+	for _, st := range streams {
+		st.hostGone()
+	}
+}
+
+func (ds *dataServer) dispatch(f pb.Frame) error {
+	if !f.Type.FromHost() {
+		return badFrame("the host sent a %s frame, which only a plugin sends", f.Type)
+	}
+	switch f.Type {
+	case pb.FrameWrite, pb.FrameEnrich:
+		req := &pb.Batch{}
+		if err := proto.Unmarshal(f.Meta, req); err != nil {
+			return badFrame("%s %d: %v", f.Type, f.ID, err)
+		}
+		if len(req.Events) != 0 {
+			return badFrame("%s %d has events in its message", f.Type, f.ID)
+		}
+		req.Events = f.Events
+		ctx, cancel := context.WithCancel(context.Background())
+		ds.mu.Lock()
+		if _, dup := ds.calls[f.ID]; dup {
+			ds.mu.Unlock()
+			cancel()
+			return badFrame("%s %d: the id is in use", f.Type, f.ID)
+		}
+		ds.calls[f.ID] = cancel
+		ds.mu.Unlock()
+		go ds.serveCall(ctx, f.Type, f.ID, req)
+	case pb.FrameCancel:
+		ds.mu.Lock()
+		cancel := ds.calls[f.ID]
+		st := ds.streams[f.ID]
+		ds.mu.Unlock()
+		if cancel != nil {
+			cancel()
+		}
+		if st != nil {
+			st.hostGone()
+		}
+	case pb.FrameRun:
+		st := &pluginStream{ds: ds, id: f.ID, acks: make(chan *pb.SourceAck, 1024), gone: make(chan struct{}), closed: make(chan struct{})}
+		ds.mu.Lock()
+		if _, dup := ds.streams[f.ID]; dup {
+			ds.mu.Unlock()
+			return badFrame("run %d: the stream is running", f.ID)
+		}
+		ds.streams[f.ID] = st
+		ds.mu.Unlock()
+		go func() {
+			_ = ds.s.run(st)
+			ds.mu.Lock()
+			delete(ds.streams, f.ID)
+			ds.mu.Unlock()
+			_ = ds.fc.WriteFrame(nil, pb.FrameSourceEOF, f.ID, nil, nil)
+		}()
+	case pb.FrameSourceAck, pb.FrameSourceClose:
+		ds.mu.Lock()
+		st := ds.streams[f.ID]
+		ds.mu.Unlock()
+		if st == nil {
+			return nil // the stream ended meanwhile
+		}
+		if f.Type == pb.FrameSourceClose {
+			st.closeSend()
+			return nil
+		}
+		a := &pb.SourceAck{}
+		if err := proto.Unmarshal(f.Meta, a); err != nil {
+			return badFrame("source ack on stream %d: %v", f.ID, err)
+		}
+		st.deliver(a)
+	}
+	return nil
+}
+
+func badFrame(format string, args ...any) error {
+	return fmt.Errorf("%w: %s", pb.ErrBadFrame, fmt.Sprintf(format, args...))
+}
+
+// serveCall runs one Write or Enrich, as the gRPC service would, and sends its answer.
+func (ds *dataServer) serveCall(ctx context.Context, typ pb.FrameType, id uint64, req *pb.Batch) {
+	var (
+		answer   proto.Message
+		events   []byte
+		respType pb.FrameType
+		err      error
+	)
+	if typ == pb.FrameWrite {
+		respType = pb.FrameWriteResp
+		answer, err = ds.s.Write(ctx, req)
+	} else {
+		respType = pb.FrameEnrichResp
+		var r *pb.EnrichResponse
+		if r, err = ds.s.Enrich(ctx, req); err == nil && r.Batch != nil {
+			events, r.Batch.Events = r.Batch.Events, nil // from Buffers (EncodeBatch)
+		}
+		answer = r
+	}
+	pb.PutEvents(req.Events)
+	ds.mu.Lock()
+	cancel := ds.calls[id]
+	delete(ds.calls, id)
+	ds.mu.Unlock()
+	if cancel != nil {
+		cancel()
+	}
+	if err != nil {
+		respType, answer, events = pb.FrameCallError, &pb.Error{Message: status.Convert(err).Message()}, nil
+	}
+	if werr := ds.fc.WriteFrame(nil, respType, id, answer, events); werr != nil && !errors.Is(werr, net.ErrClosed) {
+		ds.s.log.Debug("plugin data channel: send an answer", "error", werr)
+	}
+	pb.PutEvents(events)
+}
+
+// pluginStream is a source's Run stream on the data channel.
+type pluginStream struct {
+	ds   *dataServer
+	id   uint64
+	acks chan *pb.SourceAck
+	gone chan struct{} // the host cancelled the stream, or the channel ended
+	once sync.Once
+	// closed: the host sent FrameSourceClose; Recv returns io.EOF once acks are drained.
+	closeOnce sync.Once
+	closed    chan struct{}
+}
+
+func (st *pluginStream) hostGone()  { st.once.Do(func() { close(st.gone) }) }
+func (st *pluginStream) closeSend() { st.closeOnce.Do(func() { close(st.closed) }) }
+
+// deliver hands an acknowledgement to Recv. The reader waits while Recv is behind, which
+// holds only this plugin's frames.
+func (st *pluginStream) deliver(a *pb.SourceAck) {
+	select {
+	case st.acks <- a:
+	case <-st.gone:
+	}
+}
+
+var errStreamGone = errors.New("the host cancelled the source stream")
+
+func (st *pluginStream) Send(m *pb.SourceMessage) error {
+	select {
+	case <-st.gone:
+		return errStreamGone
+	default:
+	}
+	var events []byte
+	if b := m.GetBatch(); b != nil && b.Batch != nil {
+		// The events go as they are, after the message.
+		events = b.Batch.Events
+		b.Batch.Events = nil
+		defer func() { b.Batch.Events = events }()
+	}
+	// Not given up when the stream is cancelled meanwhile: the host reads every frame, and
+	// a frame cut short would end the channel.
+	return st.ds.fc.WriteFrame(nil, pb.FrameSourceMsg, st.id, m, events)
+}
+
+func (st *pluginStream) Recv() (*pb.SourceAck, error) {
+	select {
+	case a := <-st.acks:
+		return a, nil
+	default:
+	}
+	select {
+	case a := <-st.acks:
+		return a, nil
+	case <-st.closed:
+		select {
+		case a := <-st.acks:
+			return a, nil
+		default:
+		}
+		return nil, io.EOF
+	case <-st.gone:
+		return nil, context.Canceled
+	}
+}
