@@ -28,9 +28,11 @@ type dataConn struct {
 	next    uint64
 	calls   map[uint64]chan dataAnswer
 	streams map[uint64]*dataStream
-	err     error         // why the channel ended
-	closed  chan struct{} // closed when it ended
-	byHost  bool          // close: the host ended it, not the plugin
+	err     error           // why the channel ended
+	closed  chan struct{}   // closed when it ended
+	ctx     context.Context // ends when it ended
+	cancel  context.CancelFunc
+	byHost  bool // close: the host ended it, not the plugin
 }
 
 type dataAnswer struct {
@@ -42,6 +44,7 @@ type dataAnswer struct {
 
 func newDataConn(c *net.UnixConn) *dataConn {
 	d := &dataConn{fc: pb.NewFrameConn(c), calls: map[uint64]chan dataAnswer{}, streams: map[uint64]*dataStream{}, closed: make(chan struct{})}
+	d.ctx, d.cancel = context.WithCancel(context.Background())
 	return d
 }
 
@@ -71,6 +74,7 @@ func (d *dataConn) broken(err error) {
 	d.calls, d.streams = map[uint64]chan dataAnswer{}, map[uint64]*dataStream{}
 	byHost := d.byHost
 	close(d.closed)
+	d.cancel()
 	d.mu.Unlock()
 	_ = d.fc.Close()
 	for _, ch := range calls {
@@ -224,7 +228,7 @@ func (d *dataConn) call(ctx context.Context, typ pb.FrameType, msg *pb.Batch) (d
 	}
 	events := msg.Events
 	meta := &pb.Batch{Count: msg.Count, Source: msg.Source}
-	if err := d.fc.WriteFrame(ctx.Done(), typ, id, meta, events); err != nil {
+	if err := d.fc.WriteFrame(ctx, typ, id, meta, events); err != nil {
 		d.forget(id)
 		if pb.IsGaveUp(err) {
 			return dataAnswer{}, ctx.Err()
@@ -244,7 +248,7 @@ func (d *dataConn) call(ctx context.Context, typ pb.FrameType, msg *pb.Batch) (d
 	case <-ctx.Done():
 		d.forget(id)
 		// The plugin's call is cancelled as a gRPC call's would be; its answer is dropped.
-		go func() { _ = d.fc.WriteFrame(d.closed, pb.FrameCancel, id, nil, nil) }()
+		go func() { _ = d.fc.WriteFrame(d.ctx, pb.FrameCancel, id, nil, nil) }()
 		select {
 		case a := <-ch: // answered meanwhile (or the channel broke)
 			if a.enrich != nil && a.enrich.Batch != nil {
@@ -313,7 +317,7 @@ func (d *dataConn) runSource(ctx context.Context) (*dataStream, error) {
 	st := &dataStream{d: d, id: d.next, msgs: make(chan *pb.SourceMessage, 16), ended: make(chan struct{}), ctx: ctx}
 	d.streams[st.id] = st
 	d.mu.Unlock()
-	if err := d.fc.WriteFrame(nil, pb.FrameRun, st.id, nil, nil); err != nil {
+	if err := d.fc.WriteFrame(context.Background(), pb.FrameRun, st.id, nil, nil); err != nil {
 		d.broken(fmt.Errorf("plugin data channel: start the source: %w", err))
 		return nil, d.failure()
 	}
@@ -321,7 +325,7 @@ func (d *dataConn) runSource(ctx context.Context) (*dataStream, error) {
 		d.mu.Lock()
 		delete(d.streams, st.id)
 		d.mu.Unlock()
-		_ = d.fc.WriteFrame(d.closed, pb.FrameCancel, st.id, nil, nil)
+		_ = d.fc.WriteFrame(d.ctx, pb.FrameCancel, st.id, nil, nil)
 		// What was delivered and not received goes back to the pool.
 		for {
 			select {
@@ -350,11 +354,11 @@ func (st *dataStream) deliver(m *pb.SourceMessage, closed <-chan struct{}) {
 }
 
 func (st *dataStream) Send(a *pb.SourceAck) error {
-	return st.d.fc.WriteFrame(st.d.closed, pb.FrameSourceAck, st.id, a, nil)
+	return st.d.fc.WriteFrame(st.d.ctx, pb.FrameSourceAck, st.id, a, nil)
 }
 
 func (st *dataStream) CloseSend() error {
-	return st.d.fc.WriteFrame(st.d.closed, pb.FrameSourceClose, st.id, nil, nil)
+	return st.d.fc.WriteFrame(st.d.ctx, pb.FrameSourceClose, st.id, nil, nil)
 }
 
 // Recv returns the next message; io.EOF once the plugin's Run returned and every message

@@ -2,13 +2,13 @@ package pluginproto
 
 import (
 	"bufio"
+	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
 	"net"
 	"os"
-	"sync"
 	"syscall"
 	"time"
 
@@ -190,14 +190,14 @@ func truncated(err error) error {
 // channel holds a partial frame and cannot be used any more.
 var errWriteAborted = errors.New("plugin data channel: a frame write was interrupted; the channel is unusable")
 
-// WriteFrame writes one frame: meta marshalled (nil for none), then events. done, when not
-// nil, gives up the write: while waiting for another writer, at no cost; during the write,
-// by breaking the channel (a partial frame cannot be taken back), which the caller must
-// treat as the plugin failing.
-func (fc *FrameConn) WriteFrame(done <-chan struct{}, typ FrameType, id uint64, meta proto.Message, events []byte) error {
+// WriteFrame writes one frame: meta marshalled (nil for none), then events. When ctx ends,
+// the write is given up: while waiting for another writer, at no cost; during the write, by
+// breaking the channel (a partial frame cannot be taken back), which the caller must treat
+// as the plugin failing.
+func (fc *FrameConn) WriteFrame(ctx context.Context, typ FrameType, id uint64, meta proto.Message, events []byte) error {
 	select {
 	case fc.wsem <- struct{}{}:
-	case <-done:
+	case <-ctx.Done():
 		return errGaveUp
 	}
 	defer func() { <-fc.wsem }()
@@ -238,11 +238,14 @@ func (fc *FrameConn) WriteFrame(done <-chan struct{}, typ FrameType, id uint64, 
 	} else {
 		fc.wbuf = b[:0]
 	}
-	var stop func() bool
-	aborted := make(chan struct{})
-	if done != nil {
+	var (
+		stop    func() bool
+		aborted chan struct{}
+	)
+	if ctx.Done() != nil {
 		// The write is given up only if it blocks: a deadline in the past ends it.
-		stop = afterChan(done, func() { close(aborted); _ = fc.conn.SetWriteDeadline(time.Unix(1, 0)) })
+		aborted = make(chan struct{})
+		stop = context.AfterFunc(ctx, func() { _ = fc.conn.SetWriteDeadline(time.Unix(1, 0)); close(aborted) })
 	}
 	var err error
 	if inline {
@@ -269,30 +272,9 @@ func (fc *FrameConn) WriteFrame(done <-chan struct{}, typ FrameType, id uint64, 
 // errGaveUp: the caller gave up before its frame was written; the channel is intact.
 var errGaveUp = errors.New("plugin data channel: gave up waiting to send")
 
-// IsGaveUp reports whether WriteFrame returned because done ended before it wrote
+// IsGaveUp reports whether WriteFrame returned because ctx ended before it wrote
 // anything (the channel is intact).
 func IsGaveUp(err error) bool { return errors.Is(err, errGaveUp) }
-
-// afterChan runs f once done is closed, unless stop is called first; stop reports whether it
-// stopped f from running.
-func afterChan(done <-chan struct{}, f func()) (stop func() bool) {
-	quit := make(chan struct{})
-	var once sync.Once
-	ran := make(chan bool, 1)
-	go func() {
-		select {
-		case <-done:
-			f()
-			ran <- true
-		case <-quit:
-			ran <- false
-		}
-	}()
-	return func() bool {
-		once.Do(func() { close(quit) })
-		return !<-ran
-	}
-}
 
 // Socketpair returns the two ends of a new data channel: the host's, ready to use, and the
 // plugin's, to pass down as an inherited file (both close on exec in this process).

@@ -2,6 +2,7 @@ package pluginproto
 
 import (
 	"bytes"
+	"context"
 	"encoding/binary"
 	"errors"
 	"io"
@@ -44,9 +45,9 @@ func TestFrameRoundTrip(t *testing.T) {
 	events := bytes.Repeat([]byte{7}, 300<<10) // written from where it is (writev)
 	small := []byte{1, 2, 3}
 	go func() {
-		_ = wc.WriteFrame(nil, FrameSourceMsg, 42, &SourceAck{Id: 9, Message: "m"}, events)
-		_ = wc.WriteFrame(nil, FrameWriteResp, 43, &WriteResponse{Error: "e"}, small)
-		_ = wc.WriteFrame(nil, FrameSourceEOF, 44, nil, nil)
+		_ = wc.WriteFrame(context.Background(), FrameSourceMsg, 42, &SourceAck{Id: 9, Message: "m"}, events)
+		_ = wc.WriteFrame(context.Background(), FrameWriteResp, 43, &WriteResponse{Error: "e"}, small)
+		_ = wc.WriteFrame(context.Background(), FrameSourceEOF, 44, nil, nil)
 	}()
 	f, err := r.ReadFrame()
 	if err != nil {
@@ -110,9 +111,9 @@ func TestBadFrames(t *testing.T) {
 func TestWriteFrameGivesUp(t *testing.T) {
 	_, w := framePair(t)
 	wc := NewFrameConn(w)
-	done := make(chan struct{})
+	ctx, cancel := context.WithCancel(context.Background())
 	errc := make(chan error, 1)
-	go func() { errc <- wc.WriteFrame(done, FrameWrite, 1, nil, make([]byte, 64<<20)) }()
+	go func() { errc <- wc.WriteFrame(ctx, FrameWrite, 1, nil, make([]byte, 64<<20)) }()
 	// Wait until the write has begun: the socket's send queue holds part of the frame.
 	raw, err := w.SyscallConn()
 	if err != nil {
@@ -126,11 +127,11 @@ func TestWriteFrameGivesUp(t *testing.T) {
 		_ = raw.Control(func(fd uintptr) { queued, _ = unix.IoctlGetInt(int(fd), unix.SIOCOUTQ) })
 		time.Sleep(time.Millisecond)
 	}
-	close(done)
+	cancel()
 	if err := <-errc; err == nil {
 		t.Fatal("a write to a peer that never reads returned nil")
 	}
-	if err := wc.WriteFrame(nil, FrameCancel, 2, nil, nil); err == nil {
+	if err := wc.WriteFrame(context.Background(), FrameCancel, 2, nil, nil); err == nil {
 		t.Fatal("the channel is still usable after a partial frame")
 	}
 }

@@ -113,7 +113,7 @@ func (ds *dataServer) dispatch(f pb.Frame) error {
 			ds.mu.Lock()
 			delete(ds.streams, f.ID)
 			ds.mu.Unlock()
-			_ = ds.fc.WriteFrame(nil, pb.FrameSourceEOF, f.ID, nil, nil)
+			_ = ds.fc.WriteFrame(context.Background(), pb.FrameSourceEOF, f.ID, nil, nil)
 		}()
 	case pb.FrameSourceAck, pb.FrameSourceClose:
 		ds.mu.Lock()
@@ -169,7 +169,7 @@ func (ds *dataServer) serveCall(ctx context.Context, typ pb.FrameType, id uint64
 	if err != nil {
 		respType, answer, events = pb.FrameCallError, &pb.Error{Message: status.Convert(err).Message()}, nil
 	}
-	if werr := ds.fc.WriteFrame(nil, respType, id, answer, events); werr != nil && !errors.Is(werr, net.ErrClosed) {
+	if werr := ds.fc.WriteFrame(context.Background(), respType, id, answer, events); werr != nil && !errors.Is(werr, net.ErrClosed) {
 		ds.s.log.Debug("plugin data channel: send an answer", "error", werr)
 	}
 	pb.PutEvents(events)
@@ -216,7 +216,7 @@ func (st *pluginStream) Send(m *pb.SourceMessage) error {
 	}
 	// Not given up when the stream is cancelled meanwhile: the host reads every frame, and
 	// a frame cut short would end the channel.
-	return st.ds.fc.WriteFrame(nil, pb.FrameSourceMsg, st.id, m, events)
+	return st.ds.fc.WriteFrame(context.Background(), pb.FrameSourceMsg, st.id, m, events)
 }
 
 func (st *pluginStream) Recv() (*pb.SourceAck, error) {
