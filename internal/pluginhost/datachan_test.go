@@ -272,7 +272,7 @@ func TestDataChannelNotReachable(t *testing.T) {
 	if _, err := os.Readlink(fmt.Sprintf("/proc/%d/fd/4", pid)); err == nil {
 		// fd 4 may have been reused by something else the plugin opened since; it must not be
 		// the inherited, inheritable channel.
-		if flags := fdFlags(t, pid, 4); flags&unix.O_CLOEXEC == 0 {
+		if flags, ok := fdFlags(t, pid, 4); ok && flags&unix.O_CLOEXEC == 0 {
 			t.Errorf("the plugin keeps fd 4 open and inheritable (flags %o)", flags)
 		}
 	}
@@ -288,7 +288,7 @@ func TestDataChannelNotReachable(t *testing.T) {
 		}
 		sockets++
 		fd, _ := strconv.Atoi(e.Name())
-		if flags := fdFlags(t, pid, fd); flags&unix.O_CLOEXEC == 0 {
+		if flags, ok := fdFlags(t, pid, fd); ok && flags&unix.O_CLOEXEC == 0 {
 			t.Errorf("plugin socket fd %d (%s) is inheritable (flags %o)", fd, link, flags)
 		}
 		if fh, err := os.Open(fmt.Sprintf("/proc/%d/fd/%s", pid, e.Name())); err == nil {
@@ -303,10 +303,14 @@ func TestDataChannelNotReachable(t *testing.T) {
 	}
 }
 
-// fdFlags reads the open flags of a process's descriptor from /proc/pid/fdinfo.
-func fdFlags(t *testing.T, pid, fd int) int {
+// fdFlags reads the open flags of a process's descriptor from /proc/pid/fdinfo; ok is false
+// when the descriptor was closed meanwhile.
+func fdFlags(t *testing.T, pid, fd int) (flags int, ok bool) {
 	t.Helper()
 	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/fdinfo/%d", pid, fd))
+	if errors.Is(err, os.ErrNotExist) {
+		return 0, false
+	}
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -316,9 +320,9 @@ func fdFlags(t *testing.T, pid, fd int) int {
 			if err != nil {
 				t.Fatal(err)
 			}
-			return int(n)
+			return int(n), true
 		}
 	}
 	t.Fatalf("no flags in fdinfo of %d/%d", pid, fd)
-	return 0
+	return 0, false
 }
