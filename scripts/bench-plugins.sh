@@ -5,13 +5,19 @@
 # (source in process, as fast as the pipeline takes them) RUNS times; the best run counts,
 # since the machine is shared. Process start-up is included in the time.
 #   usage: scripts/bench-plugins.sh [N] [RUNS]
+# FLOWPIPE=path/to/flowpipe measures that binary instead of building this tree (a before and
+# an after in one session).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 n=${1:-2000000}
 runs=${2:-3}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-go build -o "$work/flowpipe" ./cmd/flowpipe
+if [ -n "${FLOWPIPE:-}" ]; then
+  cp "$FLOWPIPE" "$work/flowpipe"
+else
+  go build -o "$work/flowpipe" ./cmd/flowpipe
+fi
 
 pipeline() { # name enricher-isolation sink-isolation [in_flight]
   local enrich=""
