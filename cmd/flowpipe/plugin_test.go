@@ -151,6 +151,43 @@ sinks:
 	}
 }
 
+// TestPluginPassThroughSameOutput: with a source plugin and a sink plugin and no enricher
+// between them (the default isolation), the host passes each batch on in the encoding it
+// arrived in, and the output is the same as in process.
+func TestPluginPassThroughSameOutput(t *testing.T) {
+	dir := t.TempDir()
+	writeEvents(t, filepath.Join(dir, "in.jsonl"), 20_000)
+	outputs := map[string][]byte{}
+	for _, iso := range []string{"inproc", "process"} {
+		writeFile(t, filepath.Join(dir, iso+".yaml"), fmt.Sprintf(`
+admin: {listen: ""}
+sources:
+  in: {type: replay, isolation: %[1]s, path: in.jsonl, batch_size: 777}
+sinks:
+  out: {type: file, isolation: %[1]s, path: out-%[1]s.jsonl}
+`, iso))
+		_, stderr, code := flowpipe(t, dir, "run", "-c", iso+".yaml", "--log-level", "debug")
+		if code != 0 {
+			t.Fatalf("%s: exit %d\n%s", iso, code, stderr)
+		}
+		passed := strings.Contains(stderr, "pass through in the encoding they arrived in")
+		if iso == "process" && (!passed || strings.Count(stderr, "data_channel=true") != 2) {
+			t.Fatalf("out of process, batches did not pass through the host on the data channel:\n%s", stderr)
+		}
+		data, err := os.ReadFile(filepath.Join(dir, "out-"+iso+".jsonl"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		outputs[iso] = data
+	}
+	if n := bytes.Count(outputs["process"], []byte("\n")); n != 20_000 {
+		t.Fatalf("out of process: %d events, want 20000", n)
+	}
+	if !bytes.Equal(outputs["inproc"], outputs["process"]) {
+		t.Fatal("output differs between isolation: inproc and isolation: process")
+	}
+}
+
 // TestPluginSinkKilledMidStream kills -9 the file sink's plugin process while 100,000
 // events stream through it: after the restart every event is in the output, and every
 // duplicate belongs to a batch the host logged as redelivered.

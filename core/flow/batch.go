@@ -23,7 +23,31 @@ type Batch struct {
 	ack    func(error)
 	acked  atomic.Bool
 	Source string // name of the source component that produced the batch
+
+	// encoded is Events already encoded by whoever built the batch from an encoding, and
+	// encodedN the number of events it holds (SetEncoded).
+	encoded  []byte
+	encodedN int
 }
+
+// SetEncoded keeps data, the encoding (opaque here: the plugin host's packed codec) that the
+// batch's events were just decoded from, so that the batch can be passed on to where that
+// same encoding is wanted (a sink in another process) without encoding it again. It holds
+// while the events do not change: the runtime drops it before enrichers run, StampSource
+// drops it when it names an event, and Encoded checks that the number of events is the same.
+// Set it before the batch is shared; anything else that changes Events must DropEncoded.
+func (b *Batch) SetEncoded(data []byte) { b.encoded, b.encodedN = data, len(b.Events) }
+
+// Encoded is the encoding kept by SetEncoded, or nil.
+func (b *Batch) Encoded() []byte {
+	if b.encoded == nil || len(b.Events) != b.encodedN {
+		return nil
+	}
+	return b.encoded
+}
+
+// DropEncoded forgets the kept encoding: the events are about to change.
+func (b *Batch) DropEncoded() { b.encoded = nil }
 
 // NewBatch makes a batch holding one reference, which belongs to the caller and is given up
 // by Release (the pipeline's Emit does that for sources). ack may be nil.
@@ -91,6 +115,7 @@ func (b *Batch) StampSource(name string) {
 	for i := range b.Events {
 		if b.Events[i].Source == "" {
 			b.Events[i].Source = name
+			b.encoded = nil
 		}
 	}
 }

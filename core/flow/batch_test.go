@@ -88,3 +88,29 @@ func TestIDGenMakesVersion4UUIDs(t *testing.T) {
 		seen[u] = true
 	}
 }
+
+// A kept encoding holds only while the events are those it was decoded into.
+func TestBatchEncodedIsDroppedWhenEventsChange(t *testing.T) {
+	enc := []byte{3, 1, 2}
+	b := NewBatch([]Event{{Source: "a"}, {Source: "b"}}, nil)
+	b.SetEncoded(enc)
+	b.StampSource("gen") // names nothing new: the encoding holds
+	if got := b.Encoded(); &got[0] != &enc[0] {
+		t.Fatal("StampSource that named no event dropped the encoding")
+	}
+	b.Events = b.Events[:1] // filtered
+	if b.Encoded() != nil {
+		t.Fatal("the encoding survived a change of the number of events")
+	}
+	b = NewBatch([]Event{{Source: "a"}, {}}, nil)
+	b.SetEncoded(enc)
+	b.StampSource("gen") // names the second event
+	if b.Encoded() != nil || b.Events[1].Source != "gen" {
+		t.Fatal("StampSource changed an event and kept the encoding")
+	}
+	b.SetEncoded(enc)
+	b.DropEncoded()
+	if b.Encoded() != nil {
+		t.Fatal("DropEncoded kept the encoding")
+	}
+}

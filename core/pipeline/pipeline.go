@@ -635,6 +635,9 @@ func (d *downstream) Emit(ctx context.Context, b *flow.Batch) error {
 // emitFrom runs enrichers from index i on, then hands b to every sink, and gives up the
 // caller's reference.
 func (p *Pipeline) emitFrom(ctx context.Context, i int, b *flow.Batch) error {
+	if i < len(p.enrich) {
+		b.DropEncoded() // enrichers change events: an encoding kept from the source is stale
+	}
 	for ; i < len(p.enrich); i++ {
 		e := p.enrich[i]
 		in := len(b.Events)

@@ -2,8 +2,10 @@ package pluginhost
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -12,6 +14,7 @@ import (
 	"testing"
 	"unsafe"
 
+	"github.com/google/uuid"
 	"golang.org/x/sys/unix"
 
 	"github.com/flowpipe/flowpipe/core/component"
@@ -325,4 +328,89 @@ func fdFlags(t *testing.T, pid, fd int) (flags int, ok bool) {
 	}
 	t.Fatalf("no flags in fdinfo of %d/%d", pid, fd)
 	return 0, false
+}
+
+// forwardingEmitter writes each batch to a sink, as a pipeline without enrichers does, and
+// acknowledges it with the result; change, when set, changes each batch's events first.
+type forwardingEmitter struct {
+	sink   component.Sink
+	change bool
+	n      int
+}
+
+func (e *forwardingEmitter) Emit(ctx context.Context, b *flow.Batch) error {
+	if e.change {
+		b.DropEncoded() // as the runtime does before enrichers
+		for i := range b.Events {
+			b.Events[i].RuleID = "changed"
+		}
+	}
+	e.n += len(b.Events)
+	b.Release(e.sink.Write(ctx, b))
+	return nil
+}
+
+// A batch from a source plugin goes to a sink plugin in the encoding it arrived in, and the
+// sink writes exactly the source's events; once something changes the events, they are
+// encoded again, with the change.
+func TestSourceToSinkPassThrough(t *testing.T) {
+	for _, change := range []bool{false, true} {
+		t.Run(fmt.Sprintf("change=%v", change), func(t *testing.T) {
+			sf := newFixture(t, component.KindSink, "out")
+			path := filepath.Join(t.TempDir(), "out.jsonl")
+			sc, err := sf.instantiate(t, "jsonl", map[string]any{"path": path})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := sc.(component.Starter).Start(context.Background()); err != nil {
+				t.Fatal(err)
+			}
+			f := newFixture(t, component.KindSource, "seq")
+			c, err := f.instantiate(t, "seq", map[string]any{"count": 3000, "batch": 500})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := c.(component.Starter).Start(context.Background()); err != nil {
+				t.Fatal(err)
+			}
+			before := passedThrough.Load()
+			out := &forwardingEmitter{sink: sc.(component.Sink), change: change}
+			if err := c.(component.Source).Run(context.Background(), out); err != nil {
+				t.Fatal(err)
+			}
+			passed := passedThrough.Load() - before
+			if err := sc.(component.Closer).Close(context.Background()); err != nil {
+				t.Fatal(err)
+			}
+			if want := int64(6); !change && passed != want {
+				t.Errorf("%d batches passed through, want %d", passed, want)
+			} else if change && passed != 0 {
+				t.Errorf("%d changed batches passed through in their old encoding", passed)
+			}
+			lines := readLines(t, path)
+			if len(lines) != 3000 || out.n != 3000 {
+				t.Fatalf("%d lines written, %d events emitted, want 3000", len(lines), out.n)
+			}
+			for i, l := range lines {
+				e := testpluginEvent(i)
+				if change {
+					e.RuleID = "changed"
+				}
+				if want := string(flow.AppendJSON(nil, &e)); l != want {
+					t.Fatalf("line %d:\n got %s\nwant %s", i, l, want)
+				}
+			}
+		})
+	}
+}
+
+// testpluginEvent is the test plugin's seq source's i-th event (testplugin.Event).
+func testpluginEvent(i int) flow.Event {
+	var id uuid.UUID
+	binary.BigEndian.PutUint64(id[8:], uint64(i))
+	return flow.Event{
+		EventID: id, FlowID: id, Type: flow.TypeStart, Timestamp: flow.Time(1_700_000_000_000_000_000 + int64(i)),
+		SrcAddr: netip.AddrFrom4([4]byte{10, 0, byte(i >> 8), byte(i)}), DstAddr: netip.MustParseAddr("192.0.2.1"),
+		SrcPort: uint16(i), DstPort: 443, Protocol: flow.ProtoTCP, Direction: flow.Egress, Source: "seq",
+	}
 }

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"sync"
+	"sync/atomic"
 
 	"github.com/flowpipe/flowpipe/core/component"
 	"github.com/flowpipe/flowpipe/core/flow"
@@ -55,8 +56,9 @@ func (r *redelivery) again(b *flow.Batch) bool {
 // hung returns an error; the runtime retries the batch, and the retry waits for the
 // restarted process.
 type remoteSink struct {
-	in    *instance
-	retry redelivery
+	in       *instance
+	retry    redelivery
+	passOnce sync.Once
 }
 
 func (s *remoteSink) Write(ctx context.Context, b *flow.Batch) error {
@@ -65,27 +67,52 @@ func (s *remoteSink) Write(ctx context.Context, b *flow.Batch) error {
 		s.in.env.Logger.Warn("plugin redelivery: writing again a batch the failed plugin had not acknowledged; the output may hold it twice", "events", len(b.Events))
 	}
 	source := b.Source
+	if enc := b.Encoded(); enc != nil && len(enc) <= pb.SplitSize {
+		// The batch came from a source plugin and nothing changed it: its encoding is sent
+		// as it came, not encoded again.
+		if err := s.write(ctx, b, &pb.Batch{Count: uint32(len(b.Events)), Events: enc, Source: source}, nil); err != nil {
+			return err
+		}
+		s.in.succeeded()
+		return nil
+	}
 	for _, part := range pb.Split(b.Events) {
-		p, err := s.in.get(ctx)
-		if err != nil {
-			return fmt.Errorf("%s: %w", s.in.launcher.describe, err)
-		}
 		buf, msg := pb.EncodeBatch(part, source)
-		cctx, done := s.in.guard(ctx, p, "Write")
-		resp, err := p.sink.Write(cctx, msg)
-		done()
-		pb.Buffers.Put(buf)
-		if err != nil {
-			s.retry.mark(b)
-			return s.in.callErr(ctx, cctx, p, "Write", err)
-		}
-		applyCounts(s.in.env.Metrics, resp.Counts)
-		if err := pb.ErrorFromProto(resp.Failure, resp.Error); err != nil {
+		if err := s.write(ctx, b, msg, buf); err != nil {
 			return err
 		}
 	}
 	s.in.succeeded()
 	return nil
+}
+
+// passedThrough counts the batches written to sink plugins in the encoding they arrived in.
+var passedThrough atomic.Int64
+
+// write sends one part of b; buf, when not nil, goes back to the pool once it is sent.
+func (s *remoteSink) write(ctx context.Context, b *flow.Batch, msg *pb.Batch, buf *[]byte) error {
+	if buf != nil {
+		defer pb.Buffers.Put(buf)
+	}
+	p, err := s.in.get(ctx)
+	if err != nil {
+		return fmt.Errorf("%s: %w", s.in.launcher.describe, err)
+	}
+	cctx, done := s.in.guard(ctx, p, "Write")
+	resp, err := p.sink.Write(cctx, msg)
+	done()
+	if err != nil {
+		s.retry.mark(b)
+		return s.in.callErr(ctx, cctx, p, "Write", err)
+	}
+	if buf == nil {
+		passedThrough.Add(1)
+		s.passOnce.Do(func() {
+			s.in.env.Logger.Debug("plugin sink: batches from a source plugin pass through in the encoding they arrived in", "plugin", s.in.launcher.describe)
+		})
+	}
+	applyCounts(s.in.env.Metrics, resp.Counts)
+	return pb.ErrorFromProto(resp.Failure, resp.Error)
 }
 
 func (s *remoteSink) Start(ctx context.Context) error { return s.in.Start(ctx) }
@@ -340,9 +367,11 @@ func (s *remoteSource) runOnce(ctx context.Context, p *proc, out component.Emitt
 			if !partial {
 				events = nil
 			}
-			events, err = codec.Decode(events, m.Batch.Batch.GetEvents(), int(m.Batch.Batch.GetCount()))
-			if p.data != nil {
-				pb.PutEvents(m.Batch.Batch.GetEvents()) // decoding copied what it keeps
+			encoded := m.Batch.Batch.GetEvents()
+			events, err = codec.Decode(events, encoded, int(m.Batch.Batch.GetCount()))
+			if p.data != nil && (err != nil || partial || m.Batch.More) {
+				pb.PutEvents(encoded) // decoding copied what it keeps
+				encoded = nil
 			}
 			if err != nil {
 				ss.send(&pb.SourceAck{Id: m.Batch.Id, Status: pb.SourceAck_STATUS_FAILED, Message: "host could not decode the batch: " + err.Error()})
@@ -354,8 +383,20 @@ func (s *remoteSource) runOnce(ctx context.Context, p *proc, out component.Emitt
 				continue
 			}
 			id := m.Batch.Id
-			b := flow.NewBatch(events, func(err error) { ss.send(pb.AckToProto(id, err)) })
+			ack := func(err error) { ss.send(pb.AckToProto(id, err)) }
+			if p.data != nil && encoded != nil {
+				// The kept encoding is the data channel's pooled buffer: it goes back once
+				// every holder of the batch is done with it.
+				kept := encoded
+				ack = func(err error) { ss.send(pb.AckToProto(id, err)); pb.PutEvents(kept) }
+			}
+			b := flow.NewBatch(events, ack)
 			b.Source = m.Batch.Batch.GetSource()
+			if encoded != nil {
+				// A batch that came whole keeps its encoding: a sink plugin gets it as it is,
+				// unless something changes the events first (flow.Batch.SetEncoded).
+				b.SetEncoded(encoded)
+			}
 			s.in.succeeded()
 			// Once the pipeline refused a batch (it is stopping), every later batch of the
 			// stream is refused too, even if a queue has room again: a later batch must never

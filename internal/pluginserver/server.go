@@ -57,6 +57,7 @@ type Server struct {
 	// emitWindow is ConfigureRequest.emit_window: how many of a source's batches may be
 	// sent and not yet taken by the host; 0: no bound (a host before flow control).
 	emitWindow int
+	name       string // the component's name in pipeline.yaml (ConfigureRequest.name)
 
 	events sync.Pool // *[]flow.Event, reused between calls
 
@@ -119,6 +120,7 @@ func (s *Server) Configure(_ context.Context, req *pb.ConfigureRequest) (*pb.Con
 	}
 	s.mu.Lock()
 	s.comp = c
+	s.name = req.Name
 	s.emitWindow = int(req.EmitWindow)
 	s.mu.Unlock()
 	_, holder := c.(component.Holder)
@@ -433,7 +435,11 @@ func (e *emitter) Emit(ctx context.Context, b *flow.Batch) error {
 	}
 	e.mu.Unlock()
 
-	source := b.Source // the host's runtime stamps the source's name on what is empty
+	// The host's runtime stamps the source's name on what names none; stamped here, with the
+	// same name, the events the host decodes need no change, so the host can pass their
+	// encoding on to a sink plugin as it is (flow.Batch.SetEncoded).
+	b.StampSource(e.s.name)
+	source := b.Source
 	e.sendMu.Lock()
 	var err error
 	parts := pb.Split(b.Events)
