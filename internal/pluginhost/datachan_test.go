@@ -19,6 +19,7 @@ import (
 
 	"github.com/flowpipe/flowpipe/core/component"
 	"github.com/flowpipe/flowpipe/core/flow"
+	pb "github.com/flowpipe/flowpipe/internal/pluginproto"
 )
 
 // instanceOf is the host side of a plugin component.
@@ -50,6 +51,9 @@ func currentProc(t *testing.T, c any) *proc {
 // SDK before it did: no data_channel in Describe, the descriptor never read) works over gRPC,
 // with the same results.
 func TestDataChannelNegotiated(t *testing.T) {
+	if pb.DataChannelOff() {
+		t.Skip(pb.DataChannelEnv + "=off: the host offers no data channel")
+	}
 	for _, old := range []bool{false, true} {
 		suffix := ""
 		if old {
@@ -148,6 +152,9 @@ func TestDataChannelNegotiated(t *testing.T) {
 // restarted, as after a crash; the batch it was writing is redelivered to the new process;
 // another plugin of the same host is not touched.
 func TestGarbageFrameFailsOnlyThatPlugin(t *testing.T) {
+	if pb.DataChannelOff() {
+		t.Skip(pb.DataChannelEnv + "=off: the host offers no data channel")
+	}
 	dir := t.TempDir()
 	bad := newFixture(t, component.KindSink, "bad")
 	badPath, marker := filepath.Join(dir, "bad.jsonl"), filepath.Join(dir, "garbage-written")
@@ -210,6 +217,9 @@ func TestGarbageFrameFailsOnlyThatPlugin(t *testing.T) {
 // can connect to it; a socket cannot be opened through /proc either; the plugin keeps no
 // inheritable copy of it (a child it starts does not get the channel).
 func TestDataChannelNotReachable(t *testing.T) {
+	if pb.DataChannelOff() {
+		t.Skip(pb.DataChannelEnv + "=off: the host offers no data channel")
+	}
 	f := newFixture(t, component.KindSink, "out")
 	c, err := f.instantiate(t, "jsonl", map[string]any{"path": filepath.Join(t.TempDir(), "out.jsonl")})
 	if err != nil {

@@ -369,8 +369,11 @@ func (s *remoteSource) runOnce(ctx context.Context, p *proc, out component.Emitt
 			}
 			encoded := m.Batch.Batch.GetEvents()
 			events, err = codec.Decode(events, encoded, int(m.Batch.Batch.GetCount()))
-			if p.data != nil && (err != nil || partial || m.Batch.More) {
-				pb.PutEvents(encoded) // decoding copied what it keeps
+			if err != nil || partial || m.Batch.More {
+				// Only a batch that came whole keeps its encoding.
+				if p.data != nil {
+					pb.PutEvents(encoded) // decoding copied what it keeps
+				}
 				encoded = nil
 			}
 			if err != nil {

@@ -103,8 +103,10 @@ func TestOversizedSourceBatch(t *testing.T) {
 	}
 	defer c.(component.Closer).Close(context.Background())
 	var batches []int
+	kept := false
 	out := emitFunc(func(b *flow.Batch) {
 		batches = append(batches, len(b.Events))
+		kept = kept || b.Encoded() != nil
 		b.Release(nil)
 	})
 	if err := c.(component.Source).Run(context.Background(), out); err != nil {
@@ -112,6 +114,9 @@ func TestOversizedSourceBatch(t *testing.T) {
 	}
 	if len(batches) != 1 || batches[0] != 1000 {
 		t.Fatalf("pipeline got batches %v, want one of 1000", batches)
+	}
+	if kept {
+		t.Fatal("a batch that came in parts kept an encoding (one part's) to pass on")
 	}
 }
 
