@@ -5,8 +5,9 @@
 # (source in process, as fast as the pipeline takes them) RUNS times; the best run counts,
 # since the machine is shared. Process start-up is included in the time.
 #   usage: scripts/bench-plugins.sh [N] [RUNS]
-# FLOWPIPE=path/to/flowpipe measures that binary instead of building this tree (a before and
-# an after in one session).
+# FLOWPIPE=path/to/flowpipe measures that binary instead of building this tree;
+# BEFORE=path/to/flowpipe measures that one too, out of process, interleaved with this one
+# (a before and an after in one run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 n=${1:-2000000}
@@ -47,17 +48,32 @@ sinks:
 YAML
 }
 
-best() { # name -> events/s of the fastest of $runs runs
-  local best=""
+once() { # binary name -> events/s of one run
+  local t0 t1
+  rm -f "$work/$2.jsonl"
+  t0=$(date +%s.%N)
+  "$1" run -c "$work/$2.yaml" 2>"$work/$2.log" || { cat "$work/$2.log" >&2; exit 1; }
+  t1=$(date +%s.%N)
+  echo "$t0 $t1" | awk -v n="$n" '{print n / ($2 - $1)}'
+}
+
+# row label inproc-case process-case: the best of $runs runs of each, the runs of a row
+# interleaved (in process, before, after, in process, ...) so that they share the machine's
+# moods; ratios are to the in-process case of the same row.
+row() {
+  local bi=0 bb=0 ba=0 r
   for _ in $(seq "$runs"); do
-    local t0 t1
-    t0=$(date +%s.%N)
-    rm -f "$work/$1.jsonl"
-    "$work/flowpipe" run -c "$work/$1.yaml" 2>"$work/$1.log" || { cat "$work/$1.log" >&2; exit 1; }
-    t1=$(date +%s.%N)
-    best=$(echo "$t0 $t1 ${best:-0}" | awk -v n="$n" '{r = n / ($2 - $1); print (r > $3 ? r : $3)}')
+    r=$(once "$work/flowpipe" "$2"); bi=$(echo "$r $bi" | awk '{print ($1 > $2 ? $1 : $2)}')
+    if [ -n "${BEFORE:-}" ]; then
+      r=$(once "$work/before" "$3"); bb=$(echo "$r $bb" | awk '{print ($1 > $2 ? $1 : $2)}')
+    fi
+    r=$(once "$work/flowpipe" "$3"); ba=$(echo "$r $ba" | awk '{print ($1 > $2 ? $1 : $2)}')
   done
-  echo "$best"
+  if [ -n "${BEFORE:-}" ]; then
+    printf "%-36s %12.0f %12.0f %6.2f %12.0f %6.2f\n" "$1" "$bi" "$bb" "$(echo "$bb $bi" | awk '{print $1/$2}')" "$ba" "$(echo "$ba $bi" | awk '{print $1/$2}')"
+  else
+    printf "%-36s %12.0f %12.0f %6.2f\n" "$1" "$bi" "$ba" "$(echo "$ba $bi" | awk '{print $1/$2}')"
+  fi
 }
 
 pipeline sink-inproc - inproc
@@ -68,11 +84,13 @@ pipeline enrich-process process inproc
 filepipeline file-inproc inproc
 filepipeline file-default ""
 
-printf "%-34s %14s %8s\n" "case" "events/s" "ratio"
-si=$(best sink-inproc);     printf "%-34s %14.0f %8s\n" "sink in process" "$si" "1"
-sp=$(best sink-process);    printf "%-34s %14.0f %8.2f\n" "sink out of process" "$sp" "$(echo "$sp $si" | awk '{print $1/$2}')"
-sp4=$(best sink-process-4); printf "%-34s %14.0f %8.2f\n" "sink out of process, in_flight 4" "$sp4" "$(echo "$sp4 $si" | awk '{print $1/$2}')"
-ei=$(best enrich-inproc);   printf "%-34s %14.0f %8s\n" "enricher in process" "$ei" "1"
-ep=$(best enrich-process);  printf "%-34s %14.0f %8.2f\n" "enricher out of process" "$ep" "$(echo "$ep $ei" | awk '{print $1/$2}')"
-fi=$(best file-inproc);      printf "%-34s %14.0f %8s\n" "generate -> file in process" "$fi" "1"
-fd=$(best file-default);     printf "%-34s %14.0f %8.2f\n" "generate -> file default isolation" "$fd" "$(echo "$fd $fi" | awk '{print $1/$2}')"
+if [ -n "${BEFORE:-}" ]; then
+  cp "$BEFORE" "$work/before"
+  printf "%-36s %12s %12s %6s %12s %6s\n" "case (events/s)" "in process" "before" "ratio" "out" "ratio"
+else
+  printf "%-36s %12s %12s %6s\n" "case (events/s)" "in process" "out" "ratio"
+fi
+row "generate -> discard, sink out" sink-inproc sink-process
+row "the same, sink in_flight 4" sink-inproc sink-process-4
+row "generate -> community_id, enricher out" enrich-inproc enrich-process
+row "generate -> file, default isolation" file-inproc file-default
