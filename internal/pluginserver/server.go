@@ -302,9 +302,9 @@ func (s *Server) run(stream sourceStream) error {
 	runCtx, stop := context.WithCancel(context.Background())
 	defer stop()
 	s.mu.Lock()
-	window := s.emitWindow
+	window, name := s.emitWindow, s.name
 	s.mu.Unlock()
-	em := &emitter{stream: stream, s: s, pending: map[uint64]*flow.Batch{}, empty: make(chan struct{}, 1),
+	em := &emitter{stream: stream, s: s, name: name, pending: map[uint64]*flow.Batch{}, empty: make(chan struct{}, 1),
 		window: window, unaccepted: map[uint64]struct{}{}, changed: make(chan struct{})}
 	recvDone := make(chan struct{})
 	go func() {
@@ -359,6 +359,7 @@ type emitter struct {
 	stream sourceStream
 	s      *Server
 	window int
+	name   string // the source's name, stamped on its events
 
 	sendMu sync.Mutex
 	buf    []byte
@@ -438,7 +439,9 @@ func (e *emitter) Emit(ctx context.Context, b *flow.Batch) error {
 	// The host's runtime stamps the source's name on what names none; stamped here, with the
 	// same name, the events the host decodes need no change, so the host can pass their
 	// encoding on to a sink plugin as it is (flow.Batch.SetEncoded).
-	b.StampSource(e.s.name)
+	if e.name != "" {
+		b.StampSource(e.name)
+	}
 	source := b.Source
 	e.sendMu.Lock()
 	var err error
