@@ -100,7 +100,7 @@ func BenchmarkSourceProcess(b *testing.B) {
 }
 
 // BenchmarkEnricherProcess enriches batches of 1,024 events in the test plugin's tag
-// enricher in another process, whole (parts=1) and cut into parts enriched concurrently.
+// enricher in another process.
 func BenchmarkEnricherProcess(b *testing.B) {
 	h := NewHost(HostOptions{Registry: component.NewRegistry(), PluginDir: pluginDir})
 	env := component.Env{Name: "bench", Kind: component.KindEnricher, ConfigDir: b.TempDir(), Logger: discardLogger(), Metrics: component.NopMetrics{}}
@@ -112,19 +112,12 @@ func BenchmarkEnricherProcess(b *testing.B) {
 	en := c.(component.Enricher)
 	const batch = 1024
 	evs := benchEvents(batch)
-	for _, parts := range []int{1, 2, 4} {
-		b.Run(fmt.Sprintf("parts=%d", parts), func(b *testing.B) {
-			old := enrichParts
-			enrichParts = parts
-			defer func() { enrichParts = old }()
-			work := make([]flow.Event, batch)
-			for b.Loop() {
-				copy(work, evs)
-				if err := en.Enrich(context.Background(), flow.NewBatch(work, nil)); err != nil {
-					b.Fatal(err)
-				}
-			}
-			b.ReportMetric(float64(b.N*batch)/b.Elapsed().Seconds(), "events/s")
-		})
+	work := make([]flow.Event, batch)
+	for b.Loop() {
+		copy(work, evs)
+		if err := en.Enrich(context.Background(), flow.NewBatch(work, nil)); err != nil {
+			b.Fatal(err)
+		}
 	}
+	b.ReportMetric(float64(b.N*batch)/b.Elapsed().Seconds(), "events/s")
 }

@@ -125,17 +125,8 @@ type remoteEnricher struct {
 	in *instance
 }
 
-// enrichParts is how many parts, at most, a batch is cut into for an enricher plugin, and
-// enrichPartMin the fewest events a part has: the parts are enriched concurrently (Enrich
-// must be safe for concurrent use), so that the host encodes and decodes one part while the
-// plugin enriches another, and a plugin uses more than one core (docs/benchmarks.md).
-var enrichParts, enrichPartMin = 2, 256
-
 func (e *remoteEnricher) Enrich(ctx context.Context, b *flow.Batch) error {
 	parts := pb.Split(b.Events)
-	if len(parts) == 1 && len(b.Events) >= 2*enrichPartMin && enrichParts > 1 {
-		return e.enrichParts(ctx, b)
-	}
 	var out []flow.Event
 	if len(parts) == 1 {
 		out = b.Events[:0] // the request is encoded before the answer is decoded
@@ -152,61 +143,6 @@ func (e *remoteEnricher) Enrich(ctx context.Context, b *flow.Batch) error {
 		if err != nil {
 			return fmt.Errorf("%s: bad answer: %w", e.in.launcher.describe, err)
 		}
-	}
-	b.Events = out
-	e.in.succeeded()
-	return nil
-}
-
-// enrichParts enriches b in parts, concurrently, and puts the answers back together in
-// order. Each part's answer is decoded where the part was (an enricher only shortens or
-// keeps a batch; a longer answer gets its own array), then moved up behind the ones
-// before it. The batch fails if any part does, as when an oversized batch is split.
-func (e *remoteEnricher) enrichParts(ctx context.Context, b *flow.Batch) error {
-	n := min(enrichParts, len(b.Events)/enrichPartMin)
-	size := (len(b.Events) + n - 1) / n
-	answers := make([][]flow.Event, 0, n)
-	errs := make([]error, 0, n)
-	var wg sync.WaitGroup
-	for start := 0; start < len(b.Events); start += size {
-		end := min(start+size, len(b.Events))
-		part := b.Events[start:end:end]
-		i := len(answers)
-		answers, errs = append(answers, nil), append(errs, nil)
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			resp, pooled, err := e.call(ctx, part, b.Source)
-			if err != nil {
-				errs[i] = err
-				return
-			}
-			answers[i], err = codec.Decode(part[:0], resp.Batch.GetEvents(), int(resp.Batch.GetCount()))
-			if resp.Batch != nil && pooled {
-				pb.PutEvents(resp.Batch.Events)
-			}
-			if err != nil {
-				errs[i] = fmt.Errorf("%s: bad answer: %w", e.in.launcher.describe, err)
-			}
-		}()
-	}
-	wg.Wait()
-	for _, err := range errs {
-		if err != nil {
-			return err
-		}
-	}
-	total, grown := 0, false
-	for i, a := range answers {
-		total += len(a)
-		grown = grown || len(a) > min(size, len(b.Events)-i*size)
-	}
-	out := b.Events[:0]
-	if grown {
-		out = make([]flow.Event, 0, total) // moving down could overwrite a later answer
-	}
-	for _, a := range answers {
-		out = append(out, a...) // copies down (memmove), never past an answer not yet moved
 	}
 	b.Events = out
 	e.in.succeeded()
