@@ -48,31 +48,30 @@ sinks:
 YAML
 }
 
-once() { # binary name -> events/s of one run
-  local t0 t1
+once() { # binary name -> "events/s cpu" of one run; cpu: µs of CPU (user + system) per
+  # event of flowpipe and its plugin processes together, which the machine's load disturbs
+  # far less than the rate
   rm -f "$work/$2.jsonl"
-  t0=$(date +%s.%N)
-  "$1" run -c "$work/$2.yaml" 2>"$work/$2.log" || { cat "$work/$2.log" >&2; exit 1; }
-  t1=$(date +%s.%N)
-  echo "$t0 $t1" | awk -v n="$n" '{print n / ($2 - $1)}'
+  /usr/bin/time -f "%e %U %S" -o "$work/time" "$1" run -c "$work/$2.yaml" 2>"$work/$2.log" || { cat "$work/$2.log" >&2; exit 1; }
+  awk -v n="$n" '{print n / $1, ($2 + $3) * 1e6 / n}' "$work/time"
 }
 
-# row label inproc-case process-case: the best of $runs runs of each, the runs of a row
-# interleaved (in process, before, after, in process, ...) so that they share the machine's
-# moods; ratios are to the in-process case of the same row.
+# row label inproc-case process-case: the best of $runs runs of each (highest rate, least
+# CPU), the runs of a row interleaved (in process, before, after, in process, ...) so that
+# they share the machine's moods; ratios are to the in-process case of the same row.
 row() {
-  local bi=0 bb=0 ba=0 r
+  local i="0 1e9" b="0 1e9" a="0 1e9" keep='{split($0, x, " "); print (x[1] > x[3] ? x[1] : x[3]), (x[2] < x[4] ? x[2] : x[4])}'
   for _ in $(seq "$runs"); do
-    r=$(once "$work/flowpipe" "$2"); bi=$(echo "$r $bi" | awk '{print ($1 > $2 ? $1 : $2)}')
+    i=$(echo "$(once "$work/flowpipe" "$2") $i" | awk "$keep")
     if [ -n "${BEFORE:-}" ]; then
-      r=$(once "$work/before" "$3"); bb=$(echo "$r $bb" | awk '{print ($1 > $2 ? $1 : $2)}')
+      b=$(echo "$(once "$work/before" "$3") $b" | awk "$keep")
     fi
-    r=$(once "$work/flowpipe" "$3"); ba=$(echo "$r $ba" | awk '{print ($1 > $2 ? $1 : $2)}')
+    a=$(echo "$(once "$work/flowpipe" "$3") $a" | awk "$keep")
   done
   if [ -n "${BEFORE:-}" ]; then
-    printf "%-36s %12.0f %12.0f %6.2f %12.0f %6.2f\n" "$1" "$bi" "$bb" "$(echo "$bb $bi" | awk '{print $1/$2}')" "$ba" "$(echo "$ba $bi" | awk '{print $1/$2}')"
+    echo "$1|$i $b $a" | awk -F'|' '{split($2, v, " "); printf "%-38s %10.0f %10.0f %5.2f %10.0f %5.2f | %5.2f %5.2f %5.2f\n", $1, v[1], v[3], v[3]/v[1], v[5], v[5]/v[1], v[2], v[4], v[6]}'
   else
-    printf "%-36s %12.0f %12.0f %6.2f\n" "$1" "$bi" "$ba" "$(echo "$ba $bi" | awk '{print $1/$2}')"
+    echo "$1|$i $a" | awk -F'|' '{split($2, v, " "); printf "%-38s %10.0f %10.0f %5.2f | %5.2f %5.2f\n", $1, v[1], v[3], v[3]/v[1], v[2], v[4]}'
   fi
 }
 
@@ -86,9 +85,9 @@ filepipeline file-default ""
 
 if [ -n "${BEFORE:-}" ]; then
   cp "$BEFORE" "$work/before"
-  printf "%-36s %12s %12s %6s %12s %6s\n" "case (events/s)" "in process" "before" "ratio" "out" "ratio"
+  printf "%-38s %10s %10s %5s %10s %5s | %s\n" "events/s; µs CPU/event" "in proc" "before" "ratio" "after" "ratio" "CPU in, before, after"
 else
-  printf "%-36s %12s %12s %6s\n" "case (events/s)" "in process" "out" "ratio"
+  printf "%-38s %10s %10s %5s | %s\n" "events/s; µs CPU/event" "in proc" "out" "ratio" "CPU in, out"
 fi
 row "generate -> discard, sink out" sink-inproc sink-process
 row "the same, sink in_flight 4" sink-inproc sink-process-4
