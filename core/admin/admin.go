@@ -1,6 +1,7 @@
 // Package admin serves flowpipe's admin listener: /metrics (Prometheus), /healthz (the
 // process is alive), /readyz (the pipeline runs and no sink or plugin keeps failing), the
-// JSON API behind `flowpipe tap` and `flowpipe top` (/api/...), and the live page (GET /).
+// JSON API behind `flowpipe tap` and `flowpipe top` (/api/...), POST /-/reload (apply the
+// pipeline file again), and the live page (GET /).
 // docs/observe.md documents the endpoints.
 package admin
 
@@ -39,8 +40,14 @@ type Options struct {
 	TLS *tls.Config
 	// Taps are the pipeline's tap points; nil serves no tap or top API.
 	Taps *tap.Registry
-	// Graph is the pipeline's components in stages, for /api/pipeline and the page.
+	// Graph is the pipeline's components in stages, for /api/pipeline and the page
+	// (Server.SetGraph replaces it after a reload).
 	Graph Graph
+	// Reload, when set, serves POST /-/reload: it reloads the pipeline file and returns what
+	// to answer (encoded as JSON), or config.Problems when the new file is rejected (422),
+	// an error wrapping ErrReloadUnavailable (503), or another error when applying it failed
+	// (500).
+	Reload func(ctx context.Context) (any, error)
 }
 
 // Server is a running admin listener.
@@ -52,6 +59,7 @@ type Server struct {
 	stop    context.Context
 	cancel  context.CancelFunc
 	streams atomic.Int32 // tap and top streams being served
+	graph   atomic.Pointer[Graph]
 }
 
 // Start listens on addr and serves /metrics, /healthz and /readyz until Shutdown.
@@ -75,6 +83,7 @@ func Serve(opts Options) (*Server, error) {
 		ln = tls.NewListener(ln, opts.TLS)
 	}
 	s := &Server{ln: ln, opts: opts}
+	s.graph.Store(&opts.Graph)
 	s.stop, s.cancel = context.WithCancel(context.Background())
 	mux := http.NewServeMux()
 	mux.Handle("GET /{$}", http.HandlerFunc(servePage))
@@ -94,6 +103,9 @@ func Serve(opts Options) (*Server, error) {
 	mux.Handle("GET /api/components", s.auth(http.HandlerFunc(s.serveComponents)))
 	mux.Handle("GET /api/tap", s.auth(http.HandlerFunc(s.serveTap)))
 	mux.Handle("GET /api/top", s.auth(http.HandlerFunc(s.serveTop)))
+	if opts.Reload != nil {
+		mux.Handle("POST /-/reload", s.auth(http.HandlerFunc(s.serveReload)))
+	}
 	s.srv = &http.Server{
 		Handler:           mux,
 		ReadHeaderTimeout: 5 * time.Second,

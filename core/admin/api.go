@@ -63,6 +63,10 @@ func GraphOf(doc *config.Document, defaultIsolation string) Graph {
 func writeJSON(w http.ResponseWriter, v any) {
 	w.Header().Set("Content-Type", "application/json")
 	w.Header().Set("Cache-Control", "no-store")
+	writeJSONBody(w, v)
+}
+
+func writeJSONBody(w http.ResponseWriter, v any) {
 	enc := json.NewEncoder(w)
 	enc.SetIndent("", "  ")
 	_ = enc.Encode(v)
@@ -74,7 +78,7 @@ func (s *Server) servePipeline(w http.ResponseWriter, _ *http.Request) {
 		TapPoints []string `json:"tap_points"`
 		Fanout    string   `json:"fanout"`
 		TapRing   int      `json:"tap_ring"`
-	}{Graph: s.opts.Graph, Fanout: tap.Fanout, TapPoints: []string{}}
+	}{Graph: *s.graph.Load(), Fanout: tap.Fanout, TapPoints: []string{}}
 	if s.opts.Taps != nil {
 		out.TapPoints = s.opts.Taps.Names()
 		out.TapRing = s.opts.Taps.RingSize()
@@ -116,7 +120,7 @@ func (s *Server) Stats() ([]*ComponentStats, error) {
 		}
 		return c
 	}
-	for _, st := range s.opts.Graph.Stages {
+	for _, st := range s.graph.Load().Stages {
 		for _, n := range st {
 			get(n.Name, n.Kind)
 		}
