@@ -22,10 +22,10 @@ const SocketEnv = "NOTIFY_SOCKET"
 
 // The states flowpipe sends.
 const (
-	Ready     = "READY=1"    // the pipeline runs: its sinks, enrichers and sources started
-	Stopping  = "STOPPING=1" // shutdown began: sources stop, in-flight batches drain
+	Ready     = "READY=1"     // the pipeline runs: its sinks, enrichers and sources started
+	Stopping  = "STOPPING=1"  // shutdown began: sources stop, in-flight batches drain
 	Reloading = "RELOADING=1" // a reload began; send with MonotonicUsec, then Ready when it ends
-	Watchdog  = "WATCHDOG=1" // still alive, sent every half WatchdogSec
+	Watchdog  = "WATCHDOG=1"  // still alive, sent every half WatchdogSec
 )
 
 // Notify sends the assignments (e.g. Ready, "STATUS=running") in one datagram. It reports
