@@ -153,7 +153,9 @@ func (r *reloader) reload(via string) (*pipeline.ReloadReport, error) {
 
 	doc, err := r.load()
 	if err == nil {
-		err = startOnlyChanges(r.doc, doc)
+		if probs := startOnlyChanges(r.doc, doc); len(probs) > 0 {
+			err = probs
+		}
 	}
 	var rep *pipeline.ReloadReport
 	if err == nil {
@@ -237,9 +239,6 @@ func startOnlyChanges(old, doc *config.Document) config.Problems {
 	}
 	if old.DataDir != doc.DataDir {
 		probs = append(probs, doc.Problem("data_dir", "changed from %q to %q; %s", old.DataDir, doc.DataDir, why))
-	}
-	if len(probs) == 0 {
-		return nil
 	}
 	probs.Sort()
 	return probs
