@@ -7,7 +7,6 @@ import (
 	"log/slog"
 	"reflect"
 	"slices"
-	"sort"
 	"strings"
 	"sync"
 	"time"
@@ -112,10 +111,13 @@ func (r *reloader) loop() {
 // serveHTTP is admin.Options.Reload: POST /-/reload.
 func (r *reloader) serveHTTP(context.Context) (any, error) {
 	rep, err := r.reload("admin")
-	if err != nil {
+	switch {
+	case rep == nil:
 		return nil, err
+	case err != nil:
+		return reportJSON(rep, reloadFailed), err
 	}
-	return reportJSON(rep), nil
+	return reportJSON(rep, reloadApplied), nil
 }
 
 // stop is called when the pipeline's Run returned: a reload in progress finishes first.
@@ -177,14 +179,30 @@ func (r *reloader) reload(via string) (*pipeline.ReloadReport, error) {
 		r.count(reloadFailed)
 		return nil, err
 	}
+	// The pipeline logged the reload as a diff (a line per component started, stopped or
+	// changed, and "reload applied"); it runs doc now.
 	r.doc = doc
 	if r.srv != nil {
 		r.srv.SetGraph(admin.GraphOf(doc, pluginhost.DefaultIsolation))
 	}
+	if len(rep.Errors) > 0 {
+		// Applied, but not all of it: a new source did not start, a component kept its old
+		// options. The pipeline logged each; the file does not say what runs.
+		r.log.Error(fmt.Sprintf("reload failed in part: %d change(s) could not be applied; see the lines above", len(rep.Errors)),
+			"file", file, "via", via, "took", time.Since(began))
+		r.count(reloadFailed)
+		return rep, errPartialReload{rep.Errors}
+	}
 	r.count(reloadApplied)
 	r.lastSuccess.SetToCurrentTime()
-	logReport(r.log, rep, file, via, time.Since(began))
 	return rep, nil
+}
+
+// errPartialReload is a reload that was applied, but not all of it (ReloadReport.Errors).
+type errPartialReload struct{ errs []string }
+
+func (e errPartialReload) Error() string {
+	return "the reload was applied in part: " + strings.Join(e.errs, "; ")
 }
 
 func (r *reloader) count(result string) {
@@ -244,52 +262,6 @@ func startOnlyChanges(old, doc *config.Document) config.Problems {
 	return probs
 }
 
-// logReport logs what a reload did, once, as a diff: one line for the whole reload, and one
-// per component that started, stopped or changed.
-func logReport(log *slog.Logger, rep *pipeline.ReloadReport, file, via string, took time.Duration) {
-	if rep == nil {
-		rep = &pipeline.ReloadReport{}
-	}
-	changed := make([]string, len(rep.Changed))
-	for i, c := range rep.Changed {
-		changed[i] = c.Component + " (" + c.How + ": " + strings.Join(c.Keys, ",") + ")"
-	}
-	attrs := []any{"file", file, "via", via, "took", took,
-		"started", strings.Join(rep.Started, ","), "stopped", strings.Join(rep.Stopped, ","),
-		"changed", strings.Join(changed, ","), "kept", len(rep.Kept)}
-	for _, m := range []struct {
-		key string
-		n   map[string]int64
-	}{{"handed_over", rep.HandedOver}, {"delivered", rep.Delivered}, {"undelivered", rep.Undelivered}} {
-		if len(m.n) > 0 {
-			attrs = append(attrs, m.key, countsString(m.n))
-		}
-	}
-	msg := "pipeline reloaded"
-	if len(rep.Started)+len(rep.Stopped)+len(rep.Changed) == 0 {
-		msg = "pipeline reloaded; nothing changed"
-	}
-	if len(rep.Undelivered) > 0 {
-		log.Warn(msg+", but events of a removed sink were not delivered", attrs...)
-		return
-	}
-	log.Info(msg, attrs...)
-}
-
-// countsString is "a=1,b=2", by name.
-func countsString(m map[string]int64) string {
-	names := make([]string, 0, len(m))
-	for n := range m {
-		names = append(names, n)
-	}
-	sort.Strings(names)
-	parts := make([]string, len(names))
-	for i, n := range names {
-		parts[i] = fmt.Sprintf("%s=%d", n, m[n])
-	}
-	return strings.Join(parts, ",")
-}
-
 // reloadAnswer is the body of POST /-/reload's 200 answer (docs/observe.md).
 type reloadAnswer struct {
 	Result      string           `json:"result"`
@@ -300,6 +272,7 @@ type reloadAnswer struct {
 	HandedOver  map[string]int64 `json:"handed_over"`
 	Delivered   map[string]int64 `json:"delivered"`
 	Undelivered map[string]int64 `json:"undelivered"`
+	Errors      []string         `json:"errors"`
 }
 
 type changeAnswer struct {
@@ -308,7 +281,7 @@ type changeAnswer struct {
 	How       string   `json:"how"`
 }
 
-func reportJSON(rep *pipeline.ReloadReport) reloadAnswer {
+func reportJSON(rep *pipeline.ReloadReport, result string) reloadAnswer {
 	if rep == nil {
 		rep = &pipeline.ReloadReport{}
 	}
@@ -324,7 +297,7 @@ func reportJSON(rep *pipeline.ReloadReport) reloadAnswer {
 		}
 		return m
 	}
-	a := reloadAnswer{Result: reloadApplied, Started: list(rep.Started), Stopped: list(rep.Stopped), Kept: list(rep.Kept),
+	a := reloadAnswer{Result: result, Started: list(rep.Started), Stopped: list(rep.Stopped), Kept: list(rep.Kept), Errors: list(rep.Errors),
 		Changed: []changeAnswer{}, HandedOver: counts(rep.HandedOver), Delivered: counts(rep.Delivered), Undelivered: counts(rep.Undelivered)}
 	for _, c := range rep.Changed {
 		a.Changed = append(a.Changed, changeAnswer{Component: c.Component, Keys: list(c.Keys), How: c.How})

@@ -46,7 +46,7 @@ type Options struct {
 	// Reload, when set, serves POST /-/reload: it reloads the pipeline file and returns what
 	// to answer (encoded as JSON), or config.Problems when the new file is rejected (422),
 	// an error wrapping ErrReloadUnavailable (503), or another error when applying it failed
-	// (500).
+	// (500; with a non-nil answer, that answer is the body).
 	Reload func(ctx context.Context) (any, error)
 }
 

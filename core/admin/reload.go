@@ -15,7 +15,8 @@ var ErrReloadUnavailable = errors.New("no reload now")
 // serveReload is POST /-/reload: it applies the pipeline file again, as SIGHUP does, and
 // answers once the reload is done: 200 with what changed, 422 with the problems when the new
 // file is rejected (nothing changed), 503 when no reload can run now, 500 when applying the
-// new file failed. docs/observe.md documents the bodies.
+// new file failed (with what was done, when it was applied in part). docs/observe.md
+// documents the bodies.
 func (s *Server) serveReload(w http.ResponseWriter, r *http.Request) {
 	// A client that gives up does not cut a reload short: it finishes, and is logged and
 	// counted, whoever asked for it.
@@ -32,6 +33,9 @@ func (s *Server) serveReload(w http.ResponseWriter, r *http.Request) {
 		writeJSONStatus(w, http.StatusUnprocessableEntity, map[string]any{"result": "rejected", "problems": lines})
 	case errors.Is(err, ErrReloadUnavailable):
 		writeJSONStatus(w, http.StatusServiceUnavailable, map[string]any{"result": "unavailable", "error": err.Error()})
+	case report != nil:
+		// Applied in part: what was done, and what failed.
+		writeJSONStatus(w, http.StatusInternalServerError, report)
 	default:
 		writeJSONStatus(w, http.StatusInternalServerError, map[string]any{"result": "failed", "error": err.Error()})
 	}

@@ -28,6 +28,7 @@ func TestReloadEndpoint(t *testing.T) {
 		{nil, config.Problems{{Where: "pipeline.yaml:4", Path: "sources.gen.rate", Msg: `want an integer, got string "fast"`}}},
 		{nil, fmt.Errorf("%w: flowpipe is stopping", ErrReloadUnavailable)},
 		{nil, errors.New("start sink/out: connection refused")},
+		{map[string]any{"result": "failed", "errors": []string{"source/gen: start: boom"}}, errors.New("applied in part")},
 	}
 	calls := 0
 	s, err := Serve(Options{Listen: "127.0.0.1:0", Registry: prometheus.NewRegistry(), Token: "t0k",
@@ -81,6 +82,10 @@ func TestReloadEndpoint(t *testing.T) {
 	}
 	if code, body := do("POST", "t0k"); code != 500 || body["result"] != "failed" || !strings.Contains(fmt.Sprint(body["error"]), "connection refused") {
 		t.Errorf("failed: %d %v", code, body)
+	}
+	// Applied in part: the answer says what was done and what failed.
+	if code, body := do("POST", "t0k"); code != 500 || body["result"] != "failed" || fmt.Sprint(body["errors"]) != "[source/gen: start: boom]" {
+		t.Errorf("failed in part: %d %v", code, body)
 	}
 }
 
