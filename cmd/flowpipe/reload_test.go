@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bufio"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -257,8 +258,56 @@ sinks:
 	}
 	keepsGrowing(t, filepath.Join(dir, "out.jsonl"))
 	sameChildren("after the rejected admin.listen change")
+
+	// A component's problem alone: the pipeline's own check finds it.
+	replaceFile(t, file, strings.Replace(good, "path: out.jsonl}", "path: out.jsonl, sync: sometimes}", 1))
+	want = validateLines(t, dir, "p.yaml")
+	if len(want) != 1 || !strings.HasPrefix(want[0], "p.yaml:5: sinks.out.sync: ") {
+		t.Fatalf("validate of the file with a bad sink option: %q", want)
+	}
+	eventually(t, "the bad sink option rejected", func() bool { return reloads(t, r.admin, "rejected") == 5 })
+	if got := rejectedLines(r.stderr.String()); got[len(got)-1] != want[0] {
+		t.Fatalf("problem logged as %q, want %q", got[len(got)-1], want[0])
+	}
+	keepsGrowing(t, filepath.Join(dir, "out.jsonl"))
+	sameChildren("after the rejected sink option")
+
+	// Then a correct file, written in place this time, is applied: a second sink starts,
+	// the others are kept.
+	fixed := good + "  more: {type: file, path: more.jsonl}\n"
+	writeFile(t, file, fixed)
+	eventually(t, "the correct file applied", func() bool { return reloads(t, r.admin, "applied") == 1 })
+	keepsGrowing(t, filepath.Join(dir, "more.jsonl"))
+	keepsGrowing(t, filepath.Join(dir, "out.jsonl"))
+	if v := scrape(t, r.admin, "flowpipe_config_last_reload_successful"); v != 1 {
+		t.Fatalf("flowpipe_config_last_reload_successful after the applied reload: %v, want 1", v)
+	}
+	if v := scrape(t, r.admin, "flowpipe_config_last_reload_success_timestamp_seconds"); v < startedAt {
+		t.Fatalf("flowpipe_config_last_reload_success_timestamp_seconds went back: %v < %v", v, startedAt)
+	}
+	now := pluginChildren(t, r.cmd.Process.Pid)
+	for _, pid := range children {
+		if !slices.Contains(now, pid) {
+			t.Fatalf("plugin process %d of an unchanged component was restarted (now %v)", pid, now)
+		}
+	}
+	if len(now) != 3 {
+		t.Fatalf("plugin processes after adding a sink: %v, want 3", now)
+	}
+	// The same file again: nothing to do, and the answer says so.
+	code, body = postReload(t, r.admin)
+	if code != 200 || body["result"] != "applied" || fmt.Sprint(body["kept"]) != "[sink/more sink/out source/gen]" ||
+		fmt.Sprint(body["started"], body["stopped"], body["changed"]) != "[] [] []" {
+		t.Fatalf("POST /-/reload of the running file: %d %v", code, body)
+	}
 	if v := reloads(t, r.admin, "failed"); v != 0 {
 		t.Fatalf("failed reloads: %v, want 0", v)
+	}
+	if err := r.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if code := waitExit(t, r.cmd, r.stderr, 60*time.Second); code != 0 {
+		t.Fatalf("exit %d after the reloads, want 0", code)
 	}
 }
 
@@ -304,4 +353,204 @@ sinks:
 	if code := waitExit(t, cmd, stderr, 60*time.Second); code != 0 {
 		t.Fatalf("exit %d:\n%s", code, stderr.String())
 	}
+}
+
+// countIDs adds, for every line of a file sink's output, its event ID to ids. It reads the
+// ID where the flowpipe schema puts it (first) instead of decoding each line: the load test
+// reads millions of lines.
+func countIDs(t *testing.T, path string, ids map[string]int) (lines int) {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	const prefix = `{"event_id":"`
+	for sc.Scan() {
+		l := sc.Bytes()
+		if len(l) < len(prefix)+36 || string(l[:len(prefix)]) != prefix {
+			t.Fatalf("%s: line %d is not an event: %.80q", path, lines+1, l)
+		}
+		ids[string(l[len(prefix):len(prefix)+36])]++
+		lines++
+	}
+	if err := sc.Err(); err != nil {
+		t.Fatal(err)
+	}
+	return lines
+}
+
+// agentConfig is the agent's pipeline in the load test; each reload changes one field.
+type agentConfig struct {
+	admin     string
+	genOpts   string   // more options of the generate source
+	enrichers []string // flow-style enricher entries, in order
+	allOpts   string   // more options of the file sink "all"
+	url       string   // the grpc sink's url: (or urls: list)
+	secret    string
+	grpcOpts  string // more options of the grpc sink
+	extra     string // an extra file sink's name, "" for none
+}
+
+func (c agentConfig) yaml() string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "admin: {listen: %q, token: %s}\n", c.admin, reloadToken)
+	fmt.Fprintf(&b, "sources:\n  gen: {type: generate, rate: 50000, batch_size: 1000%s}\n", c.genOpts)
+	if len(c.enrichers) > 0 {
+		b.WriteString("enrichers:\n")
+		for _, e := range c.enrichers {
+			fmt.Fprintf(&b, "  - %s\n", e)
+		}
+	}
+	fmt.Fprintf(&b, "sinks:\n  all: {type: file, path: all.jsonl%s}\n", c.allOpts)
+	fmt.Fprintf(&b, "  collector: {type: grpc, %s, hmac_secret: %s, reconnect_min: 50ms, reconnect_max: 1s%s}\n", c.url, c.secret, c.grpcOpts)
+	if c.extra != "" {
+		fmt.Fprintf(&b, "  %s: {type: file, path: %s.jsonl}\n", c.extra, c.extra)
+	}
+	return b.String()
+}
+
+// TestReloadUnderLoadLosesAndDoublesNothing reloads an agent 20 times in a row while it
+// generates 50,000 events/s into a file sink and a grpc sink; the grpc sink streams to one of
+// two collectors (flowpipe processes: grpc source with de-duplication → file). Each reload
+// changes something else: a sink's own option, a sink's runtime settings, the enricher list,
+// a sink added and removed, the collector's URL (to the other collector, and back, and to
+// both), its token (a new secret the collectors accept), the source. Every POST /-/reload is
+// answered 200 with the change it made; every event the agent generated is in its file
+// exactly once and in the collectors' files (together) exactly once; the agent stops with
+// every accepted event delivered. All processes run their components as plugins.
+func TestReloadUnderLoadLosesAndDoublesNothing(t *testing.T) {
+	dir := t.TempDir()
+	const s1, s2 = "reload-secret-one-0123456789", "reload-secret-two-0123456789"
+	addrA, addrB := freeAddr(t), freeAddr(t)
+	collector := func(name, addr string) *tierProc {
+		return startProc(t, dir, name, fmt.Sprintf(`admin: {listen: ""}
+sources:
+  agents: {type: grpc, listen: %q, auth: hmac, secrets: [%s, %s], dedup: {window: 10m}}
+sinks:
+  out: {type: file, path: %s.jsonl}
+`, addr, s1, s2, name))
+	}
+	colA, colB := collector("collector-a", addrA), collector("collector-b", addrB)
+
+	cfg := agentConfig{admin: freeAddr(t), url: `url: "http://` + addrA + `"`, secret: s1}
+	agent := startRun(t, dir, cfg.yaml())
+	eventually(t, "agent running", func() bool { return strings.Contains(agent.stderr.String(), "pipeline running") })
+	all := filepath.Join(dir, "all.jsonl")
+	keepsGrowing(t, all)
+
+	community := "{type: community_id}"
+	resources := "{type: resources, resources: [{id: lan, prefixes: [10.0.0.0/8]}]}"
+	steps := []struct {
+		what   string
+		change func(*agentConfig)
+		want   string // the component in the answer's started, stopped or changed list
+		list   string
+	}{
+		{"sink runtime setting", func(c *agentConfig) { c.allOpts = ", in_flight: 2" }, "sink/all", "changed"},
+		{"enricher added", func(c *agentConfig) { c.enrichers = []string{community} }, "enricher/community_id", "started"},
+		{"sink added", func(c *agentConfig) { c.extra = "extra1" }, "sink/extra1", "started"},
+		{"grpc url to the second collector", func(c *agentConfig) { c.url = `url: "http://` + addrB + `"` }, "sink/collector", "changed"},
+		{"second enricher", func(c *agentConfig) { c.enrichers = []string{community, resources} }, "enricher/resources", "started"},
+		{"sink removed", func(c *agentConfig) { c.extra = "" }, "sink/extra1", "stopped"},
+		{"new token", func(c *agentConfig) { c.secret = s2 }, "sink/collector", "changed"},
+		{"file sink option", func(c *agentConfig) { c.allOpts += ", sync: interval" }, "sink/all", "changed"},
+		{"enricher removed", func(c *agentConfig) { c.enrichers = []string{resources} }, "enricher/community_id", "stopped"},
+		{"grpc url back to the first collector", func(c *agentConfig) { c.url = `url: "http://` + addrA + `"` }, "sink/collector", "changed"},
+		{"grpc sink runtime setting", func(c *agentConfig) { c.grpcOpts = ", in_flight: 8" }, "sink/collector", "changed"},
+		{"another sink added", func(c *agentConfig) { c.extra = "extra2" }, "sink/extra2", "started"},
+		{"queue setting", func(c *agentConfig) { c.allOpts += ", queue: {max_events: 50000}" }, "sink/all", "changed"},
+		{"that sink removed", func(c *agentConfig) { c.extra = "" }, "sink/extra2", "stopped"},
+		{"grpc sink option", func(c *agentConfig) { c.grpcOpts += ", max_in_flight: 10000" }, "sink/collector", "changed"},
+		{"source option", func(c *agentConfig) { c.genOpts = ", flows: 2048" }, "source/gen", "changed"},
+		{"both collectors", func(c *agentConfig) { c.url = `urls: ["http://` + addrA + `", "http://` + addrB + `"]` }, "sink/collector", "changed"},
+		{"file sink rotation", func(c *agentConfig) { c.allOpts += ", max_size: 0" }, "sink/all", "changed"},
+		{"enricher list swapped", func(c *agentConfig) { c.enrichers = []string{community} }, "enricher/resources", "stopped"},
+		{"token back, public key", func(c *agentConfig) { c.secret, c.grpcOpts = s1, c.grpcOpts+", public_key: agent-one" }, "sink/collector", "changed"},
+	}
+	for i, st := range steps {
+		st.change(&cfg)
+		writeFile(t, filepath.Join(dir, "p.yaml"), cfg.yaml())
+		code, body := postReload(t, agent.admin)
+		if code != 200 || body["result"] != "applied" || len(body["errors"].([]any)) != 0 {
+			t.Fatalf("reload %d (%s): %d %v\n%s", i+1, st.what, code, body, cfg.yaml())
+		}
+		var names []string
+		for _, v := range body[st.list].([]any) {
+			if m, ok := v.(map[string]any); ok {
+				names = append(names, fmt.Sprint(m["component"]))
+			} else {
+				names = append(names, fmt.Sprint(v))
+			}
+		}
+		if !slices.Contains(names, st.want) {
+			t.Fatalf("reload %d (%s): %s is %v, want %s in it: %v", i+1, st.what, st.list, names, st.want, body)
+		}
+		keepsGrowing(t, all) // events flow between reloads
+	}
+	if v := reloads(t, agent.admin, "applied"); v != float64(len(steps)) {
+		t.Fatalf("applied reloads: %v, want %d", v, len(steps))
+	}
+
+	if err := agent.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if code := waitExit(t, agent.cmd, agent.stderr, 2*time.Minute); code != 0 {
+		t.Fatalf("agent exit %d, want 0 (every accepted event delivered)", code)
+	}
+	if !strings.Contains(agent.stderr.String(), "every accepted batch was delivered") {
+		t.Fatal("the agent did not report a full drain")
+	}
+
+	generated := map[string]int{}
+	n := countIDs(t, all, generated)
+	for id, c := range generated {
+		if c != 1 {
+			t.Fatalf("event %s is %d times in all.jsonl", id, c)
+		}
+	}
+	collected := map[string]int{}
+	perCollector := map[string]int{}
+	for _, name := range []string{"collector-a", "collector-b"} {
+		perCollector[name] = countIDs(t, filepath.Join(dir, name+".jsonl"), collected)
+	}
+	var missing, doubled, foreign int
+	for id := range generated {
+		switch collected[id] {
+		case 0:
+			missing++
+		case 1:
+		default:
+			doubled++
+		}
+	}
+	for id := range collected {
+		if generated[id] == 0 {
+			foreign++
+		}
+	}
+	t.Logf("%d events generated; collector-a wrote %d, collector-b %d", n, perCollector["collector-a"], perCollector["collector-b"])
+	if missing+doubled+foreign > 0 {
+		t.Fatalf("of %d events, %d never reached a collector, %d reached them more than once, and %d collected events were never generated", n, missing, doubled, foreign)
+	}
+	for name, c := range perCollector {
+		if c == 0 {
+			t.Errorf("%s received nothing: the url changes did not move the stream", name)
+		}
+	}
+	for _, extra := range []string{"extra1", "extra2"} {
+		ids := map[string]int{}
+		if countIDs(t, filepath.Join(dir, extra+".jsonl"), ids) == 0 {
+			t.Errorf("the added sink %s wrote nothing", extra)
+		}
+		for id, c := range ids {
+			if c != 1 || generated[id] != 1 {
+				t.Fatalf("%s: event %s %d times (generated %d times)", extra, id, c, generated[id])
+			}
+		}
+	}
+	colA.kill()
+	colB.kill()
 }
