@@ -98,6 +98,7 @@ type sourceNode struct {
 	tap  *tap.Hub
 
 	out     outstanding // batches emitted and not yet acknowledged
+	rs      *runState   // the run it runs in (set before its Run starts)
 	cancel  context.CancelFunc
 	done    chan struct{} // closed when Run returned
 	stopped atomic.Bool   // stopped by a reload, not run out
@@ -569,6 +570,7 @@ func (p *Pipeline) Undelivered() int64 {
 // last running source that runs out by itself ends Run.
 func (p *Pipeline) runSource(rs *runState, s *sourceNode) {
 	ctx, cancel := context.WithCancel(rs.srcCtx)
+	s.rs = rs
 	s.cancel = cancel
 	s.done = make(chan struct{})
 	p.mu.Lock()
@@ -781,6 +783,16 @@ func (s *sourceNode) Emit(ctx context.Context, b *flow.Batch) error {
 		s.out.done()
 	})
 	s.tap.Publish(b.Events)
+	// A batch the source emitted goes on with the pipeline, not with the source: a source
+	// that a reload stops (its Run's context cancelled) must not cancel its batches in
+	// flight, which the reload waits for (stopSource), nor an enricher's call on one, which
+	// for a plugin is an RPC that the cancellation would fail. Waiting for room in a queue
+	// ends when the pipeline stops; an enricher's call only at the drain deadline (or a
+	// forced stop), so a batch already being enriched at shutdown is not failed.
+	ectx := ctx
+	if s.rs != nil {
+		ctx, ectx = s.rs.srcCtx, s.rs.writeCtx
+	}
 	t := s.p.acquire()
 	defer t.release()
 	if t.open != nil {
@@ -791,7 +803,7 @@ func (s *sourceNode) Emit(ctx context.Context, b *flow.Batch) error {
 			return ctx.Err()
 		}
 	}
-	return s.p.emitFrom(ctx, t, 0, b)
+	return s.p.emitFrom(ctx, ectx, t, 0, b)
 }
 
 // downstream is the Emitter a holder enricher sees: the stages after it in the topology it
@@ -806,7 +818,7 @@ func (d *downstream) Emit(ctx context.Context, b *flow.Batch) error {
 	if via := d.node.via.Load(); via != nil {
 		// Removed by a reload, flushing while it closes: through the stages it was in,
 		// which stay open until it is closed.
-		return d.p.emitFrom(ctx, via, via.enricherIndex(d.node)+1, b)
+		return d.p.emitFrom(ctx, ctx, via, via.enricherIndex(d.node)+1, b)
 	}
 	t := d.p.acquire()
 	defer t.release()
@@ -814,17 +826,18 @@ func (d *downstream) Emit(ctx context.Context, b *flow.Batch) error {
 	if i < 0 {
 		i = len(t.enrich) - 1 // not (or no longer) in the pipeline: the sinks alone
 	}
-	return d.p.emitFrom(ctx, t, i+1, b)
+	return d.p.emitFrom(ctx, ctx, t, i+1, b)
 }
 
 // emitFrom runs t's enrichers from index i on, then hands b to every sink of t, and gives
-// up the caller's reference.
-func (p *Pipeline) emitFrom(ctx context.Context, t *topology, i int, b *flow.Batch) error {
+// up the caller's reference. ctx bounds the wait for room in the sinks' queues, enrichCtx
+// the enrichers' calls.
+func (p *Pipeline) emitFrom(ctx, enrichCtx context.Context, t *topology, i int, b *flow.Batch) error {
 	for ; i < len(t.enrich); i++ {
 		e := t.enrich[i]
 		in := len(b.Events)
 		e.m.In.Add(float64(in))
-		if err := e.en.Enrich(ctx, b); err != nil {
+		if err := e.en.Enrich(enrichCtx, b); err != nil {
 			e.m.Errors("enrich", 1)
 			e.m.Dropped("enrich_error", in)
 			p.failed.Add(int64(in))
