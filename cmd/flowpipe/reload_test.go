@@ -602,3 +602,123 @@ sinks:
 	colA.kill()
 	colB.kill()
 }
+
+// pluginsByType maps each plugin process of flowpipe (pid) to its "<kind> <type>".
+func pluginsByType(t *testing.T, pid int) map[int]string {
+	t.Helper()
+	out := map[int]string{}
+	for _, c := range pluginChildren(t, pid) {
+		out[c] = pluginType(t, c)
+	}
+	return out
+}
+
+// A reload leaves the plugin processes of unchanged components alone: same process IDs, and
+// their counters go on. A removed component's process ends, a new one's starts; a changed
+// component keeps its process only when it took the new options in place.
+func TestReloadKeepsUnchangedPluginProcesses(t *testing.T) {
+	dir := t.TempDir()
+	head := `admin: {listen: "127.0.0.1:0", token: ` + reloadToken + `}
+sources:
+  gen: {type: generate, rate: 2000}
+`
+	r := startRun(t, dir, head+`enrichers:
+  - {type: community_id}
+sinks:
+  out: {type: file, path: out.jsonl}
+  gone: {type: discard}
+`)
+	eventually(t, "pipeline running", func() bool { return strings.Contains(r.stderr.String(), "pipeline running") })
+	before := pluginsByType(t, r.cmd.Process.Pid)
+	pidOf := func(procs map[int]string, typ string) []int {
+		var pids []int
+		for pid, ty := range procs {
+			if ty == typ {
+				pids = append(pids, pid)
+			}
+		}
+		slices.Sort(pids)
+		return pids
+	}
+	gen, enr, out, gone := pidOf(before, "source generate"), pidOf(before, "enricher community_id"), pidOf(before, "sink file"), pidOf(before, "sink discard")
+	if len(before) != 4 || len(gen) != 1 || len(enr) != 1 || len(out) != 1 || len(gone) != 1 {
+		t.Fatalf("plugin processes at start: %v", before)
+	}
+	written := `flowpipe_events_out_total{component="out",kind="sink"}`
+	eventually(t, "events written", func() bool { return scrape(t, r.admin, written) > 0 })
+
+	// SIGHUP: a sink removed, another added.
+	writeFile(t, filepath.Join(dir, "p.yaml"), head+`enrichers:
+  - {type: community_id}
+sinks:
+  out: {type: file, path: out.jsonl}
+  added: {type: file, path: added.jsonl}
+`)
+	atReload := scrape(t, r.admin, written)
+	if err := r.cmd.Process.Signal(syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the SIGHUP reload applied", func() bool { return reloads(t, r.admin, "applied") == 1 })
+	if logged(r.stderr.String(), "reload: started", map[string]string{"component": "sink/added"}) != 1 ||
+		logged(r.stderr.String(), "reload: stopped", map[string]string{"component": "sink/gone"}) != 1 {
+		t.Fatalf("the reload's diff is not in the log:\n%s", r.stderr.String())
+	}
+	keepsGrowing(t, filepath.Join(dir, "added.jsonl"))
+	after := pluginsByType(t, r.cmd.Process.Pid)
+	for _, pid := range []int{gen[0], enr[0], out[0]} {
+		if after[pid] != before[pid] {
+			t.Fatalf("%s (pid %d) of an unchanged component is gone after the reload: %v, before %v", before[pid], pid, after, before)
+		}
+	}
+	eventually(t, "the removed sink's process ends", func() bool { return !alive(gone[0]) })
+	if files := pidOf(after, "sink file"); len(after) != 4 || len(files) != 2 {
+		t.Fatalf("plugin processes after the reload: %v, want the three kept and a new file sink", after)
+	}
+	if v := scrape(t, r.admin, written); v < atReload {
+		t.Fatalf("the kept sink's counter went back from %v to %v", atReload, v)
+	}
+
+	// POST: the enricher's option changes; its process goes on only if it took them in place.
+	writeFile(t, filepath.Join(dir, "p.yaml"), head+`enrichers:
+  - {type: community_id, seed: 7}
+sinks:
+  out: {type: file, path: out.jsonl}
+  added: {type: file, path: added.jsonl}
+`)
+	code, body := postReload(t, r.admin)
+	changed, _ := body["changed"].([]any)
+	if code != 200 || len(changed) != 1 {
+		t.Fatalf("POST /-/reload: %d %v", code, body)
+	}
+	ch := changed[0].(map[string]any)
+	if ch["component"] != "enricher/community_id" || fmt.Sprint(ch["keys"]) != "[seed]" {
+		t.Fatalf("change reported as %v, want enricher/community_id's seed", ch)
+	}
+	now := pluginsByType(t, r.cmd.Process.Pid)
+	for pid, ty := range after {
+		if ty == "enricher community_id" {
+			continue
+		}
+		if now[pid] != ty {
+			t.Fatalf("%s (pid %d) is gone after the enricher's change: %v, before %v", ty, pid, now, after)
+		}
+	}
+	newEnr := pidOf(now, "enricher community_id")
+	switch ch["how"] {
+	case "reconfigured":
+		if !slices.Equal(newEnr, enr) {
+			t.Fatalf("the enricher was reconfigured in place but its process changed: %v, was %v", newEnr, enr)
+		}
+	case "replaced":
+		if len(newEnr) != 1 || newEnr[0] == enr[0] {
+			t.Fatalf("the enricher was replaced but its processes are %v (was %v)", newEnr, enr)
+		}
+		eventually(t, "the replaced enricher's process ends", func() bool { return !alive(enr[0]) })
+	default:
+		t.Fatalf("how %q", ch["how"])
+	}
+	keepsGrowing(t, filepath.Join(dir, "out.jsonl"))
+	if l := losses(t, r.admin); len(l) > 0 {
+		t.Fatalf("the reloads lost events: %v", l)
+	}
+}
