@@ -704,16 +704,17 @@ sinks:
 		}
 	}
 	newEnr := pidOf(now, "enricher community_id")
+	t.Logf("the enricher's change: %v", ch["how"])
 	switch ch["how"] {
 	case "reconfigured":
 		if !slices.Equal(newEnr, enr) {
 			t.Fatalf("the enricher was reconfigured in place but its process changed: %v, was %v", newEnr, enr)
 		}
 	case "replaced":
-		if len(newEnr) != 1 || newEnr[0] == enr[0] {
+		eventually(t, "the replaced enricher's process ends", func() bool { return !alive(enr[0]) })
+		if newEnr = pidOf(pluginsByType(t, r.cmd.Process.Pid), "enricher community_id"); len(newEnr) != 1 || newEnr[0] == enr[0] {
 			t.Fatalf("the enricher was replaced but its processes are %v (was %v)", newEnr, enr)
 		}
-		eventually(t, "the replaced enricher's process ends", func() bool { return !alive(enr[0]) })
 	default:
 		t.Fatalf("how %q", ch["how"])
 	}
