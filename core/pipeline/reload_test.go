@@ -368,7 +368,8 @@ func (h *reloadHarness) finish(t *testing.T, p *Pipeline, done chan error) {
 	}
 }
 
-// exactlyOnce checks that sink name wrote every acknowledged event exactly once.
+// exactlyOnce checks that sink name wrote every event acknowledged as delivered, and
+// nothing twice.
 func (h *reloadHarness) exactlyOnce(t *testing.T, name string) {
 	t.Helper()
 	r := h.recorder(name)
@@ -376,18 +377,26 @@ func (h *reloadHarness) exactlyOnce(t *testing.T, name string) {
 	defer h.mu.Unlock()
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	missing, dup := 0, 0
-	for id := range h.acked {
-		switch r.seen[id] {
-		case 0:
+	missing, dup, unknown, ok := 0, 0, 0, 0
+	for id, err := range h.acked {
+		if err != nil {
+			continue // not delivered everywhere, and counted so (Undelivered)
+		}
+		ok++
+		if r.seen[id] == 0 {
 			missing++
-		case 1:
-		default:
-			dup++
 		}
 	}
-	if missing > 0 || dup > 0 || len(r.seen) != len(h.acked) {
-		t.Errorf("sink %s: %d of %d events missing, %d twice, %d written", name, missing, len(h.acked), dup, len(r.seen))
+	for id, n := range r.seen {
+		if n > 1 {
+			dup++
+		}
+		if _, known := h.acked[id]; !known {
+			unknown++
+		}
+	}
+	if missing > 0 || dup > 0 || unknown > 0 || ok == 0 {
+		t.Errorf("sink %s: %d of %d delivered events missing, %d twice, %d never acknowledged", name, missing, ok, dup, unknown)
 	}
 	h.checkRec(t, name, r)
 }
@@ -690,7 +699,7 @@ func TestRemovedStuckSinkCountsWhatItGaveUp(t *testing.T) {
 	doc := func(body string) *config.Document {
 		return loadDoc(t, "data_dir: "+dataDir+"\nruntime:\n  shutdown_timeout: 200ms\n"+body)
 	}
-	p, cancel, done := h.start(t, doc("sources:\n  gen: {type: count}\nsinks:\n  fast: {type: rec}\n  stuck:\n    type: rec\n    delay: 1h\n    queue: {max_events: 500}\n"))
+	p, _, done := h.start(t, doc("sources:\n  gen: {type: count}\nsinks:\n  fast: {type: rec}\n  stuck:\n    type: rec\n    delay: 1h\n    queue: {max_events: 500}\n"))
 	stuck := p.topo.Load().sinks[1]
 	waitFor(t, "the stuck sink's queue to fill", func() bool { _, ev := stuck.queue.depth(); return ev >= 400 })
 	rep := h.reload(t, p, doc("sources:\n  gen: {type: count}\nsinks:\n  fast: {type: rec}\n"))
@@ -701,8 +710,10 @@ func TestRemovedStuckSinkCountsWhatItGaveUp(t *testing.T) {
 		t.Errorf("Undelivered() = %d, below the removed sink's %d", got, rep.Undelivered["stuck"])
 	}
 	h.waitMore(t, "fast", h.recorder("fast").count())
-	cancel()
-	<-done
+	close(h.stop) // the sources run out: the rest drains without a deadline
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
 	if got := p.Undelivered(); got != rep.Undelivered["stuck"] {
 		t.Errorf("after Run, Undelivered() = %d, want the removed sink's %d", got, rep.Undelivered["stuck"])
 	}
@@ -719,14 +730,11 @@ func TestShutdownRightAfterReload(t *testing.T) {
 	if err := <-done; err != nil {
 		t.Fatalf("run: %v", err)
 	}
-	if n := p.Undelivered(); n != 0 {
-		t.Errorf("Undelivered() = %d, want 0", n)
-	}
-	ok, failed := h.ackedCount()
-	if failed != 0 {
-		// The disk queue keeps what it holds at a stop (acknowledged already): every
-		// acknowledged event is in the memory-queued sinks.
-		t.Errorf("%d events acknowledged with an error (%d ok)", failed, ok)
+	// A batch a source was still waiting to queue when told to stop is given up and
+	// counted (as at any shutdown); nothing else may be missing.
+	_, failed := h.ackedCount()
+	if n := p.Undelivered(); n != int64(failed) {
+		t.Errorf("Undelivered() = %d, but %d events were acknowledged with an error", n, failed)
 	}
 	h.exactlyOnce(t, "a")
 	h.atMostOnce(t, "n")
@@ -751,8 +759,8 @@ func TestReloadRacingShutdown(t *testing.T) {
 			t.Fatalf("run: %v", err)
 		}
 		<-errc // applied or refused as not running: either is fine
-		if n := p.Undelivered(); n != 0 {
-			t.Errorf("Undelivered() = %d, want 0", n)
+		if _, failed := h.ackedCount(); p.Undelivered() != int64(failed) {
+			t.Errorf("Undelivered() = %d, but %d events were acknowledged with an error", p.Undelivered(), failed)
 		}
 		h.exactlyOnce(t, "a")
 		h.atMostOnce(t, "b")
