@@ -16,7 +16,6 @@ import (
 	"github.com/flowpipe/flowpipe/core/admin"
 	"github.com/flowpipe/flowpipe/core/config"
 	"github.com/flowpipe/flowpipe/core/pipeline"
-	"github.com/flowpipe/flowpipe/internal/pluginhost"
 	"github.com/flowpipe/flowpipe/internal/sdnotify"
 )
 
@@ -40,8 +39,7 @@ type reloader struct {
 
 	mu      sync.Mutex // held for a whole reload: reloads are serialised
 	doc     *config.Document
-	srv     *admin.Server // nil without an admin listener
-	stopped bool          // the pipeline's Run returned: no more reloads
+	stopped bool // the pipeline's Run returned: no more reloads
 
 	reloads     *prometheus.CounterVec
 	lastSuccess prometheus.Gauge
@@ -182,9 +180,6 @@ func (r *reloader) reload(via string) (*pipeline.ReloadReport, error) {
 	// The pipeline logged the reload as a diff (a line per component started, stopped or
 	// changed, and "reload applied"); it runs doc now.
 	r.doc = doc
-	if r.srv != nil {
-		r.srv.SetGraph(admin.GraphOf(doc, pluginhost.DefaultIsolation))
-	}
 	if len(rep.Errors) > 0 {
 		// Applied, but not all of it: a new source did not start, a component kept its old
 		// options. The pipeline logged each; the file does not say what runs.

@@ -664,6 +664,18 @@ sinks:
 		t.Fatalf("the reload's diff is not in the log:\n%s", r.stderr.String())
 	}
 	keepsGrowing(t, filepath.Join(dir, "added.jsonl"))
+	// The admin API (and the page) show the pipeline that runs now.
+	req, _ := http.NewRequest("GET", "http://"+r.admin+"/api/pipeline", nil)
+	req.Header.Set("Authorization", "Bearer "+reloadToken)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	graph, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if !strings.Contains(string(graph), `"name": "added"`) || strings.Contains(string(graph), `"name": "gone"`) {
+		t.Fatalf("/api/pipeline after the reload:\n%s", graph)
+	}
 	after := pluginsByType(t, r.cmd.Process.Pid)
 	for _, pid := range []int{gen[0], enr[0], out[0]} {
 		if after[pid] != before[pid] {

@@ -94,7 +94,6 @@ Exit status:
 				if err != nil {
 					return err
 				}
-				rl.srv = srv
 				defer func() {
 					c, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 					defer cancel()

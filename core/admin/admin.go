@@ -40,14 +40,24 @@ type Options struct {
 	TLS *tls.Config
 	// Taps are the pipeline's tap points; nil serves no tap or top API.
 	Taps *tap.Registry
-	// Graph is the pipeline's components in stages, for /api/pipeline and the page
-	// (Server.SetGraph replaces it after a reload).
+	// Graph is the pipeline's components in stages, for /api/pipeline and the page.
 	Graph Graph
 	// Reload, when set, serves POST /-/reload: it reloads the pipeline file and returns what
 	// to answer (encoded as JSON), or config.Problems when the new file is rejected (422),
 	// an error wrapping ErrReloadUnavailable (503), or another error when applying it failed
 	// (500; with a non-nil answer, that answer is the body).
 	Reload func(ctx context.Context) (any, error)
+	// CurrentGraph, when set, is asked for the graph at each request instead of Graph: a
+	// pipeline that reloads changes its components (GraphOf(p.Document(), ...)).
+	CurrentGraph func() Graph
+}
+
+// graph is the pipeline's graph now.
+func (s *Server) graph() Graph {
+	if s.opts.CurrentGraph != nil {
+		return s.opts.CurrentGraph()
+	}
+	return s.opts.Graph
 }
 
 // Server is a running admin listener.
@@ -59,7 +69,6 @@ type Server struct {
 	stop    context.Context
 	cancel  context.CancelFunc
 	streams atomic.Int32 // tap and top streams being served
-	graph   atomic.Pointer[Graph]
 }
 
 // Start listens on addr and serves /metrics, /healthz and /readyz until Shutdown.
@@ -83,7 +92,6 @@ func Serve(opts Options) (*Server, error) {
 		ln = tls.NewListener(ln, opts.TLS)
 	}
 	s := &Server{ln: ln, opts: opts}
-	s.graph.Store(&opts.Graph)
 	s.stop, s.cancel = context.WithCancel(context.Background())
 	mux := http.NewServeMux()
 	mux.Handle("GET /{$}", http.HandlerFunc(servePage))

@@ -47,9 +47,3 @@ func writeJSONStatus(w http.ResponseWriter, status int, v any) {
 	w.WriteHeader(status)
 	writeJSONBody(w, v)
 }
-
-// SetGraph replaces the pipeline's picture served by /api/pipeline and the page, after a
-// reload changed the pipeline.
-func (s *Server) SetGraph(g Graph) {
-	s.graph.Store(&g)
-}

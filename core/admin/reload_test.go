@@ -88,24 +88,3 @@ func TestReloadEndpoint(t *testing.T) {
 		t.Errorf("failed in part: %d %v", code, body)
 	}
 }
-
-// After a reload, /api/pipeline shows the new pipeline.
-func TestSetGraph(t *testing.T) {
-	s, err := Serve(Options{Listen: "127.0.0.1:0", Registry: prometheus.NewRegistry(),
-		Log:   slog.New(slog.NewTextHandler(io.Discard, nil)),
-		Graph: Graph{Stages: [][]Node{{{Name: "gen", Kind: "source"}}, {{Name: "out", Kind: "sink"}}}}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Shutdown(context.Background())
-	s.SetGraph(Graph{Stages: [][]Node{{{Name: "gen", Kind: "source"}}, {{Name: "out", Kind: "sink"}, {Name: "more", Kind: "sink"}}}})
-	code, body := get(t, "http://"+s.Addr()+"/api/pipeline")
-	if code != 200 || !strings.Contains(body, `"more"`) {
-		t.Fatalf("/api/pipeline after SetGraph: %d %s", code, body)
-	}
-	// The page's components table reads the graph too.
-	code, body = get(t, "http://"+s.Addr()+"/api/components")
-	if code != 200 || !strings.Contains(body, `"more"`) {
-		t.Fatalf("/api/components after SetGraph: %d %s", code, body)
-	}
-}

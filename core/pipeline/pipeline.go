@@ -97,8 +97,14 @@ type sourceNode struct {
 	p    *Pipeline
 	tap  *tap.Hub
 
-	out     outstanding // batches emitted and not yet acknowledged
-	rs      *runState   // the run it runs in (set before its Run starts)
+	out outstanding // batches emitted and not yet acknowledged
+	// ectx is what its batches wait under for room in the sinks' queues: Run's, not the
+	// source's own, so that a reload that stops the source loses none it had emitted.
+	ectx context.Context
+	// enrichCtx is what enrichers' calls on its batches run under: the drain deadline's, so
+	// that a batch being enriched when the pipeline stops is not failed by the stop (for a
+	// plugin the call is an RPC that a cancelled context ends).
+	enrichCtx context.Context
 	cancel  context.CancelFunc
 	done    chan struct{} // closed when Run returned
 	stopped atomic.Bool   // stopped by a reload, not run out
@@ -570,8 +576,9 @@ func (p *Pipeline) Undelivered() int64 {
 // last running source that runs out by itself ends Run.
 func (p *Pipeline) runSource(rs *runState, s *sourceNode) {
 	ctx, cancel := context.WithCancel(rs.srcCtx)
-	s.rs = rs
 	s.cancel = cancel
+	s.ectx = rs.srcCtx
+	s.enrichCtx = rs.writeCtx
 	s.done = make(chan struct{})
 	p.mu.Lock()
 	rs.active++
@@ -783,15 +790,9 @@ func (s *sourceNode) Emit(ctx context.Context, b *flow.Batch) error {
 		s.out.done()
 	})
 	s.tap.Publish(b.Events)
-	// A batch the source emitted goes on with the pipeline, not with the source: a source
-	// that a reload stops (its Run's context cancelled) must not cancel its batches in
-	// flight, which the reload waits for (stopSource), nor an enricher's call on one, which
-	// for a plugin is an RPC that the cancellation would fail. Waiting for room in a queue
-	// ends when the pipeline stops; an enricher's call only at the drain deadline (or a
-	// forced stop), so a batch already being enriched at shutdown is not failed.
-	ectx := ctx
-	if s.rs != nil {
-		ctx, ectx = s.rs.srcCtx, s.rs.writeCtx
+	enrichCtx := ctx
+	if s.ectx != nil {
+		ctx, enrichCtx = s.ectx, s.enrichCtx
 	}
 	t := s.p.acquire()
 	defer t.release()
@@ -803,7 +804,7 @@ func (s *sourceNode) Emit(ctx context.Context, b *flow.Batch) error {
 			return ctx.Err()
 		}
 	}
-	return s.p.emitFrom(ctx, ectx, t, 0, b)
+	return s.p.emitFrom(ctx, enrichCtx, t, 0, b)
 }
 
 // downstream is the Emitter a holder enricher sees: the stages after it in the topology it
@@ -851,16 +852,24 @@ func (p *Pipeline) emitFrom(ctx, enrichCtx context.Context, t *topology, i int, 
 			break
 		}
 	}
-	if len(b.Events) == 0 || len(t.sinks) == 0 {
+	if len(b.Events) == 0 {
 		b.Release(nil)
+		return nil
+	}
+	if len(t.sinks) == 0 {
+		// Never while sources run (a reload stops them before it removes the last sink);
+		// should it happen, the events are counted, not acknowledged as delivered.
+		p.failed.Add(int64(len(b.Events)))
+		p.log.Error("a batch reached a pipeline with no sink; counted as not delivered", "events", len(b.Events))
+		b.Release(flow.ErrShutdown)
 		return nil
 	}
 	p.fanout.Publish(b.Events)
 	var err error
 	for _, s := range t.sinks {
 		s.tap.Publish(b.Events)
-		if e := s.enqueue(ctx, b); e != nil && err == nil {
-			err = e
+		if e := s.enqueue(ctx, b); e != nil && err == nil && !s.retiring.Load() {
+			err = e // a sink a reload removes refuses batches without stopping the source
 		}
 	}
 	b.Release(nil)

@@ -54,11 +54,11 @@ const (
 type plan struct {
 	doc     *config.Document
 	report  *ReloadReport
-	built   []*part         // new instances, in start order: sinks, enrichers, sources
+	built   []*part          // new instances, in start order: sinks, enrichers, sources
 	opened  []*diskSinkQueue // disk queues opened for the new pipeline (closed if refused)
-	sinks   []*sinkNode     // the new topology's sinks
-	enrich  []*enricherNode // and its enrichers, in order
-	sources []*sourceNode   // every source of the new pipeline
+	sinks   []*sinkNode      // the new topology's sinks
+	enrich  []*enricherNode  // and its enrichers, in order
+	sources []*sourceNode    // every source of the new pipeline
 
 	sinkOps   []*sinkOp
 	enrichOps []*reconfOp // enrichers reconfigured in place
@@ -76,6 +76,8 @@ type sinkOp struct {
 	own      map[string]any
 	settings SinkSettings
 	deferred bool // node's disk queue opens once old's is closed (the same directory)
+	// A removed sink's counters when the reload began: its report is what changed since.
+	baseWritten, baseLost int64
 }
 
 type reconfOp struct {
@@ -526,6 +528,20 @@ func (p *Pipeline) apply(rs *runState, t1 *topology, pl *plan) {
 		}
 	}
 
+	for _, op := range pl.sinkOps {
+		if op.old != nil && op.node == nil {
+			op.baseWritten, op.baseLost = op.old.written.Load(), op.old.undelivered.Load()
+		}
+	}
+	// Removed sources stop first, while every stage their batches may be in still runs.
+	for _, op := range pl.srcOps {
+		if op.node == nil && !op.reconf && op.old != nil {
+			p.stopSource(op.old, timeout, rs)
+			op.old.part.reg.retire()
+			op.old = nil
+		}
+	}
+
 	t2 := newTopology(pl.enrich, pl.sinks)
 	if len(pl.enrichOps) > 0 {
 		t2.open = make(chan struct{})
@@ -534,7 +550,21 @@ func (p *Pipeline) apply(rs *runState, t1 *topology, pl *plan) {
 		e.via.Store(t1)
 	}
 	p.topo.Store(t2)
-	<-t1.retire() // every batch that took the old stages is in the old sinks' queues
+	// Every batch that took the old stages must be in the old sinks' queues. A removed sink
+	// whose full queue holds one back gets runtime.shutdown_timeout, then stops taking
+	// batches: what it refuses is given up and counted, as at shutdown.
+	retired := t1.retire()
+	select {
+	case <-retired:
+	case <-time.After(timeout):
+		for _, op := range pl.sinkOps {
+			if op.node == nil {
+				op.old.retiring.Store(true)
+				op.old.queue.close(false)
+			}
+		}
+		<-retired
+	}
 
 	// Enrichers reconfigured in place, while no source batch is between stages.
 	for _, op := range pl.enrichOps {
@@ -608,9 +638,9 @@ func (p *Pipeline) apply(rs *runState, t1 *topology, pl *plan) {
 				deferred = append(deferred, op)
 			}
 		case op.node == nil:
-			p.retireSink(op.old, timeout, rep)
+			p.retireSink(op, timeout, rep)
 		default:
-			p.changeSink(rs, op, timeout, rep, failed)
+			p.changeSink(rs, pl, op, timeout, failed)
 			if op.deferred {
 				deferred = append(deferred, op)
 			}
@@ -628,6 +658,9 @@ func (p *Pipeline) apply(rs *runState, t1 *topology, pl *plan) {
 	// Sources last, when every stage they feed is in place.
 	var sources []*sourceNode
 	for _, op := range pl.srcOps {
+		if op.old == nil && op.node == nil {
+			continue // stopped above
+		}
 		k := key(component.KindSource, op.spec.Name)
 		if op.old != nil && op.reconf {
 			err := op.old.src.(component.Reconfigurer).Reconfigure(wctx, op.spec.Options)
@@ -720,8 +753,9 @@ func (p *Pipeline) addSinkNode(n *sinkNode) {
 // retireSink stops a removed sink: it takes no new batch (the topology without it is in and
 // the old one's batches are queued), delivers what its queue holds within timeout, gives up
 // on (and counts) the rest, and closes.
-func (p *Pipeline) retireSink(n *sinkNode, timeout time.Duration, rep *ReloadReport) {
-	written, lost := n.written.Load(), n.undelivered.Load()
+func (p *Pipeline) retireSink(op *sinkOp, timeout time.Duration, rep *ReloadReport) {
+	n := op.old
+	written, lost := op.baseWritten, op.baseLost
 	n.retiring.Store(true)
 	n.queue.close(false)
 	n.waitWriters(timeout)
@@ -750,7 +784,8 @@ func (p *Pipeline) retireSink(n *sinkNode, timeout time.Duration, rep *ReloadRep
 
 // changeSink gives a changed sink its new component, settings or queue; what the queue holds
 // goes to the new instance.
-func (p *Pipeline) changeSink(rs *runState, op *sinkOp, timeout time.Duration, rep *ReloadReport, failed func(string, string, ...any)) {
+func (p *Pipeline) changeSink(rs *runState, pl *plan, op *sinkOp, timeout time.Duration, failed func(string, string, ...any)) {
+	rep := pl.report
 	o := op.old
 	k := key(component.KindSink, o.name)
 	if op.reconf {
@@ -780,11 +815,7 @@ func (p *Pipeline) changeSink(rs *runState, op *sinkOp, timeout time.Duration, r
 			if op.node != o {
 				op.node.cur.Store(&sinkImpl{sink: pt.c.(component.Sink), part: pt})
 			}
-			for i := range rep.Changed {
-				if rep.Changed[i].Component == k {
-					rep.Changed[i].How = HowReplaced
-				}
-			}
+			pl.setHow(k, HowReplaced)
 		default:
 			failed(k, "Reconfigure failed (%v); it goes on with its old options", err)
 		}

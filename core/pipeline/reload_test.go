@@ -11,6 +11,8 @@ import (
 	"testing"
 	"time"
 
+	dto "github.com/prometheus/client_model/go"
+
 	"github.com/flowpipe/flowpipe/core/component"
 	"github.com/flowpipe/flowpipe/core/config"
 	"github.com/flowpipe/flowpipe/core/flow"
@@ -366,7 +368,8 @@ func (h *reloadHarness) finish(t *testing.T, p *Pipeline, done chan error) {
 	}
 }
 
-// exactlyOnce checks that sink name wrote every acknowledged event exactly once.
+// exactlyOnce checks that sink name wrote every event acknowledged as delivered, and
+// nothing twice.
 func (h *reloadHarness) exactlyOnce(t *testing.T, name string) {
 	t.Helper()
 	r := h.recorder(name)
@@ -374,18 +377,26 @@ func (h *reloadHarness) exactlyOnce(t *testing.T, name string) {
 	defer h.mu.Unlock()
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	missing, dup := 0, 0
-	for id := range h.acked {
-		switch r.seen[id] {
-		case 0:
+	missing, dup, unknown, ok := 0, 0, 0, 0
+	for id, err := range h.acked {
+		if err != nil {
+			continue // not delivered everywhere, and counted so (Undelivered)
+		}
+		ok++
+		if r.seen[id] == 0 {
 			missing++
-		case 1:
-		default:
-			dup++
 		}
 	}
-	if missing > 0 || dup > 0 || len(r.seen) != len(h.acked) {
-		t.Errorf("sink %s: %d of %d events missing, %d twice, %d written", name, missing, len(h.acked), dup, len(r.seen))
+	for id, n := range r.seen {
+		if n > 1 {
+			dup++
+		}
+		if _, known := h.acked[id]; !known {
+			unknown++
+		}
+	}
+	if missing > 0 || dup > 0 || unknown > 0 || ok == 0 {
+		t.Errorf("sink %s: %d of %d delivered events missing, %d twice, %d never acknowledged", name, missing, ok, dup, unknown)
 	}
 	h.checkRec(t, name, r)
 }
@@ -556,4 +567,285 @@ func stopped(comp string) func(*ReloadReport) error {
 		}
 		return fmt.Errorf("%s not in Stopped %v", comp, r.Stopped)
 	}
+}
+
+// A document with a problem changes nothing: the problems come back positioned, the running
+// instances go on, and nothing new was left built.
+func TestBrokenReloadChangesNothing(t *testing.T) {
+	h := newReloadHarness()
+	dataDir := t.TempDir()
+	good := "sources:\n  gen: {type: count}\nsinks:\n  a: {type: rec}\n"
+	p, _, done := h.start(t, h.doc(t, dataDir, good))
+	h.waitMore(t, "a", 0)
+	bad := "sources:\n  gen: {type: count}\n  two: {type: count, batch: nope}\nsinks:\n  a: {type: rec, tag: other}\n  b:\n    type: rec\n    queue: {max_events: -1}\n"
+	rep, err := p.Reload(context.Background(), h.doc(t, dataDir, bad))
+	var probs config.Problems
+	if !errors.As(err, &probs) || rep != nil {
+		t.Fatalf("Reload = %v, %v; want config.Problems", rep, err)
+	}
+	msg := probs.Error()
+	for _, want := range []string{"pipeline.yaml:6: sources.two.batch:", "pipeline.yaml:11: sinks.b.queue.max_events: must be at least 1"} {
+		if !strings.Contains(msg, want) {
+			t.Errorf("problems miss %q:\n%s", want, msg)
+		}
+	}
+	if n := h.buildsOf("sink/a"); n != 2 { // the first, and the refused replacement
+		t.Errorf("sink a built %d times, want 2", n)
+	}
+	if p.Document().Sinks[0].Options["tag"] != nil {
+		t.Error("the refused document became the pipeline's")
+	}
+	before := h.recorder("a").count()
+	h.waitMore(t, "a", before) // the old pipeline goes on
+	// A correct file afterwards is applied.
+	rep = h.reload(t, p, h.doc(t, dataDir, "sources:\n  gen: {type: count}\nsinks:\n  a: {type: rec, tag: fixed}\n"))
+	if err := changed("sink/a", "tag")(rep); err != nil {
+		t.Fatal(err)
+	}
+	h.finish(t, p, done)
+	h.exactlyOnce(t, "a")
+	if n := h.recorder("a").closedW.Load(); n != 0 {
+		t.Errorf("%d writes to the refused instance", n)
+	}
+}
+
+// A component that implements component.Reconfigurer takes new options in place: the same
+// instance goes on; a change it cannot take (ErrRestartNeeded) replaces it.
+func TestReconfigurerKeepsItsInstance(t *testing.T) {
+	h := newReloadHarness()
+	dataDir := t.TempDir()
+	doc := func(gen, tag string) *config.Document {
+		return h.doc(t, dataDir, fmt.Sprintf("sources:\n  gen: {type: count}\nenrichers:\n  - {type: restamp, name: a, field: rule, gen: %s}\n  - {type: restamp, name: b, field: src, gen: %s}\nsinks:\n  out: {type: rerec, tag: %s}\n", gen, gen, tag))
+	}
+	p, _, done := h.start(t, doc("g1", "t1"))
+	h.waitMore(t, "out", 0)
+	for i := 2; i <= 5; i++ {
+		before := h.recorder("out").count()
+		rep := h.reload(t, p, doc(fmt.Sprintf("g%d", i), fmt.Sprintf("t%d", i)))
+		for _, c := range rep.Changed {
+			if c.How != HowReconfigured {
+				t.Errorf("reload %d: %s %s, want reconfigured", i, c.Component, c.How)
+			}
+		}
+		if len(rep.Changed) != 3 {
+			t.Errorf("reload %d: changed %+v, want 3 components", i, rep.Changed)
+		}
+		h.waitMore(t, "out", before)
+	}
+	for _, k := range []string{"enricher/a", "enricher/b", "sink/out"} {
+		if n := h.buildsOf(k); n != 1 {
+			t.Errorf("%s built %d times, want 1", k, n)
+		}
+		h.mu.Lock()
+		n := h.reconfs[k]
+		h.mu.Unlock()
+		if n != 4 {
+			t.Errorf("%s reconfigured %d times, want 4", k, n)
+		}
+	}
+	sink := p.topo.Load().sinks[0].component().(*reconfSink)
+	if got := *sink.tag.Load(); got != "t5" {
+		t.Errorf("sink tag %q, want t5", got)
+	}
+	// A change it cannot take in place: a new instance.
+	rep := h.reload(t, p, doc("g5", "restart"))
+	if len(rep.Changed) != 1 || rep.Changed[0].How != HowReplaced {
+		t.Errorf("changed %+v, want sink/out replaced", rep.Changed)
+	}
+	if n := h.buildsOf("sink/out"); n != 2 {
+		t.Errorf("sink built %d times after ErrRestartNeeded, want 2", n)
+	}
+	// An option the factory refuses refuses the reload, though the instance would be
+	// reconfigured in place.
+	if _, err := p.Reload(context.Background(), h.doc(t, dataDir, "sources:\n  gen: {type: count}\nenrichers:\n  - {type: restamp, name: a, field: rule, gen: g5, surplus: 1}\n  - {type: restamp, name: b, field: src, gen: g5}\nsinks:\n  out: {type: rerec, tag: restart}\n")); err == nil || !strings.Contains(err.Error(), "enrichers[0].surplus") {
+		t.Errorf("Reload with an unknown option = %v, want a problem at enrichers[0].surplus", err)
+	}
+	h.finish(t, p, done)
+	h.exactlyOnce(t, "out")
+}
+
+// A removed sink delivers what its queue holds before it stops, slow as it is; the sources'
+// batches are acknowledged only then.
+func TestRemovedSlowSinkDeliversItsQueue(t *testing.T) {
+	h := newReloadHarness()
+	dataDir := t.TempDir()
+	p, _, done := h.start(t, h.doc(t, dataDir, "sources:\n  gen: {type: count}\nsinks:\n  fast: {type: rec}\n  slow:\n    type: rec\n    delay: 5ms\n    in_flight: 2\n    queue: {max_events: 4000}\n"))
+	slow := p.topo.Load().sinks[1]
+	waitFor(t, "the slow sink's queue to fill", func() bool { _, ev := slow.queue.depth(); return ev > 1000 })
+	rep := h.reload(t, p, h.doc(t, dataDir, "sources:\n  gen: {type: count}\nsinks:\n  fast: {type: rec}\n"))
+	if err := stopped("sink/slow")(rep); err != nil {
+		t.Fatal(err)
+	}
+	written := int64(h.recorder("slow").count())
+	if rep.Delivered["slow"] == 0 || rep.Undelivered["slow"] != 0 {
+		t.Errorf("removed slow sink delivered %d, undelivered %d", rep.Delivered["slow"], rep.Undelivered["slow"])
+	}
+	if _, ev := slow.queue.depth(); ev != 0 {
+		t.Errorf("the removed sink's queue still holds %d events", ev)
+	}
+	if got := int64(testutilCounter(slow.m.In)); got != written {
+		t.Errorf("slow sink accepted %d events and wrote %d", got, written)
+	}
+	h.finish(t, p, done)
+	h.exactlyOnce(t, "fast")
+	h.atMostOnce(t, "slow")
+}
+
+// A removed sink that cannot deliver within runtime.shutdown_timeout counts what it gave up:
+// Undelivered (and so flowpipe run's exit status) says so.
+func TestRemovedStuckSinkCountsWhatItGaveUp(t *testing.T) {
+	h := newReloadHarness()
+	dataDir := t.TempDir()
+	doc := func(body string) *config.Document {
+		return loadDoc(t, "data_dir: "+dataDir+"\nruntime:\n  shutdown_timeout: 200ms\n"+body)
+	}
+	p, _, done := h.start(t, doc("sources:\n  gen: {type: count}\nsinks:\n  fast: {type: rec}\n  stuck:\n    type: rec\n    delay: 1h\n    queue: {max_events: 500}\n"))
+	stuck := p.topo.Load().sinks[1]
+	waitFor(t, "the stuck sink's queue to fill", func() bool { _, ev := stuck.queue.depth(); return ev >= 400 })
+	rep := h.reload(t, p, doc("sources:\n  gen: {type: count}\nsinks:\n  fast: {type: rec}\n"))
+	if rep.Undelivered["stuck"] == 0 || rep.Delivered["stuck"] != 0 {
+		t.Errorf("stuck sink: delivered %d, undelivered %d", rep.Delivered["stuck"], rep.Undelivered["stuck"])
+	}
+	if got := p.Undelivered(); got < rep.Undelivered["stuck"] {
+		t.Errorf("Undelivered() = %d, below the removed sink's %d", got, rep.Undelivered["stuck"])
+	}
+	h.waitMore(t, "fast", h.recorder("fast").count())
+	close(h.stop) // the sources run out: the rest drains without a deadline
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if got := p.Undelivered(); got != rep.Undelivered["stuck"] {
+		t.Errorf("after Run, Undelivered() = %d, want the removed sink's %d", got, rep.Undelivered["stuck"])
+	}
+}
+
+// A shutdown right after a reload drains everything, the new and the handed-over.
+func TestShutdownRightAfterReload(t *testing.T) {
+	h := newReloadHarness()
+	dataDir := t.TempDir()
+	p, cancel, done := h.start(t, h.doc(t, dataDir, "sources:\n  gen: {type: count}\nsinks:\n  a:\n    type: rec\n    delay: 1ms\n    queue: {max_events: 3000}\n  d:\n    type: rec\n    queue: {type: disk}\n"))
+	h.waitMore(t, "a", 0)
+	h.reload(t, p, h.doc(t, dataDir, "sources:\n  gen: {type: count, batch: 9}\nsinks:\n  a:\n    type: rec\n    tag: new\n    queue: {max_events: 2000}\n  d:\n    type: rec\n    tag: new\n    queue: {type: disk, sync: interval}\n  n: {type: rec}\n"))
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatalf("run: %v", err)
+	}
+	// A batch a source was still waiting to queue when told to stop is given up and
+	// counted (as at any shutdown); nothing else may be missing.
+	_, failed := h.ackedCount()
+	if n := p.Undelivered(); n != int64(failed) {
+		t.Errorf("Undelivered() = %d, but %d events were acknowledged with an error", n, failed)
+	}
+	h.exactlyOnce(t, "a")
+	h.atMostOnce(t, "n")
+	h.atMostOnce(t, "d")
+}
+
+// Reload and shutdown race: a reload asked for while Run stops is refused or applied whole,
+// never half, and Run drains either way.
+func TestReloadRacingShutdown(t *testing.T) {
+	for i := range 5 {
+		h := newReloadHarness()
+		dataDir := t.TempDir()
+		p, cancel, done := h.start(t, h.doc(t, dataDir, "sources:\n  gen: {type: count}\nsinks:\n  a: {type: rec}\n"))
+		h.waitMore(t, "a", 0)
+		errc := make(chan error, 1)
+		go func() {
+			_, err := p.Reload(context.Background(), h.doc(t, dataDir, fmt.Sprintf("sources:\n  gen: {type: count}\nsinks:\n  a: {type: rec, tag: t%d}\n  b: {type: rec}\n", i)))
+			errc <- err
+		}()
+		cancel()
+		if err := <-done; err != nil {
+			t.Fatalf("run: %v", err)
+		}
+		<-errc // applied or refused as not running: either is fine
+		if _, failed := h.ackedCount(); p.Undelivered() != int64(failed) {
+			t.Errorf("Undelivered() = %d, but %d events were acknowledged with an error", p.Undelivered(), failed)
+		}
+		h.exactlyOnce(t, "a")
+		h.atMostOnce(t, "b")
+		if _, err := p.Reload(context.Background(), h.doc(t, dataDir, "sources:\n  gen: {type: count}\nsinks:\n  a: {type: rec}\n")); err == nil {
+			t.Error("Reload after Run returned succeeded")
+		}
+	}
+}
+
+// enabled: false builds nothing of the component; of the whole pipeline, nothing at all, and
+// Run waits for a reload or a stop.
+func TestEnabledFalse(t *testing.T) {
+	h := newReloadHarness()
+	dataDir := t.TempDir()
+	p, cancel, done := h.start(t, h.doc(t, dataDir, "enabled: false\nsources:\n  gen: {type: count}\nsinks:\n  a: {type: rec}\n"))
+	if n := h.buildsOf("source/gen") + h.buildsOf("sink/a"); n != 0 {
+		t.Fatalf("a disabled pipeline built %d components", n)
+	}
+	select {
+	case err := <-done:
+		t.Fatalf("a disabled pipeline's Run returned: %v", err)
+	case <-time.After(50 * time.Millisecond):
+	}
+	rep := h.reload(t, p, h.doc(t, dataDir, "sources:\n  gen: {type: count}\nsinks:\n  a: {type: rec}\n  b: {type: rec, enabled: false}\n"))
+	if len(rep.Started) != 2 {
+		t.Errorf("started %v, want source/gen and sink/a", rep.Started)
+	}
+	h.waitMore(t, "a", 0)
+	if n := h.buildsOf("sink/b"); n != 0 {
+		t.Errorf("disabled sink b built %d times", n)
+	}
+	rep = h.reload(t, p, h.doc(t, dataDir, "sources:\n  gen: {type: count}\nsinks:\n  a: {type: rec, enabled: false}\n  b: {type: rec}\n"))
+	if err := stopped("sink/a")(rep); err != nil {
+		t.Error(err)
+	}
+	if err := started("sink/b")(rep); err != nil {
+		t.Error(err)
+	}
+	h.waitMore(t, "b", 0)
+	// A disabled component is still checked.
+	if _, err := p.Reload(context.Background(), h.doc(t, dataDir, "sources:\n  gen: {type: count}\nsinks:\n  a: {type: rec, enabled: false, surplus: 1}\n  b: {type: rec}\n")); err == nil || !strings.Contains(err.Error(), "sinks.a.surplus") {
+		t.Errorf("a disabled sink's unknown option: %v", err)
+	}
+	// Every sink off while a source runs would send events nowhere.
+	if _, err := p.Reload(context.Background(), h.doc(t, dataDir, "sources:\n  gen: {type: count}\nsinks:\n  b: {type: rec, enabled: false}\n")); err == nil || !strings.Contains(err.Error(), "every sink is disabled") {
+		t.Errorf("every sink disabled: %v", err)
+	}
+	// The whole pipeline off again: everything stops, Run goes on.
+	rep = h.reload(t, p, h.doc(t, dataDir, "enabled: false\nsources:\n  gen: {type: count}\nsinks:\n  b: {type: rec}\n"))
+	if len(rep.Stopped) != 2 {
+		t.Errorf("stopped %v, want source/gen and sink/b", rep.Stopped)
+	}
+	select {
+	case err := <-done:
+		t.Fatalf("Run returned once the pipeline was disabled: %v", err)
+	default:
+	}
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if n := p.Undelivered(); n != 0 {
+		t.Errorf("Undelivered() = %d", n)
+	}
+	// Each batch went to a (before the switch) or to b (after), whole.
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	ra, rb := h.recs["a"], h.recs["b"]
+	ra.mu.Lock()
+	defer ra.mu.Unlock()
+	rb.mu.Lock()
+	defer rb.mu.Unlock()
+	bad := 0
+	for id := range h.acked {
+		if ra.seen[id]+rb.seen[id] != 1 {
+			bad++
+		}
+	}
+	if bad > 0 || len(h.acked) == 0 {
+		t.Errorf("%d of %d events not written exactly once by a or b", bad, len(h.acked))
+	}
+}
+
+func testutilCounter(c interface{ Write(*dto.Metric) error }) float64 {
+	var m dto.Metric
+	_ = c.Write(&m)
+	return m.GetCounter().GetValue()
 }
