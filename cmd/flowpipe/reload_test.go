@@ -161,15 +161,19 @@ func validateLines(t *testing.T, dir, file string) []string {
 	return lines[:len(lines)-1]
 }
 
-// keepsGrowing waits until the file at path is larger than it is now: events still flow.
+// keepsGrowing waits until the file sink's output at path (with the files it rotated to)
+// is larger than it is now: events still flow.
 func keepsGrowing(t *testing.T, path string) {
 	t.Helper()
 	size := func() int64 {
-		st, err := os.Stat(path)
-		if err != nil {
-			return 0
+		rotated, _ := filepath.Glob(path + ".*")
+		var n int64
+		for _, f := range append(rotated, path) {
+			if st, err := os.Stat(f); err == nil {
+				n += st.Size()
+			}
 		}
-		return st.Size()
+		return n
 	}
 	before := size()
 	eventually(t, filepath.Base(path)+" grows", func() bool { return size() > before })
