@@ -159,7 +159,8 @@ sinks:
 		_ = syscall.Kill(pid, syscall.SIGHUP)
 	}
 	eventually(t, "SIGHUP logged", func() bool {
-		return strings.Contains(stderr.String(), `msg="reloading the pipeline file" file=pipeline.yaml via=SIGHUP`)
+		return strings.Contains(stderr.String(), `msg="reloading the pipeline file" file=pipeline.yaml via=SIGHUP`) &&
+			regexp.MustCompile(`msg="reload applied" file=pipeline.yaml started=0 stopped=0 changed=0 kept=2 `).MatchString(stderr.String())
 	})
 	size := func() int64 {
 		st, err := os.Stat(filepath.Join(dir, "flows.jsonl"))
