@@ -105,9 +105,9 @@ type sourceNode struct {
 	// that a batch being enriched when the pipeline stops is not failed by the stop (for a
 	// plugin the call is an RPC that a cancelled context ends).
 	enrichCtx context.Context
-	cancel  context.CancelFunc
-	done    chan struct{} // closed when Run returned
-	stopped atomic.Bool   // stopped by a reload, not run out
+	cancel    context.CancelFunc
+	done      chan struct{} // closed when Run returned
+	stopped   atomic.Bool   // stopped by a reload, not run out
 }
 
 type enricherNode struct {
