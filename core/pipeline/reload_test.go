@@ -43,6 +43,7 @@ type reloadHarness struct {
 type recorder struct {
 	mu      sync.Mutex
 	seen    map[uint64]int
+	rules   map[string]int // events written, by RuleID (the stamp enricher's generation)
 	mixed   []string // batches with more than one generation
 	closedW atomic.Int64
 }
@@ -77,6 +78,13 @@ func newReloadHarness() *reloadHarness {
 			h.built("enricher/" + env.Name)
 			return &stamp{gen: c.Gen, field: c.Field}, nil
 		}))
+	hold := component.NewEnricherFactory("hold", "", func() *stampConf { return &stampConf{} },
+		func(env component.Env, c *stampConf) (component.Enricher, error) {
+			h.built("enricher/" + env.Name)
+			return &holder{}, nil
+		})
+	hold.Holds = true
+	h.reg.Register(hold)
 	h.reg.Register(component.NewEnricherFactory("restamp", "", func() *stampConf { return &stampConf{} },
 		func(env component.Env, c *stampConf) (component.Enricher, error) {
 			h.built("enricher/" + env.Name)
@@ -104,7 +112,7 @@ func (h *reloadHarness) recorder(name string) *recorder {
 	defer h.mu.Unlock()
 	r := h.recs[name]
 	if r == nil {
-		r = &recorder{seen: map[uint64]int{}}
+		r = &recorder{seen: map[uint64]int{}, rules: map[string]int{}}
 		h.recs[name] = r
 	}
 	return r
@@ -196,6 +204,7 @@ func (s *recSink) Write(ctx context.Context, b *flow.Batch) error {
 	gens := map[string]bool{}
 	for _, e := range b.Events {
 		s.r.seen[e.TxPackets]++
+		s.r.rules[e.RuleID]++
 		gens[e.RuleID+"|"+e.SrcResourceID] = true
 		if e.RuleID != e.SrcResourceID && e.SrcResourceID != "" {
 			gens["mismatch "+e.RuleID+"|"+e.SrcResourceID] = true
@@ -477,6 +486,22 @@ func TestTwentyReloadsUnderLoad(t *testing.T) {
 	k := knobs{aTag: "x", aMaxEv: 2000, aRetry: "100ms", dTag: "x", dSync: "batch", dInFlight: 1, gen: 1, batch: 20}
 	p, _, done := h.start(t, h.doc(t, dataDir, k.yaml()))
 	h.waitMore(t, "a", 0)
+	// What the admin listener and flowpipe run read, read all along (-race checks them).
+	pollStop := make(chan struct{})
+	polled := make(chan struct{})
+	go func() {
+		defer close(polled)
+		for {
+			select {
+			case <-pollStop:
+				return
+			case <-time.After(time.Millisecond):
+			}
+			_ = p.Ready()
+			_ = p.Undelivered()
+			_ = p.Document().Sinks
+		}
+	}()
 	steps := []struct {
 		what   string
 		change func(*knobs)
@@ -517,6 +542,8 @@ func TestTwentyReloadsUnderLoad(t *testing.T) {
 		}
 		h.waitMore(t, "a", before) // events flow after every reload
 	}
+	close(pollStop)
+	<-polled
 	h.finish(t, p, done)
 	for _, s := range []string{"a", "d", "e"} {
 		h.exactlyOnce(t, s)
@@ -848,4 +875,73 @@ func testutilCounter(c interface{ Write(*dto.Metric) error }) float64 {
 	var m dto.Metric
 	_ = c.Write(&m)
 	return m.GetCounter().GetValue()
+}
+
+// holder keeps every event it sees (as a window would) and emits them all when it closes;
+// the batches it took them from are acknowledged once what it emitted is.
+type holder struct {
+	next   component.Emitter
+	mu     sync.Mutex
+	events []flow.Event
+	held   []*flow.Batch
+}
+
+func (h *holder) Attach(next component.Emitter) { h.next = next }
+func (h *holder) Enrich(_ context.Context, b *flow.Batch) error {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.events = append(h.events, b.Events...)
+	b.Retain()
+	h.held = append(h.held, b)
+	b.Events = b.Events[:0]
+	return nil
+}
+func (h *holder) Close(ctx context.Context) error {
+	h.mu.Lock()
+	events, held := h.events, h.held
+	h.events, h.held = nil, nil
+	h.mu.Unlock()
+	if len(events) == 0 {
+		return nil
+	}
+	return h.next.Emit(ctx, flow.NewBatch(events, func(err error) {
+		for _, b := range held {
+			b.Release(err)
+		}
+	}))
+}
+
+// A holder that a reload removes flushes what it holds through the stages after it (the old
+// chain's), before it goes: nothing it held is lost.
+func TestRemovedHolderFlushes(t *testing.T) {
+	h := newReloadHarness()
+	dataDir := t.TempDir()
+	p, _, done := h.start(t, h.doc(t, dataDir, "sources:\n  gen: {type: count}\nenrichers:\n  - {type: hold, name: h}\n  - {type: stamp, name: a, field: rule, gen: g1}\nsinks:\n  out: {type: rec}\n"))
+	hn := p.topo.Load().enrich[0]
+	waitFor(t, "the holder to hold events", func() bool {
+		hl := hn.en.(*holder)
+		hl.mu.Lock()
+		defer hl.mu.Unlock()
+		return len(hl.events) > 500
+	})
+	if n := h.recorder("out").count(); n != 0 {
+		t.Fatalf("the sink wrote %d events before the holder let go", n)
+	}
+	rep := h.reload(t, p, h.doc(t, dataDir, "sources:\n  gen: {type: count}\nenrichers:\n  - {type: stamp, name: a, field: rule, gen: g1}\nsinks:\n  out: {type: rec}\n"))
+	if err := stopped("enricher/h")(rep); err != nil {
+		t.Fatal(err)
+	}
+	if n := h.buildsOf("enricher/a"); n != 1 {
+		t.Errorf("the kept enricher was built %d times", n)
+	}
+	h.waitMore(t, "out", 0)
+	h.finish(t, p, done)
+	h.exactlyOnce(t, "out")
+	// What the holder flushed went through the enricher after it.
+	r := h.recorder("out")
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.rules[""] != 0 || r.rules["g1"] != len(r.seen) {
+		t.Errorf("events by stamp %v: the holder's flush skipped the enricher after it", r.rules)
+	}
 }
