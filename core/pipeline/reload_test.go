@@ -44,7 +44,7 @@ type recorder struct {
 	mu      sync.Mutex
 	seen    map[uint64]int
 	rules   map[string]int // events written, by RuleID (the stamp enricher's generation)
-	mixed   []string // batches with more than one generation
+	mixed   []string       // batches with more than one generation
 	closedW atomic.Int64
 }
 
