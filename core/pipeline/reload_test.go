@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
 
 	"github.com/flowpipe/flowpipe/core/component"
@@ -64,7 +65,10 @@ func newReloadHarness() *reloadHarness {
 	h.reg.Register(component.NewSinkFactory("rec", "", func() *recConf { return &recConf{} },
 		func(env component.Env, c *recConf) (component.Sink, error) {
 			h.built("sink/" + env.Name)
-			return &recSink{r: h.recorder(env.Name), delay: c.Delay}, nil
+			s := &recSink{r: h.recorder(env.Name), delay: c.Delay, writes: prometheus.NewCounter(prometheus.CounterOpts{
+				Name: "flowpipe_test_writes_total", Help: "Batches this instance wrote.",
+			})}
+			return s, env.Register(s.writes)
 		}))
 	h.reg.Register(component.NewSinkFactory("rerec", "", func() *recConf { return &recConf{} },
 		func(env component.Env, c *recConf) (component.Sink, error) {
@@ -185,6 +189,7 @@ type recSink struct {
 	r      *recorder
 	delay  time.Duration
 	closed atomic.Bool
+	writes prometheus.Counter // registered with Env.Register; nil for reconfSink
 }
 
 func (s *recSink) Write(ctx context.Context, b *flow.Batch) error {
@@ -212,6 +217,9 @@ func (s *recSink) Write(ctx context.Context, b *flow.Batch) error {
 	}
 	if len(gens) > 1 {
 		s.r.mixed = append(s.r.mixed, fmt.Sprint(gens))
+	}
+	if s.writes != nil {
+		s.writes.Inc()
 	}
 	return nil
 }
@@ -944,4 +952,45 @@ func TestRemovedHolderFlushes(t *testing.T) {
 	if r.rules[""] != 0 || r.rules["g1"] != len(r.seen) {
 		t.Errorf("events by stamp %v: the holder's flush skipped the enricher after it", r.rules)
 	}
+}
+
+// A replaced component's own metrics (Env.Register) are the new instance's once it is in:
+// one series, no duplicate registration, no gather error; a refused reload leaves the old.
+func TestReplacedComponentsMetrics(t *testing.T) {
+	h := newReloadHarness()
+	dataDir := t.TempDir()
+	p, _, done := h.start(t, h.doc(t, dataDir, "sources:\n  gen: {type: count}\nsinks:\n  a: {type: rec}\n"))
+	h.waitMore(t, "a", 0)
+	series := func() (n int, v float64) {
+		t.Helper()
+		fams, err := p.Metrics().Registry.Gather()
+		if err != nil {
+			t.Fatalf("gather: %v", err)
+		}
+		for _, f := range fams {
+			if f.GetName() == "flowpipe_test_writes_total" {
+				for _, m := range f.GetMetric() {
+					n++
+					v = m.GetCounter().GetValue()
+				}
+			}
+		}
+		return n, v
+	}
+	if n, _ := series(); n != 1 {
+		t.Fatalf("%d series before the reload", n)
+	}
+	if _, err := p.Reload(context.Background(), h.doc(t, dataDir, "sources:\n  gen: {type: count}\nsinks:\n  a: {type: rec, tag: x, surplus: 1}\n")); err == nil {
+		t.Fatal("a reload with an unknown option was applied")
+	}
+	old := p.topo.Load().sinks[0].component().(*recSink)
+	h.reload(t, p, h.doc(t, dataDir, "sources:\n  gen: {type: count}\nsinks:\n  a: {type: rec, tag: x}\n"))
+	oldWrites := testutilCounter(old.writes) // final: it is closed
+	cur := p.topo.Load().sinks[0].component().(*recSink)
+	waitFor(t, "the new instance to write more than the old", func() bool { return testutilCounter(cur.writes) > oldWrites })
+	n, v := series()
+	if n != 1 || v <= oldWrites {
+		t.Errorf("after the reload: %d series, value %v; the old instance wrote %v batches, the new %v", n, v, oldWrites, testutilCounter(cur.writes))
+	}
+	h.finish(t, p, done)
 }
