@@ -426,7 +426,9 @@ func (p *Pipeline) plan(ctx context.Context, doc *config.Document, cur *topology
 			continue
 		}
 		if s, ok := pt.c.(component.Starter); ok {
-			if err := s.Start(ctx); err != nil {
+			// Started under Run's context, as Run starts components: the reload's caller
+			// (an HTTP request) may be gone long before the component.
+			if err := s.Start(p.rs.ctx); err != nil {
 				probs = append(probs, doc.Problem(specPath(doc, pt), "start: %v", err))
 			}
 		}
