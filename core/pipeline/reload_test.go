@@ -62,10 +62,16 @@ func newReloadHarness() *reloadHarness {
 			h.built("source/" + env.Name)
 			return &countSource{h: h, batch: c.Batch}, nil
 		}))
+	h.reg.Register(component.NewSourceFactory("recount", "", func() *countConf { return &countConf{Batch: 20} },
+		func(env component.Env, c *countConf) (component.Source, error) {
+			h.built("source/" + env.Name)
+			s := &reconfSource{countSource: countSource{h: h, batch: c.Batch}, name: env.Name}
+			return s, nil
+		}))
 	h.reg.Register(component.NewSinkFactory("rec", "", func() *recConf { return &recConf{} },
 		func(env component.Env, c *recConf) (component.Sink, error) {
 			h.built("sink/" + env.Name)
-			s := &recSink{r: h.recorder(env.Name), delay: c.Delay, writes: prometheus.NewCounter(prometheus.CounterOpts{
+			s := &recSink{r: h.recorder(env.Name), delay: c.Delay, fatal: c.Fatal, writes: prometheus.NewCounter(prometheus.CounterOpts{
 				Name: "flowpipe_test_writes_total", Help: "Batches this instance wrote.",
 			})}
 			return s, env.Register(s.writes)
@@ -178,9 +184,62 @@ func (s *countSource) Run(ctx context.Context, out component.Emitter) error {
 	}
 }
 
+// reconfSource is a countSource that takes new options in place (its batch size).
+type reconfSource struct {
+	countSource
+	name string
+	size atomic.Int64
+}
+
+func (s *reconfSource) Run(ctx context.Context, out component.Emitter) error {
+	s.size.CompareAndSwap(0, int64(s.batch))
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-s.h.stop:
+			return nil
+		default:
+		}
+		n := int(s.size.Load())
+		evs := make([]flow.Event, n)
+		ids := make([]uint64, n)
+		for i := range evs {
+			ids[i] = s.h.nextID.Add(1)
+			evs[i].TxPackets = ids[i]
+		}
+		b := flow.NewBatch(evs, func(err error) {
+			s.h.mu.Lock()
+			for _, id := range ids {
+				s.h.acked[id] = err
+			}
+			s.h.mu.Unlock()
+		})
+		s.h.mu.Lock()
+		s.h.emitted += int64(n)
+		s.h.mu.Unlock()
+		if err := out.Emit(ctx, b); err != nil {
+			return nil
+		}
+	}
+}
+
+func (s *reconfSource) Reconfigure(_ context.Context, raw map[string]any) error {
+	c := &countConf{Batch: 20}
+	if err := checkRaw(raw, c); err != nil {
+		return err
+	}
+	s.size.Store(int64(c.Batch))
+	s.h.mu.Lock()
+	s.h.reconfs["source/"+s.name]++
+	s.h.mu.Unlock()
+	return nil
+}
+
 type recConf struct {
 	Delay time.Duration `yaml:"delay"`
 	Tag   string        `yaml:"tag"`
+	Fatal bool          `yaml:"fatal"` // every write fails with flow.Fatal
 }
 
 // recSink records the IDs it wrote; every event of a batch must carry one generation
@@ -190,12 +249,16 @@ type recSink struct {
 	delay  time.Duration
 	closed atomic.Bool
 	writes prometheus.Counter // registered with Env.Register; nil for reconfSink
+	fatal  bool
 }
 
 func (s *recSink) Write(ctx context.Context, b *flow.Batch) error {
 	if s.closed.Load() {
 		s.r.closedW.Add(1)
 		return errors.New("write after close")
+	}
+	if s.fatal {
+		return flow.Fatal(errors.New("the disk is gone"))
 	}
 	if s.delay > 0 {
 		select {
@@ -649,8 +712,10 @@ func TestBrokenReloadChangesNothing(t *testing.T) {
 func TestReconfigurerKeepsItsInstance(t *testing.T) {
 	h := newReloadHarness()
 	dataDir := t.TempDir()
+	batch := 10
 	doc := func(gen, tag string) *config.Document {
-		return h.doc(t, dataDir, fmt.Sprintf("sources:\n  gen: {type: count}\nenrichers:\n  - {type: restamp, name: a, field: rule, gen: %s}\n  - {type: restamp, name: b, field: src, gen: %s}\nsinks:\n  out: {type: rerec, tag: %s}\n", gen, gen, tag))
+		batch++ // each document changes the source's batch size too
+		return h.doc(t, dataDir, fmt.Sprintf("sources:\n  gen: {type: recount, batch: %d}\nenrichers:\n  - {type: restamp, name: a, field: rule, gen: %s}\n  - {type: restamp, name: b, field: src, gen: %s}\nsinks:\n  out: {type: rerec, tag: %s}\n", batch, gen, gen, tag))
 	}
 	p, _, done := h.start(t, doc("g1", "t1"))
 	h.waitMore(t, "out", 0)
@@ -662,12 +727,12 @@ func TestReconfigurerKeepsItsInstance(t *testing.T) {
 				t.Errorf("reload %d: %s %s, want reconfigured", i, c.Component, c.How)
 			}
 		}
-		if len(rep.Changed) != 3 {
-			t.Errorf("reload %d: changed %+v, want 3 components", i, rep.Changed)
+		if len(rep.Changed) != 4 {
+			t.Errorf("reload %d: changed %+v, want 4 components", i, rep.Changed)
 		}
 		h.waitMore(t, "out", before)
 	}
-	for _, k := range []string{"enricher/a", "enricher/b", "sink/out"} {
+	for _, k := range []string{"source/gen", "enricher/a", "enricher/b", "sink/out"} {
 		if n := h.buildsOf(k); n != 1 {
 			t.Errorf("%s built %d times, want 1", k, n)
 		}
@@ -683,16 +748,21 @@ func TestReconfigurerKeepsItsInstance(t *testing.T) {
 		t.Errorf("sink tag %q, want t5", got)
 	}
 	// A change it cannot take in place: a new instance.
-	rep := h.reload(t, p, doc("g5", "restart"))
-	if len(rep.Changed) != 1 || rep.Changed[0].How != HowReplaced {
-		t.Errorf("changed %+v, want sink/out replaced", rep.Changed)
+	rep := h.reload(t, p, doc("g5", "restart")) // the batch size changes too (in place)
+	if err := changed("sink/out", "tag")(rep); err != nil || len(rep.Changed) != 2 {
+		t.Errorf("changed %+v, want sink/out and source/gen", rep.Changed)
+	}
+	for _, c := range rep.Changed {
+		if want := map[string]string{"sink/out": HowReplaced, "source/gen": HowReconfigured}[c.Component]; c.How != want {
+			t.Errorf("%s %s, want %s", c.Component, c.How, want)
+		}
 	}
 	if n := h.buildsOf("sink/out"); n != 2 {
 		t.Errorf("sink built %d times after ErrRestartNeeded, want 2", n)
 	}
 	// An option the factory refuses refuses the reload, though the instance would be
 	// reconfigured in place.
-	if _, err := p.Reload(context.Background(), h.doc(t, dataDir, "sources:\n  gen: {type: count}\nenrichers:\n  - {type: restamp, name: a, field: rule, gen: g5, surplus: 1}\n  - {type: restamp, name: b, field: src, gen: g5}\nsinks:\n  out: {type: rerec, tag: restart}\n")); err == nil || !strings.Contains(err.Error(), "enrichers[0].surplus") {
+	if _, err := p.Reload(context.Background(), h.doc(t, dataDir, "sources:\n  gen: {type: recount, batch: 24}\nenrichers:\n  - {type: restamp, name: a, field: rule, gen: g5, surplus: 1}\n  - {type: restamp, name: b, field: src, gen: g5}\nsinks:\n  out: {type: rerec, tag: restart}\n")); err == nil || !strings.Contains(err.Error(), "enrichers[0].surplus") {
 		t.Errorf("Reload with an unknown option = %v, want a problem at enrichers[0].surplus", err)
 	}
 	h.finish(t, p, done)
@@ -993,4 +1063,22 @@ func TestReplacedComponentsMetrics(t *testing.T) {
 		t.Errorf("after the reload: %d series, value %v; the old instance wrote %v batches, the new %v", n, v, oldWrites, testutilCounter(cur.writes))
 	}
 	h.finish(t, p, done)
+}
+
+// A sink a reload adds that can never write (flow.Fatal) stops the pipeline, as one built at
+// the start would.
+func TestFatalNewSinkStopsThePipeline(t *testing.T) {
+	h := newReloadHarness()
+	dataDir := t.TempDir()
+	p, _, done := h.start(t, h.doc(t, dataDir, "sources:\n  gen: {type: count}\nsinks:\n  a: {type: rec}\n"))
+	h.waitMore(t, "a", 0)
+	h.reload(t, p, h.doc(t, dataDir, "sources:\n  gen: {type: count}\nsinks:\n  a: {type: rec}\n  broken: {type: rec, fatal: true}\n"))
+	select {
+	case <-done:
+	case <-time.After(30 * time.Second):
+		t.Fatal("a fatal new sink did not stop the pipeline")
+	}
+	if err := p.topo.Load().sinks[1].health(); err == nil || !strings.Contains(err.Error(), "cannot write any more") {
+		t.Errorf("the fatal sink's health: %v", err)
+	}
 }
