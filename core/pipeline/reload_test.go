@@ -540,10 +540,11 @@ func (k knobs) yaml() string {
 		b.WriteString("  c:\n    type: rec\n    delay: 1ms\n")
 	}
 	fmt.Fprintf(&b, "  d:\n    type: rec\n    tag: %s\n    in_flight: %d\n    queue: {type: disk, sync: %s}\n", k.dTag, k.dInFlight, k.dSync)
+	// e is slow, so that its queue holds a backlog when its type changes.
 	if k.eDisk {
-		b.WriteString("  e:\n    type: rec\n    queue: {type: disk}\n")
+		b.WriteString("  e:\n    type: rec\n    delay: 1ms\n    queue: {type: disk}\n")
 	} else {
-		b.WriteString("  e:\n    type: rec\n    queue: {type: memory, max_events: 5000}\n")
+		b.WriteString("  e:\n    type: rec\n    delay: 1ms\n    queue: {type: memory, max_events: 5000}\n")
 	}
 	return b.String()
 }
