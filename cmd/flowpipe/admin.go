@@ -21,7 +21,7 @@ func adminOptions(doc *config.Document, p *pipeline.Pipeline, log *slog.Logger) 
 		Listen: a.Listen, Registry: p.Metrics().Registry, Ready: p.Ready, Log: log, Token: a.Token,
 		Taps:  p.Taps(),
 		Graph: admin.GraphOf(doc, pluginhost.DefaultIsolation),
-		// After a reload, the pipeline's document is the file it runs now.
+		// What a reload changed shows at the next request.
 		CurrentGraph: func() admin.Graph { return admin.GraphOf(p.Document(), pluginhost.DefaultIsolation) },
 	}
 	if a.TokenFile != "" {

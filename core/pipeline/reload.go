@@ -426,7 +426,9 @@ func (p *Pipeline) plan(ctx context.Context, doc *config.Document, cur *topology
 			continue
 		}
 		if s, ok := pt.c.(component.Starter); ok {
-			if err := s.Start(ctx); err != nil {
+			// Started under Run's context, as Run starts components: the reload's caller
+			// (an HTTP request) may be gone long before the component.
+			if err := s.Start(p.rs.ctx); err != nil {
 				probs = append(probs, doc.Problem(specPath(doc, pt), "start: %v", err))
 			}
 		}
@@ -496,6 +498,9 @@ func (p *Pipeline) Reload(ctx context.Context, doc *config.Document) (*ReloadRep
 	p.apply(rs, cur, pl)
 	p.docp.Store(doc)
 	p.logReport(doc, pl.report)
+	if a, b := enricherNames(cur.enrich), enricherNames(p.topo.Load().enrich); a != b {
+		p.log.Info("reload: enricher chain", "was", a, "now", b)
+	}
 	return pl.report, nil
 }
 
@@ -736,6 +741,14 @@ func (p *Pipeline) apply(rs *runState, t1 *topology, pl *plan) {
 			rep.Changed[i].How = c.How
 		}
 	}
+}
+
+func enricherNames(list []*enricherNode) string {
+	names := make([]string, len(list))
+	for i, e := range list {
+		names[i] = e.name
+	}
+	return strings.Join(names, " -> ")
 }
 
 func (pl *plan) setHow(k, how string) {

@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
 
 	"github.com/flowpipe/flowpipe/core/component"
@@ -43,7 +44,12 @@ type reloadHarness struct {
 type recorder struct {
 	mu      sync.Mutex
 	seen    map[uint64]int
-	mixed   []string // batches with more than one generation
+	rules   map[string]int // events written, by RuleID (the stamp enricher's generation)
+	srcs    map[string]int // and by SrcResourceID
+	// acrossBatches: batches hold events from several source batches (a holder's), which
+	// may carry different generations legitimately.
+	acrossBatches bool
+	mixed   []string       // batches with more than one generation
 	closedW atomic.Int64
 }
 
@@ -60,10 +66,19 @@ func newReloadHarness() *reloadHarness {
 			h.built("source/" + env.Name)
 			return &countSource{h: h, batch: c.Batch}, nil
 		}))
+	h.reg.Register(component.NewSourceFactory("recount", "", func() *countConf { return &countConf{Batch: 20} },
+		func(env component.Env, c *countConf) (component.Source, error) {
+			h.built("source/" + env.Name)
+			s := &reconfSource{countSource: countSource{h: h, batch: c.Batch}, name: env.Name}
+			return s, nil
+		}))
 	h.reg.Register(component.NewSinkFactory("rec", "", func() *recConf { return &recConf{} },
 		func(env component.Env, c *recConf) (component.Sink, error) {
 			h.built("sink/" + env.Name)
-			return &recSink{r: h.recorder(env.Name), delay: c.Delay}, nil
+			s := &recSink{r: h.recorder(env.Name), delay: c.Delay, fatal: c.Fatal, writes: prometheus.NewCounter(prometheus.CounterOpts{
+				Name: "flowpipe_test_writes_total", Help: "Batches this instance wrote.",
+			})}
+			return s, env.Register(s.writes)
 		}))
 	h.reg.Register(component.NewSinkFactory("rerec", "", func() *recConf { return &recConf{} },
 		func(env component.Env, c *recConf) (component.Sink, error) {
@@ -77,6 +92,13 @@ func newReloadHarness() *reloadHarness {
 			h.built("enricher/" + env.Name)
 			return &stamp{gen: c.Gen, field: c.Field}, nil
 		}))
+	hold := component.NewEnricherFactory("hold", "", func() *stampConf { return &stampConf{} },
+		func(env component.Env, c *stampConf) (component.Enricher, error) {
+			h.built("enricher/" + env.Name)
+			return &holder{}, nil
+		})
+	hold.Holds = true
+	h.reg.Register(hold)
 	h.reg.Register(component.NewEnricherFactory("restamp", "", func() *stampConf { return &stampConf{} },
 		func(env component.Env, c *stampConf) (component.Enricher, error) {
 			h.built("enricher/" + env.Name)
@@ -104,7 +126,7 @@ func (h *reloadHarness) recorder(name string) *recorder {
 	defer h.mu.Unlock()
 	r := h.recs[name]
 	if r == nil {
-		r = &recorder{seen: map[uint64]int{}}
+		r = &recorder{seen: map[uint64]int{}, rules: map[string]int{}, srcs: map[string]int{}}
 		h.recs[name] = r
 	}
 	return r
@@ -166,9 +188,62 @@ func (s *countSource) Run(ctx context.Context, out component.Emitter) error {
 	}
 }
 
+// reconfSource is a countSource that takes new options in place (its batch size).
+type reconfSource struct {
+	countSource
+	name string
+	size atomic.Int64
+}
+
+func (s *reconfSource) Run(ctx context.Context, out component.Emitter) error {
+	s.size.CompareAndSwap(0, int64(s.batch))
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-s.h.stop:
+			return nil
+		default:
+		}
+		n := int(s.size.Load())
+		evs := make([]flow.Event, n)
+		ids := make([]uint64, n)
+		for i := range evs {
+			ids[i] = s.h.nextID.Add(1)
+			evs[i].TxPackets = ids[i]
+		}
+		b := flow.NewBatch(evs, func(err error) {
+			s.h.mu.Lock()
+			for _, id := range ids {
+				s.h.acked[id] = err
+			}
+			s.h.mu.Unlock()
+		})
+		s.h.mu.Lock()
+		s.h.emitted += int64(n)
+		s.h.mu.Unlock()
+		if err := out.Emit(ctx, b); err != nil {
+			return nil
+		}
+	}
+}
+
+func (s *reconfSource) Reconfigure(_ context.Context, raw map[string]any) error {
+	c := &countConf{Batch: 20}
+	if err := checkRaw(raw, c); err != nil {
+		return err
+	}
+	s.size.Store(int64(c.Batch))
+	s.h.mu.Lock()
+	s.h.reconfs["source/"+s.name]++
+	s.h.mu.Unlock()
+	return nil
+}
+
 type recConf struct {
 	Delay time.Duration `yaml:"delay"`
 	Tag   string        `yaml:"tag"`
+	Fatal bool          `yaml:"fatal"` // every write fails with flow.Fatal
 }
 
 // recSink records the IDs it wrote; every event of a batch must carry one generation
@@ -177,12 +252,17 @@ type recSink struct {
 	r      *recorder
 	delay  time.Duration
 	closed atomic.Bool
+	writes prometheus.Counter // registered with Env.Register; nil for reconfSink
+	fatal  bool
 }
 
 func (s *recSink) Write(ctx context.Context, b *flow.Batch) error {
 	if s.closed.Load() {
 		s.r.closedW.Add(1)
 		return errors.New("write after close")
+	}
+	if s.fatal {
+		return flow.Fatal(errors.New("the disk is gone"))
 	}
 	if s.delay > 0 {
 		select {
@@ -196,13 +276,18 @@ func (s *recSink) Write(ctx context.Context, b *flow.Batch) error {
 	gens := map[string]bool{}
 	for _, e := range b.Events {
 		s.r.seen[e.TxPackets]++
+		s.r.rules[e.RuleID]++
+		s.r.srcs[e.SrcResourceID]++
 		gens[e.RuleID+"|"+e.SrcResourceID] = true
-		if e.RuleID != e.SrcResourceID && e.SrcResourceID != "" {
+		if e.RuleID != "" && e.SrcResourceID != "" && e.RuleID != e.SrcResourceID {
 			gens["mismatch "+e.RuleID+"|"+e.SrcResourceID] = true
 		}
 	}
-	if len(gens) > 1 {
+	if len(gens) > 1 && !s.r.acrossBatches {
 		s.r.mixed = append(s.r.mixed, fmt.Sprint(gens))
+	}
+	if s.writes != nil {
+		s.writes.Inc()
 	}
 	return nil
 }
@@ -460,10 +545,11 @@ func (k knobs) yaml() string {
 		b.WriteString("  c:\n    type: rec\n    delay: 1ms\n")
 	}
 	fmt.Fprintf(&b, "  d:\n    type: rec\n    tag: %s\n    in_flight: %d\n    queue: {type: disk, sync: %s}\n", k.dTag, k.dInFlight, k.dSync)
+	// e is slow, so that its queue holds a backlog when its type changes.
 	if k.eDisk {
-		b.WriteString("  e:\n    type: rec\n    queue: {type: disk}\n")
+		b.WriteString("  e:\n    type: rec\n    delay: 1ms\n    queue: {type: disk}\n")
 	} else {
-		b.WriteString("  e:\n    type: rec\n    queue: {type: memory, max_events: 5000}\n")
+		b.WriteString("  e:\n    type: rec\n    delay: 1ms\n    queue: {type: memory, max_events: 5000}\n")
 	}
 	return b.String()
 }
@@ -477,6 +563,22 @@ func TestTwentyReloadsUnderLoad(t *testing.T) {
 	k := knobs{aTag: "x", aMaxEv: 2000, aRetry: "100ms", dTag: "x", dSync: "batch", dInFlight: 1, gen: 1, batch: 20}
 	p, _, done := h.start(t, h.doc(t, dataDir, k.yaml()))
 	h.waitMore(t, "a", 0)
+	// What the admin listener and flowpipe run read, read all along (-race checks them).
+	pollStop := make(chan struct{})
+	polled := make(chan struct{})
+	go func() {
+		defer close(polled)
+		for {
+			select {
+			case <-pollStop:
+				return
+			case <-time.After(time.Millisecond):
+			}
+			_ = p.Ready()
+			_ = p.Undelivered()
+			_ = p.Document().Sinks
+		}
+	}()
 	steps := []struct {
 		what   string
 		change func(*knobs)
@@ -517,6 +619,8 @@ func TestTwentyReloadsUnderLoad(t *testing.T) {
 		}
 		h.waitMore(t, "a", before) // events flow after every reload
 	}
+	close(pollStop)
+	<-polled
 	h.finish(t, p, done)
 	for _, s := range []string{"a", "d", "e"} {
 		h.exactlyOnce(t, s)
@@ -614,8 +718,10 @@ func TestBrokenReloadChangesNothing(t *testing.T) {
 func TestReconfigurerKeepsItsInstance(t *testing.T) {
 	h := newReloadHarness()
 	dataDir := t.TempDir()
+	batch := 10
 	doc := func(gen, tag string) *config.Document {
-		return h.doc(t, dataDir, fmt.Sprintf("sources:\n  gen: {type: count}\nenrichers:\n  - {type: restamp, name: a, field: rule, gen: %s}\n  - {type: restamp, name: b, field: src, gen: %s}\nsinks:\n  out: {type: rerec, tag: %s}\n", gen, gen, tag))
+		batch++ // each document changes the source's batch size too
+		return h.doc(t, dataDir, fmt.Sprintf("sources:\n  gen: {type: recount, batch: %d}\nenrichers:\n  - {type: restamp, name: a, field: rule, gen: %s}\n  - {type: restamp, name: b, field: src, gen: %s}\nsinks:\n  out: {type: rerec, tag: %s}\n", batch, gen, gen, tag))
 	}
 	p, _, done := h.start(t, doc("g1", "t1"))
 	h.waitMore(t, "out", 0)
@@ -627,12 +733,12 @@ func TestReconfigurerKeepsItsInstance(t *testing.T) {
 				t.Errorf("reload %d: %s %s, want reconfigured", i, c.Component, c.How)
 			}
 		}
-		if len(rep.Changed) != 3 {
-			t.Errorf("reload %d: changed %+v, want 3 components", i, rep.Changed)
+		if len(rep.Changed) != 4 {
+			t.Errorf("reload %d: changed %+v, want 4 components", i, rep.Changed)
 		}
 		h.waitMore(t, "out", before)
 	}
-	for _, k := range []string{"enricher/a", "enricher/b", "sink/out"} {
+	for _, k := range []string{"source/gen", "enricher/a", "enricher/b", "sink/out"} {
 		if n := h.buildsOf(k); n != 1 {
 			t.Errorf("%s built %d times, want 1", k, n)
 		}
@@ -648,16 +754,21 @@ func TestReconfigurerKeepsItsInstance(t *testing.T) {
 		t.Errorf("sink tag %q, want t5", got)
 	}
 	// A change it cannot take in place: a new instance.
-	rep := h.reload(t, p, doc("g5", "restart"))
-	if len(rep.Changed) != 1 || rep.Changed[0].How != HowReplaced {
-		t.Errorf("changed %+v, want sink/out replaced", rep.Changed)
+	rep := h.reload(t, p, doc("g5", "restart")) // the batch size changes too (in place)
+	if err := changed("sink/out", "tag")(rep); err != nil || len(rep.Changed) != 2 {
+		t.Errorf("changed %+v, want sink/out and source/gen", rep.Changed)
+	}
+	for _, c := range rep.Changed {
+		if want := map[string]string{"sink/out": HowReplaced, "source/gen": HowReconfigured}[c.Component]; c.How != want {
+			t.Errorf("%s %s, want %s", c.Component, c.How, want)
+		}
 	}
 	if n := h.buildsOf("sink/out"); n != 2 {
 		t.Errorf("sink built %d times after ErrRestartNeeded, want 2", n)
 	}
 	// An option the factory refuses refuses the reload, though the instance would be
 	// reconfigured in place.
-	if _, err := p.Reload(context.Background(), h.doc(t, dataDir, "sources:\n  gen: {type: count}\nenrichers:\n  - {type: restamp, name: a, field: rule, gen: g5, surplus: 1}\n  - {type: restamp, name: b, field: src, gen: g5}\nsinks:\n  out: {type: rerec, tag: restart}\n")); err == nil || !strings.Contains(err.Error(), "enrichers[0].surplus") {
+	if _, err := p.Reload(context.Background(), h.doc(t, dataDir, "sources:\n  gen: {type: recount, batch: 24}\nenrichers:\n  - {type: restamp, name: a, field: rule, gen: g5, surplus: 1}\n  - {type: restamp, name: b, field: src, gen: g5}\nsinks:\n  out: {type: rerec, tag: restart}\n")); err == nil || !strings.Contains(err.Error(), "enrichers[0].surplus") {
 		t.Errorf("Reload with an unknown option = %v, want a problem at enrichers[0].surplus", err)
 	}
 	h.finish(t, p, done)
@@ -848,4 +959,167 @@ func testutilCounter(c interface{ Write(*dto.Metric) error }) float64 {
 	var m dto.Metric
 	_ = c.Write(&m)
 	return m.GetCounter().GetValue()
+}
+
+// holder keeps every event it sees (as a window would) and emits them all when it closes;
+// the batches it took them from are acknowledged once what it emitted is.
+type holder struct {
+	next   component.Emitter
+	mu     sync.Mutex
+	events []flow.Event
+	held   []*flow.Batch
+}
+
+func (h *holder) Attach(next component.Emitter) { h.next = next }
+func (h *holder) Enrich(_ context.Context, b *flow.Batch) error {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.events = append(h.events, b.Events...)
+	b.Retain()
+	h.held = append(h.held, b)
+	b.Events = b.Events[:0]
+	return nil
+}
+func (h *holder) Close(ctx context.Context) error {
+	h.mu.Lock()
+	events, held := h.events, h.held
+	h.events, h.held = nil, nil
+	h.mu.Unlock()
+	if len(events) == 0 {
+		return nil
+	}
+	return h.next.Emit(ctx, flow.NewBatch(events, func(err error) {
+		for _, b := range held {
+			b.Release(err)
+		}
+	}))
+}
+
+// A holder that a reload removes flushes what it holds through the stages after it (the old
+// chain's), before it goes: nothing it held is lost.
+func TestRemovedHolderFlushes(t *testing.T) {
+	h := newReloadHarness()
+	dataDir := t.TempDir()
+	p, _, done := h.start(t, h.doc(t, dataDir, "sources:\n  gen: {type: count}\nenrichers:\n  - {type: hold, name: h}\n  - {type: stamp, name: a, field: rule, gen: g1}\nsinks:\n  out: {type: rec}\n"))
+	hn := p.topo.Load().enrich[0]
+	waitFor(t, "the holder to hold events", func() bool {
+		hl := hn.en.(*holder)
+		hl.mu.Lock()
+		defer hl.mu.Unlock()
+		return len(hl.events) > 500
+	})
+	if n := h.recorder("out").count(); n != 0 {
+		t.Fatalf("the sink wrote %d events before the holder let go", n)
+	}
+	rep := h.reload(t, p, h.doc(t, dataDir, "sources:\n  gen: {type: count}\nenrichers:\n  - {type: stamp, name: a, field: rule, gen: g1}\nsinks:\n  out: {type: rec}\n"))
+	if err := stopped("enricher/h")(rep); err != nil {
+		t.Fatal(err)
+	}
+	if n := h.buildsOf("enricher/a"); n != 1 {
+		t.Errorf("the kept enricher was built %d times", n)
+	}
+	h.waitMore(t, "out", 0)
+	h.finish(t, p, done)
+	h.exactlyOnce(t, "out")
+	// What the holder flushed went through the enricher after it.
+	r := h.recorder("out")
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.rules[""] != 0 || r.rules["g1"] != len(r.seen) {
+		t.Errorf("events by stamp %v: the holder's flush skipped the enricher after it", r.rules)
+	}
+}
+
+// A replaced component's own metrics (Env.Register) are the new instance's once it is in:
+// one series, no duplicate registration, no gather error; a refused reload leaves the old.
+func TestReplacedComponentsMetrics(t *testing.T) {
+	h := newReloadHarness()
+	dataDir := t.TempDir()
+	p, _, done := h.start(t, h.doc(t, dataDir, "sources:\n  gen: {type: count}\nsinks:\n  a: {type: rec}\n"))
+	h.waitMore(t, "a", 0)
+	series := func() (n int, v float64) {
+		t.Helper()
+		fams, err := p.Metrics().Registry.Gather()
+		if err != nil {
+			t.Fatalf("gather: %v", err)
+		}
+		for _, f := range fams {
+			if f.GetName() == "flowpipe_test_writes_total" {
+				for _, m := range f.GetMetric() {
+					n++
+					v = m.GetCounter().GetValue()
+				}
+			}
+		}
+		return n, v
+	}
+	if n, _ := series(); n != 1 {
+		t.Fatalf("%d series before the reload", n)
+	}
+	if _, err := p.Reload(context.Background(), h.doc(t, dataDir, "sources:\n  gen: {type: count}\nsinks:\n  a: {type: rec, tag: x, surplus: 1}\n")); err == nil {
+		t.Fatal("a reload with an unknown option was applied")
+	}
+	old := p.topo.Load().sinks[0].component().(*recSink)
+	h.reload(t, p, h.doc(t, dataDir, "sources:\n  gen: {type: count}\nsinks:\n  a: {type: rec, tag: x}\n"))
+	oldWrites := testutilCounter(old.writes) // final: it is closed
+	cur := p.topo.Load().sinks[0].component().(*recSink)
+	waitFor(t, "the new instance to write more than the old", func() bool { return testutilCounter(cur.writes) > oldWrites })
+	n, v := series()
+	if n != 1 || v <= oldWrites {
+		t.Errorf("after the reload: %d series, value %v; the old instance wrote %v batches, the new %v", n, v, oldWrites, testutilCounter(cur.writes))
+	}
+	h.finish(t, p, done)
+}
+
+// A sink a reload adds that can never write (flow.Fatal) stops the pipeline, as one built at
+// the start would.
+func TestFatalNewSinkStopsThePipeline(t *testing.T) {
+	h := newReloadHarness()
+	dataDir := t.TempDir()
+	p, _, done := h.start(t, h.doc(t, dataDir, "sources:\n  gen: {type: count}\nsinks:\n  a: {type: rec}\n"))
+	h.waitMore(t, "a", 0)
+	h.reload(t, p, h.doc(t, dataDir, "sources:\n  gen: {type: count}\nsinks:\n  a: {type: rec}\n  broken: {type: rec, fatal: true}\n"))
+	select {
+	case <-done:
+	case <-time.After(30 * time.Second):
+		t.Fatal("a fatal new sink did not stop the pipeline")
+	}
+	if err := p.topo.Load().sinks[1].health(); err == nil || !strings.Contains(err.Error(), "cannot write any more") {
+		t.Errorf("the fatal sink's health: %v", err)
+	}
+}
+
+// A kept holder whose place in the chain moves emits into the stages after its new place.
+func TestKeptHolderFollowsItsNewPlace(t *testing.T) {
+	h := newReloadHarness()
+	h.recorder("out").acrossBatches = true
+	dataDir := t.TempDir()
+	p, cancel, done := h.start(t, h.doc(t, dataDir, "sources:\n  gen: {type: count}\nenrichers:\n  - {type: stamp, name: a, field: rule, gen: g1}\n  - {type: hold, name: h}\n  - {type: stamp, name: x, field: src, gen: s1}\nsinks:\n  out: {type: rec}\n"))
+	hn := p.topo.Load().enrich[1]
+	held := func() int {
+		hl := hn.en.(*holder)
+		hl.mu.Lock()
+		defer hl.mu.Unlock()
+		return len(hl.events)
+	}
+	waitFor(t, "the holder to hold events", func() bool { return held() > 200 })
+	rep := h.reload(t, p, h.doc(t, dataDir, "sources:\n  gen: {type: count}\nenrichers:\n  - {type: hold, name: h}\n  - {type: stamp, name: x, field: src, gen: s1}\nsinks:\n  out: {type: rec}\n"))
+	if err := stopped("enricher/a")(rep); err != nil {
+		t.Fatal(err)
+	}
+	if p.topo.Load().enrich[0] != hn || h.buildsOf("enricher/h") != 1 {
+		t.Fatal("the holder was not kept")
+	}
+	before := held()
+	waitFor(t, "the holder to hold more", func() bool { return held() > before+200 })
+	cancel() // the holder flushes at shutdown, from its new place
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	r := h.recorder("out")
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if len(r.seen) == 0 || r.srcs["s1"] != len(r.seen) || r.rules["g1"] == 0 || r.rules[""] == 0 {
+		t.Errorf("%d events; by stamp x %v, by the removed stamp a %v: want every event through x, some through a", len(r.seen), r.srcs, r.rules)
+	}
 }
