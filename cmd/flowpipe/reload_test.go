@@ -506,10 +506,13 @@ sinks:
 		{"enricher list swapped", func(c *agentConfig) { c.enrichers = []string{community} }, "enricher/resources", "stopped"},
 		{"token back, public key", func(c *agentConfig) { c.secret, c.grpcOpts = s1, c.grpcOpts+", public_key: agent-one" }, "sink/collector", "changed"},
 	}
+	var took []time.Duration // a figure for the report, not a bound
 	for i, st := range steps {
 		st.change(&cfg)
 		writeFile(t, filepath.Join(dir, "p.yaml"), cfg.yaml())
+		began := time.Now()
 		code, body := postReload(t, agent.admin)
+		took = append(took, time.Since(began))
 		if code != 200 || body["result"] != "applied" || len(body["errors"].([]any)) != 0 {
 			t.Fatalf("reload %d (%s): %d %v\n%s", i+1, st.what, code, body, cfg.yaml())
 		}
@@ -532,6 +535,8 @@ sinks:
 	if v := reloads(t, agent.admin, "applied"); v != float64(len(steps)) {
 		t.Fatalf("applied reloads: %v, want %d", v, len(steps))
 	}
+	slices.Sort(took)
+	t.Logf("POST /-/reload answered in %v (fastest), %v (median), %v (slowest)", took[0], took[len(took)/2], took[len(took)-1])
 
 	// The source is turned off by one more reload (enabled: false), which stops it after its
 	// batches in flight are through; once the queues are empty the agent stops. (A SIGTERM
