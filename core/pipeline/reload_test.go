@@ -42,15 +42,15 @@ type reloadHarness struct {
 }
 
 type recorder struct {
-	mu      sync.Mutex
-	seen    map[uint64]int
-	rules   map[string]int // events written, by RuleID (the stamp enricher's generation)
-	srcs    map[string]int // and by SrcResourceID
+	mu    sync.Mutex
+	seen  map[uint64]int
+	rules map[string]int // events written, by RuleID (the stamp enricher's generation)
+	srcs  map[string]int // and by SrcResourceID
 	// acrossBatches: batches hold events from several source batches (a holder's), which
 	// may carry different generations legitimately.
 	acrossBatches bool
-	mixed   []string       // batches with more than one generation
-	closedW atomic.Int64
+	mixed         []string // batches with more than one generation
+	closedW       atomic.Int64
 }
 
 func (r *recorder) count() int {
