@@ -38,8 +38,9 @@ type ReloadReport struct {
 type Change struct {
 	Component string   // "<kind>/<name>"
 	Keys      []string // what changed: option key paths, or type, plugin, isolation, sha256, run_as, process
-	// How is "reconfigured" (the running instance took the new options, component.Reconfigurer)
-	// or "replaced" (a new instance took over).
+	// How is "reconfigured" (the running instance took the new options, component.Reconfigurer;
+	// also a sink whose only change is its retry or in_flight settings, which its writers
+	// take) or "replaced" (a new instance took over; also a sink given a new queue).
 	How string
 }
 
