@@ -75,7 +75,7 @@ func newReloadHarness() *reloadHarness {
 	h.reg.Register(component.NewSinkFactory("rec", "", func() *recConf { return &recConf{} },
 		func(env component.Env, c *recConf) (component.Sink, error) {
 			h.built("sink/" + env.Name)
-			s := &recSink{r: h.recorder(env.Name), delay: c.Delay, fatal: c.Fatal, writes: prometheus.NewCounter(prometheus.CounterOpts{
+			s := &recSink{r: h.recorder(env.Name), delay: c.Delay, fatal: c.Fatal, down: c.Down, writes: prometheus.NewCounter(prometheus.CounterOpts{
 				Name: "flowpipe_test_writes_total", Help: "Batches this instance wrote.",
 			})}
 			return s, env.Register(s.writes)
@@ -244,6 +244,7 @@ type recConf struct {
 	Delay time.Duration `yaml:"delay"`
 	Tag   string        `yaml:"tag"`
 	Fatal bool          `yaml:"fatal"` // every write fails with flow.Fatal
+	Down  bool          `yaml:"down"`  // every write fails (retried): a collector that is gone
 }
 
 // recSink records the IDs it wrote; every event of a batch must carry one generation
@@ -254,6 +255,7 @@ type recSink struct {
 	closed atomic.Bool
 	writes prometheus.Counter // registered with Env.Register; nil for reconfSink
 	fatal  bool
+	down   bool
 }
 
 func (s *recSink) Write(ctx context.Context, b *flow.Batch) error {
@@ -263,6 +265,9 @@ func (s *recSink) Write(ctx context.Context, b *flow.Batch) error {
 	}
 	if s.fatal {
 		return flow.Fatal(errors.New("the disk is gone"))
+	}
+	if s.down {
+		return errors.New("collector unreachable")
 	}
 	if s.delay > 0 {
 		select {
@@ -1121,5 +1126,37 @@ func TestKeptHolderFollowsItsNewPlace(t *testing.T) {
 	defer r.mu.Unlock()
 	if len(r.seen) == 0 || r.srcs["s1"] != len(r.seen) || r.rules["g1"] == 0 || r.rules[""] == 0 {
 		t.Errorf("%d events; by stamp x %v, by the removed stamp a %v: want every event through x, some through a", len(r.seen), r.srcs, r.rules)
+	}
+}
+
+// The NetBird case: the collector is gone, the sink's queue is full, the sources wait; a
+// reload that points the sink elsewhere (here: a working instance) goes through, and what
+// the full queue held is delivered by the new instance. Also when the queue changes too.
+func TestReloadUnblocksAStuckSink(t *testing.T) {
+	for _, queue := range []string{"{max_events: 400}", "{max_events: 300}", "{type: disk, max_size: 1MiB}"} {
+		t.Run(queue, func(t *testing.T) {
+			h := newReloadHarness()
+			dataDir := t.TempDir()
+			doc := func(down bool) *config.Document {
+				q := "{max_events: 400}"
+				if !down {
+					q = queue
+				}
+				return h.doc(t, dataDir, fmt.Sprintf("sources:\n  gen: {type: count}\nsinks:\n  a:\n    type: rec\n    down: %v\n    queue: %s\n    retry: {initial_interval: 5ms, max_interval: 20ms}\n", down, q))
+			}
+			p, _, done := h.start(t, doc(true))
+			a := p.topo.Load().sinks[0]
+			waitFor(t, "the queue to fill", func() bool { _, ev := a.queue.depth(); return ev >= 380 })
+			rep := h.reload(t, p, doc(false))
+			if err := changed("sink/a", "down")(rep); err != nil {
+				t.Fatal(err)
+			}
+			if rep.HandedOver["a"] < 380 {
+				t.Errorf("handed over %d events, want the full queue's", rep.HandedOver["a"])
+			}
+			h.waitMore(t, "a", 0)
+			h.finish(t, p, done)
+			h.exactlyOnce(t, "a")
+		})
 	}
 }
