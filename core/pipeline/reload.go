@@ -556,6 +556,16 @@ func (p *Pipeline) apply(rs *runState, t1 *topology, pl *plan) {
 		}
 	}
 
+	// A memory queue that a new one replaces takes the old topology's batches whatever its
+	// limit: they all move on.
+	for _, op := range pl.sinkOps {
+		if op.old != nil && op.node != nil && op.node != op.old {
+			if q, ok := op.old.queue.(*queue); ok {
+				q.unbound()
+			}
+		}
+	}
+
 	t2 := newTopology(pl.enrich, pl.sinks)
 	if len(pl.enrichOps) > 0 {
 		t2.open = make(chan struct{})

@@ -1133,7 +1133,7 @@ func TestKeptHolderFollowsItsNewPlace(t *testing.T) {
 // reload that points the sink elsewhere (here: a working instance) goes through, and what
 // the full queue held is delivered by the new instance. Also when the queue changes too.
 func TestReloadUnblocksAStuckSink(t *testing.T) {
-	for _, queue := range []string{"{max_events: 400}", "{max_events: 300}", "{type: disk, max_size: 1MiB}"} {
+	for _, queue := range []string{"{max_events: 400}", "{max_events: 300}", "{type: disk, max_size: 1MiB}", "queue only"} {
 		t.Run(queue, func(t *testing.T) {
 			h := newReloadHarness()
 			dataDir := t.TempDir()
@@ -1142,12 +1142,35 @@ func TestReloadUnblocksAStuckSink(t *testing.T) {
 				if !down {
 					q = queue
 				}
+				if queue == "queue only" {
+					// The collector stays gone; only the queue changes: the reload goes
+					// through, and the events wait in the new queue.
+					down, q = true, "{max_events: 400}"
+					if h.buildsOf("sink/a") > 0 {
+						q = "{max_events: 500}"
+					}
+				}
 				return h.doc(t, dataDir, fmt.Sprintf("sources:\n  gen: {type: count}\nsinks:\n  a:\n    type: rec\n    down: %v\n    queue: %s\n    retry: {initial_interval: 5ms, max_interval: 20ms}\n", down, q))
 			}
-			p, _, done := h.start(t, doc(true))
+			p, cancel, done := h.start(t, doc(true))
 			a := p.topo.Load().sinks[0]
 			waitFor(t, "the queue to fill", func() bool { _, ev := a.queue.depth(); return ev >= 380 })
 			rep := h.reload(t, p, doc(false))
+			if queue == "queue only" {
+				if err := changed("sink/a", "queue.max_events")(rep); err != nil {
+					t.Fatal(err)
+				}
+				n := p.topo.Load().sinks[0]
+				waitFor(t, "the new queue to fill", func() bool { _, ev := n.queue.depth(); return ev >= 480 })
+				// Stopped with the collector still gone: what the queue holds is counted.
+				cancel()
+				p.Abort()
+				<-done
+				if n := p.Undelivered(); n < 480 {
+					t.Errorf("Undelivered() = %d after a stop with a full queue", n)
+				}
+				return
+			}
 			if err := changed("sink/a", "down")(rep); err != nil {
 				t.Fatal(err)
 			}
