@@ -825,7 +825,7 @@ func (p *Pipeline) changeSink(rs *runState, pl *plan, op *sinkOp, timeout time.D
 		switch {
 		case err == nil:
 		case errors.Is(err, component.ErrRestartNeeded):
-			pt, _, ps := p.buildSinkPart(rs.ctx, p.docFor(op), op.spec, op.own, false)
+			pt, _, ps := p.buildSinkPart(rs.ctx, pl.doc, op.spec, op.own, false)
 			if len(ps) == 0 {
 				if s, ok := pt.c.(component.Starter); ok {
 					if err := s.Start(rs.ctx); err != nil {
@@ -968,7 +968,6 @@ func handed(rep *ReloadReport, sink string, n int64) {
 	}
 }
 
-func (p *Pipeline) docFor(*sinkOp) *config.Document { return p.Document() }
 
 // stopSource stops a removed or replaced source: its Run is cancelled, its batches in
 // flight are acknowledged (within timeout), then it closes.
