@@ -1183,3 +1183,15 @@ func TestReloadUnblocksAStuckSink(t *testing.T) {
 		})
 	}
 }
+
+func TestOptionChangesNamesKeyPaths(t *testing.T) {
+	a := map[string]any{"url": "x", "queue": map[string]any{"type": "disk", "max_size": "1GiB"}, "list": []any{1, 2}, "gone": 1}
+	b := map[string]any{"url": "y", "queue": map[string]any{"type": "disk", "max_size": "2GiB", "sync": "interval"}, "list": []any{1, 2}, "new": true}
+	got := strings.Join(optionChanges(a, b, ""), ",")
+	if want := "gone,new,queue.max_size,queue.sync,url"; got != want {
+		t.Errorf("optionChanges = %s, want %s", got, want)
+	}
+	if got := optionChanges(a, a, ""); len(got) != 0 {
+		t.Errorf("no change: %v", got)
+	}
+}
