@@ -968,7 +968,6 @@ func handed(rep *ReloadReport, sink string, n int64) {
 	}
 }
 
-
 // stopSource stops a removed or replaced source: its Run is cancelled, its batches in
 // flight are acknowledged (within timeout), then it closes.
 func (p *Pipeline) stopSource(s *sourceNode, timeout time.Duration, rs *runState) {
