@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
+	"log/slog"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -1195,3 +1197,41 @@ func TestOptionChangesNamesKeyPaths(t *testing.T) {
 		t.Errorf("no change: %v", got)
 	}
 }
+
+// BenchmarkReloadUnderLoad measures one reload that replaces a memory-queued sink's component
+// while a source keeps its queue full, in process:
+//
+//	go test -run '^$' -bench ReloadUnderLoad -benchtime 20x ./core/pipeline/
+func BenchmarkReloadUnderLoad(b *testing.B) {
+	h := newReloadHarness()
+	dataDir := b.TempDir()
+	doc := func(i int) *config.Document {
+		d, err := config.Load(filepath.Join(dataDir, "pipeline.yaml"), []byte(fmt.Sprintf("data_dir: %s\nsources:\n  gen: {type: count}\nsinks:\n  a: {type: rec, tag: t%d}\n  b: {type: rec}\n", dataDir, i)), nil)
+		if err != nil {
+			b.Fatal(err)
+		}
+		return d
+	}
+	p, err := New(context.Background(), doc(0), Options{Registry: h.reg, Logger: slogDiscard()})
+	if err != nil {
+		b.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := runAsync(p, ctx)
+	<-p.Running()
+	var handed int64
+	b.ResetTimer()
+	for i := range b.N {
+		rep, err := p.Reload(context.Background(), doc(i+1))
+		if err != nil {
+			b.Fatal(err)
+		}
+		handed += rep.HandedOver["a"]
+	}
+	b.StopTimer()
+	b.ReportMetric(float64(handed)/float64(b.N), "handed_over/op")
+	cancel()
+	<-done
+}
+
+func slogDiscard() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
