@@ -23,7 +23,7 @@ type ReloadReport struct {
 	Changed []Change // components whose settings changed
 	Kept    []string // unchanged components, left running untouched
 	// HandedOver is, by sink name, how many queued events a changed sink's queue handed to
-	// its new instance; Delivered how many a removed sink delivered before it stopped, and
+	// its new instance (the queue at the component's swap, or what moved to a new queue); Delivered how many a removed sink delivered before it stopped, and
 	// Undelivered how many it could not (counted as at shutdown).
 	HandedOver  map[string]int64
 	Delivered   map[string]int64
@@ -38,8 +38,9 @@ type ReloadReport struct {
 type Change struct {
 	Component string   // "<kind>/<name>"
 	Keys      []string // what changed: option key paths, or type, plugin, isolation, sha256, run_as, process
-	// How is "reconfigured" (the running instance took the new options, component.Reconfigurer)
-	// or "replaced" (a new instance took over).
+	// How is "reconfigured" (the running instance took the new options, component.Reconfigurer;
+	// also a sink whose only change is its retry or in_flight settings, which its writers
+	// take) or "replaced" (a new instance took over; also a sink given a new queue).
 	How string
 }
 
@@ -76,6 +77,7 @@ type sinkOp struct {
 	own      map[string]any
 	settings SinkSettings
 	deferred bool // node's disk queue opens once old's is closed (the same directory)
+	done     bool // nothing left after changeSink (the node was kept)
 	// A removed sink's counters when the reload began: its report is what changed since.
 	baseWritten, baseLost int64
 }
@@ -548,6 +550,23 @@ func (p *Pipeline) apply(rs *runState, t1 *topology, pl *plan) {
 		}
 	}
 
+	// Changed sinks take their new component (or options) now.
+	for _, op := range pl.sinkOps {
+		if op.old != nil && op.node != nil {
+			p.changeSink(rs, pl, op, timeout, failed)
+		}
+	}
+
+	// A memory queue that a new one replaces takes the old topology's batches whatever its
+	// limit: they all move on.
+	for _, op := range pl.sinkOps {
+		if op.old != nil && op.node != nil && op.node != op.old {
+			if q, ok := op.old.queue.(*queue); ok {
+				q.unbound()
+			}
+		}
+	}
+
 	t2 := newTopology(pl.enrich, pl.sinks)
 	if len(pl.enrichOps) > 0 {
 		t2.open = make(chan struct{})
@@ -645,8 +664,8 @@ func (p *Pipeline) apply(rs *runState, t1 *topology, pl *plan) {
 			}
 		case op.node == nil:
 			p.retireSink(op, timeout, rep)
-		default:
-			p.changeSink(rs, pl, op, timeout, failed)
+		case !op.done:
+			p.handOver(rs, pl, op, timeout)
 			if op.deferred {
 				deferred = append(deferred, op)
 			}
@@ -807,7 +826,7 @@ func (p *Pipeline) changeSink(rs *runState, pl *plan, op *sinkOp, timeout time.D
 		switch {
 		case err == nil:
 		case errors.Is(err, component.ErrRestartNeeded):
-			pt, _, ps := p.buildSinkPart(rs.ctx, p.docFor(op), op.spec, op.own, false)
+			pt, _, ps := p.buildSinkPart(rs.ctx, pl.doc, op.spec, op.own, false)
 			if len(ps) == 0 {
 				if s, ok := pt.c.(component.Starter); ok {
 					if err := s.Start(rs.ctx); err != nil {
@@ -834,38 +853,50 @@ func (p *Pipeline) changeSink(rs *runState, pl *plan, op *sinkOp, timeout time.D
 			failed(k, "Reconfigure failed (%v); it goes on with its old options", err)
 		}
 	}
-	oldImpl := o.cur.Load()
-	swapComp := func() {
-		if op.comp == nil {
-			return
-		}
-		p.closePart(nil, oldImpl.part)
-		oldImpl.part.reg.retire()
-		op.comp.reg.activate()
-	}
-
-	if op.node == o {
-		// Same queue: stop the writers after their writes, swap, start them again.
-		if op.comp == nil && o.settings.Retry == op.settings.Retry && o.settings.InFlight == op.settings.InFlight {
-			o.spec, o.own = op.spec, op.own
-			return
-		}
+	// The component is swapped now, before the old topology's batches are through: they may
+	// be waiting for room in this very queue, which only the new component (a collector's
+	// new URL, say) can empty.
+	swapped := false
+	if op.comp != nil {
 		o.stopWriters(timeout)
 		_, events := o.queue.depth()
 		_, pending := o.pendingDepth()
-		swapComp()
-		if op.comp != nil {
-			o.cur.Store(&sinkImpl{sink: op.comp.c.(component.Sink), part: op.comp})
-			rep.HandedOver[o.name] = int64(events + pending)
+		oldImpl := o.cur.Load()
+		p.closePart(nil, oldImpl.part)
+		oldImpl.part.reg.retire()
+		o.cur.Store(&sinkImpl{sink: op.comp.c.(component.Sink), part: op.comp})
+		op.comp.reg.activate()
+		rep.HandedOver[o.name] = int64(events + pending)
+		swapped = true
+	}
+	if op.node == o {
+		// Same queue: it goes on; new retry and in_flight settings take a restart of the
+		// writers.
+		if o.settings.Retry != op.settings.Retry || o.settings.InFlight != op.settings.InFlight {
+			if !swapped {
+				o.stopWriters(timeout)
+			}
+			o.settings.Retry, o.settings.InFlight = op.settings.Retry, op.settings.InFlight
+			swapped = true
 		}
-		o.settings.Retry, o.settings.InFlight = op.settings.Retry, op.settings.InFlight
+		if swapped {
+			o.start(rs.writeCtx)
+		}
 		o.spec, o.own = op.spec, op.own
-		o.start(rs.writeCtx)
+		op.done = true
 		return
 	}
+	if swapped {
+		o.start(rs.writeCtx) // the old queue drains through the new component meanwhile
+	}
+}
 
-	// A new queue.
-	n := op.node
+// handOver gives a sink's new queue (a new node) what the old one holds, once the old
+// topology's batches are in the old queue.
+func (p *Pipeline) handOver(rs *runState, pl *plan, op *sinkOp, timeout time.Duration) {
+	rep := pl.report
+	o := op.old
+	n := op.node // the component is n's already (changeSink swapped it in the old node)
 	p.addSinkNode(n)
 	_, oldDisk := o.queue.(*diskSinkQueue)
 	switch {
@@ -875,7 +906,6 @@ func (p *Pipeline) changeSink(rs *runState, pl *plan, op *sinkOp, timeout time.D
 		o.queue.close(false)
 		moved := append(o.takeAllPending(), o.queue.drainAll()...)
 		o.updateDepth()
-		swapComp()
 		n.start(rs.writeCtx)
 		var events int64
 		for _, b := range moved {
@@ -890,7 +920,7 @@ func (p *Pipeline) changeSink(rs *runState, pl *plan, op *sinkOp, timeout time.D
 			}
 		}
 		n.updateDepth()
-		rep.HandedOver[o.name] = events
+		handed(rep, o.name, events)
 	case op.deferred:
 		// The same directory: the old queue stops, what it holds stays on disk, and the new
 		// queue opens it (after apply's sink changes) and hands it to the writers.
@@ -903,14 +933,12 @@ func (p *Pipeline) changeSink(rs *runState, pl *plan, op *sinkOp, timeout time.D
 		}
 		o.queue.(*diskSinkQueue).shutdown()
 		o.updateDepth()
-		swapComp()
-		rep.HandedOver[o.name] = int64(events)
+		handed(rep, o.name, int64(events))
 	default:
 		// A disk queue elsewhere: it is drained through the (new) component first, then the
 		// new queue's writers start. What is left at timeout stays in the old directory.
 		written := o.written.Load()
 		o.stopWriters(timeout)
-		swapComp()
 		o.cur.Store(n.cur.Load())
 		o.queue.close(false)
 		o.retiring.Store(true)
@@ -926,11 +954,20 @@ func (p *Pipeline) changeSink(rs *runState, pl *plan, op *sinkOp, timeout time.D
 		d.shutdown()
 		o.updateDepth()
 		n.start(rs.writeCtx)
-		rep.HandedOver[o.name] = o.written.Load() - written
+		handed(rep, o.name, o.written.Load()-written)
 	}
 }
 
-func (p *Pipeline) docFor(*sinkOp) *config.Document { return p.Document() }
+// handed records what a sink's queue handed to its new instance: when both the component
+// and the queue changed, the larger of the two hand-overs (the queue at the component's
+// swap, and what moved to the new queue after), which count many of the same events.
+func handed(rep *ReloadReport, sink string, n int64) {
+	if n > rep.HandedOver[sink] {
+		rep.HandedOver[sink] = n
+	} else if _, ok := rep.HandedOver[sink]; !ok {
+		rep.HandedOver[sink] = n
+	}
+}
 
 // stopSource stops a removed or replaced source: its Run is cancelled, its batches in
 // flight are acknowledged (within timeout), then it closes.

@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
+	"log/slog"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -75,7 +77,7 @@ func newReloadHarness() *reloadHarness {
 	h.reg.Register(component.NewSinkFactory("rec", "", func() *recConf { return &recConf{} },
 		func(env component.Env, c *recConf) (component.Sink, error) {
 			h.built("sink/" + env.Name)
-			s := &recSink{r: h.recorder(env.Name), delay: c.Delay, fatal: c.Fatal, writes: prometheus.NewCounter(prometheus.CounterOpts{
+			s := &recSink{r: h.recorder(env.Name), delay: c.Delay, fatal: c.Fatal, down: c.Down, writes: prometheus.NewCounter(prometheus.CounterOpts{
 				Name: "flowpipe_test_writes_total", Help: "Batches this instance wrote.",
 			})}
 			return s, env.Register(s.writes)
@@ -244,6 +246,7 @@ type recConf struct {
 	Delay time.Duration `yaml:"delay"`
 	Tag   string        `yaml:"tag"`
 	Fatal bool          `yaml:"fatal"` // every write fails with flow.Fatal
+	Down  bool          `yaml:"down"`  // every write fails (retried): a collector that is gone
 }
 
 // recSink records the IDs it wrote; every event of a batch must carry one generation
@@ -254,6 +257,7 @@ type recSink struct {
 	closed atomic.Bool
 	writes prometheus.Counter // registered with Env.Register; nil for reconfSink
 	fatal  bool
+	down   bool
 }
 
 func (s *recSink) Write(ctx context.Context, b *flow.Batch) error {
@@ -263,6 +267,9 @@ func (s *recSink) Write(ctx context.Context, b *flow.Batch) error {
 	}
 	if s.fatal {
 		return flow.Fatal(errors.New("the disk is gone"))
+	}
+	if s.down {
+		return errors.New("collector unreachable")
 	}
 	if s.delay > 0 {
 		select {
@@ -1123,3 +1130,108 @@ func TestKeptHolderFollowsItsNewPlace(t *testing.T) {
 		t.Errorf("%d events; by stamp x %v, by the removed stamp a %v: want every event through x, some through a", len(r.seen), r.srcs, r.rules)
 	}
 }
+
+// The NetBird case: the collector is gone, the sink's queue is full, the sources wait; a
+// reload that points the sink elsewhere (here: a working instance) goes through, and what
+// the full queue held is delivered by the new instance. Also when the queue changes too.
+func TestReloadUnblocksAStuckSink(t *testing.T) {
+	for _, queue := range []string{"{max_events: 400}", "{max_events: 300}", "{type: disk, max_size: 1MiB}", "queue only"} {
+		t.Run(queue, func(t *testing.T) {
+			h := newReloadHarness()
+			dataDir := t.TempDir()
+			doc := func(down bool) *config.Document {
+				q := "{max_events: 400}"
+				if !down {
+					q = queue
+				}
+				if queue == "queue only" {
+					// The collector stays gone; only the queue changes: the reload goes
+					// through, and the events wait in the new queue.
+					down, q = true, "{max_events: 400}"
+					if h.buildsOf("sink/a") > 0 {
+						q = "{max_events: 500}"
+					}
+				}
+				return h.doc(t, dataDir, fmt.Sprintf("sources:\n  gen: {type: count}\nsinks:\n  a:\n    type: rec\n    down: %v\n    queue: %s\n    retry: {initial_interval: 5ms, max_interval: 20ms}\n", down, q))
+			}
+			p, cancel, done := h.start(t, doc(true))
+			a := p.topo.Load().sinks[0]
+			waitFor(t, "the queue to fill", func() bool { _, ev := a.queue.depth(); return ev >= 380 })
+			rep := h.reload(t, p, doc(false))
+			if queue == "queue only" {
+				if err := changed("sink/a", "queue.max_events")(rep); err != nil {
+					t.Fatal(err)
+				}
+				n := p.topo.Load().sinks[0]
+				waitFor(t, "the new queue to fill", func() bool { _, ev := n.queue.depth(); return ev >= 480 })
+				// Stopped with the collector still gone: what the queue holds is counted.
+				cancel()
+				p.Abort()
+				<-done
+				if n := p.Undelivered(); n < 480 {
+					t.Errorf("Undelivered() = %d after a stop with a full queue", n)
+				}
+				return
+			}
+			if err := changed("sink/a", "down")(rep); err != nil {
+				t.Fatal(err)
+			}
+			if rep.HandedOver["a"] < 380 {
+				t.Errorf("handed over %d events, want the full queue's", rep.HandedOver["a"])
+			}
+			h.waitMore(t, "a", 0)
+			h.finish(t, p, done)
+			h.exactlyOnce(t, "a")
+		})
+	}
+}
+
+func TestOptionChangesNamesKeyPaths(t *testing.T) {
+	a := map[string]any{"url": "x", "queue": map[string]any{"type": "disk", "max_size": "1GiB"}, "list": []any{1, 2}, "gone": 1}
+	b := map[string]any{"url": "y", "queue": map[string]any{"type": "disk", "max_size": "2GiB", "sync": "interval"}, "list": []any{1, 2}, "new": true}
+	got := strings.Join(optionChanges(a, b, ""), ",")
+	if want := "gone,new,queue.max_size,queue.sync,url"; got != want {
+		t.Errorf("optionChanges = %s, want %s", got, want)
+	}
+	if got := optionChanges(a, a, ""); len(got) != 0 {
+		t.Errorf("no change: %v", got)
+	}
+}
+
+// BenchmarkReloadUnderLoad measures one reload that replaces a memory-queued sink's component
+// while a source keeps its queue full, in process:
+//
+//	go test -run '^$' -bench ReloadUnderLoad -benchtime 20x ./core/pipeline/
+func BenchmarkReloadUnderLoad(b *testing.B) {
+	h := newReloadHarness()
+	dataDir := b.TempDir()
+	doc := func(i int) *config.Document {
+		d, err := config.Load(filepath.Join(dataDir, "pipeline.yaml"), []byte(fmt.Sprintf("data_dir: %s\nsources:\n  gen: {type: count}\nsinks:\n  a: {type: rec, tag: t%d}\n  b: {type: rec}\n", dataDir, i)), nil)
+		if err != nil {
+			b.Fatal(err)
+		}
+		return d
+	}
+	p, err := New(context.Background(), doc(0), Options{Registry: h.reg, Logger: slogDiscard()})
+	if err != nil {
+		b.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := runAsync(p, ctx)
+	<-p.Running()
+	var handed int64
+	b.ResetTimer()
+	for i := range b.N {
+		rep, err := p.Reload(context.Background(), doc(i+1))
+		if err != nil {
+			b.Fatal(err)
+		}
+		handed += rep.HandedOver["a"]
+	}
+	b.StopTimer()
+	b.ReportMetric(float64(handed)/float64(b.N), "handed_over/op")
+	cancel()
+	<-done
+}
+
+func slogDiscard() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
