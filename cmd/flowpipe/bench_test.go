@@ -10,6 +10,7 @@ import (
 
 	"github.com/flowpipe/flowpipe/core/config"
 	"github.com/flowpipe/flowpipe/core/pipeline"
+	"github.com/flowpipe/flowpipe/internal/testenv"
 )
 
 // benchPipeline runs a whole in-process pipeline of b.N generated events through the real
@@ -37,11 +38,13 @@ sinks:
 	}
 	b.ReportAllocs()
 	b.ResetTimer()
+	cpu0 := testenv.CPUNanos()
 	if err := p.Run(context.Background()); err != nil {
 		b.Fatal(err)
 	}
 	b.StopTimer()
 	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "events/s")
+	b.ReportMetric(float64(testenv.CPUNanos()-cpu0)/float64(b.N), "cpu-ns/event")
 }
 
 func BenchmarkPipelineGenerateToDiscard(b *testing.B) {
