@@ -202,8 +202,11 @@ func (s *Sink) Start(context.Context) error {
 		s.stopSync, s.syncDone = make(chan struct{}), make(chan struct{})
 		go s.syncEvery(s.cfg.SyncInterval)
 	}
-	if s.f == nil || !s.regular || s.size == 0 || s.compressed() {
+	if s.f == nil || !s.regular || s.size == 0 {
 		return nil
+	}
+	if s.compressed() {
+		return s.cutTornFrame()
 	}
 	if err := s.cutTorn(); err != nil {
 		return err
@@ -252,6 +255,31 @@ func (s *Sink) cutTorn() error {
 	}
 	s.env.Logger.Warn("cut a torn last line off the file (the process was stopped mid-write; that batch was not acknowledged)", "file", s.path, "bytes", s.size-cut)
 	s.size = cut
+	return nil
+}
+
+// cutTornFrame cuts a torn last zstd frame or gzip member off a compressed file (frames.go).
+func (s *Sink) cutTornFrame() error {
+	r, err := os.Open(s.path)
+	if err != nil {
+		return fmt.Errorf("read %s: %w", s.path, err)
+	}
+	defer r.Close()
+	end, err := completeEnd(r, s.size, s.cfg.Compression)
+	if errors.Is(err, errNotStream) {
+		return fmt.Errorf("%s exists and is not a %s file (compression: %s): move it away or choose another path", s.path, s.cfg.Compression, s.cfg.Compression)
+	}
+	if err != nil {
+		return fmt.Errorf("read %s: %w", s.path, err)
+	}
+	if end == s.size {
+		return nil
+	}
+	if err := s.f.Truncate(end); err != nil {
+		return fmt.Errorf("%s: cut a torn last %s frame: %w", s.path, s.cfg.Compression, err)
+	}
+	s.env.Logger.Warn("cut a torn last compressed frame off the file (the process was stopped mid-write; that batch was not acknowledged)", "file", s.path, "bytes", s.size-end)
+	s.size = end
 	return nil
 }
 
@@ -435,11 +463,13 @@ func (s *Sink) release(ps *partSet) {
 	s.parts.Put(ps)
 }
 
-// compress appends src to dst as one zstd frame or gzip member.
+// compress appends src to dst as one zstd frame or gzip member (whose header records its
+// length, frames.go).
 func (s *Sink) compress(src, dst []byte) ([]byte, error) {
 	if s.zstd != nil {
 		return s.zstd.EncodeAll(src, dst), nil
 	}
+	start := len(dst)
 	w := bytesWriter{b: dst}
 	gz, _ := s.gzips.Get().(*gzip.Writer)
 	if gz == nil {
@@ -448,12 +478,14 @@ func (s *Sink) compress(src, dst []byte) ([]byte, error) {
 		gz.Reset(&w)
 	}
 	defer s.gzips.Put(gz)
+	gz.Header.Extra = gzipExtraField
 	if _, err := gz.Write(src); err != nil {
 		return dst, err
 	}
 	if err := gz.Close(); err != nil {
 		return dst, err
 	}
+	setGzipLength(w.b[start:])
 	return w.b, nil
 }
 
