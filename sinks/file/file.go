@@ -51,10 +51,10 @@ type Config struct {
 	// Format is the schema of each line: flowpipe (docs/schema.md; what the replay source
 	// reads), ecs or ocsf (core/schema).
 	Format string `yaml:"format"`
-	// Compression is "none", "zstd" or "gzip". Each batch is written as one complete zstd
-	// frame or gzip member, so that the file (the current one, a rotated one, one cut short
-	// by a crash after its last acknowledged batch) is always a valid stream: frames and
-	// members concatenate.
+	// Compression is "none", "zstd" or "gzip". Each part of a batch is written as one
+	// complete zstd frame or gzip member, so that the file (the current one, a rotated one,
+	// one cut short by a crash) is always a valid stream: frames and members concatenate, and
+	// a torn last one is cut off at start (frames.go).
 	Compression string `yaml:"compression"`
 	// CompressionLevel is fastest (the default), default, better or best: the
 	// compressor's trade of CPU for size (zstd's encoder levels; gzip levels 1, 6, 7, 9).
