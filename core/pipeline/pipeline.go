@@ -98,8 +98,11 @@ type sourceNode struct {
 	tap  *tap.Hub
 
 	out outstanding // batches emitted and not yet acknowledged
-	// ectx is what its batches wait under for room in the sinks' queues: Run's, not the
-	// source's own, so that a reload that stops the source loses none it had emitted.
+	// ectx is what its batches wait under for room in the sinks' queues: the drain
+	// deadline's, not the source's own, so that neither a reload that stops the source nor
+	// a shutdown gives up a batch it had emitted while the drain still has time (a batch
+	// waiting for room in a full queue when SIGTERM comes is delivered, or given up and
+	// counted at runtime.shutdown_timeout).
 	ectx context.Context
 	// enrichCtx is what enrichers' calls on its batches run under: the drain deadline's, so
 	// that a batch being enriched when the pipeline stops is not failed by the stop (for a
@@ -577,7 +580,7 @@ func (p *Pipeline) Undelivered() int64 {
 func (p *Pipeline) runSource(rs *runState, s *sourceNode) {
 	ctx, cancel := context.WithCancel(rs.srcCtx)
 	s.cancel = cancel
-	s.ectx = rs.srcCtx
+	s.ectx = rs.writeCtx
 	s.enrichCtx = rs.writeCtx
 	s.done = make(chan struct{})
 	p.mu.Lock()
