@@ -527,7 +527,7 @@ sinks:
   c: {type: test}
 `)
 	got := map[string]int{}
-	for _, s := range p.sinks {
+	for _, s := range p.topo.Load().sinks {
 		got[s.name] = s.settings.InFlight
 	}
 	if got["a"] != 8 || got["b"] != 2 || got["c"] != 1 {

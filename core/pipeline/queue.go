@@ -231,3 +231,22 @@ func (q *queue) depth() (batches, events int) {
 	defer q.mu.Unlock()
 	return q.lenLocked(), q.events
 }
+
+// pushFront puts batches back at the head of the queue, in order, beyond its limits: they
+// were accepted already (a reload moves a replaced queue's batches here).
+func (q *queue) pushFront(bs []*flow.Batch) {
+	if len(bs) == 0 {
+		return
+	}
+	q.mu.Lock()
+	rest := q.items[q.head:]
+	items := make([]*flow.Batch, 0, len(bs)+len(rest))
+	items = append(items, bs...)
+	items = append(items, rest...)
+	for _, b := range bs {
+		q.events += len(b.Events)
+	}
+	q.items, q.head = items, 0
+	q.mu.Unlock()
+	signal(q.notEmpty)
+}
