@@ -1,15 +1,21 @@
 package main
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
+	"fmt"
 	"log/slog"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
+	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -223,4 +229,116 @@ func TestConntrackReconfigureInPluginProcess(t *testing.T) {
 		t.Errorf("Close: %v", err)
 	}
 	b.checkOnce(t, out.Events(), first, n)
+}
+
+// ctLogCount counts flowpipe's --log-format json records with message msg and every
+// attribute of attrs.
+func ctLogCount(log, msg string, attrs map[string]string) int {
+	n := 0
+	for _, l := range strings.Split(log, "\n") {
+		var rec map[string]any
+		if json.Unmarshal([]byte(l), &rec) != nil || rec["msg"] != msg {
+			continue
+		}
+		ok := true
+		for k, v := range attrs {
+			ok = ok && fmt.Sprint(rec[k]) == v
+		}
+		if ok {
+			n++
+		}
+	}
+	return n
+}
+
+// readFlows reads the complete lines of a file sink's output written so far.
+func readFlows(t *testing.T, path string) []flow.Event {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []flow.Event
+	lines := bytes.Split(b, []byte("\n"))
+	for _, l := range lines[:len(lines)-1] { // the last is empty or still being written
+		var e flow.Event
+		if err := flow.ParseJSON(l, &e); err != nil {
+			t.Fatalf("%s: %v", path, err)
+		}
+		out = append(out, e)
+	}
+	return out
+}
+
+// TestReloadConntrackOnSIGHUP: `flowpipe run` (the default isolation: the conntrack source
+// in its own plugin process) reads a namespace while it is flooded with short UDP flows;
+// between rounds of the flood, pipeline.yaml gets other protocols (and batch options) and
+// flowpipe a SIGHUP. Each reload reconfigures the running source in place (its plugin
+// process stays), and every flow has exactly one start and one end with the same flow ID.
+func TestReloadConntrackOnSIGHUP(t *testing.T) {
+	b := newBurstNS(t)
+	dir := t.TempDir()
+	pipeline := func(extra string) string {
+		return `
+admin: {listen: ""}
+data_dir: state
+sources:
+  kernel: {type: conntrack, netns: ` + b.p.A + `, activate: true, ` + extra + `}
+sinks:
+  out: {type: file, path: flows.jsonl}
+`
+	}
+	writeFile(t, filepath.Join(dir, "pipeline.yaml"), pipeline(`protocols: [udp], flush_interval: 20ms`))
+	cmd, stderr := runUntilRunning(t, dir, "--log-format", "json")
+	plugins := pluginChildren(t, cmd.Process.Pid)
+	if len(plugins) != 2 {
+		t.Fatalf("plugin processes %v, want the source's and the sink's", plugins)
+	}
+	variants := []string{
+		`protocols: [udp, tcp], batch_size: 64, flush_interval: 20ms`,
+		`protocols: [udp], read_buffer: 8MiB, flush_interval: 50ms`,
+		`protocols: [udp, icmp], exclude_prefixes: [192.0.2.0/24], flush_interval: 20ms`,
+		`protocols: ["17"], flush_interval: 10ms`,
+	}
+	const rounds, per, first = 8, 400, 30000
+	for i := 0; i < rounds; i++ {
+		flooded := make(chan error, 1)
+		go func() { flooded <- b.flood(first+i*per, per) }()
+		writeFile(t, filepath.Join(dir, "pipeline.yaml"), pipeline(variants[i%len(variants)]))
+		if err := cmd.Process.Signal(syscall.SIGHUP); err != nil {
+			t.Fatal(err)
+		}
+		eventually(t, fmt.Sprintf("reload %d applied", i+1), func() bool {
+			return ctLogCount(stderr.String(), "reload applied", nil) == i+1
+		})
+		if err := <-flooded; err != nil {
+			t.Fatalf("flood %d: %v", i, err)
+		}
+	}
+	if n := ctLogCount(stderr.String(), "reload: changed", map[string]string{"component": "source/kernel", "how": "reconfigured"}); n != rounds {
+		t.Errorf("the source was reconfigured in place %d times of %d reloads:\n%s", n, rounds, stderr.String())
+	}
+	if now := pluginChildren(t, cmd.Process.Pid); !slices.Equal(now, plugins) {
+		t.Errorf("plugin processes %v after the reloads, %v before: a reconfigured source keeps its process", now, plugins)
+	}
+	const n = rounds * per
+	out := filepath.Join(dir, "flows.jsonl")
+	eventually(t, "every start and end in the file", func() bool {
+		s, e := b.counted(readFlows(t, out), first, n)
+		if e < n {
+			b.reap()
+			time.Sleep(50 * time.Millisecond)
+		}
+		return s >= n && e >= n
+	})
+	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if code := waitExit(t, cmd, stderr, time.Minute); code != 0 {
+		t.Fatalf("exit %d:\n%s", code, stderr.String())
+	}
+	b.checkOnce(t, componenttest.ReadJSONLines(t, out), first, n)
 }
