@@ -67,11 +67,12 @@ func (s *Source) Reconfigure(ctx context.Context, raw map[string]any) error {
 	}
 	s.mu.Lock()
 	running := s.running
-	s.mu.Unlock()
 	if running == nil {
-		s.cfg.Store(c) // not running yet: Run starts with these
+		s.cfg.Store(c) // not running yet: Run (which sets running under mu) starts with these
+		s.mu.Unlock()
 		return nil
 	}
+	s.mu.Unlock()
 	req := &reconfRequest{cfg: c, done: make(chan error, 1)}
 	select {
 	case s.reconf <- req:
