@@ -25,6 +25,7 @@ import (
 	"github.com/flowpipe/flowpipe/core/component/componenttest"
 	"github.com/flowpipe/flowpipe/core/config"
 	"github.com/flowpipe/flowpipe/core/flow"
+	"github.com/flowpipe/flowpipe/core/options"
 	"github.com/flowpipe/flowpipe/internal/netns"
 	"github.com/flowpipe/flowpipe/internal/pluginhost"
 	"github.com/flowpipe/flowpipe/internal/testenv"
@@ -215,6 +216,18 @@ func TestConntrackReconfigureInPluginProcess(t *testing.T) {
 	// A change the running source cannot make in place is refused, and changes nothing.
 	if err := rc.Reconfigure(ctx, opts(map[string]any{"activate": false})); !errors.Is(err, component.ErrRestartNeeded) {
 		t.Errorf("activate changed: got %v, want ErrRestartNeeded", err)
+	}
+	// Options that need other capabilities than the process has (no netns: no
+	// CAP_SYS_ADMIN) are refused by the host before they reach the plugin.
+	noNS := opts(nil)
+	delete(noNS, "netns")
+	if err := rc.Reconfigure(ctx, noNS); !errors.Is(err, component.ErrRestartNeeded) || !strings.Contains(err.Error(), "capabilities") {
+		t.Errorf("capabilities changed: got %v, want ErrRestartNeeded naming the capabilities", err)
+	}
+	// Problems come back at their keys.
+	err = rc.Reconfigure(ctx, opts(map[string]any{"protocols": []any{"udb"}}))
+	if fe, ok := options.FieldErrorsOf(err); !ok || len(fe) != 1 || fe[0].Path != "protocols[0]" {
+		t.Errorf("bad protocol: got %v, want one problem at protocols[0]", err)
 	}
 	if now := pluginChildren(t, os.Getpid()); len(now) != 1 || now[0] != pids[0] {
 		t.Errorf("plugin processes %v before, %v after: Reconfigure must keep the process", pids, now)
