@@ -43,7 +43,7 @@ func TestMain(m *testing.M) {
 		fmt.Fprintf(os.Stderr, "build test plugin: %v\n%s", err, out)
 		os.Exit(1)
 	}
-	for _, name := range []string{"flowpipe-sink-jsonl", "flowpipe-source-seq", "flowpipe-enricher-tag", "flowpipe-enricher-old", "flowpipe-sink-future"} {
+	for _, name := range []string{"flowpipe-sink-jsonl", "flowpipe-source-seq", "flowpipe-enricher-tag", "flowpipe-sink-future"} {
 		if err := os.Link(bin, filepath.Join(dir, name)); err != nil {
 			panic(err)
 		}

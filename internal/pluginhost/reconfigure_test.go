@@ -3,6 +3,8 @@ package pluginhost
 import (
 	"context"
 	"errors"
+	"os"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
@@ -107,6 +109,10 @@ func TestReconfigurePlugin(t *testing.T) {
 // TestReconfigureOldPlugin: a plugin built before the Reconfigure call (gRPC Unimplemented)
 // and a component that does not implement Reconfigurer both ask for a new instance.
 func TestReconfigureOldPlugin(t *testing.T) {
+	old := filepath.Join(pluginDir, "flowpipe-enricher-old")
+	if err := os.Link(filepath.Join(pluginDir, "testplugin"), old); err != nil && !errors.Is(err, os.ErrExist) {
+		t.Fatal(err)
+	}
 	f := newFixture(t, component.KindEnricher, "old")
 	c, err := f.instantiate(t, "old", map[string]any{"rule": "r-1"})
 	if err != nil {
