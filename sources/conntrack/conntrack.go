@@ -57,7 +57,7 @@ func New(env component.Env, cfg *Config) (component.Source, error) {
 		env.Metrics = component.NopMetrics{}
 	}
 	s := &Source{env: env, log: env.Logger, q: newQueue(cfg.BatchSize, cfg.MaxPending), sweepGetMax: 256,
-		reconf: make(chan *reconfRequest)}
+		reconf: make(chan *reconfRequest, 1)}
 	s.cfg.Store(cfg)
 	s.tr = newTracker(cfg, s.push)
 	if env.Registerer != nil {
@@ -94,7 +94,7 @@ type Source struct {
 
 	// reconf hands new options to the reader goroutine, which applies them between two
 	// netlink messages (reconfigure.go).
-	reconf   chan *reconfRequest // unbuffered: a request sent is one the reader took
+	reconf   chan *reconfRequest // holds the one request of the Reconfigure in progress
 	reconfMu sync.Mutex          // one Reconfigure at a time
 
 	stats stats

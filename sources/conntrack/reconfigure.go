@@ -94,18 +94,27 @@ func (s *Source) Reconfigure(ctx context.Context, raw map[string]any) error {
 	}
 	ev := s.events
 	s.mu.Unlock()
+	// The request is queued first and the reader woken after, so that the reader, once
+	// awake, finds it (reconfMu keeps the queue to this one request).
+	req := &reconfRequest{cfg: c, done: make(chan error, 1)}
+	s.reconf <- req
 	if ev != nil {
 		_ = ev.setDeadline(time.Now()) // wake a reader blocked on the socket
 	}
-	req := &reconfRequest{cfg: c, done: make(chan error, 1)}
 	select {
-	case s.reconf <- req:
-		// Taken: the reader applies or refuses it and answers, whatever ctx does now.
-		return <-req.done
+	case err := <-req.done:
+		return err
 	case <-running:
-		return s.applyStopped(c)
 	case <-ctx.Done():
-		return fmt.Errorf("conntrack source %s: %w", s.env.Name, ctx.Err())
+	}
+	select {
+	case <-s.reconf: // not taken: nothing changed
+		if ctx.Err() != nil {
+			return fmt.Errorf("conntrack source %s: %w", s.env.Name, ctx.Err())
+		}
+		return s.applyStopped(c) // the reader has stopped
+	default:
+		return <-req.done // taken: the reader answers before it goes on
 	}
 }
 
