@@ -41,6 +41,17 @@ type Options struct {
 	Taps *tap.Registry
 	// Graph is the pipeline's components in stages, for /api/pipeline and the page.
 	Graph Graph
+	// CurrentGraph, when set, is asked for the graph at each request instead of Graph: a
+	// pipeline that reloads changes its components (GraphOf(p.Document(), ...)).
+	CurrentGraph func() Graph
+}
+
+// graph is the pipeline's graph now.
+func (s *Server) graph() Graph {
+	if s.opts.CurrentGraph != nil {
+		return s.opts.CurrentGraph()
+	}
+	return s.opts.Graph
 }
 
 // Server is a running admin listener.

@@ -236,5 +236,6 @@ func (d *diskSinkQueue) durable() bool { return true }
 func (d *diskSinkQueue) shutdown() {
 	if q := d.q.Load(); q != nil {
 		q.Close()
+		d.stat.q.CompareAndSwap(q, nil) // unless the sink has another queue now
 	}
 }

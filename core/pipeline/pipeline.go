@@ -97,7 +97,10 @@ type sourceNode struct {
 	p    *Pipeline
 	tap  *tap.Hub
 
-	out     outstanding // batches emitted and not yet acknowledged
+	out outstanding // batches emitted and not yet acknowledged
+	// ectx is what its batches wait under for room in the sinks' queues: Run's, not the
+	// source's own, so that a reload that stops the source loses none it had emitted.
+	ectx    context.Context
 	cancel  context.CancelFunc
 	done    chan struct{} // closed when Run returned
 	stopped atomic.Bool   // stopped by a reload, not run out
@@ -570,6 +573,7 @@ func (p *Pipeline) Undelivered() int64 {
 func (p *Pipeline) runSource(rs *runState, s *sourceNode) {
 	ctx, cancel := context.WithCancel(rs.srcCtx)
 	s.cancel = cancel
+	s.ectx = rs.srcCtx
 	s.done = make(chan struct{})
 	p.mu.Lock()
 	rs.active++
@@ -781,6 +785,9 @@ func (s *sourceNode) Emit(ctx context.Context, b *flow.Batch) error {
 		s.out.done()
 	})
 	s.tap.Publish(b.Events)
+	if s.ectx != nil {
+		ctx = s.ectx
+	}
 	t := s.p.acquire()
 	defer t.release()
 	if t.open != nil {
@@ -838,16 +845,24 @@ func (p *Pipeline) emitFrom(ctx context.Context, t *topology, i int, b *flow.Bat
 			break
 		}
 	}
-	if len(b.Events) == 0 || len(t.sinks) == 0 {
+	if len(b.Events) == 0 {
 		b.Release(nil)
+		return nil
+	}
+	if len(t.sinks) == 0 {
+		// Never while sources run (a reload stops them before it removes the last sink);
+		// should it happen, the events are counted, not acknowledged as delivered.
+		p.failed.Add(int64(len(b.Events)))
+		p.log.Error("a batch reached a pipeline with no sink; counted as not delivered", "events", len(b.Events))
+		b.Release(flow.ErrShutdown)
 		return nil
 	}
 	p.fanout.Publish(b.Events)
 	var err error
 	for _, s := range t.sinks {
 		s.tap.Publish(b.Events)
-		if e := s.enqueue(ctx, b); e != nil && err == nil {
-			err = e
+		if e := s.enqueue(ctx, b); e != nil && err == nil && !s.retiring.Load() {
+			err = e // a sink a reload removes refuses batches without stopping the source
 		}
 	}
 	b.Release(nil)

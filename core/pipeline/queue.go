@@ -250,3 +250,13 @@ func (q *queue) pushFront(bs []*flow.Batch) {
 	q.mu.Unlock()
 	signal(q.notEmpty)
 }
+
+// unbound lifts the queue's limits: a reload that gives the sink a new queue lets the
+// batches already on their way into this one in (as many as there are sources), instead of
+// waiting for a sink that may not be writing, then moves them all.
+func (q *queue) unbound() {
+	q.mu.Lock()
+	q.maxBatches, q.maxEvents = int(^uint(0)>>1), int(^uint(0)>>1)
+	q.mu.Unlock()
+	signal(q.notFull)
+}

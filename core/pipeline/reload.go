@@ -23,7 +23,7 @@ type ReloadReport struct {
 	Changed []Change // components whose settings changed
 	Kept    []string // unchanged components, left running untouched
 	// HandedOver is, by sink name, how many queued events a changed sink's queue handed to
-	// its new instance; Delivered how many a removed sink delivered before it stopped, and
+	// its new instance (the queue at the component's swap, or what moved to a new queue); Delivered how many a removed sink delivered before it stopped, and
 	// Undelivered how many it could not (counted as at shutdown).
 	HandedOver  map[string]int64
 	Delivered   map[string]int64
@@ -38,8 +38,9 @@ type ReloadReport struct {
 type Change struct {
 	Component string   // "<kind>/<name>"
 	Keys      []string // what changed: option key paths, or type, plugin, isolation, sha256, run_as, process
-	// How is "reconfigured" (the running instance took the new options, component.Reconfigurer)
-	// or "replaced" (a new instance took over).
+	// How is "reconfigured" (the running instance took the new options, component.Reconfigurer;
+	// also a sink whose only change is its retry or in_flight settings, which its writers
+	// take) or "replaced" (a new instance took over; also a sink given a new queue).
 	How string
 }
 
@@ -54,11 +55,11 @@ const (
 type plan struct {
 	doc     *config.Document
 	report  *ReloadReport
-	built   []*part         // new instances, in start order: sinks, enrichers, sources
+	built   []*part          // new instances, in start order: sinks, enrichers, sources
 	opened  []*diskSinkQueue // disk queues opened for the new pipeline (closed if refused)
-	sinks   []*sinkNode     // the new topology's sinks
-	enrich  []*enricherNode // and its enrichers, in order
-	sources []*sourceNode   // every source of the new pipeline
+	sinks   []*sinkNode      // the new topology's sinks
+	enrich  []*enricherNode  // and its enrichers, in order
+	sources []*sourceNode    // every source of the new pipeline
 
 	sinkOps   []*sinkOp
 	enrichOps []*reconfOp // enrichers reconfigured in place
@@ -76,6 +77,9 @@ type sinkOp struct {
 	own      map[string]any
 	settings SinkSettings
 	deferred bool // node's disk queue opens once old's is closed (the same directory)
+	done     bool // nothing left after changeSink (the node was kept)
+	// A removed sink's counters when the reload began: its report is what changed since.
+	baseWritten, baseLost int64
 }
 
 type reconfOp struct {
@@ -424,7 +428,9 @@ func (p *Pipeline) plan(ctx context.Context, doc *config.Document, cur *topology
 			continue
 		}
 		if s, ok := pt.c.(component.Starter); ok {
-			if err := s.Start(ctx); err != nil {
+			// Started under Run's context, as Run starts components: the reload's caller
+			// (an HTTP request) may be gone long before the component.
+			if err := s.Start(p.rs.ctx); err != nil {
 				probs = append(probs, doc.Problem(specPath(doc, pt), "start: %v", err))
 			}
 		}
@@ -494,6 +500,9 @@ func (p *Pipeline) Reload(ctx context.Context, doc *config.Document) (*ReloadRep
 	p.apply(rs, cur, pl)
 	p.docp.Store(doc)
 	p.logReport(doc, pl.report)
+	if a, b := enricherNames(cur.enrich), enricherNames(p.topo.Load().enrich); a != b {
+		p.log.Info("reload: enricher chain", "was", a, "now", b)
+	}
 	return pl.report, nil
 }
 
@@ -526,6 +535,37 @@ func (p *Pipeline) apply(rs *runState, t1 *topology, pl *plan) {
 		}
 	}
 
+	for _, op := range pl.sinkOps {
+		if op.old != nil && op.node == nil {
+			op.baseWritten, op.baseLost = op.old.written.Load(), op.old.undelivered.Load()
+		}
+	}
+	// Removed sources stop first, while every stage their batches may be in still runs.
+	for _, op := range pl.srcOps {
+		if op.node == nil && !op.reconf && op.old != nil {
+			p.stopSource(op.old, timeout, rs)
+			op.old.part.reg.retire()
+			op.old = nil
+		}
+	}
+
+	// Changed sinks take their new component (or options) now.
+	for _, op := range pl.sinkOps {
+		if op.old != nil && op.node != nil {
+			p.changeSink(rs, pl, op, timeout, failed)
+		}
+	}
+
+	// A memory queue that a new one replaces takes the old topology's batches whatever its
+	// limit: they all move on.
+	for _, op := range pl.sinkOps {
+		if op.old != nil && op.node != nil && op.node != op.old {
+			if q, ok := op.old.queue.(*queue); ok {
+				q.unbound()
+			}
+		}
+	}
+
 	t2 := newTopology(pl.enrich, pl.sinks)
 	if len(pl.enrichOps) > 0 {
 		t2.open = make(chan struct{})
@@ -534,7 +574,21 @@ func (p *Pipeline) apply(rs *runState, t1 *topology, pl *plan) {
 		e.via.Store(t1)
 	}
 	p.topo.Store(t2)
-	<-t1.retire() // every batch that took the old stages is in the old sinks' queues
+	// Every batch that took the old stages must be in the old sinks' queues. A removed sink
+	// whose full queue holds one back gets runtime.shutdown_timeout, then stops taking
+	// batches: what it refuses is given up and counted, as at shutdown.
+	retired := t1.retire()
+	select {
+	case <-retired:
+	case <-time.After(timeout):
+		for _, op := range pl.sinkOps {
+			if op.node == nil {
+				op.old.retiring.Store(true)
+				op.old.queue.close(false)
+			}
+		}
+		<-retired
+	}
 
 	// Enrichers reconfigured in place, while no source batch is between stages.
 	for _, op := range pl.enrichOps {
@@ -608,9 +662,9 @@ func (p *Pipeline) apply(rs *runState, t1 *topology, pl *plan) {
 				deferred = append(deferred, op)
 			}
 		case op.node == nil:
-			p.retireSink(op.old, timeout, rep)
-		default:
-			p.changeSink(rs, op, timeout, rep, failed)
+			p.retireSink(op, timeout, rep)
+		case !op.done:
+			p.handOver(rs, pl, op, timeout)
 			if op.deferred {
 				deferred = append(deferred, op)
 			}
@@ -628,6 +682,9 @@ func (p *Pipeline) apply(rs *runState, t1 *topology, pl *plan) {
 	// Sources last, when every stage they feed is in place.
 	var sources []*sourceNode
 	for _, op := range pl.srcOps {
+		if op.old == nil && op.node == nil {
+			continue // stopped above
+		}
 		k := key(component.KindSource, op.spec.Name)
 		if op.old != nil && op.reconf {
 			err := op.old.src.(component.Reconfigurer).Reconfigure(wctx, op.spec.Options)
@@ -705,6 +762,14 @@ func (p *Pipeline) apply(rs *runState, t1 *topology, pl *plan) {
 	}
 }
 
+func enricherNames(list []*enricherNode) string {
+	names := make([]string, len(list))
+	for i, e := range list {
+		names[i] = e.name
+	}
+	return strings.Join(names, " -> ")
+}
+
 func (pl *plan) setHow(k, how string) {
 	if c := pl.changes[k]; c != nil {
 		c.How = how
@@ -720,8 +785,9 @@ func (p *Pipeline) addSinkNode(n *sinkNode) {
 // retireSink stops a removed sink: it takes no new batch (the topology without it is in and
 // the old one's batches are queued), delivers what its queue holds within timeout, gives up
 // on (and counts) the rest, and closes.
-func (p *Pipeline) retireSink(n *sinkNode, timeout time.Duration, rep *ReloadReport) {
-	written, lost := n.written.Load(), n.undelivered.Load()
+func (p *Pipeline) retireSink(op *sinkOp, timeout time.Duration, rep *ReloadReport) {
+	n := op.old
+	written, lost := op.baseWritten, op.baseLost
 	n.retiring.Store(true)
 	n.queue.close(false)
 	n.waitWriters(timeout)
@@ -750,7 +816,8 @@ func (p *Pipeline) retireSink(n *sinkNode, timeout time.Duration, rep *ReloadRep
 
 // changeSink gives a changed sink its new component, settings or queue; what the queue holds
 // goes to the new instance.
-func (p *Pipeline) changeSink(rs *runState, op *sinkOp, timeout time.Duration, rep *ReloadReport, failed func(string, string, ...any)) {
+func (p *Pipeline) changeSink(rs *runState, pl *plan, op *sinkOp, timeout time.Duration, failed func(string, string, ...any)) {
+	rep := pl.report
 	o := op.old
 	k := key(component.KindSink, o.name)
 	if op.reconf {
@@ -758,7 +825,7 @@ func (p *Pipeline) changeSink(rs *runState, op *sinkOp, timeout time.Duration, r
 		switch {
 		case err == nil:
 		case errors.Is(err, component.ErrRestartNeeded):
-			pt, _, ps := p.buildSinkPart(rs.ctx, p.docFor(op), op.spec, op.own, false)
+			pt, _, ps := p.buildSinkPart(rs.ctx, pl.doc, op.spec, op.own, false)
 			if len(ps) == 0 {
 				if s, ok := pt.c.(component.Starter); ok {
 					if err := s.Start(rs.ctx); err != nil {
@@ -780,47 +847,55 @@ func (p *Pipeline) changeSink(rs *runState, op *sinkOp, timeout time.Duration, r
 			if op.node != o {
 				op.node.cur.Store(&sinkImpl{sink: pt.c.(component.Sink), part: pt})
 			}
-			for i := range rep.Changed {
-				if rep.Changed[i].Component == k {
-					rep.Changed[i].How = HowReplaced
-				}
-			}
+			pl.setHow(k, HowReplaced)
 		default:
 			failed(k, "Reconfigure failed (%v); it goes on with its old options", err)
 		}
 	}
-	oldImpl := o.cur.Load()
-	swapComp := func() {
-		if op.comp == nil {
-			return
-		}
-		p.closePart(nil, oldImpl.part)
-		oldImpl.part.reg.retire()
-		op.comp.reg.activate()
-	}
-
-	if op.node == o {
-		// Same queue: stop the writers after their writes, swap, start them again.
-		if op.comp == nil && o.settings.Retry == op.settings.Retry && o.settings.InFlight == op.settings.InFlight {
-			o.spec, o.own = op.spec, op.own
-			return
-		}
+	// The component is swapped now, before the old topology's batches are through: they may
+	// be waiting for room in this very queue, which only the new component (a collector's
+	// new URL, say) can empty.
+	swapped := false
+	if op.comp != nil {
 		o.stopWriters(timeout)
 		_, events := o.queue.depth()
 		_, pending := o.pendingDepth()
-		swapComp()
-		if op.comp != nil {
-			o.cur.Store(&sinkImpl{sink: op.comp.c.(component.Sink), part: op.comp})
-			rep.HandedOver[o.name] = int64(events + pending)
+		oldImpl := o.cur.Load()
+		p.closePart(nil, oldImpl.part)
+		oldImpl.part.reg.retire()
+		o.cur.Store(&sinkImpl{sink: op.comp.c.(component.Sink), part: op.comp})
+		op.comp.reg.activate()
+		rep.HandedOver[o.name] = int64(events + pending)
+		swapped = true
+	}
+	if op.node == o {
+		// Same queue: it goes on; new retry and in_flight settings take a restart of the
+		// writers.
+		if o.settings.Retry != op.settings.Retry || o.settings.InFlight != op.settings.InFlight {
+			if !swapped {
+				o.stopWriters(timeout)
+			}
+			o.settings.Retry, o.settings.InFlight = op.settings.Retry, op.settings.InFlight
+			swapped = true
 		}
-		o.settings.Retry, o.settings.InFlight = op.settings.Retry, op.settings.InFlight
+		if swapped {
+			o.start(rs.writeCtx)
+		}
 		o.spec, o.own = op.spec, op.own
-		o.start(rs.writeCtx)
+		op.done = true
 		return
 	}
+	if swapped {
+		o.start(rs.writeCtx) // the old queue drains through the new component meanwhile
+	}
+}
 
-	// A new queue.
-	n := op.node
+// handOver gives a sink's new queue (a new node) what the old one holds, once the old
+// topology's batches are in the old queue.
+func (p *Pipeline) handOver(rs *runState, pl *plan, op *sinkOp, timeout time.Duration) {
+	rep := pl.report
+	o := op.old
+	n := op.node // the component is n's already (changeSink swapped it in the old node)
 	p.addSinkNode(n)
 	_, oldDisk := o.queue.(*diskSinkQueue)
 	switch {
@@ -830,7 +905,6 @@ func (p *Pipeline) changeSink(rs *runState, op *sinkOp, timeout time.Duration, r
 		o.queue.close(false)
 		moved := append(o.takeAllPending(), o.queue.drainAll()...)
 		o.updateDepth()
-		swapComp()
 		n.start(rs.writeCtx)
 		var events int64
 		for _, b := range moved {
@@ -845,7 +919,7 @@ func (p *Pipeline) changeSink(rs *runState, op *sinkOp, timeout time.Duration, r
 			}
 		}
 		n.updateDepth()
-		rep.HandedOver[o.name] = events
+		handed(rep, o.name, events)
 	case op.deferred:
 		// The same directory: the old queue stops, what it holds stays on disk, and the new
 		// queue opens it (after apply's sink changes) and hands it to the writers.
@@ -858,14 +932,12 @@ func (p *Pipeline) changeSink(rs *runState, op *sinkOp, timeout time.Duration, r
 		}
 		o.queue.(*diskSinkQueue).shutdown()
 		o.updateDepth()
-		swapComp()
-		rep.HandedOver[o.name] = int64(events)
+		handed(rep, o.name, int64(events))
 	default:
 		// A disk queue elsewhere: it is drained through the (new) component first, then the
 		// new queue's writers start. What is left at timeout stays in the old directory.
 		written := o.written.Load()
 		o.stopWriters(timeout)
-		swapComp()
 		o.cur.Store(n.cur.Load())
 		o.queue.close(false)
 		o.retiring.Store(true)
@@ -881,11 +953,20 @@ func (p *Pipeline) changeSink(rs *runState, op *sinkOp, timeout time.Duration, r
 		d.shutdown()
 		o.updateDepth()
 		n.start(rs.writeCtx)
-		rep.HandedOver[o.name] = o.written.Load() - written
+		handed(rep, o.name, o.written.Load()-written)
 	}
 }
 
-func (p *Pipeline) docFor(*sinkOp) *config.Document { return p.Document() }
+// handed records what a sink's queue handed to its new instance: when both the component
+// and the queue changed, the larger of the two hand-overs (the queue at the component's
+// swap, and what moved to the new queue after), which count many of the same events.
+func handed(rep *ReloadReport, sink string, n int64) {
+	if n > rep.HandedOver[sink] {
+		rep.HandedOver[sink] = n
+	} else if _, ok := rep.HandedOver[sink]; !ok {
+		rep.HandedOver[sink] = n
+	}
+}
 
 // stopSource stops a removed or replaced source: its Run is cancelled, its batches in
 // flight are acknowledged (within timeout), then it closes.
