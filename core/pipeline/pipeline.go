@@ -100,10 +100,14 @@ type sourceNode struct {
 	out outstanding // batches emitted and not yet acknowledged
 	// ectx is what its batches wait under for room in the sinks' queues: Run's, not the
 	// source's own, so that a reload that stops the source loses none it had emitted.
-	ectx    context.Context
-	cancel  context.CancelFunc
-	done    chan struct{} // closed when Run returned
-	stopped atomic.Bool   // stopped by a reload, not run out
+	ectx context.Context
+	// enrichCtx is what enrichers' calls on its batches run under: the drain deadline's, so
+	// that a batch being enriched when the pipeline stops is not failed by the stop (for a
+	// plugin the call is an RPC that a cancelled context ends).
+	enrichCtx context.Context
+	cancel    context.CancelFunc
+	done      chan struct{} // closed when Run returned
+	stopped   atomic.Bool   // stopped by a reload, not run out
 }
 
 type enricherNode struct {
@@ -574,6 +578,7 @@ func (p *Pipeline) runSource(rs *runState, s *sourceNode) {
 	ctx, cancel := context.WithCancel(rs.srcCtx)
 	s.cancel = cancel
 	s.ectx = rs.srcCtx
+	s.enrichCtx = rs.writeCtx
 	s.done = make(chan struct{})
 	p.mu.Lock()
 	rs.active++
@@ -785,8 +790,9 @@ func (s *sourceNode) Emit(ctx context.Context, b *flow.Batch) error {
 		s.out.done()
 	})
 	s.tap.Publish(b.Events)
+	enrichCtx := ctx
 	if s.ectx != nil {
-		ctx = s.ectx
+		ctx, enrichCtx = s.ectx, s.enrichCtx
 	}
 	t := s.p.acquire()
 	defer t.release()
@@ -798,7 +804,7 @@ func (s *sourceNode) Emit(ctx context.Context, b *flow.Batch) error {
 			return ctx.Err()
 		}
 	}
-	return s.p.emitFrom(ctx, t, 0, b)
+	return s.p.emitFrom(ctx, enrichCtx, t, 0, b)
 }
 
 // downstream is the Emitter a holder enricher sees: the stages after it in the topology it
@@ -813,7 +819,7 @@ func (d *downstream) Emit(ctx context.Context, b *flow.Batch) error {
 	if via := d.node.via.Load(); via != nil {
 		// Removed by a reload, flushing while it closes: through the stages it was in,
 		// which stay open until it is closed.
-		return d.p.emitFrom(ctx, via, via.enricherIndex(d.node)+1, b)
+		return d.p.emitFrom(ctx, ctx, via, via.enricherIndex(d.node)+1, b)
 	}
 	t := d.p.acquire()
 	defer t.release()
@@ -821,17 +827,18 @@ func (d *downstream) Emit(ctx context.Context, b *flow.Batch) error {
 	if i < 0 {
 		i = len(t.enrich) - 1 // not (or no longer) in the pipeline: the sinks alone
 	}
-	return d.p.emitFrom(ctx, t, i+1, b)
+	return d.p.emitFrom(ctx, ctx, t, i+1, b)
 }
 
 // emitFrom runs t's enrichers from index i on, then hands b to every sink of t, and gives
-// up the caller's reference.
-func (p *Pipeline) emitFrom(ctx context.Context, t *topology, i int, b *flow.Batch) error {
+// up the caller's reference. ctx bounds the wait for room in the sinks' queues, enrichCtx
+// the enrichers' calls.
+func (p *Pipeline) emitFrom(ctx, enrichCtx context.Context, t *topology, i int, b *flow.Batch) error {
 	for ; i < len(t.enrich); i++ {
 		e := t.enrich[i]
 		in := len(b.Events)
 		e.m.In.Add(float64(in))
-		if err := e.en.Enrich(ctx, b); err != nil {
+		if err := e.en.Enrich(enrichCtx, b); err != nil {
 			e.m.Errors("enrich", 1)
 			e.m.Dropped("enrich_error", in)
 			p.failed.Add(int64(in))

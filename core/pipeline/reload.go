@@ -491,7 +491,8 @@ func (p *Pipeline) Reload(ctx context.Context, doc *config.Document) (*ReloadRep
 			d.shutdown()
 		}
 		p.closeParts(pl.built)
-		p.log.Warn("reload refused; the running pipeline goes on unchanged", "file", doc.File, "problems", len(probs))
+		// The caller logs the problems, each at its line, and the refusal once (flowpipe
+		// run: "reload rejected: N problem(s) found; nothing changed ...").
 		return nil, probs
 	}
 	p.mu.Lock()

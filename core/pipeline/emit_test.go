@@ -1,0 +1,62 @@
+package pipeline
+
+import (
+	"context"
+	"testing"
+
+	"github.com/flowpipe/flowpipe/core/component"
+	"github.com/flowpipe/flowpipe/core/flow"
+)
+
+// gatedEnricher holds each batch until gate gives way, and fails it if its context ends
+// first, as a plugin enricher's RPC does.
+type gatedEnricher struct {
+	entered chan struct{}
+	gate    chan struct{}
+}
+
+func (e *gatedEnricher) Enrich(ctx context.Context, _ *flow.Batch) error {
+	e.entered <- struct{}{}
+	select {
+	case <-e.gate:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// A batch being enriched when the pipeline is told to stop is finished and delivered: the
+// stop cancels the sources, not the calls on batches they already emitted (the drain
+// deadline bounds those).
+func TestShutdownLetsAnEnricherFinishItsBatch(t *testing.T) {
+	h := newHarness()
+	en := &gatedEnricher{entered: make(chan struct{}, 1), gate: make(chan struct{})}
+	h.reg.Register(component.NewEnricherFactory("gated", "", func() *empty { return &empty{} },
+		func(component.Env, *empty) (component.Enricher, error) { return en, nil }))
+	src := &testSource{batches: 1, size: 10, done: make(chan struct{}), holdOpen: true}
+	h.sources["src"] = src
+	h.sinks["out"] = &testSink{}
+	p := h.build(t, `
+runtime: {shutdown_timeout: 1m}
+sources: {src: {type: test}}
+enrichers: [{type: gated}]
+sinks: {out: {type: test}}
+`)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := runAsync(p, ctx)
+	<-en.entered
+	cancel() // SIGTERM while the enricher works on the batch: the sources' contexts end now
+	close(en.gate)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if got := h.sinks["out"].count(); got != 10 {
+		t.Fatalf("the sink has %d events, want the batch's 10", got)
+	}
+	if ok, _, other := src.ackCount(); ok != 1 || other != 0 {
+		t.Fatalf("acks: %d ok, %d failed; want the batch acknowledged", ok, other)
+	}
+	if n := p.Undelivered(); n != 0 {
+		t.Fatalf("%d events undelivered", n)
+	}
+}
