@@ -325,10 +325,6 @@ sinks:
 			t.Fatal(err)
 		}
 		eventually(t, fmt.Sprintf("reload %d applied", i+1), func() bool {
-			if strings.Contains(stderr.String(), "reloading the pipeline file is not supported yet") {
-				// This branch without the SIGHUP reload of `flowpipe run` (branch r13cmd).
-				t.Skip("flowpipe run does not reload on SIGHUP in this build")
-			}
 			return ctLogCount(stderr.String(), "reload applied", nil) == i+1
 		})
 		if err := <-flooded; err != nil {
