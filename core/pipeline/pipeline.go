@@ -518,7 +518,7 @@ func (p *Pipeline) Run(ctx context.Context) error {
 	p.closing = true
 	p.reloadMu.Unlock()
 	stopSources()
-	rs.srcWG.Wait()
+	p.waitSources(rs)
 	close(p.stopping)
 	if ctx.Err() != nil {
 		p.log.Info("stopping: draining in-flight batches", "timeout", p.Document().Runtime.ShutdownTimeout)
@@ -614,6 +614,31 @@ func (p *Pipeline) runSource(rs *runState, s *sourceNode) {
 			rs.doneOnce.Do(func() { close(rs.done) })
 		}
 	}()
+}
+
+// waitSources waits for the sources to return after they were told to stop, but not longer
+// than runtime.shutdown_timeout (or a forced stop): a source may wait for the
+// acknowledgements of what it emitted before it returns (an SDK plugin may), and some of
+// those come only from the drain that follows, when what cannot be written is given up. The
+// sinks' writers go on writing meanwhile.
+func (p *Pipeline) waitSources(rs *runState) {
+	returned := make(chan struct{})
+	go func() {
+		rs.srcWG.Wait()
+		close(returned)
+	}()
+	timeout := p.Document().Runtime.ShutdownTimeout
+	if timeout <= 0 {
+		timeout = config.DefaultShutdownTimeout
+	}
+	t := time.NewTimer(timeout)
+	defer t.Stop()
+	select {
+	case <-returned:
+	case <-p.abort:
+	case <-t.C:
+		p.log.Warn("sources did not return within runtime.shutdown_timeout after they were told to stop (one may wait for acknowledgements); draining the sinks now", "timeout", timeout)
+	}
 }
 
 // drainSinks lets every sink write what its queue holds (its writers stop at the drain
