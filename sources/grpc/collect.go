@@ -25,9 +25,9 @@ type collector struct {
 	r *Receiver
 
 	mu      sync.Mutex
-	ids     map[uuid.UUID]bool      // true: delivered; false: in flight
-	waiting map[uuid.UUID][]*stream // streams with a duplicate of an in-flight event
-	done    dedup.Ring              // delivered, oldest first
+	ids     map[uuid.UUID]bool     // true: delivered; false: in flight
+	waiting map[uuid.UUID][]origin // duplicates of in-flight events, by the streams that sent them
+	done    dedup.Ring             // delivered, oldest first
 	events  []flow.Event
 	origins []origin
 	first   time.Time // arrival of the batch's first event
@@ -39,9 +39,11 @@ type collector struct {
 	wg    sync.WaitGroup     // emitted batches not yet acknowledged
 }
 
+// origin is where an event came from: its stream, and on a native stream its batch.
 type origin struct {
-	st *stream
-	id uuid.UUID
+	st  *stream
+	id  uuid.UUID
+	seq uint64
 }
 
 type pendingBatch struct {
@@ -53,7 +55,7 @@ func newCollector(r *Receiver) *collector {
 	return &collector{
 		r:       r,
 		ids:     map[uuid.UUID]bool{},
-		waiting: map[uuid.UUID][]*stream{},
+		waiting: map[uuid.UUID][]origin{},
 		ready:   make(chan *pendingBatch, 1),
 		free:    make(chan []flow.Event, 8),
 	}
@@ -61,49 +63,58 @@ func newCollector(r *Receiver) *collector {
 
 func (c *collector) dedupOn() bool { return c.r.cfg.Dedup.Window > 0 && c.r.cfg.Dedup.MaxEvents > 0 }
 
-// add takes an event received on st, which has already counted it as unacknowledged.
-// It blocks while the emitter is busy with the previous full batch (backpressure).
-func (c *collector) add(st *stream, e *flow.Event) {
-	id := e.EventID
+// add takes events received on st (of its batch seq on a native stream; 0 on a NetBird
+// stream), which has already counted them as unacknowledged; events is not kept. It blocks
+// while the emitter is busy with the previous full batch (backpressure).
+func (c *collector) add(st *stream, seq uint64, events []flow.Event) {
+	var now []origin // duplicates of delivered events: ACKed at once
+	dedupOn := c.dedupOn()
 	c.mu.Lock()
-	if c.stopped {
-		c.mu.Unlock()
-		st.release(1)
-		return
-	}
-	if c.dedupOn() {
-		if delivered, ok := c.ids[id]; ok {
-			c.r.duplicates.Inc()
-			if delivered {
-				c.mu.Unlock()
-				st.ack([]uuid.UUID{id})
-				return
-			}
-			c.waiting[id] = append(c.waiting[id], st)
+	for i := range events {
+		if c.stopped {
 			c.mu.Unlock()
+			st.fail(seq, len(events)-i)
+			if len(now) > 0 {
+				st.resolve(now, true)
+			}
 			return
 		}
-		c.ids[id] = false
-	}
-	if len(c.events) == 0 {
-		c.first = time.Now()
-		if c.events == nil {
-			c.events = c.newEvents()
+		e := &events[i]
+		id := e.EventID
+		if dedupOn {
+			if delivered, ok := c.ids[id]; ok {
+				c.r.duplicates.Inc()
+				if delivered {
+					now = append(now, origin{st, id, seq})
+				} else {
+					c.waiting[id] = append(c.waiting[id], origin{st, id, seq})
+				}
+				continue
+			}
+			c.ids[id] = false
 		}
-	}
-	c.events = append(c.events, *e)
-	c.origins = append(c.origins, origin{st, id})
-	var full *pendingBatch
-	if len(c.events) >= c.r.cfg.BatchSize {
-		full = c.take()
+		if len(c.events) == 0 {
+			c.first = time.Now()
+			if c.events == nil {
+				c.events = c.newEvents()
+			}
+		}
+		c.events = append(c.events, *e)
+		c.origins = append(c.origins, origin{st, id, seq})
+		if len(c.events) >= c.r.cfg.BatchSize {
+			full := c.take()
+			c.mu.Unlock()
+			select {
+			case c.ready <- full:
+			case <-c.r.stopping:
+				c.finish(full, flow.ErrShutdown)
+			}
+			c.mu.Lock()
+		}
 	}
 	c.mu.Unlock()
-	if full != nil {
-		select {
-		case c.ready <- full:
-		case <-c.r.stopping:
-			c.finish(full, flow.ErrShutdown)
-		}
+	if len(now) > 0 {
+		st.resolve(now, true)
 	}
 }
 
@@ -194,9 +205,7 @@ func (c *collector) finish(pb *pendingBatch, err error) {
 		for _, o := range pb.origins {
 			if len(c.waiting) > 0 {
 				if ws, dup := c.waiting[o.id]; dup {
-					for _, st := range ws {
-						extra = append(extra, origin{st, o.id})
-					}
+					extra = append(extra, ws...)
 					delete(c.waiting, o.id)
 				}
 			}
@@ -234,22 +243,14 @@ func (c *collector) finish(pb *pendingBatch, err error) {
 	}
 }
 
+// ackRuns resolves origins per stream in runs, one lock per run.
 func ackRuns(os []origin, ok bool) {
 	for i := 0; i < len(os); {
 		j := i + 1
 		for j < len(os) && os[j].st == os[i].st {
 			j++
 		}
-		st := os[i].st
-		if ok {
-			ids := make([]uuid.UUID, j-i)
-			for k := i; k < j; k++ {
-				ids[k-i] = os[k].id
-			}
-			st.ack(ids)
-		} else {
-			st.release(j - i)
-		}
+		os[i].st.resolve(os[i:j], ok)
 		i = j
 	}
 }
