@@ -181,7 +181,9 @@ func lineCount(path string) int {
 // TestAgentToCollectorBinaries runs both ends as flowpipe processes: an agent (generate →
 // grpc sink, plus a local file of what it generated) and a collector (grpc source → file).
 // Every generated event arrives exactly once.
-func TestAgentToCollectorBinaries(t *testing.T) {
+func TestAgentToCollectorBinaries(t *testing.T) { eachProtocol(t, testAgentToCollectorBinaries) }
+
+func testAgentToCollectorBinaries(t *testing.T, protocol string) {
 	dir := t.TempDir()
 	addr := freePort(t)
 	c := newCollector(t, dir, addr)
@@ -196,13 +198,14 @@ sources:
 sinks:
   collector:
     type: grpc
+    protocol: %s
     url: http://%s
     hmac_secret: %q
   local:
     type: file
     path: sent.jsonl
     max_size: 0
-`, addr, e2eSecret)
+`, protocol, addr, e2eSecret)
 	if err := os.WriteFile(filepath.Join(dir, "agent.yaml"), []byte(agent), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -245,10 +248,10 @@ func checkExactlyOnce(t *testing.T, sent, got map[string]int) {
 }
 
 // sinkWithMetrics is an in-process agent sink whose counters the test reads.
-func sinkWithMetrics(t *testing.T, url string, window int) (*grpcsink.Sink, *prometheus.Registry) {
+func sinkWithMetrics(t *testing.T, protocol, url string, window int) (*grpcsink.Sink, *prometheus.Registry) {
 	t.Helper()
 	cfg := grpcsink.Factory().NewConfig().(*grpcsink.Config)
-	cfg.URL, cfg.HMACSecret, cfg.MaxInFlight = url, e2eSecret, window
+	cfg.URL, cfg.HMACSecret, cfg.MaxInFlight, cfg.Protocol = url, e2eSecret, window, protocol
 	cfg.ReconnectMin, cfg.ReconnectMax = 20*time.Millisecond, 300*time.Millisecond
 	cfg.AckTimeout = 10 * time.Minute // resends here come from reconnects only
 	if err := cfg.Validate(); err != nil {
@@ -305,13 +308,17 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 // recognises every resent event from its state file, and the output has every event exactly
 // once.
 func TestCollectorKilledWithEventsUnacked(t *testing.T) {
+	eachProtocol(t, testCollectorKilledWithEventsUnacked)
+}
+
+func testCollectorKilledWithEventsUnacked(t *testing.T, protocol string) {
 	dir := t.TempDir()
 	addr := freePort(t)
 	c := newCollector(t, dir, addr)
 	c.start()
 	px := newProxy(t, addr)
 	const window = 1000 // below the 4×500 events the writers have in flight, so it fills
-	s, reg := sinkWithMetrics(t, "http://"+px.Addr(), window)
+	s, reg := sinkWithMetrics(t, protocol, "http://"+px.Addr(), window)
 
 	events := makeEvents(100_000)
 	sent := map[string]int{}
@@ -362,12 +369,14 @@ func TestCollectorKilledWithEventsUnacked(t *testing.T) {
 // as delivered when it died (the instant between its sink's write and its state file's) may
 // arrive twice; the test reports how many, and the exactly-once guarantee for everything
 // recorded is TestCollectorKilledWithEventsUnacked's.
-func TestCollectorKilledMidStream(t *testing.T) {
+func TestCollectorKilledMidStream(t *testing.T) { eachProtocol(t, testCollectorKilledMidStream) }
+
+func testCollectorKilledMidStream(t *testing.T, protocol string) {
 	dir := t.TempDir()
 	addr := freePort(t)
 	c := newCollector(t, dir, addr)
 	c.start()
-	s, _ := sinkWithMetrics(t, "http://"+addr, 5000)
+	s, _ := sinkWithMetrics(t, protocol, "http://"+addr, 5000)
 	events := makeEvents(100_000)
 	sent := map[string]int{}
 	for _, e := range events {
