@@ -17,6 +17,7 @@ import (
 
 	"github.com/flowpipe/flowpipe/core/component"
 	"github.com/flowpipe/flowpipe/core/config"
+	"github.com/flowpipe/flowpipe/core/flow"
 	"github.com/flowpipe/flowpipe/core/pipeline"
 	"github.com/flowpipe/flowpipe/internal/flowwire"
 	pb "github.com/flowpipe/flowpipe/proto/flow"
@@ -134,15 +135,7 @@ func BenchmarkNetBirdClientToCollector(b *testing.B) {
 	}()
 	for i := range events {
 		e := &events[i]
-		msg := &pb.FlowEvent{
-			EventId: e.EventID[:], Timestamp: timestamppb.New(e.Timestamp.Time()), PublicKey: []byte("peer"),
-			FlowFields: &pb.FlowFields{
-				FlowId: e.FlowID[:], Type: pb.Type_TYPE_START, Direction: pb.Direction_EGRESS, Protocol: uint32(e.Protocol),
-				SourceIp: e.SrcAddr.AsSlice(), DestIp: e.DstAddr.AsSlice(), RuleId: []byte(e.RuleID),
-				ConnectionInfo: &pb.FlowFields_PortInfo{PortInfo: &pb.PortInfo{SourcePort: uint32(e.SrcPort), DestPort: uint32(e.DstPort)}},
-				RxPackets:      e.RxPackets, TxBytes: e.TxBytes,
-			},
-		}
+		msg := netbirdEvent(e)
 		if err := stream.Send(msg); err != nil {
 			b.Fatal(err)
 		}
@@ -168,6 +161,19 @@ func BenchmarkSinkToReceiver(b *testing.B) {
 	writeAll(ctx, b, s, events, 1000, 4)
 	b.StopTimer()
 	report(b, cpu0)
+}
+
+// netbirdEvent is e as NetBird's client builds it, in the generated struct.
+func netbirdEvent(e *flow.Event) *pb.FlowEvent {
+	return &pb.FlowEvent{
+		EventId: e.EventID[:], Timestamp: timestamppb.New(e.Timestamp.Time()), PublicKey: []byte("peer"),
+		FlowFields: &pb.FlowFields{
+			FlowId: e.FlowID[:], Type: pb.Type_TYPE_START, Direction: pb.Direction_EGRESS, Protocol: uint32(e.Protocol),
+			SourceIp: e.SrcAddr.AsSlice(), DestIp: e.DstAddr.AsSlice(), RuleId: []byte(e.RuleID),
+			ConnectionInfo: &pb.FlowFields_PortInfo{PortInfo: &pb.PortInfo{SourcePort: uint32(e.SrcPort), DestPort: uint32(e.DstPort)}},
+			RxPackets:      e.RxPackets, TxBytes: e.TxBytes,
+		},
+	}
 }
 
 // cpuTime is the CPU time (user + system) this process has used: both ends run in it, so
