@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
 # Agent-to-collector benchmark with the real flowpipe binary, two processes on loopback:
 # the collector runs `grpc source -> file sink (fsync per batch)`, the agent runs
-# `generate -> grpc sink`; every event is one FlowEvent message and is ACKed by the collector
-# after its file sink fsynced it. Prints the agent's events/s (its run ends when the last
-# event is ACKed) for a few sink settings.
-# Usage: scripts/bench-grpc.sh [EVENTS] (default 1000000)
+# `generate -> grpc sink`; every event is ACKed by the collector after its file sink fsynced
+# it. Prints the agent's events/s (its run ends when the last event is ACKed) for each
+# protocol (flowpipe: a run of events per message, an ACK per message; netbird: NetBird's
+# FlowService, an event per message, an ACK per event), isolation and grpc sink in_flight.
+# Usage: scripts/bench-grpc.sh [EVENTS] [PROTOCOLS] [IN_FLIGHTS] [ISOLATIONS]
+#        (default 1000000 "flowpipe netbird" "16" "inproc process")
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-1000000}
+PROTOCOLS=${2:-flowpipe netbird}
+IN_FLIGHTS=${3:-16}
+ISOLATIONS=${4:-inproc process}
 work=$(mktemp -d)
 collector_pid=""
 cleanup() {
@@ -38,13 +43,13 @@ stop_collector() {
   kill -TERM "$collector_pid"; wait "$collector_pid" || true; collector_pid=""
 }
 
-run_agent() { # name, isolation, in_flight
+run_agent() { # name, isolation, in_flight, protocol
   cat > "$work/agent.yaml" <<YAML
 admin: {listen: ""}
 sources:
   gen: {type: generate, isolation: $2, count: $N, batch_size: 1024}
 sinks:
-  collector: {type: grpc, isolation: $2, in_flight: $3, url: "http://127.0.0.1:$port", hmac_secret: "$secret"}
+  collector: {type: grpc, isolation: $2, in_flight: $3, protocol: $4, url: "http://127.0.0.1:$port", hmac_secret: "$secret"}
 YAML
   local t0 t1 lines
   t0=$(date +%s.%N)
@@ -52,13 +57,15 @@ YAML
   t1=$(date +%s.%N)
   lines=$(wc -l < "$work/flows.jsonl")
   awk -v n="$lines" -v a="$t0" -v b="$t1" -v name="$1" \
-    'BEGIN { printf "%-44s %9d events in %6.2fs = %9.0f events/s\n", name, n, b-a, n/(b-a) }'
+    'BEGIN { printf "%-54s %9d events in %6.2fs = %9.0f events/s\n", name, n, b-a, n/(b-a) }'
 }
 
-for iso in inproc process; do
-  for inflight in 1 16; do
-    start_collector "$iso"
-    run_agent "agent -> collector ($iso, in_flight $inflight)" "$iso" "$inflight"
-    stop_collector
+for iso in $ISOLATIONS; do
+  for inflight in $IN_FLIGHTS; do
+    for proto in $PROTOCOLS; do
+      start_collector "$iso"
+      run_agent "$proto: agent -> collector ($iso, in_flight $inflight)" "$iso" "$inflight" "$proto"
+      stop_collector
+    done
   done
 done

@@ -73,31 +73,48 @@ sinks:
 }
 
 // BenchmarkAgentToCollector: an agent pipeline (generate → grpc sink) streams b.N events to a
-// collector pipeline (grpc source → file sink) over loopback; each event is one message and
-// is ACKed once the collector's file sink has fsynced it.
+// collector pipeline (grpc source → file sink) over loopback, over each protocol: flowpipe's
+// (a run of events per message, an ACK per message) and NetBird's (an event per message, an
+// ACK per event). Events are ACKed once the collector's file sink has fsynced them.
 func BenchmarkAgentToCollector(b *testing.B) {
-	addr := startCollector(b)
-	b.ResetTimer()
-	cpu0 := cpuTime()
-	err := <-runPipeline(b, context.Background(), b.TempDir(), fmt.Sprintf(`
+	for _, protocol := range []string{"flowpipe", "netbird"} {
+		b.Run(protocol, func(b *testing.B) {
+			addr := startCollector(b)
+			b.ResetTimer()
+			cpu0 := cpuTime()
+			err := <-runPipeline(b, context.Background(), b.TempDir(), fmt.Sprintf(`
 admin: {listen: ""}
 sources:
   gen: {type: generate, isolation: inproc, count: %d, batch_size: 1024, seed: 1}
 sinks:
-  collector: {type: grpc, isolation: inproc, in_flight: 16, url: "http://%s", hmac_secret: %q}
-`, b.N, addr, benchSecret))
-	b.StopTimer()
-	if err != nil {
-		b.Fatal(err)
+  collector: {type: grpc, isolation: inproc, in_flight: 16, protocol: %s, url: "http://%s", hmac_secret: %q}
+`, b.N, protocol, addr, benchSecret))
+			b.StopTimer()
+			if err != nil {
+				b.Fatal(err)
+			}
+			report(b, cpu0)
+		})
 	}
-	report(b, cpu0)
+}
+
+// BenchmarkNetBirdClientToReceiver: NetBird's client (as in BenchmarkNetBirdClientToCollector)
+// into a receiver whose pipeline acknowledges at once: what a NetBird client can get out of a
+// collector that costs nothing behind it.
+func BenchmarkNetBirdClientToReceiver(b *testing.B) {
+	r := startReceiver(b, &grpcsrc.Config{Auth: "hmac", Secrets: []string{benchSecret}}, newMemEmitter())
+	netbirdClientRun(b, r.Addr().String())
 }
 
 // BenchmarkNetBirdClientToCollector: a client as NetBird's sends events — generated code,
 // the standard protobuf codec, one event per message, ACKs read on the side — to the same
 // collector.
 func BenchmarkNetBirdClientToCollector(b *testing.B) {
-	addr := startCollector(b)
+	netbirdClientRun(b, startCollector(b))
+}
+
+// netbirdClientRun streams b.N events to addr as NetBird's client does and waits for every ACK.
+func netbirdClientRun(b *testing.B, addr string) {
 	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		b.Fatal(err)
@@ -148,19 +165,23 @@ func BenchmarkNetBirdClientToCollector(b *testing.B) {
 }
 
 // BenchmarkSinkToReceiver isolates the transport: the sink writes batches of 1,000 (four in
-// flight) to a receiver whose pipeline acknowledges at once.
+// flight) to a receiver whose pipeline acknowledges at once, over each protocol.
 func BenchmarkSinkToReceiver(b *testing.B) {
-	em := newMemEmitter()
-	r := startReceiver(b, &grpcsrc.Config{Auth: "none"}, em)
-	s := newSink(b, &grpcsink.Config{URL: "http://" + r.Addr().String()})
-	events := makeEvents(b.N)
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
-	defer cancel()
-	b.ResetTimer()
-	cpu0 := cpuTime()
-	writeAll(ctx, b, s, events, 1000, 4)
-	b.StopTimer()
-	report(b, cpu0)
+	for _, protocol := range []string{"flowpipe", "netbird"} {
+		b.Run(protocol, func(b *testing.B) {
+			em := newMemEmitter()
+			r := startReceiver(b, &grpcsrc.Config{Auth: "none"}, em)
+			s := newSink(b, &grpcsink.Config{Protocol: protocol, URL: "http://" + r.Addr().String()})
+			events := makeEvents(b.N)
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+			defer cancel()
+			b.ResetTimer()
+			cpu0 := cpuTime()
+			writeAll(ctx, b, s, events, 1000, 4)
+			b.StopTimer()
+			report(b, cpu0)
+		})
+	}
 }
 
 // netbirdEvent is e as NetBird's client builds it, in the generated struct.
