@@ -1,10 +1,11 @@
 // Package grpcsource is the `type: grpc` source: the collector side of NetBird's flow protocol
 // (flow.FlowService/Events, proto/flow) and of flowpipe's batch stream
 // (flowpipe.stream.v1.Collector/Stream, proto/stream; native.go), both on one listener.
-// Agents — flowpipe's grpc sink or NetBird clients — stream events to it; it batches the events of all streams, hands the batches to the
-// pipeline, and ACKs each event (on the batch stream: each batch) to its client only when the pipeline's sinks made its batch
-// durable (or the user's drop policy dropped it, which is counted). Events are de-duplicated
-// by ID over a window, so a client's resend after a lost ACK reaches the sinks once.
+// Agents — flowpipe's grpc sink or NetBird clients — stream events to it; it batches the
+// events of all streams, hands the batches to the pipeline, and ACKs each event (on the batch
+// stream: each batch) to its client only when the pipeline's sinks made it durable (or the
+// user's drop policy dropped it, which is counted). Events are de-duplicated by ID over a
+// window, so a client's resend after a lost ACK reaches the sinks once.
 package grpcsource
 
 import (
