@@ -7,6 +7,8 @@
 # FlowService, an event per message, an ACK per event), isolation and grpc sink in_flight.
 # Usage: scripts/bench-grpc.sh [EVENTS] [PROTOCOLS] [IN_FLIGHTS] [ISOLATIONS]
 #        (default 1000000 "flowpipe netbird" "16" "inproc process")
+# The protocol "default" sets none (for a binary from before the protocol option). FLOWPIPE=path
+# runs that binary instead of building this tree, e.g. to measure before and after a change.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-1000000}
@@ -20,7 +22,7 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
-go build -o "$work/flowpipe" ./cmd/flowpipe
+if [ -n "${FLOWPIPE:-}" ]; then cp "$FLOWPIPE" "$work/flowpipe"; else go build -o "$work/flowpipe" ./cmd/flowpipe; fi
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 secret=bench-secret-0123456789abcdef
 
@@ -44,12 +46,14 @@ stop_collector() {
 }
 
 run_agent() { # name, isolation, in_flight, protocol
+  local proto="protocol: $4, "
+  [ "$4" = default ] && proto=""
   cat > "$work/agent.yaml" <<YAML
 admin: {listen: ""}
 sources:
   gen: {type: generate, isolation: $2, count: $N, batch_size: 1024}
 sinks:
-  collector: {type: grpc, isolation: $2, in_flight: $3, protocol: $4, url: "http://127.0.0.1:$port", hmac_secret: "$secret"}
+  collector: {type: grpc, isolation: $2, in_flight: $3, ${proto}url: "http://127.0.0.1:$port", hmac_secret: "$secret"}
 YAML
   local t0 t1 lines
   t0=$(date +%s.%N)
