@@ -194,9 +194,11 @@ func (s *Sink) Write(ctx context.Context, b *flow.Batch) error {
 	// One buffer and one table of entries per batch, not per event; each event encoded once,
 	// for the protocol of the last stream.
 	native := s.native.Load()
-	buf := make([]byte, 0, n*160)
+	var buf []byte
 	if native {
 		buf = make([]byte, 0, codec.Size(b.Events))
+	} else {
+		buf = make([]byte, 0, n*160)
 	}
 	ps := make([]pending, n)
 	w := &waiter{left: n, done: make(chan struct{})}
