@@ -15,8 +15,10 @@ import (
 // collector gathers the events of every stream into batches and remembers event IDs for
 // de-duplication. One mutex covers both, so an event is checked and queued in one step.
 //
-// An ID is in ids from the moment its event is accepted: in flight until its batch is
-// acknowledged, then delivered until it leaves the window. A duplicate of a delivered event
+// An ID is in inflight from the moment its event is accepted until its batch is acknowledged,
+// then in ids (delivered) until it leaves the window. Two maps, not one with a state: ids is
+// large (up to dedup.max_events) and every access to it is a cache miss, so an event costs
+// it one lookup and one insert; the small inflight map takes the rest. A duplicate of a delivered event
 // is ACKed at once; a duplicate of an event in flight waits and is ACKed with the original
 // (a client that resent after a lost ACK or a reconnect gets its ACK on the stream it is on
 // now). When a batch fails (the pipeline stopped), its IDs are forgotten, so that the
@@ -24,15 +26,15 @@ import (
 type collector struct {
 	r *Receiver
 
-	mu      sync.Mutex
-	ids     map[uuid.UUID]bool     // true: delivered; false: in flight
-	waiting map[uuid.UUID][]origin // duplicates of in-flight events, by the streams that sent them
-	done    dedup.Ring             // delivered, oldest first
-	events  []flow.Event
-	origins []origin
-	first   time.Time // arrival of the batch's first event
-	stopped bool
-	journal *dedup.Journal
+	mu       sync.Mutex
+	ids      map[uuid.UUID]struct{} // delivered, within the window
+	inflight map[uuid.UUID][]origin // accepted, not yet acknowledged: the duplicates waiting for it
+	done     dedup.Ring             // delivered, oldest first
+	events   []flow.Event
+	origins  []origin
+	first    time.Time // arrival of the batch's first event
+	stopped  bool
+	journal  *dedup.Journal
 
 	ready chan *pendingBatch // full batches for the emitter
 	free  chan []flow.Event  // recycled event slices
@@ -53,11 +55,11 @@ type pendingBatch struct {
 
 func newCollector(r *Receiver) *collector {
 	return &collector{
-		r:       r,
-		ids:     map[uuid.UUID]bool{},
-		waiting: map[uuid.UUID][]origin{},
-		ready:   make(chan *pendingBatch, 1),
-		free:    make(chan []flow.Event, 8),
+		r:        r,
+		ids:      map[uuid.UUID]struct{}{},
+		inflight: map[uuid.UUID][]origin{},
+		ready:    make(chan *pendingBatch, 1),
+		free:     make(chan []flow.Event, 8),
 	}
 }
 
@@ -82,16 +84,17 @@ func (c *collector) add(st *stream, seq uint64, events []flow.Event) {
 		e := &events[i]
 		id := e.EventID
 		if dedupOn {
-			if delivered, ok := c.ids[id]; ok {
+			if _, delivered := c.ids[id]; delivered {
 				c.r.duplicates.Inc()
-				if delivered {
-					now = append(now, origin{st, id, seq})
-				} else {
-					c.waiting[id] = append(c.waiting[id], origin{st, id, seq})
-				}
+				now = append(now, origin{st, id, seq})
 				continue
 			}
-			c.ids[id] = false
+			if ws, ok := c.inflight[id]; ok {
+				c.r.duplicates.Inc()
+				c.inflight[id] = append(ws, origin{st, id, seq})
+				continue
+			}
+			c.inflight[id] = nil
 		}
 		if len(c.events) == 0 {
 			c.first = time.Now()
@@ -203,17 +206,13 @@ func (c *collector) finish(pb *pendingBatch, err error) {
 		now := time.Now()
 		c.mu.Lock()
 		for _, o := range pb.origins {
-			if len(c.waiting) > 0 {
-				if ws, dup := c.waiting[o.id]; dup {
-					extra = append(extra, ws...)
-					delete(c.waiting, o.id)
-				}
+			if ws := c.inflight[o.id]; len(ws) > 0 {
+				extra = append(extra, ws...)
 			}
+			delete(c.inflight, o.id)
 			if ok {
-				c.ids[o.id] = true
+				c.ids[o.id] = struct{}{}
 				c.remember(dedup.Rec{ID: o.id, At: now.UnixNano()})
-			} else {
-				delete(c.ids, o.id)
 			}
 		}
 		if ok && c.journal != nil {
@@ -278,7 +277,7 @@ func (c *collector) load(path string) error {
 	}
 	c.journal = j
 	for _, r := range recs {
-		c.ids[r.ID] = true
+		c.ids[r.ID] = struct{}{}
 		c.remember(r)
 	}
 	return nil
@@ -295,7 +294,5 @@ func (c *collector) remember(r dedup.Rec) {
 
 func (c *collector) forgetOldest() {
 	id := c.done.Pop().ID
-	if c.ids[id] {
-		delete(c.ids, id)
-	}
+	delete(c.ids, id)
 }
