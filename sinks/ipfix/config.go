@@ -1,20 +1,18 @@
 package ipfix
 
 import (
-	"net"
 	"strings"
 	"time"
 
 	"github.com/flowpipe/flowpipe/core/config"
 	"github.com/flowpipe/flowpipe/core/flow"
+	"github.com/flowpipe/flowpipe/internal/netout"
 )
 
 // Config is the options of a `type: ipfix` sink.
 type Config struct {
-	// Address of the collector, host:port.
-	Address string `yaml:"address" required:"true"`
-	// Transport is udp (default), tcp or tls.
-	Transport string `yaml:"transport"`
+	// Address, transport (udp, the default, tcp or tls), TLS files and timeouts.
+	netout.Options `yaml:",inline"`
 	// MTU is the largest IP packet a UDP message may fill (IP and UDP headers included).
 	MTU int `yaml:"mtu"`
 	// ObservationDomainID is sent in every message header.
@@ -26,38 +24,16 @@ type Config struct {
 	// EnterpriseNumber, when not 0, adds the rule and resource IDs as enterprise-specific
 	// string elements 1, 2 and 3 under this private enterprise number.
 	EnterpriseNumber uint32 `yaml:"enterprise_number"`
-
-	CAFile     string `yaml:"ca_file"`
-	CertFile   string `yaml:"cert_file"`
-	KeyFile    string `yaml:"key_file"`
-	ServerName string `yaml:"server_name"`
-
-	DialTimeout  time.Duration `yaml:"dial_timeout"`
-	WriteTimeout time.Duration `yaml:"write_timeout"`
 }
 
 func defaults() *Config {
-	return &Config{Transport: "udp", MTU: 1500, TemplateRefresh: time.Minute, Events: "end,aggregate",
-		DialTimeout: 10 * time.Second, WriteTimeout: 30 * time.Second}
+	return &Config{Options: netout.DefaultOptions("udp"), MTU: 1500, TemplateRefresh: time.Minute, Events: "end,aggregate"}
 }
 
 // Validate checks the options.
 func (c *Config) Validate() error {
 	var errs config.FieldErrors
-	if _, port, err := net.SplitHostPort(c.Address); err != nil || port == "" {
-		errs.Add("address", "want host:port, got %q", c.Address)
-	}
-	switch c.Transport {
-	case "udp", "tcp", "tls":
-	default:
-		errs.Add("transport", "unknown transport %q (want udp, tcp or tls)", c.Transport)
-	}
-	if c.Transport != "tls" && (c.CAFile != "" || c.CertFile != "" || c.ServerName != "") {
-		errs.Add("transport", "ca_file, cert_file and server_name need transport: tls")
-	}
-	if (c.CertFile == "") != (c.KeyFile == "") {
-		errs.Add("cert_file", "cert_file and key_file go together")
-	}
+	c.Options.Check(&errs, "udp", "tcp", "tls")
 	if c.MTU < 576 || c.MTU > 65535 {
 		errs.Add("mtu", "%d is out of range (576 to 65535)", c.MTU)
 	}
@@ -66,12 +42,6 @@ func (c *Config) Validate() error {
 	}
 	if _, err := parseEvents(c.Events); err != "" {
 		errs.Add("events", "%s", err)
-	}
-	if c.DialTimeout <= 0 {
-		errs.Add("dial_timeout", "must be positive")
-	}
-	if c.WriteTimeout <= 0 {
-		errs.Add("write_timeout", "must be positive")
 	}
 	return errs.Err()
 }

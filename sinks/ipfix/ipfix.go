@@ -21,7 +21,6 @@ import (
 	"github.com/flowpipe/flowpipe/core/component"
 	"github.com/flowpipe/flowpipe/core/flow"
 	"github.com/flowpipe/flowpipe/internal/netout"
-	"github.com/flowpipe/flowpipe/internal/tlsfiles"
 )
 
 // Factory returns the IPFIX sink's factory.
@@ -60,15 +59,11 @@ func New(env component.Env, c *Config) (*Sink, error) {
 	s := &Sink{cfg: *c, env: env, tmpls: templates(c.EnterpriseNumber), stream: c.Transport != "udp",
 		stop: make(chan struct{})}
 	s.types, _ = parseEvents(c.Events)
-	nc := netout.Config{Network: c.Transport, Address: c.Address, DialTimeout: c.DialTimeout, WriteTimeout: c.WriteTimeout}
-	if c.Transport == "tls" {
-		tc, err := tlsfiles.Client(env.Path(c.CAFile), env.Path(c.CertFile), env.Path(c.KeyFile), c.ServerName)
-		if err != nil {
-			return nil, err
-		}
-		nc.TLS = tc
+	conn, err := c.Options.Conn(env.Path)
+	if err != nil {
+		return nil, err
 	}
-	s.conn = netout.New(nc)
+	s.conn = conn
 	s.pk = packer{max: maxMessageSize, domain: c.ObservationDomainID, seq: &s.seq, tmpls: s.tmpls}
 	if !s.stream {
 		// The largest UDP payload in one IP packet of mtu bytes, with room for an IPv6 header.

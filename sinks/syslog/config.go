@@ -1,22 +1,20 @@
 package syslog
 
 import (
-	"net"
 	"os"
 	"strconv"
 	"strings"
-	"time"
 
 	"github.com/flowpipe/flowpipe/core/config"
 	"github.com/flowpipe/flowpipe/core/schema"
+	"github.com/flowpipe/flowpipe/internal/netout"
 )
 
 // Config is the options of a `type: syslog` sink.
 type Config struct {
-	// Address of the syslog server, host:port.
-	Address string `yaml:"address" required:"true"`
-	// Transport is tcp (default; RFC 6587 octet counting), tls (RFC 5425) or udp (RFC 5426).
-	Transport string `yaml:"transport"`
+	// Address of the syslog server, transport (tcp, the default, with RFC 6587 octet
+	// counting; tls, RFC 5425; or udp, RFC 5426), TLS files and timeouts.
+	netout.Options `yaml:",inline"`
 	// Facility is a name (kern, user, daemon, auth, local0 … local7, …) or a number 0-23.
 	Facility string `yaml:"facility"`
 	// Severity of every message: a name (emerg … debug) or a number 0-7.
@@ -32,20 +30,12 @@ type Config struct {
 	Format string `yaml:"format"`
 	// SDID is the SD-ID of the structured-data element: name@private-enterprise-number.
 	SDID string `yaml:"sd_id"`
-
-	CAFile     string `yaml:"ca_file"`
-	CertFile   string `yaml:"cert_file"`
-	KeyFile    string `yaml:"key_file"`
-	ServerName string `yaml:"server_name"`
-
-	DialTimeout  time.Duration `yaml:"dial_timeout"`
-	WriteTimeout time.Duration `yaml:"write_timeout"`
 }
 
 func defaults() *Config {
 	host, _ := os.Hostname()
-	return &Config{Transport: "tcp", Facility: "local0", Severity: "info", AppName: "flowpipe", Hostname: host,
-		Body: "structured_data", Format: "flowpipe", SDID: "flow@32473", DialTimeout: 10 * time.Second, WriteTimeout: 30 * time.Second}
+	return &Config{Options: netout.DefaultOptions("tcp"), Facility: "local0", Severity: "info", AppName: "flowpipe", Hostname: host,
+		Body: "structured_data", Format: "flowpipe", SDID: "flow@32473"}
 }
 
 var facilities = []string{"kern", "user", "mail", "daemon", "auth", "syslog", "lpr", "news", "uucp", "cron", "authpriv", "ftp",
@@ -67,20 +57,7 @@ func code(s string, names []string) (int, bool) {
 // Validate checks the options.
 func (c *Config) Validate() error {
 	var errs config.FieldErrors
-	if _, port, err := net.SplitHostPort(c.Address); err != nil || port == "" {
-		errs.Add("address", "want host:port, got %q", c.Address)
-	}
-	switch c.Transport {
-	case "tcp", "tls", "udp":
-	default:
-		errs.Add("transport", "unknown transport %q (want tcp, tls or udp)", c.Transport)
-	}
-	if c.Transport != "tls" && (c.CAFile != "" || c.CertFile != "" || c.ServerName != "") {
-		errs.Add("transport", "ca_file, cert_file and server_name need transport: tls")
-	}
-	if (c.CertFile == "") != (c.KeyFile == "") {
-		errs.Add("cert_file", "cert_file and key_file go together")
-	}
+	c.Options.Check(&errs, "tcp", "tls", "udp")
 	if _, ok := code(c.Facility, facilities); !ok {
 		errs.Add("facility", "unknown facility %q (want a name such as daemon or local0, or 0-23)", c.Facility)
 	}
@@ -105,12 +82,6 @@ func (c *Config) Validate() error {
 	}
 	if name, pen, ok := strings.Cut(c.SDID, "@"); !ok || !printableASCII(c.SDID, 32) || strings.ContainsAny(c.SDID, `="]`) || name == "" || !digits(pen) {
 		errs.Add("sd_id", "want name@private-enterprise-number, at most 32 characters (RFC 5424), got %q", c.SDID)
-	}
-	if c.DialTimeout <= 0 {
-		errs.Add("dial_timeout", "must be positive")
-	}
-	if c.WriteTimeout <= 0 {
-		errs.Add("write_timeout", "must be positive")
 	}
 	return errs.Err()
 }

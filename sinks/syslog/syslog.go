@@ -23,7 +23,6 @@ import (
 	"github.com/flowpipe/flowpipe/core/flow"
 	"github.com/flowpipe/flowpipe/core/schema"
 	"github.com/flowpipe/flowpipe/internal/netout"
-	"github.com/flowpipe/flowpipe/internal/tlsfiles"
 )
 
 // Factory returns the syslog sink's factory.
@@ -66,15 +65,11 @@ func New(env component.Env, c *Config) (*Sink, error) {
 		sdID:   c.SDID,
 		json:   c.Body == "json",
 	}
-	nc := netout.Config{Network: c.Transport, Address: c.Address, DialTimeout: c.DialTimeout, WriteTimeout: c.WriteTimeout}
-	if c.Transport == "tls" {
-		tc, err := tlsfiles.Client(env.Path(c.CAFile), env.Path(c.CertFile), env.Path(c.KeyFile), c.ServerName)
-		if err != nil {
-			return nil, err
-		}
-		nc.TLS = tc
+	conn, err := c.Options.Conn(env.Path)
+	if err != nil {
+		return nil, err
 	}
-	s.conn = netout.New(nc)
+	s.conn = conn
 	s.messages = prometheus.NewCounter(prometheus.CounterOpts{Name: "flowpipe_syslog_messages_total", Help: "Syslog messages written."})
 	if err := env.Register(s.messages); err != nil {
 		return nil, err

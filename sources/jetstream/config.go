@@ -5,6 +5,7 @@ import (
 	"time"
 
 	"github.com/flowpipe/flowpipe/core/config"
+	"github.com/flowpipe/flowpipe/internal/dedup"
 	"github.com/flowpipe/flowpipe/internal/logcodec"
 	"github.com/flowpipe/flowpipe/internal/natsconn"
 )
@@ -30,16 +31,7 @@ type Config struct {
 	NakDelay      time.Duration `yaml:"nak_delay"`       // redelivery delay after a failed batch, doubled per attempt
 	NakMaxDelay   time.Duration `yaml:"nak_max_delay"`
 
-	Dedup DedupConfig `yaml:"dedup"`
-}
-
-// DedupConfig is the event-ID de-duplication window.
-type DedupConfig struct {
-	Window    time.Duration `yaml:"window"`     // remember delivered IDs this long (0: off)
-	MaxEvents int           `yaml:"max_events"` // and at most this many
-	// StateFile keeps delivered IDs across restarts, so that a message redelivered after the
-	// writer was killed is not delivered twice. Relative to pipeline.yaml's directory.
-	StateFile string `yaml:"state_file"`
+	Dedup dedup.Config `yaml:"dedup"`
 }
 
 func defaultConfig() *Config {
@@ -53,7 +45,7 @@ func defaultConfig() *Config {
 		Fetch:         64,
 		NakDelay:      time.Second,
 		NakMaxDelay:   30 * time.Second,
-		Dedup:         DedupConfig{Window: 10 * time.Minute, MaxEvents: 1_000_000},
+		Dedup:         dedup.DefaultConfig(),
 	}
 }
 
@@ -88,8 +80,6 @@ func (c *Config) Validate() error {
 	if c.NakDelay <= 0 || c.NakMaxDelay < c.NakDelay {
 		errs.Add("nak_delay", "nak_delay must be positive and at most nak_max_delay")
 	}
-	if c.Dedup.Window < 0 || c.Dedup.MaxEvents < 0 {
-		errs.Add("dedup", "window and max_events must not be negative (0 turns de-duplication off)")
-	}
+	c.Dedup.Check(&errs, "dedup")
 	return errs.Err()
 }

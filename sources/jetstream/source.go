@@ -50,11 +50,10 @@ type Source struct {
 	cons      js.Consumer
 
 	mu       sync.Mutex
-	window   *dedup.Window
-	pending  map[uuid.UUID]struct{} // events in flight in the pipeline
-	inflight map[uint64]js.Msg      // stream sequence → the delivery being processed
-	runErr   error                  // the consumer's last error, for /readyz
-	wg       sync.WaitGroup         // batches not yet acknowledged
+	dedup    *dedup.Gate
+	inflight map[uint64]js.Msg // stream sequence → the delivery being processed
+	runErr   error             // the consumer's last error, for /readyz
+	wg       sync.WaitGroup    // batches not yet acknowledged
 
 	received, acked, naked, duplicates, redelivered prometheus.Counter
 	rejected                                        *prometheus.CounterVec
@@ -69,7 +68,7 @@ func New(env component.Env, c *Config) (*Source, error) {
 		env.Metrics = component.NopMetrics{}
 	}
 	s := &Source{cfg: c, env: env, log: env.Logger, format: logcodec.Format(c.Format),
-		window: dedup.NewWindow(c.Dedup.Window, c.Dedup.MaxEvents), pending: map[uuid.UUID]struct{}{}, inflight: map[uint64]js.Msg{}}
+		dedup: dedup.NewGate(c.Dedup), inflight: map[uint64]js.Msg{}}
 	counter := func(name, help string) prometheus.Counter {
 		return prometheus.NewCounter(prometheus.CounterOpts{Name: "flowpipe_jetstream_source_" + name, Help: help})
 	}
@@ -94,10 +93,8 @@ func (s *Source) Start(ctx context.Context) error {
 }
 
 func (s *Source) start(ctx context.Context) error {
-	if s.cfg.Dedup.StateFile != "" {
-		if err := s.window.Load(s.env.Path(s.cfg.Dedup.StateFile), time.Now()); err != nil {
-			return err
-		}
+	if err := s.dedup.Load(s.cfg.Dedup.StateFile, s.env.Path, time.Now()); err != nil {
+		return err
 	}
 	conn, err := natsconn.Connect(ctx, s.env, &s.cfg.Config)
 	if err != nil {
@@ -134,7 +131,7 @@ func (s *Source) start(ctx context.Context) error {
 	}
 	s.conn, s.cons = conn, cons
 	s.log.Info("consuming from JetStream", "server", conn.NC.ConnectedUrlRedacted(), "stream", s.cfg.Stream, "durable", s.cfg.Durable,
-		"dedup_ids", s.window.Len())
+		"dedup_ids", s.dedup.Remembered())
 	return nil
 }
 
@@ -270,11 +267,10 @@ func (s *Source) take(msg js.Msg, g *gather) {
 	var ids []uuid.UUID
 	for i := n; i < len(events); i++ {
 		id := events[i].EventID
-		if _, p := s.pending[id]; p || s.window.Has(id) {
+		if !s.dedup.Admit(id) {
 			dups++
 			continue
 		}
-		s.pending[id] = struct{}{}
 		ids = append(ids, id)
 		keep = append(keep, events[i])
 	}
@@ -320,15 +316,10 @@ func (s *Source) finish(msgs []delivery, err error) {
 	s.mu.Lock()
 	var jerr error
 	for _, d := range msgs {
-		for _, id := range d.ids {
-			delete(s.pending, id)
-		}
-		if ok {
-			// Remembered (and journaled) before the acknowledgement leaves: a writer killed
-			// after this point knows these events when JetStream redelivers the message.
-			if e := s.window.Add(d.ids, now); e != nil && jerr == nil {
-				jerr = e
-			}
+		// Remembered (and journaled) before the acknowledgement leaves: a writer killed
+		// after this point knows these events when JetStream redelivers the message.
+		if e := s.dedup.Settle(d.ids, ok, now); e != nil && jerr == nil {
+			jerr = e
 		}
 		delete(s.inflight, d.md.Sequence.Stream)
 	}
@@ -413,5 +404,5 @@ func (s *Source) Close(ctx context.Context) error {
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.window.Close()
+	return s.dedup.Close()
 }

@@ -43,7 +43,7 @@ type Config struct {
 	RevokeTimeout  time.Duration `yaml:"revoke_timeout"`  // on a rebalance, wait this long for records in flight
 	SessionTimeout time.Duration `yaml:"session_timeout"` // the group drops a member silent this long
 
-	Dedup DedupConfig `yaml:"dedup"`
+	Dedup dedup.Config `yaml:"dedup"`
 }
 
 // DedupConfig is the event-ID de-duplication window.
@@ -56,7 +56,7 @@ type DedupConfig struct {
 func defaultConfig() *Config {
 	return &Config{Config: kafkaconn.Defaults(), Format: string(logcodec.Packed), BatchSize: 2000,
 		RevokeTimeout: 30 * time.Second, SessionTimeout: 45 * time.Second,
-		Dedup: DedupConfig{Window: 10 * time.Minute, MaxEvents: 1_000_000}}
+		Dedup: dedup.DefaultConfig()}
 }
 
 // Validate checks the options together.
@@ -81,9 +81,7 @@ func (c *Config) Validate() error {
 	if c.SessionTimeout < 6*time.Second {
 		errs.Add("session_timeout", "must be at least 6s (Kafka's group.min.session.timeout.ms)")
 	}
-	if c.Dedup.Window < 0 || c.Dedup.MaxEvents < 0 {
-		errs.Add("dedup", "window and max_events must not be negative (0 turns de-duplication off)")
-	}
+	c.Dedup.Check(&errs, "dedup")
 	return errs.Err()
 }
 
@@ -116,12 +114,11 @@ type Source struct {
 	startErr  error
 	cl        *kgo.Client
 
-	mu      sync.Mutex
-	cond    *sync.Cond // signalled when records are acknowledged
-	parts   map[tp]*partition
-	window  *dedup.Window
-	pending map[uuid.UUID]struct{}
-	wg      sync.WaitGroup
+	mu    sync.Mutex
+	cond  *sync.Cond // signalled when records are acknowledged
+	parts map[tp]*partition
+	dedup *dedup.Gate
+	wg    sync.WaitGroup
 
 	toCommit map[string]map[int32]kgo.EpochOffset // acknowledged, not yet committed (under mu)
 	commitMu sync.Mutex                           // one commit at a time, in order
@@ -140,7 +137,7 @@ func New(env component.Env, c *Config) (*Source, error) {
 		env.Metrics = component.NopMetrics{}
 	}
 	s := &Source{cfg: c, env: env, log: env.Logger, format: logcodec.Format(c.Format), parts: map[tp]*partition{},
-		window: dedup.NewWindow(c.Dedup.Window, c.Dedup.MaxEvents), pending: map[uuid.UUID]struct{}{}}
+		dedup: dedup.NewGate(c.Dedup)}
 	s.cond = sync.NewCond(&s.mu)
 	s.kick = make(chan struct{}, 1)
 	s.duplicates = prometheus.NewCounter(prometheus.CounterOpts{Name: "flowpipe_kafka_source_duplicate_events_total",
@@ -160,10 +157,8 @@ func (s *Source) Start(ctx context.Context) error {
 }
 
 func (s *Source) start(ctx context.Context) error {
-	if s.cfg.Dedup.StateFile != "" {
-		if err := s.window.Load(s.env.Path(s.cfg.Dedup.StateFile), time.Now()); err != nil {
-			return err
-		}
+	if err := s.dedup.Load(s.cfg.Dedup.StateFile, s.env.Path, time.Now()); err != nil {
+		return err
 	}
 	opts, err := s.cfg.Opts(s.env)
 	if err != nil {
@@ -190,7 +185,7 @@ func (s *Source) start(ctx context.Context) error {
 		return err
 	}
 	s.cl = cl
-	s.log.Info("consuming from Kafka", "brokers", s.cfg.Brokers, "topics", s.cfg.Topics, "group", s.cfg.Group, "dedup_ids", s.window.Len())
+	s.log.Info("consuming from Kafka", "brokers", s.cfg.Brokers, "topics", s.cfg.Topics, "group", s.cfg.Group, "dedup_ids", s.dedup.Remembered())
 	return nil
 }
 
@@ -267,11 +262,10 @@ func (s *Source) emit(ctx context.Context, out component.Emitter, recs []*kgo.Re
 	keep := events[:0]
 	for i := range events {
 		id := events[i].EventID
-		if _, p := s.pending[id]; p || s.window.Has(id) {
+		if !s.dedup.Admit(id) {
 			s.duplicates.Inc()
 			continue
 		}
-		s.pending[id] = struct{}{}
 		keep = append(keep, events[i])
 	}
 	s.mu.Unlock()
@@ -295,12 +289,8 @@ func (s *Source) finish(recs []*kgo.Record, events []flow.Event, err error) {
 		ids[i] = events[i].EventID
 	}
 	s.mu.Lock()
-	for _, id := range ids {
-		delete(s.pending, id)
-	}
-	var jerr error
+	jerr := s.dedup.Settle(ids, ok, time.Now())
 	if ok {
-		jerr = s.window.Add(ids, time.Now())
 		for _, r := range recs {
 			if p := s.parts[tp{r.Topic, r.Partition}]; p != nil {
 				p.done[r.Offset] = true
@@ -450,5 +440,5 @@ func (s *Source) Close(ctx context.Context) error {
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.window.Close()
+	return s.dedup.Close()
 }
