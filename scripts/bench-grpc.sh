@@ -2,7 +2,8 @@
 # Agent-to-collector benchmark with the real flowpipe binary, two processes on loopback:
 # the collector runs `grpc source -> file sink (fsync per batch)`, the agent runs
 # `generate -> grpc sink`; every event is ACKed by the collector after its file sink fsynced
-# it. Prints the agent's events/s (its run ends when the last event is ACKed) for each
+# it. Prints the agent's events/s (its run ends when the last event is ACKed) and the CPU time
+# per event of agent and collector (user+system of each process and its plugin children) for each
 # protocol (flowpipe: a run of events per message, an ACK per message; netbird: NetBird's
 # FlowService, an event per message, an ACK per event), isolation and grpc sink in_flight.
 # Usage: scripts/bench-grpc.sh [EVENTS] [PROTOCOLS] [IN_FLIGHTS] [ISOLATIONS]
@@ -41,6 +42,25 @@ YAML
   echo "collector did not start" >&2; exit 1
 }
 
+# cpu PID: user+system clock ticks of PID and every descendant.
+cpu() {
+  python3 - "$1" <<'PY'
+import os, sys
+root = int(sys.argv[1]); kids = {}; ticks = {}
+for d in os.listdir('/proc'):
+    if not d.isdigit(): continue
+    try: s = open(f'/proc/{d}/stat').read()
+    except OSError: continue
+    f = s[s.rindex(')')+2:].split()
+    kids.setdefault(int(f[1]), []).append(int(d)); ticks[int(d)] = int(f[11]) + int(f[12])
+tot, todo = 0, [root]
+while todo:
+    p = todo.pop(); tot += ticks.get(p, 0); todo += kids.get(p, [])
+print(tot)
+PY
+}
+hz=$(getconf CLK_TCK)
+
 stop_collector() {
   kill -TERM "$collector_pid"; wait "$collector_pid" || true; collector_pid=""
 }
@@ -55,13 +75,18 @@ sources:
 sinks:
   collector: {type: grpc, isolation: $2, in_flight: $3, ${proto}url: "http://127.0.0.1:$port", hmac_secret: "$secret"}
 YAML
-  local t0 t1 lines
+  local t0 t1 lines c0 c1 acpu
+  c0=$(cpu "$collector_pid")
   t0=$(date +%s.%N)
-  (cd "$work" && ./flowpipe run -c agent.yaml --log-level warn)
+  # The agent's CPU: its rusage and its plugin children's, once it exits (all ACKed).
+  (cd "$work" && python3 -c 'import resource,subprocess,sys; subprocess.run(sys.argv[1:], check=True); r=resource.getrusage(resource.RUSAGE_CHILDREN); print(r.ru_utime+r.ru_stime)' \
+    ./flowpipe run -c agent.yaml --log-level warn) > "$work/agent.cpu"
   t1=$(date +%s.%N)
+  c1=$(cpu "$collector_pid")
   lines=$(wc -l < "$work/flows.jsonl")
-  awk -v n="$lines" -v a="$t0" -v b="$t1" -v name="$1" \
-    'BEGIN { printf "%-54s %9d events in %6.2fs = %9.0f events/s\n", name, n, b-a, n/(b-a) }'
+  acpu=$(cat "$work/agent.cpu")
+  awk -v n="$lines" -v a="$t0" -v b="$t1" -v name="$1" -v ac="$acpu" -v cc="$((c1 - c0))" -v hz="$hz" \
+    'BEGIN { printf "%-54s %9d events in %6.2fs = %9.0f events/s   CPU µs/event: agent %.2f  collector %.2f\n", name, n, b-a, n/(b-a), ac*1e6/n, cc/hz*1e6/n }'
 }
 
 for iso in $ISOLATIONS; do
