@@ -21,6 +21,8 @@ func adminOptions(doc *config.Document, p *pipeline.Pipeline, log *slog.Logger) 
 		Listen: a.Listen, Registry: p.Metrics().Registry, Ready: p.Ready, Log: log, Token: a.Token,
 		Taps:  p.Taps(),
 		Graph: admin.GraphOf(doc, pluginhost.DefaultIsolation),
+		// What a reload changed shows at the next request.
+		CurrentGraph: func() admin.Graph { return admin.GraphOf(p.Document(), pluginhost.DefaultIsolation) },
 	}
 	if a.TokenFile != "" {
 		b, err := os.ReadFile(doc.AdminPath(a.TokenFile))

@@ -58,7 +58,11 @@ func graphOf(doc *config.Document) [][]graphNode {
 		if c.Plugin != "" {
 			t = "plugin " + c.Plugin
 		}
-		return fmt.Sprintf("%s\\n(%s %s)", c.Name, c.Kind, t)
+		off := ""
+		if !c.Enabled || !doc.Enabled {
+			off = ", disabled"
+		}
+		return fmt.Sprintf("%s\\n(%s %s%s)", c.Name, c.Kind, t, off)
 	}
 	var stages [][]graphNode
 	var st []graphNode

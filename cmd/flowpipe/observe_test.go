@@ -94,9 +94,9 @@ type running struct {
 	fifo   *os.File // the replay source's input; nil when the source reads a file
 }
 
-// startRun starts flowpipe run -c p.yaml in dir, waits for its admin listener and, when the
-// pipeline reads in.fifo, opens the pipe for writing.
-func startRun(t *testing.T, dir, yaml string) *running {
+// startRun starts flowpipe run -c p.yaml in dir (with more arguments, if given), waits for
+// its admin listener and, when the pipeline reads in.fifo, opens the pipe for writing.
+func startRun(t *testing.T, dir, yaml string, args ...string) *running {
 	t.Helper()
 	writeFile(t, filepath.Join(dir, "p.yaml"), yaml)
 	r := &running{stderr: &testenv.SyncBuffer{}}
@@ -106,7 +106,7 @@ func startRun(t *testing.T, dir, yaml string) *running {
 			t.Fatal(err)
 		}
 	}
-	r.cmd = exec.Command(binary, "run", "-c", "p.yaml", "--log-format", "json")
+	r.cmd = exec.Command(binary, append([]string{"run", "-c", "p.yaml", "--log-format", "json"}, args...)...)
 	r.cmd.Dir = dir
 	r.cmd.Stderr = r.stderr
 	if err := r.cmd.Start(); err != nil {

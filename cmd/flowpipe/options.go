@@ -46,22 +46,30 @@ func (g *globalFlags) build(ctx context.Context) (*config.Document, *pipeline.Pi
 	if doc.Admin.Listen != "" {
 		opts.Taps = tap.NewRegistry(doc.Admin.TapRing)
 	}
-	p, err := pipeline.New(ctx, doc, opts)
 	if len(probs) > 0 {
-		var more config.Problems
-		if errors.As(err, &more) {
-			probs = append(probs, more...)
-		} else if err != nil {
-			probs = append(probs, config.Problem{Where: doc.File, Msg: err.Error()})
-		}
-		if p != nil {
-			p.Close(ctx)
-		}
-		probs.Sort()
-		return nil, nil, nil, printProblems(probs)
+		return nil, nil, nil, printProblems(withComponentProblems(ctx, doc, probs, opts))
 	}
+	p, err := pipeline.New(ctx, doc, opts)
 	if err != nil {
 		return nil, nil, nil, printProblems(err)
 	}
 	return doc, p, log, nil
+}
+
+// withComponentProblems adds, to a document's own problems, those of its components: they
+// are built as at start, and closed. So the problems of admin:, runtime: or a section's
+// shape do not hide the components'.
+func withComponentProblems(ctx context.Context, doc *config.Document, probs config.Problems, opts pipeline.Options) config.Problems {
+	p, err := pipeline.New(ctx, doc, opts)
+	var more config.Problems
+	if errors.As(err, &more) {
+		probs = append(probs, more...)
+	} else if err != nil {
+		probs = append(probs, config.Problem{Where: doc.File, Msg: err.Error()})
+	}
+	if p != nil {
+		p.Close(ctx)
+	}
+	probs.Sort()
+	return probs
 }

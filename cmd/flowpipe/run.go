@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"errors"
 	"log/slog"
 	"os"
 	"os/signal"
@@ -29,6 +28,7 @@ const (
 const forcedStopGrace = 5 * time.Second
 
 func newRunCmd(g *globalFlags) *cobra.Command {
+	var watch bool
 	cmd := &cobra.Command{
 		Use:   "run",
 		Short: "Run the pipeline until SIGINT/SIGTERM (or until its sources are exhausted)",
@@ -38,8 +38,15 @@ flight drains to the sinks within runtime.shutdown_timeout, and anything that co
 delivered is reported with counts.
 
 A second SIGINT or SIGTERM stops at once: what is still queued is given up, counted and
-logged, and plugin processes are stopped without waiting for them. SIGHUP does not stop
-flowpipe; reloading the pipeline file is not supported yet, so it is logged and ignored.
+logged, and plugin processes are stopped without waiting for them.
+
+SIGHUP reloads the pipeline file while flowpipe runs; so does POST /-/reload on the admin
+listener, and, with --watch, any change of the file's content. The new file is loaded and
+checked as at start; if anything is wrong nothing changes (the problems are logged as
+validate prints them). Otherwise unchanged components keep running untouched, and changed,
+new and removed ones are swapped in without losing an event the pipeline accepted; the log
+shows the reload as a diff. admin: and data_dir: take effect only at start: a reload that
+changes them is rejected (docs/configuration.md, Reload).
 
 Exit status:
   0  stopped, and every event the pipeline accepted was delivered
@@ -47,7 +54,7 @@ Exit status:
   3  stopped, but accepted events were not delivered: given up at shutdown, dropped by a
      full queue (when_full: drop_*) or after retry.max_attempts, or failed by an enricher;
      the log says how many, per sink`,
-		Example: "  flowpipe run\n  flowpipe run -c examples/generate.yaml --log-format json\n  FLOWPIPE_SINKS__STDOUT__PATH=/tmp/flows.jsonl flowpipe run   # the default pipeline's sink is named stdout",
+		Example: "  flowpipe run\n  flowpipe run -c examples/generate.yaml --log-format json\n  flowpipe run --watch          # reload pipeline.yaml whenever it changes\n  kill -HUP $(pidof flowpipe)   # reload it now\n  FLOWPIPE_SINKS__STDOUT__PATH=/tmp/flows.jsonl flowpipe run   # the default pipeline's sink is named stdout",
 		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			// Signals are taken before building, so that a SIGHUP or SIGTERM that arrives
@@ -68,18 +75,21 @@ Exit status:
 			ready := make(chan *pipeline.Pipeline, 1)
 			finished := make(chan struct{})
 			defer close(finished)
-			go handleSignals(sigs, stop, ready, finished, log)
+			reloads := make(chan string, 1) // SIGHUP before the reloader exists waits here
+			go handleSignals(sigs, stop, ready, finished, reloads, log)
 
 			doc, p, log, err := g.build(ctx)
 			if err != nil {
 				return err
 			}
 			ready <- p
+			rl := newReloader(ctx, g, doc, p, log, reloads)
 			if doc.Admin.Listen != "" {
 				ao, err := adminOptions(doc, p, log)
 				if err != nil {
 					return err
 				}
+				ao.Reload = rl.serveHTTP
 				srv, err := admin.Serve(ao)
 				if err != nil {
 					return err
@@ -90,10 +100,19 @@ Exit status:
 					_ = srv.Shutdown(c)
 				}()
 			}
+			if watch {
+				if err := watchFile(ctx, g.config, log, func() { rl.request("watch") }); err != nil {
+					p.Close(ctx)
+					return err
+				}
+			}
+			go rl.loop()
 			warnRunAs(doc, log)
 			stopNotify := notifyService(ctx, p, log)
 			defer stopNotify()
-			if err := p.Run(ctx); err != nil {
+			err = p.Run(ctx)
+			rl.stop()
+			if err != nil {
 				if p.Undelivered() > 0 {
 					log.Error("events were not delivered", "events", p.Undelivered())
 				}
@@ -106,13 +125,15 @@ Exit status:
 		},
 	}
 	addConfigFlag(cmd, g)
+	cmd.Flags().BoolVar(&watch, "watch", false, "reload the pipeline file whenever its content changes (as SIGHUP does)")
 	return cmd
 }
 
 // handleSignals turns signals into the pipeline's lifecycle: the first SIGINT/SIGTERM stops
 // it gracefully, the second aborts the drain (and exits if the pipeline still does not
-// return within forcedStopGrace), SIGHUP asks for a reload.
-func handleSignals(sigs <-chan os.Signal, stop context.CancelFunc, ready <-chan *pipeline.Pipeline, done <-chan struct{}, log *slog.Logger) {
+// return within forcedStopGrace), SIGHUP asks for a reload (on reloads, which the reloader
+// reads once the pipeline runs).
+func handleSignals(sigs <-chan os.Signal, stop context.CancelFunc, ready <-chan *pipeline.Pipeline, done <-chan struct{}, reloads chan<- string, log *slog.Logger) {
 	var p *pipeline.Pipeline
 	stopping := false
 	for {
@@ -123,7 +144,18 @@ func handleSignals(sigs <-chan os.Signal, stop context.CancelFunc, ready <-chan 
 			continue
 		case sig := <-sigs:
 			if sig == syscall.SIGHUP {
-				reload(log, p)
+				switch {
+				case stopping:
+					log.Warn("received SIGHUP while stopping; not reloading", "signal", "SIGHUP")
+				case p == nil:
+					log.Info("received SIGHUP while starting; the pipeline file is reloaded once the pipeline runs", "signal", "SIGHUP")
+					fallthrough
+				default:
+					select {
+					case reloads <- "SIGHUP":
+					default: // a reload is already asked for: it reads the file as it is then
+					}
+				}
 				continue
 			}
 			if !stopping {
@@ -146,15 +178,6 @@ func handleSignals(sigs <-chan os.Signal, stop context.CancelFunc, ready <-chan 
 			os.Exit(exitUndelivered)
 		}
 	}
-}
-
-// errReloadUnsupported is what a SIGHUP gets until reloading the pipeline is implemented.
-var errReloadUnsupported = errors.New("reloading the pipeline file is not supported yet; flowpipe keeps running with the file it loaded at start (restart it to apply changes)")
-
-// reload is called on SIGHUP. Applying a changed pipeline.yaml while running hooks in here.
-func reload(log *slog.Logger, p *pipeline.Pipeline) {
-	_ = p
-	log.Warn("received SIGHUP: "+errReloadUnsupported.Error(), "signal", "SIGHUP")
 }
 
 func sigName(s os.Signal) string {

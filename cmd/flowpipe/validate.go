@@ -3,9 +3,12 @@ package main
 import (
 	"context"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
+
+	"github.com/flowpipe/flowpipe/core/config"
 )
 
 func newValidateCmd(g *globalFlags) *cobra.Command {
@@ -31,10 +34,29 @@ when there is any, 0 when the pipeline is valid.`,
 					return err
 				}
 			}
-			fmt.Fprintf(cmd.OutOrStdout(), "%s: valid (%d sources, %d enrichers, %d sinks)\n", doc.File, len(doc.Sources), len(doc.Enrichers), len(doc.Sinks))
+			fmt.Fprintf(cmd.OutOrStdout(), "%s: valid (%d sources, %d enrichers, %d sinks%s)\n", doc.File, len(doc.Sources), len(doc.Enrichers), len(doc.Sinks), disabledNote(doc))
 			return nil
 		},
 	}
 	addConfigFlag(cmd, g)
 	return cmd
+}
+
+// disabledNote says what of a valid pipeline is turned off (enabled: false).
+func disabledNote(doc *config.Document) string {
+	if !doc.Enabled {
+		return "; the pipeline is disabled (enabled: false): flowpipe run runs nothing until it is enabled"
+	}
+	var off []string
+	for _, list := range [][]config.Component{doc.Sources, doc.Enrichers, doc.Sinks} {
+		for _, c := range list {
+			if !c.Enabled {
+				off = append(off, string(c.Kind)+" "+c.Name)
+			}
+		}
+	}
+	if len(off) == 0 {
+		return ""
+	}
+	return "; disabled: " + strings.Join(off, ", ")
 }

@@ -1,9 +1,12 @@
 package main
 
 import (
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/flowpipe/flowpipe/core/component/componenttest"
 )
 
 // Every problem at once, whatever stage finds it: the document's own keys (admin, runtime)
@@ -57,5 +60,45 @@ sinks:
 	_, stderr, code = flowpipe(t, dir, "validate", "-c", "tab.yaml")
 	if code != 1 || !strings.Contains(stderr, "tab.yaml:3: invalid YAML: a tab character indents this line") {
 		t.Errorf("tab: exit %d:\n%s", code, stderr)
+	}
+}
+
+// enabled: false is checked as if enabled, and validate and graph say what is off; a
+// disabled pipeline runs nothing and stops cleanly. Default isolation.
+func TestValidateAndGraphShowDisabled(t *testing.T) {
+	dir := t.TempDir()
+	writeFile(t, filepath.Join(dir, "pipeline.yaml"), `admin: {listen: ""}
+data_dir: data
+sources:
+  gen: {type: generate, count: 100}
+sinks:
+  out: {type: file, path: out.jsonl}
+  archive: {type: file, path: archive.jsonl, enabled: false}
+`)
+	stdout, stderr, code := flowpipe(t, dir, "validate")
+	if code != 0 || !strings.Contains(stdout, "valid (1 sources, 0 enrichers, 2 sinks; disabled: sink archive)") {
+		t.Errorf("validate: exit %d\n%s%s", code, stdout, stderr)
+	}
+	stdout, _, code = flowpipe(t, dir, "graph")
+	if code != 0 || !strings.Contains(stdout, `archive\n(sink file, disabled)`) || strings.Contains(stdout, `out\n(sink file, disabled)`) {
+		t.Errorf("graph: exit %d\n%s", code, stdout)
+	}
+	_, stderr, code = flowpipe(t, dir, "run")
+	if code != 0 {
+		t.Fatalf("run: exit %d\n%s", code, stderr)
+	}
+	if n := len(componenttest.ReadJSONLines(t, filepath.Join(dir, "out.jsonl"))); n != 100 {
+		t.Errorf("out.jsonl has %d lines, want 100", n)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "archive.jsonl")); !os.IsNotExist(err) {
+		t.Errorf("the disabled sink wrote its file (%v)", err)
+	}
+
+	writeFile(t, filepath.Join(dir, "bad.yaml"), "sources:\n  gen: {type: generate, enabled: false, ratee: 1}\nsinks:\n  out: {type: file, path: out.jsonl, enabled: yes please}\n")
+	_, stderr, code = flowpipe(t, dir, "validate", "-c", "bad.yaml")
+	for _, want := range []string{`bad.yaml:2: sources.gen.ratee: unknown key`, `bad.yaml:4: sinks.out.enabled: want true or false`} {
+		if code != 1 || !strings.Contains(stderr, want) {
+			t.Errorf("validate bad.yaml: exit %d, want %q:\n%s", code, want, stderr)
+		}
 	}
 }

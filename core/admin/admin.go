@@ -1,6 +1,7 @@
 // Package admin serves flowpipe's admin listener: /metrics (Prometheus), /healthz (the
 // process is alive), /readyz (the pipeline runs and no sink or plugin keeps failing), the
-// JSON API behind `flowpipe tap` and `flowpipe top` (/api/...), and the live page (GET /).
+// JSON API behind `flowpipe tap` and `flowpipe top` (/api/...), POST /-/reload (apply the
+// pipeline file again), and the live page (GET /).
 // docs/observe.md documents the endpoints.
 package admin
 
@@ -41,6 +42,22 @@ type Options struct {
 	Taps *tap.Registry
 	// Graph is the pipeline's components in stages, for /api/pipeline and the page.
 	Graph Graph
+	// Reload, when set, serves POST /-/reload: it reloads the pipeline file and returns what
+	// to answer (encoded as JSON), or config.Problems when the new file is rejected (422),
+	// an error wrapping ErrReloadUnavailable (503), or another error when applying it failed
+	// (500; with a non-nil answer, that answer is the body).
+	Reload func(ctx context.Context) (any, error)
+	// CurrentGraph, when set, is asked for the graph at each request instead of Graph: a
+	// pipeline that reloads changes its components (GraphOf(p.Document(), ...)).
+	CurrentGraph func() Graph
+}
+
+// graph is the pipeline's graph now.
+func (s *Server) graph() Graph {
+	if s.opts.CurrentGraph != nil {
+		return s.opts.CurrentGraph()
+	}
+	return s.opts.Graph
 }
 
 // Server is a running admin listener.
@@ -94,6 +111,9 @@ func Serve(opts Options) (*Server, error) {
 	mux.Handle("GET /api/components", s.auth(http.HandlerFunc(s.serveComponents)))
 	mux.Handle("GET /api/tap", s.auth(http.HandlerFunc(s.serveTap)))
 	mux.Handle("GET /api/top", s.auth(http.HandlerFunc(s.serveTop)))
+	if opts.Reload != nil {
+		mux.Handle("POST /-/reload", s.auth(http.HandlerFunc(s.serveReload)))
+	}
 	s.srv = &http.Server{
 		Handler:           mux,
 		ReadHeaderTimeout: 5 * time.Second,

@@ -22,6 +22,9 @@ type Node struct {
 	Type      string `json:"type,omitempty"`
 	Plugin    string `json:"plugin,omitempty"`
 	Isolation string `json:"isolation"`
+	// Disabled is set for a component written with enabled: false (or in a pipeline with
+	// enabled: false at the top): it is in the file, checked, and not running.
+	Disabled bool `json:"disabled,omitempty"`
 }
 
 // Graph is the pipeline in stages: sources, each enricher, sinks. Every node of a stage
@@ -41,7 +44,7 @@ func GraphOf(doc *config.Document, defaultIsolation string) Graph {
 		if c.Plugin != "" {
 			iso = "process"
 		}
-		return Node{Name: c.Name, Kind: string(c.Kind), Type: c.Type, Plugin: c.Plugin, Isolation: iso}
+		return Node{Name: c.Name, Kind: string(c.Kind), Type: c.Type, Plugin: c.Plugin, Isolation: iso, Disabled: !c.Enabled || !doc.Enabled}
 	}
 	var g Graph
 	var st []Node
@@ -63,6 +66,10 @@ func GraphOf(doc *config.Document, defaultIsolation string) Graph {
 func writeJSON(w http.ResponseWriter, v any) {
 	w.Header().Set("Content-Type", "application/json")
 	w.Header().Set("Cache-Control", "no-store")
+	writeJSONBody(w, v)
+}
+
+func writeJSONBody(w http.ResponseWriter, v any) {
 	enc := json.NewEncoder(w)
 	enc.SetIndent("", "  ")
 	_ = enc.Encode(v)
@@ -74,7 +81,7 @@ func (s *Server) servePipeline(w http.ResponseWriter, _ *http.Request) {
 		TapPoints []string `json:"tap_points"`
 		Fanout    string   `json:"fanout"`
 		TapRing   int      `json:"tap_ring"`
-	}{Graph: s.opts.Graph, Fanout: tap.Fanout, TapPoints: []string{}}
+	}{Graph: s.graph(), Fanout: tap.Fanout, TapPoints: []string{}}
 	if s.opts.Taps != nil {
 		out.TapPoints = s.opts.Taps.Names()
 		out.TapRing = s.opts.Taps.RingSize()
@@ -116,7 +123,7 @@ func (s *Server) Stats() ([]*ComponentStats, error) {
 		}
 		return c
 	}
-	for _, st := range s.opts.Graph.Stages {
+	for _, st := range s.graph().Stages {
 		for _, n := range st {
 			get(n.Name, n.Kind)
 		}

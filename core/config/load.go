@@ -41,7 +41,11 @@ type Document struct {
 	DataDir string
 	// RunAs is the user plugin processes run as when flowpipe runs as root (`run_as:`);
 	// empty keeps them as root, without capabilities beyond their own (docs/security.md).
-	RunAs     string
+	RunAs string
+	// Enabled is the top-level `enabled:` (default true). A pipeline with enabled: false is
+	// loaded and checked in full, but none of its components is built or run: flowpipe run
+	// stays up with nothing running, so that a reload can turn it on.
+	Enabled   bool
 	Sources   []Component // sorted by name
 	Enrichers []Component // in pipeline order
 	Sinks     []Component // sorted by name
@@ -97,6 +101,20 @@ type Component struct {
 	// Options is everything else beside type: the component's own options and the
 	// runtime's per-component settings (queue, retry, ...).
 	Options map[string]any
+	// Enabled is the component's `enabled:` (default true). A disabled component is checked
+	// as an enabled one is, but it is not built or run.
+	Enabled bool
+}
+
+// EnabledOnly is list without its disabled components.
+func EnabledOnly(list []Component) []Component {
+	out := make([]Component, 0, len(list))
+	for _, c := range list {
+		if c.Enabled {
+			out = append(out, c)
+		}
+	}
+	return out
 }
 
 // DefaultAdminListen is where the admin listener goes when admin.listen is not set.
@@ -380,10 +398,16 @@ func (d *Document) decodeTop(raw map[string]any) Problems {
 	var probs Problems
 	for key := range raw {
 		switch key {
-		case "admin", "runtime", "data_dir", "run_as", "sources", "enrichers", "sinks":
+		case "admin", "runtime", "data_dir", "run_as", "enabled", "sources", "enrichers", "sinks":
 		default:
-			probs = append(probs, d.Problem(key, "unknown top-level key (want admin, runtime, data_dir, run_as, sources, enrichers, sinks)"))
+			probs = append(probs, d.Problem(key, "unknown top-level key (want admin, runtime, data_dir, run_as, enabled, sources, enrichers, sinks)"))
 		}
+	}
+	d.Enabled = true
+	if v, ok := raw["enabled"]; ok {
+		var ps Problems
+		d.Enabled, ps = d.boolValue(v, "enabled")
+		probs = append(probs, ps...)
 	}
 	d.Admin = Admin{Listen: DefaultAdminListen, TapRing: DefaultTapRing}
 	if v, ok := raw["admin"]; ok {
@@ -505,7 +529,7 @@ func (d *Document) component(v any, path, name string, kind component.Kind) (Com
 	if !ok {
 		return Component{}, Problems{d.Problem(path, "want a map with type: and options, got %s", options.Describe(v))}
 	}
-	c := Component{Kind: kind, Name: name, Path: path, Options: map[string]any{}}
+	c := Component{Kind: kind, Name: name, Path: path, Options: map[string]any{}, Enabled: true}
 	var probs Problems
 	str := func(key string) string {
 		x, ok := m[key]
@@ -525,6 +549,10 @@ func (d *Document) component(v any, path, name string, kind component.Kind) (Com
 			c.Process = x
 		case "run_as":
 			c.RunAs, probs = d.runAs(x, Join(path, key), probs)
+		case "enabled":
+			var ps Problems
+			c.Enabled, ps = d.boolValue(x, Join(path, key))
+			probs = append(probs, ps...)
 		case "name":
 			if kind != component.KindEnricher {
 				c.Options[key] = x
@@ -564,6 +592,15 @@ func (d *Document) component(v any, path, name string, kind component.Kind) (Com
 		}
 	}
 	return c, probs
+}
+
+// boolValue reads an `enabled:` value: true or false.
+func (d *Document) boolValue(v any, path string) (bool, Problems) {
+	b, ok := v.(bool)
+	if !ok {
+		return true, Problems{d.Problem(path, "want true or false, got %s", options.Describe(v))}
+	}
+	return b, nil
 }
 
 // runAs checks a run_as: value: a user that exists on this machine (its uid and groups are

@@ -216,3 +216,37 @@ func TestRunAs(t *testing.T) {
 	wantProblem(t, ps, "pipeline.yaml:3", "sources.a.run_as", "run_as applies to a component in its own process")
 	wantProblem(t, ps, "pipeline.yaml:4", "sources.b.run_as", "want a user name, got")
 }
+
+func TestEnabled(t *testing.T) {
+	doc, ps := load(t, `
+sources:
+  a: {type: generate}
+  b: {type: generate, enabled: false}
+enrichers:
+  - {type: resources, enabled: false}
+sinks:
+  out: {type: file, enabled: true}
+`)
+	if len(ps) > 0 {
+		t.Fatal(ps)
+	}
+	if !doc.Enabled || !doc.Sources[0].Enabled || doc.Sources[1].Enabled || doc.Enrichers[0].Enabled || !doc.Sinks[0].Enabled {
+		t.Errorf("enabled: pipeline %v, sources %v %v, enricher %v, sink %v", doc.Enabled, doc.Sources[0].Enabled, doc.Sources[1].Enabled, doc.Enrichers[0].Enabled, doc.Sinks[0].Enabled)
+	}
+	if _, ok := doc.Sources[1].Options["enabled"]; ok {
+		t.Error("enabled: reached the component's options")
+	}
+	if got := EnabledOnly(doc.Sources); len(got) != 1 || got[0].Name != "a" {
+		t.Errorf("EnabledOnly = %v", got)
+	}
+	doc, ps = load(t, "enabled: false\nsources:\n  a: {type: generate}\nsinks:\n  out: {type: file}\n", "FLOWPIPE_SINKS__OUT__ENABLED=false")
+	if len(ps) > 0 {
+		t.Fatal(ps)
+	}
+	if doc.Enabled || doc.Sinks[0].Enabled {
+		t.Errorf("enabled: false at the top and from the environment: %v, %v", doc.Enabled, doc.Sinks[0].Enabled)
+	}
+	_, ps = load(t, "enabled: maybe\nsources:\n  a: {type: generate, enabled: 1}\nsinks:\n  out: {type: file}\n")
+	wantProblem(t, ps, "pipeline.yaml:1", "enabled", "want true or false")
+	wantProblem(t, ps, "pipeline.yaml:3", "sources.a.enabled", "want true or false")
+}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -20,8 +21,18 @@ import (
 // so the source's acknowledgement waits only for the other sinks. The sink's writers take
 // batches back from disk, and each one written confirms its record.
 type diskSinkQueue struct {
-	opts diskqueue.Options
-	q    *diskqueue.Queue // set by open
+	opts  diskqueue.Options
+	stat  *diskStat
+	q     atomic.Pointer[diskqueue.Queue] // set by open
+	ready chan struct{}                   // closed by open, successful or not
+	err   error                           // open's error, read after ready
+}
+
+// diskStat is what a sink's disk queue metrics read: one set per sink name, registered once,
+// reading whichever queue the sink has now (a reload may give it another).
+type diskStat struct {
+	q     atomic.Pointer[diskqueue.Queue]
+	fsync prometheus.Histogram
 }
 
 // queueDir is where a sink's disk queue lives: queue.path (relative to the pipeline file's
@@ -51,27 +62,39 @@ func checkQueueDir(dir string) error {
 	return nil
 }
 
-func newDiskSinkQueue(n *sinkNode, dir string) *diskSinkQueue {
+func (p *Pipeline) newDiskSinkQueue(n *sinkNode, dir string) *diskSinkQueue {
 	st := n.settings.Queue
-	d := &diskSinkQueue{}
-	fsync := prometheus.NewHistogram(prometheus.HistogramOpts{
-		Name:    "flowpipe_sink_queue_fsync_seconds",
-		Help:    "Duration of fsyncs of a sink's disk queue.",
-		Buckets: prometheus.ExponentialBuckets(0.0001, 2, 16),
-	})
+	d := &diskSinkQueue{ready: make(chan struct{}), stat: p.diskStat(n)}
 	d.opts = diskqueue.Options{
 		Dir: dir, MaxSize: int64(st.MaxSize), WhenFull: st.WhenFull,
 		Sync: st.Sync, SyncInterval: st.SyncInterval,
 		Logger:  n.log.With("sink", n.name),
 		Dropped: n.m.Dropped,
-		Fsync:   func(d time.Duration) { fsync.Observe(d.Seconds()) },
+		Fsync:   func(t time.Duration) { d.stat.fsync.Observe(t.Seconds()) },
 	}
+	return d
+}
+
+// diskStat returns the disk queue metrics of a sink, registering them the first time.
+func (p *Pipeline) diskStat(n *sinkNode) *diskStat {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if ds, ok := p.diskStats[n.name]; ok {
+		return ds
+	}
+	ds := &diskStat{fsync: prometheus.NewHistogram(prometheus.HistogramOpts{
+		Name:    "flowpipe_sink_queue_fsync_seconds",
+		Help:    "Duration of fsyncs of a sink's disk queue.",
+		Buckets: prometheus.ExponentialBuckets(0.0001, 2, 16),
+	})}
+	p.diskStats[n.name] = ds
 	stat := func(f func(diskqueue.Stats) float64) func() float64 {
 		return func() float64 {
-			if d.q == nil {
+			q := ds.q.Load()
+			if q == nil {
 				return 0
 			}
-			return f(d.q.Stats())
+			return f(q.Stats())
 		}
 	}
 	// The disk queue's own reasons are published at 0, as the runtime's are.
@@ -79,7 +102,7 @@ func newDiskSinkQueue(n *sinkNode, dir string) *diskSinkQueue {
 	n.m.DropCounter("queue_error")
 	reg := n.m.Registerer()
 	for _, c := range []prometheus.Collector{
-		fsync,
+		ds.fsync,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "flowpipe_sink_queue_bytes", Help: "Bytes of a sink's disk queue on disk.",
 		}, stat(func(s diskqueue.Stats) float64 { return float64(s.Bytes) })),
@@ -102,23 +125,52 @@ func newDiskSinkQueue(n *sinkNode, dir string) *diskSinkQueue {
 			n.log.Warn("disk queue metric not registered", "sink", n.name, "error", err)
 		}
 	}
-	return d
+	return ds
 }
 
 func (d *diskSinkQueue) open() error {
 	q, err := diskqueue.Open(d.opts)
 	if err != nil {
+		d.err = err
+		close(d.ready)
 		return err
 	}
-	d.q = q
+	d.q.Store(q)
+	d.stat.q.Store(q)
+	close(d.ready)
 	return nil
+}
+
+// wait waits for open: a reload that gives a sink a new queue in the directory of its old
+// one opens it only once the old one is closed, and batches offered meanwhile wait.
+func (d *diskSinkQueue) wait(ctx context.Context) (*diskqueue.Queue, error) {
+	select {
+	case <-d.ready:
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	if d.err != nil {
+		return nil, d.err
+	}
+	return d.q.Load(), nil
 }
 
 func (d *diskSinkQueue) offer(ctx context.Context, n *sinkNode, b *flow.Batch) error {
 	// The reference is held until the record is durable (sync: batch), so that the source's
 	// acknowledgement waits for the fsync while the source goes on producing.
 	b.Retain()
-	err := d.q.AppendAsync(ctx, b.Events, func(err error) {
+	q, err := d.wait(ctx)
+	if err != nil {
+		if ctx.Err() != nil {
+			n.undelivered.Add(int64(len(b.Events)))
+			n.m.Dropped("shutdown", len(b.Events))
+			b.Release(flow.ErrShutdown)
+			return ctx.Err()
+		}
+		n.drop(b, "queue_error")
+		return nil
+	}
+	err = q.AppendAsync(ctx, b.Events, func(err error) {
 		if err != nil {
 			n.log.Error("disk queue fsync failed; batch not accepted", "sink", n.name, "events", len(b.Events), "error", err)
 			n.drop(b, "queue_error")
@@ -148,33 +200,42 @@ func (d *diskSinkQueue) offer(ctx context.Context, n *sinkNode, b *flow.Batch) e
 	}
 }
 
-func (d *diskSinkQueue) pop(ctx context.Context) *flow.Batch { return d.q.Next(ctx) }
+func (d *diskSinkQueue) pop(ctx context.Context) *flow.Batch {
+	q, err := d.wait(ctx)
+	if err != nil {
+		return nil
+	}
+	return q.Next(ctx)
+}
 
 func (d *diskSinkQueue) close(keep bool) {
-	if d.q == nil {
+	q := d.q.Load()
+	if q == nil {
 		return
 	}
 	if keep {
-		d.q.Stop()
+		q.Stop()
 	} else {
-		d.q.CloseWrites()
+		q.CloseWrites()
 	}
 }
 
 func (d *diskSinkQueue) drainAll() []*flow.Batch { return nil }
 
 func (d *diskSinkQueue) depth() (batches, events int) {
-	if d.q == nil {
+	q := d.q.Load()
+	if q == nil {
 		return 0, 0
 	}
-	r, e := d.q.Depth()
+	r, e := q.Depth()
 	return int(r), int(e)
 }
 
 func (d *diskSinkQueue) durable() bool { return true }
 
 func (d *diskSinkQueue) shutdown() {
-	if d.q != nil {
-		d.q.Close()
+	if q := d.q.Load(); q != nil {
+		q.Close()
+		d.stat.q.CompareAndSwap(q, nil) // unless the sink has another queue now
 	}
 }

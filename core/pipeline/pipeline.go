@@ -43,45 +43,85 @@ type Options struct {
 	Taps *tap.Registry
 }
 
-// Pipeline is a built pipeline, ready to Run once.
+// Pipeline is a built pipeline, ready to Run once; while it runs, Reload changes it.
 type Pipeline struct {
-	doc     *config.Document
+	opts    Options
+	docp    atomic.Pointer[config.Document]
 	log     *slog.Logger
 	metrics *metrics.Set
-	sources []*sourceNode
-	enrich  []*enricherNode
-	sinks   []*sinkNode
-	// parts is every component that was built, in start order (sinks, enrichers, sources,
-	// as New builds them): one list that every kind goes through to start and to close.
-	parts    []*part
+	taps    *tap.Registry
+	fanout  *tap.Hub // batches handed to the sinks
+
+	topo atomic.Pointer[topology] // the stages batches go through now
+
+	mu        sync.Mutex
+	sources   []*sourceNode // the sources now
+	parts     []*part       // every component built, in build order
+	sinksEver []*sinkNode   // every sink node, current and retired (Undelivered counts all)
+	diskStats map[string]*diskStat
+	running   bool
+	started   bool
+
+	// reloadMu serialises Reload, and Reload with Run's start and shutdown.
+	reloadMu sync.Mutex
+	rs       *runState // Run's, while it runs
+	closing  bool      // Run is shutting down: no reload any more
+
 	stopping chan struct{}
 	runningc chan struct{} // closed once every component started (Running)
-	taps     *tap.Registry
-	fanout   *tap.Hub   // batches handed to the sinks
-	sinkTaps []*tap.Hub // by index of sinks
 
 	abortOnce sync.Once
 	abort     chan struct{} // closed by Abort
 	failed    atomic.Int64  // events an enricher failed (acknowledged with its error)
+}
 
-	mu      sync.Mutex
-	running bool
-	started bool
+// runState is what Run shares with Reload while it runs.
+type runState struct {
+	ctx      context.Context // Run's: cancelled when the pipeline is told to stop
+	stopRun  context.CancelFunc
+	writeCtx context.Context // the sinks' writes: cancelled at the shutdown deadline
+	srcCtx   context.Context
+	srcWG    sync.WaitGroup
+	errc     chan error    // the first source failure
+	done     chan struct{} // closed when the last running source ran out by itself
+	doneOnce sync.Once
+	active   int // sources running (under Pipeline.mu)
 }
 
 type sourceNode struct {
 	name string
+	spec config.Component
 	src  component.Source
+	part *part
 	m    *metrics.Component
 	p    *Pipeline
 	tap  *tap.Hub
+
+	out outstanding // batches emitted and not yet acknowledged
+	// ectx is what its batches wait under for room in the sinks' queues: the drain
+	// deadline's, not the source's own, so that neither a reload that stops the source nor
+	// a shutdown gives up a batch it had emitted while the drain still has time (a batch
+	// waiting for room in a full queue when SIGTERM comes is delivered, or given up and
+	// counted at runtime.shutdown_timeout).
+	ectx context.Context
+	// enrichCtx is what enrichers' calls on its batches run under: the drain deadline's, so
+	// that a batch being enriched when the pipeline stops is not failed by the stop (for a
+	// plugin the call is an RPC that a cancelled context ends).
+	enrichCtx context.Context
+	cancel    context.CancelFunc
+	done      chan struct{} // closed when Run returned
+	stopped   atomic.Bool   // stopped by a reload, not run out
 }
 
 type enricherNode struct {
 	name string
+	spec config.Component
 	en   component.Enricher
+	part *part
 	m    *metrics.Component
 	tap  *tap.Hub
+	// via is the topology a removed holder flushes through while it closes.
+	via atomic.Pointer[topology]
 }
 
 // part is one built component: started in order, closed exactly once.
@@ -89,16 +129,19 @@ type part struct {
 	name   string
 	kind   component.Kind
 	c      any
+	reg    *trackReg
 	closed bool
 }
 
 // New builds every component of doc. Every problem in the components' options is reported
-// together as config.Problems, positioned at its line.
+// together as config.Problems, positioned at its line. A disabled component (enabled: false)
+// is checked but not built; so is every component of a disabled pipeline.
 func New(ctx context.Context, doc *config.Document, opts Options) (*Pipeline, error) {
 	if opts.Registry == nil {
 		return nil, errors.New("pipeline: Options.Registry is required")
 	}
-	p := &Pipeline{doc: doc, log: opts.Logger, metrics: opts.Metrics, stopping: make(chan struct{}), runningc: make(chan struct{}), abort: make(chan struct{})}
+	p := &Pipeline{opts: opts, log: opts.Logger, metrics: opts.Metrics, stopping: make(chan struct{}), runningc: make(chan struct{}), abort: make(chan struct{}), diskStats: map[string]*diskStat{}}
+	p.docp.Store(doc)
 	if p.log == nil {
 		p.log = slog.Default()
 	}
@@ -110,89 +153,131 @@ func New(ctx context.Context, doc *config.Document, opts Options) (*Pipeline, er
 		p.taps = tap.NewRegistry(0)
 	}
 	p.fanout = p.taps.Point(tap.Fanout, "fanout")
-	var probs config.Problems
-	var sinkTaps []*tap.Hub
-	queueDirs := map[string]string{} // disk queue directory → sink
-	for _, spec := range doc.Sinks {
-		settings := defaultSinkSettings()
-		if f, ok := opts.Registry.Lookup(spec.Kind, spec.Type); ok && spec.Plugin == "" && f.InFlight > 0 {
-			settings.InFlight = f.InFlight
-		}
-		opts2 := maps.Clone(spec.Options)
-		rt := map[string]any{}
-		for _, k := range sinkSettingKeys {
-			if v, ok := opts2[k]; ok {
-				rt[k] = v
-				delete(opts2, k)
-			}
-		}
-		errs := options.Check(rt, &settings, "")
-		errs = append(errs, queueKeyErrors(rt, settings.Queue.Type)...)
-		var qdir string
-		if len(errs) == 0 && settings.Queue.Type == QueueDisk {
-			qdir = queueDir(doc, spec.Name, settings.Queue)
-			if other, ok := queueDirs[qdir]; ok {
-				errs.Add("queue.path", "%s is already sink %s's queue; every sink needs its own", qdir, other)
-			} else if err := checkQueueDir(qdir); err != nil {
-				errs.Add("queue.path", "%s: %v", qdir, err)
-			}
-			queueDirs[qdir] = spec.Name
-		}
-		probs = append(probs, doc.Problems(spec.Path, errs)...)
-		spec.Options = opts2
-		c, m, ps := p.build(ctx, spec, opts)
-		probs = append(probs, ps...)
-		if c == nil {
-			continue
-		}
-		sink, ok := c.(component.Sink)
-		if !ok {
-			probs = append(probs, doc.Problem(spec.Path, "%s is not a sink", describeSpec(spec)))
-			continue
-		}
-		node := newSinkNode(spec.Name, sink, settings, m, p.log)
-		if qdir != "" {
-			node.queue = newDiskSinkQueue(node, qdir)
-		}
-		p.sinks = append(p.sinks, node)
-		sinkTaps = append(sinkTaps, p.taps.Point(spec.Name, "sink"))
-	}
-	for _, spec := range doc.Enrichers {
-		c, m, ps := p.build(ctx, spec, opts)
-		probs = append(probs, ps...)
-		if c == nil {
-			continue
-		}
-		en, ok := c.(component.Enricher)
-		if !ok {
-			probs = append(probs, doc.Problem(spec.Path, "%s is not an enricher", describeSpec(spec)))
-			continue
-		}
-		p.enrich = append(p.enrich, &enricherNode{name: spec.Name, en: en, m: m, tap: p.taps.Point(spec.Name, "enricher")})
-		if h, ok := en.(component.Holder); ok {
-			h.Attach(&downstream{p: p, from: len(p.enrich)}) // what it emits passes the stages after it
-		}
-	}
-	for _, spec := range doc.Sources {
-		c, m, ps := p.build(ctx, spec, opts)
-		probs = append(probs, ps...)
-		if c == nil {
-			continue
-		}
-		src, ok := c.(component.Source)
-		if !ok {
-			probs = append(probs, doc.Problem(spec.Path, "%s is not a source", describeSpec(spec)))
-			continue
-		}
-		p.sources = append(p.sources, &sourceNode{name: spec.Name, src: src, m: m, p: p, tap: p.taps.Point(spec.Name, "source")})
-	}
+	pl, probs := p.plan(ctx, doc, nil)
 	if len(probs) > 0 {
 		probs.Sort()
-		p.closeAll()
+		p.closeParts(pl.built)
 		return nil, probs
 	}
-	p.sinkTaps = sinkTaps
+	p.parts = pl.built
+	p.sinksEver = pl.sinks
+	p.sources = pl.sources
+	p.topo.Store(newTopology(pl.enrich, pl.sinks))
 	return p, nil
+}
+
+// Document is the pipeline file the pipeline runs now (the last one Reload applied).
+func (p *Pipeline) Document() *config.Document { return p.docp.Load() }
+
+func (p *Pipeline) shutdownTimeout() time.Duration {
+	if t := p.Document().Runtime.ShutdownTimeout; t > 0 {
+		return t
+	}
+	return config.DefaultShutdownTimeout
+}
+
+// sinkSpec splits a sink's options into the runtime's settings (checked) and its own.
+func (p *Pipeline) sinkSpec(doc *config.Document, spec config.Component, queueDirs map[string]string) (SinkSettings, map[string]any, string, config.Problems) {
+	settings := defaultSinkSettings()
+	if f, ok := p.opts.Registry.Lookup(spec.Kind, spec.Type); ok && spec.Plugin == "" && f.InFlight > 0 {
+		settings.InFlight = f.InFlight
+	}
+	own := maps.Clone(spec.Options)
+	rt := map[string]any{}
+	for _, k := range sinkSettingKeys {
+		if v, ok := own[k]; ok {
+			rt[k] = v
+			delete(own, k)
+		}
+	}
+	errs := options.Check(rt, &settings, "")
+	errs = append(errs, queueKeyErrors(rt, settings.Queue.Type)...)
+	var qdir string
+	if len(errs) == 0 && settings.Queue.Type == QueueDisk {
+		qdir = queueDir(doc, spec.Name, settings.Queue)
+		if other, ok := queueDirs[qdir]; ok {
+			errs.Add("queue.path", "%s is already sink %s's queue; every sink needs its own", qdir, other)
+		} else if err := checkQueueDir(qdir); err != nil {
+			errs.Add("queue.path", "%s: %v", qdir, err)
+		}
+		queueDirs[qdir] = spec.Name
+	}
+	return settings, own, qdir, doc.Problems(spec.Path, errs)
+}
+
+// checkDisabled checks what can be checked of a component that is not built: its type and,
+// for a built-in, its options.
+func (p *Pipeline) checkDisabled(doc *config.Document, spec config.Component) config.Problems {
+	if spec.Plugin != "" {
+		return nil
+	}
+	f, ok := p.opts.Registry.Lookup(spec.Kind, spec.Type)
+	if !ok {
+		return config.Problems{doc.Problem(config.Join(spec.Path, "type"), "unknown %s type %q (known: %s)", spec.Kind, spec.Type, strings.Join(p.opts.Registry.Types(spec.Kind), ", "))}
+	}
+	return doc.Problems(spec.Path, options.Check(spec.Options, f.NewConfig(), ""))
+}
+
+// newSink builds a sink node from its spec (runtime settings already split off).
+func (p *Pipeline) newSink(ctx context.Context, doc *config.Document, spec config.Component, settings SinkSettings, own map[string]any, qdir string, live bool) (*sinkNode, *part, config.Problems) {
+	pt, m, probs := p.buildSinkPart(ctx, doc, spec, own, live)
+	if len(probs) > 0 {
+		return nil, pt, probs
+	}
+	node := newSinkNode(spec.Name, pt.c.(component.Sink), pt, settings, m, p.log)
+	p.dressSink(node, spec, own, qdir)
+	return node, pt, nil
+}
+
+// dressSink gives a sink node what it has beside its component: its spec, tap point and
+// queue (a memory queue unless qdir names a disk queue's directory).
+func (p *Pipeline) dressSink(node *sinkNode, spec config.Component, own map[string]any, qdir string) {
+	node.spec, node.own, node.qdir = spec, own, qdir
+	node.tap = p.taps.Point(spec.Name, "sink")
+	if qdir != "" {
+		node.queue = p.newDiskSinkQueue(node, qdir)
+	}
+}
+
+func (p *Pipeline) buildSinkPart(ctx context.Context, doc *config.Document, spec config.Component, own map[string]any, live bool) (*part, *metrics.Component, config.Problems) {
+	bspec := spec
+	bspec.Options = own
+	pt, m, probs := p.build(ctx, doc, bspec, live)
+	if pt == nil {
+		return nil, nil, probs
+	}
+	if _, ok := pt.c.(component.Sink); !ok {
+		return pt, nil, config.Problems{doc.Problem(spec.Path, "%s is not a sink", describeSpec(spec))}
+	}
+	return pt, m, nil
+}
+
+func (p *Pipeline) newEnricher(ctx context.Context, doc *config.Document, spec config.Component, live bool) (*enricherNode, *part, config.Problems) {
+	pt, m, probs := p.build(ctx, doc, spec, live)
+	if pt == nil {
+		return nil, nil, probs
+	}
+	en, ok := pt.c.(component.Enricher)
+	if !ok {
+		return nil, pt, config.Problems{doc.Problem(spec.Path, "%s is not an enricher", describeSpec(spec))}
+	}
+	node := &enricherNode{name: spec.Name, spec: spec, en: en, part: pt, m: m, tap: p.taps.Point(spec.Name, "enricher")}
+	if h, ok := en.(component.Holder); ok {
+		h.Attach(&downstream{p: p, node: node}) // what it emits passes the stages after it
+	}
+	return node, pt, nil
+}
+
+func (p *Pipeline) newSource(ctx context.Context, doc *config.Document, spec config.Component, live bool) (*sourceNode, *part, config.Problems) {
+	pt, m, probs := p.build(ctx, doc, spec, live)
+	if pt == nil {
+		return nil, nil, probs
+	}
+	src, ok := pt.c.(component.Source)
+	if !ok {
+		return nil, pt, config.Problems{doc.Problem(spec.Path, "%s is not a source", describeSpec(spec))}
+	}
+	return &sourceNode{name: spec.Name, spec: spec, src: src, part: pt, m: m, p: p, tap: p.taps.Point(spec.Name, "source")}, pt, nil
 }
 
 // queueKeyErrors reports queue keys that do not apply to the chosen queue type.
@@ -233,20 +318,23 @@ var runtimeReasons = map[component.Kind]struct{ dropped, errors []string }{
 	component.KindSink:     {dropped: []string{"queue_full", "retries_exhausted", "rejected", "shutdown"}, errors: []string{"write", "fatal"}},
 }
 
-// build decodes and validates one component's options and builds it.
-func (p *Pipeline) build(ctx context.Context, spec config.Component, opts Options) (any, *metrics.Component, config.Problems) {
+// build decodes and validates one component's options and builds it. live is false for a
+// component a reload builds beside the instance it replaces: its own metrics wait for the
+// old ones to go (trackReg).
+func (p *Pipeline) build(ctx context.Context, doc *config.Document, spec config.Component, live bool) (*part, *metrics.Component, config.Problems) {
 	m := p.metrics.Component(spec.Name, string(spec.Kind))
+	reg := newTrackReg(m.Registerer(), live)
 	env := component.Env{
-		Name: spec.Name, Kind: spec.Kind, Type: spec.Type, ConfigDir: p.doc.Dir, DataDir: p.doc.DataDir,
+		Name: spec.Name, Kind: spec.Kind, Type: spec.Type, ConfigDir: doc.Dir, DataDir: doc.DataDir,
 		Logger:     p.log.With(string(spec.Kind), spec.Name),
 		Metrics:    m,
-		Registerer: m.Registerer(),
+		Registerer: reg,
 	}
 	var f component.Factory
 	if spec.Plugin == "" {
 		var ok bool
-		if f, ok = opts.Registry.Lookup(spec.Kind, spec.Type); !ok {
-			return nil, nil, config.Problems{p.doc.Problem(config.Join(spec.Path, "type"), "unknown %s type %q (known: %s)", spec.Kind, spec.Type, strings.Join(opts.Registry.Types(spec.Kind), ", "))}
+		if f, ok = p.opts.Registry.Lookup(spec.Kind, spec.Type); !ok {
+			return nil, nil, config.Problems{doc.Problem(config.Join(spec.Path, "type"), "unknown %s type %q (known: %s)", spec.Kind, spec.Type, strings.Join(p.opts.Registry.Types(spec.Kind), ", "))}
 		}
 	}
 	rt := runtimeReasons[spec.Kind]
@@ -254,43 +342,43 @@ func (p *Pipeline) build(ctx context.Context, spec config.Component, opts Option
 	isolation := spec.Isolation
 	switch {
 	case f.Holds && isolation == "process":
-		return nil, nil, config.Problems{p.doc.Problem(spec.Path, "enricher type %q keeps events across batches and runs only in process: set isolation: inproc", spec.Type)}
+		return nil, nil, config.Problems{doc.Problem(spec.Path, "enricher type %q keeps events across batches and runs only in process: set isolation: inproc", spec.Type)}
 	case f.Holds:
 		isolation = "inproc"
 	case isolation == "":
-		isolation = opts.DefaultIsolation
+		isolation = p.opts.DefaultIsolation
 	}
 	if spec.Plugin != "" || isolation == "process" {
-		if opts.Instantiate == nil {
-			return nil, nil, config.Problems{p.doc.Problem(spec.Path, "%s needs the plugin host, which this build does not have; use isolation: inproc", describeSpec(spec))}
+		if p.opts.Instantiate == nil {
+			return nil, nil, config.Problems{doc.Problem(spec.Path, "%s needs the plugin host, which this build does not have; use isolation: inproc", describeSpec(spec))}
 		}
-		c, err := opts.Instantiate(ctx, spec, env)
+		c, err := p.opts.Instantiate(ctx, spec, env)
 		if err != nil {
-			return nil, nil, p.problemsFrom(spec.Path, err)
+			reg.retire()
+			return nil, nil, problemsFrom(doc, spec.Path, err)
 		}
-		p.parts = append(p.parts, &part{name: spec.Name, kind: spec.Kind, c: c})
-		return c, m, nil
+		return &part{name: spec.Name, kind: spec.Kind, c: c, reg: reg}, m, nil
 	}
 	if spec.Process != nil {
-		return nil, nil, config.Problems{p.doc.Problem(config.Join(spec.Path, "process"), "process: settings apply only to a component run out of process; remove them or drop isolation: inproc")}
+		return nil, nil, config.Problems{doc.Problem(config.Join(spec.Path, "process"), "process: settings apply only to a component run out of process; remove them or drop isolation: inproc")}
 	}
 	c, err := f.Build(env, spec.Options)
 	if err != nil {
-		return nil, nil, p.problemsFrom(spec.Path, err)
+		reg.retire()
+		return nil, nil, problemsFrom(doc, spec.Path, err)
 	}
-	p.parts = append(p.parts, &part{name: spec.Name, kind: spec.Kind, c: c})
-	return c, m, nil
+	return &part{name: spec.Name, kind: spec.Kind, c: c, reg: reg}, m, nil
 }
 
-func (p *Pipeline) problemsFrom(path string, err error) config.Problems {
+func problemsFrom(doc *config.Document, path string, err error) config.Problems {
 	if errs, ok := options.FieldErrorsOf(err); ok {
-		return p.doc.Problems(path, errs)
+		return doc.Problems(path, errs)
 	}
 	var ps config.Problems
 	if errors.As(err, &ps) {
 		return ps
 	}
-	return config.Problems{p.doc.Problem(path, "%v", err)}
+	return config.Problems{doc.Problem(path, "%v", err)}
 }
 
 // Taps is the pipeline's tap points.
@@ -307,18 +395,24 @@ func (p *Pipeline) Running() <-chan struct{} { return p.runningc }
 func (p *Pipeline) Ready() error {
 	p.mu.Lock()
 	running := p.running
+	var parts []*part
+	for _, pt := range p.parts {
+		if !pt.closed && pt.kind != component.KindSink { // sinks: asked through their node
+			parts = append(parts, pt)
+		}
+	}
 	p.mu.Unlock()
 	if !running {
 		return errors.New("pipeline is not running")
 	}
 	var errs []error
-	for _, s := range p.sinks {
+	for _, s := range p.topo.Load().sinks {
 		if err := s.health(); err != nil {
 			errs = append(errs, err)
 		}
 	}
-	for _, pt := range p.parts {
-		if hc, ok := pt.c.(component.HealthChecker); ok && pt.kind != component.KindSink { // sinks: asked through their node
+	for _, pt := range parts {
+		if hc, ok := pt.c.(component.HealthChecker); ok {
 			if err := hc.Health(); err != nil {
 				errs = append(errs, fmt.Errorf("%s: %w", pt.name, err))
 			}
@@ -331,7 +425,9 @@ func (p *Pipeline) Ready() error {
 // down: sources stop, enrichers flush, sink queues drain (within runtime.shutdown_timeout
 // after ctx is cancelled), components close. Batches that could not be delivered are
 // acknowledged with flow.ErrShutdown and reported in the log. The error is the first
-// failure of a source or of a component's start.
+// failure of a source or of a component's start. A pipeline with no source running (all
+// disabled, or enabled: false at the top) runs until ctx is cancelled, so that a reload
+// can turn it on.
 func (p *Pipeline) Run(ctx context.Context) error {
 	p.mu.Lock()
 	if p.started {
@@ -344,9 +440,6 @@ func (p *Pipeline) Run(ctx context.Context) error {
 	// A sink that can never write again (flow.FatalError) stops the pipeline as a signal would.
 	ctx, stopRun := context.WithCancel(ctx)
 	defer stopRun()
-	for _, s := range p.sinks {
-		s.onFatal = stopRun
-	}
 
 	// writeCtx bounds the sinks' work: cancelled shutdown_timeout after ctx is cancelled.
 	writeCtx, cancelWrites := context.WithCancel(context.Background())
@@ -361,11 +454,12 @@ func (p *Pipeline) Run(ctx context.Context) error {
 		case <-stopDeadline:
 			return
 		}
-		t := time.NewTimer(p.doc.Runtime.ShutdownTimeout)
+		timeout := p.Document().Runtime.ShutdownTimeout
+		t := time.NewTimer(timeout)
 		defer t.Stop()
 		select {
 		case <-t.C:
-			p.log.Warn("shutdown timeout reached; giving up on undelivered batches", "timeout", p.doc.Runtime.ShutdownTimeout)
+			p.log.Warn("shutdown timeout reached; giving up on undelivered batches", "timeout", timeout)
 			cancelWrites()
 		case <-p.abort:
 			cancelWrites()
@@ -374,8 +468,12 @@ func (p *Pipeline) Run(ctx context.Context) error {
 	}()
 	defer close(stopDeadline)
 
+	t := p.topo.Load()
+	for _, s := range t.sinks {
+		s.onFatal = stopRun
+	}
 	// Disk queues open first: what they hold is delivered before anything new.
-	if err := p.openQueues(); err != nil {
+	if err := p.openQueues(t.sinks); err != nil {
 		p.closeAll()
 		return err
 	}
@@ -383,28 +481,58 @@ func (p *Pipeline) Run(ctx context.Context) error {
 		p.closeAll()
 		return err
 	}
-
-	for _, s := range p.sinks {
+	for _, s := range t.sinks {
 		s.start(writeCtx)
 	}
+
+	rs := &runState{ctx: ctx, stopRun: stopRun, writeCtx: writeCtx, errc: make(chan error, 1), done: make(chan struct{})}
+	var stopSources context.CancelFunc
+	rs.srcCtx, stopSources = context.WithCancel(ctx)
+	defer stopSources()
+	p.reloadMu.Lock()
+	p.rs = rs
 	p.mu.Lock()
 	p.running = true
+	sources := p.sources
 	p.mu.Unlock()
 	close(p.runningc)
-	p.log.Info("pipeline running", "sources", len(p.sources), "enrichers", len(p.enrich), "sinks", len(p.sinks))
+	if !p.Document().Enabled {
+		p.log.Info("pipeline disabled (enabled: false): nothing runs until a reload turns it on")
+	} else {
+		p.log.Info("pipeline running", "sources", len(sources), "enrichers", len(t.enrich), "sinks", len(t.sinks))
+	}
+	for _, s := range sources {
+		p.runSource(rs, s)
+	}
+	p.reloadMu.Unlock()
 
-	runErr := p.runSources(ctx)
+	var runErr error
+	select {
+	case <-ctx.Done():
+	case runErr = <-rs.errc:
+	case <-rs.done:
+	}
+	// A reload in progress finishes first (its waits end early once ctx is done); none starts
+	// after this.
+	p.reloadMu.Lock()
+	p.closing = true
+	p.reloadMu.Unlock()
+	stopSources()
+	rs.srcWG.Wait()
 	close(p.stopping)
 	if ctx.Err() != nil {
-		p.log.Info("stopping: draining in-flight batches", "timeout", p.doc.Runtime.ShutdownTimeout)
+		p.log.Info("stopping: draining in-flight batches", "timeout", p.Document().Runtime.ShutdownTimeout)
 	} else {
 		p.log.Info("sources finished: draining in-flight batches")
 	}
 
 	// Close the enrichers in order, so that what holders (aggregation windows) flush passes
 	// the later stages, then drain the sinks.
-	p.closeKind(writeCtx, component.KindEnricher)
-	p.drainSinks(ctx.Err() != nil)
+	t = p.topo.Load()
+	for _, e := range t.enrich {
+		p.closePart(writeCtx, e.part)
+	}
+	p.drainSinks(t.sinks, ctx.Err() != nil)
 	p.closeAll()
 	return runErr
 }
@@ -427,60 +555,81 @@ func (p *Pipeline) aborted() bool {
 }
 
 // Undelivered is how many events the pipeline accepted but did not deliver to every sink:
-// given up at shutdown, dropped by a full queue's policy, after retry.max_attempts or as
-// rejected, failed by an enricher, and (while it runs) still in a memory queue; events
-// kept in a disk queue for the next start are not lost and not counted. After Run it is final;
-// flowpipe run exits non-zero when it is not 0.
+// given up at shutdown or by a sink a reload removed, dropped by a full queue's policy,
+// after retry.max_attempts or as rejected, failed by an enricher, and (while it runs) still
+// in a memory queue; events kept in a disk queue for the next start are not lost and not
+// counted. After Run it is final; flowpipe run exits non-zero when it is not 0.
 func (p *Pipeline) Undelivered() int64 {
 	n := p.failed.Load()
-	for _, s := range p.sinks {
+	p.mu.Lock()
+	sinks := p.sinksEver
+	p.mu.Unlock()
+	for _, s := range sinks {
 		n += s.undelivered.Load() + s.dropped.Load()
-		if _, durable := s.queue.(*diskSinkQueue); !durable {
+		if !s.queue.durable() {
 			_, queued := s.queue.depth() // a disk queue keeps its events for the next start
-			n += int64(queued)
+			_, pending := s.pendingDepth()
+			n += int64(queued + pending)
 		}
 	}
 	return n
 }
 
-// runSources runs every source until each returns; the first failure stops the others and
-// is returned.
-func (p *Pipeline) runSources(ctx context.Context) error {
-	srcCtx, stopSources := context.WithCancel(ctx)
-	defer stopSources()
-	var wg sync.WaitGroup
-	errc := make(chan error, len(p.sources))
-	for _, s := range p.sources {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			err := s.src.Run(srcCtx, s)
-			if err != nil && !errors.Is(err, context.Canceled) {
-				s.m.Errors("run", 1)
-				p.log.Error("source failed", "source", s.name, "error", err)
-				errc <- fmt.Errorf("source %s: %w", s.name, err)
-				stopSources()
-				return
+// runSource runs one source in Run's group. A source that fails stops the pipeline; the
+// last running source that runs out by itself ends Run.
+func (p *Pipeline) runSource(rs *runState, s *sourceNode) {
+	ctx, cancel := context.WithCancel(rs.srcCtx)
+	s.cancel = cancel
+	s.ectx = rs.writeCtx
+	s.enrichCtx = rs.writeCtx
+	s.done = make(chan struct{})
+	p.mu.Lock()
+	rs.active++
+	p.mu.Unlock()
+	rs.srcWG.Add(1)
+	go func() {
+		defer rs.srcWG.Done()
+		defer close(s.done)
+		defer cancel()
+		err := s.src.Run(ctx, s)
+		p.mu.Lock()
+		rs.active--
+		last := rs.active == 0
+		p.mu.Unlock()
+		if s.stopped.Load() {
+			p.log.Debug("source stopped by a reload", "source", s.name)
+			return
+		}
+		if err != nil && !errors.Is(err, context.Canceled) {
+			s.m.Errors("run", 1)
+			p.log.Error("source failed", "source", s.name, "error", err)
+			select {
+			case rs.errc <- fmt.Errorf("source %s: %w", s.name, err):
+			default:
 			}
-			p.log.Debug("source stopped", "source", s.name)
-		}()
-	}
-	wg.Wait()
-	close(errc)
-	return <-errc
+			return
+		}
+		p.log.Debug("source stopped", "source", s.name)
+		if last && rs.srcCtx.Err() == nil {
+			rs.doneOnce.Do(func() { close(rs.done) })
+		}
+	}()
 }
 
 // drainSinks lets every sink write what its queue holds (its writers stop at the drain
 // deadline), gives up on the rest, and reports what was not delivered. A disk queue keeps
 // what it holds when the pipeline was told to stop (keep); it drains when the sources ran
 // out by themselves.
-func (p *Pipeline) drainSinks(keep bool) {
-	for _, s := range p.sinks {
+func (p *Pipeline) drainSinks(sinks []*sinkNode, keep bool) {
+	for _, s := range sinks {
 		s.queue.close(keep)
 	}
 	kept := false
-	for _, s := range p.sinks {
+	for _, s := range sinks {
 		s.wg.Wait()
+		for _, b := range s.takeAllPending() {
+			s.giveUp(b)
+		}
 		for _, b := range s.queue.drainAll() {
 			s.giveUp(b)
 		}
@@ -496,9 +645,10 @@ func (p *Pipeline) drainSinks(keep bool) {
 	}
 	p.mu.Lock()
 	p.running = false
+	all := p.sinksEver
 	p.mu.Unlock()
 	lost, dropped := false, int64(0)
-	for _, s := range p.sinks {
+	for _, s := range all {
 		if n := s.undelivered.Load(); n > 0 {
 			lost = true
 			p.log.Error("events not delivered before shutdown", "sink", s.name, "events", n)
@@ -521,9 +671,9 @@ func (p *Pipeline) drainSinks(keep bool) {
 	}
 }
 
-// openQueues opens every sink's disk queue.
-func (p *Pipeline) openQueues() error {
-	for _, s := range p.sinks {
+// openQueues opens the sinks' disk queues.
+func (p *Pipeline) openQueues(sinks []*sinkNode) error {
+	for _, s := range sinks {
 		if d, ok := s.queue.(*diskSinkQueue); ok {
 			if err := d.open(); err != nil {
 				return fmt.Errorf("sink %s: %w", s.name, err)
@@ -537,7 +687,11 @@ func (p *Pipeline) openQueues() error {
 // startAll starts every component in order, sinks, then enrichers, then sources, and stops
 // at the first that fails.
 func (p *Pipeline) startAll(ctx context.Context) error {
-	for _, pt := range p.parts {
+	return startParts(ctx, p.parts)
+}
+
+func startParts(ctx context.Context, parts []*part) error {
+	for _, pt := range parts {
 		if s, ok := pt.c.(component.Starter); ok {
 			if err := s.Start(ctx); err != nil {
 				return fmt.Errorf("start %s %s: %w", pt.kind, pt.name, err)
@@ -552,35 +706,52 @@ func (p *Pipeline) startAll(ctx context.Context) error {
 // counted from when its close starts, so that a drain that used its deadline, or one slow
 // component, does not spend another's time (and get it blamed); Abort ends every close.
 func (p *Pipeline) closeAll() {
+	p.mu.Lock()
+	parts := p.parts
+	sinks := p.sinksEver
+	p.mu.Unlock()
 	for _, kind := range []component.Kind{component.KindSource, component.KindEnricher, component.KindSink} {
-		p.closeKind(nil, kind)
+		for _, pt := range parts {
+			if pt.kind == kind {
+				p.closePart(nil, pt)
+			}
+		}
 	}
-	for _, s := range p.sinks {
+	for _, s := range sinks {
 		if d, ok := s.queue.(*diskSinkQueue); ok {
 			d.shutdown()
 		}
 	}
 }
 
-// closeKind closes, in order, the components of one kind that are not closed yet, within
-// ctx (nil: each within a deadline of its own, as closeAll).
-func (p *Pipeline) closeKind(ctx context.Context, kind component.Kind) {
-	for _, pt := range p.parts {
-		if pt.kind != kind || pt.closed {
-			continue
-		}
-		pt.closed = true
-		if cl, ok := pt.c.(component.Closer); ok {
-			p.closeOne(ctx, pt, cl)
-		}
+// closeParts closes parts that never ran (a pipeline or a reload that was refused).
+func (p *Pipeline) closeParts(parts []*part) {
+	for _, pt := range parts {
+		p.closePart(nil, pt)
+		pt.reg.retire()
+	}
+}
+
+// closePart closes one component unless it is closed already, within ctx (nil: within a
+// deadline of its own, as closeAll).
+func (p *Pipeline) closePart(ctx context.Context, pt *part) {
+	if pt == nil {
+		return
+	}
+	p.mu.Lock()
+	closed := pt.closed
+	pt.closed = true
+	p.mu.Unlock()
+	if closed {
+		return
+	}
+	if cl, ok := pt.c.(component.Closer); ok {
+		p.closeOne(ctx, pt, cl)
 	}
 }
 
 func (p *Pipeline) closeOne(ctx context.Context, pt *part, cl component.Closer) {
-	timeout := p.doc.Runtime.ShutdownTimeout
-	if timeout <= 0 {
-		timeout = config.DefaultShutdownTimeout
-	}
+	timeout := p.shutdownTimeout()
 	if ctx == nil {
 		c, cancel := context.WithTimeout(context.Background(), timeout)
 		defer cancel()
@@ -616,30 +787,61 @@ func (s *sourceNode) Emit(ctx context.Context, b *flow.Batch) error {
 	b.StampSource(s.name)
 	start := time.Now()
 	lat := s.m.AckLat
-	b.Observe(func(error) { lat.Observe(time.Since(start).Seconds()) })
+	s.out.add()
+	b.Observe(func(error) {
+		lat.Observe(time.Since(start).Seconds())
+		s.out.done()
+	})
 	s.tap.Publish(b.Events)
-	return s.p.emitFrom(ctx, 0, b)
+	enrichCtx := ctx
+	if s.ectx != nil {
+		ctx, enrichCtx = s.ectx, s.enrichCtx
+	}
+	t := s.p.acquire()
+	defer t.release()
+	if t.open != nil {
+		select {
+		case <-t.open:
+		case <-ctx.Done():
+			b.Release(flow.ErrShutdown)
+			return ctx.Err()
+		}
+	}
+	return s.p.emitFrom(ctx, enrichCtx, t, 0, b)
 }
 
-// downstream is the Emitter a holder enricher sees: the stages after it.
+// downstream is the Emitter a holder enricher sees: the stages after it in the topology it
+// is part of.
 type downstream struct {
 	p    *Pipeline
-	from int
+	node *enricherNode
 }
 
 func (d *downstream) Emit(ctx context.Context, b *flow.Batch) error {
-	d.p.enrich[d.from-1].tap.Publish(b.Events) // what the holder emits is its output
-	return d.p.emitFrom(ctx, d.from, b)
+	d.node.tap.Publish(b.Events) // what the holder emits is its output
+	if via := d.node.via.Load(); via != nil {
+		// Removed by a reload, flushing while it closes: through the stages it was in,
+		// which stay open until it is closed.
+		return d.p.emitFrom(ctx, ctx, via, via.enricherIndex(d.node)+1, b)
+	}
+	t := d.p.acquire()
+	defer t.release()
+	i := t.enricherIndex(d.node)
+	if i < 0 {
+		i = len(t.enrich) - 1 // not (or no longer) in the pipeline: the sinks alone
+	}
+	return d.p.emitFrom(ctx, ctx, t, i+1, b)
 }
 
-// emitFrom runs enrichers from index i on, then hands b to every sink, and gives up the
-// caller's reference.
-func (p *Pipeline) emitFrom(ctx context.Context, i int, b *flow.Batch) error {
-	for ; i < len(p.enrich); i++ {
-		e := p.enrich[i]
+// emitFrom runs t's enrichers from index i on, then hands b to every sink of t, and gives
+// up the caller's reference. ctx bounds the wait for room in the sinks' queues, enrichCtx
+// the enrichers' calls.
+func (p *Pipeline) emitFrom(ctx, enrichCtx context.Context, t *topology, i int, b *flow.Batch) error {
+	for ; i < len(t.enrich); i++ {
+		e := t.enrich[i]
 		in := len(b.Events)
 		e.m.In.Add(float64(in))
-		if err := e.en.Enrich(ctx, b); err != nil {
+		if err := e.en.Enrich(enrichCtx, b); err != nil {
 			e.m.Errors("enrich", 1)
 			e.m.Dropped("enrich_error", in)
 			p.failed.Add(int64(in))
@@ -657,12 +859,20 @@ func (p *Pipeline) emitFrom(ctx context.Context, i int, b *flow.Batch) error {
 		b.Release(nil)
 		return nil
 	}
+	if len(t.sinks) == 0 {
+		// Never while sources run (a reload stops them before it removes the last sink);
+		// should it happen, the events are counted, not acknowledged as delivered.
+		p.failed.Add(int64(len(b.Events)))
+		p.log.Error("a batch reached a pipeline with no sink; counted as not delivered", "events", len(b.Events))
+		b.Release(flow.ErrShutdown)
+		return nil
+	}
 	p.fanout.Publish(b.Events)
 	var err error
-	for i, s := range p.sinks {
-		p.sinkTaps[i].Publish(b.Events)
-		if e := s.enqueue(ctx, b); e != nil && err == nil {
-			err = e
+	for _, s := range t.sinks {
+		s.tap.Publish(b.Events)
+		if e := s.enqueue(ctx, b); e != nil && err == nil && !s.retiring.Load() {
+			err = e // a sink a reload removes refuses batches without stopping the source
 		}
 	}
 	b.Release(nil)

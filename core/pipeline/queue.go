@@ -231,3 +231,32 @@ func (q *queue) depth() (batches, events int) {
 	defer q.mu.Unlock()
 	return q.lenLocked(), q.events
 }
+
+// pushFront puts batches back at the head of the queue, in order, beyond its limits: they
+// were accepted already (a reload moves a replaced queue's batches here).
+func (q *queue) pushFront(bs []*flow.Batch) {
+	if len(bs) == 0 {
+		return
+	}
+	q.mu.Lock()
+	rest := q.items[q.head:]
+	items := make([]*flow.Batch, 0, len(bs)+len(rest))
+	items = append(items, bs...)
+	items = append(items, rest...)
+	for _, b := range bs {
+		q.events += len(b.Events)
+	}
+	q.items, q.head = items, 0
+	q.mu.Unlock()
+	signal(q.notEmpty)
+}
+
+// unbound lifts the queue's limits: a reload that gives the sink a new queue lets the
+// batches already on their way into this one in (as many as there are sources), instead of
+// waiting for a sink that may not be writing, then moves them all.
+func (q *queue) unbound() {
+	q.mu.Lock()
+	q.maxBatches, q.maxEvents = int(^uint(0)>>1), int(^uint(0)>>1)
+	q.mu.Unlock()
+	signal(q.notFull)
+}

@@ -13,6 +13,7 @@ import (
 	"github.com/flowpipe/flowpipe/core/config"
 	"github.com/flowpipe/flowpipe/core/flow"
 	"github.com/flowpipe/flowpipe/core/metrics"
+	"github.com/flowpipe/flowpipe/core/tap"
 	"github.com/flowpipe/flowpipe/internal/backoff"
 )
 
@@ -127,18 +128,35 @@ func (s *SinkSettings) Validate() error {
 	return errs.Err()
 }
 
-// sinkNode runs one sink: its queue, its writers and their retries.
+// sinkNode runs one sink: its queue, its writers and their retries. A reload that changes
+// the sink's component or its retry and in_flight settings keeps the node (its queue and
+// what it holds, its counters): the writers stop after their writes, the component is
+// swapped, the writers start again.
 type sinkNode struct {
 	name     string
-	sink     component.Sink
+	spec     config.Component // as written, runtime settings included (for reload's compare)
+	own      map[string]any   // the sink's own options (spec's without the runtime settings)
+	qdir     string           // a disk queue's directory
+	cur      atomic.Pointer[sinkImpl]
 	settings SinkSettings
 	queue    sinkQueue
 	m        *metrics.Component
 	log      *slog.Logger
+	tap      *tap.Hub
 
-	wg          sync.WaitGroup
+	// root is Run's write context: cancelled shutdown_timeout after the pipeline was told to
+	// stop. gen is the running writers' generation (Run and Reload only).
+	root context.Context
+	gen  *writerGen
+	wg   sync.WaitGroup
+
+	pmu      sync.Mutex
+	pending  []*flow.Batch // taken from the queue, to be written before the queue's next
+	retiring atomic.Bool   // a removed sink delivering what it holds: what it cannot is given up
+
 	consecFails atomic.Int64
 	lastErr     atomic.Pointer[error]
+	written     atomic.Int64 // events written
 	undelivered atomic.Int64 // events given up at shutdown
 	kept        atomic.Int64 // events left in a disk queue at shutdown, for the next start
 	dropped     atomic.Int64 // events dropped by policy, retry limit or rejection
@@ -146,13 +164,30 @@ type sinkNode struct {
 	onFatal     func()       // stops the pipeline
 }
 
-func newSinkNode(name string, s component.Sink, st SinkSettings, m *metrics.Component, log *slog.Logger) *sinkNode {
-	return &sinkNode{
-		name: name, sink: s, settings: st,
+// sinkImpl is the component a sink node writes to.
+type sinkImpl struct {
+	sink component.Sink
+	part *part
+}
+
+// writerGen is one start of a node's writers: pop stops them taking batches, write abandons
+// their writes in flight (pop is derived from write, write from the node's root).
+type writerGen struct {
+	pop, write         context.Context
+	stopPop, stopWrite context.CancelFunc
+}
+
+func newSinkNode(name string, s component.Sink, pt *part, st SinkSettings, m *metrics.Component, log *slog.Logger) *sinkNode {
+	n := &sinkNode{
+		name: name, settings: st,
 		queue: newQueue(st.Queue.MaxBatches, st.Queue.MaxEvents),
 		m:     m, log: log,
 	}
+	n.cur.Store(&sinkImpl{sink: s, part: pt})
+	return n
 }
+
+func (n *sinkNode) component() component.Sink { return n.cur.Load().sink }
 
 // enqueue hands b to this sink's queue under its policy.
 func (n *sinkNode) enqueue(ctx context.Context, b *flow.Batch) error {
@@ -174,19 +209,63 @@ func (n *sinkNode) drop(b *flow.Batch, reason string) {
 
 func (n *sinkNode) updateDepth() {
 	batches, events := n.queue.depth()
-	n.m.QueueBat.Set(float64(batches))
-	n.m.QueueEv.Set(float64(events))
+	pb, pe := n.pendingDepth()
+	n.m.QueueBat.Set(float64(batches + pb))
+	n.m.QueueEv.Set(float64(events + pe))
 }
 
-// start runs the writers. They stop when the queue is closed and drained, or when
-// writeCtx is cancelled (the drain deadline), giving up on what is left.
-func (n *sinkNode) start(writeCtx context.Context) {
+func (n *sinkNode) pendingDepth() (batches, events int) {
+	n.pmu.Lock()
+	defer n.pmu.Unlock()
+	for _, b := range n.pending {
+		events += len(b.Events)
+	}
+	return len(n.pending), events
+}
+
+// putBack keeps a batch whose write was stopped by a reload, to be written first.
+func (n *sinkNode) putBack(b *flow.Batch) {
+	n.pmu.Lock()
+	n.pending = append([]*flow.Batch{b}, n.pending...)
+	n.pmu.Unlock()
+}
+
+func (n *sinkNode) takePending() *flow.Batch {
+	n.pmu.Lock()
+	defer n.pmu.Unlock()
+	if len(n.pending) == 0 {
+		return nil
+	}
+	b := n.pending[0]
+	n.pending = n.pending[1:]
+	return b
+}
+
+func (n *sinkNode) takeAllPending() []*flow.Batch {
+	n.pmu.Lock()
+	defer n.pmu.Unlock()
+	out := n.pending
+	n.pending = nil
+	return out
+}
+
+// start runs the writers. They stop when the queue is closed and drained, when root is
+// cancelled (the drain deadline), giving up on what is left, or when a reload pauses them.
+func (n *sinkNode) start(root context.Context) {
+	n.root = root
+	g := &writerGen{}
+	g.write, g.stopWrite = context.WithCancel(root)
+	g.pop, g.stopPop = context.WithCancel(g.write)
+	n.gen = g
 	for range n.settings.InFlight {
 		n.wg.Add(1)
 		go func() {
 			defer n.wg.Done()
-			for {
-				b := n.queue.pop(writeCtx)
+			for g.pop.Err() == nil {
+				b := n.takePending()
+				if b == nil {
+					b = n.queue.pop(g.pop)
+				}
 				if b == nil {
 					return
 				}
@@ -195,28 +274,71 @@ func (n *sinkNode) start(writeCtx context.Context) {
 					n.giveUp(b) // a fatal error: nothing more can be written
 					continue
 				}
-				n.write(writeCtx, b)
+				n.write(g, b)
 			}
 		}()
 	}
 }
 
+// stopWriters makes the writers take no more batches and waits for them; a write still in
+// flight after timeout is abandoned (its batch is put back, or given up when the sink is
+// retiring or the pipeline is stopping).
+func (n *sinkNode) stopWriters(timeout time.Duration) {
+	g := n.gen
+	if g == nil {
+		return
+	}
+	g.stopPop()
+	t := time.AfterFunc(timeout, g.stopWrite)
+	n.wg.Wait()
+	t.Stop()
+	g.stopWrite()
+	n.gen = nil
+}
+
+// waitWriters waits for the writers to finish what the (closed) queue holds, abandoning
+// writes after timeout.
+func (n *sinkNode) waitWriters(timeout time.Duration) {
+	g := n.gen
+	if g == nil {
+		return
+	}
+	t := time.AfterFunc(timeout, g.stopWrite)
+	n.wg.Wait()
+	t.Stop()
+	g.stopWrite()
+	n.gen = nil
+}
+
+// abandon handles a batch whose write was stopped: put back for the next writers during a
+// reload, given up when the pipeline is stopping or the sink is being removed.
+func (n *sinkNode) abandon(b *flow.Batch) {
+	if n.root.Err() != nil || n.retiring.Load() {
+		n.giveUp(b)
+		return
+	}
+	n.putBack(b)
+}
+
 // write delivers b, retrying with the backoff of retry: (internal/backoff). An error the
 // sink marked flow.Permanent drops the batch at once, counted as rejected.
-func (n *sinkNode) write(ctx context.Context, b *flow.Batch) {
+func (n *sinkNode) write(g *writerGen, b *flow.Batch) {
+	ctx := g.write
+	sink := n.component()
 	retry := backoff.Policy{Initial: n.settings.Retry.InitialInterval, Max: n.settings.Retry.MaxInterval}
 	for attempt := 1; ; attempt++ {
-		err := n.sink.Write(ctx, b)
+		err := sink.Write(ctx, b)
 		if err == nil {
 			if n.consecFails.Swap(0) >= backoff.FailingAfter {
 				n.log.Info("sink recovered", "sink", n.name)
 			}
 			n.m.Out.Add(float64(len(b.Events)))
+			n.written.Add(int64(len(b.Events)))
 			b.Release(nil)
 			return
 		}
 		if ctx.Err() != nil {
-			n.giveUp(b)
+			n.abandon(b)
 			return
 		}
 		if flow.IsFatal(err) {
@@ -249,8 +371,8 @@ func (n *sinkNode) write(ctx context.Context, b *flow.Batch) {
 			return
 		}
 		n.m.Retries.Inc()
-		if !backoff.Sleep(ctx, retry.Delay(attempt)) {
-			n.giveUp(b)
+		if !backoff.Sleep(g.pop, retry.Delay(attempt)) {
+			n.abandon(b)
 			return
 		}
 	}
@@ -289,7 +411,7 @@ func (n *sinkNode) health() error {
 			return fmt.Errorf("sink %s: %d consecutive failed writes, last: %w", n.name, n.consecFails.Load(), *p)
 		}
 	}
-	if hc, ok := n.sink.(component.HealthChecker); ok {
+	if hc, ok := n.component().(component.HealthChecker); ok {
 		if err := hc.Health(); err != nil {
 			return fmt.Errorf("sink %s: %w", n.name, err)
 		}

@@ -12,6 +12,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // SocketEnv names the socket systemd listens on; a name starting with @ is in the abstract
@@ -20,10 +22,10 @@ const SocketEnv = "NOTIFY_SOCKET"
 
 // The states flowpipe sends.
 const (
-	Ready     = "READY=1"    // the pipeline runs: its sinks, enrichers and sources started
-	Stopping  = "STOPPING=1" // shutdown began: sources stop, in-flight batches drain
-	Reloading = "RELOADING=1"
-	Watchdog  = "WATCHDOG=1" // still alive, sent every half WatchdogSec
+	Ready     = "READY=1"     // the pipeline runs: its sinks, enrichers and sources started
+	Stopping  = "STOPPING=1"  // shutdown began: sources stop, in-flight batches drain
+	Reloading = "RELOADING=1" // a reload began; send with MonotonicUsec, then Ready when it ends
+	Watchdog  = "WATCHDOG=1"  // still alive, sent every half WatchdogSec
 )
 
 // Notify sends the assignments (e.g. Ready, "STATUS=running") in one datagram. It reports
@@ -65,4 +67,15 @@ func WatchdogInterval() (time.Duration, bool, error) {
 		return 0, false, errors.New("$WATCHDOG_USEC: want a positive number of microseconds, got " + strconv.Quote(usec))
 	}
 	return time.Duration(n) * time.Microsecond / 2, true, nil
+}
+
+// MonotonicUsec is the MONOTONIC_USEC=... assignment that goes with Reloading: the time of
+// CLOCK_MONOTONIC in microseconds, which systemd (Type=notify-reload, systemd 253 and later)
+// uses to tell this reload from an earlier one.
+func MonotonicUsec() string {
+	var ts unix.Timespec
+	if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts); err != nil {
+		return "MONOTONIC_USEC=0"
+	}
+	return "MONOTONIC_USEC=" + strconv.FormatInt(ts.Nano()/1000, 10)
 }
