@@ -1,13 +1,21 @@
 #!/usr/bin/env bash
 # Agent-to-collector benchmark with the real flowpipe binary, two processes on loopback:
 # the collector runs `grpc source -> file sink (fsync per batch)`, the agent runs
-# `generate -> grpc sink`; every event is one FlowEvent message and is ACKed by the collector
-# after its file sink fsynced it. Prints the agent's events/s (its run ends when the last
-# event is ACKed) for a few sink settings.
-# Usage: scripts/bench-grpc.sh [EVENTS] (default 1000000)
+# `generate -> grpc sink`; every event is ACKed by the collector after its file sink fsynced
+# it. Prints the agent's events/s (its run ends when the last event is ACKed) and the CPU time
+# per event of agent and collector (user+system of each process and its plugin children) for each
+# protocol (flowpipe: a run of events per message, an ACK per message; netbird: NetBird's
+# FlowService, an event per message, an ACK per event), isolation and grpc sink in_flight.
+# Usage: scripts/bench-grpc.sh [EVENTS] [PROTOCOLS] [IN_FLIGHTS] [ISOLATIONS]
+#        (default 1000000 "flowpipe netbird" "16" "inproc process")
+# The protocol "default" sets none (for a binary from before the protocol option). FLOWPIPE=path
+# runs that binary instead of building this tree, e.g. to measure before and after a change.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-1000000}
+PROTOCOLS=${2:-flowpipe netbird}
+IN_FLIGHTS=${3:-16}
+ISOLATIONS=${4:-inproc process}
 work=$(mktemp -d)
 collector_pid=""
 cleanup() {
@@ -15,7 +23,7 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
-go build -o "$work/flowpipe" ./cmd/flowpipe
+if [ -n "${FLOWPIPE:-}" ]; then cp "$FLOWPIPE" "$work/flowpipe"; else go build -o "$work/flowpipe" ./cmd/flowpipe; fi
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 secret=bench-secret-0123456789abcdef
 
@@ -34,31 +42,59 @@ YAML
   echo "collector did not start" >&2; exit 1
 }
 
+# cpu PID: user+system clock ticks of PID and every descendant.
+cpu() {
+  python3 - "$1" <<'PY'
+import os, sys
+root = int(sys.argv[1]); kids = {}; ticks = {}
+for d in os.listdir('/proc'):
+    if not d.isdigit(): continue
+    try: s = open(f'/proc/{d}/stat').read()
+    except OSError: continue
+    f = s[s.rindex(')')+2:].split()
+    kids.setdefault(int(f[1]), []).append(int(d)); ticks[int(d)] = int(f[11]) + int(f[12])
+tot, todo = 0, [root]
+while todo:
+    p = todo.pop(); tot += ticks.get(p, 0); todo += kids.get(p, [])
+print(tot)
+PY
+}
+hz=$(getconf CLK_TCK)
+
 stop_collector() {
   kill -TERM "$collector_pid"; wait "$collector_pid" || true; collector_pid=""
 }
 
-run_agent() { # name, isolation, in_flight
+run_agent() { # name, isolation, in_flight, protocol
+  local proto="protocol: $4, "
+  [ "$4" = default ] && proto=""
   cat > "$work/agent.yaml" <<YAML
 admin: {listen: ""}
 sources:
   gen: {type: generate, isolation: $2, count: $N, batch_size: 1024}
 sinks:
-  collector: {type: grpc, isolation: $2, in_flight: $3, url: "http://127.0.0.1:$port", hmac_secret: "$secret"}
+  collector: {type: grpc, isolation: $2, in_flight: $3, ${proto}url: "http://127.0.0.1:$port", hmac_secret: "$secret"}
 YAML
-  local t0 t1 lines
+  local t0 t1 lines c0 c1 acpu
+  c0=$(cpu "$collector_pid")
   t0=$(date +%s.%N)
-  (cd "$work" && ./flowpipe run -c agent.yaml --log-level warn)
+  # The agent's CPU: its rusage and its plugin children's, once it exits (all ACKed).
+  (cd "$work" && python3 -c 'import resource,subprocess,sys; subprocess.run(sys.argv[1:], check=True); r=resource.getrusage(resource.RUSAGE_CHILDREN); print(r.ru_utime+r.ru_stime)' \
+    ./flowpipe run -c agent.yaml --log-level warn) > "$work/agent.cpu"
   t1=$(date +%s.%N)
+  c1=$(cpu "$collector_pid")
   lines=$(wc -l < "$work/flows.jsonl")
-  awk -v n="$lines" -v a="$t0" -v b="$t1" -v name="$1" \
-    'BEGIN { printf "%-44s %9d events in %6.2fs = %9.0f events/s\n", name, n, b-a, n/(b-a) }'
+  acpu=$(cat "$work/agent.cpu")
+  awk -v n="$lines" -v a="$t0" -v b="$t1" -v name="$1" -v ac="$acpu" -v cc="$((c1 - c0))" -v hz="$hz" \
+    'BEGIN { printf "%-54s %9d events in %6.2fs = %9.0f events/s   CPU µs/event: agent %.2f  collector %.2f\n", name, n, b-a, n/(b-a), ac*1e6/n, cc/hz*1e6/n }'
 }
 
-for iso in inproc process; do
-  for inflight in 1 16; do
-    start_collector "$iso"
-    run_agent "agent -> collector ($iso, in_flight $inflight)" "$iso" "$inflight"
-    stop_collector
+for iso in $ISOLATIONS; do
+  for inflight in $IN_FLIGHTS; do
+    for proto in $PROTOCOLS; do
+      start_collector "$iso"
+      run_agent "$proto: agent -> collector ($iso, in_flight $inflight)" "$iso" "$inflight" "$proto"
+      stop_collector
+    done
   done
 done

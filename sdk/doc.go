@@ -7,6 +7,11 @@
 // real plugin protocol in a test.
 //
 // The component itself implements the interfaces of core/component, the same as a built-in.
+// One that can take new options while it runs implements component.Reconfigurer: a reload
+// of pipeline.yaml then calls its Reconfigure with the new options (decode and check them
+// with options.Check, as the SDK did for the first ones) instead of starting a new plugin
+// process; it returns an error wrapping component.ErrRestartNeeded for a change it cannot
+// apply in place. A component without the method is replaced by a new process on a change.
 // The plugin host that starts plugin processes is internal to flowpipe; a plugin links only
 // this package, the wire protocol and core's component types.
 package sdk

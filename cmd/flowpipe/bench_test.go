@@ -10,6 +10,7 @@ import (
 
 	"github.com/flowpipe/flowpipe/core/config"
 	"github.com/flowpipe/flowpipe/core/pipeline"
+	"github.com/flowpipe/flowpipe/internal/testenv"
 )
 
 // benchPipeline runs a whole in-process pipeline of b.N generated events through the real
@@ -37,11 +38,13 @@ sinks:
 	}
 	b.ReportAllocs()
 	b.ResetTimer()
+	cpu0 := testenv.CPUNanos()
 	if err := p.Run(context.Background()); err != nil {
 		b.Fatal(err)
 	}
 	b.StopTimer()
 	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "events/s")
+	b.ReportMetric(float64(testenv.CPUNanos()-cpu0)/float64(b.N), "cpu-ns/event")
 }
 
 func BenchmarkPipelineGenerateToDiscard(b *testing.B) {
@@ -60,6 +63,12 @@ func BenchmarkPipelineGenerateToFileNoSync(b *testing.B) {
 // batches in flight, one is compressed while the other is written and fsynced.
 func BenchmarkPipelineGenerateToFileZstd(b *testing.B) {
 	benchPipelineBatch(b, 4096, "{type: file, isolation: inproc, path: flows.jsonl.zst, max_size: 0, compression: zstd, in_flight: 2}")
+}
+
+// The same with one batch in flight (the default, which keeps the order of batches): a
+// batch's parts are still compressed in parallel.
+func BenchmarkPipelineGenerateToFileZstdInFlight1(b *testing.B) {
+	benchPipelineBatch(b, 4096, "{type: file, isolation: inproc, path: flows.jsonl.zst, max_size: 0, compression: zstd}")
 }
 
 // sync: interval: acknowledged once written, fsynced every 100ms.

@@ -77,6 +77,18 @@ func (p *tierProc) start() {
 	})
 }
 
+// usedBatchStream checks that the agents streamed to the collectors with flowpipe's batch
+// stream (the grpc sink's default, protocol: auto, between two flowpipes), never NetBird's.
+func usedBatchStream(t *testing.T, agents ...*tierProc) {
+	t.Helper()
+	for _, a := range agents {
+		log := a.logs.String() + a.stderr.String()
+		if !strings.Contains(log, `"protocol":"flowpipe"`) || strings.Contains(log, `"protocol":"netbird"`) {
+			t.Errorf("%s did not stream with flowpipe's batch stream only:\n%s", a.name, log)
+		}
+	}
+}
+
 func (p *tierProc) kill() {
 	p.t.Helper()
 	if err := p.cmd.Process.Signal(syscall.SIGKILL); err != nil {
@@ -208,6 +220,7 @@ sinks:
 	w.start()
 	a1.wait()
 	a2.wait()
+	usedBatchStream(t, a1, a2)
 	// The agents ran to their end without a kill: their local files are what they produced.
 	want := map[string]bool{}
 	for i := 1; i <= 2; i++ {
@@ -344,6 +357,7 @@ sinks:
 	w.start()
 	a1.wait()
 	a2.wait()
+	usedBatchStream(t, a1, a2)
 	want := map[string]bool{}
 	for i := 1; i <= 2; i++ {
 		for _, e := range componenttest.ReadJSONLines(t, filepath.Join(dir, fmt.Sprintf("agent%d.jsonl", i))) {

@@ -20,12 +20,19 @@ func AppendJSON(dst []byte, e *Event) []byte {
 	return enc.AppendJSON(dst, e)
 }
 
-// Encoder appends events as JSON. It remembers the last second it formatted, because the
-// events of a batch mostly share it; it is not safe for concurrent use.
+// Encoder appends events as JSON. It remembers the last two seconds it formatted, because
+// the events of a batch mostly share them (an end event's start is often in another second
+// than its timestamp and end); it is not safe for concurrent use.
 type Encoder struct {
-	sec    int64
-	secBuf [19]byte // "2006-01-02T15:04:05" of sec
-	valid  bool
+	secs [2]cachedSecond
+	next uint8 // the slot the next new second replaces
+}
+
+// cachedSecond is a formatted second: "2006-01-02T15:04:05" of sec.
+type cachedSecond struct {
+	sec   int64
+	buf   [19]byte
+	valid bool
 }
 
 // AppendJSON is the package's AppendJSON.
@@ -34,9 +41,7 @@ func (enc *Encoder) AppendJSON(dst []byte, e *Event) []byte {
 	dst = appendUUID(dst, e.EventID)
 	dst = append(dst, `","flow_id":"`...)
 	dst = appendUUID(dst, e.FlowID)
-	dst = append(dst, `","type":"`...)
-	dst = append(dst, e.Type.String()...)
-	dst = append(dst, `","timestamp":"`...)
+	dst = append(dst, typeKeys[min(int(e.Type), len(typeKeys)-1)]...)
 	dst = enc.appendTime(dst, e.Timestamp)
 	dst = append(dst, '"')
 	if e.Start != 0 {
@@ -49,33 +54,31 @@ func (enc *Encoder) AppendJSON(dst []byte, e *Event) []byte {
 		dst = enc.appendTime(dst, e.End)
 		dst = append(dst, '"')
 	}
-	dst = append(dst, `,"direction":"`...)
-	dst = append(dst, e.Direction.String()...)
-	dst = append(dst, `","protocol":`...)
-	dst = strconv.AppendUint(dst, uint64(e.Protocol), 10)
+	dst = append(dst, directionKeys[min(int(e.Direction), len(directionKeys)-1)]...)
+	dst = appendUint(dst, uint64(e.Protocol))
 	dst = append(dst, `,"src_ip":`...)
 	dst = appendAddr(dst, e.SrcAddr)
 	dst = append(dst, `,"dst_ip":`...)
 	dst = appendAddr(dst, e.DstAddr)
 	if IsICMP(e.Protocol) {
 		dst = append(dst, `,"icmp_type":`...)
-		dst = strconv.AppendUint(dst, uint64(e.ICMPType), 10)
+		dst = appendUint(dst, uint64(e.ICMPType))
 		dst = append(dst, `,"icmp_code":`...)
-		dst = strconv.AppendUint(dst, uint64(e.ICMPCode), 10)
+		dst = appendUint(dst, uint64(e.ICMPCode))
 	} else {
 		dst = append(dst, `,"src_port":`...)
-		dst = strconv.AppendUint(dst, uint64(e.SrcPort), 10)
+		dst = appendUint(dst, uint64(e.SrcPort))
 		dst = append(dst, `,"dst_port":`...)
-		dst = strconv.AppendUint(dst, uint64(e.DstPort), 10)
+		dst = appendUint(dst, uint64(e.DstPort))
 	}
 	dst = append(dst, `,"rx_packets":`...)
-	dst = strconv.AppendUint(dst, e.RxPackets, 10)
+	dst = appendUint(dst, e.RxPackets)
 	dst = append(dst, `,"rx_bytes":`...)
-	dst = strconv.AppendUint(dst, e.RxBytes, 10)
+	dst = appendUint(dst, e.RxBytes)
 	dst = append(dst, `,"tx_packets":`...)
-	dst = strconv.AppendUint(dst, e.TxPackets, 10)
+	dst = appendUint(dst, e.TxPackets)
 	dst = append(dst, `,"tx_bytes":`...)
-	dst = strconv.AppendUint(dst, e.TxBytes, 10)
+	dst = appendUint(dst, e.TxBytes)
 	dst = append(dst, `,"rule_id":`...)
 	dst = appendString(dst, e.RuleID)
 	dst = append(dst, `,"src_resource_id":`...)
@@ -97,14 +100,36 @@ func (enc *Encoder) AppendJSON(dst []byte, e *Event) []byte {
 		dst = append(dst, `","window_end":"`...)
 		dst = enc.appendTime(dst, e.WindowEnd)
 		dst = append(dst, `","num_starts":`...)
-		dst = strconv.AppendUint(dst, e.NumStarts, 10)
+		dst = appendUint(dst, e.NumStarts)
 		dst = append(dst, `,"num_ends":`...)
-		dst = strconv.AppendUint(dst, e.NumEnds, 10)
+		dst = appendUint(dst, e.NumEnds)
 		dst = append(dst, `,"num_drops":`...)
-		dst = strconv.AppendUint(dst, e.NumDrops, 10)
+		dst = appendUint(dst, e.NumDrops)
 	}
 	return append(dst, '}')
 }
+
+// typeKeys and directionKeys are the type and direction with the text around them; the last
+// of each is what an out-of-range value writes ("unknown", as String does).
+var (
+	typeKeys      = [...]string{`","type":"unknown","timestamp":"`, `","type":"start","timestamp":"`, `","type":"end","timestamp":"`, `","type":"drop","timestamp":"`, `","type":"aggregate","timestamp":"`, `","type":"unknown","timestamp":"`}
+	directionKeys = [...]string{`,"direction":"unknown","protocol":`, `,"direction":"ingress","protocol":`, `,"direction":"egress","protocol":`, `,"direction":"unknown","protocol":`}
+)
+
+// appendUint is strconv.AppendUint(dst, v, 10), with the small numbers that most counters,
+// codes and protocols are written without the general path.
+func appendUint(dst []byte, v uint64) []byte {
+	switch {
+	case v < 10:
+		return append(dst, byte('0'+v))
+	case v < 100:
+		return append(dst, digits2[2*v], digits2[2*v+1])
+	}
+	return strconv.AppendUint(dst, v, 10)
+}
+
+// AppendUint appends v in decimal, as strconv.AppendUint(dst, v, 10).
+func AppendUint(dst []byte, v uint64) []byte { return appendUint(dst, v) }
 
 // AppendTime appends t as AppendJSON formats times (RFC 3339, UTC, nine fractional digits),
 // reusing the second it formatted last.
@@ -113,6 +138,10 @@ func (enc *Encoder) AppendTime(dst []byte, t Time) []byte { return enc.appendTim
 // AppendJSONString appends s as a quoted JSON string; invalid UTF-8 becomes U+FFFD.
 func AppendJSONString(dst []byte, s string) []byte { return appendString(dst, s) }
 
+// AppendJSONAddr appends a as a quoted JSON string ("" when a is not valid), as
+// netip.Addr.AppendTo writes it.
+func AppendJSONAddr(dst []byte, a netip.Addr) []byte { return appendAddr(dst, a) }
+
 // AppendUUID appends u in its canonical 36-character form, without quotes.
 func AppendUUID(dst []byte, u uuid.UUID) []byte { return appendUUID(dst, u) }
 
@@ -120,25 +149,120 @@ const hexDigits = "0123456789abcdef"
 
 func appendUUID(dst []byte, u uuid.UUID) []byte {
 	var b [36]byte
-	j := 0
-	for i, c := range u {
-		if i == 4 || i == 6 || i == 8 || i == 10 {
-			b[j] = '-'
-			j++
-		}
-		b[j], b[j+1] = hexDigits[c>>4], hexDigits[c&0x0f]
-		j += 2
+	hex4 := func(at int, x []byte) {
+		_ = x[3]
+		b[at], b[at+1] = hexDigits[x[0]>>4], hexDigits[x[0]&0x0f]
+		b[at+2], b[at+3] = hexDigits[x[1]>>4], hexDigits[x[1]&0x0f]
+		b[at+4], b[at+5] = hexDigits[x[2]>>4], hexDigits[x[2]&0x0f]
+		b[at+6], b[at+7] = hexDigits[x[3]>>4], hexDigits[x[3]&0x0f]
 	}
+	hex2 := func(at int, x []byte) {
+		_ = x[1]
+		b[at], b[at+1] = hexDigits[x[0]>>4], hexDigits[x[0]&0x0f]
+		b[at+2], b[at+3] = hexDigits[x[1]>>4], hexDigits[x[1]&0x0f]
+	}
+	hex4(0, u[0:4])
+	b[8] = '-'
+	hex2(9, u[4:6])
+	b[13] = '-'
+	hex2(14, u[6:8])
+	b[18] = '-'
+	hex2(19, u[8:10])
+	b[23] = '-'
+	hex4(24, u[10:14])
+	hex2(32, u[14:16])
 	return append(dst, b[:]...)
 }
 
+// appendAddr appends a as a quoted string, as netip.Addr.AppendTo writes it (RFC 5952 for
+// IPv6), with plain IPv4 and IPv6 formatted here in one append.
 func appendAddr(dst []byte, a netip.Addr) []byte {
-	if !a.IsValid() {
+	switch {
+	case !a.IsValid():
 		return append(dst, `""`...)
+	case a.Is4():
+		var b [17]byte // "255.255.255.255"
+		v := a.As4()
+		b[0] = '"'
+		n := appendDec(b[:], 1, v[0])
+		for _, x := range v[1:] {
+			b[n] = '.'
+			n = appendDec(b[:], n+1, x)
+		}
+		b[n] = '"'
+		return append(dst, b[:n+1]...)
+	case a.Zone() != "" || a.Is4In6():
+		dst = append(dst, '"')
+		dst = a.AppendTo(dst)
+		return append(dst, '"')
 	}
-	dst = append(dst, '"')
-	dst = a.AppendTo(dst)
-	return append(dst, '"')
+	v := a.As16()
+	var g [8]uint16
+	for i := range g {
+		g[i] = uint16(v[2*i])<<8 | uint16(v[2*i+1])
+	}
+	// The longest run of two or more zero groups becomes "::", the first of equal runs.
+	zs, ze := 8, 8
+	for i := 0; i < 8; {
+		if g[i] != 0 {
+			i++
+			continue
+		}
+		j := i + 1
+		for j < 8 && g[j] == 0 {
+			j++
+		}
+		if j-i >= 2 && j-i > ze-zs {
+			zs, ze = i, j
+		}
+		i = j
+	}
+	var b [41]byte // 39 + quotes
+	b[0] = '"'
+	n := 1
+	for i := 0; i < 8; i++ {
+		if i == zs {
+			b[n], b[n+1] = ':', ':'
+			n += 2
+			i = ze - 1
+			continue
+		}
+		if i > 0 && i != ze {
+			b[n] = ':'
+			n++
+		}
+		x := g[i]
+		if x >= 0x1000 {
+			b[n] = hexDigits[x>>12]
+			n++
+		}
+		if x >= 0x100 {
+			b[n] = hexDigits[x>>8&0xf]
+			n++
+		}
+		if x >= 0x10 {
+			b[n] = hexDigits[x>>4&0xf]
+			n++
+		}
+		b[n] = hexDigits[x&0xf]
+		n++
+	}
+	b[n] = '"'
+	return append(dst, b[:n+1]...)
+}
+
+// appendDec writes x in decimal at b[n:] and returns the index after it.
+func appendDec(b []byte, n int, x uint8) int {
+	if x >= 100 {
+		b[n] = byte('0' + x/100)
+		n++
+	}
+	if x >= 10 {
+		b[n] = byte('0' + x/10%10)
+		n++
+	}
+	b[n] = byte('0' + x%10)
+	return n + 1
 }
 
 // appendString appends s as a JSON string, escaping what JSON requires.
@@ -192,28 +316,45 @@ func AppendTime(dst []byte, t Time) []byte {
 
 func (enc *Encoder) appendTime(dst []byte, t Time) []byte {
 	ns := int64(t)
-	if ns >= 0 {
-		sec, frac := ns/1e9, ns%1e9
-		if !enc.valid || sec != enc.sec {
-			var tmp [32]byte
-			full := appendTimeSlow(tmp[:0], t)
-			if len(full) != 30 { // a year outside 0000-9999
-				return append(dst, full...)
-			}
-			copy(enc.secBuf[:], full[:19])
-			enc.sec, enc.valid = sec, true
-		}
-		dst = append(dst, enc.secBuf[:]...)
-		var buf [11]byte
-		buf[0], buf[10] = '.', 'Z'
-		for i := 9; i >= 1; i-- {
-			buf[i] = byte('0' + frac%10)
-			frac /= 10
-		}
-		return append(dst, buf[:]...)
+	if ns < 0 {
+		return appendTimeSlow(dst, t)
 	}
-	return appendTimeSlow(dst, t)
+	sec, frac := ns/1e9, ns%1e9
+	var c *cachedSecond
+	switch {
+	case enc.secs[0].valid && enc.secs[0].sec == sec:
+		c = &enc.secs[0]
+	case enc.secs[1].valid && enc.secs[1].sec == sec:
+		c = &enc.secs[1]
+	default:
+		var tmp [32]byte
+		full := appendTimeSlow(tmp[:0], t)
+		if len(full) != 30 { // a year outside 0000-9999
+			return append(dst, full...)
+		}
+		c = &enc.secs[enc.next&1]
+		enc.next++
+		copy(c.buf[:], full[:19])
+		c.sec, c.valid = sec, true
+	}
+	var buf [30]byte
+	copy(buf[:19], c.buf[:])
+	buf[19], buf[29] = '.', 'Z'
+	// Nine digits, two at a time.
+	lo := uint32(frac)
+	buf[28] = byte('0' + lo%10)
+	lo /= 10
+	for i := 26; i >= 20; i -= 2 {
+		d := lo % 100
+		lo /= 100
+		buf[i], buf[i+1] = digits2[2*d], digits2[2*d+1]
+	}
+	return append(dst, buf[:]...)
 }
+
+// digits2 is "00" to "99".
+const digits2 = "00010203040506070809" + "10111213141516171819" + "20212223242526272829" + "30313233343536373839" + "40414243444546474849" +
+	"50515253545556575859" + "60616263646566676869" + "70717273747576777879" + "80818283848586878889" + "90919293949596979899"
 
 // appendTimeSlow formats t from scratch.
 func appendTimeSlow(dst []byte, t Time) []byte {

@@ -2,6 +2,7 @@ package flow
 
 import (
 	"encoding/json"
+	"math/rand/v2"
 	"net/netip"
 	"strings"
 	"testing"
@@ -211,5 +212,32 @@ func BenchmarkUUIDNew(b *testing.B) {
 	b.ReportAllocs()
 	for b.Loop() {
 		_ = uuid.New()
+	}
+}
+
+// The hand-written address formatting writes what netip does, for every shape of zero runs.
+func TestAppendAddrMatchesNetip(t *testing.T) {
+	r := rand.New(rand.NewPCG(1, 2))
+	check := func(a netip.Addr) {
+		want := `"` + a.String() + `"`
+		if !a.IsValid() {
+			want = `""`
+		}
+		if got := string(appendAddr(nil, a)); got != want {
+			t.Fatalf("%s: got %s, want %s", a, got, want)
+		}
+	}
+	check(netip.Addr{})
+	check(netip.MustParseAddr("fe80::1%eth0"))
+	check(netip.MustParseAddr("::ffff:1.2.3.4"))
+	for range 200000 {
+		var b [16]byte
+		for i := range b {
+			if r.IntN(3) == 0 { // mostly zero groups, in runs of every length
+				b[i] = byte(r.Uint32() >> uint(r.IntN(8)))
+			}
+		}
+		check(netip.AddrFrom16(b))
+		check(netip.AddrFrom4([4]byte(b[:4])))
 	}
 }

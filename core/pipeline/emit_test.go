@@ -60,3 +60,42 @@ sinks: {out: {type: test}}
 		t.Fatalf("%d events undelivered", n)
 	}
 }
+
+// A batch that waits for room in a full queue when the pipeline is told to stop is not
+// given up while the drain still has time: it is delivered once the sink catches up.
+func TestShutdownDeliversABatchWaitingForRoom(t *testing.T) {
+	h := newHarness()
+	src := &testSource{batches: 10, size: 10, done: make(chan struct{})}
+	h.sources["src"] = src
+	h.sinks["slow"] = &testSink{gate: make(chan struct{})}
+	p := h.build(t, `
+runtime: {shutdown_timeout: 1m}
+sources: {src: {type: test}}
+sinks:
+  slow:
+    type: test
+    queue: {max_batches: 1, when_full: block}
+`)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := runAsync(p, ctx)
+	// One batch in the writer, one queued: the third Emit waits for room.
+	waitFor(t, "the queue to fill", func() bool { return src.emitted.Load() == 2 })
+	cancel() // SIGTERM while the source's third batch waits at the fan-out
+	go func() {
+		for range 3 {
+			h.sinks["slow"].gate <- struct{}{}
+		}
+	}()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if got := h.sinks["slow"].count(); got != 30 {
+		t.Fatalf("the sink has %d events, want the 3 batches emitted before and at the stop (30)", got)
+	}
+	if ok, _, other := src.ackCount(); ok != 3 || other != 0 {
+		t.Fatalf("acks: %d ok, %d failed; want 3 ok, none failed", ok, other)
+	}
+	if n := p.Undelivered(); n != 0 {
+		t.Fatalf("%d events undelivered", n)
+	}
+}

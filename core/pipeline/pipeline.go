@@ -98,8 +98,11 @@ type sourceNode struct {
 	tap  *tap.Hub
 
 	out outstanding // batches emitted and not yet acknowledged
-	// ectx is what its batches wait under for room in the sinks' queues: Run's, not the
-	// source's own, so that a reload that stops the source loses none it had emitted.
+	// ectx is what its batches wait under for room in the sinks' queues: the drain
+	// deadline's, not the source's own, so that neither a reload that stops the source nor
+	// a shutdown gives up a batch it had emitted while the drain still has time (a batch
+	// waiting for room in a full queue when SIGTERM comes is delivered, or given up and
+	// counted at runtime.shutdown_timeout).
 	ectx context.Context
 	// enrichCtx is what enrichers' calls on its batches run under: the drain deadline's, so
 	// that a batch being enriched when the pipeline stops is not failed by the stop (for a
@@ -515,7 +518,7 @@ func (p *Pipeline) Run(ctx context.Context) error {
 	p.closing = true
 	p.reloadMu.Unlock()
 	stopSources()
-	rs.srcWG.Wait()
+	p.waitSources(rs)
 	close(p.stopping)
 	if ctx.Err() != nil {
 		p.log.Info("stopping: draining in-flight batches", "timeout", p.Document().Runtime.ShutdownTimeout)
@@ -577,7 +580,7 @@ func (p *Pipeline) Undelivered() int64 {
 func (p *Pipeline) runSource(rs *runState, s *sourceNode) {
 	ctx, cancel := context.WithCancel(rs.srcCtx)
 	s.cancel = cancel
-	s.ectx = rs.srcCtx
+	s.ectx = rs.writeCtx
 	s.enrichCtx = rs.writeCtx
 	s.done = make(chan struct{})
 	p.mu.Lock()
@@ -611,6 +614,31 @@ func (p *Pipeline) runSource(rs *runState, s *sourceNode) {
 			rs.doneOnce.Do(func() { close(rs.done) })
 		}
 	}()
+}
+
+// waitSources waits for the sources to return after they were told to stop, but not longer
+// than runtime.shutdown_timeout (or a forced stop): a source may wait for the
+// acknowledgements of what it emitted before it returns (an SDK plugin may), and some of
+// those come only from the drain that follows, when what cannot be written is given up. The
+// sinks' writers go on writing meanwhile.
+func (p *Pipeline) waitSources(rs *runState) {
+	returned := make(chan struct{})
+	go func() {
+		rs.srcWG.Wait()
+		close(returned)
+	}()
+	timeout := p.Document().Runtime.ShutdownTimeout
+	if timeout <= 0 {
+		timeout = config.DefaultShutdownTimeout
+	}
+	t := time.NewTimer(timeout)
+	defer t.Stop()
+	select {
+	case <-returned:
+	case <-p.abort:
+	case <-t.C:
+		p.log.Warn("sources did not return within runtime.shutdown_timeout after they were told to stop (one may wait for acknowledgements); draining the sinks now", "timeout", timeout)
+	}
 }
 
 // drainSinks lets every sink write what its queue holds (its writers stop at the drain

@@ -36,7 +36,7 @@ type testSource struct {
 func (s *testSource) Run(ctx context.Context, out component.Emitter) error {
 	defer close(s.done)
 	seq := 0
-	for i := 0; i < s.batches; i++ {
+	for i := 0; i < s.batches && ctx.Err() == nil; i++ { // a source stops when told to
 		evs := make([]flow.Event, s.size)
 		for j := range evs {
 			evs[j].TxPackets = uint64(seq)

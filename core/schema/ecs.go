@@ -2,7 +2,6 @@ package schema
 
 import (
 	"net/netip"
-	"strconv"
 
 	"github.com/flowpipe/flowpipe/core/flow"
 )
@@ -66,7 +65,7 @@ func (x *Encoder) appendECS(dst []byte, e *flow.Event) []byte {
 	dst = appendECSEndpoint(dst, "destination", e.DstAddr, e.DstPort, icmp, dp, db)
 
 	dst = append(dst, `,"network":{"iana_number":"`...)
-	dst = strconv.AppendUint(dst, uint64(e.Protocol), 10) // a keyword in ECS: quoted
+	dst = flow.AppendUint(dst, uint64(e.Protocol)) // a keyword in ECS: quoted
 	dst = append(dst, '"')
 	if n := ianaName(e.Protocol); n != "" {
 		dst = str(dst, false, "transport", n)
@@ -99,38 +98,14 @@ func (x *Encoder) appendECS(dst []byte, e *flow.Event) []byte {
 	if e.DstResourceID != "" {
 		dst = str(dst, false, "dst_resource_id", e.DstResourceID)
 	}
-	if icmp {
-		dst = uint(dst, false, "icmp_type", uint64(e.ICMPType))
-		dst = uint(dst, false, "icmp_code", uint64(e.ICMPCode))
-	}
-	if e.Reconstructed {
-		dst = append(dst, `,"reconstructed":true`...)
-	}
-	if e.Type == flow.TypeAggregate {
-		dst = uint(dst, false, "num_starts", e.NumStarts)
-		dst = uint(dst, false, "num_ends", e.NumEnds)
-		dst = uint(dst, false, "num_drops", e.NumDrops)
-	}
-	return append(dst, '}', '}')
+	return append(customMembers(dst, e, icmp), '}', '}')
 }
 
 // appendECSEndpoint writes the source or destination object: the address, the port (not for
 // ICMP), and what that end sent (ECS: "bytes sent from the source to the destination").
 func appendECSEndpoint(dst []byte, name string, a netip.Addr, port uint16, icmp bool, packets, bytes uint64) []byte {
-	dst = append(dst, ',', '"')
-	dst = append(dst, name...)
-	dst = append(dst, `":{`...)
-	first := true
-	if a.IsValid() {
-		dst = append(dst, `"ip":"`...)
-		dst = a.AppendTo(dst)
-		dst = append(dst, '"')
-		first = false
-	}
-	if !icmp {
-		dst = uint(dst, first, "port", uint64(port))
-	}
-	dst = uint(dst, first && icmp, "bytes", bytes)
+	dst, first := endpoint(dst, name, a, port, icmp)
+	dst = uint(dst, first, "bytes", bytes)
 	dst = uint(dst, false, "packets", packets)
 	return append(dst, '}')
 }

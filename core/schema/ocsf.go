@@ -2,7 +2,6 @@ package schema
 
 import (
 	"net/netip"
-	"strconv"
 
 	"github.com/flowpipe/flowpipe/core/flow"
 )
@@ -122,38 +121,13 @@ func (x *Encoder) appendOCSF(dst []byte, e *flow.Event) []byte {
 	}
 
 	dst = str(append(dst, `,"unmapped":{`...), true, "source", e.Source)
-	if icmp {
-		dst = uint(dst, false, "icmp_type", uint64(e.ICMPType))
-		dst = uint(dst, false, "icmp_code", uint64(e.ICMPCode))
-	}
-	if e.Reconstructed {
-		dst = append(dst, `,"reconstructed":true`...)
-	}
-	if e.Type == flow.TypeAggregate {
-		dst = uint(dst, false, "num_starts", e.NumStarts)
-		dst = uint(dst, false, "num_ends", e.NumEnds)
-		dst = uint(dst, false, "num_drops", e.NumDrops)
-	}
-	return append(dst, '}', '}')
+	return append(customMembers(dst, e, icmp), '}', '}')
 }
 
 // appendOCSFEndpoint writes a network_endpoint object: ip, port (not for ICMP) and the
 // resource ID as the endpoint's uid.
 func appendOCSFEndpoint(dst []byte, name string, a netip.Addr, port uint16, icmp bool, resource string) []byte {
-	dst = append(dst, ',', '"')
-	dst = append(dst, name...)
-	dst = append(dst, `":{`...)
-	first := true
-	if a.IsValid() {
-		dst = append(dst, `"ip":"`...)
-		dst = a.AppendTo(dst)
-		dst = append(dst, '"')
-		first = false
-	}
-	if !icmp {
-		dst = strconv.AppendUint(key(dst, first, "port"), uint64(port), 10)
-		first = false
-	}
+	dst, first := endpoint(dst, name, a, port, icmp)
 	if resource != "" {
 		dst = str(dst, first, "uid", resource)
 	}

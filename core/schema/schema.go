@@ -9,6 +9,7 @@
 package schema
 
 import (
+	"net/netip"
 	"strconv"
 
 	"github.com/flowpipe/flowpipe/core/flow"
@@ -100,9 +101,47 @@ func str(dst []byte, first bool, k, v string) []byte {
 }
 
 func uint(dst []byte, first bool, k string, v uint64) []byte {
-	return strconv.AppendUint(key(dst, first, k), v, 10)
+	return flow.AppendUint(key(dst, first, k), v)
 }
 
 func int64v(dst []byte, first bool, k string, v int64) []byte {
 	return strconv.AppendInt(key(dst, first, k), v, 10)
+}
+
+// endpoint opens the endpoint object `,"name":{` of ECS and OCSF and writes its members
+// common to both: the address when it is known, the port unless the flow is ICMP. first
+// reports whether it wrote no member.
+func endpoint(dst []byte, name string, a netip.Addr, port uint16, icmp bool) (_ []byte, first bool) {
+	dst = append(dst, ',', '"')
+	dst = append(dst, name...)
+	dst = append(dst, `":{`...)
+	first = true
+	if a.IsValid() {
+		dst = flow.AppendJSONAddr(append(dst, `"ip":`...), a)
+		first = false
+	}
+	if !icmp {
+		dst = uint(dst, first, "port", uint64(port))
+		first = false
+	}
+	return dst, first
+}
+
+// customMembers writes what neither ECS nor OCSF has a field for, the last members of their
+// custom object (ECS's flowpipe, OCSF's unmapped): the ICMP type and code, the reconstructed
+// mark, an aggregate's counts.
+func customMembers(dst []byte, e *flow.Event, icmp bool) []byte {
+	if icmp {
+		dst = uint(dst, false, "icmp_type", uint64(e.ICMPType))
+		dst = uint(dst, false, "icmp_code", uint64(e.ICMPCode))
+	}
+	if e.Reconstructed {
+		dst = append(dst, `,"reconstructed":true`...)
+	}
+	if e.Type == flow.TypeAggregate {
+		dst = uint(dst, false, "num_starts", e.NumStarts)
+		dst = uint(dst, false, "num_ends", e.NumEnds)
+		dst = uint(dst, false, "num_drops", e.NumDrops)
+	}
+	return dst
 }

@@ -95,6 +95,11 @@ func EventSize(e *flow.Event) int {
 	return most + len(e.SrcAddr.Zone()) + len(e.DstAddr.Zone()) + len(e.RuleID) + len(e.SrcResourceID) + len(e.DstResourceID) + len(e.CommunityID) + len(e.Source)
 }
 
+// AppendEvent appends the encoding of one event, without the version byte: Version followed
+// by the AppendEvent encodings of events is their Append encoding. It lets a sender encode
+// each event once and put runs of them together into batches later (sinks/grpc).
+func AppendEvent(dst []byte, e *flow.Event) []byte { return appendEvent(dst, e) }
+
 func appendEvent(dst []byte, e *flow.Event) []byte {
 	var present uint32
 	if e.Reconstructed {

@@ -21,6 +21,12 @@ type AckMsg struct {
 	Initiator bool
 }
 
+// WireUnmarshaler is a message that decodes itself from its wire bytes (internal/streamwire's
+// messages): the bytes are valid only during the call, so it copies what it keeps.
+type WireUnmarshaler interface {
+	UnmarshalWire(b []byte) error
+}
+
 // Codec is the gRPC codec of both ends. It is named "proto", so the content type on the wire
 // stays application/grpc+proto and a NetBird peer sees nothing unusual; messages of other
 // types (the generated structs) go through the standard protobuf codec.
@@ -50,6 +56,7 @@ func (Codec) Unmarshal(data mem.BufferSlice, v any) error {
 		if err := DecodeEvent(contiguous(data), m); err != nil {
 			m.Invalid = err
 		}
+		m.Size = data.Len()
 		return nil
 	case *AckMsg:
 		id, init, err := DecodeAck(contiguous(data))
@@ -61,6 +68,8 @@ func (Codec) Unmarshal(data mem.BufferSlice, v any) error {
 	case *Raw:
 		*m = append((*m)[:0], contiguous(data)...)
 		return nil
+	case WireUnmarshaler:
+		return m.UnmarshalWire(contiguous(data))
 	}
 	if protoCodec == nil {
 		return fmt.Errorf("flowwire: no protobuf codec registered for %T", v)

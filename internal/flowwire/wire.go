@@ -262,6 +262,7 @@ type Message struct {
 	PublicKey []byte // aliases the decoded buffer; copy to keep
 	Event     flow.Event
 	Invalid   error // set by Codec instead of failing Unmarshal; see Codec.Unmarshal
+	Size      int   // the message's size on the wire, set by Codec
 }
 
 // ErrMalformed wraps every decoding error.

@@ -140,6 +140,10 @@ func (h *Host) Instantiate(ctx context.Context, spec config.Component, env compo
 		return nil, fmt.Errorf("encode options for the plugin: %w", err)
 	}
 	in := newInstance(spec, env, settings, l, optYAML)
+	if spec.Plugin == "" {
+		f, _ := h.opts.Registry.Lookup(spec.Kind, spec.Type)
+		in.capsOf = f.Capabilities
+	}
 	p, holder, err := startProc(ctx, l, spec, env, settings, optYAML)
 	if err != nil {
 		return nil, err

@@ -27,11 +27,15 @@ var restartBackoff = backoff.Policy{Initial: time.Second, Max: 30 * time.Second}
 // instance is the host side of one component: it owns the current plugin process, restarts
 // it when it crashes or hangs, and survives the restarts so the runtime sees one component.
 type instance struct {
-	spec     config.Component
+	spec     config.Component // Options under mu: Reconfigure changes them
 	env      component.Env
 	settings Settings
 	launcher *launcher
-	options  []byte
+	options  []byte // under mu
+	// capsOf returns the capabilities a built-in needs with the given options
+	// (Factory.Capabilities); nil for an external plugin, which gets none.
+	capsOf      func(map[string]any) ([]string, error)
+	reconfigure sync.Mutex // one Reconfigure at a time
 
 	restarts    prometheus.Counter
 	redelivered prometheus.Counter
@@ -279,10 +283,11 @@ func (in *instance) restart() {
 		return
 	}
 	started := in.started
+	spec, opts := in.spec, in.options // as the last Reconfigure left them
 	in.mu.Unlock()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*in.settings.StartTimeout)
 	defer cancel()
-	p, _, err := startProc(ctx, in.launcher, in.spec, in.env, in.settings, in.options)
+	p, _, err := startProc(ctx, in.launcher, spec, in.env, in.settings, opts)
 	if err == nil && started {
 		err = startRPC(ctx, p)
 		if err != nil {

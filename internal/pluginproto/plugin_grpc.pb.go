@@ -26,13 +26,14 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	Component_Describe_FullMethodName  = "/flowpipe.plugin.v1.Component/Describe"
-	Component_Configure_FullMethodName = "/flowpipe.plugin.v1.Component/Configure"
-	Component_Start_FullMethodName     = "/flowpipe.plugin.v1.Component/Start"
-	Component_Close_FullMethodName     = "/flowpipe.plugin.v1.Component/Close"
-	Component_Watch_FullMethodName     = "/flowpipe.plugin.v1.Component/Watch"
-	Component_Gather_FullMethodName    = "/flowpipe.plugin.v1.Component/Gather"
-	Component_Health_FullMethodName    = "/flowpipe.plugin.v1.Component/Health"
+	Component_Describe_FullMethodName    = "/flowpipe.plugin.v1.Component/Describe"
+	Component_Configure_FullMethodName   = "/flowpipe.plugin.v1.Component/Configure"
+	Component_Start_FullMethodName       = "/flowpipe.plugin.v1.Component/Start"
+	Component_Close_FullMethodName       = "/flowpipe.plugin.v1.Component/Close"
+	Component_Watch_FullMethodName       = "/flowpipe.plugin.v1.Component/Watch"
+	Component_Gather_FullMethodName      = "/flowpipe.plugin.v1.Component/Gather"
+	Component_Health_FullMethodName      = "/flowpipe.plugin.v1.Component/Health"
+	Component_Reconfigure_FullMethodName = "/flowpipe.plugin.v1.Component/Reconfigure"
 )
 
 // ComponentClient is the client API for Component service.
@@ -63,6 +64,10 @@ type ComponentClient interface {
 	// it is, and not as a hung plugin. Plugins built before it answer Unimplemented; the host
 	// then pings with Describe.
 	Health(ctx context.Context, in *HealthRequest, opts ...grpc.CallOption) (*HealthResponse, error)
+	// Reconfigure gives the running component new options (component.Reconfigurer), as a
+	// reload does: decoded and checked as Configure does, and applied at once, or not at all.
+	// Plugins built before it answer Unimplemented; the host then replaces the component.
+	Reconfigure(ctx context.Context, in *ReconfigureRequest, opts ...grpc.CallOption) (*ReconfigureResponse, error)
 }
 
 type componentClient struct {
@@ -152,6 +157,16 @@ func (c *componentClient) Health(ctx context.Context, in *HealthRequest, opts ..
 	return out, nil
 }
 
+func (c *componentClient) Reconfigure(ctx context.Context, in *ReconfigureRequest, opts ...grpc.CallOption) (*ReconfigureResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ReconfigureResponse)
+	err := c.cc.Invoke(ctx, Component_Reconfigure_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // ComponentServer is the server API for Component service.
 // All implementations must embed UnimplementedComponentServer
 // for forward compatibility.
@@ -180,6 +195,10 @@ type ComponentServer interface {
 	// it is, and not as a hung plugin. Plugins built before it answer Unimplemented; the host
 	// then pings with Describe.
 	Health(context.Context, *HealthRequest) (*HealthResponse, error)
+	// Reconfigure gives the running component new options (component.Reconfigurer), as a
+	// reload does: decoded and checked as Configure does, and applied at once, or not at all.
+	// Plugins built before it answer Unimplemented; the host then replaces the component.
+	Reconfigure(context.Context, *ReconfigureRequest) (*ReconfigureResponse, error)
 	mustEmbedUnimplementedComponentServer()
 }
 
@@ -210,6 +229,9 @@ func (UnimplementedComponentServer) Gather(context.Context, *GatherRequest) (*Ga
 }
 func (UnimplementedComponentServer) Health(context.Context, *HealthRequest) (*HealthResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Health not implemented")
+}
+func (UnimplementedComponentServer) Reconfigure(context.Context, *ReconfigureRequest) (*ReconfigureResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Reconfigure not implemented")
 }
 func (UnimplementedComponentServer) mustEmbedUnimplementedComponentServer() {}
 func (UnimplementedComponentServer) testEmbeddedByValue()                   {}
@@ -351,6 +373,24 @@ func _Component_Health_Handler(srv interface{}, ctx context.Context, dec func(in
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Component_Reconfigure_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ReconfigureRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ComponentServer).Reconfigure(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Component_Reconfigure_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ComponentServer).Reconfigure(ctx, req.(*ReconfigureRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Component_ServiceDesc is the grpc.ServiceDesc for Component service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -381,6 +421,10 @@ var Component_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Health",
 			Handler:    _Component_Health_Handler,
+		},
+		{
+			MethodName: "Reconfigure",
+			Handler:    _Component_Reconfigure_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

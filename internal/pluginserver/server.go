@@ -127,6 +127,46 @@ func (s *Server) Configure(_ context.Context, req *pb.ConfigureRequest) (*pb.Con
 	return &pb.ConfigureResponse{Holder: holder}, nil
 }
 
+// Reconfigure hands new options to the running component (component.Reconfigurer); a
+// component that cannot take them in place answers restart_needed, and the host replaces it.
+func (s *Server) Reconfigure(ctx context.Context, req *pb.ReconfigureRequest) (*pb.ReconfigureResponse, error) {
+	c, err := s.component()
+	if err != nil {
+		return nil, err
+	}
+	var raw map[string]any
+	if err := yaml.Unmarshal(req.OptionsYaml, &raw); err != nil {
+		return &pb.ReconfigureResponse{Error: fmt.Sprintf("decode options sent by the host: %v", err)}, nil
+	}
+	if raw == nil {
+		raw = map[string]any{}
+	}
+	rc, ok := c.(component.Reconfigurer)
+	if !ok {
+		return &pb.ReconfigureResponse{RestartNeeded: true,
+			Error: fmt.Sprintf("%s %q cannot take new options while it runs: %v", s.factory.Kind, s.factory.Type, component.ErrRestartNeeded)}, nil
+	}
+	return reconfigureResponse(rc.Reconfigure(ctx, raw)), nil
+}
+
+func reconfigureResponse(err error) *pb.ReconfigureResponse {
+	resp := &pb.ReconfigureResponse{}
+	switch {
+	case err == nil:
+	case errors.Is(err, component.ErrRestartNeeded):
+		resp.RestartNeeded, resp.Error = true, err.Error()
+	default:
+		if errs, ok := options.FieldErrorsOf(err); ok {
+			for _, e := range errs {
+				resp.FieldErrors = append(resp.FieldErrors, &pb.FieldError{Path: e.Path, Message: e.Msg})
+			}
+		} else {
+			resp.Error = err.Error()
+		}
+	}
+	return resp
+}
+
 func (s *Server) component() (any, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()

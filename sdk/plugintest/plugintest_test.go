@@ -86,3 +86,57 @@ func TestSourceAcks(t *testing.T) {
 		t.Fatalf("got %d events", len(evs))
 	}
 }
+
+// reSink is a third-party sink that takes new options while it runs.
+type reSink struct {
+	mu  sync.Mutex
+	cfg *memConfig
+	got []string
+}
+
+func (s *reSink) Write(_ context.Context, b *flow.Batch) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, e := range b.Events {
+		s.got = append(s.got, s.cfg.Prefix+e.RuleID)
+	}
+	return nil
+}
+
+func (s *reSink) Reconfigure(_ context.Context, raw map[string]any) error {
+	c := &memConfig{}
+	if errs := options.Check(raw, c, ""); len(errs) > 0 {
+		return errs
+	}
+	s.mu.Lock()
+	s.cfg = c
+	s.mu.Unlock()
+	return nil
+}
+
+// TestSinkReconfigure: a plugin's component that implements component.Reconfigurer gets a
+// reload's new options through the protocol; problems come back at their keys.
+func TestSinkReconfigure(t *testing.T) {
+	built := &reSink{}
+	sink := Sink(t, sdk.Info{Type: "re", Version: "1"}, func() *memConfig { return &memConfig{} },
+		func(_ component.Env, c *memConfig) (component.Sink, error) { built.cfg = c; return built, nil },
+		map[string]any{"prefix": "a-"})
+	rc, ok := sink.(component.Reconfigurer)
+	if !ok {
+		t.Fatal("the plugin's sink does not implement component.Reconfigurer on the host's side")
+	}
+	if err := rc.Reconfigure(context.Background(), map[string]any{"prefix": "b-"}); err != nil {
+		t.Fatal(err)
+	}
+	err := rc.Reconfigure(context.Background(), map[string]any{"prefx": "c-"})
+	fe, ok := options.FieldErrorsOf(err)
+	if !ok || len(fe) != 2 || errors.Is(err, component.ErrRestartNeeded) {
+		t.Fatalf("got %v, want problems at prefx and prefix", err)
+	}
+	if err := sink.Write(context.Background(), flow.NewBatch([]flow.Event{{RuleID: "x"}}, nil)); err != nil {
+		t.Fatal(err)
+	}
+	if strings.Join(built.got, ",") != "b-x" {
+		t.Fatalf("sink wrote %q, want b-x (the options it took, not the refused ones)", built.got)
+	}
+}

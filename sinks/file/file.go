@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"runtime"
 	"sort"
 	"strings"
 	"sync"
@@ -50,11 +51,14 @@ type Config struct {
 	// Format is the schema of each line: flowpipe (docs/schema.md; what the replay source
 	// reads), ecs or ocsf (core/schema).
 	Format string `yaml:"format"`
-	// Compression is "none", "zstd" or "gzip". Each batch is written as one complete zstd
-	// frame or gzip member, so that the file (the current one, a rotated one, one cut short
-	// by a crash after its last acknowledged batch) is always a valid stream: frames and
-	// members concatenate.
+	// Compression is "none", "zstd" or "gzip". Each part of a batch is written as one
+	// complete zstd frame or gzip member, so that the file (the current one, a rotated one,
+	// one cut short by a crash) is always a valid stream: frames and members concatenate, and
+	// a torn last one is cut off at start (frames.go).
 	Compression string `yaml:"compression"`
+	// CompressionLevel is fastest (the default), default, better or best: the
+	// compressor's trade of CPU for size (zstd's encoder levels; gzip levels 1, 6, 7, 9).
+	CompressionLevel string `yaml:"compression_level"`
 	// ResumeScan, when not 0, makes the sink read the last ResumeScan bytes of the file at
 	// start and skip the events already there when they come again: a writer killed after
 	// writing a batch and before acknowledging it is sent that batch again (by a log source's
@@ -63,7 +67,7 @@ type Config struct {
 }
 
 func defaults() *Config {
-	return &Config{MaxSize: 100 << 20, MaxFiles: 10, Sync: "batch", SyncInterval: 100 * time.Millisecond, Format: "flowpipe", Compression: "none"}
+	return &Config{MaxSize: 100 << 20, MaxFiles: 10, Sync: "batch", SyncInterval: 100 * time.Millisecond, Format: "flowpipe", Compression: "none", CompressionLevel: "fastest"}
 }
 
 // Validate checks the options.
@@ -101,10 +105,25 @@ func (c *Config) Validate() error {
 	default:
 		errs.Add("compression", "unknown compression %q (want none, zstd or gzip)", c.Compression)
 	}
+	if _, ok := compressionLevels[c.CompressionLevel]; !ok {
+		errs.Add("compression_level", "unknown level %q (want fastest, default, better or best)", c.CompressionLevel)
+	}
 	if _, ok := schema.Parse(c.Format); !ok {
 		errs.Add("format", "unknown format %q (want %s)", c.Format, schema.Choices)
 	}
 	return errs.Err()
+}
+
+// compressionLevels maps compression_level to zstd's encoder level and gzip's level.
+var compressionLevels = map[string]struct {
+	zstd zstd.EncoderLevel
+	gzip int
+}{
+	"":        {zstd.SpeedFastest, gzip.BestSpeed},
+	"fastest": {zstd.SpeedFastest, gzip.BestSpeed},
+	"default": {zstd.SpeedDefault, gzip.DefaultCompression},
+	"better":  {zstd.SpeedBetterCompression, 7},
+	"best":    {zstd.SpeedBestCompression, gzip.BestCompression},
 }
 
 // Factory returns the file sink's factory.
@@ -113,19 +132,25 @@ func Factory() component.Factory {
 		defaults, func(env component.Env, c *Config) (component.Sink, error) { return New(env, c), nil })
 }
 
-// Sink writes JSON lines. Several Writes may run at once (the sink's in_flight setting):
-// each encodes its batch in parallel, writes it under the file lock, and then waits for an
-// fsync that covers it; one fsync covers every batch written before it started (group
-// commit), so a second batch in flight overlaps its encoding with the first one's fsync.
+// Sink writes JSON lines. A Write cuts its batch into parts of at least minPart events, one
+// per CPU at most, and encodes (and compresses: one zstd frame or gzip member per part) the
+// parts in parallel; it then writes them in order under the file lock, so the lines of a
+// batch keep their order, and waits for an fsync that covers them. Several Writes may run at
+// once (the sink's in_flight setting): one fsync covers every batch written before it
+// started (group commit), so a second batch in flight overlaps its encoding with the first
+// one's fsync; batches in flight are written in the order they finish encoding.
 type Sink struct {
-	cfg    Config
-	format schema.Format
-	path   string
-	env    component.Env
-	bufs   sync.Pool // *[]byte encode buffers
-	zbufs  sync.Pool // *[]byte compressed buffers
-	zstd   *zstd.Encoder
-	gzips  sync.Pool // *gzip.Writer
+	cfg     Config
+	format  schema.Format
+	path    string
+	env     component.Env
+	workers int       // parts a batch is cut into at most
+	bufs    sync.Pool // *[]byte encode buffers
+	zbufs   sync.Pool // *[]byte compressed buffers
+	parts   sync.Pool // *partSet
+	zstd    *zstd.Encoder
+	gzipLvl int
+	gzips   sync.Pool // *gzip.Writer
 
 	mu      sync.Mutex // the file, its size and rotation
 	f       *os.File
@@ -154,10 +179,13 @@ func New(env component.Env, c *Config) *Sink {
 		env.Logger = slog.New(slog.DiscardHandler)
 	}
 	f, _ := schema.Parse(c.Format)
-	s := &Sink{cfg: *c, format: f, path: env.Path(c.Path), env: env}
+	s := &Sink{cfg: *c, format: f, path: env.Path(c.Path), env: env, workers: runtime.GOMAXPROCS(0)}
+	lvl := compressionLevels[c.CompressionLevel]
+	s.gzipLvl = lvl.gzip
 	if c.Compression == "zstd" {
-		// EncodeAll is safe for concurrent use: batches in flight compress in parallel.
-		s.zstd, _ = zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedDefault), zstd.WithEncoderConcurrency(1))
+		// EncodeAll runs on one of the encoder's `concurrency` states: one per CPU, so the
+		// parts of a batch, and batches in flight, compress in parallel.
+		s.zstd, _ = zstd.NewWriter(nil, zstd.WithEncoderLevel(lvl.zstd), zstd.WithEncoderConcurrency(s.workers))
 	}
 	return s
 }
@@ -174,8 +202,11 @@ func (s *Sink) Start(context.Context) error {
 		s.stopSync, s.syncDone = make(chan struct{}), make(chan struct{})
 		go s.syncEvery(s.cfg.SyncInterval)
 	}
-	if s.f == nil || !s.regular || s.size == 0 || s.compressed() {
+	if s.f == nil || !s.regular || s.size == 0 {
 		return nil
+	}
+	if s.compressed() {
+		return s.cutTornFrame()
 	}
 	if err := s.cutTorn(); err != nil {
 		return err
@@ -224,6 +255,31 @@ func (s *Sink) cutTorn() error {
 	}
 	s.env.Logger.Warn("cut a torn last line off the file (the process was stopped mid-write; that batch was not acknowledged)", "file", s.path, "bytes", s.size-cut)
 	s.size = cut
+	return nil
+}
+
+// cutTornFrame cuts a torn last zstd frame or gzip member off a compressed file (frames.go).
+func (s *Sink) cutTornFrame() error {
+	r, err := os.Open(s.path)
+	if err != nil {
+		return fmt.Errorf("read %s: %w", s.path, err)
+	}
+	defer r.Close()
+	end, err := completeEnd(r, s.size, s.cfg.Compression)
+	if errors.Is(err, errNotStream) {
+		return fmt.Errorf("%s exists and is not a %s file (compression: %s): move it away or choose another path", s.path, s.cfg.Compression, s.cfg.Compression)
+	}
+	if err != nil {
+		return fmt.Errorf("read %s: %w", s.path, err)
+	}
+	if end == s.size {
+		return nil
+	}
+	if err := s.f.Truncate(end); err != nil {
+		return fmt.Errorf("%s: cut a torn last %s frame: %w", s.path, s.cfg.Compression, err)
+	}
+	s.env.Logger.Warn("cut a torn last compressed frame off the file (the process was stopped mid-write; that batch was not acknowledged)", "file", s.path, "bytes", s.size-end)
+	s.size = end
 	return nil
 }
 
@@ -290,39 +346,31 @@ func (s *Sink) open() error {
 	return nil
 }
 
+// minPart is the fewest events a part of a batch is encoded from on its own goroutine (and,
+// compressed, is one frame or member): below it the hand-off costs more than it saves and
+// small frames compress worse.
+const minPart = 256
+
+// partSet holds the encoded parts of one batch.
+type partSet struct {
+	bufs [][]byte  // the bytes to write, part by part
+	owns []*[]byte // the pooled buffers they are in
+	errs []error
+	wg   sync.WaitGroup
+}
+
 // Write appends the batch and, with sync: batch, returns only after an fsync that covers
 // it. A failed write is cut back off the file, so that a retry does not leave a partial line.
 func (s *Sink) Write(_ context.Context, b *flow.Batch) error {
-	bp, _ := s.bufs.Get().(*[]byte)
-	if bp == nil {
-		bp = new([]byte)
-	}
-	defer s.bufs.Put(bp)
-	enc := schema.Encoder{Format: s.format}
-	buf := (*bp)[:0]
 	skip := s.alreadyWritten(b.Events)
-	for i := range b.Events {
-		if skip != nil && skip[i] {
-			continue
-		}
-		buf = enc.Append(buf, &b.Events[i])
-		buf = append(buf, '\n')
-	}
-	*bp = buf
-	if len(buf) > 0 && s.cfg.Compression != "" && s.cfg.Compression != "none" {
-		zp, _ := s.zbufs.Get().(*[]byte)
-		if zp == nil {
-			zp = new([]byte)
-		}
-		defer s.zbufs.Put(zp)
-		var err error
-		if *zp, err = s.compress(buf, (*zp)[:0]); err != nil {
+	ps := s.encode(b.Events, skip)
+	defer s.release(ps)
+	for _, err := range ps.errs {
+		if err != nil {
 			return fmt.Errorf("compress a batch for %s: %w", s.path, err)
 		}
-		buf = *zp
 	}
-
-	end, err := s.append(buf)
+	end, err := s.append(ps.bufs)
 	if err != nil {
 		return err
 	}
@@ -332,25 +380,112 @@ func (s *Sink) Write(_ context.Context, b *flow.Batch) error {
 	return nil
 }
 
-// compress appends src to dst as one zstd frame or gzip member.
+// encode cuts events into parts and encodes them in parallel, the first on the calling
+// goroutine.
+func (s *Sink) encode(events []flow.Event, skip []bool) *partSet {
+	n := min(s.workers, max(1, len(events)/minPart))
+	ps, _ := s.parts.Get().(*partSet)
+	if ps == nil {
+		ps = &partSet{}
+	}
+	ps.bufs, ps.owns, ps.errs = ps.bufs[:0], ps.owns[:0], ps.errs[:0]
+	for range n {
+		ps.bufs, ps.owns, ps.errs = append(ps.bufs, nil), append(ps.owns, nil), append(ps.errs, nil)
+	}
+	per := (len(events) + n - 1) / max(n, 1)
+	part := func(i int) {
+		lo, hi := min(i*per, len(events)), min((i+1)*per, len(events))
+		var sk []bool
+		if skip != nil {
+			sk = skip[lo:hi]
+		}
+		ps.owns[i], ps.errs[i] = s.encodePart(events[lo:hi], sk)
+		ps.bufs[i] = *ps.owns[i]
+	}
+	ps.wg.Add(n - 1)
+	for i := 1; i < n; i++ {
+		go func() {
+			defer ps.wg.Done()
+			part(i)
+		}()
+	}
+	part(0)
+	ps.wg.Wait()
+	return ps
+}
+
+// encodePart encodes events (but the skipped) as lines, compressed if configured, into a
+// buffer of s.bufs (uncompressed) or s.zbufs (compressed), which release returns.
+func (s *Sink) encodePart(events []flow.Event, skip []bool) (*[]byte, error) {
+	bp, _ := s.bufs.Get().(*[]byte)
+	if bp == nil {
+		bp = new([]byte)
+	}
+	enc := schema.Encoder{Format: s.format}
+	buf := (*bp)[:0]
+	for i := range events {
+		if skip != nil && skip[i] {
+			continue
+		}
+		buf = enc.Append(buf, &events[i])
+		buf = append(buf, '\n')
+	}
+	*bp = buf
+	if !s.compressed() {
+		return bp, nil
+	}
+	defer s.bufs.Put(bp)
+	zp, _ := s.zbufs.Get().(*[]byte)
+	if zp == nil {
+		zp = new([]byte)
+	}
+	*zp = (*zp)[:0]
+	if len(buf) == 0 {
+		return zp, nil
+	}
+	var err error
+	*zp, err = s.compress(buf, *zp)
+	return zp, err
+}
+
+// release returns a batch's buffers to their pools.
+func (s *Sink) release(ps *partSet) {
+	pool := &s.bufs
+	if s.compressed() {
+		pool = &s.zbufs
+	}
+	for i, p := range ps.owns {
+		if p != nil {
+			pool.Put(p)
+		}
+		ps.bufs[i], ps.owns[i] = nil, nil
+	}
+	s.parts.Put(ps)
+}
+
+// compress appends src to dst as one zstd frame or gzip member (whose header records its
+// length, frames.go).
 func (s *Sink) compress(src, dst []byte) ([]byte, error) {
 	if s.zstd != nil {
 		return s.zstd.EncodeAll(src, dst), nil
 	}
+	start := len(dst)
 	w := bytesWriter{b: dst}
 	gz, _ := s.gzips.Get().(*gzip.Writer)
 	if gz == nil {
-		gz, _ = gzip.NewWriterLevel(&w, gzip.DefaultCompression)
+		gz, _ = gzip.NewWriterLevel(&w, s.gzipLvl)
 	} else {
 		gz.Reset(&w)
 	}
 	defer s.gzips.Put(gz)
+	gz.Header.Extra = gzipExtraField
 	if _, err := gz.Write(src); err != nil {
 		return dst, err
 	}
 	if err := gz.Close(); err != nil {
 		return dst, err
 	}
+	setGzipLength(w.b[start:])
 	return w.b, nil
 }
 
@@ -391,9 +526,9 @@ func (s *Sink) alreadyWritten(events []flow.Event) []bool {
 	return skip
 }
 
-// append writes buf under the file lock, rotating first if needed, and returns the logical
-// offset where it ends.
-func (s *Sink) append(buf []byte) (int64, error) {
+// append writes the parts of a batch under the file lock, rotating first if needed, and
+// returns the logical offset where they end.
+func (s *Sink) append(parts [][]byte) (int64, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.w == nil {
@@ -401,25 +536,36 @@ func (s *Sink) append(buf []byte) (int64, error) {
 			return 0, err
 		}
 	}
-	if s.f != nil && s.regular && s.needRotate(int64(len(buf))) {
+	total := 0
+	for _, p := range parts {
+		total += len(p)
+	}
+	if s.f != nil && s.regular && s.needRotate(int64(total)) {
 		if err := s.rotate(); err != nil {
 			return 0, err
 		}
 	}
-	n, err := s.w.Write(buf)
-	if err != nil {
-		if s.f != nil && s.regular && n > 0 {
-			_ = s.f.Truncate(s.size)
+	written := 0
+	for _, p := range parts {
+		if len(p) == 0 {
+			continue
 		}
-		if s.path == "-" && errors.Is(err, syscall.EPIPE) {
-			// The reader of standard output went away (`flowpipe run | head -1`): no retry
-			// will bring it back, so stop, as a Unix tool stops on a closed pipe.
-			return 0, flow.Fatal(errors.New("standard output was closed by its reader (broken pipe)"))
+		n, err := s.w.Write(p)
+		written += n
+		if err != nil {
+			if s.f != nil && s.regular && written > 0 {
+				_ = s.f.Truncate(s.size)
+			}
+			if s.path == "-" && errors.Is(err, syscall.EPIPE) {
+				// The reader of standard output went away (`flowpipe run | head -1`): no retry
+				// will bring it back, so stop, as a Unix tool stops on a closed pipe.
+				return 0, flow.Fatal(errors.New("standard output was closed by its reader (broken pipe)"))
+			}
+			return 0, fmt.Errorf("write %s: %w", s.path, err)
 		}
-		return 0, fmt.Errorf("write %s: %w", s.path, err)
 	}
-	s.size += int64(n)
-	return s.written.Add(int64(n)), nil
+	s.size += int64(written)
+	return s.written.Add(int64(written)), nil
 }
 
 // syncTo returns once every byte up to end is on disk, running an fsync unless one that

@@ -1,6 +1,7 @@
 package file
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"log/slog"
@@ -12,6 +13,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	stdgzip "compress/gzip"
 
 	"github.com/google/uuid"
 
@@ -427,5 +430,244 @@ func TestSyncInterval(t *testing.T) {
 	bad.Path, bad.Sync, bad.SyncInterval = "x", "interval", 0
 	if err := bad.Validate(); err == nil || !strings.Contains(err.Error(), "sync_interval") {
 		t.Fatalf("error %v, want one naming sync_interval", err)
+	}
+}
+
+// decompressLines reads a compressed file with the system's tool (zstdcat or zcat) and parses
+// every line.
+func decompressLines(t *testing.T, compression, path string) []flow.Event {
+	t.Helper()
+	tool := map[string]string{"zstd": "zstdcat", "gzip": "zcat"}[compression]
+	bin, err := exec.LookPath(tool)
+	testenv.Require(t, err == nil, tool)
+	out, err := exec.Command(bin, path).Output()
+	if err != nil {
+		t.Fatalf("%s %s: %v", tool, path, err)
+	}
+	var evs []flow.Event
+	for _, line := range strings.Split(strings.TrimSuffix(string(out), "\n"), "\n") {
+		if line == "" {
+			continue
+		}
+		var e flow.Event
+		if err := flow.ParseJSON([]byte(line), &e); err != nil {
+			t.Fatalf("%s: line %q: %v", path, line, err)
+		}
+		evs = append(evs, e)
+	}
+	return evs
+}
+
+// A batch is cut into parts encoded (and compressed) in parallel; its lines still come out in
+// order, one batch after the other.
+func TestPartsKeepOrder(t *testing.T) {
+	for _, compression := range []string{"none", "zstd", "gzip"} {
+		t.Run(compression, func(t *testing.T) {
+			dir := t.TempDir()
+			cfg := defaults()
+			cfg.Path, cfg.Compression, cfg.MaxSize = "flows.jsonl", compression, 0
+			s := New(env(dir), cfg)
+			s.workers = 4 // four parts per batch, whatever this machine's CPUs
+			if err := s.Start(context.Background()); err != nil {
+				t.Fatal(err)
+			}
+			ids, seq := flow.NewIDGen(), uint64(0)
+			for _, n := range []int{4 * minPart, 3*minPart + 7, 1, 0, 5 * minPart} {
+				if err := s.Write(context.Background(), batch(ids, n, &seq)); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if err := s.Close(context.Background()); err != nil {
+				t.Fatal(err)
+			}
+			path := filepath.Join(dir, "flows.jsonl")
+			var got []flow.Event
+			if compression == "none" {
+				got = componenttest.ReadJSONLines(t, path)
+			} else {
+				got = decompressLines(t, compression, path)
+				// A frame per part: 4, 3 (775/minPart), 1, none for the empty batch, 4.
+				if frames := countFrames(t, compression, path); frames != 4+3+1+4 {
+					t.Errorf("%d frames in the file, want 12: batches cut into parts", frames)
+				}
+			}
+			if uint64(len(got)) != seq {
+				t.Fatalf("%d events, want %d", len(got), seq)
+			}
+			for i, e := range got {
+				if e.TxPackets != uint64(i+1) {
+					t.Fatalf("line %d holds event %d: out of order", i, e.TxPackets)
+				}
+			}
+		})
+	}
+}
+
+// countFrames counts the zstd frames or gzip members of a file by walking them.
+func countFrames(t *testing.T, compression, path string) int {
+	t.Helper()
+	data, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for off := int64(0); off < int64(len(data)); n++ {
+		next, err := nextFrame(bytes.NewReader(data), off, int64(len(data)), compression)
+		if err != nil || next == 0 {
+			t.Fatalf("no complete frame at %d of %d: %v", off, len(data), err)
+		}
+		off = next
+	}
+	return n
+}
+
+// A process killed in the middle of writing a compressed batch leaves a torn frame (or gzip
+// member) at the end of the file; the next start cuts it off, so the frames written after it
+// are readable, and every acknowledged batch is still there.
+func TestCompressionTornFrameIsCutAtStart(t *testing.T) {
+	for _, compression := range []string{"zstd", "gzip"} {
+		t.Run(compression, func(t *testing.T) {
+			for _, tear := range []string{"header", "middle", "trailer", "only-frame"} {
+				dir := t.TempDir()
+				path := filepath.Join(dir, "flows.jsonl")
+				cfg := defaults()
+				cfg.Path, cfg.Compression = "flows.jsonl", compression
+				ids, seq := flow.NewIDGen(), uint64(0)
+				acked := 0
+				if tear != "only-frame" {
+					s := New(env(dir), cfg)
+					if err := s.Start(context.Background()); err != nil {
+						t.Fatal(err)
+					}
+					for range 3 {
+						if err := s.Write(context.Background(), batch(ids, 100, &seq)); err != nil {
+							t.Fatal(err)
+						}
+					}
+					s.Close(context.Background())
+					acked = 300
+				}
+				// The torn batch: a frame of its own, cut short.
+				other := New(env(dir), cfg)
+				lost := batch(ids, 100, &seq)
+				frame, err := other.compress(linesOf(lost), nil)
+				if err != nil {
+					t.Fatal(err)
+				}
+				cut := map[string]int{"header": 3, "middle": len(frame) / 2, "trailer": len(frame) - 2, "only-frame": len(frame) / 2}[tear]
+				f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o640)
+				if err != nil {
+					t.Fatal(err)
+				}
+				f.Write(frame[:cut])
+				f.Close()
+
+				var logs testenv.SyncBuffer
+				e := env(dir)
+				e.Logger = slog.New(slog.NewTextHandler(&logs, nil))
+				s := New(e, cfg)
+				if err := s.Start(context.Background()); err != nil {
+					t.Fatalf("%s: %v", tear, err)
+				}
+				if !strings.Contains(logs.String(), "cut a torn last compressed frame") {
+					t.Errorf("%s: the cut was not logged:\n%s", tear, logs.String())
+				}
+				seq = 1000 // the redelivered batch and the next ones, told apart from the lost copy
+				for range 2 {
+					if err := s.Write(context.Background(), batch(ids, 100, &seq)); err != nil {
+						t.Fatal(err)
+					}
+				}
+				s.Close(context.Background())
+				got := decompressLines(t, compression, path)
+				if len(got) != acked+200 {
+					t.Fatalf("%s: %d events readable, want the %d acknowledged before and 200 after", tear, len(got), acked)
+				}
+				for i, ev := range got {
+					want := uint64(i + 1)
+					if i >= acked {
+						want = uint64(1000 + i - acked + 1)
+					}
+					if ev.TxPackets != want {
+						t.Fatalf("%s: line %d holds event %d, want %d", tear, i, ev.TxPackets, want)
+					}
+				}
+			}
+		})
+	}
+}
+
+// linesOf is what the sink writes for b, uncompressed.
+func linesOf(b *flow.Batch) []byte {
+	var out []byte
+	for i := range b.Events {
+		out = flow.AppendJSON(out, &b.Events[i])
+		out = append(out, '\n')
+	}
+	return out
+}
+
+// A file that is not a stream of the configured compression is refused, not cut.
+func TestCompressionRefusesAnotherFile(t *testing.T) {
+	for _, compression := range []string{"zstd", "gzip"} {
+		dir := t.TempDir()
+		path := filepath.Join(dir, "flows.jsonl")
+		plain := `{"event_id":"00000000-0000-0000-0000-000000000001"}` + "\n"
+		if err := os.WriteFile(path, []byte(plain), 0o640); err != nil {
+			t.Fatal(err)
+		}
+		cfg := defaults()
+		cfg.Path, cfg.Compression = "flows.jsonl", compression
+		err := New(env(dir), cfg).Start(context.Background())
+		if err == nil || !strings.Contains(err.Error(), path) || !strings.Contains(err.Error(), "is not a "+compression+" file") {
+			t.Fatalf("%s: Start = %v, want a refusal naming the file", compression, err)
+		}
+		if data, _ := os.ReadFile(path); string(data) != plain {
+			t.Fatalf("%s: the file was changed: %q", compression, data)
+		}
+	}
+}
+
+// gzip members written without the sink's length subfield (by gzip(1), or before it existed)
+// are walked by decompressing them; a torn one is still cut.
+func TestCompressionGzipWithoutLengthField(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "flows.jsonl")
+	ids, seq := flow.NewIDGen(), uint64(0)
+	var data []byte
+	for range 3 {
+		var buf bytes.Buffer
+		w := stdgzip.NewWriter(&buf) // the standard library's: no extra field
+		w.Write(linesOf(batch(ids, 50, &seq)))
+		w.Close()
+		data = append(data, buf.Bytes()...)
+	}
+	var torn bytes.Buffer
+	w := stdgzip.NewWriter(&torn)
+	w.Write(linesOf(batch(ids, 50, &seq)))
+	w.Close()
+	data = append(data, torn.Bytes()[:torn.Len()/2]...)
+	if err := os.WriteFile(path, data, 0o640); err != nil {
+		t.Fatal(err)
+	}
+	cfg := defaults()
+	cfg.Path, cfg.Compression = "flows.jsonl", "gzip"
+	s := New(env(dir), cfg)
+	if err := s.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	seq = 150
+	if err := s.Write(context.Background(), batch(ids, 50, &seq)); err != nil {
+		t.Fatal(err)
+	}
+	s.Close(context.Background())
+	got := decompressLines(t, "gzip", path)
+	if len(got) != 200 {
+		t.Fatalf("%d events, want 200 (150 before the torn member, 50 after)", len(got))
+	}
+	for i, e := range got {
+		if e.TxPackets != uint64(i+1) {
+			t.Fatalf("line %d holds event %d", i, e.TxPackets)
+		}
 	}
 }

@@ -23,6 +23,15 @@ type Config struct {
 	KeyFile    string   `yaml:"key_file"`    // its key
 	ServerName string   `yaml:"server_name"` // TLS name to verify, when not the URL's host
 
+	// Protocol is the stream's protocol: "flowpipe" (a batch per message in the packed codec,
+	// an ACK per batch: flowpipe.stream.v1.Collector/Stream), "netbird" (NetBird's
+	// flow.FlowService/Events, an event per message and an ACK per event), or "auto" (the
+	// default): flowpipe's, and NetBird's on a collector that answers UNIMPLEMENTED.
+	Protocol string `yaml:"protocol"`
+	// MaxBatchMessageSize bounds one message of flowpipe's stream: larger runs of events are
+	// split. Keep it at most the collector's max_batch_message_size.
+	MaxBatchMessageSize config.ByteSize `yaml:"max_batch_message_size"`
+
 	// Token is a credential given by a management server, sent as is.
 	Token *TokenConfig `yaml:"token"`
 	// HMACSecret makes the sink mint its own tokens, valid for TokenTTL and renewed before
@@ -50,14 +59,16 @@ type TokenConfig struct {
 
 func defaultConfig() *Config {
 	return &Config{
-		TokenTTL:         time.Hour,
-		MaxInFlight:      20000,
-		AckTimeout:       30 * time.Second,
-		KeepaliveTime:    30 * time.Second,
-		KeepaliveTimeout: 10 * time.Second,
-		ReconnectMin:     200 * time.Millisecond,
-		ReconnectMax:     30 * time.Second,
-		MaxMessageSize:   1 << 20,
+		Protocol:            "auto",
+		MaxBatchMessageSize: 1 << 20,
+		TokenTTL:            time.Hour,
+		MaxInFlight:         20000,
+		AckTimeout:          30 * time.Second,
+		KeepaliveTime:       30 * time.Second,
+		KeepaliveTimeout:    10 * time.Second,
+		ReconnectMin:        200 * time.Millisecond,
+		ReconnectMax:        30 * time.Second,
+		MaxMessageSize:      1 << 20,
 	}
 }
 
@@ -101,6 +112,14 @@ func (c *Config) Validate() error {
 	}
 	if c.HMACSecret != "" && c.TokenTTL < 10*time.Second {
 		errs.Add("token_ttl", "%s is too short to renew in time (at least 10s)", c.TokenTTL)
+	}
+	switch c.Protocol {
+	case "auto", "flowpipe", "netbird":
+	default:
+		errs.Add("protocol", "%q: want auto (flowpipe's batch stream, NetBird's where the collector has no other), flowpipe or netbird", c.Protocol)
+	}
+	if c.MaxBatchMessageSize < 1024 {
+		errs.Add("max_batch_message_size", "must be at least 1KiB")
 	}
 	if c.MaxInFlight < 1 {
 		errs.Add("max_in_flight", "must be at least 1")

@@ -16,9 +16,16 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/uuid"
 	"github.com/prometheus/client_golang/prometheus"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/metadata"
 
 	"github.com/flowpipe/flowpipe/core/component"
+	"github.com/flowpipe/flowpipe/core/flow"
+	"github.com/flowpipe/flowpipe/internal/flowwire"
+	pb "github.com/flowpipe/flowpipe/proto/flow"
 	grpcsink "github.com/flowpipe/flowpipe/sinks/grpc"
 )
 
@@ -181,7 +188,9 @@ func lineCount(path string) int {
 // TestAgentToCollectorBinaries runs both ends as flowpipe processes: an agent (generate →
 // grpc sink, plus a local file of what it generated) and a collector (grpc source → file).
 // Every generated event arrives exactly once.
-func TestAgentToCollectorBinaries(t *testing.T) {
+func TestAgentToCollectorBinaries(t *testing.T) { eachProtocol(t, testAgentToCollectorBinaries) }
+
+func testAgentToCollectorBinaries(t *testing.T, protocol string) {
 	dir := t.TempDir()
 	addr := freePort(t)
 	c := newCollector(t, dir, addr)
@@ -196,13 +205,14 @@ sources:
 sinks:
   collector:
     type: grpc
+    protocol: %s
     url: http://%s
     hmac_secret: %q
   local:
     type: file
     path: sent.jsonl
     max_size: 0
-`, addr, e2eSecret)
+`, protocol, addr, e2eSecret)
 	if err := os.WriteFile(filepath.Join(dir, "agent.yaml"), []byte(agent), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -245,10 +255,10 @@ func checkExactlyOnce(t *testing.T, sent, got map[string]int) {
 }
 
 // sinkWithMetrics is an in-process agent sink whose counters the test reads.
-func sinkWithMetrics(t *testing.T, url string, window int) (*grpcsink.Sink, *prometheus.Registry) {
+func sinkWithMetrics(t *testing.T, protocol, url string, window int) (*grpcsink.Sink, *prometheus.Registry) {
 	t.Helper()
 	cfg := grpcsink.Factory().NewConfig().(*grpcsink.Config)
-	cfg.URL, cfg.HMACSecret, cfg.MaxInFlight = url, e2eSecret, window
+	cfg.URL, cfg.HMACSecret, cfg.MaxInFlight, cfg.Protocol = url, e2eSecret, window, protocol
 	cfg.ReconnectMin, cfg.ReconnectMax = 20*time.Millisecond, 300*time.Millisecond
 	cfg.AckTimeout = 10 * time.Minute // resends here come from reconnects only
 	if err := cfg.Validate(); err != nil {
@@ -305,13 +315,17 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 // recognises every resent event from its state file, and the output has every event exactly
 // once.
 func TestCollectorKilledWithEventsUnacked(t *testing.T) {
+	eachProtocol(t, testCollectorKilledWithEventsUnacked)
+}
+
+func testCollectorKilledWithEventsUnacked(t *testing.T, protocol string) {
 	dir := t.TempDir()
 	addr := freePort(t)
 	c := newCollector(t, dir, addr)
 	c.start()
 	px := newProxy(t, addr)
 	const window = 1000 // below the 4×500 events the writers have in flight, so it fills
-	s, reg := sinkWithMetrics(t, "http://"+px.Addr(), window)
+	s, reg := sinkWithMetrics(t, protocol, "http://"+px.Addr(), window)
 
 	events := makeEvents(100_000)
 	sent := map[string]int{}
@@ -362,12 +376,14 @@ func TestCollectorKilledWithEventsUnacked(t *testing.T) {
 // as delivered when it died (the instant between its sink's write and its state file's) may
 // arrive twice; the test reports how many, and the exactly-once guarantee for everything
 // recorded is TestCollectorKilledWithEventsUnacked's.
-func TestCollectorKilledMidStream(t *testing.T) {
+func TestCollectorKilledMidStream(t *testing.T) { eachProtocol(t, testCollectorKilledMidStream) }
+
+func testCollectorKilledMidStream(t *testing.T, protocol string) {
 	dir := t.TempDir()
 	addr := freePort(t)
 	c := newCollector(t, dir, addr)
 	c.start()
-	s, _ := sinkWithMetrics(t, "http://"+addr, 5000)
+	s, _ := sinkWithMetrics(t, protocol, "http://"+addr, 5000)
 	events := makeEvents(100_000)
 	sent := map[string]int{}
 	for _, e := range events {
@@ -403,4 +419,121 @@ func TestCollectorKilledMidStream(t *testing.T) {
 	if strings.Contains(c.log.String(), "panic") {
 		t.Fatalf("collector log:\n%s", c.log)
 	}
+}
+
+// TestNetBirdClientAndAgentIntoOneCollector: a NetBird client (generated code, NetBird's
+// protocol) and a flowpipe agent (the binary, default protocol: flowpipe's batch stream)
+// stream into one collector binary at the same time, on its one listener; every event of
+// both arrives exactly once.
+func TestNetBirdClientAndAgentIntoOneCollector(t *testing.T) {
+	dir := t.TempDir()
+	addr := freePort(t)
+	c := newCollector(t, dir, addr)
+	c.start()
+	agent := fmt.Sprintf(`admin:
+  listen: ""
+sources:
+  gen:
+    type: generate
+    count: 50000
+    batch_size: 500
+    rate: 25000
+sinks:
+  collector:
+    type: grpc
+    url: http://%s
+    hmac_secret: %q
+  local:
+    type: file
+    path: sent.jsonl
+    max_size: 0
+`, addr, e2eSecret)
+	if err := os.WriteFile(filepath.Join(dir, "agent.yaml"), []byte(agent), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(flowpipeBinary(t), "run", "-c", "agent.yaml")
+	cmd.Dir = dir
+	agentOut := &bytes.Buffer{}
+	cmd.Stdout, cmd.Stderr = agentOut, agentOut
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	agentDone := make(chan error, 1)
+	go func() { agentDone <- cmd.Wait() }()
+
+	// The NetBird client streams while the agent does.
+	nb := makeEvents(20_000)
+	sent := map[string]int{}
+	for _, e := range nb {
+		sent[e.EventID.String()] = 1
+	}
+	waitFor(t, "the agent's first events at the collector", func() bool { return lineCount(filepath.Join(dir, "out.jsonl")) > 0 })
+	if err := streamNetBird(addr, e2eSecret, nb); err != nil {
+		t.Fatalf("NetBird client: %v", err)
+	}
+	select {
+	case err := <-agentDone:
+		if err != nil {
+			t.Fatalf("agent: %v\n%s", err, agentOut)
+		}
+	case <-time.After(2 * time.Minute):
+		t.Fatal("agent did not finish")
+	}
+	if !strings.Contains(agentOut.String(), "protocol=flowpipe") {
+		t.Errorf("the agent did not use flowpipe's protocol:\n%s", agentOut)
+	}
+	c.stop()
+	fromAgent := outputIDs(t, filepath.Join(dir, "sent.jsonl"))
+	if len(fromAgent) < 50000 {
+		t.Fatalf("agent generated %d events, want 50000", len(fromAgent))
+	}
+	for id := range fromAgent {
+		sent[id]++
+	}
+	checkExactlyOnce(t, sent, outputIDs(t, filepath.Join(dir, "out.jsonl")))
+}
+
+// streamNetBird sends events as NetBird's client does (generated code, the standard codec,
+// one event per message) and returns once every one is ACKed.
+func streamNetBird(addr, secret string, events []flow.Event) error {
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	tok := flowwire.MintToken([]byte(secret), time.Now().Add(time.Hour))
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	ctx = metadata.AppendToOutgoingContext(ctx, "authorization", tok.Authorization())
+	stream, err := pb.NewFlowServiceClient(conn).Events(ctx)
+	if err != nil {
+		return err
+	}
+	if err := stream.Send(&pb.FlowEvent{IsInitiator: true}); err != nil {
+		return err
+	}
+	if md, err := stream.Header(); err != nil || len(md) == 0 {
+		return fmt.Errorf("no headers: %v", err)
+	}
+	acked := make(chan error, 1)
+	go func() {
+		seen := map[uuid.UUID]bool{}
+		for len(seen) < len(events) {
+			ack, err := stream.Recv()
+			if err != nil {
+				acked <- fmt.Errorf("after %d ACKs: %w", len(seen), err)
+				return
+			}
+			if !ack.IsInitiator {
+				seen[uuid.UUID(ack.EventId)] = true
+			}
+		}
+		acked <- nil
+	}()
+	for i := range events {
+		if err := stream.Send(netbirdEvent(&events[i])); err != nil {
+			return err
+		}
+	}
+	return <-acked
 }

@@ -15,10 +15,15 @@ import (
 // With urls, the sink keeps its stream on one collector and moves to another when that one
 // stops; every event is ACKed, by one collector or the other.
 func TestURLsFailOverToALiveCollector(t *testing.T) {
+	eachProtocol(t, testURLsFailOverToALiveCollector)
+}
+
+func testURLsFailOverToALiveCollector(t *testing.T, protocol string) {
 	m1, m2 := newMemEmitter(), newMemEmitter()
 	r1 := startReceiver(t, &grpcsrc.Config{Auth: "none"}, m1)
 	r2 := startReceiver(t, &grpcsrc.Config{Auth: "none"}, m2)
 	def := grpcsink.Factory().NewConfig().(*grpcsink.Config)
+	def.Protocol = protocol
 	def.URLs = []string{"http://" + r1.Addr().String(), "http://" + r2.Addr().String()}
 	def.ReconnectMin, def.ReconnectMax = 20*time.Millisecond, 200*time.Millisecond
 	if err := def.Validate(); err != nil {

@@ -93,6 +93,9 @@ func fillSourceDefaults(t testing.TB, cfg *grpcsrc.Config) {
 	if cfg.MaxMessageSize == 0 {
 		cfg.MaxMessageSize = def.MaxMessageSize
 	}
+	if cfg.MaxBatchMessageSize == 0 {
+		cfg.MaxBatchMessageSize = def.MaxBatchMessageSize
+	}
 	if cfg.MaxUnackedPerStrm == 0 {
 		cfg.MaxUnackedPerStrm = def.MaxUnackedPerStrm
 	}
@@ -119,9 +122,12 @@ func fillSourceDefaults(t testing.TB, cfg *grpcsrc.Config) {
 func newSink(t testing.TB, cfg *grpcsink.Config) *grpcsink.Sink {
 	t.Helper()
 	def := grpcsink.Factory().NewConfig().(*grpcsink.Config)
-	url, tok, secret, ca, cert, key, sn, inflight, ackTO := cfg.URL, cfg.Token, cfg.HMACSecret, cfg.CAFile, cfg.CertFile, cfg.KeyFile, cfg.ServerName, cfg.MaxInFlight, cfg.AckTimeout
+	url, tok, secret, ca, cert, key, sn, inflight, ackTO, proto := cfg.URL, cfg.Token, cfg.HMACSecret, cfg.CAFile, cfg.CertFile, cfg.KeyFile, cfg.ServerName, cfg.MaxInFlight, cfg.AckTimeout, cfg.Protocol
 	*cfg = *def
 	cfg.URL, cfg.Token, cfg.HMACSecret, cfg.CAFile, cfg.CertFile, cfg.KeyFile, cfg.ServerName = url, tok, secret, ca, cert, key, sn
+	if proto != "" {
+		cfg.Protocol = proto
+	}
 	if inflight > 0 {
 		cfg.MaxInFlight = inflight
 	}
@@ -142,6 +148,16 @@ func newSink(t testing.TB, cfg *grpcsink.Config) *grpcsink.Sink {
 		s.Close(c)
 	})
 	return s
+}
+
+// protocols are the sink's two protocols; the tests that exercise delivery run over each.
+var protocols = []string{"flowpipe", "netbird"}
+
+// eachProtocol runs f as a subtest per protocol.
+func eachProtocol(t *testing.T, f func(t *testing.T, protocol string)) {
+	for _, p := range protocols {
+		t.Run(p, func(t *testing.T) { f(t, p) })
+	}
 }
 
 // makeEvents returns n distinct events.

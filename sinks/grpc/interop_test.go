@@ -2,7 +2,9 @@ package grpcsink_test
 
 import (
 	"context"
+	"log/slog"
 	"net"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -13,8 +15,10 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
+	"github.com/flowpipe/flowpipe/core/component"
 	"github.com/flowpipe/flowpipe/core/flow"
 	"github.com/flowpipe/flowpipe/internal/flowwire"
+	"github.com/flowpipe/flowpipe/internal/testenv"
 	pb "github.com/flowpipe/flowpipe/proto/flow"
 	grpcsink "github.com/flowpipe/flowpipe/sinks/grpc"
 )
@@ -29,6 +33,7 @@ type minimalReceiver struct {
 	mu     sync.Mutex
 	events map[uuid.UUID]*pb.FlowEvent
 	auth   []string
+	cut    bool // end the current streams at their next message
 }
 
 func (m *minimalReceiver) Events(stream pb.FlowService_EventsServer) error {
@@ -62,6 +67,13 @@ func (m *minimalReceiver) Events(stream pb.FlowService_EventsServer) error {
 			}
 			continue
 		}
+		m.mu.Lock()
+		cut := m.cut
+		m.cut = false
+		m.mu.Unlock()
+		if cut {
+			return status.Error(codes.Unavailable, "cut by the test")
+		}
 		id, err := uuid.FromBytes(ev.EventId)
 		if err != nil {
 			return status.Error(codes.InvalidArgument, "bad event_id")
@@ -75,9 +87,8 @@ func (m *minimalReceiver) Events(stream pb.FlowService_EventsServer) error {
 	}
 }
 
-// TestSinkToMinimalReceiver: the sink's events arrive at a receiver built only from the
-// protocol description, field by field, and its writes complete on that receiver's ACKs.
-func TestSinkToMinimalReceiver(t *testing.T) {
+// startMinimalReceiver serves a minimalReceiver (NetBird's service only) on loopback.
+func startMinimalReceiver(t *testing.T) (*minimalReceiver, string) {
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -87,15 +98,55 @@ func TestSinkToMinimalReceiver(t *testing.T) {
 	pb.RegisterFlowServiceServer(srv, recv)
 	go srv.Serve(lis)
 	t.Cleanup(srv.Stop)
+	return recv, lis.Addr().String()
+}
 
+// TestSinkToMinimalReceiver: the sink's events arrive at a receiver built only from the
+// protocol description, field by field, and its writes complete on that receiver's ACKs.
+// The sink has the default protocol (auto): the receiver does not serve flowpipe's batch
+// stream (it answers UNIMPLEMENTED, as NetBird's does), so the sink falls back to NetBird's
+// protocol, and says so once in its log.
+func TestSinkToMinimalReceiver(t *testing.T) {
+	recv, addr := startMinimalReceiver(t)
 	tok := flowwire.MintToken(recv.secret, time.Now().Add(time.Hour))
-	s := newSink(t, &grpcsink.Config{URL: "http://" + lis.Addr().String(),
-		Token: &grpcsink.TokenConfig{Payload: tok.Payload, Signature: tok.Signature}})
+	cfg := grpcsink.Factory().NewConfig().(*grpcsink.Config)
+	cfg.URL, cfg.Token = "http://"+addr, &grpcsink.TokenConfig{Payload: tok.Payload, Signature: tok.Signature}
+	cfg.ReconnectMin, cfg.ReconnectMax = 20*time.Millisecond, 200*time.Millisecond
+	if err := cfg.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	if cfg.Protocol != "auto" {
+		t.Fatalf("default protocol %q, want auto", cfg.Protocol)
+	}
+	log := &testenv.SyncBuffer{}
+	s, err := grpcsink.New(component.Env{Name: "agent", Logger: slog.New(slog.NewTextHandler(log, nil))}, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close(context.Background())
 	events := makeEvents(5000)
 	events[0].Protocol, events[0].ICMPType, events[0].ICMPCode = flow.ProtoICMP, 8, 0
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	writeAll(ctx, t, s, events, 1000, 2)
+	writeAll(ctx, t, s, events[:2500], 1000, 2)
+	// A reconnect tries flowpipe's protocol again and falls back again, without a second
+	// Info line: the receiver ends the stream at the next event.
+	recv.mu.Lock()
+	recv.cut = true
+	recv.mu.Unlock()
+	writeAll(ctx, t, s, events[2500:], 1000, 2)
+	recv.mu.Lock()
+	streams := len(recv.auth)
+	recv.mu.Unlock()
+	if streams < 2 {
+		t.Fatalf("%d streams, want a second one after the cut", streams)
+	}
+	if n := strings.Count(log.String(), "does not serve flowpipe's batch stream"); n != 1 {
+		t.Errorf("fallback logged %d times, want once:\n%s", n, log)
+	}
+	if !strings.Contains(log.String(), "level=INFO msg=\"collector does not serve") {
+		t.Errorf("fallback not logged at Info:\n%s", log)
+	}
 
 	recv.mu.Lock()
 	defer recv.mu.Unlock()
@@ -122,5 +173,25 @@ func TestSinkToMinimalReceiver(t *testing.T) {
 		} else if ff.GetPortInfo().GetSourcePort() != uint32(e.SrcPort) || ff.GetPortInfo().GetDestPort() != uint32(e.DstPort) {
 			t.Fatalf("event %s ports arrived as %v", e.EventID, ff.GetPortInfo())
 		}
+	}
+}
+
+// With protocol: flowpipe the sink does not fall back: the receiver's UNIMPLEMENTED shows in
+// the sink's health, and nothing is delivered.
+func TestExplicitFlowpipeProtocolDoesNotFallBack(t *testing.T) {
+	recv, addr := startMinimalReceiver(t)
+	tok := flowwire.MintToken(recv.secret, time.Now().Add(time.Hour))
+	s := newSink(t, &grpcsink.Config{Protocol: "flowpipe", URL: "http://" + addr,
+		Token: &grpcsink.TokenConfig{Payload: tok.Payload, Signature: tok.Signature}})
+	if err := delivers(t, s, 10, 2*time.Second); err == nil {
+		t.Fatal("protocol: flowpipe delivered to a NetBird-only receiver")
+	}
+	if err := s.Health(); err == nil || !strings.Contains(err.Error(), "Unimplemented") {
+		t.Errorf("Health() = %v, want the receiver's Unimplemented", err)
+	}
+	recv.mu.Lock()
+	defer recv.mu.Unlock()
+	if len(recv.events) != 0 {
+		t.Errorf("receiver got %d events", len(recv.events))
 	}
 }

@@ -9,10 +9,12 @@ import (
 	grpcsrc "github.com/flowpipe/flowpipe/sources/grpc"
 )
 
-func TestLoopbackExactlyOnce(t *testing.T) {
+func TestLoopbackExactlyOnce(t *testing.T) { eachProtocol(t, testLoopbackExactlyOnce) }
+
+func testLoopbackExactlyOnce(t *testing.T, protocol string) {
 	em := newMemEmitter()
 	r := startReceiver(t, &grpcsrc.Config{Auth: "none"}, em)
-	s := newSink(t, &grpcsink.Config{URL: "http://" + r.Addr().String()})
+	s := newSink(t, &grpcsink.Config{Protocol: protocol, URL: "http://" + r.Addr().String()})
 	events := makeEvents(100_000)
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()

@@ -12,11 +12,13 @@ import (
 // TestNetworkDropsExactlyOnce cuts every connection between agent and collector several
 // times while 100,000 events stream: the sink reconnects and resends what was not ACKed, the
 // receiver drops what it already has, and every event reaches the collector exactly once.
-func TestNetworkDropsExactlyOnce(t *testing.T) {
+func TestNetworkDropsExactlyOnce(t *testing.T) { eachProtocol(t, testNetworkDropsExactlyOnce) }
+
+func testNetworkDropsExactlyOnce(t *testing.T, protocol string) {
 	em := newMemEmitter()
 	r := startReceiver(t, &grpcsrc.Config{Auth: "none"}, em)
 	px := newProxy(t, r.Addr().String())
-	s := newSink(t, &grpcsink.Config{URL: "http://" + px.Addr(), MaxInFlight: 5000})
+	s := newSink(t, &grpcsink.Config{Protocol: protocol, URL: "http://" + px.Addr(), MaxInFlight: 5000})
 	events := makeEvents(100_000)
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()

@@ -18,10 +18,10 @@ import (
 )
 
 // outageSink is a sink to url whose log and errors metric the test reads.
-func outageSink(t *testing.T, url, secret string) (*grpcsink.Sink, *componenttest.Metrics, *testenv.SyncBuffer) {
+func outageSink(t *testing.T, protocol, url, secret string) (*grpcsink.Sink, *componenttest.Metrics, *testenv.SyncBuffer) {
 	t.Helper()
 	cfg := grpcsink.Factory().NewConfig().(*grpcsink.Config)
-	cfg.URL, cfg.HMACSecret = url, secret
+	cfg.URL, cfg.HMACSecret, cfg.Protocol = url, secret, protocol
 	cfg.ReconnectMin, cfg.ReconnectMax = 20*time.Millisecond, 200*time.Millisecond
 	if err := cfg.Validate(); err != nil {
 		t.Fatal(err)
@@ -45,8 +45,12 @@ func outageSink(t *testing.T, url, secret string) (*grpcsink.Sink, *componenttes
 // reason (it used to wait on WaitForReady in silence, ready). When the collector comes up,
 // the waiting Write is delivered without any other nudge and the sink is healthy again.
 func TestCollectorDownIsVisibleAndRecovers(t *testing.T) {
+	eachProtocol(t, testCollectorDownIsVisibleAndRecovers)
+}
+
+func testCollectorDownIsVisibleAndRecovers(t *testing.T, protocol string) {
 	addr := freePortB(t) // nothing listens here yet
-	s, m, log := outageSink(t, "http://"+addr, "outage-test-secret-0123456789")
+	s, m, log := outageSink(t, protocol, "http://"+addr, "outage-test-secret-0123456789")
 	written := make(chan error, 1)
 	go func() { written <- s.Write(context.Background(), flow.NewBatch(makeEvents(10), nil)) }()
 
@@ -74,9 +78,11 @@ func TestCollectorDownIsVisibleAndRecovers(t *testing.T) {
 }
 
 // A collector that refuses the token is visible too: not ready, with the refusal as reason.
-func TestRefusedTokenIsVisible(t *testing.T) {
+func TestRefusedTokenIsVisible(t *testing.T) { eachProtocol(t, testRefusedTokenIsVisible) }
+
+func testRefusedTokenIsVisible(t *testing.T, protocol string) {
 	r := startReceiver(t, &grpcsrc.Config{Auth: "hmac", Secrets: []string{"the-collectors-secret"}}, newMemEmitter())
-	s, m, _ := outageSink(t, "http://"+r.Addr().String(), "another-secret")
+	s, m, _ := outageSink(t, protocol, "http://"+r.Addr().String(), "another-secret")
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	go func() { _ = s.Write(ctx, flow.NewBatch(makeEvents(3), nil)) }()
@@ -89,7 +95,9 @@ func TestRefusedTokenIsVisible(t *testing.T) {
 
 // The receiver closes streams that carry nothing for its idle_timeout; the sink takes that
 // as what it is, reopens at once, and neither counts an error nor reports itself not ready.
-func TestIdleCloseIsNotAnOutage(t *testing.T) {
+func TestIdleCloseIsNotAnOutage(t *testing.T) { eachProtocol(t, testIdleCloseIsNotAnOutage) }
+
+func testIdleCloseIsNotAnOutage(t *testing.T, protocol string) {
 	cfg := &grpcsrc.Config{Listen: "127.0.0.1:0", Auth: "hmac", Secrets: []string{"outage-test-secret-0123456789"}}
 	fillSourceDefaults(t, cfg)
 	cfg.IdleTimeout = 100 * time.Millisecond
@@ -100,7 +108,7 @@ func TestIdleCloseIsNotAnOutage(t *testing.T) {
 	}
 	out := newMemEmitter()
 	componenttest.RunSource(t, r, out)
-	s, m, _ := outageSink(t, "http://"+r.Addr().String(), "outage-test-secret-0123456789")
+	s, m, _ := outageSink(t, protocol, "http://"+r.Addr().String(), "outage-test-secret-0123456789")
 	if err := s.Write(context.Background(), flow.NewBatch(makeEvents(5), nil)); err != nil {
 		t.Fatal(err)
 	}

@@ -1,6 +1,11 @@
-// Package grpcsink is the `type: grpc` sink: it streams events to a collector over NetBird's flow
-// protocol (flow.FlowService/Events, proto/flow) and reports a batch written only when the
-// collector has ACKed every one of its events.
+// Package grpcsink is the `type: grpc` sink: it streams events to a collector and reports a
+// batch written only when the collector has ACKed every one of its events. It speaks two
+// protocols (the protocol option): flowpipe's batch stream (flowpipe.stream.v1.Collector/
+// Stream, proto/stream: a run of events per message in the packed codec, an ACK per message)
+// to a flowpipe collector, and NetBird's flow protocol (flow.FlowService/Events, proto/flow:
+// an event per message, an ACK per event) to a NetBird receiver. With protocol: auto every
+// stream is opened with flowpipe's, and with NetBird's when the collector answers
+// UNIMPLEMENTED.
 //
 // One stream carries the events of every Write in flight. Each event waits in a table of
 // unacknowledged events, keyed by event ID, until its ACK arrives; the table is bounded by
@@ -19,6 +24,7 @@ import (
 	"log/slog"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/google/uuid"
@@ -35,14 +41,17 @@ import (
 	"github.com/flowpipe/flowpipe/core/component"
 	"github.com/flowpipe/flowpipe/core/flow"
 	"github.com/flowpipe/flowpipe/internal/backoff"
+	"github.com/flowpipe/flowpipe/internal/codec"
 	"github.com/flowpipe/flowpipe/internal/flowwire"
+	"github.com/flowpipe/flowpipe/internal/streamwire"
 	"github.com/flowpipe/flowpipe/internal/tlsfiles"
 	pb "github.com/flowpipe/flowpipe/proto/flow"
+	streampb "github.com/flowpipe/flowpipe/proto/stream"
 )
 
 // Factory builds `type: grpc` sinks.
 func Factory() component.Factory {
-	f := component.NewSinkFactory("grpc", "stream events to a flow collector (NetBird's FlowService), ACKed per event",
+	f := component.NewSinkFactory("grpc", "stream events to a flow collector (flowpipe's batch stream or NetBird's FlowService), ACKed end to end",
 		defaultConfig, func(env component.Env, c *Config) (component.Sink, error) { return New(env, c) })
 	// A write waits for the collector's ACK of every event: keep several batches on the
 	// stream so that the round trip does not bound throughput.
@@ -67,6 +76,12 @@ type Sink struct {
 	space   chan struct{}          // closed and replaced when the window gains room
 	stream  uint64                 // generation of the current stream, 0 while there is none
 	lastErr error                  // why the last stream failed
+	groups  map[uint64][]uuid.UUID // flowpipe's stream: the events of each batch not yet ACKed
+
+	// native is whether the last stream spoke flowpipe's protocol: Write encodes its events
+	// for that one (the sender encodes the other form when a stream needs it).
+	native   atomic.Bool
+	fellBack sync.Once // the Info line of auto's first fallback to NetBird's protocol
 
 	sent, resent, acked, unknownAcks prometheus.Counter
 	inFlight                         prometheus.GaugeFunc
@@ -75,8 +90,10 @@ type Sink struct {
 // pending is one unacknowledged event.
 type pending struct {
 	id     uuid.UUID
-	msg    []byte  // the encoded FlowEvent
-	w      *waiter // the Write it belongs to
+	msg    []byte      // the encoded FlowEvent (NetBird's protocol), or nil
+	packed []byte      // the event in the packed codec (flowpipe's protocol), or nil
+	ev     *flow.Event // the event, in its Write's batch: only read under Sink.mu while pending
+	w      *waiter     // the Write it belongs to
 	same   *pending
 	stream uint64    // generation of the stream it was last sent on; 0 = not sent there
 	sentAt time.Time // when it was last sent
@@ -139,6 +156,7 @@ func New(env component.Env, c *Config) (*Sink, error) {
 		space:   make(chan struct{}),
 		done:    make(chan struct{}),
 	}
+	s.native.Store(c.Protocol != "netbird")
 	if err := s.metrics(env); err != nil {
 		return nil, err
 	}
@@ -173,22 +191,37 @@ func (s *Sink) Write(ctx context.Context, b *flow.Batch) error {
 	if n == 0 {
 		return nil
 	}
-	// One buffer and one table of entries per batch, not per event.
-	buf := make([]byte, 0, n*160)
+	// One buffer and one table of entries per batch, not per event; each event encoded once,
+	// for the protocol of the last stream.
+	native := s.native.Load()
+	var buf []byte
+	if native {
+		buf = make([]byte, 0, codec.Size(b.Events))
+	} else {
+		buf = make([]byte, 0, n*160)
+	}
 	ps := make([]pending, n)
 	w := &waiter{left: n, done: make(chan struct{})}
+	ends := make([]int, n)
 	for i := range b.Events {
-		start := len(buf)
-		buf = flowwire.AppendEvent(buf, &b.Events[i], s.key)
-		ps[i] = pending{id: b.Events[i].EventID, w: w}
-		ps[i].msg = buf[start:len(buf):len(buf)]
+		if native {
+			buf = codec.AppendEvent(buf, &b.Events[i])
+		} else {
+			buf = flowwire.AppendEvent(buf, &b.Events[i], s.key)
+		}
+		ends[i] = len(buf)
+		ps[i] = pending{id: b.Events[i].EventID, w: w, ev: &b.Events[i]}
 	}
-	// The buffer may have moved while it grew: point every entry at the final one.
+	// Slice the final buffer (it may have moved while it grew).
 	off := 0
 	for i := range ps {
-		l := len(ps[i].msg)
-		ps[i].msg = buf[off : off+l : off+l]
-		off += l
+		enc := buf[off:ends[i]:ends[i]]
+		if native {
+			ps[i].packed = enc
+		} else {
+			ps[i].msg = enc
+		}
+		off = ends[i]
 	}
 
 	next := 0
@@ -297,14 +330,43 @@ func (s *Sink) roomMade() {
 	s.space = make(chan struct{})
 }
 
-// ack completes the event id; called for every ACK received.
+// ack completes the event id; called for every ACK received on NetBird's protocol.
 func (s *Sink) ack(id uuid.UUID) {
 	s.mu.Lock()
+	ok := s.ackLocked(id)
+	s.mu.Unlock()
+	if ok {
+		s.acked.Inc()
+	} else {
+		s.unknownAcks.Inc()
+	}
+}
+
+// ackBatch completes the events of batch seq of the current stream of flowpipe's protocol.
+func (s *Sink) ackBatch(seq uint64) {
+	s.mu.Lock()
+	ids, ok := s.groups[seq]
+	delete(s.groups, seq)
+	acked := 0
+	for _, id := range ids {
+		if s.ackLocked(id) {
+			acked++
+		}
+	}
+	s.mu.Unlock()
+	if !ok {
+		s.unknownAcks.Inc() // an ACK for a batch this stream did not send
+		return
+	}
+	s.acked.Add(float64(acked))
+	s.unknownAcks.Add(float64(len(ids) - acked))
+}
+
+// ackLocked completes the event id; false when it is not waiting. Called with s.mu held.
+func (s *Sink) ackLocked(id uuid.UUID) bool {
 	p, ok := s.pending[id]
 	if !ok {
-		s.mu.Unlock()
-		s.unknownAcks.Inc()
-		return
+		return false
 	}
 	delete(s.pending, id)
 	for q := p; q != nil; q = q.same {
@@ -317,8 +379,7 @@ func (s *Sink) ack(id uuid.UUID) {
 	if len(s.pending) == s.cfg.MaxInFlight-max(s.cfg.MaxInFlight/4, 1) || len(s.pending) == 0 {
 		s.roomMade()
 	}
-	s.mu.Unlock()
-	s.acked.Inc()
+	return true
 }
 
 // run keeps a stream open and feeds it until the sink is closed.
@@ -406,30 +467,29 @@ const handshakeTimeout = 15 * time.Second
 func (s *Sink) serve(ctx context.Context, gen uint64) error {
 	sctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	// Not WaitForReady: a collector that is down must fail the stream (and show in the log,
-	// the errors metric and /readyz) rather than hold it open in silence; run redials.
-	stream, err := s.conn.NewStream(sctx, &pb.FlowService_ServiceDesc.Streams[0], pb.FlowService_Events_FullMethodName)
+	native := s.cfg.Protocol != "netbird"
+	stream, err := s.open(sctx, cancel, native)
+	if err != nil && native && s.cfg.Protocol == "auto" && status.Code(err) == codes.Unimplemented {
+		// Not a flowpipe collector (a NetBird receiver, or a flowpipe from before the batch
+		// stream): NetBird's protocol on the same connection. Tried again on every stream, so
+		// that urls may list both kinds and an upgraded collector is used at once.
+		s.fellBack.Do(func() {
+			s.log.Info("collector does not serve flowpipe's batch stream; streaming with NetBird's flow protocol", "url", s.cfg.collectors(), "detail", status.Convert(err).Message())
+		})
+		native = false
+		stream, err = s.open(sctx, cancel, false)
+	}
 	if err != nil {
-		return fmt.Errorf("open stream: %w", err)
+		return err
 	}
-	if err := stream.SendMsg(flowwire.Raw(flowwire.AppendInitiator(nil))); err != nil {
-		return fmt.Errorf("send initiator: %w", closeErr(stream, err))
-	}
-	// A receiver answers with headers as soon as the stream opens; a stream without them is
-	// not a flow receiver (or it refused us: then Header returns the status).
-	handshake := time.AfterFunc(handshakeTimeout, cancel)
-	md, err := stream.Header()
-	handshake.Stop()
-	if err != nil {
-		return fmt.Errorf("wait for headers: %w", err)
-	}
-	if len(md) == 0 {
-		// A refused stream (a trailers-only response) has no headers: its status says why.
-		return closeErr(stream, errors.New("receiver sent no response headers"))
-	}
+	s.native.Store(native)
 
 	s.mu.Lock()
 	s.stream = gen
+	s.groups = nil
+	if native {
+		s.groups = map[uint64][]uuid.UUID{}
+	}
 	// Everything unacknowledged goes out again on the new stream.
 	s.queue = s.queue[:0]
 	for _, p := range s.pending {
@@ -437,26 +497,41 @@ func (s *Sink) serve(ctx context.Context, gen uint64) error {
 	}
 	s.mu.Unlock()
 	s.poke()
-	s.log.Info("stream to collector open", "url", s.cfg.collectors())
+	s.log.Info("stream to collector open", "url", s.cfg.collectors(), "protocol", protocolName(native))
 
 	recvErr := make(chan error, 1)
 	go func() {
 		var m flowwire.AckMsg
+		var b streamwire.Ack
 		for {
-			if err := stream.RecvMsg(&m); err != nil {
+			var err error
+			if native {
+				err = stream.RecvMsg(&b)
+			} else {
+				err = stream.RecvMsg(&m)
+			}
+			if err != nil {
 				recvErr <- err
 				cancel()
 				return
 			}
-			if !m.Initiator {
+			switch {
+			case native:
+				s.ackBatch(b.Seq)
+			case !m.Initiator:
 				s.ack(m.ID)
 			}
 		}
 	}()
-	err = s.send(sctx, stream, gen)
+	if native {
+		err = s.sendBatches(sctx, stream, gen)
+	} else {
+		err = s.send(sctx, stream, gen)
+	}
 	cancel()
 	s.mu.Lock()
 	s.stream = 0
+	s.groups = nil
 	s.mu.Unlock()
 	// The receiving side knows why the stream ended (a status from the receiver); a failed
 	// SendMsg only says io.EOF.
@@ -464,6 +539,44 @@ func (s *Sink) serve(ctx context.Context, gen uint64) error {
 		err = rerr
 	}
 	return err
+}
+
+func protocolName(native bool) string {
+	if native {
+		return "flowpipe"
+	}
+	return "netbird"
+}
+
+// open opens a stream of flowpipe's protocol (native) or NetBird's and does its handshake:
+// the client's opening message, then the receiver's response headers.
+func (s *Sink) open(ctx context.Context, cancel context.CancelFunc, native bool) (grpc.ClientStream, error) {
+	desc, method, opening := &pb.FlowService_ServiceDesc.Streams[0], pb.FlowService_Events_FullMethodName, flowwire.AppendInitiator(nil)
+	if native {
+		desc, method, opening = &streampb.Collector_ServiceDesc.Streams[0], streampb.Collector_Stream_FullMethodName, streamwire.AppendBatchHeader([]byte{}, 0, 0, 0)
+	}
+	// Not WaitForReady: a collector that is down must fail the stream (and show in the log,
+	// the errors metric and /readyz) rather than hold it open in silence; run redials.
+	stream, err := s.conn.NewStream(ctx, desc, method)
+	if err != nil {
+		return nil, fmt.Errorf("open stream: %w", err)
+	}
+	if err := stream.SendMsg(flowwire.Raw(opening)); err != nil {
+		return nil, fmt.Errorf("send initiator: %w", closeErr(stream, err))
+	}
+	// A receiver answers with headers as soon as the stream opens; a stream without them is
+	// not a flow receiver (or it refused us: then Header returns the status).
+	handshake := time.AfterFunc(handshakeTimeout, cancel)
+	md, err := stream.Header()
+	handshake.Stop()
+	if err != nil {
+		return nil, fmt.Errorf("wait for headers: %w", err)
+	}
+	if len(md) == 0 {
+		// A refused stream (a trailers-only response) has no headers: its status says why.
+		return nil, closeErr(stream, errors.New("receiver sent no response headers"))
+	}
+	return stream, nil
 }
 
 // closeErr is the status behind a failed SendMsg, read with RecvMsg; only for use while no
@@ -508,6 +621,11 @@ func (s *Sink) send(ctx context.Context, stream grpc.ClientStream, gen uint64) e
 					again++
 				}
 				p.stream, p.sentAt = gen, now
+				if p.msg == nil {
+					// Encoded for flowpipe's protocol by its Write; its Write still waits
+					// (it is pending), so its event is still there.
+					p.msg = flowwire.AppendEvent(nil, p.ev, s.key)
+				}
 				msgs = append(msgs, p.msg)
 			}
 			s.mu.Unlock()
@@ -518,6 +636,97 @@ func (s *Sink) send(ctx context.Context, stream grpc.ClientStream, gen uint64) e
 			for _, m := range msgs {
 				if err := stream.SendMsg(flowwire.Raw(m)); err != nil {
 					// The stream's status, if any, comes from the receiving goroutine.
+					return fmt.Errorf("send: %w", err)
+				}
+			}
+			s.sent.Add(float64(first))
+			s.resent.Add(float64(again))
+		}
+	}
+}
+
+// batchRun is the events of one message of flowpipe's protocol.
+type batchRun struct {
+	seq   uint64
+	ids   []uuid.UUID
+	parts [][]byte // each event's packed encoding
+	size  int
+}
+
+// sendBatches is send for flowpipe's protocol: the queued events go out in runs, one message
+// per run of at most a quarter of max_in_flight events (so that ACKs of earlier runs make
+// room while later ones travel) and of at most max_batch_message_size.
+func (s *Sink) sendBatches(ctx context.Context, stream grpc.ClientStream, gen uint64) error {
+	tick := time.NewTicker(max(s.cfg.AckTimeout/4, 10*time.Millisecond))
+	defer tick.Stop()
+	maxEvents := min(max(s.cfg.MaxInFlight/4, 1), 4096)
+	limit := int(s.cfg.MaxBatchMessageSize) - streamwire.BatchHeaderSize - 1
+	var batch []*pending
+	var runs []batchRun
+	var seq uint64
+	for {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-s.wake:
+		case <-tick.C:
+			s.requeueLate(gen)
+		}
+		for {
+			s.mu.Lock()
+			batch, s.queue = s.queue, batch[:0]
+			now := time.Now()
+			runs = runs[:0]
+			var cur batchRun
+			first, again := 0, 0
+			for _, p := range batch {
+				if s.pending[p.id] != p || p.stream == gen && now.Sub(p.sentAt) < s.cfg.AckTimeout {
+					continue // ACKed, given up, or already sent on this stream
+				}
+				if p.stream == 0 && p.sentAt.IsZero() {
+					first++
+				} else {
+					again++
+				}
+				p.stream, p.sentAt = gen, now
+				if p.packed == nil {
+					// Encoded for NetBird's protocol by its Write, which still waits.
+					p.packed = codec.AppendEvent(nil, p.ev)
+				}
+				if len(cur.ids) > 0 && (len(cur.ids) == maxEvents || cur.size+len(p.packed) > limit) {
+					runs = append(runs, cur)
+					cur = batchRun{}
+				}
+				cur.ids = append(cur.ids, p.id)
+				cur.parts = append(cur.parts, p.packed)
+				cur.size += len(p.packed)
+			}
+			if len(cur.ids) > 0 {
+				runs = append(runs, cur)
+			}
+			// Known before it is sent: its ACK may come back at once.
+			for i := range runs {
+				seq++
+				runs[i].seq = seq
+				s.groups[seq] = runs[i].ids
+			}
+			s.mu.Unlock()
+			clear(batch)
+			if len(runs) == 0 {
+				break
+			}
+			for i := range runs {
+				r := &runs[i]
+				// The bytes of a packed event are its Write's and never change; gRPC writes
+				// the message after SendMsg returns, so each message has bytes of its own.
+				msg := make([]byte, 0, streamwire.BatchHeaderSize+1+r.size)
+				msg = streamwire.AppendBatchHeader(msg, r.seq, len(r.ids), 1+r.size)
+				msg = append(msg, codec.Version)
+				for _, part := range r.parts {
+					msg = append(msg, part...)
+				}
+				r.parts = nil
+				if err := stream.SendMsg(flowwire.Raw(msg)); err != nil {
 					return fmt.Errorf("send: %w", err)
 				}
 			}

@@ -56,7 +56,9 @@ func New(env component.Env, cfg *Config) (component.Source, error) {
 	if env.Metrics == nil {
 		env.Metrics = component.NopMetrics{}
 	}
-	s := &Source{cfg: cfg, env: env, log: env.Logger, q: newQueue(cfg.BatchSize, cfg.MaxPending), sweepGetMax: 256}
+	s := &Source{env: env, log: env.Logger, q: newQueue(cfg.BatchSize, cfg.MaxPending), sweepGetMax: 256,
+		reconf: make(chan *reconfRequest, 1)}
+	s.cfg.Store(cfg)
 	s.tr = newTracker(cfg, s.push)
 	if env.Registerer != nil {
 		if err := s.stats.register(env.Registerer, s); err != nil {
@@ -68,7 +70,9 @@ func New(env component.Env, cfg *Config) (component.Source, error) {
 
 // Source reads one network namespace's conntrack events.
 type Source struct {
-	cfg *Config
+	// cfg is the options in force, replaced whole by Reconfigure (reconfigure.go); a
+	// *Config is never changed once stored.
+	cfg atomic.Pointer[Config]
 	env component.Env
 	log *slog.Logger
 	q   *queue
@@ -87,6 +91,11 @@ type Source struct {
 	lastDump time.Time
 
 	sweepGetMax int // up to this many entries to sweep are looked up one by one
+
+	// reconf hands new options to the reader goroutine, which applies them between two
+	// netlink messages (reconfigure.go).
+	reconf   chan *reconfRequest // holds the one request of the Reconfigure in progress
+	reconfMu sync.Mutex          // one Reconfigure at a time
 
 	stats stats
 }
@@ -163,14 +172,18 @@ func (s *Source) Start(ctx context.Context) error {
 	s.started = true
 	if err := s.open(); err != nil {
 		s.closeLocked()
-		return fmt.Errorf("conntrack source %s: %w", s.env.Name, privilege.Explain(err, s.cfg.Capabilities()))
+		return fmt.Errorf("conntrack source %s: %w", s.env.Name, privilege.Explain(err, s.config().Capabilities()))
 	}
 	return nil
 }
 
+// config is the options in force.
+func (s *Source) config() *Config { return s.cfg.Load() }
+
 func (s *Source) open() error {
 	var err error
-	if s.ns, err = netns.Open(s.cfg.NetNS); err != nil {
+	cfg := s.config()
+	if s.ns, err = netns.Open(cfg.NetNS); err != nil {
 		return err
 	}
 	// What a run that was killed left behind goes first, so that the values read below are
@@ -179,14 +192,14 @@ func (s *Source) open() error {
 		return err
 	}
 	// Plan the changes, record them (with the values to put back), then make them.
-	rec := &hostRecord{NetNS: s.cfg.NetNS}
+	rec := &hostRecord{NetNS: cfg.NetNS}
 	if rec.NSID, err = s.ns.ID(); err != nil {
 		return err
 	}
 	for _, sc := range []struct {
 		on   bool
 		path string
-	}{{s.cfg.Counters, sysctlAcct}, {s.cfg.Timestamps, sysctlTimestamp}} {
+	}{{cfg.Counters, sysctlAcct}, {cfg.Timestamps, sysctlTimestamp}} {
 		if !sc.on {
 			continue
 		}
@@ -198,7 +211,7 @@ func (s *Source) open() error {
 			rec.Sysctls = append(rec.Sysctls, recordedSysctl{Path: sc.path, Prev: prev})
 		}
 	}
-	if s.cfg.Activate {
+	if cfg.Activate {
 		rec.Table = activationTable(s.env.Name)
 	}
 	if path := s.recordPath(); path != "" && (len(rec.Sysctls) > 0 || rec.Table != "") {
@@ -216,16 +229,16 @@ func (s *Source) open() error {
 			s.sysctls = append(s.sysctls, ch)
 		}
 	}
-	if s.cfg.Activate {
+	if cfg.Activate {
 		if s.act, err = activate(s.ns, rec.Table); err != nil {
 			return err
 		}
 	}
 	s.refreshLocal()
-	if s.events, err = openEvents(s.ns, int(s.cfg.ReadBuffer), s.log); err != nil {
+	if s.events, err = openEvents(s.ns, int(cfg.ReadBuffer), s.log); err != nil {
 		return err
 	}
-	if err := s.resync(s.cfg.ExistingFlows); err != nil {
+	if err := s.resync(cfg.ExistingFlows); err != nil {
 		return err
 	}
 	s.log.Info("reading conntrack events", "netns", s.ns.String(), "known_connections", len(s.tr.known),
@@ -299,7 +312,7 @@ func (s *Source) emitLoop(ctx context.Context, out component.Emitter, readErr <-
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
 	for {
-		evs, wait := s.q.pop(s.cfg.FlushInterval, false)
+		evs, wait := s.q.pop(s.config().FlushInterval, false)
 		if evs != nil {
 			if err := out.Emit(ctx, flow.NewBatch(evs, nil)); err != nil {
 				return err
@@ -347,6 +360,12 @@ func (s *Source) read(ctx context.Context) error {
 	// tens of thousands of events, holds the millisecond's worth.
 	idle := false
 	for {
+		select {
+		case req := <-s.reconf:
+			req.done <- s.apply(ev, req.cfg)
+			_ = ev.setDeadline(nextHousekeep) // Reconfigure set it to now, to wake the reader
+		default:
+		}
 		n, err := ev.recv(batch, idle && !needResync)
 		now := time.Now()
 		switch {
@@ -382,6 +401,9 @@ func (s *Source) read(ctx context.Context) error {
 			}
 			needResync = true
 		case errors.Is(err, os.ErrDeadlineExceeded):
+			// The housekeeping deadline, or Reconfigure waking the reader (see the top of
+			// the loop); the housekeeping below sets the next one.
+			_ = ev.setDeadline(nextHousekeep)
 		case ctx.Err() != nil:
 			return nil
 		default:
@@ -422,7 +444,7 @@ func (s *Source) reconnect(ctx context.Context, ev *eventConn, reopen *backoff.B
 	if !backoff.Sleep(ctx, wait) {
 		return nil, false
 	}
-	nev, err := openEvents(s.ns, int(s.cfg.ReadBuffer), s.log)
+	nev, err := openEvents(s.ns, int(s.config().ReadBuffer), s.log)
 	if err != nil {
 		s.log.Warn("reopen conntrack event socket", "error", err)
 		return nil, true
@@ -441,7 +463,7 @@ func (s *Source) reconnect(ctx context.Context, ev *eventConn, reopen *backoff.B
 // housekeep runs about once a second: a sweep for connections that left the table without
 // a DESTROY, the ends of connections that expired, and the counts.
 func (s *Source) housekeep(now time.Time, needResync bool) {
-	if !needResync && s.tr.fromDump > 0 && now.Sub(s.lastDump) >= s.cfg.SweepInterval {
+	if !needResync && s.tr.fromDump > 0 && now.Sub(s.lastDump) >= s.config().SweepInterval {
 		if err := s.sweep(); err != nil {
 			s.log.Warn("conntrack sweep failed", "error", err)
 			s.env.Metrics.Errors("resync", 1)
@@ -510,28 +532,36 @@ func (s *Source) resyncCounted() error {
 
 // resync dumps the table and reconciles it with what the tracker knows.
 func (s *Source) resync(announce bool) error {
-	if err := s.dialDump(); err != nil {
+	cfs, err := s.dumpTable()
+	if err != nil {
 		return err
+	}
+	starts, missing := s.tr.onDump(cfs, flow.TimeOf(s.lastDump), announce)
+	s.stats.tracked.Store(int64(len(s.tr.known)))
+	if starts > 0 || missing > 0 {
+		s.log.Info("conntrack table dump reconciled", "entries", len(cfs), "reconstructed_starts", starts,
+			"missing_awaiting_destroy", missing)
+	}
+	return nil
+}
+
+// dumpTable reads the whole conntrack table of the namespace.
+func (s *Source) dumpTable() ([]ctFlow, error) {
+	if err := s.dialDump(); err != nil {
+		return nil, err
 	}
 	flows, err := s.dump.Dump(nil)
 	if err != nil {
 		s.dump.Close()
 		s.dump = nil
-		return fmt.Errorf("dump the conntrack table in %s: %w", s.ns, err)
+		return nil, fmt.Errorf("dump the conntrack table in %s: %w", s.ns, err)
 	}
-	now := time.Now()
-	s.lastDump = now
+	s.lastDump = time.Now()
 	cfs := make([]ctFlow, len(flows))
 	for i := range flows {
 		cfs[i] = fromCT(&flows[i])
 	}
-	starts, missing := s.tr.onDump(cfs, flow.TimeOf(now), announce)
-	s.stats.tracked.Store(int64(len(s.tr.known)))
-	if starts > 0 || missing > 0 {
-		s.log.Info("conntrack table dump reconciled", "entries", len(flows), "reconstructed_starts", starts,
-			"missing_awaiting_destroy", missing)
-	}
-	return nil
+	return cfs, nil
 }
 
 // flushCounts passes the reader's own counts on to the shared metrics.
@@ -545,7 +575,7 @@ func (s *Source) flushCounts() {
 	if d := s.stats.queueFull.Load(); d > s.stats.reportedDrops {
 		s.env.Metrics.Dropped("queue_full", int(d-s.stats.reportedDrops))
 		s.log.Warn("conntrack events dropped: the pipeline did not keep up and max_pending was reached",
-			"dropped", d-s.stats.reportedDrops, "max_pending", s.cfg.MaxPending)
+			"dropped", d-s.stats.reportedDrops, "max_pending", s.config().MaxPending)
 		s.stats.reportedDrops = d
 	}
 	if d := s.stats.decodeErrors.Load(); d > s.stats.reportedBad {
@@ -557,8 +587,8 @@ func (s *Source) flushCounts() {
 
 // refreshLocal reloads the namespace's own addresses when local_prefixes is not set.
 func (s *Source) refreshLocal() {
-	if len(s.cfg.LocalPrefixes) > 0 {
-		s.tr.local = s.cfg.LocalPrefixes
+	if lp := s.config().LocalPrefixes; len(lp) > 0 {
+		s.tr.local = lp
 		return
 	}
 	var local []netip.Prefix

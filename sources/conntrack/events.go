@@ -49,16 +49,30 @@ func openEvents(ns *netns.NS, readBuffer int, log *slog.Logger) (*eventConn, err
 	if err := c.SetOption(netlink.BroadcastError, true); err != nil {
 		return fail("set NETLINK_BROADCAST_ERROR", err)
 	}
+	if err := e.setReadBuffer(readBuffer, log); err != nil {
+		return fail("set receive buffer", err)
+	}
+	for _, g := range []netfilter.NetlinkGroup{netfilter.GroupCTNew, netfilter.GroupCTDestroy} {
+		if err := c.JoinGroup(uint32(g)); err != nil {
+			return fail(fmt.Sprintf("join multicast group %d", g), err)
+		}
+	}
+	return e, nil
+}
+
+// setReadBuffer sizes the socket's receive buffer, forced past net.core.rmem_max as root;
+// it works on an open socket too (Reconfigure), which keeps what is in the buffer.
+func (e *eventConn) setReadBuffer(readBuffer int, log *slog.Logger) error {
 	var serr error
 	if err := e.raw.Control(func(fd uintptr) {
 		serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, readBuffer)
 	}); err != nil {
-		return fail("control", err)
+		return err
 	}
 	if serr != nil {
 		// Without CAP_NET_ADMIN the buffer is capped by net.core.rmem_max.
-		if err := c.SetReadBuffer(readBuffer); err != nil {
-			return fail("set receive buffer", err)
+		if err := e.c.SetReadBuffer(readBuffer); err != nil {
+			return err
 		}
 		log.Warn("could not force the conntrack socket buffer; it is capped by net.core.rmem_max",
 			"wanted", readBuffer, "error", serr)
@@ -68,12 +82,7 @@ func openEvents(ns *netns.NS, readBuffer int, log *slog.Logger) (*eventConn, err
 			e.rcvbuf = v
 		}
 	})
-	for _, g := range []netfilter.NetlinkGroup{netfilter.GroupCTNew, netfilter.GroupCTDestroy} {
-		if err := c.JoinGroup(uint32(g)); err != nil {
-			return fail(fmt.Sprintf("join multicast group %d", g), err)
-		}
-	}
-	return e, nil
+	return nil
 }
 
 // Each recvmmsg call reads up to recvBatchLen datagrams into slots of recvSlotLen bytes. A

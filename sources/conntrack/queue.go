@@ -37,13 +37,13 @@ func (q *queue) push(e *flow.Event) bool {
 		return false
 	}
 	last := len(q.chunks) - 1
-	if last < 0 || len(q.chunks[last].evs) == q.size {
+	if last < 0 || len(q.chunks[last].evs) >= q.size { // >=: batch_size may have shrunk
 		q.chunks = append(q.chunks, chunk{evs: make([]flow.Event, 0, q.size), born: time.Now()})
 		last++
 	}
 	q.chunks[last].evs = append(q.chunks[last].evs, *e)
 	q.n++
-	signal := q.n == 1 || len(q.chunks[last].evs) == q.size
+	signal := q.n == 1 || len(q.chunks[last].evs) >= q.size
 	q.mu.Unlock()
 	if signal {
 		select {
@@ -79,4 +79,16 @@ func (q *queue) len() int {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	return q.n
+}
+
+// reshape changes the batch size and the bound (Reconfigure); chunks already queued keep
+// their size, and what is queued beyond a lower bound stays.
+func (q *queue) reshape(size, max int) {
+	q.mu.Lock()
+	q.size, q.max = size, max
+	q.mu.Unlock()
+	select {
+	case q.ready <- struct{}{}: // the emitter reconsiders what is due
+	default:
+	}
 }

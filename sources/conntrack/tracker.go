@@ -93,14 +93,15 @@ func (t *tracker) onNew(f *ctFlow, now flow.Time) {
 	t.emit(&t.scratch, false)
 }
 
-// onDestroy handles a DESTROY event observed at now.
+// onDestroy handles a DESTROY event observed at now. A connection whose start was reported
+// gets its end even if the filters exclude it now (its mark changed, or new options
+// excluded its protocol): every start has its end.
 func (t *tracker) onDestroy(f *ctFlow, now flow.Time) {
 	k := keyOf(f)
 	e, ok := t.known[k]
 	if ok {
 		t.forget(k, e)
-	}
-	if !t.count(t.filter(f)) {
+	} else if !t.count(t.filter(f)) {
 		return
 	}
 	if !ok {
@@ -135,12 +136,12 @@ func (t *tracker) onDump(flows []ctFlow, now flow.Time, announce bool) (starts, 
 	seen := make(map[ctKey]struct{}, len(flows))
 	for i := range flows {
 		f := &flows[i]
-		if t.filter(f) >= 0 {
-			continue
-		}
 		k := keyOf(f)
-		seen[k] = struct{}{}
 		e, ok := t.known[k]
+		if !ok && t.filter(f) >= 0 {
+			continue // a known entry stays known whatever the filters say now: it gets its end
+		}
+		seen[k] = struct{}{}
 		if ok {
 			e.orig, e.reply, e.mark = f.countersOrig, f.countersReply, f.mark
 			if e.missing != 0 {
@@ -351,4 +352,21 @@ func (t *tracker) filter(f *ctFlow) int {
 		reason = filterInclude
 	}
 	return reason
+}
+
+// changedFilters keeps the entries of a table dump that new filters concern, and runs with
+// the old filters still in force: the entries known (so that the dump still sees them) and
+// those the old filters excluded, which the new ones may include. An unknown entry that the
+// old filters included has its NEW waiting in the socket (or lost in an overrun, which the
+// resync that follows finds): it is left to that, so that it is not reported as
+// reconstructed.
+func (t *tracker) changedFilters(flows []ctFlow) []ctFlow {
+	out := flows[:0]
+	for i := range flows {
+		f := &flows[i]
+		if _, ok := t.known[keyOf(f)]; ok || t.filter(f) >= 0 {
+			out = append(out, *f)
+		}
+	}
+	return out
 }

@@ -15,8 +15,10 @@ import (
 // collector gathers the events of every stream into batches and remembers event IDs for
 // de-duplication. One mutex covers both, so an event is checked and queued in one step.
 //
-// An ID is in ids from the moment its event is accepted: in flight until its batch is
-// acknowledged, then delivered until it leaves the window. A duplicate of a delivered event
+// An ID is in inflight from the moment its event is accepted until its batch is acknowledged,
+// then in ids (delivered) until it leaves the window. Two maps, not one with a state: ids is
+// large (up to dedup.max_events) and every access to it is a cache miss, so an event costs
+// it one lookup and one insert; the small inflight map takes the rest. A duplicate of a delivered event
 // is ACKed at once; a duplicate of an event in flight waits and is ACKed with the original
 // (a client that resent after a lost ACK or a reconnect gets its ACK on the stream it is on
 // now). When a batch fails (the pipeline stopped), its IDs are forgotten, so that the
@@ -24,24 +26,26 @@ import (
 type collector struct {
 	r *Receiver
 
-	mu      sync.Mutex
-	ids     map[uuid.UUID]bool      // true: delivered; false: in flight
-	waiting map[uuid.UUID][]*stream // streams with a duplicate of an in-flight event
-	done    dedup.Ring              // delivered, oldest first
-	events  []flow.Event
-	origins []origin
-	first   time.Time // arrival of the batch's first event
-	stopped bool
-	journal *dedup.Journal
+	mu       sync.Mutex
+	ids      map[uuid.UUID]struct{} // delivered, within the window
+	inflight map[uuid.UUID][]origin // accepted, not yet acknowledged: the duplicates waiting for it
+	done     dedup.Ring             // delivered, oldest first
+	events   []flow.Event
+	origins  []origin
+	first    time.Time // arrival of the batch's first event
+	stopped  bool
+	journal  *dedup.Journal
 
 	ready chan *pendingBatch // full batches for the emitter
 	free  chan []flow.Event  // recycled event slices
 	wg    sync.WaitGroup     // emitted batches not yet acknowledged
 }
 
+// origin is where an event came from: its stream, and on a native stream its batch.
 type origin struct {
-	st *stream
-	id uuid.UUID
+	st  *stream
+	id  uuid.UUID
+	seq uint64
 }
 
 type pendingBatch struct {
@@ -51,59 +55,69 @@ type pendingBatch struct {
 
 func newCollector(r *Receiver) *collector {
 	return &collector{
-		r:       r,
-		ids:     map[uuid.UUID]bool{},
-		waiting: map[uuid.UUID][]*stream{},
-		ready:   make(chan *pendingBatch, 1),
-		free:    make(chan []flow.Event, 8),
+		r:        r,
+		ids:      map[uuid.UUID]struct{}{},
+		inflight: map[uuid.UUID][]origin{},
+		ready:    make(chan *pendingBatch, 1),
+		free:     make(chan []flow.Event, 8),
 	}
 }
 
 func (c *collector) dedupOn() bool { return c.r.cfg.Dedup.Window > 0 && c.r.cfg.Dedup.MaxEvents > 0 }
 
-// add takes an event received on st, which has already counted it as unacknowledged.
-// It blocks while the emitter is busy with the previous full batch (backpressure).
-func (c *collector) add(st *stream, e *flow.Event) {
-	id := e.EventID
+// add takes events received on st (of its batch seq on a native stream; 0 on a NetBird
+// stream), which has already counted them as unacknowledged; events is not kept. It blocks
+// while the emitter is busy with the previous full batch (backpressure).
+func (c *collector) add(st *stream, seq uint64, events []flow.Event) {
+	var now []origin // duplicates of delivered events: ACKed at once
+	dedupOn := c.dedupOn()
 	c.mu.Lock()
-	if c.stopped {
-		c.mu.Unlock()
-		st.release(1)
-		return
-	}
-	if c.dedupOn() {
-		if delivered, ok := c.ids[id]; ok {
-			c.r.duplicates.Inc()
-			if delivered {
-				c.mu.Unlock()
-				st.ack([]uuid.UUID{id})
-				return
-			}
-			c.waiting[id] = append(c.waiting[id], st)
+	for i := range events {
+		if c.stopped {
 			c.mu.Unlock()
+			st.fail(seq, len(events)-i)
+			if len(now) > 0 {
+				st.resolve(now, true)
+			}
 			return
 		}
-		c.ids[id] = false
-	}
-	if len(c.events) == 0 {
-		c.first = time.Now()
-		if c.events == nil {
-			c.events = c.newEvents()
+		e := &events[i]
+		id := e.EventID
+		if dedupOn {
+			if _, delivered := c.ids[id]; delivered {
+				c.r.duplicates.Inc()
+				now = append(now, origin{st, id, seq})
+				continue
+			}
+			if ws, ok := c.inflight[id]; ok {
+				c.r.duplicates.Inc()
+				c.inflight[id] = append(ws, origin{st, id, seq})
+				continue
+			}
+			c.inflight[id] = nil
 		}
-	}
-	c.events = append(c.events, *e)
-	c.origins = append(c.origins, origin{st, id})
-	var full *pendingBatch
-	if len(c.events) >= c.r.cfg.BatchSize {
-		full = c.take()
+		if len(c.events) == 0 {
+			c.first = time.Now()
+			if c.events == nil {
+				c.events = c.newEvents()
+			}
+		}
+		c.events = append(c.events, *e)
+		c.origins = append(c.origins, origin{st, id, seq})
+		if len(c.events) >= c.r.cfg.BatchSize {
+			full := c.take()
+			c.mu.Unlock()
+			select {
+			case c.ready <- full:
+			case <-c.r.stopping:
+				c.finish(full, flow.ErrShutdown)
+			}
+			c.mu.Lock()
+		}
 	}
 	c.mu.Unlock()
-	if full != nil {
-		select {
-		case c.ready <- full:
-		case <-c.r.stopping:
-			c.finish(full, flow.ErrShutdown)
-		}
+	if len(now) > 0 {
+		st.resolve(now, true)
 	}
 }
 
@@ -192,19 +206,13 @@ func (c *collector) finish(pb *pendingBatch, err error) {
 		now := time.Now()
 		c.mu.Lock()
 		for _, o := range pb.origins {
-			if len(c.waiting) > 0 {
-				if ws, dup := c.waiting[o.id]; dup {
-					for _, st := range ws {
-						extra = append(extra, origin{st, o.id})
-					}
-					delete(c.waiting, o.id)
-				}
+			if ws := c.inflight[o.id]; len(ws) > 0 {
+				extra = append(extra, ws...)
 			}
+			delete(c.inflight, o.id)
 			if ok {
-				c.ids[o.id] = true
+				c.ids[o.id] = struct{}{}
 				c.remember(dedup.Rec{ID: o.id, At: now.UnixNano()})
-			} else {
-				delete(c.ids, o.id)
 			}
 		}
 		if ok && c.journal != nil {
@@ -234,22 +242,14 @@ func (c *collector) finish(pb *pendingBatch, err error) {
 	}
 }
 
+// ackRuns resolves origins per stream in runs, one lock per run.
 func ackRuns(os []origin, ok bool) {
 	for i := 0; i < len(os); {
 		j := i + 1
 		for j < len(os) && os[j].st == os[i].st {
 			j++
 		}
-		st := os[i].st
-		if ok {
-			ids := make([]uuid.UUID, j-i)
-			for k := i; k < j; k++ {
-				ids[k-i] = os[k].id
-			}
-			st.ack(ids)
-		} else {
-			st.release(j - i)
-		}
+		os[i].st.resolve(os[i:j], ok)
 		i = j
 	}
 }
@@ -277,7 +277,7 @@ func (c *collector) load(path string) error {
 	}
 	c.journal = j
 	for _, r := range recs {
-		c.ids[r.ID] = true
+		c.ids[r.ID] = struct{}{}
 		c.remember(r)
 	}
 	return nil
@@ -294,7 +294,5 @@ func (c *collector) remember(r dedup.Rec) {
 
 func (c *collector) forgetOldest() {
 	id := c.done.Pop().ID
-	if c.ids[id] {
-		delete(c.ids, id)
-	}
+	delete(c.ids, id)
 }

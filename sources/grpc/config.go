@@ -8,7 +8,8 @@ import (
 	"github.com/flowpipe/flowpipe/core/config"
 )
 
-// Config is the options of a `type: grpc` source, the collector side of the flow protocol.
+// Config is the options of a `type: grpc` source, the collector side of the flow protocols
+// (NetBird's flow.FlowService/Events and flowpipe's batch stream, on one listener).
 type Config struct {
 	Listen string `yaml:"listen" required:"true"` // host:port
 
@@ -21,9 +22,12 @@ type Config struct {
 	Auth    string   `yaml:"auth" required:"true"`
 	Secrets []string `yaml:"secrets"`
 
-	MaxStreams        int             `yaml:"max_streams"`            // concurrent client streams
-	MaxMessageSize    config.ByteSize `yaml:"max_message_size"`       // one FlowEvent
-	MaxUnackedPerStrm int             `yaml:"max_unacked_per_stream"` // stop reading a stream beyond this
+	MaxStreams     int             `yaml:"max_streams"`      // concurrent client streams
+	MaxMessageSize config.ByteSize `yaml:"max_message_size"` // one FlowEvent
+	// MaxBatchMessageSize bounds one message of flowpipe's batch stream (a whole batch of
+	// events in the packed codec); a larger one ends its stream with RESOURCE_EXHAUSTED.
+	MaxBatchMessageSize config.ByteSize `yaml:"max_batch_message_size"`
+	MaxUnackedPerStrm   int             `yaml:"max_unacked_per_stream"` // stop reading a stream beyond this
 	// InitiatorTimeout closes a stream whose client has not sent its initiator message
 	// within it, so that connections that say nothing do not hold max_streams slots.
 	InitiatorTimeout time.Duration `yaml:"initiator_timeout"`
@@ -54,18 +58,19 @@ type DedupConfig struct {
 
 func defaultConfig() *Config {
 	return &Config{
-		MaxStreams:        10000,
-		MaxMessageSize:    64 << 10,
-		MaxUnackedPerStrm: 20000,
-		InitiatorTimeout:  10 * time.Second,
-		IdleTimeout:       15 * time.Minute,
-		MaxTokenLifetime:  7 * 24 * time.Hour,
-		BatchSize:         2000,
-		BatchDelay:        5 * time.Millisecond,
-		Dedup:             DedupConfig{Window: 10 * time.Minute, MaxEvents: 1_000_000},
-		KeepaliveTime:     30 * time.Second,
-		KeepaliveTimeout:  10 * time.Second,
-		KeepaliveMinTime:  5 * time.Second,
+		MaxStreams:          10000,
+		MaxMessageSize:      64 << 10,
+		MaxBatchMessageSize: 4 << 20,
+		MaxUnackedPerStrm:   20000,
+		InitiatorTimeout:    10 * time.Second,
+		IdleTimeout:         15 * time.Minute,
+		MaxTokenLifetime:    7 * 24 * time.Hour,
+		BatchSize:           2000,
+		BatchDelay:          5 * time.Millisecond,
+		Dedup:               DedupConfig{Window: 10 * time.Minute, MaxEvents: 1_000_000},
+		KeepaliveTime:       30 * time.Second,
+		KeepaliveTimeout:    10 * time.Second,
+		KeepaliveMinTime:    5 * time.Second,
 	}
 }
 
@@ -103,6 +108,9 @@ func (c *Config) Validate() error {
 	}
 	if c.MaxMessageSize < 256 {
 		errs.Add("max_message_size", "must be at least 256 bytes")
+	}
+	if c.MaxBatchMessageSize < 1024 {
+		errs.Add("max_batch_message_size", "must be at least 1KiB")
 	}
 	if c.MaxUnackedPerStrm < 1 {
 		errs.Add("max_unacked_per_stream", "must be at least 1")

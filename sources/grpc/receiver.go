@@ -1,9 +1,11 @@
 // Package grpcsource is the `type: grpc` source: the collector side of NetBird's flow protocol
-// (flow.FlowService/Events, proto/flow). Agents — flowpipe's grpc sink or NetBird clients —
-// stream events to it; it batches the events of all streams, hands the batches to the
-// pipeline, and ACKs each event to its client only when the pipeline's sinks made its batch
-// durable (or the user's drop policy dropped it, which is counted). Events are de-duplicated
-// by ID over a window, so a client's resend after a lost ACK reaches the sinks once.
+// (flow.FlowService/Events, proto/flow) and of flowpipe's batch stream
+// (flowpipe.stream.v1.Collector/Stream, proto/stream; native.go), both on one listener.
+// Agents — flowpipe's grpc sink or NetBird clients — stream events to it; it batches the
+// events of all streams, hands the batches to the pipeline, and ACKs each event (on the batch
+// stream: each batch) to its client only when the pipeline's sinks made it durable (or the
+// user's drop policy dropped it, which is counted). Events are de-duplicated by ID over a
+// window, so a client's resend after a lost ACK reaches the sinks once.
 package grpcsource
 
 import (
@@ -17,6 +19,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+	"unsafe"
 
 	"github.com/google/uuid"
 	"github.com/prometheus/client_golang/prometheus"
@@ -33,11 +36,12 @@ import (
 	"github.com/flowpipe/flowpipe/internal/privilege"
 	"github.com/flowpipe/flowpipe/internal/tlsfiles"
 	pb "github.com/flowpipe/flowpipe/proto/flow"
+	streampb "github.com/flowpipe/flowpipe/proto/stream"
 )
 
 // Factory builds `type: grpc` sources.
 func Factory() component.Factory {
-	return component.NewSourceFactory("grpc", "receive events from agents over NetBird's flow protocol, ACKed end to end",
+	return component.NewSourceFactory("grpc", "receive events from agents (flowpipe's batch stream or NetBird's flow protocol), ACKed end to end",
 		defaultConfig, func(env component.Env, c *Config) (component.Source, error) { return New(env, c) })
 }
 
@@ -189,7 +193,7 @@ func (r *Receiver) Start(context.Context) error {
 		r.lis = lis
 		opts := []grpc.ServerOption{
 			grpc.ForceServerCodecV2(flowwire.Codec{}),
-			grpc.MaxRecvMsgSize(int(r.cfg.MaxMessageSize)),
+			grpc.MaxRecvMsgSize(int(max(r.cfg.MaxMessageSize, r.cfg.MaxBatchMessageSize))),
 			grpc.KeepaliveParams(keepalive.ServerParameters{Time: r.cfg.KeepaliveTime, Timeout: r.cfg.KeepaliveTimeout}),
 			grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: r.cfg.KeepaliveMinTime, PermitWithoutStream: true}),
 			grpc.InitialWindowSize(4 << 20),
@@ -200,6 +204,7 @@ func (r *Receiver) Start(context.Context) error {
 		}
 		r.srv = grpc.NewServer(opts...)
 		pb.RegisterFlowServiceServer(r.srv, r)
+		streampb.RegisterCollectorServer(r.srv, nativeServer{r: r})
 		go func() {
 			defer close(r.served)
 			if err := r.srv.Serve(lis); err != nil {
@@ -263,6 +268,8 @@ func (r *Receiver) close(ctx context.Context) error {
 }
 
 // stream is one client stream: the ACKs waiting to be sent and the events not yet ACKed.
+// A NetBird stream (flow.FlowService/Events) is ACKed per event ID, a native stream
+// (flowpipe.stream.v1.Collector/Stream, native.go) per batch.
 type stream struct {
 	// unacked counts events received whose ACK has not been sent to the client (queued
 	// ACKs included) and that were not given up on. The reader stops at
@@ -273,10 +280,33 @@ type stream struct {
 	room     chan struct{} // for the reader: unacked went down
 	started  chan struct{} // closed when the initiator arrived
 	lastRecv atomic.Int64  // Unix nanoseconds of the last message received
+	native   bool
 
-	mu   sync.Mutex
-	acks []uuid.UUID
-	dead bool
+	mu      sync.Mutex
+	acks    []uuid.UUID            // NetBird: event IDs to ACK
+	batches map[uint64]*batchState // native: batches received and not yet resolved
+	seqAcks []seqAck               // native: batches to ACK
+	dead    bool
+}
+
+// batchState is a batch of a native stream whose events are not all resolved yet.
+type batchState struct {
+	left, total int
+	failed      bool // an event of it was not delivered: no ACK, the client resends it
+}
+
+type seqAck struct {
+	seq    uint64
+	events int
+}
+
+func newStream(total *atomic.Int64, native bool) *stream {
+	st := &stream{total: total, native: native, wake: make(chan struct{}, 1), room: make(chan struct{}, 1), started: make(chan struct{})}
+	if native {
+		st.batches = map[uint64]*batchState{}
+	}
+	st.lastRecv.Store(time.Now().UnixNano())
+	return st
 }
 
 func (st *stream) signal() {
@@ -304,74 +334,156 @@ func (st *stream) done(n int64) {
 	st.signal()
 }
 
-// ack queues ACKs for events of this stream; they stay counted until sent. On a stream that
-// is gone they are dropped (the client resends on its next stream).
-func (st *stream) ack(ids []uuid.UUID) {
-	st.mu.Lock()
-	if st.dead {
+// resolve settles events of this stream: delivered (ok: their ACKs are queued, and stay
+// counted until sent) or not (they are forgotten; the client resends them). On a stream that
+// is gone nothing is queued (the client resends on its next stream).
+func (st *stream) resolve(os []origin, ok bool) {
+	if !st.native {
+		if !ok {
+			st.done(int64(len(os)))
+			return
+		}
+		st.mu.Lock()
+		if st.dead {
+			st.mu.Unlock()
+			st.done(int64(len(os)))
+			return
+		}
+		for _, o := range os {
+			st.acks = append(st.acks, o.id)
+		}
 		st.mu.Unlock()
-		st.done(int64(len(ids)))
+		st.signal()
 		return
 	}
-	st.acks = append(st.acks, ids...)
+	var released int64
+	queued := false
+	st.mu.Lock()
+	for i := 0; i < len(os); {
+		j := i + 1
+		for j < len(os) && os[j].seq == os[i].seq {
+			j++
+		}
+		released += st.settle(os[i].seq, j-i, ok, &queued)
+		i = j
+	}
 	st.mu.Unlock()
-	st.signal()
+	st.done(released)
+	if queued {
+		st.signal()
+	}
 }
 
-// release forgets n events that will not be ACKed.
-func (st *stream) release(n int) {
-	st.done(int64(n))
+// settle resolves n events of batch seq of a native stream; called with st.mu held. It
+// returns the events to release now (a batch that failed, or of a stream that is gone).
+func (st *stream) settle(seq uint64, n int, ok bool, queued *bool) int64 {
+	b := st.batches[seq]
+	if b == nil {
+		return 0
+	}
+	b.left -= n
+	if !ok {
+		b.failed = true
+	}
+	if b.left > 0 {
+		return 0
+	}
+	delete(st.batches, seq)
+	if b.failed || st.dead {
+		return int64(b.total)
+	}
+	st.seqAcks = append(st.seqAcks, seqAck{seq, b.total})
+	*queued = true
+	return 0
+}
+
+// fail settles n events of batch seq (0 on a NetBird stream) that will not be delivered.
+func (st *stream) fail(seq uint64, n int) {
+	if n == 0 {
+		return
+	}
+	if !st.native {
+		st.done(int64(n))
+		return
+	}
+	var queued bool
+	st.mu.Lock()
+	released := st.settle(seq, n, false, &queued)
+	st.mu.Unlock()
+	st.done(released)
 }
 
 // end marks the stream gone and releases what it held: queued ACKs nobody will send. The
-// events still in the pipeline are released as they are acknowledged (ack, above).
+// events still in the pipeline are released as they are resolved (above).
 func (st *stream) end() {
 	st.mu.Lock()
 	st.dead = true
 	n := len(st.acks)
 	st.acks = nil
+	for _, a := range st.seqAcks {
+		n += a.events
+	}
+	st.seqAcks = nil
 	st.mu.Unlock()
 	st.done(int64(n))
 }
 
-// Events serves one client stream.
-func (r *Receiver) Events(ss pb.FlowService_EventsServer) error {
-	ctx := ss.Context()
-	if r.cfg.Auth == "hmac" {
-		var value string
-		if md, ok := metadata.FromIncomingContext(ctx); ok {
-			if v := md.Get("authorization"); len(v) > 0 {
-				value = v[0]
-			}
+// authorize checks the stream's token (auth: hmac), the same for both protocols.
+func (r *Receiver) authorize(ctx context.Context) error {
+	if r.cfg.Auth != "hmac" {
+		return nil
+	}
+	var value string
+	if md, ok := metadata.FromIncomingContext(ctx); ok {
+		if v := md.Get("authorization"); len(v) > 0 {
+			value = v[0]
 		}
-		if c := flowwire.VerifyAuthorizationLimits(value, r.secrets, time.Now(), r.cfg.MaxTokenLifetime); c.Err != nil {
-			reason := "token_invalid"
-			switch {
-			case errors.Is(c.Err, flowwire.ErrTokenMissing):
-				reason = "token_missing"
-			case errors.Is(c.Err, flowwire.ErrTokenExpired):
-				reason = "token_expired"
-			case errors.Is(c.Err, flowwire.ErrTokenTooLong):
-				reason = "token_lifetime"
-			}
-			var attrs []any
-			if c.Payload != "" {
-				attrs = []any{"token_payload", c.Payload}
-			}
-			return r.refuseWith(ctx, reason, codes.Unauthenticated, attrs, "%v", c.Err)
-		}
+	}
+	c := flowwire.VerifyAuthorizationLimits(value, r.secrets, time.Now(), r.cfg.MaxTokenLifetime)
+	if c.Err == nil {
+		return nil
+	}
+	reason := "token_invalid"
+	switch {
+	case errors.Is(c.Err, flowwire.ErrTokenMissing):
+		reason = "token_missing"
+	case errors.Is(c.Err, flowwire.ErrTokenExpired):
+		reason = "token_expired"
+	case errors.Is(c.Err, flowwire.ErrTokenTooLong):
+		reason = "token_lifetime"
+	}
+	var attrs []any
+	if c.Payload != "" {
+		attrs = []any{"token_payload", c.Payload}
+	}
+	return r.refuseWith(ctx, reason, codes.Unauthenticated, attrs, "%v", c.Err)
+}
+
+// admit authorizes a new stream and takes one of max_streams slots; leave gives it back.
+func (r *Receiver) admit(ctx context.Context) (leave func(), err error) {
+	if err := r.authorize(ctx); err != nil {
+		return nil, err
 	}
 	if n := r.streams.Add(1); n > int64(r.cfg.MaxStreams) {
 		r.streams.Add(-1)
-		return r.refuse(ctx, "too_many_streams", codes.ResourceExhausted, "receiver has its maximum of %d streams", r.cfg.MaxStreams)
+		return nil, r.refuse(ctx, "too_many_streams", codes.ResourceExhausted, "receiver has its maximum of %d streams", r.cfg.MaxStreams)
 	}
-	defer r.streams.Add(-1)
 	select {
 	case <-r.stopping:
-		return status.Error(codes.Unavailable, "collector is shutting down")
+		r.streams.Add(-1)
+		return nil, status.Error(codes.Unavailable, "collector is shutting down")
 	default:
 	}
+	return func() { r.streams.Add(-1) }, nil
+}
 
+// Events serves one client stream.
+func (r *Receiver) Events(ss pb.FlowService_EventsServer) error {
+	leave, err := r.admit(ss.Context())
+	if err != nil {
+		return err
+	}
+	defer leave()
 	// The handshake: headers at once (a client treats a stream without them as failed), then
 	// the initiator ACK.
 	if err := ss.SendHeader(metadata.Pairs("flowpipe-receiver", "1")); err != nil {
@@ -380,12 +492,17 @@ func (r *Receiver) Events(ss pb.FlowService_EventsServer) error {
 	if err := ss.SendMsg(flowwire.Raw(flowwire.AppendInitiatorAck(nil))); err != nil {
 		return err
 	}
+	st := newStream(&r.unacked, false)
+	return r.serve(ss, st, func() error { return r.receive(ss, st) })
+}
 
-	st := &stream{total: &r.unacked, wake: make(chan struct{}, 1), room: make(chan struct{}, 1), started: make(chan struct{})}
-	st.lastRecv.Store(time.Now().UnixNano())
+// serve runs a stream whose handshake is done: receive reads it in a goroutine, and this one
+// sends the ACKs, until the stream ends.
+func (r *Receiver) serve(ss grpc.ServerStream, st *stream, receive func() error) error {
+	ctx := ss.Context()
 	defer st.end()
 	recvDone := make(chan error, 1)
-	go func() { recvDone <- r.receive(ss, st) }()
+	go func() { recvDone <- receive() }()
 
 	// A client must send its initiator in time, and a stream must not sit idle for ever:
 	// either holds one of max_streams slots.
@@ -401,6 +518,13 @@ func (r *Receiver) Events(ss pb.FlowService_EventsServer) error {
 	var recvErr error
 	received := false
 	var acks []uuid.UUID
+	var seqs []seqAck
+	flush := func() error {
+		if st.native {
+			return r.flushBatches(ss, st, &seqs)
+		}
+		return r.flush(ss, st, &acks)
+	}
 	for {
 		select {
 		case <-st.wake:
@@ -418,12 +542,12 @@ func (r *Receiver) Events(ss pb.FlowService_EventsServer) error {
 			recvErr, received = err, true
 			recvDone = nil
 		case <-r.closing:
-			r.flush(ss, st, &acks)
+			flush()
 			return status.Error(codes.Unavailable, "collector is shutting down")
 		case <-ctx.Done():
 			return status.FromContextError(ctx.Err()).Err()
 		}
-		if err := r.flush(ss, st, &acks); err != nil {
+		if err := flush(); err != nil {
 			return err
 		}
 		if received {
@@ -443,7 +567,7 @@ func (r *Receiver) Events(ss pb.FlowService_EventsServer) error {
 // ackSize is the encoded size of a FlowEventAck with an event ID.
 const ackSize = 18
 
-func (r *Receiver) flush(ss pb.FlowService_EventsServer, st *stream, acks *[]uuid.UUID) error {
+func (r *Receiver) flush(ss grpc.ServerStream, st *stream, acks *[]uuid.UUID) error {
 	st.mu.Lock()
 	*acks, st.acks = st.acks, (*acks)[:0]
 	st.mu.Unlock()
@@ -505,13 +629,18 @@ func (r *Receiver) receive(ss pb.FlowService_EventsServer, st *stream) error {
 		if m.Invalid != nil {
 			return r.refuse(ctx, "malformed", codes.InvalidArgument, "%v", m.Invalid)
 		}
+		if m.Size > int(r.cfg.MaxMessageSize) {
+			// The server's limit is the larger of max_message_size and
+			// max_batch_message_size (one listener serves both protocols).
+			return r.refuse(ctx, "oversized", codes.ResourceExhausted, "FlowEvent of %d bytes is above max_message_size (%d)", m.Size, r.cfg.MaxMessageSize)
+		}
 		if m.Initiator {
 			continue
 		}
 		r.received.Inc()
 		m.Event.Source = r.env.Name
 		st.took(1)
-		r.coll.add(st, &m.Event)
+		r.coll.add(st, 0, unsafe.Slice(&m.Event, 1))
 	}
 }
 

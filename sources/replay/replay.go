@@ -163,26 +163,26 @@ type progress struct {
 }
 
 // decompress recognises a zstd or gzip stream by its magic number (what the file sink's
-// compression option writes, rotated files included) and returns a reader of its content;
-// anything else is returned as it is.
-func decompress(r io.Reader) (io.Reader, func(), error) {
+// compression option writes, rotated files included) and returns a reader of its content and
+// whether it is compressed; anything else is returned as it is.
+func decompress(r io.Reader) (io.Reader, func(), bool, error) {
 	br := bufio.NewReaderSize(r, 64<<10)
 	magic, _ := br.Peek(4)
 	switch {
 	case bytes.HasPrefix(magic, []byte{0x28, 0xb5, 0x2f, 0xfd}):
 		d, err := zstd.NewReader(br, zstd.WithDecoderConcurrency(1))
 		if err != nil {
-			return nil, nil, fmt.Errorf("zstd: %w", err)
+			return nil, nil, true, fmt.Errorf("zstd: %w", err)
 		}
-		return d, d.Close, nil
+		return d, d.Close, true, nil
 	case bytes.HasPrefix(magic, []byte{0x1f, 0x8b}):
 		g, err := gzip.NewReader(br) // multistream: every member, one per batch
 		if err != nil {
-			return nil, nil, fmt.Errorf("gzip: %w", err)
+			return nil, nil, true, fmt.Errorf("gzip: %w", err)
 		}
-		return g, func() { g.Close() }, nil
+		return g, func() { g.Close() }, true, nil
 	}
-	return br, func() {}, nil
+	return br, func() {}, false, nil
 }
 
 // replay emits the events of one file.
@@ -196,7 +196,7 @@ func (s *Source) replay(ctx context.Context, out component.Emitter, path string,
 		defer f.Close()
 		r = f
 	}
-	r, closeFn, err := decompress(r)
+	r, closeFn, compressed, err := decompress(r)
 	if err != nil {
 		return fmt.Errorf("read %s: %w", path, err)
 	}
@@ -224,6 +224,19 @@ func (s *Source) replay(ctx context.Context, out component.Emitter, path string,
 	for {
 		b, long, err := rd.next()
 		if err == io.EOF {
+			break
+		}
+		if err != nil && compressed && errors.Is(err, io.ErrUnexpectedEOF) {
+			// A writer killed in the middle of a frame leaves it torn at the end of the file
+			// (the file sink cuts it off when it starts again; that batch was not
+			// acknowledged, and is written again). What came before it is whole.
+			if s.cfg.OnError == "stop" {
+				_ = emit()
+				return fmt.Errorf("read %s: the compressed stream ends in the middle of a frame after line %d (a writer stopped mid-write leaves that; on_error: skip reads the file up to there): %w", path, line, err)
+			}
+			st.malformed++
+			s.env.Metrics.Dropped("malformed", 1)
+			s.env.Logger.Warn("the compressed file ends in the middle of a frame (its writer was stopped mid-write): read up to there", "file", path, "lines", line)
 			break
 		}
 		if err != nil {

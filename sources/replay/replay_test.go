@@ -245,3 +245,65 @@ func TestReplayCompressed(t *testing.T) {
 		}
 	}
 }
+
+// A compressed file whose writer was killed in the middle of a frame ends in a torn frame:
+// with on_error: skip everything before it is replayed and the torn end is counted as one
+// malformed line; with on_error: stop the error says what happened and where.
+func TestReplayCompressedTornTail(t *testing.T) {
+	enc, err := zstd.NewWriter(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	compress := map[string]func([]byte) []byte{
+		"zstd": func(b []byte) []byte { return enc.EncodeAll(b, nil) },
+		"gzip": func(b []byte) []byte {
+			var m bytes.Buffer
+			w := gzip.NewWriter(&m)
+			w.Write(b)
+			w.Close()
+			return m.Bytes()
+		},
+	}
+	for _, name := range []string{"zstd", "gzip"} {
+		dir := t.TempDir()
+		ids := flow.NewIDGen()
+		var data []byte
+		for f := range 3 {
+			var b []byte
+			for i := range 20 {
+				e := flow.Event{EventID: ids.New(), FlowID: ids.New(), Type: flow.TypeStart, Timestamp: flow.Now(), Protocol: 6, TxBytes: uint64(f*20 + i)}
+				b = append(flow.AppendJSON(b, &e), '\n')
+			}
+			frame := compress[name](b)
+			if f == 2 {
+				frame = frame[:len(frame)/2]
+			}
+			data = append(data, frame...)
+		}
+		os.WriteFile(filepath.Join(dir, "torn"), data, 0o644)
+
+		var logs strings.Builder
+		m := &componenttest.Metrics{}
+		env := component.Env{Name: "r", ConfigDir: dir, Logger: slog.New(slog.NewTextHandler(&logs, nil)), Metrics: m}
+		out := &componenttest.Collector{}
+		if err := New(env, &Config{Path: "torn", BatchSize: 7, OnError: "skip"}).Run(context.Background(), out); err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		got := out.Events()
+		if len(got) < 40 || m.DroppedCount("malformed") != 1 {
+			t.Fatalf("%s: %d events, %d malformed; want the 40 of the whole frames at least, and the torn end counted once", name, len(got), m.DroppedCount("malformed"))
+		}
+		for i, e := range got {
+			if e.TxBytes != uint64(i) {
+				t.Fatalf("%s: event %d holds %d", name, i, e.TxBytes)
+			}
+		}
+		if !strings.Contains(logs.String(), "ends in the middle of a frame") {
+			t.Errorf("%s: the torn end was not logged:\n%s", name, logs.String())
+		}
+		err = New(env, &Config{Path: "torn", BatchSize: 7, OnError: "stop"}).Run(context.Background(), &componenttest.Collector{})
+		if err == nil || !strings.Contains(err.Error(), "torn: the compressed stream ends in the middle of a frame after line") {
+			t.Fatalf("%s: on_error: stop gave %v", name, err)
+		}
+	}
+}

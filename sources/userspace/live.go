@@ -37,10 +37,10 @@ func (s *Source) openLive() (*afpacket.TPacket, layers.LinkType, []netip.Prefix,
 	var tp *afpacket.TPacket
 	var local []netip.Prefix
 	link := layers.LinkTypeEthernet
-	err := netns.Run(s.cfg.Netns, func() error {
-		ifc, err := net.InterfaceByName(s.cfg.Interface)
+	err := netns.Run(s.config().Netns, func() error {
+		ifc, err := net.InterfaceByName(s.config().Interface)
 		if err != nil {
-			return fmt.Errorf("interface %q: %w", s.cfg.Interface, err)
+			return fmt.Errorf("interface %q: %w", s.config().Interface, err)
 		}
 		// Devices without a MAC address (tun, WireGuard) deliver bare IP packets.
 		if len(ifc.HardwareAddr) == 0 {
@@ -50,32 +50,38 @@ func (s *Source) openLive() (*afpacket.TPacket, layers.LinkType, []netip.Prefix,
 			return err
 		}
 		tp, err = afpacket.NewTPacket(
-			afpacket.OptInterface(s.cfg.Interface),
+			afpacket.OptInterface(s.config().Interface),
 			afpacket.OptTPacketVersion(afpacket.TPacketVersion3),
 			afpacket.OptFrameSize(frameSize),
 			afpacket.OptBlockSize(ringBlock),
-			afpacket.OptNumBlocks(int(s.cfg.RingSize)/ringBlock),
+			afpacket.OptNumBlocks(int(s.config().RingSize)/ringBlock),
 			afpacket.OptBlockTimeout(blockTimeout),
 			afpacket.OptPollTimeout(pollTimeout),
 		)
 		if err != nil {
-			return fmt.Errorf("open AF_PACKET capture on %s: %w (live capture needs CAP_NET_RAW)", s.cfg.Interface, err)
+			return fmt.Errorf("open AF_PACKET capture on %s: %w (live capture needs CAP_NET_RAW)", s.config().Interface, err)
 		}
-		// The snap length is a filter that keeps the first snaplen bytes of every packet.
-		prog, err := bpf.Assemble([]bpf.Instruction{bpf.RetConstant{Val: uint32(s.cfg.Snaplen)}})
-		if err == nil {
-			err = tp.SetBPF(prog)
-		}
-		if err == nil && s.cfg.Promiscuous {
+		err = setSnaplen(tp, s.config().Snaplen)
+		if err == nil && s.config().Promiscuous {
 			err = tp.SetPromiscuous(true)
 		}
 		if err != nil {
 			tp.Close()
-			return fmt.Errorf("configure capture on %s: %w", s.cfg.Interface, err)
+			return fmt.Errorf("configure capture on %s: %w", s.config().Interface, err)
 		}
 		return nil
 	})
 	return tp, link, local, err
+}
+
+// setSnaplen sets the snap length, a filter that keeps the first snaplen bytes of every
+// packet; on an open capture too (Reconfigure).
+func setSnaplen(tp *afpacket.TPacket, snaplen int) error {
+	prog, err := bpf.Assemble([]bpf.Instruction{bpf.RetConstant{Val: uint32(snaplen)}})
+	if err != nil {
+		return err
+	}
+	return tp.SetBPF(prog)
 }
 
 // addrsOf returns the interface's addresses as single-address prefixes.
@@ -99,10 +105,10 @@ func addrsOf(ifc *net.Interface) ([]netip.Prefix, error) {
 // interfaceAddrs reads the interface's current addresses inside the configured namespace.
 func (s *Source) interfaceAddrs() ([]netip.Prefix, error) {
 	var local []netip.Prefix
-	err := netns.Run(s.cfg.Netns, func() error {
-		ifc, err := net.InterfaceByName(s.cfg.Interface)
+	err := netns.Run(s.config().Netns, func() error {
+		ifc, err := net.InterfaceByName(s.config().Interface)
 		if err != nil {
-			return fmt.Errorf("interface %q: %w", s.cfg.Interface, err)
+			return fmt.Errorf("interface %q: %w", s.config().Interface, err)
 		}
 		local, err = addrsOf(ifc)
 		return err
@@ -117,17 +123,17 @@ const addrRefresh = 30 * time.Second
 // runLive captures until ctx ends, then ends the connections still open.
 func (s *Source) runLive(ctx context.Context, out component.Emitter) error {
 	tp, link, ifAddrs, err := s.openLive()
-	err = privilege.Explain(err, s.cfg.Capabilities())
+	err = privilege.Explain(err, s.config().Capabilities())
 	if err != nil {
 		return err
 	}
-	local := s.cfg.LocalPrefixes
+	local := s.config().LocalPrefixes
 	if len(local) == 0 {
 		local = ifAddrs
 	}
-	tr := s.newTracker(local, s.cfg.MaxPending)
-	em := newEmitter(out, s.cfg.BatchSize)
-	s.env.Logger.Info("capturing", "interface", s.cfg.Interface, "netns", s.cfg.Netns, "local", local)
+	tr := s.newTracker(local, s.config().MaxPending)
+	em := newEmitter(out, s.config().BatchSize)
+	s.env.Logger.Info("capturing", "interface", s.config().Interface, "netns", s.config().Netns, "local", local)
 	if s.started != nil {
 		close(s.started)
 	}
@@ -136,18 +142,16 @@ func (s *Source) runLive(ctx context.Context, out component.Emitter) error {
 	readErr := make(chan error, 1)
 	go func() { readErr <- s.read(tp, link, tr, &stop) }()
 
-	ticker := time.NewTicker(s.cfg.FlushInterval)
+	ticker := time.NewTicker(s.config().FlushInterval)
 	defer ticker.Stop()
-	var refresh <-chan time.Time
-	if len(s.cfg.LocalPrefixes) == 0 {
-		every := addrRefresh
-		if s.addrRefresh > 0 {
-			every = s.addrRefresh
-		}
-		t := time.NewTicker(every)
-		defer t.Stop()
-		refresh = t.C
+	// The addresses are reread while local_prefixes is not set, which a reload may change.
+	every := addrRefresh
+	if s.addrRefresh > 0 {
+		every = s.addrRefresh
 	}
+	refreshTicker := time.NewTicker(every)
+	defer refreshTicker.Stop()
+	refresh := refreshTicker.C
 	var capErr error
 	var dropsSeen uint
 loop:
@@ -159,12 +163,18 @@ loop:
 			readErr = nil
 			break loop
 		case <-tr.Ready():
+		case req := <-s.reconf:
+			req.done <- s.applyLive(req.cfg, tp, tr, em, ticker)
+			continue
 		case <-refresh:
+			if len(s.config().LocalPrefixes) > 0 {
+				continue
+			}
 			if now, err := s.interfaceAddrs(); err != nil {
 				s.env.Metrics.Errors("interface_addresses", 1)
 				s.env.Logger.Warn("could not reread the interface's addresses; keeping the previous ones", "error", err)
 			} else if fmt.Sprint(now) != fmt.Sprint(tr.LocalPrefixes()) {
-				s.env.Logger.Info("interface addresses changed", "interface", s.cfg.Interface, "local", now)
+				s.env.Logger.Info("interface addresses changed", "interface", s.config().Interface, "local", now)
 				tr.SetLocalPrefixes(now)
 				if s.addrsChanged != nil {
 					select {
@@ -199,7 +209,7 @@ loop:
 		}
 	}
 	st := tr.Stats()
-	s.env.Logger.Info("capture stopped", "interface", s.cfg.Interface, "connections", st.Started, "evicted", st.Evicted)
+	s.env.Logger.Info("capture stopped", "interface", s.config().Interface, "connections", st.Started, "evicted", st.Evicted)
 	return capErr
 }
 
@@ -239,7 +249,7 @@ func (s *Source) read(tp *afpacket.TPacket, link layers.LinkType, tr *tracker.Tr
 			if stop.Load() {
 				return nil
 			}
-			return fmt.Errorf("capture on %s: %w", s.cfg.Interface, err)
+			return fmt.Errorf("capture on %s: %w", s.config().Interface, err)
 		}
 		if err := decodeFrame(link, data, &p); err != nil {
 			c.fail(err)

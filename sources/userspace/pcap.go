@@ -80,9 +80,9 @@ func (s *Source) runPcap(ctx context.Context, out component.Emitter) error {
 		return fmt.Errorf("%s: %w", s.pcap, err)
 	}
 	// A replay waits for the pipeline rather than drop events: no MaxPending.
-	tr := s.newTracker(s.cfg.LocalPrefixes, 0)
-	em := newEmitter(out, s.cfg.BatchSize)
-	prog := newProgress(s.cfg.Progress, s.cfg.ProgressInterval, s.env.Logger, s.pcap, size)
+	tr := s.newTracker(s.config().LocalPrefixes, 0)
+	em := newEmitter(out, s.config().BatchSize)
+	prog := newProgress(s.config().Progress, s.config().ProgressInterval, s.env.Logger, s.pcap, size)
 	var (
 		c        counters
 		last     tracker.Stats
@@ -117,13 +117,19 @@ func (s *Source) runPcap(ctx context.Context, out component.Emitter) error {
 			c.count(tr.ProcessAt(&p, now))
 		}
 		if pkts&63 == 0 {
-			if tr.Pending() >= s.cfg.BatchSize {
+			if tr.Pending() >= s.config().BatchSize {
 				if err := em.emit(ctx, tr.DrainEvents(em.buffer())); err != nil {
 					stopped = true
 					break
 				}
 			}
 			if pkts&4095 == 0 {
+				select {
+				case req := <-s.reconf:
+					s.applyReplay(req.cfg, tr, em, prog, now)
+					req.done <- nil
+				default:
+				}
 				if ctx.Err() != nil {
 					stopped = true
 					break

@@ -26,17 +26,24 @@ type progress struct {
 }
 
 func newProgress(mode string, interval time.Duration, log *slog.Logger, file string, size int64) *progress {
-	p := &progress{w: os.Stderr, log: log, file: file, size: size, interval: interval, start: time.Now()}
+	p := &progress{w: os.Stderr, log: log, file: file, size: size, start: time.Now()}
 	p.last = p.start
+	p.setMode(mode, interval)
+	return p
+}
+
+// setMode sets how progress is shown (the progress and progress_interval options).
+func (p *progress) setMode(mode string, interval time.Duration) {
+	p.interval, p.off, p.bar = interval, false, false
 	switch mode {
 	case "off":
 		p.off = true
 	case "bar":
 		p.bar = true
 	case "auto":
-		p.bar = isTerminal(os.Stderr)
+		f, ok := p.w.(*os.File)
+		p.bar = ok && isTerminal(f)
 	}
-	return p
 }
 
 func isTerminal(f *os.File) bool {

@@ -4,6 +4,8 @@ import (
 	"context"
 	"net/netip"
 	"path/filepath"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -15,7 +17,8 @@ import (
 
 // Source is the userspace source.
 type Source struct {
-	cfg  Config
+	// cfg is the options in force, replaced whole by Reconfigure (reconfigure.go).
+	cfg  atomic.Pointer[Config]
 	env  component.Env
 	pcap string // absolute or as given
 
@@ -30,11 +33,23 @@ type Source struct {
 	// addrsChanged, when set, receives the new addresses after a change.
 	addrRefresh  time.Duration
 	addrsChanged chan []netip.Prefix
+
+	// reconf hands new options to the running capture or replay, which applies them between
+	// two packets (reconfigure.go); running is closed when Run returns.
+	reconf   chan *reconfRequest
+	reconfMu sync.Mutex
+	mu       sync.Mutex
+	running  chan struct{}
 }
+
+// config is the options in force.
+func (s *Source) config() *Config { return s.cfg.Load() }
 
 // New builds the source; the capture or the file is opened by Run.
 func New(env component.Env, c *Config) (*Source, error) {
-	s := &Source{cfg: *c, env: env, pcap: c.Pcap}
+	s := &Source{env: env, pcap: c.Pcap, reconf: make(chan *reconfRequest)}
+	cfg := *c
+	s.cfg.Store(&cfg)
 	if s.pcap != "" && !filepath.IsAbs(s.pcap) && env.ConfigDir != "" {
 		s.pcap = filepath.Join(env.ConfigDir, s.pcap)
 	}
@@ -65,21 +80,30 @@ func New(env component.Env, c *Config) (*Source, error) {
 
 // Run captures or replays until ctx ends or the file ends.
 func (s *Source) Run(ctx context.Context, out component.Emitter) error {
-	if s.cfg.Pcap != "" {
+	running := make(chan struct{})
+	s.mu.Lock()
+	s.running = running
+	s.mu.Unlock()
+	defer close(running)
+	if s.config().Pcap != "" {
 		return s.runPcap(ctx, out)
 	}
 	return s.runLive(ctx, out)
 }
 
 func (s *Source) newTracker(local []netip.Prefix, maxPending int) *tracker.Tracker {
-	return tracker.New(tracker.Config{
+	return tracker.New(s.trackerConfig(s.config(), local, maxPending))
+}
+
+func (s *Source) trackerConfig(c *Config, local []netip.Prefix, maxPending int) tracker.Config {
+	return tracker.Config{
 		LocalPrefixes: local,
-		MaxEntries:    s.cfg.MaxEntries,
-		Timeouts:      s.cfg.Timeouts,
+		MaxEntries:    c.MaxEntries,
+		Timeouts:      c.Timeouts,
 		Source:        s.env.Name,
-		BatchHint:     s.cfg.BatchSize,
+		BatchHint:     c.BatchSize,
 		MaxPending:    maxPending,
-	})
+	}
 }
 
 // counters turns packet results into metrics in bulk, so that the per-packet path touches
@@ -181,7 +205,7 @@ func (e *emitter) buffer() []flow.Event {
 // flushAll ends every open connection at now and emits the end events.
 func (s *Source) flushAll(ctx context.Context, tr *tracker.Tracker, em *emitter, now flow.Time) error {
 	for {
-		left := tr.Flush(now, s.cfg.BatchSize)
+		left := tr.Flush(now, s.config().BatchSize)
 		if err := em.emit(ctx, tr.DrainEvents(em.buffer())); err != nil {
 			return err
 		}

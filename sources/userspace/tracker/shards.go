@@ -255,3 +255,42 @@ func (t *Tracker) DrainEvents(spare []flow.Event) []flow.Event {
 	}
 	return evs
 }
+
+// Retune changes a running tracker's Config.MaxEntries, Timeouts, BatchHint and MaxPending
+// (zero values mean the defaults, as in New) and its LocalPrefixes (as SetLocalPrefixes),
+// keeping every connection with its flow ID: a reload of the embedder's options. New
+// timeouts apply at once to every connection; a MaxEntries below the connections in the
+// table evicts the excess at now, each with its end event. Clock, Source and Shards are
+// fixed when the tracker is made.
+func (t *Tracker) Retune(c Config, now flow.Time) {
+	t.SetLocalPrefixes(c.LocalPrefixes)
+	for _, sh := range t.shards {
+		sh.mu.Lock() // all of them: every shard reads hint and maxPend under its own lock
+	}
+	defer func() {
+		for _, sh := range t.shards {
+			sh.mu.Unlock()
+		}
+	}()
+	t.hint = c.BatchHint
+	if t.hint <= 0 {
+		t.hint = 1024
+	}
+	t.maxPend = c.MaxPending
+	maxEntries := c.MaxEntries
+	if maxEntries <= 0 {
+		maxEntries = 1 << 18
+	}
+	per := (maxEntries + len(t.shards) - 1) / len(t.shards)
+	for _, sh := range t.shards {
+		sh.setTimeouts(c.Timeouts)
+		sh.max = per
+		for sh.ix.n > sh.max {
+			n := sh.ix.n
+			sh.evictLocked(now)
+			if sh.ix.n == n {
+				break
+			}
+		}
+	}
+}

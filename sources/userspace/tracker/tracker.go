@@ -113,7 +113,17 @@ func newShard(t *Tracker, c *Config, max int, seed *[6]uint64) *shard {
 		source: c.Source,
 		ids:    flow.NewIDGen(),
 	}
-	sh.timeout = c.Timeouts.withDefaults().byClass()
+	sh.setTimeouts(c.Timeouts)
+	sh.ix = newIndex(min(max, 4096), seed)
+	for i := range sh.lists {
+		sh.lists[i] = list{head: -1, tail: -1}
+	}
+	return sh
+}
+
+// setTimeouts sets the shard's timeouts (under its lock once the shard is in use).
+func (sh *shard) setTimeouts(to Timeouts) {
+	sh.timeout = to.withDefaults().byClass()
 	// Sweep often enough that the shortest timeout is honoured to within a tenth of itself,
 	// and at least once a second.
 	sh.sweepGap = int64(1e9)
@@ -122,11 +132,6 @@ func newShard(t *Tracker, c *Config, max int, seed *[6]uint64) *shard {
 			sh.sweepGap = d / 10
 		}
 	}
-	sh.ix = newIndex(min(max, 4096), seed)
-	for i := range sh.lists {
-		sh.lists[i] = list{head: -1, tail: -1}
-	}
-	return sh
 }
 
 // key is a connection's 5-tuple in a canonical order (the lower address and port first), so

@@ -13,7 +13,10 @@
 //	                          acknowledgement to options.acks, and the size of each
 //	                          batch whose Emit returned nil to options.emitted
 //	flowpipe-enricher-tag     sets rule_id to options.rule and filters events whose source
-//	                          port is a multiple of options.drop_every (counted)
+//	                          port is a multiple of options.drop_every (counted); it takes
+//	                          new options while it runs (component.Reconfigurer)
+//	flowpipe-enricher-old     the tag enricher as a plugin built before the Reconfigure
+//	                          call: the call is not served at all (Unimplemented)
 //	flowpipe-sink-future      speaks only protocol version 2
 //
 // A name ending in v1 (flowpipe-sink-jsonlv1, ...) serves the same plugin as one built before
@@ -27,6 +30,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -41,11 +45,14 @@ import (
 	goplugin "github.com/hashicorp/go-plugin"
 	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	"github.com/flowpipe/flowpipe/core/component"
 	"github.com/flowpipe/flowpipe/core/flow"
 	"github.com/flowpipe/flowpipe/core/options"
 	"github.com/flowpipe/flowpipe/internal/pluginproto"
+	"github.com/flowpipe/flowpipe/internal/pluginserver"
 	"github.com/flowpipe/flowpipe/sdk"
 )
 
@@ -70,6 +77,8 @@ func main() {
 		sdk.ServeSource(sdk.Info{Type: "seq", Version: "0.0.1-test"}, func() *sourceConfig { return &sourceConfig{Batch: 100} }, newSource)
 	case strings.HasPrefix(name, "flowpipe-enricher-tag"):
 		sdk.ServeEnricher(sdk.Info{Type: "tag", Version: "0.0.1-test"}, func() *tagConfig { return &tagConfig{} }, newTag)
+	case strings.HasPrefix(name, "flowpipe-enricher-old"):
+		serveOld(component.NewEnricherFactory("tag", "", func() *tagConfig { return &tagConfig{} }, newTag))
 	case strings.HasPrefix(name, "flowpipe-sink-future"):
 		// A plugin from a future flowpipe: same handshake cookie, protocol 2 only.
 		hs := pluginproto.Handshake
@@ -299,23 +308,72 @@ type tagConfig struct {
 	DropEvery int    `yaml:"drop_every"`
 }
 
+func (c *tagConfig) Validate() error {
+	var errs options.FieldErrors
+	if c.DropEvery < 0 {
+		errs.Add("drop_every", "must not be negative, got %d", c.DropEvery)
+	}
+	return errs.Err()
+}
+
 type tag struct {
-	cfg *tagConfig
+	cfg atomic.Pointer[tagConfig]
 	env component.Env
 }
 
-func newTag(env component.Env, c *tagConfig) (component.Enricher, error) { return &tag{c, env}, nil }
+func newTag(env component.Env, c *tagConfig) (component.Enricher, error) {
+	t := &tag{env: env}
+	t.cfg.Store(c)
+	return t, nil
+}
 
 func (t *tag) Enrich(_ context.Context, b *flow.Batch) error {
+	cfg := t.cfg.Load()
 	kept := b.Events[:0]
 	for _, e := range b.Events {
-		if t.cfg.DropEvery > 0 && int(e.SrcPort)%t.cfg.DropEvery == 0 {
+		if cfg.DropEvery > 0 && int(e.SrcPort)%cfg.DropEvery == 0 {
 			continue
 		}
-		e.RuleID = t.cfg.Rule
+		e.RuleID = cfg.Rule
 		kept = append(kept, e)
 	}
 	t.env.Metrics.Filtered("port_multiple", len(b.Events)-len(kept))
 	b.Events = kept
 	return nil
+}
+
+// Reconfigure takes new options between batches; changing rule to "restart" asks for a new
+// instance, as a change a component cannot apply in place does.
+func (t *tag) Reconfigure(_ context.Context, raw map[string]any) error {
+	c := &tagConfig{}
+	if errs := options.Check(raw, c, ""); len(errs) > 0 {
+		return errs
+	}
+	if c.Rule == "restart" {
+		return fmt.Errorf("rule %q: %w", c.Rule, component.ErrRestartNeeded)
+	}
+	t.cfg.Store(c)
+	return nil
+}
+
+// oldComponent serves the Component service as a plugin built before Reconfigure existed:
+// the call is not served, and gRPC answers Unimplemented, as for any unknown method.
+type oldComponent struct{ *pluginserver.Server }
+
+func (oldComponent) Reconfigure(context.Context, *pluginproto.ReconfigureRequest) (*pluginproto.ReconfigureResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "unknown method Reconfigure for service flowpipe.plugin.v1.Component")
+}
+
+func serveOld(f component.Factory) {
+	srv := pluginserver.New(f, "0.0.1-old", slog.New(slog.NewTextHandler(os.Stderr, nil)))
+	goplugin.Serve(&goplugin.ServeConfig{
+		HandshakeConfig: pluginproto.Handshake,
+		VersionedPlugins: pluginproto.PluginSets(func(g *grpc.Server) {
+			pluginproto.RegisterComponentServer(g, oldComponent{srv})
+			pluginproto.RegisterEnricherServer(g, srv)
+		}),
+		GRPCServer: func(opts []grpc.ServerOption) *grpc.Server {
+			return grpc.NewServer(append(opts, pluginproto.ServerOptions()...)...)
+		},
+	})
 }
