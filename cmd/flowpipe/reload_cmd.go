@@ -18,7 +18,7 @@ import (
 
 // The exit codes of `flowpipe reload` (its --help lists them).
 const (
-	exitReloadRejected    = 1 // the new file was rejected (422), or applying it failed (500)
+	exitReloadRejected    = 1 // the new file was rejected (422), applying it failed (500), or no answer in time
 	exitReloadUnreachable = 2 // no flowpipe answered: not running, wrong address, admin listener disabled
 	exitReloadRefused     = 3 // the admin listener refused the request: a wrong or missing token
 	exitReloadUnavailable = 4 // flowpipe is starting or stopping: no reload now (503)
@@ -55,7 +55,8 @@ $MAINPID).
 
 Exit status:
   0  the reload was applied
-  1  the new file was rejected (nothing changed), or applying it failed (in part)
+  1  the new file was rejected (nothing changed), applying it failed (in part), or no
+     answer came within --timeout
   2  cannot reach flowpipe: not running, another address, or the admin listener disabled
   3  the admin listener refused the request: a wrong or missing token
   4  flowpipe is starting or stopping: try again`,
@@ -84,11 +85,13 @@ Exit status:
 			defer cancel()
 			resp, err := c.do(ctx, http.MethodPost, "/-/reload", "")
 			if err != nil {
+				if errors.Is(err, context.DeadlineExceeded) {
+					// Reached, perhaps, but no answer: the outcome is unknown.
+					fmt.Fprintf(stderr, "flowpipe reload: no answer from %s within --timeout %s; a reload that began goes on in flowpipe: see its log\n", c.addr, timeout)
+					return exitError{exitReloadRejected}
+				}
 				fmt.Fprintln(stderr, "flowpipe reload:", err)
 				if errors.Is(err, errUnreachable) {
-					if errors.Is(err, context.DeadlineExceeded) {
-						fmt.Fprintf(stderr, "flowpipe reload: no answer within --timeout %s; the reload goes on in flowpipe: see its log\n", timeout)
-					}
 					return exitError{exitReloadUnreachable}
 				}
 				return exitError{exitReloadRejected}
