@@ -193,7 +193,7 @@ func printReload(stdout, stderr io.Writer, c *adminClient, resp *http.Response, 
 	switch resp.StatusCode {
 	case http.StatusOK:
 		if !asJSON {
-			printDiff(stdout, &a.reloadAnswer)
+			printDiff(stdout, &a.reloadAnswer, "reload applied")
 		}
 		return nil
 	case http.StatusUnprocessableEntity:
@@ -215,7 +215,7 @@ func printReload(stdout, stderr io.Writer, c *adminClient, resp *http.Response, 
 		return exitError{exitReloadRejected}
 	}
 	if !asJSON {
-		printDiff(stdout, &a.reloadAnswer)
+		printDiff(stdout, &a.reloadAnswer, "reload applied in part")
 		for _, e := range a.Errors {
 			fmt.Fprintln(stderr, "error:", e)
 		}
@@ -224,8 +224,9 @@ func printReload(stdout, stderr io.Writer, c *adminClient, resp *http.Response, 
 	return exitError{exitReloadRejected}
 }
 
-// printDiff prints what a reload did, one line per component started, stopped or changed.
-func printDiff(w io.Writer, a *reloadAnswer) {
+// printDiff prints what a reload did, one line per component started, stopped or changed,
+// then verdict with the counts.
+func printDiff(w io.Writer, a *reloadAnswer, verdict string) {
 	for _, s := range a.Started {
 		fmt.Fprintf(w, "started  %s\n", s)
 	}
@@ -270,8 +271,8 @@ func printDiff(w io.Writer, a *reloadAnswer) {
 		fmt.Fprintf(w, "handed over  sink/%s: %d queued events\n", name, a.HandedOver[name])
 	}
 	if len(a.Started)+len(a.Stopped)+len(a.Changed) == 0 {
-		fmt.Fprintf(w, "reload applied: nothing changed (%d components kept)\n", len(a.Kept))
+		fmt.Fprintf(w, "%s: nothing changed (%d components kept)\n", verdict, len(a.Kept))
 		return
 	}
-	fmt.Fprintf(w, "reload applied: %d started, %d stopped, %d changed, %d kept\n", len(a.Started), len(a.Stopped), len(a.Changed), len(a.Kept))
+	fmt.Fprintf(w, "%s: %d started, %d stopped, %d changed, %d kept\n", verdict, len(a.Started), len(a.Stopped), len(a.Changed), len(a.Kept))
 }

@@ -2,6 +2,7 @@ package main
 
 import (
 	"encoding/json"
+	"net"
 	"path/filepath"
 	"regexp"
 	"slices"
@@ -91,6 +92,22 @@ sinks:
 	if a.Result != "applied" || len(a.Started)+len(a.Stopped)+len(a.Changed) != 0 || !slices.Equal(a.Kept, []string{"sink/more", "sink/out", "source/gen"}) {
 		t.Fatalf("reload --json of the running file: %+v", a)
 	}
+
+	// A valid file that cannot be applied in full (a new gRPC receiver on a port in use):
+	// what was done, the error, exit 1; the rest runs on.
+	busy, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer busy.Close()
+	replaceFile(t, filepath.Join(dir, "p.yaml"), strings.Replace(fixed, "sinks:\n", `  rx: {type: grpc, listen: "`+busy.Addr().String()+`", auth: none}`+"\nsinks:\n", 1))
+	stdout, stderr, code = flowpipe(t, dir, "reload", "-c", "p.yaml")
+	if code != exitReloadRejected || !strings.Contains(stdout, "reload applied in part: ") ||
+		!regexp.MustCompile(`(?m)^error: source/rx: start: .*address already in use`).MatchString(stderr) ||
+		!strings.Contains(stderr, "reload failed in part: 1 change(s) could not be applied") {
+		t.Fatalf("reload applied in part: exit %d, want %d:\n%s%s", code, exitReloadRejected, stdout, stderr)
+	}
+	keepsGrowing(t, filepath.Join(dir, "more.jsonl"))
 
 	// Nothing listens at --admin: cannot reach, exit 2.
 	stdout, stderr, code = flowpipe(t, dir, "reload", "--admin", "unix:"+filepath.Join(dir, "nobody.sock"))
