@@ -113,11 +113,11 @@ Exit status:
 // when none was given. It reports whether the file disables the listener. A file that is
 // not there is no error when it was not named (-c, $FLOWPIPE_CONFIG): c keeps its default.
 func (c *adminClient) fromPipelineFile(g *globalFlags, named bool) (disabled bool, err error) {
+	if _, err := os.Stat(g.config); !named && errors.Is(err, os.ErrNotExist) {
+		return false, nil
+	}
 	doc, err := g.loadConfig()
 	if doc == nil {
-		if !named && errors.Is(err, os.ErrNotExist) {
-			return false, nil
-		}
 		return false, fmt.Errorf("where is flowpipe? reading the pipeline file for admin.listen: %w (or set --admin)", err)
 	}
 	// A file with problems still says where its admin listener is: the running flowpipe
