@@ -8,12 +8,17 @@ import (
 	"time"
 
 	"github.com/google/uuid"
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/status"
 
 	"github.com/flowpipe/flowpipe/core/component"
 	"github.com/flowpipe/flowpipe/core/options"
 	"github.com/flowpipe/flowpipe/internal/flowwire"
+	"github.com/flowpipe/flowpipe/internal/testenv"
+	pb "github.com/flowpipe/flowpipe/proto/flow"
+	grpcsrc "github.com/flowpipe/flowpipe/sources/grpc"
 )
 
 const secret2 = "second-secret-9876543210"
@@ -188,5 +193,51 @@ func TestReconfigureRefused(t *testing.T) {
 	one.stream.Send(big)
 	if _, err := one.stream.Recv(); !isCode(err, codes.ResourceExhausted) {
 		t.Errorf("event above the new max_message_size: %v, want RESOURCE_EXHAUSTED", err)
+	}
+}
+
+// TestReconfigureTLSFiles: new certificate files serve the next handshakes of the running
+// listener; a client that trusts only the old CA is refused from then on.
+func TestReconfigureTLSFiles(t *testing.T) {
+	p1, p2 := testenv.NewPKI(t), testenv.NewPKI(t)
+	r := start(t, func(c *grpcsrc.Config) {
+		c.Auth, c.Secrets, c.CertFile, c.KeyFile = "none", nil, p1.ServerCert, p1.ServerKey
+	}, &sinkEmitter{})
+	addr := r.Addr().String()
+	handshake := func(caFile string) error {
+		t.Helper()
+		creds, err := credentials.NewClientTLSFromFile(caFile, "collector.test")
+		if err != nil {
+			t.Fatal(err)
+		}
+		conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(creds))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		stream, err := pb.NewFlowServiceClient(conn).Events(context.Background())
+		if err != nil {
+			return err
+		}
+		return (&netbirdClient{stream: stream, conn: conn}).handshake()
+	}
+	if err := handshake(p1.CAFile); err != nil {
+		t.Fatalf("with the first certificate: %v", err)
+	}
+	o := map[string]any{"listen": "127.0.0.1:0", "auth": "none", "cert_file": p2.ServerCert, "key_file": p2.ServerKey}
+	if err := r.Reconfigure(context.Background(), o); err != nil {
+		t.Fatal(err)
+	}
+	if err := handshake(p2.CAFile); err != nil {
+		t.Errorf("trusting the new CA after the change: %v", err)
+	}
+	if err := handshake(p1.CAFile); err == nil {
+		t.Error("a client trusting only the old CA was served after the certificate changed")
+	}
+	// TLS off needs a new listener.
+	delete(o, "cert_file")
+	delete(o, "key_file")
+	if err := r.Reconfigure(context.Background(), o); !errors.Is(err, component.ErrRestartNeeded) {
+		t.Errorf("TLS turned off: %v, want ErrRestartNeeded", err)
 	}
 }
