@@ -198,8 +198,8 @@ func warnRunAs(doc *config.Document, log *slog.Logger) {
 	var asRoot, ignored []string
 	for _, list := range [][]config.Component{doc.Sources, doc.Enrichers, doc.Sinks} {
 		for _, c := range list {
-			if c.Isolation == "inproc" {
-				continue
+			if c.Isolation == "inproc" || !c.Enabled || !doc.Enabled {
+				continue // runs in flowpipe's own process, or not at all
 			}
 			switch {
 			case os.Geteuid() == 0 && c.RunAs == "":
