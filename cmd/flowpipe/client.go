@@ -3,6 +3,7 @@ package main
 import (
 	"bufio"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -43,6 +44,23 @@ func (c *adminClient) flags(fs *pflag.FlagSet) {
 // get starts a GET of path with query q and returns the response body, or an error that
 // says what to do.
 func (c *adminClient) get(ctx context.Context, path string, q string) (io.ReadCloser, error) {
+	resp, err := c.do(ctx, http.MethodGet, path, q)
+	if err != nil {
+		return nil, err
+	}
+	if resp.StatusCode != http.StatusOK {
+		defer resp.Body.Close()
+		return nil, c.statusError(resp)
+	}
+	return resp.Body, nil
+}
+
+// errUnreachable marks the errors of do that mean no flowpipe answered at c.addr.
+var errUnreachable = errors.New("cannot reach the admin listener")
+
+// do sends a request with no body to the admin listener, with the bearer token, and returns
+// the response whatever its status. An error that wraps errUnreachable means nothing answered.
+func (c *adminClient) do(ctx context.Context, method, path string, q string) (*http.Response, error) {
 	tr := &http.Transport{}
 	base := "http://" + c.addr
 	switch {
@@ -74,7 +92,11 @@ func (c *adminClient) get(ctx context.Context, path string, q string) (io.ReadCl
 	if token == "" {
 		token = os.Getenv("FLOWPIPE_ADMIN_TOKEN")
 	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, base+path+"?"+q, nil)
+	url := base + path
+	if q != "" || method == http.MethodGet {
+		url += "?" + q
+	}
+	req, err := http.NewRequestWithContext(ctx, method, url, nil)
 	if err != nil {
 		return nil, fmt.Errorf("--admin %s: %w", c.addr, err)
 	}
@@ -83,17 +105,18 @@ func (c *adminClient) get(ctx context.Context, path string, q string) (io.ReadCl
 	}
 	resp, err := (&http.Client{Transport: tr}).Do(req)
 	if err != nil {
-		return nil, fmt.Errorf("cannot reach the admin listener at %s: %w (is `flowpipe run` running, and is this its admin.listen? set --admin)", c.addr, err)
+		return nil, fmt.Errorf("%w at %s: %w (is `flowpipe run` running, and is this its admin.listen? set --admin)", errUnreachable, c.addr, err)
 	}
-	if resp.StatusCode != http.StatusOK {
-		msg, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
-		resp.Body.Close()
-		if resp.StatusCode == http.StatusUnauthorized {
-			return nil, fmt.Errorf("the admin listener at %s wants its token (admin.token): pass --token, --token-file or $FLOWPIPE_ADMIN_TOKEN", c.addr)
-		}
-		return nil, fmt.Errorf("admin listener at %s: %s", c.addr, strings.TrimSpace(string(msg)))
+	return resp, nil
+}
+
+// statusError is what a response other than 200 says, for the user.
+func (c *adminClient) statusError(resp *http.Response) error {
+	msg, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+	if resp.StatusCode == http.StatusUnauthorized {
+		return fmt.Errorf("the admin listener at %s wants its token (admin.token): pass --token, --token-file or $FLOWPIPE_ADMIN_TOKEN", c.addr)
 	}
-	return resp.Body, nil
+	return fmt.Errorf("admin listener at %s: %s", c.addr, strings.TrimSpace(string(msg)))
 }
 
 // lines calls fn for each line of r, and idle (if not nil) whenever no more input is

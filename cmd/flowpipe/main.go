@@ -58,7 +58,7 @@ A pipeline is declared in pipeline.yaml.`,
 	root.PersistentFlags().StringVar(&g.logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	root.PersistentFlags().StringVar(&g.logFormat, "log-format", "text", "log format: text or json")
 	root.AddCommand(newRunCmd(g), newValidateCmd(g), newGraphCmd(g), newVersionCmd(),
-		newPluginsCmd(g), newPluginCmd(), newTapCmd(g), newTopCmd(g), newQueueCmd())
+		newPluginsCmd(g), newPluginCmd(), newTapCmd(g), newTopCmd(g), newQueueCmd(), newReloadCmd(g))
 	return root
 }
 

@@ -774,4 +774,10 @@ sinks:
 	if code != 1 || !strings.Contains(stderr, "cannot reach the admin listener") {
 		t.Errorf("tap without a client certificate: %d %s", code, stderr)
 	}
+	// flowpipe reload goes the same way (the same client): the running file, nothing changed.
+	out, stderr, code := flowpipe(t, dir, "reload", admin, "--cacert", filepath.Join(dir, "ca.pem"),
+		"--cert", filepath.Join(dir, "client.pem"), "--key", filepath.Join(dir, "client-key.pem"))
+	if code != 0 || out != "reload applied: nothing changed (2 components kept)\n" {
+		t.Errorf("reload over mTLS: exit %d, %q %s", code, out, stderr)
+	}
 }

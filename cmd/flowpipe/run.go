@@ -54,7 +54,7 @@ Exit status:
   3  stopped, but accepted events were not delivered: given up at shutdown, dropped by a
      full queue (when_full: drop_*) or after retry.max_attempts, or failed by an enricher;
      the log says how many, per sink`,
-		Example: "  flowpipe run\n  flowpipe run -c examples/generate.yaml --log-format json\n  flowpipe run --watch          # reload pipeline.yaml whenever it changes\n  kill -HUP $(pidof flowpipe)   # reload it now\n  FLOWPIPE_SINKS__STDOUT__PATH=/tmp/flows.jsonl flowpipe run   # the default pipeline's sink is named stdout",
+		Example: "  flowpipe run\n  flowpipe run -c examples/generate.yaml --log-format json\n  flowpipe run --watch          # reload pipeline.yaml whenever it changes\n  flowpipe reload               # reload it now, and print what changed\n  kill -HUP $(pidof flowpipe)   # reload it now, silently\n  FLOWPIPE_SINKS__STDOUT__PATH=/tmp/flows.jsonl flowpipe run   # the default pipeline's sink is named stdout",
 		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			// Signals are taken before building, so that a SIGHUP or SIGTERM that arrives

@@ -39,7 +39,7 @@ func TestServiceUnitVerifies(t *testing.T) {
 	unit := filepath.Join(t.TempDir(), "flowpipe.service")
 	writeFile(t, unit, strings.ReplaceAll(string(data), "/usr/bin/flowpipe", binary))
 	verifyUnit(t, unit)
-	for _, want := range []string{"Type=notify", "ExecReload=/bin/kill -HUP $MAINPID", "StateDirectory=flowpipe",
+	for _, want := range []string{"Type=notify", "ExecReload=/usr/bin/flowpipe reload --hup-pid $MAINPID", "StateDirectory=flowpipe",
 		"ProtectSystem=strict", "ProtectHome=yes", "PrivateTmp=yes", "NoNewPrivileges=yes", "Restart=on-failure",
 		"Environment=FLOWPIPE_CONFIG=/etc/flowpipe/pipeline.yaml", "WatchdogSec="} {
 		if !strings.Contains(string(data), "\n"+want) {

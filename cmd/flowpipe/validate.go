@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"io"
 	"strings"
 	"time"
 
@@ -21,25 +22,31 @@ when there is any, 0 when the pipeline is valid.`,
 		Example: "  flowpipe validate\n  flowpipe validate -c /etc/flowpipe/pipeline.yaml",
 		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-			defer cancel()
-			doc, p, log, err := g.build(ctx)
-			if err != nil {
-				return err
-			}
-			p.Close(ctx)
-			if doc.Admin.Listen != "" {
-				// The admin listener's token file and certificates are read as run would.
-				if _, err := adminOptions(doc, p, log); err != nil {
-					return err
-				}
-			}
-			fmt.Fprintf(cmd.OutOrStdout(), "%s: valid (%d sources, %d enrichers, %d sinks%s)\n", doc.File, len(doc.Sources), len(doc.Enrichers), len(doc.Sinks), disabledNote(doc))
-			return nil
+			return validateFile(cmd.OutOrStdout(), g)
 		},
 	}
 	addConfigFlag(cmd, g)
 	return cmd
+}
+
+// validateFile is `flowpipe validate`: the problems go to stderr (and the error is exit 1),
+// the verdict on a valid file to w.
+func validateFile(w io.Writer, g *globalFlags) error {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	doc, p, log, err := g.build(ctx)
+	if err != nil {
+		return err
+	}
+	p.Close(ctx)
+	if doc.Admin.Listen != "" {
+		// The admin listener's token file and certificates are read as run would.
+		if _, err := adminOptions(doc, p, log); err != nil {
+			return err
+		}
+	}
+	fmt.Fprintf(w, "%s: valid (%d sources, %d enrichers, %d sinks%s)\n", doc.File, len(doc.Sources), len(doc.Enrichers), len(doc.Sinks), disabledNote(doc))
+	return nil
 }
 
 // disabledNote says what of a valid pipeline is turned off (enabled: false).
