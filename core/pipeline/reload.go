@@ -40,7 +40,9 @@ type Change struct {
 	Keys      []string // what changed: option key paths, or type, plugin, isolation, sha256, run_as, process
 	// How is "reconfigured" (the running instance took the new options, component.Reconfigurer;
 	// also a sink whose only change is its retry or in_flight settings, which its writers
-	// take) or "replaced" (a new instance took over; also a sink given a new queue).
+	// take) or "replaced" (a new instance took over; also a sink given a new queue), or
+	// "failed" (a source whose change could not be applied: it goes on with its old options,
+	// and ReloadReport.Errors says why).
 	How string
 }
 
@@ -48,6 +50,7 @@ type Change struct {
 const (
 	HowReconfigured = "reconfigured"
 	HowReplaced     = "replaced"
+	HowFailed       = "failed"
 )
 
 // plan is what a document needs beyond what runs: New builds everything in it, and Reload's
@@ -682,6 +685,11 @@ func (p *Pipeline) apply(rs *runState, t1 *topology, pl *plan) {
 
 	// Sources last, when every stage they feed is in place.
 	var sources []*sourceNode
+	// A source whose change failed goes on as it was: its diff line must not say it changed.
+	failedSource := func(k string, format string, args ...any) {
+		failed(k, format, args...)
+		pl.setHow(k, HowFailed)
+	}
 	for _, op := range pl.srcOps {
 		if op.old == nil && op.node == nil {
 			continue // stopped above
@@ -699,7 +707,7 @@ func (p *Pipeline) apply(rs *runState, t1 *topology, pl *plan) {
 					if pt != nil {
 						p.closeParts([]*part{pt})
 					}
-					failed(k, "cannot take the new options in place and its replacement failed (%v); it goes on with its old options", ps)
+					failedSource(k, "cannot take the new options in place and its replacement failed (%v); it goes on with its old options", ps)
 					continue
 				}
 				p.mu.Lock()
@@ -708,7 +716,7 @@ func (p *Pipeline) apply(rs *runState, t1 *topology, pl *plan) {
 				pl.setHow(k, HowReplaced)
 				op.node = node
 			default:
-				failed(k, "Reconfigure failed (%v); it goes on with its old options", err)
+				failedSource(k, "Reconfigure failed (%v); it goes on with its old options", err)
 				continue
 			}
 		}
@@ -721,7 +729,7 @@ func (p *Pipeline) apply(rs *runState, t1 *topology, pl *plan) {
 					if op.old != nil {
 						what = "the old instance goes on"
 					}
-					failed(key(component.KindSource, op.node.name), "start: %v; %s", err, what)
+					failedSource(key(component.KindSource, op.node.name), "start: %v; %s", err, what)
 					if op.old != nil {
 						sources = append(sources, op.old)
 						op.node = nil

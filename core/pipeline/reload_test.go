@@ -74,6 +74,11 @@ func newReloadHarness() *reloadHarness {
 			s := &reconfSource{countSource: countSource{h: h, batch: c.Batch}, name: env.Name}
 			return s, nil
 		}))
+	h.reg.Register(component.NewSourceFactory("startcount", "", func() *countConf { return &countConf{Batch: 20} },
+		func(env component.Env, c *countConf) (component.Source, error) {
+			h.built("source/" + env.Name)
+			return &startingSource{countSource: countSource{h: h, batch: c.Batch}, fail: c.Tag == "fail"}, nil
+		}))
 	h.reg.Register(component.NewSinkFactory("rec", "", func() *recConf { return &recConf{} },
 		func(env component.Env, c *recConf) (component.Sink, error) {
 			h.built("sink/" + env.Name)
@@ -188,6 +193,20 @@ func (s *countSource) Run(ctx context.Context, out component.Emitter) error {
 			return nil
 		}
 	}
+}
+
+// startingSource is a countSource with a Start, which fails when its tag is "fail" (as a
+// listener's does on an address in use).
+type startingSource struct {
+	countSource
+	fail bool
+}
+
+func (s *startingSource) Start(context.Context) error {
+	if s.fail {
+		return errors.New("listen: address already in use")
+	}
+	return nil
 }
 
 // reconfSource is a countSource that takes new options in place (its batch size).
@@ -1235,3 +1254,25 @@ func BenchmarkReloadUnderLoad(b *testing.B) {
 }
 
 func slogDiscard() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
+
+// A changed source whose new instance fails to start goes on as it was: the reload reports
+// the error, and the change says how=failed, not replaced.
+func TestFailedSourceReplacementIsNotReportedReplaced(t *testing.T) {
+	h := newReloadHarness()
+	dataDir := t.TempDir()
+	p, _, done := h.start(t, h.doc(t, dataDir, "sources:\n  gen: {type: startcount}\nsinks:\n  out: {type: rec}\n"))
+	h.waitMore(t, "out", 0)
+	rep, err := p.Reload(context.Background(), h.doc(t, dataDir, "sources:\n  gen: {type: startcount, tag: fail}\nsinks:\n  out: {type: rec}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rep.Errors) != 1 || !strings.Contains(rep.Errors[0], "address already in use") {
+		t.Errorf("errors %v, want the new instance's start failure", rep.Errors)
+	}
+	if len(rep.Changed) != 1 || rep.Changed[0].Component != "source/gen" || rep.Changed[0].How != HowFailed {
+		t.Errorf("changed %+v, want source/gen how=failed", rep.Changed)
+	}
+	h.waitMore(t, "out", h.recorder("out").count()) // the old instance goes on
+	h.finish(t, p, done)
+	h.exactlyOnce(t, "out")
+}

@@ -63,7 +63,9 @@ func newCollector(r *Receiver) *collector {
 	}
 }
 
-func (c *collector) dedupOn() bool { return c.r.cfg.Dedup.Window > 0 && c.r.cfg.Dedup.MaxEvents > 0 }
+func (c *collector) dedupOn() bool {
+	return c.r.conf().Dedup.Window > 0 && c.r.conf().Dedup.MaxEvents > 0
+}
 
 // add takes events received on st (of its batch seq on a native stream; 0 on a NetBird
 // stream), which has already counted them as unacknowledged; events is not kept. It blocks
@@ -104,7 +106,7 @@ func (c *collector) add(st *stream, seq uint64, events []flow.Event) {
 		}
 		c.events = append(c.events, *e)
 		c.origins = append(c.origins, origin{st, id, seq})
-		if len(c.events) >= c.r.cfg.BatchSize {
+		if len(c.events) >= c.r.conf().BatchSize {
 			full := c.take()
 			c.mu.Unlock()
 			select {
@@ -126,14 +128,14 @@ func (c *collector) newEvents() []flow.Event {
 	case ev := <-c.free:
 		return ev[:0]
 	default:
-		return make([]flow.Event, 0, c.r.cfg.BatchSize)
+		return make([]flow.Event, 0, c.r.conf().BatchSize)
 	}
 }
 
 // take removes the batch being built; called with c.mu held.
 func (c *collector) take() *pendingBatch {
 	b := &pendingBatch{events: c.events, origins: c.origins}
-	c.events, c.origins = nil, make([]origin, 0, c.r.cfg.BatchSize)
+	c.events, c.origins = nil, make([]origin, 0, c.r.conf().BatchSize)
 	c.wg.Add(1)
 	return b
 }
@@ -141,16 +143,22 @@ func (c *collector) take() *pendingBatch {
 // run emits batches until ctx ends: full ones as they come, partial ones batch_delay after
 // their first event.
 func (c *collector) run(ctx context.Context, out component.Emitter) {
-	tick := time.NewTicker(max(c.r.cfg.BatchDelay/2, time.Millisecond))
+	period := func() time.Duration { return max(c.r.conf().BatchDelay/2, time.Millisecond) }
+	every := period()
+	tick := time.NewTicker(every)
 	defer tick.Stop()
 	for {
 		select {
 		case b := <-c.ready:
 			c.emit(ctx, out, b)
 		case <-tick.C:
+			if p := period(); p != every { // a reload changed batch_delay
+				every = p
+				tick.Reset(every)
+			}
 			c.mu.Lock()
 			var b *pendingBatch
-			if len(c.events) > 0 && time.Since(c.first) >= c.r.cfg.BatchDelay {
+			if len(c.events) > 0 && time.Since(c.first) >= c.r.conf().BatchDelay {
 				b = c.take()
 			}
 			c.mu.Unlock()
@@ -256,11 +264,11 @@ func ackRuns(os []origin, ok bool) {
 
 // expire forgets delivered IDs that left the window; called with c.mu held.
 func (c *collector) expire(now time.Time) {
-	cutoff := now.Add(-c.r.cfg.Dedup.Window).UnixNano()
+	cutoff := now.Add(-c.r.conf().Dedup.Window).UnixNano()
 	for c.done.Len() > 0 && c.done.Oldest().At < cutoff {
 		c.forgetOldest()
 	}
-	if c.journal != nil && c.journal.Records > 2*c.r.cfg.Dedup.MaxEvents+1024 {
+	if c.journal != nil && c.journal.Records > 2*c.r.conf().Dedup.MaxEvents+1024 {
 		if err := c.journal.Rewrite(c.done.All()); err != nil {
 			c.r.env.Metrics.Errors("dedup_state", 1)
 			c.r.log.Error("dedup state file not compacted", "err", err)
@@ -270,8 +278,8 @@ func (c *collector) expire(now time.Time) {
 
 // load restores delivered IDs from the state file; called before serving.
 func (c *collector) load(path string) error {
-	cutoff := time.Now().Add(-c.r.cfg.Dedup.Window).UnixNano()
-	j, recs, err := dedup.OpenJournal(path, cutoff, c.r.cfg.Dedup.MaxEvents)
+	cutoff := time.Now().Add(-c.r.conf().Dedup.Window).UnixNano()
+	j, recs, err := dedup.OpenJournal(path, cutoff, c.r.conf().Dedup.MaxEvents)
 	if err != nil {
 		return err
 	}
@@ -286,10 +294,10 @@ func (c *collector) load(path string) error {
 // remember records a delivered ID, forgetting the oldest when the window is full; called
 // with c.mu held.
 func (c *collector) remember(r dedup.Rec) {
-	if c.done.Len() == c.r.cfg.Dedup.MaxEvents {
-		c.forgetOldest()
+	for c.done.Len() > 0 && c.done.Len() >= c.r.conf().Dedup.MaxEvents {
+		c.forgetOldest() // one, or more after a reload lowered max_events
 	}
-	c.done.Push(r, c.r.cfg.Dedup.MaxEvents)
+	c.done.Push(r, c.r.conf().Dedup.MaxEvents)
 }
 
 func (c *collector) forgetOldest() {

@@ -56,11 +56,10 @@ func (r *Receiver) receiveBatches(ss grpc.ServerStream, st *stream) error {
 	}
 	close(st.started)
 	st.lastRecv.Store(nowNano())
-	limit := int64(r.cfg.MaxUnackedPerStrm)
 	for {
 		// As on a NetBird stream: stop reading while the stream has its maximum of events
 		// waiting for ACKs (it may exceed it by one batch).
-		for st.unacked.Load() >= limit {
+		for st.unacked.Load() >= int64(r.conf().MaxUnackedPerStrm) {
 			select {
 			case <-st.room:
 			case <-ctx.Done():
@@ -71,8 +70,8 @@ func (r *Receiver) receiveBatches(ss grpc.ServerStream, st *stream) error {
 			return r.recvError(ctx, err)
 		}
 		st.lastRecv.Store(nowNano())
-		if m.Size > int(r.cfg.MaxBatchMessageSize) {
-			return r.refuse(ctx, "oversized", codes.ResourceExhausted, "batch message of %d bytes is above max_batch_message_size (%d)", m.Size, r.cfg.MaxBatchMessageSize)
+		if m.Size > int(r.conf().MaxBatchMessageSize) {
+			return r.refuse(ctx, "oversized", codes.ResourceExhausted, "batch message of %d bytes is above max_batch_message_size (%d)", m.Size, r.conf().MaxBatchMessageSize)
 		}
 		if m.Invalid != nil {
 			return r.refuse(ctx, "malformed", codes.InvalidArgument, "%v", m.Invalid)

@@ -49,11 +49,16 @@ func Factory() component.Factory {
 type Receiver struct {
 	pb.UnimplementedFlowServiceServer
 
-	cfg     *Config
+	live    atomic.Pointer[settings] // the options now; Reconfigure swaps them (reconfigure.go)
 	env     component.Env
 	log     *slog.Logger
-	secrets [][]byte
 	creds   credentials.TransportCredentials
+	tlsConf atomic.Pointer[tls.Config] // what new TLS handshakes use
+	maxRecv int                        // the server's message size limit, fixed at Start
+
+	reconfMu sync.Mutex
+	openMu   sync.Mutex
+	tracked  map[*stream]struct{} // streams being served, for closing revoked ones
 
 	startOnce sync.Once
 	startErr  error
@@ -83,17 +88,21 @@ func New(env component.Env, c *Config) (*Receiver, error) {
 	if env.Metrics == nil {
 		env.Metrics = component.NopMetrics{}
 	}
-	r := &Receiver{cfg: c, env: env, log: env.Logger, stopping: make(chan struct{}), closing: make(chan struct{}), served: make(chan struct{})}
+	r := &Receiver{env: env, log: env.Logger, stopping: make(chan struct{}), closing: make(chan struct{}), served: make(chan struct{}), tracked: map[*stream]struct{}{}}
+	r.live.Store(newSettings(c))
 	r.logLimit.interval = time.Second
-	for _, s := range c.Secrets {
-		r.secrets = append(r.secrets, []byte(s))
-	}
 	if c.CertFile != "" {
 		tc, err := serverTLS(env, c)
 		if err != nil {
 			return nil, err
 		}
-		r.creds = credentials.NewTLS(tc)
+		r.tlsConf.Store(tc)
+		// Every handshake takes the configuration of the moment, so that a reload's new
+		// certificate or client CAs serve the next connection.
+		r.creds = credentials.NewTLS(&tls.Config{
+			MinVersion:         tls.VersionTLS12,
+			GetConfigForClient: func(*tls.ClientHelloInfo) (*tls.Config, error) { return r.tlsConf.Load(), nil },
+		})
 	}
 	if err := r.metrics(env); err != nil {
 		return nil, err
@@ -179,23 +188,30 @@ func (l *logLimiter) allow(reason string, now time.Time) (ok bool, suppressed in
 }
 
 func serverTLS(env component.Env, c *Config) (*tls.Config, error) {
-	return tlsfiles.Server(env.Path(c.CertFile), env.Path(c.KeyFile), env.Path(c.ClientCAFile))
+	tc, err := tlsfiles.Server(env.Path(c.CertFile), env.Path(c.KeyFile), env.Path(c.ClientCAFile))
+	if err != nil {
+		return nil, err
+	}
+	// Served through GetConfigForClient, this configuration must offer HTTP/2 itself.
+	tc.NextProtos = []string{"h2"}
+	return tc, nil
 }
 
 // Start opens the listener, so that a port in use fails the pipeline's start.
 func (r *Receiver) Start(context.Context) error {
 	r.startOnce.Do(func() {
-		lis, err := net.Listen("tcp", r.cfg.Listen)
+		lis, err := net.Listen("tcp", r.conf().Listen)
 		if err != nil {
-			r.startErr = fmt.Errorf("listen %s: %w", r.cfg.Listen, privilege.Explain(err, r.cfg.Capabilities()))
+			r.startErr = fmt.Errorf("listen %s: %w", r.conf().Listen, privilege.Explain(err, r.conf().Capabilities()))
 			return
 		}
 		r.lis = lis
+		r.maxRecv = int(max(r.conf().MaxMessageSize, r.conf().MaxBatchMessageSize))
 		opts := []grpc.ServerOption{
 			grpc.ForceServerCodecV2(flowwire.Codec{}),
-			grpc.MaxRecvMsgSize(int(max(r.cfg.MaxMessageSize, r.cfg.MaxBatchMessageSize))),
-			grpc.KeepaliveParams(keepalive.ServerParameters{Time: r.cfg.KeepaliveTime, Timeout: r.cfg.KeepaliveTimeout}),
-			grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: r.cfg.KeepaliveMinTime, PermitWithoutStream: true}),
+			grpc.MaxRecvMsgSize(r.maxRecv),
+			grpc.KeepaliveParams(keepalive.ServerParameters{Time: r.conf().KeepaliveTime, Timeout: r.conf().KeepaliveTimeout}),
+			grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: r.conf().KeepaliveMinTime, PermitWithoutStream: true}),
 			grpc.InitialWindowSize(4 << 20),
 			grpc.InitialConnWindowSize(8 << 20),
 		}
@@ -211,7 +227,7 @@ func (r *Receiver) Start(context.Context) error {
 				r.log.Error("grpc server stopped", "err", err)
 			}
 		}()
-		r.log.Info("flow receiver listening", "addr", lis.Addr().String(), "tls", r.creds != nil, "auth", r.cfg.Auth)
+		r.log.Info("flow receiver listening", "addr", lis.Addr().String(), "tls", r.creds != nil, "auth", r.conf().Auth)
 	})
 	return r.startErr
 }
@@ -279,7 +295,11 @@ type stream struct {
 	wake     chan struct{} // for the handler: ACKs to send, or unacked changed
 	room     chan struct{} // for the reader: unacked went down
 	started  chan struct{} // closed when the initiator arrived
-	lastRecv atomic.Int64  // Unix nanoseconds of the last message received
+	kick     chan struct{} // closed when a reload revoked the stream's token
+	kickOnce sync.Once
+	token    string       // its authorization header
+	admitted time.Time    // when it was admitted
+	lastRecv atomic.Int64 // Unix nanoseconds of the last message received
 	native   bool
 
 	mu      sync.Mutex
@@ -301,7 +321,7 @@ type seqAck struct {
 }
 
 func newStream(total *atomic.Int64, native bool) *stream {
-	st := &stream{total: total, native: native, wake: make(chan struct{}, 1), room: make(chan struct{}, 1), started: make(chan struct{})}
+	st := &stream{total: total, native: native, wake: make(chan struct{}, 1), room: make(chan struct{}, 1), started: make(chan struct{}), kick: make(chan struct{})}
 	if native {
 		st.batches = map[uint64]*batchState{}
 	}
@@ -430,16 +450,12 @@ func (st *stream) end() {
 
 // authorize checks the stream's token (auth: hmac), the same for both protocols.
 func (r *Receiver) authorize(ctx context.Context) error {
-	if r.cfg.Auth != "hmac" {
+	live := r.live.Load()
+	if live.cfg.Auth != "hmac" {
 		return nil
 	}
-	var value string
-	if md, ok := metadata.FromIncomingContext(ctx); ok {
-		if v := md.Get("authorization"); len(v) > 0 {
-			value = v[0]
-		}
-	}
-	c := flowwire.VerifyAuthorizationLimits(value, r.secrets, time.Now(), r.cfg.MaxTokenLifetime)
+	value := authorization(ctx)
+	c := flowwire.VerifyAuthorizationLimits(value, live.secrets, time.Now(), live.cfg.MaxTokenLifetime)
 	if c.Err == nil {
 		return nil
 	}
@@ -464,9 +480,9 @@ func (r *Receiver) admit(ctx context.Context) (leave func(), err error) {
 	if err := r.authorize(ctx); err != nil {
 		return nil, err
 	}
-	if n := r.streams.Add(1); n > int64(r.cfg.MaxStreams) {
+	if limit := r.conf().MaxStreams; r.streams.Add(1) > int64(limit) {
 		r.streams.Add(-1)
-		return nil, r.refuse(ctx, "too_many_streams", codes.ResourceExhausted, "receiver has its maximum of %d streams", r.cfg.MaxStreams)
+		return nil, r.refuse(ctx, "too_many_streams", codes.ResourceExhausted, "receiver has its maximum of %d streams", limit)
 	}
 	select {
 	case <-r.stopping:
@@ -501,16 +517,24 @@ func (r *Receiver) Events(ss pb.FlowService_EventsServer) error {
 func (r *Receiver) serve(ss grpc.ServerStream, st *stream, receive func() error) error {
 	ctx := ss.Context()
 	defer st.end()
+	st.token, st.admitted = authorization(ctx), time.Now()
+	r.track(st)
+	defer r.untrack(st)
+	if !r.accepts(r.live.Load(), st) {
+		// A reload removed its secret between admit and track.
+		return r.refuse(ctx, "token_revoked", codes.Unauthenticated, "%s", revokedMessage)
+	}
+	cfg := r.conf() // the stream's timeouts are those of its start
 	recvDone := make(chan error, 1)
 	go func() { recvDone <- receive() }()
 
 	// A client must send its initiator in time, and a stream must not sit idle for ever:
 	// either holds one of max_streams slots.
-	initiator := time.NewTimer(r.cfg.InitiatorTimeout)
+	initiator := time.NewTimer(cfg.InitiatorTimeout)
 	defer initiator.Stop()
 	var idle <-chan time.Time
-	if r.cfg.IdleTimeout > 0 {
-		t := time.NewTicker(max(r.cfg.IdleTimeout/4, 10*time.Millisecond))
+	if cfg.IdleTimeout > 0 {
+		t := time.NewTicker(max(cfg.IdleTimeout/4, 10*time.Millisecond))
 		defer t.Stop()
 		idle = t.C
 	}
@@ -532,12 +556,14 @@ func (r *Receiver) serve(ss grpc.ServerStream, st *stream, receive func() error)
 			select {
 			case <-st.started:
 			default:
-				return r.refuse(ctx, "no_initiator", codes.DeadlineExceeded, "no initiator message within initiator_timeout (%s)", r.cfg.InitiatorTimeout)
+				return r.refuse(ctx, "no_initiator", codes.DeadlineExceeded, "no initiator message within initiator_timeout (%s)", cfg.InitiatorTimeout)
 			}
 		case <-idle:
-			if st.unacked.Load() == 0 && time.Since(time.Unix(0, st.lastRecv.Load())) >= r.cfg.IdleTimeout {
-				return r.refuse(ctx, "idle", codes.Unavailable, "stream idle for idle_timeout (%s); reconnect to send more", r.cfg.IdleTimeout)
+			if st.unacked.Load() == 0 && time.Since(time.Unix(0, st.lastRecv.Load())) >= cfg.IdleTimeout {
+				return r.refuse(ctx, "idle", codes.Unavailable, "stream idle for idle_timeout (%s); reconnect to send more", cfg.IdleTimeout)
 			}
+		case <-st.kick:
+			return r.refuse(ctx, "token_revoked", codes.Unauthenticated, "%s", revokedMessage)
 		case err := <-recvDone:
 			recvErr, received = err, true
 			recvDone = nil
@@ -611,11 +637,10 @@ func (r *Receiver) receive(ss pb.FlowService_EventsServer, st *stream) error {
 	}
 	close(st.started)
 	st.lastRecv.Store(time.Now().UnixNano())
-	limit := int64(r.cfg.MaxUnackedPerStrm)
 	for {
 		// Stop reading while the stream has its maximum of events waiting for ACKs: gRPC's
 		// flow control then holds the client back.
-		for st.unacked.Load() >= limit {
+		for st.unacked.Load() >= int64(r.conf().MaxUnackedPerStrm) {
 			select {
 			case <-st.room:
 			case <-ss.Context().Done():
@@ -629,10 +654,10 @@ func (r *Receiver) receive(ss pb.FlowService_EventsServer, st *stream) error {
 		if m.Invalid != nil {
 			return r.refuse(ctx, "malformed", codes.InvalidArgument, "%v", m.Invalid)
 		}
-		if m.Size > int(r.cfg.MaxMessageSize) {
+		if m.Size > int(r.conf().MaxMessageSize) {
 			// The server's limit is the larger of max_message_size and
 			// max_batch_message_size (one listener serves both protocols).
-			return r.refuse(ctx, "oversized", codes.ResourceExhausted, "FlowEvent of %d bytes is above max_message_size (%d)", m.Size, r.cfg.MaxMessageSize)
+			return r.refuse(ctx, "oversized", codes.ResourceExhausted, "FlowEvent of %d bytes is above max_message_size (%d)", m.Size, r.conf().MaxMessageSize)
 		}
 		if m.Initiator {
 			continue
