@@ -603,23 +603,10 @@ func (p *Pipeline) apply(rs *runState, t1 *topology, pl *plan) {
 			op.node.spec = op.spec
 		case errors.Is(err, component.ErrRestartNeeded):
 			node, pt, ps := p.newEnricher(wctx, pl.doc, op.spec, false)
-			if len(ps) == 0 {
-				if s, ok := pt.c.(component.Starter); ok {
-					if err := s.Start(wctx); err != nil {
-						ps = config.Problems{{Msg: err.Error()}}
-					}
-				}
-			}
-			if len(ps) > 0 {
-				if pt != nil {
-					p.closeParts([]*part{pt})
-				}
+			if ps := p.adoptReplacement(wctx, pt, ps, true); len(ps) > 0 {
 				failed(k, "cannot take the new options in place and its replacement failed (%v); it goes on with its old options", ps)
 				continue
 			}
-			p.mu.Lock()
-			p.parts = append(p.parts, pt)
-			p.mu.Unlock()
 			pl.changes[k].How = HowReplaced
 			i := slices.Index(t2.enrich, op.node)
 			enrich := slices.Clone(t2.enrich)
@@ -703,16 +690,10 @@ func (p *Pipeline) apply(rs *runState, t1 *topology, pl *plan) {
 				continue
 			case errors.Is(err, component.ErrRestartNeeded):
 				node, pt, ps := p.newSource(wctx, pl.doc, op.spec, false)
-				if len(ps) > 0 {
-					if pt != nil {
-						p.closeParts([]*part{pt})
-					}
+				if ps := p.adoptReplacement(wctx, pt, ps, false); len(ps) > 0 { // started below
 					failedSource(k, "cannot take the new options in place and its replacement failed (%v); it goes on with its old options", ps)
 					continue
 				}
-				p.mu.Lock()
-				p.parts = append(p.parts, pt)
-				p.mu.Unlock()
 				pl.setHow(k, HowReplaced)
 				op.node = node
 			default:
@@ -823,6 +804,31 @@ func (p *Pipeline) retireSink(op *sinkOp, timeout time.Duration, rep *ReloadRepo
 	}
 }
 
+// adoptReplacement takes in the instance built for a change its running component could not
+// take in place (Reconfigure answered ErrRestartNeeded): it starts it (when start is set;
+// a source starts with the others later) and adds it to the parts. When building or
+// starting failed, it closes what was built and returns the problems; the running instance
+// then goes on with its old options.
+func (p *Pipeline) adoptReplacement(ctx context.Context, pt *part, ps config.Problems, start bool) config.Problems {
+	if len(ps) == 0 && start {
+		if s, ok := pt.c.(component.Starter); ok {
+			if err := s.Start(ctx); err != nil {
+				ps = config.Problems{{Msg: err.Error()}}
+			}
+		}
+	}
+	if len(ps) > 0 {
+		if pt != nil {
+			p.closeParts([]*part{pt})
+		}
+		return ps
+	}
+	p.mu.Lock()
+	p.parts = append(p.parts, pt)
+	p.mu.Unlock()
+	return nil
+}
+
 // changeSink gives a changed sink its new component, settings or queue; what the queue holds
 // goes to the new instance.
 func (p *Pipeline) changeSink(rs *runState, pl *plan, op *sinkOp, timeout time.Duration, failed func(string, string, ...any)) {
@@ -835,23 +841,10 @@ func (p *Pipeline) changeSink(rs *runState, pl *plan, op *sinkOp, timeout time.D
 		case err == nil:
 		case errors.Is(err, component.ErrRestartNeeded):
 			pt, _, ps := p.buildSinkPart(rs.ctx, pl.doc, op.spec, op.own, false)
-			if len(ps) == 0 {
-				if s, ok := pt.c.(component.Starter); ok {
-					if err := s.Start(rs.ctx); err != nil {
-						ps = config.Problems{{Msg: err.Error()}}
-					}
-				}
-			}
-			if len(ps) > 0 {
-				if pt != nil {
-					p.closeParts([]*part{pt})
-				}
+			if ps := p.adoptReplacement(rs.ctx, pt, ps, true); len(ps) > 0 {
 				failed(k, "cannot take the new options in place and its replacement failed (%v); it goes on with its old options", ps)
 				break
 			}
-			p.mu.Lock()
-			p.parts = append(p.parts, pt)
-			p.mu.Unlock()
 			op.comp = pt
 			if op.node != o {
 				op.node.cur.Store(&sinkImpl{sink: pt.c.(component.Sink), part: pt})

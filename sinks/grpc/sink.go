@@ -591,12 +591,15 @@ func closeErr(stream grpc.ClientStream, err error) error {
 	return err
 }
 
-// send writes queued events to the stream until it fails or ctx ends.
-func (s *Sink) send(ctx context.Context, stream grpc.ClientStream, gen uint64) error {
+// sendLoop is a stream's sending loop, for either protocol. Each time events are queued (or
+// ack_timeout's tick queues the late ones again) it takes the ones due on this stream (not
+// ACKed, not given up, not sent on it within ack_timeout), marks them sent and hands each to
+// add, then calls seal, both under s.mu; then, with s.mu released, flush sends what they
+// gathered (false: there was nothing). It returns when ctx ends or a send fails.
+func (s *Sink) sendLoop(ctx context.Context, gen uint64, add func(*pending), seal func(), flush func() (bool, error)) error {
 	tick := time.NewTicker(max(s.cfg.AckTimeout/4, 10*time.Millisecond))
 	defer tick.Stop()
 	var batch []*pending
-	var msgs [][]byte
 	for {
 		select {
 		case <-ctx.Done():
@@ -609,7 +612,6 @@ func (s *Sink) send(ctx context.Context, stream grpc.ClientStream, gen uint64) e
 			s.mu.Lock()
 			batch, s.queue = s.queue, batch[:0]
 			now := time.Now()
-			msgs = msgs[:0]
 			first, again := 0, 0
 			for _, p := range batch {
 				if s.pending[p.id] != p || p.stream == gen && now.Sub(p.sentAt) < s.cfg.AckTimeout {
@@ -621,28 +623,46 @@ func (s *Sink) send(ctx context.Context, stream grpc.ClientStream, gen uint64) e
 					again++
 				}
 				p.stream, p.sentAt = gen, now
-				if p.msg == nil {
-					// Encoded for flowpipe's protocol by its Write; its Write still waits
-					// (it is pending), so its event is still there.
-					p.msg = flowwire.AppendEvent(nil, p.ev, s.key)
-				}
-				msgs = append(msgs, p.msg)
+				add(p)
 			}
+			seal()
 			s.mu.Unlock()
 			clear(batch)
-			if len(msgs) == 0 {
-				break
+			sent, err := flush()
+			if err != nil {
+				// The stream's status, if any, comes from the receiving goroutine.
+				return fmt.Errorf("send: %w", err)
 			}
-			for _, m := range msgs {
-				if err := stream.SendMsg(flowwire.Raw(m)); err != nil {
-					// The stream's status, if any, comes from the receiving goroutine.
-					return fmt.Errorf("send: %w", err)
-				}
+			if !sent {
+				break
 			}
 			s.sent.Add(float64(first))
 			s.resent.Add(float64(again))
 		}
 	}
+}
+
+// send is sendLoop for NetBird's protocol: one message per event.
+func (s *Sink) send(ctx context.Context, stream grpc.ClientStream, gen uint64) error {
+	var msgs [][]byte
+	add := func(p *pending) {
+		if p.msg == nil {
+			// Encoded for flowpipe's protocol by its Write; its Write still waits (it is
+			// pending), so its event is still there.
+			p.msg = flowwire.AppendEvent(nil, p.ev, s.key)
+		}
+		msgs = append(msgs, p.msg)
+	}
+	flush := func() (bool, error) {
+		defer func() { msgs = msgs[:0] }()
+		for _, m := range msgs {
+			if err := stream.SendMsg(flowwire.Raw(m)); err != nil {
+				return true, err
+			}
+		}
+		return len(msgs) > 0, nil
+	}
+	return s.sendLoop(ctx, gen, add, func() {}, flush)
 }
 
 // batchRun is the events of one message of flowpipe's protocol.
@@ -653,87 +673,60 @@ type batchRun struct {
 	size  int
 }
 
-// sendBatches is send for flowpipe's protocol: the queued events go out in runs, one message
-// per run of at most a quarter of max_in_flight events (so that ACKs of earlier runs make
-// room while later ones travel) and of at most max_batch_message_size.
+// sendBatches is sendLoop for flowpipe's protocol: the queued events go out in runs, one
+// message per run of at most a quarter of max_in_flight events (so that ACKs of earlier runs
+// make room while later ones travel) and of at most max_batch_message_size.
 func (s *Sink) sendBatches(ctx context.Context, stream grpc.ClientStream, gen uint64) error {
-	tick := time.NewTicker(max(s.cfg.AckTimeout/4, 10*time.Millisecond))
-	defer tick.Stop()
 	maxEvents := min(max(s.cfg.MaxInFlight/4, 1), 4096)
 	limit := int(s.cfg.MaxBatchMessageSize) - streamwire.BatchHeaderSize - 1
-	var batch []*pending
 	var runs []batchRun
+	var cur batchRun
 	var seq uint64
-	for {
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-s.wake:
-		case <-tick.C:
-			s.requeueLate(gen)
+	add := func(p *pending) {
+		if p.packed == nil {
+			// Encoded for NetBird's protocol by its Write, which still waits.
+			p.packed = codec.AppendEvent(nil, p.ev)
 		}
-		for {
-			s.mu.Lock()
-			batch, s.queue = s.queue, batch[:0]
-			now := time.Now()
-			runs = runs[:0]
-			var cur batchRun
-			first, again := 0, 0
-			for _, p := range batch {
-				if s.pending[p.id] != p || p.stream == gen && now.Sub(p.sentAt) < s.cfg.AckTimeout {
-					continue // ACKed, given up, or already sent on this stream
-				}
-				if p.stream == 0 && p.sentAt.IsZero() {
-					first++
-				} else {
-					again++
-				}
-				p.stream, p.sentAt = gen, now
-				if p.packed == nil {
-					// Encoded for NetBird's protocol by its Write, which still waits.
-					p.packed = codec.AppendEvent(nil, p.ev)
-				}
-				if len(cur.ids) > 0 && (len(cur.ids) == maxEvents || cur.size+len(p.packed) > limit) {
-					runs = append(runs, cur)
-					cur = batchRun{}
-				}
-				cur.ids = append(cur.ids, p.id)
-				cur.parts = append(cur.parts, p.packed)
-				cur.size += len(p.packed)
-			}
-			if len(cur.ids) > 0 {
-				runs = append(runs, cur)
-			}
-			// Known before it is sent: its ACK may come back at once.
-			for i := range runs {
-				seq++
-				runs[i].seq = seq
-				s.groups[seq] = runs[i].ids
-			}
-			s.mu.Unlock()
-			clear(batch)
-			if len(runs) == 0 {
-				break
-			}
-			for i := range runs {
-				r := &runs[i]
-				// The bytes of a packed event are its Write's and never change; gRPC writes
-				// the message after SendMsg returns, so each message has bytes of its own.
-				msg := make([]byte, 0, streamwire.BatchHeaderSize+1+r.size)
-				msg = streamwire.AppendBatchHeader(msg, r.seq, len(r.ids), 1+r.size)
-				msg = append(msg, codec.Version)
-				for _, part := range r.parts {
-					msg = append(msg, part...)
-				}
-				r.parts = nil
-				if err := stream.SendMsg(flowwire.Raw(msg)); err != nil {
-					return fmt.Errorf("send: %w", err)
-				}
-			}
-			s.sent.Add(float64(first))
-			s.resent.Add(float64(again))
+		if len(cur.ids) > 0 && (len(cur.ids) == maxEvents || cur.size+len(p.packed) > limit) {
+			runs = append(runs, cur)
+			cur = batchRun{}
+		}
+		cur.ids = append(cur.ids, p.id)
+		cur.parts = append(cur.parts, p.packed)
+		cur.size += len(p.packed)
+	}
+	seal := func() {
+		if len(cur.ids) > 0 {
+			runs = append(runs, cur)
+			cur = batchRun{}
+		}
+		// Known before it is sent: its ACK may come back at once.
+		for i := range runs {
+			seq++
+			runs[i].seq = seq
+			s.groups[seq] = runs[i].ids
 		}
 	}
+	flush := func() (bool, error) {
+		defer func() { runs = runs[:0] }()
+		for i := range runs {
+			r := &runs[i]
+			// The bytes of a packed event are its Write's and never change; gRPC writes the
+			// message after SendMsg returns, so each message has bytes of its own.
+			msg := make([]byte, 0, streamwire.BatchHeaderSize+1+r.size)
+			msg = streamwire.AppendBatchHeader(msg, r.seq, len(r.ids), 1+r.size)
+			msg = append(msg, codec.Version)
+			for _, part := range r.parts {
+				msg = append(msg, part...)
+			}
+			r.parts = nil
+			if err := stream.SendMsg(flowwire.Raw(msg)); err != nil {
+				return true, err
+			}
+		}
+		return len(runs) > 0, nil
+	}
+	return s.sendLoop(ctx, gen, add, seal, flush)
 }
 
 // requeueLate queues again the events sent on this stream longer than ack_timeout ago.
