@@ -65,11 +65,13 @@ func TestRunExportsToIPFIXSyslogAndOCSFFile(t *testing.T) {
 	}
 	defer stopNfcapd()
 	waitUntil(t, "nfcapd to listen", func() bool {
-		c, err := net.ListenPacket("udp", fmt.Sprintf("127.0.0.1:%d", port))
-		if err == nil {
-			c.Close()
+		select {
+		case <-nfDone:
+			t.Fatalf("nfcapd exited before it listened:\n%s", nfOut.String())
+		default:
 		}
-		return err != nil
+		found, _ := testenv.LoopbackUDP(t, port)
+		return found
 	})
 
 	// A syslog server that counts octet-counted frames.
@@ -148,13 +150,8 @@ sinks:
 	// IPFIX: nfcapd stored every start, end and aggregate record (once it has read every
 	// datagram: the socket's rx_queue in /proc/net/udp is empty).
 	waitUntil(t, "nfcapd to read every datagram", func() bool {
-		data, _ := os.ReadFile("/proc/net/udp")
-		for _, l := range strings.Split(string(data), "\n") {
-			if f := strings.Fields(l); len(f) > 4 && f[1] == fmt.Sprintf("0100007F:%04X", port) {
-				return strings.Trim(strings.SplitN(f[4], ":", 2)[1], "0") == ""
-			}
-		}
-		return false
+		found, unread := testenv.LoopbackUDP(t, port)
+		return found && unread == 0
 	})
 	stopNfcapd()
 	files, _ := filepath.Glob(filepath.Join(flows, "nfcapd.*"))

@@ -91,16 +91,6 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 	}
 }
 
-// udpBound reports whether something listens on the loopback UDP port.
-func udpBound(port int) bool {
-	pc, err := net.ListenPacket("udp", fmt.Sprintf("127.0.0.1:%d", port))
-	if err != nil {
-		return true
-	}
-	pc.Close()
-	return false
-}
-
 func exportRecording(t *testing.T, mod func(c *Config)) []flow.Event {
 	t.Helper()
 	s := newSink(t, mod, nil)
@@ -109,26 +99,6 @@ func exportRecording(t *testing.T, mod func(c *Config)) []flow.Event {
 		t.Fatal(err)
 	}
 	return exported(rec, s.cfg.Events)
-}
-
-// udpDrained reports whether the loopback UDP socket on port has no datagram left unread
-// (the rx_queue column of /proc/net/udp): the collector has taken everything sent to it.
-func udpDrained(t *testing.T, port int) bool {
-	t.Helper()
-	data, err := os.ReadFile("/proc/net/udp")
-	if err != nil {
-		t.Fatal(err)
-	}
-	local := fmt.Sprintf("0100007F:%04X", port)
-	for _, line := range strings.Split(string(data), "\n")[1:] {
-		f := strings.Fields(line)
-		if len(f) > 4 && f[1] == local {
-			q := strings.SplitN(f[4], ":", 2) // tx_queue:rx_queue
-			return len(q) == 2 && strings.Trim(q[1], "0") == ""
-		}
-	}
-	t.Fatalf("no UDP socket on 127.0.0.1:%d", port)
-	return false
 }
 
 // nfdumpRecord is what nfdump -o json prints of one flow, the fields the comparison uses.
@@ -160,9 +130,15 @@ func TestNfcapdReadsEveryField(t *testing.T) {
 	dir := t.TempDir()
 	port := freeUDPPort(t)
 	d := startDaemon(t, nfcapd, "-b", "127.0.0.1", "-p", fmt.Sprint(port), "-w", dir, "-t", "3600")
-	waitFor(t, "nfcapd to listen", func() bool { return udpBound(port) })
+	waitFor(t, "nfcapd to listen", func() bool { found, _ := testenv.LoopbackUDP(t, port); return found })
 	want := exportRecording(t, func(c *Config) { c.Address, c.Events = fmt.Sprintf("127.0.0.1:%d", port), "end,aggregate" })
-	waitFor(t, "nfcapd to read every datagram", func() bool { return udpDrained(t, port) })
+	waitFor(t, "nfcapd to read every datagram", func() bool {
+		found, unread := testenv.LoopbackUDP(t, port)
+		if !found {
+			t.Fatalf("no UDP socket on 127.0.0.1:%d (nfcapd exited?)\n%s", port, d.out.String())
+		}
+		return unread == 0
+	})
 	d.stop()
 	files, _ := filepath.Glob(filepath.Join(dir, "nfcapd.*"))
 	if len(files) != 1 {
