@@ -71,13 +71,38 @@ const fixedSize = 32 + 5 + 4 + 8 + 4
 
 // Append appends the encoding of events to dst.
 func Append(dst []byte, events []flow.Event) []byte {
-	dst = slices.Grow(dst, Size(events))
-	dst = append(dst, Version)
-	for i := range events {
-		dst = appendEvent(dst, &events[i])
-	}
+	dst, _ = AppendPart(dst, events, -1)
 	return dst
 }
+
+// AppendPart appends the encoding of the longest prefix of events whose encoding (its
+// version byte included) takes at most limit bytes, and at least one event; n says how many
+// it encoded. A negative limit encodes them all. It walks the events once: a part that grows
+// past the limit is cut back to the event before, so a sender can split a batch too large
+// for one message without sizing it first (a pass over events that are rarely in the cache
+// any more when they are sent).
+func AppendPart(dst []byte, events []flow.Event, limit int) (_ []byte, n int) {
+	if cap(dst)-len(dst) < 1+len(events)*maxFixed {
+		// Not room for every event without strings: size exactly, so that nothing grows.
+		dst = slices.Grow(dst, Size(events))
+	}
+	start := len(dst)
+	dst = append(dst, Version)
+	for i := range events {
+		end := len(dst)
+		dst = appendEvent(dst, &events[i])
+		if limit >= 0 && len(dst)-start > limit && i > 0 {
+			return dst[:end], i
+		}
+	}
+	return dst, len(events)
+}
+
+// MaxFixed bounds the encoded size of an event without its strings and zones: a buffer of
+// 1 + MaxFixed × events usually holds a batch (strings are rare and short).
+const MaxFixed = maxFixed
+
+const maxFixed = fixedSize + 2*(1+16+10) + 2*8 + 4*10 + 5*10 + 2*8 + 3*10
 
 // Size is an upper bound on the encoded size of events, to size buffers and to split
 // batches that would exceed a message size limit.
@@ -91,8 +116,7 @@ func Size(events []flow.Event) int {
 
 // EventSize is an upper bound on the encoded size of one event.
 func EventSize(e *flow.Event) int {
-	const most = fixedSize + 2*(1+16+10) + 2*8 + 4*10 + 5*10 + 2*8 + 3*10
-	return most + len(e.SrcAddr.Zone()) + len(e.DstAddr.Zone()) + len(e.RuleID) + len(e.SrcResourceID) + len(e.DstResourceID) + len(e.CommunityID) + len(e.Source)
+	return maxFixed + len(e.SrcAddr.Zone()) + len(e.DstAddr.Zone()) + len(e.RuleID) + len(e.SrcResourceID) + len(e.DstResourceID) + len(e.CommunityID) + len(e.Source)
 }
 
 // AppendEvent appends the encoding of one event, without the version byte: Version followed

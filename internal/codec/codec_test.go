@@ -268,3 +268,36 @@ func TestSampleCoversEveryField(t *testing.T) {
 		}
 	}
 }
+
+// AppendPart cuts a batch into parts that each fit the limit (but for a single event that
+// alone exceeds it) and that decode, in order, to the batch.
+func TestAppendPart(t *testing.T) {
+	evs := sample(500, rand.New(rand.NewPCG(13, 14)))
+	evs[7].RuleID = strings.Repeat("r", 3000) // one event larger than the limit
+	const limit = 2000
+	var got []flow.Event
+	parts := 0
+	for rest := evs; len(rest) > 0; parts++ {
+		buf, n := AppendPart([]byte("x"), rest, limit)
+		if buf[0] != 'x' || n < 1 {
+			t.Fatalf("part %d: prefix lost or no event encoded (n %d)", parts, n)
+		}
+		if len(buf)-1 > limit && n != 1 {
+			t.Fatalf("part %d: %d events in %d bytes, over the limit of %d", parts, n, len(buf)-1, limit)
+		}
+		if whole := Append(nil, rest[:n]); string(whole) != string(buf[1:]) {
+			t.Fatalf("part %d differs from Append of its events", parts)
+		}
+		var err error
+		if got, err = Decode(got, buf[1:], n); err != nil {
+			t.Fatal(err)
+		}
+		rest = rest[n:]
+	}
+	if parts < 10 || !reflect.DeepEqual(got, evs) {
+		t.Fatalf("%d parts; decoded equal: %v", parts, reflect.DeepEqual(got, evs))
+	}
+	if all, n := AppendPart(nil, evs, -1); n != len(evs) || string(all) != string(Append(nil, evs)) {
+		t.Fatal("AppendPart without a limit differs from Append")
+	}
+}

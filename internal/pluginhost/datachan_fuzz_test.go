@@ -68,7 +68,7 @@ func FuzzHostDataChannel(f *testing.F) {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
 		evs := seqEvents(0, 3)
-		buf, msg := pb.EncodeBatch(evs, "")
+		buf, msg, _ := pb.EncodeBatch(evs, "")
 		defer pb.Buffers.Put(buf)
 		resp, err := sinkData{d}.Write(ctx, msg)
 		if errors.Is(err, context.DeadlineExceeded) {

@@ -76,11 +76,12 @@ func (s *remoteSink) Write(ctx context.Context, b *flow.Batch) error {
 		s.in.succeeded()
 		return nil
 	}
-	for _, part := range pb.Split(b.Events) {
-		buf, msg := pb.EncodeBatch(part, source)
+	for rest, first := b.Events, true; len(rest) > 0 || first; first = false {
+		buf, msg, n := pb.EncodeBatch(rest, source)
 		if err := s.write(ctx, b, msg, buf); err != nil {
 			return err
 		}
+		rest = rest[n:]
 	}
 	s.in.succeeded()
 	return nil
@@ -126,16 +127,16 @@ type remoteEnricher struct {
 }
 
 func (e *remoteEnricher) Enrich(ctx context.Context, b *flow.Batch) error {
-	parts := pb.Split(b.Events)
 	var out []flow.Event
-	if len(parts) == 1 {
-		out = b.Events[:0] // the request is encoded before the answer is decoded
-	}
-	for _, part := range parts {
-		resp, pooled, err := e.call(ctx, part, b.Source)
+	for rest, first := b.Events, true; len(rest) > 0 || first; first = false {
+		resp, pooled, n, err := e.call(ctx, rest, b.Source)
 		if err != nil {
 			return err
 		}
+		if first && n == len(b.Events) {
+			out = b.Events[:0] // one part: the request is encoded before the answer is decoded
+		}
+		rest = rest[n:]
 		out, err = codec.Decode(out, resp.Batch.GetEvents(), int(resp.Batch.GetCount()))
 		if resp.Batch != nil && pooled {
 			pb.PutEvents(resp.Batch.Events) // decoding copied what it keeps
@@ -149,25 +150,26 @@ func (e *remoteEnricher) Enrich(ctx context.Context, b *flow.Batch) error {
 	return nil
 }
 
-// call enriches part in the current process, again in the next one if it fails; pooled
-// says that the answer's events are a buffer from pb.Buffers (the data channel's).
-func (e *remoteEnricher) call(ctx context.Context, part []flow.Event, source string) (resp *pb.EnrichResponse, pooled bool, err error) {
+// call enriches the first part of events (n of them: all, unless the batch is too large for
+// one message) in the current process, again in the next one if it fails; pooled says that
+// the answer's events are a buffer from pb.Buffers (the data channel's).
+func (e *remoteEnricher) call(ctx context.Context, events []flow.Event, source string) (resp *pb.EnrichResponse, pooled bool, n int, err error) {
 	for attempt := 0; ; attempt++ {
 		p, err := e.in.get(ctx)
 		if err != nil {
-			return nil, false, fmt.Errorf("%s: %w", e.in.launcher.describe, err)
+			return nil, false, 0, fmt.Errorf("%s: %w", e.in.launcher.describe, err)
 		}
+		buf, msg, n := pb.EncodeBatch(events, source)
 		if attempt > 0 {
-			e.in.redelivered.Add(float64(len(part)))
+			e.in.redelivered.Add(float64(n))
 		}
-		buf, msg := pb.EncodeBatch(part, source)
 		cctx, done := e.in.guard(ctx, p, "Enrich")
 		resp, err := p.enr.Enrich(cctx, msg)
 		done()
 		pb.Buffers.Put(buf)
 		if err != nil {
 			if err := e.in.callErr(ctx, cctx, p, "Enrich", err); ctx.Err() != nil {
-				return nil, false, err
+				return nil, false, 0, err
 			}
 			continue
 		}
@@ -176,9 +178,9 @@ func (e *remoteEnricher) call(ctx context.Context, part []flow.Event, source str
 			if resp.Batch != nil && p.data != nil {
 				pb.PutEvents(resp.Batch.Events)
 			}
-			return nil, false, err
+			return nil, false, 0, err
 		}
-		return resp, p.data != nil, nil
+		return resp, p.data != nil, n, nil
 	}
 }
 

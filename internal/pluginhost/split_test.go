@@ -39,9 +39,9 @@ func (tagEnricher) Enrich(_ context.Context, b *flow.Batch) error {
 // A batch whose encoding exceeds the message limit crosses in several calls, in order, and
 // arrives whole.
 func TestOversizedBatchesAreSplit(t *testing.T) {
-	oldSplit, oldSmall := pb.SplitSize, pb.SmallBatch
-	pb.SplitSize, pb.SmallBatch = 20_000, 10 // about 100 events per part
-	defer func() { pb.SplitSize, pb.SmallBatch = oldSplit, oldSmall }()
+	oldSplit := pb.SplitSize
+	pb.SplitSize = 7_000 // about 100 events per part (each encodes in about 70 bytes)
+	defer func() { pb.SplitSize = oldSplit }()
 
 	cs := &countingSink{}
 	sinkF := component.NewSinkFactory("count", "", func() *discardConfig { return &discardConfig{} },
@@ -92,9 +92,9 @@ func (s oneBatchSource) Run(ctx context.Context, out component.Emitter) error {
 // A source batch too large for one message crosses in parts and reaches the pipeline as
 // one batch, acknowledged once.
 func TestOversizedSourceBatch(t *testing.T) {
-	oldSplit, oldSmall := pb.SplitSize, pb.SmallBatch
-	pb.SplitSize, pb.SmallBatch = 20_000, 10
-	defer func() { pb.SplitSize, pb.SmallBatch = oldSplit, oldSmall }()
+	oldSplit := pb.SplitSize
+	pb.SplitSize = 7_000
+	defer func() { pb.SplitSize = oldSplit }()
 	f := component.NewSourceFactory("one", "", func() *discardConfig { return &discardConfig{} },
 		func(component.Env, *discardConfig) (component.Source, error) { return oneBatchSource{1000}, nil })
 	c, err := ServeInMemory(context.Background(), f, "test", nil, component.Env{})

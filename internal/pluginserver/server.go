@@ -315,7 +315,7 @@ func (s *Server) Enrich(ctx context.Context, req *pb.Batch) (*pb.EnrichResponse,
 		resp.Error, resp.Failure = err.Error(), pb.ErrorToProto(err)
 	} else {
 		// The answer's buffer goes back to the pool once gRPC has marshalled it (pb.Codec).
-		_, resp.Batch = pb.EncodeBatch(b.Events, b.Source)
+		_, resp.Batch = pb.EncodeAll(b.Events, b.Source)
 	}
 	resp.Counts = s.counts.drain()
 	return resp, nil
@@ -485,13 +485,17 @@ func (e *emitter) Emit(ctx context.Context, b *flow.Batch) error {
 	source := b.Source
 	e.sendMu.Lock()
 	var err error
-	parts := pb.Split(b.Events)
-	for i, part := range parts {
-		e.buf = codec.Append(e.buf[:0], part)
+	for rest, first := b.Events, true; len(rest) > 0 || first; first = false {
+		var n int
+		if cap(e.buf) < 1+len(rest)*codec.MaxFixed && len(rest)*codec.MaxFixed < pb.SplitSize {
+			e.buf = make([]byte, 0, 1+len(rest)*codec.MaxFixed)
+		}
+		e.buf, n = codec.AppendPart(e.buf[:0], rest, pb.SplitSize)
+		rest = rest[n:]
 		err = e.stream.Send(&pb.SourceMessage{
 			Msg: &pb.SourceMessage_Batch{Batch: &pb.SourceBatch{
-				Id: id, More: i < len(parts)-1,
-				Batch: &pb.Batch{Count: uint32(len(part)), Events: e.buf, Source: source},
+				Id: id, More: len(rest) > 0,
+				Batch: &pb.Batch{Count: uint32(n), Events: e.buf, Source: source},
 			}},
 			Counts: e.s.counts.drain(),
 		})
