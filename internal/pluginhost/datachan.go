@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"sync"
 
 	"google.golang.org/grpc"
@@ -42,8 +41,8 @@ type dataAnswer struct {
 	err    error
 }
 
-func newDataConn(c *net.UnixConn) *dataConn {
-	d := &dataConn{fc: pb.NewFrameConn(c), calls: map[uint64]chan dataAnswer{}, streams: map[uint64]*dataStream{}, closed: make(chan struct{})}
+func newDataConn(fc *pb.FrameConn) *dataConn {
+	d := &dataConn{fc: fc, calls: map[uint64]chan dataAnswer{}, streams: map[uint64]*dataStream{}, closed: make(chan struct{})}
 	d.ctx, d.cancel = context.WithCancel(context.Background())
 	return d
 }
@@ -93,26 +92,14 @@ func (d *dataConn) failure() error {
 }
 
 func (d *dataConn) read() {
-	for {
-		f, err := d.fc.ReadFrame()
-		if err != nil {
-			if errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed) {
-				err = fmt.Errorf("plugin data channel: the plugin closed it (it exited or crashed): %w", err)
-			}
-			d.broken(err)
-			return
-		}
-		if err := d.dispatch(f); err != nil {
-			pb.PutEvents(f.Events)
-			d.broken(err)
-			return
-		}
+	err := d.fc.ReadFrames(d.dispatch)
+	if pb.Ended(err) {
+		err = fmt.Errorf("plugin data channel: the plugin closed it (it exited or crashed): %w", err)
 	}
+	d.broken(err)
 }
 
-func badFrame(format string, args ...any) error {
-	return fmt.Errorf("%w: %s", pb.ErrBadFrame, fmt.Sprintf(format, args...))
-}
+var badFrame = pb.BadFrame
 
 func (d *dataConn) dispatch(f pb.Frame) error {
 	if !f.Type.FromPlugin() {

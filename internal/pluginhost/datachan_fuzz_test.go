@@ -49,7 +49,7 @@ func FuzzHostDataChannel(f *testing.F) {
 			t.Fatal(err)
 		}
 		defer c.Close()
-		d := newDataConn(h)
+		d := newDataConn(pb.NewFrameConn(h))
 		failed := make(chan error, 1)
 		d.start(func(err error) { failed <- err })
 		defer d.close()

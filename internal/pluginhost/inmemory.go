@@ -58,27 +58,26 @@ func ServeInMemory(ctx context.Context, f component.Factory, version string, opt
 		done: make(chan struct{}), release: make(chan struct{}),
 		onStop: func() { _ = conn.Close(); g.Stop() },
 	}
-	var data *dataConn
+	var data *pb.Channel
 	if !pb.DataChannelOff() {
-		h, child, err := pb.Socketpair()
+		ch, err := pb.NewChannel()
 		if err != nil {
 			p.kill()
 			return nil, err
 		}
-		c, err := net.FileConn(child)
-		child.Close()
+		fc, err := ch.PluginConn()
 		if err != nil {
-			h.Close()
+			ch.Close()
 			p.kill()
 			return nil, err
 		}
-		srv.ServeData(c.(*net.UnixConn))
-		data = newDataConn(h)
+		srv.ServeData(fc, true)
+		data = ch
 	}
 	spec := config.Component{Kind: f.Kind, Name: env.Name, Type: f.Type, Options: options}
 	l := &launcher{describe: fmt.Sprintf("in-memory %s %q", f.Kind, f.Type), inMemory: true}
 	holder, err := p.configure(ctx, l.describe, spec, env, defaultSettings().StartTimeout, optYAML)
-	p.offerData(data)
+	p.offerData(data, env.Logger)
 	if err == nil && holder {
 		err = fmt.Errorf("%s keeps events across batches (component.Holder) and cannot run as a plugin", l.describe)
 	}

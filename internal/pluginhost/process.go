@@ -8,7 +8,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"os"
 	"os/exec"
 	"runtime"
@@ -48,6 +47,8 @@ type proc struct {
 	// data is the data channel, when the plugin serves its batches there (sink and enr
 	// are then its clients); nil: every batch goes over gRPC.
 	data *dataConn
+	// pending is the data channel until Describe says how the plugin uses it (offerData).
+	pending *pb.Channel
 
 	failed error // why the instance failed it (under instance.mu)
 	// killGroup kills the process and every process of its group, if it still runs.
@@ -111,19 +112,18 @@ func startProc(ctx context.Context, l *launcher, spec config.Component, env comp
 	// The data channel for batches: one end of a socketpair, as fd 4. It is offered to
 	// every plugin; one built before it never looks at the descriptor, and Describe says
 	// whether the plugin serves it (offerData closes the host's end if not).
-	var (
-		dataHost  *net.UnixConn
-		dataChild *os.File
-	)
+	// Two socketpairs, one each way (pluginproto, FrameConn): fd 4 from the host, fd 5 to it;
+	// a plugin built before the split uses fd 4 both ways.
+	var channel *pb.Channel
 	if !pb.DataChannelOff() {
-		h, child, err := pb.Socketpair()
+		ch, err := pb.NewChannel()
 		if err != nil {
 			killGroup()
 			return nil, false, fmt.Errorf("%s: %w", l.describe, err)
 		}
-		dataHost, dataChild = h, child
-		cmd.ExtraFiles = append(cmd.ExtraFiles, child)
-		cmd.Env = append(cmd.Env, pb.DataFDEnv+"=4")
+		channel = ch
+		cmd.ExtraFiles = append(cmd.ExtraFiles, ch.InChild, ch.OutChild)
+		cmd.Env = append(cmd.Env, pb.DataFDEnv+"=4", pb.DataOutFDEnv+"=5")
 	}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
 	log := env.Logger
@@ -149,16 +149,14 @@ func startProc(ctx context.Context, l *launcher, spec config.Component, env comp
 		cfg.SecureConfig = &goplugin.SecureConfig{Checksum: l.checksum, Hash: sha256.New()}
 	}
 	p := &proc{client: goplugin.NewClient(cfg), cmd: cmd, killGroup: killGroup, done: make(chan struct{}), release: make(chan struct{})}
-	if dataHost != nil {
-		// Until Describe says whether the plugin serves it; closed with the process.
-		p.data = newDataConn(dataHost)
-	}
+	// Until Describe says whether and how the plugin serves it; closed with the process.
+	p.pending = channel
 	started := make(chan error, 1)
 	go func() {
 		runtime.LockOSThread()
 		_, err := p.client.Client()
-		if dataChild != nil {
-			dataChild.Close() // the process has its own copy (or never started)
+		if channel != nil {
+			channel.CloseChildren() // the process has its own copies (or never started)
 		}
 		started <- err
 		if err != nil {
@@ -192,11 +190,11 @@ func startProc(ctx context.Context, l *launcher, spec config.Component, env comp
 	conn := raw.(*grpc.ClientConn)
 	p.comp = pb.NewComponentClient(conn)
 	p.sink, p.enr, p.src = pb.NewSinkClient(conn), pb.NewEnricherClient(conn), pb.NewSourceClient(conn)
-	data := p.data
-	p.data = nil // only once Describe said so
+	data := p.pending
+	p.pending = nil // offerData decides
 
 	holder, err := p.configure(ctx, l.describe, spec, env, s.StartTimeout, optYAML)
-	p.offerData(data)
+	p.offerData(data, env.Logger)
 	if err != nil {
 		if ctx.Err() != nil {
 			p.abandon()
@@ -208,16 +206,24 @@ func startProc(ctx context.Context, l *launcher, spec config.Component, env comp
 	return p, holder, nil
 }
 
-// offerData makes d the path of p's batches if the plugin said it serves the data channel,
-// and closes it otherwise.
-func (p *proc) offerData(d *dataConn) {
-	if d == nil {
+// offerData makes ch the path of p's batches if the plugin said it serves the data channel,
+// split or both ways on the first socketpair as it said, and closes it otherwise.
+func (p *proc) offerData(ch *pb.Channel, log *slog.Logger) {
+	if ch == nil {
 		return
 	}
 	if !p.desc.GetDataChannel() {
-		d.close()
+		ch.Close()
 		return
 	}
+	fc, err := ch.HostConn(p.desc.GetDataChannelOut())
+	if err != nil {
+		if log != nil {
+			log.Warn("plugin data channel unusable; batches go over gRPC", "error", err)
+		}
+		return
+	}
+	d := newDataConn(fc)
 	p.data = d
 	p.sink, p.enr = sinkData{d}, enricherData{d}
 }
@@ -375,6 +381,9 @@ func (p *proc) end() {
 	}
 	if p.data != nil {
 		p.data.close()
+	}
+	if p.pending != nil {
+		p.pending.Close()
 	}
 	if p.onStop != nil {
 		p.onStop()

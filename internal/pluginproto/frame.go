@@ -9,6 +9,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -117,23 +118,113 @@ func PutEvents(b []byte) {
 
 // FrameConn reads and writes frames on one end of a data channel. One goroutine reads;
 // any number write, one frame at a time.
+//
+// A channel is two socketpairs, one for each direction (Socketpairs), or, with a plugin
+// built before that, one socketpair both ways. One each way matters for the wake-ups: Go
+// waits for every socket it reads in its poller, for reading and for writing alike, so a
+// socket that is written and read wakes its process whenever the peer has read what it
+// wrote (the socket has room again) as well as when an answer comes: two wake-ups per batch
+// where one is needed, which cost a tenth of a batch's CPU. Each direction has its own
+// socket: the reading end is in Go's poller, and the writing end is written with plain
+// system calls, outside it (it never has to wait in practice: a batch is far smaller than
+// the socket's buffer; when it must, it polls for room).
 type FrameConn struct {
-	conn *net.UnixConn
+	conn *net.UnixConn // reads; and writes, when wfd is -1 (one socketpair both ways)
 	r    *bufio.Reader
 	meta []byte
 	hdr  [frameHeader]byte
 
-	wsem chan struct{} // one writer at a time; waiting for it can be given up
-	wbuf []byte
+	wsem    chan struct{} // one writer at a time; waiting for it can be given up
+	wbuf    []byte
+	wfd     int // the writing end, outside the poller (non-blocking); -1: conn
+	wclosed atomic.Bool
 }
 
-// NewFrameConn uses c, one end of a data channel.
+// readBuffer is the frame reader's buffer: large enough that the small frames that follow
+// one another (answers, acknowledgements) come in one read, small enough that a batch's
+// events are mostly read straight into their own buffer rather than copied through it.
+const readBuffer = 32 << 10
+
+// NewFrameConn uses c, one end of a one-socketpair data channel, both ways.
 func NewFrameConn(c *net.UnixConn) *FrameConn {
-	return &FrameConn{conn: c, r: bufio.NewReaderSize(c, 256<<10), wsem: make(chan struct{}, 1)}
+	return &FrameConn{conn: c, r: bufio.NewReaderSize(c, readBuffer), wsem: make(chan struct{}, 1), wfd: -1}
+}
+
+// NewSplitFrameConn reads frames from r and writes them to w, the ends of two socketpairs
+// (Socketpairs); it owns w's descriptor from now on (w is closed).
+func NewSplitFrameConn(r *net.UnixConn, w *os.File) (*FrameConn, error) {
+	fd, err := unix.FcntlInt(w.Fd(), unix.F_DUPFD_CLOEXEC, 0)
+	w.Close()
+	if err != nil {
+		return nil, fmt.Errorf("plugin data channel: %w", err)
+	}
+	if err := unix.SetNonblock(fd, true); err != nil {
+		unix.Close(fd)
+		return nil, fmt.Errorf("plugin data channel: %w", err)
+	}
+	return &FrameConn{conn: r, r: bufio.NewReaderSize(r, readBuffer), wsem: make(chan struct{}, 1), wfd: fd}, nil
 }
 
 // Close closes the channel; a blocked read or write returns.
-func (fc *FrameConn) Close() error { return fc.conn.Close() }
+func (fc *FrameConn) Close() error {
+	err := fc.conn.Close()
+	if fc.wfd >= 0 && fc.wclosed.CompareAndSwap(false, true) {
+		_ = unix.Shutdown(fc.wfd, unix.SHUT_RDWR) // the peer sees the end at once
+		// The descriptor is closed by the writer that holds it, or here once none does (a
+		// writer waiting for room sees wclosed within a poll interval).
+		go func() {
+			fc.wsem <- struct{}{}
+			unix.Close(fc.wfd)
+			<-fc.wsem
+		}()
+	}
+	return err
+}
+
+// closeLocked is Close for a writer holding wsem.
+func (fc *FrameConn) closeLocked() {
+	_ = fc.conn.Close()
+	if fc.wfd >= 0 && fc.wclosed.CompareAndSwap(false, true) {
+		_ = unix.Shutdown(fc.wfd, unix.SHUT_RDWR)
+		unix.Close(fc.wfd)
+	}
+}
+
+// ReadFrames reads frames and hands each to handle until the channel ends or handle returns
+// an error; it returns why it stopped. A frame handle refused gives its events back, but
+// for ErrHandedOff: handle took the frame, and another goroutine reads on. It is the
+// receive loop of both sides.
+func (fc *FrameConn) ReadFrames(handle func(Frame) error) error {
+	for {
+		f, err := fc.ReadFrame()
+		if err != nil {
+			return err
+		}
+		if err := handle(f); err != nil {
+			if !errors.Is(err, ErrHandedOff) {
+				PutEvents(f.Events)
+			}
+			return err
+		}
+	}
+}
+
+// ErrHandedOff, from a ReadFrames handler: it took its frame, and from now on another
+// goroutine reads the channel (ReadFrames on the same FrameConn); this one stops.
+var ErrHandedOff = errors.New("plugin data channel: reading handed to another goroutine")
+
+// Ended reports whether err, from ReadFrames, is the channel's end (the peer closed it, or
+// this side did) rather than a broken rule.
+func Ended(err error) bool { return errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed) }
+
+// BadFrame is an error for a frame that breaks the protocol (ErrBadFrame).
+func BadFrame(format string, args ...any) error {
+	return fmt.Errorf("%w: %s", ErrBadFrame, fmt.Sprintf(format, args...))
+}
+
+// Buffered reports whether more of what the peer sent is already read in: a reader that
+// may serve a call itself, before reading on, does not when more frames wait.
+func (fc *FrameConn) Buffered() bool { return fc.r.Buffered() > 0 }
 
 // ReadFrame reads the next frame, checking its header before reading the rest.
 func (fc *FrameConn) ReadFrame() (Frame, error) {
@@ -208,9 +299,9 @@ func (fc *FrameConn) WriteFrame(ctx context.Context, typ FrameType, id uint64, m
 	if metaLen > MaxFrameMeta || len(events) > MaxMessageSize {
 		return fmt.Errorf("plugin data channel: %s frame too large (message %d, events %d bytes)", typ, metaLen, len(events))
 	}
-	// Small events go in the same buffer as the header (one write); large ones are written
-	// from where they are (writev), without a copy.
-	inline := len(events) <= 64<<10
+	// Small events go in the same buffer as the header (one write); large ones, and every
+	// one on a split channel, are written from where they are (writev), without a copy.
+	inline := fc.wfd < 0 && len(events) <= 64<<10
 	need := frameHeader + metaLen
 	if inline {
 		need += len(events)
@@ -237,6 +328,9 @@ func (fc *FrameConn) WriteFrame(ctx context.Context, typ FrameType, id uint64, m
 		fc.wbuf = nil
 	} else {
 		fc.wbuf = b[:0]
+	}
+	if fc.wfd >= 0 {
+		return fc.writeRaw(ctx, b, events, inline)
 	}
 	var (
 		stop    func() bool
@@ -269,6 +363,68 @@ func (fc *FrameConn) WriteFrame(ctx context.Context, typ FrameType, id uint64, m
 	return err
 }
 
+// writeRaw writes a frame (b, then events unless inline) to the writing end, outside the
+// poller: one writev, as a rule; when the socket is full, it waits for room with poll(2),
+// giving up when ctx ends or the channel closes, which breaks the channel as a partial frame
+// would (see WriteFrame).
+func (fc *FrameConn) writeRaw(ctx context.Context, b, events []byte, inline bool) error {
+	if fc.wclosed.Load() {
+		return net.ErrClosed
+	}
+	iov := [][]byte{b, events}
+	if inline || len(events) == 0 {
+		iov = iov[:1]
+	}
+	for len(iov) > 0 {
+		n, err := unix.SendmsgBuffers(fc.wfd, iov, nil, nil, unix.MSG_NOSIGNAL)
+		switch {
+		case err == unix.EINTR:
+			continue
+		case err == unix.EAGAIN:
+			if err := fc.waitRoom(ctx); err != nil {
+				fc.closeLocked()
+				return err
+			}
+			continue
+		case err != nil:
+			fc.closeLocked() // a partial frame may have gone: nothing after it can be read
+			return fmt.Errorf("plugin data channel: write: %w", err)
+		}
+		for len(iov) > 0 && n >= len(iov[0]) {
+			n -= len(iov[0])
+			iov = iov[1:]
+		}
+		if len(iov) > 0 {
+			iov[0] = iov[0][n:]
+		}
+	}
+	return nil
+}
+
+// waitRoom waits until the writing end has room, checking ctx and the channel's end between
+// polls.
+func (fc *FrameConn) waitRoom(ctx context.Context) error {
+	for {
+		if fc.wclosed.Load() {
+			return net.ErrClosed
+		}
+		if ctx.Err() != nil {
+			return errWriteAborted
+		}
+		fds := []unix.PollFd{{Fd: int32(fc.wfd), Events: unix.POLLOUT}}
+		n, err := unix.Poll(fds, 20)
+		if err != nil && err != unix.EINTR {
+			return fmt.Errorf("plugin data channel: poll: %w", err)
+		}
+		if n > 0 {
+			if fds[0].Revents&(unix.POLLERR|unix.POLLHUP) != 0 && fds[0].Revents&unix.POLLOUT == 0 {
+				return fmt.Errorf("plugin data channel: the peer closed it: %w", io.ErrClosedPipe)
+			}
+			return nil
+		}
+	}
+}
+
 // errGaveUp: the caller gave up before its frame was written; the channel is intact.
 var errGaveUp = errors.New("plugin data channel: gave up waiting to send")
 
@@ -276,9 +432,24 @@ var errGaveUp = errors.New("plugin data channel: gave up waiting to send")
 // anything (the channel is intact).
 func IsGaveUp(err error) bool { return errors.Is(err, errGaveUp) }
 
-// Socketpair returns the two ends of a new data channel: the host's, ready to use, and the
-// plugin's, to pass down as an inherited file (both close on exec in this process).
+// Socketpair returns the two ends of a new socketpair: one ready to read (and write) as a
+// connection, and the other, to pass down as an inherited file or to wrap (both close on
+// exec in this process).
 func Socketpair() (host *net.UnixConn, plugin *os.File, err error) {
+	hf, plugin, err := rawSocketpair()
+	if err != nil {
+		return nil, nil, err
+	}
+	defer hf.Close() // FileConn has its own copy
+	c, err := net.FileConn(hf)
+	if err != nil {
+		plugin.Close()
+		return nil, nil, fmt.Errorf("plugin data channel: %w", err)
+	}
+	return c.(*net.UnixConn), plugin, nil
+}
+
+func rawSocketpair() (a, b *os.File, err error) {
 	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
 		return nil, nil, fmt.Errorf("plugin data channel: socketpair: %w", err)
@@ -290,14 +461,109 @@ func Socketpair() (host *net.UnixConn, plugin *os.File, err error) {
 			_ = unix.SetsockoptInt(fd, unix.SOL_SOCKET, opt, 4<<20)
 		}
 	}
-	hf := os.NewFile(uintptr(fds[0]), "flowpipe-data-host")
-	defer hf.Close() // FileConn has its own copy
-	c, err := net.FileConn(hf)
+	return os.NewFile(uintptr(fds[0]), "flowpipe-data"), os.NewFile(uintptr(fds[1]), "flowpipe-data"), nil
+}
+
+// Channel is a new data channel, before the host knows how the plugin uses it: two
+// socketpairs, In (host to plugin) and Out (plugin to host). The plugin inherits InChild as
+// DataFDEnv and OutChild as DataOutFDEnv; a plugin built before the split ignores OutChild
+// and uses InChild both ways.
+type Channel struct {
+	InHost, OutHost   *os.File
+	InChild, OutChild *os.File
+}
+
+// NewChannel makes the socketpairs of a data channel.
+func NewChannel() (*Channel, error) {
+	inHost, inChild, err := rawSocketpair()
 	if err != nil {
-		unix.Close(fds[1])
-		return nil, nil, fmt.Errorf("plugin data channel: %w", err)
+		return nil, err
 	}
-	return c.(*net.UnixConn), os.NewFile(uintptr(fds[1]), "flowpipe-data-plugin"), nil
+	outHost, outChild, err := rawSocketpair()
+	if err != nil {
+		inHost.Close()
+		inChild.Close()
+		return nil, err
+	}
+	return &Channel{InHost: inHost, OutHost: outHost, InChild: inChild, OutChild: outChild}, nil
+}
+
+// CloseChildren closes the plugin's ends in this process (once the plugin has its copies).
+func (c *Channel) CloseChildren() {
+	c.InChild.Close()
+	c.OutChild.Close()
+}
+
+// Close closes every end still held.
+func (c *Channel) Close() {
+	c.CloseChildren()
+	c.InHost.Close()
+	c.OutHost.Close()
+}
+
+// HostConn is the host's end: split when the plugin said it writes on Out
+// (DescribeResponse.data_channel_out), else In both ways. The Channel's host files are
+// consumed.
+func (c *Channel) HostConn(split bool) (*FrameConn, error) {
+	if !split {
+		c.OutHost.Close()
+		defer c.InHost.Close() // FileConn has its own copy
+		conn, err := net.FileConn(c.InHost)
+		if err != nil {
+			return nil, fmt.Errorf("plugin data channel: %w", err)
+		}
+		return NewFrameConn(conn.(*net.UnixConn)), nil
+	}
+	r, err := net.FileConn(c.OutHost)
+	c.OutHost.Close()
+	if err != nil {
+		c.InHost.Close()
+		return nil, fmt.Errorf("plugin data channel: %w", err)
+	}
+	return NewSplitFrameConn(r.(*net.UnixConn), c.InHost)
+}
+
+// PluginConn is the plugin's end of a channel the host made in this process (in memory):
+// split, as a plugin of this build uses it. The Channel's child files are consumed.
+func (c *Channel) PluginConn() (*FrameConn, error) {
+	r, err := net.FileConn(c.InChild)
+	c.InChild.Close()
+	if err != nil {
+		c.OutChild.Close()
+		return nil, fmt.Errorf("plugin data channel: %w", err)
+	}
+	return NewSplitFrameConn(r.(*net.UnixConn), c.OutChild)
+}
+
+// DataOutFDEnv names the descriptor a plugin process writes its frames to (the Out
+// socketpair of the channel); without it, the plugin writes on DataFDEnv's.
+const DataOutFDEnv = "FLOWPIPE_PLUGIN_DATA_OUT_FD"
+
+// OpenDataFDs takes the data channel a plugin process inherited: it reads at fd and writes at
+// out (-1: at fd too, as from a host before the split). The inherited descriptors are closed
+// (the channel keeps close-on-exec copies), so that nothing the plugin runs inherits it.
+func OpenDataFDs(fd, out int) (fc *FrameConn, split bool, err error) {
+	r, err := OpenDataFD(fd)
+	if err != nil {
+		if out >= 0 {
+			unix.Close(out)
+		}
+		return nil, false, err
+	}
+	if out < 0 {
+		return NewFrameConn(r), false, nil
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(out, &st); err != nil || st.Mode&unix.S_IFMT != unix.S_IFSOCK {
+		r.Close()
+		return nil, false, fmt.Errorf("plugin data channel fd %d is not a socket", out)
+	}
+	fc, err = NewSplitFrameConn(r, os.NewFile(uintptr(out), "flowpipe-data-out"))
+	if err != nil {
+		r.Close()
+		return nil, false, err
+	}
+	return fc, true, nil
 }
 
 // OpenDataFD takes the data channel a plugin process inherited at fd. The inherited

@@ -238,9 +238,14 @@ type DescribeResponse struct {
 	// channel the host passed down at start (DataFDEnv), in frames (internal/pluginproto,
 	// frame.go), instead of on the Sink, Enricher and Source services. Plugins built before
 	// it leave it unset, and the host calls those services over gRPC.
-	DataChannel   bool `protobuf:"varint,7,opt,name=data_channel,json=dataChannel,proto3" json:"data_channel,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	DataChannel bool `protobuf:"varint,7,opt,name=data_channel,json=dataChannel,proto3" json:"data_channel,omitempty"`
+	// data_channel_out: the plugin writes its frames on the second socketpair the host passed
+	// down (DataOutFDEnv) and reads the host's on the first, so that neither end waits on a
+	// socket it also writes (pluginproto, FrameConn). Plugins built before it use the first
+	// both ways; the host then does too.
+	DataChannelOut bool `protobuf:"varint,8,opt,name=data_channel_out,json=dataChannelOut,proto3" json:"data_channel_out,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *DescribeResponse) Reset() {
@@ -318,6 +323,13 @@ func (x *DescribeResponse) GetEmitFlowControl() bool {
 func (x *DescribeResponse) GetDataChannel() bool {
 	if x != nil {
 		return x.DataChannel
+	}
+	return false
+}
+
+func (x *DescribeResponse) GetDataChannelOut() bool {
+	if x != nil {
+		return x.DataChannelOut
 	}
 	return false
 }
@@ -1680,7 +1692,7 @@ var File_plugin_proto protoreflect.FileDescriptor
 const file_plugin_proto_rawDesc = "" +
 	"\n" +
 	"\fplugin.proto\x12\x12flowpipe.plugin.v1\"\x11\n" +
-	"\x0fDescribeRequest\"\xe8\x01\n" +
+	"\x0fDescribeRequest\"\x92\x02\n" +
 	"\x10DescribeResponse\x12\x12\n" +
 	"\x04kind\x18\x01 \x01(\tR\x04kind\x12\x12\n" +
 	"\x04type\x18\x02 \x01(\tR\x04type\x12\x18\n" +
@@ -1688,7 +1700,8 @@ const file_plugin_proto_rawDesc = "" +
 	"\x10protocol_version\x18\x04 \x01(\rR\x0fprotocolVersion\x12\x18\n" +
 	"\asummary\x18\x05 \x01(\tR\asummary\x12*\n" +
 	"\x11emit_flow_control\x18\x06 \x01(\bR\x0femitFlowControl\x12!\n" +
-	"\fdata_channel\x18\a \x01(\bR\vdataChannel\"\xa4\x01\n" +
+	"\fdata_channel\x18\a \x01(\bR\vdataChannel\x12(\n" +
+	"\x10data_channel_out\x18\b \x01(\bR\x0edataChannelOut\"\xa4\x01\n" +
 	"\x10ConfigureRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1d\n" +
 	"\n" +

@@ -3,10 +3,11 @@ package pluginserver
 import (
 	"context"
 	"errors"
-	"fmt"
 	"io"
 	"net"
 	"sync"
+	"sync/atomic"
+	"time"
 
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
@@ -14,14 +15,16 @@ import (
 	pb "github.com/flowpipe/flowpipe/internal/pluginproto"
 )
 
-// ServeData serves the component's batches on the data channel c (pluginproto, frame.go)
+// ServeData serves the component's batches on the data channel fc (pluginproto, frame.go)
 // beside the gRPC services, which stay for everything else: Describe then tells the host
-// to use it. It reads frames until the host closes its end (the host may not use the
-// channel at all, or the host is gone: the Watch stream deals with that) or sends one that
-// breaks the layout; it never blocks the caller.
-func (s *Server) ServeData(c *net.UnixConn) {
-	ds := &dataServer{s: s, fc: pb.NewFrameConn(c), calls: map[uint64]context.CancelFunc{}, streams: map[uint64]*pluginStream{}}
+// to use it (split: on two socketpairs, DescribeResponse.data_channel_out). It reads frames
+// until the host closes its end (the host may not use the channel at all, or the host is
+// gone: the Watch stream deals with that) or sends one that breaks the layout; it never
+// blocks the caller.
+func (s *Server) ServeData(fc *pb.FrameConn, split bool) {
+	ds := &dataServer{s: s, fc: fc, calls: map[uint64]context.CancelFunc{}, streams: map[uint64]*pluginStream{}}
 	s.data.Store(true)
+	s.dataOut.Store(split)
 	go ds.read()
 }
 
@@ -36,18 +39,11 @@ type dataServer struct {
 }
 
 func (ds *dataServer) read() {
-	var err error
-	for {
-		var f pb.Frame
-		if f, err = ds.fc.ReadFrame(); err != nil {
-			break
-		}
-		if err = ds.dispatch(f); err != nil {
-			pb.PutEvents(f.Events)
-			break
-		}
+	err := ds.fc.ReadFrames(ds.dispatch)
+	if errors.Is(err, pb.ErrHandedOff) {
+		return
 	}
-	if !errors.Is(err, io.EOF) && !errors.Is(err, net.ErrClosed) {
+	if !pb.Ended(err) {
 		ds.s.log.Error("plugin data channel: reading from the host failed; closing it", "error", err)
 	}
 	_ = ds.fc.Close()
@@ -63,6 +59,10 @@ func (ds *dataServer) read() {
 		st.hostGone()
 	}
 }
+
+// inlineFor is how long a call served by the reader itself may run before another goroutine
+// takes over the reading (so that a cancel, or another call, is read meanwhile).
+const inlineFor = 500 * time.Microsecond
 
 func (ds *dataServer) dispatch(f pb.Frame) error {
 	if !f.Type.FromHost() {
@@ -85,9 +85,27 @@ func (ds *dataServer) dispatch(f pb.Frame) error {
 			cancel()
 			return badFrame("%s %d: the id is in use", f.Type, f.ID)
 		}
+		alone := len(ds.calls) == 0
 		ds.calls[f.ID] = cancel
 		ds.mu.Unlock()
-		go ds.serveCall(ctx, f.Type, f.ID, req)
+		if !alone || ds.fc.Buffered() {
+			go ds.serveCall(ctx, f.Type, f.ID, req)
+			return nil
+		}
+		// The only call, and nothing else has come: served here, which saves waking another
+		// goroutine (and a thread) per batch. Should it take long, a new reader takes over,
+		// and this one ends once the call is served.
+		var taken atomic.Bool
+		t := time.AfterFunc(inlineFor, func() {
+			if taken.CompareAndSwap(false, true) {
+				go ds.read()
+			}
+		})
+		ds.serveCall(ctx, f.Type, f.ID, req)
+		t.Stop()
+		if !taken.CompareAndSwap(false, true) {
+			return pb.ErrHandedOff
+		}
 	case pb.FrameCancel:
 		ds.mu.Lock()
 		cancel := ds.calls[f.ID]
@@ -135,9 +153,7 @@ func (ds *dataServer) dispatch(f pb.Frame) error {
 	return nil
 }
 
-func badFrame(format string, args ...any) error {
-	return fmt.Errorf("%w: %s", pb.ErrBadFrame, fmt.Sprintf(format, args...))
-}
+var badFrame = pb.BadFrame
 
 // serveCall runs one Write or Enrich, as the gRPC service would, and sends its answer.
 func (ds *dataServer) serveCall(ctx context.Context, typ pb.FrameType, id uint64, req *pb.Batch) {

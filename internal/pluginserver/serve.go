@@ -54,10 +54,14 @@ func Serve(f component.Factory, version string) int {
 	// The data channel the host passed down, unless turned off here (a plugin then speaks
 	// as one built before the channel: every batch over gRPC).
 	if fd, err := strconv.Atoi(os.Getenv(pb.DataFDEnv)); err == nil && fd > 2 && !pb.DataChannelOff() {
-		if c, err := pb.OpenDataFD(fd); err != nil {
+		out := -1 // a host before the split passes one socketpair, used both ways
+		if o, err := strconv.Atoi(os.Getenv(pb.DataOutFDEnv)); err == nil && o > 2 {
+			out = o
+		}
+		if fc, split, err := pb.OpenDataFDs(fd, out); err != nil {
 			log.Warn("plugin data channel unusable; batches go over gRPC", "error", err)
 		} else {
-			srv.ServeData(c)
+			srv.ServeData(fc, split)
 		}
 	}
 	// FLOWPIPE_PLUGIN_CPUPROFILE=prefix writes a CPU profile of each plugin process to

@@ -61,7 +61,8 @@ type Server struct {
 
 	events sync.Pool // *[]flow.Event, reused between calls
 
-	data atomic.Bool // serving the data channel (ServeData)
+	data    atomic.Bool // serving the data channel (ServeData)
+	dataOut atomic.Bool // on two socketpairs
 }
 
 // New returns the server of the component f builds; log is the component's logger.
@@ -86,7 +87,7 @@ func (s *Server) Describe(context.Context, *pb.DescribeRequest) (*pb.DescribeRes
 	return &pb.DescribeResponse{
 		Kind: string(s.factory.Kind), Type: s.factory.Type, Version: s.version,
 		ProtocolVersion: pb.ProtocolVersion, Summary: s.factory.Summary,
-		EmitFlowControl: true, DataChannel: s.data.Load(),
+		EmitFlowControl: true, DataChannel: s.data.Load(), DataChannelOut: s.dataOut.Load(),
 	}, nil
 }
 

@@ -64,7 +64,13 @@ func main() {
 	if strings.HasSuffix(name, "v1") {
 		os.Setenv(pluginproto.DataChannelEnv, "off")
 	}
-	if fd, err := strconv.Atoi(os.Getenv(pluginproto.DataFDEnv)); err == nil {
+	// Garbage goes where the plugin writes its frames: the second socketpair, when the host
+	// passed one (the first otherwise).
+	env := pluginproto.DataFDEnv
+	if os.Getenv(pluginproto.DataOutFDEnv) != "" {
+		env = pluginproto.DataOutFDEnv
+	}
+	if fd, err := strconv.Atoi(os.Getenv(env)); err == nil {
 		if d, err := syscall.Dup(fd); err == nil {
 			syscall.CloseOnExec(d)
 			dataFD = d
