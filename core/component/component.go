@@ -57,6 +57,16 @@ type Enricher interface {
 	Enrich(ctx context.Context, b *flow.Batch) error
 }
 
+// Pipeliner is an enricher whose work happens elsewhere (a plugin process), so that more than
+// one batch in flight lets both sides work at once. StartEnrich begins enriching b (it sends
+// it) and returns at once; finish waits and leaves b as Enrich would, with Enrich's error.
+// The runtime calls each finish once, in the order of the StartEnrich calls of a source, and
+// keeps few in flight; b is not touched between the two.
+type Pipeliner interface {
+	Enricher
+	StartEnrich(ctx context.Context, b *flow.Batch) (finish func() error)
+}
+
 // Holder is an enricher that keeps events across calls, such as a windowed aggregation. The
 // runtime attaches the emitter that feeds the stages after it. A Holder that removes events
 // from a batch to emit them later calls b.Retain and releases the batch once what it emitted

@@ -111,6 +111,86 @@ type sourceNode struct {
 	cancel    context.CancelFunc
 	done      chan struct{} // closed when Run returned
 	stopped   atomic.Bool   // stopped by a reload, not run out
+
+	piped piped // its batches whose enrichment runs elsewhere (component.Pipeliner)
+}
+
+// pipedDepth is how many of a source's batches may be in an out-of-process enricher at once:
+// while the plugin enriches one, the source makes the next and the host encodes it.
+const pipedDepth = 2
+
+// piped carries a source's batches from a Pipeliner's StartEnrich (in Emit) to the rest of
+// their way (finish, the later enrichers, the sinks' queues), in order, on one goroutine.
+type piped struct {
+	open  sync.RWMutex // held to send; flushPiped takes it to close q
+	slots chan struct{} // one per batch started and not finished: pipedDepth at most
+	mu    sync.Mutex
+	q     chan pipedBatch
+	done chan struct{} // closed when the goroutine has carried every batch
+	err  error         // the first error a batch's way ended with: Emit returns it
+}
+
+type pipedBatch struct {
+	t              *topology
+	i              int // the enricher that starts it
+	pl             component.Pipeliner
+	b              *flow.Batch
+	finish         func() error
+	ctx, enrichCtx context.Context
+}
+
+// push starts pb's enrichment once fewer than pipedDepth of the source's batches are in
+// flight, and hands pb to the goroutine that finishes them in order (started with the
+// first). It returns the error an earlier batch's way ended with, if any.
+func (s *sourceNode) push(pb pipedBatch) error {
+	s.piped.open.RLock()
+	defer s.piped.open.RUnlock()
+	s.piped.mu.Lock()
+	if s.piped.q == nil {
+		s.piped.slots = make(chan struct{}, pipedDepth)
+		s.piped.q = make(chan pipedBatch, pipedDepth)
+		s.piped.done = make(chan struct{})
+		go s.carry(s.piped.q, s.piped.slots, s.piped.done)
+	}
+	q, slots, err := s.piped.q, s.piped.slots, s.piped.err
+	s.piped.mu.Unlock()
+	slots <- struct{}{} // freed by the goroutine, which never waits on Emit
+	pb.finish = pb.pl.StartEnrich(pb.enrichCtx, pb.b)
+	q <- pb // never full: a slot is taken first
+	return err
+}
+
+func (s *sourceNode) carry(q chan pipedBatch, slots chan struct{}, done chan struct{}) {
+	defer close(done)
+	for pb := range q {
+		err := s.p.finishFrom(pb)
+		<-slots
+		pb.t.release()
+		if err != nil {
+			s.piped.mu.Lock()
+			if s.piped.err == nil {
+				s.piped.err = err
+			}
+			s.piped.mu.Unlock()
+		}
+	}
+}
+
+// flushPiped waits until every batch pushed is on its way to the sinks (once Run returned,
+// before the source counts as stopped).
+func (s *sourceNode) flushPiped() {
+	s.piped.open.Lock()
+	s.piped.mu.Lock()
+	q, done := s.piped.q, s.piped.done
+	s.piped.q, s.piped.err = nil, nil
+	s.piped.mu.Unlock()
+	if q != nil {
+		close(q)
+	}
+	s.piped.open.Unlock()
+	if q != nil {
+		<-done
+	}
 }
 
 type enricherNode struct {
@@ -592,6 +672,7 @@ func (p *Pipeline) runSource(rs *runState, s *sourceNode) {
 		defer close(s.done)
 		defer cancel()
 		err := s.src.Run(ctx, s)
+		s.flushPiped()
 		p.mu.Lock()
 		rs.active--
 		last := rs.active == 0
@@ -823,16 +904,21 @@ func (s *sourceNode) Emit(ctx context.Context, b *flow.Batch) error {
 		ctx, enrichCtx = s.ectx, s.enrichCtx
 	}
 	t := s.p.acquire()
-	defer t.release()
 	if t.open != nil {
 		select {
 		case <-t.open:
 		case <-ctx.Done():
+			t.release()
 			b.Release(flow.ErrShutdown)
 			return ctx.Err()
 		}
 	}
-	return s.p.emitFrom(ctx, enrichCtx, t, 0, b)
+	pb, err := s.p.emitUntilPiped(ctx, enrichCtx, t, b)
+	if pb == nil {
+		t.release()
+		return err
+	}
+	return s.push(*pb) // the topology is released once the batch is through it
 }
 
 // downstream is the Emitter a holder enricher sees: the stages after it in the topology it
@@ -858,30 +944,83 @@ func (d *downstream) Emit(ctx context.Context, b *flow.Batch) error {
 	return d.p.emitFrom(ctx, ctx, t, i+1, b)
 }
 
-// emitFrom runs t's enrichers from index i on, then hands b to every sink of t, and gives
-// up the caller's reference. ctx bounds the wait for room in the sinks' queues, enrichCtx
-// the enrichers' calls.
-func (p *Pipeline) emitFrom(ctx, enrichCtx context.Context, t *topology, i int, b *flow.Batch) error {
-	if i < len(t.enrich) {
+// emitUntilPiped is emitFrom from the first enricher, up to the first that works elsewhere
+// (component.Pipeliner): the rest of the batch's way, from that one's start, is returned,
+// for push and the source's piped goroutine. Nil: the batch went its whole way (emitFrom's
+// error).
+func (p *Pipeline) emitUntilPiped(ctx, enrichCtx context.Context, t *topology, b *flow.Batch) (*pipedBatch, error) {
+	for i, e := range t.enrich {
+		pl, ok := e.en.(component.Pipeliner)
+		if !ok {
+			continue
+		}
+		// The enrichers before it, then its start.
+		if !p.enrichRange(enrichCtx, t, 0, i, b) {
+			return nil, nil
+		}
+		if len(b.Events) == 0 {
+			b.Release(nil)
+			return nil, nil
+		}
+		b.DropEncoded()
+		e.m.In.Add(float64(len(b.Events)))
+		return &pipedBatch{t: t, i: i, pl: pl, b: b, ctx: ctx, enrichCtx: enrichCtx}, nil
+	}
+	return nil, p.emitFrom(ctx, enrichCtx, t, 0, b)
+}
+
+// finishFrom waits for a piped batch's enrichment and sends it the rest of its way.
+func (p *Pipeline) finishFrom(pb pipedBatch) error {
+	e, b, in := pb.t.enrich[pb.i], pb.b, len(pb.b.Events)
+	if err := pb.finish(); err != nil {
+		p.enrichFailed(e, b, in, err)
+		return nil
+	}
+	e.m.Out.Add(float64(len(b.Events)))
+	e.tap.Publish(b.Events)
+	if len(b.Events) == 0 {
+		b.Release(nil)
+		return nil
+	}
+	return p.emitFrom(pb.ctx, pb.enrichCtx, pb.t, pb.i+1, b)
+}
+
+func (p *Pipeline) enrichFailed(e *enricherNode, b *flow.Batch, in int, err error) {
+	e.m.Errors("enrich", 1)
+	e.m.Dropped("enrich_error", in)
+	p.failed.Add(int64(in))
+	p.log.Error("enricher failed a batch", "enricher", e.name, "events", in, "error", err)
+	b.Release(fmt.Errorf("enricher %s: %w", e.name, err))
+}
+
+// enrichRange runs t's enrichers [i, end) on b; false: one failed it (b is released).
+func (p *Pipeline) enrichRange(enrichCtx context.Context, t *topology, i, end int, b *flow.Batch) bool {
+	if i < end {
 		b.DropEncoded() // enrichers change events: an encoding kept from the source is stale
 	}
-	for ; i < len(t.enrich); i++ {
+	for ; i < end; i++ {
 		e := t.enrich[i]
 		in := len(b.Events)
 		e.m.In.Add(float64(in))
 		if err := e.en.Enrich(enrichCtx, b); err != nil {
-			e.m.Errors("enrich", 1)
-			e.m.Dropped("enrich_error", in)
-			p.failed.Add(int64(in))
-			p.log.Error("enricher failed a batch", "enricher", e.name, "events", in, "error", err)
-			b.Release(fmt.Errorf("enricher %s: %w", e.name, err))
-			return nil
+			p.enrichFailed(e, b, in, err)
+			return false
 		}
 		e.m.Out.Add(float64(len(b.Events)))
 		e.tap.Publish(b.Events)
 		if len(b.Events) == 0 {
 			break
 		}
+	}
+	return true
+}
+
+// emitFrom runs t's enrichers from index i on, then hands b to every sink of t, and gives
+// up the caller's reference. ctx bounds the wait for room in the sinks' queues, enrichCtx
+// the enrichers' calls.
+func (p *Pipeline) emitFrom(ctx, enrichCtx context.Context, t *topology, i int, b *flow.Batch) error {
+	if !p.enrichRange(enrichCtx, t, i, len(t.enrich), b) {
+		return nil
 	}
 	if len(b.Events) == 0 {
 		b.Release(nil)

@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math/rand/v2"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -716,4 +718,110 @@ func TestCountersPublishedAtZero(t *testing.T) {
 			t.Errorf("%s is not published at 0", want)
 		}
 	}
+}
+
+// remoteLike is a component.Pipeliner: StartEnrich hands the batch to a worker of its own
+// (as a plugin process works beside the host) and finish waits for it; the worker finishes
+// batches in no particular order, and fails every failEvery-th.
+type remoteLike struct {
+	env       component.Env
+	failEvery int
+	started   atomic.Int64
+	inFlight  atomic.Int64
+	maxFlight atomic.Int64
+}
+
+func (r *remoteLike) Enrich(ctx context.Context, b *flow.Batch) error { return r.StartEnrich(ctx, b)() }
+
+func (r *remoteLike) StartEnrich(_ context.Context, b *flow.Batch) func() error {
+	n := r.started.Add(1)
+	if f := r.inFlight.Add(1); f > r.maxFlight.Load() {
+		r.maxFlight.Store(f)
+	}
+	done := make(chan error, 1)
+	go func() {
+		time.Sleep(time.Duration(rand.IntN(300)) * time.Microsecond)
+		if r.failEvery > 0 && n%int64(r.failEvery) == 0 {
+			done <- errors.New("the plugin failed this one")
+			return
+		}
+		for i := range b.Events {
+			b.Events[i].RuleID = "enriched"
+		}
+		done <- nil
+	}()
+	return func() error { defer r.inFlight.Add(-1); return <-done }
+}
+
+// An enricher that works elsewhere has more than one batch of a source in flight, and the
+// batches still reach the sinks in the order the source emitted them, enriched, each
+// acknowledged once; one it fails is dropped and counted, as from Enrich.
+func TestPipelinedEnricherKeepsOrder(t *testing.T) {
+	h := newHarness()
+	rl := &remoteLike{failEvery: 7}
+	f := component.NewEnricherFactory("remote", "", func() *empty { return &empty{} },
+		func(env component.Env, _ *empty) (component.Enricher, error) { rl.env = env; return rl, nil })
+	h.reg.Register(f)
+	h.sources["src"] = &testSource{batches: 200, size: 5, done: make(chan struct{})}
+	sink := &enrichedSink{}
+	h.reg.Register(component.NewSinkFactory("enriched", "", func() *empty { return &empty{} },
+		func(component.Env, *empty) (component.Sink, error) { return sink, nil }))
+	p := h.build(t, `
+sources: {src: {type: test}}
+enrichers: [{type: remote}, {type: odd}]
+sinks: {out: {type: enriched}}
+`)
+	if err := p.Run(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	failed := 200 / 7
+	ok, drop, other := h.sources["src"].ackCount()
+	if ok != 200-failed || drop+other != failed {
+		t.Fatalf("acks: %d ok, %d dropped, %d other; want %d ok and %d failed", ok, drop, other, 200-failed, failed)
+	}
+	if rl.maxFlight.Load() < 2 {
+		t.Errorf("at most %d batch in flight at once: nothing was pipelined", rl.maxFlight.Load())
+	}
+	if rl.maxFlight.Load() > pipedDepth {
+		t.Errorf("%d batches in flight at once, more than %d", rl.maxFlight.Load(), pipedDepth)
+	}
+	sink.mu.Lock()
+	defer sink.mu.Unlock()
+	var want []uint64 // the even events of the batches not failed
+	for k := 1; k <= 200; k++ {
+		for seq := uint64((k - 1) * 5); seq < uint64(k*5); seq++ {
+			if k%7 != 0 && seq%2 == 0 {
+				want = append(want, seq)
+			}
+		}
+	}
+	if !slices.Equal(sink.got, want) {
+		t.Fatalf("sink got %d events, want %d, in order", len(sink.got), len(want))
+	}
+	if !sink.allEnriched {
+		t.Fatal("an event reached the sink without the enricher's change")
+	}
+	if n := testutil.ToFloat64(p.Metrics().Component("remote", "enricher").DropCounter("enrich_error")); n != float64(failed*5) {
+		t.Errorf("enrich_error drops = %v, want %d", n, failed*5)
+	}
+}
+
+type enrichedSink struct {
+	mu          sync.Mutex
+	got         []uint64
+	allEnriched bool
+	seen        bool
+}
+
+func (s *enrichedSink) Write(_ context.Context, b *flow.Batch) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !s.seen {
+		s.seen, s.allEnriched = true, true
+	}
+	for _, e := range b.Events {
+		s.got = append(s.got, e.TxPackets)
+		s.allEnriched = s.allEnriched && e.RuleID == "enriched"
+	}
+	return nil
 }

@@ -209,23 +209,37 @@ func (d *dataConn) forget(id uint64) {
 
 // call sends one Write or Enrich and waits for its answer or for ctx.
 func (d *dataConn) call(ctx context.Context, typ pb.FrameType, msg *pb.Batch) (dataAnswer, error) {
-	id, ch, err := d.register()
+	id, ch, err := d.send(ctx, typ, msg)
 	if err != nil {
 		return dataAnswer{}, err
+	}
+	return d.wait(ctx, id, ch)
+}
+
+// send sends one Write or Enrich; wait waits for its answer.
+func (d *dataConn) send(ctx context.Context, typ pb.FrameType, msg *pb.Batch) (uint64, chan dataAnswer, error) {
+	id, ch, err := d.register()
+	if err != nil {
+		return 0, nil, err
 	}
 	events := msg.Events
 	meta := &pb.Batch{Count: msg.Count, Source: msg.Source}
 	if err := d.fc.WriteFrame(ctx, typ, id, meta, events); err != nil {
 		d.forget(id)
 		if pb.IsGaveUp(err) {
-			return dataAnswer{}, ctx.Err()
+			return 0, nil, ctx.Err()
 		}
 		d.broken(fmt.Errorf("plugin data channel: send %s: %w", typ, err))
 		if ctx.Err() != nil {
-			return dataAnswer{}, ctx.Err()
+			return 0, nil, ctx.Err()
 		}
-		return dataAnswer{}, d.failure()
+		return 0, nil, d.failure()
 	}
+	return id, ch, nil
+}
+
+// wait waits for the answer to call id (send), or for ctx, which cancels the call.
+func (d *dataConn) wait(ctx context.Context, id uint64, ch chan dataAnswer) (dataAnswer, error) {
 	select {
 	case a := <-ch:
 		if a.err != nil {

@@ -715,6 +715,43 @@ func TestEnricherPluginKilled(t *testing.T) {
 	}
 }
 
+// TestPipelinedEnricherPluginKilled: with two batches in flight (StartEnrich, as the
+// runtime pipelines a plugin enricher), a kill -9 between the starts and the finishes loses
+// neither: each finishes enriched, by the restarted plugin, in its own events.
+func TestPipelinedEnricherPluginKilled(t *testing.T) {
+	f := newFixture(t, component.KindEnricher, "tag")
+	c, err := f.instantiate(t, "tag", map[string]any{"rule": "r-3"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	en := c.(*remoteEnricher)
+	var _ component.Pipeliner = en
+	for round := range 3 {
+		batches := []*flow.Batch{flow.NewBatch(seqEvents(0, 300), nil), flow.NewBatch(seqEvents(300, 300), nil)}
+		var finish []func() error
+		for _, b := range batches {
+			finish = append(finish, en.StartEnrich(context.Background(), b))
+		}
+		if round == 1 {
+			p, _ := en.in.get(context.Background())
+			if err := syscall.Kill(p.pid(), syscall.SIGKILL); err != nil {
+				t.Fatal(err)
+			}
+		}
+		for i, b := range batches {
+			if err := finish[i](); err != nil {
+				t.Fatalf("round %d, batch %d: %v", round, i, err)
+			}
+			if len(b.Events) != 300 || b.Events[0].SrcPort != uint16(i*300) || b.Events[299].RuleID != "r-3" {
+				t.Fatalf("round %d, batch %d not enriched: %d events", round, i, len(b.Events))
+			}
+		}
+	}
+	if r := f.metric(t, "flowpipe_plugin_restarts_total"); r < 1 {
+		t.Fatalf("restarts_total = %v after a kill", r)
+	}
+}
+
 // TestSourcePluginKilled: a source plugin killed while it streams is restarted and runs
 // again; the pipeline sees every event (the restarted seq source starts over, so events
 // before the kill arrive twice, which is the source's own redelivery).

@@ -181,34 +181,44 @@ var errHung = errors.New("the plugin is hung")
 // and the process is replaced. done ends the watch.
 func (in *instance) guard(ctx context.Context, p *proc, call string) (cctx context.Context, done func()) {
 	cctx, cancel := context.WithCancelCause(ctx)
-	stop := make(chan struct{})
-	go func() {
-		start := time.Now()
-		t := time.NewTimer(in.settings.CallTimeout)
-		defer t.Stop()
-		for {
-			select {
-			case <-stop:
-				return
-			case <-p.done:
-				return
-			case <-t.C:
-			}
-			if err := in.ping(context.Background(), p); err != nil {
-				select {
-				case <-stop:
-					return // it returned meanwhile
-				default:
-				}
-				cancel(errHung)
-				return
-			}
-			in.env.Logger.Warn("plugin call still in progress; the plugin answers health checks, so it is waiting, not hung",
-				"plugin", in.launcher.describe, "call", call, "for", time.Since(start).Round(time.Second))
-			t.Reset(in.settings.CallTimeout)
+	// A timer, not a goroutine that waits on one: a call is a batch, and a goroutine started
+	// per batch costs a wake-up of another thread.
+	var (
+		mu      sync.Mutex
+		stopped bool
+		t       *time.Timer
+	)
+	start := time.Now()
+	check := func() {
+		select {
+		case <-p.done:
+			return
+		default:
 		}
-	}()
-	return cctx, func() { close(stop); cancel(nil) }
+		err := in.ping(context.Background(), p)
+		mu.Lock()
+		defer mu.Unlock()
+		if stopped {
+			return // it returned meanwhile
+		}
+		if err != nil {
+			cancel(errHung)
+			return
+		}
+		in.env.Logger.Warn("plugin call still in progress; the plugin answers health checks, so it is waiting, not hung",
+			"plugin", in.launcher.describe, "call", call, "for", time.Since(start).Round(time.Second))
+		t.Reset(in.settings.CallTimeout)
+	}
+	mu.Lock()
+	t = time.AfterFunc(in.settings.CallTimeout, check)
+	mu.Unlock()
+	return cctx, func() {
+		mu.Lock()
+		stopped = true
+		t.Stop()
+		mu.Unlock()
+		cancel(nil)
+	}
 }
 
 // get returns the current process, waiting while it restarts.

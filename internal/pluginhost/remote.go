@@ -184,6 +184,64 @@ func (e *remoteEnricher) call(ctx context.Context, events []flow.Event, source s
 	}
 }
 
+// StartEnrich sends b to the plugin on the data channel and returns; finish waits for the
+// answer (component.Pipeliner), so that the source makes its next batch, and the host
+// encodes it, while the plugin enriches this one. Whatever goes wrong (no data channel, a
+// batch too large for one message, the plugin failing meanwhile) finishes as Enrich: again,
+// in the next process if need be.
+func (e *remoteEnricher) StartEnrich(ctx context.Context, b *flow.Batch) (finish func() error) {
+	later := func() error { return e.Enrich(ctx, b) }
+	p, err := e.in.get(ctx)
+	if err != nil || p.data == nil {
+		return later
+	}
+	buf, msg, n := pb.EncodeBatch(b.Events, b.Source)
+	if n < len(b.Events) {
+		pb.Buffers.Put(buf)
+		return later
+	}
+	cctx, done := e.in.guard(ctx, p, "Enrich")
+	id, ch, err := p.data.send(cctx, pb.FrameEnrich, msg)
+	pb.Buffers.Put(buf)
+	if err != nil {
+		done()
+		e.in.callErr(ctx, cctx, p, "Enrich", err)
+		return later
+	}
+	return func() error {
+		a, err := p.data.wait(cctx, id, ch)
+		done()
+		if err != nil {
+			if err := e.in.callErr(ctx, cctx, p, "Enrich", err); ctx.Err() != nil {
+				return err
+			}
+			e.in.redelivered.Add(float64(len(b.Events)))
+			return e.Enrich(ctx, b)
+		}
+		if a.enrich == nil {
+			return fmt.Errorf("%s: plugin data channel: answered an enrich with a %s", e.in.launcher.describe, a.typ)
+		}
+		resp := a.enrich
+		applyCounts(e.in.env.Metrics, resp.Counts)
+		if err := pb.ErrorFromProto(resp.Failure, resp.Error); err != nil {
+			if resp.Batch != nil {
+				pb.PutEvents(resp.Batch.Events)
+			}
+			return err
+		}
+		out, err := codec.Decode(b.Events[:0], resp.Batch.GetEvents(), int(resp.Batch.GetCount()))
+		if resp.Batch != nil {
+			pb.PutEvents(resp.Batch.Events) // decoding copied what it keeps
+		}
+		if err != nil {
+			return fmt.Errorf("%s: bad answer: %w", e.in.launcher.describe, err)
+		}
+		b.Events = out
+		e.in.succeeded()
+		return nil
+	}
+}
+
 func (e *remoteEnricher) Start(ctx context.Context) error { return e.in.Start(ctx) }
 func (e *remoteEnricher) Close(ctx context.Context) error { return e.in.Close(ctx) }
 func (e *remoteEnricher) Health() error                   { return e.in.Health() }
