@@ -122,12 +122,12 @@ const pipedDepth = 2
 // piped carries a source's batches from a Pipeliner's StartEnrich (in Emit) to the rest of
 // their way (finish, the later enrichers, the sinks' queues), in order, on one goroutine.
 type piped struct {
-	open  sync.RWMutex // held to send; flushPiped takes it to close q
+	open  sync.RWMutex  // held to send; flushPiped takes it to close q
 	slots chan struct{} // one per batch started and not finished: pipedDepth at most
 	mu    sync.Mutex
 	q     chan pipedBatch
-	done chan struct{} // closed when the goroutine has carried every batch
-	err  error         // the first error a batch's way ended with: Emit returns it
+	done  chan struct{} // closed when the goroutine has carried every batch
+	err   error         // the first error a batch's way ended with: Emit returns it
 }
 
 type pipedBatch struct {
