@@ -371,6 +371,7 @@ func (fc *FrameConn) writeRaw(ctx context.Context, b, events []byte, inline bool
 	if fc.wclosed.Load() {
 		return net.ErrClosed
 	}
+	raceReleaseIO(fc.wfd)
 	iov := [][]byte{b, events}
 	if inline || len(events) == 0 {
 		iov = iov[:1]
