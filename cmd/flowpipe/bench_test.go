@@ -65,6 +65,11 @@ func BenchmarkPipelineGenerateToFileZstd(b *testing.B) {
 	benchPipelineBatch(b, 4096, "{type: file, isolation: inproc, path: flows.jsonl.zst, max_size: 0, compression: zstd, in_flight: 2}")
 }
 
+// The same with the sink's own zstd encoder for JSON lines (compression_level: lines).
+func BenchmarkPipelineGenerateToFileZstdLines(b *testing.B) {
+	benchPipelineBatch(b, 4096, "{type: file, isolation: inproc, path: flows.jsonl.zst, max_size: 0, compression: zstd, compression_level: lines, in_flight: 2}")
+}
+
 // The same with one batch in flight (the default, which keeps the order of batches): a
 // batch's parts are still compressed in parallel.
 func BenchmarkPipelineGenerateToFileZstdInFlight1(b *testing.B) {

@@ -48,7 +48,7 @@ func benchEvents(n int) []flow.Event {
 func BenchmarkWrite(b *testing.B) {
 	evs := benchEvents(4096)
 	for _, tc := range []struct{ name, compression, level string }{
-		{"none", "none", ""}, {"zstd-fastest", "zstd", "fastest"}, {"zstd-default", "zstd", "default"},
+		{"none", "none", ""}, {"zstd-fastest", "zstd", "fastest"}, {"zstd-default", "zstd", "default"}, {"zstd-lines", "zstd", "lines"},
 		{"gzip-fastest", "gzip", "fastest"}, {"gzip-default", "gzip", "default"},
 	} {
 		b.Run(tc.name, func(b *testing.B) {
