@@ -125,7 +125,9 @@ func (e *linesEncoder) findSequences(src []byte, start, end int) {
 			if c0 >= 0 && i-c0 <= linesMaxOffset && binary.LittleEndian.Uint64(src[c0:]) == v {
 				c, m = c0, linesMinMatch+matchLen(src[c0+linesMinMatch:], src[i+linesMinMatch:end])
 			}
-			if c1 >= 0 && i-c1 <= linesMaxOffset && binary.LittleEndian.Uint64(src[c1:]) == v {
+			// The older one can only be longer if it agrees where the newer one stopped.
+			if c1 >= 0 && i-c1 <= linesMaxOffset && (m == 0 || i+m < end && src[c1+m] == src[i+m]) &&
+				binary.LittleEndian.Uint64(src[c1:]) == v {
 				if m1 := linesMinMatch + matchLen(src[c1+linesMinMatch:], src[i+linesMinMatch:end]); m1 > m {
 					c, m = c1, m1
 				}
@@ -203,14 +205,19 @@ func matchLen(a, b []byte) int {
 // matchLenBack is how many bytes before src[i] and before src[c] agree, at most limit.
 func matchLenBack(src []byte, i, c, limit int) int {
 	n := 0
-	for ; n+8 <= limit; n += 8 {
-		if x := binary.LittleEndian.Uint64(src[i-n-8:]) ^ binary.LittleEndian.Uint64(src[c-n-8:]); x != 0 {
-			return n + bits.LeadingZeros64(x)>>3
+	for n < limit {
+		if c-n < 8 {
+			for n < limit && src[i-n-1] == src[c-n-1] {
+				n++
+			}
+			return n
 		}
+		if x := binary.LittleEndian.Uint64(src[i-n-8:]) ^ binary.LittleEndian.Uint64(src[c-n-8:]); x != 0 {
+			return min(limit, n+bits.LeadingZeros64(x)>>3)
+		}
+		n += 8
 	}
-	for ; n < limit && src[i-n-1] == src[c-n-1]; n++ {
-	}
-	return n
+	return min(n, limit)
 }
 
 // appendLiterals appends the literals section: Huffman-coded when that is smaller, else raw.
@@ -312,9 +319,9 @@ func (e *linesEncoder) appendSequences(b []byte) []byte {
 	}
 	var llState, ofState, mlState uint32
 	enc := func(t *fseTable, state, s uint32) uint32 {
-		n := (state + t.deltaN[s]) >> 16
+		n := (state + t.deltaN[s&63]) >> 16
 		put(uint64(state), uint(n))
-		return uint32(t.states[int32(state>>n)+t.deltaF[s]])
+		return uint32(t.states[(int32(state>>(n&31))+t.deltaF[s&63])&63])
 	}
 	for k := n - 1; k >= 0; k-- {
 		s := e.seqs[k]
@@ -404,9 +411,9 @@ func matchLenCode(v uint32) (code, extra uint32, nb uint) {
 // reference encoder builds it (FSE_buildCTable), for the predefined distributions.
 type fseTable struct {
 	log    uint
-	states []uint16
-	deltaN []uint32 // per symbol: deltaNbBits
-	deltaF []int32  // per symbol: deltaFindState
+	states [64]uint16 // the table (2^log <= 64 entries)
+	deltaN [64]uint32 // per symbol: deltaNbBits
+	deltaF [64]int32  // per symbol: deltaFindState
 }
 
 // The predefined distributions (RFC 8878 3.1.1.3.2.2).
@@ -449,7 +456,7 @@ func newFSETable(log uint, norm []int16) *fseTable {
 	if pos != 0 {
 		panic("file: bad FSE distribution")
 	}
-	t := &fseTable{log: log, states: make([]uint16, size), deltaN: make([]uint32, len(norm)), deltaF: make([]int32, len(norm))}
+	t := &fseTable{log: log}
 	for u := range size {
 		s := symbols[u]
 		t.states[cumul[s]] = uint16(size + u)
@@ -479,5 +486,5 @@ func newFSETable(log uint, norm []int16) *fseTable {
 func (t *fseTable) initState(s uint32) uint32 {
 	nb := (t.deltaN[s] + 1<<15) >> 16
 	v := nb<<16 - t.deltaN[s]
-	return uint32(t.states[int32(v>>nb)+t.deltaF[s]])
+	return uint32(t.states[(int32(v>>nb)+t.deltaF[s])&63])
 }
