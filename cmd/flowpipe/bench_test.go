@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"os"
 	"path/filepath"
 	"testing"
 
@@ -21,7 +22,8 @@ func benchPipeline(b *testing.B, sinkYAML string) {
 
 func benchPipelineBatch(b *testing.B, batchSize int, sinkYAML string) {
 	// generate's count must be even (a start and an end per flow): b.N rounded up.
-	doc, err := config.Load(filepath.Join(b.TempDir(), "pipeline.yaml"), []byte(fmt.Sprintf(`
+	dir := b.TempDir()
+	doc, err := config.Load(filepath.Join(dir, "pipeline.yaml"), []byte(fmt.Sprintf(`
 admin: {listen: ""}
 sources:
   gen: {type: generate, count: %d, batch_size: %d, seed: 1}
@@ -45,6 +47,16 @@ sinks:
 	b.StopTimer()
 	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "events/s")
 	b.ReportMetric(float64(testenv.CPUNanos()-cpu0)/float64(b.N), "cpu-ns/event")
+	// What a file sink wrote (flows.jsonl, flows.jsonl.zst, ...) per event.
+	if files, _ := filepath.Glob(filepath.Join(dir, "flows.*")); len(files) > 0 {
+		var size int64
+		for _, f := range files {
+			if st, err := os.Stat(f); err == nil {
+				size += st.Size()
+			}
+		}
+		b.ReportMetric(float64(size)/float64(b.N), "file-bytes/event")
+	}
 }
 
 func BenchmarkPipelineGenerateToDiscard(b *testing.B) {
