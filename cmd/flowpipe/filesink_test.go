@@ -22,8 +22,15 @@ import (
 // files, every one of which (the rotated ones and the current one) is a valid zstd stream
 // that zstdcat and the replay source read whole. A kill that lands in the middle of a
 // frame leaves it torn, which the restart cuts off (TestCompressionTornFrameIsCutAtStart in
-// sinks/file forces that case; here it is up to the timing of the kill).
+// sinks/file forces that case; here it is up to the timing of the kill). With klauspost's
+// encoder (compression_level fastest, the default) and the sink's own (lines).
 func TestCompressedFileSurvivesCollectorKill9(t *testing.T) {
+	for _, level := range []string{"fastest", "lines"} {
+		t.Run(level, func(t *testing.T) { testCompressedFileSurvivesCollectorKill9(t, level) })
+	}
+}
+
+func testCompressedFileSurvivesCollectorKill9(t *testing.T, level string) {
 	zstdcat, err := exec.LookPath("zstdcat")
 	testenv.Require(t, err == nil, "zstdcat")
 	dir := t.TempDir()
@@ -40,8 +47,8 @@ admin: {listen: ""}
 sources:
   agents: {type: grpc, listen: %s, auth: hmac, secrets: [%q]}
 sinks:
-  out: {type: file, path: collected.zst, compression: zstd, max_size: 200KiB, max_files: 0}
-`, addr, queueSecret))
+  out: {type: file, path: collected.zst, compression: zstd, compression_level: %s, max_size: 200KiB, max_files: 0}
+`, addr, queueSecret, level))
 	writeFile(t, filepath.Join(dir, "agent.yaml"), fmt.Sprintf(`
 admin: {listen: ""}
 sources:
