@@ -108,8 +108,8 @@ func (c *Config) Validate() error {
 		errs.Add("compression", "unknown compression %q (want none, zstd or gzip)", c.Compression)
 	}
 	if c.CompressionLevel == "lines" {
-		if c.Compression != "zstd" {
-			errs.Add("compression_level", "lines is a zstd encoder; not with compression %s", c.Compression)
+		if c.Compression == "gzip" {
+			errs.Add("compression_level", "lines is a zstd encoder; not with compression gzip")
 		}
 	} else if _, ok := compressionLevels[c.CompressionLevel]; !ok {
 		errs.Add("compression_level", "unknown level %q (want fastest, default, better, best or, with zstd, lines)", c.CompressionLevel)
