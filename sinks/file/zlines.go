@@ -26,7 +26,9 @@ import (
 // without that structure just compresses worse. TestLinesEncoderRoundTrip and
 // FuzzLinesEncoder decode what it writes with klauspost's decoder and the zstd program.
 type linesEncoder struct {
-	table [1 << linesTableBits][2]uint32 // per hash of 8 bytes at a boundary: the last two positions + 1, 0 = none
+	// Per hash of 8 bytes at a boundary: the last two positions + 1 (0: none). 32 bits: in a
+	// part of more than 4 GiB a position wraps, and a candidate not before i is refused.
+	table [1 << linesTableBits][2]uint32
 	lits  []byte
 	seqs  []lineSeq
 	block []byte
@@ -122,11 +124,11 @@ func (e *linesEncoder) findSequences(src []byte, start, end int) {
 			c0, c1 := int(b[0])-1, int(b[1])-1
 			b[0], b[1] = uint32(i+1), b[0]
 			c, m := -1, 0
-			if c0 >= 0 && i-c0 <= linesMaxOffset && binary.LittleEndian.Uint64(src[c0:]) == v {
+			if c0 >= 0 && c0 < i && i-c0 <= linesMaxOffset && binary.LittleEndian.Uint64(src[c0:]) == v {
 				c, m = c0, linesMinMatch+matchLen(src[c0+linesMinMatch:], src[i+linesMinMatch:end])
 			}
 			// The older one can only be longer if it agrees where the newer one stopped.
-			if c1 >= 0 && i-c1 <= linesMaxOffset && (m == 0 || i+m < end && src[c1+m] == src[i+m]) &&
+			if c1 >= 0 && c1 < i && i-c1 <= linesMaxOffset && (m == 0 || i+m < end && src[c1+m] == src[i+m]) &&
 				binary.LittleEndian.Uint64(src[c1:]) == v {
 				if m1 := linesMinMatch + matchLen(src[c1+linesMinMatch:], src[i+linesMinMatch:end]); m1 > m {
 					c, m = c1, m1
