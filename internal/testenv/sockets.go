@@ -8,7 +8,6 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
@@ -42,6 +41,18 @@ func FreeTCPAddr(t testing.TB) string {
 func FreeTCPPort(t testing.TB) int {
 	t.Helper()
 	return Port(t, FreeTCPAddr(t))
+}
+
+// FreeUDPPort is a UDP port on 127.0.0.1 free at this instant (what FreeTCPAddr says holds
+// for it too: wait with WaitListening).
+func FreeUDPPort(t testing.TB) int {
+	t.Helper()
+	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pc.Close()
+	return pc.LocalAddr().(*net.UDPAddr).Port
 }
 
 // Port is the port of a host:port address.
@@ -198,37 +209,6 @@ func Listening(pid int, network string, port int) (bool, error) {
 		}
 	}
 	return false, nil
-}
-
-// processTree is pid and its descendants, read from /proc/*/stat.
-func processTree(pid int) []int {
-	children := map[int][]int{}
-	stats, _ := filepath.Glob("/proc/[0-9]*/stat")
-	for _, path := range stats {
-		data, err := os.ReadFile(path)
-		if err != nil {
-			continue // ended meanwhile
-		}
-		// pid (comm) state ppid …; comm may hold spaces and parentheses.
-		end := strings.LastIndexByte(string(data), ')')
-		if end < 0 {
-			continue
-		}
-		f := strings.Fields(string(data[end+1:]))
-		if len(f) < 2 {
-			continue
-		}
-		child, err1 := strconv.Atoi(strings.TrimSuffix(strings.TrimPrefix(path, "/proc/"), "/stat"))
-		parent, err2 := strconv.Atoi(f[1])
-		if err1 == nil && err2 == nil {
-			children[parent] = append(children[parent], child)
-		}
-	}
-	tree := []int{pid}
-	for i := 0; i < len(tree); i++ {
-		tree = append(tree, children[tree[i]]...)
-	}
-	return tree
 }
 
 // ErrExited is what WaitListening returns when the process ended before it listened.

@@ -160,3 +160,26 @@ func TestWaitListening(t *testing.T) {
 		t.Fatalf("WaitListening of a process that exits without listening = %v, want ErrExited", err)
 	}
 }
+
+// KillTree ends a host and its plugin process at once: when it returns, the port the plugin
+// listened on is held by nobody.
+func TestKillTree(t *testing.T) {
+	host, port := startListener(t, "grandchild")
+	tree := processTree(host.Process.Pid)
+	if len(tree) != 2 {
+		t.Fatalf("process tree of the helper: %v, want it and its child", tree)
+	}
+	if err := KillTree(host.Process.Pid, time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range tree {
+		if Alive(p) {
+			t.Errorf("process %d alive after KillTree", p)
+		}
+	}
+	if l, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", port)); err != nil {
+		t.Errorf("the port of the killed tree's listener: %v", err)
+	} else {
+		l.Close()
+	}
+}
