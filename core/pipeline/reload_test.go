@@ -20,6 +20,7 @@ import (
 	"github.com/flowpipe/flowpipe/core/config"
 	"github.com/flowpipe/flowpipe/core/flow"
 	"github.com/flowpipe/flowpipe/core/options"
+	"github.com/flowpipe/flowpipe/core/tap"
 )
 
 // The reload tests run the real runtime in process with small components that record what
@@ -1275,4 +1276,79 @@ func TestFailedSourceReplacementIsNotReportedReplaced(t *testing.T) {
 	h.waitMore(t, "out", h.recorder("out").count()) // the old instance goes on
 	h.finish(t, p, done)
 	h.exactlyOnce(t, "out")
+}
+
+// A reload that removes components removes their tap points (a removed sink, a removed
+// enricher, a sink turned off with enabled: false): they are no longer listed, and a tap
+// following one ends; a replaced component keeps its tap point, with its subscribers.
+func TestReloadRemovesTheTapPointsOfRemovedComponents(t *testing.T) {
+	h := newReloadHarness()
+	dataDir := t.TempDir()
+	p, _, done := h.start(t, h.doc(t, dataDir, `sources:
+  gen: {type: count}
+enrichers:
+  - {type: stamp, name: st, field: rule, gen: g1}
+sinks:
+  a: {type: rec}
+  b: {type: rec}
+  c: {type: rec}
+`))
+	h.waitMore(t, "b", 0)
+	names := func() string { return strings.Join(p.Taps().Names(), " ") }
+	if got := names(); got != "(sinks) a b c gen st" {
+		t.Fatalf("tap points at start: %s", got)
+	}
+	hubOf := func(name string) *tap.Hub {
+		t.Helper()
+		hub, ok := p.Taps().Lookup(name)
+		if !ok {
+			t.Fatalf("no tap point %s", name)
+		}
+		return hub
+	}
+	aHub := hubOf("a")
+	subA, _ := aHub.Subscribe(nil, 1<<20, false, 0, 0)
+	defer subA.Close()
+	subB, _ := hubOf("b").Subscribe(nil, 1<<20, false, 0, 0)
+	defer subB.Close()
+	rep := h.reload(t, p, h.doc(t, dataDir, `sources:
+  gen: {type: count}
+sinks:
+  a: {type: rec, tag: new}
+  c: {type: rec, enabled: false}
+`))
+	reloaded := flow.Now()
+	for _, check := range []func(*ReloadReport) error{stopped("sink/b"), stopped("sink/c"), stopped("enricher/st"), changed("sink/a", "tag")} {
+		if err := check(rep); err != nil {
+			t.Error(err)
+		}
+	}
+	if got := names(); got != "(sinks) a gen" {
+		t.Errorf("tap points after the reload: %s, want (sinks) a gen", got)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	for {
+		_, _, err := subB.Next(ctx)
+		if errors.Is(err, tap.ErrRemoved) {
+			break
+		}
+		if err != nil {
+			t.Fatalf("the removed sink's tap: %v, want it to end with tap.ErrRemoved", err)
+		}
+	}
+	if hubOf("a") != aHub || aHub.Subscribers() != 1 {
+		t.Error("the replaced sink a lost its tap point or its subscriber")
+	}
+	// The replaced sink's tap goes on with what is handed to the new instance.
+	for after := false; !after; {
+		recs, _, err := subA.Next(ctx)
+		if err != nil {
+			t.Fatalf("tap of the replaced sink after the reload: %v", err)
+		}
+		for _, r := range recs {
+			after = after || r.Seen >= reloaded
+		}
+	}
+	h.finish(t, p, done)
 }
