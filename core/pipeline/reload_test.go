@@ -7,11 +7,15 @@ import (
 	"io"
 	"log/slog"
 	"path/filepath"
+	"runtime"
+	"slices"
+	"sort"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
+	"weak"
 
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
@@ -41,7 +45,8 @@ type reloadHarness struct {
 	builds  map[string]int // "kind/name" → instances built
 	acked   map[uint64]error
 	emitted int64
-	reconfs map[string]int // "kind/name" → Reconfigure calls
+	reconfs map[string]int                  // "kind/name" → Reconfigure calls
+	remotes []weak.Pointer[remoteCollector] // of each "remote" sink instance built
 }
 
 type recorder struct {
@@ -87,6 +92,15 @@ func newReloadHarness() *reloadHarness {
 				Name: "flowpipe_test_writes_total", Help: "Batches this instance wrote.",
 			})}
 			return s, env.Register(s.writes)
+		}))
+	h.reg.Register(component.NewSinkFactory("remote", "", func() *recConf { return &recConf{} },
+		func(env component.Env, c *recConf) (component.Sink, error) {
+			h.built("sink/" + env.Name)
+			rc := &remoteCollector{tag: c.Tag}
+			h.mu.Lock()
+			h.remotes = append(h.remotes, weak.Make(rc))
+			h.mu.Unlock()
+			return &recSink{r: h.recorder(env.Name)}, env.Registerer.Register(rc)
 		}))
 	h.reg.Register(component.NewSinkFactory("rerec", "", func() *recConf { return &recConf{} },
 		func(env component.Env, c *recConf) (component.Sink, error) {
@@ -1348,6 +1362,76 @@ sinks:
 		}
 		for _, r := range recs {
 			after = after || r.Seen >= reloaded
+		}
+	}
+	h.finish(t, p, done)
+}
+
+// remoteCollector is an unchecked collector (it describes nothing), as a plugin component's
+// remote metrics are (internal/pluginhost): one series naming its instance's tag.
+type remoteCollector struct{ tag string }
+
+func (c *remoteCollector) Describe(chan<- *prometheus.Desc) {}
+func (c *remoteCollector) Collect(ch chan<- prometheus.Metric) {
+	ch <- prometheus.MustNewConstMetric(prometheus.NewDesc("flowpipe_test_remote_instance", "The instance's tag.", []string{"tag"}, nil),
+		prometheus.GaugeValue, 1, c.tag)
+}
+
+// A replaced or removed component's unchecked collector (a plugin's remote metrics describe
+// nothing: the Prometheus registry cannot unregister such a collector) goes with it: its
+// series are gone, the new instance's are there once, and the registry no longer holds the
+// old collector (nor, through it, the old instance).
+func TestReplacedComponentsUncheckedCollectorIsReleased(t *testing.T) {
+	h := newReloadHarness()
+	dataDir := t.TempDir()
+	yaml := func(sinks string) string { return "sources:\n  gen: {type: count}\nsinks:\n  a: {type: rec}\n" + sinks }
+	p, _, done := h.start(t, h.doc(t, dataDir, yaml("  r: {type: remote, tag: one}\n")))
+	tags := func() []string {
+		t.Helper()
+		fams, err := p.Metrics().Registry.Gather()
+		if err != nil {
+			t.Fatalf("gather: %v", err)
+		}
+		var out []string
+		for _, f := range fams {
+			if f.GetName() != "flowpipe_test_remote_instance" {
+				continue
+			}
+			for _, m := range f.GetMetric() {
+				labels := map[string]string{}
+				for _, l := range m.GetLabel() {
+					labels[l.GetName()] = l.GetValue()
+				}
+				out = append(out, labels["component"]+"/"+labels["kind"]+"/"+labels["tag"])
+			}
+		}
+		sort.Strings(out)
+		return out
+	}
+	if got := fmt.Sprint(tags()); got != "[r/sink/one]" {
+		t.Fatalf("series at start: %s", got)
+	}
+	for _, tag := range []string{"two", "three"} {
+		h.reload(t, p, h.doc(t, dataDir, yaml("  r: {type: remote, tag: "+tag+"}\n")))
+		if got, want := fmt.Sprint(tags()), "[r/sink/"+tag+"]"; got != want {
+			t.Errorf("series after the reload to %s: %s, want %s", tag, got, want)
+		}
+	}
+	h.reload(t, p, h.doc(t, dataDir, yaml("")))
+	if got := tags(); len(got) != 0 {
+		t.Errorf("series after r was removed: %v", got)
+	}
+	h.mu.Lock()
+	remotes := slices.Clone(h.remotes)
+	h.mu.Unlock()
+	if len(remotes) != 3 {
+		t.Fatalf("%d remote sink instances built, want 3", len(remotes))
+	}
+	runtime.GC()
+	runtime.GC()
+	for i, w := range remotes {
+		if w.Value() != nil {
+			t.Errorf("the collector of instance %d (of 3, all replaced or removed) is still held", i+1)
 		}
 	}
 	h.finish(t, p, done)
