@@ -20,7 +20,6 @@ func (d *discard) Emit(_ context.Context, b *flow.Batch) error {
 	return nil
 }
 
-
 // BenchmarkReplay replays a generated capture of about a million packets (105,000
 // connections: TCP with handshake, data and close, UDP exchanges, pings; frames cut to 96
 // bytes as `tcpdump -s 96` would) from file to events, per whole file.
