@@ -61,16 +61,7 @@ func TestTapAndTopStreams(t *testing.T) {
 	defer tapResp.Body.Close()
 	topResp := get("/api/top?by=proto&window=1h")
 	defer topResp.Body.Close()
-	tr := bufio.NewReader(tapResp.Body)
-	for {
-		l, err := tr.ReadString('\n')
-		if err != nil {
-			t.Fatal(err)
-		}
-		if strings.Contains(l, "following") {
-			break
-		}
-	}
+	tr := following(t, tapResp)
 	var wg sync.WaitGroup
 	const publishers, batches = 4, 50
 	for p := range publishers {
@@ -141,16 +132,7 @@ func TestTapOfARemovedPointEnds(t *testing.T) {
 	}
 	tapResp := get("/api/tap?at=gone&follow=1")
 	topResp := get("/api/top?at=gone")
-	tr := bufio.NewReader(tapResp.Body)
-	for {
-		l, err := tr.ReadString('\n')
-		if err != nil {
-			t.Fatal(err)
-		}
-		if strings.Contains(l, "following") {
-			break
-		}
-	}
+	tr := following(t, tapResp)
 	var first tap.Snapshot
 	if err := json.NewDecoder(topResp.Body).Decode(&first); err != nil {
 		t.Fatal(err) // the top stream is live
@@ -162,5 +144,20 @@ func TestTapOfARemovedPointEnds(t *testing.T) {
 	}
 	if _, err := io.ReadAll(topResp.Body); err != nil {
 		t.Fatalf("top stream after the removal: %v", err)
+	}
+}
+
+// following reads a tap stream up to its "following" line: the subscription is live then.
+func following(t *testing.T, resp *http.Response) *bufio.Reader {
+	t.Helper()
+	r := bufio.NewReader(resp.Body)
+	for {
+		l, err := r.ReadString('\n')
+		if err != nil {
+			t.Fatal(err)
+		}
+		if strings.Contains(l, "following") {
+			return r
+		}
 	}
 }
