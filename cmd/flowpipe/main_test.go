@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -286,14 +285,7 @@ func TestReadmeAgentAndCollectorOnOneHost(t *testing.T) {
 		t.Fatalf("the agent and the collector need distinct admin ports: %v and %v", ca, aa)
 	}
 	// Free ports instead of the README's, so that a busy machine does not fail the test.
-	free := func() string {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer l.Close()
-		return l.Addr().String()
-	}
+	free := func() string { return testenv.FreeTCPAddr(t) }
 	grpcAddr := free()
 	collector = strings.NewReplacer(ca[1], free(), "127.0.0.1:7000", grpcAddr).Replace(collector)
 	agent = strings.NewReplacer(aa[1], free(), "127.0.0.1:7000", grpcAddr).Replace(agent)
