@@ -319,6 +319,28 @@ sinks:
 	checkExactlyOnce(t, sent, got)
 }
 
+// streamEvents writes n new events to s in the background (4 writers, 500 events a write)
+// and returns them, their IDs, and a wait that returns once every write has, failing the test
+// if they have not within 5 minutes.
+func streamEvents(t *testing.T, s *grpcsink.Sink, n int) ([]flow.Event, map[string]int, func()) {
+	events := makeEvents(n)
+	sent := map[string]int{}
+	for _, e := range events {
+		sent[e.EventID.String()] = 1
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	done := make(chan struct{})
+	go func() { defer close(done); writeAll(ctx, t, s, events, 500, 4) }()
+	t.Cleanup(func() { cancel(); <-done })
+	return events, sent, func() {
+		t.Helper()
+		<-done
+		if ctx.Err() != nil {
+			t.Fatal("writes did not finish")
+		}
+	}
+}
+
 func checkExactlyOnce(t *testing.T, sent, got map[string]int) {
 	t.Helper()
 	missing, twice := 0, 0
@@ -414,15 +436,7 @@ func testCollectorKilledWithEventsUnacked(t *testing.T, protocol string) {
 	const window = 1000 // below the 4×500 events the writers have in flight, so it fills
 	s, reg := sinkWithMetrics(t, protocol, "http://"+px.Addr(), window)
 
-	events := makeEvents(100_000)
-	sent := map[string]int{}
-	for _, e := range events {
-		sent[e.EventID.String()] = 1
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
-	defer cancel()
-	done := make(chan struct{})
-	go func() { defer close(done); writeAll(ctx, t, s, events, 500, 4) }()
+	events, sent, writesDone := streamEvents(t, s, 100_000)
 
 	out := filepath.Join(dir, "out.jsonl")
 	state := filepath.Join(dir, "dedup.state")
@@ -451,10 +465,7 @@ func testCollectorKilledWithEventsUnacked(t *testing.T, protocol string) {
 	px.Cut()
 	px.Freeze(false)
 	c.start()
-	<-done
-	if ctx.Err() != nil {
-		t.Fatal("writes did not finish")
-	}
+	writesDone()
 	if resent := metric(t, reg, "flowpipe_grpc_sink_events_resent_total") - resentBefore; resent < unacked {
 		t.Fatalf("agent resent %v events after the restart, want at least the %v it had unacked", resent, unacked)
 	}
@@ -475,23 +486,12 @@ func testCollectorKilledMidStream(t *testing.T, protocol string) {
 	c.start()
 	addr := c.addr
 	s, _ := sinkWithMetrics(t, protocol, "http://"+addr, 5000)
-	events := makeEvents(100_000)
-	sent := map[string]int{}
-	for _, e := range events {
-		sent[e.EventID.String()] = 1
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
-	defer cancel()
-	done := make(chan struct{})
-	go func() { defer close(done); writeAll(ctx, t, s, events, 500, 4) }()
+	events, sent, writesDone := streamEvents(t, s, 100_000)
 	out := filepath.Join(dir, "out.jsonl")
 	waitFor(t, "40% of the events at the collector", func() bool { return lineCount(out) >= len(events)*2/5 })
 	c.kill()
 	c.start()
-	<-done
-	if ctx.Err() != nil {
-		t.Fatal("writes did not finish")
-	}
+	writesDone()
 	c.stop()
 	got := outputIDs(t, out)
 	missing, twice := 0, 0
