@@ -693,25 +693,18 @@ func changed(comp string, keys ...string) func(*ReloadReport) error {
 }
 
 func started(comp string) func(*ReloadReport) error {
-	return func(r *ReloadReport) error {
-		for _, c := range r.Started {
-			if c == comp {
-				return nil
-			}
-		}
-		return fmt.Errorf("%s not in Started %v", comp, r.Started)
-	}
+	return func(r *ReloadReport) error { return listed(comp, "Started", r.Started) }
 }
 
 func stopped(comp string) func(*ReloadReport) error {
-	return func(r *ReloadReport) error {
-		for _, c := range r.Stopped {
-			if c == comp {
-				return nil
-			}
-		}
-		return fmt.Errorf("%s not in Stopped %v", comp, r.Stopped)
+	return func(r *ReloadReport) error { return listed(comp, "Stopped", r.Stopped) }
+}
+
+func listed(comp, what string, list []string) error {
+	if slices.Contains(list, comp) {
+		return nil
 	}
+	return fmt.Errorf("%s not in %s %v", comp, what, list)
 }
 
 // A document with a problem changes nothing: the problems come back positioned, the running
