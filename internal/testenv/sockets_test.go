@@ -96,9 +96,14 @@ func TestListeningOwnership(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer c.Close()
+	accepted, err := l.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer accepted.Close()
 	l.Close()
 	if port := c.RemoteAddr().(*net.TCPAddr).Port; mustListening(t, self, "tcp", port) {
-		t.Errorf("Listening(self, tcp, %d) with only the accepted connection's socket left", port)
+		t.Errorf("Listening(self, tcp, %d) with only the accepted connection's socket left on the port", port)
 	}
 
 	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
