@@ -15,26 +15,26 @@ import (
 // collector gathers the events of every stream into batches and remembers event IDs for
 // de-duplication. One mutex covers both, so an event is checked and queued in one step.
 //
-// An ID is in inflight from the moment its event is accepted until its batch is acknowledged,
-// then in ids (delivered) until it leaves the window. Two maps, not one with a state: ids is
-// large (up to dedup.max_events) and every access to it is a cache miss, so an event costs
-// it one lookup and one insert; the small inflight map takes the rest. A duplicate of a delivered event
-// is ACKed at once; a duplicate of an event in flight waits and is ACKed with the original
-// (a client that resent after a lost ACK or a reconnect gets its ACK on the stream it is on
-// now). When a batch fails (the pipeline stopped), its IDs are forgotten, so that the
-// client's resend is accepted again.
+// An ID is in the window (internal/dedup: one flat table, in flight or delivered) from the
+// moment its event is accepted: in flight until its batch is acknowledged, then delivered
+// until it leaves the window. Checking and admitting an event is one probe, settling it one
+// more, and each batch's IDs are prefetched first so that the cache misses of a batch (the
+// table is large: up to dedup.max_events IDs) overlap. A duplicate of a delivered event is
+// ACKed at once; a duplicate of an event in flight waits (in waiting) and is ACKed with the
+// original (a client that resent after a lost ACK or a reconnect gets its ACK on the stream
+// it is on now). When a batch fails (the pipeline stopped), its IDs are forgotten, so that
+// the client's resend is accepted again.
 type collector struct {
 	r *Receiver
 
-	mu       sync.Mutex
-	ids      map[uuid.UUID]struct{} // delivered, within the window
-	inflight map[uuid.UUID][]origin // accepted, not yet acknowledged: the duplicates waiting for it
-	done     dedup.Ring             // delivered, oldest first
-	events   []flow.Event
-	origins  []origin
-	first    time.Time // arrival of the batch's first event
-	stopped  bool
-	journal  *dedup.Journal
+	mu      sync.Mutex
+	win     *dedup.Window
+	waiting map[uuid.UUID][]origin // duplicates of events in flight, waiting for their outcome
+	events  []flow.Event
+	origins []origin
+	first   time.Time // arrival of the batch's first event
+	stopped bool
+	ids     []uuid.UUID // finish's scratch
 
 	ready chan *pendingBatch // full batches for the emitter
 	free  chan []flow.Event  // recycled event slices
@@ -55,11 +55,11 @@ type pendingBatch struct {
 
 func newCollector(r *Receiver) *collector {
 	return &collector{
-		r:        r,
-		ids:      map[uuid.UUID]struct{}{},
-		inflight: map[uuid.UUID][]origin{},
-		ready:    make(chan *pendingBatch, 1),
-		free:     make(chan []flow.Event, 8),
+		r:       r,
+		win:     dedup.NewWindow(r.conf().Dedup.Window, r.conf().Dedup.MaxEvents),
+		waiting: map[uuid.UUID][]origin{},
+		ready:   make(chan *pendingBatch, 1),
+		free:    make(chan []flow.Event, 8),
 	}
 }
 
@@ -74,6 +74,11 @@ func (c *collector) add(st *stream, seq uint64, events []flow.Event) {
 	var now []origin // duplicates of delivered events: ACKed at once
 	dedupOn := c.dedupOn()
 	c.mu.Lock()
+	if dedupOn {
+		for i := range events {
+			c.win.Prefetch(events[i].EventID)
+		}
+	}
 	for i := range events {
 		if c.stopped {
 			c.mu.Unlock()
@@ -86,17 +91,17 @@ func (c *collector) add(st *stream, seq uint64, events []flow.Event) {
 		e := &events[i]
 		id := e.EventID
 		if dedupOn {
-			if _, delivered := c.ids[id]; delivered {
+			switch c.win.Admit(id) {
+			case dedup.Delivered:
 				c.r.duplicates.Inc()
 				now = append(now, origin{st, id, seq})
 				continue
-			}
-			if ws, ok := c.inflight[id]; ok {
+			case dedup.InFlight, dedup.Waiting:
 				c.r.duplicates.Inc()
-				c.inflight[id] = append(ws, origin{st, id, seq})
+				c.win.Wait(id)
+				c.waiting[id] = append(c.waiting[id], origin{st, id, seq})
 				continue
 			}
-			c.inflight[id] = nil
 		}
 		if len(c.events) == 0 {
 			c.first = time.Now()
@@ -211,30 +216,21 @@ func (c *collector) finish(pb *pendingBatch, err error) {
 	}
 	var extra []origin // duplicates that waited for these events
 	if c.dedupOn() {
-		now := time.Now()
 		c.mu.Lock()
+		ids := c.ids[:0]
 		for _, o := range pb.origins {
-			if ws := c.inflight[o.id]; len(ws) > 0 {
-				extra = append(extra, ws...)
-			}
-			delete(c.inflight, o.id)
-			if ok {
-				c.ids[o.id] = struct{}{}
-				c.remember(dedup.Rec{ID: o.id, At: now.UnixNano()})
-			}
+			ids = append(ids, o.id)
 		}
-		if ok && c.journal != nil {
-			ids := make([]uuid.UUID, len(pb.origins))
-			for i, o := range pb.origins {
-				ids[i] = o.id
-			}
-			if jerr := c.journal.Append(ids, now); jerr != nil {
-				c.r.env.Metrics.Errors("dedup_state", 1)
-				c.r.log.Error("dedup state not saved; a resend after a restart may be delivered twice", "err", jerr)
-			}
-		}
-		c.expire(now)
+		c.ids = ids
+		err := c.win.Settle(ids, ok, time.Now(), func(id uuid.UUID) {
+			extra = append(extra, c.waiting[id]...)
+			delete(c.waiting, id)
+		})
 		c.mu.Unlock()
+		if err != nil {
+			c.r.env.Metrics.Errors("dedup_state", 1)
+			c.r.log.Error("dedup state not saved; a resend after a restart may be delivered twice", "err", err)
+		}
 	}
 	// ACK per stream in runs, one lock per run.
 	ackRuns(pb.origins, ok)
@@ -262,45 +258,7 @@ func ackRuns(os []origin, ok bool) {
 	}
 }
 
-// expire forgets delivered IDs that left the window; called with c.mu held.
-func (c *collector) expire(now time.Time) {
-	cutoff := now.Add(-c.r.conf().Dedup.Window).UnixNano()
-	for c.done.Len() > 0 && c.done.Oldest().At < cutoff {
-		c.forgetOldest()
-	}
-	if c.journal != nil && c.journal.Records > 2*c.r.conf().Dedup.MaxEvents+1024 {
-		if err := c.journal.Rewrite(c.done.All()); err != nil {
-			c.r.env.Metrics.Errors("dedup_state", 1)
-			c.r.log.Error("dedup state file not compacted", "err", err)
-		}
-	}
-}
-
 // load restores delivered IDs from the state file; called before serving.
 func (c *collector) load(path string) error {
-	cutoff := time.Now().Add(-c.r.conf().Dedup.Window).UnixNano()
-	j, recs, err := dedup.OpenJournal(path, cutoff, c.r.conf().Dedup.MaxEvents)
-	if err != nil {
-		return err
-	}
-	c.journal = j
-	for _, r := range recs {
-		c.ids[r.ID] = struct{}{}
-		c.remember(r)
-	}
-	return nil
-}
-
-// remember records a delivered ID, forgetting the oldest when the window is full; called
-// with c.mu held.
-func (c *collector) remember(r dedup.Rec) {
-	for c.done.Len() > 0 && c.done.Len() >= c.r.conf().Dedup.MaxEvents {
-		c.forgetOldest() // one, or more after a reload lowered max_events
-	}
-	c.done.Push(r, c.r.conf().Dedup.MaxEvents)
-}
-
-func (c *collector) forgetOldest() {
-	id := c.done.Pop().ID
-	delete(c.ids, id)
+	return c.win.Load(path, time.Now())
 }
