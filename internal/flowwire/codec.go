@@ -15,6 +15,12 @@ import (
 // not change afterwards (give every message bytes of its own).
 type Raw []byte
 
+// Parts is a message already encoded in two pieces, sent one after the other without being
+// joined: a header made for this send and a body shared by every send of the same content
+// (a batch's events, sent again after a reconnect under a new header). Neither may change
+// after SendMsg, as with Raw.
+type Parts struct{ Head, Body []byte }
+
 // AckMsg receives a decoded FlowEventAck.
 type AckMsg struct {
 	ID        [16]byte
@@ -44,6 +50,8 @@ func (Codec) Marshal(v any) (mem.BufferSlice, error) {
 		return mem.BufferSlice{mem.SliceBuffer(m)}, nil
 	case *Raw:
 		return mem.BufferSlice{mem.SliceBuffer(*m)}, nil
+	case *Parts:
+		return mem.BufferSlice{mem.SliceBuffer(m.Head), mem.SliceBuffer(m.Body)}, nil
 	}
 	return protoCodec.Marshal(v)
 }
