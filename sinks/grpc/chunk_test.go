@@ -1,0 +1,154 @@
+package grpcsink_test
+
+import (
+	"context"
+	"net"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/google/uuid"
+	"github.com/prometheus/client_golang/prometheus"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+
+	"github.com/flowpipe/flowpipe/core/component"
+	"github.com/flowpipe/flowpipe/core/flow"
+	pb "github.com/flowpipe/flowpipe/proto/flow"
+	grpcsink "github.com/flowpipe/flowpipe/sinks/grpc"
+	grpcsrc "github.com/flowpipe/flowpipe/sources/grpc"
+)
+
+// stingyReceiver is a NetBird-only receiver (generated code, no flowpipe stream) that ACKs
+// the first `acks` events it receives and none after.
+type stingyReceiver struct {
+	pb.UnimplementedFlowServiceServer
+	mu    sync.Mutex
+	acks  int
+	acked map[uuid.UUID]bool
+}
+
+func (m *stingyReceiver) Events(stream pb.FlowService_EventsServer) error {
+	if err := stream.SendHeader(metadata.Pairs("receiver", "stingy")); err != nil {
+		return err
+	}
+	if err := stream.Send(&pb.FlowEventAck{IsInitiator: true}); err != nil {
+		return err
+	}
+	for {
+		ev, err := stream.Recv()
+		if err != nil {
+			return err
+		}
+		if ev.IsInitiator {
+			continue
+		}
+		id, err := uuid.FromBytes(ev.EventId)
+		if err != nil {
+			return status.Error(codes.InvalidArgument, "bad event_id")
+		}
+		m.mu.Lock()
+		ack := len(m.acked) < m.acks
+		if ack {
+			m.acked[id] = true
+		}
+		m.mu.Unlock()
+		if ack {
+			if err := stream.Send(&pb.FlowEventAck{EventId: ev.EventId}); err != nil {
+				return err
+			}
+		}
+	}
+}
+
+// A Write's events, part of them ACKed one by one by a NetBird receiver, the rest carried
+// over to a flowpipe collector on flowpipe's stream when the NetBird one goes away (urls
+// lists both, protocol auto): the flowpipe collector gets exactly the events not ACKed yet,
+// and the Write completes.
+func TestPartlyAckedChunkMovesToTheBatchStream(t *testing.T) {
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	stingy := &stingyReceiver{acks: 300, acked: map[uuid.UUID]bool{}}
+	srv := grpc.NewServer()
+	pb.RegisterFlowServiceServer(srv, stingy)
+	go srv.Serve(lis)
+	defer srv.Stop()
+	later := freePortB(t) // the flowpipe collector's, not listening yet: the sink starts on the NetBird one
+
+	cfg := grpcsink.Factory().NewConfig().(*grpcsink.Config)
+	cfg.URLs = []string{"http://" + lis.Addr().String(), "http://" + later}
+	cfg.MaxInFlight = 4000 // messages of up to 1,000 events: the Write below is one chunk
+	cfg.ReconnectMin, cfg.ReconnectMax = 20*time.Millisecond, 200*time.Millisecond
+	cfg.AckTimeout = 10 * time.Minute
+	if err := cfg.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	reg := prometheus.NewRegistry()
+	s, err := grpcsink.New(component.Env{Name: "agent", Registerer: reg}, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close(context.Background())
+
+	events := makeEvents(1000)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	written := make(chan error, 1)
+	go func() { written <- s.Write(ctx, flow.NewBatch(events, nil)) }()
+	waitFor(t, "300 events ACKed by the NetBird receiver", func() bool {
+		return metric(t, reg, "flowpipe_grpc_sink_events_acked_total") == 300
+	})
+	if got := metric(t, reg, "flowpipe_grpc_sink_unacked_events"); got != 700 {
+		t.Fatalf("%v events unacked, want 700", got)
+	}
+
+	m := newMemEmitter()
+	startReceiver(t, &grpcsrc.Config{Auth: "none", Listen: later}, m)
+	srv.Stop()
+	if err := <-written; err != nil {
+		t.Fatalf("write: %v", err)
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if len(m.seen) != 700 || m.events != 700 {
+		t.Fatalf("flowpipe collector got %d events (%d distinct), want the 700 not ACKed", m.events, len(m.seen))
+	}
+	for id := range m.seen {
+		if stingy.acked[id] {
+			t.Fatalf("event %s was ACKed by the NetBird receiver and sent again", id)
+		}
+	}
+}
+
+// The same event twice in the input — within one Write and across concurrent Writes — is
+// delivered once and every Write completes, on both protocols.
+func TestDuplicateEventsInTheInput(t *testing.T) { eachProtocol(t, testDuplicateEventsInTheInput) }
+
+func testDuplicateEventsInTheInput(t *testing.T, protocol string) {
+	m := newMemEmitter()
+	r := startReceiver(t, &grpcsrc.Config{Auth: "none"}, m)
+	s := newSink(t, &grpcsink.Config{Protocol: protocol, URL: "http://" + r.Addr().String(), MaxInFlight: 2000})
+	events := makeEvents(3000)
+	a := append([]flow.Event(nil), events[:1500]...)
+	a[700] = a[3]                                    // twice in one Write
+	b := append([]flow.Event(nil), events[1000:]...) // events[1000:1500] in both Writes
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	errs := make(chan error, 2)
+	for _, batch := range [][]flow.Event{a, b} {
+		go func() { errs <- s.Write(ctx, flow.NewBatch(batch, nil)) }()
+	}
+	for range 2 {
+		if err := <-errs; err != nil {
+			t.Fatalf("write: %v", err)
+		}
+	}
+	distinct, _ := m.counts()
+	if want := 3000 - 1; distinct != want || m.duplicates() != 0 {
+		t.Fatalf("collector passed on %d distinct events with %d duplicates, want %d once each", distinct, m.duplicates(), want)
+	}
+}
