@@ -25,7 +25,7 @@ const stateBits = 2
 // backward-shift deletion (no tombstones, so probes stay short however many IDs come and
 // go). It exists because the de-duplication window is large (up to dedup.max_events IDs) and
 // hit by every event: a Go map costs several times as much per access, and allocates as it
-// grows. The hash is keyed per table with random keys, so that a client cannot choose IDs
+// grows. Large tables are mapped with huge pages (slots_linux.go): Free gives them back. The hash is keyed per table with random keys, so that a client cannot choose IDs
 // that collide. Not safe for concurrent use.
 type Table struct {
 	slots  []slot
@@ -51,7 +51,7 @@ func (t *Table) init() {
 		panic(err) // crypto/rand does not fail on Linux
 	}
 	t.k0, t.k1 = binary.LittleEndian.Uint64(k[:8])|1, binary.LittleEndian.Uint64(k[8:])|1
-	t.slots = make([]slot, minSlots)
+	t.slots = allocSlots(minSlots)
 	t.mask = minSlots - 1
 	if t.weak == 0 {
 		t.weak = ^uint32(0)
@@ -79,6 +79,13 @@ func (t *Table) find(id *uuid.UUID, h uint32) (uint64, bool) {
 			return i, true
 		}
 	}
+}
+
+// Free gives back the table's memory (on Linux, large tables are mapped outside the Go heap)
+// and empties it; the table may be used again.
+func (t *Table) Free() {
+	freeSlots(t.slots)
+	t.slots, t.mask, t.n = nil, 0, 0
 }
 
 // Len is the number of IDs in the table.
@@ -200,7 +207,7 @@ func (t *Table) deleteAt(i uint64) {
 
 func (t *Table) grow() {
 	old := t.slots
-	t.slots = make([]slot, 2*len(old))
+	t.slots = allocSlots(2 * len(old))
 	t.mask = uint64(len(t.slots) - 1)
 	for _, s := range old {
 		if s.v == 0 {
@@ -212,4 +219,5 @@ func (t *Table) grow() {
 		}
 		t.slots[i] = s
 	}
+	freeSlots(old)
 }

@@ -176,8 +176,10 @@ func (w *Window) forgetOldest() {
 	w.ids.Remove(id, Delivered, Delivered)
 }
 
-// Close closes the journal.
+// Close frees the window's table (it then remembers nothing) and closes the journal.
 func (w *Window) Close() error {
+	w.ids.Free()
+	w.done = Ring{}
 	if w.journal == nil {
 		return nil
 	}
