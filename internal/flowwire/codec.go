@@ -2,6 +2,7 @@ package flowwire
 
 import (
 	"fmt"
+	"sync"
 
 	"google.golang.org/grpc/encoding"
 	protoenc "google.golang.org/grpc/encoding/proto"
@@ -77,13 +78,28 @@ func (Codec) Unmarshal(data mem.BufferSlice, v any) error {
 		*m = append((*m)[:0], contiguous(data)...)
 		return nil
 	case WireUnmarshaler:
-		return m.UnmarshalWire(contiguous(data))
+		if len(data) == 1 {
+			return m.UnmarshalWire(data[0].ReadOnlyData())
+		}
+		// A message of several transport frames (a batch of flowpipe's stream): joined in a
+		// buffer of our own, reused, since UnmarshalWire keeps nothing of it.
+		bp := joinPool.Get().(*[]byte)
+		if cap(*bp) < data.Len() {
+			*bp = make([]byte, data.Len())
+		}
+		b := (*bp)[:data.Len()]
+		data.CopyTo(b)
+		err := m.UnmarshalWire(b)
+		joinPool.Put(bp)
+		return err
 	}
 	if protoCodec == nil {
 		return fmt.Errorf("flowwire: no protobuf codec registered for %T", v)
 	}
 	return protoCodec.Unmarshal(data, v)
 }
+
+var joinPool = sync.Pool{New: func() any { return new([]byte) }}
 
 // contiguous returns the message bytes without copying when they are in one buffer, as they
 // are for messages smaller than a transport frame. The result is valid until gRPC frees data,

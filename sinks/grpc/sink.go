@@ -102,6 +102,8 @@ type chunk struct {
 	left   int          // events not ACKed; 0 once ACKed or given up
 	stream uint64       // generation of the stream it was last sent on; 0 = not sent there
 	sentAt time.Time    // when it was last sent
+	sends  int          // messages of flowpipe's stream that carried packed
+	reuse  bool         // ACKed on the stream of its only message: packed is free again
 }
 
 // ref is an event of a chunk on NetBird's protocol. Events with the same ID (a duplicate in
@@ -197,6 +199,9 @@ func clientTLS(env component.Env, c *Config) (*tls.Config, error) {
 	return tlsfiles.Client(env.Path(c.CAFile), env.Path(c.CertFile), env.Path(c.KeyFile), c.ServerName)
 }
 
+// packPool holds the buffers of Writes' packed events that gRPC is done with.
+var packPool = sync.Pool{New: func() any { return new([]byte) }}
+
 // runLimits are the bounds of one message of flowpipe's stream: at most a quarter of
 // max_in_flight events (so that ACKs of earlier messages make room while later ones travel)
 // and at most max_batch_message_size bytes of events.
@@ -219,15 +224,33 @@ func (s *Sink) Write(ctx context.Context, b *flow.Batch) error {
 	var buf []byte
 	var ends []int
 	var msgs [][]byte
+	cs := make([]chunk, 0, n/maxEvents+1)
 	if native {
-		buf = make([]byte, 0, codec.Size(b.Events))
+		bp := packPool.Get().(*[]byte)
+		if size := codec.Size(b.Events); cap(*bp) < size {
+			*bp = make([]byte, 0, size)
+		}
+		buf = (*bp)[:0]
+		defer func() {
+			// The buffer goes back to the pool only when gRPC is done with it for sure:
+			// every chunk was sent once and ACKed on the stream it went out on.
+			s.mu.Lock()
+			reuse := true
+			for i := range cs {
+				reuse = reuse && cs[i].reuse
+			}
+			s.mu.Unlock()
+			if reuse {
+				*bp = buf[:0]
+				packPool.Put(bp)
+			}
+		}()
 	} else {
 		buf = make([]byte, 0, n*160)
 		ends = make([]int, n)
 		msgs = make([][]byte, n)
 	}
 	w := &waiter{left: n, done: make(chan struct{})}
-	cs := make([]chunk, 0, n/maxEvents+1)
 	cs = append(cs, chunk{w: w})
 	first, from, size := 0, 0, 0 // the current chunk: first event, its offset in buf, packed size
 	cut := func(i int) {
@@ -434,6 +457,7 @@ func (s *Sink) ackBatch(seq uint64) {
 		for j := range c.refs {
 			c.refs[j].acked = true
 		}
+		c.reuse = c.sends == 1 && c.stream == s.stream
 		s.settle(c, n)
 	}
 	s.mu.Unlock()
@@ -789,6 +813,7 @@ func (s *Sink) sendBatches(ctx context.Context, stream grpc.ClientStream, gen ui
 				}
 			}
 		}
+		c.sends++
 		seq++
 		s.groups[seq] = c // known before it is sent: its ACK may come back at once
 		head := make([]byte, 0, streamwire.BatchHeaderSize+1)

@@ -38,6 +38,7 @@ type collector struct {
 
 	ready chan *pendingBatch // full batches for the emitter
 	free  chan []flow.Event  // recycled event slices
+	freeO chan []origin      // recycled origin slices
 	wg    sync.WaitGroup     // emitted batches not yet acknowledged
 }
 
@@ -60,6 +61,7 @@ func newCollector(r *Receiver) *collector {
 		waiting: map[uuid.UUID][]origin{},
 		ready:   make(chan *pendingBatch, 1),
 		free:    make(chan []flow.Event, 8),
+		freeO:   make(chan []origin, 8),
 	}
 }
 
@@ -140,7 +142,13 @@ func (c *collector) newEvents() []flow.Event {
 // take removes the batch being built; called with c.mu held.
 func (c *collector) take() *pendingBatch {
 	b := &pendingBatch{events: c.events, origins: c.origins}
-	c.events, c.origins = nil, make([]origin, 0, c.r.conf().BatchSize)
+	c.events = nil
+	select {
+	case o := <-c.freeO:
+		c.origins = o[:0]
+	default:
+		c.origins = make([]origin, 0, c.r.conf().BatchSize)
+	}
 	c.wg.Add(1)
 	return b
 }
@@ -242,6 +250,11 @@ func (c *collector) finish(pb *pendingBatch, err error) {
 	clear(events)
 	select {
 	case c.free <- events:
+	default:
+	}
+	clear(pb.origins)
+	select {
+	case c.freeO <- pb.origins[:0]:
 	default:
 	}
 }
