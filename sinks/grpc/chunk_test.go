@@ -16,6 +16,7 @@ import (
 
 	"github.com/flowpipe/flowpipe/core/component"
 	"github.com/flowpipe/flowpipe/core/flow"
+	"github.com/flowpipe/flowpipe/internal/codec"
 	pb "github.com/flowpipe/flowpipe/proto/flow"
 	grpcsink "github.com/flowpipe/flowpipe/sinks/grpc"
 	grpcsrc "github.com/flowpipe/flowpipe/sources/grpc"
@@ -150,5 +151,64 @@ func testDuplicateEventsInTheInput(t *testing.T, protocol string) {
 	distinct, _ := m.counts()
 	if want := 3000 - 1; distinct != want || m.duplicates() != 0 {
 		t.Fatalf("collector passed on %d distinct events with %d duplicates, want %d once each", distinct, m.duplicates(), want)
+	}
+}
+
+// keepEmitter keeps every event it is given, by ID, and acknowledges each batch.
+type keepEmitter struct {
+	mu     sync.Mutex
+	events map[uuid.UUID]flow.Event
+}
+
+func (k *keepEmitter) Emit(_ context.Context, b *flow.Batch) error {
+	k.mu.Lock()
+	for _, e := range b.Events {
+		k.events[e.EventID] = e
+	}
+	k.mu.Unlock()
+	b.Release(nil)
+	return nil
+}
+
+// A batch that carries its packed encoding (flow.Batch.SetEncoded, as the plugin host passes
+// it on) goes out as those bytes on flowpipe's stream; a batch too large for one message is
+// encoded from its events and cut as usual. To tell the two apart, the encodings given here
+// say CommunityID "1:enc" where the events say "1:abc".
+func TestBatchWithItsEncodingArrivesIntact(t *testing.T) {
+	k := &keepEmitter{events: map[uuid.UUID]flow.Event{}}
+	r := startReceiver(t, &grpcsrc.Config{Auth: "none"}, k)
+	s := newSink(t, &grpcsink.Config{Protocol: "flowpipe", URL: "http://" + r.Addr().String(), MaxInFlight: 8000})
+	events := makeEvents(3000)
+	for i := range events {
+		events[i].Source = "gen"
+		events[i].CommunityID = "1:abc"
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	for _, part := range [][]flow.Event{events[:1000], events[1000:]} { // one message; three
+		b := flow.NewBatch(part, nil)
+		marked := append([]flow.Event(nil), part...)
+		for i := range marked {
+			marked[i].CommunityID = "1:enc"
+		}
+		b.SetEncoded(codec.Append(nil, marked))
+		if err := s.Write(ctx, b); err != nil {
+			t.Fatal(err)
+		}
+	}
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if len(k.events) != len(events) {
+		t.Fatalf("%d events arrived, want %d", len(k.events), len(events))
+	}
+	for i, e := range events {
+		got := k.events[e.EventID]
+		got.Source = e.Source // the receiver names itself as the source
+		if i < 1000 {
+			e.CommunityID = "1:enc" // sent as its encoding
+		}
+		if got != e {
+			t.Fatalf("event arrived as %+v, sent %+v", got, e)
+		}
 	}
 }

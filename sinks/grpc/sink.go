@@ -225,9 +225,17 @@ func (s *Sink) Write(ctx context.Context, b *flow.Batch) error {
 	var ends []int
 	var msgs [][]byte
 	cs := make([]chunk, 0, n/maxEvents+1)
+	// A batch that comes with its packed encoding (the plugin host passes it on from a source
+	// plugin: flow.Batch.SetEncoded) and fits one message is copied, not encoded again.
+	enc := b.Encoded()
+	copied := native && len(enc) > 1 && enc[0] == codec.Version && n <= maxEvents && len(enc)-1 <= maxBytes
 	if native {
+		size := len(enc)
+		if !copied {
+			size = codec.Size(b.Events)
+		}
 		bp := packPool.Get().(*[]byte)
-		if size := codec.Size(b.Events); cap(*bp) < size {
+		if cap(*bp) < size {
 			*bp = make([]byte, 0, size)
 		}
 		buf = (*bp)[:0]
@@ -251,44 +259,11 @@ func (s *Sink) Write(ctx context.Context, b *flow.Batch) error {
 		msgs = make([][]byte, n)
 	}
 	w := &waiter{left: n, done: make(chan struct{})}
-	cs = append(cs, chunk{w: w})
-	first, from, size := 0, 0, 0 // the current chunk: first event, its offset in buf, packed size
-	cut := func(i int) {
-		c := &cs[len(cs)-1]
-		c.events, c.left = b.Events[first:i], i-first
-		if native {
-			c.packed = buf[from:len(buf):len(buf)]
-		}
-	}
-	for i := range b.Events {
-		e := &b.Events[i]
-		esize := codec.EventSize(e) // chunks fit a message of flowpipe's stream whichever the protocol
-		if i > first && (i-first == maxEvents || size+esize > maxBytes) {
-			cut(i)
-			cs = append(cs, chunk{w: w})
-			first, from, size = i, len(buf), 0
-		}
-		size += esize
-		if native {
-			buf = codec.AppendEvent(buf, e)
-		} else {
-			buf = flowwire.AppendEvent(buf, e, s.key)
-			ends[i] = len(buf)
-		}
-	}
-	cut(n)
-	if !native {
-		// Sliced once buf is final (it may have moved while it grew).
-		off := 0
-		for i := range msgs {
-			msgs[i] = buf[off:ends[i]:ends[i]]
-			off = ends[i]
-		}
-		off = 0
-		for i := range cs {
-			cs[i].msgs = msgs[off : off+len(cs[i].events)]
-			off += len(cs[i].events)
-		}
+	if copied {
+		buf = append(buf, enc[1:]...)
+		cs = append(cs, chunk{w: w, events: b.Events, left: n, packed: buf})
+	} else {
+		cs = s.encode(b.Events, w, cs, &buf, ends, msgs, native, maxEvents, maxBytes)
 	}
 
 	next, queued := 0, 0
@@ -337,6 +312,53 @@ func (s *Sink) Write(ctx context.Context, b *flow.Batch) error {
 		return fmt.Errorf("grpc sink: %d of %d events not ACKed: %w", left, n, ctx.Err())
 	}
 	return fmt.Errorf("grpc sink closed with %d of %d events not ACKed", left, n)
+}
+
+// encode encodes events into *buf for one protocol (native: flowpipe's packed codec; else
+// NetBird's FlowEvents, each sliced into msgs with ends as scratch) and cuts them into chunks
+// of at most one message of flowpipe's stream, appended to cs.
+func (s *Sink) encode(events []flow.Event, w *waiter, cs []chunk, buf *[]byte, ends []int, msgs [][]byte, native bool, maxEvents, maxBytes int) []chunk {
+	cs = append(cs, chunk{w: w})
+	first, from, size := 0, 0, 0 // the current chunk: first event, its offset in buf, packed size
+	cut := func(i int) {
+		c := &cs[len(cs)-1]
+		c.events, c.left = events[first:i], i-first
+		if native {
+			c.packed = (*buf)[from:len(*buf):len(*buf)]
+		}
+	}
+	for i := range events {
+		e := &events[i]
+		esize := codec.EventSize(e) // chunks fit a message of flowpipe's stream whichever the protocol
+		if i > first && (i-first == maxEvents || size+esize > maxBytes) {
+			cut(i)
+			cs = append(cs, chunk{w: w})
+			first, from, size = i, len(*buf), 0
+		}
+		size += esize
+		if native {
+			*buf = codec.AppendEvent(*buf, e)
+		} else {
+			*buf = flowwire.AppendEvent(*buf, e, s.key)
+			ends[i] = len(*buf)
+		}
+	}
+	cut(len(events))
+	if !native {
+		// Sliced once *buf is final (it may have moved while it grew).
+		off := 0
+		for i := range msgs {
+			msgs[i] = (*buf)[off:ends[i]:ends[i]]
+			off = ends[i]
+		}
+		off = 0
+		for i := range cs {
+			cs[i].msgs = msgs[off : off+len(cs[i].events)]
+			off += len(cs[i].events)
+		}
+	}
+
+	return cs
 }
 
 // forget removes a failed Write's chunks from the table.
