@@ -178,14 +178,14 @@ func TestBatchWithItsEncodingArrivesIntact(t *testing.T) {
 	k := &keepEmitter{events: map[uuid.UUID]flow.Event{}}
 	r := startReceiver(t, &grpcsrc.Config{Auth: "none"}, k)
 	s := newSink(t, &grpcsink.Config{Protocol: "flowpipe", URL: "http://" + r.Addr().String(), MaxInFlight: 8000})
-	events := makeEvents(3000)
+	events := makeEvents(4000)
 	for i := range events {
 		events[i].Source = "gen"
 		events[i].CommunityID = "1:abc"
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	for _, part := range [][]flow.Event{events[:1000], events[1000:]} { // one message; three
+	for _, part := range [][]flow.Event{events[:1000], events[1000:]} { // one message; two (2,000 events at most in one)
 		b := flow.NewBatch(part, nil)
 		marked := append([]flow.Event(nil), part...)
 		for i := range marked {
