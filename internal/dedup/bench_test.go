@@ -38,9 +38,6 @@ func BenchmarkWindowSteadyState(b *testing.B) {
 			run := ids[next : next+batch]
 			next += batch
 			for _, id := range run {
-				w.Prefetch(id)
-			}
-			for _, id := range run {
 				w.Admit(id)
 			}
 			w.Settle(run, true, now, nil)

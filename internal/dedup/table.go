@@ -32,7 +32,6 @@ type Table struct {
 	mask   uint64
 	n      int
 	k0, k1 uint64
-	touch  uint32 // what Prefetch read, so that its loads are not optimized away
 	// weak and flip are for tests, which make IDs collide on purpose: the hash bits kept (all
 	// otherwise) and bits flipped after (none).
 	weak, flip uint32
@@ -170,15 +169,6 @@ func (t *Table) Admit(id uuid.UUID) State {
 	t.slots[i] = slot{id: id, v: h<<stateBits | uint32(InFlight)}
 	t.n++
 	return Absent
-}
-
-// Prefetch reads id's first slot, so that when a caller goes over a batch of IDs twice —
-// Prefetch for each, then the real work — the cache misses of the first pass overlap
-// instead of coming one after the other.
-func (t *Table) Prefetch(id uuid.UUID) {
-	if t.slots != nil {
-		t.touch += t.slots[uint64(t.hash(&id))&t.mask].v
-	}
 }
 
 // deleteAt empties slot i and moves back the later slots of its run that may not stay

@@ -66,10 +66,6 @@ func (w *Window) State(id uuid.UUID) State { return w.ids.Get(id) }
 // Len is the number of delivered IDs remembered.
 func (w *Window) Len() int { return w.done.Len() }
 
-// Prefetch starts loading what Admit or Settle of id will read (see Table.Prefetch): call
-// it for every ID of a batch first.
-func (w *Window) Prefetch(id uuid.UUID) { w.ids.Prefetch(id) }
-
 // Admit marks id in flight if the window does not know it, and returns what it knew before:
 // Absent (admitted now), InFlight or Waiting (a duplicate of an event in flight), Delivered
 // (a duplicate of a delivered one).
@@ -88,9 +84,6 @@ func (w *Window) Wait(id uuid.UUID) {
 // nil, is called for each ID that was marked Waiting. The error is the journal's: the IDs are
 // remembered in memory anyway.
 func (w *Window) Settle(ids []uuid.UUID, delivered bool, now time.Time, waited func(uuid.UUID)) error {
-	for _, id := range ids {
-		w.ids.Prefetch(id)
-	}
 	if !delivered || !w.On() {
 		for _, id := range ids {
 			if w.ids.Remove(id, InFlight, Waiting) == Waiting && waited != nil {
@@ -104,7 +97,6 @@ func (w *Window) Settle(ids []uuid.UUID, delivered bool, now time.Time, waited f
 		err = w.journal.Append(ids, now)
 	}
 	at := now.UnixNano()
-	w.makeRoom(len(ids))
 	for _, id := range ids {
 		switch w.ids.Set(id, Delivered) {
 		case Delivered:
@@ -149,17 +141,7 @@ func (w *Window) remember(r Rec) {
 	if w.ids.Set(r.ID, Delivered) == Delivered {
 		return
 	}
-	w.makeRoom(1)
 	w.push(r)
-}
-
-// makeRoom prefetches the table slots of the oldest IDs that n more records would push out
-// of the count (push forgets them one by one).
-func (w *Window) makeRoom(n int) {
-	over := min(w.done.Len()+n-w.max, w.done.Len())
-	for i := range over {
-		w.ids.Prefetch(w.done.At(i).ID)
-	}
 }
 
 func (w *Window) push(r Rec) {

@@ -18,8 +18,9 @@ import (
 // An ID is in the window (internal/dedup: one flat table, in flight or delivered) from the
 // moment its event is accepted: in flight until its batch is acknowledged, then delivered
 // until it leaves the window. Checking and admitting an event is one probe, settling it one
-// more, and each batch's IDs are prefetched first so that the cache misses of a batch (the
-// table is large: up to dedup.max_events IDs) overlap. A duplicate of a delivered event is
+// more (and pushing the oldest out of a full window a third), each in a tight loop over a
+// message's or a batch's IDs, so that the cache misses of consecutive IDs overlap (the table
+// is large: up to dedup.max_events IDs). A duplicate of a delivered event is
 // ACKed at once; a duplicate of an event in flight waits (in waiting) and is ACKed with the
 // original (a client that resent after a lost ACK or a reconnect gets its ACK on the stream
 // it is on now). When a batch fails (the pipeline stopped), its IDs are forgotten, so that
@@ -76,11 +77,6 @@ func (c *collector) add(st *stream, seq uint64, events []flow.Event) {
 	var now []origin // duplicates of delivered events: ACKed at once
 	dedupOn := c.dedupOn()
 	c.mu.Lock()
-	if dedupOn {
-		for i := range events {
-			c.win.Prefetch(events[i].EventID)
-		}
-	}
 	for i := range events {
 		if c.stopped {
 			c.mu.Unlock()
