@@ -7,12 +7,14 @@
 // stream is opened with flowpipe's, and with NetBird's when the collector answers
 // UNIMPLEMENTED.
 //
-// One stream carries the events of every Write in flight. Each event waits in a table of
-// unacknowledged events, keyed by event ID, until its ACK arrives; the table is bounded by
-// max_in_flight, which is the sink's window. When the stream breaks, the sink reconnects with
-// jittered exponential backoff and sends every unacknowledged event again; an event not ACKed
-// within ack_timeout is sent again on the same stream. The collector de-duplicates by event
-// ID, so resending is safe.
+// One stream carries the events of every Write in flight. Each Write's events are cut into
+// chunks (at most one message of flowpipe's stream each), and each chunk waits in a table of
+// unacknowledged work until its events are ACKed: on flowpipe's stream with the one ACK of its
+// message, on NetBird's with an ACK per event ID (an index of the events sent on that stream).
+// The table is bounded by max_in_flight events, which is the sink's window. When the stream
+// breaks, the sink reconnects with jittered exponential backoff and sends every
+// unacknowledged event again; a chunk not ACKed within ack_timeout is sent again on the same
+// stream. The collector de-duplicates by event ID, so resending is safe.
 package grpcsink
 
 import (
