@@ -2,7 +2,10 @@ package grpcsink_test
 
 import (
 	"context"
+	"errors"
+	"log/slog"
 	"net"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -17,6 +20,7 @@ import (
 	"github.com/flowpipe/flowpipe/core/component"
 	"github.com/flowpipe/flowpipe/core/flow"
 	"github.com/flowpipe/flowpipe/internal/codec"
+	"github.com/flowpipe/flowpipe/internal/testenv"
 	pb "github.com/flowpipe/flowpipe/proto/flow"
 	grpcsink "github.com/flowpipe/flowpipe/sinks/grpc"
 	grpcsrc "github.com/flowpipe/flowpipe/sources/grpc"
@@ -210,5 +214,70 @@ func TestBatchWithItsEncodingArrivesIntact(t *testing.T) {
 		if got != e {
 			t.Fatalf("event arrived as %+v, sent %+v", got, e)
 		}
+	}
+}
+
+// failFirst fails the first batch it is given (its events are not ACKed to the client) and
+// keeps and acknowledges the others.
+type failFirst struct {
+	mu     sync.Mutex
+	failed int
+	seen   map[uuid.UUID]int
+}
+
+func (f *failFirst) Emit(_ context.Context, b *flow.Batch) error {
+	f.mu.Lock()
+	var err error
+	if f.failed == 0 {
+		f.failed = len(b.Events)
+		err = errors.New("disk full")
+	} else {
+		for _, e := range b.Events {
+			f.seen[e.EventID]++
+		}
+	}
+	f.mu.Unlock()
+	b.Release(err)
+	return nil
+}
+
+// Events whose ACK does not come within ack_timeout are sent again on the same stream, and
+// the Write completes once they are ACKed, on both protocols.
+func TestAckTimeoutResendsOnTheSameStream(t *testing.T) { eachProtocol(t, testAckTimeoutResends) }
+
+func testAckTimeoutResends(t *testing.T, protocol string) {
+	f := &failFirst{seen: map[uuid.UUID]int{}}
+	r := startReceiver(t, &grpcsrc.Config{Auth: "none"}, f)
+	cfg := grpcsink.Factory().NewConfig().(*grpcsink.Config)
+	cfg.URL, cfg.Protocol, cfg.AckTimeout = "http://"+r.Addr().String(), protocol, 300*time.Millisecond
+	if err := cfg.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	reg := prometheus.NewRegistry()
+	log := &testenv.SyncBuffer{}
+	s, err := grpcsink.New(component.Env{Name: "agent", Registerer: reg, Logger: slog.New(slog.NewTextHandler(log, nil))}, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close(context.Background())
+	events := makeEvents(1500)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if err := s.Write(ctx, flow.NewBatch(events, nil)); err != nil {
+		t.Fatal(err)
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.failed == 0 || len(f.seen) != len(events) {
+		t.Fatalf("collector failed %d events and then got %d of %d", f.failed, len(f.seen), len(events))
+	}
+	if resent := metric(t, reg, "flowpipe_grpc_sink_events_resent_total"); resent < float64(f.failed) {
+		t.Fatalf("%v events resent, want at least the %d not ACKed", resent, f.failed)
+	}
+	if got := metric(t, reg, "flowpipe_grpc_sink_unacked_events"); got != 0 {
+		t.Fatalf("%v events still unacked after the Write", got)
+	}
+	if n := strings.Count(log.String(), "stream to collector open"); n != 1 {
+		t.Fatalf("%d streams opened, want the resend on the first:\n%s", n, log)
 	}
 }

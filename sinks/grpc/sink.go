@@ -191,7 +191,7 @@ func (s *Sink) metrics(env component.Env) error {
 	s.sent = counter("events_sent_total", "Events sent for the first time on a stream.")
 	s.resent = counter("events_resent_total", "Events sent again after a reconnect or an ACK timeout.")
 	s.acked = counter("events_acked_total", "Events ACKed by the collector.")
-	s.unknownAcks = counter("unknown_acks_total", "ACKs for events not waiting (already ACKed, or given up).")
+	s.unknownAcks = counter("unknown_acks_total", "ACKs for events (on flowpipe's batch stream: for messages) not waiting (already ACKed, or given up).")
 	s.inFlight = prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "flowpipe_grpc_sink_unacked_events", Help: "Events waiting for their ACK."},
 		func() float64 { s.mu.Lock(); defer s.mu.Unlock(); return float64(s.unacked) })
 	return env.Register(s.sent, s.resent, s.acked, s.unknownAcks, s.inFlight)
