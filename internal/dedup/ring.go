@@ -24,9 +24,6 @@ func (r *Ring) Push(d Rec, limit int) {
 // Oldest is the oldest record; the ring must not be empty.
 func (r *Ring) Oldest() Rec { return r.buf[r.head] }
 
-// At is the i-th oldest record.
-func (r *Ring) At(i int) Rec { return r.buf[(r.head+i)%len(r.buf)] }
-
 // Pop removes and returns the oldest record.
 func (r *Ring) Pop() Rec {
 	d := r.buf[r.head]

@@ -18,7 +18,6 @@ type Window struct {
 	ids     Table
 	done    Ring // delivered, oldest first
 	journal *Journal
-	scratch []uuid.UUID
 }
 
 // NewWindow remembers delivered IDs for dur, and at most max of them. A zero dur or max
@@ -59,9 +58,6 @@ func (w *Window) Load(path string, now time.Time) error {
 
 // Has reports whether id was delivered within the window.
 func (w *Window) Has(id uuid.UUID) bool { return w.ids.Get(id) == Delivered }
-
-// State is what the window knows of id.
-func (w *Window) State(id uuid.UUID) State { return w.ids.Get(id) }
 
 // Len is the number of delivered IDs remembered.
 func (w *Window) Len() int { return w.done.Len() }
