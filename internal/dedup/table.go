@@ -153,7 +153,18 @@ func (t *Table) Remove(id uuid.UUID, a, b State) State {
 
 // Admit marks id in flight if it is absent, and returns the state it had: one probe for the
 // check and the insert.
-func (t *Table) Admit(id uuid.UUID) State {
+func (t *Table) Admit(id uuid.UUID) State { return t.AdmitAs(id, InFlight) }
+
+// Reset empties the table and keeps its slots.
+func (t *Table) Reset() {
+	if t.n > 0 {
+		clear(t.slots)
+		t.n = 0
+	}
+}
+
+// AdmitAs sets id to st (not Absent) if it is absent, and returns the state it had.
+func (t *Table) AdmitAs(id uuid.UUID, st State) State {
 	if t.slots == nil {
 		t.init()
 	}
@@ -166,7 +177,7 @@ func (t *Table) Admit(id uuid.UUID) State {
 		t.grow()
 		i, _ = t.find(&id, h)
 	}
-	t.slots[i] = slot{id: id, v: h<<stateBits | uint32(InFlight)}
+	t.slots[i] = slot{id: id, v: h<<stateBits | uint32(st)}
 	t.n++
 	return Absent
 }

@@ -113,6 +113,7 @@ type refGate struct {
 	pending map[uuid.UUID]bool
 	ids     map[uuid.UUID]bool
 	done    []Rec
+	journal []Rec // what the state file holds
 }
 
 func (g *refGate) admit(id uuid.UUID) bool {
@@ -129,6 +130,9 @@ func (g *refGate) settle(ids []uuid.UUID, delivered bool, now time.Time) {
 	}
 	if !delivered || g.dur <= 0 || g.max <= 0 {
 		return
+	}
+	for _, id := range ids {
+		g.journal = append(g.journal, Rec{ID: id, At: now.UnixNano()})
 	}
 	for _, id := range ids {
 		if g.ids[id] {
@@ -153,6 +157,35 @@ func (g *refGate) expire(now time.Time) {
 	for len(g.done) > 0 && g.done[0].At < cutoff {
 		g.pop()
 	}
+	if len(g.journal) > 2*g.max+1024 {
+		g.journal = append([]Rec(nil), g.done...) // compacted
+	}
+}
+
+// restart is a new process reading the state file: the records inside the window's
+// duration, the last max of them (which may bring back IDs that had left by count).
+func (g *refGate) restart(now time.Time) {
+	cutoff := now.Add(-g.dur).UnixNano()
+	var recs []Rec
+	for _, r := range g.journal {
+		if r.At >= cutoff {
+			recs = append(recs, r)
+		}
+	}
+	if len(recs) > g.max {
+		recs = recs[len(recs)-g.max:]
+	}
+	g.journal, g.pending, g.ids, g.done = recs, map[uuid.UUID]bool{}, map[uuid.UUID]bool{}, nil
+	for _, r := range recs {
+		if g.ids[r.ID] {
+			continue
+		}
+		if len(g.done) == g.max {
+			g.pop()
+		}
+		g.done = append(g.done, r)
+		g.ids[r.ID] = true
+	}
 }
 
 func (g *refGate) setBounds(dur time.Duration, max int, now time.Time) {
@@ -170,71 +203,99 @@ func FuzzGateAgainstReference(f *testing.F) {
 	f.Add([]byte{1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 200, 3, 0, 1})
 	f.Add([]byte{0, 0, 0, 0, 64, 1, 1, 1, 128, 2, 2, 2, 192, 9, 9, 9})
 	f.Fuzz(func(t *testing.T, ops []byte) {
-		dir := t.TempDir()
-		resolve := func(p string) string { return filepath.Join(dir, p) }
-		now := time.Unix(1_700_000_000, 0)
-		cfg := Config{Window: 10 * time.Second, MaxEvents: 8, StateFile: "ids"}
-		g := NewGate(cfg)
-		if err := g.Load(cfg.StateFile, resolve, now); err != nil {
-			t.Fatal(err)
-		}
-		defer func() { g.Close() }()
-		ref := &refGate{dur: cfg.Window, max: cfg.MaxEvents, pending: map[uuid.UUID]bool{}, ids: map[uuid.UUID]bool{}}
-		var inflight []uuid.UUID
-		for i := 0; i+1 < len(ops); i += 2 {
-			arg := int(ops[i+1])
-			switch ops[i] % 8 {
-			case 0, 1, 2:
-				id := testID(arg % 24)
-				if got, want := g.Admit(id), ref.admit(id); got != want {
-					t.Fatalf("op %d: Admit(%d) = %v, reference %v", i, arg%24, got, want)
-				}
-				if ref.pending[id] {
-					inflight = append(inflight, id)
-				}
-			case 3, 4:
-				// Settle a run of the IDs in flight, delivered or not.
-				n := min(arg%5, len(inflight))
-				var ids []uuid.UUID
-				for _, id := range inflight[:n] {
-					if ref.pending[id] {
-						ids = append(ids, id)
-					}
-				}
-				inflight = inflight[n:]
-				delivered := ops[i]%8 == 3
-				if err := g.Settle(ids, delivered, now); err != nil {
-					t.Fatal(err)
-				}
-				ref.settle(ids, delivered, now)
-			case 5:
-				now = now.Add(time.Duration(arg) * 100 * time.Millisecond)
-			case 6:
-				dur, max := time.Duration(arg%16)*time.Second, arg/16
-				if dur == 0 || max == 0 {
-					continue // turning the window off is a restart in every source
-				}
-				g.window.SetBounds(dur, max, now)
-				ref.setBounds(dur, max, now)
-			case 7:
-				// A restart: what was in flight is forgotten; the journal restores the rest.
-				g.Close()
-				g = NewGate(Config{Window: ref.dur, MaxEvents: ref.max, StateFile: cfg.StateFile})
-				if err := g.Load(cfg.StateFile, resolve, now); err != nil {
-					t.Fatal(err)
-				}
-				ref.pending, inflight = map[uuid.UUID]bool{}, nil
-				ref.expire(now)
-			}
-			if g.Remembered() != len(ref.done) {
-				t.Fatalf("op %d: remembers %d IDs, reference %d", i, g.Remembered(), len(ref.done))
-			}
-			for k := range 24 {
-				id := testID(k)
-				if got, want := g.window.Has(id), ref.ids[id]; got != want {
-					t.Fatalf("op %d: Has(%d) = %v, reference %v", i, k, got, want)
-				}
-			}
-		}
+		fuzzAgainstReference(t, ops, false, func(g *Gate, id uuid.UUID) bool { return g.Admit(id) },
+			func(g *Gate, ids []uuid.UUID, delivered bool, now time.Time) error {
+				return g.Settle(ids, delivered, now)
+			})
 	})
+}
+
+// FuzzSeeRememberForgetAgainstReference is the same for the gRPC collector's use of Window:
+// See on arrival, then Remember (delivered) or Forget (failed), the flight kept by the caller.
+func FuzzSeeRememberForgetAgainstReference(f *testing.F) {
+	f.Add([]byte{1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 200, 3, 0, 1})
+	f.Add([]byte{0, 0, 0, 0, 64, 1, 1, 1, 128, 2, 2, 2, 192, 9, 9, 9})
+	f.Fuzz(func(t *testing.T, ops []byte) {
+		fuzzAgainstReference(t, ops, true, func(g *Gate, id uuid.UUID) bool { return !g.window.See(id) },
+			func(g *Gate, ids []uuid.UUID, delivered bool, now time.Time) error {
+				if delivered {
+					return g.window.Remember(ids, now)
+				}
+				g.window.Forget(ids)
+				return nil
+			})
+	})
+}
+
+// fuzzAgainstReference runs ops on g through admit and settle and on the reference. With
+// see, IDs in flight are in the table as delivered (Has reports them).
+func fuzzAgainstReference(t *testing.T, ops []byte, see bool, admit func(*Gate, uuid.UUID) bool, settle func(*Gate, []uuid.UUID, bool, time.Time) error) {
+	dir := t.TempDir()
+	resolve := func(p string) string { return filepath.Join(dir, p) }
+	now := time.Unix(1_700_000_000, 0)
+	cfg := Config{Window: 10 * time.Second, MaxEvents: 8, StateFile: "ids"}
+	g := NewGate(cfg)
+	if err := g.Load(cfg.StateFile, resolve, now); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { g.Close() }()
+	ref := &refGate{dur: cfg.Window, max: cfg.MaxEvents, pending: map[uuid.UUID]bool{}, ids: map[uuid.UUID]bool{}}
+	var inflight []uuid.UUID
+	for i := 0; i+1 < len(ops); i += 2 {
+		arg := int(ops[i+1])
+		switch ops[i] % 8 {
+		case 0, 1, 2:
+			id := testID(arg % 24)
+			got, want := admit(g, id), ref.admit(id)
+			if got != want {
+				t.Fatalf("op %d: admit(%d) = %v, reference %v", i, arg%24, got, want)
+			}
+			if got {
+				inflight = append(inflight, id) // admitted now: in flight until settled
+			}
+		case 3, 4:
+			// Settle a run of the IDs in flight, delivered or not.
+			n := min(arg%5, len(inflight))
+			var ids []uuid.UUID
+			for _, id := range inflight[:n] {
+				if ref.pending[id] {
+					ids = append(ids, id)
+				}
+			}
+			inflight = inflight[n:]
+			delivered := ops[i]%8 == 3
+			if err := settle(g, ids, delivered, now); err != nil {
+				t.Fatal(err)
+			}
+			ref.settle(ids, delivered, now)
+		case 5:
+			now = now.Add(time.Duration(arg) * 100 * time.Millisecond)
+		case 6:
+			dur, max := time.Duration(arg%16)*time.Second, arg/16
+			if dur == 0 || max == 0 {
+				continue // turning the window off is a restart in every source
+			}
+			g.window.SetBounds(dur, max, now)
+			ref.setBounds(dur, max, now)
+		case 7:
+			// A restart: what was in flight is forgotten; the journal restores the rest.
+			g.Close()
+			g = NewGate(Config{Window: ref.dur, MaxEvents: ref.max, StateFile: cfg.StateFile})
+			if err := g.Load(cfg.StateFile, resolve, now); err != nil {
+				t.Fatal(err)
+			}
+			ref.restart(now)
+			inflight = nil
+		}
+		if g.Remembered() != len(ref.done) {
+			t.Fatalf("op %d: remembers %d IDs, reference %d", i, g.Remembered(), len(ref.done))
+		}
+		for k := range 24 {
+			id := testID(k)
+			got, want := g.window.Has(id), ref.ids[id] || (see && ref.pending[id])
+			if got != want {
+				t.Fatalf("op %d: Has(%d) = %v, reference %v", i, k, got, want)
+			}
+		}
+	}
 }

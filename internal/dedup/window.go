@@ -67,10 +67,36 @@ func (w *Window) Len() int { return w.done.Len() }
 // (a duplicate of a delivered one).
 func (w *Window) Admit(id uuid.UUID) State { return w.ids.Admit(id) }
 
-// Wait marks an in-flight id as having duplicates waiting for its outcome: Settle reports it.
-func (w *Window) Wait(id uuid.UUID) {
-	if w.ids.Get(id) == InFlight {
-		w.ids.Set(id, Waiting)
+// See is Admit for an owner that tracks its IDs in flight itself (the gRPC collector, in
+// small per-batch tables that stay in cache): an unknown id is entered as Delivered at once,
+// so that the table is probed once per event on admission and never on delivery (Remember);
+// true if the window knew id (the owner tells in flight from delivered). A failed delivery
+// must Forget its IDs.
+func (w *Window) See(id uuid.UUID) bool { return w.ids.AdmitAs(id, Delivered) != Absent }
+
+// Remember records ids that See entered and that are now delivered: in the journal (one
+// write) and the window's FIFO, which pushes the oldest out of a full window; the table is
+// not probed for them. The error is the journal's.
+func (w *Window) Remember(ids []uuid.UUID, now time.Time) error {
+	var err error
+	if w.journal != nil && len(ids) > 0 {
+		err = w.journal.Append(ids, now)
+	}
+	at := now.UnixNano()
+	for _, id := range ids {
+		w.push(Rec{ID: id, At: at})
+	}
+	if xerr := w.Expire(now); xerr != nil && err == nil {
+		err = xerr
+	}
+	return err
+}
+
+// Forget removes ids that See entered and whose delivery failed, so that they are admitted
+// again when they are redelivered.
+func (w *Window) Forget(ids []uuid.UUID) {
+	for _, id := range ids {
+		w.ids.Remove(id, Delivered, Delivered)
 	}
 }
 

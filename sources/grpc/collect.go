@@ -15,22 +15,24 @@ import (
 // collector gathers the events of every stream into batches and remembers event IDs for
 // de-duplication. One mutex covers both, so an event is checked and queued in one step.
 //
-// An ID is in the window (internal/dedup: one flat table, in flight or delivered) from the
-// moment its event is accepted: in flight until its batch is acknowledged, then delivered
-// until it leaves the window. Checking and admitting an event is one probe, settling it one
-// more (and pushing the oldest out of a full window a third), each in a tight loop over a
-// message's or a batch's IDs, so that the cache misses of consecutive IDs overlap (the table
-// is large: up to dedup.max_events IDs). A duplicate of a delivered event is
-// ACKed at once; a duplicate of an event in flight waits (in waiting) and is ACKed with the
-// original (a client that resent after a lost ACK or a reconnect gets its ACK on the stream
-// it is on now). When a batch fails (the pipeline stopped), its IDs are forgotten, so that
-// the client's resend is accepted again.
+// Every ID accepted is in the window (internal/dedup: one flat table, up to
+// dedup.max_events IDs, whose every access is a cache miss) from the moment its event is
+// accepted until it leaves the window; checking and entering it is one probe (Window.See),
+// and its delivery touches the table no more (Window.Remember only appends to the window's
+// FIFO). Which IDs are still in flight each batch knows itself, in a small table of its own
+// that stays in cache (flight); only a duplicate asks. A duplicate of a delivered event is
+// ACKed at once; a duplicate of an event in flight waits with that event's batch and is
+// ACKed with the original (a client that resent after a lost ACK or a reconnect gets its ACK
+// on the stream it is on now). When a batch fails (the pipeline stopped), its IDs are
+// forgotten, so that the client's resend is accepted again.
 type collector struct {
 	r *Receiver
 
 	mu      sync.Mutex
 	win     *dedup.Window
-	waiting map[uuid.UUID][]origin // duplicates of events in flight, waiting for their outcome
+	cur     *flight   // the IDs of the batch being built
+	flying  []*flight // those of the batches taken and not yet finished
+	spare   []*flight
 	events  []flow.Event
 	origins []origin
 	first   time.Time // arrival of the batch's first event
@@ -43,6 +45,13 @@ type collector struct {
 	wg    sync.WaitGroup     // emitted batches not yet acknowledged
 }
 
+// flight is the de-duplication state of one batch in flight: its IDs, and the duplicates of
+// them that arrived meanwhile and wait for its outcome.
+type flight struct {
+	ids     dedup.Table
+	waiters []origin
+}
+
 // origin is where an event came from: its stream, and on a native stream its batch.
 type origin struct {
 	st  *stream
@@ -53,16 +62,16 @@ type origin struct {
 type pendingBatch struct {
 	events  []flow.Event
 	origins []origin
+	fl      *flight // nil when de-duplication is off
 }
 
 func newCollector(r *Receiver) *collector {
 	return &collector{
-		r:       r,
-		win:     dedup.NewWindow(r.conf().Dedup.Window, r.conf().Dedup.MaxEvents),
-		waiting: map[uuid.UUID][]origin{},
-		ready:   make(chan *pendingBatch, 1),
-		free:    make(chan []flow.Event, 8),
-		freeO:   make(chan []origin, 8),
+		r:     r,
+		win:   dedup.NewWindow(r.conf().Dedup.Window, r.conf().Dedup.MaxEvents),
+		ready: make(chan *pendingBatch, 1),
+		free:  make(chan []flow.Event, 8),
+		freeO: make(chan []origin, 8),
 	}
 }
 
@@ -89,17 +98,19 @@ func (c *collector) add(st *stream, seq uint64, events []flow.Event) {
 		e := &events[i]
 		id := e.EventID
 		if dedupOn {
-			switch c.win.Admit(id) {
-			case dedup.Delivered:
+			if c.win.See(id) {
 				c.r.duplicates.Inc()
-				now = append(now, origin{st, id, seq})
-				continue
-			case dedup.InFlight, dedup.Waiting:
-				c.r.duplicates.Inc()
-				c.win.Wait(id)
-				c.waiting[id] = append(c.waiting[id], origin{st, id, seq})
+				if f := c.flightOf(id); f != nil {
+					f.waiters = append(f.waiters, origin{st, id, seq})
+				} else {
+					now = append(now, origin{st, id, seq})
+				}
 				continue
 			}
+			if c.cur == nil {
+				c.cur = c.newFlight()
+			}
+			c.cur.ids.Set(id, dedup.InFlight)
 		}
 		if len(c.events) == 0 {
 			c.first = time.Now()
@@ -126,6 +137,29 @@ func (c *collector) add(st *stream, seq uint64, events []flow.Event) {
 	}
 }
 
+// flightOf is the flight of the batch that holds id, nil when none does (id was delivered);
+// called with c.mu held.
+func (c *collector) flightOf(id uuid.UUID) *flight {
+	if c.cur != nil && c.cur.ids.Get(id) != dedup.Absent {
+		return c.cur
+	}
+	for _, f := range c.flying {
+		if f.ids.Get(id) != dedup.Absent {
+			return f
+		}
+	}
+	return nil
+}
+
+func (c *collector) newFlight() *flight {
+	if n := len(c.spare); n > 0 {
+		f := c.spare[n-1]
+		c.spare = c.spare[:n-1]
+		return f
+	}
+	return &flight{}
+}
+
 func (c *collector) newEvents() []flow.Event {
 	select {
 	case ev := <-c.free:
@@ -137,7 +171,11 @@ func (c *collector) newEvents() []flow.Event {
 
 // take removes the batch being built; called with c.mu held.
 func (c *collector) take() *pendingBatch {
-	b := &pendingBatch{events: c.events, origins: c.origins}
+	b := &pendingBatch{events: c.events, origins: c.origins, fl: c.cur}
+	if c.cur != nil {
+		c.flying = append(c.flying, c.cur)
+		c.cur = nil
+	}
 	c.events = nil
 	select {
 	case o := <-c.freeO:
@@ -219,17 +257,31 @@ func (c *collector) finish(pb *pendingBatch, err error) {
 		c.r.ackedDropped.Add(float64(len(pb.origins)))
 	}
 	var extra []origin // duplicates that waited for these events
-	if c.dedupOn() {
+	if f := pb.fl; f != nil {
 		c.mu.Lock()
 		ids := c.ids[:0]
 		for _, o := range pb.origins {
 			ids = append(ids, o.id)
 		}
 		c.ids = ids
-		err := c.win.Settle(ids, ok, time.Now(), func(id uuid.UUID) {
-			extra = append(extra, c.waiting[id]...)
-			delete(c.waiting, id)
-		})
+		var err error
+		if ok {
+			err = c.win.Remember(ids, time.Now())
+		} else {
+			c.win.Forget(ids)
+		}
+		extra = f.waiters
+		f.waiters = nil
+		f.ids.Reset()
+		for i, g := range c.flying {
+			if g == f {
+				c.flying = append(c.flying[:i], c.flying[i+1:]...)
+				break
+			}
+		}
+		if len(c.spare) < 8 {
+			c.spare = append(c.spare, f)
+		}
 		c.mu.Unlock()
 		if err != nil {
 			c.r.env.Metrics.Errors("dedup_state", 1)
