@@ -36,6 +36,8 @@ run "generate -> file, zstd (sync)" "{type: file, isolation: inproc, path: flows
 run "generate -> file, zstd (sync, in_flight 2)" "{type: file, isolation: inproc, path: flows.jsonl, max_size: 0, compression: zstd, in_flight: 2}"
 run "generate -> file, zstd (sync), default isolation" "{type: file, path: flows.jsonl, max_size: 0, compression: zstd}"
 run "generate -> file, zstd (sync, in_flight 2), default isolation" "{type: file, path: flows.jsonl, max_size: 0, compression: zstd, in_flight: 2}"
+run "generate -> file, zstd lines (sync, in_flight 2)" "{type: file, isolation: inproc, path: flows.jsonl, max_size: 0, compression: zstd, compression_level: lines, in_flight: 2}"
+run "generate -> file, zstd lines (sync, in_flight 2), default isolation" "{type: file, path: flows.jsonl, max_size: 0, compression: zstd, compression_level: lines, in_flight: 2}"
 run "generate -> file, gzip (sync, in_flight 2)" "{type: file, isolation: inproc, path: flows.jsonl, max_size: 0, compression: gzip, in_flight: 2}"
 run "generate -> discard, disk queue (sync: batch)" "{type: discard, isolation: inproc, queue: {type: disk, path: q, max_size: 4GiB, sync: batch}}"
 run "generate -> file, memory queue"  "{type: file, isolation: inproc, path: flows.jsonl, max_size: 0, sync: none}"

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"os"
 	"path/filepath"
 	"testing"
 
@@ -21,7 +22,8 @@ func benchPipeline(b *testing.B, sinkYAML string) {
 
 func benchPipelineBatch(b *testing.B, batchSize int, sinkYAML string) {
 	// generate's count must be even (a start and an end per flow): b.N rounded up.
-	doc, err := config.Load(filepath.Join(b.TempDir(), "pipeline.yaml"), []byte(fmt.Sprintf(`
+	dir := b.TempDir()
+	doc, err := config.Load(filepath.Join(dir, "pipeline.yaml"), []byte(fmt.Sprintf(`
 admin: {listen: ""}
 sources:
   gen: {type: generate, count: %d, batch_size: %d, seed: 1}
@@ -45,6 +47,16 @@ sinks:
 	b.StopTimer()
 	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "events/s")
 	b.ReportMetric(float64(testenv.CPUNanos()-cpu0)/float64(b.N), "cpu-ns/event")
+	// What a file sink wrote (flows.jsonl, flows.jsonl.zst, ...) per event.
+	if files, _ := filepath.Glob(filepath.Join(dir, "flows.*")); len(files) > 0 {
+		var size int64
+		for _, f := range files {
+			if st, err := os.Stat(f); err == nil {
+				size += st.Size()
+			}
+		}
+		b.ReportMetric(float64(size)/float64(b.N), "file-bytes/event")
+	}
 }
 
 func BenchmarkPipelineGenerateToDiscard(b *testing.B) {
@@ -63,6 +75,11 @@ func BenchmarkPipelineGenerateToFileNoSync(b *testing.B) {
 // batches in flight, one is compressed while the other is written and fsynced.
 func BenchmarkPipelineGenerateToFileZstd(b *testing.B) {
 	benchPipelineBatch(b, 4096, "{type: file, isolation: inproc, path: flows.jsonl.zst, max_size: 0, compression: zstd, in_flight: 2}")
+}
+
+// The same with the sink's own zstd encoder for JSON lines (compression_level: lines).
+func BenchmarkPipelineGenerateToFileZstdLines(b *testing.B) {
+	benchPipelineBatch(b, 4096, "{type: file, isolation: inproc, path: flows.jsonl.zst, max_size: 0, compression: zstd, compression_level: lines, in_flight: 2}")
 }
 
 // The same with one batch in flight (the default, which keeps the order of batches): a

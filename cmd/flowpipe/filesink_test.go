@@ -2,7 +2,6 @@ package main
 
 import (
 	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -22,26 +21,26 @@ import (
 // files, every one of which (the rotated ones and the current one) is a valid zstd stream
 // that zstdcat and the replay source read whole. A kill that lands in the middle of a
 // frame leaves it torn, which the restart cuts off (TestCompressionTornFrameIsCutAtStart in
-// sinks/file forces that case; here it is up to the timing of the kill).
+// sinks/file forces that case; here it is up to the timing of the kill). With klauspost's
+// encoder (compression_level fastest, the default) and the sink's own (lines).
 func TestCompressedFileSurvivesCollectorKill9(t *testing.T) {
+	for _, level := range []string{"fastest", "lines"} {
+		t.Run(level, func(t *testing.T) { testCompressedFileSurvivesCollectorKill9(t, level) })
+	}
+}
+
+func testCompressedFileSurvivesCollectorKill9(t *testing.T, level string) {
 	zstdcat, err := exec.LookPath("zstdcat")
 	testenv.Require(t, err == nil, "zstdcat")
 	dir := t.TempDir()
-	addr := func() string {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer l.Close()
-		return l.Addr().String()
-	}()
+	addr := testenv.FreeTCPAddr(t)
 	writeFile(t, filepath.Join(dir, "collector.yaml"), fmt.Sprintf(`
 admin: {listen: ""}
 sources:
   agents: {type: grpc, listen: %s, auth: hmac, secrets: [%q]}
 sinks:
-  out: {type: file, path: collected.zst, compression: zstd, max_size: 200KiB, max_files: 0}
-`, addr, queueSecret))
+  out: {type: file, path: collected.zst, compression: zstd, compression_level: %s, max_size: 200KiB, max_files: 0}
+`, addr, queueSecret, level))
 	writeFile(t, filepath.Join(dir, "agent.yaml"), fmt.Sprintf(`
 admin: {listen: ""}
 sources:
@@ -67,7 +66,7 @@ sinks:
 	}
 
 	c := startFlowpipe(t, dir, "run", "-c", "collector.yaml")
-	eventually(t, "the collector to listen", func() bool { return listening(addr) })
+	c.waitListening(t, addr)
 	a := startFlowpipe(t, dir, "run", "-c", "agent.yaml")
 	eventually(t, "a rotated file and more at the collector", func() bool {
 		files, size := collected()
@@ -75,6 +74,7 @@ sinks:
 	})
 	c.kill()
 	c = startFlowpipe(t, dir, "run", "-c", "collector.yaml")
+	c.waitListening(t, addr)
 	if code := a.wait(t); code != 0 {
 		t.Fatalf("agent exited %d:\n%s", code, a.log)
 	}

@@ -2,6 +2,7 @@ package flow
 
 import (
 	"bytes"
+	"encoding/binary"
 	"encoding/json"
 	"fmt"
 	"net/netip"
@@ -149,29 +150,27 @@ const hexDigits = "0123456789abcdef"
 
 func appendUUID(dst []byte, u uuid.UUID) []byte {
 	var b [36]byte
-	hex4 := func(at int, x []byte) {
-		_ = x[3]
-		b[at], b[at+1] = hexDigits[x[0]>>4], hexDigits[x[0]&0x0f]
-		b[at+2], b[at+3] = hexDigits[x[1]>>4], hexDigits[x[1]&0x0f]
-		b[at+4], b[at+5] = hexDigits[x[2]>>4], hexDigits[x[2]&0x0f]
-		b[at+6], b[at+7] = hexDigits[x[3]>>4], hexDigits[x[3]&0x0f]
-	}
-	hex2 := func(at int, x []byte) {
-		_ = x[1]
-		b[at], b[at+1] = hexDigits[x[0]>>4], hexDigits[x[0]&0x0f]
-		b[at+2], b[at+3] = hexDigits[x[1]>>4], hexDigits[x[1]&0x0f]
-	}
-	hex4(0, u[0:4])
-	b[8] = '-'
-	hex2(9, u[4:6])
-	b[13] = '-'
-	hex2(14, u[6:8])
-	b[18] = '-'
-	hex2(19, u[8:10])
-	b[23] = '-'
-	hex4(24, u[10:14])
-	hex2(32, u[14:16])
+	binary.BigEndian.PutUint64(b[0:], hex8(binary.BigEndian.Uint32(u[0:])))
+	x := hex8(binary.BigEndian.Uint32(u[4:]))
+	binary.BigEndian.PutUint32(b[9:], uint32(x>>32))
+	binary.BigEndian.PutUint32(b[14:], uint32(x))
+	x = hex8(binary.BigEndian.Uint32(u[8:]))
+	binary.BigEndian.PutUint32(b[19:], uint32(x>>32))
+	binary.BigEndian.PutUint64(b[28:], hex8(binary.BigEndian.Uint32(u[12:])))
+	binary.BigEndian.PutUint32(b[24:], uint32(x))
+	b[8], b[13], b[18], b[23] = '-', '-', '-', '-'
 	return append(dst, b[:]...)
+}
+
+// hex8 is the eight lower-case hex digits of v, the first in the top byte: the nibbles are
+// spread one to a byte, then each becomes '0'+n, or 'a'+n-10 where n+6 carries into bit 4.
+func hex8(v uint32) uint64 {
+	x := uint64(v)
+	x = (x | x<<16) & 0x0000ffff0000ffff
+	x = (x | x<<8) & 0x00ff00ff00ff00ff
+	x = (x | x<<4) & 0x0f0f0f0f0f0f0f0f
+	letters := (x + 0x0606060606060606) >> 4 & 0x0101010101010101
+	return x + 0x3030303030303030 + letters*('a'-'0'-10)
 }
 
 // appendAddr appends a as a quoted string, as netip.Addr.AppendTo writes it (RFC 5952 for

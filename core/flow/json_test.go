@@ -241,3 +241,28 @@ func TestAppendAddrMatchesNetip(t *testing.T) {
 		check(netip.AddrFrom4([4]byte(b[:4])))
 	}
 }
+
+// The UUID formatting writes what uuid.UUID.String does, for random IDs and every hex digit
+// in every position.
+func TestAppendUUIDMatchesString(t *testing.T) {
+	r := rand.New(rand.NewPCG(5, 6))
+	check := func(u uuid.UUID) {
+		if got, want := string(AppendUUID(nil, u)), u.String(); got != want {
+			t.Fatalf("got %s, want %s", got, want)
+		}
+	}
+	for range 100000 {
+		var u uuid.UUID
+		for i := range u {
+			u[i] = byte(r.Uint32())
+		}
+		check(u)
+	}
+	for b := range 256 {
+		var u uuid.UUID
+		for i := range u {
+			u[i] = byte(b)
+		}
+		check(u)
+	}
+}

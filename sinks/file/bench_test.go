@@ -6,7 +6,10 @@ import (
 	"net/netip"
 	"testing"
 
+	"github.com/klauspost/compress/zstd"
+
 	"github.com/flowpipe/flowpipe/core/flow"
+	"github.com/flowpipe/flowpipe/core/schema"
 	"github.com/flowpipe/flowpipe/internal/testenv"
 )
 
@@ -48,7 +51,7 @@ func benchEvents(n int) []flow.Event {
 func BenchmarkWrite(b *testing.B) {
 	evs := benchEvents(4096)
 	for _, tc := range []struct{ name, compression, level string }{
-		{"none", "none", ""}, {"zstd-fastest", "zstd", "fastest"}, {"zstd-default", "zstd", "default"},
+		{"none", "none", ""}, {"zstd-fastest", "zstd", "fastest"}, {"zstd-default", "zstd", "default"}, {"zstd-lines", "zstd", "lines"},
 		{"gzip-fastest", "gzip", "fastest"}, {"gzip-default", "gzip", "default"},
 	} {
 		b.Run(tc.name, func(b *testing.B) {
@@ -72,6 +75,63 @@ func BenchmarkWrite(b *testing.B) {
 			b.ReportMetric(float64(testenv.CPUNanos()-cpu)/float64(in), "cpu-ns/event")
 			b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(in), "ns/event")
 			b.ReportMetric(float64(s.written.Load()-out)/float64(in), "bytes/event")
+		})
+	}
+}
+
+// BenchmarkZstdOptions compresses 2,048 generated-like lines (one frame) on one goroutine,
+// with the sink's lines encoder and with klauspost's encoder at SpeedFastest and with the
+// options that trade its ratio for speed: CPU per event, compressed bytes per event, ratio.
+func BenchmarkZstdOptions(b *testing.B) {
+	evs := benchEvents(2048)
+	enc := schema.Encoder{Format: schema.Flowpipe}
+	var src []byte
+	for i := range evs {
+		src = enc.Append(src, &evs[i])
+		src = append(src, '\n')
+	}
+	b.Run("lines", func(b *testing.B) {
+		var dst []byte
+		cpu := testenv.CPUNanos()
+		n := 0
+		for b.Loop() {
+			dst = linesEncodeAll(src, dst[:0])
+			n++
+		}
+		b.SetBytes(int64(len(src)))
+		b.ReportMetric(float64(testenv.CPUNanos()-cpu)/float64(n*len(evs)), "cpu-ns/event")
+		b.ReportMetric(float64(len(dst))/float64(len(evs)), "B/event")
+		b.ReportMetric(float64(len(src))/float64(len(dst)), "ratio")
+	})
+	for _, tc := range []struct {
+		name string
+		opts []zstd.EOption
+	}{
+		{"fastest", nil},
+		{"fastest-nocrc", []zstd.EOption{zstd.WithEncoderCRC(false)}},
+		{"fastest-noentropy", []zstd.EOption{zstd.WithNoEntropyCompression(true)}},
+		{"fastest-win64k", []zstd.EOption{zstd.WithWindowSize(1 << 16)}},
+		{"fastest-lowmem", []zstd.EOption{zstd.WithLowerEncoderMem(true)}},
+		{"fastest-all", []zstd.EOption{zstd.WithEncoderCRC(false), zstd.WithNoEntropyCompression(true), zstd.WithWindowSize(1 << 16), zstd.WithLowerEncoderMem(true)}},
+		{"default", []zstd.EOption{zstd.WithEncoderLevel(zstd.SpeedDefault)}},
+	} {
+		b.Run(tc.name, func(b *testing.B) {
+			opts := append([]zstd.EOption{zstd.WithEncoderLevel(zstd.SpeedFastest), zstd.WithEncoderConcurrency(1)}, tc.opts...)
+			if tc.name == "default" {
+				opts = append([]zstd.EOption{zstd.WithEncoderConcurrency(1)}, tc.opts...)
+			}
+			z, _ := zstd.NewWriter(nil, opts...)
+			var dst []byte
+			cpu := testenv.CPUNanos()
+			n := 0
+			for b.Loop() {
+				dst = z.EncodeAll(src, dst[:0])
+				n++
+			}
+			b.SetBytes(int64(len(src)))
+			b.ReportMetric(float64(testenv.CPUNanos()-cpu)/float64(n*len(evs)), "cpu-ns/event")
+			b.ReportMetric(float64(len(dst))/float64(len(evs)), "B/event")
+			b.ReportMetric(float64(len(src))/float64(len(dst)), "ratio")
 		})
 	}
 }

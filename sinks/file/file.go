@@ -57,7 +57,9 @@ type Config struct {
 	// a torn last one is cut off at start (frames.go).
 	Compression string `yaml:"compression"`
 	// CompressionLevel is fastest (the default), default, better or best: the
-	// compressor's trade of CPU for size (zstd's encoder levels; gzip levels 1, 6, 7, 9).
+	// compressor's trade of CPU for size (zstd's encoder levels; gzip levels 1, 6, 7, 9);
+	// or, with zstd only, lines: the sink's own zstd encoder for JSON lines (zlines.go),
+	// which looks for matches only at field boundaries.
 	CompressionLevel string `yaml:"compression_level"`
 	// ResumeScan, when not 0, makes the sink read the last ResumeScan bytes of the file at
 	// start and skip the events already there when they come again: a writer killed after
@@ -105,8 +107,12 @@ func (c *Config) Validate() error {
 	default:
 		errs.Add("compression", "unknown compression %q (want none, zstd or gzip)", c.Compression)
 	}
-	if _, ok := compressionLevels[c.CompressionLevel]; !ok {
-		errs.Add("compression_level", "unknown level %q (want fastest, default, better or best)", c.CompressionLevel)
+	if c.CompressionLevel == "lines" {
+		if c.Compression == "gzip" {
+			errs.Add("compression_level", "lines is a zstd encoder; not with compression gzip")
+		}
+	} else if _, ok := compressionLevels[c.CompressionLevel]; !ok {
+		errs.Add("compression_level", "unknown level %q (want fastest, default, better, best or, with zstd, lines)", c.CompressionLevel)
 	}
 	if _, ok := schema.Parse(c.Format); !ok {
 		errs.Add("format", "unknown format %q (want %s)", c.Format, schema.Choices)
@@ -149,6 +155,7 @@ type Sink struct {
 	zbufs   sync.Pool // *[]byte compressed buffers
 	parts   sync.Pool // *partSet
 	zstd    *zstd.Encoder
+	lines   bool // zstd with the sink's own encoder (compression_level: lines)
 	gzipLvl int
 	gzips   sync.Pool // *gzip.Writer
 
@@ -182,7 +189,9 @@ func New(env component.Env, c *Config) *Sink {
 	s := &Sink{cfg: *c, format: f, path: env.Path(c.Path), env: env, workers: runtime.GOMAXPROCS(0)}
 	lvl := compressionLevels[c.CompressionLevel]
 	s.gzipLvl = lvl.gzip
-	if c.Compression == "zstd" {
+	if c.Compression == "zstd" && c.CompressionLevel == "lines" {
+		s.lines = true
+	} else if c.Compression == "zstd" {
 		// EncodeAll runs on one of the encoder's `concurrency` states: one per CPU, so the
 		// parts of a batch, and batches in flight, compress in parallel.
 		s.zstd, _ = zstd.NewWriter(nil, zstd.WithEncoderLevel(lvl.zstd), zstd.WithEncoderConcurrency(s.workers))
@@ -466,6 +475,9 @@ func (s *Sink) release(ps *partSet) {
 // compress appends src to dst as one zstd frame or gzip member (whose header records its
 // length, frames.go).
 func (s *Sink) compress(src, dst []byte) ([]byte, error) {
+	if s.lines {
+		return linesEncodeAll(src, dst), nil
+	}
 	if s.zstd != nil {
 		return s.zstd.EncodeAll(src, dst), nil
 	}

@@ -334,13 +334,14 @@ func TestTornLastLineIsCutAtStart(t *testing.T) {
 // size rotation: every file, the current one and each rotated one, must decompress with the
 // system's zstdcat / zcat to its whole lines, and all of them together to every event once.
 func TestCompressionRotatedFilesAreValidStreams(t *testing.T) {
-	for _, tc := range []struct{ compression, tool string }{{"zstd", "zstdcat"}, {"gzip", "zcat"}} {
-		t.Run(tc.compression, func(t *testing.T) {
+	for _, tc := range []struct{ compression, level, tool string }{{"zstd", "fastest", "zstdcat"}, {"zstd", "lines", "zstdcat"}, {"gzip", "fastest", "zcat"}} {
+		t.Run(tc.compression+"-"+tc.level, func(t *testing.T) {
 			tool, err := exec.LookPath(tc.tool)
 			testenv.Require(t, err == nil, tc.tool)
 			dir := t.TempDir()
 			cfg := defaults()
 			cfg.Path, cfg.Compression, cfg.MaxSize, cfg.MaxFiles = "flows.jsonl."+tc.compression, tc.compression, 4<<10, 0
+			cfg.CompressionLevel = tc.level
 			if err := cfg.Validate(); err != nil {
 				t.Fatal(err)
 			}
@@ -391,6 +392,14 @@ func TestCompressionValidate(t *testing.T) {
 	c.Path, c.Compression = "x", "lz4"
 	if err := c.Validate(); err == nil || !strings.Contains(err.Error(), "compression") {
 		t.Fatalf("error %v, want one naming compression", err)
+	}
+	c.Compression, c.CompressionLevel = "gzip", "lines"
+	if err := c.Validate(); err == nil || !strings.Contains(err.Error(), "compression_level: lines is a zstd encoder") {
+		t.Fatalf("error %v, want one saying lines is for zstd", err)
+	}
+	c.Compression = "zstd"
+	if err := c.Validate(); err != nil {
+		t.Fatalf("zstd with compression_level lines: %v", err)
 	}
 }
 
@@ -461,11 +470,15 @@ func decompressLines(t *testing.T, compression, path string) []flow.Event {
 // A batch is cut into parts encoded (and compressed) in parallel; its lines still come out in
 // order, one batch after the other.
 func TestPartsKeepOrder(t *testing.T) {
-	for _, compression := range []string{"none", "zstd", "gzip"} {
-		t.Run(compression, func(t *testing.T) {
+	for _, c := range []string{"none", "zstd", "zstd lines", "gzip"} {
+		compression, level, _ := strings.Cut(c, " ")
+		t.Run(c, func(t *testing.T) {
 			dir := t.TempDir()
 			cfg := defaults()
 			cfg.Path, cfg.Compression, cfg.MaxSize = "flows.jsonl", compression, 0
+			if level != "" {
+				cfg.CompressionLevel = level
+			}
 			s := New(env(dir), cfg)
 			s.workers = 4 // four parts per batch, whatever this machine's CPUs
 			if err := s.Start(context.Background()); err != nil {
@@ -525,13 +538,17 @@ func countFrames(t *testing.T, compression, path string) int {
 // member) at the end of the file; the next start cuts it off, so the frames written after it
 // are readable, and every acknowledged batch is still there.
 func TestCompressionTornFrameIsCutAtStart(t *testing.T) {
-	for _, compression := range []string{"zstd", "gzip"} {
-		t.Run(compression, func(t *testing.T) {
+	for _, c := range []string{"zstd", "zstd lines", "gzip"} {
+		compression, level, _ := strings.Cut(c, " ")
+		t.Run(c, func(t *testing.T) {
 			for _, tear := range []string{"header", "middle", "trailer", "only-frame"} {
 				dir := t.TempDir()
 				path := filepath.Join(dir, "flows.jsonl")
 				cfg := defaults()
 				cfg.Path, cfg.Compression = "flows.jsonl", compression
+				if level != "" {
+					cfg.CompressionLevel = level
+				}
 				ids, seq := flow.NewIDGen(), uint64(0)
 				acked := 0
 				if tear != "only-frame" {
