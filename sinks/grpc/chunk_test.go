@@ -82,7 +82,7 @@ func TestPartlyAckedChunkMovesToTheBatchStream(t *testing.T) {
 	pb.RegisterFlowServiceServer(srv, stingy)
 	go srv.Serve(lis)
 	defer srv.Stop()
-	later := freePortB(t) // the flowpipe collector's, not listening yet: the sink starts on the NetBird one
+	later := testenv.FreeTCPAddr(t) // the flowpipe collector's, not listening yet: the sink starts on the NetBird one
 
 	cfg := grpcsink.Factory().NewConfig().(*grpcsink.Config)
 	cfg.URLs = []string{"http://" + lis.Addr().String(), "http://" + later}
