@@ -9,7 +9,9 @@
 # Usage: scripts/bench-grpc.sh [EVENTS] [PROTOCOLS] [IN_FLIGHTS] [ISOLATIONS]
 #        (default 1000000 "flowpipe netbird" "16" "inproc process")
 # The protocol "default" sets none (for a binary from before the protocol option). FLOWPIPE=path
-# runs that binary instead of building this tree, e.g. to measure before and after a change.
+# runs that binary instead of building this tree. FLOWPIPE_BEFORE=path runs every case twice,
+# interleaved: with that binary ("before") and then with this tree's (or FLOWPIPE's, "after"),
+# so that both see the same load.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-1000000}
@@ -24,6 +26,9 @@ cleanup() {
 }
 trap cleanup EXIT
 if [ -n "${FLOWPIPE:-}" ]; then cp "$FLOWPIPE" "$work/flowpipe"; else go build -o "$work/flowpipe" ./cmd/flowpipe; fi
+binaries="flowpipe"
+if [ -n "${FLOWPIPE_BEFORE:-}" ]; then cp "$FLOWPIPE_BEFORE" "$work/flowpipe-before"; binaries="flowpipe-before flowpipe"; fi
+bin=flowpipe
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 secret=bench-secret-0123456789abcdef
 
@@ -36,7 +41,7 @@ sinks:
   out: {type: file, isolation: $1, in_flight: 4, path: flows.jsonl, max_size: 0}
 YAML
   rm -f "$work"/flows.jsonl*
-  (cd "$work" && exec ./flowpipe run -c collector.yaml --log-level warn) &
+  (cd "$work" && exec ./$bin run -c collector.yaml --log-level warn) &
   collector_pid=$!
   for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/$port) 2>/dev/null && return; sleep 0.1; done
   echo "collector did not start" >&2; exit 1
@@ -80,21 +85,25 @@ YAML
   t0=$(date +%s.%N)
   # The agent's CPU: its rusage and its plugin children's, once it exits (all ACKed).
   (cd "$work" && python3 -c 'import resource,subprocess,sys; subprocess.run(sys.argv[1:], check=True); r=resource.getrusage(resource.RUSAGE_CHILDREN); print(r.ru_utime+r.ru_stime)' \
-    ./flowpipe run -c agent.yaml --log-level warn) > "$work/agent.cpu"
+    ./$bin run -c agent.yaml --log-level warn) > "$work/agent.cpu"
   t1=$(date +%s.%N)
   c1=$(cpu "$collector_pid")
   lines=$(wc -l < "$work/flows.jsonl")
   acpu=$(cat "$work/agent.cpu")
   awk -v n="$lines" -v a="$t0" -v b="$t1" -v name="$1" -v ac="$acpu" -v cc="$((c1 - c0))" -v hz="$hz" \
-    'BEGIN { printf "%-54s %9d events in %6.2fs = %9.0f events/s   CPU µs/event: agent %.2f  collector %.2f\n", name, n, b-a, n/(b-a), ac*1e6/n, cc/hz*1e6/n }'
+    'BEGIN { printf "%-62s %9d events in %6.2fs = %9.0f events/s   CPU µs/event: agent %.2f  collector %.2f\n", name, n, b-a, n/(b-a), ac*1e6/n, cc/hz*1e6/n }'
 }
 
 for iso in $ISOLATIONS; do
   for inflight in $IN_FLIGHTS; do
     for proto in $PROTOCOLS; do
-      start_collector "$iso"
-      run_agent "$proto: agent -> collector ($iso, in_flight $inflight)" "$iso" "$inflight" "$proto"
-      stop_collector
+      for bin in $binaries; do
+        label=""
+        [ "$binaries" != flowpipe ] && label="$([ "$bin" = flowpipe ] && echo "after:  " || echo "before: ")"
+        start_collector "$iso"
+        run_agent "$label$proto: agent -> collector ($iso, in_flight $inflight)" "$iso" "$inflight" "$proto"
+        stop_collector
+      done
     done
   done
 done

@@ -37,13 +37,12 @@ func (c Config) Check(errs *options.FieldErrors, key string) {
 // (JetStream, Kafka) admits the events of each message, and settles them when their batch is
 // acknowledged. Like Window it is not safe for concurrent use: its owner holds a lock.
 type Gate struct {
-	window  *Window
-	pending map[uuid.UUID]struct{}
+	window *Window // in-flight IDs too
 }
 
 // NewGate makes a gate with c's window (not loaded yet: see Load).
 func NewGate(c Config) *Gate {
-	return &Gate{window: NewWindow(c.Window, c.MaxEvents), pending: map[uuid.UUID]struct{}{}}
+	return &Gate{window: NewWindow(c.Window, c.MaxEvents)}
 }
 
 // Load restores the window from the journal file (Config.StateFile, made absolute by
@@ -57,24 +56,14 @@ func (g *Gate) Load(file string, resolve func(string) string, now time.Time) err
 
 // Admit reports whether id is new, and marks it in flight if so.
 func (g *Gate) Admit(id uuid.UUID) bool {
-	if _, p := g.pending[id]; p || g.window.Has(id) {
-		return false
-	}
-	g.pending[id] = struct{}{}
-	return true
+	return g.window.Admit(id) == Absent
 }
 
 // Settle ends the flight of ids. Delivered ones are remembered in the window (and its
 // journal, with one write, before the caller acknowledges upstream); the others may be
 // admitted again when they are redelivered. The error is the journal's.
 func (g *Gate) Settle(ids []uuid.UUID, delivered bool, now time.Time) error {
-	for _, id := range ids {
-		delete(g.pending, id)
-	}
-	if !delivered {
-		return nil
-	}
-	return g.window.Add(ids, now)
+	return g.window.Settle(ids, delivered, now, nil)
 }
 
 // Remembered is how many delivered IDs the window holds.

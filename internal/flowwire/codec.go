@@ -2,6 +2,7 @@ package flowwire
 
 import (
 	"fmt"
+	"sync"
 
 	"google.golang.org/grpc/encoding"
 	protoenc "google.golang.org/grpc/encoding/proto"
@@ -14,6 +15,12 @@ import (
 // encoding at all. gRPC writes the bytes to the connection after SendMsg returns: they must
 // not change afterwards (give every message bytes of its own).
 type Raw []byte
+
+// Parts is a message already encoded in two pieces, sent one after the other without being
+// joined: a header made for this send and a body shared by every send of the same content
+// (a batch's events, sent again after a reconnect under a new header). Neither may change
+// after SendMsg, as with Raw.
+type Parts struct{ Head, Body []byte }
 
 // AckMsg receives a decoded FlowEventAck.
 type AckMsg struct {
@@ -44,6 +51,8 @@ func (Codec) Marshal(v any) (mem.BufferSlice, error) {
 		return mem.BufferSlice{mem.SliceBuffer(m)}, nil
 	case *Raw:
 		return mem.BufferSlice{mem.SliceBuffer(*m)}, nil
+	case *Parts:
+		return mem.BufferSlice{mem.SliceBuffer(m.Head), mem.SliceBuffer(m.Body)}, nil
 	}
 	return protoCodec.Marshal(v)
 }
@@ -69,13 +78,28 @@ func (Codec) Unmarshal(data mem.BufferSlice, v any) error {
 		*m = append((*m)[:0], contiguous(data)...)
 		return nil
 	case WireUnmarshaler:
-		return m.UnmarshalWire(contiguous(data))
+		if len(data) == 1 {
+			return m.UnmarshalWire(data[0].ReadOnlyData())
+		}
+		// A message of several transport frames (a batch of flowpipe's stream): joined in a
+		// buffer of our own, reused, since UnmarshalWire keeps nothing of it.
+		bp := joinPool.Get().(*[]byte)
+		if cap(*bp) < data.Len() {
+			*bp = make([]byte, data.Len())
+		}
+		b := (*bp)[:data.Len()]
+		data.CopyTo(b)
+		err := m.UnmarshalWire(b)
+		joinPool.Put(bp)
+		return err
 	}
 	if protoCodec == nil {
 		return fmt.Errorf("flowwire: no protobuf codec registered for %T", v)
 	}
 	return protoCodec.Unmarshal(data, v)
 }
+
+var joinPool = sync.Pool{New: func() any { return new([]byte) }}
 
 // contiguous returns the message bytes without copying when they are in one buffer, as they
 // are for messages smaller than a transport frame. The result is valid until gRPC frees data,

@@ -7,12 +7,14 @@
 // stream is opened with flowpipe's, and with NetBird's when the collector answers
 // UNIMPLEMENTED.
 //
-// One stream carries the events of every Write in flight. Each event waits in a table of
-// unacknowledged events, keyed by event ID, until its ACK arrives; the table is bounded by
-// max_in_flight, which is the sink's window. When the stream breaks, the sink reconnects with
-// jittered exponential backoff and sends every unacknowledged event again; an event not ACKed
-// within ack_timeout is sent again on the same stream. The collector de-duplicates by event
-// ID, so resending is safe.
+// One stream carries the events of every Write in flight. Each Write's events are cut into
+// chunks (at most one message of flowpipe's stream each), and each chunk waits in a table of
+// unacknowledged work until its events are ACKed: on flowpipe's stream with the one ACK of its
+// message, on NetBird's with an ACK per event ID (an index of the events sent on that stream).
+// The table is bounded by max_in_flight events, which is the sink's window. When the stream
+// breaks, the sink reconnects with jittered exponential backoff and sends every
+// unacknowledged event again; a chunk not ACKed within ack_timeout is sent again on the same
+// stream. The collector de-duplicates by event ID, so resending is safe.
 package grpcsink
 
 import (
@@ -70,13 +72,15 @@ type Sink struct {
 	done   chan struct{}
 
 	mu      sync.Mutex
-	pending map[uuid.UUID]*pending // sent or waiting to be sent, not yet ACKed
-	queue   []*pending             // to send on the current stream, in order
-	wake    chan struct{}          // the sender has something to do (capacity 1)
-	space   chan struct{}          // closed and replaced when the window gains room
-	stream  uint64                 // generation of the current stream, 0 while there is none
-	lastErr error                  // why the last stream failed
-	groups  map[uint64][]uuid.UUID // flowpipe's stream: the events of each batch not yet ACKed
+	chunks  map[*chunk]struct{} // sent or waiting to be sent, not yet ACKed
+	unacked int                 // events in chunks, not yet ACKed: the window
+	queue   []*chunk            // to send on the current stream, in order
+	wake    chan struct{}       // the sender has something to do (capacity 1)
+	space   chan struct{}       // closed and replaced when the window gains room
+	stream  uint64              // generation of the current stream, 0 while there is none
+	lastErr error               // why the last stream failed
+	groups  map[uint64]*chunk   // flowpipe's stream: the chunk each message carried
+	index   map[uuid.UUID]*ref  // NetBird's stream: the events sent on it, by event ID
 
 	// native is whether the last stream spoke flowpipe's protocol: Write encodes its events
 	// for that one (the sender encodes the other form when a stream needs it).
@@ -87,16 +91,30 @@ type Sink struct {
 	inFlight                         prometheus.GaugeFunc
 }
 
-// pending is one unacknowledged event.
-type pending struct {
-	id     uuid.UUID
-	msg    []byte      // the encoded FlowEvent (NetBird's protocol), or nil
-	packed []byte      // the event in the packed codec (flowpipe's protocol), or nil
-	ev     *flow.Event // the event, in its Write's batch: only read under Sink.mu while pending
-	w      *waiter     // the Write it belongs to
-	same   *pending
-	stream uint64    // generation of the stream it was last sent on; 0 = not sent there
-	sentAt time.Time // when it was last sent
+// chunk is a run of consecutive events of one Write, the unit of the table of unacknowledged
+// work: on flowpipe's stream it is one message and is ACKed whole (one entry per message,
+// whatever its number of events); on NetBird's each of its events is a message and is ACKed
+// by event ID (through Sink.index and refs).
+type chunk struct {
+	w      *waiter
+	events []flow.Event // in its Write's batch: only read under Sink.mu while the chunk waits
+	packed []byte       // the events in the packed codec (flowpipe's protocol), or nil
+	msgs   [][]byte     // each event's encoded FlowEvent (NetBird's protocol), or nil
+	refs   []ref        // NetBird's protocol: per event, made when first sent on it
+	left   int          // events not ACKed; 0 once ACKed or given up
+	stream uint64       // generation of the stream it was last sent on; 0 = not sent there
+	sentAt time.Time    // when it was last sent
+	sends  int          // messages of flowpipe's stream that carried packed
+	reuse  bool         // ACKed on the stream of its only message: packed is free again
+}
+
+// ref is an event of a chunk on NetBird's protocol. Events with the same ID (a duplicate in
+// the input) are sent once: the later ones hang off the first (same) and are ACKed with it.
+type ref struct {
+	c     *chunk
+	i     int
+	acked bool
+	same  *ref
 }
 
 // waiter is one Write waiting for the ACKs of its events.
@@ -151,10 +169,10 @@ func New(env component.Env, c *Config) (*Sink, error) {
 	}
 	s := &Sink{
 		cfg: c, log: env.Logger, env: env, conn: conn, key: c.publicKey(),
-		pending: map[uuid.UUID]*pending{},
-		wake:    make(chan struct{}, 1),
-		space:   make(chan struct{}),
-		done:    make(chan struct{}),
+		chunks: map[*chunk]struct{}{},
+		wake:   make(chan struct{}, 1),
+		space:  make(chan struct{}),
+		done:   make(chan struct{}),
 	}
 	s.native.Store(c.Protocol != "netbird")
 	if err := s.metrics(env); err != nil {
@@ -173,14 +191,24 @@ func (s *Sink) metrics(env component.Env) error {
 	s.sent = counter("events_sent_total", "Events sent for the first time on a stream.")
 	s.resent = counter("events_resent_total", "Events sent again after a reconnect or an ACK timeout.")
 	s.acked = counter("events_acked_total", "Events ACKed by the collector.")
-	s.unknownAcks = counter("unknown_acks_total", "ACKs for events not waiting (already ACKed, or given up).")
+	s.unknownAcks = counter("unknown_acks_total", "ACKs for events (on flowpipe's batch stream: for messages) not waiting (already ACKed, or given up).")
 	s.inFlight = prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "flowpipe_grpc_sink_unacked_events", Help: "Events waiting for their ACK."},
-		func() float64 { s.mu.Lock(); defer s.mu.Unlock(); return float64(len(s.pending)) })
+		func() float64 { s.mu.Lock(); defer s.mu.Unlock(); return float64(s.unacked) })
 	return env.Register(s.sent, s.resent, s.acked, s.unknownAcks, s.inFlight)
 }
 
 func clientTLS(env component.Env, c *Config) (*tls.Config, error) {
 	return tlsfiles.Client(env.Path(c.CAFile), env.Path(c.CertFile), env.Path(c.KeyFile), c.ServerName)
+}
+
+// packPool holds the buffers of Writes' packed events that gRPC is done with.
+var packPool = sync.Pool{New: func() any { return new([]byte) }}
+
+// runLimits are the bounds of one message of flowpipe's stream: at most a quarter of
+// max_in_flight events (so that ACKs of earlier messages make room while later ones travel)
+// and at most max_batch_message_size bytes of events.
+func (s *Sink) runLimits() (maxEvents, maxBytes int) {
+	return min(max(s.cfg.MaxInFlight/4, 1), 4096), int(s.cfg.MaxBatchMessageSize) - streamwire.BatchHeaderSize - 1
 }
 
 // Write sends the batch's events and returns nil once the collector has ACKed all of them.
@@ -191,55 +219,65 @@ func (s *Sink) Write(ctx context.Context, b *flow.Batch) error {
 	if n == 0 {
 		return nil
 	}
-	// One buffer and one table of entries per batch, not per event; each event encoded once,
-	// for the protocol of the last stream.
+	// One buffer per batch, each event encoded once, for the protocol of the last stream;
+	// the batch cut into chunks of at most one message of flowpipe's stream.
 	native := s.native.Load()
+	maxEvents, maxBytes := s.runLimits()
 	var buf []byte
+	var ends []int
+	var msgs [][]byte
+	cs := make([]chunk, 0, n/maxEvents+1)
+	// A batch that comes with its packed encoding (the plugin host passes it on from a source
+	// plugin: flow.Batch.SetEncoded) and fits one message is copied, not encoded again.
+	enc := b.Encoded()
+	copied := native && len(enc) > 1 && enc[0] == codec.Version && n <= maxEvents && len(enc)-1 <= maxBytes
 	if native {
-		buf = make([]byte, 0, codec.Size(b.Events))
+		size := len(enc)
+		if !copied {
+			size = codec.Size(b.Events)
+		}
+		bp := packPool.Get().(*[]byte)
+		if cap(*bp) < size {
+			*bp = make([]byte, 0, size)
+		}
+		buf = (*bp)[:0]
+		defer func() {
+			// The buffer goes back to the pool only when gRPC is done with it for sure:
+			// every chunk was sent once and ACKed on the stream it went out on.
+			s.mu.Lock()
+			reuse := true
+			for i := range cs {
+				reuse = reuse && cs[i].reuse
+			}
+			s.mu.Unlock()
+			if reuse {
+				*bp = buf[:0]
+				packPool.Put(bp)
+			}
+		}()
 	} else {
 		buf = make([]byte, 0, n*160)
+		ends = make([]int, n)
+		msgs = make([][]byte, n)
 	}
-	ps := make([]pending, n)
 	w := &waiter{left: n, done: make(chan struct{})}
-	ends := make([]int, n)
-	for i := range b.Events {
-		if native {
-			buf = codec.AppendEvent(buf, &b.Events[i])
-		} else {
-			buf = flowwire.AppendEvent(buf, &b.Events[i], s.key)
-		}
-		ends[i] = len(buf)
-		ps[i] = pending{id: b.Events[i].EventID, w: w, ev: &b.Events[i]}
-	}
-	// Slice the final buffer (it may have moved while it grew).
-	off := 0
-	for i := range ps {
-		enc := buf[off:ends[i]:ends[i]]
-		if native {
-			ps[i].packed = enc
-		} else {
-			ps[i].msg = enc
-		}
-		off = ends[i]
+	if copied {
+		buf = append(buf, enc[1:]...)
+		cs = append(cs, chunk{w: w, events: b.Events, left: n, packed: buf})
+	} else {
+		cs = s.encode(b.Events, w, cs, &buf, ends, msgs, native, maxEvents, maxBytes)
 	}
 
-	next := 0
-	for next < n {
+	next, queued := 0, 0
+	for next < len(cs) {
 		s.mu.Lock()
-		room := s.cfg.MaxInFlight - len(s.pending)
 		added := false
-		for ; room > 0 && next < n; next++ {
-			p := &ps[next]
-			if first, dup := s.pending[p.id]; dup {
-				// The same event is already waiting (a duplicate in the input): it is ACKed
-				// with the first one and sent once.
-				p.same, first.same = first.same, p
-				continue
-			}
-			s.pending[p.id] = p
-			s.queue = append(s.queue, p)
-			room--
+		for ; next < len(cs) && s.cfg.MaxInFlight-s.unacked >= cs[next].left; next++ {
+			c := &cs[next]
+			s.chunks[c] = struct{}{}
+			s.unacked += c.left
+			s.queue = append(s.queue, c)
+			queued += c.left
 			added = true
 		}
 		space := s.space
@@ -247,14 +285,14 @@ func (s *Sink) Write(ctx context.Context, b *flow.Batch) error {
 		if added {
 			s.poke()
 		}
-		if next < n {
+		if next < len(cs) {
 			select {
 			case <-space:
 			case <-ctx.Done():
-				s.forget(ps[:next])
-				return fmt.Errorf("grpc sink: %d of %d events not sent: %w", n-next, n, ctx.Err())
+				s.forget(cs[:next])
+				return fmt.Errorf("grpc sink: %d of %d events not sent: %w", n-queued, n, ctx.Err())
 			case <-s.done:
-				s.forget(ps[:next])
+				s.forget(cs[:next])
 				return errors.New("grpc sink closed")
 			}
 		}
@@ -271,50 +309,103 @@ func (s *Sink) Write(ctx context.Context, b *flow.Batch) error {
 	if left == 0 {
 		return nil
 	}
-	s.forget(ps)
+	s.forget(cs)
 	if ctx.Err() != nil {
 		return fmt.Errorf("grpc sink: %d of %d events not ACKed: %w", left, n, ctx.Err())
 	}
 	return fmt.Errorf("grpc sink closed with %d of %d events not ACKed", left, n)
 }
 
-// forget removes a failed Write's entries from the table.
-func (s *Sink) forget(ps []pending) {
-	requeued := false
-	defer func() {
-		if requeued {
-			s.poke()
+// encode encodes events into *buf for one protocol (native: flowpipe's packed codec; else
+// NetBird's FlowEvents, each sliced into msgs with ends as scratch) and cuts them into chunks
+// of at most one message of flowpipe's stream, appended to cs.
+func (s *Sink) encode(events []flow.Event, w *waiter, cs []chunk, buf *[]byte, ends []int, msgs [][]byte, native bool, maxEvents, maxBytes int) []chunk {
+	cs = append(cs, chunk{w: w})
+	first, from, size := 0, 0, 0 // the current chunk: first event, its offset in buf, packed size
+	cut := func(i int) {
+		c := &cs[len(cs)-1]
+		c.events, c.left = events[first:i], i-first
+		if native {
+			c.packed = (*buf)[from:len(*buf):len(*buf)]
 		}
-	}()
+	}
+	for i := range events {
+		e := &events[i]
+		esize := codec.EventSize(e) // chunks fit a message of flowpipe's stream whichever the protocol
+		if i > first && (i-first == maxEvents || size+esize > maxBytes) {
+			cut(i)
+			cs = append(cs, chunk{w: w})
+			first, from, size = i, len(*buf), 0
+		}
+		size += esize
+		if native {
+			*buf = codec.AppendEvent(*buf, e)
+		} else {
+			*buf = flowwire.AppendEvent(*buf, e, s.key)
+			ends[i] = len(*buf)
+		}
+	}
+	cut(len(events))
+	if !native {
+		// Sliced once *buf is final (it may have moved while it grew).
+		off := 0
+		for i := range msgs {
+			msgs[i] = (*buf)[off:ends[i]:ends[i]]
+			off = ends[i]
+		}
+		off = 0
+		for i := range cs {
+			cs[i].msgs = msgs[off : off+len(cs[i].events)]
+			off += len(cs[i].events)
+		}
+	}
+
+	return cs
+}
+
+// forget removes a failed Write's chunks from the table.
+func (s *Sink) forget(cs []chunk) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	for i := range ps {
-		p := &ps[i]
-		first, ok := s.pending[p.id]
-		if !ok {
+	for i := range cs {
+		c := &cs[i]
+		if c.left == 0 {
 			continue
 		}
-		if first == p {
-			if p.same != nil {
-				// A duplicate from another Write takes over the slot.
-				q := p.same
-				s.pending[p.id] = q
-				q.stream, q.sentAt = p.stream, p.sentAt
-				s.queue = append(s.queue, q) // sent unless it already went out on this stream
-				requeued = true
-			} else {
-				delete(s.pending, p.id)
+		if s.index != nil && c.refs != nil {
+			for j := range c.refs {
+				if !c.refs[j].acked {
+					s.unlink(&c.refs[j])
+				}
 			}
-			continue
 		}
-		for q := first; q.same != nil; q = q.same {
-			if q.same == p {
-				q.same = p.same
+		s.unacked -= c.left
+		c.left = 0
+		delete(s.chunks, c)
+	}
+	s.roomMade()
+}
+
+// unlink takes r out of NetBird's index of the current stream; the next event with its ID,
+// if any, takes its place (its message went out with r's, so the ACK by ID still comes).
+func (s *Sink) unlink(r *ref) {
+	id := r.c.events[r.i].EventID
+	head, ok := s.index[id]
+	switch {
+	case !ok:
+	case head == r && r.same != nil:
+		s.index[id] = r.same
+	case head == r:
+		delete(s.index, id)
+	default:
+		for q := head; q.same != nil; q = q.same {
+			if q.same == r {
+				q.same = r.same
 				break
 			}
 		}
 	}
-	s.roomMade()
+	r.same = nil
 }
 
 func (s *Sink) poke() {
@@ -330,56 +421,75 @@ func (s *Sink) roomMade() {
 	s.space = make(chan struct{})
 }
 
+// release takes n ACKed events out of the window; called with s.mu held. Waiting Writes are
+// woken when a quarter of the window is free (a chunk is at most a quarter), not for every
+// ACK.
+func (s *Sink) release(n int) {
+	before := s.unacked
+	s.unacked -= n
+	mark := s.cfg.MaxInFlight - max(s.cfg.MaxInFlight/4, 1)
+	if (before > mark && s.unacked <= mark) || s.unacked == 0 {
+		s.roomMade()
+	}
+}
+
+// settle records that n more events of c are ACKed; called with s.mu held.
+func (s *Sink) settle(c *chunk, n int) {
+	c.left -= n
+	c.w.left -= n
+	if c.w.left == 0 {
+		close(c.w.done)
+	}
+	if c.left == 0 {
+		delete(s.chunks, c)
+	}
+	s.release(n)
+}
+
 // ack completes the event id; called for every ACK received on NetBird's protocol.
 func (s *Sink) ack(id uuid.UUID) {
 	s.mu.Lock()
-	ok := s.ackLocked(id)
-	s.mu.Unlock()
+	r, ok := s.index[id]
+	acked := 0
 	if ok {
-		s.acked.Inc()
+		delete(s.index, id)
+		for q := r; q != nil; q = q.same {
+			if !q.acked && q.c.left > 0 {
+				q.acked = true
+				s.settle(q.c, 1)
+				acked++
+			}
+		}
+	}
+	s.mu.Unlock()
+	if acked > 0 {
+		s.acked.Add(float64(acked))
 	} else {
 		s.unknownAcks.Inc()
 	}
 }
 
-// ackBatch completes the events of batch seq of the current stream of flowpipe's protocol.
+// ackBatch completes the chunk sent as message seq of the current stream of flowpipe's
+// protocol: the collector ACKs a message once every event in it is durable.
 func (s *Sink) ackBatch(seq uint64) {
 	s.mu.Lock()
-	ids, ok := s.groups[seq]
+	c := s.groups[seq]
 	delete(s.groups, seq)
-	acked := 0
-	for _, id := range ids {
-		if s.ackLocked(id) {
-			acked++
+	n := 0
+	if c != nil && c.left > 0 {
+		n = c.left
+		for j := range c.refs {
+			c.refs[j].acked = true
 		}
+		c.reuse = c.sends == 1 && c.stream == s.stream
+		s.settle(c, n)
 	}
 	s.mu.Unlock()
-	if !ok {
-		s.unknownAcks.Inc() // an ACK for a batch this stream did not send
+	if n == 0 {
+		s.unknownAcks.Inc() // an ACK for a message this stream did not send, or sent again and ACKed already
 		return
 	}
-	s.acked.Add(float64(acked))
-	s.unknownAcks.Add(float64(len(ids) - acked))
-}
-
-// ackLocked completes the event id; false when it is not waiting. Called with s.mu held.
-func (s *Sink) ackLocked(id uuid.UUID) bool {
-	p, ok := s.pending[id]
-	if !ok {
-		return false
-	}
-	delete(s.pending, id)
-	for q := p; q != nil; q = q.same {
-		q.w.left--
-		if q.w.left == 0 {
-			close(q.w.done)
-		}
-	}
-	// Waiting Writes are woken when a quarter of the window is free, not for every ACK.
-	if len(s.pending) == s.cfg.MaxInFlight-max(s.cfg.MaxInFlight/4, 1) || len(s.pending) == 0 {
-		s.roomMade()
-	}
-	return true
+	s.acked.Add(float64(n))
 }
 
 // run keeps a stream open and feeds it until the sink is closed.
@@ -405,7 +515,7 @@ func (s *Sink) run(ctx context.Context) {
 		}
 		s.mu.Lock()
 		s.lastErr = err
-		waiting := len(s.pending)
+		waiting := s.unacked
 		s.mu.Unlock()
 		delay := reconnect.Next()
 		s.env.Metrics.Errors("stream", 1)
@@ -424,7 +534,7 @@ func (s *Sink) closedIdle(err error) bool {
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return len(s.pending) == 0
+	return s.unacked == 0
 }
 
 // waitRetry waits delay before the next stream, or less: when the connection to the
@@ -486,14 +596,16 @@ func (s *Sink) serve(ctx context.Context, gen uint64) error {
 
 	s.mu.Lock()
 	s.stream = gen
-	s.groups = nil
+	s.groups, s.index = nil, nil
 	if native {
-		s.groups = map[uint64][]uuid.UUID{}
+		s.groups = map[uint64]*chunk{}
+	} else {
+		s.index = map[uuid.UUID]*ref{}
 	}
 	// Everything unacknowledged goes out again on the new stream.
 	s.queue = s.queue[:0]
-	for _, p := range s.pending {
-		s.queue = append(s.queue, p)
+	for c := range s.chunks {
+		s.queue = append(s.queue, c)
 	}
 	s.mu.Unlock()
 	s.poke()
@@ -531,7 +643,7 @@ func (s *Sink) serve(ctx context.Context, gen uint64) error {
 	cancel()
 	s.mu.Lock()
 	s.stream = 0
-	s.groups = nil
+	s.groups, s.index = nil, nil
 	s.mu.Unlock()
 	// The receiving side knows why the stream ended (a status from the receiver); a failed
 	// SendMsg only says io.EOF.
@@ -591,15 +703,15 @@ func closeErr(stream grpc.ClientStream, err error) error {
 	return err
 }
 
-// sendLoop is a stream's sending loop, for either protocol. Each time events are queued (or
+// sendLoop is a stream's sending loop, for either protocol. Each time chunks are queued (or
 // ack_timeout's tick queues the late ones again) it takes the ones due on this stream (not
-// ACKed, not given up, not sent on it within ack_timeout), marks them sent and hands each to
-// add, then calls seal, both under s.mu; then, with s.mu released, flush sends what they
-// gathered (false: there was nothing). It returns when ctx ends or a send fails.
-func (s *Sink) sendLoop(ctx context.Context, gen uint64, add func(*pending), seal func(), flush func() (bool, error)) error {
+// ACKed, not given up, not sent on it within ack_timeout) and hands each to add, then marks
+// them sent, under s.mu; then, with s.mu released, flush sends what add gathered (false:
+// there was nothing). It returns when ctx ends or a send fails.
+func (s *Sink) sendLoop(ctx context.Context, gen uint64, add func(*chunk), flush func() (bool, error)) error {
 	tick := time.NewTicker(max(s.cfg.AckTimeout/4, 10*time.Millisecond))
 	defer tick.Stop()
-	var batch []*pending
+	var batch []*chunk
 	for {
 		select {
 		case <-ctx.Done():
@@ -613,19 +725,18 @@ func (s *Sink) sendLoop(ctx context.Context, gen uint64, add func(*pending), sea
 			batch, s.queue = s.queue, batch[:0]
 			now := time.Now()
 			first, again := 0, 0
-			for _, p := range batch {
-				if s.pending[p.id] != p || p.stream == gen && now.Sub(p.sentAt) < s.cfg.AckTimeout {
+			for _, c := range batch {
+				if c.left == 0 || c.stream == gen && now.Sub(c.sentAt) < s.cfg.AckTimeout {
 					continue // ACKed, given up, or already sent on this stream
 				}
-				if p.stream == 0 && p.sentAt.IsZero() {
-					first++
+				if c.sentAt.IsZero() {
+					first += c.left
 				} else {
-					again++
+					again += c.left
 				}
-				p.stream, p.sentAt = gen, now
-				add(p)
+				add(c)
+				c.stream, c.sentAt = gen, now
 			}
-			seal()
 			s.mu.Unlock()
 			clear(batch)
 			sent, err := flush()
@@ -642,16 +753,54 @@ func (s *Sink) sendLoop(ctx context.Context, gen uint64, add func(*pending), sea
 	}
 }
 
-// send is sendLoop for NetBird's protocol: one message per event.
+// send is sendLoop for NetBird's protocol: one message per event, ACKed by event ID; an ID
+// that is already on this stream (a duplicate in the input) is not sent again.
 func (s *Sink) send(ctx context.Context, stream grpc.ClientStream, gen uint64) error {
 	var msgs [][]byte
-	add := func(p *pending) {
-		if p.msg == nil {
-			// Encoded for flowpipe's protocol by its Write; its Write still waits (it is
-			// pending), so its event is still there.
-			p.msg = flowwire.AppendEvent(nil, p.ev, s.key)
+	add := func(c *chunk) {
+		if c.msgs == nil {
+			// Encoded for flowpipe's protocol by its Write; its Write still waits (the chunk
+			// is not ACKed), so its events are still there.
+			buf := make([]byte, 0, len(c.events)*160)
+			ends := make([]int, len(c.events))
+			for i := range c.events {
+				buf = flowwire.AppendEvent(buf, &c.events[i], s.key)
+				ends[i] = len(buf)
+			}
+			c.msgs = make([][]byte, len(c.events))
+			off := 0
+			for i := range c.msgs {
+				c.msgs[i] = buf[off:ends[i]:ends[i]]
+				off = ends[i]
+			}
 		}
-		msgs = append(msgs, p.msg)
+		if c.refs == nil {
+			c.refs = make([]ref, len(c.events))
+			for i := range c.refs {
+				c.refs[i] = ref{c: c, i: i}
+			}
+		}
+		again := c.stream == gen // sent on this stream before: its events are in the index
+		for i := range c.refs {
+			r := &c.refs[i]
+			if r.acked {
+				continue
+			}
+			id := c.events[i].EventID
+			head, ok := s.index[id]
+			switch {
+			case again && head == r:
+				msgs = append(msgs, c.msgs[i])
+			case again:
+				// Hangs off an earlier event with its ID, which is sent in its place.
+			case ok:
+				r.same, head.same = head.same, r
+			default:
+				r.same = nil
+				s.index[id] = r
+				msgs = append(msgs, c.msgs[i])
+			}
+		}
 	}
 	flush := func() (bool, error) {
 		defer func() { msgs = msgs[:0] }()
@@ -662,82 +811,61 @@ func (s *Sink) send(ctx context.Context, stream grpc.ClientStream, gen uint64) e
 		}
 		return len(msgs) > 0, nil
 	}
-	return s.sendLoop(ctx, gen, add, func() {}, flush)
+	return s.sendLoop(ctx, gen, add, flush)
 }
 
-// batchRun is the events of one message of flowpipe's protocol.
-type batchRun struct {
-	seq   uint64
-	ids   []uuid.UUID
-	parts [][]byte // each event's packed encoding
-	size  int
-}
-
-// sendBatches is sendLoop for flowpipe's protocol: the queued events go out in runs, one
-// message per run of at most a quarter of max_in_flight events (so that ACKs of earlier runs
-// make room while later ones travel) and of at most max_batch_message_size.
+// sendBatches is sendLoop for flowpipe's protocol: each chunk is one message, its events'
+// packed bytes (made once, by its Write) sent as they are behind a header made for this send.
 func (s *Sink) sendBatches(ctx context.Context, stream grpc.ClientStream, gen uint64) error {
-	maxEvents := min(max(s.cfg.MaxInFlight/4, 1), 4096)
-	limit := int(s.cfg.MaxBatchMessageSize) - streamwire.BatchHeaderSize - 1
-	var runs []batchRun
-	var cur batchRun
+	var msgs []*flowwire.Parts
 	var seq uint64
-	add := func(p *pending) {
-		if p.packed == nil {
+	add := func(c *chunk) {
+		if c.packed == nil {
 			// Encoded for NetBird's protocol by its Write, which still waits.
-			p.packed = codec.AppendEvent(nil, p.ev)
+			c.packed = make([]byte, 0, codec.Size(c.events))
+			for i := range c.events {
+				c.packed = codec.AppendEvent(c.packed, &c.events[i])
+			}
 		}
-		if len(cur.ids) > 0 && (len(cur.ids) == maxEvents || cur.size+len(p.packed) > limit) {
-			runs = append(runs, cur)
-			cur = batchRun{}
+		body := c.packed
+		if c.left < len(c.events) {
+			// Some of its events were ACKed one by one on a NetBird stream: the others only.
+			body = nil
+			for i := range c.events {
+				if !c.refs[i].acked {
+					body = codec.AppendEvent(body, &c.events[i])
+				}
+			}
 		}
-		cur.ids = append(cur.ids, p.id)
-		cur.parts = append(cur.parts, p.packed)
-		cur.size += len(p.packed)
-	}
-	seal := func() {
-		if len(cur.ids) > 0 {
-			runs = append(runs, cur)
-			cur = batchRun{}
-		}
-		// Known before it is sent: its ACK may come back at once.
-		for i := range runs {
-			seq++
-			runs[i].seq = seq
-			s.groups[seq] = runs[i].ids
-		}
+		c.sends++
+		seq++
+		s.groups[seq] = c // known before it is sent: its ACK may come back at once
+		head := make([]byte, 0, streamwire.BatchHeaderSize+1)
+		head = streamwire.AppendBatchHeader(head, seq, c.left, 1+len(body))
+		head = append(head, codec.Version)
+		msgs = append(msgs, &flowwire.Parts{Head: head, Body: body})
 	}
 	flush := func() (bool, error) {
-		defer func() { runs = runs[:0] }()
-		for i := range runs {
-			r := &runs[i]
-			// The bytes of a packed event are its Write's and never change; gRPC writes the
-			// message after SendMsg returns, so each message has bytes of its own.
-			msg := make([]byte, 0, streamwire.BatchHeaderSize+1+r.size)
-			msg = streamwire.AppendBatchHeader(msg, r.seq, len(r.ids), 1+r.size)
-			msg = append(msg, codec.Version)
-			for _, part := range r.parts {
-				msg = append(msg, part...)
-			}
-			r.parts = nil
-			if err := stream.SendMsg(flowwire.Raw(msg)); err != nil {
+		defer func() { clear(msgs); msgs = msgs[:0] }()
+		for _, m := range msgs {
+			if err := stream.SendMsg(m); err != nil {
 				return true, err
 			}
 		}
-		return len(runs) > 0, nil
+		return len(msgs) > 0, nil
 	}
-	return s.sendLoop(ctx, gen, add, seal, flush)
+	return s.sendLoop(ctx, gen, add, flush)
 }
 
-// requeueLate queues again the events sent on this stream longer than ack_timeout ago.
+// requeueLate queues again the chunks sent on this stream longer than ack_timeout ago.
 func (s *Sink) requeueLate(gen uint64) {
 	deadline := time.Now().Add(-s.cfg.AckTimeout)
 	s.mu.Lock()
 	n := 0
-	for _, p := range s.pending {
-		if p.stream == gen && p.sentAt.Before(deadline) {
-			s.queue = append(s.queue, p)
-			n++
+	for c := range s.chunks {
+		if c.stream == gen && c.sentAt.Before(deadline) {
+			s.queue = append(s.queue, c)
+			n += c.left
 		}
 	}
 	s.mu.Unlock()
@@ -753,7 +881,7 @@ func (s *Sink) Health() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.stream == 0 && s.lastErr != nil {
-		return fmt.Errorf("no stream to %s (%d events waiting): %w", s.cfg.collectors(), len(s.pending), s.lastErr)
+		return fmt.Errorf("no stream to %s (%d events waiting): %w", s.cfg.collectors(), s.unacked, s.lastErr)
 	}
 	return nil
 }

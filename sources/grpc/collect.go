@@ -15,30 +15,41 @@ import (
 // collector gathers the events of every stream into batches and remembers event IDs for
 // de-duplication. One mutex covers both, so an event is checked and queued in one step.
 //
-// An ID is in inflight from the moment its event is accepted until its batch is acknowledged,
-// then in ids (delivered) until it leaves the window. Two maps, not one with a state: ids is
-// large (up to dedup.max_events) and every access to it is a cache miss, so an event costs
-// it one lookup and one insert; the small inflight map takes the rest. A duplicate of a delivered event
-// is ACKed at once; a duplicate of an event in flight waits and is ACKed with the original
-// (a client that resent after a lost ACK or a reconnect gets its ACK on the stream it is on
-// now). When a batch fails (the pipeline stopped), its IDs are forgotten, so that the
-// client's resend is accepted again.
+// Every ID accepted is in the window (internal/dedup: one flat table, up to
+// dedup.max_events IDs, whose every access is a cache miss) from the moment its event is
+// accepted until it leaves the window; checking and entering it is one probe (Window.See),
+// and its delivery touches the table no more (Window.Remember only appends to the window's
+// FIFO). Which IDs are still in flight each batch knows itself, in a small table of its own
+// that stays in cache (flight); only a duplicate asks. A duplicate of a delivered event is
+// ACKed at once; a duplicate of an event in flight waits with that event's batch and is
+// ACKed with the original (a client that resent after a lost ACK or a reconnect gets its ACK
+// on the stream it is on now). When a batch fails (the pipeline stopped), its IDs are
+// forgotten, so that the client's resend is accepted again.
 type collector struct {
 	r *Receiver
 
-	mu       sync.Mutex
-	ids      map[uuid.UUID]struct{} // delivered, within the window
-	inflight map[uuid.UUID][]origin // accepted, not yet acknowledged: the duplicates waiting for it
-	done     dedup.Ring             // delivered, oldest first
-	events   []flow.Event
-	origins  []origin
-	first    time.Time // arrival of the batch's first event
-	stopped  bool
-	journal  *dedup.Journal
+	mu      sync.Mutex
+	win     *dedup.Window
+	cur     *flight   // the IDs of the batch being built
+	flying  []*flight // those of the batches taken and not yet finished
+	spare   []*flight
+	events  []flow.Event
+	origins []origin
+	first   time.Time // arrival of the batch's first event
+	stopped bool
+	ids     []uuid.UUID // finish's scratch
 
 	ready chan *pendingBatch // full batches for the emitter
 	free  chan []flow.Event  // recycled event slices
+	freeO chan []origin      // recycled origin slices
 	wg    sync.WaitGroup     // emitted batches not yet acknowledged
+}
+
+// flight is the de-duplication state of one batch in flight: its IDs, and the duplicates of
+// them that arrived meanwhile and wait for its outcome.
+type flight struct {
+	ids     dedup.Table
+	waiters []origin
 }
 
 // origin is where an event came from: its stream, and on a native stream its batch.
@@ -51,15 +62,16 @@ type origin struct {
 type pendingBatch struct {
 	events  []flow.Event
 	origins []origin
+	fl      *flight // nil when de-duplication is off
 }
 
 func newCollector(r *Receiver) *collector {
 	return &collector{
-		r:        r,
-		ids:      map[uuid.UUID]struct{}{},
-		inflight: map[uuid.UUID][]origin{},
-		ready:    make(chan *pendingBatch, 1),
-		free:     make(chan []flow.Event, 8),
+		r:     r,
+		win:   dedup.NewWindow(r.conf().Dedup.Window, r.conf().Dedup.MaxEvents),
+		ready: make(chan *pendingBatch, 1),
+		free:  make(chan []flow.Event, 8),
+		freeO: make(chan []origin, 8),
 	}
 }
 
@@ -86,17 +98,19 @@ func (c *collector) add(st *stream, seq uint64, events []flow.Event) {
 		e := &events[i]
 		id := e.EventID
 		if dedupOn {
-			if _, delivered := c.ids[id]; delivered {
+			if c.win.See(id) {
 				c.r.duplicates.Inc()
-				now = append(now, origin{st, id, seq})
+				if f := c.flightOf(id); f != nil {
+					f.waiters = append(f.waiters, origin{st, id, seq})
+				} else {
+					now = append(now, origin{st, id, seq})
+				}
 				continue
 			}
-			if ws, ok := c.inflight[id]; ok {
-				c.r.duplicates.Inc()
-				c.inflight[id] = append(ws, origin{st, id, seq})
-				continue
+			if c.cur == nil {
+				c.cur = c.newFlight()
 			}
-			c.inflight[id] = nil
+			c.cur.ids.Set(id, dedup.InFlight)
 		}
 		if len(c.events) == 0 {
 			c.first = time.Now()
@@ -123,6 +137,29 @@ func (c *collector) add(st *stream, seq uint64, events []flow.Event) {
 	}
 }
 
+// flightOf is the flight of the batch that holds id, nil when none does (id was delivered);
+// called with c.mu held.
+func (c *collector) flightOf(id uuid.UUID) *flight {
+	if c.cur != nil && c.cur.ids.Get(id) != dedup.Absent {
+		return c.cur
+	}
+	for _, f := range c.flying {
+		if f.ids.Get(id) != dedup.Absent {
+			return f
+		}
+	}
+	return nil
+}
+
+func (c *collector) newFlight() *flight {
+	if n := len(c.spare); n > 0 {
+		f := c.spare[n-1]
+		c.spare = c.spare[:n-1]
+		return f
+	}
+	return &flight{}
+}
+
 func (c *collector) newEvents() []flow.Event {
 	select {
 	case ev := <-c.free:
@@ -134,8 +171,18 @@ func (c *collector) newEvents() []flow.Event {
 
 // take removes the batch being built; called with c.mu held.
 func (c *collector) take() *pendingBatch {
-	b := &pendingBatch{events: c.events, origins: c.origins}
-	c.events, c.origins = nil, make([]origin, 0, c.r.conf().BatchSize)
+	b := &pendingBatch{events: c.events, origins: c.origins, fl: c.cur}
+	if c.cur != nil {
+		c.flying = append(c.flying, c.cur)
+		c.cur = nil
+	}
+	c.events = nil
+	select {
+	case o := <-c.freeO:
+		c.origins = o[:0]
+	default:
+		c.origins = make([]origin, 0, c.r.conf().BatchSize)
+	}
 	c.wg.Add(1)
 	return b
 }
@@ -210,31 +257,36 @@ func (c *collector) finish(pb *pendingBatch, err error) {
 		c.r.ackedDropped.Add(float64(len(pb.origins)))
 	}
 	var extra []origin // duplicates that waited for these events
-	if c.dedupOn() {
-		now := time.Now()
+	if f := pb.fl; f != nil {
 		c.mu.Lock()
+		ids := c.ids[:0]
 		for _, o := range pb.origins {
-			if ws := c.inflight[o.id]; len(ws) > 0 {
-				extra = append(extra, ws...)
-			}
-			delete(c.inflight, o.id)
-			if ok {
-				c.ids[o.id] = struct{}{}
-				c.remember(dedup.Rec{ID: o.id, At: now.UnixNano()})
+			ids = append(ids, o.id)
+		}
+		c.ids = ids
+		var err error
+		if ok {
+			err = c.win.Remember(ids, time.Now())
+		} else {
+			c.win.Forget(ids)
+		}
+		extra = f.waiters
+		f.waiters = nil
+		f.ids.Reset()
+		for i, g := range c.flying {
+			if g == f {
+				c.flying = append(c.flying[:i], c.flying[i+1:]...)
+				break
 			}
 		}
-		if ok && c.journal != nil {
-			ids := make([]uuid.UUID, len(pb.origins))
-			for i, o := range pb.origins {
-				ids[i] = o.id
-			}
-			if jerr := c.journal.Append(ids, now); jerr != nil {
-				c.r.env.Metrics.Errors("dedup_state", 1)
-				c.r.log.Error("dedup state not saved; a resend after a restart may be delivered twice", "err", jerr)
-			}
+		if len(c.spare) < 8 {
+			c.spare = append(c.spare, f)
 		}
-		c.expire(now)
 		c.mu.Unlock()
+		if err != nil {
+			c.r.env.Metrics.Errors("dedup_state", 1)
+			c.r.log.Error("dedup state not saved; a resend after a restart may be delivered twice", "err", err)
+		}
 	}
 	// ACK per stream in runs, one lock per run.
 	ackRuns(pb.origins, ok)
@@ -242,10 +294,16 @@ func (c *collector) finish(pb *pendingBatch, err error) {
 	if !ok {
 		c.r.notAcked.Add(float64(len(pb.origins)))
 	}
+	// Not cleared: the next batch overwrites every event it uses, and the strings a recycled
+	// slice still holds stay referenced only until then (clearing cost 2% of the collector).
 	events := pb.events
-	clear(events)
 	select {
 	case c.free <- events:
+	default:
+	}
+	clear(pb.origins)
+	select {
+	case c.freeO <- pb.origins[:0]:
 	default:
 	}
 }
@@ -262,45 +320,7 @@ func ackRuns(os []origin, ok bool) {
 	}
 }
 
-// expire forgets delivered IDs that left the window; called with c.mu held.
-func (c *collector) expire(now time.Time) {
-	cutoff := now.Add(-c.r.conf().Dedup.Window).UnixNano()
-	for c.done.Len() > 0 && c.done.Oldest().At < cutoff {
-		c.forgetOldest()
-	}
-	if c.journal != nil && c.journal.Records > 2*c.r.conf().Dedup.MaxEvents+1024 {
-		if err := c.journal.Rewrite(c.done.All()); err != nil {
-			c.r.env.Metrics.Errors("dedup_state", 1)
-			c.r.log.Error("dedup state file not compacted", "err", err)
-		}
-	}
-}
-
 // load restores delivered IDs from the state file; called before serving.
 func (c *collector) load(path string) error {
-	cutoff := time.Now().Add(-c.r.conf().Dedup.Window).UnixNano()
-	j, recs, err := dedup.OpenJournal(path, cutoff, c.r.conf().Dedup.MaxEvents)
-	if err != nil {
-		return err
-	}
-	c.journal = j
-	for _, r := range recs {
-		c.ids[r.ID] = struct{}{}
-		c.remember(r)
-	}
-	return nil
-}
-
-// remember records a delivered ID, forgetting the oldest when the window is full; called
-// with c.mu held.
-func (c *collector) remember(r dedup.Rec) {
-	for c.done.Len() > 0 && c.done.Len() >= c.r.conf().Dedup.MaxEvents {
-		c.forgetOldest() // one, or more after a reload lowered max_events
-	}
-	c.done.Push(r, c.r.conf().Dedup.MaxEvents)
-}
-
-func (c *collector) forgetOldest() {
-	id := c.done.Pop().ID
-	delete(c.ids, id)
+	return c.win.Load(path, time.Now())
 }

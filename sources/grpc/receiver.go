@@ -275,12 +275,9 @@ func (r *Receiver) close(ctx context.Context) error {
 		}
 		<-r.served
 	}
-	if j := r.coll.journal; j != nil {
-		r.coll.mu.Lock()
-		defer r.coll.mu.Unlock()
-		return j.Close()
-	}
-	return nil
+	r.coll.mu.Lock()
+	defer r.coll.mu.Unlock()
+	return r.coll.win.Close()
 }
 
 // stream is one client stream: the ACKs waiting to be sent and the events not yet ACKed.

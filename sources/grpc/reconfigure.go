@@ -153,13 +153,15 @@ func (r *Receiver) Reconfigure(ctx context.Context, raw map[string]any) error {
 	// window, and the window is trimmed to its new bounds at once.
 	r.coll.mu.Lock()
 	r.live.Store(s)
+	var werr error
 	if r.coll.dedupOn() {
-		for r.coll.done.Len() > c.Dedup.MaxEvents {
-			r.coll.forgetOldest()
-		}
-		r.coll.expire(time.Now())
+		werr = r.coll.win.SetBounds(c.Dedup.Window, c.Dedup.MaxEvents, time.Now())
 	}
 	r.coll.mu.Unlock()
+	if werr != nil {
+		r.env.Metrics.Errors("dedup_state", 1)
+		r.log.Error("dedup state file not compacted", "err", werr)
+	}
 	if tc != nil {
 		r.tlsConf.Store(tc)
 	}
