@@ -160,6 +160,12 @@ func (s *sourceNode) push(pb pipedBatch) error {
 	q, slots, err := s.piped.q, s.piped.slots, s.piped.err
 	s.piped.mu.Unlock()
 	slots <- struct{}{} // freed by the goroutine, which never waits on Emit
+	if pb.i < 0 {
+		// Its whole way after the batches before it (Emit, busy): emitUntilPiped on the
+		// goroutine, then finishFrom for a Pipeliner it meets.
+		q <- pb
+		return err
+	}
 	pb.finish = pb.pl.StartEnrich(pb.enrichCtx, pb.b)
 	q <- pb // never full: a slot is taken first
 	return err
@@ -179,6 +185,23 @@ func (s *sourceNode) carry(q chan pipedBatch, slots chan struct{}, done chan str
 			s.piped.mu.Unlock()
 		}
 	}
+}
+
+// pipelines: one of t's enrichers works elsewhere (component.Pipeliner).
+func (t *topology) pipelines() bool {
+	for _, e := range t.enrich {
+		if _, ok := e.en.(component.Pipeliner); ok {
+			return true
+		}
+	}
+	return false
+}
+
+// busy: a batch of the source is between a Pipeliner's start and the sinks' queues.
+func (s *sourceNode) busy() bool {
+	s.piped.mu.Lock()
+	defer s.piped.mu.Unlock()
+	return s.piped.slots != nil && len(s.piped.slots) > 0
 }
 
 // flushPiped waits until every batch pushed is on its way to the sinks (once Run returned,
@@ -942,6 +965,11 @@ func (s *sourceNode) Emit(ctx context.Context, b *flow.Batch) error {
 			return ctx.Err()
 		}
 	}
+	if !t.pipelines() && s.busy() {
+		// Batches of this source are still on their way through an enricher elsewhere that
+		// a reload removed: this one goes after them, in the source's order.
+		return s.push(pipedBatch{t: t, i: -1, b: b, ctx: ctx, enrichCtx: enrichCtx})
+	}
 	pb, err := s.p.emitUntilPiped(ctx, enrichCtx, t, b)
 	if pb == nil {
 		t.release()
@@ -1000,6 +1028,14 @@ func (p *Pipeline) emitUntilPiped(ctx, enrichCtx context.Context, t *topology, b
 
 // finishFrom waits for a piped batch's enrichment and sends it the rest of its way.
 func (p *Pipeline) finishFrom(pb pipedBatch) error {
+	if pb.i < 0 { // its whole way, queued behind batches in flight
+		next, err := p.emitUntilPiped(pb.ctx, pb.enrichCtx, pb.t, pb.b)
+		if next == nil {
+			return err
+		}
+		pb = *next
+		pb.finish = pb.pl.StartEnrich(pb.enrichCtx, pb.b)
+	}
 	e, b, in := pb.t.enrich[pb.i], pb.b, len(pb.b.Events)
 	if err := pb.finish(); err != nil {
 		p.enrichFailed(e, b, in, err)
