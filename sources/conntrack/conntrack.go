@@ -296,7 +296,7 @@ func (s *Source) Run(ctx context.Context, out component.Emitter) error {
 		if evs == nil {
 			break
 		}
-		if out.Emit(fctx, flow.NewBatch(evs, nil)) != nil {
+		if out.Emit(fctx, s.q.batch(evs)) != nil {
 			s.env.Metrics.Dropped("shutdown", s.q.len())
 			break
 		}
@@ -314,7 +314,7 @@ func (s *Source) emitLoop(ctx context.Context, out component.Emitter, readErr <-
 	for {
 		evs, wait := s.q.pop(s.config().FlushInterval, false)
 		if evs != nil {
-			if err := out.Emit(ctx, flow.NewBatch(evs, nil)); err != nil {
+			if err := out.Emit(ctx, s.q.batch(evs)); err != nil {
 				return err
 			}
 			continue
@@ -473,6 +473,7 @@ func (s *Source) housekeep(now time.Time, needResync bool) {
 		s.log.Info("conntrack connections left the table without a DESTROY; reconstructed their ends",
 			"reconstructed_ends", n)
 	}
+	s.q.trim()
 	s.flushCounts()
 }
 
