@@ -335,8 +335,10 @@ func (s *Source) emitLoop(ctx context.Context, out component.Emitter, readErr <-
 }
 
 const (
-	// pollPause is how long the reader waits after draining the socket before it blocks.
-	pollPause = time.Millisecond
+	// minPollPause and maxPollPause bound how long the reader waits after draining the
+	// socket before it blocks (pollPause).
+	minPollPause = time.Millisecond
+	maxPollPause = 5 * time.Millisecond
 	// minResyncInterval spaces the table dumps that follow overruns.
 	minResyncInterval = 500 * time.Millisecond
 )
@@ -354,10 +356,10 @@ func (s *Source) read(ctx context.Context) error {
 	ev := s.currentEvents()
 	_ = ev.setDeadline(nextHousekeep)
 	// idle is set when the last non-blocking read found the socket empty. The reader then
-	// pauses for pollPause before it blocks in the poller: under a steady stream of events
-	// this wakes the goroutine about a thousand times a second instead of once per event
-	// (each wake-up costs more than decoding an event), while the socket buffer, sized for
-	// tens of thousands of events, holds the millisecond's worth.
+	// pauses (pollPause) before it blocks in ppoll: under a steady stream of events this
+	// wakes the process a few hundred times a second instead of once per event (each
+	// wake-up costs more than decoding an event), while the socket buffer holds what
+	// arrives meanwhile.
 	idle := false
 	for {
 		select {
@@ -383,7 +385,7 @@ func (s *Source) read(ctx context.Context) error {
 			// Under sustained overload, dumping after every overrun would only add load:
 			// resyncs are spaced, and missing entries wait resync_grace anyway.
 			idle = !needResync
-			time.Sleep(pollPause)
+			time.Sleep(pollPause(ev.rcvbuf))
 		case errors.Is(err, errIdle):
 			// The socket is drained after an overrun: compare with the table now.
 			if err := s.resyncCounted(); err != nil {
@@ -431,6 +433,16 @@ func (s *Source) read(ctx context.Context) error {
 			s.housekeep(now, needResync)
 		}
 	}
+}
+
+// pollPause is the reader's pause after it drained a socket whose buffer holds rcvbuf bytes:
+// a millisecond per 8 MiB of buffer, within minPollPause and maxPollPause. In a pause the
+// buffer fills at most to 8 MiB per millisecond of pause, about 8,000 events: the socket
+// overruns only past 8 million events a second, whatever the buffer (a 64 MiB buffer, what
+// the default read_buffer of 32 MiB gives, waits 5 ms); buffers under 8 MiB keep the
+// millisecond pause, and their margin, that every buffer had before.
+func pollPause(rcvbuf int) time.Duration {
+	return min(max(time.Duration(rcvbuf)*time.Millisecond/(8<<20), minPollPause), maxPollPause)
 }
 
 // reconnect closes the failed event socket and, after the reopen backoff, opens a new one.
