@@ -436,11 +436,11 @@ func (s *Source) read(ctx context.Context) error {
 }
 
 // pollPause is the reader's pause after it drained a socket whose buffer holds rcvbuf bytes:
-// a millisecond per 8 MiB of buffer, within minPollPause and maxPollPause. In a pause the
-// buffer fills at most to 8 MiB per millisecond of pause, about 8,000 events: the socket
-// overruns only past 8 million events a second, whatever the buffer (a 64 MiB buffer, what
-// the default read_buffer of 32 MiB gives, waits 5 ms); buffers under 8 MiB keep the
-// millisecond pause, and their margin, that every buffer had before.
+// a millisecond per 8 MiB of buffer, within minPollPause and maxPollPause. Filling the buffer
+// within one pause then takes 8 MiB a millisecond, about 8 million events a second (an
+// event takes about a kilobyte of socket buffer), whatever the buffer's size; a buffer past
+// 40 MiB (read_buffer 20 MiB: the kernel doubles it) has more margin still, and one under
+// 8 MiB keeps the 1 ms pause, and the margin, that every buffer had before.
 func pollPause(rcvbuf int) time.Duration {
 	return min(max(time.Duration(rcvbuf)*time.Millisecond/(8<<20), minPollPause), maxPollPause)
 }
