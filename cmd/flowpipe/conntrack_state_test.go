@@ -56,7 +56,7 @@ sinks:
 	}
 	_, _ = cmd.Process.Wait()
 	for _, pid := range children { // the parent-death signal kills the plugin too
-		eventually(t, "the conntrack plugin to die with flowpipe", func() bool { return !alive(pid) })
+		eventually(t, "the conntrack plugin to die with flowpipe", func() bool { return !testenv.Alive(pid) })
 	}
 	if sysctl(acct) != "1" {
 		t.Fatal("kill -9 undid the sysctl: the test does not exercise a leftover")

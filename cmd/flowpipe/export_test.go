@@ -33,12 +33,7 @@ func TestRunExportsToIPFIXSyslogAndOCSFFile(t *testing.T) {
 	}
 
 	// nfcapd on a free loopback port.
-	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	port := pc.LocalAddr().(*net.UDPAddr).Port
-	pc.Close()
+	port := testenv.FreeUDPPort(t)
 	flows := filepath.Join(dir, "nfcapd")
 	os.Mkdir(flows, 0o755)
 	nf := exec.Command(nfcapd, "-b", "127.0.0.1", "-p", strconv.Itoa(port), "-w", flows, "-t", "3600")
@@ -64,15 +59,9 @@ func TestRunExportsToIPFIXSyslogAndOCSFFile(t *testing.T) {
 		}
 	}
 	defer stopNfcapd()
-	waitUntil(t, "nfcapd to listen", func() bool {
-		select {
-		case <-nfDone:
-			t.Fatalf("nfcapd exited before it listened:\n%s", nfOut.String())
-		default:
-		}
-		found, _ := testenv.LoopbackUDP(t, port)
-		return found
-	})
+	if err := testenv.WaitListening(nf.Process.Pid, "udp", port, nfDone, time.Minute); err != nil {
+		t.Fatalf("nfcapd: %v\n%s", err, nfOut.String())
+	}
 
 	// A syslog server that counts octet-counted frames.
 	ln, err := net.Listen("tcp", "127.0.0.1:0")

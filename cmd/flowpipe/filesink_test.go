@@ -2,7 +2,6 @@ package main
 
 import (
 	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -27,14 +26,7 @@ func TestCompressedFileSurvivesCollectorKill9(t *testing.T) {
 	zstdcat, err := exec.LookPath("zstdcat")
 	testenv.Require(t, err == nil, "zstdcat")
 	dir := t.TempDir()
-	addr := func() string {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer l.Close()
-		return l.Addr().String()
-	}()
+	addr := testenv.FreeTCPAddr(t)
 	writeFile(t, filepath.Join(dir, "collector.yaml"), fmt.Sprintf(`
 admin: {listen: ""}
 sources:
@@ -67,7 +59,7 @@ sinks:
 	}
 
 	c := startFlowpipe(t, dir, "run", "-c", "collector.yaml")
-	eventually(t, "the collector to listen", func() bool { return listening(addr) })
+	c.waitListening(t, addr)
 	a := startFlowpipe(t, dir, "run", "-c", "agent.yaml")
 	eventually(t, "a rotated file and more at the collector", func() bool {
 		files, size := collected()
@@ -75,6 +67,7 @@ sinks:
 	})
 	c.kill()
 	c = startFlowpipe(t, dir, "run", "-c", "collector.yaml")
+	c.waitListening(t, addr)
 	if code := a.wait(t); code != 0 {
 		t.Fatalf("agent exited %d:\n%s", code, a.log)
 	}

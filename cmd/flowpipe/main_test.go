@@ -2,9 +2,9 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -50,13 +50,22 @@ func writeFile(t *testing.T, path, content string) {
 	}
 }
 
+// runBound keeps a flowpipe that should finish by itself, and does not, from hanging the test
+// until CI's limit: not a timing assertion (these runs take seconds).
+const runBound = 5 * time.Minute
+
 func flowpipe(t *testing.T, dir string, args ...string) (stdout, stderr string, code int) {
 	t.Helper()
-	cmd := exec.Command(binary, args...)
+	ctx, cancel := context.WithTimeout(context.Background(), runBound)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, binary, args...)
 	cmd.Dir = dir
 	var o, e bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &o, &e
 	err := cmd.Run()
+	if ctx.Err() != nil {
+		t.Fatalf("flowpipe %s still running after %s: killed\n%s", strings.Join(args, " "), runBound, e.String())
+	}
 	if ee, ok := err.(*exec.ExitError); ok {
 		code = ee.ExitCode()
 	} else if err != nil {
@@ -286,14 +295,7 @@ func TestReadmeAgentAndCollectorOnOneHost(t *testing.T) {
 		t.Fatalf("the agent and the collector need distinct admin ports: %v and %v", ca, aa)
 	}
 	// Free ports instead of the README's, so that a busy machine does not fail the test.
-	free := func() string {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer l.Close()
-		return l.Addr().String()
-	}
+	free := func() string { return testenv.FreeTCPAddr(t) }
 	grpcAddr := free()
 	collector = strings.NewReplacer(ca[1], free(), "127.0.0.1:7000", grpcAddr).Replace(collector)
 	agent = strings.NewReplacer(aa[1], free(), "127.0.0.1:7000", grpcAddr).Replace(agent)
@@ -317,11 +319,13 @@ func TestReadmeAgentAndCollectorOnOneHost(t *testing.T) {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	ag := exec.Command(binary, "run", "-c", "agent.yaml")
+	ctx, cancel := context.WithTimeout(context.Background(), runBound)
+	defer cancel()
+	ag := exec.CommandContext(ctx, binary, "run", "-c", "agent.yaml")
 	ag.Dir = dir
 	ag.Env = append(env, "FLOWPIPE_SOURCES__DEMO__RATE=0", "FLOWPIPE_SOURCES__DEMO__COUNT=2000")
 	if out, err := ag.CombinedOutput(); err != nil || !strings.Contains(string(out), "every accepted batch was delivered") {
-		t.Fatalf("agent: %v\n%s\ncollector:\n%s", err, out, colErr.String())
+		t.Fatalf("agent: %v (after %s: %v)\n%s\ncollector:\n%s", err, runBound, ctx.Err(), out, colErr.String())
 	}
 	// The agent finished only after the collector ACKed every event, which it does once the
 	// file sink has them on disk.

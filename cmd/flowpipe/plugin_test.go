@@ -12,7 +12,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
-	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -20,6 +19,7 @@ import (
 	"time"
 
 	"github.com/flowpipe/flowpipe/core/flow"
+	"github.com/flowpipe/flowpipe/internal/testenv"
 )
 
 // These tests run components as real plugin processes through the flowpipe binary.
@@ -55,40 +55,14 @@ func writeEvents(t *testing.T, path string, n int) {
 // contains "plugin serve".
 func pluginChildren(t *testing.T, pid int) []int {
 	t.Helper()
-	entries, err := os.ReadDir("/proc")
-	if err != nil {
-		t.Fatal(err)
-	}
 	var out []int
-	for _, e := range entries {
-		child, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		stat, err := os.ReadFile(filepath.Join("/proc", e.Name(), "stat"))
-		if err != nil {
-			continue
-		}
-		// pid (comm) state ppid ...; comm may hold spaces, so split after the last ')'.
-		f := strings.Fields(string(stat[bytes.LastIndexByte(stat, ')')+1:]))
-		if len(f) < 2 || f[0] == "Z" || f[1] != strconv.Itoa(pid) {
-			continue
-		}
-		cmdline, _ := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
+	for _, child := range testenv.Children(pid) {
+		cmdline, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", child))
 		if bytes.Contains(cmdline, []byte("plugin\x00serve")) {
 			out = append(out, child)
 		}
 	}
 	return out
-}
-
-func alive(pid int) bool {
-	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return false
-	}
-	f := strings.Fields(string(stat[bytes.LastIndexByte(stat, ')')+1:]))
-	return len(f) > 0 && f[0] != "Z"
 }
 
 // eventually polls cond until it holds; the deadline only stops a broken test from hanging.
@@ -314,7 +288,7 @@ sinks:
 				t.Fatalf("flowpipe run after SIGTERM: %v\n%s", err, stderr.String())
 			}
 			for _, pid := range kids {
-				eventually(t, fmt.Sprintf("plugin process %d to exit", pid), func() bool { return !alive(pid) })
+				eventually(t, fmt.Sprintf("plugin process %d to exit", pid), func() bool { return !testenv.Alive(pid) })
 			}
 		})
 	}

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -23,9 +22,10 @@ import (
 
 const queueSecret = "disk-queue-test-secret-0123456789"
 
-// proc is a flowpipe process in its own process group, so that kill -9 takes its plugin
-// processes with it, as a crash of the host or an OOM kill of the unit would.
+// proc is a flowpipe process; kill -9 takes its plugin processes with it (they lead process
+// groups of their own), as a crash of the host or an OOM kill of the unit would.
 type proc struct {
+	t      *testing.T
 	cmd    *exec.Cmd
 	log    *testenv.SyncBuffer
 	exited chan struct{}
@@ -33,11 +33,11 @@ type proc struct {
 
 func startFlowpipe(t *testing.T, dir string, args ...string) *proc {
 	t.Helper()
-	p := &proc{log: &testenv.SyncBuffer{}, exited: make(chan struct{})}
+	p := &proc{t: t, log: &testenv.SyncBuffer{}, exited: make(chan struct{})}
 	p.cmd = exec.Command(binary, args...)
 	p.cmd.Dir = dir
 	p.cmd.Stdout, p.cmd.Stderr = p.log, p.log
-	p.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	p.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL} // no orphan if the test binary dies
 	if err := p.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -46,8 +46,16 @@ func startFlowpipe(t *testing.T, dir string, args ...string) *proc {
 	return p
 }
 
+// kill kills the process and its plugin processes with SIGKILL and waits until all are gone.
 func (p *proc) kill() {
-	syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
+	select {
+	case <-p.exited:
+		return
+	default:
+	}
+	if err := testenv.KillTree(p.cmd.Process.Pid, time.Minute); err != nil {
+		p.t.Fatal(err)
+	}
 	<-p.exited
 }
 
@@ -61,12 +69,14 @@ func (p *proc) wait(t *testing.T) int {
 	return p.cmd.ProcessState.ExitCode()
 }
 
-func listening(addr string) bool {
-	c, err := net.Dial("tcp", addr)
-	if err == nil {
-		c.Close()
+// waitListening waits until the process itself (its grpc source's plugin process) listens
+// on addr, and fails with its log if it exits first. A dial would also succeed against
+// another process that took the port after the test chose it, while this one exits.
+func (p *proc) waitListening(t *testing.T, addr string) {
+	t.Helper()
+	if err := testenv.WaitListening(p.cmd.Process.Pid, "tcp", testenv.Port(t, addr), p.exited, time.Minute); err != nil {
+		t.Fatalf("flowpipe does not listen on %s: %v\n%s", addr, err, p.log)
 	}
-	return err == nil
 }
 
 // queued reads the event IDs a disk queue holds without confirming them, as the next start
@@ -114,14 +124,7 @@ func fileIDs(t *testing.T, path string) (ids map[uuid.UUID]int, lines int) {
 // Every event the agent accepted reaches the collector's file exactly once.
 func TestDiskQueueSurvivesKill9(t *testing.T) {
 	dir := t.TempDir()
-	addr := func() string {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer l.Close()
-		return l.Addr().String()
-	}()
+	addr := testenv.FreeTCPAddr(t)
 	writeFile(t, filepath.Join(dir, "collector.yaml"), fmt.Sprintf(`
 admin: {listen: ""}
 data_dir: collector-state
@@ -182,7 +185,7 @@ sinks:
 
 	// 3. The collector comes up; mid-delivery the grpc sink's plugin process is killed -9.
 	c := startFlowpipe(t, dir, "run", "-c", "collector.yaml")
-	eventually(t, "the collector to listen", func() bool { return listening(addr) })
+	c.waitListening(t, addr)
 	eventually(t, "some events at the collector", func() bool {
 		st, err := os.Stat(filepath.Join(dir, "collected.jsonl"))
 		return err == nil && st.Size() > 100*5000
@@ -392,12 +395,7 @@ sinks:
 // the end every event the agent accepted is in the collector's file exactly once.
 func TestDiskQueueCollectorGoesDownAndUpTwice(t *testing.T) {
 	dir := t.TempDir()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := l.Addr().String()
-	l.Close()
+	addr := testenv.FreeTCPAddr(t)
 	writeFile(t, filepath.Join(dir, "collector.yaml"), fmt.Sprintf(`
 admin: {listen: ""}
 data_dir: collector-state
@@ -438,7 +436,7 @@ sinks:
 	a := startFlowpipe(t, dir, "run", "-c", "agent.yaml")
 	for round := range 2 {
 		c := startFlowpipe(t, dir, "run", "-c", "collector.yaml")
-		eventually(t, "the collector to listen", func() bool { return listening(addr) })
+		c.waitListening(t, addr)
 		before := size()
 		eventually(t, "events at the collector", func() bool { return size() > before+100*2000 })
 		syscall.Kill(c.cmd.Process.Pid, syscall.SIGTERM)

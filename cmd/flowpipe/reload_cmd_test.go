@@ -2,6 +2,8 @@ package main
 
 import (
 	"encoding/json"
+	"fmt"
+	"io"
 	"net"
 	"path/filepath"
 	"regexp"
@@ -11,6 +13,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/flowpipe/flowpipe/internal/testenv"
 )
 
 // `flowpipe reload` against a running flowpipe (the real binary, the default isolation) as
@@ -171,4 +175,70 @@ sinks:
 	if code := waitExit(t, cmd, runlog, 60*time.Second); code != 0 {
 		t.Fatalf("exit %d, want 0:\n%s", code, runlog.String())
 	}
+}
+
+// POST /-/reload answers 503 when no reload can run: while the pipeline still starts (a
+// Kafka source waits for brokers that do not answer: a loopback listener that accepts and
+// says nothing) and while flowpipe stops (draining to a collector that is down, with an hour
+// of runtime.shutdown_timeout). Nothing is reloaded nor counted as a reload; the real binary,
+// the default isolation.
+func TestReloadUnavailableWhileStartingOrStopping(t *testing.T) {
+	unavailable := func(t *testing.T, r *running, why string) {
+		t.Helper()
+		code, body := postReload(t, r.admin)
+		if code != 503 || body["result"] != "unavailable" || !strings.Contains(fmt.Sprint(body["error"]), why) {
+			t.Fatalf("POST /-/reload: %d %v, want 503, unavailable: %s", code, body, why)
+		}
+		for _, res := range []string{"applied", "rejected", "failed"} {
+			if v := reloads(t, r.admin, res); v != 0 {
+				t.Errorf("flowpipe_config_reloads_total{result=%q} = %v after a refused request, want 0", res, v)
+			}
+		}
+		if n := logged(r.stderr.String(), "reloading the pipeline file", nil); n != 0 {
+			t.Errorf("%d reloads began", n)
+		}
+	}
+	t.Run("starting", func(t *testing.T) {
+		mute, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer mute.Close()
+		go func() {
+			for {
+				c, err := mute.Accept()
+				if err != nil {
+					return
+				}
+				go io.Copy(io.Discard, c) // reads the requests, answers none
+			}
+		}()
+		r := startRun(t, t.TempDir(), `admin: {listen: "127.0.0.1:0", token: `+reloadToken+`}
+sources:
+  log: {type: kafka, brokers: ["`+mute.Addr().String()+`"], topics: [flows], group: g, dial_timeout: 10m}
+sinks:
+  out: {type: file, path: out.jsonl}
+`)
+		unavailable(t, r, "still starting")
+		if strings.Contains(r.stderr.String(), "pipeline running") {
+			t.Fatalf("the pipeline runs: the request was not made while it started\n%s", r.stderr.String())
+		}
+	})
+	t.Run("stopping", func(t *testing.T) {
+		r := startRun(t, t.TempDir(), `admin: {listen: "127.0.0.1:0", token: `+reloadToken+`}
+runtime: {shutdown_timeout: 1h}
+sources:
+  gen: {type: generate, rate: 2000}
+sinks:
+  collector: {type: grpc, url: "http://`+testenv.FreeTCPAddr(t)+`", hmac_secret: s3cret}
+`)
+		eventually(t, "events accepted and waiting for the collector", func() bool {
+			return logged(r.stderr.String(), "stream to collector failed; reconnecting", nil) > 0 && scrape(t, r.admin, `flowpipe_sink_queue_events{component="collector"}`) > 0
+		})
+		if err := r.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+			t.Fatal(err)
+		}
+		eventually(t, "draining", func() bool { return strings.Contains(r.stderr.String(), "draining in-flight batches") })
+		unavailable(t, r, "stopping")
+	})
 }

@@ -7,6 +7,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/flowpipe/flowpipe/internal/testenv"
 )
 
 // TestReloadCollectorRotatesSecretsInPlace rotates a collector's secret under load, as an
@@ -20,7 +22,7 @@ import (
 func TestReloadCollectorRotatesSecretsInPlace(t *testing.T) {
 	dir := t.TempDir()
 	const s1, s2 = "rotate-secret-one-0123456789", "rotate-secret-two-0123456789"
-	addr := freeAddr(t)
+	addr := testenv.FreeTCPAddr(t)
 	collectorYAML := func(secrets string) string {
 		return fmt.Sprintf(`admin: {listen: ""}
 sources:
@@ -45,7 +47,7 @@ sinks:
 	}
 	pid := sourcePID()
 
-	cfg := agentConfig{admin: freeAddr(t), url: `url: "http://` + addr + `"`, secret: s1}
+	cfg := agentConfig{admin: testenv.FreeTCPAddr(t), url: `url: "http://` + addr + `"`, secret: s1}
 	agent := startRun(t, dir, cfg.yaml())
 	eventually(t, "agent running", func() bool { return strings.Contains(agent.stderr.String(), "pipeline running") })
 	collected := filepath.Join(dir, "collector.jsonl")

@@ -340,13 +340,7 @@ sinks:
 // as in TestRunNotifiesSystemd: systemd is not PID 1 here.
 func TestReloadNotifiesSystemd(t *testing.T) {
 	dir := t.TempDir()
-	writeFile(t, filepath.Join(dir, "pipeline.yaml"), `
-admin: {listen: ""}
-sources:
-  gen: {type: generate, rate: 2000}
-sinks:
-  out: {type: file, path: flows.jsonl}
-`)
+	writeFile(t, filepath.Join(dir, "pipeline.yaml"), generateToFile)
 	sock, states := fakeNotifySocket(t, false)
 	cmd := exec.Command(binary, "run")
 	cmd.Dir = dir
@@ -460,7 +454,7 @@ func (c agentConfig) yaml() string {
 func TestReloadUnderLoadLosesAndDoublesNothing(t *testing.T) {
 	dir := t.TempDir()
 	const s1, s2 = "reload-secret-one-0123456789", "reload-secret-two-0123456789"
-	addrA, addrB := freeAddr(t), freeAddr(t)
+	addrA, addrB := testenv.FreeTCPAddr(t), testenv.FreeTCPAddr(t)
 	collector := func(name, addr string) *tierProc {
 		return startProc(t, dir, name, fmt.Sprintf(`admin: {listen: ""}
 sources:
@@ -471,7 +465,7 @@ sinks:
 	}
 	colA, colB := collector("collector-a", addrA), collector("collector-b", addrB)
 
-	cfg := agentConfig{admin: freeAddr(t), url: `url: "http://` + addrA + `"`, secret: s1}
+	cfg := agentConfig{admin: testenv.FreeTCPAddr(t), url: `url: "http://` + addrA + `"`, secret: s1}
 	agent := startRun(t, dir, cfg.yaml())
 	eventually(t, "agent running", func() bool { return strings.Contains(agent.stderr.String(), "pipeline running") })
 	all := filepath.Join(dir, "all.jsonl")
@@ -691,7 +685,7 @@ sinks:
 			t.Fatalf("%s (pid %d) of an unchanged component is gone after the reload: %v, before %v", before[pid], pid, after, before)
 		}
 	}
-	eventually(t, "the removed sink's process ends", func() bool { return !alive(gone[0]) })
+	eventually(t, "the removed sink's process ends", func() bool { return !testenv.Alive(gone[0]) })
 	if files := pidOf(after, "sink file"); len(after) != 4 || len(files) != 2 {
 		t.Fatalf("plugin processes after the reload: %v, want the three kept and a new file sink", after)
 	}
@@ -732,7 +726,7 @@ sinks:
 			t.Fatalf("the enricher was reconfigured in place but its process changed: %v, was %v", newEnr, enr)
 		}
 	case "replaced":
-		eventually(t, "the replaced enricher's process ends", func() bool { return !alive(enr[0]) })
+		eventually(t, "the replaced enricher's process ends", func() bool { return !testenv.Alive(enr[0]) })
 		if newEnr = pidOf(pluginsByType(t, r.cmd.Process.Pid), "enricher community_id"); len(newEnr) != 1 || newEnr[0] == enr[0] {
 			t.Fatalf("the enricher was replaced but its processes are %v (was %v)", newEnr, enr)
 		}

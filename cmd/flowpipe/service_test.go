@@ -106,13 +106,7 @@ func TestRunNotifiesSystemd(t *testing.T) {
 	for _, abstract := range []bool{false, true} {
 		t.Run(fmt.Sprintf("abstract=%v", abstract), func(t *testing.T) {
 			dir := t.TempDir()
-			writeFile(t, filepath.Join(dir, "pipeline.yaml"), `
-admin: {listen: ""}
-sources:
-  gen: {type: generate, rate: 2000}
-sinks:
-  out: {type: file, path: flows.jsonl}
-`)
+			writeFile(t, filepath.Join(dir, "pipeline.yaml"), generateToFile)
 			sock, states := fakeNotifySocket(t, abstract)
 			// stderr is a file whose device and inode are in $JOURNAL_STREAM, as systemd does
 			// for a service whose output goes to the journal.

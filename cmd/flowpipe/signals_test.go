@@ -3,7 +3,6 @@ package main
 import (
 	"bufio"
 	"errors"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -61,33 +60,38 @@ func waitAccepted(t *testing.T, stderr *testenv.SyncBuffer) {
 	eventually(t, "events accepted and waiting for the collector", func() bool { return waiting.MatchString(stderr.String()) })
 }
 
-// closedPort is a loopback address nothing listens on: a collector that is down.
-func closedPort(t *testing.T) string {
+// generateToFile is a pipeline file: generated events into flows.jsonl.
+const generateToFile = `
+admin: {listen: ""}
+sources:
+  gen: {type: generate, rate: 2000}
+sinks:
+  out: {type: file, path: flows.jsonl}
+`
+
+// runIntoDownCollector runs, in dir, generate → a grpc sink whose collector is down (a
+// loopback port nothing listens on), with runtime.shutdown_timeout, until the pipeline has
+// accepted events it cannot deliver.
+func runIntoDownCollector(t *testing.T, dir, shutdownTimeout string) (*exec.Cmd, *testenv.SyncBuffer) {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := l.Addr().String()
-	l.Close()
-	return addr
+	writeFile(t, filepath.Join(dir, "pipeline.yaml"), `
+admin: {listen: ""}
+runtime: {shutdown_timeout: `+shutdownTimeout+`}
+sources:
+  gen: {type: generate, rate: 2000}
+sinks:
+  collector: {type: grpc, url: "http://`+testenv.FreeTCPAddr(t)+`", hmac_secret: s3cret}
+`)
+	cmd, stderr := runUntilRunning(t, dir)
+	waitAccepted(t, stderr)
+	return cmd, stderr
 }
 
 // A second SIGTERM ends a drain that would otherwise wait for runtime.shutdown_timeout (an
 // hour here): flowpipe exits at once, still counting and logging what it gives up, with the
 // exit status for undelivered events. Default isolation.
 func TestSecondSignalStopsAtOnceAndCountsTheLoss(t *testing.T) {
-	dir := t.TempDir()
-	writeFile(t, filepath.Join(dir, "pipeline.yaml"), `
-admin: {listen: ""}
-runtime: {shutdown_timeout: 1h}
-sources:
-  gen: {type: generate, rate: 2000}
-sinks:
-  collector: {type: grpc, url: "http://`+closedPort(t)+`", hmac_secret: s3cret}
-`)
-	cmd, stderr := runUntilRunning(t, dir)
-	waitAccepted(t, stderr)
+	cmd, stderr := runIntoDownCollector(t, t.TempDir(), "1h")
 	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
@@ -113,17 +117,7 @@ sinks:
 // "close failed ... DeadlineExceeded" because the drain had spent its close time), and the
 // exit status says events were lost.
 func TestShutdownTimeoutBlamesNobodyAndExitsNonZero(t *testing.T) {
-	dir := t.TempDir()
-	writeFile(t, filepath.Join(dir, "pipeline.yaml"), `
-admin: {listen: ""}
-runtime: {shutdown_timeout: 1s}
-sources:
-  demo: {type: generate, rate: 2000}
-sinks:
-  collector: {type: grpc, url: "http://`+closedPort(t)+`", hmac_secret: s3cret}
-`)
-	cmd, stderr := runUntilRunning(t, dir)
-	waitAccepted(t, stderr)
+	cmd, stderr := runIntoDownCollector(t, t.TempDir(), "1s")
 	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
@@ -142,13 +136,7 @@ sinks:
 // SIGTERM stops it cleanly.
 func TestSIGHUPKeepsRunning(t *testing.T) {
 	dir := t.TempDir()
-	writeFile(t, filepath.Join(dir, "pipeline.yaml"), `
-admin: {listen: ""}
-sources:
-  gen: {type: generate, rate: 2000}
-sinks:
-  out: {type: file, path: flows.jsonl}
-`)
+	writeFile(t, filepath.Join(dir, "pipeline.yaml"), generateToFile)
 	cmd, stderr := runUntilRunning(t, dir)
 	children := pluginChildren(t, cmd.Process.Pid)
 	if err := cmd.Process.Signal(syscall.SIGHUP); err != nil {
@@ -172,7 +160,7 @@ sinks:
 	before := size()
 	eventually(t, "events still written after SIGHUP", func() bool { return size() > before })
 	for _, pid := range append(children, cmd.Process.Pid) {
-		if !alive(pid) {
+		if !testenv.Alive(pid) {
 			t.Fatalf("process %d died of SIGHUP:\n%s", pid, stderr.String())
 		}
 	}

@@ -115,6 +115,7 @@ type metaLine struct {
 		Ring      *int   `json:"ring"`
 		Following bool   `json:"following"`
 		Skipped   uint64 `json:"skipped"`
+		Removed   bool   `json:"removed"`
 	} `json:"tap"`
 }
 
@@ -136,6 +137,9 @@ func (p *printer) line(l []byte) error {
 		case m.Tap.Following:
 			p.flush()
 			fmt.Fprintln(p.errw, "following live events")
+		case m.Tap.Removed:
+			p.flush()
+			fmt.Fprintln(p.errw, "the tap point's component was removed by a reload: nothing more to follow")
 		case m.Tap.Skipped > 0:
 			msg := fmt.Sprintf("… %s events skipped (this tap could not keep up; the pipeline was not slowed)", thousands(m.Tap.Skipped))
 			if p.format == "json" {

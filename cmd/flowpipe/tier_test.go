@@ -3,12 +3,10 @@ package main
 import (
 	"context"
 	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -89,9 +87,11 @@ func usedBatchStream(t *testing.T, agents ...*tierProc) {
 	}
 }
 
+// kill kills the process and its plugin processes with SIGKILL and waits until they are gone,
+// so that a restart finds its port free.
 func (p *tierProc) kill() {
 	p.t.Helper()
-	if err := p.cmd.Process.Signal(syscall.SIGKILL); err != nil {
+	if err := testenv.KillTree(p.cmd.Process.Pid, time.Minute); err != nil {
 		p.t.Fatal(err)
 	}
 	<-p.exited
@@ -113,138 +113,67 @@ func (p *tierProc) wait() {
 	}
 }
 
-func freeAddr(t *testing.T) string {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
-}
-
-func countLines(path string) int {
-	data, err := os.ReadFile(path)
-	if err != nil {
-		return 0
-	}
-	return strings.Count(string(data), "\n")
-}
-
-// TestCollectorTierExactlyOnceThroughJetStream runs the collector tier with real processes,
-// each component in its own plugin process (the default isolation): two agents (generate →
-// grpc), two collectors (grpc → jetstream) and a writer (jetstream → file) over a 3-node
-// nats-server cluster with an R3 stream; each agent lists both collectors (grpc sink urls).
-// One collector is killed with SIGKILL mid-stream (its agents move to the other) and
-// restarted, then a JetStream node is killed, then the writer is killed and restarted; every
-// event the agents generated must be in the file exactly once.
-func TestCollectorTierExactlyOnceThroughJetStream(t *testing.T) {
-	// The formats have their own round trips in sources/jetstream; the kills run once.
-	collectorTier(t, "packed")
-}
-
-func collectorTier(t *testing.T, format string) {
-	cl := testenv.StartNATSCluster(t, 3, testenv.NATSAuth{})
-	servers := "[" + strings.Join(cl.URLs(), ", ") + "]"
-	dir := t.TempDir()
-	// generated starts; the ends of flows still open at the end come on top. At 5,000 events/s
-	// an agent produces for about 20 s, so the kills below happen while the agents are still
-	// sending, however quickly the writer catches up with the log.
-	const perAgent = 100_000
-	collectorYAML := func(i int, listen string) string {
-		return fmt.Sprintf(`
+// tierCollectorYAML is collector i of a tier: a grpc source on listen (de-duplicating) into
+// the log sink whose type and options are sink (YAML lines indented for the sink's block).
+func tierCollectorYAML(i int, listen, sink string) string {
+	return fmt.Sprintf(`
 admin: {listen: ""}
 data_dir: state
 sources:
   agents: {type: grpc, listen: %q, auth: none, dedup: {state_file: collector%d.ids}}
 sinks:
-  log:
-    type: jetstream
-    servers: %s
-    stream: FLOWS
-    subject: flows.in
-    format: %s
-    create_stream: {replicas: 3, max_age: 1h}
+  log:%s
     retry: {initial_interval: 50ms, max_interval: 500ms}
-`, listen, i, servers, format)
-	}
-	// Each agent lists both collectors: the one it is on dies, it moves to the other.
-	agentYAML := func(i int, urls string) string {
-		return fmt.Sprintf(`
+`, listen, i, sink)
+}
+
+// tierAgentYAML is agent i of a tier: count generated events at rate, each into its own file
+// (what the agent produced) and to the collectors named by target ("url: …" or "urls: […]").
+func tierAgentYAML(i, count, rate int, target string) string {
+	return fmt.Sprintf(`
 admin: {listen: ""}
 sources:
-  gen: {type: generate, rate: 5000, count: %d, batch_size: 500, seed: %d}
+  gen: {type: generate, rate: %d, count: %d, batch_size: 500, seed: %d}
 sinks:
   local: {type: file, path: agent%d.jsonl, max_size: 0}
   collector:
     type: grpc
-    urls: %s
+    %s
     reconnect_min: 50ms
     reconnect_max: 300ms
     retry: {initial_interval: 50ms, max_interval: 500ms}
-`, perAgent, i+1, i, urls)
-	}
-	writerYAML := fmt.Sprintf(`
+`, rate, count, i+1, i, target)
+}
+
+// tierWriterYAML is the tier's writer: the log source whose type and options are source
+// (de-duplicating) into out.jsonl.
+func tierWriterYAML(source string) string {
+	return fmt.Sprintf(`
 admin: {listen: ""}
 sources:
-  log:
-    type: jetstream
-    servers: %s
-    stream: FLOWS
-    durable: writers
-    ack_wait: 5s
+  log:%s
     dedup: {state_file: writer.ids}
 sinks:
   store: {type: file, path: out.jsonl, max_size: 0, resume_scan: 16MiB}
-`, servers)
+`, source)
+}
 
-	addr1, addr2 := freeAddr(t), freeAddr(t)
-	c1 := startProc(t, dir, "collector1", collectorYAML(1, addr1))
-	startProc(t, dir, "collector2", collectorYAML(2, addr2))
-	w := startProc(t, dir, "writer", writerYAML)
-	urls := fmt.Sprintf("[http://%s, http://%s]", addr1, addr2)
-	a1 := startProc(t, dir, "agent1", agentYAML(1, urls))
-	a2 := startProc(t, dir, "agent2", agentYAML(2, urls))
-	out := filepath.Join(dir, "out.jsonl")
-
-	eventually(t, "a tenth of the events in the file", func() bool { return countLines(out) > 2*perAgent/10 })
-	c1.kill()
-	t.Logf("collector1 killed at %d lines", countLines(out))
-	c1.start()
-	cl.Kill(0)
-	nodeKilledAt := countLines(out)
-	t.Logf("JetStream node %s killed at %d lines", cl.Nodes[0].Name, nodeKilledAt)
-	eventually(t, "progress with one JetStream node down", func() bool { return countLines(out) > nodeKilledAt+2*perAgent/10 })
-	w.kill()
-	killedAt := countLines(out)
-	t.Logf("writer killed at %d lines", killedAt)
-	w.start()
-	a1.wait()
-	a2.wait()
-	usedBatchStream(t, a1, a2)
-	// The agents ran to their end without a kill: their local files are what they produced.
+// agentEvents is every event agents 1..n wrote to their local files.
+func agentEvents(t *testing.T, dir string, n int) map[string]bool {
+	t.Helper()
 	want := map[string]bool{}
-	for i := 1; i <= 2; i++ {
+	for i := 1; i <= n; i++ {
 		for _, e := range componenttest.ReadJSONLines(t, filepath.Join(dir, fmt.Sprintf("agent%d.jsonl", i))) {
 			want[e.EventID.String()] = true
 		}
 	}
-	eventually(t, "every event in the file", func() bool { return countLines(out) >= len(want) })
-	// A duplicate would come from a message not yet acknowledged: wait until the writer's
-	// consumer has acknowledged everything, so that nothing more can come.
-	nc, err := nats.Connect(strings.Join(cl.URLs()[1:], ","))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nc.Close()
-	jsc, _ := jetstream.New(nc)
-	eventually(t, "the writer's consumer acknowledged everything", func() bool {
-		c, err := jsc.Consumer(context.Background(), "FLOWS", "writers")
-		if err != nil {
-			return false
-		}
-		info, err := c.Info(context.Background())
-		return err == nil && info.NumPending == 0 && info.NumAckPending == 0
-	})
+	return want
+}
+
+// exactlyOnceInFile fails unless the JSON lines file out holds every event of want exactly
+// once and nothing else; it logs where the first duplicates are.
+func exactlyOnceInFile(t *testing.T, want map[string]bool, out string) {
+	t.Helper()
 	events := componenttest.ReadJSONLines(t, out)
 	seen := map[string]int{}
 	first := map[string]int{}
@@ -280,6 +209,98 @@ sinks:
 	t.Logf("%d events generated, each in the file exactly once", len(want))
 }
 
+func countLines(path string) int {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return 0
+	}
+	return strings.Count(string(data), "\n")
+}
+
+// TestCollectorTierExactlyOnceThroughJetStream runs the collector tier with real processes,
+// each component in its own plugin process (the default isolation): two agents (generate →
+// grpc), two collectors (grpc → jetstream) and a writer (jetstream → file) over a 3-node
+// nats-server cluster with an R3 stream; each agent lists both collectors (grpc sink urls).
+// One collector is killed with SIGKILL mid-stream (its agents move to the other) and
+// restarted, then a JetStream node is killed, then the writer is killed and restarted; every
+// event the agents generated must be in the file exactly once.
+func TestCollectorTierExactlyOnceThroughJetStream(t *testing.T) {
+	// The formats have their own round trips in sources/jetstream; the kills run once.
+	collectorTier(t, "packed")
+}
+
+func collectorTier(t *testing.T, format string) {
+	cl := testenv.StartNATSCluster(t, 3, testenv.NATSAuth{})
+	servers := "[" + strings.Join(cl.URLs(), ", ") + "]"
+	dir := t.TempDir()
+	// generated starts; the ends of flows still open at the end come on top. At 5,000 events/s
+	// an agent produces for about 20 s, so the kills below happen while the agents are still
+	// sending, however quickly the writer catches up with the log.
+	const perAgent = 100_000
+	collectorYAML := func(i int, listen string) string {
+		return tierCollectorYAML(i, listen, fmt.Sprintf(`
+    type: jetstream
+    servers: %s
+    stream: FLOWS
+    subject: flows.in
+    format: %s
+    create_stream: {replicas: 3, max_age: 1h}`, servers, format))
+	}
+	// Each agent lists both collectors: the one it is on dies, it moves to the other.
+	agentYAML := func(i int, urls string) string { return tierAgentYAML(i, perAgent, 5000, "urls: "+urls) }
+	writerYAML := tierWriterYAML(fmt.Sprintf(`
+    type: jetstream
+    servers: %s
+    stream: FLOWS
+    durable: writers
+    ack_wait: 5s`, servers))
+
+	addr1, addr2 := testenv.FreeTCPAddr(t), testenv.FreeTCPAddr(t)
+	c1 := startProc(t, dir, "collector1", collectorYAML(1, addr1))
+	startProc(t, dir, "collector2", collectorYAML(2, addr2))
+	w := startProc(t, dir, "writer", writerYAML)
+	urls := fmt.Sprintf("[http://%s, http://%s]", addr1, addr2)
+	a1 := startProc(t, dir, "agent1", agentYAML(1, urls))
+	a2 := startProc(t, dir, "agent2", agentYAML(2, urls))
+	out := filepath.Join(dir, "out.jsonl")
+
+	eventually(t, "a tenth of the events in the file", func() bool { return countLines(out) > 2*perAgent/10 })
+	c1.kill()
+	t.Logf("collector1 killed at %d lines", countLines(out))
+	c1.start()
+	cl.Kill(0)
+	nodeKilledAt := countLines(out)
+	t.Logf("JetStream node %s killed at %d lines", cl.Nodes[0].Name, nodeKilledAt)
+	eventually(t, "progress with one JetStream node down", func() bool { return countLines(out) > nodeKilledAt+2*perAgent/10 })
+	w.kill()
+	killedAt := countLines(out)
+	t.Logf("writer killed at %d lines", killedAt)
+	w.start()
+	a1.wait()
+	a2.wait()
+	usedBatchStream(t, a1, a2)
+	// The agents ran to their end without a kill: their local files are what they produced.
+	want := agentEvents(t, dir, 2)
+	eventually(t, "every event in the file", func() bool { return countLines(out) >= len(want) })
+	// A duplicate would come from a message not yet acknowledged: wait until the writer's
+	// consumer has acknowledged everything, so that nothing more can come.
+	nc, err := nats.Connect(strings.Join(cl.URLs()[1:], ","))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	jsc, _ := jetstream.New(nc)
+	eventually(t, "the writer's consumer acknowledged everything", func() bool {
+		c, err := jsc.Consumer(context.Background(), "FLOWS", "writers")
+		if err != nil {
+			return false
+		}
+		info, err := c.Info(context.Background())
+		return err == nil && info.NumPending == 0 && info.NumAckPending == 0
+	})
+	exactlyOnceInFile(t, want, out)
+}
+
 // TestCollectorTierExactlyOnceThroughKafka is the same shape through Kafka: two agents, two
 // collectors (grpc → kafka) and a writer (kafka → file) as real flowpipe processes. No Kafka
 // broker can be installed on the test machines, so the brokers are franz-go's kfake (an
@@ -297,49 +318,20 @@ func TestCollectorTierExactlyOnceThroughKafka(t *testing.T) {
 	dir := t.TempDir()
 	const perAgent = 50_000
 	collectorYAML := func(i int, listen string) string {
-		return fmt.Sprintf(`
-admin: {listen: ""}
-data_dir: state
-sources:
-  agents: {type: grpc, listen: %q, auth: none, dedup: {state_file: collector%d.ids}}
-sinks:
-  log:
+		return tierCollectorYAML(i, listen, fmt.Sprintf(`
     type: kafka
     brokers: %s
     topic: flows
-    compression: lz4
-    retry: {initial_interval: 50ms, max_interval: 500ms}
-`, listen, i, brokers)
+    compression: lz4`, brokers))
 	}
-	agentYAML := func(i int, url string) string {
-		return fmt.Sprintf(`
-admin: {listen: ""}
-sources:
-  gen: {type: generate, rate: 15000, count: %d, batch_size: 500, seed: %d}
-sinks:
-  local: {type: file, path: agent%d.jsonl, max_size: 0}
-  collector:
-    type: grpc
-    url: %s
-    reconnect_min: 50ms
-    reconnect_max: 300ms
-    retry: {initial_interval: 50ms, max_interval: 500ms}
-`, perAgent, i+1, i, url)
-	}
-	writerYAML := fmt.Sprintf(`
-admin: {listen: ""}
-sources:
-  log:
+	agentYAML := func(i int, url string) string { return tierAgentYAML(i, perAgent, 15000, "url: "+url) }
+	writerYAML := tierWriterYAML(fmt.Sprintf(`
     type: kafka
     brokers: %s
     topics: [flows]
     group: writers
-    session_timeout: 6s
-    dedup: {state_file: writer.ids}
-sinks:
-  store: {type: file, path: out.jsonl, max_size: 0, resume_scan: 16MiB}
-`, brokers)
-	addr1, addr2 := freeAddr(t), freeAddr(t)
+    session_timeout: 6s`, brokers))
+	addr1, addr2 := testenv.FreeTCPAddr(t), testenv.FreeTCPAddr(t)
 	c1 := startProc(t, dir, "collector1", collectorYAML(1, addr1))
 	startProc(t, dir, "collector2", collectorYAML(2, addr2))
 	w := startProc(t, dir, "writer", writerYAML)
@@ -358,12 +350,7 @@ sinks:
 	a1.wait()
 	a2.wait()
 	usedBatchStream(t, a1, a2)
-	want := map[string]bool{}
-	for i := 1; i <= 2; i++ {
-		for _, e := range componenttest.ReadJSONLines(t, filepath.Join(dir, fmt.Sprintf("agent%d.jsonl", i))) {
-			want[e.EventID.String()] = true
-		}
-	}
+	want := agentEvents(t, dir, 2)
 	eventually(t, "every event in the file", func() bool { return countLines(out) >= len(want) })
 	// Nothing more can come once the group has committed every offset.
 	adm, err := kgo.NewClient(kgo.SeedBrokers(kc.ListenAddrs()...))
@@ -372,25 +359,7 @@ sinks:
 	}
 	defer adm.Close()
 	eventually(t, "every offset committed", func() bool { return committedAll(t, adm, "writers", "flows") })
-	seen := map[string]int{}
-	dups := 0
-	for _, e := range componenttest.ReadJSONLines(t, out) {
-		id := e.EventID.String()
-		if seen[id] > 0 {
-			dups++
-		}
-		seen[id]++
-	}
-	missing := 0
-	for id := range want {
-		if seen[id] == 0 {
-			missing++
-		}
-	}
-	if missing != 0 || len(seen) != len(want) || dups != 0 {
-		t.Fatalf("%d events generated; in the file: %d distinct, %d missing, %d duplicates", len(want), len(seen), missing, dups)
-	}
-	t.Logf("%d events generated, each in the file exactly once", len(want))
+	exactlyOnceInFile(t, want, out)
 }
 
 // committedAll reports whether group has committed, for every partition of topic, the

@@ -3,6 +3,7 @@ package admin
 import (
 	"bufio"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net/http"
 	"slices"
@@ -218,6 +219,7 @@ type Meta struct {
 	Ring      *int   `json:"ring,omitempty"`
 	Following bool   `json:"following,omitempty"`
 	Skipped   uint64 `json:"skipped,omitempty"`
+	Removed   bool   `json:"removed,omitempty"` // the last line: a reload removed the component
 }
 
 // subscriberBuffer is how many matching events a tap subscriber may have not yet taken.
@@ -316,6 +318,11 @@ func (s *Server) serveTap(w http.ResponseWriter, r *http.Request) {
 		}
 		_ = rc.Flush()
 		recs, skipped, err := sub.Next(ctx)
+		if errors.Is(err, tap.ErrRemoved) {
+			meta(Meta{Removed: true})
+			bw.Flush()
+			return
+		}
 		if err != nil {
 			return
 		}

@@ -61,16 +61,7 @@ func TestTapAndTopStreams(t *testing.T) {
 	defer tapResp.Body.Close()
 	topResp := get("/api/top?by=proto&window=1h")
 	defer topResp.Body.Close()
-	tr := bufio.NewReader(tapResp.Body)
-	for {
-		l, err := tr.ReadString('\n')
-		if err != nil {
-			t.Fatal(err)
-		}
-		if strings.Contains(l, "following") {
-			break
-		}
-	}
+	tr := following(t, tapResp)
 	var wg sync.WaitGroup
 	const publishers, batches = 4, 50
 	for p := range publishers {
@@ -115,6 +106,58 @@ func TestTapAndTopStreams(t *testing.T) {
 		}
 		if time.Now().After(deadline) {
 			t.Fatalf("top never counted every event: %+v", snap.Total)
+		}
+	}
+}
+
+// A tap that follows a tap point a reload removes ends: its last line says so, then the
+// stream ends; a top of that point ends too.
+func TestTapOfARemovedPointEnds(t *testing.T) {
+	taps := tap.NewRegistry(0)
+	taps.Point("gone", "sink")
+	s, err := Serve(Options{Listen: "127.0.0.1:0", Registry: metrics.New().Registry, Taps: taps,
+		Log: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Shutdown(context.Background())
+	c := http.Client{Timeout: time.Minute} // a stream that does not end fails, not hangs
+	get := func(path string) *http.Response {
+		resp, err := c.Get("http://" + s.Addr() + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { resp.Body.Close() })
+		return resp
+	}
+	tapResp := get("/api/tap?at=gone&follow=1")
+	topResp := get("/api/top?at=gone")
+	tr := following(t, tapResp)
+	var first tap.Snapshot
+	if err := json.NewDecoder(topResp.Body).Decode(&first); err != nil {
+		t.Fatal(err) // the top stream is live
+	}
+	taps.Remove("gone")
+	rest, err := io.ReadAll(tr)
+	if err != nil || string(rest) != `{"tap":{"removed":true}}`+"\n" {
+		t.Fatalf("tap stream after the removal: %q, %v; want the removed line, then its end", rest, err)
+	}
+	if _, err := io.ReadAll(topResp.Body); err != nil {
+		t.Fatalf("top stream after the removal: %v", err)
+	}
+}
+
+// following reads a tap stream up to its "following" line: the subscription is live then.
+func following(t *testing.T, resp *http.Response) *bufio.Reader {
+	t.Helper()
+	r := bufio.NewReader(resp.Body)
+	for {
+		l, err := r.ReadString('\n')
+		if err != nil {
+			t.Fatal(err)
+		}
+		if strings.Contains(l, "following") {
+			return r
 		}
 	}
 }

@@ -67,6 +67,9 @@ type Pipeline struct {
 	rs       *runState // Run's, while it runs
 	closing  bool      // Run is shutting down: no reload any more
 
+	slotsMu sync.Mutex
+	slots   map[string]*uncheckedSlot // by "kind/name": see trackReg
+
 	stopping chan struct{}
 	runningc chan struct{} // closed once every component started (Running)
 
@@ -323,7 +326,11 @@ var runtimeReasons = map[component.Kind]struct{ dropped, errors []string }{
 // old ones to go (trackReg).
 func (p *Pipeline) build(ctx context.Context, doc *config.Document, spec config.Component, live bool) (*part, *metrics.Component, config.Problems) {
 	m := p.metrics.Component(spec.Name, string(spec.Kind))
-	reg := newTrackReg(m.Registerer(), live)
+	slot, err := p.uncheckedSlot(m, spec)
+	if err != nil {
+		return nil, nil, config.Problems{doc.Problem(spec.Path, "metrics: %v", err)}
+	}
+	reg := newTrackReg(m.Registerer(), slot, live)
 	env := component.Env{
 		Name: spec.Name, Kind: spec.Kind, Type: spec.Type, ConfigDir: doc.Dir, DataDir: doc.DataDir,
 		Logger:     p.log.With(string(spec.Kind), spec.Name),
@@ -368,6 +375,26 @@ func (p *Pipeline) build(ctx context.Context, doc *config.Document, spec config.
 		return nil, nil, problemsFrom(doc, spec.Path, err)
 	}
 	return &part{name: spec.Name, kind: spec.Kind, c: c, reg: reg}, m, nil
+}
+
+// uncheckedSlot is the component's slot for unchecked collectors, made and registered (with
+// the component's labels) the first time a component of its kind and name is built.
+func (p *Pipeline) uncheckedSlot(m *metrics.Component, spec config.Component) (*uncheckedSlot, error) {
+	p.slotsMu.Lock()
+	defer p.slotsMu.Unlock()
+	k := key(spec.Kind, spec.Name)
+	if s := p.slots[k]; s != nil {
+		return s, nil
+	}
+	s := &uncheckedSlot{gs: map[*gated]bool{}}
+	if err := m.Registerer().Register(s); err != nil {
+		return nil, err
+	}
+	if p.slots == nil {
+		p.slots = map[string]*uncheckedSlot{}
+	}
+	p.slots[k] = s
+	return s, nil
 }
 
 func problemsFrom(doc *config.Document, path string, err error) config.Problems {

@@ -13,6 +13,7 @@ import (
 	"github.com/flowpipe/flowpipe/core/component"
 	"github.com/flowpipe/flowpipe/core/config"
 	"github.com/flowpipe/flowpipe/core/options"
+	"github.com/flowpipe/flowpipe/core/tap"
 )
 
 // ReloadReport says what a reload did, component by component. Components are named
@@ -502,6 +503,7 @@ func (p *Pipeline) Reload(ctx context.Context, doc *config.Document) (*ReloadRep
 	p.parts = append(p.parts, pl.built...)
 	p.mu.Unlock()
 	p.apply(rs, cur, pl)
+	p.pruneTaps()
 	p.docp.Store(doc)
 	p.logReport(doc, pl.report)
 	if a, b := enricherNames(cur.enrich), enricherNames(p.topo.Load().enrich); a != b {
@@ -748,6 +750,30 @@ func (p *Pipeline) apply(rs *runState, t1 *topology, pl *plan) {
 	for i := range rep.Changed {
 		if c := pl.changes[rep.Changed[i].Component]; c != nil {
 			rep.Changed[i].How = c.How
+		}
+	}
+}
+
+// pruneTaps removes the tap points of the components the pipeline no longer has (removed,
+// or turned off with enabled: false): `flowpipe tap` no longer lists them, and a tap that
+// follows one ends. A replaced component keeps its name and its tap point.
+func (p *Pipeline) pruneTaps() {
+	live := map[string]bool{tap.Fanout: true}
+	t := p.topo.Load()
+	for _, e := range t.enrich {
+		live[e.name] = true
+	}
+	for _, s := range t.sinks {
+		live[s.name] = true
+	}
+	p.mu.Lock()
+	for _, s := range p.sources {
+		live[s.name] = true
+	}
+	p.mu.Unlock()
+	for _, name := range p.taps.Names() {
+		if !live[name] {
+			p.taps.Remove(name)
 		}
 	}
 }

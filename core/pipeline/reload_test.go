@@ -7,11 +7,15 @@ import (
 	"io"
 	"log/slog"
 	"path/filepath"
+	"runtime"
+	"slices"
+	"sort"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
+	"weak"
 
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
@@ -20,6 +24,7 @@ import (
 	"github.com/flowpipe/flowpipe/core/config"
 	"github.com/flowpipe/flowpipe/core/flow"
 	"github.com/flowpipe/flowpipe/core/options"
+	"github.com/flowpipe/flowpipe/core/tap"
 )
 
 // The reload tests run the real runtime in process with small components that record what
@@ -40,7 +45,8 @@ type reloadHarness struct {
 	builds  map[string]int // "kind/name" → instances built
 	acked   map[uint64]error
 	emitted int64
-	reconfs map[string]int // "kind/name" → Reconfigure calls
+	reconfs map[string]int                  // "kind/name" → Reconfigure calls
+	remotes []weak.Pointer[remoteCollector] // of each "remote" sink instance built
 }
 
 type recorder struct {
@@ -86,6 +92,15 @@ func newReloadHarness() *reloadHarness {
 				Name: "flowpipe_test_writes_total", Help: "Batches this instance wrote.",
 			})}
 			return s, env.Register(s.writes)
+		}))
+	h.reg.Register(component.NewSinkFactory("remote", "", func() *recConf { return &recConf{} },
+		func(env component.Env, c *recConf) (component.Sink, error) {
+			h.built("sink/" + env.Name)
+			rc := &remoteCollector{tag: c.Tag}
+			h.mu.Lock()
+			h.remotes = append(h.remotes, weak.Make(rc))
+			h.mu.Unlock()
+			return &recSink{r: h.recorder(env.Name)}, env.Registerer.Register(rc)
 		}))
 	h.reg.Register(component.NewSinkFactory("rerec", "", func() *recConf { return &recConf{} },
 		func(env component.Env, c *recConf) (component.Sink, error) {
@@ -678,25 +693,18 @@ func changed(comp string, keys ...string) func(*ReloadReport) error {
 }
 
 func started(comp string) func(*ReloadReport) error {
-	return func(r *ReloadReport) error {
-		for _, c := range r.Started {
-			if c == comp {
-				return nil
-			}
-		}
-		return fmt.Errorf("%s not in Started %v", comp, r.Started)
-	}
+	return func(r *ReloadReport) error { return listed(comp, "Started", r.Started) }
 }
 
 func stopped(comp string) func(*ReloadReport) error {
-	return func(r *ReloadReport) error {
-		for _, c := range r.Stopped {
-			if c == comp {
-				return nil
-			}
-		}
-		return fmt.Errorf("%s not in Stopped %v", comp, r.Stopped)
+	return func(r *ReloadReport) error { return listed(comp, "Stopped", r.Stopped) }
+}
+
+func listed(comp, what string, list []string) error {
+	if slices.Contains(list, comp) {
+		return nil
 	}
+	return fmt.Errorf("%s not in %s %v", comp, what, list)
 }
 
 // A document with a problem changes nothing: the problems come back positioned, the running
@@ -1275,4 +1283,149 @@ func TestFailedSourceReplacementIsNotReportedReplaced(t *testing.T) {
 	h.waitMore(t, "out", h.recorder("out").count()) // the old instance goes on
 	h.finish(t, p, done)
 	h.exactlyOnce(t, "out")
+}
+
+// A reload that removes components removes their tap points (a removed sink, a removed
+// enricher, a sink turned off with enabled: false): they are no longer listed, and a tap
+// following one ends; a replaced component keeps its tap point, with its subscribers.
+func TestReloadRemovesTheTapPointsOfRemovedComponents(t *testing.T) {
+	h := newReloadHarness()
+	dataDir := t.TempDir()
+	p, _, done := h.start(t, h.doc(t, dataDir, `sources:
+  gen: {type: count}
+enrichers:
+  - {type: stamp, name: st, field: rule, gen: g1}
+sinks:
+  a: {type: rec}
+  b: {type: rec}
+  c: {type: rec}
+`))
+	h.waitMore(t, "b", 0)
+	names := func() string { return strings.Join(p.Taps().Names(), " ") }
+	if got := names(); got != "(sinks) a b c gen st" {
+		t.Fatalf("tap points at start: %s", got)
+	}
+	hubOf := func(name string) *tap.Hub {
+		t.Helper()
+		hub, ok := p.Taps().Lookup(name)
+		if !ok {
+			t.Fatalf("no tap point %s", name)
+		}
+		return hub
+	}
+	aHub := hubOf("a")
+	subA, _ := aHub.Subscribe(nil, 1<<20, false, 0, 0)
+	defer subA.Close()
+	subB, _ := hubOf("b").Subscribe(nil, 1<<20, false, 0, 0)
+	defer subB.Close()
+	rep := h.reload(t, p, h.doc(t, dataDir, `sources:
+  gen: {type: count}
+sinks:
+  a: {type: rec, tag: new}
+  c: {type: rec, enabled: false}
+`))
+	reloaded := flow.Now()
+	for _, check := range []func(*ReloadReport) error{stopped("sink/b"), stopped("sink/c"), stopped("enricher/st"), changed("sink/a", "tag")} {
+		if err := check(rep); err != nil {
+			t.Error(err)
+		}
+	}
+	if got := names(); got != "(sinks) a gen" {
+		t.Errorf("tap points after the reload: %s, want (sinks) a gen", got)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	for {
+		_, _, err := subB.Next(ctx)
+		if errors.Is(err, tap.ErrRemoved) {
+			break
+		}
+		if err != nil {
+			t.Fatalf("the removed sink's tap: %v, want it to end with tap.ErrRemoved", err)
+		}
+	}
+	if hubOf("a") != aHub || aHub.Subscribers() != 1 {
+		t.Error("the replaced sink a lost its tap point or its subscriber")
+	}
+	// The replaced sink's tap goes on with what is handed to the new instance.
+	for after := false; !after; {
+		recs, _, err := subA.Next(ctx)
+		if err != nil {
+			t.Fatalf("tap of the replaced sink after the reload: %v", err)
+		}
+		for _, r := range recs {
+			after = after || r.Seen >= reloaded
+		}
+	}
+	h.finish(t, p, done)
+}
+
+// remoteCollector is an unchecked collector (it describes nothing), as a plugin component's
+// remote metrics are (internal/pluginhost): one series naming its instance's tag.
+type remoteCollector struct{ tag string }
+
+func (c *remoteCollector) Describe(chan<- *prometheus.Desc) {}
+func (c *remoteCollector) Collect(ch chan<- prometheus.Metric) {
+	ch <- prometheus.MustNewConstMetric(prometheus.NewDesc("flowpipe_test_remote_instance", "The instance's tag.", []string{"tag"}, nil),
+		prometheus.GaugeValue, 1, c.tag)
+}
+
+// A replaced or removed component's unchecked collector (a plugin's remote metrics describe
+// nothing: the Prometheus registry cannot unregister such a collector) goes with it: its
+// series are gone, the new instance's are there once, and the registry no longer holds the
+// old collector (nor, through it, the old instance).
+func TestReplacedComponentsUncheckedCollectorIsReleased(t *testing.T) {
+	h := newReloadHarness()
+	dataDir := t.TempDir()
+	yaml := func(sinks string) string { return "sources:\n  gen: {type: count}\nsinks:\n  a: {type: rec}\n" + sinks }
+	p, _, done := h.start(t, h.doc(t, dataDir, yaml("  r: {type: remote, tag: one}\n")))
+	tags := func() []string {
+		t.Helper()
+		fams, err := p.Metrics().Registry.Gather()
+		if err != nil {
+			t.Fatalf("gather: %v", err)
+		}
+		var out []string
+		for _, f := range fams {
+			if f.GetName() != "flowpipe_test_remote_instance" {
+				continue
+			}
+			for _, m := range f.GetMetric() {
+				labels := map[string]string{}
+				for _, l := range m.GetLabel() {
+					labels[l.GetName()] = l.GetValue()
+				}
+				out = append(out, labels["component"]+"/"+labels["kind"]+"/"+labels["tag"])
+			}
+		}
+		sort.Strings(out)
+		return out
+	}
+	if got := fmt.Sprint(tags()); got != "[r/sink/one]" {
+		t.Fatalf("series at start: %s", got)
+	}
+	for _, tag := range []string{"two", "three"} {
+		h.reload(t, p, h.doc(t, dataDir, yaml("  r: {type: remote, tag: "+tag+"}\n")))
+		if got, want := fmt.Sprint(tags()), "[r/sink/"+tag+"]"; got != want {
+			t.Errorf("series after the reload to %s: %s, want %s", tag, got, want)
+		}
+	}
+	h.reload(t, p, h.doc(t, dataDir, yaml("")))
+	if got := tags(); len(got) != 0 {
+		t.Errorf("series after r was removed: %v", got)
+	}
+	h.mu.Lock()
+	remotes := slices.Clone(h.remotes)
+	h.mu.Unlock()
+	if len(remotes) != 3 {
+		t.Fatalf("%d remote sink instances built, want 3", len(remotes))
+	}
+	runtime.GC()
+	runtime.GC()
+	for i, w := range remotes {
+		if w.Value() != nil {
+			t.Errorf("the collector of instance %d (of 3, all replaced or removed) is still held", i+1)
+		}
+	}
+	h.finish(t, p, done)
 }

@@ -138,9 +138,13 @@ func (o *outstanding) wait(ctx context.Context) bool {
 // so that a reload that replaces or removes the component can take those metrics away, and
 // it gates them, so that the replacement's metrics appear only once it is in the pipeline.
 // A replacement built while the instance it replaces still runs registers metrics of the
-// same names and labels: those wait (pending) until the old ones are unregistered.
+// same names and labels: those wait (pending) until the old ones are unregistered. An
+// unchecked collector (one that describes nothing, as a plugin's remote metrics) cannot be
+// unregistered from a Prometheus registry: it goes into the component's uncheckedSlot,
+// which is registered once, and leaves it when the instance retires.
 type trackReg struct {
 	inner    prometheus.Registerer
+	slot     *uncheckedSlot
 	deferDup bool
 	on       atomic.Bool
 
@@ -149,16 +153,61 @@ type trackReg struct {
 	pending []prometheus.Collector
 }
 
-func newTrackReg(inner prometheus.Registerer, live bool) *trackReg {
-	r := &trackReg{inner: inner, deferDup: !live, owned: map[prometheus.Collector]*gated{}}
+func newTrackReg(inner prometheus.Registerer, slot *uncheckedSlot, live bool) *trackReg {
+	r := &trackReg{inner: inner, slot: slot, deferDup: !live, owned: map[prometheus.Collector]*gated{}}
 	r.on.Store(live)
 	return r
 }
 
+// uncheckedSlot collects the unchecked collectors of the instances of one component (by
+// kind and name), each gated by its instance's trackReg. It is registered once, through the
+// component's labelling Registerer, and stays for the pipeline's life (empty once the
+// component is removed); instances come and go in it.
+type uncheckedSlot struct {
+	mu sync.Mutex
+	gs map[*gated]bool
+}
+
+func (s *uncheckedSlot) Describe(chan<- *prometheus.Desc) {}
+
+func (s *uncheckedSlot) Collect(ch chan<- prometheus.Metric) {
+	s.mu.Lock()
+	gs := make([]*gated, 0, len(s.gs))
+	for g := range s.gs {
+		gs = append(gs, g)
+	}
+	s.mu.Unlock()
+	for _, g := range gs {
+		g.Collect(ch)
+	}
+}
+
+func (s *uncheckedSlot) set(g *gated, in bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if in {
+		s.gs[g] = true
+	} else {
+		delete(s.gs, g)
+	}
+}
+
+// describesNothing says whether c is an unchecked collector.
+func describesNothing(c prometheus.Collector) bool {
+	ch := make(chan *prometheus.Desc, 8)
+	go func() { c.Describe(ch); close(ch) }()
+	n := 0
+	for range ch {
+		n++
+	}
+	return n == 0
+}
+
 // gated forwards to a collector while its registerer is on.
 type gated struct {
-	c  prometheus.Collector
-	on *atomic.Bool
+	c         prometheus.Collector
+	on        *atomic.Bool
+	unchecked bool // in its trackReg's slot, not in the registry
 }
 
 func (g *gated) Describe(ch chan<- *prometheus.Desc) { g.c.Describe(ch) }
@@ -170,6 +219,17 @@ func (g *gated) Collect(ch chan<- prometheus.Metric) {
 
 func (r *trackReg) Register(c prometheus.Collector) error {
 	g := &gated{c: c, on: &r.on}
+	if r.slot != nil && describesNothing(c) {
+		g.unchecked = true
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		if _, dup := r.owned[c]; dup {
+			return prometheus.AlreadyRegisteredError{ExistingCollector: c, NewCollector: c}
+		}
+		r.owned[c] = g
+		r.slot.set(g, true)
+		return nil
+	}
 	err := r.inner.Register(g)
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -201,6 +261,14 @@ func (r *trackReg) Unregister(c prometheus.Collector) bool {
 	if !ok {
 		return false
 	}
+	return r.unregister(g)
+}
+
+func (r *trackReg) unregister(g *gated) bool {
+	if g.unchecked {
+		r.slot.set(g, false)
+		return true
+	}
 	return r.inner.Unregister(g)
 }
 
@@ -220,8 +288,7 @@ func (r *trackReg) activate() error {
 	return first
 }
 
-// retire hides the metrics and unregisters them (a collector that describes nothing cannot
-// be unregistered: hidden, it reports nothing).
+// retire hides the metrics and unregisters them.
 func (r *trackReg) retire() {
 	r.on.Store(false)
 	r.mu.Lock()
@@ -229,6 +296,6 @@ func (r *trackReg) retire() {
 	r.owned, r.pending = map[prometheus.Collector]*gated{}, nil
 	r.mu.Unlock()
 	for _, g := range owned {
-		r.inner.Unregister(g)
+		r.unregister(g)
 	}
 }

@@ -2,6 +2,7 @@ package tap
 
 import (
 	"context"
+	"errors"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -22,12 +23,17 @@ type Hub struct {
 	name, kind string
 	active     atomic.Bool // ring enabled or subscribers present
 
-	mu   sync.Mutex
-	ring []Record // a circular buffer of the last len(ring) events
-	next int      // where the next event goes
-	full bool
-	subs []*Sub
+	mu      sync.Mutex
+	ring    []Record // a circular buffer of the last len(ring) events
+	next    int      // where the next event goes
+	full    bool
+	subs    []*Sub
+	removed bool // by Registry.Remove: no more subscribers
 }
+
+// ErrRemoved is what Sub.Next returns once its tap point's component was removed (by a
+// reload) and the subscriber has taken what was buffered.
+var ErrRemoved = errors.New("tap point removed")
 
 // Name is the tap point's name (the component's name).
 func (h *Hub) Name() string { return h.name }
@@ -105,6 +111,10 @@ func (h *Hub) Subscribe(f *Filter, buffer int, backlog bool, since flow.Time, n 
 	if backlog {
 		recs = h.last(f, since, n)
 	}
+	if h.removed {
+		s.removed = true
+		return s, recs
+	}
 	h.subs = append(h.subs, s)
 	h.active.Store(true)
 	return s, recs
@@ -114,7 +124,7 @@ func (h *Hub) unsubscribe(s *Sub) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	h.subs = slices.DeleteFunc(h.subs, func(x *Sub) bool { return x == s })
-	h.active.Store(len(h.ring) > 0 || len(h.subs) > 0)
+	h.active.Store(!h.removed && (len(h.ring) > 0 || len(h.subs) > 0))
 }
 
 // Subscribers is the number of current subscriptions.
@@ -136,6 +146,7 @@ type Sub struct {
 	spare   []Record
 	skipped uint64
 	closed  bool
+	removed bool // the hub's component is gone: Next ends once buf is taken
 }
 
 // offer is called with the hub's lock held; it never blocks.
@@ -165,7 +176,8 @@ func (s *Sub) offer(now flow.Time, events []flow.Event) {
 
 // Next waits for records and returns them with the number of matching events skipped since
 // the last call because the buffer was full. The returned slice is valid until the next
-// call. It returns ctx's error when ctx ends.
+// call. It returns ctx's error when ctx ends, and ErrRemoved once the tap point was removed
+// and everything buffered was taken.
 func (s *Sub) Next(ctx context.Context) ([]Record, uint64, error) {
 	for {
 		s.mu.Lock()
@@ -175,7 +187,11 @@ func (s *Sub) Next(ctx context.Context) ([]Record, uint64, error) {
 			s.mu.Unlock()
 			return recs, skipped, nil
 		}
+		removed := s.removed
 		s.mu.Unlock()
+		if removed {
+			return nil, 0, ErrRemoved
+		}
 		select {
 		case <-s.notify:
 		case <-ctx.Done():
@@ -229,6 +245,34 @@ func (r *Registry) Point(name, kind string) *Hub {
 	h.active.Store(r.ring > 0)
 	r.hubs[name] = h
 	return h
+}
+
+// Remove removes a tap point, whose component a reload removed: it is no longer listed nor
+// found, and its subscribers end (Sub.Next returns ErrRemoved once they have taken what was
+// buffered). A component added again under the name gets a new tap point.
+func (r *Registry) Remove(name string) {
+	r.mu.Lock()
+	h, ok := r.hubs[name]
+	delete(r.hubs, name)
+	r.mu.Unlock()
+	if !ok {
+		return
+	}
+	h.mu.Lock()
+	h.removed = true
+	subs := h.subs
+	h.subs = nil
+	h.active.Store(false)
+	h.mu.Unlock()
+	for _, s := range subs {
+		s.mu.Lock()
+		s.removed = true
+		s.mu.Unlock()
+		select {
+		case s.notify <- struct{}{}:
+		default:
+		}
+	}
 }
 
 // Lookup returns the hub of a tap point.

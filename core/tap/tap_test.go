@@ -2,6 +2,7 @@ package tap
 
 import (
 	"context"
+	"errors"
 	"net/netip"
 	"strings"
 	"sync"
@@ -227,5 +228,41 @@ func BenchmarkPublish(b *testing.B) {
 				h.Publish(batch)
 			}
 		})
+	}
+}
+
+// A removed tap point is no longer listed nor found; its subscriber takes what was buffered,
+// then ends with ErrRemoved, and one that subscribes to the removed hub ends at once; the
+// name, added again, is a new tap point.
+func TestRegistryRemove(t *testing.T) {
+	r := NewRegistry(0)
+	h := r.Point("gone", "sink")
+	r.Point("kept", "source")
+	sub, _ := h.Subscribe(nil, 10, false, 0, 0)
+	h.Publish([]flow.Event{ev("10.0.0.1", "10.0.0.2", 1, 80, flow.ProtoTCP, flow.TypeStart)})
+	r.Remove("gone")
+	if got := r.Names(); len(got) != 1 || got[0] != "kept" {
+		t.Fatalf("names after Remove: %v", got)
+	}
+	if _, ok := r.Lookup("gone"); ok {
+		t.Fatal("a removed tap point is found")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if recs, _, err := sub.Next(ctx); err != nil || len(recs) != 1 {
+		t.Fatalf("first Next after Remove: %d records, %v; want the buffered one", len(recs), err)
+	}
+	if _, _, err := sub.Next(ctx); !errors.Is(err, ErrRemoved) {
+		t.Fatalf("Next once the buffer is taken: %v, want ErrRemoved", err)
+	}
+	late, _ := h.Subscribe(nil, 10, false, 0, 0)
+	if _, _, err := late.Next(ctx); !errors.Is(err, ErrRemoved) {
+		t.Fatalf("Next of a subscription to a removed hub: %v, want ErrRemoved", err)
+	}
+	if h.active.Load() || h.Subscribers() != 0 {
+		t.Fatal("a removed hub is active or has subscribers")
+	}
+	if again := r.Point("gone", "source"); again == h {
+		t.Fatal("a name added again got the removed hub")
 	}
 }

@@ -2,7 +2,6 @@ package testenv
 
 import (
 	"fmt"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -23,27 +22,19 @@ type NATSCluster struct {
 
 // NATSNode is one server of a NATSCluster.
 type NATSNode struct {
-	Name string
-	URL  string // nats://127.0.0.1:port
-	conf string
-	dir  string
-	mon  int
-	cmd  *exec.Cmd
-	log  *os.File
+	Name   string
+	URL    string // nats://127.0.0.1:port
+	conf   string
+	dir    string
+	port   int // clients'
+	mon    int
+	cmd    *exec.Cmd
+	exited chan struct{} // closed when cmd has ended
+	log    *os.File
 }
 
 // NATSAuth, when not empty, is the user and password every client must present.
 type NATSAuth struct{ User, Password string }
-
-func freePort(t testing.TB) int {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
-}
 
 // StartNATSCluster starts n JetStream servers clustered together (n = 1: a single server)
 // and waits until every one is healthy.
@@ -55,11 +46,11 @@ func StartNATSCluster(t testing.TB, n int, auth NATSAuth) *NATSCluster {
 	dir := t.TempDir()
 	clients, routes, mons := make([]int, n), make([]int, n), make([]int, n)
 	for i := range n {
-		clients[i], routes[i], mons[i] = freePort(t), freePort(t), freePort(t)
+		clients[i], routes[i], mons[i] = FreeTCPPort(t), FreeTCPPort(t), FreeTCPPort(t)
 	}
 	for i := range n {
 		name := fmt.Sprintf("n%d", i+1)
-		nd := &NATSNode{Name: name, URL: fmt.Sprintf("nats://127.0.0.1:%d", clients[i]), dir: filepath.Join(dir, name), mon: mons[i]}
+		nd := &NATSNode{Name: name, URL: fmt.Sprintf("nats://127.0.0.1:%d", clients[i]), dir: filepath.Join(dir, name), port: clients[i], mon: mons[i]}
 		var b strings.Builder
 		fmt.Fprintf(&b, "server_name: %s\nlisten: 127.0.0.1:%d\nhttp: 127.0.0.1:%d\n", name, clients[i], mons[i])
 		fmt.Fprintf(&b, "jetstream {\n  store_dir: %q\n  max_memory_store: 256MB\n  max_file_store: 2GB\n}\n", nd.dir)
@@ -117,11 +108,22 @@ func (c *NATSCluster) start(bin string, nd *NATSNode) {
 	if err := nd.cmd.Start(); err != nil {
 		c.t.Fatalf("start nats-server %s: %v", nd.Name, err)
 	}
+	nd.exited = make(chan struct{})
+	go func(cmd *exec.Cmd, exited chan struct{}) { cmd.Wait(); close(exited) }(nd.cmd, nd.exited)
 }
 
+// waitHealthy waits until the node's own process listens on its client and monitoring ports
+// (not another process that took one after FreeTCPPort chose it: the node then exits, and a
+// probe of the port would get the other's answer), then until it reports itself healthy.
 func (c *NATSCluster) waitHealthy(nd *NATSNode) {
 	c.t.Helper()
 	deadline := time.Now().Add(30 * time.Second)
+	for _, port := range []int{nd.port, nd.mon} {
+		if err := WaitListening(nd.cmd.Process.Pid, "tcp", port, nd.exited, time.Until(deadline)); err != nil {
+			log, _ := os.ReadFile(nd.log.Name())
+			c.t.Fatalf("nats-server %s: %v; its log:\n%s", nd.Name, err, log)
+		}
+	}
 	url := fmt.Sprintf("http://127.0.0.1:%d/healthz", nd.mon)
 	for time.Now().Before(deadline) {
 		if resp, err := http.Get(url); err == nil {
@@ -154,7 +156,7 @@ func (nd *NATSNode) stop() {
 		return
 	}
 	nd.cmd.Process.Kill()
-	nd.cmd.Wait()
+	<-nd.exited
 	nd.cmd = nil
 	nd.log.Close()
 }

@@ -20,6 +20,7 @@ import (
 	"github.com/flowpipe/flowpipe/core/flow"
 	"github.com/flowpipe/flowpipe/core/pipeline"
 	"github.com/flowpipe/flowpipe/internal/flowwire"
+	"github.com/flowpipe/flowpipe/internal/testenv"
 	pb "github.com/flowpipe/flowpipe/proto/flow"
 	"github.com/flowpipe/flowpipe/sinks/file"
 	grpcsink "github.com/flowpipe/flowpipe/sinks/grpc"
@@ -58,7 +59,7 @@ func runPipeline(b *testing.B, ctx context.Context, dir, yaml string) <-chan err
 // this process and returns its address.
 func startCollector(b *testing.B) string {
 	b.Helper()
-	addr := freePortB(b)
+	addr := testenv.FreeTCPAddr(b)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := runPipeline(b, ctx, b.TempDir(), fmt.Sprintf(`
 admin: {listen: ""}

@@ -5,8 +5,9 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
-	"net"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -25,6 +26,7 @@ import (
 	"github.com/flowpipe/flowpipe/core/component"
 	"github.com/flowpipe/flowpipe/core/flow"
 	"github.com/flowpipe/flowpipe/internal/flowwire"
+	"github.com/flowpipe/flowpipe/internal/testenv"
 	pb "github.com/flowpipe/flowpipe/proto/flow"
 	grpcsink "github.com/flowpipe/flowpipe/sinks/grpc"
 )
@@ -66,28 +68,37 @@ func flowpipeBinary(t *testing.T) string {
 	return binPath
 }
 
-func freePort(t *testing.T) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
-}
-
 const e2eSecret = "e2e-secret-0123456789abcdef"
 
-// collector is a flowpipe process receiving on addr and writing out.jsonl in dir.
+// collector is a flowpipe process receiving on addr and writing out.jsonl in dir. Its log,
+// every run's, is collector.log in dir, and the test's output when the test fails.
 type collector struct {
-	t    *testing.T
-	dir  string
-	addr string
-	cmd  *exec.Cmd
-	log  *bytes.Buffer
+	t       *testing.T
+	dir     string
+	addr    string
+	cmd     *exec.Cmd
+	exited  chan struct{} // closed when cmd has ended
+	runs    int
+	started bool // once: its address is in use (the agents point at it)
 }
 
-func newCollector(t *testing.T, dir, addr string) *collector {
+func newCollector(t *testing.T, dir string) *collector {
+	c := &collector{t: t, dir: dir}
+	c.listenOn(testenv.FreeTCPAddr(t))
+	t.Cleanup(func() {
+		if c.cmd != nil {
+			c.cmd.Process.Kill()
+			<-c.exited
+		}
+		if t.Failed() {
+			t.Logf("collector log (%s):\n%s", c.logPath(), c.logText())
+		}
+	})
+	return c
+}
+
+func (c *collector) listenOn(addr string) {
+	c.addr = addr
 	cfg := fmt.Sprintf(`admin:
   listen: ""
 sources:
@@ -104,57 +115,138 @@ sinks:
     path: out.jsonl
     max_size: 0
 `, addr, e2eSecret)
-	if err := os.WriteFile(filepath.Join(dir, "collector.yaml"), []byte(cfg), 0o644); err != nil {
-		t.Fatal(err)
+	if err := os.WriteFile(filepath.Join(c.dir, "collector.yaml"), []byte(cfg), 0o644); err != nil {
+		c.t.Fatal(err)
 	}
-	return &collector{t: t, dir: dir, addr: addr}
 }
 
-// start runs the collector and waits until it accepts connections. A restart right after a
-// SIGKILL may find the port still held by the dying process tree; it retries then.
+func (c *collector) logPath() string { return filepath.Join(c.dir, "collector.log") }
+
+func (c *collector) logText() string {
+	b, _ := os.ReadFile(c.logPath())
+	return string(b)
+}
+
+// start runs the collector and waits until it listens: until its own process tree (the
+// grpc source listens in its plugin process) holds the listening socket. A dial cannot tell:
+// another process that took the port after FreeTCPAddr chose it answers as well, while the
+// collector exits with "address already in use" (a CI run then hung, its agent sending to
+// the other process for ever). A collector that exits is noticed at once: on its first start,
+// when its port was taken, it moves to another one (nothing points at it yet); any other
+// exit fails the test with its log. (kill waits until the killed process tree is gone, so a
+// restart does not find the port still held by its dying plugin process.)
 func (c *collector) start() {
 	c.t.Helper()
 	deadline := time.Now().Add(time.Minute)
 	for {
-		c.log = &bytes.Buffer{}
-		c.cmd = exec.Command(flowpipeBinary(c.t), "run", "-c", "collector.yaml")
-		c.cmd.Dir = c.dir
-		c.cmd.Stdout, c.cmd.Stderr = c.log, c.log
-		if err := c.cmd.Start(); err != nil {
+		c.runs++
+		log, err := os.OpenFile(c.logPath(), os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
+		if err != nil {
 			c.t.Fatal(err)
 		}
-		exited := make(chan struct{})
-		go func() { c.cmd.Wait(); close(exited) }()
-		for {
-			if conn, err := net.Dial("tcp", c.addr); err == nil {
-				conn.Close()
-				cmd := c.cmd
-				c.t.Cleanup(func() { cmd.Process.Kill(); <-exited })
-				return
-			}
-			select {
-			case <-exited:
-				if time.Now().After(deadline) {
-					c.t.Fatalf("collector does not start:\n%s", c.log)
-				}
-				time.Sleep(100 * time.Millisecond)
-			case <-time.After(20 * time.Millisecond):
-				continue
-			}
-			break
+		fmt.Fprintf(log, "=== run %d, listening on %s\n", c.runs, c.addr)
+		before, _ := log.Seek(0, io.SeekCurrent)
+		c.cmd = exec.Command(flowpipeBinary(c.t), "run", "-c", "collector.yaml")
+		c.cmd.Dir = c.dir
+		c.cmd.Stdout, c.cmd.Stderr = log, log
+		c.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL} // no orphan if the test binary dies
+		err = c.cmd.Start()
+		log.Close()
+		if err != nil {
+			c.t.Fatal(err)
 		}
+		c.exited = make(chan struct{})
+		go func(cmd *exec.Cmd, exited chan struct{}) { cmd.Wait(); close(exited) }(c.cmd, c.exited)
+		err = testenv.WaitListening(c.cmd.Process.Pid, "tcp", testenv.Port(c.t, c.addr), c.exited, time.Until(deadline))
+		if err == nil {
+			c.started = true
+			return
+		}
+		c.cmd = nil
+		run := c.logText()[before:]
+		if !errors.Is(err, testenv.ErrExited) || !strings.Contains(run, "address already in use") {
+			c.t.Fatalf("collector does not start: %v", err)
+		}
+		if c.started {
+			c.t.Fatalf("collector does not start again on %s: another process took the port", c.addr)
+		}
+		c.listenOn(testenv.FreeTCPAddr(c.t))
 	}
 }
 
+// kill kills the collector and its plugin processes with SIGKILL and waits until they are gone.
 func (c *collector) kill() {
-	c.cmd.Process.Signal(syscall.SIGKILL)
+	c.t.Helper()
+	if err := testenv.KillTree(c.cmd.Process.Pid, time.Minute); err != nil {
+		c.t.Fatal(err)
+	}
+	<-c.exited
+	c.cmd = nil
 }
 
 func (c *collector) stop() {
 	c.cmd.Process.Signal(syscall.SIGTERM)
-	done := make(chan struct{})
-	go func() { c.cmd.Process.Wait(); close(done) }()
-	<-done
+	<-c.exited
+	c.cmd = nil
+}
+
+// agentBound keeps an agent that cannot finish (its collector gone, say) from hanging the
+// test until CI's limit: not a timing assertion, the agents here finish in seconds.
+const agentBound = 5 * time.Minute
+
+// agent is a flowpipe process running agent.yaml in dir, its log in agent.log there.
+type agent struct {
+	t      *testing.T
+	dir    string
+	ctx    context.Context
+	cmd    *exec.Cmd
+	exited chan error
+}
+
+func startAgent(t *testing.T, dir string) *agent {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), agentBound)
+	a := &agent{t: t, dir: dir, ctx: ctx, exited: make(chan error, 1)}
+	log, err := os.Create(filepath.Join(dir, "agent.log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer log.Close()
+	a.cmd = exec.CommandContext(ctx, flowpipeBinary(t), "run", "-c", "agent.yaml")
+	a.cmd.Dir = dir
+	a.cmd.Stdout, a.cmd.Stderr = log, log
+	a.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := a.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { a.exited <- a.cmd.Wait() }()
+	t.Cleanup(func() {
+		cancel()
+		<-a.exited
+		a.exited <- nil
+		if t.Failed() {
+			t.Logf("agent log (%s):\n%s", filepath.Join(dir, "agent.log"), a.log())
+		}
+	})
+	return a
+}
+
+func (a *agent) log() string {
+	b, _ := os.ReadFile(filepath.Join(a.dir, "agent.log"))
+	return string(b)
+}
+
+// wait waits for the agent to finish and fails the test (both logs follow) unless it exits 0.
+func (a *agent) wait() {
+	a.t.Helper()
+	err := <-a.exited
+	a.exited <- err
+	if a.ctx.Err() != nil {
+		a.t.Fatalf("agent still running after %s: killed", agentBound)
+	}
+	if err != nil {
+		a.t.Fatalf("agent: %v", err)
+	}
 }
 
 // outputIDs counts each event ID in the collector's output.
@@ -192,9 +284,9 @@ func TestAgentToCollectorBinaries(t *testing.T) { eachProtocol(t, testAgentToCol
 
 func testAgentToCollectorBinaries(t *testing.T, protocol string) {
 	dir := t.TempDir()
-	addr := freePort(t)
-	c := newCollector(t, dir, addr)
+	c := newCollector(t, dir)
 	c.start()
+	addr := c.addr
 	agent := fmt.Sprintf(`admin:
   listen: ""
 sources:
@@ -216,12 +308,7 @@ sinks:
 	if err := os.WriteFile(filepath.Join(dir, "agent.yaml"), []byte(agent), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command(flowpipeBinary(t), "run", "-c", "agent.yaml")
-	cmd.Dir = dir
-	out, err := cmd.CombinedOutput()
-	if err != nil {
-		t.Fatalf("agent: %v\n%s", err, out)
-	}
+	startAgent(t, dir).wait()
 	// The agent exits once the collector ACKed everything; the collector wrote it before.
 	c.stop()
 	sent := outputIDs(t, filepath.Join(dir, "sent.jsonl"))
@@ -230,6 +317,28 @@ sinks:
 		t.Fatalf("agent generated %d events, want at least 100000", len(sent))
 	}
 	checkExactlyOnce(t, sent, got)
+}
+
+// streamEvents writes n new events to s in the background (4 writers, 500 events a write)
+// and returns them, their IDs, and a wait that returns once every write has, failing the test
+// if they have not within 5 minutes.
+func streamEvents(t *testing.T, s *grpcsink.Sink, n int) ([]flow.Event, map[string]int, func()) {
+	events := makeEvents(n)
+	sent := map[string]int{}
+	for _, e := range events {
+		sent[e.EventID.String()] = 1
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	done := make(chan struct{})
+	go func() { defer close(done); writeAll(ctx, t, s, events, 500, 4) }()
+	t.Cleanup(func() { cancel(); <-done })
+	return events, sent, func() {
+		t.Helper()
+		<-done
+		if ctx.Err() != nil {
+			t.Fatal("writes did not finish")
+		}
+	}
 }
 
 func checkExactlyOnce(t *testing.T, sent, got map[string]int) {
@@ -320,22 +429,14 @@ func TestCollectorKilledWithEventsUnacked(t *testing.T) {
 
 func testCollectorKilledWithEventsUnacked(t *testing.T, protocol string) {
 	dir := t.TempDir()
-	addr := freePort(t)
-	c := newCollector(t, dir, addr)
+	c := newCollector(t, dir)
 	c.start()
+	addr := c.addr
 	px := newProxy(t, addr)
 	const window = 1000 // below the 4×500 events the writers have in flight, so it fills
 	s, reg := sinkWithMetrics(t, protocol, "http://"+px.Addr(), window)
 
-	events := makeEvents(100_000)
-	sent := map[string]int{}
-	for _, e := range events {
-		sent[e.EventID.String()] = 1
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
-	defer cancel()
-	done := make(chan struct{})
-	go func() { defer close(done); writeAll(ctx, t, s, events, 500, 4) }()
+	events, sent, writesDone := streamEvents(t, s, 100_000)
 
 	out := filepath.Join(dir, "out.jsonl")
 	state := filepath.Join(dir, "dedup.state")
@@ -364,10 +465,7 @@ func testCollectorKilledWithEventsUnacked(t *testing.T, protocol string) {
 	px.Cut()
 	px.Freeze(false)
 	c.start()
-	<-done
-	if ctx.Err() != nil {
-		t.Fatal("writes did not finish")
-	}
+	writesDone()
 	if resent := metric(t, reg, "flowpipe_grpc_sink_events_resent_total") - resentBefore; resent < unacked {
 		t.Fatalf("agent resent %v events after the restart, want at least the %v it had unacked", resent, unacked)
 	}
@@ -384,27 +482,16 @@ func TestCollectorKilledMidStream(t *testing.T) { eachProtocol(t, testCollectorK
 
 func testCollectorKilledMidStream(t *testing.T, protocol string) {
 	dir := t.TempDir()
-	addr := freePort(t)
-	c := newCollector(t, dir, addr)
+	c := newCollector(t, dir)
 	c.start()
+	addr := c.addr
 	s, _ := sinkWithMetrics(t, protocol, "http://"+addr, 5000)
-	events := makeEvents(100_000)
-	sent := map[string]int{}
-	for _, e := range events {
-		sent[e.EventID.String()] = 1
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
-	defer cancel()
-	done := make(chan struct{})
-	go func() { defer close(done); writeAll(ctx, t, s, events, 500, 4) }()
+	events, sent, writesDone := streamEvents(t, s, 100_000)
 	out := filepath.Join(dir, "out.jsonl")
 	waitFor(t, "40% of the events at the collector", func() bool { return lineCount(out) >= len(events)*2/5 })
 	c.kill()
 	c.start()
-	<-done
-	if ctx.Err() != nil {
-		t.Fatal("writes did not finish")
-	}
+	writesDone()
 	c.stop()
 	got := outputIDs(t, out)
 	missing, twice := 0, 0
@@ -420,8 +507,8 @@ func testCollectorKilledMidStream(t *testing.T, protocol string) {
 		t.Fatalf("%d of %d events missing after the collector was killed (%d distinct in output)", missing, len(sent), len(got))
 	}
 	t.Logf("all %d events arrived; %d written twice (unrecorded at the kill)", len(sent), twice)
-	if strings.Contains(c.log.String(), "panic") {
-		t.Fatalf("collector log:\n%s", c.log)
+	if strings.Contains(c.logText(), "panic") {
+		t.Fatal("the collector panicked")
 	}
 }
 
@@ -431,9 +518,9 @@ func testCollectorKilledMidStream(t *testing.T, protocol string) {
 // both arrives exactly once.
 func TestNetBirdClientAndAgentIntoOneCollector(t *testing.T) {
 	dir := t.TempDir()
-	addr := freePort(t)
-	c := newCollector(t, dir, addr)
+	c := newCollector(t, dir)
 	c.start()
+	addr := c.addr
 	agent := fmt.Sprintf(`admin:
   listen: ""
 sources:
@@ -455,15 +542,7 @@ sinks:
 	if err := os.WriteFile(filepath.Join(dir, "agent.yaml"), []byte(agent), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command(flowpipeBinary(t), "run", "-c", "agent.yaml")
-	cmd.Dir = dir
-	agentOut := &bytes.Buffer{}
-	cmd.Stdout, cmd.Stderr = agentOut, agentOut
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	agentDone := make(chan error, 1)
-	go func() { agentDone <- cmd.Wait() }()
+	a := startAgent(t, dir)
 
 	// The NetBird client streams while the agent does.
 	nb := makeEvents(20_000)
@@ -475,16 +554,9 @@ sinks:
 	if err := streamNetBird(addr, e2eSecret, nb); err != nil {
 		t.Fatalf("NetBird client: %v", err)
 	}
-	select {
-	case err := <-agentDone:
-		if err != nil {
-			t.Fatalf("agent: %v\n%s", err, agentOut)
-		}
-	case <-time.After(2 * time.Minute):
-		t.Fatal("agent did not finish")
-	}
-	if !strings.Contains(agentOut.String(), "protocol=flowpipe") {
-		t.Errorf("the agent did not use flowpipe's protocol:\n%s", agentOut)
+	a.wait()
+	if !strings.Contains(a.log(), "protocol=flowpipe") {
+		t.Errorf("the agent did not use flowpipe's protocol")
 	}
 	c.stop()
 	fromAgent := outputIDs(t, filepath.Join(dir, "sent.jsonl"))

@@ -2,8 +2,8 @@ package grpcsink_test
 
 import (
 	"context"
-	"net"
 	"net/netip"
+	"os"
 	"sync"
 	"testing"
 	"time"
@@ -13,6 +13,7 @@ import (
 	"github.com/flowpipe/flowpipe/core/component"
 	"github.com/flowpipe/flowpipe/core/component/componenttest"
 	"github.com/flowpipe/flowpipe/core/flow"
+	"github.com/flowpipe/flowpipe/internal/testenv"
 	grpcsink "github.com/flowpipe/flowpipe/sinks/grpc"
 	grpcsrc "github.com/flowpipe/flowpipe/sources/grpc"
 )
@@ -214,28 +215,11 @@ func writeAll(ctx context.Context, t testing.TB, s component.Sink, events []flow
 	}
 }
 
-func freePortB(t testing.TB) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
-}
-
+// waitListening waits until this process (an in-process pipeline) listens on addr: a dial
+// would also succeed against another process that took the port after the test chose it.
 func waitListening(t testing.TB, addr string) {
 	t.Helper()
-	deadline := time.Now().Add(time.Minute)
-	for {
-		c, err := net.Dial("tcp", addr)
-		if err == nil {
-			c.Close()
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s not listening: %v", addr, err)
-		}
-		time.Sleep(10 * time.Millisecond)
+	if err := testenv.WaitListening(os.Getpid(), "tcp", testenv.Port(t, addr), nil, time.Minute); err != nil {
+		t.Fatal(err)
 	}
 }

@@ -49,7 +49,7 @@ func TestCollectorDownIsVisibleAndRecovers(t *testing.T) {
 }
 
 func testCollectorDownIsVisibleAndRecovers(t *testing.T, protocol string) {
-	addr := freePortB(t) // nothing listens here yet
+	addr := testenv.FreeTCPAddr(t) // nothing listens here yet
 	s, m, log := outageSink(t, protocol, "http://"+addr, "outage-test-secret-0123456789")
 	written := make(chan error, 1)
 	go func() { written <- s.Write(context.Background(), flow.NewBatch(makeEvents(10), nil)) }()

@@ -21,17 +21,6 @@ import (
 	"github.com/flowpipe/flowpipe/internal/testenv"
 )
 
-// freeUDPPort returns a loopback UDP port that was free a moment ago.
-func freeUDPPort(t *testing.T) int {
-	t.Helper()
-	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer pc.Close()
-	return pc.LocalAddr().(*net.UDPAddr).Port
-}
-
 func requireTool(t *testing.T, name, pkg string) string {
 	t.Helper()
 	p, err := exec.LookPath(name)
@@ -58,6 +47,15 @@ func startDaemon(t *testing.T, name string, args ...string) *daemon {
 	go func() { d.cmd.Wait(); close(d.done) }()
 	t.Cleanup(d.stop)
 	return d
+}
+
+// waitListening waits until the daemon itself has its socket on port (not another process
+// that took the port meanwhile) and fails the test with its output if it exits first.
+func (d *daemon) waitListening(t *testing.T, network string, port int) {
+	t.Helper()
+	if err := testenv.WaitListening(d.cmd.Process.Pid, network, port, d.done, time.Minute); err != nil {
+		t.Fatalf("%s: %v\n%s", d.cmd.Path, err, d.out.String())
+	}
 }
 
 func (d *daemon) stop() {
@@ -128,9 +126,9 @@ func TestNfcapdReadsEveryField(t *testing.T) {
 	nfcapd := requireTool(t, "nfcapd", "nfdump")
 	nfdump := requireTool(t, "nfdump", "nfdump")
 	dir := t.TempDir()
-	port := freeUDPPort(t)
+	port := testenv.FreeUDPPort(t)
 	d := startDaemon(t, nfcapd, "-b", "127.0.0.1", "-p", fmt.Sprint(port), "-w", dir, "-t", "3600")
-	waitFor(t, "nfcapd to listen", func() bool { found, _ := testenv.LoopbackUDP(t, port); return found })
+	d.waitListening(t, "udp", port)
 	want := exportRecording(t, func(c *Config) { c.Address, c.Events = fmt.Sprintf("127.0.0.1:%d", port), "end,aggregate" })
 	waitFor(t, "nfcapd to read every datagram", func() bool {
 		found, unread := testenv.LoopbackUDP(t, port)
@@ -331,7 +329,7 @@ func nonEmpty(ss ...string) []string {
 func TestNfacctdReadsEveryField(t *testing.T) {
 	nfacctd := requireTool(t, "nfacctd", "pmacct")
 	dir := t.TempDir()
-	port := freeUDPPort(t)
+	port := testenv.FreeUDPPort(t)
 	out := filepath.Join(dir, "flows.csv")
 	conf := filepath.Join(dir, "nfacctd.conf")
 	if err := os.WriteFile(conf, []byte(fmt.Sprintf(`daemonize: false
@@ -349,6 +347,7 @@ timestamps_since_epoch: true
 	}
 	d := startDaemon(t, nfacctd, "-f", conf)
 	d.sig = os.Interrupt // nfacctd's core exits on SIGINT, not always on SIGTERM
+	d.waitListening(t, "udp", port)
 	// The core listens before its print plugin runs, and what arrives in between is not
 	// accounted: wait for the plugin's first (empty) purge.
 	waitFor(t, "nfacctd's print plugin to run", func() bool { return strings.Contains(d.out.String(), "Purging cache - END") })

@@ -35,9 +35,7 @@ func TestRsyslogRestartNothingLost(t *testing.T) {
 		t.Fatalf("write to a stopped rsyslog: %v", err)
 	}
 	t.Logf("while down: %v", err)
-	_, port, _ := net.SplitHostPort(r.addr)
-	n, _ := strconv.Atoi(port)
-	r2 := startRsyslogOn(t, "tcp", nil, n)
+	r2 := startRsyslogOn(t, "tcp", nil, testenv.Port(t, r.addr))
 	if err := s.Write(context.Background(), flow.NewBatch(rec[4:], nil)); err != nil {
 		t.Fatal(err)
 	}

@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"log/slog"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -65,19 +64,9 @@ type rsyslog struct {
 func freePort(t *testing.T, network string) int {
 	t.Helper()
 	if network == "udp" {
-		pc, err := net.ListenPacket("udp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer pc.Close()
-		return pc.LocalAddr().(*net.UDPAddr).Port
+		return testenv.FreeUDPPort(t)
 	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port
+	return testenv.FreeTCPPort(t)
 }
 
 // startRsyslog runs rsyslogd with an input of the given transport (tcp, tls or udp); for tls
@@ -127,25 +116,16 @@ action(type="omfile" file="%s" template="fields" flushOnTXEnd="on" asyncWriting=
 	}
 	go func() { r.cmd.Wait(); close(r.done) }()
 	t.Cleanup(r.stop)
-	waitFor(t, "rsyslogd to listen on "+r.addr, func() bool {
-		select {
-		case <-r.done:
-			t.Fatalf("rsyslogd exited: %s", r.log.String())
-		default:
-		}
-		if transport == "udp" {
-			pc, err := net.ListenPacket("udp", r.addr)
-			if err == nil {
-				pc.Close()
-			}
-			return err != nil
-		}
-		c, err := net.Dial("tcp", r.addr)
-		if err == nil {
-			c.Close()
-		}
-		return err == nil
-	})
+	// rsyslogd's own socket on the port: a probe that bound the UDP port would hold it at the
+	// instant rsyslogd binds, and a dial would succeed against any process that took the TCP
+	// port meanwhile (rsyslogd then logs the error and runs without its input).
+	network := "tcp"
+	if transport == "udp" {
+		network = "udp"
+	}
+	if err := testenv.WaitListening(r.cmd.Process.Pid, network, port, r.done, time.Minute); err != nil {
+		t.Fatalf("rsyslogd on %s: %v\n%s", r.addr, err, r.log.String())
+	}
 	return r
 }
 

@@ -4,10 +4,10 @@ import (
 	"context"
 	"os"
 	"path/filepath"
-	"syscall"
 	"testing"
 
 	"github.com/flowpipe/flowpipe/core/flow"
+	"github.com/flowpipe/flowpipe/internal/testenv"
 )
 
 // discard is an Emitter that counts events and acknowledges at once.
@@ -18,12 +18,6 @@ func (d *discard) Emit(_ context.Context, b *flow.Batch) error {
 	d.batches++
 	b.Release(nil)
 	return nil
-}
-
-func cpuNanos() int64 {
-	var ru syscall.Rusage
-	_ = syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
-	return ru.Utime.Nano() + ru.Stime.Nano()
 }
 
 // BenchmarkReplay replays a generated capture of about a million packets (105,000
@@ -43,7 +37,7 @@ func BenchmarkReplay(b *testing.B) {
 	b.SetBytes(st.Size())
 	b.ReportAllocs()
 	b.ResetTimer()
-	cpu := cpuNanos()
+	cpu := testenv.CPUNanos()
 	for b.Loop() {
 		if err := s.Run(context.Background(), &d); err != nil {
 			b.Fatal(err)
@@ -52,7 +46,7 @@ func BenchmarkReplay(b *testing.B) {
 	b.StopTimer()
 	perFile := float64(b.Elapsed().Nanoseconds()) / float64(b.N)
 	b.ReportMetric(perFile/float64(pkts), "ns/packet")
-	b.ReportMetric(float64(cpuNanos()-cpu)/float64(b.N)/float64(pkts), "cpu-ns/packet")
+	b.ReportMetric(float64(testenv.CPUNanos()-cpu)/float64(b.N)/float64(pkts), "cpu-ns/packet")
 	b.ReportMetric(float64(pkts)/(perFile/1e9), "packets/s")
 	b.ReportMetric(float64(d.events)/float64(b.N), "events/file")
 }

@@ -9,6 +9,8 @@ import (
 	"net/netip"
 	"os/exec"
 	"path/filepath"
+	"regexp"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -23,15 +25,26 @@ import (
 
 // tcpdump captures on an interface inside a namespace until stop is called.
 type tcpdump struct {
-	cmd  *exec.Cmd
-	done chan error
+	cmd   *exec.Cmd
+	done  chan error         // cmd.Wait's result, once its output is read to the end
+	stats chan tcpdumpCounts // what it reports on SIGUSR1
 }
+
+// tcpdumpCounts are tcpdump's counts: packets written, packets the kernel handed it (its
+// "received by filter"), packets the kernel dropped because its ring was full.
+type tcpdumpCounts struct{ captured, received, dropped int }
+
+var tcpdumpCountsLine = regexp.MustCompile(`^tcpdump: (\d+) packets? captured, (\d+) packets? received by filter, (\d+) packets? dropped by kernel`)
 
 func startTcpdump(t *testing.T, p *testenv.Pair, ns, ifc, file string) *tcpdump {
 	t.Helper()
 	// Immediate mode: without it libpcap hands packets over a ring block at a time (up to a
-	// second later), and the packets of the last block are lost when tcpdump is stopped.
-	cmd := p.Command(ns, "tcpdump", "-i", ifc, "-n", "-U", "--immediate-mode", "-s", "0", "-w", file, "ip or ip6")
+	// second later), and the packets of the last block are lost when tcpdump is stopped. In
+	// immediate mode each frame of the ring takes a whole snapshot length (256 KiB), so that
+	// the default 2 MiB ring holds 8 packets, and a tcpdump that the scheduler holds back
+	// for a moment loses some (CI lost that race at load 20): -B 32768 (KiB) holds more
+	// than all the traffic of a test.
+	cmd := p.Command(ns, "tcpdump", "-i", ifc, "-n", "-U", "--immediate-mode", "-B", "32768", "-s", "0", "-w", file, "ip or ip6")
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -39,7 +52,7 @@ func startTcpdump(t *testing.T, p *testenv.Pair, ns, ifc, file string) *tcpdump 
 	if err := cmd.Start(); err != nil {
 		t.Fatalf("start tcpdump: %v", err)
 	}
-	td := &tcpdump{cmd: cmd, done: make(chan error, 1)}
+	td := &tcpdump{cmd: cmd, done: make(chan error, 1), stats: make(chan tcpdumpCounts, 16)}
 	ready := make(chan string, 1)
 	go func() {
 		sc := bufio.NewScanner(stderr)
@@ -48,6 +61,16 @@ func startTcpdump(t *testing.T, p *testenv.Pair, ns, ifc, file string) *tcpdump 
 			all = append(all, sc.Text())
 			if strings.Contains(sc.Text(), "listening on") {
 				ready <- ""
+			}
+			if m := tcpdumpCountsLine.FindStringSubmatch(sc.Text()); m != nil {
+				var c tcpdumpCounts
+				c.captured, _ = strconv.Atoi(m[1])
+				c.received, _ = strconv.Atoi(m[2])
+				c.dropped, _ = strconv.Atoi(m[3])
+				select {
+				case td.stats <- c:
+				default:
+				}
 			}
 		}
 		ready <- strings.Join(all, "\n")
@@ -60,13 +83,59 @@ func startTcpdump(t *testing.T, p *testenv.Pair, ns, ifc, file string) *tcpdump 
 	return td
 }
 
+// stop stops tcpdump once it has written every packet the kernel handed it: it reports its
+// counts on SIGUSR1 (ip netns exec runs it in place), and stopped before it read the last
+// packets of its ring it would lose them. A packet the kernel dropped fails the test: the
+// file would not be the traffic.
 func (td *tcpdump) stop(t *testing.T) {
 	t.Helper()
+	deadline := time.Now().Add(time.Minute)
+	for {
+		_ = td.cmd.Process.Signal(syscall.SIGUSR1)
+		var c tcpdumpCounts
+		select {
+		case c = <-td.stats:
+		case <-time.After(30 * time.Second):
+			t.Fatal("tcpdump does not report its counts on SIGUSR1")
+		}
+		if c.dropped > 0 {
+			t.Fatalf("tcpdump: the kernel dropped %d of %d packets (its ring was full)", c.dropped, c.received)
+		}
+		if c.captured == c.received {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("tcpdump wrote %d of the %d packets it received in a minute", c.captured, c.received)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 	_ = td.cmd.Process.Signal(syscall.SIGINT)
 	select {
 	case <-td.done:
 	case <-time.After(10 * time.Second):
 		t.Fatal("tcpdump did not stop")
+	}
+}
+
+// waitTCPDone waits until no TCP connection is open or closing in namespace A or B (only
+// TIME-WAIT may remain): the last FIN and ACK of every connection were received then, after
+// they passed the captures on A's interface. It replaces a sleep that let "the last ACKs reach
+// the captures".
+func waitTCPDone(t *testing.T, p *testenv.Pair) {
+	t.Helper()
+	deadline := time.Now().Add(time.Minute)
+	for {
+		var busy string
+		for _, ns := range []string{p.A, p.B} {
+			busy += p.Exec(t, ns, "ss", "-Htan", "state", "connected", "exclude", "time-wait")
+		}
+		if strings.TrimSpace(busy) == "" {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("TCP connections still open or closing a minute after the traffic:\n%s", busy)
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }
 
@@ -236,8 +305,7 @@ func makeTraffic(t *testing.T, p *testenv.Pair) trafficPlan {
 	p.Exec(t, p.A, "ping", "-c", "3", "-i", "0.2", "-W", "2", p.B4)
 	p.Exec(t, p.A, "ping", "-6", "-c", "2", "-i", "0.2", "-W", "2", p.B6)
 	plan.icmp = 2
-	// Let the last ACKs reach the captures.
-	time.Sleep(300 * time.Millisecond)
+	waitTCPDone(t, p)
 	return plan
 }
 
@@ -362,8 +430,7 @@ func TestLiveCaptureMatchesReplay(t *testing.T) {
 	udpExchange(t, p.A, p.B, hostPort(p.B4, 7301), 2, 3000)
 	udpExchange(t, p.A, p.B, hostPort(p.B6, 7302), 1, 4000)
 	plan.udp += 2
-	time.Sleep(300 * time.Millisecond)
-	td.stop(t)
+	td.stop(t) // the live source reads what its ring holds when it stops
 	cancel()
 	wg.Wait()
 	if runErr != nil {
@@ -463,8 +530,7 @@ func TestLiveRereadsInterfaceAddresses(t *testing.T) {
 		}
 	}
 	udpExchange(t, p.A, p.B, hostPort(b2, 7200), 1, 10)
-	time.Sleep(300 * time.Millisecond)
-	cancel()
+	cancel() // the echo came back: both datagrams are in the ring, which the source reads when it stops
 	if err := <-done; err != nil {
 		t.Fatal(err)
 	}
