@@ -13,6 +13,12 @@
 #   sudo scripts/bench-conntrack.sh ulogd2-ipfix    # the IPFIX peer: ulogd2 NFCT -> IPFIX -> nfcapd
 #   N=5000 RUNS=1 sudo -E scripts/bench-conntrack.sh
 #   READ_BUFFER=256KiB sudo -E scripts/bench-conntrack.sh   # force overruns: resync path
+#   FLOWPIPE=/tmp/old/flowpipe sudo -E scripts/bench-conntrack.sh  # a binary built elsewhere
+#
+# The flowpipe modes print the CPU of each process too: the host and every plugin process
+# (by its component type; built-ins run as plugin processes by default), and the CPU per
+# recorded event (starts + ends). FLOWPIPE_PLUGIN_CPUPROFILE=/tmp/prof in the environment
+# makes every plugin process write a CPU profile (docs/plugins.md, Debug it).
 #
 # Needs root, iproute2, nftables, conntrack, socat and Go (the IPFIX modes: nfdump, ulogd2). Touches only its own namespaces.
 set -euo pipefail
@@ -44,7 +50,11 @@ cleanup() {
 trap cleanup EXIT
 
 echo "building into $work"
-go build -o "$work/flowpipe" ./cmd/flowpipe
+if [ -n "${FLOWPIPE:-}" ]; then
+  cp "$FLOWPIPE" "$work/flowpipe"
+else
+  go build -o "$work/flowpipe" ./cmd/flowpipe
+fi
 go build -o "$work/udpflood" ./sources/conntrack/internal/udpflood
 
 setup() {
@@ -72,6 +82,19 @@ cpu() {
     total=$(awk -v t="$(getconf CLK_TCK)" -v s="$total" '{printf "%.2f", s + ($14+$15)/t}' "/proc/$p/stat" 2>/dev/null || echo "$total")
   done
   echo "$total"
+}
+
+# cpu_each PID: "name user system" (seconds) for the process and each child; a built-in plugin process is
+# named by the type it serves (its command line is "flowpipe plugin serve KIND TYPE").
+cpu_each() {
+  local p name
+  for p in $1 $(pgrep -P "$1"); do
+    if [ "$p" = "$1" ]; then name=host; else
+      name=$(tr '\0' ' ' <"/proc/$p/cmdline" 2>/dev/null | awk '$2 == "plugin" && $3 == "serve" {print $5}')
+      [ -n "$name" ] || name=child$p
+    fi
+    awk -v t="$(getconf CLK_TCK)" -v n="$name" '{printf "%s %.2f %.2f\n", n, $14/t, $15/t}' "/proc/$p/stat" 2>/dev/null || true
+  done
 }
 
 # settle FILE PATTERN: wait until the count of lines matching PATTERN stops changing.
@@ -117,10 +140,12 @@ YAML
     sleep 0.1
   done
   sleep 0.5
+  cpu_each $fp >"$work/cpu0"
   cpu0=$(cpu $fp)
   burst
   settle "$out" '"type":"end"'
   cpu1=$(cpu $fp)
+  cpu_each $fp >"$work/cpu1"
   kill -INT $fp; wait $fp || true
   # From the source's log (its own metrics stay in the plugin process when it runs isolated).
   overruns=$(grep -c "overran the socket buffer" "$work/flowpipe.log" || true)
@@ -132,6 +157,15 @@ YAML
   printf 'flowpipe:    starts %d/%d (%.1f%%)  ends %d/%d (%.1f%%)  cpu %.2fs  overrun episodes %d  reconstructed starts %d ends %d (marked in output: %d)\n' \
     "$starts" "$N" "$(echo "100*$starts/$N" | bc -l)" "$ends" "$N" "$(echo "100*$ends/$N" | bc -l)" \
     "$(echo "$cpu1-$cpu0" | bc -l)" "$overruns" "$rstarts" "$rends" "$marked"
+  per_event "$(echo "$cpu1-$cpu0" | bc -l)" $((starts + ends))
+  printf '             cpu by process:'
+  awk 'NR == FNR {u[$1] = $2; s[$1] = $3; next} {printf " %s %.2fs (user %.2f, system %.2f)", $1, $2 + $3 - u[$1] - s[$1], $2 - u[$1], $3 - s[$1]}' "$work/cpu0" "$work/cpu1"
+  echo
+}
+
+# per_event SECONDS EVENTS: the CPU per recorded event.
+per_event() {
+  printf '             cpu per recorded event (starts + ends): %.2f us\n' "$(echo "1000000*$1/($2+(0==$2))" | bc -l)"
 }
 
 run_conntrack_e() {
@@ -149,6 +183,7 @@ run_conntrack_e() {
   printf 'conntrack -E: starts %d/%d (%.1f%%)  ends %d/%d (%.1f%%)  cpu %.2fs  (%s)\n' \
     "$starts" "$N" "$(echo "100*$starts/$N" | bc -l)" "$ends" "$N" "$(echo "100*$ends/$N" | bc -l)" \
     "$(echo "$cpu1-$cpu0" | bc -l)" "$(tr '\n' ' ' <"$work/conntrack.err" | cut -c1-80)"
+  per_event "$(echo "$cpu1-$cpu0" | bc -l)" $((starts + ends))
 }
 
 # ipfix_count DIR: records nfcapd stored for the flood's flows, and how many carry the

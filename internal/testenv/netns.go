@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"strings"
 	"testing"
+	"time"
 )
 
 // Pair is two network namespaces joined by a veth pair: A (10.x.y.1, fdxx::1) and
@@ -48,7 +49,31 @@ func NewPair(t testing.TB) *Pair {
 		MustRun(t, "ip", "-n", s.ns, "addr", "add", s.a6+"/64", "dev", s.ifc, "nodad")
 		MustRun(t, "ip", "-n", s.ns, "link", "set", s.ifc, "up")
 	}
+	// "link set up" returns before the kernel's link watcher has run for the new device; until
+	// it has, the device has no active queue and drops what is sent. A test's first packet
+	// then waits for an ARP retry a second later (longer than the 1 s conntrack timeouts some
+	// tests set), which a loaded machine made happen. Wait until both ends are operationally up.
+	for _, s := range []struct{ ns, ifc string }{{p.A, p.IfA}, {p.B, p.IfB}} {
+		waitOperUp(t, s.ns, s.ifc)
+	}
 	return p
+}
+
+// waitOperUp waits (bounded, a hang guard) until interface ifc in namespace ns reports
+// operstate up.
+func waitOperUp(t testing.TB, ns, ifc string) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		out, err := exec.Command("ip", "-n", ns, "-o", "link", "show", "dev", ifc).CombinedOutput()
+		if err == nil && strings.Contains(string(out), " state UP ") {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("interface %s in namespace %s is not up: %v\n%s", ifc, ns, err, out)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 }
 
 // Exec runs a command inside namespace ns and returns its combined output; it fails t on

@@ -202,8 +202,9 @@ func TestSysctlsRestoredAndActivateRemoved(t *testing.T) {
 }
 
 // TestExistingFlows starts the source while a connection is open: the dump at start reports
-// it (reconstructed), and since the kernel sends no DESTROY for entries created without a
-// listener, the periodic sweep reports its end with the counters of the last dump.
+// it (reconstructed), and since the kernel sends no DESTROY for an entry without an event
+// cache (nf_conntrack_events=0 below), the periodic sweep reports its end with the counters of
+// the last dump.
 func TestExistingFlows(t *testing.T) {
 	// The sweep looks a few entries up one by one, many with a full dump; test both.
 	for _, tc := range []struct {
@@ -221,10 +222,12 @@ add chain inet keep c
 add rule inet keep c ct state new counter`)
 	sysctlNS(t, p, p.A, "net.netfilter.nf_conntrack_acct=1")
 	sysctlNS(t, p, p.A, "net.netfilter.nf_conntrack_udp_timeout=3")
-	// 2 ("auto", the default on current kernels): entries created while nobody listens carry no
-	// event cache, so the kernel never reports their end; pin it so the test means the same
-	// on every kernel.
-	sysctlNS(t, p, p.A, "net.netfilter.nf_conntrack_events=2")
+	// 0: entries get no event cache, so the kernel never reports their end and only the sweep
+	// can. Not 2 ("auto", the default): whether an entry gets the cache then depends on
+	// whether any ctnetlink listener exists on the whole host when it is created (the kernel
+	// tracks that globally, not per namespace), and in CI other test packages listen at the
+	// same time, so the kernel sent the DESTROY and the test failed.
+	sysctlNS(t, p, p.A, "net.netfilter.nf_conntrack_events=0")
 	srv, stop := udpEcho(t, p, p.B, p.B4+":0")
 	defer stop()
 	client := udpExchange(t, p.A, srv, 2, 100)

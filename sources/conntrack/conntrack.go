@@ -296,7 +296,7 @@ func (s *Source) Run(ctx context.Context, out component.Emitter) error {
 		if evs == nil {
 			break
 		}
-		if out.Emit(fctx, flow.NewBatch(evs, nil)) != nil {
+		if out.Emit(fctx, s.q.batch(evs)) != nil {
 			s.env.Metrics.Dropped("shutdown", s.q.len())
 			break
 		}
@@ -314,7 +314,7 @@ func (s *Source) emitLoop(ctx context.Context, out component.Emitter, readErr <-
 	for {
 		evs, wait := s.q.pop(s.config().FlushInterval, false)
 		if evs != nil {
-			if err := out.Emit(ctx, flow.NewBatch(evs, nil)); err != nil {
+			if err := out.Emit(ctx, s.q.batch(evs)); err != nil {
 				return err
 			}
 			continue
@@ -335,8 +335,10 @@ func (s *Source) emitLoop(ctx context.Context, out component.Emitter, readErr <-
 }
 
 const (
-	// pollPause is how long the reader waits after draining the socket before it blocks.
-	pollPause = time.Millisecond
+	// minPollPause and maxPollPause bound how long the reader waits after draining the
+	// socket before it blocks (pollPause).
+	minPollPause = time.Millisecond
+	maxPollPause = 5 * time.Millisecond
 	// minResyncInterval spaces the table dumps that follow overruns.
 	minResyncInterval = 500 * time.Millisecond
 )
@@ -354,10 +356,10 @@ func (s *Source) read(ctx context.Context) error {
 	ev := s.currentEvents()
 	_ = ev.setDeadline(nextHousekeep)
 	// idle is set when the last non-blocking read found the socket empty. The reader then
-	// pauses for pollPause before it blocks in the poller: under a steady stream of events
-	// this wakes the goroutine about a thousand times a second instead of once per event
-	// (each wake-up costs more than decoding an event), while the socket buffer, sized for
-	// tens of thousands of events, holds the millisecond's worth.
+	// pauses (pollPause) before it blocks in ppoll: under a steady stream of events this
+	// wakes the process a few hundred times a second instead of once per event (each
+	// wake-up costs more than decoding an event), while the socket buffer holds what
+	// arrives meanwhile.
 	idle := false
 	for {
 		select {
@@ -383,7 +385,7 @@ func (s *Source) read(ctx context.Context) error {
 			// Under sustained overload, dumping after every overrun would only add load:
 			// resyncs are spaced, and missing entries wait resync_grace anyway.
 			idle = !needResync
-			time.Sleep(pollPause)
+			time.Sleep(pollPause(ev.rcvbuf))
 		case errors.Is(err, errIdle):
 			// The socket is drained after an overrun: compare with the table now.
 			if err := s.resyncCounted(); err != nil {
@@ -433,6 +435,17 @@ func (s *Source) read(ctx context.Context) error {
 	}
 }
 
+// pollPause is the reader's pause after it drained a socket whose buffer holds rcvbuf bytes
+// (what the kernel reports: twice read_buffer): a millisecond per 8 MiB of buffer, within
+// minPollPause and maxPollPause. Filling the buffer within one pause then takes 8 MiB a
+// millisecond, about 6,000 events (the kernel charges about 1.3 KiB per event), so 6 million
+// events a second, whatever the buffer's size; the default (read_buffer 32 MiB: 64 MiB,
+// 5 ms) has more margin still, and a buffer under 8 MiB keeps the 1 ms pause, and the
+// margin, that every buffer had before.
+func pollPause(rcvbuf int) time.Duration {
+	return min(max(time.Duration(rcvbuf)*time.Millisecond/(8<<20), minPollPause), maxPollPause)
+}
+
 // reconnect closes the failed event socket and, after the reopen backoff, opens a new one.
 // It returns nil and true when the reopen failed (the reader tries again), and false when
 // the source is stopping.
@@ -473,6 +486,7 @@ func (s *Source) housekeep(now time.Time, needResync bool) {
 		s.log.Info("conntrack connections left the table without a DESTROY; reconstructed their ends",
 			"reconstructed_ends", n)
 	}
+	s.q.trim()
 	s.flushCounts()
 }
 

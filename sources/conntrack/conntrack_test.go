@@ -4,6 +4,7 @@ import (
 	"net"
 	"net/netip"
 	"testing"
+	"time"
 
 	"github.com/flowpipe/flowpipe/core/flow"
 	"github.com/flowpipe/flowpipe/internal/testenv"
@@ -111,5 +112,17 @@ func TestUDPStartEndCounters(t *testing.T) {
 				t.Errorf("%d reconstructed events in a quiet namespace", st)
 			}
 		})
+	}
+}
+
+func TestPollPause(t *testing.T) {
+	for _, c := range []struct {
+		rcvbuf int
+		want   time.Duration
+	}{{128 << 10, time.Millisecond}, {8 << 20, time.Millisecond}, {16 << 20, 2 * time.Millisecond},
+		{32 << 20, 4 * time.Millisecond}, {64 << 20, 5 * time.Millisecond}, {4 << 30, 5 * time.Millisecond}} {
+		if got := pollPause(c.rcvbuf); got != c.want {
+			t.Errorf("pollPause(%d) = %v, want %v", c.rcvbuf, got, c.want)
+		}
 	}
 }

@@ -11,6 +11,11 @@ import (
 // pipeline applies backpressure. Events are appended to fixed-size chunks; a chunk becomes a
 // batch as it is, without copying, once it is full or its first event has waited long enough.
 // The total is bounded: past max events, push refuses and the reader counts the drop.
+//
+// A chunk whose batch the pipeline acknowledged comes back (recycle) and is filled again:
+// once acknowledged, nothing holds a batch's events (flow.Batch), and a fresh chunk of
+// batch_size events (half a megabyte at the default 2,048) is memory the kernel must fault
+// in and zero, which under a burst cost more than decoding the events that fill it.
 type queue struct {
 	mu     sync.Mutex
 	chunks []chunk
@@ -18,7 +23,21 @@ type queue struct {
 	n      int // events queued
 	max    int
 	ready  chan struct{} // a chunk filled, or the first event arrived
+
+	free      [][]flow.Event // acknowledged chunks, for reuse; at most maxFreeChunks
+	freeUsed  bool           // a chunk was reused since the last trim
+	freeQuiet int            // trims in a row that found no chunk reused
 }
+
+const (
+	// maxFreeChunks bounds the acknowledged chunks kept for reuse: about what a burst has
+	// in flight (the plugin emit window is four batches).
+	maxFreeChunks = 8
+	// freeTrims is how many trims in a row (about a second apart) must find no reuse before
+	// the free chunks go: a burst that follows a few quiet seconds (connections opened, then
+	// expiring together) still finds them.
+	freeTrims = 10
+)
 
 type chunk struct {
 	evs  []flow.Event
@@ -38,7 +57,7 @@ func (q *queue) push(e *flow.Event) bool {
 	}
 	last := len(q.chunks) - 1
 	if last < 0 || len(q.chunks[last].evs) >= q.size { // >=: batch_size may have shrunk
-		q.chunks = append(q.chunks, chunk{evs: make([]flow.Event, 0, q.size), born: time.Now()})
+		q.chunks = append(q.chunks, chunk{evs: q.newChunk(), born: time.Now()})
 		last++
 	}
 	q.chunks[last].evs = append(q.chunks[last].evs, *e)
@@ -52,6 +71,46 @@ func (q *queue) push(e *flow.Event) bool {
 		}
 	}
 	return true
+}
+
+// newChunk is an empty chunk, reused if one is free; q.mu is held.
+func (q *queue) newChunk() []flow.Event {
+	if n := len(q.free); n > 0 {
+		c := q.free[n-1]
+		q.free[n-1] = nil
+		q.free = q.free[:n-1]
+		q.freeUsed = true
+		return c[:0]
+	}
+	return make([]flow.Event, 0, q.size)
+}
+
+// recycle takes back the events of a batch once the pipeline has acknowledged it.
+func (q *queue) recycle(evs []flow.Event) {
+	q.mu.Lock()
+	if cap(evs) == q.size && len(q.free) < maxFreeChunks {
+		q.free = append(q.free, evs[:0])
+	}
+	q.mu.Unlock()
+}
+
+// trim lets the free chunks go once freeTrims trims in a row found none reused (the reader
+// calls it about once a second): a quiet source does not keep a burst's memory.
+func (q *queue) trim() {
+	q.mu.Lock()
+	if q.freeUsed {
+		q.freeQuiet = 0
+	} else if q.freeQuiet++; q.freeQuiet >= freeTrims {
+		clear(q.free)
+		q.free = q.free[:0]
+	}
+	q.freeUsed = false
+	q.mu.Unlock()
+}
+
+// batch makes the batch of a popped chunk; its acknowledgement gives the chunk back.
+func (q *queue) batch(evs []flow.Event) *flow.Batch {
+	return flow.NewBatch(evs, func(error) { q.recycle(evs) })
 }
 
 // pop removes the first chunk when it is full, when it is older than linger, or when force

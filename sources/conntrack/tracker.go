@@ -35,12 +35,26 @@ type tracker struct {
 
 // ctKey identifies a conntrack entry for its lifetime: the kernel's ID (a hash of the entry's
 // address and tuple) plus the original tuple and zone, so a reused ID cannot be confused.
+// The addresses are kept as 16 bytes rather than netip.Addr: the key holds no pointer (so the
+// garbage collector never scans the map, which holds every open connection) and is 44 bytes
+// instead of 64 to hash and compare.
 type ctKey struct {
-	src, dst     netip.Addr
+	src, dst     [16]byte // IPv4 as IPv4-mapped IPv6 (v4 set)
 	id           uint32
 	sport, dport uint16 // ICMP: identifier, type<<8|code
 	zone         uint16
 	proto        uint8
+	v4           bool
+}
+
+func (k *ctKey) srcAddr() netip.Addr { return k.addr(&k.src) }
+func (k *ctKey) dstAddr() netip.Addr { return k.addr(&k.dst) }
+
+func (k *ctKey) addr(a *[16]byte) netip.Addr {
+	if k.v4 {
+		return netip.AddrFrom4([4]byte{a[12], a[13], a[14], a[15]})
+	}
+	return netip.AddrFrom16(*a)
 }
 
 type entry struct {
@@ -59,7 +73,7 @@ func newTracker(cfg *Config, emit func(*flow.Event, bool)) *tracker {
 
 func keyOf(f *ctFlow) ctKey {
 	t := &f.orig
-	k := ctKey{src: t.src, dst: t.dst, id: f.id, zone: f.zone, proto: t.proto}
+	k := ctKey{src: t.src.As16(), dst: t.dst.As16(), id: f.id, zone: f.zone, proto: t.proto, v4: t.src.Is4()}
 	if flow.IsICMP(t.proto) {
 		k.sport, k.dport = t.icmpID, uint16(t.icmpType)<<8|uint16(t.icmpCode)
 	} else {
@@ -179,7 +193,7 @@ func (t *tracker) onDump(flows []ctFlow, now flow.Time, announce bool) (starts, 
 // flow is the original tuple and zone of a key, enough to ask the kernel for the entry.
 func (k ctKey) flow() ct.Flow {
 	f := ct.Flow{Zone: k.zone}
-	f.TupleOrig.IP.SourceAddress, f.TupleOrig.IP.DestinationAddress = k.src, k.dst
+	f.TupleOrig.IP.SourceAddress, f.TupleOrig.IP.DestinationAddress = k.srcAddr(), k.dstAddr()
 	f.TupleOrig.Proto.Protocol = k.proto
 	if flow.IsICMP(k.proto) {
 		f.TupleOrig.Proto.ICMPID, f.TupleOrig.Proto.ICMPType, f.TupleOrig.Proto.ICMPCode = k.sport, uint8(k.dport>>8), uint8(k.dport)
@@ -260,14 +274,14 @@ func (t *tracker) event(f *ctFlow, typ flow.Type, e *entry, now flow.Time) flow.
 func (t *tracker) eventFromKey(k ctKey, e *entry, now flow.Time) flow.Event {
 	ev := flow.Event{
 		EventID: t.ids.New(), FlowID: e.flowID, Timestamp: now, Start: e.start, End: now,
-		Type: flow.TypeEnd, SrcAddr: k.src, DstAddr: k.dst, Protocol: k.proto,
+		Type: flow.TypeEnd, SrcAddr: k.srcAddr(), DstAddr: k.dstAddr(), Protocol: k.proto,
 	}
 	if flow.IsICMP(k.proto) {
 		ev.ICMPType, ev.ICMPCode = uint8(k.dport>>8), uint8(k.dport)
 	} else {
 		ev.SrcPort, ev.DstPort = k.sport, k.dport
 	}
-	ev.Direction = t.direction(e.mark, k.src, k.dst)
+	ev.Direction = t.direction(e.mark, ev.SrcAddr, ev.DstAddr)
 	t.counters(&ev, e.orig, e.reply)
 	return ev
 }

@@ -260,3 +260,24 @@ func FuzzDecodeMessages(f *testing.F) {
 		}
 	})
 }
+
+// The compact key gives back the addresses it was made from, and tells an IPv4 entry from
+// the IPv6 entry of the same address written IPv4-mapped.
+func TestKeyAddresses(t *testing.T) {
+	var keys []ctKey
+	for _, c := range [][2]string{{"10.0.0.1", "192.0.2.7"}, {"2001:db8::1", "fe80::2"}, {"::ffff:10.0.0.1", "::ffff:192.0.2.7"}} {
+		f := &ctFlow{id: 7}
+		f.orig.src, f.orig.dst, f.orig.proto = netip.MustParseAddr(c[0]), netip.MustParseAddr(c[1]), flow.ProtoUDP
+		k := keyOf(f)
+		if k.srcAddr() != f.orig.src || k.dstAddr() != f.orig.dst {
+			t.Errorf("key of %s -> %s gives back %s -> %s", f.orig.src, f.orig.dst, k.srcAddr(), k.dstAddr())
+		}
+		if cf := k.flow(); cf.TupleOrig.IP.SourceAddress != f.orig.src || cf.TupleOrig.IP.DestinationAddress != f.orig.dst {
+			t.Errorf("lookup flow of %s -> %s: %s -> %s", f.orig.src, f.orig.dst, cf.TupleOrig.IP.SourceAddress, cf.TupleOrig.IP.DestinationAddress)
+		}
+		keys = append(keys, k)
+	}
+	if keys[0] == keys[2] {
+		t.Error("an IPv4 entry and the IPv4-mapped IPv6 entry of the same addresses have one key")
+	}
+}
