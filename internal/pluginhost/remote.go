@@ -137,12 +137,8 @@ func (e *remoteEnricher) Enrich(ctx context.Context, b *flow.Batch) error {
 			out = b.Events[:0] // one part: the request is encoded before the answer is decoded
 		}
 		rest = rest[n:]
-		out, err = codec.Decode(out, resp.Batch.GetEvents(), int(resp.Batch.GetCount()))
-		if resp.Batch != nil && pooled {
-			pb.PutEvents(resp.Batch.Events) // decoding copied what it keeps
-		}
-		if err != nil {
-			return fmt.Errorf("%s: bad answer: %w", e.in.launcher.describe, err)
+		if out, err = e.decodeAnswer(out, resp, pooled); err != nil {
+			return err
 		}
 	}
 	b.Events = out
@@ -229,17 +225,27 @@ func (e *remoteEnricher) StartEnrich(ctx context.Context, b *flow.Batch) (finish
 			}
 			return err
 		}
-		out, err := codec.Decode(b.Events[:0], resp.Batch.GetEvents(), int(resp.Batch.GetCount()))
-		if resp.Batch != nil {
-			pb.PutEvents(resp.Batch.Events) // decoding copied what it keeps
-		}
+		out, err := e.decodeAnswer(b.Events[:0], resp, true)
 		if err != nil {
-			return fmt.Errorf("%s: bad answer: %w", e.in.launcher.describe, err)
+			return err
 		}
 		b.Events = out
 		e.in.succeeded()
 		return nil
 	}
+}
+
+// decodeAnswer appends the events of an enrich answer to dst; pooled says that the answer's
+// bytes are a buffer from pb.Buffers (the data channel's), given back once decoded.
+func (e *remoteEnricher) decodeAnswer(dst []flow.Event, resp *pb.EnrichResponse, pooled bool) ([]flow.Event, error) {
+	out, err := codec.Decode(dst, resp.Batch.GetEvents(), int(resp.Batch.GetCount()))
+	if resp.Batch != nil && pooled {
+		pb.PutEvents(resp.Batch.Events) // decoding copied what it keeps
+	}
+	if err != nil {
+		return out, fmt.Errorf("%s: bad answer: %w", e.in.launcher.describe, err)
+	}
+	return out, nil
 }
 
 func (e *remoteEnricher) Start(ctx context.Context) error { return e.in.Start(ctx) }
