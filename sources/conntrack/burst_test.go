@@ -6,8 +6,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/google/uuid"
-
 	"github.com/flowpipe/flowpipe/core/flow"
 	"github.com/flowpipe/flowpipe/sources/conntrack/internal/flood"
 )
@@ -53,30 +51,7 @@ func burst(t *testing.T, opts map[string]any) {
 	waitFor(t, "5,000 ends", func() bool { _, e := count(); return e >= n }, dumpNS(p, p.A))
 	r.stop()
 
-	starts, ends := byFlow(r.out.Events(), inFlood)
-	startOf := map[uint16]uuid.UUID{}
-	for _, s := range starts {
-		if _, dup := startOf[s.SrcPort]; dup {
-			t.Errorf("two starts for source port %d", s.SrcPort)
-		}
-		startOf[s.SrcPort] = s.FlowID
-	}
-	endOf := map[uint16]bool{}
-	for _, e := range ends {
-		if endOf[e.SrcPort] {
-			t.Errorf("two ends for source port %d", e.SrcPort)
-		}
-		endOf[e.SrcPort] = true
-		if id, ok := startOf[e.SrcPort]; !ok || id != e.FlowID {
-			t.Errorf("end of port %d has flow ID %v, its start %v", e.SrcPort, e.FlowID, id)
-		}
-		if e.TxPackets != 1 || e.TxBytes != 16+28 {
-			t.Errorf("end of port %d: tx %d packets %d bytes, want 1 and 44", e.SrcPort, e.TxPackets, e.TxBytes)
-		}
-	}
-	if len(startOf) != n || len(endOf) != n {
-		t.Fatalf("recorded %d of %d starts and %d of %d ends", len(startOf), n, len(endOf), n)
-	}
+	exactlyOnce(t, r.out.Events(), inFlood, n)
 	st := &r.src.stats
 	t.Logf("kernel events: %d NEW, %d DESTROY; overruns %d, resyncs %d, reconstructed %d starts %d ends; batches %d",
 		st.newEvents.Load(), st.destroyEvents.Load(), st.overruns.Load(), st.resyncs.Load(),
