@@ -81,11 +81,20 @@ func KillTree(pid int, within time.Duration) error {
 	return nil
 }
 
-// Alive says whether process pid exists and has not ended (a zombie, ended but not yet
-// reaped, holds nothing and counts as ended).
+// Alive says whether process pid exists and has not ended. A zombie, ended but not yet
+// reaped, counts as ended once it is the last of its threads: a killed Go process's main
+// thread shows "Z" while its other threads are still exiting, and those still hold the
+// process's descriptors (a listening socket, so its port cannot be bound yet).
 func Alive(pid int) bool {
 	state, _, ok := procStat(pid)
-	return ok && !ended(state)
+	if !ok {
+		return false
+	}
+	if !ended(state) {
+		return true
+	}
+	tasks, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+	return err == nil && len(tasks) > 1
 }
 
 func ended(state string) bool { return state == "Z" || state == "X" }
