@@ -28,6 +28,7 @@ type NATSNode struct {
 	dir    string
 	port   int // clients'
 	mon    int
+	route  int // the cluster's; 0 for a single server
 	cmd    *exec.Cmd
 	exited chan struct{} // closed when cmd has ended
 	log    *os.File
@@ -37,13 +38,48 @@ type NATSNode struct {
 type NATSAuth struct{ User, Password string }
 
 // StartNATSCluster starts n JetStream servers clustered together (n = 1: a single server)
-// and waits until every one is healthy.
+// and waits until every one is healthy. A node that exits because another process took one of
+// its ports before it bound it (FreeTCPPort reserves nothing) does not fail the test: the
+// cluster is started again on fresh ports, up to three times.
 func StartNATSCluster(t testing.TB, n int, auth NATSAuth) *NATSCluster {
 	t.Helper()
 	bin, err := exec.LookPath("nats-server")
 	Require(t, err == nil, "nats-server in PATH (apt-get install nats-server)")
 	c := &NATSCluster{t: t}
-	dir := t.TempDir()
+	t.Cleanup(func() {
+		for _, nd := range c.Nodes {
+			nd.stop()
+		}
+	})
+	for attempt := 1; ; attempt++ {
+		c.configure(n, auth, t.TempDir())
+		for _, nd := range c.Nodes {
+			c.start(bin, nd)
+		}
+		var failed error
+		for _, nd := range c.Nodes {
+			if failed = c.waitHealthy(nd); failed != nil {
+				break
+			}
+		}
+		if failed == nil {
+			return c
+		}
+		if attempt == 3 || !strings.Contains(failed.Error(), "address already in use") {
+			t.Fatal(failed)
+		}
+		t.Logf("nats cluster, attempt %d: a port was taken by another process before its node bound it; starting again on fresh ports", attempt)
+		for _, nd := range c.Nodes {
+			nd.stop()
+		}
+	}
+}
+
+// configure chooses the nodes' ports and writes their configuration files into dir.
+func (c *NATSCluster) configure(n int, auth NATSAuth, dir string) {
+	t := c.t
+	t.Helper()
+	c.Nodes = nil
 	clients, routes, mons := make([]int, n), make([]int, n), make([]int, n)
 	for i := range n {
 		clients[i], routes[i], mons[i] = FreeTCPPort(t), FreeTCPPort(t), FreeTCPPort(t)
@@ -70,20 +106,11 @@ func StartNATSCluster(t testing.TB, n int, auth NATSAuth) *NATSCluster {
 		if err := os.WriteFile(nd.conf, []byte(b.String()), 0o600); err != nil {
 			t.Fatal(err)
 		}
+		if n > 1 {
+			nd.route = routes[i]
+		}
 		c.Nodes = append(c.Nodes, nd)
 	}
-	for _, nd := range c.Nodes {
-		c.start(bin, nd)
-	}
-	t.Cleanup(func() {
-		for _, nd := range c.Nodes {
-			nd.stop()
-		}
-	})
-	for _, nd := range c.Nodes {
-		c.waitHealthy(nd)
-	}
-	return c
 }
 
 // URLs are the client URLs of the running nodes.
@@ -112,30 +139,39 @@ func (c *NATSCluster) start(bin string, nd *NATSNode) {
 	go func(cmd *exec.Cmd, exited chan struct{}) { cmd.Wait(); close(exited) }(nd.cmd, nd.exited)
 }
 
-// waitHealthy waits until the node's own process listens on its client and monitoring ports
+// waitHealthy waits until the node's own process listens on its client, monitoring and cluster ports
 // (not another process that took one after FreeTCPPort chose it: the node then exits, and a
 // probe of the port would get the other's answer), then until it reports itself healthy.
-func (c *NATSCluster) waitHealthy(nd *NATSNode) {
+func (c *NATSCluster) waitHealthy(nd *NATSNode) error {
 	c.t.Helper()
 	deadline := time.Now().Add(30 * time.Second)
-	for _, port := range []int{nd.port, nd.mon} {
+	for _, port := range []int{nd.port, nd.mon, nd.route} {
+		if port == 0 {
+			continue
+		}
 		if err := WaitListening(nd.cmd.Process.Pid, "tcp", port, nd.exited, time.Until(deadline)); err != nil {
 			log, _ := os.ReadFile(nd.log.Name())
-			c.t.Fatalf("nats-server %s: %v; its log:\n%s", nd.Name, err, log)
+			return fmt.Errorf("nats-server %s: %v; its log:\n%s", nd.Name, err, log)
 		}
 	}
 	url := fmt.Sprintf("http://127.0.0.1:%d/healthz", nd.mon)
 	for time.Now().Before(deadline) {
+		select {
+		case <-nd.exited:
+			log, _ := os.ReadFile(nd.log.Name())
+			return fmt.Errorf("nats-server %s exited before it was healthy; its log:\n%s", nd.Name, log)
+		default:
+		}
 		if resp, err := http.Get(url); err == nil {
 			resp.Body.Close()
 			if resp.StatusCode == http.StatusOK {
-				return
+				return nil
 			}
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
 	log, _ := os.ReadFile(nd.log.Name())
-	c.t.Fatalf("nats-server %s not healthy within 30s; its log:\n%s", nd.Name, log)
+	return fmt.Errorf("nats-server %s not healthy within 30s; its log:\n%s", nd.Name, log)
 }
 
 // Kill kills node i with SIGKILL (its store stays, for Restart).
@@ -148,7 +184,9 @@ func (c *NATSCluster) Restart(i int) {
 	c.t.Helper()
 	bin, _ := exec.LookPath("nats-server")
 	c.start(bin, c.Nodes[i])
-	c.waitHealthy(c.Nodes[i])
+	if err := c.waitHealthy(c.Nodes[i]); err != nil {
+		c.t.Fatal(err)
+	}
 }
 
 func (nd *NATSNode) stop() {

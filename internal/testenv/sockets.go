@@ -10,6 +10,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -26,33 +27,63 @@ import (
 
 // FreeTCPAddr returns 127.0.0.1:port for a TCP port free at this instant. Nothing reserves
 // it: a test that starts a server on it waits with WaitListening, which tells whether that
-// server got it, and notices the server exiting when another process was faster.
+// server got it, and notices the server exiting when another process was faster. It never
+// returns a port it returned before in this process: the kernel hands a port just closed to
+// the next bind to port 0 as readily as any other, so two calls in a row (a server's client and
+// cluster ports) could otherwise get the same one, and the server would exit at once.
 func FreeTCPAddr(t testing.TB) string {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
+	return fmt.Sprintf("127.0.0.1:%d", freePort(t, "tcp"))
 }
 
 // FreeTCPPort is FreeTCPAddr's port.
 func FreeTCPPort(t testing.TB) int {
 	t.Helper()
-	return Port(t, FreeTCPAddr(t))
+	return freePort(t, "tcp")
 }
 
 // FreeUDPPort is a UDP port on 127.0.0.1 free at this instant (what FreeTCPAddr says holds
 // for it too: wait with WaitListening).
 func FreeUDPPort(t testing.TB) int {
 	t.Helper()
-	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
+	return freePort(t, "udp")
+}
+
+var (
+	handedOutMu sync.Mutex
+	handedOut   = map[string]map[int]bool{"tcp": {}, "udp": {}}
+)
+
+// freePort binds port 0 until the kernel gives a port not handed out before in this process.
+func freePort(t testing.TB, network string) int {
+	t.Helper()
+	handedOutMu.Lock()
+	defer handedOutMu.Unlock()
+	for range 1000 {
+		var port int
+		switch network {
+		case "tcp":
+			l, err := net.Listen("tcp", "127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			port = l.Addr().(*net.TCPAddr).Port
+			l.Close()
+		default:
+			pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			port = pc.LocalAddr().(*net.UDPAddr).Port
+			pc.Close()
+		}
+		if !handedOut[network][port] {
+			handedOut[network][port] = true
+			return port
+		}
 	}
-	defer pc.Close()
-	return pc.LocalAddr().(*net.UDPAddr).Port
+	t.Fatalf("no %s port on 127.0.0.1 that this process has not already handed out in 1000 tries", network)
+	return 0
 }
 
 // Port is the port of a host:port address.
