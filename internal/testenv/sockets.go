@@ -5,6 +5,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"net"
 	"net/netip"
 	"os"
@@ -27,10 +28,11 @@ import (
 
 // FreeTCPAddr returns 127.0.0.1:port for a TCP port free at this instant. Nothing reserves
 // it: a test that starts a server on it waits with WaitListening, which tells whether that
-// server got it, and notices the server exiting when another process was faster. It never
-// returns a port it returned before in this process: the kernel hands a port just closed to
-// the next bind to port 0 as readily as any other, so two calls in a row (a server's client and
-// cluster ports) could otherwise get the same one, and the server would exit at once.
+// server got it, and notices the server exiting when another process was faster (freePort
+// chooses where that is least likely). It never returns a port it returned before in this
+// process: the kernel hands a port just closed to the next bind to port 0 as readily as any
+// other, so two calls in a row (a server's client and cluster ports) got the same one once,
+// and the server exited at once.
 func FreeTCPAddr(t testing.TB) string {
 	t.Helper()
 	return fmt.Sprintf("127.0.0.1:%d", freePort(t, "tcp"))
@@ -54,36 +56,66 @@ var (
 	handedOut   = map[string]map[int]bool{"tcp": {}, "udp": {}}
 )
 
-// freePort binds port 0 until the kernel gives a port not handed out before in this process.
+// freePort returns a port that binds on 127.0.0.1 now and that this process has not handed
+// out before. It picks below the kernel's ephemeral range (ip_local_port_range), where the
+// kernel never puts a connection's local port or a bind to port 0 of another process on the
+// machine (other test packages run in parallel and make thousands of connections): the port
+// can then be lost only to another process choosing the same one the same way. It falls back
+// to the kernel's choice of port 0 when no such port is found.
 func freePort(t testing.TB, network string) int {
 	t.Helper()
 	handedOutMu.Lock()
 	defer handedOutMu.Unlock()
+	lo, hi := 10000, ephemeralLow()
 	for range 1000 {
-		var port int
-		switch network {
-		case "tcp":
-			l, err := net.Listen("tcp", "127.0.0.1:0")
-			if err != nil {
-				t.Fatal(err)
-			}
-			port = l.Addr().(*net.TCPAddr).Port
-			l.Close()
-		default:
-			pc, err := net.ListenPacket("udp", "127.0.0.1:0")
-			if err != nil {
-				t.Fatal(err)
-			}
-			port = pc.LocalAddr().(*net.UDPAddr).Port
-			pc.Close()
+		port := 0
+		if hi > lo {
+			port = lo + rand.IntN(hi-lo)
 		}
-		if !handedOut[network][port] {
-			handedOut[network][port] = true
-			return port
+		got, ok := tryBind(network, port)
+		if ok && !handedOut[network][got] {
+			handedOut[network][got] = true
+			return got
 		}
 	}
-	t.Fatalf("no %s port on 127.0.0.1 that this process has not already handed out in 1000 tries", network)
+	t.Fatalf("no %s port on 127.0.0.1 that binds and that this process has not already handed out, in 1000 tries", network)
 	return 0
+}
+
+// tryBind binds 127.0.0.1:port (0: the kernel's choice), closes it and returns its port.
+func tryBind(network string, port int) (int, bool) {
+	addr := fmt.Sprintf("127.0.0.1:%d", port)
+	if network == "tcp" {
+		l, err := net.Listen("tcp", addr)
+		if err != nil {
+			return 0, false
+		}
+		defer l.Close()
+		return l.Addr().(*net.TCPAddr).Port, true
+	}
+	pc, err := net.ListenPacket("udp", addr)
+	if err != nil {
+		return 0, false
+	}
+	defer pc.Close()
+	return pc.LocalAddr().(*net.UDPAddr).Port, true
+}
+
+// ephemeralLow is the low end of the kernel's ephemeral port range (32768 if unreadable).
+func ephemeralLow() int {
+	b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range")
+	if err != nil {
+		return 32768
+	}
+	f := strings.Fields(string(b))
+	if len(f) < 1 {
+		return 32768
+	}
+	n, err := strconv.Atoi(f[0])
+	if err != nil {
+		return 32768
+	}
+	return n
 }
 
 // Port is the port of a host:port address.

@@ -188,3 +188,34 @@ func TestKillTree(t *testing.T) {
 		l.Close()
 	}
 }
+
+// TestFreePortsDistinct: ports handed out in one process are never the same twice (a NATS
+// node once got one port for its clients and its routes), bind, and lie below the kernel's
+// ephemeral range, where no connection of another process takes them.
+func TestFreePortsDistinct(t *testing.T) {
+	low := ephemeralLow()
+	for _, network := range []string{"tcp", "udp"} {
+		seen := map[int]bool{}
+		for range 300 {
+			var p int
+			if network == "tcp" {
+				p = FreeTCPPort(t)
+			} else {
+				p = FreeUDPPort(t)
+			}
+			if seen[p] {
+				t.Fatalf("%s port %d handed out twice", network, p)
+			}
+			seen[p] = true
+			if p >= low {
+				t.Errorf("%s port %d is in the ephemeral range (from %d)", network, p, low)
+			}
+			if _, ok := tryBind(network, p); !ok {
+				t.Errorf("%s port %d does not bind", network, p)
+			}
+		}
+	}
+	if addr := FreeTCPAddr(t); Port(t, addr) >= low {
+		t.Errorf("FreeTCPAddr %s is in the ephemeral range", addr)
+	}
+}
