@@ -20,7 +20,7 @@ import (
 // again: every event the agent had sent (the agent's witness file) is in the collector's
 // files, every one of which (the rotated ones and the current one) is a valid zstd stream
 // that zstdcat and the replay source read whole. A kill that lands in the middle of a
-// frame leaves it torn, which the restart cuts off (TestCompressionTornFrameIsCutAtStart in
+// frame leaves it torn, which the restart cuts off (TestCompressionTornFrameIsCutBeforeTheFirstWrite in
 // sinks/file forces that case; here it is up to the timing of the kill). With klauspost's
 // encoder (compression_level fastest, the default) and the sink's own (lines).
 func TestCompressedFileSurvivesCollectorKill9(t *testing.T) {

@@ -54,7 +54,7 @@ type Config struct {
 	// Compression is "none", "zstd" or "gzip". Each part of a batch is written as one
 	// complete zstd frame or gzip member, so that the file (the current one, a rotated one,
 	// one cut short by a crash) is always a valid stream: frames and members concatenate, and
-	// a torn last one is cut off at start (frames.go).
+	// a torn last one is cut off before the first write (frames.go).
 	Compression string `yaml:"compression"`
 	// CompressionLevel is fastest (the default), default, better or best: the
 	// compressor's trade of CPU for size (zstd's encoder levels; gzip levels 1, 6, 7, 9);
@@ -165,6 +165,11 @@ type Sink struct {
 	size    int64
 	opened  time.Time
 	regular bool
+	// checked is set once what a stopped process left at the file's end (a torn line or
+	// frame) was cut off and resume_scan read; not at Start but at the first write: a
+	// reload starts a replacing instance while the one it replaces may still be writing
+	// (check).
+	checked bool
 
 	resumed map[uuid.UUID]struct{} // IDs found by resume_scan, not yet seen again (under mu)
 
@@ -199,30 +204,70 @@ func New(env component.Env, c *Config) *Sink {
 	return s
 }
 
-// Start creates missing directories and opens the file for appending; a torn last line (the
-// process was killed mid-write) is cut off; with sync: interval it starts the periodic fsync.
+// Start creates missing directories and opens the file for appending, so that a path it
+// cannot write is refused at once; with sync: interval it starts the periodic fsync. What a
+// killed process left at the end of the file (a torn line or frame) is cut off at the first
+// write, not here: a reload starts the instance that replaces a sink while the one it
+// replaces is still writing to the same file (it is closed before the new one writes), and
+// the end of a batch in the middle of its writes looks torn.
 func (s *Sink) Start(context.Context) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if err := s.open(); err != nil {
 		return err
 	}
+	if s.f != nil && s.regular && s.size > 0 && s.compressed() {
+		// Refused now, not at the first write: a file that is some other kind of file.
+		r, err := os.Open(s.path)
+		if err != nil {
+			return fmt.Errorf("read %s: %w", s.path, err)
+		}
+		ok, err := startsLike(r, s.size, s.cfg.Compression)
+		r.Close()
+		if err != nil {
+			return fmt.Errorf("read %s: %w", s.path, err)
+		}
+		if !ok {
+			return s.notStream()
+		}
+	}
 	if s.cfg.Sync == "interval" && s.stopSync == nil {
 		s.stopSync, s.syncDone = make(chan struct{}), make(chan struct{})
 		go s.syncEvery(s.cfg.SyncInterval)
 	}
-	if s.f == nil || !s.regular || s.size == 0 {
+	return nil
+}
+
+func (s *Sink) notStream() error {
+	return fmt.Errorf("%s exists and is not a %s file (compression: %s): move it away or choose another path", s.path, s.cfg.Compression, s.cfg.Compression)
+}
+
+// check cuts off what a stopped process left at the end of the file and reads the IDs of
+// resume_scan, once, before the first write (under mu).
+func (s *Sink) check() error {
+	if s.checked {
 		return nil
 	}
-	if s.compressed() {
-		return s.cutTornFrame()
+	if s.f == nil || !s.regular {
+		s.checked = true
+		return nil
 	}
-	if err := s.cutTorn(); err != nil {
-		return err
+	st, err := s.f.Stat() // the size now: a replaced instance may have written since Start
+	if err != nil {
+		return fmt.Errorf("stat %s: %w", s.path, err)
 	}
-	if s.cfg.ResumeScan > 0 {
-		return s.resume()
+	s.size = st.Size()
+	if s.size > 0 {
+		if s.compressed() {
+			err = s.cutTornFrame()
+		} else if err = s.cutTorn(); err == nil && s.cfg.ResumeScan > 0 {
+			err = s.resume()
+		}
+		if err != nil {
+			return err
+		}
 	}
+	s.checked = true
 	return nil
 }
 
@@ -276,7 +321,7 @@ func (s *Sink) cutTornFrame() error {
 	defer r.Close()
 	end, err := completeEnd(r, s.size, s.cfg.Compression)
 	if errors.Is(err, errNotStream) {
-		return fmt.Errorf("%s exists and is not a %s file (compression: %s): move it away or choose another path", s.path, s.cfg.Compression, s.cfg.Compression)
+		return s.notStream()
 	}
 	if err != nil {
 		return fmt.Errorf("read %s: %w", s.path, err)
@@ -371,7 +416,10 @@ type partSet struct {
 // Write appends the batch and, with sync: batch, returns only after an fsync that covers
 // it. A failed write is cut back off the file, so that a retry does not leave a partial line.
 func (s *Sink) Write(_ context.Context, b *flow.Batch) error {
-	skip := s.alreadyWritten(b.Events)
+	skip, err := s.alreadyWritten(b.Events)
+	if err != nil {
+		return err
+	}
 	ps := s.encode(b.Events, skip)
 	defer s.release(ps)
 	for _, err := range ps.errs {
@@ -513,11 +561,20 @@ func (w *bytesWriter) Write(p []byte) (int, error) {
 }
 
 // alreadyWritten marks the events that resume_scan found in the file; nil when none.
-func (s *Sink) alreadyWritten(events []flow.Event) []bool {
+func (s *Sink) alreadyWritten(events []flow.Event) ([]bool, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if s.w == nil {
+		// Closed by a failed rotation, or never started: open it as append does.
+		if err := s.open(); err != nil {
+			return nil, err
+		}
+	}
+	if err := s.check(); err != nil {
+		return nil, err
+	}
 	if len(s.resumed) == 0 {
-		return nil
+		return nil, nil
 	}
 	var skip []bool
 	n := 0
@@ -535,7 +592,7 @@ func (s *Sink) alreadyWritten(events []flow.Event) []bool {
 		s.env.Metrics.Filtered("already_written", n)
 		s.env.Logger.Info("events already in the file before the restart, not written again", "file", s.path, "events", n)
 	}
-	return skip
+	return skip, nil
 }
 
 // append writes the parts of a batch under the file lock, rotating first if needed, and

@@ -3,6 +3,7 @@ package file
 import (
 	"bufio"
 	"bytes"
+	"cmp"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -44,18 +45,24 @@ func completeEnd(r io.ReaderAt, size int64, compression string) (int64, error) {
 	}
 	// Nothing complete: a first frame torn by a crash starts with the magic (or a prefix of
 	// it); anything else is some other file, which must not be cut to nothing.
+	if ok, err := startsLike(r, size, compression); err != nil || !ok {
+		return 0, cmp.Or(err, errNotStream)
+	}
+	return 0, nil
+}
+
+// startsLike tells whether r (size bytes) starts as a stream of the compression does: with
+// its magic, or with a prefix of it when shorter.
+func startsLike(r io.ReaderAt, size int64, compression string) (bool, error) {
 	magic := zstdMagic
 	if compression == "gzip" {
 		magic = gzipMagic
 	}
 	head := make([]byte, min(int64(len(magic)), size))
 	if _, err := r.ReadAt(head, 0); err != nil && !errors.Is(err, io.EOF) {
-		return 0, err
+		return false, err
 	}
-	if !bytes.HasPrefix(magic, head) {
-		return 0, errNotStream
-	}
-	return 0, nil
+	return bytes.HasPrefix(magic, head), nil
 }
 
 // nextFrame returns where the complete frame (or member) at off ends, 0 when there is none.
