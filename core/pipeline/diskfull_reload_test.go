@@ -76,7 +76,10 @@ func TestReloadAnswersWhileADiskQueueIsFull(t *testing.T) {
 	select {
 	case r = <-func() chan result {
 		c := make(chan result, 1)
-		go func() { rep, err := p.Reload(context.Background(), loadDoc(t, doc(true, "48MiB"))); c <- result{rep, err} }()
+		go func() {
+			rep, err := p.Reload(context.Background(), loadDoc(t, doc(true, "48MiB")))
+			c <- result{rep, err}
+		}()
 		return c
 	}():
 	case <-time.After(60 * time.Second):
