@@ -138,3 +138,47 @@ func TestReloadAnswersWhileADiskQueueIsFull(t *testing.T) {
 		t.Errorf("%d of the %d events the disk queue accepted were never delivered", missing, ok)
 	}
 }
+
+// TestReloadWaitingOnAKeptFullQueueSaysSo: a reload that keeps a sink whose disk queue is
+// full (the disk is, and its collector is gone) waits for the batches of the old pipeline
+// held back there — it cannot refuse them: the sink is not changed — and says so at WARN
+// every runtime.shutdown_timeout, naming the sink and its full disk; a stop ends the wait.
+func TestReloadWaitingOnAKeptFullQueueSaysSo(t *testing.T) {
+	mnt := testenv.Tmpfs(t, "1m")
+	qdir := filepath.Join(mnt, "q")
+	h := newReloadHarness()
+	var logs testenv.SyncBuffer
+	doc := func(more string) string {
+		return fmt.Sprintf("data_dir: %s\nruntime:\n  shutdown_timeout: 200ms\nsources:\n  gen: {type: count}\nsinks:\n  a:\n    type: rec\n    down: true\n    queue: {type: disk, path: %s, max_size: 64MiB}\n    retry: {initial_interval: 5ms, max_interval: 20ms}\n%s", t.TempDir(), qdir, more)
+	}
+	p, err := New(context.Background(), loadDoc(t, doc("")), Options{Registry: h.reg, Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	done := runAsync(p, ctx)
+	<-p.Running()
+	waitFor(t, "the disk-full log line", func() bool { return strings.Contains(logs.String(), "the disk is full") })
+	res := make(chan error, 1)
+	go func() {
+		_, err := p.Reload(context.Background(), loadDoc(t, doc("  b: {type: rec}\n")))
+		res <- err
+	}()
+	waitFor(t, "the reload's WARN line naming the full queue", func() bool {
+		return strings.Contains(logs.String(), "still waiting for batches of the old pipeline") &&
+			strings.Contains(logs.String(), "a (disk full at "+qdir+")")
+	})
+	close(h.stop)
+	cancel()
+	select {
+	case <-res:
+	case <-time.After(60 * time.Second):
+		t.Fatal("the reload did not return within 60s of the stop")
+	}
+	select {
+	case <-done:
+	case <-time.After(60 * time.Second):
+		t.Fatal("Run did not return after the stop")
+	}
+}
