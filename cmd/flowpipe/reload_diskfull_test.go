@@ -49,7 +49,9 @@ sinks:
 	}
 
 	replaceFile(t, filepath.Join(dir, "p.yaml"), yaml(full, "32MiB"))
+	asked := time.Now()
 	code, body := postReload(t, r.admin) // its client gives up after 2 minutes: the hang fails
+	t.Logf("the reload answered after %v (runtime.shutdown_timeout 1s)", time.Since(asked).Round(time.Millisecond))
 	if code != http.StatusOK || body["result"] != "applied" {
 		t.Fatalf("POST /-/reload with the disk full: %d %v", code, body)
 	}
