@@ -592,7 +592,11 @@ func (p *Pipeline) apply(rs *runState, t1 *topology, pl *plan) {
 	select {
 	case <-retired:
 	case <-time.After(timeout):
-		refusedFrom := map[*sinkOp]int64{}
+		type closedQueue struct {
+			dir, why string
+			base     int64 // the node's undelivered events before
+		}
+		closed := map[*sinkOp]closedQueue{}
 		for _, op := range pl.sinkOps {
 			switch {
 			case op.old == nil:
@@ -604,18 +608,17 @@ func (p *Pipeline) apply(rs *runState, t1 *topology, pl *plan) {
 				if !ok {
 					continue
 				}
-				p.log.Error("reload: a sink's old disk queue blocked the reload for runtime.shutdown_timeout; closing it: the batches waiting to enter it are refused (not acknowledged to their source, counted as dropped, reason shutdown), what it holds stays on disk",
-					"sink", op.old.name, "dir", d.opts.Dir, "why", p.blockedWhy(op.old), "shutdown_timeout", timeout)
-				refusedFrom[op] = op.old.undelivered.Load()
+				closed[op] = closedQueue{dir: d.opts.Dir, why: p.blockedWhy(op.old), base: op.old.undelivered.Load()}
 				op.old.retiring.Store(true)
 				op.old.queue.close(false)
 			}
 		}
 		p.waitRetired(retired, timeout, pl)
-		for op, base := range refusedFrom {
-			if n := op.old.undelivered.Load() - base; n > 0 {
+		for op, c := range closed {
+			if n := op.old.undelivered.Load() - c.base; n > 0 {
 				rep.Undelivered[op.old.name] += n
-				p.log.Error("reload: events refused by a sink's blocked old disk queue", "sink", op.old.name, "events", n)
+				p.log.Error("reload: a sink's old disk queue blocked the reload for runtime.shutdown_timeout; it was closed: the events waiting to enter it were refused (not acknowledged to their source, counted as dropped, reason shutdown), what it holds stays on disk for the new queue",
+					"sink", op.old.name, "dir", c.dir, "why", c.why, "events", n, "shutdown_timeout", timeout)
 			}
 		}
 	}
