@@ -50,8 +50,9 @@ func TestReloadAnswersWhileADiskQueueIsFull(t *testing.T) {
 		err error
 	}
 	res := make(chan result, 1)
+	next := loadDoc(t, doc(true, "32MiB"))
 	go func() {
-		rep, err := p.Reload(context.Background(), loadDoc(t, doc(true, "32MiB")))
+		rep, err := p.Reload(context.Background(), next)
 		res <- result{rep, err}
 	}()
 	var r result
@@ -73,15 +74,13 @@ func TestReloadAnswersWhileADiskQueueIsFull(t *testing.T) {
 		t.Errorf("no log line names the sink whose full disk queue blocked the reload, with its path:\n%s", logs.String())
 	}
 	// A second reload goes through too (nothing is left waiting behind the first).
+	next = loadDoc(t, doc(true, "48MiB"))
+	go func() {
+		rep, err := p.Reload(context.Background(), next)
+		res <- result{rep, err}
+	}()
 	select {
-	case r = <-func() chan result {
-		c := make(chan result, 1)
-		go func() {
-			rep, err := p.Reload(context.Background(), loadDoc(t, doc(true, "48MiB")))
-			c <- result{rep, err}
-		}()
-		return c
-	}():
+	case r = <-res:
 	case <-time.After(60 * time.Second):
 		t.Fatal("a second reload did not return within 60s")
 	}
@@ -148,8 +147,9 @@ func TestReloadWaitingOnAKeptFullQueueSaysSo(t *testing.T) {
 	qdir := filepath.Join(mnt, "q")
 	h := newReloadHarness()
 	var logs testenv.SyncBuffer
+	dataDir := t.TempDir()
 	doc := func(more string) string {
-		return fmt.Sprintf("data_dir: %s\nruntime:\n  shutdown_timeout: 200ms\nsources:\n  gen: {type: count}\nsinks:\n  a:\n    type: rec\n    down: true\n    queue: {type: disk, path: %s, max_size: 64MiB}\n    retry: {initial_interval: 5ms, max_interval: 20ms}\n%s", t.TempDir(), qdir, more)
+		return fmt.Sprintf("data_dir: %s\nruntime:\n  shutdown_timeout: 200ms\nsources:\n  gen: {type: count}\nsinks:\n  a:\n    type: rec\n    down: true\n    queue: {type: disk, path: %s, max_size: 64MiB}\n    retry: {initial_interval: 5ms, max_interval: 20ms}\n%s", dataDir, qdir, more)
 	}
 	p, err := New(context.Background(), loadDoc(t, doc("")), Options{Registry: h.reg, Logger: slog.New(slog.NewTextHandler(&logs, nil))})
 	if err != nil {
@@ -161,8 +161,9 @@ func TestReloadWaitingOnAKeptFullQueueSaysSo(t *testing.T) {
 	<-p.Running()
 	waitFor(t, "the disk-full log line", func() bool { return strings.Contains(logs.String(), "the disk is full") })
 	res := make(chan error, 1)
+	next := loadDoc(t, doc("  b: {type: rec}\n"))
 	go func() {
-		_, err := p.Reload(context.Background(), loadDoc(t, doc("  b: {type: rec}\n")))
+		_, err := p.Reload(context.Background(), next)
 		res <- err
 	}()
 	waitFor(t, "the reload's WARN line naming the full queue", func() bool {
@@ -172,7 +173,10 @@ func TestReloadWaitingOnAKeptFullQueueSaysSo(t *testing.T) {
 	close(h.stop)
 	cancel()
 	select {
-	case <-res:
+	case err := <-res:
+		if err != nil {
+			t.Errorf("reload: %v", err)
+		}
 	case <-time.After(60 * time.Second):
 		t.Fatal("the reload did not return within 60s of the stop")
 	}
