@@ -117,6 +117,14 @@ func (p *Pipeline) diskStat(n *sinkNode) *diskStat {
 			}
 			return time.Since(s.Oldest).Seconds()
 		})),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "flowpipe_sink_queue_disk_full", Help: "1 while a sink's disk queue cannot write because its disk is full (ENOSPC, EDQUOT or a failed fsync), else 0.",
+		}, stat(func(s diskqueue.Stats) float64 {
+			if s.DiskFull {
+				return 1
+			}
+			return 0
+		})),
 		prometheus.NewCounterFunc(prometheus.CounterOpts{
 			Name: "flowpipe_sink_queue_corrupt_bytes_total", Help: "Damaged bytes a sink's disk queue skipped (the events in them are counted in flowpipe_events_dropped_total{reason=\"queue_corrupt\"} when known).",
 		}, stat(func(s diskqueue.Stats) float64 { return float64(s.CorruptBytes) })),

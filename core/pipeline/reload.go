@@ -25,7 +25,9 @@ type ReloadReport struct {
 	Kept    []string // unchanged components, left running untouched
 	// HandedOver is, by sink name, how many queued events a changed sink's queue handed to
 	// its new instance (the queue at the component's swap, or what moved to a new queue); Delivered how many a removed sink delivered before it stopped, and
-	// Undelivered how many it could not (counted as at shutdown).
+	// Undelivered how many it could not (counted as at shutdown), or, for a changed sink
+	// whose old disk queue blocked the reload (a full disk), how many events waiting to
+	// enter it were refused.
 	HandedOver  map[string]int64
 	Delivered   map[string]int64
 	Undelivered map[string]int64
@@ -582,18 +584,43 @@ func (p *Pipeline) apply(rs *runState, t1 *topology, pl *plan) {
 	p.topo.Store(t2)
 	// Every batch that took the old stages must be in the old sinks' queues. A removed sink
 	// whose full queue holds one back gets runtime.shutdown_timeout, then stops taking
-	// batches: what it refuses is given up and counted, as at shutdown.
+	// batches: what it refuses is given up and counted, as at shutdown. So does the old disk
+	// queue of a sink given a new queue (a memory queue is unbound above and never holds one
+	// back): on a full disk its appends would wait forever for room its stuck sink never
+	// frees.
 	retired := t1.retire()
 	select {
 	case <-retired:
 	case <-time.After(timeout):
+		type closedQueue struct {
+			dir, why string
+			base     int64 // the node's undelivered events before
+		}
+		closed := map[*sinkOp]closedQueue{}
 		for _, op := range pl.sinkOps {
-			if op.node == nil {
+			switch {
+			case op.old == nil:
+			case op.node == nil:
+				op.old.retiring.Store(true)
+				op.old.queue.close(false)
+			case op.node != op.old:
+				d, ok := op.old.queue.(*diskSinkQueue)
+				if !ok {
+					continue
+				}
+				closed[op] = closedQueue{dir: d.opts.Dir, why: p.blockedWhy(op.old), base: op.old.undelivered.Load()}
 				op.old.retiring.Store(true)
 				op.old.queue.close(false)
 			}
 		}
-		<-retired
+		p.waitRetired(retired, timeout, pl)
+		for op, c := range closed {
+			if n := op.old.undelivered.Load() - c.base; n > 0 {
+				rep.Undelivered[op.old.name] += n
+				p.log.Error("reload: a sink's old disk queue blocked the reload for runtime.shutdown_timeout; it was closed: the events waiting to enter it were refused (not acknowledged to their source, counted as dropped, reason shutdown), what it holds stays on disk for the new queue",
+					"sink", op.old.name, "dir", c.dir, "why", c.why, "events", n, "shutdown_timeout", timeout)
+			}
+		}
 	}
 
 	// Enrichers reconfigured in place, while no source batch is between stages.
@@ -752,6 +779,54 @@ func (p *Pipeline) apply(rs *runState, t1 *topology, pl *plan) {
 			rep.Changed[i].How = c.How
 		}
 	}
+}
+
+// waitRetired waits for the last batches of a retired topology. While they do not come, it
+// says every timeout which sinks' full queues may be holding them (a sink the reload keeps,
+// whose queue blocks until it writes again).
+func (p *Pipeline) waitRetired(retired <-chan struct{}, timeout time.Duration, pl *plan) {
+	for {
+		select {
+		case <-retired:
+			return
+		case <-time.After(timeout):
+		}
+		var full []string
+		for _, n := range pl.sinks {
+			if why := p.blockedWhy(n); why != "" {
+				full = append(full, n.name+" ("+why+")")
+			}
+		}
+		p.log.Warn("reload: still waiting for batches of the old pipeline to enter the sinks' queues; the reload goes on once they are in", "full_queues", strings.Join(full, ", "))
+	}
+}
+
+// blockedWhy says why a sink's queue may hold a batch back: its disk is full, or the queue
+// is at its limit; "" when neither.
+func (p *Pipeline) blockedWhy(n *sinkNode) string {
+	switch q := n.queue.(type) {
+	case *diskSinkQueue:
+		dq := q.q.Load()
+		if dq == nil {
+			return ""
+		}
+		st := dq.Stats()
+		switch {
+		case st.DiskFull:
+			return "disk full at " + q.opts.Dir
+		case st.Bytes >= q.opts.MaxSize:
+			return fmt.Sprintf("queue at its max_size (%d bytes) at %s", q.opts.MaxSize, q.opts.Dir)
+		}
+	case *queue:
+		b, e := q.depth()
+		q.mu.Lock()
+		maxB, maxE := q.maxBatches, q.maxEvents
+		q.mu.Unlock()
+		if b >= maxB || e >= maxE {
+			return fmt.Sprintf("memory queue full (%d batches, %d events)", b, e)
+		}
+	}
+	return ""
 }
 
 // pruneTaps removes the tap points of the components the pipeline no longer has (removed,

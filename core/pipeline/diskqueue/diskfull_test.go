@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"log/slog"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -13,27 +12,11 @@ import (
 	"github.com/flowpipe/flowpipe/internal/testenv"
 )
 
-// tmpfs mounts a small tmpfs for the test and unmounts it after.
-func tmpfs(t *testing.T, size string) string {
-	t.Helper()
-	testenv.RequireRoot(t)
-	dir := t.TempDir()
-	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size="+size, "tmpfs", dir).CombinedOutput(); err != nil {
-		t.Fatalf("mount tmpfs: %v: %s", err, out)
-	}
-	t.Cleanup(func() {
-		if out, err := exec.Command("umount", dir).CombinedOutput(); err != nil {
-			t.Errorf("umount %s: %v: %s", dir, err, out)
-		}
-	})
-	return dir
-}
-
 // TestDiskFullBlocksAndRecovers fills a 1MiB tmpfs under a queue allowed 64MiB: the disk
 // runs out first. Under block the writer waits, one log line says so with the path and the
 // free space, and once the sink drains, writing resumes by itself with nothing lost.
 func TestDiskFullBlocksAndRecovers(t *testing.T) {
-	mnt := tmpfs(t, "1m")
+	mnt := testenv.Tmpfs(t, "1m")
 	var logs testenv.SyncBuffer
 	q, err := Open(Options{
 		Dir: filepath.Join(mnt, "q"), MaxSize: 64 << 20, SegmentSize: 64 << 10,
@@ -97,7 +80,7 @@ func TestDiskFullBlocksAndRecovers(t *testing.T) {
 // TestDiskFullDropNewestCountsAndRecovers: under drop_newest a full disk refuses batches
 // (the pipeline counts them as queue_full) and, once space is back, accepts again.
 func TestDiskFullDropNewestCountsAndRecovers(t *testing.T) {
-	mnt := tmpfs(t, "1m")
+	mnt := testenv.Tmpfs(t, "1m")
 	q, err := Open(Options{Dir: filepath.Join(mnt, "q"), MaxSize: 64 << 20, SegmentSize: 64 << 10, WhenFull: DropNewest, Logger: quiet()})
 	if err != nil {
 		t.Fatal(err)

@@ -1099,12 +1099,15 @@ type Stats struct {
 	Oldest        time.Time // write time of the oldest unconfirmed record; zero when none
 	CorruptBytes  int64     // damaged bytes skipped since Open (events are counted by Dropped)
 	InFlightBatch int       // records handed to the sink and not yet confirmed
+	// DiskFull: the last write hit ENOSPC (or EDQUOT) or a failed fsync, and no write has
+	// succeeded since; appends wait (block) or are refused (drop_*) meanwhile.
+	DiskFull bool
 }
 
 // Stats returns the queue's current figures.
 func (q *Queue) Stats() Stats {
 	q.mu.Lock()
-	st := Stats{Segments: len(q.segs), Bytes: q.bytes, Events: q.pendingLocked(), CorruptBytes: q.corrupt.Load()}
+	st := Stats{Segments: len(q.segs), Bytes: q.bytes, Events: q.pendingLocked(), CorruptBytes: q.corrupt.Load(), DiskFull: q.full}
 	for _, f := range q.inflight {
 		if !f.done {
 			st.InFlightBatch++
