@@ -4,11 +4,11 @@
 # packets: single UDP datagrams and full TCP connections), then for each of RUNS rounds times:
 #   softflowd -r (every flow tracked, -m 1000000; NetFlow v9 to a UDP port on loopback),
 #   flowpipe: userspace (pcap) -> discard, -> file, -> file zstd (compression_level fastest,
-#   then lines), -> file gzip (fsync per batch; both components in process, and zstd also
+#   then lines, the default), -> file gzip (fsync per batch; both components in process, and zstd also
 #   with the default isolation).
 # Wall time and user+sys CPU of the whole process (its plugin processes included) per run.
 # Usage: scripts/bench-replay.sh [RUNS] (default 3). BEFORE=/path/to/an/older/flowpipe also
-# runs that binary's -> file zstd in each round, to compare the two in one run.
+# runs that binary's -> file zstd lines (in process and with the default isolation) in each round, to compare the two in one run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-3}
@@ -58,20 +58,22 @@ for r in $(seq "$RUNS"); do
   pipeline "{type: file, isolation: inproc, path: flows.jsonl, max_size: 0}" inproc
   timed "flowpipe userspace -> file" "$work/flowpipe" run -c "$work/p.yaml" --log-level warn
   lines=$(wc -l < "$work/flows.jsonl"); size=$(stat -c %s "$work/flows.jsonl")
-  pipeline "{type: file, isolation: inproc, path: flows.zst, max_size: 0, compression: zstd}" inproc
-  timed "flowpipe userspace -> file, zstd" "$work/flowpipe" run -c "$work/p.yaml" --log-level warn
+  pipeline "{type: file, isolation: inproc, path: flows.zst, max_size: 0, compression: zstd, compression_level: fastest}" inproc
+  timed "flowpipe userspace -> file, zstd fastest" "$work/flowpipe" run -c "$work/p.yaml" --log-level warn
   zlines=$(zstdcat "$work/flows.zst" | wc -l); zsize=$(stat -c %s "$work/flows.zst")
   if [ -n "${BEFORE:-}" ]; then
-    pipeline "{type: file, isolation: inproc, path: flows.zst, max_size: 0, compression: zstd}" inproc
-    timed "BEFORE userspace -> file, zstd" "$BEFORE" run -c "$work/p.yaml" --log-level warn
+    pipeline "{type: file, isolation: inproc, path: flows.zst, max_size: 0, compression: zstd, compression_level: lines}" inproc
+    timed "BEFORE userspace -> file, zstd lines" "$BEFORE" run -c "$work/p.yaml" --log-level warn
+    pipeline "{type: file, path: flows.zst, max_size: 0, compression: zstd, compression_level: lines}" process
+    timed "BEFORE userspace -> file, zstd lines (default isolation)" "$BEFORE" run -c "$work/p.yaml" --log-level warn
   fi
   pipeline "{type: file, isolation: inproc, path: flows.zst, max_size: 0, compression: zstd, compression_level: lines}" inproc
   timed "flowpipe userspace -> file, zstd lines" "$work/flowpipe" run -c "$work/p.yaml" --log-level warn
   llines=$(zstdcat "$work/flows.zst" | wc -l); lsize=$(stat -c %s "$work/flows.zst")
   pipeline "{type: file, isolation: inproc, path: flows.gz, max_size: 0, compression: gzip}" inproc
   timed "flowpipe userspace -> file, gzip" "$work/flowpipe" run -c "$work/p.yaml" --log-level warn
-  pipeline "{type: file, path: flows.zst, max_size: 0, compression: zstd}" process
-  timed "flowpipe userspace -> file, zstd (default isolation)" "$work/flowpipe" run -c "$work/p.yaml" --log-level warn
+  pipeline "{type: file, path: flows.zst, max_size: 0, compression: zstd, compression_level: fastest}" process
+  timed "flowpipe userspace -> file, zstd fastest (default isolation)" "$work/flowpipe" run -c "$work/p.yaml" --log-level warn
   pipeline "{type: file, path: flows.zst, max_size: 0, compression: zstd, compression_level: lines}" process
   timed "flowpipe userspace -> file, zstd lines (default isolation)" "$work/flowpipe" run -c "$work/p.yaml" --log-level warn
   echo "  (file: $lines lines, $size bytes; zstd: $zlines lines, $zsize bytes; zstd lines: $llines lines, $lsize bytes)"

@@ -22,7 +22,7 @@ import (
 // that zstdcat and the replay source read whole. A kill that lands in the middle of a
 // frame leaves it torn, which the restart cuts off (TestCompressionTornFrameIsCutBeforeTheFirstWrite in
 // sinks/file forces that case; here it is up to the timing of the kill). With klauspost's
-// encoder (compression_level fastest, the default) and the sink's own (lines).
+// encoder (compression_level fastest) and the sink's own (lines, the default).
 func TestCompressedFileSurvivesCollectorKill9(t *testing.T) {
 	for _, level := range []string{"fastest", "lines"} {
 		t.Run(level, func(t *testing.T) { testCompressedFileSurvivesCollectorKill9(t, level) })

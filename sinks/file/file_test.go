@@ -2,6 +2,7 @@ package file
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/json"
 	"log/slog"
@@ -334,8 +335,8 @@ func TestTornLastLineIsCutBeforeTheFirstWrite(t *testing.T) {
 // size rotation: every file, the current one and each rotated one, must decompress with the
 // system's zstdcat / zcat to its whole lines, and all of them together to every event once.
 func TestCompressionRotatedFilesAreValidStreams(t *testing.T) {
-	for _, tc := range []struct{ compression, level, tool string }{{"zstd", "fastest", "zstdcat"}, {"zstd", "lines", "zstdcat"}, {"gzip", "fastest", "zcat"}} {
-		t.Run(tc.compression+"-"+tc.level, func(t *testing.T) {
+	for _, tc := range []struct{ compression, level, tool string }{{"zstd", "", "zstdcat"}, {"zstd", "fastest", "zstdcat"}, {"zstd", "lines", "zstdcat"}, {"gzip", "", "zcat"}, {"gzip", "fastest", "zcat"}} {
+		t.Run(tc.compression+"-"+cmp.Or(tc.level, "default"), func(t *testing.T) {
 			tool, err := exec.LookPath(tc.tool)
 			testenv.Require(t, err == nil, tc.tool)
 			dir := t.TempDir()
@@ -400,6 +401,36 @@ func TestCompressionValidate(t *testing.T) {
 	c.Compression = "zstd"
 	if err := c.Validate(); err != nil {
 		t.Fatalf("zstd with compression_level lines: %v", err)
+	}
+}
+
+// The default compression_level is the sink's own lines encoder with zstd and gzip's level 1
+// with gzip; an explicit fastest is still klauspost's encoder.
+func TestCompressionDefaultLevel(t *testing.T) {
+	for _, tc := range []struct {
+		compression, level string
+		lines              bool
+		zstd               bool
+		gzipLvl            int
+	}{
+		{"zstd", "", true, false, 0},
+		{"zstd", "lines", true, false, 0},
+		{"zstd", "fastest", false, true, 0},
+		{"gzip", "", false, false, stdgzip.BestSpeed},
+		{"gzip", "fastest", false, false, stdgzip.BestSpeed},
+	} {
+		c := defaults()
+		c.Path, c.Compression = "x", tc.compression
+		if tc.level != "" {
+			c.CompressionLevel = tc.level
+		}
+		if err := c.Validate(); err != nil {
+			t.Fatalf("%s %q: %v", tc.compression, tc.level, err)
+		}
+		s := New(env(t.TempDir()), c)
+		if s.lines != tc.lines || (s.zstd != nil) != tc.zstd || (tc.compression == "gzip" && s.gzipLvl != tc.gzipLvl) {
+			t.Errorf("%s %q: lines %v, klauspost zstd %v, gzip level %d; want %v, %v, %d", tc.compression, tc.level, s.lines, s.zstd != nil, s.gzipLvl, tc.lines, tc.zstd, tc.gzipLvl)
+		}
 	}
 }
 
@@ -470,7 +501,7 @@ func decompressLines(t *testing.T, compression, path string) []flow.Event {
 // A batch is cut into parts encoded (and compressed) in parallel; its lines still come out in
 // order, one batch after the other.
 func TestPartsKeepOrder(t *testing.T) {
-	for _, c := range []string{"none", "zstd", "zstd lines", "gzip"} {
+	for _, c := range []string{"none", "zstd", "zstd fastest", "zstd lines", "gzip"} {
 		compression, level, _ := strings.Cut(c, " ")
 		t.Run(c, func(t *testing.T) {
 			dir := t.TempDir()
@@ -539,7 +570,7 @@ func countFrames(t *testing.T, compression, path string) int {
 // at Start: TestStartBesideALiveWriter), so the frames written after it are readable, and
 // every acknowledged batch is still there.
 func TestCompressionTornFrameIsCutBeforeTheFirstWrite(t *testing.T) {
-	for _, c := range []string{"zstd", "zstd lines", "gzip"} {
+	for _, c := range []string{"zstd", "zstd fastest", "zstd lines", "gzip"} {
 		compression, level, _ := strings.Cut(c, " ")
 		t.Run(c, func(t *testing.T) {
 			for _, tear := range []string{"header", "middle", "trailer", "only-frame"} {

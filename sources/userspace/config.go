@@ -43,7 +43,8 @@ type Config struct {
 	MaxEntries int `yaml:"max_entries"`
 	// Timeouts override the Linux nf_conntrack defaults per state.
 	Timeouts tracker.Timeouts `yaml:"timeouts"`
-	// BatchSize is how many events make a batch.
+	// BatchSize is how many events make a batch; 0 (the default) is 1,024 for a live
+	// capture and 4,096 for a replay (fewer, larger batches: a file sink fsyncs per batch).
 	BatchSize int `yaml:"batch_size"`
 	// FlushInterval is the longest a live event waits for its batch to fill.
 	FlushInterval time.Duration `yaml:"flush_interval"`
@@ -61,11 +62,29 @@ func defaults() *Config {
 		Snaplen:          256,
 		RingSize:         8 << 20,
 		MaxEntries:       1 << 18,
-		BatchSize:        1024,
 		FlushInterval:    time.Second,
 		MaxPending:       1 << 16,
 		Progress:         "auto",
 		ProgressInterval: 10 * time.Second,
+	}
+}
+
+// Default batch sizes of a live capture and of a replay.
+const (
+	liveBatch   = 1024
+	replayBatch = 4096
+)
+
+// batch is the number of events per batch: BatchSize, or the default for a live capture or
+// a replay.
+func (c *Config) batch() int {
+	switch {
+	case c.BatchSize > 0:
+		return c.BatchSize
+	case c.Pcap != "":
+		return replayBatch
+	default:
+		return liveBatch
 	}
 }
 
@@ -93,14 +112,14 @@ func (c *Config) Validate() error {
 	if c.MaxEntries < 1 {
 		errs.Add("max_entries", "must be at least 1, got %d", c.MaxEntries)
 	}
-	if c.BatchSize < 1 {
-		errs.Add("batch_size", "must be at least 1, got %d", c.BatchSize)
+	if c.BatchSize < 0 {
+		errs.Add("batch_size", "must not be negative (0: the default), got %d", c.BatchSize)
 	}
 	if c.FlushInterval <= 0 {
 		errs.Add("flush_interval", "must be positive")
 	}
-	if c.MaxPending < c.BatchSize {
-		errs.Add("max_pending", "must be at least batch_size (%d), got %d", c.BatchSize, c.MaxPending)
+	if c.MaxPending < c.batch() {
+		errs.Add("max_pending", "must be at least batch_size (%d), got %d", c.batch(), c.MaxPending)
 	}
 	switch c.Progress {
 	case "auto", "bar", "log", "off":

@@ -81,7 +81,7 @@ func TestConfigValidate(t *testing.T) {
 		t.Fatal("no interface nor pcap accepted")
 	}
 	c.Interface, c.Pcap = "eth0", "x.pcap"
-	c.Snaplen, c.BatchSize, c.Progress = 10, 0, "fancy"
+	c.Snaplen, c.BatchSize, c.Progress = 10, -1, "fancy"
 	c.Timeouts.UDPStream = -1
 	err := c.Validate()
 	for _, key := range []string{"pcap", "snaplen", "batch_size", "progress", "timeouts.udp_stream"} {

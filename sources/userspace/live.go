@@ -132,7 +132,7 @@ func (s *Source) runLive(ctx context.Context, out component.Emitter) error {
 		local = ifAddrs
 	}
 	tr := s.newTracker(local, s.config().MaxPending)
-	em := newEmitter(out, s.config().BatchSize)
+	em := newEmitter(out, s.config().batch())
 	s.env.Logger.Info("capturing", "interface", s.config().Interface, "netns", s.config().Netns, "local", local)
 	if s.started != nil {
 		close(s.started)

@@ -81,7 +81,7 @@ func (s *Source) runPcap(ctx context.Context, out component.Emitter) error {
 	}
 	// A replay waits for the pipeline rather than drop events: no MaxPending.
 	tr := s.newTracker(s.config().LocalPrefixes, 0)
-	em := newEmitter(out, s.config().BatchSize)
+	em := newEmitter(out, s.config().batch())
 	prog := newProgress(s.config().Progress, s.config().ProgressInterval, s.env.Logger, s.pcap, size)
 	var (
 		c        counters
@@ -117,7 +117,7 @@ func (s *Source) runPcap(ctx context.Context, out component.Emitter) error {
 			c.count(tr.ProcessAt(&p, now))
 		}
 		if pkts&63 == 0 {
-			if tr.Pending() >= s.config().BatchSize {
+			if tr.Pending() >= s.config().batch() {
 				if err := em.emit(ctx, tr.DrainEvents(em.buffer())); err != nil {
 					stopped = true
 					break
@@ -148,7 +148,9 @@ func (s *Source) runPcap(ctx context.Context, out component.Emitter) error {
 	if err := em.emit(ctx, tr.DrainEvents(em.buffer())); err != nil {
 		return nil
 	}
-	if err := s.flushAll(ctx, tr, em, now); err != nil {
+	// In batches of the batch size, the table emptied at once rather than connection by
+	// connection (Tracker.DrainBatches).
+	if _, err := tr.DrainBatches(now, em.size, em.buffer, func(evs []flow.Event) error { return em.emit(ctx, evs) }); err != nil {
 		return nil
 	}
 	s.publish(&c, tr, &last)

@@ -115,7 +115,7 @@ func (s *Source) applyLive(c *Config, tp *afpacket.TPacket, tr *tracker.Tracker,
 		}
 	}
 	tr.Retune(s.trackerConfig(c, local, c.MaxPending), flow.Now())
-	em.size = c.BatchSize
+	em.size = c.batch()
 	flush.Reset(c.FlushInterval)
 	s.cfg.Store(c)
 	s.env.Logger.Info("userspace source reconfigured", "interface", c.Interface, "local", local,
@@ -126,7 +126,7 @@ func (s *Source) applyLive(c *Config, tp *afpacket.TPacket, tr *tracker.Tracker,
 // applyReplay applies c to a replay at the capture's time now.
 func (s *Source) applyReplay(c *Config, tr *tracker.Tracker, em *emitter, prog *progress, now flow.Time) {
 	tr.Retune(s.trackerConfig(c, c.LocalPrefixes, 0), now)
-	em.size = c.BatchSize
+	em.size = c.batch()
 	prog.setMode(c.Progress, c.ProgressInterval)
 	s.cfg.Store(c)
 	s.env.Logger.Info("userspace source reconfigured", "file", s.pcap, "connections", tr.Len())

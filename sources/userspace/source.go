@@ -101,7 +101,7 @@ func (s *Source) trackerConfig(c *Config, local []netip.Prefix, maxPending int) 
 		MaxEntries:    c.MaxEntries,
 		Timeouts:      c.Timeouts,
 		Source:        s.env.Name,
-		BatchHint:     c.BatchSize,
+		BatchHint:     c.batch(),
 		MaxPending:    maxPending,
 	}
 }
@@ -205,7 +205,7 @@ func (e *emitter) buffer() []flow.Event {
 // flushAll ends every open connection at now and emits the end events.
 func (s *Source) flushAll(ctx context.Context, tr *tracker.Tracker, em *emitter, now flow.Time) error {
 	for {
-		left := tr.Flush(now, s.config().BatchSize)
+		left := tr.Flush(now, s.config().batch())
 		if err := em.emit(ctx, tr.DrainEvents(em.buffer())); err != nil {
 			return err
 		}

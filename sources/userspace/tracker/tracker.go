@@ -601,6 +601,66 @@ func (t *shard) flush(now flow.Time, max int) int {
 	return n
 }
 
+// drainAll ends every connection of the shard at now and hands their end events to emit in
+// batches of at most size, under the shard's lock. Entries leave their lists and are freed
+// batch by batch, but stay in the index until the end, which is then cleared at once: a
+// per-entry index delete (a probe and a shift-back of the run) is most of what ending a
+// connection costs. On an error from emit the index is rebuilt from the connections left.
+func (t *shard) drainAll(now flow.Time, size int, buffer func() []flow.Event, emit func([]flow.Event) error) (int, error) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	n := 0
+	var batch []flow.Event
+	for c := range t.lists {
+		for t.lists[c].head >= 0 {
+			if batch == nil {
+				if buffer != nil {
+					batch = buffer()[:0]
+				}
+				if cap(batch) < size {
+					batch = make([]flow.Event, 0, size)
+				}
+			}
+			h := t.lists[c].head
+			e := t.ent(h)
+			batch = append(batch, flow.Event{})
+			t.fillLocked(&batch[len(batch)-1], e, flow.TypeEnd, now)
+			t.stats.Ended++
+			t.unlink(h)
+			e.inUse = false
+			t.free = append(t.free, h)
+			n++
+			if len(batch) == size {
+				err := emit(batch)
+				batch = nil
+				if err != nil {
+					t.rebuildIndexLocked()
+					return n, err
+				}
+			}
+		}
+	}
+	var err error
+	if len(batch) > 0 {
+		err = emit(batch)
+	}
+	clear(t.ix.slots)
+	t.ix.n = 0
+	return n, err
+}
+
+// rebuildIndexLocked makes the index again from the connections in the lists.
+func (t *shard) rebuildIndexLocked() {
+	clear(t.ix.slots)
+	t.ix.n = 0
+	for c := range t.lists {
+		for i := t.lists[c].head; i >= 0; i = t.ent(i).next {
+			t.ix.put(slot{hash: t.ent(i).hash, ref: i + 1})
+			t.ix.n++
+		}
+	}
+}
+
 // drain appends the shard's pending events to dst and empties them.
 func (t *shard) drain(dst []flow.Event) []flow.Event {
 	t.mu.Lock()
@@ -635,6 +695,11 @@ func (t *shard) eventLocked(e *entry, typ flow.Type, now flow.Time) {
 	if ev == nil {
 		return
 	}
+	t.fillLocked(ev, e, typ, now)
+}
+
+// fillLocked writes the start or end event of connection e into ev (a zero event).
+func (t *shard) fillLocked(ev *flow.Event, e *entry, typ flow.Type, now flow.Time) {
 	ev.EventID = t.ids.New()
 	ev.FlowID = e.flowID
 	ev.Type = typ

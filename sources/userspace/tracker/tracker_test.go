@@ -1,6 +1,9 @@
 package tracker
 
 import (
+	"errors"
+	"fmt"
+	"maps"
 	"net/netip"
 	"testing"
 	"time"
@@ -424,5 +427,97 @@ func TestFragmentsCountAsOneDatagram(t *testing.T) {
 		if s := tr.Stats(); s.Fragments != 2 || s.Invalid != 2 {
 			t.Fatalf("v6=%v: stats %+v, want 2 fragments attributed and 2 untracked", v6, s)
 		}
+	}
+}
+
+// DrainBatches ends the same connections with the same end events as Flush and DrainEvents,
+// in batches of at most the size asked, and leaves an empty table that works as before.
+func TestDrainBatchesMatchesFlush(t *testing.T) {
+	for _, shards := range []int{1, 4} {
+		open := func(tr *Tracker) {
+			for i := range 2500 {
+				if i%3 == 0 {
+					tr.ProcessAt(tcpPkt(addrA, addrB, uint16(1000+i), 80, FlagSYN, 1, 0, 0), sec)
+					tr.ProcessAt(tcpPkt(addrB, addrA, 80, uint16(1000+i), FlagSYN|FlagACK, 9, 2, 0), sec)
+				} else {
+					tr.ProcessAt(udpPkt(addrA, addrB, uint16(1000+i), 53, uint32(i)), sec)
+				}
+			}
+			tr.DrainEvents(nil)
+		}
+		endKey := func(e flow.Event) string {
+			return fmt.Sprint(e.Type, e.SrcAddr, e.SrcPort, e.DstAddr, e.DstPort, e.Protocol, e.Direction, e.Start, e.End, e.Timestamp, e.TxPackets, e.TxBytes, e.RxPackets, e.RxBytes)
+		}
+		a, b := New(Config{Shards: shards}), New(Config{Shards: shards})
+		open(a)
+		open(b)
+		a.Flush(2*sec, -1)
+		want := map[string]int{}
+		for _, e := range a.DrainEvents(nil) {
+			want[endKey(e)]++
+		}
+		got := map[string]int{}
+		var sizes []int
+		n, err := b.DrainBatches(2*sec, 1000, nil, func(evs []flow.Event) error {
+			sizes = append(sizes, len(evs))
+			for _, e := range evs {
+				got[endKey(e)]++
+			}
+			return nil
+		})
+		if err != nil || n != 2500 {
+			t.Fatalf("shards %d: ended %d, %v", shards, n, err)
+		}
+		for _, s := range sizes {
+			if s > 1000 || s == 0 {
+				t.Fatalf("shards %d: batch sizes %v", shards, sizes)
+			}
+		}
+		if !maps.Equal(got, want) || len(want) != 2500 {
+			t.Fatalf("shards %d: %d distinct end events, want the %d of Flush", shards, len(got), len(want))
+		}
+		if b.Len() != 0 || b.Pending() != 0 || b.Stats().Ended != a.Stats().Ended {
+			t.Fatalf("shards %d: %d left, %d pending, stats %+v", shards, b.Len(), b.Pending(), b.Stats())
+		}
+		// The emptied table takes the same connections again, as new ones.
+		for i := range 2500 {
+			if m := b.ProcessAt(udpPkt(addrA, addrB, uint16(1000+i), 53, 0), 3*sec); m != MatchNew {
+				t.Fatalf("shards %d: reopened connection %d: %v", shards, i, m)
+			}
+		}
+		if b.Len() != 2500 {
+			t.Fatalf("shards %d: %d connections after reopening", shards, b.Len())
+		}
+	}
+}
+
+// An error from emit stops DrainBatches: the connections not ended are still in the table,
+// found by their packets; the ended ones are gone.
+func TestDrainBatchesStopsOnError(t *testing.T) {
+	tr := New(Config{})
+	for i := range 1000 {
+		tr.ProcessAt(udpPkt(addrA, addrB, uint16(i), 53, 0), sec)
+	}
+	tr.DrainEvents(nil)
+	stop := errors.New("stop")
+	batches := 0
+	n, err := tr.DrainBatches(2*sec, 300, func() []flow.Event { return make([]flow.Event, 0, 300) }, func(evs []flow.Event) error {
+		batches++
+		if batches == 2 {
+			return stop
+		}
+		return nil
+	})
+	if err != stop || n != 600 || tr.Len() != 400 {
+		t.Fatalf("ended %d, %v, %d left; want 600, stop, 400", n, err, tr.Len())
+	}
+	news := 0
+	for i := range 1000 {
+		if tr.ProcessAt(udpPkt(addrA, addrB, uint16(i), 53, 0), 3*sec) == MatchNew {
+			news++
+		}
+	}
+	if news != 600 || tr.Len() != 1000 {
+		t.Fatalf("%d packets opened a connection (want the 600 ended), %d connections", news, tr.Len())
 	}
 }
