@@ -132,14 +132,14 @@ func (in *instance) watch(ctx context.Context, p *proc) {
 				return
 			case <-t.C:
 			}
-			err := in.ping(ctx, p)
+			err := in.alive(ctx, p)
 			select {
 			case <-p.done:
 				return
 			default:
 			}
 			if err != nil {
-				in.fail(p, fmt.Errorf("the plugin is hung: it did not answer a health check within %s (process.ping_interval): %v", in.settings.PingInterval, err))
+				in.fail(p, fmt.Errorf("the plugin is hung: %w", err))
 				return
 			}
 		}
@@ -172,6 +172,39 @@ func (in *instance) ping(ctx context.Context, p *proc) error {
 	return nil
 }
 
+// hungAfter is how many health checks in a row a plugin leaves unanswered, each for a whole
+// ping_interval, while it sends nothing else either, before it counts as hung. One late
+// answer is no proof: on a busy host the plugin, or the host itself, may wait that long for
+// a CPU.
+const hungAfter = 2
+
+// alive checks that p is alive: it answers a health check within ping_interval, or, when
+// the answer is late, it sent something else meanwhile (a frame on its data channel, an
+// answer to a call), which a stopped or deadlocked process does not. It returns why p is
+// hung otherwise: hungAfter checks in a row went unanswered and nothing came meanwhile, or
+// the connection to it failed.
+func (in *instance) alive(ctx context.Context, p *proc) error {
+	var err error
+	for range hungAfter {
+		heard := p.heard.Load()
+		if err = in.ping(ctx, p); err == nil {
+			return nil
+		}
+		if ctx.Err() != nil || status.Code(err) != codes.DeadlineExceeded {
+			return fmt.Errorf("health check: %w", err) // not a late answer: the connection failed
+		}
+		if p.heard.Load() != heard {
+			return nil // late, but it is working
+		}
+		select {
+		case <-p.done:
+			return err
+		default:
+		}
+	}
+	return fmt.Errorf("it did not answer %d health checks in a row, each given %s (process.ping_interval), and sent nothing else meanwhile: %v", hungAfter, in.settings.PingInterval, err)
+}
+
 // errHung is the cause of a call cancelled because the plugin stopped answering.
 var errHung = errors.New("the plugin is hung")
 
@@ -195,7 +228,7 @@ func (in *instance) guard(ctx context.Context, p *proc, call string) (cctx conte
 			return
 		default:
 		}
-		err := in.ping(context.Background(), p)
+		err := in.alive(context.Background(), p)
 		mu.Lock()
 		defer mu.Unlock()
 		if stopped {
@@ -404,7 +437,7 @@ func (in *instance) callErr(ctx, cctx context.Context, p *proc, call string, err
 	in.mu.Unlock()
 	switch {
 	case context.Cause(cctx) == errHung:
-		err = fmt.Errorf("%s did not return within %s (process.call_timeout), and the plugin stopped answering health checks: the plugin is hung", call, in.settings.CallTimeout)
+		err = fmt.Errorf("%s did not return within %s (process.call_timeout), and the plugin stopped answering health checks (%d in a row, each given %s, process.ping_interval) and sent nothing else: the plugin is hung", call, in.settings.CallTimeout, hungAfter, in.settings.PingInterval)
 	case failed != nil:
 		err = fmt.Errorf("%s: %w", call, failed)
 		return fmt.Errorf("%s: %w", in.launcher.describe, err)
