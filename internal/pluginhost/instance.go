@@ -146,10 +146,10 @@ func (in *instance) watch(ctx context.Context, p *proc) {
 	}()
 }
 
-// ping checks that the plugin answers, within the ping interval, and takes the component's
+// ping checks that the plugin answers, within the given time, and takes the component's
 // own health and counts from the answer: they travel while a Write is in progress.
-func (in *instance) ping(ctx context.Context, p *proc) error {
-	cctx, cancel := context.WithTimeout(ctx, in.settings.PingInterval)
+func (in *instance) ping(ctx context.Context, p *proc, within time.Duration) error {
+	cctx, cancel := context.WithTimeout(ctx, within)
 	defer cancel()
 	resp, err := p.comp.Health(cctx, &pb.HealthRequest{})
 	if status.Code(err) == codes.Unimplemented {
@@ -172,37 +172,28 @@ func (in *instance) ping(ctx context.Context, p *proc) error {
 	return nil
 }
 
-// hungAfter is how many health checks in a row a plugin leaves unanswered, each for a whole
-// ping_interval, while it sends nothing else either, before it counts as hung. One late
-// answer is no proof: on a busy host the plugin, or the host itself, may wait that long for
-// a CPU.
+// hungAfter is how many ping intervals a health check may go unanswered, while the process
+// sends nothing else either, before the plugin counts as hung. One interval is no proof: on
+// a busy host the plugin, or the host itself, may wait that long for a CPU.
 const hungAfter = 2
 
-// alive checks that p is alive: it answers a health check within ping_interval, or, when
-// the answer is late, it sent something else meanwhile (a frame on its data channel, an
-// answer to a call), which a stopped or deadlocked process does not. It returns why p is
-// hung otherwise: hungAfter checks in a row went unanswered and nothing came meanwhile, or
-// the connection to it failed.
+// alive checks that p is alive: it answers a health check within hungAfter ping intervals
+// (the interval it was due in, and the next), or, when the answer is later still, it sent
+// something else meanwhile (a frame on its data channel, an answer to a call), which a
+// stopped or deadlocked process does not. It returns why p is hung otherwise, or that the
+// connection to it failed.
 func (in *instance) alive(ctx context.Context, p *proc) error {
-	var err error
-	for range hungAfter {
-		heard := p.heard.Load()
-		if err = in.ping(ctx, p); err == nil {
-			return nil
-		}
-		if ctx.Err() != nil || status.Code(err) != codes.DeadlineExceeded {
-			return fmt.Errorf("health check: %w", err) // not a late answer: the connection failed
-		}
-		if p.heard.Load() != heard {
-			return nil // late, but it is working
-		}
-		select {
-		case <-p.done:
-			return err
-		default:
-		}
+	heard := p.heard.Load()
+	err := in.ping(ctx, p, hungAfter*in.settings.PingInterval)
+	switch {
+	case err == nil:
+		return nil
+	case ctx.Err() != nil || status.Code(err) != codes.DeadlineExceeded:
+		return fmt.Errorf("health check: %w", err) // not a late answer: the connection failed
+	case p.heard.Load() != heard:
+		return nil // late, but it is working
 	}
-	return fmt.Errorf("it did not answer %d health checks in a row, each given %s (process.ping_interval), and sent nothing else meanwhile: %v", hungAfter, in.settings.PingInterval, err)
+	return fmt.Errorf("it did not answer a health check within %d ping intervals of %s (process.ping_interval), and sent nothing else meanwhile: %v", hungAfter, in.settings.PingInterval, err)
 }
 
 // errHung is the cause of a call cancelled because the plugin stopped answering.
@@ -437,7 +428,7 @@ func (in *instance) callErr(ctx, cctx context.Context, p *proc, call string, err
 	in.mu.Unlock()
 	switch {
 	case context.Cause(cctx) == errHung:
-		err = fmt.Errorf("%s did not return within %s (process.call_timeout), and the plugin stopped answering health checks (%d in a row, each given %s, process.ping_interval) and sent nothing else: the plugin is hung", call, in.settings.CallTimeout, hungAfter, in.settings.PingInterval)
+		err = fmt.Errorf("%s did not return within %s (process.call_timeout), and the plugin did not answer a health check within %d ping intervals of %s (process.ping_interval) and sent nothing else: the plugin is hung", call, in.settings.CallTimeout, hungAfter, in.settings.PingInterval)
 	case failed != nil:
 		err = fmt.Errorf("%s: %w", call, failed)
 		return fmt.Errorf("%s: %w", in.launcher.describe, err)
