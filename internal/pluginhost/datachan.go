@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"sync"
+	"sync/atomic"
 
 	"google.golang.org/grpc"
 	"google.golang.org/protobuf/proto"
@@ -21,7 +22,8 @@ import (
 // crash, and every call in progress returns an error (the runtime redelivers its batch).
 type dataConn struct {
 	fc     *pb.FrameConn
-	onFail func(error) // set before the first call; called once, when the channel breaks
+	onFail func(error)    // set before the first call; called once, when the channel breaks
+	heard  *atomic.Uint64 // counts every frame read, if set (proc.heard)
 
 	mu      sync.Mutex
 	next    uint64
@@ -102,6 +104,9 @@ func (d *dataConn) read() {
 var badFrame = pb.BadFrame
 
 func (d *dataConn) dispatch(f pb.Frame) error {
+	if d.heard != nil {
+		d.heard.Add(1)
+	}
 	if !f.Type.FromPlugin() {
 		return badFrame("the plugin sent a %s frame, which only the host sends", f.Type)
 	}

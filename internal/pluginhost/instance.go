@@ -132,24 +132,24 @@ func (in *instance) watch(ctx context.Context, p *proc) {
 				return
 			case <-t.C:
 			}
-			err := in.ping(ctx, p)
+			err := in.alive(ctx, p)
 			select {
 			case <-p.done:
 				return
 			default:
 			}
 			if err != nil {
-				in.fail(p, fmt.Errorf("the plugin is hung: it did not answer a health check within %s (process.ping_interval): %v", in.settings.PingInterval, err))
+				in.fail(p, fmt.Errorf("the plugin is hung: %w", err))
 				return
 			}
 		}
 	}()
 }
 
-// ping checks that the plugin answers, within the ping interval, and takes the component's
+// ping checks that the plugin answers, within the given time, and takes the component's
 // own health and counts from the answer: they travel while a Write is in progress.
-func (in *instance) ping(ctx context.Context, p *proc) error {
-	cctx, cancel := context.WithTimeout(ctx, in.settings.PingInterval)
+func (in *instance) ping(ctx context.Context, p *proc, within time.Duration) error {
+	cctx, cancel := context.WithTimeout(ctx, within)
 	defer cancel()
 	resp, err := p.comp.Health(cctx, &pb.HealthRequest{})
 	if status.Code(err) == codes.Unimplemented {
@@ -170,6 +170,30 @@ func (in *instance) ping(ctx context.Context, p *proc) error {
 	}
 	in.mu.Unlock()
 	return nil
+}
+
+// hungAfter is how many ping intervals a health check may go unanswered, while the process
+// sends nothing else either, before the plugin counts as hung. One interval is no proof: on
+// a busy host the plugin, or the host itself, may wait that long for a CPU.
+const hungAfter = 2
+
+// alive checks that p is alive: it answers a health check within hungAfter ping intervals
+// (the interval it was due in, and the next), or, when the answer is later still, it sent
+// something else meanwhile (a frame on its data channel, an answer to a call), which a
+// stopped or deadlocked process does not. It returns why p is hung otherwise, or that the
+// connection to it failed.
+func (in *instance) alive(ctx context.Context, p *proc) error {
+	heard := p.heard.Load()
+	err := in.ping(ctx, p, hungAfter*in.settings.PingInterval)
+	switch {
+	case err == nil:
+		return nil
+	case ctx.Err() != nil || status.Code(err) != codes.DeadlineExceeded:
+		return fmt.Errorf("health check: %w", err) // not a late answer: the connection failed
+	case p.heard.Load() != heard:
+		return nil // late, but it is working
+	}
+	return fmt.Errorf("it did not answer a health check within %d ping intervals of %s (process.ping_interval), and sent nothing else meanwhile: %v", hungAfter, in.settings.PingInterval, err)
 }
 
 // errHung is the cause of a call cancelled because the plugin stopped answering.
@@ -195,7 +219,7 @@ func (in *instance) guard(ctx context.Context, p *proc, call string) (cctx conte
 			return
 		default:
 		}
-		err := in.ping(context.Background(), p)
+		err := in.alive(context.Background(), p)
 		mu.Lock()
 		defer mu.Unlock()
 		if stopped {
@@ -404,7 +428,7 @@ func (in *instance) callErr(ctx, cctx context.Context, p *proc, call string, err
 	in.mu.Unlock()
 	switch {
 	case context.Cause(cctx) == errHung:
-		err = fmt.Errorf("%s did not return within %s (process.call_timeout), and the plugin stopped answering health checks: the plugin is hung", call, in.settings.CallTimeout)
+		err = fmt.Errorf("%s did not return within %s (process.call_timeout), and the plugin did not answer a health check within %d ping intervals of %s (process.ping_interval) and sent nothing else: the plugin is hung", call, in.settings.CallTimeout, hungAfter, in.settings.PingInterval)
 	case failed != nil:
 		err = fmt.Errorf("%s: %w", call, failed)
 		return fmt.Errorf("%s: %w", in.launcher.describe, err)

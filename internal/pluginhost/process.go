@@ -14,6 +14,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -49,6 +50,11 @@ type proc struct {
 	data *dataConn
 	// pending is the data channel until Describe says how the plugin uses it (offerData).
 	pending *pb.Channel
+
+	// heard counts what came from the process besides health answers (data channel frames,
+	// answers to calls, source messages): a sign that it is alive when a health answer is
+	// late (instance.alive).
+	heard atomic.Uint64
 
 	failed error // why the instance failed it (under instance.mu)
 	// killGroup kills the process and every process of its group, if it still runs.
@@ -224,6 +230,7 @@ func (p *proc) offerData(ch *pb.Channel, log *slog.Logger) {
 		return
 	}
 	d := newDataConn(fc)
+	d.heard = &p.heard
 	p.data = d
 	p.sink, p.enr = sinkData{d}, enricherData{d}
 }

@@ -102,6 +102,9 @@ func (s *remoteSink) write(ctx context.Context, b *flow.Batch, msg *pb.Batch, bu
 	cctx, done := s.in.guard(ctx, p, "Write")
 	resp, err := p.sink.Write(cctx, msg)
 	done()
+	if err == nil {
+		p.heard.Add(1)
+	}
 	if err != nil {
 		s.retry.mark(b)
 		return s.in.callErr(ctx, cctx, p, "Write", err)
@@ -163,6 +166,9 @@ func (e *remoteEnricher) call(ctx context.Context, events []flow.Event, source s
 		resp, err := p.enr.Enrich(cctx, msg)
 		done()
 		pb.Buffers.Put(buf)
+		if err == nil {
+			p.heard.Add(1)
+		}
 		if err != nil {
 			if err := e.in.callErr(ctx, cctx, p, "Enrich", err); ctx.Err() != nil {
 				return nil, false, 0, err
@@ -352,6 +358,7 @@ func (s *remoteSource) runOnce(ctx context.Context, p *proc, out component.Emitt
 			s.in.callErr(context.Background(), context.Background(), p, "Run", err)
 			return false, nil
 		}
+		p.heard.Add(1)
 		applyCounts(s.in.env.Metrics, msg.Counts)
 		switch m := msg.Msg.(type) {
 		case *pb.SourceMessage_End:

@@ -12,6 +12,7 @@ import (
 	"os"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
@@ -60,6 +61,12 @@ type Server struct {
 	name       string // the component's name in pipeline.yaml (ConfigureRequest.name)
 
 	events sync.Pool // *[]flow.Event, reused between calls
+
+	// The component's own Health runs beside the answer to the host's ping (health).
+	healthMu    sync.Mutex
+	healthRun   chan struct{} // closed when the check in progress returns; nil: none
+	healthSince time.Time     // when the check in progress began
+	healthLast  error         // what the last check that returned said
 
 	data    atomic.Bool // serving the data channel (ServeData)
 	dataOut atomic.Bool // on two socketpairs
@@ -240,19 +247,64 @@ func (s *Server) Gather(context.Context, *pb.GatherRequest) (*pb.GatherResponse,
 }
 
 // Health answers the host's ping with the component's own health and its counts; it runs
-// beside a Write or Enrich in progress.
-func (s *Server) Health(context.Context, *pb.HealthRequest) (*pb.HealthResponse, error) {
+// beside a Write or Enrich in progress. The answer says that this process is alive (the
+// host kills one that does not answer), so it never waits for the component: a component
+// whose Health waits on a lock that a long Write holds (a client library whose status waits
+// behind a blocked flush) would otherwise get a busy, live plugin killed as hung.
+func (s *Server) Health(ctx context.Context, _ *pb.HealthRequest) (*pb.HealthResponse, error) {
 	resp := &pb.HealthResponse{}
 	s.mu.Lock()
 	c := s.comp
 	s.mu.Unlock()
 	if hc, ok := c.(component.HealthChecker); ok {
-		if err := hc.Health(); err != nil {
+		if err := s.health(ctx, hc); err != nil {
 			resp.Error = err.Error()
 		}
 	}
 	resp.Counts = s.counts.drain()
 	return resp, nil
+}
+
+// healthWait is how long the answer to a ping waits for the component's own Health; a
+// check that takes longer goes on, and the answer carries the last one that returned.
+const healthWait = 50 * time.Millisecond
+
+// healthStuckAfter: a component's Health that has not returned for this long reports the
+// component unhealthy (/readyz); the process, which answers, is not taken for hung.
+var healthStuckAfter = time.Minute
+
+// health runs hc.Health, one at a time, and returns its result if it comes within
+// healthWait, the last result otherwise.
+func (s *Server) health(ctx context.Context, hc component.HealthChecker) error {
+	s.healthMu.Lock()
+	if s.healthRun == nil {
+		ch := make(chan struct{})
+		s.healthRun, s.healthSince = ch, time.Now()
+		go func() {
+			err := hc.Health()
+			s.healthMu.Lock()
+			s.healthLast, s.healthRun = err, nil
+			s.healthMu.Unlock()
+			close(ch)
+		}()
+	}
+	ch := s.healthRun
+	s.healthMu.Unlock()
+	t := time.NewTimer(healthWait)
+	defer t.Stop()
+	select {
+	case <-ch:
+	case <-t.C:
+	case <-ctx.Done():
+	}
+	s.healthMu.Lock()
+	defer s.healthMu.Unlock()
+	if s.healthRun != nil {
+		if d := time.Since(s.healthSince); d >= healthStuckAfter {
+			return fmt.Errorf("the component's health check has not returned for %s", d.Round(time.Second))
+		}
+	}
+	return s.healthLast
 }
 
 func (s *Server) getEvents() *[]flow.Event {

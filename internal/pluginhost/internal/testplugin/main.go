@@ -7,7 +7,10 @@
 //	                          answers); freeze: true stops the whole process (SIGSTOP) in
 //	                          Write; block_until: path makes Write wait until path exists,
 //	                          reporting itself unhealthy and counting errors{reason=stream}
-//	                          meanwhile, as a sink whose collector is down
+//	                          meanwhile, as a sink whose collector is down; slow_write:
+//	                          duration makes every Write take that long while it holds the
+//	                          lock the sink's Health takes, as a client library whose
+//	                          status waits behind a blocked flush (the process is alive)
 //	flowpipe-source-seq       emits options.count events in batches of options.batch and
 //	                          returns once all are acknowledged, appending each
 //	                          acknowledgement to options.acks, and the size of each
@@ -115,6 +118,8 @@ type sinkConfig struct {
 	Discard bool   `yaml:"discard"` // accept batches without writing (benchmarks)
 	Crash   bool   `yaml:"crash"`   // exit in every Write, as a crashing plugin would
 	Freeze  bool   `yaml:"freeze"`
+	// SlowWrite: each Write holds the sink's lock this long; Health waits for the lock.
+	SlowWrite time.Duration `yaml:"slow_write"`
 	// BlockUntil: Write waits until this file exists.
 	BlockUntil string `yaml:"block_until"`
 	// GarbageOnce: while this file does not exist, Write creates it and writes garbage into
@@ -211,11 +216,18 @@ func (s *sink) Write(ctx context.Context, b *flow.Batch) error {
 	if _, err := s.f.Write(s.buf); err != nil {
 		return err
 	}
+	if s.cfg.SlowWrite > 0 {
+		time.Sleep(s.cfg.SlowWrite) // a slow destination, the lock held
+	}
 	return s.f.Sync()
 }
 
 // Health reports the sink as down while a Write waits for block_until.
 func (s *sink) Health() error {
+	if s.cfg.SlowWrite > 0 {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+	}
 	if s.waiting.Load() {
 		return fmt.Errorf("collector unreachable: waiting for %s", s.cfg.BlockUntil)
 	}
