@@ -21,9 +21,15 @@
 //	flowpipe-enricher-old     the tag enricher as a plugin built before the Reconfigure
 //	                          call: the call is not served at all (Unimplemented)
 //	flowpipe-sink-future      speaks only protocol version 2
+//	flowpipe-enricher-corrupt the tag enricher over gRPC only (no data channel) whose first
+//	                          answer as changes, while options.corrupt_once does not exist,
+//	                          creates that file and is cut one byte short, as a plugin gone
+//	                          wrong would send
 //
 // A name ending in v1 (flowpipe-sink-jsonlv1, ...) serves the same plugin as one built before
-// the data channel: it declines the channel, and its batches go over gRPC. The jsonl sink's
+// the data channel: it declines the channel, and its batches go over gRPC; one ending in
+// whole, or whole then v1 (flowpipe-enricher-tagwhole, -tagwholev1), serves the enricher as one built before answers as
+// changes: it answers every batch whole. The jsonl sink's
 // garbage_once: path makes its first Write (while path does not exist) write bytes that are
 // no frame into its data channel, as a plugin gone wrong would, and then wait for the host.
 package main
@@ -67,6 +73,9 @@ func main() {
 	if strings.HasSuffix(name, "v1") {
 		os.Setenv(pluginproto.DataChannelEnv, "off")
 	}
+	if strings.Contains(name, "whole") {
+		os.Setenv(pluginproto.EnrichChangesEnv, "off")
+	}
 	// Garbage goes where the plugin writes its frames: the second socketpair, when the host
 	// passed one (the first otherwise).
 	env := pluginproto.DataFDEnv
@@ -88,6 +97,8 @@ func main() {
 		sdk.ServeEnricher(sdk.Info{Type: "tag", Version: "0.0.1-test"}, func() *tagConfig { return &tagConfig{} }, newTag)
 	case strings.HasPrefix(name, "flowpipe-enricher-old"):
 		serveOld(component.NewEnricherFactory("tag", "", func() *tagConfig { return &tagConfig{} }, newTag))
+	case strings.HasPrefix(name, "flowpipe-enricher-corrupt"):
+		serveCorrupt(component.NewEnricherFactory("tag", "", func() *tagConfig { return &tagConfig{} }, newTag))
 	case strings.HasPrefix(name, "flowpipe-sink-future"):
 		// A plugin from a future flowpipe: same handshake cookie, protocol 2 only.
 		hs := pluginproto.Handshake
@@ -324,6 +335,8 @@ func (s *source) Run(ctx context.Context, out component.Emitter) error {
 type tagConfig struct {
 	Rule      string `yaml:"rule"`
 	DropEvery int    `yaml:"drop_every"`
+	// CorruptOnce: flowpipe-enricher-corrupt cuts its first answer as changes short.
+	CorruptOnce string `yaml:"corrupt_once"`
 }
 
 func (c *tagConfig) Validate() error {
@@ -342,6 +355,9 @@ type tag struct {
 func newTag(env component.Env, c *tagConfig) (component.Enricher, error) {
 	t := &tag{env: env}
 	t.cfg.Store(c)
+	if c.CorruptOnce != "" {
+		corruptOnce.Store(&c.CorruptOnce)
+	}
 	return t, nil
 }
 
@@ -380,6 +396,50 @@ type oldComponent struct{ *pluginserver.Server }
 
 func (oldComponent) Reconfigure(context.Context, *pluginproto.ReconfigureRequest) (*pluginproto.ReconfigureResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "unknown method Reconfigure for service flowpipe.plugin.v1.Component")
+}
+
+// corruptEnricher serves the Enricher service with its first answer as changes cut short.
+type corruptEnricher struct {
+	*pluginserver.Server
+	marker func() string
+}
+
+func (c corruptEnricher) Enrich(ctx context.Context, req *pluginproto.Batch) (*pluginproto.EnrichResponse, error) {
+	resp, err := c.Server.Enrich(ctx, req)
+	if err != nil || !resp.Changes || resp.Batch == nil || len(resp.Batch.Events) < 2 {
+		return resp, err
+	}
+	if path := c.marker(); path != "" {
+		if _, err := os.Stat(path); err != nil {
+			if err := os.WriteFile(path, nil, 0o644); err != nil {
+				return nil, err
+			}
+			resp.Batch.Events = resp.Batch.Events[:len(resp.Batch.Events)-1]
+		}
+	}
+	return resp, nil
+}
+
+// corruptOnce is the tag enricher's corrupt_once, for corruptEnricher.
+var corruptOnce atomic.Pointer[string]
+
+func serveCorrupt(f component.Factory) {
+	srv := pluginserver.New(f, "0.0.1-corrupt", slog.New(slog.NewTextHandler(os.Stderr, nil)))
+	goplugin.Serve(&goplugin.ServeConfig{
+		HandshakeConfig: pluginproto.Handshake,
+		VersionedPlugins: pluginproto.PluginSets(func(g *grpc.Server) {
+			pluginproto.RegisterComponentServer(g, srv)
+			pluginproto.RegisterEnricherServer(g, corruptEnricher{srv, func() string {
+				if p := corruptOnce.Load(); p != nil {
+					return *p
+				}
+				return ""
+			}})
+		}),
+		GRPCServer: func(opts []grpc.ServerOption) *grpc.Server {
+			return grpc.NewServer(append(opts, pluginproto.ServerOptions()...)...)
+		},
+	})
 }
 
 func serveOld(f component.Factory) {
