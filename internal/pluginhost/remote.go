@@ -127,7 +127,8 @@ func (s *remoteSink) Health() error                   { return s.in.Health() }
 // remoteEnricher is an enricher in a plugin process. When the process fails mid-call, the
 // batch waits for the restart and is enriched again, so it is not lost.
 type remoteEnricher struct {
-	in *instance
+	in          *instance
+	changesOnce sync.Once
 }
 
 func (e *remoteEnricher) Enrich(ctx context.Context, b *flow.Batch) error {
@@ -289,6 +290,9 @@ func (e *remoteEnricher) answer(dst, sent []flow.Event, resp *pb.EnrichResponse,
 			err = fmt.Errorf("%w: %w", errBadChanges, err)
 		} else {
 			appliedChanges.Add(1)
+			e.changesOnce.Do(func() {
+				e.in.env.Logger.Debug("plugin enricher: answers come as the changes to the batch the host holds", "plugin", e.in.launcher.describe)
+			})
 		}
 	default:
 		if out, err = codec.Decode(dst, data, count); err != nil {
