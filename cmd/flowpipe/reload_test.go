@@ -234,6 +234,10 @@ sinks:
 		t.Fatalf("validate of the broken file: %q", want)
 	}
 	eventually(t, "the watched file's reload rejected", func() bool { return reloads(t, r.admin, "rejected") == 1 })
+	// The log reaches r.stderr through a pipe the test copies on its own goroutine.
+	eventually(t, "the watched file's rejection logged", func() bool {
+		return logged(r.stderr.String(), "reload rejected: 2 problem(s) found; nothing changed", map[string]string{"via": "watch"}) > 0
+	})
 	if got := rejectedLines(r.stderr.String()); !slices.Equal(got, want) {
 		t.Fatalf("problems logged: %q, want what validate prints: %q", got, want)
 	}
@@ -248,6 +252,9 @@ sinks:
 		t.Fatal(err)
 	}
 	eventually(t, "the SIGHUP reload rejected", func() bool { return reloads(t, r.admin, "rejected") == 2 })
+	eventually(t, "the SIGHUP rejection logged", func() bool {
+		return logged(r.stderr.String(), "reload rejected: 2 problem(s) found", map[string]string{"via": "SIGHUP"}) > 0
+	})
 	if got := rejectedLines(r.stderr.String()); !slices.Equal(got, append(slices.Clone(want), want...)) {
 		t.Fatalf("problems logged after SIGHUP: %q", got)
 	}
@@ -662,6 +669,9 @@ sinks:
 		t.Fatal(err)
 	}
 	eventually(t, "the SIGHUP reload applied", func() bool { return reloads(t, r.admin, "applied") == 1 })
+	eventually(t, "the reload's diff logged", func() bool {
+		return logged(r.stderr.String(), "reload: stopped", map[string]string{"component": "sink/gone"}) > 0
+	})
 	if logged(r.stderr.String(), "reload: started", map[string]string{"component": "sink/added"}) != 1 ||
 		logged(r.stderr.String(), "reload: stopped", map[string]string{"component": "sink/gone"}) != 1 {
 		t.Fatalf("the reload's diff is not in the log:\n%s", r.stderr.String())
