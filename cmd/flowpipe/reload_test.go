@@ -284,6 +284,7 @@ sinks:
 	// admin: takes effect only at start: a file that changes it is rejected, at its line.
 	replaceFile(t, file, strings.Replace(good, `"127.0.0.1:0"`, `"127.0.0.1:1"`, 1))
 	eventually(t, "the admin.listen change rejected", func() bool { return reloads(t, r.admin, "rejected") == 4 })
+	eventually(t, "the fourth rejection logged", func() bool { return logged(r.stderr.String(), "reload rejected: ", nil) == 4 })
 	if got := rejectedLines(r.stderr.String()); got[len(got)-1] != `p.yaml:1: admin.listen: changed from "127.0.0.1:0" to "127.0.0.1:1"; takes effect only when flowpipe starts: restart flowpipe to apply it, or put the old value back to reload the rest` {
 		t.Fatalf("start-only change logged as %q", got[len(got)-1])
 	}
@@ -297,6 +298,7 @@ sinks:
 		t.Fatalf("validate of the file with a bad sink option: %q", want)
 	}
 	eventually(t, "the bad sink option rejected", func() bool { return reloads(t, r.admin, "rejected") == 5 })
+	eventually(t, "the fifth rejection logged", func() bool { return logged(r.stderr.String(), "reload rejected: ", nil) == 5 })
 	if got := rejectedLines(r.stderr.String()); got[len(got)-1] != want[0] {
 		t.Fatalf("problem logged as %q, want %q", got[len(got)-1], want[0])
 	}
