@@ -19,7 +19,7 @@
 //	                          port is a multiple of options.drop_every (counted); it takes
 //	                          new options while it runs (component.Reconfigurer)
 //	flowpipe-enricher-old     the tag enricher as a plugin built before the Reconfigure
-//	                          call: the call is not served at all (Unimplemented)
+//	                          and Check calls: they are not served at all (Unimplemented)
 //	flowpipe-sink-future      speaks only protocol version 2
 //	flowpipe-enricher-corrupt the tag enricher over gRPC only (no data channel) whose first
 //	                          answer as changes, while options.corrupt_once does not exist,
@@ -440,6 +440,11 @@ func serveCorrupt(f component.Factory) {
 			return grpc.NewServer(append(opts, pluginproto.ServerOptions()...)...)
 		},
 	})
+}
+
+// Check is not served either: it came after Reconfigure.
+func (oldComponent) Check(context.Context, *pluginproto.CheckRequest) (*pluginproto.CheckResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "unknown method Check for service flowpipe.plugin.v1.Component")
 }
 
 func serveOld(f component.Factory) {
