@@ -22,11 +22,13 @@ import (
 //
 //	skip                              uvarint: request events dropped before this one
 //	mask                              uvarint: which fields differ from the request event
-//	                                  (bits below, field order of flow.Event)
-//	the new value of each field in mask, in bit order: event and flow IDs 16 bytes; times
+//	                                  (bits below: the strings, then the other fields in
+//	                                  the order of flow.Event)
+//	the new value of each field in mask, in bit order: strings uvarint length + bytes
+//	(length 0: the field is cleared); event and flow IDs 16 bytes; times
 //	8 bytes (little endian); addresses as in a batch (tag + bytes, zone); ports 2 bytes;
 //	type, direction, protocol, ICMP type and code, reconstructed (0 or 1) 1 byte;
-//	counters uvarint; strings uvarint length + bytes (length 0: the field is cleared)
+//	counters uvarint
 //
 // The request events after the last one kept are dropped. An answer that is not a subset
 // with more events than the request (an enricher that adds events, such as an aggregate)
@@ -36,9 +38,15 @@ import (
 // that one is never taken for the other.
 const ChangesVersion = 0xC1
 
-// Bits of a change's mask.
+// Bits of a change's mask. What enrichers set comes first (the strings), so that the mask
+// of a typical change is a one-byte varint.
 const (
-	chEventID = 1 << iota
+	chRuleID = 1 << iota
+	chSrcResourceID
+	chDstResourceID
+	chCommunityID
+	chSource
+	chEventID
 	chFlowID
 	chTimestamp
 	chStart
@@ -57,11 +65,6 @@ const (
 	chRxBytes
 	chTxPackets
 	chTxBytes
-	chRuleID
-	chSrcResourceID
-	chDstResourceID
-	chCommunityID
-	chSource
 	chWindowStart
 	chWindowEnd
 	chNumStarts
@@ -69,6 +72,19 @@ const (
 	chNumDrops
 	chAll = chNumDrops<<1 - 1
 )
+
+// ChangesSize is an upper bound on the changes encoding of an answer of got events.
+func ChangesSize(got []flow.Event) int {
+	n := 1 + 2*binary.MaxVarintLen64
+	for i := range got {
+		n += EventSize(&got[i]) + changeOverhead
+	}
+	return n
+}
+
+// changeOverhead bounds what a change costs beyond EventSize: its skip and mask, against
+// the present field and fixed-size ports and numbers of a batch.
+const changeOverhead = 16
 
 // AppendChanges appends to dst the changes that turn sent (the events of a request) into
 // got (the events an enricher made of them). ok is false when got has more events than
@@ -215,6 +231,21 @@ func appendChange(dst []byte, s, g *flow.Event) []byte {
 	if mask == 0 {
 		return dst
 	}
+	if mask&chRuleID != 0 {
+		dst = appendString(dst, g.RuleID)
+	}
+	if mask&chSrcResourceID != 0 {
+		dst = appendString(dst, g.SrcResourceID)
+	}
+	if mask&chDstResourceID != 0 {
+		dst = appendString(dst, g.DstResourceID)
+	}
+	if mask&chCommunityID != 0 {
+		dst = appendString(dst, g.CommunityID)
+	}
+	if mask&chSource != 0 {
+		dst = appendString(dst, g.Source)
+	}
 	if mask&chEventID != 0 {
 		dst = append(dst, g.EventID[:]...)
 	}
@@ -276,21 +307,6 @@ func appendChange(dst []byte, s, g *flow.Event) []byte {
 	if mask&chTxBytes != 0 {
 		dst = binary.AppendUvarint(dst, g.TxBytes)
 	}
-	if mask&chRuleID != 0 {
-		dst = appendString(dst, g.RuleID)
-	}
-	if mask&chSrcResourceID != 0 {
-		dst = appendString(dst, g.SrcResourceID)
-	}
-	if mask&chDstResourceID != 0 {
-		dst = appendString(dst, g.DstResourceID)
-	}
-	if mask&chCommunityID != 0 {
-		dst = appendString(dst, g.CommunityID)
-	}
-	if mask&chSource != 0 {
-		dst = appendString(dst, g.Source)
-	}
 	if mask&chWindowStart != 0 {
 		dst = binary.LittleEndian.AppendUint64(dst, uint64(g.WindowStart))
 	}
@@ -345,31 +361,56 @@ func walkChanges(out *[]flow.Event, sent []flow.Event, data []byte, count int) e
 	if kept != uint64(count) || kept > n {
 		return fmt.Errorf("%d events kept of %d, the answer says %d", kept, n, count)
 	}
+	var o []flow.Event
+	if out != nil {
+		o = *out
+	}
 	i := 0
 	for j := 0; j < int(kept); j++ {
-		skip := d.rawUvarint()
-		if d.err != nil {
-			return fmt.Errorf("event %d: %w", j, d.err)
+		// skip and mask are most often one byte each: read here, without a call.
+		var skip, mask uint64
+		if b := d.buf; len(b) >= 2 && b[0] < 0x80 && b[1] < 0x80 {
+			skip, mask = uint64(b[0]), uint64(b[1])
+			d.buf = b[2:]
+		} else {
+			skip = d.rawUvarint()
+			mask = d.rawUvarint()
+			if d.err != nil {
+				return fmt.Errorf("event %d: %w", j, d.err)
+			}
 		}
 		// Each event still to come needs a request event of its own.
 		if skip > uint64(len(sent)-i-(int(kept)-j)) {
 			return fmt.Errorf("event %d: skips %d events, past the request's end", j, skip)
 		}
+		if mask&^chAll != 0 {
+			return fmt.Errorf("event %d: unknown field bits %#x", j, mask&^chAll)
+		}
 		i += int(skip)
 		var e *flow.Event
 		if d.apply {
-			*out = append(*out, sent[i])
-			e = &(*out)[len(*out)-1]
+			if len(o) < cap(o) && &o[:len(o)+1][len(o)] == &sent[i] {
+				o = o[:len(o)+1] // applied in place, nothing dropped before it
+			} else {
+				o = append(o, sent[i])
+			}
+			e = &o[len(o)-1]
 		} else {
 			e = &d.scratch
 		}
-		if err := d.change(e); err != nil {
-			return fmt.Errorf("event %d: %w", j, err)
+		for m := uint32(mask); m != 0; m &= m - 1 {
+			d.field(e, uint32(1)<<bits.TrailingZeros32(m))
+		}
+		if d.err != nil {
+			return fmt.Errorf("event %d: %w", j, d.err)
 		}
 		i++
 	}
 	if len(d.buf) != 0 {
 		return fmt.Errorf("%d bytes after the last of %d events", len(d.buf), kept)
+	}
+	if out != nil {
+		*out = o
 	}
 	return nil
 }
@@ -378,24 +419,6 @@ type changeReader struct {
 	decoder
 	apply   bool
 	scratch flow.Event // where a check writes
-}
-
-func (d *changeReader) change(e *flow.Event) error {
-	mask := d.rawUvarint()
-	if d.err != nil {
-		return d.err
-	}
-	if mask&^chAll != 0 {
-		return fmt.Errorf("unknown field bits %#x", mask&^chAll)
-	}
-	for m := uint32(mask); m != 0; m &= m - 1 {
-		bit := uint32(1) << bits.TrailingZeros32(m)
-		d.field(e, bit)
-		if d.err != nil {
-			return d.err
-		}
-	}
-	return nil
 }
 
 func (d *changeReader) bytes(n int) []byte {

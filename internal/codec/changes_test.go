@@ -265,7 +265,8 @@ func TestApplyChangesRejects(t *testing.T) {
 		"skip past the end":   {append(header(20, 2), 0, 0, 19, 0), 2},
 		"unknown field bit":   {append(header(20, 1), 0, 0x80, 0x80, 0x80, 0x80, 0x01), 1},
 		"trailing bytes":      {append(slices.Clone(good), 0), len(got)},
-		"empty zone":          {append(header(20, 1), 0, chSrcAddr, 17, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 0), 1},
+		"empty zone": {append(append(append(header(20, 1), 0), binary.AppendUvarint(nil, chSrcAddr)...),
+			17, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 0), 1},
 	}
 	bad["bad reconstructed"] = struct {
 		data  []byte
@@ -368,14 +369,40 @@ func BenchmarkChanges(b *testing.B) {
 		}
 		b.SetBytes(int64(len(data)))
 	})
-	b.Run("apply", func(b *testing.B) {
-		work := make([]flow.Event, len(sent))
+	b.Run("check", func(b *testing.B) {
 		for b.Loop() {
-			copy(work, sent)
+			if err := walkChanges(nil, sent, data, len(got)); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	b.Run("apply", func(b *testing.B) {
+		// Applied where the events are, as the host does; applying again gives the same.
+		work := slices.Clone(sent)
+		for b.Loop() {
 			if _, err := ApplyChanges(work[:0], work, data, len(got)); err != nil {
 				b.Fatal(err)
 			}
 		}
 		b.SetBytes(int64(len(data)))
 	})
+}
+
+// ChangesSize bounds every answer: the largest change is every field of an event.
+func TestChangesSize(t *testing.T) {
+	r := rand.New(rand.NewPCG(12, 13))
+	sent := make([]flow.Event, 300) // all zero: every field of got differs
+	got := sample(300, r)
+	for i := range got {
+		got[i].SrcAddr = netip.MustParseAddr("fe80::1%a-long-zone-name")
+		got[i].RxPackets, got[i].RxBytes, got[i].TxPackets, got[i].TxBytes = ^uint64(0), ^uint64(0), ^uint64(0), ^uint64(0)
+		got[i].NumStarts, got[i].NumEnds, got[i].NumDrops = ^uint64(0), ^uint64(0), ^uint64(0)
+		got[i].Reconstructed, got[i].ICMPCode = true, 1
+	}
+	for _, g := range [][]flow.Event{got, got[:1], got[:0], got[:150]} {
+		data, _ := AppendChanges(nil, sent, g)
+		if len(data) > ChangesSize(g) {
+			t.Fatalf("%d events: %d bytes, ChangesSize said at most %d", len(g), len(data), ChangesSize(g))
+		}
+	}
 }

@@ -403,7 +403,7 @@ func (s *Server) Enrich(ctx context.Context, req *pb.Batch) (*pb.EnrichResponse,
 	} else if changes && len(b.Events) <= len(*sent) {
 		// The answer's buffer goes back to the pool once it is sent (pb.Codec, the data
 		// channel), as a whole batch's.
-		buf := pb.Buffers.Get(16 + 8*len(*sent))
+		buf := pb.Buffers.Get(codec.ChangesSize(b.Events)) // never grows
 		*buf, _ = codec.AppendChanges((*buf)[:0], *sent, b.Events)
 		resp.Batch = &pb.Batch{Count: uint32(len(b.Events)), Events: *buf, Source: b.Source}
 		resp.Changes = true
