@@ -154,7 +154,52 @@ func TestEnrichBadChanges(t *testing.T) {
 	if r := f.metric(t, "flowpipe_plugin_redelivered_events_total"); r != 500 {
 		t.Errorf("redelivered_events_total = %v, want 500", r)
 	}
-	if !strings.Contains(f.logs.String(), "bad answer") {
+	if !strings.Contains(f.logs.String(), "bad answer: codec: changes") {
 		t.Errorf("the host's log does not say what was wrong:\n%s", f.logs.String())
+	}
+}
+
+// The same on the data channel, for a pipelined enrich (StartEnrich): a well-formed frame
+// whose changes are cut short fails the plugin, and the batch, left as it was, is enriched
+// again in the new process.
+func TestPipelinedEnrichBadChanges(t *testing.T) {
+	if pb.DataChannelOff() {
+		t.Skip(pb.DataChannelEnv + "=off: the host offers no data channel")
+	}
+	f := newFixture(t, component.KindEnricher, "tag")
+	marker := filepath.Join(t.TempDir(), "bad-frame-written")
+	en, err := f.instantiate(t, "tag", map[string]any{"rule": "r-4", "drop_every": 3, "bad_changes_frame_once": marker})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer en.(component.Closer).Close(context.Background())
+	p := currentProc(t, en)
+	if p.data == nil {
+		t.Fatal("the plugin does not use the data channel")
+	}
+	pid := p.pid()
+	in := seqEvents(0, 500)
+	want := tagged(in, "r-4", 3)
+	b := flow.NewBatch(in, nil)
+	if err := en.(component.Pipeliner).StartEnrich(context.Background(), b)(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(marker); err != nil {
+		t.Fatal("the plugin did not send its bad answer")
+	}
+	if !reflect.DeepEqual(b.Events, want) {
+		t.Fatalf("%d events enriched, not the %d expected", len(b.Events), len(want))
+	}
+	if p := currentProc(t, en).pid(); p == pid {
+		t.Fatalf("the plugin that sent a bad answer (pid %d) was not replaced", pid)
+	}
+	if r := f.metric(t, "flowpipe_plugin_restarts_total"); r != 1 {
+		t.Errorf("restarts_total = %v, want 1", r)
+	}
+	if r := f.metric(t, "flowpipe_plugin_redelivered_events_total"); r != 500 {
+		t.Errorf("redelivered_events_total = %v, want 500", r)
+	}
+	if !strings.Contains(f.logs.String(), "bad answer: codec: changes") {
+		t.Errorf("the host's log does not say what was wrong with the answer:\n%s", f.logs.String())
 	}
 }

@@ -56,10 +56,12 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/flowpipe/flowpipe/core/component"
 	"github.com/flowpipe/flowpipe/core/flow"
 	"github.com/flowpipe/flowpipe/core/options"
+	"github.com/flowpipe/flowpipe/internal/codec"
 	"github.com/flowpipe/flowpipe/internal/pluginproto"
 	"github.com/flowpipe/flowpipe/internal/pluginserver"
 	"github.com/flowpipe/flowpipe/sdk"
@@ -337,6 +339,10 @@ type tagConfig struct {
 	DropEvery int    `yaml:"drop_every"`
 	// CorruptOnce: flowpipe-enricher-corrupt cuts its first answer as changes short.
 	CorruptOnce string `yaml:"corrupt_once"`
+	// BadChangesFrameOnce: while this file does not exist, Enrich creates it, writes into
+	// the data channel an answer to call 1 as changes cut one byte short (a well-formed
+	// frame whose changes are not), and waits for the host.
+	BadChangesFrameOnce string `yaml:"bad_changes_frame_once"`
 }
 
 func (c *tagConfig) Validate() error {
@@ -363,6 +369,29 @@ func newTag(env component.Env, c *tagConfig) (component.Enricher, error) {
 
 func (t *tag) Enrich(_ context.Context, b *flow.Batch) error {
 	cfg := t.cfg.Load()
+	if path := cfg.BadChangesFrameOnce; path != "" {
+		if _, err := os.Stat(path); err != nil {
+			if err := os.WriteFile(path, nil, 0o644); err != nil {
+				return err
+			}
+			changes, _ := codec.AppendChanges(nil, b.Events, b.Events)
+			changes = changes[:len(changes)-1]
+			meta, err := proto.Marshal(&pluginproto.EnrichResponse{Changes: true, Batch: &pluginproto.Batch{Count: uint32(len(b.Events))}})
+			if err != nil {
+				return err
+			}
+			frame := []byte{'f', 'P', pluginproto.FrameVersion, byte(pluginproto.FrameEnrichResp)}
+			frame = binary.BigEndian.AppendUint32(frame, uint32(len(meta)))
+			frame = binary.BigEndian.AppendUint32(frame, uint32(len(changes)))
+			frame = binary.BigEndian.AppendUint32(frame, 0)
+			frame = binary.BigEndian.AppendUint64(frame, 1)
+			frame = append(append(frame, meta...), changes...)
+			if _, err := syscall.Write(dataFD, frame); err != nil {
+				return err
+			}
+			select {} // the host kills this process
+		}
+	}
 	kept := b.Events[:0]
 	for _, e := range b.Events {
 		if cfg.DropEvery > 0 && int(e.SrcPort)%cfg.DropEvery == 0 {
