@@ -496,14 +496,36 @@ sinks:
 }
 
 // TestPluginEnrichersSameOutput runs the built-in enrichers that can run out of process
-// (community_id; resources with rule IDs, resource IDs and an exit-node filter that drops
-// a fifth of the events) in process, out of process (their answers come as changes to the
+// (community_id; resources with rule IDs, resource IDs, and the exit-node and DNS filters
+// that drop some events) in process, out of process (their answers come as changes to the
 // batch the host holds), and out of process with FLOWPIPE_PLUGIN_ENRICH_CHANGES=off (whole
 // batches): the output is the same. aggregate keeps events across batches
 // (component.Holder) and runs only in process.
 func TestPluginEnrichersSameOutput(t *testing.T) {
 	dir := t.TempDir()
-	writeEvents(t, filepath.Join(dir, "in.jsonl"), 20_000)
+	const total = 20_000
+	writeEvents(t, filepath.Join(dir, "all.jsonl"), total)
+	// Every 11th event a DNS query (UDP to port 53), which dns_collection: false drops.
+	var in []byte
+	data, err := os.ReadFile(filepath.Join(dir, "all.jsonl"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	kept := 0
+	for i, line := range bytes.Split(bytes.TrimSuffix(data, []byte("\n")), []byte("\n")) {
+		var e flow.Event
+		if err := flow.ParseJSON(line, &e); err != nil {
+			t.Fatal(err)
+		}
+		if i%11 == 0 {
+			e.Protocol, e.ICMPType, e.DstPort = flow.ProtoUDP, 0, 53
+		}
+		if i%5 != 0 && i%11 != 0 { // neither an exit-node flow (IPv6 to 2001:db8::1) nor DNS
+			kept++
+		}
+		in = append(flow.AppendJSON(in, &e), '\n')
+	}
+	writeFile(t, filepath.Join(dir, "in.jsonl"), string(in))
 	outputs := map[string][]byte{}
 	for _, run := range []string{"inproc", "process", "process-whole"} {
 		iso := strings.TrimSuffix(run, "-whole")
@@ -528,6 +550,7 @@ enrichers:
       - {id: r-ping, protocols: [icmp]}
       - {id: r-web, protocols: [tcp], ports: [443]}
     exit_node_collection: false
+    dns_collection: false
 sinks:
   out: {type: file, isolation: inproc, path: out-%[2]s.jsonl}
 `, iso, run))
@@ -548,8 +571,8 @@ sinks:
 		}
 		outputs[run] = data
 	}
-	if n := bytes.Count(outputs["inproc"], []byte("\n")); n != 16_000 {
-		t.Fatalf("in process: %d events, want the 16000 that are not exit-node flows", n)
+	if n := bytes.Count(outputs["inproc"], []byte("\n")); n != kept {
+		t.Fatalf("in process: %d events, want the %d that are neither exit-node nor DNS flows", n, kept)
 	}
 	for _, want := range []string{`"community_id":"1:`, `"rule_id":"r-web"`, `"rule_id":"r-ping"`, `"src_resource_id":"lan"`, `"dst_resource_id":"docs"`} {
 		if !bytes.Contains(outputs["inproc"], []byte(want)) {
