@@ -103,7 +103,7 @@ func (s *Source) lockHost() (func(), error) {
 	if err := os.MkdirAll(d, 0o750); err != nil {
 		return nil, fmt.Errorf("record host changes: %w (check data_dir)", err)
 	}
-	f, err := os.OpenFile(filepath.Join(d, ".lock"), os.O_RDWR|os.O_CREATE, 0o640)
+	f, err := os.OpenFile(filepath.Join(d, ".lock"), os.O_RDONLY|os.O_CREATE, 0o640)
 	if err != nil {
 		return nil, fmt.Errorf("record host changes: %w (check data_dir)", err)
 	}
@@ -129,7 +129,7 @@ func (s *Source) holdRecordLock() error {
 	if err := os.MkdirAll(filepath.Dir(path), 0o750); err != nil {
 		return fmt.Errorf("record host changes: %w", err)
 	}
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o640)
+	f, err := os.OpenFile(path, os.O_RDONLY|os.O_CREATE, 0o640) // flock needs no write access
 	if err != nil {
 		return fmt.Errorf("record host changes: %w", err)
 	}
