@@ -494,3 +494,94 @@ sinks:
 		t.Fatalf("problems differ:\nin process:\n%s\nout of process:\n%s", got["inproc"], got["process"])
 	}
 }
+
+// TestPluginEnrichersSameOutput runs the built-in enrichers that can run out of process
+// (community_id; resources with rule IDs, resource IDs, and the exit-node and DNS filters
+// that drop some events) in process, out of process (their answers come as changes to the
+// batch the host holds), and out of process with FLOWPIPE_PLUGIN_ENRICH_CHANGES=off (whole
+// batches): the output is the same. aggregate keeps events across batches
+// (component.Holder) and runs only in process.
+func TestPluginEnrichersSameOutput(t *testing.T) {
+	dir := t.TempDir()
+	const total = 20_000
+	writeEvents(t, filepath.Join(dir, "all.jsonl"), total)
+	// Every 11th event a DNS query (UDP to port 53), which dns_collection: false drops.
+	var in []byte
+	data, err := os.ReadFile(filepath.Join(dir, "all.jsonl"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	kept := 0
+	for i, line := range bytes.Split(bytes.TrimSuffix(data, []byte("\n")), []byte("\n")) {
+		var e flow.Event
+		if err := flow.ParseJSON(line, &e); err != nil {
+			t.Fatal(err)
+		}
+		if i%11 == 0 {
+			e.Protocol, e.ICMPType, e.DstPort = flow.ProtoUDP, 0, 53
+		}
+		if i%5 != 0 && i%11 != 0 { // neither an exit-node flow (IPv6 to 2001:db8::1) nor DNS
+			kept++
+		}
+		in = append(flow.AppendJSON(in, &e), '\n')
+	}
+	writeFile(t, filepath.Join(dir, "in.jsonl"), string(in))
+	outputs := map[string][]byte{}
+	for _, run := range []string{"inproc", "process", "process-whole"} {
+		iso := strings.TrimSuffix(run, "-whole")
+		if run == "process-whole" {
+			t.Setenv("FLOWPIPE_PLUGIN_ENRICH_CHANGES", "off")
+		}
+		writeFile(t, filepath.Join(dir, run+".yaml"), fmt.Sprintf(`
+admin: {listen: ""}
+sources:
+  in: {type: replay, isolation: inproc, path: in.jsonl, batch_size: 777}
+enrichers:
+  - {type: community_id, isolation: %[1]s}
+  - type: resources
+    isolation: %[1]s
+    overlay: [100.64.0.0/10]
+    resources:
+      - {id: lan, prefixes: [10.0.0.0/8]}
+      - {id: docs, prefixes: [192.0.2.0/24]}
+    routes:
+      - {prefix: "2001:db8::/32", exit_node: true}
+    rules:
+      - {id: r-ping, protocols: [icmp]}
+      - {id: r-web, protocols: [tcp], ports: [443]}
+    exit_node_collection: false
+    dns_collection: false
+sinks:
+  out: {type: file, isolation: inproc, path: out-%[2]s.jsonl}
+`, iso, run))
+		_, stderr, code := flowpipe(t, dir, "run", "-c", run+".yaml", "--log-level", "debug")
+		if code != 0 {
+			t.Fatalf("%s: exit %d\n%s", run, code, stderr)
+		}
+		changes := strings.Count(stderr, "answers come as the changes to the batch the host holds")
+		if want := map[string]int{"inproc": 0, "process": 2, "process-whole": 0}[run]; changes != want {
+			t.Fatalf("%s: %d enrichers answered with changes, want %d:\n%s", run, changes, want, stderr)
+		}
+		if iso == "process" && strings.Count(stderr, "data_channel=true") != 2 {
+			t.Fatalf("%s: the enrichers do not run out of process on the data channel:\n%s", run, stderr)
+		}
+		data, err := os.ReadFile(filepath.Join(dir, "out-"+run+".jsonl"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		outputs[run] = data
+	}
+	if n := bytes.Count(outputs["inproc"], []byte("\n")); n != kept {
+		t.Fatalf("in process: %d events, want the %d that are neither exit-node nor DNS flows", n, kept)
+	}
+	for _, want := range []string{`"community_id":"1:`, `"rule_id":"r-web"`, `"rule_id":"r-ping"`, `"src_resource_id":"lan"`, `"dst_resource_id":"docs"`} {
+		if !bytes.Contains(outputs["inproc"], []byte(want)) {
+			t.Fatalf("in process: no event has %s", want)
+		}
+	}
+	for _, run := range []string{"process", "process-whole"} {
+		if !bytes.Equal(outputs["inproc"], outputs[run]) {
+			t.Fatalf("output differs between in process and %s", run)
+		}
+	}
+}

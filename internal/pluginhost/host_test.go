@@ -44,7 +44,8 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	for _, name := range []string{"flowpipe-sink-jsonl", "flowpipe-source-seq", "flowpipe-enricher-tag", "flowpipe-sink-future",
-		"flowpipe-sink-jsonlv1", "flowpipe-source-seqv1", "flowpipe-enricher-tagv1"} {
+		"flowpipe-sink-jsonlv1", "flowpipe-source-seqv1", "flowpipe-enricher-tagv1",
+		"flowpipe-enricher-tagwhole", "flowpipe-enricher-tagwholev1", "flowpipe-enricher-corrupt"} {
 		if err := os.Link(bin, filepath.Join(dir, name)); err != nil {
 			panic(err)
 		}

@@ -48,6 +48,9 @@ type proc struct {
 	// data is the data channel, when the plugin serves its batches there (sink and enr
 	// are then its clients); nil: every batch goes over gRPC.
 	data *dataConn
+	// changes: the host asked the enricher to answer with its changes
+	// (ConfigureRequest.enrich_changes); an answer as changes is a bad answer otherwise.
+	changes bool
 	// pending is the data channel until Describe says how the plugin uses it (offerData).
 	pending *pb.Channel
 
@@ -278,7 +281,8 @@ func (p *proc) configure(ctx context.Context, describe string, spec config.Compo
 	if spec.Plugin == "" && desc.Type != spec.Type {
 		return false, fmt.Errorf("%s served type %q instead", describe, desc.Type)
 	}
-	resp, err := p.comp.Configure(cctx, &pb.ConfigureRequest{Name: spec.Name, ConfigDir: env.ConfigDir, DataDir: env.DataDir, OptionsYaml: optYAML, EmitWindow: emitWindow})
+	p.changes = spec.Kind == component.KindEnricher && !pb.EnrichChangesOff()
+	resp, err := p.comp.Configure(cctx, &pb.ConfigureRequest{Name: spec.Name, ConfigDir: env.ConfigDir, DataDir: env.DataDir, OptionsYaml: optYAML, EmitWindow: emitWindow, EnrichChanges: p.changes})
 	if err != nil {
 		return false, fmt.Errorf("%s: configure: %w", describe, err)
 	}

@@ -2,6 +2,7 @@ package pluginhost
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"sync"
@@ -126,22 +127,37 @@ func (s *remoteSink) Health() error                   { return s.in.Health() }
 // remoteEnricher is an enricher in a plugin process. When the process fails mid-call, the
 // batch waits for the restart and is enriched again, so it is not lost.
 type remoteEnricher struct {
-	in *instance
+	in          *instance
+	changesOnce sync.Once
 }
 
 func (e *remoteEnricher) Enrich(ctx context.Context, b *flow.Batch) error {
 	var out []flow.Event
 	for rest, first := b.Events, true; len(rest) > 0 || first; first = false {
-		resp, pooled, n, err := e.call(ctx, rest, b.Source)
-		if err != nil {
-			return err
-		}
-		if first && n == len(b.Events) {
-			out = b.Events[:0] // one part: the request is encoded before the answer is decoded
-		}
-		rest = rest[n:]
-		if out, err = e.decodeAnswer(out, resp, pooled); err != nil {
-			return err
+		for attempt := 0; ; attempt++ {
+			resp, p, n, err := e.call(ctx, rest, b.Source, attempt > 0)
+			if err != nil {
+				return err
+			}
+			dst := out
+			if first && n == len(b.Events) {
+				dst = b.Events[:0] // one part: the answer is applied where the events are
+			}
+			got, err := e.answer(dst, rest[:n], resp, p)
+			if errors.Is(err, errBadChanges) {
+				// Nothing was applied: the plugin is failed as for a garbage frame, and the
+				// part is enriched again in the next process.
+				if err := e.in.callErr(ctx, ctx, p, "Enrich", err); ctx.Err() != nil {
+					return err
+				}
+				continue
+			}
+			if err != nil {
+				return err
+			}
+			out = got
+			rest = rest[n:]
+			break
 		}
 	}
 	b.Events = out
@@ -150,16 +166,17 @@ func (e *remoteEnricher) Enrich(ctx context.Context, b *flow.Batch) error {
 }
 
 // call enriches the first part of events (n of them: all, unless the batch is too large for
-// one message) in the current process, again in the next one if it fails; pooled says that
-// the answer's events are a buffer from pb.Buffers (the data channel's).
-func (e *remoteEnricher) call(ctx context.Context, events []flow.Event, source string) (resp *pb.EnrichResponse, pooled bool, n int, err error) {
+// one message) in the current process, again in the next one if it fails; again says that
+// the part was sent before (its events are counted as redelivered). p is the process that
+// answered.
+func (e *remoteEnricher) call(ctx context.Context, events []flow.Event, source string, again bool) (resp *pb.EnrichResponse, p *proc, n int, err error) {
 	for attempt := 0; ; attempt++ {
 		p, err := e.in.get(ctx)
 		if err != nil {
-			return nil, false, 0, fmt.Errorf("%s: %w", e.in.launcher.describe, err)
+			return nil, nil, 0, fmt.Errorf("%s: %w", e.in.launcher.describe, err)
 		}
 		buf, msg, n := pb.EncodeBatch(events, source)
-		if attempt > 0 {
+		if attempt > 0 || again {
 			e.in.redelivered.Add(float64(n))
 		}
 		cctx, done := e.in.guard(ctx, p, "Enrich")
@@ -171,7 +188,7 @@ func (e *remoteEnricher) call(ctx context.Context, events []flow.Event, source s
 		}
 		if err != nil {
 			if err := e.in.callErr(ctx, cctx, p, "Enrich", err); ctx.Err() != nil {
-				return nil, false, 0, err
+				return nil, nil, 0, err
 			}
 			continue
 		}
@@ -180,9 +197,9 @@ func (e *remoteEnricher) call(ctx context.Context, events []flow.Event, source s
 			if resp.Batch != nil && p.data != nil {
 				pb.PutEvents(resp.Batch.Events)
 			}
-			return nil, false, 0, err
+			return nil, nil, 0, err
 		}
-		return resp, p.data != nil, n, nil
+		return resp, p, n, nil
 	}
 }
 
@@ -231,7 +248,14 @@ func (e *remoteEnricher) StartEnrich(ctx context.Context, b *flow.Batch) (finish
 			}
 			return err
 		}
-		out, err := e.decodeAnswer(b.Events[:0], resp, true)
+		out, err := e.answer(b.Events[:0], b.Events, resp, p)
+		if errors.Is(err, errBadChanges) {
+			if err := e.in.callErr(ctx, ctx, p, "Enrich", err); ctx.Err() != nil {
+				return err
+			}
+			e.in.redelivered.Add(float64(len(b.Events)))
+			return e.Enrich(ctx, b)
+		}
 		if err != nil {
 			return err
 		}
@@ -241,15 +265,45 @@ func (e *remoteEnricher) StartEnrich(ctx context.Context, b *flow.Batch) (finish
 	}
 }
 
-// decodeAnswer appends the events of an enrich answer to dst; pooled says that the answer's
-// bytes are a buffer from pb.Buffers (the data channel's), given back once decoded.
-func (e *remoteEnricher) decodeAnswer(dst []flow.Event, resp *pb.EnrichResponse, pooled bool) ([]flow.Event, error) {
-	out, err := codec.Decode(dst, resp.Batch.GetEvents(), int(resp.Batch.GetCount()))
-	if resp.Batch != nil && pooled {
-		pb.PutEvents(resp.Batch.Events) // decoding copied what it keeps
+// appliedChanges counts the enrich answers applied as changes.
+var appliedChanges atomic.Int64
+
+// errBadChanges marks an answer as changes that cannot be applied: nothing was applied, and
+// the plugin that sent it is failed.
+var errBadChanges = errors.New("bad answer")
+
+// answer appends to dst the events of p's answer to sent: the answer's events, or sent with
+// the answer's changes applied (EnrichResponse.changes). dst may be sent[:0]. The answer's
+// bytes, when they are a buffer from pb.Buffers (the data channel's), go back once read.
+func (e *remoteEnricher) answer(dst, sent []flow.Event, resp *pb.EnrichResponse, p *proc) ([]flow.Event, error) {
+	data, count := resp.Batch.GetEvents(), int(resp.Batch.GetCount())
+	var (
+		out []flow.Event
+		err error
+	)
+	switch {
+	case resp.Changes && !p.changes:
+		out, err = dst, fmt.Errorf("%w: the plugin answered with changes, which the host did not ask for", errBadChanges)
+	case resp.Changes:
+		// Checked whole before anything is applied: a bad answer leaves the batch as it was.
+		if out, err = codec.ApplyChanges(dst, sent, data, count); err != nil {
+			err = fmt.Errorf("%w: %w", errBadChanges, err)
+		} else {
+			appliedChanges.Add(1)
+			e.changesOnce.Do(func() {
+				e.in.env.Logger.Debug("plugin enricher: answers come as the changes to the batch the host holds", "plugin", e.in.launcher.describe)
+			})
+		}
+	default:
+		if out, err = codec.Decode(dst, data, count); err != nil {
+			err = fmt.Errorf("bad answer: %w", err)
+		}
+	}
+	if resp.Batch != nil && p.data != nil {
+		pb.PutEvents(resp.Batch.Events) // what is kept was copied
 	}
 	if err != nil {
-		return out, fmt.Errorf("%s: bad answer: %w", e.in.launcher.describe, err)
+		return out, fmt.Errorf("%s: %w", e.in.launcher.describe, err)
 	}
 	return out, nil
 }

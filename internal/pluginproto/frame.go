@@ -49,6 +49,15 @@ const DataChannelEnv = "FLOWPIPE_PLUGIN_DATA_CHANNEL"
 // DataChannelOff reports whether DataChannelEnv turns the channel off in this process.
 func DataChannelOff() bool { return os.Getenv(DataChannelEnv) == "off" }
 
+// EnrichChangesEnv set to "off" turns off enrich answers as changes (ConfigureRequest
+// .enrich_changes): in the host's environment, the host asks no enricher for them (every
+// answer is a whole batch); in a plugin's, the plugin answers whole batches, as a plugin
+// built before them.
+const EnrichChangesEnv = "FLOWPIPE_PLUGIN_ENRICH_CHANGES"
+
+// EnrichChangesOff reports whether EnrichChangesEnv turns changes off in this process.
+func EnrichChangesOff() bool { return os.Getenv(EnrichChangesEnv) == "off" }
+
 // FrameVersion is the version of the frame layout.
 const FrameVersion = 1
 

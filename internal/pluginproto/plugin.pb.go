@@ -346,7 +346,11 @@ type ConfigureRequest struct {
 	// the plugin's Emit returns only once fewer than this many are outstanding, as an Emit in
 	// process returns only once the pipeline has queued the batch. 0 (a host before flow
 	// control): no bound.
-	EmitWindow    uint32 `protobuf:"varint,5,opt,name=emit_window,json=emitWindow,proto3" json:"emit_window,omitempty"`
+	EmitWindow uint32 `protobuf:"varint,5,opt,name=emit_window,json=emitWindow,proto3" json:"emit_window,omitempty"`
+	// enrich_changes: the host still holds each batch it sends an enricher, so the enricher
+	// may answer with what it changed (EnrichResponse.changes) instead of the whole batch.
+	// false (a host before it, or FLOWPIPE_PLUGIN_ENRICH_CHANGES=off): whole batches only.
+	EnrichChanges bool `protobuf:"varint,6,opt,name=enrich_changes,json=enrichChanges,proto3" json:"enrich_changes,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -414,6 +418,13 @@ func (x *ConfigureRequest) GetEmitWindow() uint32 {
 		return x.EmitWindow
 	}
 	return 0
+}
+
+func (x *ConfigureRequest) GetEnrichChanges() bool {
+	if x != nil {
+		return x.EnrichChanges
+	}
+	return false
 }
 
 type FieldError struct {
@@ -1408,11 +1419,15 @@ func (x *WriteResponse) GetFailure() *Error {
 }
 
 type EnrichResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Error         string                 `protobuf:"bytes,1,opt,name=error,proto3" json:"error,omitempty"` // the enricher's error: the batch fails
-	Batch         *Batch                 `protobuf:"bytes,2,opt,name=batch,proto3" json:"batch,omitempty"`
-	Counts        []*Count               `protobuf:"bytes,3,rep,name=counts,proto3" json:"counts,omitempty"`
-	Failure       *Error                 `protobuf:"bytes,4,opt,name=failure,proto3" json:"failure,omitempty"`
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Error   string                 `protobuf:"bytes,1,opt,name=error,proto3" json:"error,omitempty"` // the enricher's error: the batch fails
+	Batch   *Batch                 `protobuf:"bytes,2,opt,name=batch,proto3" json:"batch,omitempty"`
+	Counts  []*Count               `protobuf:"bytes,3,rep,name=counts,proto3" json:"counts,omitempty"`
+	Failure *Error                 `protobuf:"bytes,4,opt,name=failure,proto3" json:"failure,omitempty"`
+	// changes: batch.events is not a batch but the changes that turn the request's events
+	// into the answer's (internal/codec, changes.go), and batch.count the answer's events.
+	// Only when the host asked for it (ConfigureRequest.enrich_changes).
+	Changes       bool `protobuf:"varint,5,opt,name=changes,proto3" json:"changes,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1473,6 +1488,13 @@ func (x *EnrichResponse) GetFailure() *Error {
 		return x.Failure
 	}
 	return nil
+}
+
+func (x *EnrichResponse) GetChanges() bool {
+	if x != nil {
+		return x.Changes
+	}
+	return false
 }
 
 type SourceMessage struct {
@@ -1799,7 +1821,7 @@ const file_plugin_proto_rawDesc = "" +
 	"\asummary\x18\x05 \x01(\tR\asummary\x12*\n" +
 	"\x11emit_flow_control\x18\x06 \x01(\bR\x0femitFlowControl\x12!\n" +
 	"\fdata_channel\x18\a \x01(\bR\vdataChannel\x12(\n" +
-	"\x10data_channel_out\x18\b \x01(\bR\x0edataChannelOut\"\xa4\x01\n" +
+	"\x10data_channel_out\x18\b \x01(\bR\x0edataChannelOut\"\xcb\x01\n" +
 	"\x10ConfigureRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1d\n" +
 	"\n" +
@@ -1807,7 +1829,8 @@ const file_plugin_proto_rawDesc = "" +
 	"\foptions_yaml\x18\x03 \x01(\fR\voptionsYaml\x12\x19\n" +
 	"\bdata_dir\x18\x04 \x01(\tR\adataDir\x12\x1f\n" +
 	"\vemit_window\x18\x05 \x01(\rR\n" +
-	"emitWindow\":\n" +
+	"emitWindow\x12%\n" +
+	"\x0eenrich_changes\x18\x06 \x01(\bR\renrichChanges\":\n" +
 	"\n" +
 	"FieldError\x12\x12\n" +
 	"\x04path\x18\x01 \x01(\tR\x04path\x12\x18\n" +
@@ -1873,12 +1896,13 @@ const file_plugin_proto_rawDesc = "" +
 	"\rWriteResponse\x12\x14\n" +
 	"\x05error\x18\x01 \x01(\tR\x05error\x121\n" +
 	"\x06counts\x18\x02 \x03(\v2\x19.flowpipe.plugin.v1.CountR\x06counts\x123\n" +
-	"\afailure\x18\x03 \x01(\v2\x19.flowpipe.plugin.v1.ErrorR\afailure\"\xbf\x01\n" +
+	"\afailure\x18\x03 \x01(\v2\x19.flowpipe.plugin.v1.ErrorR\afailure\"\xd9\x01\n" +
 	"\x0eEnrichResponse\x12\x14\n" +
 	"\x05error\x18\x01 \x01(\tR\x05error\x12/\n" +
 	"\x05batch\x18\x02 \x01(\v2\x19.flowpipe.plugin.v1.BatchR\x05batch\x121\n" +
 	"\x06counts\x18\x03 \x03(\v2\x19.flowpipe.plugin.v1.CountR\x06counts\x123\n" +
-	"\afailure\x18\x04 \x01(\v2\x19.flowpipe.plugin.v1.ErrorR\afailure\"\xb5\x01\n" +
+	"\afailure\x18\x04 \x01(\v2\x19.flowpipe.plugin.v1.ErrorR\afailure\x12\x18\n" +
+	"\achanges\x18\x05 \x01(\bR\achanges\"\xb5\x01\n" +
 	"\rSourceMessage\x127\n" +
 	"\x05batch\x18\x01 \x01(\v2\x1f.flowpipe.plugin.v1.SourceBatchH\x00R\x05batch\x121\n" +
 	"\x03end\x18\x02 \x01(\v2\x1d.flowpipe.plugin.v1.SourceEndH\x00R\x03end\x121\n" +

@@ -59,6 +59,9 @@ type Server struct {
 	// sent and not yet taken by the host; 0: no bound (a host before flow control).
 	emitWindow int
 	name       string // the component's name in pipeline.yaml (ConfigureRequest.name)
+	// changes: the host holds the batches it sends, and an enricher answers with what it
+	// changed in them (ConfigureRequest.enrich_changes).
+	changes bool
 
 	events sync.Pool // *[]flow.Event, reused between calls
 
@@ -130,6 +133,7 @@ func (s *Server) Configure(_ context.Context, req *pb.ConfigureRequest) (*pb.Con
 	s.comp = c
 	s.name = req.Name
 	s.emitWindow = int(req.EmitWindow)
+	s.changes = req.EnrichChanges && !pb.EnrichChangesOff()
 	s.mu.Unlock()
 	_, holder := c.(component.Holder)
 	return &pb.ConfigureResponse{Holder: holder}, nil
@@ -383,9 +387,26 @@ func (s *Server) Enrich(ctx context.Context, req *pb.Batch) (*pb.EnrichResponse,
 		return nil, err
 	}
 	defer done()
+	s.mu.Lock()
+	changes := s.changes
+	s.mu.Unlock()
+	var sent *[]flow.Event
+	if changes {
+		// What the host sent, to answer with what the enricher changed in it.
+		sent = s.getEvents()
+		*sent = append(*sent, b.Events...)
+		defer s.putEvents(sent)
+	}
 	resp := &pb.EnrichResponse{}
 	if err := en.Enrich(ctx, b); err != nil {
 		resp.Error, resp.Failure = err.Error(), pb.ErrorToProto(err)
+	} else if changes && len(b.Events) <= len(*sent) {
+		// The answer's buffer goes back to the pool once it is sent (pb.Codec, the data
+		// channel), as a whole batch's.
+		buf := pb.Buffers.Get(codec.ChangesSize(b.Events)) // never grows
+		*buf, _ = codec.AppendChanges((*buf)[:0], *sent, b.Events)
+		resp.Batch = &pb.Batch{Count: uint32(len(b.Events)), Events: *buf, Source: b.Source}
+		resp.Changes = true
 	} else {
 		// The answer's buffer goes back to the pool once gRPC has marshalled it (pb.Codec).
 		_, resp.Batch = pb.EncodeAll(b.Events, b.Source)

@@ -21,9 +21,15 @@
 //	flowpipe-enricher-old     the tag enricher as a plugin built before the Reconfigure
 //	                          and Check calls: they are not served at all (Unimplemented)
 //	flowpipe-sink-future      speaks only protocol version 2
+//	flowpipe-enricher-corrupt the tag enricher over gRPC only (no data channel) whose first
+//	                          answer as changes, while options.corrupt_once does not exist,
+//	                          creates that file and is cut one byte short, as a plugin gone
+//	                          wrong would send
 //
 // A name ending in v1 (flowpipe-sink-jsonlv1, ...) serves the same plugin as one built before
-// the data channel: it declines the channel, and its batches go over gRPC. The jsonl sink's
+// the data channel: it declines the channel, and its batches go over gRPC; one ending in
+// whole, or whole then v1 (flowpipe-enricher-tagwhole, -tagwholev1), serves the enricher as one built before answers as
+// changes: it answers every batch whole. The jsonl sink's
 // garbage_once: path makes its first Write (while path does not exist) write bytes that are
 // no frame into its data channel, as a plugin gone wrong would, and then wait for the host.
 package main
@@ -50,10 +56,12 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/flowpipe/flowpipe/core/component"
 	"github.com/flowpipe/flowpipe/core/flow"
 	"github.com/flowpipe/flowpipe/core/options"
+	"github.com/flowpipe/flowpipe/internal/codec"
 	"github.com/flowpipe/flowpipe/internal/pluginproto"
 	"github.com/flowpipe/flowpipe/internal/pluginserver"
 	"github.com/flowpipe/flowpipe/sdk"
@@ -66,6 +74,9 @@ func main() {
 	name := filepath.Base(os.Args[0])
 	if strings.HasSuffix(name, "v1") {
 		os.Setenv(pluginproto.DataChannelEnv, "off")
+	}
+	if strings.Contains(name, "whole") {
+		os.Setenv(pluginproto.EnrichChangesEnv, "off")
 	}
 	// Garbage goes where the plugin writes its frames: the second socketpair, when the host
 	// passed one (the first otherwise).
@@ -88,6 +99,8 @@ func main() {
 		sdk.ServeEnricher(sdk.Info{Type: "tag", Version: "0.0.1-test"}, func() *tagConfig { return &tagConfig{} }, newTag)
 	case strings.HasPrefix(name, "flowpipe-enricher-old"):
 		serveOld(component.NewEnricherFactory("tag", "", func() *tagConfig { return &tagConfig{} }, newTag))
+	case strings.HasPrefix(name, "flowpipe-enricher-corrupt"):
+		serveCorrupt(component.NewEnricherFactory("tag", "", func() *tagConfig { return &tagConfig{} }, newTag))
 	case strings.HasPrefix(name, "flowpipe-sink-future"):
 		// A plugin from a future flowpipe: same handshake cookie, protocol 2 only.
 		hs := pluginproto.Handshake
@@ -324,6 +337,12 @@ func (s *source) Run(ctx context.Context, out component.Emitter) error {
 type tagConfig struct {
 	Rule      string `yaml:"rule"`
 	DropEvery int    `yaml:"drop_every"`
+	// CorruptOnce: flowpipe-enricher-corrupt cuts its first answer as changes short.
+	CorruptOnce string `yaml:"corrupt_once"`
+	// BadChangesFrameOnce: while this file does not exist, Enrich creates it, writes into
+	// the data channel an answer to call 1 as changes cut one byte short (a well-formed
+	// frame whose changes are not), and waits for the host.
+	BadChangesFrameOnce string `yaml:"bad_changes_frame_once"`
 }
 
 func (c *tagConfig) Validate() error {
@@ -342,11 +361,37 @@ type tag struct {
 func newTag(env component.Env, c *tagConfig) (component.Enricher, error) {
 	t := &tag{env: env}
 	t.cfg.Store(c)
+	if c.CorruptOnce != "" {
+		corruptOnce.Store(&c.CorruptOnce)
+	}
 	return t, nil
 }
 
 func (t *tag) Enrich(_ context.Context, b *flow.Batch) error {
 	cfg := t.cfg.Load()
+	if path := cfg.BadChangesFrameOnce; path != "" {
+		if _, err := os.Stat(path); err != nil {
+			if err := os.WriteFile(path, nil, 0o644); err != nil {
+				return err
+			}
+			changes, _ := codec.AppendChanges(nil, b.Events, b.Events)
+			changes = changes[:len(changes)-1]
+			meta, err := proto.Marshal(&pluginproto.EnrichResponse{Changes: true, Batch: &pluginproto.Batch{Count: uint32(len(b.Events))}})
+			if err != nil {
+				return err
+			}
+			frame := []byte{'f', 'P', pluginproto.FrameVersion, byte(pluginproto.FrameEnrichResp)}
+			frame = binary.BigEndian.AppendUint32(frame, uint32(len(meta)))
+			frame = binary.BigEndian.AppendUint32(frame, uint32(len(changes)))
+			frame = binary.BigEndian.AppendUint32(frame, 0)
+			frame = binary.BigEndian.AppendUint64(frame, 1)
+			frame = append(append(frame, meta...), changes...)
+			if _, err := syscall.Write(dataFD, frame); err != nil {
+				return err
+			}
+			select {} // the host kills this process
+		}
+	}
 	kept := b.Events[:0]
 	for _, e := range b.Events {
 		if cfg.DropEvery > 0 && int(e.SrcPort)%cfg.DropEvery == 0 {
@@ -380,6 +425,50 @@ type oldComponent struct{ *pluginserver.Server }
 
 func (oldComponent) Reconfigure(context.Context, *pluginproto.ReconfigureRequest) (*pluginproto.ReconfigureResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "unknown method Reconfigure for service flowpipe.plugin.v1.Component")
+}
+
+// corruptEnricher serves the Enricher service with its first answer as changes cut short.
+type corruptEnricher struct {
+	*pluginserver.Server
+	marker func() string
+}
+
+func (c corruptEnricher) Enrich(ctx context.Context, req *pluginproto.Batch) (*pluginproto.EnrichResponse, error) {
+	resp, err := c.Server.Enrich(ctx, req)
+	if err != nil || !resp.Changes || resp.Batch == nil || len(resp.Batch.Events) < 2 {
+		return resp, err
+	}
+	if path := c.marker(); path != "" {
+		if _, err := os.Stat(path); err != nil {
+			if err := os.WriteFile(path, nil, 0o644); err != nil {
+				return nil, err
+			}
+			resp.Batch.Events = resp.Batch.Events[:len(resp.Batch.Events)-1]
+		}
+	}
+	return resp, nil
+}
+
+// corruptOnce is the tag enricher's corrupt_once, for corruptEnricher.
+var corruptOnce atomic.Pointer[string]
+
+func serveCorrupt(f component.Factory) {
+	srv := pluginserver.New(f, "0.0.1-corrupt", slog.New(slog.NewTextHandler(os.Stderr, nil)))
+	goplugin.Serve(&goplugin.ServeConfig{
+		HandshakeConfig: pluginproto.Handshake,
+		VersionedPlugins: pluginproto.PluginSets(func(g *grpc.Server) {
+			pluginproto.RegisterComponentServer(g, srv)
+			pluginproto.RegisterEnricherServer(g, corruptEnricher{srv, func() string {
+				if p := corruptOnce.Load(); p != nil {
+					return *p
+				}
+				return ""
+			}})
+		}),
+		GRPCServer: func(opts []grpc.ServerOption) *grpc.Server {
+			return grpc.NewServer(append(opts, pluginproto.ServerOptions()...)...)
+		},
+	})
 }
 
 // Check is not served either: it came after Reconfigure.
