@@ -61,6 +61,7 @@ func (h *Hub) Publish(events []flow.Event) {
 	}
 	now := flow.Now()
 	h.mu.Lock()
+	h.trimLocked(len(events))
 	h.flushLocked()
 	h.ringLocked(now, events)
 	for _, s := range h.subs {
@@ -95,12 +96,18 @@ func (h *Hub) PublishBatch(b *flow.Batch) {
 	h.Publish(b.Events)
 }
 
-// keepLocked keeps an encoding for the ring, forgetting the oldest kept ones that the others
-// fill the ring without.
+// keepLocked keeps an encoding for the ring.
 func (h *Hub) keepLocked(seen flow.Time, enc flow.Encoding) {
 	h.pending = append(h.pending, pendingEncoding{seen: seen, enc: enc})
 	h.pendingN += enc.N
-	for len(h.pending) > 1 && h.pendingN-h.pending[0].enc.N >= len(h.ring) {
+	h.trimLocked(0)
+}
+
+// trimLocked forgets the oldest kept encodings that the newer ones, and newer events about
+// to go into the ring, fill the ring without: they would never be seen, so they are never
+// decoded.
+func (h *Hub) trimLocked(newer int) {
+	for len(h.pending) > 0 && h.pendingN-h.pending[0].enc.N+newer >= len(h.ring) {
 		h.pendingN -= h.pending[0].enc.N
 		h.pending[0] = pendingEncoding{}
 		h.pending = h.pending[1:]
