@@ -43,8 +43,8 @@ func richEvent(i int, source string) flow.Event {
 type encodedSource struct {
 	batches, size int
 	encoded       bool
-	source        string // what the events name as their source ("": none)
-	tookEncoded   bool   // the runtime is a component.EncodedEmitter
+	source        string       // what the events name as their source ("": none)
+	tookEncoded   bool         // the runtime is a component.EncodedEmitter
 	decodes       atomic.Int64 // of the batches' own encodings (not of a tap ring's copies)
 	mu            sync.Mutex
 	sent          map[*byte]bool // the batches' own encodings
@@ -146,13 +146,13 @@ func (s *encodedSink) Write(_ context.Context, b *flow.Batch) error {
 }
 
 type undecodedRun struct {
-	src      *encodedSource
-	sinks    map[string]*eventSink
-	plugin   *encodedSink
-	tapped   []flow.Event // a subscriber of the fan-out tap point
-	ring     []flow.Event // the fan-out ring after the run
-	srcRing  []flow.Event // the source's ring after the run
-	decodes  int64        // batches decoded while the pipeline ran
+	src     *encodedSource
+	sinks   map[string]*eventSink
+	plugin  *encodedSink
+	tapped  []flow.Event // a subscriber of the fan-out tap point
+	ring    []flow.Event // the fan-out ring after the run
+	srcRing []flow.Event // the source's ring after the run
+	decodes int64        // batches decoded while the pipeline ran
 }
 
 // runUndecoded runs encodedSource into an encoded writer, an in-process sink with a disk
