@@ -270,7 +270,8 @@ func (e *remoteEnricher) Health() error                   { return e.in.Health()
 // delivered (their acknowledgements have nowhere to go), and the restarted source runs
 // again: redelivering what its upstream never saw acknowledged is the source's job.
 type remoteSource struct {
-	in *instance
+	in       *instance
+	lazyOnce sync.Once
 
 	mu     sync.Mutex
 	stream *sourceStream
@@ -353,6 +354,11 @@ func (s *remoteSource) runOnce(ctx context.Context, p *proc, out component.Emitt
 		flowControl = p.desc.GetEmitFlowControl()
 	)
 	_, lazy := out.(component.EncodedEmitter) // the pipeline decodes where it must
+	if lazy {
+		s.lazyOnce.Do(func() {
+			s.in.env.Logger.Debug("plugin source: batches go on undecoded; the pipeline decodes them only where their events are needed", "plugin", s.in.launcher.describe)
+		})
+	}
 	for {
 		msg, err := stream.Recv()
 		if err != nil {
