@@ -96,7 +96,9 @@ type Sink interface {
 
 // EncodedWriter is a sink whose Write takes a batch still encoded (flow.Batch.Undecoded) and
 // decodes it only if it needs its events: a sink plugin, which is sent the encoding as it
-// is. The runtime decodes a batch before the Write of any other sink.
+// is. The runtime decodes a batch before the Write of any other sink. Other sinks may be
+// decoding the same batch meanwhile: an EncodedWriter uses Encoded and Len, and reads Events
+// only after its own call to Decode.
 type EncodedWriter interface {
 	Sink
 	WritesEncoded()
