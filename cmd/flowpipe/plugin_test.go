@@ -391,14 +391,8 @@ func TestPluginsList(t *testing.T) {
 // it, list it and run it against an HTTP endpoint.
 func TestPluginGuide(t *testing.T) {
 	dir := t.TempDir()
-	plugins := filepath.Join(dir, "plugins")
-	bin := filepath.Join(plugins, "flowpipe-sink-webhook")
 	// 2. Build it.
-	build := exec.Command("go", "build", "-o", bin, ".")
-	build.Dir = filepath.Join("..", "..", "examples", "webhook-sink")
-	if out, err := build.CombinedOutput(); err != nil {
-		t.Fatalf("build the example: %v\n%s", err, out)
-	}
+	bin := buildWebhookPlugin(t, dir)
 	if out, _ := exec.Command(bin).CombinedOutput(); !strings.Contains(string(out), `This is a flowpipe sink plugin (type "webhook"`) {
 		t.Fatalf("run by hand, the plugin said %q", out)
 	}

@@ -355,3 +355,127 @@ sinks:
 	}
 	b.checkOnce(t, componenttest.ReadJSONLines(t, out), first, n)
 }
+
+// TestReloadConntrackReplacedOnSIGHUP: as TestReloadConntrackOnSIGHUP, but each reload
+// changes an option the running source cannot take in place (timestamps: it changes the
+// namespace's nf_conntrack_timestamp), so the source is replaced by a new plugin process,
+// with overlap, while the namespace is flooded. No flow is lost across the swaps: every flow
+// has a start and an end, and every end the flow ID of one of its starts (the new instance
+// reports the flows still open as reconstructed starts; during the overlap both instances
+// may report one, so a flow may have two).
+func TestReloadConntrackReplacedOnSIGHUP(t *testing.T) {
+	b := newBurstNS(t)
+	dir := t.TempDir()
+	pipeline := func(timestamps bool) string {
+		return fmt.Sprintf(`
+admin: {listen: ""}
+data_dir: state
+sources:
+  kernel: {type: conntrack, netns: %s, activate: true, protocols: [udp], flush_interval: 20ms, timestamps: %v}
+sinks:
+  out: {type: file, path: flows.jsonl}
+`, b.p.A, timestamps)
+	}
+	writeFile(t, filepath.Join(dir, "pipeline.yaml"), pipeline(true))
+	cmd, stderr := runUntilRunning(t, dir, "--log-format", "json")
+	const rounds, per, first = 4, 400, 40000
+	seen := map[int]bool{}
+	for _, pid := range pluginChildren(t, cmd.Process.Pid) {
+		seen[pid] = true
+	}
+	for i := 0; i < rounds; i++ {
+		flooded := make(chan error, 1)
+		go func() { flooded <- b.flood(first+i*per, per) }()
+		writeFile(t, filepath.Join(dir, "pipeline.yaml"), pipeline(i%2 == 1))
+		if err := cmd.Process.Signal(syscall.SIGHUP); err != nil {
+			t.Fatal(err)
+		}
+		eventually(t, fmt.Sprintf("reload %d applied", i+1), func() bool {
+			return ctLogCount(stderr.String(), "reload applied", nil) == i+1
+		})
+		if err := <-flooded; err != nil {
+			t.Fatalf("flood %d: %v", i, err)
+		}
+		fresh := 0
+		for _, pid := range pluginChildren(t, cmd.Process.Pid) {
+			if !seen[pid] {
+				fresh++
+				seen[pid] = true
+			}
+		}
+		if fresh != 1 {
+			t.Errorf("reload %d: %d new plugin processes, want 1 (the source's replacement)", i+1, fresh)
+		}
+	}
+	if n := ctLogCount(stderr.String(), "reload: changed", map[string]string{"component": "source/kernel", "how": "replaced"}); n != rounds {
+		t.Errorf("the source was replaced %d times of %d reloads:\n%s", n, rounds, stderr.String())
+	}
+	const n = rounds * per
+	out := filepath.Join(dir, "flows.jsonl")
+	// Flows may be reported twice here: wait for every flow (not as many events).
+	distinct := func() (starts, ends int) {
+		st, en := map[uint16]bool{}, map[uint16]bool{}
+		for _, e := range readFlows(t, out) {
+			if e.Protocol == flow.ProtoUDP && e.DstPort == uint16(b.sink.Port) && int(e.SrcPort) >= first && int(e.SrcPort) < first+n {
+				switch e.Type {
+				case flow.TypeStart:
+					st[e.SrcPort] = true
+				case flow.TypeEnd:
+					en[e.SrcPort] = true
+				}
+			}
+		}
+		return len(st), len(en)
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		s, e := distinct()
+		if s >= n && e >= n || time.Now().After(deadline) {
+			break // what is missing then is reported below
+		}
+		b.reap()
+		time.Sleep(50 * time.Millisecond)
+	}
+	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if code := waitExit(t, cmd, stderr, time.Minute); code != 0 {
+		t.Fatalf("exit %d:\n%s", code, stderr.String())
+	}
+	starts := map[uint16][]uuid.UUID{}
+	ended := map[uint16]int{}
+	var twice int
+	for _, e := range componenttest.ReadJSONLines(t, out) {
+		if e.Protocol != flow.ProtoUDP || e.DstPort != uint16(b.sink.Port) || int(e.SrcPort) < first || int(e.SrcPort) >= first+n {
+			continue
+		}
+		switch e.Type {
+		case flow.TypeStart:
+			starts[e.SrcPort] = append(starts[e.SrcPort], e.FlowID)
+		case flow.TypeEnd:
+			ended[e.SrcPort]++
+			if !slices.Contains(starts[e.SrcPort], e.FlowID) {
+				t.Errorf("end of port %d has flow ID %v, none of its starts' %v", e.SrcPort, e.FlowID, starts[e.SrcPort])
+			}
+		}
+	}
+	for p, ids := range starts {
+		if len(ids) > 1 || ended[p] > 1 {
+			twice++
+		}
+	}
+	t.Logf("%d flows over %d replacements: %d with a start, %d with an end, %d reported twice (the overlap)", n, rounds, len(starts), len(ended), twice)
+	if len(starts) != n || len(ended) != n {
+		var noStart, noEnd []int
+		for p := first; p < first+n; p++ {
+			if len(starts[uint16(p)]) == 0 {
+				noStart = append(noStart, p)
+			}
+			if ended[uint16(p)] == 0 {
+				noEnd = append(noEnd, p)
+			}
+		}
+		t.Fatalf("%d of %d flows have a start, %d an end; without a start: %d from port %v; without an end: %d from port %v\n%s",
+			len(starts), n, len(ended), len(noStart), noStart[:min(1, len(noStart))], len(noEnd), noEnd[:min(1, len(noEnd))], stderr.String())
+	}
+}

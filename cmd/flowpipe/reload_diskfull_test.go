@@ -59,8 +59,14 @@ sinks:
 	if n, _ := refused.(float64); n <= 0 {
 		t.Errorf("the reload's answer counts no refused events for sink out: %v", body)
 	}
-	if logged(r.stderr.String(), "reload: a sink's old disk queue blocked the reload", map[string]string{"sink": "out", "dir": qdir, "why": "disk full at " + qdir}) != 1 {
-		t.Errorf("no ERROR line names the blocked sink, its queue directory and the full disk")
+	// The line is logged before the answer is sent, but reaches r.stderr through a pipe
+	// that the test copies on its own goroutine: wait for it, then count.
+	blocked := func() int {
+		return logged(r.stderr.String(), "reload: a sink's old disk queue blocked the reload", map[string]string{"sink": "out", "dir": qdir, "why": "disk full at " + qdir})
+	}
+	eventually(t, "an ERROR line naming the blocked sink, its queue directory and the full disk", func() bool { return blocked() > 0 })
+	if n := blocked(); n != 1 {
+		t.Errorf("%d ERROR lines name the blocked sink, its queue directory and the full disk, want 1", n)
 	}
 
 	// SIGHUP with the file moved off the full disk: the queue drains into it.

@@ -234,6 +234,10 @@ sinks:
 		t.Fatalf("validate of the broken file: %q", want)
 	}
 	eventually(t, "the watched file's reload rejected", func() bool { return reloads(t, r.admin, "rejected") == 1 })
+	// The log reaches r.stderr through a pipe the test copies on its own goroutine.
+	eventually(t, "the watched file's rejection logged", func() bool {
+		return logged(r.stderr.String(), "reload rejected: 2 problem(s) found; nothing changed", map[string]string{"via": "watch"}) > 0
+	})
 	if got := rejectedLines(r.stderr.String()); !slices.Equal(got, want) {
 		t.Fatalf("problems logged: %q, want what validate prints: %q", got, want)
 	}
@@ -248,6 +252,9 @@ sinks:
 		t.Fatal(err)
 	}
 	eventually(t, "the SIGHUP reload rejected", func() bool { return reloads(t, r.admin, "rejected") == 2 })
+	eventually(t, "the SIGHUP rejection logged", func() bool {
+		return logged(r.stderr.String(), "reload rejected: 2 problem(s) found", map[string]string{"via": "SIGHUP"}) > 0
+	})
 	if got := rejectedLines(r.stderr.String()); !slices.Equal(got, append(slices.Clone(want), want...)) {
 		t.Fatalf("problems logged after SIGHUP: %q", got)
 	}
@@ -277,6 +284,7 @@ sinks:
 	// admin: takes effect only at start: a file that changes it is rejected, at its line.
 	replaceFile(t, file, strings.Replace(good, `"127.0.0.1:0"`, `"127.0.0.1:1"`, 1))
 	eventually(t, "the admin.listen change rejected", func() bool { return reloads(t, r.admin, "rejected") == 4 })
+	eventually(t, "the fourth rejection logged", func() bool { return logged(r.stderr.String(), "reload rejected: ", nil) == 4 })
 	if got := rejectedLines(r.stderr.String()); got[len(got)-1] != `p.yaml:1: admin.listen: changed from "127.0.0.1:0" to "127.0.0.1:1"; takes effect only when flowpipe starts: restart flowpipe to apply it, or put the old value back to reload the rest` {
 		t.Fatalf("start-only change logged as %q", got[len(got)-1])
 	}
@@ -290,6 +298,7 @@ sinks:
 		t.Fatalf("validate of the file with a bad sink option: %q", want)
 	}
 	eventually(t, "the bad sink option rejected", func() bool { return reloads(t, r.admin, "rejected") == 5 })
+	eventually(t, "the fifth rejection logged", func() bool { return logged(r.stderr.String(), "reload rejected: ", nil) == 5 })
 	if got := rejectedLines(r.stderr.String()); got[len(got)-1] != want[0] {
 		t.Fatalf("problem logged as %q, want %q", got[len(got)-1], want[0])
 	}
@@ -662,6 +671,9 @@ sinks:
 		t.Fatal(err)
 	}
 	eventually(t, "the SIGHUP reload applied", func() bool { return reloads(t, r.admin, "applied") == 1 })
+	eventually(t, "the reload's diff logged", func() bool {
+		return logged(r.stderr.String(), "reload: stopped", map[string]string{"component": "sink/gone"}) > 0
+	})
 	if logged(r.stderr.String(), "reload: started", map[string]string{"component": "sink/added"}) != 1 ||
 		logged(r.stderr.String(), "reload: stopped", map[string]string{"component": "sink/gone"}) != 1 {
 		t.Fatalf("the reload's diff is not in the log:\n%s", r.stderr.String())

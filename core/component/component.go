@@ -171,6 +171,17 @@ type Reconfigurer interface {
 	Reconfigure(ctx context.Context, options map[string]any) error
 }
 
+// OptionsChecker is implemented by components whose options are checked elsewhere than in
+// this process's registry: a component in a plugin process, which the host asks to decode
+// and validate the options (as its Build would) without building or changing anything. A
+// reload asks it before any component changes, so that a wrong option refuses the reload at
+// its line. It returns the options' problems (options.FieldErrors, positioned at their
+// keys), nil when they are good, and nil also when it cannot tell (a plugin built before
+// the check, a process that is down): the options are then checked when they are applied.
+type OptionsChecker interface {
+	CheckOptions(ctx context.Context, options map[string]any) error
+}
+
 // ErrRestartNeeded is wrapped by Reconfigure when a change needs a new instance of the
 // component.
 var ErrRestartNeeded = errors.New("this change needs a new instance of the component")

@@ -162,11 +162,24 @@ func isRuntimeKey(k string) bool {
 	return false
 }
 
-// checkOptions checks a built-in's options as its factory would (for a component that will
-// be reconfigured in place, so that a wrong option refuses the reload).
-func (p *Pipeline) checkOptions(doc *config.Document, spec config.Component, opts map[string]any) config.Problems {
+// checkOptions checks the options of a component that will be reconfigured in place, so
+// that a wrong option refuses the reload: a built-in's as its factory would, an external
+// plugin's by asking the running plugin (component.OptionsChecker).
+func (p *Pipeline) checkOptions(ctx context.Context, doc *config.Document, spec config.Component, opts map[string]any, running any) config.Problems {
 	if spec.Plugin != "" {
-		return nil
+		oc, ok := running.(component.OptionsChecker)
+		if !ok {
+			return nil
+		}
+		err := oc.CheckOptions(ctx, opts)
+		if err == nil {
+			return nil
+		}
+		errs, ok := options.FieldErrorsOf(err)
+		if !ok {
+			errs = options.FieldErrors{{Msg: err.Error()}}
+		}
+		return doc.Problems(spec.Path, errs)
 	}
 	f, ok := p.opts.Registry.Lookup(spec.Kind, spec.Type)
 	if !ok {
@@ -251,7 +264,7 @@ func (p *Pipeline) plan(ctx context.Context, doc *config.Document, cur *topology
 		op := &sinkOp{spec: spec, old: o, own: own, settings: settings}
 		if len(identity) > 0 || len(ownKeys) > 0 {
 			if _, ok := o.component().(component.Reconfigurer); ok && len(identity) == 0 {
-				ps := p.checkOptions(doc, spec, own)
+				ps := p.checkOptions(ctx, doc, spec, own, o.component())
 				probs = append(probs, ps...)
 				op.reconf = true
 				ch.How = HowReconfigured
@@ -317,7 +330,7 @@ func (p *Pipeline) plan(ctx context.Context, doc *config.Document, cur *topology
 			}
 			ch := change(k, append(identity, optKeys...))
 			if _, ok := o.en.(component.Reconfigurer); ok && len(identity) == 0 {
-				probs = append(probs, p.checkOptions(doc, spec, spec.Options)...)
+				probs = append(probs, p.checkOptions(ctx, doc, spec, spec.Options, o.en)...)
 				ch.How = HowReconfigured
 				pl.enrichOps = append(pl.enrichOps, &reconfOp{node: o, spec: spec})
 				pl.enrich = append(pl.enrich, o)
@@ -376,7 +389,7 @@ func (p *Pipeline) plan(ctx context.Context, doc *config.Document, cur *topology
 			}
 			ch := change(k, append(identity, optKeys...))
 			if _, ok := o.src.(component.Reconfigurer); ok && len(identity) == 0 {
-				probs = append(probs, p.checkOptions(doc, spec, spec.Options)...)
+				probs = append(probs, p.checkOptions(ctx, doc, spec, spec.Options, o.src)...)
 				ch.How = HowReconfigured
 				pl.srcOps = append(pl.srcOps, &srcOp{spec: spec, old: o, reconf: true})
 				pl.sources = append(pl.sources, o)

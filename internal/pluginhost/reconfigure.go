@@ -35,6 +35,54 @@ func (e *remoteEnricher) Reconfigure(ctx context.Context, opts map[string]any) e
 	return e.in.reconfigureProc(ctx, opts)
 }
 
+func (s *remoteSource) CheckOptions(ctx context.Context, opts map[string]any) error {
+	return s.in.checkProc(ctx, opts)
+}
+
+func (s *remoteSink) CheckOptions(ctx context.Context, opts map[string]any) error {
+	return s.in.checkProc(ctx, opts)
+}
+
+func (e *remoteEnricher) CheckOptions(ctx context.Context, opts map[string]any) error {
+	return e.in.checkProc(ctx, opts)
+}
+
+// checkProc asks the running process to check options (component.OptionsChecker). What it
+// cannot ask (a plugin built before Check, a process that is down or fails the call) is not
+// a problem of the options: nil, and they are checked when applied.
+func (in *instance) checkProc(ctx context.Context, raw map[string]any) error {
+	if raw == nil {
+		raw = map[string]any{}
+	}
+	optYAML, err := yaml.Marshal(raw)
+	if err != nil {
+		return fmt.Errorf("encode options for the plugin: %w", err)
+	}
+	p, err := in.get(ctx)
+	if err != nil {
+		return nil
+	}
+	cctx, done := in.guard(ctx, p, "Check")
+	resp, err := p.comp.Check(cctx, &pb.CheckRequest{OptionsYaml: optYAML})
+	done()
+	switch {
+	case err != nil:
+		if status.Code(err) != codes.Unimplemented {
+			in.env.Logger.Debug("could not ask the plugin to check new options; they are checked when applied", "plugin", in.launcher.describe, "error", err)
+		}
+		return nil
+	case len(resp.FieldErrors) > 0:
+		errs := make(options.FieldErrors, 0, len(resp.FieldErrors))
+		for _, fe := range resp.FieldErrors {
+			errs = append(errs, options.FieldError{Path: fe.Path, Msg: fe.Message})
+		}
+		return errs
+	case resp.Error != "":
+		return options.FieldErrors{{Msg: resp.Error}}
+	}
+	return nil
+}
+
 // restartNeeded keeps the plugin's own explanation and wraps component.ErrRestartNeeded.
 type restartNeeded struct{ msg string }
 

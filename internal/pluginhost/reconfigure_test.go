@@ -136,3 +136,38 @@ func TestReconfigureOldPlugin(t *testing.T) {
 		t.Fatalf("component without Reconfigure: got %v, want ErrRestartNeeded because it cannot take options", err)
 	}
 }
+
+// TestCheckOptions: the host asks a running plugin to check options without changing
+// anything (component.OptionsChecker); a plugin built before the Check call is not asked
+// (nil: its options are checked when applied).
+func TestCheckOptions(t *testing.T) {
+	f := newFixture(t, component.KindEnricher, "tag")
+	c, err := f.instantiate(t, "tag", map[string]any{"rule": "r-1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	oc := c.(component.OptionsChecker)
+	if err := oc.CheckOptions(context.Background(), map[string]any{"rule": "r-2"}); err != nil {
+		t.Fatalf("good options: %v", err)
+	}
+	err = oc.CheckOptions(context.Background(), map[string]any{"rule": "r-2", "drop_evry": 3})
+	if fe, ok := options.FieldErrorsOf(err); !ok || len(fe) != 1 || fe[0].Path != "drop_evry" {
+		t.Fatalf("got %v, want one problem at drop_evry", err)
+	}
+	if rule, _ := enrichRule(t, c.(component.Enricher)); rule != "r-1" {
+		t.Fatalf("rule is %q after checks, want r-1: a check changes nothing", rule)
+	}
+
+	old := filepath.Join(pluginDir, "flowpipe-enricher-old")
+	if err := os.Link(filepath.Join(pluginDir, "testplugin"), old); err != nil && !errors.Is(err, os.ErrExist) {
+		t.Fatal(err)
+	}
+	fo := newFixture(t, component.KindEnricher, "old")
+	co, err := fo.instantiate(t, "old", map[string]any{"rule": "r-1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := co.(component.OptionsChecker).CheckOptions(context.Background(), map[string]any{"drop_evry": 3}); err != nil {
+		t.Fatalf("a plugin built before Check: got %v, want nil (not asked)", err)
+	}
+}

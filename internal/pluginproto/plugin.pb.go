@@ -80,7 +80,7 @@ func (x Error_Class) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use Error_Class.Descriptor instead.
 func (Error_Class) EnumDescriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{7, 0}
+	return file_plugin_proto_rawDescGZIP(), []int{9, 0}
 }
 
 type Count_Kind int32
@@ -132,7 +132,7 @@ func (x Count_Kind) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use Count_Kind.Descriptor instead.
 func (Count_Kind) EnumDescriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{19, 0}
+	return file_plugin_proto_rawDescGZIP(), []int{21, 0}
 }
 
 type SourceAck_Status int32
@@ -184,7 +184,7 @@ func (x SourceAck_Status) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use SourceAck_Status.Descriptor instead.
 func (SourceAck_Status) EnumDescriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{25, 0}
+	return file_plugin_proto_rawDescGZIP(), []int{27, 0}
 }
 
 type DescribeRequest struct {
@@ -638,6 +638,104 @@ func (x *ReconfigureResponse) GetRestartNeeded() bool {
 	return false
 }
 
+type CheckRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	OptionsYaml   []byte                 `protobuf:"bytes,1,opt,name=options_yaml,json=optionsYaml,proto3" json:"options_yaml,omitempty"` // the options to check, as ConfigureRequest.options_yaml
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CheckRequest) Reset() {
+	*x = CheckRequest{}
+	mi := &file_plugin_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CheckRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CheckRequest) ProtoMessage() {}
+
+func (x *CheckRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_plugin_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CheckRequest.ProtoReflect.Descriptor instead.
+func (*CheckRequest) Descriptor() ([]byte, []int) {
+	return file_plugin_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *CheckRequest) GetOptionsYaml() []byte {
+	if x != nil {
+		return x.OptionsYaml
+	}
+	return nil
+}
+
+// CheckResponse is empty when the options are good; otherwise field_errors (or error, for
+// options that cannot be decoded at all) say what is wrong, as in ConfigureResponse.
+type CheckResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	FieldErrors   []*FieldError          `protobuf:"bytes,1,rep,name=field_errors,json=fieldErrors,proto3" json:"field_errors,omitempty"`
+	Error         string                 `protobuf:"bytes,2,opt,name=error,proto3" json:"error,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CheckResponse) Reset() {
+	*x = CheckResponse{}
+	mi := &file_plugin_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CheckResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CheckResponse) ProtoMessage() {}
+
+func (x *CheckResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_plugin_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CheckResponse.ProtoReflect.Descriptor instead.
+func (*CheckResponse) Descriptor() ([]byte, []int) {
+	return file_plugin_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *CheckResponse) GetFieldErrors() []*FieldError {
+	if x != nil {
+		return x.FieldErrors
+	}
+	return nil
+}
+
+func (x *CheckResponse) GetError() string {
+	if x != nil {
+		return x.Error
+	}
+	return ""
+}
+
 // Error is a component's error with its class, so that it keeps its meaning across the
 // boundary. Every response that has an error string carries it as failure too; a host reads
 // failure first and falls back to the string (a retryable error) for an older plugin.
@@ -653,7 +751,7 @@ type Error struct {
 
 func (x *Error) Reset() {
 	*x = Error{}
-	mi := &file_plugin_proto_msgTypes[7]
+	mi := &file_plugin_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -665,7 +763,7 @@ func (x *Error) String() string {
 func (*Error) ProtoMessage() {}
 
 func (x *Error) ProtoReflect() protoreflect.Message {
-	mi := &file_plugin_proto_msgTypes[7]
+	mi := &file_plugin_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -678,7 +776,7 @@ func (x *Error) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Error.ProtoReflect.Descriptor instead.
 func (*Error) Descriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{7}
+	return file_plugin_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *Error) GetClass() Error_Class {
@@ -717,7 +815,7 @@ type StartRequest struct {
 
 func (x *StartRequest) Reset() {
 	*x = StartRequest{}
-	mi := &file_plugin_proto_msgTypes[8]
+	mi := &file_plugin_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -729,7 +827,7 @@ func (x *StartRequest) String() string {
 func (*StartRequest) ProtoMessage() {}
 
 func (x *StartRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_plugin_proto_msgTypes[8]
+	mi := &file_plugin_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -742,7 +840,7 @@ func (x *StartRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartRequest.ProtoReflect.Descriptor instead.
 func (*StartRequest) Descriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{8}
+	return file_plugin_proto_rawDescGZIP(), []int{10}
 }
 
 type StartResponse struct {
@@ -755,7 +853,7 @@ type StartResponse struct {
 
 func (x *StartResponse) Reset() {
 	*x = StartResponse{}
-	mi := &file_plugin_proto_msgTypes[9]
+	mi := &file_plugin_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -767,7 +865,7 @@ func (x *StartResponse) String() string {
 func (*StartResponse) ProtoMessage() {}
 
 func (x *StartResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_plugin_proto_msgTypes[9]
+	mi := &file_plugin_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -780,7 +878,7 @@ func (x *StartResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartResponse.ProtoReflect.Descriptor instead.
 func (*StartResponse) Descriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{9}
+	return file_plugin_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *StartResponse) GetError() string {
@@ -805,7 +903,7 @@ type CloseRequest struct {
 
 func (x *CloseRequest) Reset() {
 	*x = CloseRequest{}
-	mi := &file_plugin_proto_msgTypes[10]
+	mi := &file_plugin_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -817,7 +915,7 @@ func (x *CloseRequest) String() string {
 func (*CloseRequest) ProtoMessage() {}
 
 func (x *CloseRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_plugin_proto_msgTypes[10]
+	mi := &file_plugin_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -830,7 +928,7 @@ func (x *CloseRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CloseRequest.ProtoReflect.Descriptor instead.
 func (*CloseRequest) Descriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{10}
+	return file_plugin_proto_rawDescGZIP(), []int{12}
 }
 
 type CloseResponse struct {
@@ -843,7 +941,7 @@ type CloseResponse struct {
 
 func (x *CloseResponse) Reset() {
 	*x = CloseResponse{}
-	mi := &file_plugin_proto_msgTypes[11]
+	mi := &file_plugin_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -855,7 +953,7 @@ func (x *CloseResponse) String() string {
 func (*CloseResponse) ProtoMessage() {}
 
 func (x *CloseResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_plugin_proto_msgTypes[11]
+	mi := &file_plugin_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -868,7 +966,7 @@ func (x *CloseResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CloseResponse.ProtoReflect.Descriptor instead.
 func (*CloseResponse) Descriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{11}
+	return file_plugin_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *CloseResponse) GetError() string {
@@ -893,7 +991,7 @@ type WatchRequest struct {
 
 func (x *WatchRequest) Reset() {
 	*x = WatchRequest{}
-	mi := &file_plugin_proto_msgTypes[12]
+	mi := &file_plugin_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -905,7 +1003,7 @@ func (x *WatchRequest) String() string {
 func (*WatchRequest) ProtoMessage() {}
 
 func (x *WatchRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_plugin_proto_msgTypes[12]
+	mi := &file_plugin_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -918,7 +1016,7 @@ func (x *WatchRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchRequest.ProtoReflect.Descriptor instead.
 func (*WatchRequest) Descriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{12}
+	return file_plugin_proto_rawDescGZIP(), []int{14}
 }
 
 type WatchEvent struct {
@@ -929,7 +1027,7 @@ type WatchEvent struct {
 
 func (x *WatchEvent) Reset() {
 	*x = WatchEvent{}
-	mi := &file_plugin_proto_msgTypes[13]
+	mi := &file_plugin_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -941,7 +1039,7 @@ func (x *WatchEvent) String() string {
 func (*WatchEvent) ProtoMessage() {}
 
 func (x *WatchEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_plugin_proto_msgTypes[13]
+	mi := &file_plugin_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -954,7 +1052,7 @@ func (x *WatchEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchEvent.ProtoReflect.Descriptor instead.
 func (*WatchEvent) Descriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{13}
+	return file_plugin_proto_rawDescGZIP(), []int{15}
 }
 
 type GatherRequest struct {
@@ -965,7 +1063,7 @@ type GatherRequest struct {
 
 func (x *GatherRequest) Reset() {
 	*x = GatherRequest{}
-	mi := &file_plugin_proto_msgTypes[14]
+	mi := &file_plugin_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -977,7 +1075,7 @@ func (x *GatherRequest) String() string {
 func (*GatherRequest) ProtoMessage() {}
 
 func (x *GatherRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_plugin_proto_msgTypes[14]
+	mi := &file_plugin_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -990,7 +1088,7 @@ func (x *GatherRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GatherRequest.ProtoReflect.Descriptor instead.
 func (*GatherRequest) Descriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{14}
+	return file_plugin_proto_rawDescGZIP(), []int{16}
 }
 
 type HealthRequest struct {
@@ -1001,7 +1099,7 @@ type HealthRequest struct {
 
 func (x *HealthRequest) Reset() {
 	*x = HealthRequest{}
-	mi := &file_plugin_proto_msgTypes[15]
+	mi := &file_plugin_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1013,7 +1111,7 @@ func (x *HealthRequest) String() string {
 func (*HealthRequest) ProtoMessage() {}
 
 func (x *HealthRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_plugin_proto_msgTypes[15]
+	mi := &file_plugin_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1026,7 +1124,7 @@ func (x *HealthRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HealthRequest.ProtoReflect.Descriptor instead.
 func (*HealthRequest) Descriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{15}
+	return file_plugin_proto_rawDescGZIP(), []int{17}
 }
 
 type HealthResponse struct {
@@ -1039,7 +1137,7 @@ type HealthResponse struct {
 
 func (x *HealthResponse) Reset() {
 	*x = HealthResponse{}
-	mi := &file_plugin_proto_msgTypes[16]
+	mi := &file_plugin_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1051,7 +1149,7 @@ func (x *HealthResponse) String() string {
 func (*HealthResponse) ProtoMessage() {}
 
 func (x *HealthResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_plugin_proto_msgTypes[16]
+	mi := &file_plugin_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1064,7 +1162,7 @@ func (x *HealthResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HealthResponse.ProtoReflect.Descriptor instead.
 func (*HealthResponse) Descriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{16}
+	return file_plugin_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *HealthResponse) GetError() string {
@@ -1091,7 +1189,7 @@ type GatherResponse struct {
 
 func (x *GatherResponse) Reset() {
 	*x = GatherResponse{}
-	mi := &file_plugin_proto_msgTypes[17]
+	mi := &file_plugin_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1103,7 +1201,7 @@ func (x *GatherResponse) String() string {
 func (*GatherResponse) ProtoMessage() {}
 
 func (x *GatherResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_plugin_proto_msgTypes[17]
+	mi := &file_plugin_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1116,7 +1214,7 @@ func (x *GatherResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GatherResponse.ProtoReflect.Descriptor instead.
 func (*GatherResponse) Descriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{17}
+	return file_plugin_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *GatherResponse) GetMetricFamilies() [][]byte {
@@ -1138,7 +1236,7 @@ type Batch struct {
 
 func (x *Batch) Reset() {
 	*x = Batch{}
-	mi := &file_plugin_proto_msgTypes[18]
+	mi := &file_plugin_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1150,7 +1248,7 @@ func (x *Batch) String() string {
 func (*Batch) ProtoMessage() {}
 
 func (x *Batch) ProtoReflect() protoreflect.Message {
-	mi := &file_plugin_proto_msgTypes[18]
+	mi := &file_plugin_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1163,7 +1261,7 @@ func (x *Batch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Batch.ProtoReflect.Descriptor instead.
 func (*Batch) Descriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{18}
+	return file_plugin_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *Batch) GetCount() uint32 {
@@ -1200,7 +1298,7 @@ type Count struct {
 
 func (x *Count) Reset() {
 	*x = Count{}
-	mi := &file_plugin_proto_msgTypes[19]
+	mi := &file_plugin_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1212,7 +1310,7 @@ func (x *Count) String() string {
 func (*Count) ProtoMessage() {}
 
 func (x *Count) ProtoReflect() protoreflect.Message {
-	mi := &file_plugin_proto_msgTypes[19]
+	mi := &file_plugin_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1225,7 +1323,7 @@ func (x *Count) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Count.ProtoReflect.Descriptor instead.
 func (*Count) Descriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{19}
+	return file_plugin_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *Count) GetKind() Count_Kind {
@@ -1260,7 +1358,7 @@ type WriteResponse struct {
 
 func (x *WriteResponse) Reset() {
 	*x = WriteResponse{}
-	mi := &file_plugin_proto_msgTypes[20]
+	mi := &file_plugin_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1272,7 +1370,7 @@ func (x *WriteResponse) String() string {
 func (*WriteResponse) ProtoMessage() {}
 
 func (x *WriteResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_plugin_proto_msgTypes[20]
+	mi := &file_plugin_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1285,7 +1383,7 @@ func (x *WriteResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WriteResponse.ProtoReflect.Descriptor instead.
 func (*WriteResponse) Descriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{20}
+	return file_plugin_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *WriteResponse) GetError() string {
@@ -1321,7 +1419,7 @@ type EnrichResponse struct {
 
 func (x *EnrichResponse) Reset() {
 	*x = EnrichResponse{}
-	mi := &file_plugin_proto_msgTypes[21]
+	mi := &file_plugin_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1333,7 +1431,7 @@ func (x *EnrichResponse) String() string {
 func (*EnrichResponse) ProtoMessage() {}
 
 func (x *EnrichResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_plugin_proto_msgTypes[21]
+	mi := &file_plugin_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1346,7 +1444,7 @@ func (x *EnrichResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EnrichResponse.ProtoReflect.Descriptor instead.
 func (*EnrichResponse) Descriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{21}
+	return file_plugin_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *EnrichResponse) GetError() string {
@@ -1391,7 +1489,7 @@ type SourceMessage struct {
 
 func (x *SourceMessage) Reset() {
 	*x = SourceMessage{}
-	mi := &file_plugin_proto_msgTypes[22]
+	mi := &file_plugin_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1403,7 +1501,7 @@ func (x *SourceMessage) String() string {
 func (*SourceMessage) ProtoMessage() {}
 
 func (x *SourceMessage) ProtoReflect() protoreflect.Message {
-	mi := &file_plugin_proto_msgTypes[22]
+	mi := &file_plugin_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1416,7 +1514,7 @@ func (x *SourceMessage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SourceMessage.ProtoReflect.Descriptor instead.
 func (*SourceMessage) Descriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{22}
+	return file_plugin_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *SourceMessage) GetMsg() isSourceMessage_Msg {
@@ -1480,7 +1578,7 @@ type SourceBatch struct {
 
 func (x *SourceBatch) Reset() {
 	*x = SourceBatch{}
-	mi := &file_plugin_proto_msgTypes[23]
+	mi := &file_plugin_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1492,7 +1590,7 @@ func (x *SourceBatch) String() string {
 func (*SourceBatch) ProtoMessage() {}
 
 func (x *SourceBatch) ProtoReflect() protoreflect.Message {
-	mi := &file_plugin_proto_msgTypes[23]
+	mi := &file_plugin_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1505,7 +1603,7 @@ func (x *SourceBatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SourceBatch.ProtoReflect.Descriptor instead.
 func (*SourceBatch) Descriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{23}
+	return file_plugin_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *SourceBatch) GetId() uint64 {
@@ -1540,7 +1638,7 @@ type SourceEnd struct {
 
 func (x *SourceEnd) Reset() {
 	*x = SourceEnd{}
-	mi := &file_plugin_proto_msgTypes[24]
+	mi := &file_plugin_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1552,7 +1650,7 @@ func (x *SourceEnd) String() string {
 func (*SourceEnd) ProtoMessage() {}
 
 func (x *SourceEnd) ProtoReflect() protoreflect.Message {
-	mi := &file_plugin_proto_msgTypes[24]
+	mi := &file_plugin_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1565,7 +1663,7 @@ func (x *SourceEnd) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SourceEnd.ProtoReflect.Descriptor instead.
 func (*SourceEnd) Descriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{24}
+	return file_plugin_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *SourceEnd) GetError() string {
@@ -1603,7 +1701,7 @@ type SourceAck struct {
 
 func (x *SourceAck) Reset() {
 	*x = SourceAck{}
-	mi := &file_plugin_proto_msgTypes[25]
+	mi := &file_plugin_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1615,7 +1713,7 @@ func (x *SourceAck) String() string {
 func (*SourceAck) ProtoMessage() {}
 
 func (x *SourceAck) ProtoReflect() protoreflect.Message {
-	mi := &file_plugin_proto_msgTypes[25]
+	mi := &file_plugin_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1628,7 +1726,7 @@ func (x *SourceAck) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SourceAck.ProtoReflect.Descriptor instead.
 func (*SourceAck) Descriptor() ([]byte, []int) {
-	return file_plugin_proto_rawDescGZIP(), []int{25}
+	return file_plugin_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *SourceAck) GetId() uint64 {
@@ -1723,7 +1821,12 @@ const file_plugin_proto_rawDesc = "" +
 	"\x13ReconfigureResponse\x12A\n" +
 	"\ffield_errors\x18\x01 \x03(\v2\x1e.flowpipe.plugin.v1.FieldErrorR\vfieldErrors\x12\x14\n" +
 	"\x05error\x18\x02 \x01(\tR\x05error\x12%\n" +
-	"\x0erestart_needed\x18\x03 \x01(\bR\rrestartNeeded\"\xf6\x01\n" +
+	"\x0erestart_needed\x18\x03 \x01(\bR\rrestartNeeded\"1\n" +
+	"\fCheckRequest\x12!\n" +
+	"\foptions_yaml\x18\x01 \x01(\fR\voptionsYaml\"h\n" +
+	"\rCheckResponse\x12A\n" +
+	"\ffield_errors\x18\x01 \x03(\v2\x1e.flowpipe.plugin.v1.FieldErrorR\vfieldErrors\x12\x14\n" +
+	"\x05error\x18\x02 \x01(\tR\x05error\"\xf6\x01\n" +
 	"\x05Error\x125\n" +
 	"\x05class\x18\x01 \x01(\x0e2\x1f.flowpipe.plugin.v1.Error.ClassR\x05class\x12\x18\n" +
 	"\amessage\x18\x02 \x01(\tR\amessage\x12\x1c\n" +
@@ -1802,7 +1905,7 @@ const file_plugin_proto_rawDesc = "" +
 	"\x10STATUS_DELIVERED\x10\x00\x12\x12\n" +
 	"\x0eSTATUS_DROPPED\x10\x01\x12\x13\n" +
 	"\x0fSTATUS_SHUTDOWN\x10\x02\x12\x11\n" +
-	"\rSTATUS_FAILED\x10\x032\xa7\x05\n" +
+	"\rSTATUS_FAILED\x10\x032\xf5\x05\n" +
 	"\tComponent\x12U\n" +
 	"\bDescribe\x12#.flowpipe.plugin.v1.DescribeRequest\x1a$.flowpipe.plugin.v1.DescribeResponse\x12X\n" +
 	"\tConfigure\x12$.flowpipe.plugin.v1.ConfigureRequest\x1a%.flowpipe.plugin.v1.ConfigureResponse\x12L\n" +
@@ -1811,7 +1914,8 @@ const file_plugin_proto_rawDesc = "" +
 	"\x05Watch\x12 .flowpipe.plugin.v1.WatchRequest\x1a\x1e.flowpipe.plugin.v1.WatchEvent0\x01\x12O\n" +
 	"\x06Gather\x12!.flowpipe.plugin.v1.GatherRequest\x1a\".flowpipe.plugin.v1.GatherResponse\x12O\n" +
 	"\x06Health\x12!.flowpipe.plugin.v1.HealthRequest\x1a\".flowpipe.plugin.v1.HealthResponse\x12^\n" +
-	"\vReconfigure\x12&.flowpipe.plugin.v1.ReconfigureRequest\x1a'.flowpipe.plugin.v1.ReconfigureResponse2U\n" +
+	"\vReconfigure\x12&.flowpipe.plugin.v1.ReconfigureRequest\x1a'.flowpipe.plugin.v1.ReconfigureResponse\x12L\n" +
+	"\x05Check\x12 .flowpipe.plugin.v1.CheckRequest\x1a!.flowpipe.plugin.v1.CheckResponse2U\n" +
 	"\x06Source\x12K\n" +
 	"\x03Run\x12\x1d.flowpipe.plugin.v1.SourceAck\x1a!.flowpipe.plugin.v1.SourceMessage(\x010\x012S\n" +
 	"\bEnricher\x12G\n" +
@@ -1832,7 +1936,7 @@ func file_plugin_proto_rawDescGZIP() []byte {
 }
 
 var file_plugin_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_plugin_proto_msgTypes = make([]protoimpl.MessageInfo, 26)
+var file_plugin_proto_msgTypes = make([]protoimpl.MessageInfo, 28)
 var file_plugin_proto_goTypes = []any{
 	(Error_Class)(0),            // 0: flowpipe.plugin.v1.Error.Class
 	(Count_Kind)(0),             // 1: flowpipe.plugin.v1.Count.Kind
@@ -1844,72 +1948,77 @@ var file_plugin_proto_goTypes = []any{
 	(*ConfigureResponse)(nil),   // 7: flowpipe.plugin.v1.ConfigureResponse
 	(*ReconfigureRequest)(nil),  // 8: flowpipe.plugin.v1.ReconfigureRequest
 	(*ReconfigureResponse)(nil), // 9: flowpipe.plugin.v1.ReconfigureResponse
-	(*Error)(nil),               // 10: flowpipe.plugin.v1.Error
-	(*StartRequest)(nil),        // 11: flowpipe.plugin.v1.StartRequest
-	(*StartResponse)(nil),       // 12: flowpipe.plugin.v1.StartResponse
-	(*CloseRequest)(nil),        // 13: flowpipe.plugin.v1.CloseRequest
-	(*CloseResponse)(nil),       // 14: flowpipe.plugin.v1.CloseResponse
-	(*WatchRequest)(nil),        // 15: flowpipe.plugin.v1.WatchRequest
-	(*WatchEvent)(nil),          // 16: flowpipe.plugin.v1.WatchEvent
-	(*GatherRequest)(nil),       // 17: flowpipe.plugin.v1.GatherRequest
-	(*HealthRequest)(nil),       // 18: flowpipe.plugin.v1.HealthRequest
-	(*HealthResponse)(nil),      // 19: flowpipe.plugin.v1.HealthResponse
-	(*GatherResponse)(nil),      // 20: flowpipe.plugin.v1.GatherResponse
-	(*Batch)(nil),               // 21: flowpipe.plugin.v1.Batch
-	(*Count)(nil),               // 22: flowpipe.plugin.v1.Count
-	(*WriteResponse)(nil),       // 23: flowpipe.plugin.v1.WriteResponse
-	(*EnrichResponse)(nil),      // 24: flowpipe.plugin.v1.EnrichResponse
-	(*SourceMessage)(nil),       // 25: flowpipe.plugin.v1.SourceMessage
-	(*SourceBatch)(nil),         // 26: flowpipe.plugin.v1.SourceBatch
-	(*SourceEnd)(nil),           // 27: flowpipe.plugin.v1.SourceEnd
-	(*SourceAck)(nil),           // 28: flowpipe.plugin.v1.SourceAck
+	(*CheckRequest)(nil),        // 10: flowpipe.plugin.v1.CheckRequest
+	(*CheckResponse)(nil),       // 11: flowpipe.plugin.v1.CheckResponse
+	(*Error)(nil),               // 12: flowpipe.plugin.v1.Error
+	(*StartRequest)(nil),        // 13: flowpipe.plugin.v1.StartRequest
+	(*StartResponse)(nil),       // 14: flowpipe.plugin.v1.StartResponse
+	(*CloseRequest)(nil),        // 15: flowpipe.plugin.v1.CloseRequest
+	(*CloseResponse)(nil),       // 16: flowpipe.plugin.v1.CloseResponse
+	(*WatchRequest)(nil),        // 17: flowpipe.plugin.v1.WatchRequest
+	(*WatchEvent)(nil),          // 18: flowpipe.plugin.v1.WatchEvent
+	(*GatherRequest)(nil),       // 19: flowpipe.plugin.v1.GatherRequest
+	(*HealthRequest)(nil),       // 20: flowpipe.plugin.v1.HealthRequest
+	(*HealthResponse)(nil),      // 21: flowpipe.plugin.v1.HealthResponse
+	(*GatherResponse)(nil),      // 22: flowpipe.plugin.v1.GatherResponse
+	(*Batch)(nil),               // 23: flowpipe.plugin.v1.Batch
+	(*Count)(nil),               // 24: flowpipe.plugin.v1.Count
+	(*WriteResponse)(nil),       // 25: flowpipe.plugin.v1.WriteResponse
+	(*EnrichResponse)(nil),      // 26: flowpipe.plugin.v1.EnrichResponse
+	(*SourceMessage)(nil),       // 27: flowpipe.plugin.v1.SourceMessage
+	(*SourceBatch)(nil),         // 28: flowpipe.plugin.v1.SourceBatch
+	(*SourceEnd)(nil),           // 29: flowpipe.plugin.v1.SourceEnd
+	(*SourceAck)(nil),           // 30: flowpipe.plugin.v1.SourceAck
 }
 var file_plugin_proto_depIdxs = []int32{
 	6,  // 0: flowpipe.plugin.v1.ConfigureResponse.field_errors:type_name -> flowpipe.plugin.v1.FieldError
 	6,  // 1: flowpipe.plugin.v1.ReconfigureResponse.field_errors:type_name -> flowpipe.plugin.v1.FieldError
-	0,  // 2: flowpipe.plugin.v1.Error.class:type_name -> flowpipe.plugin.v1.Error.Class
-	10, // 3: flowpipe.plugin.v1.StartResponse.failure:type_name -> flowpipe.plugin.v1.Error
-	10, // 4: flowpipe.plugin.v1.CloseResponse.failure:type_name -> flowpipe.plugin.v1.Error
-	22, // 5: flowpipe.plugin.v1.HealthResponse.counts:type_name -> flowpipe.plugin.v1.Count
-	1,  // 6: flowpipe.plugin.v1.Count.kind:type_name -> flowpipe.plugin.v1.Count.Kind
-	22, // 7: flowpipe.plugin.v1.WriteResponse.counts:type_name -> flowpipe.plugin.v1.Count
-	10, // 8: flowpipe.plugin.v1.WriteResponse.failure:type_name -> flowpipe.plugin.v1.Error
-	21, // 9: flowpipe.plugin.v1.EnrichResponse.batch:type_name -> flowpipe.plugin.v1.Batch
-	22, // 10: flowpipe.plugin.v1.EnrichResponse.counts:type_name -> flowpipe.plugin.v1.Count
-	10, // 11: flowpipe.plugin.v1.EnrichResponse.failure:type_name -> flowpipe.plugin.v1.Error
-	26, // 12: flowpipe.plugin.v1.SourceMessage.batch:type_name -> flowpipe.plugin.v1.SourceBatch
-	27, // 13: flowpipe.plugin.v1.SourceMessage.end:type_name -> flowpipe.plugin.v1.SourceEnd
-	22, // 14: flowpipe.plugin.v1.SourceMessage.counts:type_name -> flowpipe.plugin.v1.Count
-	21, // 15: flowpipe.plugin.v1.SourceBatch.batch:type_name -> flowpipe.plugin.v1.Batch
-	10, // 16: flowpipe.plugin.v1.SourceEnd.failure:type_name -> flowpipe.plugin.v1.Error
-	2,  // 17: flowpipe.plugin.v1.SourceAck.status:type_name -> flowpipe.plugin.v1.SourceAck.Status
-	3,  // 18: flowpipe.plugin.v1.Component.Describe:input_type -> flowpipe.plugin.v1.DescribeRequest
-	5,  // 19: flowpipe.plugin.v1.Component.Configure:input_type -> flowpipe.plugin.v1.ConfigureRequest
-	11, // 20: flowpipe.plugin.v1.Component.Start:input_type -> flowpipe.plugin.v1.StartRequest
-	13, // 21: flowpipe.plugin.v1.Component.Close:input_type -> flowpipe.plugin.v1.CloseRequest
-	15, // 22: flowpipe.plugin.v1.Component.Watch:input_type -> flowpipe.plugin.v1.WatchRequest
-	17, // 23: flowpipe.plugin.v1.Component.Gather:input_type -> flowpipe.plugin.v1.GatherRequest
-	18, // 24: flowpipe.plugin.v1.Component.Health:input_type -> flowpipe.plugin.v1.HealthRequest
-	8,  // 25: flowpipe.plugin.v1.Component.Reconfigure:input_type -> flowpipe.plugin.v1.ReconfigureRequest
-	28, // 26: flowpipe.plugin.v1.Source.Run:input_type -> flowpipe.plugin.v1.SourceAck
-	21, // 27: flowpipe.plugin.v1.Enricher.Enrich:input_type -> flowpipe.plugin.v1.Batch
-	21, // 28: flowpipe.plugin.v1.Sink.Write:input_type -> flowpipe.plugin.v1.Batch
-	4,  // 29: flowpipe.plugin.v1.Component.Describe:output_type -> flowpipe.plugin.v1.DescribeResponse
-	7,  // 30: flowpipe.plugin.v1.Component.Configure:output_type -> flowpipe.plugin.v1.ConfigureResponse
-	12, // 31: flowpipe.plugin.v1.Component.Start:output_type -> flowpipe.plugin.v1.StartResponse
-	14, // 32: flowpipe.plugin.v1.Component.Close:output_type -> flowpipe.plugin.v1.CloseResponse
-	16, // 33: flowpipe.plugin.v1.Component.Watch:output_type -> flowpipe.plugin.v1.WatchEvent
-	20, // 34: flowpipe.plugin.v1.Component.Gather:output_type -> flowpipe.plugin.v1.GatherResponse
-	19, // 35: flowpipe.plugin.v1.Component.Health:output_type -> flowpipe.plugin.v1.HealthResponse
-	9,  // 36: flowpipe.plugin.v1.Component.Reconfigure:output_type -> flowpipe.plugin.v1.ReconfigureResponse
-	25, // 37: flowpipe.plugin.v1.Source.Run:output_type -> flowpipe.plugin.v1.SourceMessage
-	24, // 38: flowpipe.plugin.v1.Enricher.Enrich:output_type -> flowpipe.plugin.v1.EnrichResponse
-	23, // 39: flowpipe.plugin.v1.Sink.Write:output_type -> flowpipe.plugin.v1.WriteResponse
-	29, // [29:40] is the sub-list for method output_type
-	18, // [18:29] is the sub-list for method input_type
-	18, // [18:18] is the sub-list for extension type_name
-	18, // [18:18] is the sub-list for extension extendee
-	0,  // [0:18] is the sub-list for field type_name
+	6,  // 2: flowpipe.plugin.v1.CheckResponse.field_errors:type_name -> flowpipe.plugin.v1.FieldError
+	0,  // 3: flowpipe.plugin.v1.Error.class:type_name -> flowpipe.plugin.v1.Error.Class
+	12, // 4: flowpipe.plugin.v1.StartResponse.failure:type_name -> flowpipe.plugin.v1.Error
+	12, // 5: flowpipe.plugin.v1.CloseResponse.failure:type_name -> flowpipe.plugin.v1.Error
+	24, // 6: flowpipe.plugin.v1.HealthResponse.counts:type_name -> flowpipe.plugin.v1.Count
+	1,  // 7: flowpipe.plugin.v1.Count.kind:type_name -> flowpipe.plugin.v1.Count.Kind
+	24, // 8: flowpipe.plugin.v1.WriteResponse.counts:type_name -> flowpipe.plugin.v1.Count
+	12, // 9: flowpipe.plugin.v1.WriteResponse.failure:type_name -> flowpipe.plugin.v1.Error
+	23, // 10: flowpipe.plugin.v1.EnrichResponse.batch:type_name -> flowpipe.plugin.v1.Batch
+	24, // 11: flowpipe.plugin.v1.EnrichResponse.counts:type_name -> flowpipe.plugin.v1.Count
+	12, // 12: flowpipe.plugin.v1.EnrichResponse.failure:type_name -> flowpipe.plugin.v1.Error
+	28, // 13: flowpipe.plugin.v1.SourceMessage.batch:type_name -> flowpipe.plugin.v1.SourceBatch
+	29, // 14: flowpipe.plugin.v1.SourceMessage.end:type_name -> flowpipe.plugin.v1.SourceEnd
+	24, // 15: flowpipe.plugin.v1.SourceMessage.counts:type_name -> flowpipe.plugin.v1.Count
+	23, // 16: flowpipe.plugin.v1.SourceBatch.batch:type_name -> flowpipe.plugin.v1.Batch
+	12, // 17: flowpipe.plugin.v1.SourceEnd.failure:type_name -> flowpipe.plugin.v1.Error
+	2,  // 18: flowpipe.plugin.v1.SourceAck.status:type_name -> flowpipe.plugin.v1.SourceAck.Status
+	3,  // 19: flowpipe.plugin.v1.Component.Describe:input_type -> flowpipe.plugin.v1.DescribeRequest
+	5,  // 20: flowpipe.plugin.v1.Component.Configure:input_type -> flowpipe.plugin.v1.ConfigureRequest
+	13, // 21: flowpipe.plugin.v1.Component.Start:input_type -> flowpipe.plugin.v1.StartRequest
+	15, // 22: flowpipe.plugin.v1.Component.Close:input_type -> flowpipe.plugin.v1.CloseRequest
+	17, // 23: flowpipe.plugin.v1.Component.Watch:input_type -> flowpipe.plugin.v1.WatchRequest
+	19, // 24: flowpipe.plugin.v1.Component.Gather:input_type -> flowpipe.plugin.v1.GatherRequest
+	20, // 25: flowpipe.plugin.v1.Component.Health:input_type -> flowpipe.plugin.v1.HealthRequest
+	8,  // 26: flowpipe.plugin.v1.Component.Reconfigure:input_type -> flowpipe.plugin.v1.ReconfigureRequest
+	10, // 27: flowpipe.plugin.v1.Component.Check:input_type -> flowpipe.plugin.v1.CheckRequest
+	30, // 28: flowpipe.plugin.v1.Source.Run:input_type -> flowpipe.plugin.v1.SourceAck
+	23, // 29: flowpipe.plugin.v1.Enricher.Enrich:input_type -> flowpipe.plugin.v1.Batch
+	23, // 30: flowpipe.plugin.v1.Sink.Write:input_type -> flowpipe.plugin.v1.Batch
+	4,  // 31: flowpipe.plugin.v1.Component.Describe:output_type -> flowpipe.plugin.v1.DescribeResponse
+	7,  // 32: flowpipe.plugin.v1.Component.Configure:output_type -> flowpipe.plugin.v1.ConfigureResponse
+	14, // 33: flowpipe.plugin.v1.Component.Start:output_type -> flowpipe.plugin.v1.StartResponse
+	16, // 34: flowpipe.plugin.v1.Component.Close:output_type -> flowpipe.plugin.v1.CloseResponse
+	18, // 35: flowpipe.plugin.v1.Component.Watch:output_type -> flowpipe.plugin.v1.WatchEvent
+	22, // 36: flowpipe.plugin.v1.Component.Gather:output_type -> flowpipe.plugin.v1.GatherResponse
+	21, // 37: flowpipe.plugin.v1.Component.Health:output_type -> flowpipe.plugin.v1.HealthResponse
+	9,  // 38: flowpipe.plugin.v1.Component.Reconfigure:output_type -> flowpipe.plugin.v1.ReconfigureResponse
+	11, // 39: flowpipe.plugin.v1.Component.Check:output_type -> flowpipe.plugin.v1.CheckResponse
+	27, // 40: flowpipe.plugin.v1.Source.Run:output_type -> flowpipe.plugin.v1.SourceMessage
+	26, // 41: flowpipe.plugin.v1.Enricher.Enrich:output_type -> flowpipe.plugin.v1.EnrichResponse
+	25, // 42: flowpipe.plugin.v1.Sink.Write:output_type -> flowpipe.plugin.v1.WriteResponse
+	31, // [31:43] is the sub-list for method output_type
+	19, // [19:31] is the sub-list for method input_type
+	19, // [19:19] is the sub-list for extension type_name
+	19, // [19:19] is the sub-list for extension extendee
+	0,  // [0:19] is the sub-list for field type_name
 }
 
 func init() { file_plugin_proto_init() }
@@ -1917,7 +2026,7 @@ func file_plugin_proto_init() {
 	if File_plugin_proto != nil {
 		return
 	}
-	file_plugin_proto_msgTypes[22].OneofWrappers = []any{
+	file_plugin_proto_msgTypes[24].OneofWrappers = []any{
 		(*SourceMessage_Batch)(nil),
 		(*SourceMessage_End)(nil),
 	}
@@ -1927,7 +2036,7 @@ func file_plugin_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_plugin_proto_rawDesc), len(file_plugin_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   26,
+			NumMessages:   28,
 			NumExtensions: 0,
 			NumServices:   4,
 		},

@@ -34,6 +34,7 @@ const (
 	Component_Gather_FullMethodName      = "/flowpipe.plugin.v1.Component/Gather"
 	Component_Health_FullMethodName      = "/flowpipe.plugin.v1.Component/Health"
 	Component_Reconfigure_FullMethodName = "/flowpipe.plugin.v1.Component/Reconfigure"
+	Component_Check_FullMethodName       = "/flowpipe.plugin.v1.Component/Check"
 )
 
 // ComponentClient is the client API for Component service.
@@ -68,6 +69,12 @@ type ComponentClient interface {
 	// reload does: decoded and checked as Configure does, and applied at once, or not at all.
 	// Plugins built before it answer Unimplemented; the host then replaces the component.
 	Reconfigure(ctx context.Context, in *ReconfigureRequest, opts ...grpc.CallOption) (*ReconfigureResponse, error)
+	// Check decodes and validates options as Configure would, without building or changing
+	// anything, so that a reload with a wrong option for a running plugin is refused before
+	// any component changes (each problem at its line) instead of failing half-way. Plugins
+	// built before it answer Unimplemented; the host then finds the problems when it applies
+	// the options (Reconfigure, or the replacement's Configure).
+	Check(ctx context.Context, in *CheckRequest, opts ...grpc.CallOption) (*CheckResponse, error)
 }
 
 type componentClient struct {
@@ -167,6 +174,16 @@ func (c *componentClient) Reconfigure(ctx context.Context, in *ReconfigureReques
 	return out, nil
 }
 
+func (c *componentClient) Check(ctx context.Context, in *CheckRequest, opts ...grpc.CallOption) (*CheckResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(CheckResponse)
+	err := c.cc.Invoke(ctx, Component_Check_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // ComponentServer is the server API for Component service.
 // All implementations must embed UnimplementedComponentServer
 // for forward compatibility.
@@ -199,6 +216,12 @@ type ComponentServer interface {
 	// reload does: decoded and checked as Configure does, and applied at once, or not at all.
 	// Plugins built before it answer Unimplemented; the host then replaces the component.
 	Reconfigure(context.Context, *ReconfigureRequest) (*ReconfigureResponse, error)
+	// Check decodes and validates options as Configure would, without building or changing
+	// anything, so that a reload with a wrong option for a running plugin is refused before
+	// any component changes (each problem at its line) instead of failing half-way. Plugins
+	// built before it answer Unimplemented; the host then finds the problems when it applies
+	// the options (Reconfigure, or the replacement's Configure).
+	Check(context.Context, *CheckRequest) (*CheckResponse, error)
 	mustEmbedUnimplementedComponentServer()
 }
 
@@ -232,6 +255,9 @@ func (UnimplementedComponentServer) Health(context.Context, *HealthRequest) (*He
 }
 func (UnimplementedComponentServer) Reconfigure(context.Context, *ReconfigureRequest) (*ReconfigureResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Reconfigure not implemented")
+}
+func (UnimplementedComponentServer) Check(context.Context, *CheckRequest) (*CheckResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Check not implemented")
 }
 func (UnimplementedComponentServer) mustEmbedUnimplementedComponentServer() {}
 func (UnimplementedComponentServer) testEmbeddedByValue()                   {}
@@ -391,6 +417,24 @@ func _Component_Reconfigure_Handler(srv interface{}, ctx context.Context, dec fu
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Component_Check_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CheckRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ComponentServer).Check(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Component_Check_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ComponentServer).Check(ctx, req.(*CheckRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Component_ServiceDesc is the grpc.ServiceDesc for Component service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -425,6 +469,10 @@ var Component_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Reconfigure",
 			Handler:    _Component_Reconfigure_Handler,
+		},
+		{
+			MethodName: "Check",
+			Handler:    _Component_Check_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

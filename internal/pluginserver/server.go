@@ -157,6 +157,26 @@ func (s *Server) Reconfigure(ctx context.Context, req *pb.ReconfigureRequest) (*
 	return reconfigureResponse(rc.Reconfigure(ctx, raw)), nil
 }
 
+// Check decodes and validates options as Configure does (the factory's defaults, then the
+// options' own Validate), and builds nothing: a reload asks it before it changes anything.
+func (s *Server) Check(_ context.Context, req *pb.CheckRequest) (*pb.CheckResponse, error) {
+	var raw map[string]any
+	if err := yaml.Unmarshal(req.OptionsYaml, &raw); err != nil {
+		return &pb.CheckResponse{Error: fmt.Sprintf("decode options sent by the host: %v", err)}, nil
+	}
+	if raw == nil {
+		raw = map[string]any{}
+	}
+	resp := &pb.CheckResponse{}
+	if s.factory.NewConfig == nil {
+		return resp, nil
+	}
+	for _, e := range options.Check(raw, s.factory.NewConfig(), "") {
+		resp.FieldErrors = append(resp.FieldErrors, &pb.FieldError{Path: e.Path, Message: e.Msg})
+	}
+	return resp, nil
+}
+
 func reconfigureResponse(err error) *pb.ReconfigureResponse {
 	resp := &pb.ReconfigureResponse{}
 	switch {

@@ -3,6 +3,7 @@ package plugintest
 import (
 	"context"
 	"errors"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -138,5 +139,37 @@ func TestSinkReconfigure(t *testing.T) {
 	}
 	if strings.Join(built.got, ",") != "b-x" {
 		t.Fatalf("sink wrote %q, want b-x (the options it took, not the refused ones)", built.got)
+	}
+}
+
+// TestSinkCheckOptions: the host asks a running plugin to check options (a reload does,
+// before it changes anything); problems come back at their keys, and nothing changes.
+func TestSinkCheckOptions(t *testing.T) {
+	built := &memSink{}
+	sink := Sink(t, sdk.Info{Type: "mem", Version: "1"}, func() *memConfig { return &memConfig{} },
+		func(_ component.Env, c *memConfig) (component.Sink, error) { built.cfg = c; return built, nil },
+		map[string]any{"prefix": "a-"})
+	oc, ok := sink.(component.OptionsChecker)
+	if !ok {
+		t.Fatal("the plugin's sink does not implement component.OptionsChecker on the host's side")
+	}
+	if err := oc.CheckOptions(context.Background(), map[string]any{"prefix": "b-"}); err != nil {
+		t.Fatalf("good options: %v", err)
+	}
+	err := oc.CheckOptions(context.Background(), map[string]any{"prefx": "c-"})
+	fe, ok := options.FieldErrorsOf(err)
+	if !ok || len(fe) != 2 {
+		t.Fatalf("got %v, want problems at prefx and prefix", err)
+	}
+	paths := []string{fe[0].Path, fe[1].Path}
+	slices.Sort(paths)
+	if !slices.Equal(paths, []string{"prefix", "prefx"}) {
+		t.Fatalf("problems at %v, want prefix and prefx", paths)
+	}
+	if err := sink.Write(context.Background(), flow.NewBatch([]flow.Event{{RuleID: "x"}}, nil)); err != nil {
+		t.Fatal(err)
+	}
+	if strings.Join(built.got, ",") != "a-x" {
+		t.Fatalf("sink wrote %q, want a-x (a check changes nothing)", built.got)
 	}
 }

@@ -3,6 +3,7 @@ package conntrack
 import (
 	"net/netip"
 	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -181,7 +182,7 @@ func TestSysctlsRestoredAndActivateRemoved(t *testing.T) {
 	if read("net.netfilter.nf_conntrack_acct") != "1" || read("net.netfilter.nf_conntrack_timestamp") != "1" {
 		t.Fatal("counters and timestamps not enabled while running")
 	}
-	table := activationTable(r.src.env.Name)
+	table := activationTable(r.src.env.Name, r.src.id)
 	if out := p.Exec(t, p.A, "nft", "list", "tables"); !strings.Contains(out, table) {
 		t.Fatalf("table %s missing while running:\n%s", table, out)
 	}
@@ -251,5 +252,69 @@ add rule inet keep c ct state new counter`)
 	}
 	if got := r.src.stats.reconstructedEnds.Load(); got != 1 {
 		t.Errorf("%d reconstructed ends, want 1", got)
+	}
+}
+
+// TestOverlappingInstancesKeepEachOthersChanges: two instances of one source (as a reload
+// that replaces it runs them, overlapping) with a data directory. The second must not take
+// the first's record for a leftover of a killed run and undo it under the running one; each
+// has its own table; a sysctl the first changed stays while the second needs it (the first
+// hands it the value to put back), and the last to stop puts the host's own back. A record
+// whose instance is gone (its lock free, as after kill -9) is undone at the next start.
+func TestOverlappingInstancesKeepEachOthersChanges(t *testing.T) {
+	p := newPair(t)
+	sysctlNS(t, p, p.A, "net.netfilter.nf_conntrack_acct=0")
+	sysctlNS(t, p, p.A, "net.netfilter.nf_conntrack_timestamp=0")
+	acct := func() string { return readSysctlNS(t, p.A, "net.netfilter.nf_conntrack_acct") }
+	stamp := func() string { return readSysctlNS(t, p.A, "net.netfilter.nf_conntrack_timestamp") }
+	tables := func() string { return p.Exec(t, p.A, "nft", "list", "tables") }
+	data := t.TempDir()
+	sameName := func(s *Source) { s.env.Name, s.env.DataDir = "kernel", data }
+
+	a := startSource(t, map[string]any{"netns": p.A, "activate": true, "counters": true, "timestamps": false}, sameName)
+	ta := activationTable("kernel", a.src.id)
+	b := startSource(t, map[string]any{"netns": p.A, "activate": true, "counters": true, "timestamps": true}, sameName)
+	tb := activationTable("kernel", b.src.id)
+	if got := tables(); !strings.Contains(got, ta) || !strings.Contains(got, tb) {
+		t.Fatalf("tables %q while both run, want %s and %s", got, ta, tb)
+	}
+	if acct() != "1" || stamp() != "1" {
+		t.Fatalf("acct=%s timestamp=%s while both run, want 1 and 1", acct(), stamp())
+	}
+	a.stop()
+	if got := tables(); strings.Contains(got, ta) || !strings.Contains(got, tb) {
+		t.Errorf("tables %q after the first stopped, want only %s", got, tb)
+	}
+	if acct() != "1" {
+		t.Errorf("acct=%s after the first stopped: the second still needs it", acct())
+	}
+	b.stop()
+	if acct() != "0" || stamp() != "0" {
+		t.Errorf("acct=%s timestamp=%s after both stopped, want the host's 0 and 0", acct(), stamp())
+	}
+	if got := tables(); strings.Contains(got, "flowpipe_kernel") {
+		t.Errorf("tables %q left after both stopped", got)
+	}
+	if m, _ := filepath.Glob(filepath.Join(data, "conntrack", "kernel", "host-changes*")); len(m) != 0 {
+		t.Errorf("records left after both stopped: %v", m)
+	}
+
+	// A leftover: the record of an instance whose lock nobody holds.
+	c := startSource(t, map[string]any{"netns": p.A, "activate": true, "counters": true}, sameName)
+	tc := activationTable("kernel", c.src.id)
+	c.src.lock.Close() // as if its process had been killed: the kernel drops the lock
+	c.src.lock = nil
+	c.src.recorded, c.src.act, c.src.sysctls = false, nil, nil // and it never undoes anything
+	d := startSource(t, map[string]any{"netns": p.A, "activate": true, "counters": true}, sameName)
+	if got := tables(); strings.Contains(got, tc) {
+		t.Errorf("tables %q: the leftover table %s was not removed", got, tc)
+	}
+	c.stop()
+	d.stop()
+	if acct() != "0" {
+		t.Errorf("acct=%s after the leftover was undone and the new instance stopped, want 0", acct())
+	}
+	if got := tables(); strings.Contains(got, "flowpipe_kernel") {
+		t.Errorf("tables %q left at the end", got)
 	}
 }

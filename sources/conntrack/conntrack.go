@@ -25,6 +25,7 @@ import (
 	"time"
 
 	"github.com/flowpipe/flowpipe/internal/privilege"
+	"github.com/google/uuid"
 	"github.com/mdlayher/netlink"
 	"github.com/prometheus/client_golang/prometheus"
 	ct "github.com/ti-mo/conntrack"
@@ -57,7 +58,7 @@ func New(env component.Env, cfg *Config) (component.Source, error) {
 		env.Metrics = component.NopMetrics{}
 	}
 	s := &Source{env: env, log: env.Logger, q: newQueue(cfg.BatchSize, cfg.MaxPending), sweepGetMax: 256,
-		reconf: make(chan *reconfRequest, 1)}
+		reconf: make(chan *reconfRequest, 1), id: uuid.NewString()[:8]}
 	s.cfg.Store(cfg)
 	s.tr = newTracker(cfg, s.push)
 	if env.Registerer != nil {
@@ -84,7 +85,9 @@ type Source struct {
 	ns       *netns.NS
 	sysctls  []*sysctlChange
 	act      *activation
-	recorded bool // this run wrote the record of its host changes (hoststate.go)
+	recorded bool     // this run wrote the record of its host changes (hoststate.go)
+	id       string   // this instance's, in its record's and its table's names
+	lock     *os.File // held while it runs: its record is not a leftover
 	events   *eventConn
 	dump     *ct.Conn
 	running  chan struct{} // closed when the reader goroutine has stopped
@@ -186,6 +189,12 @@ func (s *Source) open() error {
 	if s.ns, err = netns.Open(cfg.NetNS); err != nil {
 		return err
 	}
+	// Records and changes are made under the data directory's lock (hoststate.go).
+	unlock, err := s.lockHost()
+	if err != nil {
+		return err
+	}
+	defer unlock()
 	// What a run that was killed left behind goes first, so that the values read below are
 	// the host's own, not that run's.
 	if err := s.restoreLeftovers(); err != nil {
@@ -207,20 +216,29 @@ func (s *Source) open() error {
 		if err != nil {
 			return fmt.Errorf("read %s in %s: %w (is the nf_conntrack module loaded?)", sc.path, s.ns, err)
 		}
-		if prev != "1" {
-			rec.Sysctls = append(rec.Sysctls, recordedSysctl{Path: sc.path, Prev: prev})
+		// Recorded also when it is 1 already: another instance that changed it hands this
+		// one the value to put back when it stops first.
+		if prev == "1" {
+			prev = ""
 		}
+		rec.Sysctls = append(rec.Sysctls, recordedSysctl{Path: sc.path, Prev: prev})
 	}
 	if cfg.Activate {
-		rec.Table = activationTable(s.env.Name)
+		rec.Table = activationTable(s.env.Name, s.id)
 	}
 	if path := s.recordPath(); path != "" && (len(rec.Sysctls) > 0 || rec.Table != "") {
+		if err := s.holdRecordLock(); err != nil {
+			return fmt.Errorf("%w (the source records what it changes on the host before changing it; check data_dir)", err)
+		}
 		if err := writeRecord(path, rec); err != nil {
 			return fmt.Errorf("%w (the source records what it changes on the host before changing it; check data_dir)", err)
 		}
 		s.recorded = true
 	}
 	for _, sc := range rec.Sysctls {
+		if sc.Prev == "" {
+			continue
+		}
 		ch, err := setSysctl(s.ns, sc.Path, "1")
 		if err != nil {
 			return err
@@ -246,9 +264,10 @@ func (s *Source) open() error {
 	return nil
 }
 
-// activationTable is the nftables table name of a source: one per source, so that two
-// sources reading the same namespace do not remove each other's.
-func activationTable(name string) string {
+// activationTable is the nftables table name of an instance of a source: one per instance,
+// so that two sources reading the same namespace, or a source and the instance that
+// replaces it in a reload (they overlap), do not remove each other's.
+func activationTable(name, id string) string {
 	if name == "" {
 		name = "conntrack"
 	}
@@ -256,7 +275,7 @@ func activationTable(name string) string {
 	if len(name) > max {
 		name = name[:max]
 	}
-	return "flowpipe_" + name
+	return "flowpipe_" + name + "_" + id
 }
 
 // Run reads events until ctx is done. The reader goroutine only drains the socket; this
@@ -663,25 +682,32 @@ func (s *Source) closeLocked() error {
 		s.dump.Close()
 		s.dump = nil
 	}
-	if s.act != nil {
-		if err := s.act.remove(); err != nil {
-			errs = append(errs, err)
-		}
-		s.act = nil
-	}
-	for i := len(s.sysctls) - 1; i >= 0; i-- {
-		if err := s.sysctls[i].restore(s.ns); err != nil {
-			errs = append(errs, err)
-		}
-	}
-	s.sysctls = nil
-	if s.recorded && len(errs) == 0 {
+	switch {
+	case s.recorded:
+		// As the record says: another instance may still need a sysctl, or have handed
+		// this one the value to put back (hoststate.go). On an error the record stays, and
+		// the next start tries again.
 		s.recorded = false
-		// Everything is undone: the record is no longer needed. Otherwise it stays, and the
-		// next start tries again.
-		if err := s.removeRecord(); err != nil {
+		if err := s.undoRecorded(); err != nil {
 			errs = append(errs, err)
 		}
+	default:
+		if s.act != nil {
+			if err := s.act.remove(); err != nil {
+				errs = append(errs, err)
+			}
+		}
+		for i := len(s.sysctls) - 1; i >= 0; i-- {
+			if err := s.sysctls[i].restore(s.ns); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
+	s.act = nil
+	s.sysctls = nil
+	if s.lock != nil {
+		s.lock.Close()
+		s.lock = nil
 	}
 	if s.ns != nil {
 		s.ns.Close()

@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
+	"syscall"
 
 	"github.com/google/nftables"
 
@@ -17,6 +19,21 @@ import (
 // change is undone. A source killed before it could undo (kill -9, a crash, a power cut)
 // finds the record when it starts again and puts the host back first, so that it never takes
 // its own leftovers for the host's settings.
+//
+// Each running instance has its own record (host-changes-<id>.json) and its own nftables
+// table, and holds a lock (flock on host-changes-<id>.lock) while it runs, which the kernel
+// drops when its process dies however it dies. Several instances can run at once: two
+// sources reading one namespace, and above all a source and the instance that replaces it
+// in a reload (they overlap, so that nothing is missed between them). So:
+//   - a record whose lock is free is a leftover, and is undone; a record whose lock is held
+//     belongs to a live instance and is left alone (a replacement must not take the running
+//     instance's changes for leftovers and undo them under it);
+//   - a sysctl is shared by everything in its namespace: every instance records the sysctls
+//     it needs, with the value before flowpipe when it was the one that changed it. An
+//     instance that stops (or a leftover being undone) whose sysctl another live instance
+//     in the same namespace still needs does not put it back: it hands the value to put back
+//     to that instance's record instead, so the last one to stop restores the host's own.
+// All of this runs under one lock of the data directory's conntrack directory (.lock).
 
 // hostRecord is the content of the record file.
 type hostRecord struct {
@@ -28,29 +45,117 @@ type hostRecord struct {
 
 type recordedSysctl struct {
 	Path string `json:"path"`
-	Prev string `json:"prev"` // the host's value before the source changed it
+	// Prev is the host's value before flowpipe changed it, to put back when the last
+	// instance that needs the sysctl stops; "" when the sysctl was 1 already (the host's
+	// own setting, or another instance's, which then holds the value to put back).
+	Prev string `json:"prev,omitempty"`
 }
 
-const hostRecordFile = "host-changes.json"
+const (
+	hostRecordFile   = "host-changes.json" // a record of a version before per-instance records
+	hostRecordPrefix = "host-changes"
+)
 
-// stateDir is the source's state directory, "" when the pipeline has no data directory (a
-// component built outside flowpipe): then nothing is recorded.
-func (s *Source) stateDir() string {
+// conntrackDir is the conntrack sources' directory under the data directory, "" when the
+// pipeline has none (a component built outside flowpipe): then nothing is recorded.
+func (s *Source) conntrackDir() string {
 	if s.env.DataDir == "" {
+		return ""
+	}
+	return filepath.Join(s.env.DataDir, "conntrack")
+}
+
+// stateDir is the source's state directory, "" without a data directory.
+func (s *Source) stateDir() string {
+	d := s.conntrackDir()
+	if d == "" {
 		return ""
 	}
 	name := s.env.Name
 	if name == "" {
 		name = "conntrack"
 	}
-	return filepath.Join(s.env.DataDir, "conntrack", name)
+	return filepath.Join(d, name)
 }
 
+// recordPath is this instance's record, "" without a data directory.
 func (s *Source) recordPath() string {
 	if d := s.stateDir(); d != "" {
-		return filepath.Join(d, hostRecordFile)
+		return filepath.Join(d, hostRecordPrefix+"-"+s.id+".json")
 	}
 	return ""
+}
+
+func lockPathOf(record string) string {
+	if filepath.Base(record) == hostRecordFile {
+		return "" // an older version's: it held no lock
+	}
+	return strings.TrimSuffix(record, ".json") + ".lock"
+}
+
+// lockHost takes the conntrack directory's lock, under which records are read, written and
+// undone; the returned function releases it.
+func (s *Source) lockHost() (func(), error) {
+	d := s.conntrackDir()
+	if d == "" {
+		return func() {}, nil
+	}
+	if err := os.MkdirAll(d, 0o750); err != nil {
+		return nil, fmt.Errorf("record host changes: %w (check data_dir)", err)
+	}
+	f, err := os.OpenFile(filepath.Join(d, ".lock"), os.O_RDONLY|os.O_CREATE, 0o640)
+	if err != nil {
+		return nil, fmt.Errorf("record host changes: %w (check data_dir)", err)
+	}
+	if err := flock(f, syscall.LOCK_EX); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("lock %s: %w", f.Name(), err)
+	}
+	return func() { f.Close() }, nil // closing the file releases the lock
+}
+
+func flock(f *os.File, how int) error {
+	for {
+		err := syscall.Flock(int(f.Fd()), how)
+		if err != syscall.EINTR {
+			return err
+		}
+	}
+}
+
+// holdRecordLock takes this instance's own lock, held until Close (s.lock).
+func (s *Source) holdRecordLock() error {
+	path := lockPathOf(s.recordPath())
+	if err := os.MkdirAll(filepath.Dir(path), 0o750); err != nil {
+		return fmt.Errorf("record host changes: %w", err)
+	}
+	f, err := os.OpenFile(path, os.O_RDONLY|os.O_CREATE, 0o640) // flock needs no write access
+	if err != nil {
+		return fmt.Errorf("record host changes: %w", err)
+	}
+	if err := flock(f, syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		f.Close()
+		return fmt.Errorf("lock %s: %w", path, err)
+	}
+	s.lock = f
+	return nil
+}
+
+// live reports whether the instance that wrote record runs: its lock is held.
+func live(record string) bool {
+	lp := lockPathOf(record)
+	if lp == "" {
+		return false
+	}
+	f, err := os.Open(lp)
+	if err != nil {
+		return false
+	}
+	defer f.Close()
+	if err := flock(f, syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		return errors.Is(err, syscall.EWOULDBLOCK)
+	}
+	return false // taken: its owner is gone (closing f releases it again)
 }
 
 // writeRecord stores rec durably (written to a temporary file, synced, renamed).
@@ -96,37 +201,76 @@ func syncDir(dir string) error {
 	return d.Sync()
 }
 
-// restoreLeftovers undoes what a previous run recorded and did not undo, in the namespace
-// it was made in (if that still exists), then removes the record.
-func (s *Source) restoreLeftovers() error {
-	path := s.recordPath()
-	if path == "" {
-		return nil
+// recordFile is a record on disk.
+type recordFile struct {
+	path string
+	rec  hostRecord
+}
+
+// records reads every record in the conntrack directory (of every source), except this
+// instance's own. A damaged one (written atomically, so only damage gets here) is removed:
+// nothing in it can be trusted.
+func (s *Source) records() ([]recordFile, error) {
+	d := s.conntrackDir()
+	if d == "" {
+		return nil, nil
 	}
-	data, err := os.ReadFile(path)
-	if errors.Is(err, os.ErrNotExist) {
-		return nil
-	}
+	paths, err := filepath.Glob(filepath.Join(d, "*", hostRecordPrefix+"*.json"))
 	if err != nil {
-		return fmt.Errorf("read the record of host changes %s: %w", path, err)
+		return nil, err
 	}
-	var rec hostRecord
-	if err := json.Unmarshal(data, &rec); err != nil {
-		// Written atomically, so only damage gets here; nothing in it can be trusted.
-		s.log.Error("the record of host changes is damaged; not restoring from it", "file", path, "error", err)
-		return os.Remove(path)
+	own := s.recordPath()
+	var out []recordFile
+	for _, p := range paths {
+		if p == own {
+			continue
+		}
+		data, err := os.ReadFile(p)
+		if errors.Is(err, os.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			return nil, fmt.Errorf("read the record of host changes %s: %w", p, err)
+		}
+		var rec hostRecord
+		if err := json.Unmarshal(data, &rec); err != nil {
+			s.log.Error("the record of host changes is damaged; not restoring from it", "file", p, "error", err)
+			os.Remove(p)
+			continue
+		}
+		out = append(out, recordFile{path: p, rec: rec})
 	}
-	ns, owned, gone, err := s.recordNS(&rec)
-	if err != nil {
-		return err
+	return out, nil
+}
+
+// handOver gives the value to put back of a sysctl that the record's owner changed to a
+// live instance in the same namespace that still needs it; false when there is none, and
+// the caller puts it back itself.
+func handOver(others []recordFile, nsid string, sc recordedSysctl) (bool, error) {
+	for i := range others {
+		o := &others[i]
+		if o.rec.NSID != nsid || !live(o.path) {
+			continue
+		}
+		for j := range o.rec.Sysctls {
+			if o.rec.Sysctls[j].Path != sc.Path {
+				continue
+			}
+			if o.rec.Sysctls[j].Prev == "" {
+				o.rec.Sysctls[j].Prev = sc.Prev
+				if err := writeRecord(o.path, &o.rec); err != nil {
+					return false, err
+				}
+			}
+			return true, nil
+		}
 	}
-	if gone {
-		s.log.Warn("the network namespace a previous run changed is gone; nothing to restore", "netns", rec.NetNS, "file", path)
-		return os.Remove(path)
-	}
-	if owned {
-		defer ns.Close()
-	}
+	return false, nil
+}
+
+// undo undoes what rec records, in namespace ns: the table, and each sysctl no live instance
+// still needs (handed over to one that does). others are the other records.
+func undo(ns *netns.NS, rec *hostRecord, others []recordFile) error {
 	var errs []error
 	if rec.Table != "" {
 		a := &activation{ns: ns, table: &nftables.Table{Name: rec.Table, Family: nftables.TableFamilyINet}}
@@ -135,17 +279,67 @@ func (s *Source) restoreLeftovers() error {
 		}
 	}
 	for i := len(rec.Sysctls) - 1; i >= 0; i-- {
-		c := &sysctlChange{path: rec.Sysctls[i].Path, prev: []byte(rec.Sysctls[i].Prev)}
+		sc := rec.Sysctls[i]
+		if sc.Prev == "" {
+			continue
+		}
+		handed, err := handOver(others, rec.NSID, sc)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		if handed {
+			continue
+		}
+		c := &sysctlChange{path: sc.Path, prev: []byte(sc.Prev)}
 		if err := c.restore(ns); err != nil {
 			errs = append(errs, err)
 		}
 	}
-	if len(errs) > 0 {
-		return fmt.Errorf("restore what a previous run changed on the host (%s): %w", path, errors.Join(errs...))
+	return errors.Join(errs...)
+}
+
+// restoreLeftovers undoes what instances that are gone recorded and did not undo, in the
+// namespace each was made in (if that still exists), then removes their records. Records
+// of instances that run are left alone. Called under lockHost.
+func (s *Source) restoreLeftovers() error {
+	recs, err := s.records()
+	if err != nil {
+		return err
 	}
-	s.log.Warn("a previous run did not stop cleanly; restored what it had changed on the host",
-		"netns", ns.String(), "nft_table", rec.Table, "sysctls", len(rec.Sysctls), "file", path)
-	return os.Remove(path)
+	for i, r := range recs {
+		if live(r.path) {
+			continue
+		}
+		ns, owned, gone, err := s.recordNS(&r.rec)
+		if err != nil {
+			return err
+		}
+		if gone {
+			s.log.Warn("the network namespace a previous run changed is gone; nothing to restore", "netns", r.rec.NetNS, "file", r.path)
+			removeRecordFiles(r.path)
+			continue
+		}
+		others := append(append([]recordFile(nil), recs[:i]...), recs[i+1:]...)
+		err = undo(ns, &r.rec, others)
+		if owned {
+			ns.Close()
+		}
+		if err != nil {
+			return fmt.Errorf("restore what a previous run changed on the host (%s): %w", r.path, err)
+		}
+		s.log.Warn("a previous run did not stop cleanly; restored what it had changed on the host",
+			"netns", ns.String(), "nft_table", r.rec.Table, "sysctls", len(r.rec.Sysctls), "file", r.path)
+		removeRecordFiles(r.path)
+	}
+	return nil
+}
+
+func removeRecordFiles(record string) {
+	os.Remove(record)
+	if lp := lockPathOf(record); lp != "" {
+		os.Remove(lp)
+	}
 }
 
 // recordNS finds the namespace a record was made in: the source's own when it is the same
@@ -170,14 +364,37 @@ func (s *Source) recordNS(rec *hostRecord) (ns *netns.NS, owned, gone bool, err 
 	return other, true, false, nil
 }
 
-// removeRecord is called once everything recorded has been undone.
-func (s *Source) removeRecord() error {
+// undoRecorded undoes this instance's own changes at Close, as its record (which another
+// instance may have handed a value to put back to) says, then removes the record and
+// releases its lock. On an error the record stays, and the next start tries again.
+func (s *Source) undoRecorded() error {
+	defer func() {
+		if s.lock != nil {
+			s.lock.Close() // a leftover now, if the record is still there
+			s.lock = nil
+		}
+	}()
+	unlock, err := s.lockHost()
+	if err != nil {
+		return err
+	}
+	defer unlock()
 	path := s.recordPath()
-	if path == "" {
-		return nil
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return fmt.Errorf("read the record of host changes %s: %w", path, err)
 	}
-	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return fmt.Errorf("remove the record of host changes: %w", err)
+	var rec hostRecord
+	if err := json.Unmarshal(data, &rec); err != nil {
+		return fmt.Errorf("read the record of host changes %s: %w", path, err)
 	}
+	others, err := s.records()
+	if err != nil {
+		return err
+	}
+	if err := undo(s.ns, &rec, others); err != nil {
+		return err
+	}
+	removeRecordFiles(path)
 	return nil
 }

@@ -19,7 +19,7 @@
 //	                          port is a multiple of options.drop_every (counted); it takes
 //	                          new options while it runs (component.Reconfigurer)
 //	flowpipe-enricher-old     the tag enricher as a plugin built before the Reconfigure
-//	                          call: the call is not served at all (Unimplemented)
+//	                          and Check calls: they are not served at all (Unimplemented)
 //	flowpipe-sink-future      speaks only protocol version 2
 //
 // A name ending in v1 (flowpipe-sink-jsonlv1, ...) serves the same plugin as one built before
@@ -380,6 +380,11 @@ type oldComponent struct{ *pluginserver.Server }
 
 func (oldComponent) Reconfigure(context.Context, *pluginproto.ReconfigureRequest) (*pluginproto.ReconfigureResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "unknown method Reconfigure for service flowpipe.plugin.v1.Component")
+}
+
+// Check is not served either: it came after Reconfigure.
+func (oldComponent) Check(context.Context, *pluginproto.CheckRequest) (*pluginproto.CheckResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "unknown method Check for service flowpipe.plugin.v1.Component")
 }
 
 func serveOld(f component.Factory) {
