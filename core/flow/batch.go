@@ -75,7 +75,8 @@ func (e Encoding) Events() ([]Event, error) { return e.Decode(nil, e.Data, e.N) 
 // its events, as a malformed batch (flow.Permanent). sourced says that every event names its
 // source, so that StampSource need not decode to look. data must stay unchanged until the
 // batch is acknowledged (the ack may recycle it). The batch holds one reference, as from
-// NewBatch.
+// NewBatch. The pipeline runtime takes such batches (component.EncodedEmitter); the other
+// Emitters of this module (a source plugin's, the test collectors) decode them first.
 func NewEncodedBatch(data []byte, n int, sourced bool, decode Decoder, ack func(err error)) *Batch {
 	b := &Batch{ack: ack, encoded: data, encodedN: n, lazy: &lazyEvents{decode: decode, sourced: sourced}}
 	b.refs.Store(1)

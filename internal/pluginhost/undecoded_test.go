@@ -13,6 +13,7 @@ import (
 
 	"github.com/flowpipe/flowpipe/core/component"
 	"github.com/flowpipe/flowpipe/core/flow"
+	"github.com/flowpipe/flowpipe/internal/codec"
 	pb "github.com/flowpipe/flowpipe/internal/pluginproto"
 )
 
@@ -211,5 +212,42 @@ func TestMalformedSourceBatchNeverReachesSinkPlugin(t *testing.T) {
 		if want := string(flow.AppendJSON(nil, &e)); l != want {
 			t.Fatalf("line %d:\n got %s\nwant %s", i, l, want)
 		}
+	}
+}
+
+// encodedBatches emits its events as batches still encoded (flow.NewEncodedBatch), as a
+// source may build them.
+type encodedBatches struct{}
+
+func (encodedBatches) Run(ctx context.Context, out component.Emitter) error {
+	for i := range 2 {
+		evs := seqEvents(i*50, 50)
+		if err := out.Emit(ctx, flow.NewEncodedBatch(codec.Append(nil, evs), len(evs), true, codec.Decode, nil)); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// A source plugin that builds its batches still encoded loses nothing: the plugin side
+// decodes them to send them, and the host gets every event.
+func TestSourcePluginEmittingEncodedBatches(t *testing.T) {
+	fac := component.NewSourceFactory("enc", "", func() *discardConfig { return &discardConfig{} },
+		func(component.Env, *discardConfig) (component.Source, error) { return encodedBatches{}, nil })
+	c, err := ServeInMemory(context.Background(), fac, "test", nil, component.Env{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.(component.Closer).Close(context.Background())
+	var got []flow.Event
+	out := emitFunc(func(b *flow.Batch) {
+		got = append(got, b.Events...)
+		b.Release(nil)
+	})
+	if err := c.(component.Source).Run(context.Background(), out); err != nil {
+		t.Fatal(err)
+	}
+	if want := seqEvents(0, 100); !reflect.DeepEqual(got, want) {
+		t.Fatalf("the host got %d events, want the source's 100 as they were", len(got))
 	}
 }
