@@ -162,6 +162,58 @@ sinks:
 	}
 }
 
+// TestUndecodedMixedSinksSameOutput: with a source plugin, the host hands its batches on
+// undecoded; a sink plugin (pass-through), an in-process sink (decoded for it), and each of
+// them behind a disk queue (which stores the encoding as it came) write exactly what the
+// same pipeline writes in process.
+func TestUndecodedMixedSinksSameOutput(t *testing.T) {
+	dir := t.TempDir()
+	writeEvents(t, filepath.Join(dir, "in.jsonl"), 20_000)
+	writeFile(t, filepath.Join(dir, "inproc.yaml"), `
+admin: {listen: ""}
+sources:
+  in: {type: replay, isolation: inproc, path: in.jsonl, batch_size: 777}
+sinks:
+  ref: {type: file, isolation: inproc, path: ref.jsonl}
+`)
+	writeFile(t, filepath.Join(dir, "mixed.yaml"), `
+admin: {listen: ""}
+data_dir: data
+sources:
+  in: {type: replay, path: in.jsonl, batch_size: 777}
+sinks:
+  plugin: {type: file, path: plugin.jsonl}
+  inproc: {type: file, isolation: inproc, path: inproc.jsonl}
+  plugin_disk: {type: file, path: plugin_disk.jsonl, queue: {type: disk}}
+  inproc_disk: {type: file, isolation: inproc, path: inproc_disk.jsonl, queue: {type: disk}}
+`)
+	for _, cfg := range []string{"inproc.yaml", "mixed.yaml"} {
+		_, stderr, code := flowpipe(t, dir, "run", "-c", cfg, "--log-level", "debug")
+		if code != 0 {
+			t.Fatalf("%s: exit %d\n%s", cfg, code, stderr)
+		}
+		if cfg == "mixed.yaml" && (!strings.Contains(stderr, "pass through in the encoding they arrived in") || !strings.Contains(stderr, "batches go on undecoded")) {
+			t.Fatalf("batches did not go on undecoded and pass through to the sink plugin:\n%s", stderr)
+		}
+	}
+	ref, err := os.ReadFile(filepath.Join(dir, "ref.jsonl"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := bytes.Count(ref, []byte("\n")); n != 20_000 {
+		t.Fatalf("in process: %d events, want 20000", n)
+	}
+	for _, name := range []string{"plugin", "inproc", "plugin_disk", "inproc_disk"} {
+		data, err := os.ReadFile(filepath.Join(dir, name+".jsonl"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(data, ref) {
+			t.Errorf("sink %s: %d events, not what the in-process pipeline wrote", name, bytes.Count(data, []byte("\n")))
+		}
+	}
+}
+
 // TestPluginSinkKilledMidStream kills -9 the file sink's plugin process while 100,000
 // events stream through it: after the restart every event is in the output, and every
 // duplicate belongs to a batch the host logged as redelivered.

@@ -48,6 +48,15 @@ type Emitter interface {
 	Emit(ctx context.Context, b *flow.Batch) error
 }
 
+// EncodedEmitter is an Emitter that takes batches still encoded (flow.NewEncodedBatch) and
+// decodes them only where their events are needed: the pipeline runtime. A source that gets
+// its batches encoded (a source plugin's, in the plugin host) hands them on undecoded only
+// to an EncodedEmitter; any other Emitter gets them decoded.
+type EncodedEmitter interface {
+	Emitter
+	TakesEncoded()
+}
+
 // Enricher changes events in place and may filter them out. One enricher instance serves
 // every source of a pipeline, so Enrich must be safe for concurrent use.
 type Enricher interface {
@@ -83,6 +92,16 @@ type Sink interface {
 	// by a collector). An error makes the runtime retry the same batch with backoff. The sink
 	// must not modify or keep b.Events after Write returns.
 	Write(ctx context.Context, b *flow.Batch) error
+}
+
+// EncodedWriter is a sink whose Write takes a batch still encoded (flow.Batch.Undecoded) and
+// decodes it only if it needs its events: a sink plugin, which is sent the encoding as it
+// is. The runtime decodes a batch before the Write of any other sink. Other sinks may be
+// decoding the same batch meanwhile: an EncodedWriter uses Encoded and Len, and reads Events
+// only after its own call to Decode.
+type EncodedWriter interface {
+	Sink
+	WritesEncoded()
 }
 
 // Closer is implemented by components that hold resources or buffered state. The runtime

@@ -2,6 +2,8 @@ package flow
 
 import (
 	"errors"
+	"fmt"
+	"sync"
 	"sync/atomic"
 )
 
@@ -15,6 +17,12 @@ import (
 // released without error, else the first error reported.
 //
 // Sinks must treat Events as read-only: one batch is shared by every sink of a pipeline.
+//
+// A batch made by NewEncodedBatch holds only its encoding and its count until something
+// needs the events: Events is nil until Decode. Components never see such a batch undecoded:
+// the runtime decodes it before any enricher, tap subscriber or sink, except a sink that takes
+// encoded batches (component.EncodedWriter: a sink plugin, which is sent the encoding as it
+// is) and the disk queue, which stores the same encoding. Len is right in both states.
 type Batch struct {
 	Events []Event
 
@@ -25,9 +33,97 @@ type Batch struct {
 	Source string // name of the source component that produced the batch
 
 	// encoded is Events already encoded by whoever built the batch from an encoding, and
-	// encodedN the number of events it holds (SetEncoded).
+	// encodedN the number of events it holds (SetEncoded, NewEncodedBatch).
 	encoded  []byte
 	encodedN int
+
+	// lazy is set, once, by NewEncodedBatch: Events are decoded from encoded on first need.
+	lazy *lazyEvents
+}
+
+// lazyEvents is the decoding of a batch made by NewEncodedBatch: once, whoever asks first,
+// while other sinks may ask at the same time.
+type lazyEvents struct {
+	decode  Decoder
+	sourced bool // every event names its source
+	once    sync.Once
+	done    atomic.Bool // decoded (Events set) or failed (err set)
+	err     error
+
+	copyOnce sync.Once
+	copy     Encoding
+}
+
+// Decoder appends to dst the n events encoded in data, or fails when data is not exactly n
+// valid events (the plugin host's packed codec, which core/flow does not import).
+type Decoder func(dst []Event, data []byte, n int) ([]Event, error)
+
+// Encoding is a batch's events, still encoded: N events in Data, and how to decode them.
+type Encoding struct {
+	Data   []byte
+	N      int
+	Decode Decoder
+}
+
+// Events decodes the encoding.
+func (e Encoding) Events() ([]Event, error) { return e.Decode(nil, e.Data, e.N) }
+
+// NewEncodedBatch makes a batch of the n events encoded in data, which are decoded (by
+// decode) only when something needs them (Decode): a batch that only passes through, from a
+// source plugin to sink plugins or to a disk queue, is never decoded. data must be valid
+// (its producer checked it): a batch whose decoding fails is refused by the sinks that need
+// its events, as a malformed batch (flow.Permanent). sourced says that every event names its
+// source, so that StampSource need not decode to look. data must stay unchanged until the
+// batch is acknowledged (the ack may recycle it). The batch holds one reference, as from
+// NewBatch. The pipeline runtime takes such batches (component.EncodedEmitter); the other
+// Emitters of this module (a source plugin's, the test collectors) decode them first.
+func NewEncodedBatch(data []byte, n int, sourced bool, decode Decoder, ack func(err error)) *Batch {
+	b := &Batch{ack: ack, encoded: data, encodedN: n, lazy: &lazyEvents{decode: decode, sourced: sourced}}
+	b.refs.Store(1)
+	return b
+}
+
+// Undecoded reports whether the batch holds only its encoding so far (NewEncodedBatch, and
+// Decode not called yet): its Events are nil, and Len is its count.
+func (b *Batch) Undecoded() bool { return b.lazy != nil && !b.lazy.done.Load() }
+
+// Decode makes Events hold the batch's events, decoding them if the batch was made by
+// NewEncodedBatch and nothing decoded it yet; for any other batch it does nothing. It is
+// safe to call from several goroutines at once (the sinks of one batch): the events are
+// decoded once, and every caller returns after that. An error means the encoding is not
+// valid: Events stays nil, and every later call returns the same error.
+func (b *Batch) Decode() error {
+	l := b.lazy
+	if l == nil {
+		return nil
+	}
+	if l.done.Load() {
+		return l.err
+	}
+	l.once.Do(func() {
+		evs, err := l.decode(nil, b.encoded, b.encodedN)
+		if err != nil {
+			l.err = fmt.Errorf("malformed batch of %d events: %w", b.encodedN, err)
+		} else {
+			b.Events = evs
+		}
+		l.done.Store(true)
+	})
+	return l.err
+}
+
+// EncodingCopy returns the undecoded batch's encoding in memory of its own, copied once
+// however often it is asked for (a tap point's ring keeps it past the batch's ack, which may
+// recycle the batch's). ok is false when the batch is not undecoded.
+func (b *Batch) EncodingCopy() (_ Encoding, ok bool) {
+	l := b.lazy
+	if l == nil || l.done.Load() {
+		return Encoding{}, false
+	}
+	l.copyOnce.Do(func() {
+		l.copy = Encoding{Data: append([]byte(nil), b.encoded...), N: b.encodedN, Decode: l.decode}
+	})
+	return l.copy, true
 }
 
 // SetEncoded keeps data, the encoding (opaque here: the plugin host's packed codec) that the
@@ -38,16 +134,33 @@ type Batch struct {
 // Set it before the batch is shared; anything else that changes Events must DropEncoded.
 func (b *Batch) SetEncoded(data []byte) { b.encoded, b.encodedN = data, len(b.Events) }
 
-// Encoded is the encoding kept by SetEncoded, or nil.
+// Encoded is the encoding of the batch's events kept by SetEncoded, or of an undecoded
+// batch (NewEncodedBatch), or nil.
 func (b *Batch) Encoded() []byte {
-	if b.encoded == nil || len(b.Events) != b.encodedN {
+	if b.encoded == nil {
+		return nil
+	}
+	if b.Undecoded() {
+		return b.encoded
+	}
+	if b.lazy != nil && b.lazy.err != nil {
+		return nil // a malformed encoding is not passed on
+	}
+	if len(b.Events) != b.encodedN {
 		return nil
 	}
 	return b.encoded
 }
 
-// DropEncoded forgets the kept encoding: the events are about to change.
-func (b *Batch) DropEncoded() { b.encoded = nil }
+// DropEncoded forgets the kept encoding: the events are about to change. The batch must be
+// decoded (Decode) first: dropping the only form an undecoded batch has would lose its
+// events, so DropEncoded panics instead.
+func (b *Batch) DropEncoded() {
+	if b.Undecoded() {
+		panic("flow: DropEncoded on an undecoded batch (call Decode first)")
+	}
+	b.encoded = nil
+}
 
 // NewBatch makes a batch holding one reference, which belongs to the caller and is given up
 // by Release (the pipeline's Emit does that for sources). ack may be nil.
@@ -69,8 +182,13 @@ func (b *Batch) Observe(fn func(err error)) {
 	}
 }
 
-// Len is the number of events in the batch.
-func (b *Batch) Len() int { return len(b.Events) }
+// Len is the number of events in the batch, decoded or not.
+func (b *Batch) Len() int {
+	if l := b.lazy; l != nil && (!l.done.Load() || l.err != nil) {
+		return b.encodedN
+	}
+	return len(b.Events)
+}
 
 // Retain takes a reference: the batch will not be acknowledged before a matching Release.
 func (b *Batch) Retain() {
@@ -107,10 +225,20 @@ func (b *Batch) Err() error {
 
 // StampSource names the source component of the batch and of each of its events that does
 // not name one yet. The runtime stamps every batch a source emits, in process and out, so
-// that sources need not.
+// that sources need not. An undecoded batch whose events all name their source stays
+// undecoded; one whose events may not is decoded to stamp them (and loses its encoding if an
+// event was stamped).
 func (b *Batch) StampSource(name string) {
 	if b.Source == "" {
 		b.Source = name
+	}
+	if b.lazy != nil {
+		if b.Undecoded() && b.lazy.sourced {
+			return
+		}
+		if b.Decode() != nil {
+			return // no events to name: the sinks that need them refuse the batch
+		}
 	}
 	for i := range b.Events {
 		if b.Events[i].Source == "" {

@@ -170,22 +170,29 @@ func (d *diskSinkQueue) offer(ctx context.Context, n *sinkNode, b *flow.Batch) e
 	q, err := d.wait(ctx)
 	if err != nil {
 		if ctx.Err() != nil {
-			n.undelivered.Add(int64(len(b.Events)))
-			n.m.Dropped("shutdown", len(b.Events))
+			n.undelivered.Add(int64(b.Len()))
+			n.m.Dropped("shutdown", b.Len())
 			b.Release(flow.ErrShutdown)
 			return ctx.Err()
 		}
 		n.drop(b, "queue_error")
 		return nil
 	}
-	err = q.AppendAsync(ctx, b.Events, func(err error) {
+	durable := func(err error) {
 		if err != nil {
-			n.log.Error("disk queue fsync failed; batch not accepted", "sink", n.name, "events", len(b.Events), "error", err)
+			n.log.Error("disk queue fsync failed; batch not accepted", "sink", n.name, "events", b.Len(), "error", err)
 			n.drop(b, "queue_error")
 			return
 		}
 		b.Release(nil)
-	})
+	}
+	if enc := b.Encoded(); enc != nil {
+		// The batch came in the codec the queue stores (undecoded from a source plugin, or
+		// with its encoding kept): its bytes are written as they are.
+		err = q.AppendEncodedAsync(ctx, enc, b.Len(), durable)
+	} else {
+		err = q.AppendAsync(ctx, b.Events, durable)
+	}
 	switch {
 	case err == nil:
 		return nil
@@ -194,15 +201,15 @@ func (d *diskSinkQueue) offer(ctx context.Context, n *sinkNode, b *flow.Batch) e
 		return nil
 	case errors.Is(err, diskqueue.ErrClosed) || ctx.Err() != nil:
 		// Never accepted: the source learns it was not delivered.
-		n.undelivered.Add(int64(len(b.Events)))
-		n.m.Dropped("shutdown", len(b.Events))
+		n.undelivered.Add(int64(b.Len()))
+		n.m.Dropped("shutdown", b.Len())
 		b.Release(flow.ErrShutdown)
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
 		return errStopping
 	default:
-		n.log.Error("disk queue write failed; batch dropped", "sink", n.name, "events", len(b.Events), "error", err)
+		n.log.Error("disk queue write failed; batch dropped", "sink", n.name, "events", b.Len(), "error", err)
 		n.drop(b, "queue_error")
 		return nil
 	}

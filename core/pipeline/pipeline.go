@@ -938,9 +938,16 @@ func (p *Pipeline) closeOne(ctx context.Context, pt *part, cl component.Closer) 
 	}
 }
 
+// TakesEncoded: the runtime takes a source plugin's batches undecoded
+// (component.EncodedEmitter), and decodes them where their events are needed: before an
+// enricher (decodeToChange), for a tap subscriber (tap.Hub.PublishBatch), and before the Write of a sink
+// that is not a component.EncodedWriter (sinkNode.write). Everything else counts them
+// with Len; the disk queue stores their encoding as it is.
+func (s *sourceNode) TakesEncoded() {}
+
 // Emit is the Emitter a source sees: enrichers, then fan-out to the sinks.
 func (s *sourceNode) Emit(ctx context.Context, b *flow.Batch) error {
-	n := len(b.Events)
+	n := b.Len()
 	s.m.Out.Add(float64(n))
 	b.StampSource(s.name)
 	start := time.Now()
@@ -950,7 +957,7 @@ func (s *sourceNode) Emit(ctx context.Context, b *flow.Batch) error {
 		lat.Observe(time.Since(start).Seconds())
 		s.out.done()
 	})
-	s.tap.Publish(b.Events)
+	s.tap.PublishBatch(b)
 	enrichCtx := ctx
 	if s.ectx != nil {
 		ctx, enrichCtx = s.ectx, s.enrichCtx
@@ -986,7 +993,7 @@ type downstream struct {
 }
 
 func (d *downstream) Emit(ctx context.Context, b *flow.Batch) error {
-	d.node.tap.Publish(b.Events) // what the holder emits is its output
+	d.node.tap.PublishBatch(b) // what the holder emits is its output
 	if via := d.node.via.Load(); via != nil {
 		// Removed by a reload, flushing while it closes: through the stages it was in,
 		// which stay open until it is closed.
@@ -1015,12 +1022,14 @@ func (p *Pipeline) emitUntilPiped(ctx, enrichCtx context.Context, t *topology, b
 		if !p.enrichRange(enrichCtx, t, 0, i, b) {
 			return nil, nil
 		}
-		if len(b.Events) == 0 {
+		if !p.decodeToChange(e, b) {
+			return nil, nil
+		}
+		if b.Len() == 0 {
 			b.Release(nil)
 			return nil, nil
 		}
-		b.DropEncoded()
-		e.m.In.Add(float64(len(b.Events)))
+		e.m.In.Add(float64(b.Len()))
 		return &pipedBatch{t: t, i: i, pl: pl, b: b, ctx: ctx, enrichCtx: enrichCtx}, nil
 	}
 	return nil, p.emitFrom(ctx, enrichCtx, t, 0, b)
@@ -1036,14 +1045,14 @@ func (p *Pipeline) finishFrom(pb pipedBatch) error {
 		pb = *next
 		pb.finish = pb.pl.StartEnrich(pb.enrichCtx, pb.b)
 	}
-	e, b, in := pb.t.enrich[pb.i], pb.b, len(pb.b.Events)
+	e, b, in := pb.t.enrich[pb.i], pb.b, pb.b.Len()
 	if err := pb.finish(); err != nil {
 		p.enrichFailed(e, b, in, err)
 		return nil
 	}
-	e.m.Out.Add(float64(len(b.Events)))
-	e.tap.Publish(b.Events)
-	if len(b.Events) == 0 {
+	e.m.Out.Add(float64(b.Len()))
+	e.tap.PublishBatch(b)
+	if b.Len() == 0 {
 		b.Release(nil)
 		return nil
 	}
@@ -1058,22 +1067,35 @@ func (p *Pipeline) enrichFailed(e *enricherNode, b *flow.Batch, in int, err erro
 	b.Release(fmt.Errorf("enricher %s: %w", e.name, err))
 }
 
+// decodeToChange readies b for enricher e, which changes its events: they are decoded if
+// the batch came undecoded, and an encoding kept from the source is dropped (it would be
+// stale). false: the batch's encoding is malformed; it is counted as e's input, dropped and
+// released.
+func (p *Pipeline) decodeToChange(e *enricherNode, b *flow.Batch) bool {
+	if err := b.Decode(); err != nil {
+		p.enrichFailed(e, b, b.Len(), err)
+		return false
+	}
+	b.DropEncoded()
+	return true
+}
+
 // enrichRange runs t's enrichers [i, end) on b; false: one failed it (b is released).
 func (p *Pipeline) enrichRange(enrichCtx context.Context, t *topology, i, end int, b *flow.Batch) bool {
-	if i < end {
-		b.DropEncoded() // enrichers change events: an encoding kept from the source is stale
+	if i < end && !p.decodeToChange(t.enrich[i], b) {
+		return false
 	}
 	for ; i < end; i++ {
 		e := t.enrich[i]
-		in := len(b.Events)
+		in := b.Len()
 		e.m.In.Add(float64(in))
 		if err := e.en.Enrich(enrichCtx, b); err != nil {
 			p.enrichFailed(e, b, in, err)
 			return false
 		}
-		e.m.Out.Add(float64(len(b.Events)))
-		e.tap.Publish(b.Events)
-		if len(b.Events) == 0 {
+		e.m.Out.Add(float64(b.Len()))
+		e.tap.PublishBatch(b)
+		if b.Len() == 0 {
 			break
 		}
 	}
@@ -1087,22 +1109,22 @@ func (p *Pipeline) emitFrom(ctx, enrichCtx context.Context, t *topology, i int, 
 	if !p.enrichRange(enrichCtx, t, i, len(t.enrich), b) {
 		return nil
 	}
-	if len(b.Events) == 0 {
+	if b.Len() == 0 {
 		b.Release(nil)
 		return nil
 	}
 	if len(t.sinks) == 0 {
 		// Never while sources run (a reload stops them before it removes the last sink);
 		// should it happen, the events are counted, not acknowledged as delivered.
-		p.failed.Add(int64(len(b.Events)))
-		p.log.Error("a batch reached a pipeline with no sink; counted as not delivered", "events", len(b.Events))
+		p.failed.Add(int64(b.Len()))
+		p.log.Error("a batch reached a pipeline with no sink; counted as not delivered", "events", b.Len())
 		b.Release(flow.ErrShutdown)
 		return nil
 	}
-	p.fanout.Publish(b.Events)
+	p.fanout.PublishBatch(b)
 	var err error
 	for _, s := range t.sinks {
-		s.tap.Publish(b.Events)
+		s.tap.PublishBatch(b)
 		if e := s.enqueue(ctx, b); e != nil && err == nil && !s.retiring.Load() {
 			err = e // a sink a reload removes refuses batches without stopping the source
 		}

@@ -72,7 +72,7 @@ func (q *queue) pushLocked(b *flow.Batch) {
 		q.items, q.head = q.items[:0], 0
 	}
 	q.items = append(q.items, b)
-	q.events += len(b.Events)
+	q.events += b.Len()
 	signal(q.notEmpty)
 }
 
@@ -86,7 +86,7 @@ func (q *queue) pushWait(ctx context.Context, b *flow.Batch) bool {
 			signal(q.notFull)
 			return false
 		}
-		if q.roomLocked(len(b.Events)) {
+		if q.roomLocked(b.Len()) {
 			q.pushLocked(b)
 			if q.roomLocked(1) {
 				signal(q.notFull) // pass the wake-up on to another waiting producer
@@ -110,7 +110,7 @@ func (q *queue) tryPush(b *flow.Batch) (ok, closed bool) {
 	if q.closed {
 		return false, true
 	}
-	if !q.roomLocked(len(b.Events)) {
+	if !q.roomLocked(b.Len()) {
 		return false, false
 	}
 	q.pushLocked(b)
@@ -124,11 +124,11 @@ func (q *queue) pushEvict(b *flow.Batch) (evicted []*flow.Batch, closed bool) {
 	if q.closed {
 		return nil, true
 	}
-	for !q.roomLocked(len(b.Events)) {
+	for !q.roomLocked(b.Len()) {
 		old := q.items[q.head]
 		q.items[q.head] = nil
 		q.head++
-		q.events -= len(old.Events)
+		q.events -= old.Len()
 		evicted = append(evicted, old)
 	}
 	q.pushLocked(b)
@@ -144,7 +144,7 @@ func (q *queue) pop(ctx context.Context) *flow.Batch {
 			b := q.items[q.head]
 			q.items[q.head] = nil
 			q.head++
-			q.events -= len(b.Events)
+			q.events -= b.Len()
 			if q.lenLocked() > 0 {
 				signal(q.notEmpty) // another worker may take the next one
 			}
@@ -244,7 +244,7 @@ func (q *queue) pushFront(bs []*flow.Batch) {
 	items = append(items, bs...)
 	items = append(items, rest...)
 	for _, b := range bs {
-		q.events += len(b.Events)
+		q.events += b.Len()
 	}
 	q.items, q.head = items, 0
 	q.mu.Unlock()

@@ -1024,7 +1024,7 @@ func (p *Pipeline) handOver(rs *runState, pl *plan, op *sinkOp, timeout time.Dur
 		n.start(rs.writeCtx)
 		var events int64
 		for _, b := range moved {
-			events += int64(len(b.Events))
+			events += int64(b.Len())
 		}
 		if q, ok := n.queue.(*queue); ok {
 			q.pushFront(moved)

@@ -194,7 +194,7 @@ func (n *sinkNode) enqueue(ctx context.Context, b *flow.Batch) error {
 	if err := n.queue.offer(ctx, n, b); err != nil {
 		return err
 	}
-	n.m.In.Add(float64(len(b.Events)))
+	n.m.In.Add(float64(b.Len()))
 	n.updateDepth()
 	return nil
 }
@@ -202,8 +202,8 @@ func (n *sinkNode) enqueue(ctx context.Context, b *flow.Batch) error {
 var errStopping = errors.New("pipeline is stopping")
 
 func (n *sinkNode) drop(b *flow.Batch, reason string) {
-	n.dropped.Add(int64(len(b.Events)))
-	n.m.Dropped(reason, len(b.Events))
+	n.dropped.Add(int64(b.Len()))
+	n.m.Dropped(reason, b.Len())
 	b.Release(&flow.DropError{Component: n.name, Reason: reason})
 }
 
@@ -218,7 +218,7 @@ func (n *sinkNode) pendingDepth() (batches, events int) {
 	n.pmu.Lock()
 	defer n.pmu.Unlock()
 	for _, b := range n.pending {
-		events += len(b.Events)
+		events += b.Len()
 	}
 	return len(n.pending), events
 }
@@ -326,14 +326,22 @@ func (n *sinkNode) write(g *writerGen, b *flow.Batch) {
 	ctx := g.write
 	sink := n.component()
 	retry := backoff.Policy{Initial: n.settings.Retry.InitialInterval, Max: n.settings.Retry.MaxInterval}
+	if _, ok := sink.(component.EncodedWriter); !ok {
+		// A batch that came undecoded (from a source plugin) is decoded for the first sink
+		// that needs its events, once for all of them.
+		if err := b.Decode(); err != nil {
+			n.reject(b, err)
+			return
+		}
+	}
 	for attempt := 1; ; attempt++ {
 		err := sink.Write(ctx, b)
 		if err == nil {
 			if n.consecFails.Swap(0) >= backoff.FailingAfter {
 				n.log.Info("sink recovered", "sink", n.name)
 			}
-			n.m.Out.Add(float64(len(b.Events)))
-			n.written.Add(int64(len(b.Events)))
+			n.m.Out.Add(float64(b.Len()))
+			n.written.Add(int64(b.Len()))
 			b.Release(nil)
 			return
 		}
@@ -366,7 +374,7 @@ func (n *sinkNode) write(g *writerGen, b *flow.Batch) {
 			n.log.Debug("sink write failed; retrying", "sink", n.name, "attempt", attempt, "error", err)
 		}
 		if max := n.settings.Retry.MaxAttempts; max > 0 && attempt >= max {
-			n.log.Error("sink gave up on a batch", "sink", n.name, "events", len(b.Events), "attempts", attempt, "error", err)
+			n.log.Error("sink gave up on a batch", "sink", n.name, "events", b.Len(), "attempts", attempt, "error", err)
 			n.drop(b, "retries_exhausted")
 			return
 		}
@@ -380,9 +388,9 @@ func (n *sinkNode) write(g *writerGen, b *flow.Batch) {
 
 // reject drops a batch the sink said can never be written (flow.Permanent): no retry.
 func (n *sinkNode) reject(b *flow.Batch, err error) {
-	n.log.Error("sink rejected a batch; dropping it without retry", "sink", n.name, "events", len(b.Events), "error", err)
-	n.dropped.Add(int64(len(b.Events)))
-	n.m.Dropped("rejected", len(b.Events))
+	n.log.Error("sink rejected a batch; dropping it without retry", "sink", n.name, "events", b.Len(), "error", err)
+	n.dropped.Add(int64(b.Len()))
+	n.m.Dropped("rejected", b.Len())
 	b.Release(&flow.DropError{Component: n.name, Reason: "rejected", Message: err.Error()})
 }
 
@@ -390,12 +398,12 @@ func (n *sinkNode) reject(b *flow.Batch, err error) {
 // from a disk queue stays there for the next start.
 func (n *sinkNode) giveUp(b *flow.Batch) {
 	if n.queue.durable() {
-		n.kept.Add(int64(len(b.Events)))
+		n.kept.Add(int64(b.Len()))
 		b.Release(flow.ErrShutdown)
 		return
 	}
-	n.undelivered.Add(int64(len(b.Events)))
-	n.m.Dropped("shutdown", len(b.Events))
+	n.undelivered.Add(int64(b.Len()))
+	n.m.Dropped("shutdown", b.Len())
 	b.Release(flow.ErrShutdown)
 }
 

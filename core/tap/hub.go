@@ -29,6 +29,18 @@ type Hub struct {
 	full    bool
 	subs    []*Sub
 	removed bool // by Registry.Remove: no more subscribers
+
+	// pending is what undecoded batches brought while nobody subscribed, for the ring: their
+	// encodings, decoded into the ring only when it is read or a decoded batch follows
+	// (PublishBatch). pendingN is their events; older ones that the newer fill the ring
+	// without are forgotten.
+	pending  []pendingEncoding
+	pendingN int
+}
+
+type pendingEncoding struct {
+	seen flow.Time
+	enc  flow.Encoding
 }
 
 // ErrRemoved is what Sub.Next returns once its tap point's component was removed (by a
@@ -49,28 +61,93 @@ func (h *Hub) Publish(events []flow.Event) {
 	}
 	now := flow.Now()
 	h.mu.Lock()
-	if n := len(h.ring); n > 0 {
-		tail := events
-		if len(tail) > n {
-			tail = tail[len(tail)-n:]
-		}
-		for i := range tail {
-			h.ring[h.next] = Record{Seen: now, Event: tail[i]}
-			h.next++
-			if h.next == n {
-				h.next, h.full = 0, true
-			}
-		}
-	}
+	h.trimLocked(len(events))
+	h.flushLocked()
+	h.ringLocked(now, events)
 	for _, s := range h.subs {
 		s.offer(now, events)
 	}
 	h.mu.Unlock()
 }
 
+// PublishBatch is Publish of b's events. A batch still encoded (flow.Batch.Undecoded) is
+// decoded only for a subscriber: for the ring alone, its encoding is kept, and decoded only
+// when the ring is read (Last, a subscription's backlog), so that batches passing through
+// with nobody watching are never decoded. A malformed encoding shows nothing: the sinks
+// that need its events refuse the batch, counted.
+func (h *Hub) PublishBatch(b *flow.Batch) {
+	if !h.active.Load() || b.Len() == 0 {
+		return
+	}
+	if b.Undecoded() {
+		h.mu.Lock()
+		if len(h.subs) == 0 && len(h.ring) > 0 {
+			if enc, ok := b.EncodingCopy(); ok {
+				h.keepLocked(flow.Now(), enc)
+				h.mu.Unlock()
+				return
+			}
+		}
+		h.mu.Unlock()
+		if b.Decode() != nil {
+			return
+		}
+	}
+	h.Publish(b.Events)
+}
+
+// keepLocked keeps an encoding for the ring.
+func (h *Hub) keepLocked(seen flow.Time, enc flow.Encoding) {
+	h.pending = append(h.pending, pendingEncoding{seen: seen, enc: enc})
+	h.pendingN += enc.N
+	h.trimLocked(0)
+}
+
+// trimLocked forgets the oldest kept encodings that the newer ones, and newer events about
+// to go into the ring, fill the ring without: they would never be seen, so they are never
+// decoded.
+func (h *Hub) trimLocked(newer int) {
+	for len(h.pending) > 0 && h.pendingN-h.pending[0].enc.N+newer >= len(h.ring) {
+		h.pendingN -= h.pending[0].enc.N
+		h.pending[0] = pendingEncoding{}
+		h.pending = h.pending[1:]
+	}
+}
+
+// flushLocked decodes the kept encodings into the ring, oldest first.
+func (h *Hub) flushLocked() {
+	for i, p := range h.pending {
+		if evs, err := p.enc.Events(); err == nil {
+			h.ringLocked(p.seen, evs)
+		}
+		h.pending[i] = pendingEncoding{}
+	}
+	h.pending, h.pendingN = h.pending[:0], 0
+}
+
+// ringLocked puts the last of events into the ring.
+func (h *Hub) ringLocked(now flow.Time, events []flow.Event) {
+	n := len(h.ring)
+	if n == 0 {
+		return
+	}
+	tail := events
+	if len(tail) > n {
+		tail = tail[len(tail)-n:]
+	}
+	for i := range tail {
+		h.ring[h.next] = Record{Seen: now, Event: tail[i]}
+		h.next++
+		if h.next == n {
+			h.next, h.full = 0, true
+		}
+	}
+}
+
 // last returns the ring's records matching f and seen at or after since, oldest first, at
 // most n (0: all). h.mu must be held.
 func (h *Hub) last(f *Filter, since flow.Time, n int) []Record {
+	h.flushLocked()
 	var out []Record
 	walk := func(rs []Record) {
 		for i := range rs {

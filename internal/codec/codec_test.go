@@ -301,3 +301,74 @@ func TestAppendPart(t *testing.T) {
 		t.Fatal("AppendPart without a limit differs from Append")
 	}
 }
+
+// TestValidate: Validate accepts what Decode accepts and rejects what it rejects, with the
+// same error, says whether every event names its source, and allocates nothing.
+func TestValidate(t *testing.T) {
+	r := rand.New(rand.NewPCG(7, 8))
+	good := Append(nil, sample(3, r))
+	for name, c := range map[string]struct {
+		data  []byte
+		count int
+	}{
+		"good": {good, 3}, "empty": {nil, 0}, "version": {append([]byte{9}, good[1:]...), 3},
+		"too many": {good, 4}, "too few": {good, 2}, "truncated": {good[:len(good)-3], 3},
+		"huge count": {good, 1 << 30}, "negative": {good, -1}, "bad addr tag": {badTag(good), 3},
+	} {
+		_, verr := Validate(c.data, c.count)
+		_, derr := Decode(nil, c.data, c.count)
+		if (verr == nil) != (derr == nil) || (verr != nil && verr.Error() != derr.Error()) {
+			t.Errorf("%s: Validate says %v, Decode %v", name, verr, derr)
+		}
+	}
+	evs := sample(5, r)
+	if sourced, err := Validate(Append(nil, evs), 5); err != nil || !sourced {
+		t.Fatalf("every event named its source: sourced %v, %v", sourced, err)
+	}
+	evs[3].Source = ""
+	if sourced, err := Validate(Append(nil, evs), 5); err != nil || sourced {
+		t.Fatalf("event 3 names no source: sourced %v, %v", sourced, err)
+	}
+	big := Append(nil, sample(1000, r))
+	if a := testing.AllocsPerRun(10, func() { _, _ = Validate(big, 1000) }); a != 0 {
+		t.Fatalf("Validate allocated %v times", a)
+	}
+}
+
+// FuzzValidate: Validate and Decode agree on every input.
+func FuzzValidate(f *testing.F) {
+	r := rand.New(rand.NewPCG(9, 10))
+	for _, n := range []int{0, 1, 2, 5} {
+		f.Add(Append(nil, sample(n, r)), n)
+	}
+	f.Add([]byte{Version}, 0)
+	f.Add(badTag(Append(nil, sample(2, r))), 2)
+	f.Fuzz(func(t *testing.T, data []byte, count int) {
+		sourced, verr := Validate(data, count)
+		evs, derr := Decode(nil, data, count)
+		if (verr == nil) != (derr == nil) || (verr != nil && verr.Error() != derr.Error()) {
+			t.Fatalf("Validate says %v, Decode %v", verr, derr)
+		}
+		if derr != nil {
+			return
+		}
+		all := true
+		for i := range evs {
+			all = all && evs[i].Source != ""
+		}
+		if sourced != all {
+			t.Fatalf("Validate says sourced %v, the events %v", sourced, all)
+		}
+	})
+}
+
+func BenchmarkValidate(b *testing.B) {
+	evs := typical(1024)
+	buf := Append(nil, evs)
+	for b.Loop() {
+		if _, err := Validate(buf, len(evs)); err != nil {
+			b.Fatal(err)
+		}
+	}
+	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*len(evs)), "ns/event")
+}

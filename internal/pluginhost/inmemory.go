@@ -26,6 +26,12 @@ import (
 // data channel, a socketpair within this process (gRPC with FLOWPIPE_PLUGIN_DATA_CHANNEL=off). Option
 // problems come back as options.FieldErrors. It is what plugintest builds on.
 func ServeInMemory(ctx context.Context, f component.Factory, version string, options map[string]any, env component.Env) (any, error) {
+	return serveInMemory(ctx, f, version, options, env)
+}
+
+// serveInMemory is ServeInMemory with more options for the plugin side's gRPC server (tests
+// intercept what it sends).
+func serveInMemory(ctx context.Context, f component.Factory, version string, options map[string]any, env component.Env, extra ...grpc.ServerOption) (any, error) {
 	if env.Logger == nil {
 		env.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
 	}
@@ -42,7 +48,7 @@ func ServeInMemory(ctx context.Context, f component.Factory, version string, opt
 	}
 	srv := pluginserver.New(f, version, env.Logger)
 	lis := bufconn.Listen(4 << 20)
-	g := grpc.NewServer(pb.ServerOptions()...)
+	g := grpc.NewServer(append(pb.ServerOptions(), extra...)...)
 	srv.Register(g)
 	go func() { _ = g.Serve(lis) }()
 	conn, err := grpc.NewClient("passthrough:///in-memory",

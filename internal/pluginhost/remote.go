@@ -62,20 +62,27 @@ type remoteSink struct {
 	passOnce sync.Once
 }
 
+// WritesEncoded: a batch from a source plugin comes undecoded (component.EncodedWriter), and
+// is sent in the encoding it came in.
+func (s *remoteSink) WritesEncoded() {}
+
 func (s *remoteSink) Write(ctx context.Context, b *flow.Batch) error {
 	if s.retry.again(b) {
-		s.in.redelivered.Add(float64(len(b.Events)))
-		s.in.env.Logger.Warn("plugin redelivery: writing again a batch the failed plugin had not acknowledged; the output may hold it twice", "events", len(b.Events))
+		s.in.redelivered.Add(float64(b.Len()))
+		s.in.env.Logger.Warn("plugin redelivery: writing again a batch the failed plugin had not acknowledged; the output may hold it twice", "events", b.Len())
 	}
 	source := b.Source
 	if enc := b.Encoded(); enc != nil && len(enc) <= pb.SplitSize {
 		// The batch came from a source plugin and nothing changed it: its encoding is sent
-		// as it came, not encoded again.
-		if err := s.write(ctx, b, &pb.Batch{Count: uint32(len(b.Events)), Events: enc, Source: source}, nil); err != nil {
+		// as it came, neither decoded nor encoded again.
+		if err := s.write(ctx, b, &pb.Batch{Count: uint32(b.Len()), Events: enc, Source: source}, nil); err != nil {
 			return err
 		}
 		s.in.succeeded()
 		return nil
+	}
+	if err := b.Decode(); err != nil {
+		return flow.Permanent(err) // never written, in part or whole
 	}
 	for rest, first := b.Events, true; len(rest) > 0 || first; first = false {
 		buf, msg, n := pb.EncodeBatch(rest, source)
@@ -317,7 +324,8 @@ func (e *remoteEnricher) Health() error                   { return e.in.Health()
 // delivered (their acknowledgements have nowhere to go), and the restarted source runs
 // again: redelivering what its upstream never saw acknowledged is the source's job.
 type remoteSource struct {
-	in *instance
+	in       *instance
+	lazyOnce sync.Once
 
 	mu     sync.Mutex
 	stream *sourceStream
@@ -399,6 +407,12 @@ func (s *remoteSource) runOnce(ctx context.Context, p *proc, out component.Emitt
 		refused     error // what the pipeline's Emit returned when it refused a batch
 		flowControl = p.desc.GetEmitFlowControl()
 	)
+	_, lazy := out.(component.EncodedEmitter) // the pipeline decodes where it must
+	if lazy {
+		s.lazyOnce.Do(func() {
+			s.in.env.Logger.Debug("plugin source: batches go on undecoded; the pipeline decodes them only where their events are needed", "plugin", s.in.launcher.describe)
+		})
+	}
 	for {
 		msg, err := stream.Recv()
 		if err != nil {
@@ -431,7 +445,16 @@ func (s *remoteSource) runOnce(ctx context.Context, p *proc, out component.Emitt
 				events = nil
 			}
 			encoded := m.Batch.Batch.GetEvents()
-			events, err = codec.Decode(events, encoded, int(m.Batch.Batch.GetCount()))
+			count := int(m.Batch.Batch.GetCount())
+			undecoded, sourced := lazy && !partial && !m.Batch.More, false
+			if undecoded {
+				// A batch that came whole goes on undecoded: only what needs its events
+				// decodes it (flow.NewEncodedBatch). It is checked now, so that a malformed
+				// one is refused to its source as one that fails to decode is.
+				sourced, err = codec.Validate(encoded, count)
+			} else {
+				events, err = codec.Decode(events, encoded, count)
+			}
 			if err != nil || partial || m.Batch.More {
 				// Only a batch that came whole keeps its encoding.
 				if p.data != nil {
@@ -456,13 +479,18 @@ func (s *remoteSource) runOnce(ctx context.Context, p *proc, out component.Emitt
 				kept := encoded
 				ack = func(err error) { ss.send(pb.AckToProto(id, err)); pb.PutEvents(kept) }
 			}
-			b := flow.NewBatch(events, ack)
-			b.Source = m.Batch.Batch.GetSource()
-			if encoded != nil {
-				// A batch that came whole keeps its encoding: a sink plugin gets it as it is,
-				// unless something changes the events first (flow.Batch.SetEncoded).
-				b.SetEncoded(encoded)
+			var b *flow.Batch
+			if undecoded {
+				b = flow.NewEncodedBatch(encoded, count, sourced, codec.Decode, ack)
+			} else {
+				b = flow.NewBatch(events, ack)
+				if encoded != nil {
+					// A batch that came whole keeps its encoding: a sink plugin gets it as it
+					// is, unless something changes the events first (flow.Batch.SetEncoded).
+					b.SetEncoded(encoded)
+				}
 			}
+			b.Source = m.Batch.Batch.GetSource()
 			s.in.succeeded()
 			// Once the pipeline refused a batch (it is stopping), every later batch of the
 			// stream is refused too, even if a queue has room again: a later batch must never
@@ -471,7 +499,7 @@ func (s *remoteSource) runOnce(ctx context.Context, p *proc, out component.Emitt
 			var emitErr error
 			if refused != nil {
 				emitErr = refused
-				s.in.env.Metrics.Dropped("shutdown", len(b.Events))
+				s.in.env.Metrics.Dropped("shutdown", b.Len())
 				b.Release(flow.ErrShutdown)
 			} else if emitErr = out.Emit(ctx, b); emitErr != nil {
 				refused = emitErr

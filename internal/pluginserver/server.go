@@ -550,6 +550,12 @@ func (e *emitter) broadcastLocked() {
 }
 
 func (e *emitter) Emit(ctx context.Context, b *flow.Batch) error {
+	// A batch the source built still encoded (flow.NewEncodedBatch) is decoded here, where
+	// it is encoded again below: one that does not decode is refused to the source.
+	if err := b.Decode(); err != nil {
+		b.Release(err)
+		return nil
+	}
 	// A window still full (an earlier Emit returned on its context) is waited for before
 	// sending, so that the bound holds whatever the source does with errors.
 	if err := e.room(ctx); err != nil {

@@ -129,6 +129,10 @@ type collector struct {
 }
 
 func (c *collector) Emit(_ context.Context, b *flow.Batch) error {
+	if err := b.Decode(); err != nil { // a batch still encoded (flow.NewEncodedBatch)
+		b.Release(err)
+		return nil
+	}
 	c.mu.Lock()
 	c.events = append(c.events, b.Events...)
 	if c.n > 0 && len(c.events) >= c.n {

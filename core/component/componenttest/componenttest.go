@@ -26,8 +26,14 @@ type Collector struct {
 	batches int
 }
 
-// Emit keeps a copy of the batch's events and releases it.
+// Emit keeps a copy of the batch's events and releases it. A batch still encoded
+// (flow.NewEncodedBatch) is decoded first; one that does not decode is acknowledged with
+// the error, and nothing of it kept.
 func (c *Collector) Emit(_ context.Context, b *flow.Batch) error {
+	if err := b.Decode(); err != nil {
+		b.Release(err)
+		return nil
+	}
 	c.mu.Lock()
 	c.events = append(c.events, b.Events...)
 	c.batches++

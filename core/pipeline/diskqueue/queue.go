@@ -399,10 +399,15 @@ func (q *Queue) AppendAsync(ctx context.Context, events []flow.Event, durable fu
 		return nil
 	}
 	bp := q.getBuf()
-	buf := codec.Append(append((*bp)[:0], make([]byte, recHdrSize)...), events)
-	*bp = buf
+	*bp = codec.Append(append((*bp)[:0], make([]byte, recHdrSize)...), events)
 	defer q.bufs.Put(bp)
-	seg, end, err := q.write(ctx, buf, len(events))
+	return q.appendRecord(ctx, *bp, len(events), durable)
+}
+
+// appendRecord writes the record in buf (header space first, then the payload) and has
+// durable run as AppendAsync says.
+func (q *Queue) appendRecord(ctx context.Context, buf []byte, events int, durable func(error)) error {
+	seg, end, err := q.write(ctx, buf, events)
 	if err != nil {
 		return err
 	}
@@ -412,6 +417,21 @@ func (q *Queue) AppendAsync(ctx context.Context, events []flow.Event, durable fu
 	}
 	q.queueSync(pendingSync{seg: seg, end: end, done: durable})
 	return nil
+}
+
+// AppendEncodedAsync is AppendAsync of n events already encoded in the queue's codec
+// (internal/codec, as a source plugin sends them and Next decodes them): data is written as
+// it is, with neither decoding nor encoding again. data must be exactly n valid events (the
+// plugin host validated or decoded it); it is copied before AppendEncodedAsync returns.
+func (q *Queue) AppendEncodedAsync(ctx context.Context, data []byte, n int, durable func(error)) error {
+	if n == 0 {
+		durable(nil)
+		return nil
+	}
+	bp := q.getBuf()
+	*bp = append(append((*bp)[:0], make([]byte, recHdrSize)...), data...)
+	defer q.bufs.Put(bp)
+	return q.appendRecord(ctx, *bp, n, durable)
 }
 
 // pendingSync is a written record waiting for its fsync.
