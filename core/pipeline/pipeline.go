@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"log/slog"
 	"maps"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -665,8 +666,37 @@ func (p *Pipeline) Run(ctx context.Context) error {
 		p.closePart(writeCtx, e.part)
 	}
 	p.drainSinks(t.sinks, ctx.Err() != nil)
+	p.waitAcks()
 	p.closeAll()
 	return runErr
+}
+
+// waitAcks waits, after the drain, until every batch the sources emitted is answered, so
+// that what Undelivered counts is final when Run returns. A source that did not return
+// within runtime.shutdown_timeout may still be in an Emit that waited on a full queue; the
+// drain closed the queues, so that Emit is refused (and counted) at once, but on its own
+// goroutine: without this wait Run could return before it is counted, and flowpipe run say
+// that every accepted batch was delivered. Bounded by runtime.shutdown_timeout (or a forced
+// stop).
+func (p *Pipeline) waitAcks() {
+	p.mu.Lock()
+	sources := slices.Clone(p.sources)
+	p.mu.Unlock()
+	timeout := p.shutdownTimeout()
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	go func() {
+		select {
+		case <-p.abort:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	for _, s := range sources {
+		if !s.out.wait(ctx) {
+			p.log.Warn("stopping: a source's batches were not all answered within runtime.shutdown_timeout after the drain; they were not delivered", "source", s.name, "batches", s.out.count())
+		}
+	}
 }
 
 // Abort makes a shutdown in progress (or the next one) give up at once instead of waiting
