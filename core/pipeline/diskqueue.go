@@ -215,12 +215,16 @@ func (d *diskSinkQueue) offer(ctx context.Context, n *sinkNode, b *flow.Batch) e
 	}
 }
 
+// pop hands out the next record undecoded (diskqueue.NextEncoded): a sink plugin is sent
+// the record's payload as it is on disk, and any other sink's write decodes it first
+// (sinkNode.write), once. A record that does not decode is skipped and counted by the queue
+// as damaged (queue_corrupt), exactly as when it was decoded here.
 func (d *diskSinkQueue) pop(ctx context.Context) *flow.Batch {
 	q, err := d.wait(ctx)
 	if err != nil {
 		return nil
 	}
-	return q.Next(ctx)
+	return q.NextEncoded(ctx)
 }
 
 func (d *diskSinkQueue) close(keep bool) {
