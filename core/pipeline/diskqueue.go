@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -26,6 +27,8 @@ type diskSinkQueue struct {
 	q     atomic.Pointer[diskqueue.Queue] // set by open
 	ready chan struct{}                   // closed by open, successful or not
 	err   error                           // open's error, read after ready
+
+	undecodedOnce sync.Once // the debug log that records go to the sink undecoded
 }
 
 // diskStat is what a sink's disk queue metrics read: one set per sink name, registered once,
@@ -224,7 +227,13 @@ func (d *diskSinkQueue) pop(ctx context.Context) *flow.Batch {
 	if err != nil {
 		return nil
 	}
-	return q.NextEncoded(ctx)
+	b := q.NextEncoded(ctx)
+	if b != nil {
+		d.undecodedOnce.Do(func() {
+			d.opts.Logger.Debug("disk queue: records read back go to the sink undecoded (a sink plugin is sent them as they are on disk)", "queue", d.opts.Dir)
+		})
+	}
+	return b
 }
 
 func (d *diskSinkQueue) close(keep bool) {
