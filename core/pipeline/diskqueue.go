@@ -12,6 +12,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/flowpipe/flowpipe/core/component"
 	"github.com/flowpipe/flowpipe/core/config"
 	"github.com/flowpipe/flowpipe/core/flow"
 	"github.com/flowpipe/flowpipe/core/pipeline/diskqueue"
@@ -28,6 +29,7 @@ type diskSinkQueue struct {
 	ready chan struct{}                   // closed by open, successful or not
 	err   error                           // open's error, read after ready
 
+	node          *sinkNode // whose queue it is: pop asks whether its sink takes encodings
 	undecodedOnce sync.Once // the debug log that records go to the sink undecoded
 }
 
@@ -67,7 +69,7 @@ func checkQueueDir(dir string) error {
 
 func (p *Pipeline) newDiskSinkQueue(n *sinkNode, dir string) *diskSinkQueue {
 	st := n.settings.Queue
-	d := &diskSinkQueue{ready: make(chan struct{}), stat: p.diskStat(n)}
+	d := &diskSinkQueue{ready: make(chan struct{}), stat: p.diskStat(n), node: n}
 	d.opts = diskqueue.Options{
 		Dir: dir, MaxSize: int64(st.MaxSize), WhenFull: st.WhenFull,
 		Sync: st.Sync, SyncInterval: st.SyncInterval,
@@ -218,14 +220,19 @@ func (d *diskSinkQueue) offer(ctx context.Context, n *sinkNode, b *flow.Batch) e
 	}
 }
 
-// pop hands out the next record undecoded (diskqueue.NextEncoded): a sink plugin is sent
-// the record's payload as it is on disk, and any other sink's write decodes it first
-// (sinkNode.write), once. A record that does not decode is skipped and counted by the queue
-// as damaged (queue_corrupt), exactly as when it was decoded here.
+// pop hands out the next record. A sink that takes encodings (component.EncodedWriter: a
+// sink plugin) gets it undecoded (diskqueue.NextEncoded) and is sent the record's payload as
+// it is on disk; any other sink gets it decoded by the queue (Next, into a reused slice of
+// events, cheaper than the lazy decoding's new one). Either way a record that does not
+// decode is skipped and counted by the queue as damaged (queue_corrupt), the same way. Should
+// a reload swap the sink between pop and write, sinkNode.write decodes what it needs.
 func (d *diskSinkQueue) pop(ctx context.Context) *flow.Batch {
 	q, err := d.wait(ctx)
 	if err != nil {
 		return nil
+	}
+	if _, ok := d.node.component().(component.EncodedWriter); !ok {
+		return q.Next(ctx)
 	}
 	b := q.NextEncoded(ctx)
 	if b != nil {
