@@ -11,7 +11,9 @@
 # The protocol "default" sets none (for a binary from before the protocol option). FLOWPIPE=path
 # runs that binary instead of building this tree. FLOWPIPE_BEFORE=path runs every case twice,
 # interleaved: with that binary ("before") and then with this tree's (or FLOWPIPE's, "after"),
-# so that both see the same load.
+# so that both see the same load. AGENT_QUEUE=disk puts the agent's grpc sink behind a disk
+# queue (queue: {type: disk}, a fresh data_dir for every run), as an agent that must survive a
+# restart runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-1000000}
@@ -73,12 +75,16 @@ stop_collector() {
 run_agent() { # name, isolation, in_flight, protocol
   local proto="protocol: $4, "
   [ "$4" = default ] && proto=""
+  local queue=""
+  [ "${AGENT_QUEUE:-}" = disk ] && queue=", queue: {type: disk}"
+  rm -rf "$work/agent-data"
   cat > "$work/agent.yaml" <<YAML
 admin: {listen: ""}
+data_dir: agent-data
 sources:
   gen: {type: generate, isolation: $2, count: $N, batch_size: 1024}
 sinks:
-  collector: {type: grpc, isolation: $2, in_flight: $3, ${proto}url: "http://127.0.0.1:$port", hmac_secret: "$secret"}
+  collector: {type: grpc, isolation: $2, in_flight: $3, ${proto}url: "http://127.0.0.1:$port", hmac_secret: "$secret"$queue}
 YAML
   local t0 t1 lines c0 c1 acpu
   c0=$(cpu "$collector_pid")

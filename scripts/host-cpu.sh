@@ -4,7 +4,9 @@
 # host's share of what scripts/bench-plugins.sh reports for all processes together. Each
 # binary runs N events RUNS times, interleaved; every run is printed (µs of user + system
 # CPU per event, from /proc/<pid>/stat, sampled every 10 ms until the process exits).
-#   usage: scripts/host-cpu.sh [N] [RUNS] BINARY...
+# QUEUE=disk puts the file sink behind a disk queue (queue: {type: disk}, in a fresh data_dir
+# for every run); SOURCE_ISOLATION=inproc runs the source in the flowpipe process.
+#   usage: [QUEUE=disk] [SOURCE_ISOLATION=inproc] scripts/host-cpu.sh [N] [RUNS] BINARY...
 set -euo pipefail
 n=${1:-2000000}
 runs=${2:-3}
@@ -12,17 +14,22 @@ shift 2 || true
 [ $# -gt 0 ] || { echo "usage: $0 N RUNS BINARY..." >&2; exit 2; }
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
+queue=""
+[ "${QUEUE:-}" = disk ] && queue=", queue: {type: disk}"
+srciso=""
+[ -n "${SOURCE_ISOLATION:-}" ] && srciso=", isolation: $SOURCE_ISOLATION"
 cat > "$work/p.yaml" <<YAML
 admin: {listen: ""}
+data_dir: $work/data
 sources:
-  gen: {type: generate, count: $n, batch_size: 1024, seed: 1}
+  gen: {type: generate, count: $n, batch_size: 1024, seed: 1$srciso}
 sinks:
-  out: {type: file, path: $work/out.jsonl, max_size: 0}
+  out: {type: file, path: $work/out.jsonl, max_size: 0$queue}
 YAML
 hz=$(getconf CLK_TCK)
 for _ in $(seq "$runs"); do
   for bin in "$@"; do
-    rm -f "$work/out.jsonl"
+    rm -rf "$work/out.jsonl" "$work/data"
     "$bin" run -c "$work/p.yaml" 2>"$work/log" & pid=$!
     ticks=0
     while [ -r "/proc/$pid/stat" ]; do # sampled every 10 ms; the last sample counts

@@ -6,11 +6,13 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/flowpipe/flowpipe/core/component"
 	"github.com/flowpipe/flowpipe/core/config"
 	"github.com/flowpipe/flowpipe/core/flow"
 	"github.com/flowpipe/flowpipe/core/pipeline/diskqueue"
@@ -26,6 +28,9 @@ type diskSinkQueue struct {
 	q     atomic.Pointer[diskqueue.Queue] // set by open
 	ready chan struct{}                   // closed by open, successful or not
 	err   error                           // open's error, read after ready
+
+	node          *sinkNode // whose queue it is: pop asks whether its sink takes encodings
+	undecodedOnce sync.Once // the debug log that records go to the sink undecoded
 }
 
 // diskStat is what a sink's disk queue metrics read: one set per sink name, registered once,
@@ -64,7 +69,7 @@ func checkQueueDir(dir string) error {
 
 func (p *Pipeline) newDiskSinkQueue(n *sinkNode, dir string) *diskSinkQueue {
 	st := n.settings.Queue
-	d := &diskSinkQueue{ready: make(chan struct{}), stat: p.diskStat(n)}
+	d := &diskSinkQueue{ready: make(chan struct{}), stat: p.diskStat(n), node: n}
 	d.opts = diskqueue.Options{
 		Dir: dir, MaxSize: int64(st.MaxSize), WhenFull: st.WhenFull,
 		Sync: st.Sync, SyncInterval: st.SyncInterval,
@@ -215,12 +220,27 @@ func (d *diskSinkQueue) offer(ctx context.Context, n *sinkNode, b *flow.Batch) e
 	}
 }
 
+// pop hands out the next record. A sink that takes encodings (component.EncodedWriter: a
+// sink plugin) gets it undecoded (diskqueue.NextEncoded) and is sent the record's payload as
+// it is on disk; any other sink gets it decoded by the queue (Next, into a reused slice of
+// events, cheaper than the lazy decoding's new one). Either way a record that does not
+// decode is skipped and counted by the queue as damaged (queue_corrupt), the same way. Should
+// a reload swap the sink between pop and write, sinkNode.write decodes what it needs.
 func (d *diskSinkQueue) pop(ctx context.Context) *flow.Batch {
 	q, err := d.wait(ctx)
 	if err != nil {
 		return nil
 	}
-	return q.Next(ctx)
+	if _, ok := d.node.component().(component.EncodedWriter); !ok {
+		return q.Next(ctx)
+	}
+	b := q.NextEncoded(ctx)
+	if b != nil {
+		d.undecodedOnce.Do(func() {
+			d.opts.Logger.Debug("disk queue: records read back go to the sink undecoded (a sink plugin is sent them as they are on disk)", "queue", d.opts.Dir)
+		})
+	}
+	return b
 }
 
 func (d *diskSinkQueue) close(keep bool) {

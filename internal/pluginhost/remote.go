@@ -62,8 +62,8 @@ type remoteSink struct {
 	passOnce sync.Once
 }
 
-// WritesEncoded: a batch from a source plugin comes undecoded (component.EncodedWriter), and
-// is sent in the encoding it came in.
+// WritesEncoded: a batch from a source plugin, or read back from the sink's disk queue, comes
+// undecoded (component.EncodedWriter), and is sent in the encoding it came in.
 func (s *remoteSink) WritesEncoded() {}
 
 func (s *remoteSink) Write(ctx context.Context, b *flow.Batch) error {
@@ -73,8 +73,8 @@ func (s *remoteSink) Write(ctx context.Context, b *flow.Batch) error {
 	}
 	source := b.Source
 	if enc := b.Encoded(); enc != nil && len(enc) <= pb.SplitSize {
-		// The batch came from a source plugin and nothing changed it: its encoding is sent
-		// as it came, neither decoded nor encoded again.
+		// The batch came from a source plugin or the disk queue and nothing changed it: its
+		// encoding is sent as it came, neither decoded nor encoded again.
 		if err := s.write(ctx, b, &pb.Batch{Count: uint32(b.Len()), Events: enc, Source: source}, nil); err != nil {
 			return err
 		}
@@ -120,7 +120,7 @@ func (s *remoteSink) write(ctx context.Context, b *flow.Batch, msg *pb.Batch, bu
 	if buf == nil {
 		passedThrough.Add(1)
 		s.passOnce.Do(func() {
-			s.in.env.Logger.Debug("plugin sink: batches from a source plugin pass through in the encoding they arrived in", "plugin", s.in.launcher.describe)
+			s.in.env.Logger.Debug("plugin sink: batches pass through in the encoding they arrived in (from a source plugin or a disk queue)", "plugin", s.in.launcher.describe)
 		})
 	}
 	applyCounts(s.in.env.Metrics, resp.Counts)

@@ -849,7 +849,19 @@ func (q *Queue) pendingLocked() int64 {
 // flow.ErrShutdown leaves it to be delivered again at the next start. Next waits for a
 // record; it returns nil when ctx is done, after Stop, or after CloseWrites once everything
 // written has been handed out.
-func (q *Queue) Next(ctx context.Context) *flow.Batch {
+func (q *Queue) Next(ctx context.Context) *flow.Batch { return q.next(ctx, true) }
+
+// NextEncoded is Next without decoding: the batch holds the record's payload as it is on
+// disk (the plugin host's codec, internal/codec), undecoded (flow.NewEncodedBatch), so that
+// a sink plugin is sent it as it is and another sink decodes it once (flow.Batch.Decode).
+// The payload is checked first with codec.Validate, which makes every check codec.Decode
+// makes, so a record that Next would skip as damaged (counted as queue_corrupt, logged) is
+// skipped and counted the same way, and never handed out. The payload stays in the queue's
+// read buffer until the batch is acknowledged, which gives the buffer back; whoever keeps
+// the encoding beyond (a tap's ring) copies it (flow.Batch.EncodingCopy).
+func (q *Queue) NextEncoded(ctx context.Context) *flow.Batch { return q.next(ctx, false) }
+
+func (q *Queue) next(ctx context.Context, decode bool) *flow.Batch {
 	for {
 		q.mu.Lock()
 		var fl *flight
@@ -881,6 +893,23 @@ func (q *Queue) Next(ctx context.Context) *flow.Batch {
 		q.mu.Unlock()
 		signal(q.notEmpty) // another writer may take the next record
 
+		if !decode {
+			sourced, err := codec.Validate(*payload, fl.events)
+			if err != nil {
+				q.bufs.Put(payload)
+				q.corruptRecord(fl, err)
+				q.confirm(fl)
+				continue
+			}
+			return flow.NewEncodedBatch(*payload, fl.events, sourced, codec.Decode, func(err error) {
+				// Nothing reads the payload after the ack: the sink has sent or decoded it.
+				q.bufs.Put(payload)
+				if errors.Is(err, flow.ErrShutdown) {
+					return // stays in the queue for the next start
+				}
+				q.confirm(fl)
+			})
+		}
 		ep, _ := q.evs.Get().(*[]flow.Event)
 		if ep == nil {
 			ep = new([]flow.Event)
