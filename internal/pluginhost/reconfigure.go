@@ -48,8 +48,8 @@ func (e *remoteEnricher) CheckOptions(ctx context.Context, opts map[string]any) 
 }
 
 // checkProc asks the running process to check options (component.OptionsChecker). What it
-// cannot ask (a plugin built before Check, a process that is down or fails the call) is not
-// a problem of the options: nil, and they are checked when applied.
+// cannot ask (a plugin built before Check, a process that is down or restarting, or one that
+// fails the call) is not a problem of the options: nil, and they are checked when applied.
 func (in *instance) checkProc(ctx context.Context, raw map[string]any) error {
 	if raw == nil {
 		raw = map[string]any{}
@@ -58,8 +58,12 @@ func (in *instance) checkProc(ctx context.Context, raw map[string]any) error {
 	if err != nil {
 		return fmt.Errorf("encode options for the plugin: %w", err)
 	}
-	p, err := in.get(ctx)
-	if err != nil {
+	// A process that is restarting is not waited for (up to the restart backoff): the
+	// options are checked when they are applied.
+	in.mu.Lock()
+	p := in.cur
+	in.mu.Unlock()
+	if p == nil {
 		return nil
 	}
 	cctx, done := in.guard(ctx, p, "Check")
