@@ -2,15 +2,18 @@ package pipeline
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
+	"github.com/flowpipe/flowpipe/core/config"
 	"github.com/flowpipe/flowpipe/internal/testenv"
 )
 
@@ -138,20 +141,23 @@ func TestReloadAnswersWhileADiskQueueIsFull(t *testing.T) {
 	}
 }
 
-// TestReloadWaitingOnAKeptFullQueueSaysSo: a reload that keeps a sink whose disk queue is
-// full (the disk is, and its collector is gone) waits for the batches of the old pipeline
-// held back there — it cannot refuse them: the sink is not changed — and says so at WARN
-// every runtime.shutdown_timeout, naming the sink and its full disk; a stop ends the wait.
-func TestReloadWaitingOnAKeptFullQueueSaysSo(t *testing.T) {
+// TestReloadRefusedWhileAKeptSinkIsStuck: a reload that keeps a sink whose disk queue is
+// full (the disk is, and its collector is gone) would wait for the batches of the running
+// pipeline held back there for as long as the sink stays stuck — it cannot refuse them: the
+// sink is not changed. So it gives the sink runtime.shutdown_timeout to move and, as it
+// does not, is refused before anything changed, with the problem at the sink naming its full
+// disk and what to do. A reload that changes the stuck sink too is applied (bounded by
+// runtime.shutdown_timeout, TestReloadAnswersWhileADiskQueueIsFull).
+func TestReloadRefusedWhileAKeptSinkIsStuck(t *testing.T) {
 	mnt := testenv.Tmpfs(t, "1m")
 	qdir := filepath.Join(mnt, "q")
 	h := newReloadHarness()
 	var logs testenv.SyncBuffer
 	dataDir := t.TempDir()
-	doc := func(more string) string {
-		return fmt.Sprintf("data_dir: %s\nruntime:\n  shutdown_timeout: 200ms\nsources:\n  gen: {type: count}\nsinks:\n  a:\n    type: rec\n    down: true\n    queue: {type: disk, path: %s, max_size: 64MiB}\n    retry: {initial_interval: 5ms, max_interval: 20ms}\n%s", dataDir, qdir, more)
+	doc := func(maxSize, more string) string {
+		return fmt.Sprintf("data_dir: %s\nruntime:\n  shutdown_timeout: 200ms\nsources:\n  gen: {type: count}\nsinks:\n  a:\n    type: rec\n    down: true\n    queue: {type: disk, path: %s, max_size: %s}\n    retry: {initial_interval: 5ms, max_interval: 20ms}\n%s", dataDir, qdir, maxSize, more)
 	}
-	p, err := New(context.Background(), loadDoc(t, doc("")), Options{Registry: h.reg, Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+	p, err := New(context.Background(), loadDoc(t, doc("64MiB", "")), Options{Registry: h.reg, Logger: slog.New(slog.NewTextHandler(&logs, nil))})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -160,26 +166,53 @@ func TestReloadWaitingOnAKeptFullQueueSaysSo(t *testing.T) {
 	done := runAsync(p, ctx)
 	<-p.Running()
 	waitFor(t, "the disk-full log line", func() bool { return strings.Contains(logs.String(), "the disk is full") })
-	res := make(chan error, 1)
-	next := loadDoc(t, doc("  b: {type: rec}\n"))
-	go func() {
-		_, err := p.Reload(context.Background(), next)
-		res <- err
-	}()
-	waitFor(t, "the reload's WARN line naming the full queue", func() bool {
-		return strings.Contains(logs.String(), "still waiting for batches of the old pipeline") &&
-			strings.Contains(logs.String(), "a (disk full at "+qdir+")")
-	})
+
+	reload := func(d *config.Document) (*ReloadReport, error) {
+		t.Helper()
+		type result struct {
+			rep *ReloadReport
+			err error
+		}
+		res := make(chan result, 1)
+		go func() {
+			rep, err := p.Reload(context.Background(), d)
+			res <- result{rep, err}
+		}()
+		select {
+		case r := <-res:
+			return r.rep, r.err
+		case <-time.After(60 * time.Second):
+			t.Fatalf("the reload did not return within 60s (shutdown_timeout is 200ms): it hangs\n%s", logs.String())
+		}
+		return nil, nil
+	}
+	_, err = reload(loadDoc(t, doc("64MiB", "  b: {type: rec}\n")))
+	var probs config.Problems
+	if !errors.As(err, &probs) || len(probs) != 1 {
+		t.Fatalf("a reload that keeps the stuck sink: got %v, want one problem at sinks.a", err)
+	}
+	if pr := probs[0]; pr.Path != "sinks.a" || !strings.Contains(pr.Msg, "the sink is stuck") || !strings.Contains(pr.Msg, "disk full at "+qdir) || !strings.Contains(pr.Msg, "nothing changed") {
+		t.Errorf("problem %q at %s, want one at sinks.a saying it is stuck on its full disk at %s", pr.Msg, pr.Path, qdir)
+	}
+	for _, s := range p.Document().Sinks {
+		if s.Name == "b" {
+			t.Errorf("the refused reload's sink b is in the running pipeline")
+		}
+	}
+	if n := h.recorder("b").count(); n != 0 {
+		t.Errorf("the refused reload's sink b got %d events", n)
+	}
+
+	// Changing the stuck sink in the same reload is bounded: applied.
+	rep, err := reload(loadDoc(t, doc("32MiB", "  b: {type: rec}\n")))
+	if err != nil {
+		t.Fatalf("a reload that changes the stuck sink: %v", err)
+	}
+	if !slices.Contains(rep.Started, "sink/b") {
+		t.Errorf("reload report %+v: sink/b not started", rep)
+	}
 	close(h.stop)
 	cancel()
-	select {
-	case err := <-res:
-		if err != nil {
-			t.Errorf("reload: %v", err)
-		}
-	case <-time.After(60 * time.Second):
-		t.Fatal("the reload did not return within 60s of the stop")
-	}
 	select {
 	case <-done:
 	case <-time.After(60 * time.Second):

@@ -504,6 +504,9 @@ func (p *Pipeline) Reload(ctx context.Context, doc *config.Document) (*ReloadRep
 	}
 	cur := p.topo.Load()
 	pl, probs := p.plan(ctx, doc, cur)
+	if len(probs) == 0 {
+		probs = p.stuckKeptSinks(ctx, doc, cur, pl)
+	}
 	if len(probs) > 0 {
 		probs.Sort()
 		for _, d := range pl.opened {
@@ -812,6 +815,74 @@ func (p *Pipeline) waitRetired(retired <-chan struct{}, timeout time.Duration, p
 		}
 		p.log.Warn("reload: still waiting for batches of the old pipeline to enter the sinks' queues; the reload goes on once they are in", "full_queues", strings.Join(full, ", "))
 	}
+}
+
+// stuckKeptSinks refuses a reload that would wait for good: a reload goes on once every
+// batch that took the running pipeline is in its sinks' queues, and a batch waiting to enter
+// the full queue of a sink that is stuck (its disk full, its destination down: nothing has
+// left the queue) waits until that sink moves again. Sinks the reload changes or removes are
+// bounded by runtime.shutdown_timeout (their old queues are closed); a sink it keeps as it
+// is, is not. So a kept sink whose queue holds batches back gets runtime.shutdown_timeout
+// to take one or write one; if it does neither, the reload is refused before anything
+// changed, with a problem at that sink saying why and what to do.
+func (p *Pipeline) stuckKeptSinks(ctx context.Context, doc *config.Document, cur *topology, pl *plan) config.Problems {
+	touched := map[*sinkNode]bool{}
+	for _, op := range pl.sinkOps {
+		if op.old != nil {
+			touched[op.old] = true
+		}
+	}
+	type watched struct {
+		n       *sinkNode
+		written int64
+	}
+	var ws []watched
+	for _, n := range cur.sinks {
+		if touched[n] || !slices.Contains(pl.sinks, n) || n.settings.Queue.WhenFull != WhenFullBlock {
+			continue // a drop_* policy never holds a batch back
+		}
+		if p.blockedWhy(n) != "" {
+			ws = append(ws, watched{n, n.written.Load()})
+		}
+	}
+	if len(ws) == 0 {
+		return nil
+	}
+	timeout := p.shutdownTimeout()
+	deadline := time.Now().Add(timeout)
+	tick := time.NewTicker(20 * time.Millisecond)
+	defer tick.Stop()
+	for len(ws) > 0 && time.Now().Before(deadline) {
+		select {
+		case <-ctx.Done():
+			return nil // the reload's waits end early anyway
+		case <-p.abort:
+			return nil
+		case <-tick.C:
+		}
+		kept := ws[:0]
+		for _, w := range ws {
+			if p.blockedWhy(w.n) != "" && w.n.written.Load() == w.written {
+				kept = append(kept, w)
+			}
+		}
+		ws = kept
+	}
+	var probs config.Problems
+	for _, w := range ws {
+		why := p.blockedWhy(w.n)
+		if why == "" {
+			continue
+		}
+		path := w.n.spec.Path
+		for _, spec := range doc.Sinks {
+			if spec.Name == w.n.name {
+				path = spec.Path
+			}
+		}
+		probs = append(probs, doc.Problem(path, "the sink is stuck: its queue is full (%s) and nothing left it within runtime.shutdown_timeout (%s), so the batches waiting to enter it hold the running pipeline and the reload would wait until the sink moves again; nothing changed. Free its queue (the disk, the destination), or change or remove this sink in the same reload: its old queue is then closed after runtime.shutdown_timeout and what waits to enter it is refused and counted", why, timeout))
+	}
+	return probs
 }
 
 // blockedWhy says why a sink's queue may hold a batch back: its disk is full, or the queue
