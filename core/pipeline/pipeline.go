@@ -676,13 +676,14 @@ func (p *Pipeline) Run(ctx context.Context) error {
 // within runtime.shutdown_timeout may still be in an Emit that waited on a full queue; the
 // drain closed the queues, so that Emit is refused (and counted) at once, but on its own
 // goroutine: without this wait Run could return before it is counted, and flowpipe run say
-// that every accepted batch was delivered. Bounded by runtime.shutdown_timeout (or a forced
-// stop).
+// that every accepted batch was delivered. Such a refusal comes as soon as the queue is
+// closed, so the wait is short: bounded by 5 s (or runtime.shutdown_timeout when shorter, or
+// a forced stop), so that a source stuck elsewhere does not hold the stop much longer.
 func (p *Pipeline) waitAcks() {
 	p.mu.Lock()
 	sources := slices.Clone(p.sources)
 	p.mu.Unlock()
-	timeout := p.shutdownTimeout()
+	timeout := min(p.shutdownTimeout(), 5*time.Second)
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
 	go func() {
@@ -694,7 +695,7 @@ func (p *Pipeline) waitAcks() {
 	}()
 	for _, s := range sources {
 		if !s.out.wait(ctx) {
-			p.log.Warn("stopping: a source's batches were not all answered within runtime.shutdown_timeout after the drain; they were not delivered", "source", s.name, "batches", s.out.count())
+			p.log.Warn("stopping: a source's batches were not all answered after the drain; they were not delivered", "source", s.name, "batches", s.out.count(), "waited", timeout)
 		}
 	}
 }
