@@ -141,3 +141,66 @@ func droppedAtExit(log string) int64 {
 	}
 	return n
 }
+
+// A reload that keeps a stuck sink (its file and its disk queue on a full disk) is refused
+// over the admin API, with the problem at the sink, instead of waiting for the disk for good;
+// the same reload with the sink moved off the full disk is applied.
+func TestReloadRefusedWhileAKeptSinkIsStuck(t *testing.T) {
+	mnt := testenv.Tmpfs(t, "2m")
+	dir := t.TempDir()
+	qdir := filepath.Join(mnt, "q")
+	yaml := func(out, more string) string {
+		return fmt.Sprintf(`admin: {listen: "127.0.0.1:0", token: %s}
+runtime: {shutdown_timeout: 1s}
+sources:
+  gen: {type: generate, count: 40000, batch_size: 100}
+sinks:
+  out:
+    type: file
+    path: %s
+    queue: {type: disk, path: %s, max_size: 64MiB}
+    retry: {initial_interval: 10ms, max_interval: 100ms}
+%s`, reloadToken, out, qdir, more)
+	}
+	full := filepath.Join(mnt, "out.jsonl")
+	more := "  more: {type: file, path: more.jsonl}\n"
+	r := startRun(t, dir, yaml(full, ""))
+	eventually(t, "the disk-full log line", func() bool {
+		return logged(r.stderr.String(), "disk queue cannot write: the disk is full", map[string]string{"path": qdir}) > 0
+	})
+	replaceFile(t, filepath.Join(dir, "p.yaml"), yaml(full, more))
+	code, body := postReload(t, r.admin) // its client gives up after 2 minutes: the hang fails
+	var got []string
+	if ps, ok := body["problems"].([]any); ok {
+		for _, p := range ps {
+			got = append(got, fmt.Sprint(p))
+		}
+	}
+	if code != http.StatusUnprocessableEntity || body["result"] != "rejected" || len(got) != 1 ||
+		!strings.HasPrefix(got[0], "p.yaml:6: sinks.out: the sink is stuck: its queue is full (disk full at "+qdir+")") {
+		t.Fatalf("POST /-/reload keeping the stuck sink: %d %v, want 422 with the problem at sinks.out", code, body)
+	}
+	// A refused reload builds what it checks and closes it again: the new file sink may have
+	// created its file, but nothing ran.
+	if st, err := os.Stat(filepath.Join(dir, "more.jsonl")); err == nil && st.Size() != 0 {
+		t.Errorf("the refused reload's sink wrote %d bytes to more.jsonl", st.Size())
+	}
+	// The same reload with the stuck sink moved off the full disk is applied, and every
+	// event reaches a file (what the full disk's file holds, torn at its end, and the rest).
+	free := filepath.Join(dir, "out.jsonl")
+	replaceFile(t, filepath.Join(dir, "p.yaml"), yaml(free, more))
+	code, body = postReload(t, r.admin)
+	if code != http.StatusOK || body["result"] != "applied" {
+		t.Fatalf("POST /-/reload moving the stuck sink: %d %v", code, body)
+	}
+	if code := waitExit(t, r.cmd, r.stderr, 2*time.Minute); code != 0 {
+		t.Fatalf("flowpipe run exited %d, want 0: nothing was refused", code)
+	}
+	ids := map[string]int{}
+	tornFileIDs(t, full, ids)
+	countFileIDs(t, free, ids)
+	if len(ids) != 40000 {
+		t.Errorf("%d of 40000 events in the files", len(ids))
+	}
+	os.Remove(full) // the tmpfs is unmounted at cleanup
+}
