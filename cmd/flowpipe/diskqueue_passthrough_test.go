@@ -1,9 +1,7 @@
 package main
 
 import (
-	"bufio"
 	"bytes"
-	"encoding/json"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -11,7 +9,6 @@ import (
 	"syscall"
 	"testing"
 
-	"github.com/flowpipe/flowpipe/core/flow"
 	"github.com/flowpipe/flowpipe/core/pipeline/diskqueue"
 )
 
@@ -141,44 +138,20 @@ sinks:
 	if err := cmd.Wait(); err != nil {
 		t.Fatalf("flowpipe run: %v\n%s", err, stderr.String())
 	}
-	data, err := os.ReadFile(out)
-	if err != nil {
-		t.Fatal(err)
-	}
-	seen := map[string]int{}
-	lines := 0
-	sc := bufio.NewScanner(bytes.NewReader(data))
-	for sc.Scan() {
-		var e flow.Event
-		if err := flow.ParseJSON(sc.Bytes(), &e); err != nil {
-			t.Fatalf("line %d: %v", lines+1, err)
-		}
-		seen[e.EventID.String()]++
-		lines++
-	}
+	seen, lines := parsedEventIDs(t, out)
 	if len(seen) != total {
 		t.Fatalf("%d distinct events in the output, want %d", len(seen), total)
 	}
-	redelivered, batches, restarted, undecoded, passed := 0, 0, false, false, false
-	for _, l := range strings.Split(stderr.String(), "\n") {
-		var rec struct {
-			Msg    string `json:"msg"`
-			Events int    `json:"events"`
+	sizes, restarted := redeliveries(stderr.String())
+	redelivered, batches := 0, len(sizes)
+	for _, n := range sizes {
+		redelivered += n
+		if n != 500 {
+			t.Errorf("a redelivered batch of %d events, want a whole record of 500", n)
 		}
-		if json.Unmarshal([]byte(l), &rec) != nil {
-			continue
-		}
-		if strings.HasPrefix(rec.Msg, "plugin redelivery") {
-			redelivered += rec.Events
-			batches++
-			if rec.Events != 500 {
-				t.Errorf("a redelivered batch of %d events, want a whole record of 500", rec.Events)
-			}
-		}
-		restarted = restarted || rec.Msg == "plugin restarted"
-		undecoded = undecoded || strings.Contains(rec.Msg, "records read back go to the sink undecoded")
-		passed = passed || strings.Contains(rec.Msg, "pass through in the encoding they arrived in")
 	}
+	undecoded := strings.Contains(stderr.String(), "records read back go to the sink undecoded")
+	passed := strings.Contains(stderr.String(), "pass through in the encoding they arrived in")
 	if !restarted || !undecoded || !passed {
 		t.Fatalf("restart logged %v, records read back undecoded %v, passed through %v:\n%s", restarted, undecoded, passed, stderr.String())
 	}

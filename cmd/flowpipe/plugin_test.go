@@ -262,37 +262,14 @@ sinks:
 	if err := cmd.Wait(); err != nil {
 		t.Fatalf("flowpipe run: %v\n%s", err, stderr.String())
 	}
-	data, err := os.ReadFile(out)
-	if err != nil {
-		t.Fatal(err)
-	}
-	seen := map[string]int{}
-	lines := 0
-	sc := bufio.NewScanner(bytes.NewReader(data))
-	for sc.Scan() {
-		var e flow.Event
-		if err := flow.ParseJSON(sc.Bytes(), &e); err != nil {
-			t.Fatalf("line %d: %v", lines+1, err)
-		}
-		seen[e.EventID.String()]++
-		lines++
-	}
+	seen, lines := parsedEventIDs(t, out)
 	if len(seen) != total {
 		t.Fatalf("%d distinct events in the output, want %d", len(seen), total)
 	}
-	redelivered, restarted := 0, false
-	for _, l := range strings.Split(stderr.String(), "\n") {
-		var rec struct {
-			Msg    string `json:"msg"`
-			Events int    `json:"events"`
-		}
-		if json.Unmarshal([]byte(l), &rec) != nil {
-			continue
-		}
-		if strings.HasPrefix(rec.Msg, "plugin redelivery") {
-			redelivered += rec.Events
-		}
-		restarted = restarted || rec.Msg == "plugin restarted"
+	sizes, restarted := redeliveries(stderr.String())
+	redelivered := 0
+	for _, n := range sizes {
+		redelivered += n
 	}
 	if !restarted {
 		t.Fatalf("no restart logged:\n%s", stderr.String())
@@ -301,6 +278,50 @@ sinks:
 		t.Fatalf("%d duplicate events, but only %d logged as redelivered", dups, redelivered)
 	}
 	t.Logf("%d duplicates, %d events redelivered", lines-total, redelivered)
+}
+
+// parsedEventIDs counts the event IDs of a JSON-lines output; every line must parse as an
+// event (a line torn by a killed writer fails the test).
+func parsedEventIDs(t *testing.T, path string) (seen map[string]int, lines int) {
+	t.Helper()
+	data, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	seen = map[string]int{}
+	sc := bufio.NewScanner(bytes.NewReader(data))
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	for sc.Scan() {
+		var e flow.Event
+		if err := flow.ParseJSON(sc.Bytes(), &e); err != nil {
+			t.Fatalf("%s: line %d: %v", path, lines+1, err)
+		}
+		seen[e.EventID.String()]++
+		lines++
+	}
+	if err := sc.Err(); err != nil {
+		t.Fatal(err)
+	}
+	return seen, lines
+}
+
+// redeliveries reads flowpipe's JSON log: the size of each batch written again to a plugin
+// that failed before it acknowledged it, and whether a plugin was restarted.
+func redeliveries(log string) (sizes []int, restarted bool) {
+	for _, l := range strings.Split(log, "\n") {
+		var rec struct {
+			Msg    string `json:"msg"`
+			Events int    `json:"events"`
+		}
+		if json.Unmarshal([]byte(l), &rec) != nil {
+			continue
+		}
+		if strings.HasPrefix(rec.Msg, "plugin redelivery") {
+			sizes = append(sizes, rec.Events)
+		}
+		restarted = restarted || rec.Msg == "plugin restarted"
+	}
+	return sizes, restarted
 }
 
 func TestNoPluginProcessesRemain(t *testing.T) {
