@@ -368,21 +368,9 @@ func TestSourceToSinkPassThrough(t *testing.T) {
 		t.Run(fmt.Sprintf("change=%v", change), func(t *testing.T) {
 			sf := newFixture(t, component.KindSink, "out")
 			path := filepath.Join(t.TempDir(), "out.jsonl")
-			sc, err := sf.instantiate(t, "jsonl", map[string]any{"path": path})
-			if err != nil {
-				t.Fatal(err)
-			}
-			if err := sc.(component.Starter).Start(context.Background()); err != nil {
-				t.Fatal(err)
-			}
+			sc := sf.started(t, "jsonl", map[string]any{"path": path})
 			f := newFixture(t, component.KindSource, "seq")
-			c, err := f.instantiate(t, "seq", map[string]any{"count": 3000, "batch": 500})
-			if err != nil {
-				t.Fatal(err)
-			}
-			if err := c.(component.Starter).Start(context.Background()); err != nil {
-				t.Fatal(err)
-			}
+			c := f.started(t, "seq", map[string]any{"count": 3000, "batch": 500})
 			before := passedThrough.Load()
 			out := &forwardingEmitter{sink: sc.(component.Sink), change: change}
 			if err := c.(component.Source).Run(context.Background(), out); err != nil {

@@ -127,6 +127,19 @@ func (f *fixture) instantiate(t *testing.T, plugin string, opts map[string]any) 
 	return c, err
 }
 
+// started is instantiate, then Start; any failure fails the test.
+func (f *fixture) started(t *testing.T, plugin string, opts map[string]any) any {
+	t.Helper()
+	c, err := f.instantiate(t, plugin, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.(component.Starter).Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
 func (f *fixture) metric(t *testing.T, name string) float64 {
 	t.Helper()
 	mfs, err := f.reg.Gather()

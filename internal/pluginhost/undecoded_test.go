@@ -59,21 +59,9 @@ func (e *encodedForwarder) Emit(ctx context.Context, b *flow.Batch) error {
 func TestUndecodedFromSourcePluginToSinks(t *testing.T) {
 	sf := newFixture(t, component.KindSink, "out")
 	path := filepath.Join(t.TempDir(), "out.jsonl")
-	sc, err := sf.instantiate(t, "jsonl", map[string]any{"path": path})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := sc.(component.Starter).Start(context.Background()); err != nil {
-		t.Fatal(err)
-	}
+	sc := sf.started(t, "jsonl", map[string]any{"path": path})
 	f := newFixture(t, component.KindSource, "seq")
-	c, err := f.instantiate(t, "seq", map[string]any{"count": 3000, "batch": 500})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := c.(component.Starter).Start(context.Background()); err != nil {
-		t.Fatal(err)
-	}
+	c := f.started(t, "seq", map[string]any{"count": 3000, "batch": 500})
 	before := passedThrough.Load()
 	out := &encodedForwarder{plugin: sc.(component.Sink), decodeInproc: true}
 	if err := c.(component.Source).Run(context.Background(), out); err != nil {
@@ -163,13 +151,7 @@ func TestMalformedSourceBatchNeverReachesSinkPlugin(t *testing.T) {
 	t.Setenv(pb.DataChannelEnv, "off") // the interceptor sees the batches on gRPC
 	sf := newFixture(t, component.KindSink, "out")
 	path := filepath.Join(t.TempDir(), "out.jsonl")
-	sc, err := sf.instantiate(t, "jsonl", map[string]any{"path": path})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := sc.(component.Starter).Start(context.Background()); err != nil {
-		t.Fatal(err)
-	}
+	sc := sf.started(t, "jsonl", map[string]any{"path": path})
 	src := &threeBatches{acks: map[int]error{}}
 	fac := component.NewSourceFactory("three", "", func() *discardConfig { return &discardConfig{} },
 		func(component.Env, *discardConfig) (component.Source, error) { return src, nil })
