@@ -8,6 +8,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/flowpipe/flowpipe/core/flow"
 )
 
 // BenchmarkAppend measures writing batches of 1024 events into a disk queue, each fsynced
@@ -74,19 +76,27 @@ func BenchmarkAppendParallel(b *testing.B) {
 	b.ReportMetric(float64(b.N*1024)/b.Elapsed().Seconds(), "events/s")
 }
 
-// BenchmarkDrain reads back and confirms batches of 1024 events written before the timer.
-func BenchmarkDrain(b *testing.B) {
+// filledQueue opens a queue, closed at the benchmark's end, holding b.N records of the same
+// 1024 events (which it returns).
+func filledQueue(b *testing.B) (*Queue, []flow.Event) {
+	b.Helper()
 	q, err := Open(Options{Dir: b.TempDir(), MaxSize: 1 << 40, Sync: SyncInterval, Logger: quiet()})
 	if err != nil {
 		b.Fatal(err)
 	}
-	defer q.Close()
+	b.Cleanup(func() { q.Close() })
 	evs := events(0, 1024)
 	for range b.N {
 		if err := q.Append(context.Background(), evs); err != nil {
 			b.Fatal(err)
 		}
 	}
+	return q, evs
+}
+
+// BenchmarkDrain reads back and confirms batches of 1024 events written before the timer.
+func BenchmarkDrain(b *testing.B) {
+	q, evs := filledQueue(b)
 	b.ResetTimer()
 	for range b.N {
 		bt := q.Next(context.Background())
@@ -171,17 +181,7 @@ func peakRSS() float64 {
 func BenchmarkDrainEncoded(b *testing.B) {
 	for _, mode := range []string{"pass", "copy", "decode"} {
 		b.Run(mode, func(b *testing.B) {
-			q, err := Open(Options{Dir: b.TempDir(), MaxSize: 1 << 40, Sync: SyncInterval, Logger: quiet()})
-			if err != nil {
-				b.Fatal(err)
-			}
-			defer q.Close()
-			evs := events(0, 1024)
-			for range b.N {
-				if err := q.Append(context.Background(), evs); err != nil {
-					b.Fatal(err)
-				}
-			}
+			q, evs := filledQueue(b)
 			b.ReportAllocs()
 			b.ResetTimer()
 			var sink []byte
