@@ -125,17 +125,37 @@ func (b *burstNS) checkOnce(t *testing.T, evs []flow.Event, first, n int) {
 }
 
 // counted returns how many flows of the range have a start and an end so far.
+// A flow reported twice (as a replaced source may) counts once.
 func (b *burstNS) counted(evs []flow.Event, first, n int) (starts, ends int) {
+	st, en := map[uint16]bool{}, map[uint16]bool{}
 	for _, e := range evs {
 		if e.Protocol == flow.ProtoUDP && e.DstPort == uint16(b.sink.Port) && int(e.SrcPort) >= first && int(e.SrcPort) < first+n {
 			if e.Type == flow.TypeStart {
-				starts++
+				st[e.SrcPort] = true
 			} else if e.Type == flow.TypeEnd {
-				ends++
+				en[e.SrcPort] = true
 			}
 		}
 	}
-	return starts, ends
+	return len(st), len(en)
+}
+
+// floodDuringReload floods n flows from source ports first… while flowpipe (cmd) reloads
+// pipeline.yaml, written with yaml, on a SIGHUP; it is the round-th reload (from 1).
+func (b *burstNS) floodDuringReload(t *testing.T, cmd *exec.Cmd, stderr *testenv.SyncBuffer, dir, yaml string, round, first, n int) {
+	t.Helper()
+	flooded := make(chan error, 1)
+	go func() { flooded <- b.flood(first, n) }()
+	writeFile(t, filepath.Join(dir, "pipeline.yaml"), yaml)
+	if err := cmd.Process.Signal(syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, fmt.Sprintf("reload %d applied", round), func() bool {
+		return ctLogCount(stderr.String(), "reload applied", nil) == round
+	})
+	if err := <-flooded; err != nil {
+		t.Fatalf("flood %d: %v", round, err)
+	}
 }
 
 // TestConntrackReconfigureInPluginProcess runs the conntrack source as the host runs it by
@@ -318,18 +338,7 @@ sinks:
 	}
 	const rounds, per, first = 8, 400, 30000
 	for i := 0; i < rounds; i++ {
-		flooded := make(chan error, 1)
-		go func() { flooded <- b.flood(first+i*per, per) }()
-		writeFile(t, filepath.Join(dir, "pipeline.yaml"), pipeline(variants[i%len(variants)]))
-		if err := cmd.Process.Signal(syscall.SIGHUP); err != nil {
-			t.Fatal(err)
-		}
-		eventually(t, fmt.Sprintf("reload %d applied", i+1), func() bool {
-			return ctLogCount(stderr.String(), "reload applied", nil) == i+1
-		})
-		if err := <-flooded; err != nil {
-			t.Fatalf("flood %d: %v", i, err)
-		}
+		b.floodDuringReload(t, cmd, stderr, dir, pipeline(variants[i%len(variants)]), i+1, first+i*per, per)
 	}
 	if n := ctLogCount(stderr.String(), "reload: changed", map[string]string{"component": "source/kernel", "how": "reconfigured"}); n != rounds {
 		t.Errorf("the source was reconfigured in place %d times of %d reloads:\n%s", n, rounds, stderr.String())
@@ -384,18 +393,7 @@ sinks:
 		seen[pid] = true
 	}
 	for i := 0; i < rounds; i++ {
-		flooded := make(chan error, 1)
-		go func() { flooded <- b.flood(first+i*per, per) }()
-		writeFile(t, filepath.Join(dir, "pipeline.yaml"), pipeline(i%2 == 1))
-		if err := cmd.Process.Signal(syscall.SIGHUP); err != nil {
-			t.Fatal(err)
-		}
-		eventually(t, fmt.Sprintf("reload %d applied", i+1), func() bool {
-			return ctLogCount(stderr.String(), "reload applied", nil) == i+1
-		})
-		if err := <-flooded; err != nil {
-			t.Fatalf("flood %d: %v", i, err)
-		}
+		b.floodDuringReload(t, cmd, stderr, dir, pipeline(i%2 == 1), i+1, first+i*per, per)
 		fresh := 0
 		for _, pid := range pluginChildren(t, cmd.Process.Pid) {
 			if !seen[pid] {
@@ -412,24 +410,9 @@ sinks:
 	}
 	const n = rounds * per
 	out := filepath.Join(dir, "flows.jsonl")
-	// Flows may be reported twice here: wait for every flow (not as many events).
-	distinct := func() (starts, ends int) {
-		st, en := map[uint16]bool{}, map[uint16]bool{}
-		for _, e := range readFlows(t, out) {
-			if e.Protocol == flow.ProtoUDP && e.DstPort == uint16(b.sink.Port) && int(e.SrcPort) >= first && int(e.SrcPort) < first+n {
-				switch e.Type {
-				case flow.TypeStart:
-					st[e.SrcPort] = true
-				case flow.TypeEnd:
-					en[e.SrcPort] = true
-				}
-			}
-		}
-		return len(st), len(en)
-	}
 	deadline := time.Now().Add(30 * time.Second)
 	for {
-		s, e := distinct()
+		s, e := b.counted(readFlows(t, out), first, n)
 		if s >= n && e >= n || time.Now().After(deadline) {
 			break // what is missing then is reported below
 		}
