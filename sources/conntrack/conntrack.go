@@ -189,7 +189,25 @@ func (s *Source) open() error {
 	if s.ns, err = netns.Open(cfg.NetNS); err != nil {
 		return err
 	}
-	// Records and changes are made under the data directory's lock (hoststate.go).
+	if err := s.changeHost(cfg); err != nil {
+		return err
+	}
+	s.refreshLocal()
+	if s.events, err = openEvents(s.ns, int(cfg.ReadBuffer), s.log); err != nil {
+		return err
+	}
+	if err := s.resync(cfg.ExistingFlows); err != nil {
+		return err
+	}
+	s.log.Info("reading conntrack events", "netns", s.ns.String(), "known_connections", len(s.tr.known),
+		"read_buffer", s.events.rcvbuf, "activated", s.act != nil)
+	return nil
+}
+
+// changeHost puts back what killed runs left, then records and makes this instance's
+// changes (sysctls, the activation table), under the data directory's lock (hoststate.go),
+// which it does not hold longer: not during the table dump that follows.
+func (s *Source) changeHost(cfg *Config) error {
 	unlock, err := s.lockHost()
 	if err != nil {
 		return err
@@ -252,15 +270,6 @@ func (s *Source) open() error {
 			return err
 		}
 	}
-	s.refreshLocal()
-	if s.events, err = openEvents(s.ns, int(cfg.ReadBuffer), s.log); err != nil {
-		return err
-	}
-	if err := s.resync(cfg.ExistingFlows); err != nil {
-		return err
-	}
-	s.log.Info("reading conntrack events", "netns", s.ns.String(), "known_connections", len(s.tr.known),
-		"read_buffer", s.events.rcvbuf, "activated", s.act != nil)
 	return nil
 }
 
