@@ -102,12 +102,9 @@ func (s *Server) Describe(context.Context, *pb.DescribeRequest) (*pb.DescribeRes
 }
 
 func (s *Server) Configure(_ context.Context, req *pb.ConfigureRequest) (*pb.ConfigureResponse, error) {
-	var raw map[string]any
-	if err := yaml.Unmarshal(req.OptionsYaml, &raw); err != nil {
-		return &pb.ConfigureResponse{Error: fmt.Sprintf("decode options sent by the host: %v", err)}, nil
-	}
-	if raw == nil {
-		raw = map[string]any{}
+	raw, err := decodeOptions(req.OptionsYaml)
+	if err != nil {
+		return &pb.ConfigureResponse{Error: err.Error()}, nil
 	}
 	env := component.Env{
 		Name: req.Name, Kind: s.factory.Kind, Type: s.factory.Type, ConfigDir: req.ConfigDir, DataDir: req.DataDir,
@@ -146,12 +143,9 @@ func (s *Server) Reconfigure(ctx context.Context, req *pb.ReconfigureRequest) (*
 	if err != nil {
 		return nil, err
 	}
-	var raw map[string]any
-	if err := yaml.Unmarshal(req.OptionsYaml, &raw); err != nil {
-		return &pb.ReconfigureResponse{Error: fmt.Sprintf("decode options sent by the host: %v", err)}, nil
-	}
-	if raw == nil {
-		raw = map[string]any{}
+	raw, err := decodeOptions(req.OptionsYaml)
+	if err != nil {
+		return &pb.ReconfigureResponse{Error: err.Error()}, nil
 	}
 	rc, ok := c.(component.Reconfigurer)
 	if !ok {
@@ -164,12 +158,9 @@ func (s *Server) Reconfigure(ctx context.Context, req *pb.ReconfigureRequest) (*
 // Check decodes and validates options as Configure does (the factory's defaults, then the
 // options' own Validate), and builds nothing: a reload asks it before it changes anything.
 func (s *Server) Check(_ context.Context, req *pb.CheckRequest) (*pb.CheckResponse, error) {
-	var raw map[string]any
-	if err := yaml.Unmarshal(req.OptionsYaml, &raw); err != nil {
-		return &pb.CheckResponse{Error: fmt.Sprintf("decode options sent by the host: %v", err)}, nil
-	}
-	if raw == nil {
-		raw = map[string]any{}
+	raw, err := decodeOptions(req.OptionsYaml)
+	if err != nil {
+		return &pb.CheckResponse{Error: err.Error()}, nil
 	}
 	resp := &pb.CheckResponse{}
 	if s.factory.NewConfig == nil {
@@ -179,6 +170,18 @@ func (s *Server) Check(_ context.Context, req *pb.CheckRequest) (*pb.CheckRespon
 		resp.FieldErrors = append(resp.FieldErrors, &pb.FieldError{Path: e.Path, Message: e.Msg})
 	}
 	return resp, nil
+}
+
+// decodeOptions decodes the options the host sent (as YAML); none is an empty map.
+func decodeOptions(data []byte) (map[string]any, error) {
+	var raw map[string]any
+	if err := yaml.Unmarshal(data, &raw); err != nil {
+		return nil, fmt.Errorf("decode options sent by the host: %w", err)
+	}
+	if raw == nil {
+		raw = map[string]any{}
+	}
+	return raw, nil
 }
 
 func reconfigureResponse(err error) *pb.ReconfigureResponse {
