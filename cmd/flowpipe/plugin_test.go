@@ -280,6 +280,94 @@ sinks:
 	t.Logf("%d duplicates, %d events redelivered", lines-total, redelivered)
 }
 
+// An upgrade replaces the flowpipe binary on disk while the old one runs. A built-in plugin
+// that dies afterwards is started again from the running binary, the one whose protocol the
+// host speaks, not from whatever the path names now, and nothing is lost.
+func TestBuiltinPluginRestartsFromTheRunningBinaryAfterAnUpgrade(t *testing.T) {
+	dir := t.TempDir()
+	// Its own copy of the binary, to replace.
+	exe := filepath.Join(dir, "flowpipe")
+	data, err := os.ReadFile(binary)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(exe, data, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	const total = 60_000
+	writeEvents(t, filepath.Join(dir, "in.jsonl"), total)
+	writeFile(t, filepath.Join(dir, "p.yaml"), `
+admin: {listen: ""}
+sources:
+  in: {type: replay, isolation: inproc, path: in.jsonl, batch_size: 500, rate: 20000}
+sinks:
+  out:
+    type: file
+    path: out.jsonl
+    retry: {initial_interval: 50ms, max_interval: 1s}
+`)
+	cmd := exec.Command(exe, "run", "-c", "p.yaml", "--log-format", "json")
+	cmd.Dir = dir
+	var stderr testenv.SyncBuffer
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = testenv.KillTree(cmd.Process.Pid, 10*time.Second) }()
+	var sinkPID int
+	eventually(t, "the sink plugin to start", func() bool {
+		if kids := pluginChildren(t, cmd.Process.Pid); len(kids) == 1 {
+			sinkPID = kids[0]
+		}
+		return sinkPID != 0
+	})
+	out := filepath.Join(dir, "out.jsonl")
+	eventually(t, "a sixth of the events to be written", func() bool {
+		st, err := os.Stat(out)
+		return err == nil && st.Size() > 100*total/6
+	})
+	// The upgrade: a new file renamed over the old path (here one that could not serve).
+	writeFile(t, exe+".new", "#!/bin/sh\necho 'not the flowpipe that runs' >&2\nexit 3\n")
+	if err := os.Chmod(exe+".new", 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(exe+".new", exe); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Kill(sinkPID, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	var restarted int
+	eventually(t, "the sink plugin to be started again", func() bool {
+		for _, pid := range pluginChildren(t, cmd.Process.Pid) {
+			if pid != sinkPID {
+				restarted = pid
+			}
+		}
+		return restarted != 0
+	})
+	// It runs the old binary: the file the host was started from, now unlinked.
+	if link, err := os.Readlink(fmt.Sprintf("/proc/%d/exe", restarted)); err == nil && link != exe+" (deleted)" {
+		t.Errorf("the restarted plugin runs %q, want the replaced %s (deleted)", link, exe)
+	}
+	waitErr := make(chan error, 1)
+	go func() { waitErr <- cmd.Wait() }()
+	select {
+	case err := <-waitErr:
+		if err != nil {
+			t.Fatalf("flowpipe run: %v\n%s", err, stderr.String())
+		}
+	case <-time.After(runBound):
+		t.Fatalf("flowpipe run did not finish after the plugin's restart:\n%s", stderr.String())
+	}
+	if seen, _ := parsedEventIDs(t, out); len(seen) != total {
+		t.Fatalf("%d distinct events in the output, want %d\n%s", len(seen), total, stderr.String())
+	}
+	if _, ok := redeliveries(stderr.String()); !ok {
+		t.Errorf("no restart logged:\n%s", stderr.String())
+	}
+}
+
 // parsedEventIDs counts the event IDs of a JSON-lines output; every line must parse as an
 // event (a line torn by a killed writer fails the test).
 func parsedEventIDs(t *testing.T, path string) (seen map[string]int, lines int) {

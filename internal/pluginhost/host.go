@@ -16,7 +16,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"time"
 
@@ -43,7 +42,7 @@ type HostOptions struct {
 	// the registry directly.
 	Registry *component.Registry
 	// BuiltinCommand returns the command that serves a built-in as a plugin. Nil re-executes
-	// the running binary as `<binary> plugin serve <kind> <type>`.
+	// the running binary (the file it was started from) as `flowpipe plugin serve <kind> <type>`.
 	BuiltinCommand func(kind component.Kind, typ string) (*exec.Cmd, error)
 	// PluginDir is searched for plugins by name; empty uses $FLOWPIPE_PLUGIN_DIR.
 	PluginDir string
@@ -53,10 +52,6 @@ type HostOptions struct {
 // Instantiate.
 type Host struct {
 	opts HostOptions
-
-	selfOnce sync.Once
-	selfSum  []byte
-	selfErr  error
 }
 
 // NewHost returns a host.
@@ -192,17 +187,10 @@ func (h *Host) launcher(spec config.Component, configDir string) (*launcher, err
 			mk = h.selfCommand
 		}
 		kind, typ := spec.Kind, spec.Type
-		l := &launcher{describe: fmt.Sprintf("built-in %s %q", kind, typ), cmd: func() (*exec.Cmd, error) { return mk(kind, typ) }}
-		if h.opts.BuiltinCommand == nil {
-			// Pin our own binary too: a flowpipe replaced on disk while running (an upgrade)
-			// must not be started as a plugin of the old one.
-			sum, err := h.selfChecksum()
-			if err != nil {
-				return nil, err
-			}
-			l.checksum = sum
-		}
-		return l, nil
+		// Not pinned by a hash: selfCommand starts the very file this process runs
+		// (privilege.SelfExe), so a flowpipe replaced on disk (an upgrade) is never started
+		// as a plugin of the old one, and nothing reads 40 MB per start to make sure.
+		return &launcher{describe: fmt.Sprintf("built-in %s %q", kind, typ), cmd: func() (*exec.Cmd, error) { return mk(kind, typ) }}, nil
 	}
 	path, err := h.Find(spec.Kind, spec.Plugin, configDir)
 	if err != nil {
@@ -219,24 +207,14 @@ func (h *Host) launcher(spec config.Component, configDir string) (*launcher, err
 	return l, nil
 }
 
+// selfCommand serves a built-in from the running binary: the file this process was started
+// from (privilege.SelfExe), even if its path now names another (an upgrade) or nothing.
 func (h *Host) selfCommand(kind component.Kind, typ string) (*exec.Cmd, error) {
-	exe, err := os.Executable()
+	cmd, err := privilege.SelfCommand("plugin", "serve", string(kind), typ)
 	if err != nil {
-		return nil, fmt.Errorf("find the flowpipe binary to serve built-in %s %q: %w", kind, typ, err)
+		return nil, fmt.Errorf("serve built-in %s %q: %w", kind, typ, err)
 	}
-	return exec.Command(exe, "plugin", "serve", string(kind), typ), nil
-}
-
-func (h *Host) selfChecksum() ([]byte, error) {
-	h.selfOnce.Do(func() {
-		exe, err := os.Executable()
-		if err != nil {
-			h.selfErr = err
-			return
-		}
-		h.selfSum, h.selfErr = FileSHA256(exe)
-	})
-	return h.selfSum, h.selfErr
+	return cmd, nil
 }
 
 // Find resolves a plugin: reference from pipeline.yaml. A reference with a slash is a path

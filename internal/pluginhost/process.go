@@ -3,7 +3,6 @@ package pluginhost
 import (
 	"bytes"
 	"context"
-	"crypto/sha256"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -79,9 +78,8 @@ func startProc(ctx context.Context, l *launcher, spec config.Component, env comp
 		return nil, false, err
 	}
 	if l.checksum != nil && l.path != "" {
-		// go-plugin checks too (SecureConfig); checking an external plugin first gives an
-		// error that says which hashes differ and what to do. The flowpipe binary itself
-		// (built-ins) is large and only go-plugin hashes it.
+		// The launcher checks again just before its exec (privilege.Wrap); checking here
+		// first gives an error that says which hashes differ and what to do.
 		sum, err := FileSHA256(cmd.Path)
 		if err != nil {
 			return nil, false, fmt.Errorf("%s: %w", l.describe, err)
@@ -151,11 +149,6 @@ func startProc(ctx context.Context, l *launcher, spec config.Component, env comp
 		StartTimeout:     s.StartTimeout,
 		SyncStdout:       out,
 		SyncStderr:       out,
-	}
-	if l.checksum != nil && l.path == "" {
-		// A built-in: the launcher is the flowpipe binary itself, pinned so that a flowpipe
-		// replaced on disk is not started as a plugin of this one.
-		cfg.SecureConfig = &goplugin.SecureConfig{Checksum: l.checksum, Hash: sha256.New()}
 	}
 	p := &proc{client: goplugin.NewClient(cfg), cmd: cmd, killGroup: killGroup, done: make(chan struct{}), release: make(chan struct{})}
 	// Until Describe says whether and how the plugin serves it; closed with the process.

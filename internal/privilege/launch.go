@@ -42,15 +42,34 @@ type User struct {
 	Groups []int  `json:"groups,omitempty"` // supplementary groups
 }
 
-// Wrap makes cmd start through the launcher: cmd runs the host binary (os.Executable, which
+// SelfExe names the file the running process was started from, whatever its path names now:
+// a flowpipe replaced on disk while it runs (an upgrade; the old file is renamed over or
+// removed, and a running binary cannot be written in place) still starts its plugins, and its
+// launcher, from its own binary, the one whose protocol it speaks.
+const SelfExe = "/proc/self/exe"
+
+// SelfCommand is a command that runs this binary (SelfExe) with args; argv[0] is its path,
+// so that ps shows a name.
+func SelfCommand(args ...string) (*exec.Cmd, error) {
+	if _, err := os.Stat(SelfExe); err != nil {
+		return nil, fmt.Errorf("flowpipe starts its plugin processes from its own binary, %s: %w (is /proc mounted?)", SelfExe, err)
+	}
+	cmd := exec.Command(SelfExe, args...)
+	if exe, err := os.Executable(); err == nil {
+		cmd.Args[0] = exe
+	}
+	return cmd, nil
+}
+
+// Wrap makes cmd start through the launcher: cmd runs the host binary (SelfExe, which
 // imports this package), which applies s and then execs what cmd named, with the same
 // arguments and environment. sum, when not nil, is the SHA-256 the plugin binary must have;
 // the launcher checks it (cmd.Path no longer names the plugin, so a checksum of cmd.Path
 // would be the host's).
 func Wrap(cmd *exec.Cmd, s Spec, sum []byte) error {
-	self, err := os.Executable()
+	self, err := SelfCommand()
 	if err != nil {
-		return fmt.Errorf("find the flowpipe binary to start plugins with: %w", err)
+		return err
 	}
 	if _, err := Parse(s.Caps); err != nil {
 		return err
@@ -67,7 +86,7 @@ func Wrap(cmd *exec.Cmd, s Spec, sum []byte) error {
 	if len(cmd.Args) == 0 {
 		cmd.Args = []string{cmd.Path}
 	}
-	cmd.Path = self
+	cmd.Path = self.Path
 	cmd.Env = append(cmd.Env, specEnv+"="+string(b))
 	return nil
 }
@@ -172,10 +191,14 @@ func launch(v string) error {
 		return fmt.Errorf("set no_new_privs: %w", err)
 	}
 	err = syscall.Exec(s.Path, os.Args, os.Environ())
-	if errors.Is(err, syscall.EACCES) && s.User != nil {
-		return fmt.Errorf("exec %s as %s: %w: that user must be able to execute it and to enter every directory above it", s.Path, s.User.Name, err)
+	name := s.Path
+	if name == SelfExe && len(os.Args) > 0 {
+		name = os.Args[0] // a built-in: flowpipe's own binary
 	}
-	return fmt.Errorf("exec %s: %w", s.Path, err)
+	if errors.Is(err, syscall.EACCES) && s.User != nil {
+		return fmt.Errorf("exec %s as %s: %w: that user must be able to execute it and to enter every directory above it", name, s.User.Name, err)
+	}
+	return fmt.Errorf("exec %s: %w", name, err)
 }
 
 func checkSum(path, want string) error {
