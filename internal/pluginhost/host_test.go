@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -45,7 +46,8 @@ func TestMain(m *testing.M) {
 	}
 	for _, name := range []string{"flowpipe-sink-jsonl", "flowpipe-source-seq", "flowpipe-enricher-tag", "flowpipe-sink-future",
 		"flowpipe-sink-jsonlv1", "flowpipe-source-seqv1", "flowpipe-enricher-tagv1",
-		"flowpipe-enricher-tagwhole", "flowpipe-enricher-tagwholev1", "flowpipe-enricher-corrupt"} {
+		"flowpipe-enricher-tagwhole", "flowpipe-enricher-tagwholev1", "flowpipe-enricher-corrupt",
+		"flowpipe-sink-lazy", "flowpipe-sink-lazyv1"} {
 		if err := os.Link(bin, filepath.Join(dir, name)); err != nil {
 			panic(err)
 		}
@@ -239,6 +241,38 @@ func TestSinkPluginWritesBatches(t *testing.T) {
 	// The plugin is not pinned: one warning, at start.
 	if n := strings.Count(logs, "plugin runs without a sha256: pin"); n != 1 {
 		t.Errorf("%d warnings about the missing sha256: pin, want 1:\n%s", n, logs)
+	}
+}
+
+// A sink plugin that decodes only what it needs (component.EncodedWriter) is handed each
+// batch in the encoding the host sent, over the data channel and over gRPC, and writes the
+// same events as one that is handed them decoded.
+func TestEncodedWriterPluginDecodesItself(t *testing.T) {
+	for _, plugin := range []string{"lazy", "lazyv1"} {
+		t.Run(plugin, func(t *testing.T) {
+			f := newFixture(t, component.KindSink, "out")
+			path := filepath.Join(t.TempDir(), "out.jsonl")
+			c := f.started(t, plugin, map[string]any{"path": path})
+			var want []string
+			for i := range 4 {
+				evs := seqEvents(i*700, 700)
+				for j := range evs {
+					want = append(want, string(flow.AppendJSON(nil, &evs[j])))
+				}
+				if err := c.(component.Sink).Write(context.Background(), flow.NewBatch(evs, nil)); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if n := f.metric(t, "testplugin_undecoded_total"); n != 4 {
+				t.Errorf("%v of 4 batches reached the plugin's Write undecoded", n)
+			}
+			if err := c.(component.Closer).Close(context.Background()); err != nil {
+				t.Fatal(err)
+			}
+			if got := readLines(t, path); !slices.Equal(got, want) {
+				t.Fatalf("the plugin wrote %d lines, not the %d events written to it (first: %.200q)", len(got), len(want), got[0])
+			}
+		})
 	}
 }
 

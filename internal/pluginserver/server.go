@@ -366,11 +366,21 @@ func (s *Server) Write(ctx context.Context, req *pb.Batch) (*pb.WriteResponse, e
 		return nil, err
 	}
 	sink := c.(component.Sink)
-	b, done, err := s.batchOf(req)
-	if err != nil {
-		return nil, err
+	var b *flow.Batch
+	if _, ok := sink.(component.EncodedWriter); ok {
+		// A sink that decodes only if it needs the events (discard never does) gets the
+		// encoding as it came. The host encoded it, or checked it (codec.Validate) when it
+		// passed on a source plugin's; a sink that decodes it still finds out if it is not
+		// valid. The encoding lives until Write returns, as a sink's Events do.
+		b = flow.NewEncodedBatch(req.Events, int(req.Count), false, codec.Decode, nil)
+		b.Source = req.Source
+	} else {
+		var done func()
+		if b, done, err = s.batchOf(req); err != nil {
+			return nil, err
+		}
+		defer done()
 	}
-	defer done()
 	resp := &pb.WriteResponse{}
 	if err := sink.Write(ctx, b); err != nil {
 		resp.Error, resp.Failure = err.Error(), pb.ErrorToProto(err)

@@ -93,6 +93,8 @@ func main() {
 	switch {
 	case strings.HasPrefix(name, "flowpipe-sink-jsonl"):
 		sdk.ServeSink(sdk.Info{Type: "jsonl", Version: "0.0.1-test", Summary: "JSON lines, fsynced"}, func() *sinkConfig { return &sinkConfig{} }, newSink)
+	case strings.HasPrefix(name, "flowpipe-sink-lazy"):
+		sdk.ServeSink(sdk.Info{Type: "lazy", Version: "0.0.1-test", Summary: "JSON lines, from batches it decodes itself"}, func() *sinkConfig { return &sinkConfig{} }, newLazySink)
 	case strings.HasPrefix(name, "flowpipe-source-seq"):
 		sdk.ServeSource(sdk.Info{Type: "seq", Version: "0.0.1-test"}, func() *sourceConfig { return &sourceConfig{Batch: 100} }, newSource)
 	case strings.HasPrefix(name, "flowpipe-enricher-tag"):
@@ -233,6 +235,37 @@ func (s *sink) Write(ctx context.Context, b *flow.Batch) error {
 		time.Sleep(s.cfg.SlowWrite) // a slow destination, the lock held
 	}
 	return s.f.Sync()
+}
+
+// lazySink is the jsonl sink as a component.EncodedWriter: it is handed batches still
+// encoded, counts them (testplugin_undecoded_total), and decodes them itself.
+type lazySink struct {
+	*sink
+	undecoded prometheus.Counter
+}
+
+func newLazySink(env component.Env, c *sinkConfig) (component.Sink, error) {
+	s, err := newSink(env, c)
+	if err != nil {
+		return nil, err
+	}
+	undecoded := prometheus.NewCounter(prometheus.CounterOpts{Name: "testplugin_undecoded_total", Help: "Batches that came undecoded."})
+	if err := env.Registerer.Register(undecoded); err != nil {
+		return nil, err
+	}
+	return &lazySink{sink: s.(*sink), undecoded: undecoded}, nil
+}
+
+func (s *lazySink) WritesEncoded() {}
+
+func (s *lazySink) Write(ctx context.Context, b *flow.Batch) error {
+	if b.Undecoded() {
+		s.undecoded.Inc()
+	}
+	if err := b.Decode(); err != nil {
+		return flow.Permanent(err)
+	}
+	return s.sink.Write(ctx, b)
 }
 
 // Health reports the sink as down while a Write waits for block_until.
