@@ -104,6 +104,19 @@ type EncodedWriter interface {
 	WritesEncoded()
 }
 
+// BatchEncoder is an EncodedWriter that sends every batch in its encoding (a sink plugin).
+// A batch without one (from an in-process source, or changed by an enricher) would be
+// encoded by each such sink in its Write, on the path of every write; instead the runtime
+// asks one of them to encode it before handing it to the sinks (EncodeBatch), in the
+// goroutine that runs the enrichers, and keeps the encoding on the batch (flow.Batch.
+// SetEncoded) for all of them. EncodeBatch returns nil when the events do not fit the
+// sink's one message (it then encodes them itself, in parts); release gives the memory back,
+// and is called once the batch is acknowledged.
+type BatchEncoder interface {
+	EncodedWriter
+	EncodeBatch(b *flow.Batch) (enc []byte, release func())
+}
+
 // Closer is implemented by components that hold resources or buffered state. The runtime
 // calls Close once, after the component's work is done (sources stopped, enrichers flushed,
 // sink queues drained); ctx bounds how long it may take.

@@ -1152,6 +1152,7 @@ func (p *Pipeline) emitFrom(ctx, enrichCtx context.Context, t *topology, i int, 
 		b.Release(flow.ErrShutdown)
 		return nil
 	}
+	encodeForSinks(t.sinks, b)
 	p.fanout.PublishBatch(b)
 	var err error
 	for _, s := range t.sinks {
@@ -1162,6 +1163,24 @@ func (p *Pipeline) emitFrom(ctx, enrichCtx context.Context, t *topology, i int, 
 	}
 	b.Release(nil)
 	return err
+}
+
+// encodeForSinks gives a batch that has no encoding the one its sink plugins send
+// (component.BatchEncoder), made once for all of them before they share it, so that none
+// of them encodes it on the path of its writes. A batch that came encoded keeps its own.
+func encodeForSinks(sinks []*sinkNode, b *flow.Batch) {
+	if b.Undecoded() || b.Encoded() != nil {
+		return
+	}
+	for _, s := range sinks {
+		if enc, ok := s.component().(component.BatchEncoder); ok {
+			if data, release := enc.EncodeBatch(b); data != nil {
+				b.SetEncoded(data)
+				b.Observe(func(error) { release() })
+			}
+			return
+		}
+	}
 }
 
 // Close releases every component of a pipeline that will not Run (after validation).

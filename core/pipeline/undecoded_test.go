@@ -328,3 +328,108 @@ func countNil(errs []error) (n int) {
 	}
 	return n
 }
+
+// encoderSink stands in for a sink plugin (component.BatchEncoder): it encodes batches for
+// every such sink when the runtime asks, and writes what the encoding holds.
+type encoderSink struct {
+	encodedSink
+	encodes  *atomic.Int64 // EncodeBatch calls, of all encoderSinks
+	releases *atomic.Int64
+	without  int // batches written without an encoding
+}
+
+func (s *encoderSink) EncodeBatch(b *flow.Batch) ([]byte, func()) {
+	s.encodes.Add(1)
+	return codec.Append(nil, b.Events), func() { s.releases.Add(1) }
+}
+
+func (s *encoderSink) Write(ctx context.Context, b *flow.Batch) error {
+	if b.Encoded() == nil {
+		s.mu.Lock()
+		s.without++
+		s.mu.Unlock()
+	}
+	return s.encodedSink.Write(ctx, b)
+}
+
+// A batch without an encoding (from an in-process source, or changed by an enricher) is
+// encoded once for every sink plugin (component.BatchEncoder) before the sinks share it: each
+// plugin gets it with that encoding, a disk queue stores it, an in-process sink gets the
+// events; the encoding's memory is given back once the batch is acknowledged. A batch that
+// came encoded, unchanged, keeps its own.
+func TestBatchEncodedOnceForEverySinkPlugin(t *testing.T) {
+	for _, c := range []struct {
+		name             string
+		encoded, enrich  bool
+		encodes, batches int64
+	}{
+		{"in-process source", false, false, 40, 40},
+		{"enriched", true, true, 40, 40},
+		{"came encoded", true, false, 0, 40},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			var encodes, releases atomic.Int64
+			src := &encodedSource{batches: 40, size: 100, encoded: c.encoded, source: "src"}
+			plugins := []*encoderSink{{encodes: &encodes, releases: &releases}, {encodes: &encodes, releases: &releases}}
+			inproc, disk := &eventSink{}, &eventSink{}
+			reg := component.NewRegistry()
+			reg.Register(component.NewSourceFactory("enc", "", func() *empty { return &empty{} },
+				func(component.Env, *empty) (component.Source, error) { return src, nil }))
+			reg.Register(component.NewSinkFactory("plugin", "", func() *empty { return &empty{} },
+				func(env component.Env, _ *empty) (component.Sink, error) {
+					return plugins[env.Name[len(env.Name)-1]-'0'], nil
+				}))
+			reg.Register(component.NewSinkFactory("rec", "", func() *empty { return &empty{} },
+				func(env component.Env, _ *empty) (component.Sink, error) {
+					if env.Name == "disk" {
+						return disk, nil
+					}
+					return inproc, nil
+				}))
+			reg.Register(component.NewEnricherFactory("odd", "", func() *empty { return &empty{} },
+				func(env component.Env, _ *empty) (component.Enricher, error) { return &oddFilter{env: env}, nil }))
+			yaml := fmt.Sprintf(`sources: {src: {type: enc}}
+sinks:
+  p0: {type: plugin}
+  p1: {type: plugin}
+  inproc: {type: rec}
+  disk: {type: rec, queue: {type: disk, path: %q}}
+`, filepath.Join(t.TempDir(), "q"))
+			if c.enrich {
+				yaml += "enrichers: [{type: odd}]\n"
+			}
+			doc, err := config.Load("pipeline.yaml", []byte(yaml), nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			p, err := New(context.Background(), doc, Options{Registry: reg})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := p.Run(context.Background()); err != nil {
+				t.Fatal(err)
+			}
+			if n := encodes.Load(); n != c.encodes {
+				t.Errorf("%d encodings made for the two sink plugins, want %d (one per batch that had none)", n, c.encodes)
+			}
+			if n := releases.Load(); n != c.encodes {
+				t.Errorf("%d of %d encodings given back after the batches' acknowledgement", n, c.encodes)
+			}
+			want := len(inproc.got)
+			if want == 0 || len(disk.got) != want || !reflect.DeepEqual(disk.got, inproc.got) {
+				t.Fatalf("the in-process sink wrote %d events, the one behind a disk queue %d, or others", want, len(disk.got))
+			}
+			for i, s := range plugins {
+				if s.batches != int(c.batches) || s.without != 0 {
+					t.Errorf("sink plugin p%d: %d batches, %d of them without an encoding; want %d and 0", i, s.batches, s.without, c.batches)
+				}
+				if !reflect.DeepEqual(s.got, inproc.got) {
+					t.Errorf("sink plugin p%d: %d events, not the in-process sink's %d", i, len(s.got), want)
+				}
+			}
+			if ok := countNil(src.acks); ok != 40 {
+				t.Errorf("%d of 40 batches acknowledged as delivered", ok)
+			}
+		})
+	}
+}

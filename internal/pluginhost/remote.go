@@ -66,6 +66,17 @@ type remoteSink struct {
 // undecoded (component.EncodedWriter), and is sent in the encoding it came in.
 func (s *remoteSink) WritesEncoded() {}
 
+// EncodeBatch encodes b as Write sends it, in one message (component.BatchEncoder): the
+// runtime does it once for every sink plugin of a batch, before they share it.
+func (s *remoteSink) EncodeBatch(b *flow.Batch) ([]byte, func()) {
+	buf, _, n := pb.EncodeBatch(b.Events, b.Source)
+	if n < len(b.Events) {
+		pb.Buffers.Put(buf) // more than one message: Write cuts it into parts
+		return nil, nil
+	}
+	return *buf, func() { pb.Buffers.Put(buf) }
+}
+
 func (s *remoteSink) Write(ctx context.Context, b *flow.Batch) error {
 	if s.retry.again(b) {
 		s.in.redelivered.Add(float64(b.Len()))
@@ -73,8 +84,9 @@ func (s *remoteSink) Write(ctx context.Context, b *flow.Batch) error {
 	}
 	source := b.Source
 	if enc := b.Encoded(); enc != nil && len(enc) <= pb.SplitSize {
-		// The batch came from a source plugin or the disk queue and nothing changed it: its
-		// encoding is sent as it came, neither decoded nor encoded again.
+		// The batch came from a source plugin or the disk queue and nothing changed it, or
+		// the runtime encoded it for every sink plugin (EncodeBatch): its encoding is sent
+		// as it is, neither decoded nor encoded again.
 		if err := s.write(ctx, b, &pb.Batch{Count: uint32(b.Len()), Events: enc, Source: source}, nil); err != nil {
 			return err
 		}
@@ -120,7 +132,7 @@ func (s *remoteSink) write(ctx context.Context, b *flow.Batch, msg *pb.Batch, bu
 	if buf == nil {
 		passedThrough.Add(1)
 		s.passOnce.Do(func() {
-			s.in.env.Logger.Debug("plugin sink: batches pass through in the encoding they arrived in (from a source plugin or a disk queue)", "plugin", s.in.launcher.describe)
+			s.in.env.Logger.Debug("plugin sink: batches go out in an encoding they came with (a source plugin's, a disk queue's, or the one made once for every sink plugin), not encoded again", "plugin", s.in.launcher.describe)
 		})
 	}
 	applyCounts(s.in.env.Metrics, resp.Counts)
