@@ -6,23 +6,20 @@ import (
 	"os/user"
 	"path/filepath"
 	"strconv"
-	"syscall"
 	"testing"
+
+	"github.com/flowpipe/flowpipe/internal/lockfile"
 )
 
 // LockSystemUser serialises, across test processes (go test runs packages in parallel),
 // the tests that create, use or remove the system user name, until t ends.
 func LockSystemUser(t testing.TB, name string) {
 	t.Helper()
-	f, err := os.OpenFile(filepath.Join(os.TempDir(), "flowpipe-test-user-"+name+".lock"), os.O_CREATE|os.O_RDWR, 0o600)
+	f, err := lockfile.Lock(filepath.Join(os.TempDir(), "flowpipe-test-user-"+name+".lock"), true)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX); err != nil {
-		f.Close()
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { f.Close() }) // closing releases the lock
+	t.Cleanup(func() { lockfile.Unlock(f) })
 }
 
 // SystemUser makes sure the system user name (and its group) exists while t runs: it is

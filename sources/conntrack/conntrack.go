@@ -34,6 +34,7 @@ import (
 	"github.com/flowpipe/flowpipe/core/component"
 	"github.com/flowpipe/flowpipe/core/flow"
 	"github.com/flowpipe/flowpipe/internal/backoff"
+	"github.com/flowpipe/flowpipe/internal/lockfile"
 	"github.com/flowpipe/flowpipe/internal/netns"
 )
 
@@ -715,7 +716,7 @@ func (s *Source) closeLocked() error {
 	s.act = nil
 	s.sysctls = nil
 	if s.lock != nil {
-		s.lock.Close()
+		lockfile.Unlock(s.lock)
 		s.lock = nil
 	}
 	if s.ns != nil {

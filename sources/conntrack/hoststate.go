@@ -7,10 +7,10 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"syscall"
 
 	"github.com/google/nftables"
 
+	"github.com/flowpipe/flowpipe/internal/lockfile"
 	"github.com/flowpipe/flowpipe/internal/netns"
 )
 
@@ -103,24 +103,11 @@ func (s *Source) lockHost() (func(), error) {
 	if err := os.MkdirAll(d, 0o750); err != nil {
 		return nil, fmt.Errorf("record host changes: %w (check data_dir)", err)
 	}
-	f, err := os.OpenFile(filepath.Join(d, ".lock"), os.O_RDONLY|os.O_CREATE, 0o640)
+	f, err := lockfile.Lock(filepath.Join(d, ".lock"), true)
 	if err != nil {
 		return nil, fmt.Errorf("record host changes: %w (check data_dir)", err)
 	}
-	if err := flock(f, syscall.LOCK_EX); err != nil {
-		f.Close()
-		return nil, fmt.Errorf("lock %s: %w", f.Name(), err)
-	}
-	return func() { f.Close() }, nil // closing the file releases the lock
-}
-
-func flock(f *os.File, how int) error {
-	for {
-		err := syscall.Flock(int(f.Fd()), how)
-		if err != syscall.EINTR {
-			return err
-		}
-	}
+	return func() { lockfile.Unlock(f) }, nil
 }
 
 // holdRecordLock takes this instance's own lock, held until Close (s.lock).
@@ -129,13 +116,9 @@ func (s *Source) holdRecordLock() error {
 	if err := os.MkdirAll(filepath.Dir(path), 0o750); err != nil {
 		return fmt.Errorf("record host changes: %w", err)
 	}
-	f, err := os.OpenFile(path, os.O_RDONLY|os.O_CREATE, 0o640) // flock needs no write access
+	f, err := lockfile.Lock(path, false)
 	if err != nil {
 		return fmt.Errorf("record host changes: %w", err)
-	}
-	if err := flock(f, syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
-		f.Close()
-		return fmt.Errorf("lock %s: %w", path, err)
 	}
 	s.lock = f
 	return nil
@@ -147,15 +130,7 @@ func live(record string) bool {
 	if lp == "" {
 		return false
 	}
-	f, err := os.Open(lp)
-	if err != nil {
-		return false
-	}
-	defer f.Close()
-	if err := flock(f, syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
-		return errors.Is(err, syscall.EWOULDBLOCK)
-	}
-	return false // taken: its owner is gone (closing f releases it again)
+	return lockfile.Held(lp)
 }
 
 // writeRecord stores rec durably (written to a temporary file, synced, renamed).

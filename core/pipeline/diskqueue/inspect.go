@@ -6,11 +6,11 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
-	"syscall"
 	"time"
 
 	"github.com/flowpipe/flowpipe/core/flow"
 	"github.com/flowpipe/flowpipe/internal/codec"
+	"github.com/flowpipe/flowpipe/internal/lockfile"
 )
 
 // Report is what Inspect found in a queue directory.
@@ -79,14 +79,7 @@ func Inspect(dir string) (*Report, error) {
 	if err != nil {
 		return nil, err
 	}
-	if f, err := os.Open(filepath.Join(dir, lockName)); err == nil {
-		if err := syscall.Flock(int(f.Fd()), syscall.LOCK_SH|syscall.LOCK_NB); errors.Is(err, syscall.EWOULDBLOCK) {
-			r.InUse = true
-		} else if err == nil {
-			syscall.Flock(int(f.Fd()), syscall.LOCK_UN)
-		}
-		f.Close()
-	}
+	r.InUse = lockfile.Held(filepath.Join(dir, lockName))
 	var cur position
 	curOK := false
 	if b, err := os.ReadFile(filepath.Join(dir, cursorName)); err == nil {

@@ -30,6 +30,7 @@ import (
 
 	"github.com/flowpipe/flowpipe/core/flow"
 	"github.com/flowpipe/flowpipe/internal/codec"
+	"github.com/flowpipe/flowpipe/internal/lockfile"
 )
 
 // Policies for a full queue.
@@ -185,26 +186,17 @@ func Open(opts Options) (*Queue, error) {
 // lockDir takes the queue's lock file, so that two processes (or two sinks) never share a
 // queue.
 func lockDir(dir string) (*os.File, error) {
-	f, err := os.OpenFile(filepath.Join(dir, lockName), os.O_CREATE|os.O_RDWR, 0o640)
+	f, err := lockfile.Lock(filepath.Join(dir, lockName), false)
+	if errors.Is(err, lockfile.ErrLocked) {
+		return nil, fmt.Errorf("disk queue %s is in use by another flowpipe process (or another sink); stop it or give each sink its own queue.path", dir)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("disk queue: %w", err)
-	}
-	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
-		f.Close()
-		if errors.Is(err, syscall.EWOULDBLOCK) {
-			return nil, fmt.Errorf("disk queue %s is in use by another flowpipe process (or another sink); stop it or give each sink its own queue.path", dir)
-		}
-		return nil, fmt.Errorf("disk queue: lock %s: %w", dir, err)
 	}
 	return f, nil
 }
 
-func unlockDir(f *os.File) {
-	if f != nil {
-		syscall.Flock(int(f.Fd()), syscall.LOCK_UN)
-		f.Close()
-	}
-}
+func unlockDir(f *os.File) { lockfile.Unlock(f) }
 
 // load reads the directory: the cursor, the segments (headers only, never the payloads),
 // cutting a torn tail off the newest segment.
