@@ -60,6 +60,7 @@ type remoteSink struct {
 	in       *instance
 	retry    redelivery
 	passOnce sync.Once
+	madeOnce sync.Once
 }
 
 // WritesEncoded: a batch from a source plugin, or read back from the sink's disk queue, comes
@@ -70,11 +71,28 @@ func (s *remoteSink) WritesEncoded() {}
 // runtime does it once for every sink plugin of a batch, before they share it.
 func (s *remoteSink) EncodeBatch(b *flow.Batch) ([]byte, func()) {
 	buf, _, n := pb.EncodeBatch(b.Events, b.Source)
-	if n < len(b.Events) {
+	if n < len(b.Events) || len(*buf) == 0 {
 		pb.Buffers.Put(buf) // more than one message: Write cuts it into parts
 		return nil, nil
 	}
-	return *buf, func() { pb.Buffers.Put(buf) }
+	key := firstByte(*buf)
+	madeForSinks.Store(key, struct{}{})
+	return *buf, func() {
+		madeForSinks.Delete(key)
+		pb.Buffers.Put(buf)
+	}
+}
+
+// madeForSinks holds the first byte of every encoding EncodeBatch made and that is still in
+// use, so that Write tells them from encodings that passed through (a source plugin's, a
+// disk queue's) in what it counts and says.
+var madeForSinks sync.Map
+
+func firstByte(b []byte) *byte {
+	if len(b) == 0 {
+		return nil
+	}
+	return &b[0]
 }
 
 func (s *remoteSink) Write(ctx context.Context, b *flow.Batch) error {
@@ -85,8 +103,8 @@ func (s *remoteSink) Write(ctx context.Context, b *flow.Batch) error {
 	source := b.Source
 	if enc := b.Encoded(); enc != nil && len(enc) <= pb.SplitSize {
 		// The batch came from a source plugin or the disk queue and nothing changed it, or
-		// the runtime encoded it for every sink plugin (EncodeBatch): its encoding is sent
-		// as it is, neither decoded nor encoded again.
+		// the runtime had it encoded for every sink plugin (EncodeBatch): its encoding is
+		// sent as it is, neither decoded nor encoded again.
 		if err := s.write(ctx, b, &pb.Batch{Count: uint32(b.Len()), Events: enc, Source: source}, nil); err != nil {
 			return err
 		}
@@ -107,8 +125,9 @@ func (s *remoteSink) Write(ctx context.Context, b *flow.Batch) error {
 	return nil
 }
 
-// passedThrough counts the batches written to sink plugins in the encoding they arrived in.
-var passedThrough atomic.Int64
+// passedThrough counts the batches written to sink plugins in the encoding they arrived in,
+// encodedOnce those written in the encoding made for every sink plugin (EncodeBatch).
+var passedThrough, encodedOnce atomic.Int64
 
 // write sends one part of b; buf, when not nil, goes back to the pool once it is sent.
 func (s *remoteSink) write(ctx context.Context, b *flow.Batch, msg *pb.Batch, buf *[]byte) error {
@@ -130,10 +149,17 @@ func (s *remoteSink) write(ctx context.Context, b *flow.Batch, msg *pb.Batch, bu
 		return s.in.callErr(ctx, cctx, p, "Write", err)
 	}
 	if buf == nil {
-		passedThrough.Add(1)
-		s.passOnce.Do(func() {
-			s.in.env.Logger.Debug("plugin sink: batches go out in an encoding they came with (a source plugin's, a disk queue's, or the one made once for every sink plugin), not encoded again", "plugin", s.in.launcher.describe)
-		})
+		if _, made := madeForSinks.Load(firstByte(msg.Events)); made {
+			encodedOnce.Add(1)
+			s.madeOnce.Do(func() {
+				s.in.env.Logger.Debug("plugin sink: batches go out in the encoding made once for every sink plugin", "plugin", s.in.launcher.describe)
+			})
+		} else {
+			passedThrough.Add(1)
+			s.passOnce.Do(func() {
+				s.in.env.Logger.Debug("plugin sink: batches pass through in the encoding they arrived in (from a source plugin or a disk queue)", "plugin", s.in.launcher.describe)
+			})
+		}
 	}
 	applyCounts(s.in.env.Metrics, resp.Counts)
 	return pb.ErrorFromProto(resp.Failure, resp.Error)

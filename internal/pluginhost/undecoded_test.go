@@ -233,3 +233,52 @@ func TestSourcePluginEmittingEncodedBatches(t *testing.T) {
 		t.Fatalf("the host got %d events, want the source's 100 as they were", len(got))
 	}
 }
+
+// The runtime has a batch without an encoding encoded once for every sink plugin
+// (component.BatchEncoder): the sink plugin sends that encoding as it is, counted apart from
+// batches that passed through, and a batch too large for one message is left to Write,
+// which cuts it into parts.
+func TestEncodeBatchForSinkPlugins(t *testing.T) {
+	f := newFixture(t, component.KindSink, "out")
+	path := filepath.Join(t.TempDir(), "out.jsonl")
+	c := f.started(t, "jsonl", map[string]any{"path": path})
+	enc, ok := c.(component.BatchEncoder)
+	if !ok {
+		t.Fatal("a sink plugin is not a component.BatchEncoder")
+	}
+	evs := seqEvents(0, 1000)
+	b := flow.NewBatch(evs, nil)
+	data, release := enc.EncodeBatch(b)
+	if data == nil {
+		t.Fatal("no encoding for a batch that fits one message")
+	}
+	b.SetEncoded(data)
+	made, passed := encodedOnce.Load(), passedThrough.Load()
+	if err := c.(component.Sink).Write(context.Background(), b); err != nil {
+		t.Fatal(err)
+	}
+	release()
+	if made, passed := encodedOnce.Load()-made, passedThrough.Load()-passed; made != 1 || passed != 0 {
+		t.Errorf("%d batches sent in the encoding made for the sinks, %d counted as passed through; want 1 and 0", made, passed)
+	}
+	defer func(size int) { pb.SplitSize = size }(pb.SplitSize)
+	pb.SplitSize = 64 << 10 // the host's parts; the plugin takes messages up to its own limit
+	big := make([]flow.Event, 3)
+	for i := range big {
+		big[i] = testEvent(i)
+		big[i].RuleID = strings.Repeat("r", pb.SplitSize/2) // three of them exceed one message
+	}
+	if data, _ := enc.EncodeBatch(flow.NewBatch(big, nil)); data != nil {
+		t.Errorf("an encoding of %d bytes for a batch that needs more than one message", len(data))
+	}
+	if err := c.(component.Sink).Write(context.Background(), flow.NewBatch(big, nil)); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.(component.Closer).Close(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	lines := readLines(t, path)
+	if len(lines) != 1003 || lines[0] != string(flow.AppendJSON(nil, &evs[0])) || lines[999] != string(flow.AppendJSON(nil, &evs[999])) {
+		t.Fatalf("%d lines written, want the 1,000 events then the 3 large ones", len(lines))
+	}
+}
