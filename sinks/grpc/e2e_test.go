@@ -322,7 +322,7 @@ sinks:
 // streamEvents writes n new events to s in the background (4 writers, 500 events a write)
 // and returns them, their IDs, and a wait that returns once every write has, failing the test
 // if they have not within 5 minutes.
-func streamEvents(t *testing.T, s *grpcsink.Sink, n int) ([]flow.Event, map[string]int, func()) {
+func streamEvents(t *testing.T, s *grpcsink.Sink, n int, hold <-chan struct{}) ([]flow.Event, map[string]int, func()) {
 	events := makeEvents(n)
 	sent := map[string]int{}
 	for _, e := range events {
@@ -330,7 +330,23 @@ func streamEvents(t *testing.T, s *grpcsink.Sink, n int) ([]flow.Event, map[stri
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	done := make(chan struct{})
-	go func() { defer close(done); writeAll(ctx, t, s, events, 500, 4) }()
+	go func() {
+		defer close(done)
+		cut := len(events)
+		if hold != nil {
+			cut = len(events) / 3
+		}
+		writeAll(ctx, t, s, events[:cut], 500, 4)
+		if cut == len(events) {
+			return
+		}
+		select {
+		case <-hold:
+		case <-ctx.Done():
+			return
+		}
+		writeAll(ctx, t, s, events[cut:], 500, 4)
+	}()
 	t.Cleanup(func() { cancel(); <-done })
 	return events, sent, func() {
 		t.Helper()
@@ -436,21 +452,25 @@ func testCollectorKilledWithEventsUnacked(t *testing.T, protocol string) {
 	const window = 1000 // below the 4×500 events the writers have in flight, so it fills
 	s, reg := sinkWithMetrics(t, protocol, "http://"+px.Addr(), window)
 
-	events, sent, writesDone := streamEvents(t, s, 100_000)
+	// The writes stop after a third of the events until the proxy holds the ACKs back, so
+	// that however fast the machine, the rest is sent while no ACK can come.
+	hold := make(chan struct{})
+	events, sent, writesDone := streamEvents(t, s, 100_000, hold)
 
 	out := filepath.Join(dir, "out.jsonl")
 	state := filepath.Join(dir, "dedup.state")
 	waitFor(t, "a third of the events at the collector", func() bool { return lineCount(out) >= len(events)/3 })
 	px.Freeze(true)
+	close(hold)
 	// The agent can send at most its window beyond what it saw ACKed. It may stop short of
 	// a full window: writers waiting for room are woken when a quarter of the window is free,
 	// and the ACKs that were already on their way when the proxy froze may free less than
 	// that. Wait until the collector has everything sent in its output and its state file;
 	// the events then unacked at the agent are the ones it must resend.
-	waitFor(t, "everything sent to be durable and recorded", func() bool {
+	waitFor(t, "events sent after the freeze, and everything sent durable and recorded", func() bool {
 		firstSends := int(metric(t, reg, "flowpipe_grpc_sink_events_sent_total"))
 		st, err := os.Stat(state)
-		return err == nil && lineCount(out) == firstSends && int(st.Size()/24) == firstSends
+		return err == nil && firstSends > len(events)/3 && lineCount(out) == firstSends && int(st.Size()/24) == firstSends
 	})
 	unacked := metric(t, reg, "flowpipe_grpc_sink_unacked_events")
 	if unacked == 0 || unacked > window {
@@ -486,7 +506,7 @@ func testCollectorKilledMidStream(t *testing.T, protocol string) {
 	c.start()
 	addr := c.addr
 	s, _ := sinkWithMetrics(t, protocol, "http://"+addr, 5000)
-	events, sent, writesDone := streamEvents(t, s, 100_000)
+	events, sent, writesDone := streamEvents(t, s, 100_000, nil)
 	out := filepath.Join(dir, "out.jsonl")
 	waitFor(t, "40% of the events at the collector", func() bool { return lineCount(out) >= len(events)*2/5 })
 	c.kill()
