@@ -322,14 +322,18 @@ sinks:
 // streamEvents writes n new events to s in the background (4 writers, 500 events a write)
 // and returns them, their IDs, and a wait that returns once every write has, failing the test
 // if they have not within 5 minutes.
-func streamEvents(t *testing.T, s *grpcsink.Sink, n int, hold <-chan struct{}) ([]flow.Event, map[string]int, func()) {
-	events := makeEvents(n)
-	sent := map[string]int{}
+// streamEvents writes n events to s in the background (batches of 500, four at a time);
+// the function it returns waits for the writes to end. With hold not nil, the writes stop
+// after the first third, whose Writes all returned (every event ACKed) when paused is
+// closed, until hold is closed.
+func streamEvents(t *testing.T, s *grpcsink.Sink, n int, hold <-chan struct{}) (events []flow.Event, sent map[string]int, paused <-chan struct{}, writesDone func()) {
+	events = makeEvents(n)
+	sent = map[string]int{}
 	for _, e := range events {
 		sent[e.EventID.String()] = 1
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
-	done := make(chan struct{})
+	done, pause := make(chan struct{}), make(chan struct{})
 	go func() {
 		defer close(done)
 		cut := len(events)
@@ -337,6 +341,7 @@ func streamEvents(t *testing.T, s *grpcsink.Sink, n int, hold <-chan struct{}) (
 			cut = len(events) / 3
 		}
 		writeAll(ctx, t, s, events[:cut], 500, 4)
+		close(pause)
 		if cut == len(events) {
 			return
 		}
@@ -348,7 +353,7 @@ func streamEvents(t *testing.T, s *grpcsink.Sink, n int, hold <-chan struct{}) (
 		writeAll(ctx, t, s, events[cut:], 500, 4)
 	}()
 	t.Cleanup(func() { cancel(); <-done })
-	return events, sent, func() {
+	return events, sent, pause, func() {
 		t.Helper()
 		<-done
 		if ctx.Err() != nil {
@@ -453,24 +458,31 @@ func testCollectorKilledWithEventsUnacked(t *testing.T, protocol string) {
 	s, reg := sinkWithMetrics(t, protocol, "http://"+px.Addr(), window)
 
 	// The writes stop after a third of the events until the proxy holds the ACKs back, so
-	// that however fast the machine, the rest is sent while no ACK can come.
+	// that however fast the machine, the rest is sent while no ACK can come (on a quiet
+	// machine the agent once had all 100,000 ACKed before the test froze the proxy).
 	hold := make(chan struct{})
-	events, sent, writesDone := streamEvents(t, s, 100_000, hold)
+	events, sent, paused, writesDone := streamEvents(t, s, 100_000, hold)
 
 	out := filepath.Join(dir, "out.jsonl")
 	state := filepath.Join(dir, "dedup.state")
-	waitFor(t, "a third of the events at the collector", func() bool { return lineCount(out) >= len(events)/3 })
+	<-paused // the first third written and ACKed
 	px.Freeze(true)
 	close(hold)
-	// The agent can send at most its window beyond what it saw ACKed. It may stop short of
-	// a full window: writers waiting for room are woken when a quarter of the window is free,
-	// and the ACKs that were already on their way when the proxy froze may free less than
-	// that. Wait until the collector has everything sent in its output and its state file;
-	// the events then unacked at the agent are the ones it must resend.
-	waitFor(t, "events sent after the freeze, and everything sent durable and recorded", func() bool {
+	// Every event of the first third was ACKed before the freeze (paused), so
+	// what is unacked now was queued after it, and no ACK can free room for more. The sink
+	// cuts writes into chunks of at most a quarter of its window and queues a chunk only
+	// while the window has room for it, so it queues no more once over three quarters of the
+	// window are unacked (the rest of the stream is far longer). Wait until then, until all it
+	// queued is sent (sent counts a send on the stream, unacked a chunk queued), and until
+	// the collector has everything sent in its output and its state file: the events unacked
+	// are then exactly the ones it must resend, and the collector must know them all.
+	cut := len(events) / 3
+	waitFor(t, "the window full and sent, and everything sent durable and recorded", func() bool {
 		firstSends := int(metric(t, reg, "flowpipe_grpc_sink_events_sent_total"))
+		unacked := int(metric(t, reg, "flowpipe_grpc_sink_unacked_events"))
 		st, err := os.Stat(state)
-		return err == nil && firstSends > len(events)/3 && lineCount(out) == firstSends && int(st.Size()/24) == firstSends
+		return err == nil && unacked > window*3/4 && firstSends == cut+unacked &&
+			lineCount(out) == firstSends && int(st.Size()/24) == firstSends
 	})
 	unacked := metric(t, reg, "flowpipe_grpc_sink_unacked_events")
 	if unacked == 0 || unacked > window {
@@ -506,7 +518,7 @@ func testCollectorKilledMidStream(t *testing.T, protocol string) {
 	c.start()
 	addr := c.addr
 	s, _ := sinkWithMetrics(t, protocol, "http://"+addr, 5000)
-	events, sent, writesDone := streamEvents(t, s, 100_000, nil)
+	events, sent, _, writesDone := streamEvents(t, s, 100_000, nil)
 	out := filepath.Join(dir, "out.jsonl")
 	waitFor(t, "40% of the events at the collector", func() bool { return lineCount(out) >= len(events)*2/5 })
 	c.kill()
