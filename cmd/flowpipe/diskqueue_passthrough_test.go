@@ -105,19 +105,9 @@ sinks:
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	var sinkPID int
-	eventually(t, "the sink plugin to start", func() bool {
-		kids := pluginChildren(t, cmd.Process.Pid)
-		if len(kids) == 1 {
-			sinkPID = kids[0]
-		}
-		return sinkPID != 0
-	})
+	sinkPID := solePlugin(t, cmd.Process.Pid)
 	out := filepath.Join(dir, "out.jsonl")
-	eventually(t, "a quarter of the events to be written", func() bool {
-		st, err := os.Stat(out)
-		return err == nil && st.Size() > 100*total/4
-	})
+	grownPast(t, out, 100*total/4, "a quarter of the events to be written")
 	// Stopped first, so that the kill finds a write in flight: the queue grows only while
 	// the sink's writer waits for the plugin's answer, and that batch must be redelivered.
 	qdir := filepath.Join(dir, "data", "queue", "out")

@@ -65,6 +65,29 @@ func pluginChildren(t *testing.T, pid int) []int {
 	return out
 }
 
+// solePlugin waits for the one plugin process of the flowpipe with pid to start, and
+// returns its PID.
+func solePlugin(t *testing.T, pid int) int {
+	t.Helper()
+	var plugin int
+	eventually(t, "the sink plugin to start", func() bool {
+		if kids := pluginChildren(t, pid); len(kids) == 1 {
+			plugin = kids[0]
+		}
+		return plugin != 0
+	})
+	return plugin
+}
+
+// grownPast waits until the file at path holds more than size bytes.
+func grownPast(t *testing.T, path string, size int64, what string) {
+	t.Helper()
+	eventually(t, what, func() bool {
+		st, err := os.Stat(path)
+		return err == nil && st.Size() > size
+	})
+}
+
 // eventually polls cond until it holds; the deadline only stops a broken test from hanging.
 func eventually(t *testing.T, what string, cond func() bool) {
 	t.Helper()
@@ -243,19 +266,9 @@ sinks:
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	var sinkPID int
-	eventually(t, "the sink plugin to start", func() bool {
-		kids := pluginChildren(t, cmd.Process.Pid)
-		if len(kids) == 1 {
-			sinkPID = kids[0]
-		}
-		return sinkPID != 0
-	})
+	sinkPID := solePlugin(t, cmd.Process.Pid)
 	out := filepath.Join(dir, "out.jsonl")
-	eventually(t, "a quarter of the events to be written", func() bool {
-		st, err := os.Stat(out)
-		return err == nil && st.Size() > 100*total/4
-	})
+	grownPast(t, out, 100*total/4, "a quarter of the events to be written")
 	if err := syscall.Kill(sinkPID, syscall.SIGKILL); err != nil {
 		t.Fatal(err)
 	}
@@ -314,18 +327,9 @@ sinks:
 		t.Fatal(err)
 	}
 	defer func() { _ = testenv.KillTree(cmd.Process.Pid, 10*time.Second) }()
-	var sinkPID int
-	eventually(t, "the sink plugin to start", func() bool {
-		if kids := pluginChildren(t, cmd.Process.Pid); len(kids) == 1 {
-			sinkPID = kids[0]
-		}
-		return sinkPID != 0
-	})
+	sinkPID := solePlugin(t, cmd.Process.Pid)
 	out := filepath.Join(dir, "out.jsonl")
-	eventually(t, "a sixth of the events to be written", func() bool {
-		st, err := os.Stat(out)
-		return err == nil && st.Size() > 100*total/6
-	})
+	grownPast(t, out, 100*total/6, "a sixth of the events to be written")
 	// The upgrade: a new file renamed over the old path (here one that could not serve).
 	writeFile(t, exe+".new", "#!/bin/sh\necho 'not the flowpipe that runs' >&2\nexit 3\n")
 	if err := os.Chmod(exe+".new", 0o755); err != nil {

@@ -370,8 +370,8 @@ func (s *Server) Write(ctx context.Context, req *pb.Batch) (*pb.WriteResponse, e
 	if _, ok := sink.(component.EncodedWriter); ok {
 		// A sink that decodes only if it needs the events (discard never does) gets the
 		// encoding as it came. The host encoded it, or checked it (codec.Validate) when it
-		// passed on a source plugin's; a sink that decodes it still finds out if it is not
-		// valid. The encoding lives until Write returns, as a sink's Events do.
+		// passed on a source plugin's or a disk queue's record; a sink that decodes it still
+		// finds out if it is not valid. The encoding lives until Write returns, as a sink's Events do.
 		b = flow.NewEncodedBatch(req.Events, int(req.Count), false, codec.Decode, nil)
 		b.Source = req.Source
 	} else {

@@ -51,8 +51,8 @@ const SelfExe = "/proc/self/exe"
 // SelfCommand is a command that runs this binary (SelfExe) with args; argv[0] is its path,
 // so that ps shows a name.
 func SelfCommand(args ...string) (*exec.Cmd, error) {
-	if _, err := os.Stat(SelfExe); err != nil {
-		return nil, fmt.Errorf("flowpipe starts its plugin processes from its own binary, %s: %w (is /proc mounted?)", SelfExe, err)
+	if err := selfExecutable(); err != nil {
+		return nil, err
 	}
 	cmd := exec.Command(SelfExe, args...)
 	if exe, err := os.Executable(); err == nil {
@@ -61,14 +61,20 @@ func SelfCommand(args ...string) (*exec.Cmd, error) {
 	return cmd, nil
 }
 
+func selfExecutable() error {
+	if _, err := os.Stat(SelfExe); err != nil {
+		return fmt.Errorf("flowpipe starts its plugin processes from its own binary, %s: %w (is /proc mounted?)", SelfExe, err)
+	}
+	return nil
+}
+
 // Wrap makes cmd start through the launcher: cmd runs the host binary (SelfExe, which
 // imports this package), which applies s and then execs what cmd named, with the same
 // arguments and environment. sum, when not nil, is the SHA-256 the plugin binary must have;
 // the launcher checks it (cmd.Path no longer names the plugin, so a checksum of cmd.Path
 // would be the host's).
 func Wrap(cmd *exec.Cmd, s Spec, sum []byte) error {
-	self, err := SelfCommand()
-	if err != nil {
+	if err := selfExecutable(); err != nil {
 		return err
 	}
 	if _, err := Parse(s.Caps); err != nil {
@@ -86,7 +92,7 @@ func Wrap(cmd *exec.Cmd, s Spec, sum []byte) error {
 	if len(cmd.Args) == 0 {
 		cmd.Args = []string{cmd.Path}
 	}
-	cmd.Path = self.Path
+	cmd.Path = SelfExe
 	cmd.Env = append(cmd.Env, specEnv+"="+string(b))
 	return nil
 }
